@@ -1,0 +1,205 @@
+//! Config as users write it: Kubernetes-style YAML documents (`v1/Service`, Istio's
+//! `WorkloadEntry`, `ServiceExport`), parsed, validated once into a [`ConfigSet`], and
+//! watched on disk.
+//!
+//! Validation is the same code for `isthmus validate -f DIR` and the controller's file
+//! adapter. Every fault names its file, document and field, with a stable code; a set with
+//! any fault is rejected whole, so the set that is serving is never replaced by a bad one.
+
+pub mod kinds;
+mod load;
+mod validate;
+pub mod watch;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+pub use load::{load_dir, parse_documents, SourceFile};
+
+use crate::locality::Locality;
+
+/// Default namespace of documents that name none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// A namespaced name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NamespacedName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl NamespacedName {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self { namespace: namespace.to_owned(), name: name.to_owned() }
+    }
+}
+
+impl fmt::Display for NamespacedName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Application protocol of a service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Protocol {
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
+            Protocol::Tcp => "tcp",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "http" => Some(Protocol::Http),
+            "http2" | "h2c" => Some(Protocol::Http2),
+            "grpc" => Some(Protocol::Grpc),
+            "tcp" => Some(Protocol::Tcp),
+            _ => None,
+        }
+    }
+}
+
+/// The port a service port forwards to on its workloads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    /// A port name, resolved through each WorkloadEntry's `ports` map.
+    Named(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub target_port: TargetPort,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub key: NamespacedName,
+    pub ports: Vec<ServicePort>,
+    pub selector: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadEntry {
+    pub key: NamespacedName,
+    pub address: IpAddr,
+    pub ports: BTreeMap<String, u16>,
+    pub labels: BTreeMap<String, String>,
+    pub locality: Locality,
+    pub service_account: String,
+}
+
+/// One validated, consistent set of documents.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigSet {
+    pub services: BTreeMap<NamespacedName, Service>,
+    pub workloads: BTreeMap<NamespacedName, WorkloadEntry>,
+    pub exports: BTreeSet<NamespacedName>,
+}
+
+impl ConfigSet {
+    /// Workloads a service selects: every label of the selector must match.
+    pub fn selected<'a>(&'a self, svc: &'a Service) -> impl Iterator<Item = &'a WorkloadEntry> + 'a {
+        self.workloads.values().filter(move |w| {
+            w.key.namespace == svc.key.namespace
+                && !svc.selector.is_empty()
+                && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+        })
+    }
+}
+
+/// Stable codes of config faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    /// The file is not valid YAML.
+    Syntax,
+    /// apiVersion/kind is missing or not a kind Isthmus reads.
+    UnknownKind,
+    /// A field has the wrong type or is not supported.
+    Schema,
+    /// A value is out of range or malformed.
+    InvalidValue,
+    /// A required field is missing.
+    Missing,
+    /// Two documents define the same object.
+    Duplicate,
+    /// A document refers to something that does not exist.
+    Reference,
+    /// The file cannot be read.
+    Io,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::Syntax => "IST0001",
+            Code::UnknownKind => "IST0002",
+            Code::Schema => "IST0003",
+            Code::InvalidValue => "IST0004",
+            Code::Missing => "IST0005",
+            Code::Duplicate => "IST0006",
+            Code::Reference => "IST0007",
+            Code::Io => "IST0008",
+        }
+    }
+}
+
+/// One fault, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based index of the document in its file.
+    pub document: usize,
+    /// `Kind namespace/name` of the document when known.
+    pub object: Option<String>,
+    /// Dotted path of the field, empty for the document as a whole.
+    pub field: String,
+    pub code: Code,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: document {}", self.file, self.document)?;
+        if let Some(obj) = &self.object {
+            write!(f, " ({obj})")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {} [{}]", self.message, self.code.as_str())
+    }
+}
+
+/// All faults of a rejected set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}

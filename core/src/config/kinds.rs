@@ -1,0 +1,80 @@
+//! The document kinds of the file adapter, as users write them. Field names and meanings
+//! follow the Kubernetes and Istio APIs; fields we do not support are rejected by
+//! `deny_unknown_fields`, so nothing is silently ignored.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// `metadata` of every document. Server-populated fields (uid, resourceVersion, ...) are
+/// accepted so that documents exported from a cluster load unchanged; they carry no behaviour.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Metadata {
+    #[serde(default)]
+    pub name: String,
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// `v1/Service`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    #[serde(default)]
+    pub ports: Vec<ServicePortSpec>,
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    #[serde(rename = "type")]
+    pub service_type: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePortSpec {
+    pub name: Option<String>,
+    pub port: i64,
+    pub target_port: Option<IntOrString>,
+    pub protocol: Option<String>,
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum IntOrString {
+    Int(i64),
+    String(String),
+}
+
+/// `networking.istio.io/v1` `WorkloadEntry`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadEntrySpec {
+    pub address: Option<String>,
+    #[serde(default)]
+    pub ports: BTreeMap<String, i64>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub network: Option<String>,
+    pub locality: Option<String>,
+    pub weight: Option<i64>,
+    pub service_account: Option<String>,
+}
+
+/// `multicluster.x-k8s.io/v1alpha1` `ServiceExport`: its spec is empty.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceExportSpec {}
+
+/// The head of every document: enough to know what it is.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Head {
+    pub api_version: Option<String>,
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub metadata: Metadata,
+}

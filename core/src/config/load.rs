@@ -1,0 +1,175 @@
+//! Reading documents from files: YAML parsing, the kind dispatch and per-document schema.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+use super::kinds::{Head, Metadata, ServiceExportSpec, ServiceSpec, WorkloadEntrySpec};
+use super::validate::{self, Document, DocumentBody};
+use super::{Code, ConfigError, ConfigErrors, ConfigSet};
+
+/// One file's name (as shown in messages) and contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    pub name: String,
+    pub contents: String,
+}
+
+fn kind_of(api_version: &str, kind: &str) -> Option<&'static str> {
+    match (api_version, kind) {
+        ("v1", "Service") => Some("Service"),
+        ("networking.istio.io/v1" | "networking.istio.io/v1beta1", "WorkloadEntry") => Some("WorkloadEntry"),
+        ("multicluster.x-k8s.io/v1alpha1", "ServiceExport") => Some("ServiceExport"),
+        _ => None,
+    }
+}
+
+fn decode<T: DeserializeOwned>(value: serde_yaml_ng::Value, base: &str) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { base.to_owned() } else { format!("{base}.{path}") };
+        (field, e.into_inner().to_string())
+    })
+}
+
+fn parse_document(file: &str, index: usize, value: serde_yaml_ng::Value) -> Result<Option<Document>, ConfigError> {
+    let mut err = ConfigError {
+        file: file.to_owned(),
+        document: index,
+        object: None,
+        field: String::new(),
+        code: Code::Schema,
+        message: String::new(),
+    };
+    if value.is_null() {
+        return Ok(None);
+    }
+    let head: Head = match decode(value.clone(), "") {
+        Ok(h) => h,
+        Err((_, message)) => return Err(ConfigError { message: format!("not a Kubernetes-style document: {message}"), ..err }),
+    };
+    let (Some(api_version), Some(kind)) = (head.api_version.as_deref(), head.kind.as_deref()) else {
+        return Err(ConfigError { code: Code::Missing, field: "apiVersion".into(), message: "apiVersion and kind are required".into(), ..err });
+    };
+    let Some(kind) = kind_of(api_version, kind) else {
+        return Err(ConfigError {
+            code: Code::UnknownKind,
+            field: "kind".into(),
+            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1/WorkloadEntry, multicluster.x-k8s.io/v1alpha1/ServiceExport"),
+            ..err
+        });
+    };
+    let metadata: Metadata = head.metadata;
+    err.object = Some(format!(
+        "{kind} {}/{}",
+        metadata.namespace.as_deref().unwrap_or(super::DEFAULT_NAMESPACE),
+        metadata.name
+    ));
+    let spec = value.get("spec").cloned().unwrap_or(serde_yaml_ng::Value::Mapping(Default::default()));
+    if let serde_yaml_ng::Value::Mapping(top) = &value {
+        for key in top.keys() {
+            let k = key.as_str().unwrap_or_default();
+            if !matches!(k, "apiVersion" | "kind" | "metadata" | "spec" | "status") {
+                return Err(ConfigError { field: k.to_owned(), message: format!("unknown top-level field `{k}`"), ..err });
+            }
+        }
+    }
+    let body = match kind {
+        "Service" => decode::<ServiceSpec>(spec, "spec").map(DocumentBody::Service),
+        "WorkloadEntry" => decode::<WorkloadEntrySpec>(spec, "spec").map(DocumentBody::WorkloadEntry),
+        _ => decode::<ServiceExportSpec>(spec, "spec").map(|_| DocumentBody::ServiceExport),
+    };
+    match body {
+        Ok(body) => Ok(Some(Document { file: file.to_owned(), index, metadata, body })),
+        Err((field, message)) => Err(ConfigError { field, message, ..err }),
+    }
+}
+
+/// Parses every document of every file, collecting all faults.
+pub fn parse_documents(files: &[SourceFile]) -> (Vec<Document>, Vec<ConfigError>) {
+    let mut docs = Vec::new();
+    let mut errors = Vec::new();
+    for file in files {
+        for (i, de) in serde_yaml_ng::Deserializer::from_str(&file.contents).enumerate() {
+            let index = i + 1;
+            let value = match <serde_yaml_ng::Value as serde::Deserialize>::deserialize(de) {
+                Ok(v) => v,
+                Err(e) => {
+                    errors.push(ConfigError {
+                        file: file.name.clone(),
+                        document: index,
+                        object: None,
+                        field: String::new(),
+                        code: Code::Syntax,
+                        message: format!("invalid YAML: {e}"),
+                    });
+                    break;
+                }
+            };
+            match parse_document(&file.name, index, value) {
+                Ok(Some(doc)) => docs.push(doc),
+                Ok(None) => {}
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+    (docs, errors)
+}
+
+/// Validates a set of files as one config.
+pub fn load_files(files: &[SourceFile]) -> Result<ConfigSet, ConfigErrors> {
+    let (docs, mut errors) = parse_documents(files);
+    match validate::build(docs) {
+        Ok(set) if errors.is_empty() => Ok(set),
+        Ok(_) => Err(ConfigErrors(errors)),
+        Err(more) => {
+            errors.extend(more);
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with('.') {
+            continue; // editor swap files, Kubernetes ConfigMap ..data links
+        }
+        if path.is_dir() {
+            collect(&path, out)?;
+        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Reads every `*.yaml`/`*.yml` file under `dir` (recursively, sorted by path).
+pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, ConfigErrors> {
+    let io_err = |file: &Path, e: std::io::Error| {
+        ConfigErrors(vec![ConfigError {
+            file: file.display().to_string(),
+            document: 0,
+            object: None,
+            field: String::new(),
+            code: Code::Io,
+            message: format!("cannot read: {e}"),
+        }])
+    };
+    let mut paths = Vec::new();
+    collect(dir, &mut paths).map_err(|e| io_err(dir, e))?;
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| {
+            let contents = std::fs::read_to_string(&p).map_err(|e| io_err(&p, e))?;
+            Ok(SourceFile { name: p.display().to_string(), contents })
+        })
+        .collect()
+}
+
+/// Reads and validates every document under `dir`.
+pub fn load_dir(dir: &Path) -> Result<ConfigSet, ConfigErrors> {
+    load_files(&read_dir(dir)?)
+}

@@ -1,0 +1,258 @@
+//! Certificate verifiers: the chain must lead to the trust bundle and the peer's SPIFFE ID
+//! must satisfy a [`PeerPolicy`].
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::ParsedCertificate;
+use rustls::sign::CertifiedKey;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, SignatureScheme};
+
+use super::{cert_identity, provider, TlsIdentity};
+use crate::identity::SpiffeId;
+
+/// Which peers a connection accepts, beyond a valid chain.
+#[derive(Clone, Debug)]
+pub enum PeerPolicy {
+    /// Any identity in the given trust domain.
+    TrustDomain(String),
+    /// Exactly one of these identities.
+    OneOf(Vec<SpiffeId>),
+    /// A controller of any cluster whose certificate the root signed directly (the
+    /// federation's view of its clients: a cluster CA cannot mint controller identities).
+    RootIssuedController(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("peer identity {0} is not allowed here")]
+    NotAllowed(String),
+    #[error("peer certificate has no SPIFFE ID")]
+    NoIdentity,
+    #[error("peer controller certificate {0} was not issued by the root")]
+    NotRootIssued(String),
+}
+
+impl PeerPolicy {
+    fn check(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Result<SpiffeId, PeerError> {
+        let id = cert_identity(end_entity).map_err(|_| PeerError::NoIdentity)?;
+        let ok = match self {
+            PeerPolicy::TrustDomain(td) => id.trust_domain() == td,
+            PeerPolicy::OneOf(ids) => ids.contains(&id),
+            PeerPolicy::RootIssuedController(td) => {
+                if id.trust_domain() != td || id.controller_cluster().is_none() {
+                    false
+                } else if !intermediates.is_empty() {
+                    return Err(PeerError::NotRootIssued(id.to_string()));
+                } else {
+                    true
+                }
+            }
+        };
+        if ok {
+            Ok(id)
+        } else {
+            Err(PeerError::NotAllowed(id.to_string()))
+        }
+    }
+}
+
+fn cert_error(e: PeerError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+/// Resolves the certificate to present from the live identity, on both sides.
+#[derive(Debug)]
+pub(super) struct CurrentCert(pub(super) TlsIdentity);
+
+impl rustls::server::ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current().certified.clone())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CurrentCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current().certified.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Verifies client certificates: chain to the current bundle, then the policy.
+#[derive(Debug)]
+pub(super) struct SpiffeClientVerifier {
+    identity: TlsIdentity,
+    policy: Option<PeerPolicy>,
+}
+
+impl SpiffeClientVerifier {
+    pub(super) fn new(identity: TlsIdentity, policy: Option<PeerPolicy>) -> Self {
+        Self { identity, policy }
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.policy.is_some()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let creds = self.identity.current();
+        creds.client_verifier.verify_client_cert(end_entity, intermediates, now)?;
+        let policy = self
+            .policy
+            .clone()
+            .unwrap_or_else(|| PeerPolicy::TrustDomain(creds.id.trust_domain().to_owned()));
+        policy.check(end_entity, intermediates).map_err(cert_error)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Where a server verifier finds its roots.
+#[derive(Debug)]
+enum Roots {
+    Live(TlsIdentity),
+    Fixed(Arc<RootCertStore>),
+}
+
+/// Verifies server certificates: chain to the bundle, then the policy. The DNS name is not
+/// checked; peers are named by SPIFFE ID.
+#[derive(Debug)]
+pub(super) struct SpiffeServerVerifier {
+    roots: Roots,
+    policy: PeerPolicy,
+}
+
+impl SpiffeServerVerifier {
+    pub(super) fn new(identity: TlsIdentity, policy: PeerPolicy) -> Self {
+        Self { roots: Roots::Live(identity), policy }
+    }
+
+    pub(super) fn with_roots(roots: Arc<RootCertStore>, policy: PeerPolicy) -> Self {
+        Self { roots: Roots::Fixed(roots), policy }
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let roots = match &self.roots {
+            Roots::Live(identity) => identity.current().roots.clone(),
+            Roots::Fixed(roots) => roots.clone(),
+        };
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            intermediates,
+            now,
+            provider().signature_verification_algorithms.all,
+        )?;
+        self.policy.check(end_entity, intermediates).map_err(cert_error)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::ca::CertificateAuthority;
+    use crate::tls::testing::issue;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn handshake(server: TlsIdentity, client: TlsIdentity, server_policy: PeerPolicy, client_policy: PeerPolicy) -> Result<SpiffeId, String> {
+        let (a, b) = tokio::io::duplex(16 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config(Some(server_policy), &[]));
+        let connector = tokio_rustls::TlsConnector::from(client.client_config(client_policy, &[]));
+        let srv = tokio::spawn(async move {
+            let mut s = acceptor.accept(b).await.map_err(|e| e.to_string())?;
+            let id = crate::tls::peer_identity(s.get_ref().1).ok_or("no id")?;
+            s.write_all(b"ok").await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(id)
+        });
+        let mut c = connector.connect(crate::tls::server_name(), a).await.map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 2];
+        c.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+        srv.await.map_err(|e| e.to_string())?
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_reports_the_peer_spiffe_id() {
+        let (root, _) = CertificateAuthority::new_root("td").expect("root");
+        let a = TlsIdentity::new(issue(&root, &SpiffeId::new("td", "ns", "a")));
+        let b = TlsIdentity::new(issue(&root, &SpiffeId::new("td", "ns", "b")));
+        let td = PeerPolicy::TrustDomain("td".into());
+        let seen = handshake(a, b, td.clone(), td).await.expect("handshake");
+        assert_eq!(seen.service_account(), "b");
+    }
+
+    #[tokio::test]
+    async fn certificates_from_another_root_are_refused() {
+        let (root, _) = CertificateAuthority::new_root("td").expect("root");
+        let (rogue, _) = CertificateAuthority::new_root("td").expect("root");
+        let good = TlsIdentity::new(issue(&root, &SpiffeId::new("td", "ns", "a")));
+        let bad = TlsIdentity::new(issue(&rogue, &SpiffeId::new("td", "ns", "b")));
+        let td = PeerPolicy::TrustDomain("td".into());
+        assert!(handshake(good.clone(), bad.clone(), td.clone(), td.clone()).await.is_err());
+        assert!(handshake(bad, good, td.clone(), td).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn unexpected_identities_are_refused() {
+        let (root, _) = CertificateAuthority::new_root("td").expect("root");
+        let a = TlsIdentity::new(issue(&root, &SpiffeId::new("td", "ns", "a")));
+        let b = TlsIdentity::new(issue(&root, &SpiffeId::new("td", "ns", "b")));
+        let only_c = PeerPolicy::OneOf(vec![SpiffeId::new("td", "ns", "c")]);
+        let td = PeerPolicy::TrustDomain("td".into());
+        let err = handshake(a, b, td, only_c).await.expect_err("refused");
+        assert!(err.contains("NotAllowed"), "{err}");
+    }
+}

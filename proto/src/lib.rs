@@ -1,0 +1,30 @@
+//! Wire APIs between Isthmus components, generated from `proto/*.proto` at build time.
+//!
+//! - `discovery`: controller → proxies config push (xDS-style delta stream).
+//! - `ca`: workload certificate signing by a cluster controller.
+//! - `federation`: cluster controllers ↔ federation controller.
+//! - `tunnel`: the header on each QUIC stream between gateways.
+//! - `echo`: the sample application's gRPC service.
+
+pub mod discovery {
+    tonic::include_proto!("isthmus.discovery.v1");
+}
+pub mod ca {
+    tonic::include_proto!("isthmus.ca.v1");
+}
+pub mod federation {
+    tonic::include_proto!("isthmus.federation.v1");
+}
+pub mod tunnel {
+    tonic::include_proto!("isthmus.tunnel.v1");
+}
+pub mod echo {
+    tonic::include_proto!("isthmus.echo.v1");
+}
+
+/// Type URLs of the pushed resources.
+pub mod type_url {
+    pub const SERVICE: &str = "isthmus.io/Service";
+    pub const MESH: &str = "isthmus.io/Mesh";
+    pub const PEER: &str = "isthmus.io/Peer";
+}
