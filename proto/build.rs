@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // BTreeMap keeps encodings deterministic, so resource versions are content hashes.
+    tonic_prost_build::configure().btree_map(".").compile_fds(fds)?;
     Ok(())
 }

@@ -1,1 +1,164 @@
+//! The cluster controller: one per cluster.
+//!
+//! In: the cluster's config folder (Services, WorkloadEntries, ServiceExports; the embedded
+//! file adapter), health reports and gateway addresses from its proxies' discovery streams,
+//! and the merged global registry from the federation.
+//! Out: per-proxy config pushed over xDS-style delta streams (`discovery`), workload
+//! certificates signed by the cluster's intermediate CA (`ca`), and the cluster's exports
+//! streamed to the federation (`federation`).
+//!
+//! State that must survive a restart (the cluster CA, the controller's certificate, the
+//! token key, the last global registry) lives in the state folder, so a controller that
+//! restarts while the federation is down still serves.
 
+mod ca;
+mod discovery;
+mod federation;
+mod registry;
+mod state;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use isthmus_core::admin::{Admin, AdminServer};
+use isthmus_core::config::watch::LoadStatus;
+use isthmus_core::readiness::Readiness;
+use isthmus_core::tls::PeerPolicy;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use state::mint_workload_token;
+
+/// Static config of a controller.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Name of the cluster this controller runs.
+    pub cluster: String,
+    /// Trust domain of the mesh; must match the federation's.
+    pub trust_domain: String,
+    /// Folder of YAML documents (the file adapter).
+    pub config_dir: PathBuf,
+    /// Where the CA, keys and last global registry are kept.
+    pub state_dir: PathBuf,
+    /// gRPC listener for config streams and the CA (15012).
+    pub grpc_addr: SocketAddr,
+    /// Metrics and debug listener (15014).
+    pub admin_addr: SocketAddr,
+    /// The federation controller's gRPC address.
+    pub federation_addr: SocketAddr,
+    /// Join token minted by the federation for this cluster; needed on first start only.
+    pub join_token: Option<String>,
+    /// PEM roots used to verify the federation before the cluster has joined.
+    pub federation_bundle_pem: String,
+    /// Lifetime of workload certificates.
+    pub workload_cert_ttl: Duration,
+}
+
+/// A running controller.
+pub struct Bound {
+    pub grpc_address: SocketAddr,
+    pub admin_address: SocketAddr,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Bound {
+    /// Runs until a task ends (which only happens on a fatal error).
+    pub async fn wait_termination(mut self) -> anyhow::Result<()> {
+        self.tasks.join_next().await;
+        anyhow::bail!("controller task ended")
+    }
+
+    /// Stops every task of this controller; open streams are cut as if the process died.
+    pub fn abort(mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+/// Binds every listener, loads state and config, and starts the controller.
+pub async fn build(config: Config) -> anyhow::Result<Bound> {
+    let grpc = TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding controller gRPC on {}", config.grpc_addr))?;
+    let initial = isthmus_core::config::watch::initial(&config.config_dir)
+        .map_err(|e| anyhow::anyhow!("config in {} is invalid:\n{e}", config.config_dir.display()))?;
+    let state = state::ClusterState::load_or_join(&config).await?;
+    tracing::info!(cluster = %config.cluster, trust_domain = %state.trust_domain, "cluster CA ready");
+
+    let mut metrics = Registry::with_prefix("isthmus_controller");
+    let (config_tx, config_rx) = watch::channel(Arc::new(initial));
+    let (status_tx, status_rx) = watch::channel(LoadStatus { accepted: 1, ..Default::default() });
+    let global = federation::GlobalState::load(&config.state_dir);
+    let registry = registry::Registry::new(&config.cluster, &state.trust_domain, config_rx, global.subscribe(), state.bundle_pem.clone());
+    let discovery = discovery::DiscoveryService::new(config.cluster.clone(), registry.clone(), state.trust_domain.clone(), metrics.sub_registry_with_prefix("xds"));
+    let ca = ca::CaService::new(&config, &state)?;
+    ca.register_metrics(metrics.sub_registry_with_prefix("ca"));
+    config_metrics(&mut metrics, status_rx.clone());
+
+    let admin = Admin {
+        registry: Arc::new(metrics),
+        readiness: Readiness::default(),
+        dump: {
+            let registry = registry.clone();
+            let status = status_rx.clone();
+            Arc::new(move || registry.dump(&status.borrow()))
+        },
+        logging: None,
+    };
+    let admin = AdminServer::bind(config.admin_addr, admin).await.with_context(|| format!("binding controller admin on {}", config.admin_addr))?;
+    let bound_grpc = grpc.local_addr()?;
+    let admin_address = admin.address();
+
+    // Sidecars asking for their first certificate have none yet; discovery checks for one.
+    let auth = isthmus_core::tls::ClientAuth::Optional(PeerPolicy::TrustDomain(state.trust_domain.clone()));
+    let tls = state.identity.server_config(auth, &[isthmus_core::tls::ALPN_H2]);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(isthmus_core::config::watch::run(config.config_dir.clone(), config_tx, status_tx));
+    tasks.spawn(admin.run());
+    tasks.spawn(registry.clone().run());
+    let link = federation::Link {
+        address: config.federation_addr,
+        cluster: config.cluster.clone(),
+        identity: state.identity.clone(),
+        federation: PeerPolicy::OneOf(vec![isthmus_core::identity::SpiffeId::new(
+            &state.trust_domain,
+            isthmus_core::identity::SYSTEM_NAMESPACE,
+            "isthmus-federation",
+        )]),
+    };
+    tasks.spawn(link.run(registry.exports(), global));
+    tasks.spawn(async move {
+        let incoming = isthmus_core::grpc::tls_incoming(grpc, tls);
+        let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .add_service(isthmus_proto::discovery::discovery_server::DiscoveryServer::new(discovery))
+            .add_service(isthmus_proto::ca::certificate_authority_server::CertificateAuthorityServer::new(ca))
+            .serve_with_incoming(incoming)
+            .await;
+        tracing::error!(?result, "controller gRPC server stopped");
+    });
+    tracing::info!(cluster = %config.cluster, grpc = %bound_grpc, admin = %admin_address, "controller started");
+    Ok(Bound { grpc_address: bound_grpc, admin_address, tasks })
+}
+
+fn config_metrics(metrics: &mut Registry, status: watch::Receiver<LoadStatus>) {
+    use prometheus_client::metrics::gauge::ConstGauge;
+    // Counters read at scrape time from the watcher's status.
+    #[derive(Debug)]
+    struct ConfigCounters(watch::Receiver<LoadStatus>);
+    impl prometheus_client::collector::Collector for ConfigCounters {
+        fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            use prometheus_client::encoding::EncodeMetric;
+            let s = self.0.borrow().clone();
+            let rejected = ConstGauge::new(s.rejected as i64);
+            let e = encoder.encode_descriptor("config_rejected", "config changes rejected since start", None, rejected.metric_type())?;
+            rejected.encode(e)?;
+            let accepted = ConstGauge::new(s.accepted as i64);
+            let e = encoder.encode_descriptor("config_accepted", "config sets accepted since start", None, accepted.metric_type())?;
+            accepted.encode(e)
+        }
+    }
+    metrics.register_collector(Box::new(ConfigCounters(status)));
+}

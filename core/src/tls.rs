@@ -22,6 +22,16 @@ use tokio::sync::watch;
 use crate::identity::SpiffeId;
 pub use verify::PeerPolicy;
 
+/// How a server treats client certificates.
+#[derive(Clone, Debug)]
+pub enum ClientAuth {
+    /// A certificate satisfying the policy is required.
+    Required(PeerPolicy),
+    /// A certificate is optional (callers that authenticate by token); one that is
+    /// presented must verify and satisfy the policy.
+    Optional(PeerPolicy),
+}
+
 /// ALPN for HTTP/2 between proxies.
 pub const ALPN_H2: &[u8] = b"h2";
 
@@ -180,11 +190,10 @@ impl TlsIdentity {
         self.current.subscribe()
     }
 
-    /// A server config presenting the current certificate. With `Some(policy)` a client
-    /// certificate is required and checked against the policy; with `None` it is optional
-    /// (callers that authenticate by token) but still verified when presented.
-    pub fn server_config(&self, policy: Option<PeerPolicy>, alpn: &[&[u8]]) -> Arc<ServerConfig> {
-        let verifier = verify::SpiffeClientVerifier::new(self.clone(), policy);
+    /// A server config presenting the current certificate and checking client certificates
+    /// as `auth` says.
+    pub fn server_config(&self, auth: ClientAuth, alpn: &[&[u8]]) -> Arc<ServerConfig> {
+        let verifier = verify::SpiffeClientVerifier::new(self.clone(), auth);
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("ring supports TLS 1.3")

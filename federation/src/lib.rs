@@ -1,1 +1,97 @@
+//! The federation controller: the mesh's global control plane.
+//!
+//! In: one export stream per cluster controller (its exported services, per-locality healthy
+//! endpoint counts, its gateways), each authenticated as that cluster's controller; join
+//! requests (CSRs plus a join token) from clusters.
+//! Out: the merged global registry pushed to every cluster, the trust bundle, and each
+//! cluster's intermediate CA and controller certificate signed by the shared root.
+//!
+//! The federation is not on the data path: when it is down, clusters keep their last
+//! merged registry and cross-cluster traffic and failover keep working.
 
+mod registry;
+mod root;
+mod service;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use isthmus_core::admin::{Admin, AdminServer};
+use isthmus_core::readiness::Readiness;
+use isthmus_core::tls::{ClientAuth, PeerPolicy};
+use tokio::net::TcpListener;
+
+pub use root::mint_join_token;
+
+/// Static config of the federation controller.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub trust_domain: String,
+    /// Where the root CA (unless given) and the join-token key are kept.
+    pub state_dir: PathBuf,
+    /// gRPC listener for cluster controllers (15200).
+    pub grpc_addr: SocketAddr,
+    /// Metrics and debug listener (15014).
+    pub admin_addr: SocketAddr,
+    /// A root CA the user brings (certificate and key PEM files); created when absent.
+    pub root_cert: Option<PathBuf>,
+    pub root_key: Option<PathBuf>,
+}
+
+pub struct Bound {
+    pub grpc_address: SocketAddr,
+    pub admin_address: SocketAddr,
+    /// PEM roots the clusters trust, for handing to controllers on first start.
+    pub bundle_pem: String,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Bound {
+    pub async fn wait_termination(mut self) -> anyhow::Result<()> {
+        self.tasks.join_next().await;
+        anyhow::bail!("federation task ended")
+    }
+
+    /// Stops the federation as if its process died.
+    pub fn abort(mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+pub async fn build(config: Config) -> anyhow::Result<Bound> {
+    let grpc = TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding federation gRPC on {}", config.grpc_addr))?;
+    let root = root::Root::load_or_create(&config)?;
+    let bundle_pem = root.ca.bundle_pem().to_owned();
+    let identity = root.self_identity()?;
+    let mut metrics = prometheus_client::registry::Registry::with_prefix("isthmus_federation");
+    let merged = registry::GlobalRegistry::new(bundle_pem.clone(), metrics.sub_registry_with_prefix("registry"));
+    let svc = service::FederationService::new(Arc::new(root), merged.clone());
+    let admin = Admin {
+        registry: Arc::new(metrics),
+        readiness: Readiness::default(),
+        dump: Arc::new(move || merged.dump()),
+        logging: None,
+    };
+    let admin = AdminServer::bind(config.admin_addr, admin).await.with_context(|| format!("binding federation admin on {}", config.admin_addr))?;
+    let (grpc_address, admin_address) = (grpc.local_addr()?, admin.address());
+    // Joining clusters have no certificate yet; a presented one must be a controller's,
+    // issued by the root itself.
+    let auth = ClientAuth::Optional(PeerPolicy::RootIssuedController(config.trust_domain.clone()));
+    let tls = identity.server_config(auth, &[isthmus_core::tls::ALPN_H2]);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(admin.run());
+    tasks.spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .add_service(isthmus_proto::federation::federation_server::FederationServer::new(svc))
+            .serve_with_incoming(isthmus_core::grpc::tls_incoming(grpc, tls))
+            .await;
+        tracing::error!(?result, "federation gRPC server stopped");
+    });
+    tracing::info!(grpc = %grpc_address, admin = %admin_address, trust_domain = %config.trust_domain, "federation started");
+    Ok(Bound { grpc_address, admin_address, bundle_pem, tasks })
+}

@@ -10,7 +10,7 @@ use rustls::server::ParsedCertificate;
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, SignatureScheme};
 
-use super::{cert_identity, provider, TlsIdentity};
+use super::{cert_identity, provider, ClientAuth, TlsIdentity};
 use crate::identity::SpiffeId;
 
 /// Which peers a connection accepts, beyond a valid chain.
@@ -87,12 +87,12 @@ impl rustls::client::ResolvesClientCert for CurrentCert {
 #[derive(Debug)]
 pub(super) struct SpiffeClientVerifier {
     identity: TlsIdentity,
-    policy: Option<PeerPolicy>,
+    auth: ClientAuth,
 }
 
 impl SpiffeClientVerifier {
-    pub(super) fn new(identity: TlsIdentity, policy: Option<PeerPolicy>) -> Self {
-        Self { identity, policy }
+    pub(super) fn new(identity: TlsIdentity, auth: ClientAuth) -> Self {
+        Self { identity, auth }
     }
 }
 
@@ -102,7 +102,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        self.policy.is_some()
+        matches!(self.auth, ClientAuth::Required(_))
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -117,10 +117,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let creds = self.identity.current();
         creds.client_verifier.verify_client_cert(end_entity, intermediates, now)?;
-        let policy = self
-            .policy
-            .clone()
-            .unwrap_or_else(|| PeerPolicy::TrustDomain(creds.id.trust_domain().to_owned()));
+        let (ClientAuth::Required(policy) | ClientAuth::Optional(policy)) = &self.auth;
         policy.check(end_entity, intermediates).map_err(cert_error)?;
         Ok(ClientCertVerified::assertion())
     }
@@ -210,7 +207,7 @@ mod tests {
 
     async fn handshake(server: TlsIdentity, client: TlsIdentity, server_policy: PeerPolicy, client_policy: PeerPolicy) -> Result<SpiffeId, String> {
         let (a, b) = tokio::io::duplex(16 * 1024);
-        let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config(Some(server_policy), &[]));
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config(ClientAuth::Required(server_policy), &[]));
         let connector = tokio_rustls::TlsConnector::from(client.client_config(client_policy, &[]));
         let srv = tokio::spawn(async move {
             let mut s = acceptor.accept(b).await.map_err(|e| e.to_string())?;

@@ -1,0 +1,227 @@
+//! The controller side of the discovery stream. Each proxy subscribes to resource types; the
+//! controller sends what differs from what the proxy holds (its initial versions on connect,
+//! then every change), reads ACKs/NACKs, and takes sidecars' health reports.
+//!
+//! A stream is authorized by the proxy's certificate: a sidecar may only speak for a
+//! workload whose service account it holds, a gateway must hold the gateway identity.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use isthmus_core::config::NamespacedName;
+use isthmus_core::identity::SpiffeId;
+use isthmus_proto::discovery::discovery_server::Discovery;
+use isthmus_proto::discovery::{DeltaRequest, DeltaResponse, Node, Resource};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::registry::{GatewayInfo, Registry, Snapshot};
+
+/// Responses queued per stream before the sender waits for the proxy.
+const RESPONSE_QUEUE: usize = 16;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabel {
+    type_url: String,
+}
+
+#[derive(Clone, Default)]
+struct Metrics {
+    connected: Gauge,
+    pushes: Family<TypeLabel, Counter>,
+    nacks: Family<TypeLabel, Counter>,
+}
+
+#[derive(Clone)]
+pub struct DiscoveryService {
+    cluster: String,
+    registry: Registry,
+    trust_domain: String,
+    metrics: Metrics,
+}
+
+enum Role {
+    Sidecar(NamespacedName),
+    Gateway,
+}
+
+/// Marks a sidecar's stream closed when the stream task ends, however it ends.
+struct StreamGuard {
+    registry: Registry,
+    workload: Option<NamespacedName>,
+    connected: Gauge,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.connected.dec();
+        if let Some(w) = &self.workload {
+            self.registry.stream_closed(w);
+        }
+    }
+}
+
+impl DiscoveryService {
+    pub fn new(cluster: String, registry: Registry, trust_domain: String, metrics: &mut prometheus_client::registry::Registry) -> Self {
+        let m = Metrics::default();
+        metrics.register("connected_proxies", "proxies with an open discovery stream", m.connected.clone());
+        metrics.register("pushes", "responses pushed to proxies", m.pushes.clone());
+        metrics.register("nacks", "responses proxies rejected", m.nacks.clone());
+        Self { cluster, registry, trust_domain, metrics: m }
+    }
+
+    fn authorize(&self, node: &Node, peer: &SpiffeId) -> Result<Role, Status> {
+        if node.cluster != self.cluster {
+            return Err(Status::permission_denied(format!("proxy of cluster {} connected to the controller of {}", node.cluster, self.cluster)));
+        }
+        match node.role.as_str() {
+            "gateway" => {
+                if *peer != SpiffeId::gateway(&self.trust_domain) {
+                    return Err(Status::permission_denied(format!("{peer} is not a gateway identity")));
+                }
+                let ok = node.tunnel_address.parse::<std::net::SocketAddr>().is_ok() && node.quic_address.parse::<std::net::SocketAddr>().is_ok();
+                if !ok {
+                    return Err(Status::invalid_argument("gateway node must carry tunnel_address and quic_address as ip:port"));
+                }
+                self.registry.gateway_connected(GatewayInfo {
+                    tunnel_address: node.tunnel_address.clone(),
+                    quic_address: node.quic_address.clone(),
+                    identity: peer.to_string(),
+                });
+                Ok(Role::Gateway)
+            }
+            "sidecar" => {
+                let (ns, name) = node.workload.split_once('/').ok_or_else(|| Status::invalid_argument("sidecar node.workload must be namespace/name"))?;
+                let key = NamespacedName::new(ns, name);
+                let config = self.registry.config();
+                let allowed = match config.workloads.get(&key) {
+                    Some(w) => w.key.namespace == peer.namespace() && w.service_account == peer.service_account(),
+                    None => ns == peer.namespace(),
+                };
+                if !allowed {
+                    return Err(Status::permission_denied(format!("{peer} may not speak for workload {key}")));
+                }
+                Ok(Role::Sidecar(key))
+            }
+            other => Err(Status::invalid_argument(format!("unknown proxy role `{other}`"))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type DeltaResourcesStream = ReceiverStream<Result<DeltaResponse, Status>>;
+
+    async fn delta_resources(&self, req: Request<Streaming<DeltaRequest>>) -> Result<Response<Self::DeltaResourcesStream>, Status> {
+        let peer = isthmus_core::grpc::peer_of(&req)
+            .and_then(|p| p.identity.clone())
+            .ok_or_else(|| Status::unauthenticated("discovery requires a workload certificate"))?;
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("stream closed before the first request"))?;
+        let node = first.node.clone().ok_or_else(|| Status::invalid_argument("the first request must carry the node"))?;
+        let role = self.authorize(&node, &peer)?;
+        let workload = match role {
+            Role::Sidecar(w) => {
+                self.registry.stream_opened(&w);
+                Some(w)
+            }
+            Role::Gateway => None,
+        };
+        self.metrics.connected.inc();
+        let guard = StreamGuard { registry: self.registry.clone(), workload, connected: self.metrics.connected.clone() };
+        tracing::info!(%peer, role = %node.role, workload = %node.workload, "proxy connected");
+        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
+        let stream = ProxyStream { svc: self.clone(), tx, known: BTreeMap::new(), answered: Default::default(), nonce: 0, guard };
+        tokio::spawn(stream.run(first, inbound));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+struct ProxyStream {
+    svc: DiscoveryService,
+    tx: mpsc::Sender<Result<DeltaResponse, Status>>,
+    /// Per subscribed type: name → version the proxy holds (or was last sent).
+    known: BTreeMap<String, BTreeMap<String, String>>,
+    /// Types answered at least once on this stream (the first answer may be empty).
+    answered: std::collections::BTreeSet<String>,
+    nonce: u64,
+    guard: StreamGuard,
+}
+
+impl ProxyStream {
+    async fn run(mut self, first: DeltaRequest, mut inbound: Streaming<DeltaRequest>) {
+        let mut snapshots = self.svc.registry.snapshots();
+        let mut snapshot = snapshots.borrow_and_update().clone();
+        if self.on_request(first, &snapshot).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => if self.on_request(req, &snapshot).await.is_err() { return },
+                    Ok(None) | Err(_) => break,
+                },
+                changed = snapshots.changed() => {
+                    if changed.is_err() { break }
+                    snapshot = snapshots.borrow_and_update().clone();
+                    let types: Vec<String> = self.known.keys().cloned().collect();
+                    for t in types {
+                        if self.push(&t, &snapshot).await.is_err() { return }
+                    }
+                }
+            }
+        }
+        tracing::info!(workload = ?self.guard.workload, "proxy disconnected");
+    }
+
+    async fn on_request(&mut self, req: DeltaRequest, snapshot: &Arc<Snapshot>) -> Result<(), ()> {
+        if let (Some(health), Some(w)) = (req.health, &self.guard.workload) {
+            self.svc.registry.report_health(w, health.healthy);
+        }
+        if req.type_url.is_empty() {
+            return Ok(());
+        }
+        if !req.response_nonce.is_empty() {
+            if !req.error_detail.is_empty() {
+                self.svc.metrics.nacks.get_or_create(&TypeLabel { type_url: req.type_url.clone() }).inc();
+                tracing::warn!(type_url = %req.type_url, workload = ?self.guard.workload, reason = %req.error_detail, "proxy rejected config (NACK)");
+            }
+            return Ok(());
+        }
+        // A subscription: the proxy tells what it already holds.
+        self.known.insert(req.type_url.clone(), req.initial_resource_versions);
+        self.push(&req.type_url, snapshot).await
+    }
+
+    async fn push(&mut self, type_url: &str, snapshot: &Snapshot) -> Result<(), ()> {
+        let empty = BTreeMap::new();
+        let current = snapshot.resources.get(type_url).unwrap_or(&empty);
+        let known = self.known.entry(type_url.to_owned()).or_default();
+        let resources: Vec<Resource> = current
+            .iter()
+            .filter(|(name, (version, _))| known.get(*name) != Some(version))
+            .map(|(name, (version, body))| Resource { name: name.clone(), version: version.clone(), body: body.to_vec() })
+            .collect();
+        let removed: Vec<String> = known.keys().filter(|n| !current.contains_key(*n)).cloned().collect();
+        let first_push = self.answered.insert(type_url.to_owned());
+        if resources.is_empty() && removed.is_empty() && !first_push {
+            return Ok(());
+        }
+        *known = current.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect();
+        self.nonce += 1;
+        let resp = DeltaResponse {
+            system_version_info: String::new(),
+            type_url: type_url.to_owned(),
+            resources,
+            removed_resources: removed,
+            nonce: self.nonce.to_string(),
+        };
+        self.svc.metrics.pushes.get_or_create(&TypeLabel { type_url: type_url.to_owned() }).inc();
+        self.tx.send(Ok(resp)).await.map_err(|_| ())
+    }
+}

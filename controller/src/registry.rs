@@ -1,0 +1,378 @@
+//! The cluster's view of the mesh: the config set, the health its sidecars report, its
+//! gateways, and the federation's global registry, turned into (a) the resources pushed to
+//! proxies and (b) the exports sent to the federation. Rebuilt (debounced) on any change.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use isthmus_core::config::watch::LoadStatus;
+use isthmus_core::config::{ConfigSet, NamespacedName, Service, TargetPort, WorkloadEntry};
+use isthmus_core::identity::SpiffeId;
+use isthmus_proto::discovery as xds;
+use isthmus_proto::federation as fed;
+use isthmus_proto::type_url;
+use prost::Message;
+use tokio::sync::{watch, Notify};
+
+/// Changes within this window are pushed together.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+/// The sidecar tunnel port on every workload address.
+pub const TUNNEL_PORT: u16 = 15008;
+
+/// Encoded resources by type URL, then by name: (version, body).
+#[derive(Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub resources: BTreeMap<&'static str, BTreeMap<String, (String, Bytes)>>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Health {
+    /// Discovery streams open for this workload.
+    streams: u32,
+    healthy: bool,
+    /// A sidecar has connected since this controller started.
+    seen: bool,
+}
+
+impl Health {
+    /// Unknown workloads count as healthy, so a restarted controller does not withdraw
+    /// endpoints before their sidecars reconnect; the data plane judges health too.
+    fn is_healthy(&self) -> bool {
+        !self.seen || (self.streams > 0 && self.healthy)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GatewayInfo {
+    pub tunnel_address: String,
+    pub quic_address: String,
+    pub identity: String,
+}
+
+struct Inner {
+    cluster: String,
+    trust_domain: String,
+    bundle_pem: String,
+    config: watch::Receiver<Arc<ConfigSet>>,
+    global: watch::Receiver<Arc<fed::GlobalRegistry>>,
+    health: Mutex<BTreeMap<NamespacedName, Health>>,
+    gateways: Mutex<BTreeSet<GatewayInfo>>,
+    poke: Notify,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    exports: watch::Sender<Arc<fed::ClusterExports>>,
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn version_of(bytes: &[u8]) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+fn locality(w: &WorkloadEntry) -> xds::Locality {
+    xds::Locality { region: w.locality.region.clone(), zone: w.locality.zone.clone(), subzone: w.locality.subzone.clone() }
+}
+
+fn fed_locality(l: &xds::Locality) -> fed::Locality {
+    fed::Locality { region: l.region.clone(), zone: l.zone.clone(), subzone: l.subzone.clone() }
+}
+
+fn xds_locality(l: &fed::Locality) -> xds::Locality {
+    xds::Locality { region: l.region.clone(), zone: l.zone.clone(), subzone: l.subzone.clone() }
+}
+
+/// Where the sidecar forwards a service port: the numbered target, or the workload's named
+/// port. 0 when the workload does not declare the name.
+fn target_port(svc_port: &isthmus_core::config::ServicePort, w: Option<&WorkloadEntry>) -> u32 {
+    match &svc_port.target_port {
+        TargetPort::Number(n) => u32::from(*n),
+        TargetPort::Named(name) => w.and_then(|w| w.ports.get(name)).map(|p| u32::from(*p)).unwrap_or(0),
+    }
+}
+
+impl Registry {
+    pub fn new(
+        cluster: &str,
+        trust_domain: &str,
+        config: watch::Receiver<Arc<ConfigSet>>,
+        global: watch::Receiver<Arc<fed::GlobalRegistry>>,
+        bundle_pem: String,
+    ) -> Self {
+        let inner = Inner {
+            cluster: cluster.to_owned(),
+            trust_domain: trust_domain.to_owned(),
+            bundle_pem,
+            config,
+            global,
+            health: Mutex::default(),
+            gateways: Mutex::default(),
+            poke: Notify::new(),
+            snapshot: watch::Sender::new(Arc::default()),
+            exports: watch::Sender::new(Arc::default()),
+        };
+        let registry = Self { inner: Arc::new(inner) };
+        registry.rebuild();
+        registry
+    }
+
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.inner.snapshot.subscribe()
+    }
+
+    pub fn exports(&self) -> watch::Receiver<Arc<fed::ClusterExports>> {
+        self.inner.exports.subscribe()
+    }
+
+    pub fn config(&self) -> Arc<ConfigSet> {
+        self.inner.config.borrow().clone()
+    }
+
+    /// A sidecar's stream for `workload` opened.
+    pub fn stream_opened(&self, workload: &NamespacedName) {
+        let mut health = lock(&self.inner.health);
+        let h = health.entry(workload.clone()).or_default();
+        h.streams += 1;
+        h.seen = true;
+        drop(health);
+        self.inner.poke.notify_one();
+    }
+
+    pub fn stream_closed(&self, workload: &NamespacedName) {
+        if let Some(h) = lock(&self.inner.health).get_mut(workload) {
+            h.streams = h.streams.saturating_sub(1);
+        }
+        self.inner.poke.notify_one();
+    }
+
+    pub fn report_health(&self, workload: &NamespacedName, healthy: bool) {
+        let mut health = lock(&self.inner.health);
+        let h = health.entry(workload.clone()).or_default();
+        if h.healthy != healthy {
+            tracing::info!(%workload, healthy, "workload health changed");
+        }
+        h.healthy = healthy;
+        h.seen = true;
+        drop(health);
+        self.inner.poke.notify_one();
+    }
+
+    pub fn gateway_connected(&self, gw: GatewayInfo) {
+        if lock(&self.inner.gateways).insert(gw) {
+            self.inner.poke.notify_one();
+        }
+    }
+
+    /// Rebuilds on every change, debounced, until the process ends.
+    pub async fn run(self) {
+        let mut config = self.inner.config.clone();
+        let mut global = self.inner.global.clone();
+        loop {
+            tokio::select! {
+                r = config.changed() => if r.is_err() { return },
+                r = global.changed() => if r.is_err() { return },
+                _ = self.inner.poke.notified() => {}
+            }
+            tokio::time::sleep(DEBOUNCE).await;
+            config.borrow_and_update();
+            global.borrow_and_update();
+            self.rebuild();
+        }
+    }
+
+    fn rebuild(&self) {
+        let config = self.inner.config.borrow().clone();
+        let global = self.inner.global.borrow().clone();
+        let health = lock(&self.inner.health).clone();
+        let gateways = lock(&self.inner.gateways).clone();
+        let snapshot = self.build_snapshot(&config, &global, &health, &gateways);
+        self.inner.snapshot.send_if_modified(|s| {
+            let changed = **s != snapshot;
+            if changed {
+                *s = Arc::new(snapshot);
+            }
+            changed
+        });
+        let exports = self.build_exports(&config, &health, &gateways);
+        self.inner.exports.send_if_modified(|e| {
+            let changed = **e != exports;
+            if changed {
+                *e = Arc::new(exports);
+            }
+            changed
+        });
+    }
+
+    fn endpoint(&self, w: &WorkloadEntry, health: &BTreeMap<NamespacedName, Health>) -> xds::Endpoint {
+        xds::Endpoint {
+            workload: w.key.to_string(),
+            tunnel_address: std::net::SocketAddr::new(w.address, TUNNEL_PORT).to_string(),
+            locality: Some(locality(w)),
+            identity: SpiffeId::new(&self.inner.trust_domain, &w.key.namespace, &w.service_account).to_string(),
+            healthy: health.get(&w.key).copied().unwrap_or_default().is_healthy(),
+            labels: w.labels.clone(),
+        }
+    }
+
+    fn local_service(&self, config: &ConfigSet, svc: &Service, health: &BTreeMap<NamespacedName, Health>) -> xds::Service {
+        let selected: Vec<&WorkloadEntry> = config.selected(svc).collect();
+        xds::Service {
+            namespace: svc.key.namespace.clone(),
+            name: svc.key.name.clone(),
+            ports: svc
+                .ports
+                .iter()
+                .map(|p| xds::ServicePort {
+                    name: p.name.clone(),
+                    port: u32::from(p.port),
+                    protocol: p.protocol.as_str().to_owned(),
+                    target_port: target_port(p, selected.first().copied()),
+                })
+                .collect(),
+            endpoints: selected.iter().map(|w| self.endpoint(w, health)).collect(),
+            remote: Vec::new(),
+        }
+    }
+
+    fn build_snapshot(
+        &self,
+        config: &ConfigSet,
+        global: &fed::GlobalRegistry,
+        health: &BTreeMap<NamespacedName, Health>,
+        gateways: &BTreeSet<GatewayInfo>,
+    ) -> Snapshot {
+        let mut services: BTreeMap<NamespacedName, xds::Service> = config
+            .services
+            .values()
+            .map(|svc| (svc.key.clone(), self.local_service(config, svc, health)))
+            .collect();
+        for gs in &global.services {
+            let key = NamespacedName::new(&gs.namespace, &gs.name);
+            let entry = services.entry(key).or_insert_with(|| xds::Service {
+                namespace: gs.namespace.clone(),
+                name: gs.name.clone(),
+                ports: gs
+                    .ports
+                    .iter()
+                    .map(|p| xds::ServicePort { name: p.name.clone(), port: p.port, protocol: p.protocol.clone(), target_port: p.port })
+                    .collect(),
+                ..Default::default()
+            });
+            for c in gs.clusters.iter().filter(|c| c.cluster != self.inner.cluster) {
+                entry.remote.push(xds::RemoteCluster {
+                    cluster: c.cluster.clone(),
+                    localities: c
+                        .localities
+                        .iter()
+                        .map(|l| xds::LocalityCount { locality: l.locality.as_ref().map(xds_locality), healthy: l.healthy })
+                        .collect(),
+                    identities: c.identities.clone(),
+                });
+            }
+        }
+        let mut snapshot = Snapshot::default();
+        let encode = |m: &dyn Fn(&mut Vec<u8>)| {
+            let mut buf = Vec::new();
+            m(&mut buf);
+            (version_of(&buf), Bytes::from(buf))
+        };
+        let svc_map = snapshot.resources.entry(type_url::SERVICE).or_default();
+        for (key, svc) in &services {
+            svc_map.insert(key.to_string(), encode(&|b| svc.encode(b).expect("vec grows")));
+        }
+        let gw = gateways.iter().next();
+        let mesh = xds::Mesh {
+            cluster: self.inner.cluster.clone(),
+            trust_domain: self.inner.trust_domain.clone(),
+            gateway_address: gw.map(|g| g.tunnel_address.clone()).unwrap_or_default(),
+            gateway_identity: gw.map(|g| g.identity.clone()).unwrap_or_default(),
+            trust_bundle_pem: self.inner.bundle_pem.clone(),
+        };
+        snapshot.resources.entry(type_url::MESH).or_default().insert("mesh".into(), encode(&|b| mesh.encode(b).expect("vec grows")));
+        let peers = snapshot.resources.entry(type_url::PEER).or_default();
+        for cg in global.gateways.iter().filter(|g| g.cluster != self.inner.cluster) {
+            if let Some(g) = cg.gateways.first() {
+                let peer = xds::Peer { cluster: cg.cluster.clone(), address: g.address.clone(), identity: g.identity.clone() };
+                peers.insert(cg.cluster.clone(), encode(&|b| peer.encode(b).expect("vec grows")));
+            }
+        }
+        snapshot
+    }
+
+    fn build_exports(&self, config: &ConfigSet, health: &BTreeMap<NamespacedName, Health>, gateways: &BTreeSet<GatewayInfo>) -> fed::ClusterExports {
+        let mut services = Vec::new();
+        for key in &config.exports {
+            let Some(svc) = config.services.get(key) else { continue };
+            let local = self.local_service(config, svc, health);
+            let mut counts: BTreeMap<(String, String, String), u32> = BTreeMap::new();
+            let mut identities = BTreeSet::new();
+            for ep in &local.endpoints {
+                let l = ep.locality.clone().unwrap_or_default();
+                let count = counts.entry((l.region, l.zone, l.subzone)).or_default();
+                *count += u32::from(ep.healthy);
+                identities.insert(ep.identity.clone());
+            }
+            services.push(fed::ExportedService {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                ports: local.ports.iter().map(|p| fed::ExportedPort { name: p.name.clone(), port: p.port, protocol: p.protocol.clone() }).collect(),
+                localities: counts
+                    .into_iter()
+                    .map(|((region, zone, subzone), healthy)| fed::LocalityCount {
+                        locality: Some(fed_locality(&xds::Locality { region, zone, subzone })),
+                        healthy,
+                    })
+                    .collect(),
+                identities: identities.into_iter().collect(),
+            });
+        }
+        fed::ClusterExports {
+            cluster: self.inner.cluster.clone(),
+            services,
+            gateways: gateways.iter().map(|g| fed::Gateway { address: g.quic_address.clone(), identity: g.identity.clone() }).collect(),
+        }
+    }
+
+    /// The controller's `/config_dump`.
+    pub fn dump(&self, status: &LoadStatus) -> serde_json::Value {
+        let config = self.config();
+        let health = lock(&self.inner.health).clone();
+        let global = self.inner.global.borrow().clone();
+        let services: Vec<serde_json::Value> = config
+            .services
+            .values()
+            .map(|svc| {
+                let eps: Vec<serde_json::Value> = config
+                    .selected(svc)
+                    .map(|w| {
+                        let ep = self.endpoint(w, &health);
+                        serde_json::json!({"workload": ep.workload, "address": ep.tunnel_address, "healthy": ep.healthy, "identity": ep.identity})
+                    })
+                    .collect();
+                serde_json::json!({"service": svc.key.to_string(), "exported": config.exports.contains(&svc.key), "endpoints": eps})
+            })
+            .collect();
+        serde_json::json!({
+            "cluster": self.inner.cluster,
+            "services": services,
+            "gateways": lock(&self.inner.gateways).iter().map(|g| serde_json::json!({"tunnel": g.tunnel_address, "quic": g.quic_address})).collect::<Vec<_>>(),
+            "global_registry_version": global.version,
+            "global_conflicts": global.conflicts,
+            "config": {
+                "accepted": status.accepted,
+                "rejected": status.rejected,
+                "last_errors": status.last_errors.as_ref().map(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>()),
+            },
+        })
+    }
+}

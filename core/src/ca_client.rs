@@ -1,0 +1,107 @@
+//! Getting and renewing a component's certificate from its cluster's CA: the key is made
+//! here and never leaves the process; the CA receives a CSR and the proof of identity (a
+//! bootstrap token the first time, the current certificate afterwards).
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use isthmus_proto::ca::certificate_authority_client::CertificateAuthorityClient;
+use isthmus_proto::ca::CertificateRequest;
+
+use crate::backoff::Backoff;
+use crate::grpc::tls_channel;
+use crate::identity::SpiffeId;
+use crate::tls::{anonymous_client_config, ca::leaf_csr, Credentials, PeerPolicy, TlsIdentity, ALPN_H2};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaClientError {
+    #[error("cannot build a TLS client: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot make a CSR: {0}")]
+    Csr(#[from] crate::tls::ca::CaError),
+    #[error("the CA at {addr} refused: {status}")]
+    Refused { addr: SocketAddr, status: tonic::Status },
+}
+
+/// Where and how to ask for certificates.
+#[derive(Debug, Clone)]
+pub struct CaClient {
+    /// The controller's gRPC address.
+    pub address: SocketAddr,
+    /// The identity the controller must present.
+    pub controller: SpiffeId,
+    /// Roots to trust before the first certificate arrives.
+    pub bootstrap_bundle_pem: String,
+    /// Proof of identity for the first request.
+    pub token: Option<String>,
+    /// The identity to ask for.
+    pub identity: SpiffeId,
+}
+
+impl CaClient {
+    /// Requests a new certificate. With `current`, the request is authenticated by the
+    /// current certificate; otherwise by the bootstrap token.
+    pub async fn fetch(&self, current: Option<&TlsIdentity>) -> Result<Credentials, CaClientError> {
+        let policy = PeerPolicy::OneOf(vec![self.controller.clone()]);
+        let config = match current {
+            Some(id) => id.client_config(policy, &[ALPN_H2]),
+            None => anonymous_client_config(&self.bootstrap_bundle_pem, policy)?,
+        };
+        let (key, csr_pem) = leaf_csr(&self.identity)?;
+        let mut req = tonic::Request::new(CertificateRequest { csr_pem });
+        if current.is_none() {
+            if let Some(token) = &self.token {
+                if let Ok(v) = format!("Bearer {token}").parse() {
+                    req.metadata_mut().insert("authorization", v);
+                }
+            }
+        }
+        req.set_timeout(Duration::from_secs(5));
+        let mut client = CertificateAuthorityClient::new(tls_channel(self.address, config));
+        let resp = client
+            .create_certificate(req)
+            .await
+            .map_err(|status| CaClientError::Refused { addr: self.address, status })?
+            .into_inner();
+        Ok(Credentials::from_pem(key.serialize_der(), &resp.cert_chain_pem, &resp.trust_bundle_pem)?)
+    }
+
+    /// Keeps trying until the first certificate is issued.
+    pub async fn fetch_until_issued(&self) -> TlsIdentity {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            match self.fetch(None).await {
+                Ok(creds) => {
+                    tracing::info!(id = %creds.id, "workload certificate issued");
+                    return TlsIdentity::new(creds);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "certificate request failed; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+    }
+
+    /// Renews at half-life forever. Open connections keep their certificate; new ones use
+    /// the renewed one.
+    pub async fn renew_forever(self, identity: TlsIdentity) {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        loop {
+            let at = identity.current().renew_at();
+            let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::sleep(wait).await;
+            match self.fetch(Some(&identity)).await {
+                Ok(creds) => {
+                    tracing::info!(id = %creds.id, "workload certificate renewed");
+                    identity.update(creds);
+                    backoff.reset();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "certificate renewal failed; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! The federation's gRPC face: `Join` signs a cluster's CA and controller certificate;
+//! `Exchange` takes a cluster's exports and streams the merged registry back.
+
+use std::sync::Arc;
+
+use isthmus_core::identity::SpiffeId;
+use isthmus_proto::federation::federation_server::Federation;
+use isthmus_proto::federation::{ClusterExports, GlobalRegistry as GlobalRegistryMsg, JoinRequest, JoinResponse};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::registry::GlobalRegistry;
+use crate::root::{Root, CONTROLLER_TTL, JOIN_AUDIENCE};
+
+const REGISTRY_QUEUE: usize = 4;
+
+#[derive(Clone)]
+pub struct FederationService {
+    root: Arc<Root>,
+    registry: GlobalRegistry,
+}
+
+impl FederationService {
+    pub fn new(root: Arc<Root>, registry: GlobalRegistry) -> Self {
+        Self { root, registry }
+    }
+
+    /// The cluster the caller proved: its controller certificate, else its join token.
+    fn proved_cluster<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        if let Some(cluster) = isthmus_core::grpc::peer_of(req)
+            .and_then(|p| p.identity.as_ref())
+            .and_then(|id| id.controller_cluster().map(str::to_owned))
+        {
+            return Ok(cluster);
+        }
+        let token = isthmus_core::grpc::bearer_token(req).ok_or_else(|| Status::unauthenticated("present a join token or a controller certificate"))?;
+        self.root
+            .token_key
+            .verify(token, JOIN_AUDIENCE)
+            .map_err(|e| Status::unauthenticated(format!("join token refused: {e}")))
+    }
+}
+
+fn valid_cluster_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 63 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let cluster = self.proved_cluster(&req)?;
+        let body = req.into_inner();
+        if body.cluster != cluster {
+            return Err(Status::permission_denied(format!("credentials are for cluster {cluster}, the request is for {}", body.cluster)));
+        }
+        if !valid_cluster_name(&cluster) {
+            return Err(Status::invalid_argument(format!("`{cluster}` is not a valid cluster name")));
+        }
+        let td = &self.root.trust_domain;
+        let ca_cert_pem = self
+            .root
+            .ca
+            .sign_intermediate(&body.ca_csr_pem, &cluster, td)
+            .map_err(|e| Status::invalid_argument(format!("CA request: {e}")))?;
+        let controller = SpiffeId::controller(td, &cluster);
+        let mut chain = self
+            .root
+            .ca
+            .sign_leaf(&body.controller_csr_pem, &controller, CONTROLLER_TTL)
+            .map_err(|e| Status::invalid_argument(format!("controller request: {e}")))?;
+        tracing::info!(%cluster, "cluster joined");
+        Ok(Response::new(JoinResponse {
+            ca_cert_pem,
+            controller_cert_pem: chain.remove(0),
+            trust_bundle_pem: self.root.ca.bundle_pem().to_owned(),
+            trust_domain: td.clone(),
+        }))
+    }
+
+    type ExchangeStream = ReceiverStream<Result<GlobalRegistryMsg, Status>>;
+
+    async fn exchange(&self, req: Request<Streaming<ClusterExports>>) -> Result<Response<Self::ExchangeStream>, Status> {
+        let cluster = isthmus_core::grpc::peer_of(&req)
+            .and_then(|p| p.identity.as_ref())
+            .and_then(|id| id.controller_cluster().map(str::to_owned))
+            .ok_or_else(|| Status::unauthenticated("exports are accepted only from a cluster controller's certificate"))?;
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(REGISTRY_QUEUE);
+        let registry = self.registry.clone();
+        tracing::info!(%cluster, "cluster controller connected");
+        tokio::spawn(async move {
+            let mut merged = registry.subscribe();
+            let current = (**merged.borrow_and_update()).clone();
+            if tx.send(Ok(current)).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    msg = inbound.message() => match msg {
+                        Ok(Some(exports)) => {
+                            if exports.cluster != cluster {
+                                tracing::warn!(%cluster, claimed = %exports.cluster, "refused exports for another cluster");
+                                let _ = tx.send(Err(Status::permission_denied(format!("connection is authenticated as cluster {cluster}, exports claim {}", exports.cluster)))).await;
+                                return;
+                            }
+                            registry.update(exports);
+                        }
+                        Ok(None) | Err(_) => break,
+                    },
+                    changed = merged.changed() => {
+                        if changed.is_err() { return }
+                        let current = (**merged.borrow_and_update()).clone();
+                        if tx.send(Ok(current)).await.is_err() { return }
+                    }
+                }
+            }
+            tracing::info!(%cluster, "cluster controller disconnected; keeping its last exports");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
