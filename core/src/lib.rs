@@ -18,3 +18,4 @@ pub mod readiness;
 pub mod backoff;
 pub mod ca_client;
 pub mod xds;
+pub mod headers;

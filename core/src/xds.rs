@@ -30,6 +30,12 @@ pub trait XdsHandler: Send + Sync + 'static {
     fn apply(&self, type_url: &str, updated: &[Resource], removed: &[String]) -> Result<(), String>;
 }
 
+impl<T: XdsHandler> XdsHandler for std::sync::Arc<T> {
+    fn apply(&self, type_url: &str, updated: &[Resource], removed: &[String]) -> Result<(), String> {
+        (**self).apply(type_url, updated, removed)
+    }
+}
+
 pub struct XdsClient<H> {
     pub channel: Channel,
     pub node: Node,

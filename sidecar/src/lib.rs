@@ -1,1 +1,184 @@
+//! The Isthmus sidecar: the proxy next to each workload.
+//!
+//! In: the app's outbound requests on the explicit outbound listener (plain HTTP/1.1 or
+//! HTTP/2, the Host header names the mesh service); other proxies' mTLS HTTP/2 connections
+//! on the inbound tunnel listener (15008); config pushed by the cluster controller; a
+//! workload certificate from the cluster CA.
+//! Out: requests to peers over one multiplexed mTLS connection per peer (direct in the
+//! cluster, through the east-west gateway across clusters, end-to-end TLS either way);
+//! inbound requests to the local app with the caller's SPIFFE ID; the app's health to the
+//! controller; metrics and config on the admin port (15000).
 
+mod body;
+mod convert;
+mod errors;
+mod inbound;
+mod lb;
+mod metrics;
+mod outbound;
+mod pool;
+mod state;
+mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use isthmus_core::admin::{Admin, AdminServer, LogControl};
+use isthmus_core::ca_client::CaClient;
+use isthmus_core::config::NamespacedName;
+use isthmus_core::identity::SpiffeId;
+use isthmus_core::locality::Locality;
+use isthmus_core::readiness::Readiness;
+use isthmus_core::tls::{PeerPolicy, ALPN_H2};
+use isthmus_core::xds::XdsClient;
+use isthmus_proto::discovery::Node;
+use isthmus_proto::type_url;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// How often the app's port is probed.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Static config of a sidecar.
+#[derive(Clone)]
+pub struct Config {
+    pub cluster: String,
+    pub trust_domain: String,
+    /// The WorkloadEntry this sidecar serves.
+    pub workload: NamespacedName,
+    pub service_account: String,
+    /// The workload's locality, for locality-aware load balancing.
+    pub locality: Locality,
+    pub controller_addr: SocketAddr,
+    /// PEM roots to verify the controller before the first certificate.
+    pub bootstrap_bundle_pem: String,
+    /// Bootstrap token proving the workload identity on first issue.
+    pub token: Option<String>,
+    /// Explicit outbound listener for the app (HTTP proxy style).
+    pub outbound_addr: SocketAddr,
+    /// mTLS tunnel listener (15008).
+    pub inbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// The local app, `None` for a workload that only calls out.
+    pub app_addr: Option<SocketAddr>,
+    /// Changes the process log filter from `/logging`.
+    pub log_control: Option<LogControl>,
+}
+
+pub struct Bound {
+    pub outbound_address: SocketAddr,
+    pub inbound_address: SocketAddr,
+    pub admin_address: SocketAddr,
+    pub readiness: Readiness,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Bound {
+    pub async fn wait_termination(mut self) -> anyhow::Result<()> {
+        self.tasks.join_next().await;
+        anyhow::bail!("sidecar task ended")
+    }
+
+    /// Stops the sidecar as if its process died.
+    pub fn abort(mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+/// Binds every listener, then starts the sidecar: certificate first, then config, then
+/// traffic. `/ready` on the admin port tells when it serves.
+pub async fn build(config: Config) -> anyhow::Result<Bound> {
+    let outbound = TcpListener::bind(config.outbound_addr).await.with_context(|| format!("binding outbound listener on {}", config.outbound_addr))?;
+    let inbound = TcpListener::bind(config.inbound_addr).await.with_context(|| format!("binding inbound listener on {}", config.inbound_addr))?;
+    let readiness = Readiness::default();
+    let cert_block = readiness.register("workload certificate");
+    let config_block = readiness.register("first config");
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = metrics::Metrics::default();
+    metrics.register(&mut registry);
+    let health = Arc::new(lb::HealthTable::default());
+    let store = Arc::new(store::Store::new(&config.workload.namespace, health));
+    let admin = Admin {
+        registry: Arc::new(registry),
+        readiness: readiness.clone(),
+        dump: {
+            let (store, cfg) = (store.clone(), config.clone());
+            Arc::new(move || dump(&cfg, &store.current()))
+        },
+        logging: config.log_control.clone(),
+    };
+    let admin = AdminServer::bind(config.admin_addr, admin).await.with_context(|| format!("binding admin listener on {}", config.admin_addr))?;
+    let bound_addrs = (outbound.local_addr()?, inbound.local_addr()?, admin.address());
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(admin.run());
+    let ca = CaClient {
+        address: config.controller_addr,
+        controller: SpiffeId::controller(&config.trust_domain, &config.cluster),
+        bootstrap_bundle_pem: config.bootstrap_bundle_pem.clone(),
+        token: config.token.clone(),
+        identity: SpiffeId::new(&config.trust_domain, &config.workload.namespace, &config.service_account),
+    };
+    let cfg = config.clone();
+    tasks.spawn(async move {
+        let identity = ca.fetch_until_issued().await;
+        drop(cert_block);
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(ca.clone().renew_forever(identity.clone()));
+        let app_health = probe_app(&mut tasks, cfg.app_addr);
+        let channel = isthmus_core::grpc::tls_channel(cfg.controller_addr, identity.client_config(PeerPolicy::OneOf(vec![ca.controller.clone()]), &[ALPN_H2]));
+        let xds = XdsClient {
+            channel,
+            node: Node { cluster: cfg.cluster.clone(), role: "sidecar".into(), workload: cfg.workload.to_string(), ..Default::default() },
+            types: vec![type_url::MESH, type_url::SERVICE],
+            handler: store.clone(),
+            health: app_health,
+            first_config: Some(config_block),
+        };
+        tasks.spawn(xds.run());
+        let out_ctx = Arc::new(outbound::OutboundCtx { state: store.subscribe(), pool: pool::Pool::new(identity.clone()), locality: cfg.locality.clone(), metrics: metrics.clone() });
+        tasks.spawn(outbound::Outbound::new(outbound, out_ctx).run());
+        let in_ctx = Arc::new(inbound::InboundCtx::new(identity, cfg.app_addr, cfg.cluster.clone(), metrics));
+        tasks.spawn(inbound::Inbound::new(inbound, in_ctx).run());
+        tasks.join_next().await;
+    });
+    tracing::info!(workload = %config.workload, outbound = %bound_addrs.0, inbound = %bound_addrs.1, admin = %bound_addrs.2, "sidecar started");
+    Ok(Bound { outbound_address: bound_addrs.0, inbound_address: bound_addrs.1, admin_address: bound_addrs.2, readiness, tasks })
+}
+
+/// Probes the app's port and publishes whether it accepts connections.
+fn probe_app(tasks: &mut tokio::task::JoinSet<()>, app: Option<SocketAddr>) -> Option<watch::Receiver<bool>> {
+    let app = app?;
+    let (tx, rx) = watch::channel(false);
+    tasks.spawn(async move {
+        loop {
+            let up = matches!(tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(app)).await, Ok(Ok(_)));
+            tx.send_if_modified(|v| std::mem::replace(v, up) != up);
+            tokio::time::sleep(PROBE_INTERVAL).await;
+        }
+    });
+    Some(rx)
+}
+
+fn dump(config: &Config, state: &state::MeshState) -> serde_json::Value {
+    let services: Vec<serde_json::Value> = state
+        .services
+        .values()
+        .map(|s| {
+            serde_json::json!({
+                "service": s.hostname(),
+                "ports": s.ports.iter().map(|p| serde_json::json!({"port": p.port, "protocol": p.protocol})).collect::<Vec<_>>(),
+                "endpoints": s.endpoints.iter().map(|e| serde_json::json!({"workload": e.workload, "address": e.tunnel_address.to_string(), "locality": e.locality.to_string(), "ejected": e.health.is_ejected()})).collect::<Vec<_>>(),
+                "remote": s.remote.iter().map(|r| serde_json::json!({"cluster": r.cluster, "locality": r.locality.to_string(), "ejected": r.health.is_ejected()})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "workload": config.workload.to_string(),
+        "cluster": config.cluster,
+        "locality": config.locality.to_string(),
+        "gateway": state.mesh.gateway.as_ref().map(|g| g.0.to_string()),
+        "services": services,
+    })
+}

@@ -1,0 +1,43 @@
+//! Header names the proxies set and strip.
+
+/// Who called, as the inbound sidecar tells the app (Envoy's format:
+/// `By=<own SPIFFE ID>;URI=<caller SPIFFE ID>`). Stripped from what apps send.
+pub const XFCC: &str = "x-forwarded-client-cert";
+/// Reason of an error the proxy made itself, on the response.
+pub const ERROR_REASON: &str = "x-isthmus-error";
+/// Which cluster answered, on responses that crossed the mesh.
+pub const UPSTREAM_CLUSTER: &str = "x-isthmus-upstream-cluster";
+/// Target cluster of a CONNECT to the gateway.
+pub const TARGET_CLUSTER: &str = "x-isthmus-cluster";
+/// Protocol the inbound sidecar must speak to its app (`http` or `http2`).
+pub const APP_PROTOCOL: &str = "x-isthmus-app-protocol";
+/// Prefix of every internal header; all are stripped from what apps send.
+pub const INTERNAL_PREFIX: &str = "x-isthmus-";
+
+/// Removes headers an app must not be able to set.
+pub fn strip_untrusted(headers: &mut http::HeaderMap) {
+    headers.remove(XFCC);
+    let internal: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with(INTERNAL_PREFIX))
+        .cloned()
+        .collect();
+    for k in internal {
+        headers.remove(k);
+    }
+}
+
+/// Removes hop-by-hop headers before a request or response is forwarded.
+pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    if let Some(conn) = headers.get(http::header::CONNECTION).and_then(|v| v.to_str().ok()).map(str::to_owned) {
+        for name in conn.split(',') {
+            headers.remove(name.trim());
+        }
+    }
+    for name in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization"] {
+        headers.remove(name);
+    }
+    if headers.get(http::header::TE).is_some_and(|v| v != "trailers") {
+        headers.remove(http::header::TE);
+    }
+}

@@ -1,0 +1,89 @@
+//! Pushed resources into the sidecar's state: decoded and checked outside any lock. This is
+//! the NACK boundary: a response with any resource that does not convert is rejected whole
+//! and the state that is serving stays.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use isthmus_core::identity::SpiffeId;
+use isthmus_core::locality::Locality;
+use isthmus_proto::discovery as xds;
+use prost::Message;
+
+use crate::lb::HealthTable;
+use crate::state::{LocalEndpoint, MeshInfo, Port, RemoteCluster, Service};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("resource {name}: cannot decode: {source}")]
+    Decode { name: String, #[source] source: prost::DecodeError },
+    #[error("resource {name}: {field}: `{value}` is invalid")]
+    Field { name: String, field: &'static str, value: String },
+}
+
+fn locality(l: Option<&xds::Locality>) -> Locality {
+    l.map(|l| Locality::new(&l.region, &l.zone, &l.subzone)).unwrap_or_default()
+}
+
+fn field<T: std::str::FromStr>(name: &str, field: &'static str, value: &str) -> Result<T, ConvertError> {
+    value.parse().map_err(|_| ConvertError::Field { name: name.to_owned(), field, value: value.to_owned() })
+}
+
+fn port(name: &str, p: &xds::ServicePort) -> Result<Port, ConvertError> {
+    let num = |v: u32, f: &'static str| u16::try_from(v).map_err(|_| ConvertError::Field { name: name.to_owned(), field: f, value: v.to_string() });
+    Ok(Port { name: p.name.clone(), port: num(p.port, "port")?, protocol: p.protocol.clone(), target_port: num(p.target_port, "target_port")? })
+}
+
+pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service, ConvertError> {
+    let msg = xds::Service::decode(body).map_err(|source| ConvertError::Decode { name: name.to_owned(), source })?;
+    let mut endpoints = Vec::new();
+    for ep in msg.endpoints.iter().filter(|e| e.healthy) {
+        let tunnel_address = field(name, "endpoint.tunnel_address", &ep.tunnel_address)?;
+        endpoints.push(LocalEndpoint {
+            workload: ep.workload.clone(),
+            tunnel_address,
+            identity: field(name, "endpoint.identity", &ep.identity)?,
+            locality: locality(ep.locality.as_ref()),
+            health: health.get(&ep.tunnel_address),
+        });
+    }
+    let mut remote = Vec::new();
+    for rc in &msg.remote {
+        let healthy: Vec<&xds::LocalityCount> = rc.localities.iter().filter(|l| l.healthy > 0).collect();
+        let Some(first) = healthy.first() else { continue };
+        let identities = rc.identities.iter().map(|i| field(name, "remote.identities", i)).collect::<Result<Vec<SpiffeId>, _>>()?;
+        remote.push(RemoteCluster {
+            cluster: rc.cluster.clone(),
+            locality: locality(first.locality.as_ref()),
+            identities,
+            health: health.get(&format!("cluster:{}", rc.cluster)),
+        });
+    }
+    Ok(Service {
+        namespace: msg.namespace.clone(),
+        name: msg.name.clone(),
+        ports: msg.ports.iter().map(|p| port(name, p)).collect::<Result<_, _>>()?,
+        endpoints,
+        remote,
+        cursor: Default::default(),
+    })
+}
+
+pub fn mesh(name: &str, body: &[u8]) -> Result<(MeshInfo, String), ConvertError> {
+    let msg = xds::Mesh::decode(body).map_err(|source| ConvertError::Decode { name: name.to_owned(), source })?;
+    let gateway = if msg.gateway_address.is_empty() {
+        None
+    } else {
+        Some((field(name, "gateway_address", &msg.gateway_address)?, field(name, "gateway_identity", &msg.gateway_identity)?))
+    };
+    let mut failover: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for f in &msg.failover {
+        failover.entry(f.from.clone()).or_default().push(f.to.clone());
+    }
+    Ok((MeshInfo { cluster: msg.cluster, gateway, failover }, msg.trust_bundle_pem))
+}
+
+/// Converts a whole response of services; any failure rejects all of it.
+pub fn services(resources: &[xds::Resource], health: &HealthTable) -> Result<Vec<(String, Arc<Service>)>, ConvertError> {
+    resources.iter().map(|r| Ok((r.name.clone(), Arc::new(service(&r.name, &r.body, health)?)))).collect()
+}

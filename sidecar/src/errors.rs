@@ -1,0 +1,91 @@
+//! Errors the sidecar answers itself. Each maps to one reason, used as the response's
+//! `x-isthmus-error` header, the metrics label and the log field; gRPC callers get the
+//! matching `grpc-status` instead of an HTTP error.
+
+use http::{HeaderValue, Response, StatusCode};
+use isthmus_core::headers::ERROR_REASON;
+
+use crate::pool::{ConnectError, ProxyBody};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no mesh service is named {host}")]
+    NoRoute { host: String },
+    #[error("request has no host")]
+    NoHost,
+    #[error("no healthy endpoint for {service}")]
+    NoHealthyUpstream { service: String },
+    #[error("cannot reach {service}: {source}")]
+    UpstreamConnect { service: String, #[source] source: ConnectError },
+    #[error("{service} reset the request: {source}")]
+    UpstreamReset { service: String, #[source] source: hyper::Error },
+    #[error("the application is not reachable: {0}")]
+    AppUnavailable(String),
+    #[error("the application reset the request: {0}")]
+    AppReset(String),
+    #[error("opaque TCP tunnels to workloads are not supported yet")]
+    TunnelUnsupported,
+    #[error("request body could not be read: {0}")]
+    RequestBody(String),
+}
+
+impl ProxyError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute { .. } | ProxyError::NoHost => "no-route",
+            ProxyError::NoHealthyUpstream { .. } => "no-healthy-upstream",
+            ProxyError::UpstreamConnect { .. } => "upstream-connect-failure",
+            ProxyError::UpstreamReset { .. } => "upstream-reset",
+            ProxyError::AppUnavailable(_) => "app-unavailable",
+            ProxyError::AppReset(_) => "app-reset",
+            ProxyError::TunnelUnsupported => "tunnel-unsupported",
+            ProxyError::RequestBody(_) => "bad-request",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NoHost | ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoHealthyUpstream { .. } | ProxyError::UpstreamConnect { .. } | ProxyError::AppUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamReset { .. } | ProxyError::AppReset(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::TunnelUnsupported => StatusCode::NOT_IMPLEMENTED,
+        }
+    }
+
+    /// The gRPC status code for gRPC callers.
+    fn grpc_status(&self) -> u8 {
+        match self {
+            ProxyError::NoRoute { .. } => 12, // UNIMPLEMENTED
+            ProxyError::NoHost | ProxyError::RequestBody(_) => 3, // INVALID_ARGUMENT
+            ProxyError::TunnelUnsupported => 12,
+            _ => 14, // UNAVAILABLE
+        }
+    }
+
+    /// The response the caller gets.
+    pub fn respond(&self, grpc: bool) -> Response<ProxyBody> {
+        let message = self.to_string();
+        let mut resp = if grpc {
+            let mut r = Response::new(crate::pool::empty_body());
+            let h = r.headers_mut();
+            h.insert("content-type", HeaderValue::from_static("application/grpc"));
+            h.insert("grpc-status", HeaderValue::from(u16::from(self.grpc_status())));
+            if let Ok(v) = HeaderValue::from_str(&message.replace(['\r', '\n'], " ")) {
+                h.insert("grpc-message", v);
+            }
+            r
+        } else {
+            let mut r = Response::new(crate::body::full(format!("{message}\n")));
+            *r.status_mut() = self.status();
+            r.headers_mut().insert("content-type", HeaderValue::from_static("text/plain"));
+            r
+        };
+        resp.headers_mut().insert(ERROR_REASON, HeaderValue::from_static(self.reason()));
+        resp
+    }
+}
+
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
+}

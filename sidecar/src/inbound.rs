@@ -1,0 +1,152 @@
+//! The inbound listener (15008): mTLS from other proxies (directly, or spliced through a
+//! gateway), HTTP/2 inside. Each request is handed to the local app in the protocol the
+//! app speaks, with the caller's verified SPIFFE ID in `x-forwarded-client-cert`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use isthmus_core::headers::{self, APP_PROTOCOL, XFCC};
+use isthmus_core::identity::SpiffeId;
+use isthmus_core::tls::{ClientAuth, PeerPolicy, TlsIdentity, ALPN_H2};
+use tokio::net::TcpListener;
+
+use crate::errors::{is_grpc, ProxyError};
+use crate::metrics::{Metrics, RequestLabels};
+use crate::pool::ProxyBody;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle connections to the app kept per protocol.
+const APP_POOL_IDLE: Duration = Duration::from_secs(90);
+
+pub struct InboundCtx {
+    pub identity: TlsIdentity,
+    /// Where the app listens; `None` for a sidecar with no app (a pure client).
+    pub app: Option<SocketAddr>,
+    pub cluster: String,
+    pub metrics: Metrics,
+    app_h1: Client<HttpConnector, ProxyBody>,
+    app_h2: Client<HttpConnector, ProxyBody>,
+}
+
+impl InboundCtx {
+    pub fn new(identity: TlsIdentity, app: Option<SocketAddr>, cluster: String, metrics: Metrics) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        let app_h1 = Client::builder(TokioExecutor::new()).pool_idle_timeout(APP_POOL_IDLE).build(connector.clone());
+        let app_h2 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(APP_POOL_IDLE)
+            .pool_timer(TokioTimer::new())
+            .http2_only(true)
+            .build(connector);
+        Self { identity, app, cluster, metrics, app_h1, app_h2 }
+    }
+}
+
+pub struct Inbound {
+    listener: TcpListener,
+    ctx: Arc<InboundCtx>,
+}
+
+impl Inbound {
+    pub fn new(listener: TcpListener, ctx: Arc<InboundCtx>) -> Self {
+        Self { listener, ctx }
+    }
+
+    pub async fn run(self) {
+        let td = self.ctx.identity.id().trust_domain().to_owned();
+        let tls = self.ctx.identity.server_config(ClientAuth::Required(PeerPolicy::TrustDomain(td)), &[ALPN_H2]);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        loop {
+            let Ok((tcp, remote)) = self.listener.accept().await else { continue };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, ctx) = (acceptor.clone(), self.ctx.clone());
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => return tracing::info!(%remote, error = %e, "inbound handshake refused"),
+                    Err(_) => return tracing::debug!(%remote, "inbound handshake timed out"),
+                };
+                let Some(peer) = isthmus_core::tls::peer_identity(tls.get_ref().1) else { return };
+                let peer = Arc::new(peer);
+                let svc = hyper::service::service_fn(move |req| {
+                    let (ctx, peer) = (ctx.clone(), peer.clone());
+                    async move { Ok::<_, std::convert::Infallible>(handle(&ctx, &peer, req).await) }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(tls), svc);
+                if let Err(e) = conn.await {
+                    tracing::debug!(%remote, error = %e, "inbound connection ended");
+                }
+            });
+        }
+    }
+}
+
+async fn handle(ctx: &InboundCtx, peer: &SpiffeId, req: Request<Incoming>) -> Response<ProxyBody> {
+    let grpc = is_grpc(req.headers());
+    let service = req.uri().host().unwrap_or_default().to_owned();
+    let resp = match forward(ctx, peer, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "inbound request failed");
+            e.respond(grpc)
+        }
+    };
+    ctx.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            reporter: "destination",
+            source_cluster: String::new(),
+            destination_service: service,
+            destination_cluster: ctx.cluster.clone(),
+            response_code: resp.status().as_u16(),
+            response_flags: resp.headers().get(isthmus_core::headers::ERROR_REASON).map(|_| "proxy-error").unwrap_or("-"),
+        })
+        .inc();
+    resp
+}
+
+async fn forward(ctx: &InboundCtx, peer: &SpiffeId, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+    if req.method() == http::Method::CONNECT {
+        return Err(ProxyError::TunnelUnsupported);
+    }
+    let app = ctx.app.ok_or_else(|| ProxyError::AppUnavailable("this workload has no application port".into()))?;
+    let (mut parts, body) = req.into_parts();
+    let h2 = parts.headers.get(APP_PROTOCOL).is_some_and(|v| v == "http2");
+    let authority = parts.uri.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
+    headers::strip_untrusted(&mut parts.headers);
+    headers::strip_hop_by_hop(&mut parts.headers);
+    let xfcc = format!("By={};URI={peer}", ctx.identity.id());
+    parts.headers.insert(XFCC, HeaderValue::from_str(&xfcc).expect("SPIFFE IDs are valid header text"));
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    parts.uri = Uri::try_from(format!("http://{app}{path}")).map_err(|e| ProxyError::AppUnavailable(e.to_string()))?;
+    let client = if h2 {
+        parts.version = Version::HTTP_2;
+        &ctx.app_h2
+    } else {
+        parts.version = Version::HTTP_11;
+        if let Ok(v) = HeaderValue::from_str(&authority) {
+            parts.headers.insert(http::header::HOST, v);
+        }
+        &ctx.app_h1
+    };
+    let req = Request::from_parts(parts, crate::body::boxed(body));
+    match client.request(req).await {
+        Ok(resp) => {
+            let (mut rparts, rbody) = resp.into_parts();
+            headers::strip_hop_by_hop(&mut rparts.headers);
+            Ok(Response::from_parts(rparts, crate::body::boxed(rbody)))
+        }
+        Err(e) if e.is_connect() => Err(ProxyError::AppUnavailable(format!("{app}: {e}"))),
+        Err(e) => Err(ProxyError::AppReset(format!("{app}: {e}"))),
+    }
+}

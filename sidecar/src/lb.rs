@@ -1,0 +1,233 @@
+//! Endpoint choice: locality priority (same zone, then region, then the mesh's failover
+//! regions, then the rest), round robin within the best tier that has a usable endpoint,
+//! and passive health: consecutive failures eject an endpoint for a while, growing with
+//! each ejection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use isthmus_core::identity::SpiffeId;
+use isthmus_core::locality::Locality;
+
+use crate::state::{MeshInfo, Service};
+
+/// Consecutive failures that eject an endpoint. A failed connect counts as a full run: the
+/// peer is plainly not there.
+pub const CONSECUTIVE_FAILURES: u32 = 3;
+/// First ejection length; doubles per ejection in a row, up to [`MAX_EJECTION`].
+pub const BASE_EJECTION: Duration = Duration::from_secs(2);
+pub const MAX_EJECTION: Duration = Duration::from_secs(30);
+
+/// Passive health of one endpoint (or one remote cluster), shared across config changes.
+#[derive(Debug)]
+pub struct EndpointHealth {
+    key: String,
+    consecutive: AtomicU32,
+    ejections: AtomicU32,
+    /// Milliseconds since `epoch` until which the endpoint is ejected.
+    ejected_until: AtomicU64,
+    epoch: Instant,
+}
+
+impl EndpointHealth {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) > self.now_ms()
+    }
+
+    pub fn success(&self) {
+        self.consecutive.store(0, Ordering::Relaxed);
+        if !self.is_ejected() {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a failure; returns true when it ejected the endpoint.
+    pub fn failure(&self, connect_failed: bool) -> bool {
+        let n = if connect_failed {
+            self.consecutive.store(CONSECUTIVE_FAILURES, Ordering::Relaxed);
+            CONSECUTIVE_FAILURES
+        } else {
+            self.consecutive.fetch_add(1, Ordering::Relaxed) + 1
+        };
+        if n < CONSECUTIVE_FAILURES || self.is_ejected() {
+            return false;
+        }
+        let k = self.ejections.fetch_add(1, Ordering::Relaxed).min(4);
+        let length = (BASE_EJECTION * (1 << k)).min(MAX_EJECTION);
+        self.ejected_until.store(self.now_ms() + length.as_millis() as u64, Ordering::Relaxed);
+        self.consecutive.store(0, Ordering::Relaxed);
+        tracing::info!(endpoint = %self.key, seconds = length.as_secs(), "endpoint ejected");
+        true
+    }
+}
+
+/// Health records by endpoint key, so they outlive config changes.
+#[derive(Debug)]
+pub struct HealthTable {
+    entries: Mutex<HashMap<String, Arc<EndpointHealth>>>,
+    epoch: Instant,
+}
+
+impl Default for HealthTable {
+    fn default() -> Self {
+        Self { entries: Mutex::default(), epoch: Instant::now() }
+    }
+}
+
+impl HealthTable {
+    pub fn get(&self, key: &str) -> Arc<EndpointHealth> {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .entry(key.to_owned())
+            .or_insert_with(|| {
+                Arc::new(EndpointHealth {
+                    key: key.to_owned(),
+                    consecutive: AtomicU32::new(0),
+                    ejections: AtomicU32::new(0),
+                    ejected_until: AtomicU64::new(0),
+                    epoch: self.epoch,
+                })
+            })
+            .clone()
+    }
+
+    /// Forgets endpoints no longer in config.
+    pub fn retain(&self, live: &[Arc<EndpointHealth>]) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|_, h| live.iter().any(|l| Arc::ptr_eq(l, h)));
+    }
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Local { address: SocketAddr, identity: SpiffeId, health: Arc<EndpointHealth> },
+    Remote { cluster: String, identities: Vec<SpiffeId>, health: Arc<EndpointHealth> },
+}
+
+impl Target {
+    pub fn health(&self) -> &Arc<EndpointHealth> {
+        match self {
+            Target::Local { health, .. } | Target::Remote { health, .. } => health,
+        }
+    }
+}
+
+/// Priority of `to` seen from `from`: lower is preferred.
+fn priority(to: &Locality, from: &Locality, mesh: &MeshInfo) -> u32 {
+    let p = u32::from(to.priority_from(from));
+    if p < 3 {
+        return p;
+    }
+    match mesh.failover.get(&from.region).and_then(|order| order.iter().position(|r| *r == to.region)) {
+        Some(i) => 3 + i as u32,
+        None => 100,
+    }
+}
+
+/// Picks the next target, skipping `tried`. Ejected endpoints are used only when nothing
+/// else is left (better a likely failure than a certain one).
+pub fn pick(svc: &Service, from: &Locality, mesh: &MeshInfo, tried: &[Arc<EndpointHealth>]) -> Option<Target> {
+    let mut candidates: Vec<(u32, bool, Target)> = Vec::new();
+    for ep in &svc.endpoints {
+        let t = Target::Local { address: ep.tunnel_address, identity: ep.identity.clone(), health: ep.health.clone() };
+        candidates.push((priority(&ep.locality, from, mesh), ep.health.is_ejected(), t));
+    }
+    if mesh.gateway.is_some() {
+        for rc in &svc.remote {
+            let t = Target::Remote { cluster: rc.cluster.clone(), identities: rc.identities.clone(), health: rc.health.clone() };
+            candidates.push((priority(&rc.locality, from, mesh), rc.health.is_ejected(), t));
+        }
+    }
+    candidates.retain(|(_, _, t)| !tried.iter().any(|h| Arc::ptr_eq(h, t.health())));
+    let usable = candidates.iter().any(|(_, ejected, _)| !ejected);
+    candidates.retain(|(_, ejected, _)| !usable || !ejected);
+    let best = candidates.iter().map(|(p, _, _)| *p).min()?;
+    let mut tier: Vec<Target> = candidates.into_iter().filter(|(p, _, _)| *p == best).map(|(_, _, t)| t).collect();
+    let n = svc.cursor.fetch_add(1, Ordering::Relaxed);
+    let i = n % tier.len();
+    Some(tier.swap_remove(i))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{LocalEndpoint, RemoteCluster};
+
+    fn svc(table: &HealthTable) -> Service {
+        let ep = |addr: &str, loc: &str| LocalEndpoint {
+            workload: addr.into(),
+            tunnel_address: addr.parse().expect("addr"),
+            identity: SpiffeId::new("td", "ns", "sa"),
+            locality: Locality::parse(loc).expect("loc"),
+            health: table.get(addr),
+        };
+        let rc = |c: &str, loc: &str| RemoteCluster { cluster: c.into(), locality: Locality::parse(loc).expect("loc"), identities: vec![], health: table.get(c) };
+        Service {
+            namespace: "ns".into(),
+            name: "s".into(),
+            ports: vec![],
+            endpoints: vec![ep("127.0.0.1:1", "us-east/a"), ep("127.0.0.2:1", "us-east/a")],
+            remote: vec![rc("eu", "eu-central/a"), rc("west", "us-west/a")],
+            cursor: Default::default(),
+        }
+    }
+
+    fn mesh() -> MeshInfo {
+        let gw = ("127.0.0.9:1".parse().expect("addr"), SpiffeId::gateway("td"));
+        MeshInfo { cluster: "east".into(), gateway: Some(gw), failover: [("us-east".to_string(), vec!["us-west".to_string()])].into() }
+    }
+
+    fn name(t: &Target) -> String {
+        match t {
+            Target::Local { address, .. } => address.to_string(),
+            Target::Remote { cluster, .. } => cluster.clone(),
+        }
+    }
+
+    #[test]
+    fn local_endpoints_first_then_failover_region_then_the_rest() {
+        let table = HealthTable::default();
+        let s = svc(&table);
+        let from = Locality::parse("us-east/a").expect("loc");
+        let first = pick(&s, &from, &mesh(), &[]).expect("some");
+        assert!(matches!(first, Target::Local { .. }));
+        let l1 = table.get("127.0.0.1:1");
+        let l2 = table.get("127.0.0.2:1");
+        assert_eq!(name(&pick(&s, &from, &mesh(), &[l1.clone(), l2.clone()]).expect("some")), "west");
+        let w = table.get("west");
+        assert_eq!(name(&pick(&s, &from, &mesh(), &[l1, l2, w]).expect("some")), "eu");
+    }
+
+    #[test]
+    fn ejected_endpoints_are_skipped_until_nothing_else_is_left() {
+        let table = HealthTable::default();
+        let s = svc(&table);
+        let from = Locality::parse("us-east/a").expect("loc");
+        assert!(table.get("127.0.0.1:1").failure(true));
+        assert!(table.get("127.0.0.2:1").failure(true));
+        assert_eq!(name(&pick(&s, &from, &mesh(), &[]).expect("some")), "west");
+        for c in ["west", "eu"] {
+            assert!(table.get(c).failure(true));
+        }
+        assert!(pick(&s, &from, &mesh(), &[]).is_some(), "panic mode uses ejected endpoints");
+    }
+
+    #[test]
+    fn single_errors_do_not_eject() {
+        let table = HealthTable::default();
+        let h = table.get("x");
+        assert!(!h.failure(false));
+        assert!(!h.failure(false));
+        h.success();
+        assert!(!h.failure(false));
+        assert!(!h.is_ejected());
+    }
+}

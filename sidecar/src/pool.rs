@@ -1,0 +1,176 @@
+//! Connections to peers, one multiplexed mTLS HTTP/2 connection per peer: direct to a
+//! sidecar of this cluster, or through the local gateway to a sidecar of another cluster
+//! (an HTTP/2 CONNECT on the gateway connection carries the end-to-end TLS). Connections
+//! are made once and shared by every request until they close.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use isthmus_core::headers::{ERROR_REASON, TARGET_CLUSTER};
+use isthmus_core::identity::SpiffeId;
+use isthmus_core::tls::{server_name, PeerPolicy, TlsIdentity, ALPN_H2};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+pub type H2 = SendRequest<ProxyBody>;
+
+/// Time to reach a peer (TCP, TLS and HTTP/2 handshakes, or the whole tunnel).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const KEEPALIVE: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect to {addr}: {source}")]
+    Tcp { addr: SocketAddr, #[source] source: std::io::Error },
+    #[error("TLS with {peer}: {source}")]
+    Tls { peer: String, #[source] source: std::io::Error },
+    #[error("HTTP/2 handshake with {peer}: {source}")]
+    Http2 { peer: String, #[source] source: hyper::Error },
+    #[error("gateway refused the tunnel to {cluster}: {status} {reason}")]
+    Gateway { cluster: String, status: http::StatusCode, reason: String },
+    #[error("tunnel to {cluster} through the gateway: {source}")]
+    Tunnel { cluster: String, #[source] source: hyper::Error },
+    #[error("timed out reaching {peer}")]
+    Timeout { peer: String },
+    #[error("no gateway in this cluster to reach {cluster}")]
+    NoGateway { cluster: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum PoolKey {
+    Direct(SocketAddr),
+    /// Through the gateway to (cluster, host:port).
+    Remote(String, String),
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<H2>>>;
+
+pub struct Pool {
+    identity: TlsIdentity,
+    slots: Mutex<HashMap<PoolKey, Slot>>,
+}
+
+pub fn empty_body() -> ProxyBody {
+    Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
+}
+
+async fn h2_handshake<I>(io: I, peer: &str) -> Result<H2, ConnectError>
+where
+    I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|source| ConnectError::Http2 { peer: peer.to_owned(), source })?;
+    let peer = peer.to_owned();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%peer, error = %e, "peer connection closed");
+        }
+    });
+    Ok(send)
+}
+
+impl Pool {
+    pub fn new(identity: TlsIdentity) -> Self {
+        Self { identity, slots: Mutex::default() }
+    }
+
+    fn slot(&self, key: PoolKey) -> Slot {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry(key).or_default().clone()
+    }
+
+    /// Returns the open connection for `key`, or makes one. Concurrent callers share one
+    /// connect.
+    async fn get_or_connect<F>(&self, key: PoolKey, peer: &str, connect: F) -> Result<H2, ConnectError>
+    where
+        F: Future<Output = Result<H2, ConnectError>>,
+    {
+        let slot = self.slot(key);
+        let mut guard = slot.lock().await;
+        if let Some(h2) = guard.as_ref() {
+            if !h2.is_closed() {
+                return Ok(h2.clone());
+            }
+        }
+        *guard = None;
+        let h2 = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| ConnectError::Timeout { peer: peer.to_owned() })??;
+        *guard = Some(h2.clone());
+        Ok(h2)
+    }
+
+    async fn tls_h2(&self, addr: SocketAddr, policy: PeerPolicy) -> Result<H2, ConnectError> {
+        let peer = addr.to_string();
+        let tcp = TcpStream::connect(addr).await.map_err(|source| ConnectError::Tcp { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        let connector = tokio_rustls::TlsConnector::from(self.identity.client_config(policy, &[ALPN_H2]));
+        let tls = connector.connect(server_name(), tcp).await.map_err(|source| ConnectError::Tls { peer: peer.clone(), source })?;
+        h2_handshake(tls, &peer).await
+    }
+
+    /// A connection to the sidecar at `addr`, which must present `identity`.
+    pub async fn direct(&self, addr: SocketAddr, identity: &SpiffeId) -> Result<H2, ConnectError> {
+        let policy = PeerPolicy::OneOf(vec![identity.clone()]);
+        self.get_or_connect(PoolKey::Direct(addr), &addr.to_string(), self.tls_h2(addr, policy)).await
+    }
+
+    /// A connection to a sidecar of `cluster` serving `authority`, through the gateway.
+    /// The TLS inside the tunnel is end to end with that sidecar, which must present one of
+    /// `identities` (any identity of the trust domain when the list is empty).
+    pub async fn remote(&self, gateway: (SocketAddr, SpiffeId), cluster: &str, authority: &str, identities: &[SpiffeId]) -> Result<H2, ConnectError> {
+        let key = PoolKey::Remote(cluster.to_owned(), authority.to_owned());
+        let peer = format!("{authority} in {cluster}");
+        self.get_or_connect(key, &peer, self.tunnel(gateway, cluster, authority, identities)).await
+    }
+
+    async fn tunnel(&self, gateway: (SocketAddr, SpiffeId), cluster: &str, authority: &str, identities: &[SpiffeId]) -> Result<H2, ConnectError> {
+        let (gw_addr, gw_id) = gateway;
+        let mut gw = self
+            .get_or_connect(PoolKey::Direct(gw_addr), &gw_addr.to_string(), self.tls_h2(gw_addr, PeerPolicy::OneOf(vec![gw_id])))
+            .await?;
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(authority)
+            .header(TARGET_CLUSTER, cluster)
+            .body(empty_body())
+            .map_err(|_| ConnectError::Gateway { cluster: cluster.to_owned(), status: http::StatusCode::BAD_REQUEST, reason: format!("invalid authority {authority}") })?;
+        let tunnel_err = |source| ConnectError::Tunnel { cluster: cluster.to_owned(), source };
+        gw.ready().await.map_err(tunnel_err)?;
+        let resp = gw.send_request(req).await.map_err(tunnel_err)?;
+        if resp.status() != http::StatusCode::OK {
+            let reason = resp.headers().get(ERROR_REASON).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+            return Err(ConnectError::Gateway { cluster: cluster.to_owned(), status: resp.status(), reason });
+        }
+        let upgraded = hyper::upgrade::on(resp).await.map_err(tunnel_err)?;
+        let policy = if identities.is_empty() {
+            PeerPolicy::TrustDomain(self.identity.id().trust_domain().to_owned())
+        } else {
+            PeerPolicy::OneOf(identities.to_vec())
+        };
+        let connector = tokio_rustls::TlsConnector::from(self.identity.client_config(policy, &[ALPN_H2]));
+        let peer = format!("{authority} in {cluster}");
+        let tls = connector
+            .connect(server_name(), TokioIo::new(upgraded))
+            .await
+            .map_err(|source| ConnectError::Tls { peer: peer.clone(), source })?;
+        h2_handshake(tls, &peer).await
+    }
+}
