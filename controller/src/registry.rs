@@ -297,6 +297,7 @@ impl Registry {
             gateway_address: gw.map(|g| g.tunnel_address.clone()).unwrap_or_default(),
             gateway_identity: gw.map(|g| g.identity.clone()).unwrap_or_default(),
             trust_bundle_pem: self.inner.bundle_pem.clone(),
+            failover: global.failover.iter().map(|f| xds::Failover { from: f.from.clone(), to: f.to.clone() }).collect(),
         };
         snapshot.resources.entry(type_url::MESH).or_default().insert("mesh".into(), encode(&|b| mesh.encode(b).expect("vec grows")));
         let peers = snapshot.resources.entry(type_url::PEER).or_default();

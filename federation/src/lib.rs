@@ -39,6 +39,8 @@ pub struct Config {
     /// A root CA the user brings (certificate and key PEM files); created when absent.
     pub root_cert: Option<PathBuf>,
     pub root_key: Option<PathBuf>,
+    /// Mesh-wide region failover order: (from region, to region), in preference order.
+    pub failover: Vec<(String, String)>,
 }
 
 pub struct Bound {
@@ -67,7 +69,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let bundle_pem = root.ca.bundle_pem().to_owned();
     let identity = root.self_identity()?;
     let mut metrics = prometheus_client::registry::Registry::with_prefix("isthmus_federation");
-    let merged = registry::GlobalRegistry::new(bundle_pem.clone(), metrics.sub_registry_with_prefix("registry"));
+    let failover = config.failover.iter().map(|(from, to)| isthmus_proto::federation::Failover { from: from.clone(), to: to.clone() }).collect();
+    let merged = registry::GlobalRegistry::new(bundle_pem.clone(), failover, metrics.sub_registry_with_prefix("registry"));
     let svc = service::FederationService::new(Arc::new(root), merged.clone());
     let admin = Admin {
         registry: Arc::new(metrics),

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use isthmus_proto::federation::{ClusterExports, ClusterGateways, ClusterService, ExportedPort, GlobalRegistry as Msg, GlobalService};
+use isthmus_proto::federation::{ClusterExports, Failover, ClusterGateways, ClusterService, ExportedPort, GlobalRegistry as Msg, GlobalService};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
@@ -15,6 +15,7 @@ pub struct GlobalRegistry {
     exports: Arc<Mutex<BTreeMap<String, ClusterExports>>>,
     merged: watch::Sender<Arc<Msg>>,
     bundle_pem: String,
+    failover: Vec<Failover>,
     clusters: Gauge,
     conflicts: Gauge,
 }
@@ -58,13 +59,13 @@ pub fn merge(exports: &BTreeMap<String, ClusterExports>) -> (Vec<GlobalService>,
 }
 
 impl GlobalRegistry {
-    pub fn new(bundle_pem: String, metrics: &mut prometheus_client::registry::Registry) -> Self {
+    pub fn new(bundle_pem: String, failover: Vec<Failover>, metrics: &mut prometheus_client::registry::Registry) -> Self {
         let clusters = Gauge::default();
         let conflicts = Gauge::default();
         metrics.register("clusters", "clusters whose exports are merged", clusters.clone());
         metrics.register("conflicts", "exports left out of the merge because of conflicts", conflicts.clone());
-        let initial = Msg { version: 0, trust_bundle_pem: bundle_pem.clone(), ..Default::default() };
-        Self { exports: Arc::default(), merged: watch::Sender::new(Arc::new(initial)), bundle_pem, clusters, conflicts }
+        let initial = Msg { version: 0, trust_bundle_pem: bundle_pem.clone(), failover: failover.clone(), ..Default::default() };
+        Self { exports: Arc::default(), merged: watch::Sender::new(Arc::new(initial)), bundle_pem, failover, clusters, conflicts }
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<Msg>> {
@@ -86,7 +87,14 @@ impl GlobalRegistry {
             tracing::warn!(conflict = %c, "export conflict");
         }
         self.merged.send_modify(|m| {
-            let next = Msg { version: m.version + 1, services, gateways, conflicts, trust_bundle_pem: self.bundle_pem.clone() };
+            let next = Msg {
+                version: m.version + 1,
+                services,
+                gateways,
+                conflicts,
+                trust_bundle_pem: self.bundle_pem.clone(),
+                failover: self.failover.clone(),
+            };
             *m = Arc::new(next);
         });
     }

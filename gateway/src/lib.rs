@@ -1,1 +1,128 @@
+//! The Isthmus east-west gateway: one (or more) per cluster.
+//!
+//! In: tunnelled connections from the cluster's sidecars (mTLS HTTP/2 CONNECT on 15008,
+//! naming a service and a target cluster); QUIC streams from peer gateways (15443/udp);
+//! config from the cluster controller (local endpoints, peer gateways).
+//! Out: one QUIC connection per peer cluster carrying a stream per tunnel; incoming streams
+//! spliced to a healthy local sidecar's tunnel port. The sidecars' TLS runs end to end
+//! inside; the gateway only reads the outer envelope.
 
+mod header;
+mod peer;
+mod state;
+mod tunnel;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use isthmus_core::admin::{Admin, AdminServer};
+use isthmus_core::ca_client::CaClient;
+use isthmus_core::identity::{SpiffeId, GATEWAY_SERVICE_ACCOUNT, SYSTEM_NAMESPACE};
+use isthmus_core::readiness::Readiness;
+use isthmus_core::tls::{PeerPolicy, ALPN_H2};
+use isthmus_core::xds::XdsClient;
+use isthmus_proto::discovery::Node;
+use isthmus_proto::type_url;
+use tokio::net::TcpListener;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cluster: String,
+    pub trust_domain: String,
+    pub controller_addr: SocketAddr,
+    pub bootstrap_bundle_pem: String,
+    pub token: Option<String>,
+    /// Tunnel listener for local sidecars (15008).
+    pub tunnel_addr: SocketAddr,
+    /// QUIC listener for peer gateways (15443/udp).
+    pub quic_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+}
+
+pub struct Bound {
+    pub tunnel_address: SocketAddr,
+    pub quic_address: SocketAddr,
+    pub admin_address: SocketAddr,
+    pub readiness: Readiness,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Bound {
+    pub async fn wait_termination(mut self) -> anyhow::Result<()> {
+        self.tasks.join_next().await;
+        anyhow::bail!("gateway task ended")
+    }
+
+    /// Stops the gateway as if its process died.
+    pub fn abort(mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+pub async fn build(config: Config) -> anyhow::Result<Bound> {
+    let tunnel = TcpListener::bind(config.tunnel_addr).await.with_context(|| format!("binding tunnel listener on {}", config.tunnel_addr))?;
+    let udp = std::net::UdpSocket::bind(config.quic_addr).with_context(|| format!("binding QUIC on {}", config.quic_addr))?;
+    let readiness = Readiness::default();
+    let cert_block = readiness.register("gateway certificate");
+    let config_block = readiness.register("first config");
+    let store = Arc::new(state::Store::new());
+    let metrics = peer::Metrics::default();
+    let mut registry = prometheus_client::registry::Registry::with_prefix("isthmus_gateway");
+    registry.register("quic_streams", "QUIC streams to and from peer gateways", metrics.streams.clone());
+    registry.register("quic_connections", "QUIC connections opened to peer gateways", metrics.connections.clone());
+    let admin = Admin {
+        registry: Arc::new(registry),
+        readiness: readiness.clone(),
+        dump: {
+            let store = store.clone();
+            Arc::new(move || {
+                let s = store.current();
+                serde_json::json!({
+                    "peers": s.peers.iter().map(|(c, p)| serde_json::json!({"cluster": c, "address": p.address.to_string()})).collect::<Vec<_>>(),
+                    "services": s.services.iter().map(|(k, e)| serde_json::json!({"service": k, "endpoints": e.iter().map(|a| a.to_string()).collect::<Vec<_>>()})).collect::<Vec<_>>(),
+                })
+            })
+        },
+        logging: None,
+    };
+    let admin = AdminServer::bind(config.admin_addr, admin).await.with_context(|| format!("binding admin on {}", config.admin_addr))?;
+    let tunnel_address = tunnel.local_addr()?;
+    let quic_address = udp.local_addr()?;
+    let admin_address = admin.address();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(admin.run());
+    let ca = CaClient {
+        address: config.controller_addr,
+        controller: SpiffeId::controller(&config.trust_domain, &config.cluster),
+        bootstrap_bundle_pem: config.bootstrap_bundle_pem.clone(),
+        token: config.token.clone(),
+        identity: SpiffeId::new(&config.trust_domain, SYSTEM_NAMESPACE, GATEWAY_SERVICE_ACCOUNT),
+    };
+    let cluster = config.cluster.clone();
+    tasks.spawn(async move {
+        let identity = ca.fetch_until_issued().await;
+        drop(cert_block);
+        let links = match peer::PeerLinks::new(udp, identity.clone()) {
+            Ok(l) => Arc::new(l.with_metrics(metrics)),
+            Err(e) => return tracing::error!(error = %e, "cannot start the QUIC endpoint"),
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(ca.clone().renew_forever(identity.clone()));
+        let channel = isthmus_core::grpc::tls_channel(ca.address, identity.client_config(PeerPolicy::OneOf(vec![ca.controller.clone()]), &[ALPN_H2]));
+        let node = Node {
+            cluster: cluster.clone(),
+            role: "gateway".into(),
+            workload: String::new(),
+            tunnel_address: tunnel_address.to_string(),
+            quic_address: quic_address.to_string(),
+        };
+        let xds = XdsClient { channel, node, types: vec![type_url::MESH, type_url::SERVICE, type_url::PEER], handler: store.clone(), health: None, first_config: Some(config_block) };
+        tasks.spawn(xds.run());
+        tasks.spawn(links.clone().serve(store.clone(), cluster.clone()));
+        tasks.spawn(tunnel::run(tunnel, Arc::new(tunnel::TunnelCtx { identity, cluster, store, links })));
+        tasks.join_next().await;
+    });
+    tracing::info!(tunnel = %tunnel_address, quic = %quic_address, admin = %admin_address, "gateway started");
+    Ok(Bound { tunnel_address, quic_address, admin_address, readiness, tasks })
+}

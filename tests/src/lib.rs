@@ -1,1 +1,394 @@
+//! Integration harness: starts a federation and whole clusters (controller, gateway,
+//! workloads of sample app + sidecar) in this process on loopback. Each simulated pod gets
+//! its own address `127.B.C.W` (B: this test, C: cluster, W: workload), so the same ports
+//! repeat per workload as in real pods, and tests running side by side never collide.
+//!
+//! Components are the real ones (`build` of each crate), talking over real sockets with real
+//! mTLS and QUIC; "killing" a component aborts all its tasks, which closes its sockets as a
+//! dead process would.
 
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use isthmus::echo::Answer;
+use isthmus_core::config::NamespacedName;
+use isthmus_core::locality::Locality;
+
+pub const TRUST_DOMAIN: &str = "cluster.local";
+pub const NAMESPACE: &str = "demo";
+const TOKEN_TTL: Duration = Duration::from_secs(3600);
+const APP_PORT: u16 = 8080;
+
+static NEXT_BLOCK: AtomicU8 = AtomicU8::new(0);
+
+/// The second octet for one mesh: distinct per mesh in this process, and spread by process
+/// id across test binaries running at once.
+fn next_block() -> u8 {
+    let n = NEXT_BLOCK.fetch_add(1, Ordering::Relaxed);
+    let base = (std::process::id() % 20) as u8 * 12;
+    10 + base.wrapping_add(n) % 240
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+/// Waits until `check` passes, or fails with its last error after `timeout`.
+pub async fn eventually<F, Fut, T>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(e.context(format!("timed out waiting for {what}"))),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Where each cluster of a test mesh sits.
+pub fn locality_of(cluster: &str) -> Locality {
+    match cluster {
+        "east" => Locality::new("us-east", "zone-a", ""),
+        "west" => Locality::new("us-west", "zone-a", ""),
+        "eu" => Locality::new("eu-central", "zone-a", ""),
+        other => Locality::new(other, "zone-a", ""),
+    }
+}
+
+pub struct Workload {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub app: Option<isthmus::echo::Bound>,
+    pub sidecar: Option<isthmus_sidecar::Bound>,
+    pub service_account: String,
+}
+
+impl Workload {
+    /// The sidecar's outbound listener, where the app sends its requests.
+    pub fn outbound(&self) -> SocketAddr {
+        self.sidecar.as_ref().expect("sidecar running").outbound_address
+    }
+}
+
+pub struct Cluster {
+    pub name: String,
+    pub index: u8,
+    block: u8,
+    pub config_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub controller: Option<isthmus_controller::Bound>,
+    controller_addr: SocketAddr,
+    pub gateway: Option<isthmus_gateway::Bound>,
+    pub workloads: BTreeMap<String, Workload>,
+    next_workload: u8,
+}
+
+pub struct Mesh {
+    pub dir: tempfile::TempDir,
+    pub federation: Option<isthmus_federation::Bound>,
+    federation_addr: SocketAddr,
+    pub bundle_pem: String,
+    fed_state: PathBuf,
+    pub clusters: BTreeMap<String, Cluster>,
+}
+
+fn ip(block: u8, c: u8, w: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, block, c, w)
+}
+
+/// A Service + ServiceExport named `service` with one HTTP port 80 → 8080 and a gRPC port.
+pub fn service_yaml(service: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {service}, namespace: {NAMESPACE}}}\nspec:\n  selector: {{app: {service}}}\n  ports:\n  - {{name: http, port: 80, targetPort: {APP_PORT}}}\n  - {{name: grpc, port: 9090, targetPort: {APP_PORT}}}\n---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: {service}, namespace: {NAMESPACE}}}\n"
+    )
+}
+
+pub fn workload_yaml(name: &str, service: &str, ip: Ipv4Addr, locality: &Locality, sa: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n  address: {ip}\n  labels: {{app: {service}}}\n  locality: {locality}\n  serviceAccount: {sa}\n"
+    )
+}
+
+impl Mesh {
+    /// Starts the federation and, for each name, a cluster with its controller and gateway.
+    /// `services[cluster]` lists the services whose YAML (Service + export) the cluster has.
+    pub async fn start(clusters: &[&str]) -> anyhow::Result<Self> {
+        init_tracing();
+        let dir = tempfile::tempdir()?;
+        let block = next_block();
+        let fed_state = dir.path().join("federation");
+        let federation = isthmus_federation::build(isthmus_federation::Config {
+            trust_domain: TRUST_DOMAIN.into(),
+            state_dir: fed_state.clone(),
+            grpc_addr: SocketAddr::new(IpAddr::V4(ip(block, 0, 1)), 0),
+            admin_addr: SocketAddr::new(IpAddr::V4(ip(block, 0, 1)), 0),
+            root_cert: None,
+            root_key: None,
+            failover: vec![("us-east".into(), "us-west".into()), ("us-west".into(), "eu-central".into()), ("eu-central".into(), "us-west".into())],
+        })
+        .await?;
+        let mut mesh = Mesh {
+            federation_addr: federation.grpc_address,
+            bundle_pem: federation.bundle_pem.clone(),
+            federation: Some(federation),
+            dir,
+            fed_state,
+            clusters: BTreeMap::new(),
+        };
+        for (i, name) in clusters.iter().enumerate() {
+            let index = i as u8 + 1;
+            let cdir = mesh.dir.path().join(name);
+            let config_dir = cdir.join("config");
+            std::fs::create_dir_all(&config_dir)?;
+            let cluster = Cluster {
+                name: name.to_string(),
+                index,
+                block,
+                config_dir,
+                state_dir: cdir.join("state"),
+                controller: None,
+                controller_addr: SocketAddr::new(IpAddr::V4(ip(block, index, 1)), 15012),
+                gateway: None,
+                workloads: BTreeMap::new(),
+                next_workload: 10,
+            };
+            mesh.clusters.insert(name.to_string(), cluster);
+            mesh.start_controller(name).await?;
+            mesh.start_gateway(name).await?;
+        }
+        Ok(mesh)
+    }
+
+    pub fn cluster(&mut self, name: &str) -> &mut Cluster {
+        self.clusters.get_mut(name).expect("cluster exists")
+    }
+
+    pub async fn start_controller(&mut self, name: &str) -> anyhow::Result<()> {
+        let token = isthmus_federation::mint_join_token(&self.fed_state, name, TOKEN_TTL)?;
+        let (fed, bundle) = (self.federation_addr, self.bundle_pem.clone());
+        let c = self.cluster(name);
+        let bound = isthmus_controller::build(isthmus_controller::Config {
+            cluster: c.name.clone(),
+            trust_domain: TRUST_DOMAIN.into(),
+            config_dir: c.config_dir.clone(),
+            state_dir: c.state_dir.clone(),
+            grpc_addr: c.controller_addr,
+            admin_addr: SocketAddr::new(IpAddr::V4(ip(c.block, c.index, 1)), 15014),
+            federation_addr: fed,
+            join_token: Some(token),
+            federation_bundle_pem: bundle,
+            workload_cert_ttl: Duration::from_secs(24 * 3600),
+        })
+        .await
+        .with_context(|| format!("starting controller of {name}"))?;
+        c.controller = Some(bound);
+        Ok(())
+    }
+
+    pub fn kill_controller(&mut self, name: &str) {
+        if let Some(c) = self.cluster(name).controller.take() {
+            c.abort();
+        }
+    }
+
+    pub async fn start_gateway(&mut self, name: &str) -> anyhow::Result<()> {
+        let bundle = self.bundle_pem.clone();
+        let c = self.cluster(name);
+        let token = isthmus_controller::mint_workload_token(&c.state_dir, &c.name, isthmus_core::identity::SYSTEM_NAMESPACE, isthmus_core::identity::GATEWAY_SERVICE_ACCOUNT, TOKEN_TTL)?;
+        let gw_ip = IpAddr::V4(ip(c.block, c.index, 2));
+        let bound = isthmus_gateway::build(isthmus_gateway::Config {
+            cluster: c.name.clone(),
+            trust_domain: TRUST_DOMAIN.into(),
+            controller_addr: c.controller_addr,
+            bootstrap_bundle_pem: bundle,
+            token: Some(token),
+            tunnel_addr: SocketAddr::new(gw_ip, 15008),
+            quic_addr: SocketAddr::new(gw_ip, 15443),
+            admin_addr: SocketAddr::new(gw_ip, 15000),
+        })
+        .await?;
+        c.gateway = Some(bound);
+        Ok(())
+    }
+
+    pub fn kill_gateway(&mut self, name: &str) {
+        if let Some(g) = self.cluster(name).gateway.take() {
+            g.abort();
+        }
+    }
+
+    pub fn kill_federation(&mut self) {
+        if let Some(f) = self.federation.take() {
+            f.abort();
+        }
+    }
+
+    /// Adds a workload: YAML (for a service), the sample app when `service` is given, and
+    /// its sidecar. Waits until the sidecar is ready.
+    pub async fn add_workload(&mut self, cluster: &str, name: &str, service: Option<&str>, service_account: &str) -> anyhow::Result<()> {
+        let bundle = self.bundle_pem.clone();
+        let c = self.cluster(cluster);
+        let w = c.next_workload;
+        c.next_workload += 1;
+        let addr = ip(c.block, c.index, w);
+        let locality = locality_of(cluster);
+        if let Some(svc) = service {
+            let svc_file = c.config_dir.join(format!("service-{svc}.yaml"));
+            if !svc_file.exists() {
+                std::fs::write(&svc_file, service_yaml(svc))?;
+            }
+            std::fs::write(c.config_dir.join(format!("workload-{name}.yaml")), workload_yaml(name, svc, addr, &locality, service_account))?;
+        }
+        let app = match service {
+            Some(_) => Some(
+                isthmus::echo::build(isthmus::echo::Config { listen: SocketAddr::new(IpAddr::V4(addr), APP_PORT), cluster: cluster.to_owned(), workload: name.to_owned() }).await?,
+            ),
+            None => None,
+        };
+        let mut wl = Workload { name: name.to_owned(), ip: addr, app, sidecar: None, service_account: service_account.to_owned() };
+        let c = self.cluster(cluster);
+        wl.sidecar = Some(start_sidecar(c, &wl, &bundle).await?);
+        let ready = wl.sidecar.as_ref().expect("just started").readiness.clone();
+        eventually("sidecar ready", Duration::from_secs(10), || {
+            let ready = ready.clone();
+            async move { if ready.is_ready() { Ok(()) } else { anyhow::bail!("waiting for {:?}", ready.pending()) } }
+        })
+        .await?;
+        self.cluster(cluster).workloads.insert(name.to_owned(), wl);
+        Ok(())
+    }
+
+    pub fn workload(&mut self, cluster: &str, name: &str) -> &mut Workload {
+        self.cluster(cluster).workloads.get_mut(name).expect("workload exists")
+    }
+
+    /// Kills a workload's app and sidecar, as when its pod dies.
+    pub fn kill_workload(&mut self, cluster: &str, name: &str) {
+        let w = self.workload(cluster, name);
+        if let Some(a) = w.app.take() {
+            a.abort();
+        }
+        if let Some(s) = w.sidecar.take() {
+            s.abort();
+        }
+    }
+
+    /// Restarts a killed workload on the same address.
+    pub async fn restart_workload(&mut self, cluster: &str, name: &str) -> anyhow::Result<()> {
+        let bundle = self.bundle_pem.clone();
+        let c = self.cluster(cluster);
+        let mut w = c.workloads.remove(name).context("no such workload")?;
+        w.app = Some(isthmus::echo::build(isthmus::echo::Config { listen: SocketAddr::new(IpAddr::V4(w.ip), APP_PORT), cluster: cluster.to_owned(), workload: name.to_owned() }).await?);
+        w.sidecar = Some(start_sidecar(c, &w, &bundle).await?);
+        c.workloads.insert(name.to_owned(), w);
+        Ok(())
+    }
+}
+
+async fn start_sidecar(c: &Cluster, w: &Workload, bundle: &str) -> anyhow::Result<isthmus_sidecar::Bound> {
+    let token = isthmus_controller::mint_workload_token(&c.state_dir, &c.name, NAMESPACE, &w.service_account, TOKEN_TTL)?;
+    let a = IpAddr::V4(w.ip);
+    isthmus_sidecar::build(isthmus_sidecar::Config {
+        cluster: c.name.clone(),
+        trust_domain: TRUST_DOMAIN.into(),
+        workload: NamespacedName::new(NAMESPACE, &w.name),
+        service_account: w.service_account.clone(),
+        locality: locality_of(&c.name),
+        controller_addr: c.controller_addr,
+        bootstrap_bundle_pem: bundle.to_owned(),
+        token: Some(token),
+        outbound_addr: SocketAddr::new(a, 15001),
+        inbound_addr: SocketAddr::new(a, 15008),
+        admin_addr: SocketAddr::new(a, 15000),
+        app_addr: w.app.as_ref().map(|app| app.address),
+        log_control: None,
+    })
+    .await
+}
+
+/// A plain HTTP client, as an app would use against its sidecar.
+pub struct AppClient {
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    h2: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+/// One response as the app sees it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: http::StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn answer(&self) -> anyhow::Result<Answer> {
+        serde_json::from_slice(&self.body).with_context(|| format!("status {} body {:?}", self.status, String::from_utf8_lossy(&self.body)))
+    }
+}
+
+impl Default for AppClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AppClient {
+    pub fn new() -> Self {
+        Self {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            h2: Client::builder(TokioExecutor::new()).http2_only(true).build_http(),
+        }
+    }
+
+    /// GET `http://<host><path>` through the sidecar at `outbound` (HTTP/1.1).
+    pub async fn get(&self, outbound: SocketAddr, host: &str, path: &str) -> anyhow::Result<Reply> {
+        self.send(outbound, host, path, false, &[]).await
+    }
+
+    pub async fn send(&self, outbound: SocketAddr, host: &str, path: &str, h2: bool, headers: &[(&str, &str)]) -> anyhow::Result<Reply> {
+        let mut req = http::Request::builder().uri(format!("http://{outbound}{path}")).header("host", host);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::new()))?;
+        let client = if h2 { &self.h2 } else { &self.client };
+        let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await.context("request timed out")??;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Reply { status: parts.status, headers: parts.headers, body })
+    }
+}
+
+/// Reads a Prometheus text page and sums the samples of `metric` whose labels contain every
+/// `key="value"` of `labels`.
+pub async fn metric_sum(admin: SocketAddr, metric: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+    let reply = AppClient::new().send(admin, &admin.to_string(), "/stats/prometheus", false, &[]).await?;
+    let text = String::from_utf8_lossy(&reply.body);
+    let mut sum = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name_labels, value)) = line.rsplit_once(' ') else { continue };
+        let name = name_labels.split('{').next().unwrap_or_default();
+        if name != metric {
+            continue;
+        }
+        if labels.iter().all(|(k, v)| name_labels.contains(&format!("{k}=\"{v}\""))) {
+            sum += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    Ok(sum)
+}

@@ -1,0 +1,225 @@
+//! Links between gateways: one long-lived QUIC connection per peer cluster (mTLS between
+//! gateway identities), a stream per tunnelled connection. Keep-alives and a short idle
+//! timeout turn a dead peer into a fast failure, and a stream that gets no reply in time
+//! fails the tunnel so the sidecar retries elsewhere.
+//!
+//! The same QUIC endpoint accepts streams from peers: each names a local service; the
+//! gateway connects it to a healthy endpoint's tunnel port and splices bytes. It never sees
+//! plaintext: the bytes are the sidecars' end-to-end TLS.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use isthmus_core::identity::SpiffeId;
+use isthmus_core::tls::{ClientAuth, PeerPolicy, TlsIdentity};
+use isthmus_proto::tunnel::{StreamHeader, StreamReply};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tokio::net::TcpStream;
+
+use crate::header;
+use crate::state::{Peer, Store};
+
+pub const ALPN_PEER: &[u8] = b"isthmus-peer/1";
+const KEEPALIVE: Duration = Duration::from_secs(1);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Time for a peer to connect a stream to an endpoint and reply.
+pub const STREAM_SETUP_TIMEOUT: Duration = Duration::from_millis(1500);
+const ENDPOINT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Local endpoints tried per incoming stream.
+const ENDPOINT_ATTEMPTS: usize = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot connect to peer gateway {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("peer gateway {addr} did not answer in time")]
+    Timeout { addr: SocketAddr },
+    #[error("stream to peer gateway {addr}: {reason}")]
+    Stream { addr: SocketAddr, reason: String },
+    #[error("peer gateway refused the stream: {0}")]
+    Refused(String),
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    /// `outbound` (to a peer) or `inbound` (from a peer).
+    pub direction: &'static str,
+    pub peer_cluster: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Default)]
+pub struct Metrics {
+    pub streams: Family<StreamLabels, Counter>,
+    pub connections: Counter,
+}
+
+pub struct PeerLinks {
+    endpoint: quinn::Endpoint,
+    identity: TlsIdentity,
+    conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
+    pub metrics: Metrics,
+    cursor: AtomicUsize,
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEPALIVE));
+    t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout fits")));
+    t.max_concurrent_bidi_streams(4096u32.into());
+    Arc::new(t)
+}
+
+impl PeerLinks {
+    /// Builds the QUIC endpoint on an already bound socket.
+    pub fn new(socket: std::net::UdpSocket, identity: TlsIdentity) -> anyhow::Result<Self> {
+        let gateway = SpiffeId::gateway(identity.id().trust_domain());
+        let tls = identity.server_config(ClientAuth::Required(PeerPolicy::OneOf(vec![gateway])), &[ALPN_PEER]);
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+        server.transport_config(transport());
+        let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, Arc::new(quinn::TokioRuntime))?;
+        Ok(Self { endpoint, identity, conns: Mutex::default(), metrics: Metrics::default(), cursor: AtomicUsize::new(0) })
+    }
+
+    /// Shares counters registered elsewhere.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    async fn connection(&self, cluster: &str, peer: &Peer) -> Result<quinn::Connection, LinkError> {
+        let slot = {
+            let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            conns.entry(cluster.to_owned()).or_default().clone()
+        };
+        let mut guard = slot.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.close_reason().is_none() && c.remote_address() == peer.address {
+                return Ok(c.clone());
+            }
+        }
+        let addr = peer.address;
+        let err = |reason: String| LinkError::Connect { addr, reason };
+        let tls = self.identity.client_config(PeerPolicy::OneOf(vec![peer.identity.clone()]), &[ALPN_PEER]);
+        let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).map_err(|e| err(e.to_string()))?));
+        config.transport_config(transport());
+        let connecting = self.endpoint.connect_with(config, addr, "isthmus.mesh").map_err(|e| err(e.to_string()))?;
+        let conn = tokio::time::timeout(STREAM_SETUP_TIMEOUT, connecting)
+            .await
+            .map_err(|_| LinkError::Timeout { addr })?
+            .map_err(|e| err(e.to_string()))?;
+        tracing::info!(peer = %cluster, %addr, "gateway peer connected");
+        self.metrics.connections.inc();
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Opens a stream to `cluster`'s gateway for `header`; returns it once the peer has
+    /// connected the far end.
+    pub async fn open(&self, cluster: &str, peer: &Peer, header: &StreamHeader) -> Result<(quinn::SendStream, quinn::RecvStream), LinkError> {
+        let result = tokio::time::timeout(STREAM_SETUP_TIMEOUT, self.open_inner(cluster, peer, header))
+            .await
+            .unwrap_or(Err(LinkError::Timeout { addr: peer.address }));
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        self.metrics.streams.get_or_create(&StreamLabels { direction: "outbound", peer_cluster: cluster.to_owned(), outcome }).inc();
+        if let Err(e) = &result {
+            // A connection that failed a stream is not trusted for the next one.
+            if matches!(e, LinkError::Timeout { .. } | LinkError::Stream { .. }) {
+                if let Some(slot) = self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(cluster) {
+                    if let Ok(mut g) = slot.try_lock() {
+                        if let Some(c) = g.take() {
+                            c.close(0u32.into(), b"stream setup failed");
+                        }
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    async fn open_inner(&self, cluster: &str, peer: &Peer, header: &StreamHeader) -> Result<(quinn::SendStream, quinn::RecvStream), LinkError> {
+        let addr = peer.address;
+        let conn = self.connection(cluster, peer).await?;
+        let stream_err = |reason: String| LinkError::Stream { addr, reason };
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream_err(e.to_string()))?;
+        header::write(&mut send, header).await.map_err(|e| stream_err(e.to_string()))?;
+        let reply: StreamReply = header::read_reply(&mut recv).await.map_err(|e| stream_err(e.to_string()))?;
+        if !reply.ok {
+            return Err(LinkError::Refused(reply.error));
+        }
+        Ok((send, recv))
+    }
+
+    /// Accepts peers' connections and streams until the endpoint closes.
+    pub async fn serve(self: Arc<Self>, store: Arc<Store>, own_cluster: String) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let (links, store, own) = (self.clone(), store.clone(), own_cluster.clone());
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => return tracing::info!(%remote, error = %e, "peer gateway handshake refused"),
+                };
+                tracing::info!(%remote, "peer gateway accepted");
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    let (links, store, own) = (links.clone(), store.clone(), own.clone());
+                    tokio::spawn(async move { links.serve_stream(send, recv, &store, &own).await });
+                }
+            });
+        }
+    }
+
+    async fn serve_stream(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream, store: &Store, own: &str) {
+        let header = match tokio::time::timeout(STREAM_SETUP_TIMEOUT, header::read_header(&mut recv)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => return tracing::info!(error = %e, "bad stream header from peer gateway"),
+            Err(_) => return,
+        };
+        let source = header.source_cluster.clone();
+        let result = self.connect_local(&header, store, own).await;
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        self.metrics.streams.get_or_create(&StreamLabels { direction: "inbound", peer_cluster: source, outcome }).inc();
+        let mut tcp = match result {
+            Ok(tcp) => tcp,
+            Err(error) => {
+                tracing::debug!(%error, service = %header.service, "stream from peer refused");
+                let _ = header::write(&mut send, &StreamReply { ok: false, error }).await;
+                let _ = send.finish();
+                return;
+            }
+        };
+        if header::write(&mut send, &StreamReply { ok: true, error: String::new() }).await.is_err() {
+            return;
+        }
+        tracing::debug!(service = %header.service, source = %header.source_identity, "stream spliced");
+        let mut quic = tokio::io::join(recv, send);
+        let _ = tokio::io::copy_bidirectional(&mut quic, &mut tcp).await;
+    }
+
+    async fn connect_local(&self, header: &StreamHeader, store: &Store, own: &str) -> Result<TcpStream, String> {
+        if header.target_cluster != own {
+            return Err(format!("this gateway serves cluster {own}, not {}", header.target_cluster));
+        }
+        let key = format!("{}/{}", header.namespace, header.service);
+        let state = store.current();
+        let endpoints = state.services.get(&key).filter(|e| !e.is_empty()).ok_or_else(|| format!("no healthy endpoint for {key} in {own}"))?;
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+        for i in 0..endpoints.len().min(ENDPOINT_ATTEMPTS) {
+            let addr = endpoints[(start + i) % endpoints.len()];
+            match tokio::time::timeout(ENDPOINT_CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                Ok(Ok(tcp)) => {
+                    let _ = tcp.set_nodelay(true);
+                    return Ok(tcp);
+                }
+                _ => tracing::debug!(%addr, "endpoint unreachable from gateway"),
+            }
+        }
+        Err(format!("no endpoint of {key} in {own} accepted a connection"))
+    }
+}

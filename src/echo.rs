@@ -1,0 +1,129 @@
+//! The sample application: answers HTTP/1.1, HTTP/2 and a small gRPC service
+//! (`isthmus.echo.v1.Echo/Say`) with its cluster, its workload name and the caller identity
+//! its sidecar told it (`x-forwarded-client-cert`), so the demo and the tests need nothing
+//! else. `GET /status/<code>` answers with that status.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use isthmus_proto::echo::echo_server::{Echo, EchoServer};
+use isthmus_proto::echo::{EchoReply, EchoRequest};
+use tokio::net::TcpListener;
+use tower::Service;
+
+type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub cluster: String,
+    pub workload: String,
+}
+
+/// What the echo app reports about itself and its caller.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Answer {
+    pub cluster: String,
+    pub workload: String,
+    /// SPIFFE ID of the caller, empty when the request did not come through a sidecar.
+    pub caller: String,
+    pub method: String,
+    pub path: String,
+    pub protocol: String,
+}
+
+/// The caller's SPIFFE ID from Envoy-style `x-forwarded-client-cert` (`...;URI=<id>`).
+pub fn caller_from_xfcc(xfcc: &str) -> String {
+    xfcc.split(';').find_map(|kv| kv.trim().strip_prefix("URI=")).unwrap_or_default().to_owned()
+}
+
+#[derive(Clone)]
+struct EchoGrpc(Arc<Config>);
+
+#[tonic::async_trait]
+impl Echo for EchoGrpc {
+    async fn say(&self, req: tonic::Request<EchoRequest>) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+        let caller = req.metadata().get("x-forwarded-client-cert").and_then(|v| v.to_str().ok()).map(caller_from_xfcc).unwrap_or_default();
+        Ok(tonic::Response::new(EchoReply {
+            message: req.into_inner().message,
+            cluster: self.0.cluster.clone(),
+            workload: self.0.workload.clone(),
+            caller,
+        }))
+    }
+}
+
+pub struct Bound {
+    pub address: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Bound {
+    pub async fn wait_termination(self) -> anyhow::Result<()> {
+        self.task.await?;
+        Ok(())
+    }
+
+    /// Stops the app; its port refuses connections afterwards.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+pub async fn build(config: Config) -> anyhow::Result<Bound> {
+    let listener = TcpListener::bind(config.listen).await.map_err(|e| anyhow::anyhow!("binding echo app on {}: {e}", config.listen))?;
+    let address = listener.local_addr()?;
+    let config = Arc::new(config);
+    let grpc = tonic::service::Routes::new(EchoServer::new(EchoGrpc(config.clone())));
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let (config, grpc) = (config.clone(), grpc.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (config, mut grpc) = (config.clone(), grpc.clone());
+                    async move {
+                        if req.headers().get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc")) {
+                            let resp = grpc.call(req).await.unwrap_or_else(|never| match never {});
+                            return Ok::<_, Infallible>(resp.map(|b| b.map_err(Into::into).boxed_unsync()));
+                        }
+                        Ok(answer(&config, req).await)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(tcp), svc).await;
+            });
+        }
+    });
+    Ok(Bound { address, task })
+}
+
+async fn answer(config: &Config, req: Request<Incoming>) -> Response<Body> {
+    let caller = req.headers().get("x-forwarded-client-cert").and_then(|v| v.to_str().ok()).map(caller_from_xfcc).unwrap_or_default();
+    let status = req
+        .uri()
+        .path()
+        .strip_prefix("/status/")
+        .and_then(|c| c.parse::<u16>().ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .unwrap_or(StatusCode::OK);
+    let a = Answer {
+        cluster: config.cluster.clone(),
+        workload: config.workload.clone(),
+        caller,
+        method: req.method().to_string(),
+        path: req.uri().path().to_owned(),
+        protocol: format!("{:?}", req.version()),
+    };
+    let _ = req.into_body().collect().await;
+    let body = serde_json::to_vec(&a).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed_unsync());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert("content-type", http::HeaderValue::from_static("application/json"));
+    resp
+}

@@ -1,0 +1,5 @@
+//! The `isthmus` binary's library: the sample app, the local multi-cluster demo and the
+//! helpers the CLI and the integration tests share. Every component itself lives in its own
+//! crate (`isthmus-sidecar`, `-gateway`, `-controller`, `-federation`).
+
+pub mod echo;
