@@ -3,3 +3,5 @@
 //! crate (`isthmus-sidecar`, `-gateway`, `-controller`, `-federation`).
 
 pub mod echo;
+pub mod client;
+pub mod demo;

@@ -1,1 +1,360 @@
-fn main(){}
+//! `isthmus`: one binary for every role of the mesh (federation, controller, gateway,
+//! sidecar), the sample app, and the tools users need (validate, tokens, the local demo).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use isthmus_core::config::NamespacedName;
+use isthmus_core::locality::Locality;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "isthmus", version, about = "Isthmus: a multi-cluster, federated service mesh", long_about = "Isthmus connects several clusters into one mesh: sidecars \
+do mTLS between workloads, east-west gateways carry traffic between clusters over QUIC, each cluster's controller pushes config and runs \
+its CA, and the federation controller merges the clusters' registries under one trust root.\n\nStart with `isthmus demo`.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the local multi-cluster demo: federation + three clusters on loopback, steady
+    /// traffic, failover and recovery; exits 0 only if every phase behaved.
+    Demo(DemoArgs),
+    /// Check a folder of config YAML the way the controller does; exit 1 with every fault
+    /// (file, document, field) when any is found.
+    Validate {
+        /// Folder of YAML documents (searched recursively for *.yaml and *.yml).
+        #[arg(short = 'f', long = "filename")]
+        dir: PathBuf,
+    },
+    /// Run the federation controller: the shared root CA and the global registry.
+    Federation(FederationArgs),
+    /// Run a cluster's controller: config from a folder, config push, the cluster CA.
+    Controller(ControllerArgs),
+    /// Run a cluster's east-west gateway.
+    Gateway(GatewayArgs),
+    /// Run a workload's sidecar proxy.
+    Sidecar(SidecarArgs),
+    /// Run the sample app (HTTP/1.1, HTTP/2 and gRPC echo).
+    Echo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Cluster name the app reports.
+        #[arg(long)]
+        cluster: String,
+        /// Workload name the app reports.
+        #[arg(long)]
+        workload: String,
+    },
+    /// Mint bootstrap tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Leave the mesh up after the scenario and print addresses to curl; Ctrl-C stops it.
+    #[arg(long)]
+    keep_running: bool,
+    /// Folder for state, config and logs (default: a temporary folder).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Seconds of steady traffic in each phase once it has settled.
+    #[arg(long, default_value_t = 3)]
+    phase_seconds: u64,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// A join token that lets a cluster's controller join the federation (run where the
+    /// federation's state folder is).
+    Join {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        cluster: String,
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// A bootstrap token proving a workload identity to a cluster's CA, for a sidecar or
+    /// gateway outside Kubernetes (run where the controller's state folder is).
+    Workload {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        cluster: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Args)]
+struct FederationArgs {
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Folder for the root CA (unless given) and the join-token key.
+    #[arg(long)]
+    state_dir: PathBuf,
+    #[arg(long, default_value = "0.0.0.0:15200")]
+    listen: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    admin: SocketAddr,
+    /// A root CA certificate to use instead of creating one (with --root-key).
+    #[arg(long, requires = "root_key")]
+    root_cert: Option<PathBuf>,
+    #[arg(long, requires = "root_cert")]
+    root_key: Option<PathBuf>,
+    /// Region failover order, FROM=TO, repeatable and ordered: when FROM has no healthy
+    /// endpoint, traffic goes to TO before other regions.
+    #[arg(long, value_parser = parse_failover)]
+    failover: Vec<(String, String)>,
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    #[arg(long)]
+    cluster: String,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Folder of YAML documents: Services, WorkloadEntries, ServiceExports.
+    #[arg(long)]
+    config_dir: PathBuf,
+    /// Folder for the cluster CA, keys and the last global registry.
+    #[arg(long)]
+    state_dir: PathBuf,
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    admin: SocketAddr,
+    /// The federation controller's address.
+    #[arg(long)]
+    federation: SocketAddr,
+    /// PEM root(s) to verify the federation with before joining.
+    #[arg(long)]
+    federation_root: PathBuf,
+    /// Join token from `isthmus token join`; needed on first start only.
+    #[arg(long, env = "ISTHMUS_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    workload_cert_ttl: Duration,
+}
+
+#[derive(Args)]
+struct ProxyArgs {
+    #[arg(long)]
+    cluster: String,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// The cluster controller's gRPC address.
+    #[arg(long)]
+    controller: SocketAddr,
+    /// PEM root(s) to verify the controller with before the first certificate.
+    #[arg(long)]
+    root: PathBuf,
+    /// Bootstrap token from `isthmus token workload`.
+    #[arg(long, env = "ISTHMUS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Args)]
+struct GatewayArgs {
+    #[command(flatten)]
+    proxy: ProxyArgs,
+    /// Tunnel listener for the cluster's sidecars.
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    tunnel: SocketAddr,
+    /// QUIC listener for peer gateways (UDP).
+    #[arg(long, default_value = "0.0.0.0:15443")]
+    quic: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15000")]
+    admin: SocketAddr,
+}
+
+#[derive(Args)]
+struct SidecarArgs {
+    #[command(flatten)]
+    proxy: ProxyArgs,
+    /// The WorkloadEntry this sidecar serves, as namespace/name.
+    #[arg(long)]
+    workload: String,
+    #[arg(long, default_value = "default")]
+    service_account: String,
+    /// The workload's locality, region/zone/subzone.
+    #[arg(long, default_value = "")]
+    locality: String,
+    /// Outbound listener the app sends plain HTTP to (Host names the service).
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    outbound: SocketAddr,
+    /// mTLS tunnel listener for other proxies.
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    inbound: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// The local app's address; omit for a workload that only calls out.
+    #[arg(long)]
+    app: Option<SocketAddr>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 30s, 10m, 24h"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("`{s}`: unit must be s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn parse_failover(s: &str) -> Result<(String, String), String> {
+    let (from, to) = s.split_once('=').ok_or_else(|| format!("`{s}` is not FROM=TO"))?;
+    Ok((from.to_owned(), to.to_owned()))
+}
+
+fn read_pem(path: &PathBuf) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Sets up logging from RUST_LOG; returns a handle that changes the filter at runtime.
+fn init_logging() -> isthmus_core::admin::LogControl {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry().with(filter).with(tracing_subscriber::fmt::layer()).init();
+    Arc::new(move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| format!("invalid filter `{level}`: {e}"))?;
+        handle.reload(f).map_err(|e| e.to_string())?;
+        Ok(level.to_owned())
+    })
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let log_control = match &cli.command {
+        Command::Validate { .. } | Command::Token(_) | Command::Demo(_) => None,
+        _ => Some(init_logging()),
+    };
+    match run(cli.command, log_control).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, log_control: Option<isthmus_core::admin::LogControl>) -> anyhow::Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+    match command {
+        Command::Validate { dir } => match isthmus_core::config::load_dir(&dir) {
+            Ok(set) => {
+                println!("{}: valid ({} services, {} workload entries, {} exports)", dir.display(), set.services.len(), set.workloads.len(), set.exports.len());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                eprintln!("{} error(s)", errors.0.len());
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Token(TokenCommand::Join { state_dir, cluster, ttl }) => {
+            println!("{}", isthmus_federation::mint_join_token(&state_dir, &cluster, ttl)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(TokenCommand::Workload { state_dir, cluster, namespace, service_account, ttl }) => {
+            println!("{}", isthmus_controller::mint_workload_token(&state_dir, &cluster, &namespace, &service_account, ttl)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(a) => {
+            let passed = isthmus::demo::run(isthmus::demo::Options { keep_running: a.keep_running, dir: a.dir, phase_secs: a.phase_seconds }).await?;
+            println!("\ndemo {}", if passed { "passed" } else { "FAILED" });
+            Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Echo { listen, cluster, workload } => {
+            let bound = isthmus::echo::build(isthmus::echo::Config { listen, cluster, workload }).await?;
+            tracing::info!(addr = %bound.address, "echo app listening");
+            bound.wait_termination().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Federation(a) => {
+            let config = isthmus_federation::Config {
+                trust_domain: a.trust_domain,
+                state_dir: a.state_dir,
+                grpc_addr: a.listen,
+                admin_addr: a.admin,
+                root_cert: a.root_cert,
+                root_key: a.root_key,
+                failover: a.failover,
+            };
+            tracing::info!(?config, "starting federation");
+            isthmus_federation::build(config).await?.wait_termination().await?;
+            Ok(ExitCode::FAILURE)
+        }
+        Command::Controller(a) => {
+            let config = isthmus_controller::Config {
+                cluster: a.cluster,
+                trust_domain: a.trust_domain,
+                config_dir: a.config_dir,
+                state_dir: a.state_dir,
+                grpc_addr: a.listen,
+                admin_addr: a.admin,
+                federation_addr: a.federation,
+                federation_bundle_pem: read_pem(&a.federation_root)?,
+                join_token: a.join_token,
+                workload_cert_ttl: a.workload_cert_ttl,
+            };
+            tracing::info!(cluster = %config.cluster, config_dir = %config.config_dir.display(), "starting controller");
+            isthmus_controller::build(config).await?.wait_termination().await?;
+            Ok(ExitCode::FAILURE)
+        }
+        Command::Gateway(a) => {
+            let config = isthmus_gateway::Config {
+                cluster: a.proxy.cluster,
+                trust_domain: a.proxy.trust_domain,
+                controller_addr: a.proxy.controller,
+                bootstrap_bundle_pem: read_pem(&a.proxy.root)?,
+                token: a.proxy.token,
+                tunnel_addr: a.tunnel,
+                quic_addr: a.quic,
+                admin_addr: a.admin,
+            };
+            isthmus_gateway::build(config).await?.wait_termination().await?;
+            Ok(ExitCode::FAILURE)
+        }
+        Command::Sidecar(a) => {
+            let (ns, name) = a.workload.split_once('/').context("--workload must be namespace/name")?;
+            let locality = Locality::parse(&a.locality).with_context(|| format!("--locality `{}` is not region/zone/subzone", a.locality))?;
+            let config = isthmus_sidecar::Config {
+                cluster: a.proxy.cluster,
+                trust_domain: a.proxy.trust_domain,
+                workload: NamespacedName::new(ns, name),
+                service_account: a.service_account,
+                locality,
+                controller_addr: a.proxy.controller,
+                bootstrap_bundle_pem: read_pem(&a.proxy.root)?,
+                token: a.proxy.token,
+                outbound_addr: a.outbound,
+                inbound_addr: a.inbound,
+                admin_addr: a.admin,
+                app_addr: a.app,
+                log_control,
+            };
+            isthmus_sidecar::build(config).await?.wait_termination().await?;
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

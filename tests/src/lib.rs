@@ -14,11 +14,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use isthmus::echo::Answer;
+pub use isthmus::client::{AppClient, Reply};
 use isthmus_core::config::NamespacedName;
 use isthmus_core::locality::Locality;
 
@@ -319,59 +315,6 @@ async fn start_sidecar(c: &Cluster, w: &Workload, bundle: &str) -> anyhow::Resul
         log_control: None,
     })
     .await
-}
-
-/// A plain HTTP client, as an app would use against its sidecar.
-pub struct AppClient {
-    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    h2: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-}
-
-/// One response as the app sees it.
-#[derive(Debug)]
-pub struct Reply {
-    pub status: http::StatusCode,
-    pub headers: http::HeaderMap,
-    pub body: Bytes,
-}
-
-impl Reply {
-    pub fn answer(&self) -> anyhow::Result<Answer> {
-        serde_json::from_slice(&self.body).with_context(|| format!("status {} body {:?}", self.status, String::from_utf8_lossy(&self.body)))
-    }
-}
-
-impl Default for AppClient {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl AppClient {
-    pub fn new() -> Self {
-        Self {
-            client: Client::builder(TokioExecutor::new()).build_http(),
-            h2: Client::builder(TokioExecutor::new()).http2_only(true).build_http(),
-        }
-    }
-
-    /// GET `http://<host><path>` through the sidecar at `outbound` (HTTP/1.1).
-    pub async fn get(&self, outbound: SocketAddr, host: &str, path: &str) -> anyhow::Result<Reply> {
-        self.send(outbound, host, path, false, &[]).await
-    }
-
-    pub async fn send(&self, outbound: SocketAddr, host: &str, path: &str, h2: bool, headers: &[(&str, &str)]) -> anyhow::Result<Reply> {
-        let mut req = http::Request::builder().uri(format!("http://{outbound}{path}")).header("host", host);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req.body(Full::new(Bytes::new()))?;
-        let client = if h2 { &self.h2 } else { &self.client };
-        let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await.context("request timed out")??;
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await?.to_bytes();
-        Ok(Reply { status: parts.status, headers: parts.headers, body })
-    }
 }
 
 /// Reads a Prometheus text page and sums the samples of `metric` whose labels contain every

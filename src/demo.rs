@@ -1,0 +1,417 @@
+//! `isthmus demo`: the whole product on one machine. Starts the federation and three
+//! clusters (controller, gateway, sample workloads behind sidecars) as child processes of
+//! this binary on loopback addresses, as `deploy/demo/topology.yaml` lays out, then drives
+//! steady traffic from a client in `east` to the service `echo` that runs in every cluster
+//! and walks through the failover story:
+//!
+//! 1. baseline: traffic stays in `east`;
+//! 2. the `echo` workload in `east` dies: traffic moves to `west` (the next locality);
+//! 3. `west`'s gateway dies: traffic moves to `eu`;
+//! 4. both come back: traffic returns home to `east`.
+//!
+//! No request may fail in any phase. It prints what happened and returns whether every
+//! phase behaved, so it doubles as a smoke test of the product.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Deserialize;
+use tokio::process::{Child, Command};
+
+use crate::client::AppClient;
+
+const TOPOLOGY: &str = include_str!("../deploy/demo/topology.yaml");
+const CLUSTER_CONFIG: &[(&str, &str)] = &[
+    ("east", include_str!("../deploy/demo/east/echo.yaml")),
+    ("west", include_str!("../deploy/demo/west/echo.yaml")),
+    ("eu", include_str!("../deploy/demo/eu/echo.yaml")),
+];
+const NAMESPACE: &str = "demo";
+const SERVICE_HOST: &str = "echo.demo.svc.cluster.local";
+const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pause between the client's requests: about 50 requests per second.
+const REQUEST_GAP: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Topology {
+    federation: FederationTopology,
+    clusters: Vec<ClusterTopology>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FederationTopology {
+    address: Ipv4Addr,
+    trust_domain: String,
+    failover: Vec<FailoverTopology>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailoverTopology {
+    from: String,
+    to: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterTopology {
+    name: String,
+    locality: String,
+    controller: Ipv4Addr,
+    gateway: Ipv4Addr,
+    workloads: Vec<WorkloadTopology>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkloadTopology {
+    name: String,
+    address: Ipv4Addr,
+    app: Option<u16>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Leave the mesh up after the scenario, until Ctrl-C.
+    pub keep_running: bool,
+    /// Where state, config and logs go; a temporary folder when `None`.
+    pub dir: Option<PathBuf>,
+    /// Seconds of steady traffic in each settled phase.
+    pub phase_secs: u64,
+}
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(ip), port)
+}
+
+/// One child process of the demo, restartable with the same arguments.
+struct Proc {
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+struct Procs {
+    exe: PathBuf,
+    procs: BTreeMap<String, Proc>,
+}
+
+impl Procs {
+    fn spawn(&mut self, name: &str, args: Vec<String>, logs: &Path) -> anyhow::Result<()> {
+        let mut p = Proc { args, log: logs.join(format!("{name}.log")), child: None };
+        self.start(&mut p).with_context(|| format!("starting {name}"))?;
+        self.procs.insert(name.to_owned(), p);
+        Ok(())
+    }
+
+    fn start(&self, p: &mut Proc) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&p.log)?;
+        let child = Command::new(&self.exe)
+            .args(&p.args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()?;
+        p.child = Some(child);
+        Ok(())
+    }
+
+    async fn kill(&mut self, name: &str) {
+        if let Some(c) = self.procs.get_mut(name).and_then(|p| p.child.as_mut()) {
+            let _ = c.kill().await;
+        }
+    }
+
+    fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        let mut p = self.procs.remove(name).context("no such process")?;
+        let r = self.start(&mut p);
+        self.procs.insert(name.to_owned(), p);
+        r
+    }
+
+    async fn kill_all(&mut self) {
+        for p in self.procs.values_mut() {
+            if let Some(c) = p.child.as_mut() {
+                let _ = c.kill().await;
+            }
+        }
+    }
+}
+
+async fn wait_until<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    while !check().await {
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+async fn ready(client: &AppClient, admin: SocketAddr) -> bool {
+    matches!(client.get(admin, &admin.to_string(), "/ready").await, Ok(r) if r.status == 200)
+}
+
+/// Starts every component of the topology; returns the client's outbound address.
+async fn start_mesh(topo: &Topology, dir: &Path, procs: &mut Procs) -> anyhow::Result<SocketAddr> {
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let client = AppClient::new();
+    let td = &topo.federation.trust_domain;
+    let fed_state = dir.join("federation");
+    let mut args = vec!["federation".into(), "--trust-domain".into(), td.clone(), "--state-dir".into(), fed_state.display().to_string()];
+    args.extend(["--listen".into(), sa(topo.federation.address, 15200).to_string(), "--admin".into(), sa(topo.federation.address, 15014).to_string()]);
+    for f in &topo.federation.failover {
+        args.extend(["--failover".into(), format!("{}={}", f.from, f.to)]);
+    }
+    procs.spawn("federation", args, &logs)?;
+    let root = fed_state.join("root-cert.pem");
+    wait_until("the federation's root CA", || async { root.exists() && fed_state.join("join-token.key").exists() }).await?;
+    let root = root.display().to_string();
+
+    for c in &topo.clusters {
+        let cdir = dir.join(&c.name);
+        let config_dir = cdir.join("config");
+        std::fs::create_dir_all(&config_dir)?;
+        let yaml = CLUSTER_CONFIG.iter().find(|(n, _)| *n == c.name).map(|(_, y)| *y).context("no demo config for cluster")?;
+        std::fs::write(config_dir.join("echo.yaml"), yaml)?;
+        let token = isthmus_federation::mint_join_token(&fed_state, &c.name, TOKEN_TTL)?;
+        let args = vec![
+            "controller".into(), "--cluster".into(), c.name.clone(), "--trust-domain".into(), td.clone(),
+            "--config-dir".into(), config_dir.display().to_string(), "--state-dir".into(), cdir.join("state").display().to_string(),
+            "--listen".into(), sa(c.controller, 15012).to_string(), "--admin".into(), sa(c.controller, 15014).to_string(),
+            "--federation".into(), sa(topo.federation.address, 15200).to_string(), "--federation-root".into(), root.clone(),
+            "--join-token".into(), token,
+        ];
+        procs.spawn(&format!("{}-controller", c.name), args, &logs)?;
+    }
+    for c in &topo.clusters {
+        let state = dir.join(&c.name).join("state");
+        let admin = sa(c.controller, 15014);
+        wait_until(&format!("controller of {}", c.name), || async { client.get(admin, "controller", "/config_dump").await.is_ok() }).await?;
+        let common = |role: &str| -> Vec<String> {
+            vec![role.into(), "--cluster".into(), c.name.clone(), "--trust-domain".into(), td.clone(), "--controller".into(), sa(c.controller, 15012).to_string(), "--root".into(), root.clone()]
+        };
+        let token = isthmus_controller::mint_workload_token(&state, &c.name, isthmus_core::identity::SYSTEM_NAMESPACE, isthmus_core::identity::GATEWAY_SERVICE_ACCOUNT, TOKEN_TTL)?;
+        let mut args = common("gateway");
+        args.extend(["--token".into(), token, "--tunnel".into(), sa(c.gateway, 15008).to_string(), "--quic".into(), sa(c.gateway, 15443).to_string(), "--admin".into(), sa(c.gateway, 15000).to_string()]);
+        procs.spawn(&format!("{}-gateway", c.name), args, &logs)?;
+        for w in &c.workloads {
+            let sa_name = if w.app.is_some() { "echo" } else { "frontend" };
+            if let Some(port) = w.app {
+                let args = vec!["echo".into(), "--listen".into(), sa(w.address, port).to_string(), "--cluster".into(), c.name.clone(), "--workload".into(), w.name.clone()];
+                procs.spawn(&format!("{}-app", w.name), args, &logs)?;
+            }
+            let token = isthmus_controller::mint_workload_token(&state, &c.name, NAMESPACE, sa_name, TOKEN_TTL)?;
+            let mut args = common("sidecar");
+            args.extend([
+                "--workload".into(), format!("{NAMESPACE}/{}", w.name), "--service-account".into(), sa_name.into(), "--locality".into(), c.locality.clone(),
+                "--token".into(), token, "--outbound".into(), sa(w.address, 15001).to_string(), "--inbound".into(), sa(w.address, 15008).to_string(),
+                "--admin".into(), sa(w.address, 15000).to_string(),
+            ]);
+            if let Some(port) = w.app {
+                args.extend(["--app".into(), sa(w.address, port).to_string()]);
+            }
+            procs.spawn(&format!("{}-sidecar", w.name), args, &logs)?;
+        }
+    }
+    for c in &topo.clusters {
+        wait_until(&format!("gateway of {}", c.name), || ready(&client, sa(c.gateway, 15000))).await?;
+        for w in &c.workloads {
+            wait_until(&format!("sidecar of {}", w.name), || ready(&client, sa(w.address, 15000))).await?;
+        }
+    }
+    let source = topo.clusters.iter().flat_map(|c| &c.workloads).find(|w| w.app.is_none()).context("the topology has no client workload")?;
+    let admin = sa(source.address, 15000);
+    let remote_clusters = topo.clusters.len() - 1;
+    wait_until("the client to learn every cluster serving echo", || async {
+        let Ok(r) = client.get(admin, "admin", "/config_dump").await else { return false };
+        let Ok(dump) = serde_json::from_slice::<serde_json::Value>(&r.body) else { return false };
+        dump["services"].as_array().into_iter().flatten().any(|s| s["service"] == SERVICE_HOST && s["remote"].as_array().map(Vec::len) == Some(remote_clusters))
+    })
+    .await?;
+    Ok(sa(source.address, 15001))
+}
+
+/// One request's outcome.
+struct Event {
+    at: Instant,
+    landed: Result<String, String>,
+}
+
+struct PhaseResult {
+    name: String,
+    requests: usize,
+    failed: usize,
+    landed: BTreeMap<String, usize>,
+    failover: Option<Duration>,
+    verdict: Result<(), String>,
+}
+
+fn traffic(client: AppClient, outbound: SocketAddr, events: Arc<Mutex<Vec<Event>>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let landed = match client.get(outbound, SERVICE_HOST, "/").await {
+                Ok(r) if r.status == 200 => r.answer().map(|a| a.cluster).map_err(|e| e.to_string()),
+                Ok(r) => Err(format!("status {} ({})", r.status, String::from_utf8_lossy(&r.body).trim())),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = &landed {
+                eprintln!("    request failed: {e}");
+            }
+            events.lock().unwrap_or_else(|p| p.into_inner()).push(Event { at: Instant::now(), landed });
+            tokio::time::sleep(REQUEST_GAP).await;
+        }
+    })
+}
+
+fn events_since(events: &Mutex<Vec<Event>>, since: Instant) -> Vec<(Instant, Result<String, String>)> {
+    events.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|e| e.at >= since).map(|e| (e.at, e.landed.clone())).collect()
+}
+
+/// Runs one phase: waits until `settled` says the traffic landed where it should (or the
+/// deadline passes), then keeps going for `hold`; prints a line a second.
+async fn phase(name: &str, events: &Mutex<Vec<Event>>, start: Instant, expect: &str, hold: Duration, deadline: Duration) -> PhaseResult {
+    let mut settled_at: Option<Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let evs = events_since(events, start);
+        let mut res = summarize(name, &evs, start, expect);
+        println!(
+            "  {:<22} +{:>4.1}s  {}  failed {}",
+            name,
+            start.elapsed().as_secs_f64(),
+            res.landed.iter().map(|(c, n)| format!("{c} {n:>4}")).collect::<Vec<_>>().join("  "),
+            res.failed
+        );
+        let recent: Vec<_> = evs.iter().filter(|(at, _)| at.elapsed() < Duration::from_millis(900)).collect();
+        let home = !recent.is_empty() && recent.iter().all(|(_, l)| l.as_deref() == Ok(expect));
+        if home && settled_at.is_none() {
+            settled_at = Some(Instant::now());
+        }
+        if settled_at.is_some_and(|t| t.elapsed() >= hold) || start.elapsed() >= deadline {
+            res.verdict = verdict(&res, &evs, settled_at, expect);
+            return res;
+        }
+    }
+}
+
+fn summarize(name: &str, evs: &[(Instant, Result<String, String>)], start: Instant, expect: &str) -> PhaseResult {
+    let mut res = PhaseResult { name: name.to_owned(), requests: evs.len(), failed: 0, landed: BTreeMap::new(), failover: None, verdict: Ok(()) };
+    for (at, l) in evs {
+        match l {
+            Ok(c) => {
+                *res.landed.entry(c.clone()).or_default() += 1;
+                if c == expect && res.failover.is_none() {
+                    res.failover = Some(at.duration_since(start));
+                }
+            }
+            Err(_) => res.failed += 1,
+        }
+    }
+    res
+}
+
+fn verdict(res: &PhaseResult, evs: &[(Instant, Result<String, String>)], settled_at: Option<Instant>, expect: &str) -> Result<(), String> {
+    if res.failed > 0 {
+        return Err(format!("{} requests failed", res.failed));
+    }
+    let Some(settled) = settled_at else {
+        return Err(format!("traffic never settled in {expect}"));
+    };
+    let strays = evs.iter().filter(|(at, l)| *at >= settled && l.as_deref() != Ok(expect)).count();
+    if strays > 0 {
+        return Err(format!("{strays} requests landed outside {expect} after traffic settled"));
+    }
+    Ok(())
+}
+
+/// Runs the demo; returns whether every phase behaved.
+pub async fn run(opts: Options) -> anyhow::Result<bool> {
+    let topo: Topology = serde_yaml_ng::from_str(TOPOLOGY).context("deploy/demo/topology.yaml is invalid")?;
+    let tmp = tempfile::tempdir()?;
+    let dir = opts.dir.clone().unwrap_or_else(|| tmp.path().to_owned());
+    let mut procs = Procs { exe: std::env::current_exe()?, procs: BTreeMap::new() };
+    println!("isthmus demo: federation + {} clusters on loopback; state and logs in {}", topo.clusters.len(), dir.display());
+    let started = Instant::now();
+    let outbound = match start_mesh(&topo, &dir, &mut procs).await {
+        Ok(o) => o,
+        Err(e) => {
+            procs.kill_all().await;
+            return Err(e.context(format!("the mesh did not come up; see the logs in {}", dir.join("logs").display())));
+        }
+    };
+    println!("mesh up in {:.1}s; client in east sends steady traffic to {SERVICE_HOST}\n", started.elapsed().as_secs_f64());
+    let results = scenario(&mut procs, outbound, opts.phase_secs).await?;
+    print_summary(&results);
+    let passed = results.iter().all(|r| r.verdict.is_ok());
+    if opts.keep_running {
+        print_addresses(&topo, outbound);
+        tokio::signal::ctrl_c().await?;
+    }
+    procs.kill_all().await;
+    Ok(passed)
+}
+
+async fn scenario(procs: &mut Procs, outbound: SocketAddr, phase_secs: u64) -> anyhow::Result<Vec<PhaseResult>> {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let gen = traffic(AppClient::new(), outbound, events.clone());
+    let hold = Duration::from_secs(phase_secs);
+    let deadline = Duration::from_secs(phase_secs + 20);
+    let mut results = Vec::new();
+    results.push(phase("1 baseline", &events, Instant::now(), "east", hold, deadline).await);
+    println!("  -- stopping the echo workload in east");
+    procs.kill("echo-east-app").await;
+    procs.kill("echo-east-sidecar").await;
+    results.push(phase("2 east backend down", &events, Instant::now(), "west", hold, deadline).await);
+    println!("  -- cutting west's gateway");
+    procs.kill("west-gateway").await;
+    results.push(phase("3 west gateway down", &events, Instant::now(), "eu", hold, deadline).await);
+    println!("  -- restoring the east workload and west's gateway");
+    procs.restart("echo-east-app")?;
+    procs.restart("echo-east-sidecar")?;
+    procs.restart("west-gateway")?;
+    results.push(phase("4 restored", &events, Instant::now(), "east", hold, deadline).await);
+    gen.abort();
+    Ok(results)
+}
+
+fn print_summary(results: &[PhaseResult]) {
+    println!("\n{:<22} {:>8} {:>7}  {:<30} {:>12}  verdict", "phase", "requests", "failed", "landed", "settled in");
+    for r in results {
+        let landed = r.landed.iter().map(|(c, n)| format!("{c}={n}")).collect::<Vec<_>>().join(" ");
+        let failover = r.failover.map(|d| format!("{:.2}s", d.as_secs_f64())).unwrap_or_else(|| "-".into());
+        let verdict = match &r.verdict {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => format!("FAILED: {e}"),
+        };
+        println!("{:<22} {:>8} {:>7}  {:<30} {:>12}  {verdict}", r.name, r.requests, r.failed, landed, failover);
+    }
+}
+
+fn print_addresses(topo: &Topology, outbound: SocketAddr) {
+    println!("\nThe mesh stays up until Ctrl-C. Try:");
+    println!("  curl -H 'Host: {SERVICE_HOST}' http://{outbound}/          # from the client in east");
+    for c in &topo.clusters {
+        println!("  cluster {:<5} controller metrics http://{}/config_dump   gateway http://{}/stats/prometheus", c.name, sa(c.controller, 15014), sa(c.gateway, 15000));
+        for w in &c.workloads {
+            println!("    {:<10} sidecar outbound http://{}  admin http://{}/config_dump", w.name, sa(w.address, 15001), sa(w.address, 15000));
+        }
+    }
+    println!("  federation registry http://{}/config_dump", sa(topo.federation.address, 15014));
+}
