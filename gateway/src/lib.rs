@@ -120,6 +120,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         let xds = XdsClient { channel, node, types: vec![type_url::MESH, type_url::SERVICE, type_url::PEER], handler: store.clone(), health: None, first_config: Some(config_block) };
         tasks.spawn(xds.run());
         tasks.spawn(links.clone().serve(store.clone(), cluster.clone()));
+        tasks.spawn(links.clone().follow_peers(store.clone()));
         tasks.spawn(tunnel::run(tunnel, Arc::new(tunnel::TunnelCtx { identity, cluster, store, links })));
         tasks.join_next().await;
     });

@@ -1,18 +1,20 @@
 //! Links between gateways: one long-lived QUIC connection per peer cluster (mTLS between
-//! gateway identities), a stream per tunnelled connection. Keep-alives and a short idle
-//! timeout turn a dead peer into a fast failure, and a stream that gets no reply in time
-//! fails the tunnel so the sidecar retries elsewhere.
+//! gateway identities), a stream per tunnelled connection. A maintainer per peer keeps the
+//! connection up and redials with backoff; keep-alives and a short idle timeout turn a dead
+//! peer into a closed connection within seconds, and while a peer is down new tunnels fail
+//! at once, so sidecars retry in another cluster without waiting.
 //!
 //! The same QUIC endpoint accepts streams from peers: each names a local service; the
 //! gateway connects it to a healthy endpoint's tunnel port and splices bytes. It never sees
 //! plaintext: the bytes are the sidecars' end-to-end TLS.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use isthmus_core::backoff::Backoff;
 use isthmus_core::identity::SpiffeId;
 use isthmus_core::tls::{ClientAuth, PeerPolicy, TlsIdentity};
 use isthmus_proto::tunnel::{StreamHeader, StreamReply};
@@ -21,6 +23,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::header;
 use crate::state::{Peer, Store};
@@ -60,10 +63,18 @@ pub struct Metrics {
     pub connections: Counter,
 }
 
+#[derive(Clone)]
+enum LinkState {
+    Connecting,
+    Up(quinn::Connection),
+    Down,
+}
+
 pub struct PeerLinks {
     endpoint: quinn::Endpoint,
     identity: TlsIdentity,
-    conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
+    /// Per peer cluster, the state of its connection, kept by a maintainer task.
+    links: Mutex<HashMap<String, watch::Receiver<LinkState>>>,
     pub metrics: Metrics,
     cursor: AtomicUsize,
 }
@@ -84,7 +95,7 @@ impl PeerLinks {
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
         server.transport_config(transport());
         let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, Arc::new(quinn::TokioRuntime))?;
-        Ok(Self { endpoint, identity, conns: Mutex::default(), metrics: Metrics::default(), cursor: AtomicUsize::new(0) })
+        Ok(Self { endpoint, identity, links: Mutex::default(), metrics: Metrics::default(), cursor: AtomicUsize::new(0) })
     }
 
     /// Shares counters registered elsewhere.
@@ -93,31 +104,87 @@ impl PeerLinks {
         self
     }
 
-    async fn connection(&self, cluster: &str, peer: &Peer) -> Result<quinn::Connection, LinkError> {
-        let slot = {
-            let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-            conns.entry(cluster.to_owned()).or_default().clone()
-        };
-        let mut guard = slot.lock().await;
-        if let Some(c) = guard.as_ref() {
-            if c.close_reason().is_none() && c.remote_address() == peer.address {
-                return Ok(c.clone());
-            }
-        }
+    async fn dial(&self, peer: &Peer) -> Result<quinn::Connection, LinkError> {
         let addr = peer.address;
         let err = |reason: String| LinkError::Connect { addr, reason };
         let tls = self.identity.client_config(PeerPolicy::OneOf(vec![peer.identity.clone()]), &[ALPN_PEER]);
         let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).map_err(|e| err(e.to_string()))?));
         config.transport_config(transport());
         let connecting = self.endpoint.connect_with(config, addr, "isthmus.mesh").map_err(|e| err(e.to_string()))?;
-        let conn = tokio::time::timeout(STREAM_SETUP_TIMEOUT, connecting)
+        tokio::time::timeout(STREAM_SETUP_TIMEOUT, connecting)
             .await
             .map_err(|_| LinkError::Timeout { addr })?
-            .map_err(|e| err(e.to_string()))?;
-        tracing::info!(peer = %cluster, %addr, "gateway peer connected");
-        self.metrics.connections.inc();
-        *guard = Some(conn.clone());
-        Ok(conn)
+            .map_err(|e| err(e.to_string()))
+    }
+
+    /// Keeps a connection to one peer up for as long as the peer is in config: dials,
+    /// waits for the connection to close, dials again with backoff.
+    async fn maintain(self: Arc<Self>, cluster: String, peer: Peer, link: watch::Sender<LinkState>) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        loop {
+            match self.dial(&peer).await {
+                Ok(conn) => {
+                    tracing::info!(peer = %cluster, addr = %peer.address, "gateway peer connected");
+                    self.metrics.connections.inc();
+                    backoff.reset();
+                    link.send_replace(LinkState::Up(conn.clone()));
+                    let reason = conn.closed().await;
+                    tracing::warn!(peer = %cluster, %reason, "gateway peer connection lost");
+                }
+                Err(e) => tracing::debug!(peer = %cluster, error = %e, "gateway peer unreachable"),
+            }
+            link.send_replace(LinkState::Down);
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+
+    /// Starts or stops maintainers as peers come and go in config.
+    pub async fn follow_peers(self: Arc<Self>, store: Arc<Store>) {
+        let mut updates = store.subscribe();
+        let mut running: HashMap<String, (Peer, tokio::task::JoinHandle<()>)> = HashMap::new();
+        loop {
+            let peers = updates.borrow_and_update().peers.clone();
+            running.retain(|cluster, (p, task)| {
+                let keep = peers.get(cluster).is_some_and(|n| n.address == p.address && n.identity == p.identity);
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            self.start_maintainers(&peers, &mut running);
+            if updates.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn start_maintainers(self: &Arc<Self>, peers: &BTreeMap<String, Peer>, running: &mut HashMap<String, (Peer, tokio::task::JoinHandle<()>)>) {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        links.retain(|c, _| running.contains_key(c) || peers.contains_key(c));
+        for (cluster, peer) in peers {
+            if running.contains_key(cluster) {
+                continue;
+            }
+            let (tx, rx) = watch::channel(LinkState::Connecting);
+            links.insert(cluster.clone(), rx);
+            let task = tokio::spawn(self.clone().maintain(cluster.clone(), peer.clone(), tx));
+            running.insert(cluster.clone(), (peer.clone(), task));
+        }
+    }
+
+    /// The live connection to `cluster`: waits while the first dial is under way, fails at
+    /// once when the peer is known to be down, so the sidecar can retry elsewhere at once.
+    async fn connection(&self, cluster: &str, addr: SocketAddr) -> Result<quinn::Connection, LinkError> {
+        let link = self.links.lock().unwrap_or_else(|p| p.into_inner()).get(cluster).cloned();
+        let mut link = link.ok_or_else(|| LinkError::Connect { addr, reason: "peer not in config".into() })?;
+        loop {
+            let state = link.borrow_and_update().clone();
+            match state {
+                LinkState::Up(c) => return Ok(c),
+                LinkState::Down => return Err(LinkError::Connect { addr, reason: "peer is down".into() }),
+                LinkState::Connecting => link.changed().await.map_err(|_| LinkError::Connect { addr, reason: "peer removed".into() })?,
+            }
+        }
     }
 
     /// Opens a stream to `cluster`'s gateway for `header`; returns it once the peer has
@@ -128,16 +195,11 @@ impl PeerLinks {
             .unwrap_or(Err(LinkError::Timeout { addr: peer.address }));
         let outcome = if result.is_ok() { "ok" } else { "failed" };
         self.metrics.streams.get_or_create(&StreamLabels { direction: "outbound", peer_cluster: cluster.to_owned(), outcome }).inc();
-        if let Err(e) = &result {
-            // A connection that failed a stream is not trusted for the next one.
-            if matches!(e, LinkError::Timeout { .. } | LinkError::Stream { .. }) {
-                if let Some(slot) = self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(cluster) {
-                    if let Ok(mut g) = slot.try_lock() {
-                        if let Some(c) = g.take() {
-                            c.close(0u32.into(), b"stream setup failed");
-                        }
-                    }
-                }
+        if let Err(LinkError::Timeout { .. } | LinkError::Stream { .. }) = &result {
+            // A live peer answers well within the timeout; one that does not is treated as
+            // gone until the maintainer reconnects, instead of stalling every new tunnel.
+            if let Ok(conn) = self.connection(cluster, peer.address).await {
+                conn.close(0u32.into(), b"peer stopped answering");
             }
         }
         result
@@ -145,7 +207,7 @@ impl PeerLinks {
 
     async fn open_inner(&self, cluster: &str, peer: &Peer, header: &StreamHeader) -> Result<(quinn::SendStream, quinn::RecvStream), LinkError> {
         let addr = peer.address;
-        let conn = self.connection(cluster, peer).await?;
+        let conn = self.connection(cluster, addr).await?;
         let stream_err = |reason: String| LinkError::Stream { addr, reason };
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream_err(e.to_string()))?;
         header::write(&mut send, header).await.map_err(|e| stream_err(e.to_string()))?;

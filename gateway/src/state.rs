@@ -57,6 +57,10 @@ impl Store {
         Self { state: watch::Sender::new(Arc::default()), write: Mutex::new(()) }
     }
 
+    pub fn subscribe(&self) -> watch::Receiver<Arc<GatewayState>> {
+        self.state.subscribe()
+    }
+
     pub fn current(&self) -> Arc<GatewayState> {
         self.state.borrow().clone()
     }

@@ -216,7 +216,9 @@ async fn attempts(ctx: &OutboundCtx, state: &MeshState, svc: &Arc<Service>, auth
                 return Ok((Response::from_parts(rparts, crate::body::boxed(rbody)), cluster));
             }
             Err(e) => {
-                fail(ctx, &target, e.is_closed() || e.is_canceled(), "upstream-reset");
+                // A connection that died under the request (closed, or keep-alive timed out)
+                // says the peer is gone, as a failed connect does.
+                fail(ctx, &target, e.is_closed() || e.is_canceled() || e.is_timeout(), "upstream-reset");
                 last = Some(ProxyError::UpstreamReset { service: authority.to_owned(), source: e });
             }
         }

@@ -26,8 +26,12 @@ pub type H2 = SendRequest<ProxyBody>;
 
 /// Time to reach a peer (TCP, TLS and HTTP/2 handshakes, or the whole tunnel).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-const KEEPALIVE: Duration = Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keep-alive of direct connections: a dead local peer shows up as a reset anyway.
+const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(5));
+/// Keep-alive of tunnels to other clusters: the ping runs end to end through both
+/// gateways, so a path that went dead (a gateway or the link between them) is found within
+/// about two seconds and requests on it are retried elsewhere.
+const TUNNEL_KEEPALIVE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(1));
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -65,14 +69,14 @@ pub fn empty_body() -> ProxyBody {
     Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
 }
 
-async fn h2_handshake<I>(io: I, peer: &str) -> Result<H2, ConnectError>
+async fn h2_handshake<I>(io: I, peer: &str, keepalive: (Duration, Duration)) -> Result<H2, ConnectError>
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .keep_alive_interval(KEEPALIVE)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_interval(keepalive.0)
+        .keep_alive_timeout(keepalive.1)
         .keep_alive_while_idle(true)
         .handshake(TokioIo::new(io))
         .await
@@ -123,7 +127,7 @@ impl Pool {
         let _ = tcp.set_nodelay(true);
         let connector = tokio_rustls::TlsConnector::from(self.identity.client_config(policy, &[ALPN_H2]));
         let tls = connector.connect(server_name(), tcp).await.map_err(|source| ConnectError::Tls { peer: peer.clone(), source })?;
-        h2_handshake(tls, &peer).await
+        h2_handshake(tls, &peer, KEEPALIVE).await
     }
 
     /// A connection to the sidecar at `addr`, which must present `identity`.
@@ -171,6 +175,6 @@ impl Pool {
             .connect(server_name(), TokioIo::new(upgraded))
             .await
             .map_err(|source| ConnectError::Tls { peer: peer.clone(), source })?;
-        h2_handshake(tls, &peer).await
+        h2_handshake(tls, &peer, TUNNEL_KEEPALIVE).await
     }
 }
