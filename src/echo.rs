@@ -62,6 +62,7 @@ impl Echo for EchoGrpc {
 pub struct Bound {
     pub address: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    _drain: isthmus_core::drain::Trigger,
 }
 
 impl Bound {
@@ -81,11 +82,12 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let address = listener.local_addr()?;
     let config = Arc::new(config);
     let grpc = tonic::service::Routes::new(EchoServer::new(EchoGrpc(config.clone())));
+    let (trigger, drain) = isthmus_core::drain::new();
     let task = tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else { continue };
             let (config, grpc) = (config.clone(), grpc.clone());
-            tokio::spawn(async move {
+            drain.spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let (config, mut grpc) = (config.clone(), grpc.clone());
                     async move {
@@ -100,7 +102,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             });
         }
     });
-    Ok(Bound { address, task })
+    Ok(Bound { address, task, _drain: trigger })
 }
 
 async fn answer(config: &Config, req: Request<Incoming>) -> Response<Body> {

@@ -42,6 +42,7 @@ pub struct DiscoveryService {
     cluster: String,
     registry: Registry,
     trust_domain: String,
+    drain: isthmus_core::drain::Drain,
     metrics: Metrics,
 }
 
@@ -67,12 +68,12 @@ impl Drop for StreamGuard {
 }
 
 impl DiscoveryService {
-    pub fn new(cluster: String, registry: Registry, trust_domain: String, metrics: &mut prometheus_client::registry::Registry) -> Self {
+    pub fn new(cluster: String, registry: Registry, trust_domain: String, drain: isthmus_core::drain::Drain, metrics: &mut prometheus_client::registry::Registry) -> Self {
         let m = Metrics::default();
         metrics.register("connected_proxies", "proxies with an open discovery stream", m.connected.clone());
         metrics.register("pushes", "responses pushed to proxies", m.pushes.clone());
         metrics.register("nacks", "responses proxies rejected", m.nacks.clone());
-        Self { cluster, registry, trust_domain, metrics: m }
+        Self { cluster, registry, trust_domain, drain, metrics: m }
     }
 
     fn authorize(&self, node: &Node, peer: &SpiffeId) -> Result<Role, Status> {
@@ -137,7 +138,7 @@ impl Discovery for DiscoveryService {
         tracing::info!(%peer, role = %node.role, workload = %node.workload, "proxy connected");
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let stream = ProxyStream { svc: self.clone(), tx, known: BTreeMap::new(), answered: Default::default(), nonce: 0, guard };
-        tokio::spawn(stream.run(first, inbound));
+        self.drain.spawn(stream.run(first, inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

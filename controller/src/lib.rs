@@ -63,6 +63,7 @@ pub struct Bound {
     pub grpc_address: SocketAddr,
     pub admin_address: SocketAddr,
     tasks: tokio::task::JoinSet<()>,
+    _drain: isthmus_core::drain::Trigger,
 }
 
 impl Bound {
@@ -91,7 +92,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let (status_tx, status_rx) = watch::channel(LoadStatus { accepted: 1, ..Default::default() });
     let global = federation::GlobalState::load(&config.state_dir);
     let registry = registry::Registry::new(&config.cluster, &state.trust_domain, config_rx, global.subscribe(), state.bundle_pem.clone());
-    let discovery = discovery::DiscoveryService::new(config.cluster.clone(), registry.clone(), state.trust_domain.clone(), metrics.sub_registry_with_prefix("xds"));
+    let (trigger, drain) = isthmus_core::drain::new();
+    let discovery = discovery::DiscoveryService::new(config.cluster.clone(), registry.clone(), state.trust_domain.clone(), drain.clone(), metrics.sub_registry_with_prefix("xds"));
     let ca = ca::CaService::new(&config, &state)?;
     ca.register_metrics(metrics.sub_registry_with_prefix("ca"));
     config_metrics(&mut metrics, status_rx.clone());
@@ -115,7 +117,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let tls = state.identity.server_config(auth, &[isthmus_core::tls::ALPN_H2]);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(isthmus_core::config::watch::run(config.config_dir.clone(), config_tx, status_tx));
-    tasks.spawn(admin.run());
+    tasks.spawn(admin.run(drain.clone()));
     tasks.spawn(registry.clone().run());
     let link = federation::Link {
         address: config.federation_addr,
@@ -129,18 +131,18 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     };
     tasks.spawn(link.run(registry.exports(), global));
     tasks.spawn(async move {
-        let incoming = isthmus_core::grpc::tls_incoming(grpc, tls);
+        let incoming = isthmus_core::grpc::tls_incoming(grpc, tls, drain.clone());
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(isthmus_proto::discovery::discovery_server::DiscoveryServer::new(discovery))
             .add_service(isthmus_proto::ca::certificate_authority_server::CertificateAuthorityServer::new(ca))
-            .serve_with_incoming(incoming)
+            .serve_with_incoming_shutdown(incoming, async move { drain.signaled().await })
             .await;
         tracing::error!(?result, "controller gRPC server stopped");
     });
     tracing::info!(cluster = %config.cluster, grpc = %bound_grpc, admin = %admin_address, "controller started");
-    Ok(Bound { grpc_address: bound_grpc, admin_address, tasks })
+    Ok(Bound { grpc_address: bound_grpc, admin_address, tasks, _drain: trigger })
 }
 
 fn config_metrics(metrics: &mut Registry, status: watch::Receiver<LoadStatus>) {

@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use crate::drain::Drain;
 use crate::readiness::Readiness;
 
 /// Produces the JSON served on `/config_dump`.
@@ -43,11 +44,11 @@ impl AdminServer {
         self.listener.local_addr().expect("bound listener has an address")
     }
 
-    pub async fn run(self) {
+    pub async fn run(self, drain: Drain) {
         loop {
             let Ok((tcp, _)) = self.listener.accept().await else { continue };
             let admin = self.admin.clone();
-            tokio::spawn(async move {
+            drain.spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(handle(&admin, req).await) }

@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::drain::Drain;
 use crate::identity::SpiffeId;
 
 /// Handshakes allowed in flight per listener before accepting waits.
@@ -69,10 +70,11 @@ impl AsyncWrite for TlsConn {
 
 /// Accepts TCP connections and completes TLS handshakes concurrently; the stream yields
 /// only connections whose handshake (and client certificate, if any) verified.
-pub fn tls_incoming(listener: TcpListener, config: Arc<ServerConfig>) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+pub fn tls_incoming(listener: TcpListener, config: Arc<ServerConfig>, drain: Drain) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(HANDSHAKE_BACKLOG);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    tokio::spawn(async move {
+    let tasks = drain.clone();
+    drain.spawn(async move {
         loop {
             let (tcp, remote) = match listener.accept().await {
                 Ok(c) => c,
@@ -87,7 +89,7 @@ pub fn tls_incoming(listener: TcpListener, config: Arc<ServerConfig>) -> Receive
             }
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let identity = crate::tls::peer_identity(stream.get_ref().1);

@@ -19,3 +19,4 @@ pub mod backoff;
 pub mod ca_client;
 pub mod xds;
 pub mod headers;
+pub mod drain;

@@ -49,6 +49,7 @@ pub struct Bound {
     /// PEM roots the clusters trust, for handing to controllers on first start.
     pub bundle_pem: String,
     tasks: tokio::task::JoinSet<()>,
+    _drain: isthmus_core::drain::Trigger,
 }
 
 impl Bound {
@@ -71,7 +72,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let mut metrics = prometheus_client::registry::Registry::with_prefix("isthmus_federation");
     let failover = config.failover.iter().map(|(from, to)| isthmus_proto::federation::Failover { from: from.clone(), to: to.clone() }).collect();
     let merged = registry::GlobalRegistry::new(bundle_pem.clone(), failover, metrics.sub_registry_with_prefix("registry"));
-    let svc = service::FederationService::new(Arc::new(root), merged.clone());
+    let (trigger, drain) = isthmus_core::drain::new();
+    let svc = service::FederationService::new(Arc::new(root), merged.clone(), drain.clone());
     let admin = Admin {
         registry: Arc::new(metrics),
         readiness: Readiness::default(),
@@ -85,16 +87,16 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let auth = ClientAuth::Optional(PeerPolicy::RootIssuedController(config.trust_domain.clone()));
     let tls = identity.server_config(auth, &[isthmus_core::tls::ALPN_H2]);
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(admin.run());
+    tasks.spawn(admin.run(drain.clone()));
     tasks.spawn(async move {
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(isthmus_proto::federation::federation_server::FederationServer::new(svc))
-            .serve_with_incoming(isthmus_core::grpc::tls_incoming(grpc, tls))
+            .serve_with_incoming_shutdown(isthmus_core::grpc::tls_incoming(grpc, tls, drain.clone()), async move { drain.signaled().await })
             .await;
         tracing::error!(?result, "federation gRPC server stopped");
     });
     tracing::info!(grpc = %grpc_address, admin = %admin_address, trust_domain = %config.trust_domain, "federation started");
-    Ok(Bound { grpc_address, admin_address, bundle_pem, tasks })
+    Ok(Bound { grpc_address, admin_address, bundle_pem, tasks, _drain: trigger })
 }

@@ -19,11 +19,12 @@ const REGISTRY_QUEUE: usize = 4;
 pub struct FederationService {
     root: Arc<Root>,
     registry: GlobalRegistry,
+    drain: isthmus_core::drain::Drain,
 }
 
 impl FederationService {
-    pub fn new(root: Arc<Root>, registry: GlobalRegistry) -> Self {
-        Self { root, registry }
+    pub fn new(root: Arc<Root>, registry: GlobalRegistry, drain: isthmus_core::drain::Drain) -> Self {
+        Self { root, registry, drain }
     }
 
     /// The cluster the caller proved: its controller certificate, else its join token.
@@ -89,7 +90,7 @@ impl Federation for FederationService {
         let (tx, rx) = mpsc::channel(REGISTRY_QUEUE);
         let registry = self.registry.clone();
         tracing::info!(%cluster, "cluster controller connected");
-        tokio::spawn(async move {
+        self.drain.spawn(async move {
             let mut merged = registry.subscribe();
             let current = (**merged.borrow_and_update()).clone();
             if tx.send(Ok(current)).await.is_err() {

@@ -46,6 +46,7 @@ pub struct Bound {
     pub admin_address: SocketAddr,
     pub readiness: Readiness,
     tasks: tokio::task::JoinSet<()>,
+    _drain: isthmus_core::drain::Trigger,
 }
 
 impl Bound {
@@ -71,6 +72,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let mut registry = prometheus_client::registry::Registry::with_prefix("isthmus_gateway");
     registry.register("quic_streams", "QUIC streams to and from peer gateways", metrics.streams.clone());
     registry.register("quic_connections", "QUIC connections opened to peer gateways", metrics.connections.clone());
+    registry.register("peer_up", "1 while the QUIC connection to a peer cluster's gateway is up", metrics.peer_up.clone());
     let admin = Admin {
         registry: Arc::new(registry),
         readiness: readiness.clone(),
@@ -90,8 +92,9 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let tunnel_address = tunnel.local_addr()?;
     let quic_address = udp.local_addr()?;
     let admin_address = admin.address();
+    let (trigger, drain) = isthmus_core::drain::new();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(admin.run());
+    tasks.spawn(admin.run(drain.clone()));
     let ca = CaClient {
         address: config.controller_addr,
         controller: SpiffeId::controller(&config.trust_domain, &config.cluster),
@@ -103,7 +106,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     tasks.spawn(async move {
         let identity = ca.fetch_until_issued().await;
         drop(cert_block);
-        let links = match peer::PeerLinks::new(udp, identity.clone()) {
+        let links = match peer::PeerLinks::new(udp, identity.clone(), drain.clone()) {
             Ok(l) => Arc::new(l.with_metrics(metrics)),
             Err(e) => return tracing::error!(error = %e, "cannot start the QUIC endpoint"),
         };
@@ -121,9 +124,9 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         tasks.spawn(xds.run());
         tasks.spawn(links.clone().serve(store.clone(), cluster.clone()));
         tasks.spawn(links.clone().follow_peers(store.clone()));
-        tasks.spawn(tunnel::run(tunnel, Arc::new(tunnel::TunnelCtx { identity, cluster, store, links })));
+        tasks.spawn(tunnel::run(tunnel, Arc::new(tunnel::TunnelCtx { identity, cluster, store, links, drain })));
         tasks.join_next().await;
     });
     tracing::info!(tunnel = %tunnel_address, quic = %quic_address, admin = %admin_address, "gateway started");
-    Ok(Bound { tunnel_address, quic_address, admin_address, readiness, tasks })
+    Ok(Bound { tunnel_address, quic_address, admin_address, readiness, tasks, _drain: trigger })
 }

@@ -21,6 +21,7 @@ use isthmus_proto::tunnel::{StreamHeader, StreamReply};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -57,10 +58,17 @@ pub struct StreamLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer_cluster: String,
+}
+
 #[derive(Clone, Default)]
 pub struct Metrics {
     pub streams: Family<StreamLabels, Counter>,
     pub connections: Counter,
+    /// 1 while the QUIC connection to a peer cluster is up.
+    pub peer_up: Family<PeerLabels, Gauge>,
 }
 
 #[derive(Clone)]
@@ -77,6 +85,7 @@ pub struct PeerLinks {
     links: Mutex<HashMap<String, watch::Receiver<LinkState>>>,
     pub metrics: Metrics,
     cursor: AtomicUsize,
+    drain: isthmus_core::drain::Drain,
 }
 
 fn transport() -> Arc<quinn::TransportConfig> {
@@ -89,13 +98,13 @@ fn transport() -> Arc<quinn::TransportConfig> {
 
 impl PeerLinks {
     /// Builds the QUIC endpoint on an already bound socket.
-    pub fn new(socket: std::net::UdpSocket, identity: TlsIdentity) -> anyhow::Result<Self> {
+    pub fn new(socket: std::net::UdpSocket, identity: TlsIdentity, drain: isthmus_core::drain::Drain) -> anyhow::Result<Self> {
         let gateway = SpiffeId::gateway(identity.id().trust_domain());
         let tls = identity.server_config(ClientAuth::Required(PeerPolicy::OneOf(vec![gateway])), &[ALPN_PEER]);
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
         server.transport_config(transport());
         let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, Arc::new(quinn::TokioRuntime))?;
-        Ok(Self { endpoint, identity, links: Mutex::default(), metrics: Metrics::default(), cursor: AtomicUsize::new(0) })
+        Ok(Self { endpoint, identity, links: Mutex::default(), metrics: Metrics::default(), cursor: AtomicUsize::new(0), drain })
     }
 
     /// Shares counters registered elsewhere.
@@ -120,7 +129,10 @@ impl PeerLinks {
     /// Keeps a connection to one peer up for as long as the peer is in config: dials,
     /// waits for the connection to close, dials again with backoff.
     async fn maintain(self: Arc<Self>, cluster: String, peer: Peer, link: watch::Sender<LinkState>) {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        // Redial quickly: a dial is one packet while the peer is gone, and a peer that
+        // comes back should carry traffic again within half a second.
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
+        let up = self.metrics.peer_up.get_or_create(&PeerLabels { peer_cluster: cluster.clone() }).clone();
         loop {
             match self.dial(&peer).await {
                 Ok(conn) => {
@@ -128,7 +140,9 @@ impl PeerLinks {
                     self.metrics.connections.inc();
                     backoff.reset();
                     link.send_replace(LinkState::Up(conn.clone()));
+                    up.set(1);
                     let reason = conn.closed().await;
+                    up.set(0);
                     tracing::warn!(peer = %cluster, %reason, "gateway peer connection lost");
                 }
                 Err(e) => tracing::debug!(peer = %cluster, error = %e, "gateway peer unreachable"),
@@ -168,6 +182,12 @@ impl PeerLinks {
             let (tx, rx) = watch::channel(LinkState::Connecting);
             links.insert(cluster.clone(), rx);
             let task = tokio::spawn(self.clone().maintain(cluster.clone(), peer.clone(), tx));
+            let abort = task.abort_handle();
+            let drain = self.drain.clone();
+            tokio::spawn(async move {
+                drain.signaled().await;
+                abort.abort();
+            });
             running.insert(cluster.clone(), (peer.clone(), task));
         }
     }
@@ -220,9 +240,14 @@ impl PeerLinks {
 
     /// Accepts peers' connections and streams until the endpoint closes.
     pub async fn serve(self: Arc<Self>, store: Arc<Store>, own_cluster: String) {
+        let closer = self.clone();
+        tokio::spawn(async move {
+            closer.drain.signaled().await;
+            closer.endpoint.close(0u32.into(), b"gateway stopped");
+        });
         while let Some(incoming) = self.endpoint.accept().await {
             let (links, store, own) = (self.clone(), store.clone(), own_cluster.clone());
-            tokio::spawn(async move {
+            self.drain.spawn(async move {
                 let remote = incoming.remote_address();
                 let conn = match incoming.await {
                     Ok(c) => c,
@@ -231,7 +256,8 @@ impl PeerLinks {
                 tracing::info!(%remote, "peer gateway accepted");
                 while let Ok((send, recv)) = conn.accept_bi().await {
                     let (links, store, own) = (links.clone(), store.clone(), own.clone());
-                    tokio::spawn(async move { links.serve_stream(send, recv, &store, &own).await });
+                    let drain = links.drain.clone();
+                    drain.spawn(async move { links.serve_stream(send, recv, &store, &own).await });
                 }
             });
         }

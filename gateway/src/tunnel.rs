@@ -26,6 +26,7 @@ pub struct TunnelCtx {
     pub cluster: String,
     pub store: Arc<Store>,
     pub links: Arc<PeerLinks>,
+    pub drain: isthmus_core::drain::Drain,
 }
 
 fn reply(status: StatusCode, reason: &'static str) -> Response<Body> {
@@ -54,7 +55,8 @@ pub async fn run(listener: TcpListener, ctx: Arc<TunnelCtx>) {
         let Ok((tcp, remote)) = listener.accept().await else { continue };
         let _ = tcp.set_nodelay(true);
         let (acceptor, ctx) = (acceptor.clone(), ctx.clone());
-        tokio::spawn(async move {
+        let drain = ctx.drain.clone();
+        drain.spawn(async move {
             let tls = match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => return tracing::info!(%remote, error = %e, "tunnel handshake refused"),
@@ -106,7 +108,7 @@ async fn handle(ctx: &TunnelCtx, peer: &SpiffeId, mut req: Request<Incoming>) ->
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
+    ctx.drain.spawn(async move {
         let Ok(upgraded) = on_upgrade.await else { return };
         let mut local = TokioIo::new(upgraded);
         let mut quic = tokio::io::join(recv, send);

@@ -52,11 +52,12 @@ impl InboundCtx {
 pub struct Inbound {
     listener: TcpListener,
     ctx: Arc<InboundCtx>,
+    drain: isthmus_core::drain::Drain,
 }
 
 impl Inbound {
-    pub fn new(listener: TcpListener, ctx: Arc<InboundCtx>) -> Self {
-        Self { listener, ctx }
+    pub fn new(listener: TcpListener, ctx: Arc<InboundCtx>, drain: isthmus_core::drain::Drain) -> Self {
+        Self { listener, ctx, drain }
     }
 
     pub async fn run(self) {
@@ -67,7 +68,7 @@ impl Inbound {
             let Ok((tcp, remote)) = self.listener.accept().await else { continue };
             let _ = tcp.set_nodelay(true);
             let (acceptor, ctx) = (acceptor.clone(), self.ctx.clone());
-            tokio::spawn(async move {
+            self.drain.spawn(async move {
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => return tracing::info!(%remote, error = %e, "inbound handshake refused"),

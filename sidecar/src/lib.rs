@@ -73,6 +73,7 @@ pub struct Bound {
     pub admin_address: SocketAddr,
     pub readiness: Readiness,
     tasks: tokio::task::JoinSet<()>,
+    _drain: isthmus_core::drain::Trigger,
 }
 
 impl Bound {
@@ -111,8 +112,9 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     };
     let admin = AdminServer::bind(config.admin_addr, admin).await.with_context(|| format!("binding admin listener on {}", config.admin_addr))?;
     let bound_addrs = (outbound.local_addr()?, inbound.local_addr()?, admin.address());
+    let (trigger, drain) = isthmus_core::drain::new();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(admin.run());
+    tasks.spawn(admin.run(drain.clone()));
     let ca = CaClient {
         address: config.controller_addr,
         controller: SpiffeId::controller(&config.trust_domain, &config.cluster),
@@ -137,14 +139,14 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             first_config: Some(config_block),
         };
         tasks.spawn(xds.run());
-        let out_ctx = Arc::new(outbound::OutboundCtx { state: store.subscribe(), pool: pool::Pool::new(identity.clone()), locality: cfg.locality.clone(), metrics: metrics.clone() });
-        tasks.spawn(outbound::Outbound::new(outbound, out_ctx).run());
+        let out_ctx = Arc::new(outbound::OutboundCtx { state: store.subscribe(), pool: pool::Pool::new(identity.clone(), drain.clone()), locality: cfg.locality.clone(), metrics: metrics.clone() });
+        tasks.spawn(outbound::Outbound::new(outbound, out_ctx, drain.clone()).run());
         let in_ctx = Arc::new(inbound::InboundCtx::new(identity, cfg.app_addr, cfg.cluster.clone(), metrics));
-        tasks.spawn(inbound::Inbound::new(inbound, in_ctx).run());
+        tasks.spawn(inbound::Inbound::new(inbound, in_ctx, drain).run());
         tasks.join_next().await;
     });
     tracing::info!(workload = %config.workload, outbound = %bound_addrs.0, inbound = %bound_addrs.1, admin = %bound_addrs.2, "sidecar started");
-    Ok(Bound { outbound_address: bound_addrs.0, inbound_address: bound_addrs.1, admin_address: bound_addrs.2, readiness, tasks })
+    Ok(Bound { outbound_address: bound_addrs.0, inbound_address: bound_addrs.1, admin_address: bound_addrs.2, readiness, tasks, _drain: trigger })
 }
 
 /// Probes the app's port and publishes whether it accepts connections.

@@ -38,11 +38,12 @@ pub struct OutboundCtx {
 pub struct Outbound {
     listener: TcpListener,
     ctx: Arc<OutboundCtx>,
+    drain: isthmus_core::drain::Drain,
 }
 
 impl Outbound {
-    pub fn new(listener: TcpListener, ctx: Arc<OutboundCtx>) -> Self {
-        Self { listener, ctx }
+    pub fn new(listener: TcpListener, ctx: Arc<OutboundCtx>, drain: isthmus_core::drain::Drain) -> Self {
+        Self { listener, ctx, drain }
     }
 
     pub async fn run(self) {
@@ -50,7 +51,7 @@ impl Outbound {
             let Ok((tcp, _)) = self.listener.accept().await else { continue };
             let _ = tcp.set_nodelay(true);
             let ctx = self.ctx.clone();
-            tokio::spawn(async move {
+            self.drain.spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let ctx = ctx.clone();
                     async move { Ok::<_, std::convert::Infallible>(handle(&ctx, req).await) }

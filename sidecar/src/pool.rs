@@ -14,6 +14,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use isthmus_core::drain::Drain;
 use isthmus_core::headers::{ERROR_REASON, TARGET_CLUSTER};
 use isthmus_core::identity::SpiffeId;
 use isthmus_core::tls::{server_name, PeerPolicy, TlsIdentity, ALPN_H2};
@@ -62,6 +63,7 @@ type Slot = Arc<tokio::sync::Mutex<Option<H2>>>;
 
 pub struct Pool {
     identity: TlsIdentity,
+    drain: Drain,
     slots: Mutex<HashMap<PoolKey, Slot>>,
 }
 
@@ -69,7 +71,7 @@ pub fn empty_body() -> ProxyBody {
     Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
 }
 
-async fn h2_handshake<I>(io: I, peer: &str, keepalive: (Duration, Duration)) -> Result<H2, ConnectError>
+async fn h2_handshake<I>(io: I, peer: &str, keepalive: (Duration, Duration), drain: &Drain) -> Result<H2, ConnectError>
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -82,7 +84,7 @@ where
         .await
         .map_err(|source| ConnectError::Http2 { peer: peer.to_owned(), source })?;
     let peer = peer.to_owned();
-    tokio::spawn(async move {
+    drain.spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(%peer, error = %e, "peer connection closed");
         }
@@ -91,8 +93,8 @@ where
 }
 
 impl Pool {
-    pub fn new(identity: TlsIdentity) -> Self {
-        Self { identity, slots: Mutex::default() }
+    pub fn new(identity: TlsIdentity, drain: Drain) -> Self {
+        Self { identity, drain, slots: Mutex::default() }
     }
 
     fn slot(&self, key: PoolKey) -> Slot {
@@ -127,7 +129,7 @@ impl Pool {
         let _ = tcp.set_nodelay(true);
         let connector = tokio_rustls::TlsConnector::from(self.identity.client_config(policy, &[ALPN_H2]));
         let tls = connector.connect(server_name(), tcp).await.map_err(|source| ConnectError::Tls { peer: peer.clone(), source })?;
-        h2_handshake(tls, &peer, KEEPALIVE).await
+        h2_handshake(tls, &peer, KEEPALIVE, &self.drain).await
     }
 
     /// A connection to the sidecar at `addr`, which must present `identity`.
@@ -175,6 +177,6 @@ impl Pool {
             .connect(server_name(), TokioIo::new(upgraded))
             .await
             .map_err(|source| ConnectError::Tls { peer: peer.clone(), source })?;
-        h2_handshake(tls, &peer, TUNNEL_KEEPALIVE).await
+        h2_handshake(tls, &peer, TUNNEL_KEEPALIVE, &self.drain).await
     }
 }

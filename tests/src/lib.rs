@@ -335,3 +335,63 @@ pub async fn metric_sum(admin: SocketAddr, metric: &str, labels: &[(&str, &str)]
     }
     Ok(sum)
 }
+
+/// Steady traffic from one sidecar's outbound listener to a host, as the demo sends it:
+/// one request at a time, recording where each landed.
+pub struct Traffic {
+    events: std::sync::Arc<std::sync::Mutex<Vec<(Instant, Result<String, String>)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    pub fn start(outbound: SocketAddr, host: &str) -> Self {
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (ev, host) = (events.clone(), host.to_owned());
+        let task = tokio::spawn(async move {
+            let client = AppClient::new();
+            loop {
+                let landed = match client.get(outbound, &host, "/").await {
+                    Ok(r) if r.status == 200 => r.answer().map(|a| a.cluster).map_err(|e| e.to_string()),
+                    Ok(r) => Err(format!("status {}: {}", r.status, String::from_utf8_lossy(&r.body))),
+                    Err(e) => Err(format!("{e:#}")),
+                };
+                ev.lock().unwrap_or_else(|p| p.into_inner()).push((Instant::now(), landed));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        Self { events, task }
+    }
+
+    /// Outcomes since `since`.
+    pub fn since(&self, since: Instant) -> Vec<Result<String, String>> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|(at, _)| *at >= since).map(|(_, l)| l.clone()).collect()
+    }
+
+    /// Every failure so far.
+    pub fn failures(&self) -> Vec<String> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(|(_, l)| l.clone().err()).collect()
+    }
+
+    /// Waits until the last `n` requests all landed in `cluster`.
+    pub async fn settles_in(&self, cluster: &str, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        eventually(&format!("traffic to settle in {cluster}"), timeout, || async {
+            let evs = self.events.lock().unwrap_or_else(|p| p.into_inner());
+            let tail: Vec<_> = evs.iter().rev().take(n).collect();
+            anyhow::ensure!(tail.len() == n && tail.iter().all(|(_, l)| l.as_deref() == Ok(cluster)), "last: {:?}", tail.first().map(|t| &t.1));
+            Ok(())
+        })
+        .await
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// GETs a component's `/config_dump` as JSON.
+pub async fn config_dump(admin: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    let r = AppClient::new().get(admin, "admin", "/config_dump").await?;
+    Ok(serde_json::from_slice(&r.body)?)
+}
