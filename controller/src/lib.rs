@@ -91,7 +91,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let (config_tx, config_rx) = watch::channel(Arc::new(initial));
     let (status_tx, status_rx) = watch::channel(LoadStatus { accepted: 1, ..Default::default() });
     let global = federation::GlobalState::load(&config.state_dir);
-    let registry = registry::Registry::new(&config.cluster, &state.trust_domain, config_rx, global.subscribe(), state.bundle_pem.clone());
+    let registry = registry::Registry::new(&config.cluster, &state.trust_domain, config_rx, global.subscribe(), state.bundle_pem.clone(), &config.state_dir);
     let (trigger, drain) = isthmus_core::drain::new();
     let discovery = discovery::DiscoveryService::new(config.cluster.clone(), registry.clone(), state.trust_domain.clone(), drain.clone(), metrics.sub_registry_with_prefix("xds"));
     let ca = ca::CaService::new(&config, &state)?;

@@ -19,6 +19,7 @@ use tokio::sync::{watch, Notify};
 
 /// Changes within this window are pushed together.
 const DEBOUNCE: Duration = Duration::from_millis(50);
+const GATEWAYS_FILE: &str = "gateways.json";
 /// The sidecar tunnel port on every workload address.
 pub const TUNNEL_PORT: u16 = 15008;
 
@@ -45,7 +46,7 @@ impl Health {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct GatewayInfo {
     pub tunnel_address: String,
     pub quic_address: String,
@@ -60,6 +61,9 @@ struct Inner {
     global: watch::Receiver<Arc<fed::GlobalRegistry>>,
     health: Mutex<BTreeMap<NamespacedName, Health>>,
     gateways: Mutex<BTreeSet<GatewayInfo>>,
+    /// Where known gateways are kept, so a restarted controller still routes across
+    /// clusters (and exports its gateways) before its gateways reconnect.
+    gateways_file: std::path::PathBuf,
     poke: Notify,
     snapshot: watch::Sender<Arc<Snapshot>>,
     exports: watch::Sender<Arc<fed::ClusterExports>>,
@@ -108,7 +112,10 @@ impl Registry {
         config: watch::Receiver<Arc<ConfigSet>>,
         global: watch::Receiver<Arc<fed::GlobalRegistry>>,
         bundle_pem: String,
+        state_dir: &std::path::Path,
     ) -> Self {
+        let gateways_file = state_dir.join(GATEWAYS_FILE);
+        let known: BTreeSet<GatewayInfo> = std::fs::read(&gateways_file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
         let inner = Inner {
             cluster: cluster.to_owned(),
             trust_domain: trust_domain.to_owned(),
@@ -116,7 +123,8 @@ impl Registry {
             config,
             global,
             health: Mutex::default(),
-            gateways: Mutex::default(),
+            gateways: Mutex::new(known),
+            gateways_file,
             poke: Notify::new(),
             snapshot: watch::Sender::new(Arc::default()),
             exports: watch::Sender::new(Arc::default()),
@@ -168,9 +176,16 @@ impl Registry {
     }
 
     pub fn gateway_connected(&self, gw: GatewayInfo) {
-        if lock(&self.inner.gateways).insert(gw) {
-            self.inner.poke.notify_one();
+        let mut gateways = lock(&self.inner.gateways);
+        if !gateways.insert(gw) {
+            return;
         }
+        let bytes = serde_json::to_vec(&*gateways).expect("gateway list serializes");
+        drop(gateways);
+        if let Err(e) = isthmus_core::fsutil::write_private(&self.inner.gateways_file, &bytes) {
+            tracing::warn!(error = %e, "cannot persist the gateway list");
+        }
+        self.inner.poke.notify_one();
     }
 
     /// Rebuilds on every change, debounced, until the process ends.

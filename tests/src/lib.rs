@@ -178,6 +178,7 @@ impl Mesh {
         let token = isthmus_federation::mint_join_token(&self.fed_state, name, TOKEN_TTL)?;
         let (fed, bundle) = (self.federation_addr, self.bundle_pem.clone());
         let c = self.cluster(name);
+        wait_port_free(c.controller_addr).await?;
         let bound = isthmus_controller::build(isthmus_controller::Config {
             cluster: c.name.clone(),
             trust_domain: TRUST_DOMAIN.into(),
@@ -207,6 +208,7 @@ impl Mesh {
         let c = self.cluster(name);
         let token = isthmus_controller::mint_workload_token(&c.state_dir, &c.name, isthmus_core::identity::SYSTEM_NAMESPACE, isthmus_core::identity::GATEWAY_SERVICE_ACCOUNT, TOKEN_TTL)?;
         let gw_ip = IpAddr::V4(ip(c.block, c.index, 2));
+        wait_port_free(SocketAddr::new(gw_ip, 15008)).await?;
         let bound = isthmus_gateway::build(isthmus_gateway::Config {
             cluster: c.name.clone(),
             trust_domain: TRUST_DOMAIN.into(),
@@ -289,11 +291,22 @@ impl Mesh {
         let bundle = self.bundle_pem.clone();
         let c = self.cluster(cluster);
         let mut w = c.workloads.remove(name).context("no such workload")?;
+        wait_port_free(SocketAddr::new(IpAddr::V4(w.ip), 15008)).await?;
         w.app = Some(isthmus::echo::build(isthmus::echo::Config { listen: SocketAddr::new(IpAddr::V4(w.ip), APP_PORT), cluster: cluster.to_owned(), workload: name.to_owned() }).await?);
         w.sidecar = Some(start_sidecar(c, &w, &bundle).await?);
         c.workloads.insert(name.to_owned(), w);
         Ok(())
     }
+}
+
+/// A stopped component's tasks release their sockets asynchronously; wait until the
+/// address can be bound again, as a restarted process would find it.
+async fn wait_port_free(addr: SocketAddr) -> anyhow::Result<()> {
+    eventually(&format!("{addr} to be free"), Duration::from_secs(5), || async {
+        drop(tokio::net::TcpListener::bind(addr).await?);
+        Ok(())
+    })
+    .await
 }
 
 async fn start_sidecar(c: &Cluster, w: &Workload, bundle: &str) -> anyhow::Result<isthmus_sidecar::Bound> {
@@ -394,4 +407,45 @@ impl Drop for Traffic {
 pub async fn config_dump(admin: SocketAddr) -> anyhow::Result<serde_json::Value> {
     let r = AppClient::new().get(admin, "admin", "/config_dump").await?;
     Ok(serde_json::from_slice(&r.body)?)
+}
+
+/// Sends one HTTP/2 request over mTLS to a proxy's tunnel port, presenting `identity`,
+/// as another proxy would; returns the response status.
+pub async fn mtls_request(addr: SocketAddr, identity: &isthmus_core::tls::TlsIdentity, req: http::Request<http_body_util::Empty<bytes::Bytes>>) -> anyhow::Result<http::StatusCode> {
+    let td = identity.id().trust_domain().to_owned();
+    let config = identity.client_config(isthmus_core::tls::PeerPolicy::TrustDomain(td), &[isthmus_core::tls::ALPN_H2]);
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tls = tokio_rustls::TlsConnector::from(config).connect(isthmus_core::tls::server_name(), tcp).await?;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls)).await?;
+    tokio::spawn(conn);
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req)).await??;
+    Ok(resp.status())
+}
+
+/// Credentials with a leaf for `id` signed by `issuer`, trusting `bundle_pem`.
+pub fn credentials_from(issuer: &isthmus_core::tls::ca::CertificateAuthority, id: &isthmus_core::identity::SpiffeId, bundle_pem: &str) -> anyhow::Result<isthmus_core::tls::TlsIdentity> {
+    let (key, csr) = isthmus_core::tls::ca::leaf_csr(id)?;
+    let chain = issuer.sign_leaf(&csr, id, Duration::from_secs(3600))?;
+    Ok(isthmus_core::tls::TlsIdentity::new(isthmus_core::tls::Credentials::from_pem(key.serialize_der(), &chain, bundle_pem)?))
+}
+
+impl Mesh {
+    /// A CA client for `cluster` that proves `token_sa` but asks for `asked_sa`.
+    pub fn ca_client(&mut self, cluster: &str, token_cluster: &str, token_sa: &str, asked_sa: &str) -> anyhow::Result<isthmus_core::ca_client::CaClient> {
+        let bundle = self.bundle_pem.clone();
+        let token_state = self.cluster(token_cluster).state_dir.clone();
+        let token = isthmus_controller::mint_workload_token(&token_state, cluster, NAMESPACE, token_sa, TOKEN_TTL)?;
+        let c = self.cluster(cluster);
+        Ok(isthmus_core::ca_client::CaClient {
+            address: c.controller_addr,
+            controller: isthmus_core::identity::SpiffeId::controller(TRUST_DOMAIN, &c.name),
+            bootstrap_bundle_pem: bundle,
+            token: Some(token),
+            identity: isthmus_core::identity::SpiffeId::new(TRUST_DOMAIN, NAMESPACE, asked_sa),
+        })
+    }
+
+    pub fn controller_admin(&mut self, cluster: &str) -> SocketAddr {
+        self.cluster(cluster).controller.as_ref().expect("controller running").admin_address
+    }
 }
