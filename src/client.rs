@@ -26,7 +26,13 @@ pub struct Reply {
 impl Reply {
     /// The sample app's answer in the body.
     pub fn answer(&self) -> anyhow::Result<Answer> {
-        serde_json::from_slice(&self.body).with_context(|| format!("status {} body {:?}", self.status, String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).with_context(|| {
+            format!(
+                "status {} body {:?}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 }
 
@@ -46,7 +52,9 @@ impl AppClient {
     pub fn new() -> Self {
         Self {
             h1: Client::builder(TokioExecutor::new()).build_http(),
-            h2: Client::builder(TokioExecutor::new()).http2_only(true).build_http(),
+            h2: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build_http(),
         }
     }
 
@@ -55,16 +63,31 @@ impl AppClient {
         self.send(addr, host, path, false, &[]).await
     }
 
-    pub async fn send(&self, addr: SocketAddr, host: &str, path: &str, h2: bool, headers: &[(&str, &str)]) -> anyhow::Result<Reply> {
-        let mut req = http::Request::builder().uri(format!("http://{addr}{path}")).header("host", host);
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        path: &str,
+        h2: bool,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Reply> {
+        let mut req = http::Request::builder()
+            .uri(format!("http://{addr}{path}"))
+            .header("host", host);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
         let req = req.body(Full::new(Bytes::new()))?;
         let client = if h2 { &self.h2 } else { &self.h1 };
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.request(req)).await.context("request timed out")??;
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.request(req))
+            .await
+            .context("request timed out")??;
         let (parts, body) = resp.into_parts();
         let body = body.collect().await?.to_bytes();
-        Ok(Reply { status: parts.status, headers: parts.headers, body })
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
     }
 }

@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -24,6 +23,7 @@ use serde::Deserialize;
 use tokio::process::{Child, Command};
 
 use crate::client::AppClient;
+use crate::traffic::{Event, Traffic};
 
 const TOPOLOGY: &str = include_str!("../deploy/demo/topology.yaml");
 const CLUSTER_CONFIG: &[(&str, &str)] = &[
@@ -106,17 +106,28 @@ struct Procs {
 
 impl Procs {
     fn spawn(&mut self, name: &str, args: Vec<String>, logs: &Path) -> anyhow::Result<()> {
-        let mut p = Proc { args, log: logs.join(format!("{name}.log")), child: None };
-        self.start(&mut p).with_context(|| format!("starting {name}"))?;
+        let mut p = Proc {
+            args,
+            log: logs.join(format!("{name}.log")),
+            child: None,
+        };
+        self.start(&mut p)
+            .with_context(|| format!("starting {name}"))?;
         self.procs.insert(name.to_owned(), p);
         Ok(())
     }
 
     fn start(&self, p: &mut Proc) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&p.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p.log)?;
         let child = Command::new(&self.exe)
             .args(&p.args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -172,55 +183,139 @@ async fn start_mesh(topo: &Topology, dir: &Path, procs: &mut Procs) -> anyhow::R
     let client = AppClient::new();
     let td = &topo.federation.trust_domain;
     let fed_state = dir.join("federation");
-    let mut args = vec!["federation".into(), "--trust-domain".into(), td.clone(), "--state-dir".into(), fed_state.display().to_string()];
-    args.extend(["--listen".into(), sa(topo.federation.address, 15200).to_string(), "--admin".into(), sa(topo.federation.address, 15014).to_string()]);
+    let mut args = vec![
+        "federation".into(),
+        "--trust-domain".into(),
+        td.clone(),
+        "--state-dir".into(),
+        fed_state.display().to_string(),
+    ];
+    args.extend([
+        "--listen".into(),
+        sa(topo.federation.address, 15200).to_string(),
+        "--admin".into(),
+        sa(topo.federation.address, 15014).to_string(),
+    ]);
     for f in &topo.federation.failover {
         args.extend(["--failover".into(), format!("{}={}", f.from, f.to)]);
     }
     procs.spawn("federation", args, &logs)?;
     let root = fed_state.join("root-cert.pem");
-    wait_until("the federation's root CA", || async { root.exists() && fed_state.join("join-token.key").exists() }).await?;
+    wait_until("the federation's root CA", || async {
+        root.exists() && fed_state.join("join-token.key").exists()
+    })
+    .await?;
     let root = root.display().to_string();
 
     for c in &topo.clusters {
         let cdir = dir.join(&c.name);
         let config_dir = cdir.join("config");
         std::fs::create_dir_all(&config_dir)?;
-        let yaml = CLUSTER_CONFIG.iter().find(|(n, _)| *n == c.name).map(|(_, y)| *y).context("no demo config for cluster")?;
+        let yaml = CLUSTER_CONFIG
+            .iter()
+            .find(|(n, _)| *n == c.name)
+            .map(|(_, y)| *y)
+            .context("no demo config for cluster")?;
         std::fs::write(config_dir.join("echo.yaml"), yaml)?;
         let token = isthmus_federation::mint_join_token(&fed_state, &c.name, TOKEN_TTL)?;
         let args = vec![
-            "controller".into(), "--cluster".into(), c.name.clone(), "--trust-domain".into(), td.clone(),
-            "--config-dir".into(), config_dir.display().to_string(), "--state-dir".into(), cdir.join("state").display().to_string(),
-            "--listen".into(), sa(c.controller, 15012).to_string(), "--admin".into(), sa(c.controller, 15014).to_string(),
-            "--federation".into(), sa(topo.federation.address, 15200).to_string(), "--federation-root".into(), root.clone(),
-            "--join-token".into(), token,
+            "controller".into(),
+            "--cluster".into(),
+            c.name.clone(),
+            "--trust-domain".into(),
+            td.clone(),
+            "--config-dir".into(),
+            config_dir.display().to_string(),
+            "--state-dir".into(),
+            cdir.join("state").display().to_string(),
+            "--listen".into(),
+            sa(c.controller, 15012).to_string(),
+            "--admin".into(),
+            sa(c.controller, 15014).to_string(),
+            "--federation".into(),
+            sa(topo.federation.address, 15200).to_string(),
+            "--federation-root".into(),
+            root.clone(),
+            "--join-token".into(),
+            token,
         ];
         procs.spawn(&format!("{}-controller", c.name), args, &logs)?;
     }
     for c in &topo.clusters {
         let state = dir.join(&c.name).join("state");
         let admin = sa(c.controller, 15014);
-        wait_until(&format!("controller of {}", c.name), || async { client.get(admin, "controller", "/config_dump").await.is_ok() }).await?;
+        wait_until(&format!("controller of {}", c.name), || async {
+            client
+                .get(admin, "controller", "/config_dump")
+                .await
+                .is_ok()
+        })
+        .await?;
         let common = |role: &str| -> Vec<String> {
-            vec![role.into(), "--cluster".into(), c.name.clone(), "--trust-domain".into(), td.clone(), "--controller".into(), sa(c.controller, 15012).to_string(), "--root".into(), root.clone()]
+            vec![
+                role.into(),
+                "--cluster".into(),
+                c.name.clone(),
+                "--trust-domain".into(),
+                td.clone(),
+                "--controller".into(),
+                sa(c.controller, 15012).to_string(),
+                "--root".into(),
+                root.clone(),
+            ]
         };
-        let token = isthmus_controller::mint_workload_token(&state, &c.name, isthmus_core::identity::SYSTEM_NAMESPACE, isthmus_core::identity::GATEWAY_SERVICE_ACCOUNT, TOKEN_TTL)?;
+        let token = isthmus_controller::mint_workload_token(
+            &state,
+            &c.name,
+            isthmus_core::identity::SYSTEM_NAMESPACE,
+            isthmus_core::identity::GATEWAY_SERVICE_ACCOUNT,
+            TOKEN_TTL,
+        )?;
         let mut args = common("gateway");
-        args.extend(["--token".into(), token, "--tunnel".into(), sa(c.gateway, 15008).to_string(), "--quic".into(), sa(c.gateway, 15443).to_string(), "--admin".into(), sa(c.gateway, 15000).to_string()]);
+        args.extend([
+            "--token".into(),
+            token,
+            "--tunnel".into(),
+            sa(c.gateway, 15008).to_string(),
+            "--quic".into(),
+            sa(c.gateway, 15443).to_string(),
+            "--admin".into(),
+            sa(c.gateway, 15000).to_string(),
+        ]);
         procs.spawn(&format!("{}-gateway", c.name), args, &logs)?;
         for w in &c.workloads {
             let sa_name = if w.app.is_some() { "echo" } else { "frontend" };
             if let Some(port) = w.app {
-                let args = vec!["echo".into(), "--listen".into(), sa(w.address, port).to_string(), "--cluster".into(), c.name.clone(), "--workload".into(), w.name.clone()];
+                let args = vec![
+                    "echo".into(),
+                    "--listen".into(),
+                    sa(w.address, port).to_string(),
+                    "--cluster".into(),
+                    c.name.clone(),
+                    "--workload".into(),
+                    w.name.clone(),
+                ];
                 procs.spawn(&format!("{}-app", w.name), args, &logs)?;
             }
-            let token = isthmus_controller::mint_workload_token(&state, &c.name, NAMESPACE, sa_name, TOKEN_TTL)?;
+            let token = isthmus_controller::mint_workload_token(
+                &state, &c.name, NAMESPACE, sa_name, TOKEN_TTL,
+            )?;
             let mut args = common("sidecar");
             args.extend([
-                "--workload".into(), format!("{NAMESPACE}/{}", w.name), "--service-account".into(), sa_name.into(), "--locality".into(), c.locality.clone(),
-                "--token".into(), token, "--outbound".into(), sa(w.address, 15001).to_string(), "--inbound".into(), sa(w.address, 15008).to_string(),
-                "--admin".into(), sa(w.address, 15000).to_string(),
+                "--workload".into(),
+                format!("{NAMESPACE}/{}", w.name),
+                "--service-account".into(),
+                sa_name.into(),
+                "--locality".into(),
+                c.locality.clone(),
+                "--token".into(),
+                token,
+                "--outbound".into(),
+                sa(w.address, 15001).to_string(),
+                "--inbound".into(),
+                sa(w.address, 15008).to_string(),
+                "--admin".into(),
+                sa(w.address, 15000).to_string(),
             ]);
             if let Some(port) = w.app {
                 args.extend(["--app".into(), sa(w.address, port).to_string()]);
@@ -229,27 +324,39 @@ async fn start_mesh(topo: &Topology, dir: &Path, procs: &mut Procs) -> anyhow::R
         }
     }
     for c in &topo.clusters {
-        wait_until(&format!("gateway of {}", c.name), || ready(&client, sa(c.gateway, 15000))).await?;
+        wait_until(&format!("gateway of {}", c.name), || {
+            ready(&client, sa(c.gateway, 15000))
+        })
+        .await?;
         for w in &c.workloads {
-            wait_until(&format!("sidecar of {}", w.name), || ready(&client, sa(w.address, 15000))).await?;
+            wait_until(&format!("sidecar of {}", w.name), || {
+                ready(&client, sa(w.address, 15000))
+            })
+            .await?;
         }
     }
-    let source = topo.clusters.iter().flat_map(|c| &c.workloads).find(|w| w.app.is_none()).context("the topology has no client workload")?;
+    let source = topo
+        .clusters
+        .iter()
+        .flat_map(|c| &c.workloads)
+        .find(|w| w.app.is_none())
+        .context("the topology has no client workload")?;
     let admin = sa(source.address, 15000);
     let remote_clusters = topo.clusters.len() - 1;
     wait_until("the client to learn every cluster serving echo", || async {
-        let Ok(r) = client.get(admin, "admin", "/config_dump").await else { return false };
-        let Ok(dump) = serde_json::from_slice::<serde_json::Value>(&r.body) else { return false };
-        dump["services"].as_array().into_iter().flatten().any(|s| s["service"] == SERVICE_HOST && s["remote"].as_array().map(Vec::len) == Some(remote_clusters))
+        let Ok(r) = client.get(admin, "admin", "/config_dump").await else {
+            return false;
+        };
+        let Ok(dump) = serde_json::from_slice::<serde_json::Value>(&r.body) else {
+            return false;
+        };
+        dump["services"].as_array().into_iter().flatten().any(|s| {
+            s["service"] == SERVICE_HOST
+                && s["remote"].as_array().map(Vec::len) == Some(remote_clusters)
+        })
     })
     .await?;
     Ok(sa(source.address, 15001))
-}
-
-/// One request's outcome.
-struct Event {
-    at: Instant,
-    landed: Result<String, String>,
 }
 
 struct PhaseResult {
@@ -257,50 +364,52 @@ struct PhaseResult {
     requests: usize,
     failed: usize,
     landed: BTreeMap<String, usize>,
+    /// When the first request landed where the phase expects traffic.
     failover: Option<Duration>,
     verdict: Result<(), String>,
 }
 
-fn traffic(client: AppClient, outbound: SocketAddr, events: Arc<Mutex<Vec<Event>>>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            let landed = match client.get(outbound, SERVICE_HOST, "/").await {
-                Ok(r) if r.status == 200 => r.answer().map(|a| a.cluster).map_err(|e| e.to_string()),
-                Ok(r) => Err(format!("status {} ({})", r.status, String::from_utf8_lossy(&r.body).trim())),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = &landed {
-                eprintln!("    request failed: {e}");
-            }
-            events.lock().unwrap_or_else(|p| p.into_inner()).push(Event { at: Instant::now(), landed });
-            tokio::time::sleep(REQUEST_GAP).await;
-        }
-    })
-}
-
-fn events_since(events: &Mutex<Vec<Event>>, since: Instant) -> Vec<(Instant, Result<String, String>)> {
-    events.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|e| e.at >= since).map(|e| (e.at, e.landed.clone())).collect()
-}
-
-/// Runs one phase: waits until `settled` says the traffic landed where it should (or the
-/// deadline passes), then keeps going for `hold`; prints a line a second.
-async fn phase(name: &str, events: &Mutex<Vec<Event>>, start: Instant, expect: &str, hold: Duration, deadline: Duration) -> PhaseResult {
+/// Runs one phase: waits until traffic lands only where it should (or the deadline
+/// passes), then keeps going for `hold`; prints a line a second.
+async fn phase(
+    name: &str,
+    traffic: &Traffic,
+    expect: &str,
+    hold: Duration,
+    deadline: Duration,
+) -> PhaseResult {
+    let start = Instant::now();
     let mut settled_at: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     loop {
         tick.tick().await;
-        let evs = events_since(events, start);
+        let evs = traffic.since(start);
         let mut res = summarize(name, &evs, start, expect);
+        let landed: Vec<String> = res
+            .landed
+            .iter()
+            .map(|(c, n)| format!("{c} {n:>4}"))
+            .collect();
         println!(
-            "  {:<22} +{:>4.1}s  {}  failed {}",
-            name,
+            "  {name:<22} +{:>4.1}s  {}  failed {}",
             start.elapsed().as_secs_f64(),
-            res.landed.iter().map(|(c, n)| format!("{c} {n:>4}")).collect::<Vec<_>>().join("  "),
+            landed.join("  "),
             res.failed
         );
-        let recent: Vec<_> = evs.iter().filter(|(at, _)| at.elapsed() < Duration::from_millis(900)).collect();
-        let home = !recent.is_empty() && recent.iter().all(|(_, l)| l.as_deref() == Ok(expect));
+        for e in evs
+            .iter()
+            .filter(|e| e.at.elapsed() < Duration::from_secs(1))
+        {
+            if let Err(why) = &e.landed {
+                println!("    request failed: {why}");
+            }
+        }
+        let recent: Vec<&Event> = evs
+            .iter()
+            .filter(|e| e.at.elapsed() < Duration::from_millis(900))
+            .collect();
+        let home = !recent.is_empty() && recent.iter().all(|e| e.landed.as_deref() == Ok(expect));
         if home && settled_at.is_none() {
             settled_at = Some(Instant::now());
         }
@@ -311,14 +420,21 @@ async fn phase(name: &str, events: &Mutex<Vec<Event>>, start: Instant, expect: &
     }
 }
 
-fn summarize(name: &str, evs: &[(Instant, Result<String, String>)], start: Instant, expect: &str) -> PhaseResult {
-    let mut res = PhaseResult { name: name.to_owned(), requests: evs.len(), failed: 0, landed: BTreeMap::new(), failover: None, verdict: Ok(()) };
-    for (at, l) in evs {
-        match l {
+fn summarize(name: &str, evs: &[Event], start: Instant, expect: &str) -> PhaseResult {
+    let mut res = PhaseResult {
+        name: name.to_owned(),
+        requests: evs.len(),
+        failed: 0,
+        landed: BTreeMap::new(),
+        failover: None,
+        verdict: Ok(()),
+    };
+    for e in evs {
+        match &e.landed {
             Ok(c) => {
                 *res.landed.entry(c.clone()).or_default() += 1;
                 if c == expect && res.failover.is_none() {
-                    res.failover = Some(at.duration_since(start));
+                    res.failover = Some(e.at.duration_since(start));
                 }
             }
             Err(_) => res.failed += 1,
@@ -327,36 +443,60 @@ fn summarize(name: &str, evs: &[(Instant, Result<String, String>)], start: Insta
     res
 }
 
-fn verdict(res: &PhaseResult, evs: &[(Instant, Result<String, String>)], settled_at: Option<Instant>, expect: &str) -> Result<(), String> {
+fn verdict(
+    res: &PhaseResult,
+    evs: &[Event],
+    settled_at: Option<Instant>,
+    expect: &str,
+) -> Result<(), String> {
     if res.failed > 0 {
         return Err(format!("{} requests failed", res.failed));
     }
     let Some(settled) = settled_at else {
         return Err(format!("traffic never settled in {expect}"));
     };
-    let strays = evs.iter().filter(|(at, l)| *at >= settled && l.as_deref() != Ok(expect)).count();
+    let strays = evs
+        .iter()
+        .filter(|e| e.at >= settled && e.landed.as_deref() != Ok(expect))
+        .count();
     if strays > 0 {
-        return Err(format!("{strays} requests landed outside {expect} after traffic settled"));
+        return Err(format!(
+            "{strays} requests landed outside {expect} after traffic settled"
+        ));
     }
     Ok(())
 }
 
 /// Runs the demo; returns whether every phase behaved.
 pub async fn run(opts: Options) -> anyhow::Result<bool> {
-    let topo: Topology = serde_yaml_ng::from_str(TOPOLOGY).context("deploy/demo/topology.yaml is invalid")?;
+    let topo: Topology =
+        serde_yaml_ng::from_str(TOPOLOGY).context("deploy/demo/topology.yaml is invalid")?;
     let tmp = tempfile::tempdir()?;
     let dir = opts.dir.clone().unwrap_or_else(|| tmp.path().to_owned());
-    let mut procs = Procs { exe: std::env::current_exe()?, procs: BTreeMap::new() };
-    println!("isthmus demo: federation + {} clusters on loopback; state and logs in {}", topo.clusters.len(), dir.display());
+    let mut procs = Procs {
+        exe: std::env::current_exe()?,
+        procs: BTreeMap::new(),
+    };
+    println!(
+        "isthmus demo: federation + {} clusters on loopback; state and logs in {}",
+        topo.clusters.len(),
+        dir.display()
+    );
     let started = Instant::now();
     let outbound = match start_mesh(&topo, &dir, &mut procs).await {
         Ok(o) => o,
         Err(e) => {
             procs.kill_all().await;
-            return Err(e.context(format!("the mesh did not come up; see the logs in {}", dir.join("logs").display())));
+            return Err(e.context(format!(
+                "the mesh did not come up; see the logs in {}",
+                dir.join("logs").display()
+            )));
         }
     };
-    println!("mesh up in {:.1}s; client in east sends steady traffic to {SERVICE_HOST}\n", started.elapsed().as_secs_f64());
+    println!(
+        "mesh up in {:.1}s; client in east sends steady traffic to {SERVICE_HOST}\n",
+        started.elapsed().as_secs_f64()
+    );
     let results = scenario(&mut procs, outbound, opts.phase_secs).await?;
     print_summary(&results);
     let passed = results.iter().all(|r| r.verdict.is_ok());
@@ -368,50 +508,75 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
     Ok(passed)
 }
 
-async fn scenario(procs: &mut Procs, outbound: SocketAddr, phase_secs: u64) -> anyhow::Result<Vec<PhaseResult>> {
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let gen = traffic(AppClient::new(), outbound, events.clone());
+async fn scenario(
+    procs: &mut Procs,
+    outbound: SocketAddr,
+    phase_secs: u64,
+) -> anyhow::Result<Vec<PhaseResult>> {
+    let traffic = Traffic::start(outbound, SERVICE_HOST, REQUEST_GAP);
     let hold = Duration::from_secs(phase_secs);
     let deadline = Duration::from_secs(phase_secs + 20);
-    let mut results = Vec::new();
-    results.push(phase("1 baseline", &events, Instant::now(), "east", hold, deadline).await);
+    let mut results = vec![phase("1 baseline", &traffic, "east", hold, deadline).await];
     println!("  -- stopping the echo workload in east");
     procs.kill("echo-east-app").await;
     procs.kill("echo-east-sidecar").await;
-    results.push(phase("2 east backend down", &events, Instant::now(), "west", hold, deadline).await);
+    results.push(phase("2 east backend down", &traffic, "west", hold, deadline).await);
     println!("  -- cutting west's gateway");
     procs.kill("west-gateway").await;
-    results.push(phase("3 west gateway down", &events, Instant::now(), "eu", hold, deadline).await);
+    results.push(phase("3 west gateway down", &traffic, "eu", hold, deadline).await);
     println!("  -- restoring the east workload and west's gateway");
     procs.restart("echo-east-app")?;
     procs.restart("echo-east-sidecar")?;
     procs.restart("west-gateway")?;
-    results.push(phase("4 restored", &events, Instant::now(), "east", hold, deadline).await);
-    gen.abort();
+    results.push(phase("4 restored", &traffic, "east", hold, deadline).await);
     Ok(results)
 }
 
 fn print_summary(results: &[PhaseResult]) {
-    println!("\n{:<22} {:>8} {:>7}  {:<30} {:>12}  verdict", "phase", "requests", "failed", "landed", "settled in");
+    println!(
+        "\n{:<22} {:>8} {:>7}  {:<30} {:>12}  verdict",
+        "phase", "requests", "failed", "landed", "settled in"
+    );
     for r in results {
-        let landed = r.landed.iter().map(|(c, n)| format!("{c}={n}")).collect::<Vec<_>>().join(" ");
-        let failover = r.failover.map(|d| format!("{:.2}s", d.as_secs_f64())).unwrap_or_else(|| "-".into());
+        let landed = r
+            .landed
+            .iter()
+            .map(|(c, n)| format!("{c}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let failover = r
+            .failover
+            .map(|d| format!("{:.2}s", d.as_secs_f64()))
+            .unwrap_or_else(|| "-".into());
         let verdict = match &r.verdict {
             Ok(()) => "ok".to_owned(),
             Err(e) => format!("FAILED: {e}"),
         };
-        println!("{:<22} {:>8} {:>7}  {:<30} {:>12}  {verdict}", r.name, r.requests, r.failed, landed, failover);
+        println!(
+            "{:<22} {:>8} {:>7}  {:<30} {:>12}  {verdict}",
+            r.name, r.requests, r.failed, landed, failover
+        );
     }
 }
 
 fn print_addresses(topo: &Topology, outbound: SocketAddr) {
     println!("\nThe mesh stays up until Ctrl-C. Try:");
-    println!("  curl -H 'Host: {SERVICE_HOST}' http://{outbound}/          # from the client in east");
+    println!(
+        "  curl -H 'Host: {SERVICE_HOST}' http://{outbound}/          # from the client in east"
+    );
     for c in &topo.clusters {
         println!("  cluster {:<5} controller metrics http://{}/config_dump   gateway http://{}/stats/prometheus", c.name, sa(c.controller, 15014), sa(c.gateway, 15000));
         for w in &c.workloads {
-            println!("    {:<10} sidecar outbound http://{}  admin http://{}/config_dump", w.name, sa(w.address, 15001), sa(w.address, 15000));
+            println!(
+                "    {:<10} sidecar outbound http://{}  admin http://{}/config_dump",
+                w.name,
+                sa(w.address, 15001),
+                sa(w.address, 15000)
+            );
         }
     }
-    println!("  federation registry http://{}/config_dump", sa(topo.federation.address, 15014));
+    println!(
+        "  federation registry http://{}/config_dump",
+        sa(topo.federation.address, 15014)
+    );
 }

@@ -40,7 +40,10 @@ pub struct Answer {
 
 /// The caller's SPIFFE ID from Envoy-style `x-forwarded-client-cert` (`...;URI=<id>`).
 pub fn caller_from_xfcc(xfcc: &str) -> String {
-    xfcc.split(';').find_map(|kv| kv.trim().strip_prefix("URI=")).unwrap_or_default().to_owned()
+    xfcc.split(';')
+        .find_map(|kv| kv.trim().strip_prefix("URI="))
+        .unwrap_or_default()
+        .to_owned()
 }
 
 #[derive(Clone)]
@@ -48,8 +51,16 @@ struct EchoGrpc(Arc<Config>);
 
 #[tonic::async_trait]
 impl Echo for EchoGrpc {
-    async fn say(&self, req: tonic::Request<EchoRequest>) -> Result<tonic::Response<EchoReply>, tonic::Status> {
-        let caller = req.metadata().get("x-forwarded-client-cert").and_then(|v| v.to_str().ok()).map(caller_from_xfcc).unwrap_or_default();
+    async fn say(
+        &self,
+        req: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+        let caller = req
+            .metadata()
+            .get("x-forwarded-client-cert")
+            .and_then(|v| v.to_str().ok())
+            .map(caller_from_xfcc)
+            .unwrap_or_default();
         Ok(tonic::Response::new(EchoReply {
             message: req.into_inner().message,
             cluster: self.0.cluster.clone(),
@@ -78,35 +89,57 @@ impl Bound {
 }
 
 pub async fn build(config: Config) -> anyhow::Result<Bound> {
-    let listener = TcpListener::bind(config.listen).await.map_err(|e| anyhow::anyhow!("binding echo app on {}: {e}", config.listen))?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding echo app on {}: {e}", config.listen))?;
     let address = listener.local_addr()?;
     let config = Arc::new(config);
     let grpc = tonic::service::Routes::new(EchoServer::new(EchoGrpc(config.clone())));
     let (trigger, drain) = isthmus_core::drain::new();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
             let (config, grpc) = (config.clone(), grpc.clone());
             drain.spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let (config, mut grpc) = (config.clone(), grpc.clone());
                     async move {
-                        if req.headers().get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc")) {
+                        if req
+                            .headers()
+                            .get("content-type")
+                            .and_then(|v| v.to_str().ok())
+                            .is_some_and(|v| v.starts_with("application/grpc"))
+                        {
                             let resp = grpc.call(req).await.unwrap_or_else(|never| match never {});
-                            return Ok::<_, Infallible>(resp.map(|b| b.map_err(Into::into).boxed_unsync()));
+                            return Ok::<_, Infallible>(
+                                resp.map(|b| b.map_err(Into::into).boxed_unsync()),
+                            );
                         }
                         Ok(answer(&config, req).await)
                     }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(tcp), svc).await;
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
             });
         }
     });
-    Ok(Bound { address, task, _drain: trigger })
+    Ok(Bound {
+        address,
+        task,
+        _drain: trigger,
+    })
 }
 
 async fn answer(config: &Config, req: Request<Incoming>) -> Response<Body> {
-    let caller = req.headers().get("x-forwarded-client-cert").and_then(|v| v.to_str().ok()).map(caller_from_xfcc).unwrap_or_default();
+    let caller = req
+        .headers()
+        .get("x-forwarded-client-cert")
+        .and_then(|v| v.to_str().ok())
+        .map(caller_from_xfcc)
+        .unwrap_or_default();
     let status = req
         .uri()
         .path()
@@ -124,8 +157,15 @@ async fn answer(config: &Config, req: Request<Incoming>) -> Response<Body> {
     };
     let _ = req.into_body().collect().await;
     let body = serde_json::to_vec(&a).unwrap_or_default();
-    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed_unsync());
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
     *resp.status_mut() = status;
-    resp.headers_mut().insert("content-type", http::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
     resp
 }

@@ -2,6 +2,7 @@
 //! helpers the CLI and the integration tests share. Every component itself lives in its own
 //! crate (`isthmus-sidecar`, `-gateway`, `-controller`, `-federation`).
 
-pub mod echo;
 pub mod client;
 pub mod demo;
+pub mod echo;
+pub mod traffic;

@@ -15,9 +15,14 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "isthmus", version, about = "Isthmus: a multi-cluster, federated service mesh", long_about = "Isthmus connects several clusters into one mesh: sidecars \
+#[command(
+    name = "isthmus",
+    version,
+    about = "Isthmus: a multi-cluster, federated service mesh",
+    long_about = "Isthmus connects several clusters into one mesh: sidecars \
 do mTLS between workloads, east-west gateways carry traffic between clusters over QUIC, each cluster's controller pushes config and runs \
-its CA, and the federation controller merges the clusters' registries under one trust root.\n\nStart with `isthmus demo`.")]
+its CA, and the federation controller merges the clusters' registries under one trust root.\n\nStart with `isthmus demo`."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -209,7 +214,9 @@ struct SidecarArgs {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 30s, 10m, 24h"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 30s, 10m, 24h"))?;
     let secs = match unit {
         "s" | "" => n,
         "m" => n * 60,
@@ -221,7 +228,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_failover(s: &str) -> Result<(String, String), String> {
-    let (from, to) = s.split_once('=').ok_or_else(|| format!("`{s}` is not FROM=TO"))?;
+    let (from, to) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not FROM=TO"))?;
     Ok((from.to_owned(), to.to_owned()))
 }
 
@@ -233,7 +242,10 @@ fn read_pem(path: &PathBuf) -> anyhow::Result<String> {
 fn init_logging() -> isthmus_core::admin::LogControl {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    tracing_subscriber::registry().with(filter).with(tracing_subscriber::fmt::layer()).init();
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer())
+        .init();
     Arc::new(move |level: &str| {
         let f = EnvFilter::try_new(level).map_err(|e| format!("invalid filter `{level}`: {e}"))?;
         handle.reload(f).map_err(|e| e.to_string())?;
@@ -257,12 +269,21 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(command: Command, log_control: Option<isthmus_core::admin::LogControl>) -> anyhow::Result<std::process::ExitCode> {
+async fn run(
+    command: Command,
+    log_control: Option<isthmus_core::admin::LogControl>,
+) -> anyhow::Result<std::process::ExitCode> {
     use std::process::ExitCode;
     match command {
         Command::Validate { dir } => match isthmus_core::config::load_dir(&dir) {
             Ok(set) => {
-                println!("{}: valid ({} services, {} workload entries, {} exports)", dir.display(), set.services.len(), set.workloads.len(), set.exports.len());
+                println!(
+                    "{}: valid ({} services, {} workload entries, {} exports)",
+                    dir.display(),
+                    set.services.len(),
+                    set.workloads.len(),
+                    set.exports.len()
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Err(errors) => {
@@ -271,21 +292,61 @@ async fn run(command: Command, log_control: Option<isthmus_core::admin::LogContr
                 Ok(ExitCode::FAILURE)
             }
         },
-        Command::Token(TokenCommand::Join { state_dir, cluster, ttl }) => {
-            println!("{}", isthmus_federation::mint_join_token(&state_dir, &cluster, ttl)?);
+        Command::Token(TokenCommand::Join {
+            state_dir,
+            cluster,
+            ttl,
+        }) => {
+            println!(
+                "{}",
+                isthmus_federation::mint_join_token(&state_dir, &cluster, ttl)?
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Token(TokenCommand::Workload { state_dir, cluster, namespace, service_account, ttl }) => {
-            println!("{}", isthmus_controller::mint_workload_token(&state_dir, &cluster, &namespace, &service_account, ttl)?);
+        Command::Token(TokenCommand::Workload {
+            state_dir,
+            cluster,
+            namespace,
+            service_account,
+            ttl,
+        }) => {
+            println!(
+                "{}",
+                isthmus_controller::mint_workload_token(
+                    &state_dir,
+                    &cluster,
+                    &namespace,
+                    &service_account,
+                    ttl
+                )?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(a) => {
-            let passed = isthmus::demo::run(isthmus::demo::Options { keep_running: a.keep_running, dir: a.dir, phase_secs: a.phase_seconds }).await?;
+            let passed = isthmus::demo::run(isthmus::demo::Options {
+                keep_running: a.keep_running,
+                dir: a.dir,
+                phase_secs: a.phase_seconds,
+            })
+            .await?;
             println!("\ndemo {}", if passed { "passed" } else { "FAILED" });
-            Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
-        Command::Echo { listen, cluster, workload } => {
-            let bound = isthmus::echo::build(isthmus::echo::Config { listen, cluster, workload }).await?;
+        Command::Echo {
+            listen,
+            cluster,
+            workload,
+        } => {
+            let bound = isthmus::echo::build(isthmus::echo::Config {
+                listen,
+                cluster,
+                workload,
+            })
+            .await?;
             tracing::info!(addr = %bound.address, "echo app listening");
             bound.wait_termination().await?;
             Ok(ExitCode::SUCCESS)
@@ -301,7 +362,10 @@ async fn run(command: Command, log_control: Option<isthmus_core::admin::LogContr
                 failover: a.failover,
             };
             tracing::info!(?config, "starting federation");
-            isthmus_federation::build(config).await?.wait_termination().await?;
+            isthmus_federation::build(config)
+                .await?
+                .wait_termination()
+                .await?;
             Ok(ExitCode::FAILURE)
         }
         Command::Controller(a) => {
@@ -318,7 +382,10 @@ async fn run(command: Command, log_control: Option<isthmus_core::admin::LogContr
                 workload_cert_ttl: a.workload_cert_ttl,
             };
             tracing::info!(cluster = %config.cluster, config_dir = %config.config_dir.display(), "starting controller");
-            isthmus_controller::build(config).await?.wait_termination().await?;
+            isthmus_controller::build(config)
+                .await?
+                .wait_termination()
+                .await?;
             Ok(ExitCode::FAILURE)
         }
         Command::Gateway(a) => {
@@ -332,12 +399,20 @@ async fn run(command: Command, log_control: Option<isthmus_core::admin::LogContr
                 quic_addr: a.quic,
                 admin_addr: a.admin,
             };
-            isthmus_gateway::build(config).await?.wait_termination().await?;
+            isthmus_gateway::build(config)
+                .await?
+                .wait_termination()
+                .await?;
             Ok(ExitCode::FAILURE)
         }
         Command::Sidecar(a) => {
-            let (ns, name) = a.workload.split_once('/').context("--workload must be namespace/name")?;
-            let locality = Locality::parse(&a.locality).with_context(|| format!("--locality `{}` is not region/zone/subzone", a.locality))?;
+            let (ns, name) = a
+                .workload
+                .split_once('/')
+                .context("--workload must be namespace/name")?;
+            let locality = Locality::parse(&a.locality).with_context(|| {
+                format!("--locality `{}` is not region/zone/subzone", a.locality)
+            })?;
             let config = isthmus_sidecar::Config {
                 cluster: a.proxy.cluster,
                 trust_domain: a.proxy.trust_domain,
@@ -353,7 +428,10 @@ async fn run(command: Command, log_control: Option<isthmus_core::admin::LogContr
                 app_addr: a.app,
                 log_control,
             };
-            isthmus_sidecar::build(config).await?.wait_termination().await?;
+            isthmus_sidecar::build(config)
+                .await?
+                .wait_termination()
+                .await?;
             Ok(ExitCode::FAILURE)
         }
     }

@@ -45,7 +45,11 @@ impl CaService {
     }
 
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
-        registry.register("certificate_requests", "certificate requests by outcome", self.requests.clone());
+        registry.register(
+            "certificate_requests",
+            "certificate requests by outcome",
+            self.requests.clone(),
+        );
     }
 
     /// The identity the caller proved: its verified certificate, else its token.
@@ -53,37 +57,52 @@ impl CaService {
         if let Some(id) = isthmus_core::grpc::peer_of(req).and_then(|p| p.identity.clone()) {
             return Ok(id);
         }
-        let token = isthmus_core::grpc::bearer_token(req)
-            .ok_or_else(|| Status::unauthenticated("present a bootstrap token or a workload certificate"))?;
+        let token = isthmus_core::grpc::bearer_token(req).ok_or_else(|| {
+            Status::unauthenticated("present a bootstrap token or a workload certificate")
+        })?;
         let subject = self
             .token_key
             .verify(token, &self.audience)
             .map_err(|e| Status::unauthenticated(format!("bootstrap token refused: {e}")))?;
-        let (ns, sa) = subject
-            .split_once('/')
-            .ok_or_else(|| Status::unauthenticated("bootstrap token names no namespace/service-account"))?;
+        let (ns, sa) = subject.split_once('/').ok_or_else(|| {
+            Status::unauthenticated("bootstrap token names no namespace/service-account")
+        })?;
         Ok(SpiffeId::new(&self.trust_domain, ns, sa))
     }
 }
 
 #[tonic::async_trait]
 impl CaApi for CaService {
-    async fn create_certificate(&self, req: Request<CertificateRequest>) -> Result<Response<CertificateResponse>, Status> {
+    async fn create_certificate(
+        &self,
+        req: Request<CertificateRequest>,
+    ) -> Result<Response<CertificateResponse>, Status> {
         let proved = match self.proved(&req) {
             Ok(id) => id,
             Err(s) => {
-                self.requests.get_or_create(&Outcome { outcome: "unauthenticated" }).inc();
+                self.requests
+                    .get_or_create(&Outcome {
+                        outcome: "unauthenticated",
+                    })
+                    .inc();
                 return Err(s);
             }
         };
         match self.ca.sign_leaf(&req.get_ref().csr_pem, &proved, self.ttl) {
             Ok(chain) => {
-                self.requests.get_or_create(&Outcome { outcome: "issued" }).inc();
+                self.requests
+                    .get_or_create(&Outcome { outcome: "issued" })
+                    .inc();
                 tracing::debug!(id = %proved, "workload certificate issued");
-                Ok(Response::new(CertificateResponse { cert_chain_pem: chain, trust_bundle_pem: self.ca.bundle_pem().to_owned() }))
+                Ok(Response::new(CertificateResponse {
+                    cert_chain_pem: chain,
+                    trust_bundle_pem: self.ca.bundle_pem().to_owned(),
+                }))
             }
             Err(e) => {
-                self.requests.get_or_create(&Outcome { outcome: "refused" }).inc();
+                self.requests
+                    .get_or_create(&Outcome { outcome: "refused" })
+                    .inc();
                 tracing::warn!(id = %proved, error = %e, "certificate request refused");
                 Err(Status::permission_denied(e.to_string()))
             }

@@ -68,26 +68,50 @@ impl Drop for StreamGuard {
 }
 
 impl DiscoveryService {
-    pub fn new(cluster: String, registry: Registry, trust_domain: String, drain: isthmus_core::drain::Drain, metrics: &mut prometheus_client::registry::Registry) -> Self {
+    pub fn new(
+        cluster: String,
+        registry: Registry,
+        trust_domain: String,
+        drain: isthmus_core::drain::Drain,
+        metrics: &mut prometheus_client::registry::Registry,
+    ) -> Self {
         let m = Metrics::default();
-        metrics.register("connected_proxies", "proxies with an open discovery stream", m.connected.clone());
+        metrics.register(
+            "connected_proxies",
+            "proxies with an open discovery stream",
+            m.connected.clone(),
+        );
         metrics.register("pushes", "responses pushed to proxies", m.pushes.clone());
         metrics.register("nacks", "responses proxies rejected", m.nacks.clone());
-        Self { cluster, registry, trust_domain, drain, metrics: m }
+        Self {
+            cluster,
+            registry,
+            trust_domain,
+            drain,
+            metrics: m,
+        }
     }
 
     fn authorize(&self, node: &Node, peer: &SpiffeId) -> Result<Role, Status> {
         if node.cluster != self.cluster {
-            return Err(Status::permission_denied(format!("proxy of cluster {} connected to the controller of {}", node.cluster, self.cluster)));
+            return Err(Status::permission_denied(format!(
+                "proxy of cluster {} connected to the controller of {}",
+                node.cluster, self.cluster
+            )));
         }
         match node.role.as_str() {
             "gateway" => {
                 if *peer != SpiffeId::gateway(&self.trust_domain) {
-                    return Err(Status::permission_denied(format!("{peer} is not a gateway identity")));
+                    return Err(Status::permission_denied(format!(
+                        "{peer} is not a gateway identity"
+                    )));
                 }
-                let ok = node.tunnel_address.parse::<std::net::SocketAddr>().is_ok() && node.quic_address.parse::<std::net::SocketAddr>().is_ok();
+                let ok = node.tunnel_address.parse::<std::net::SocketAddr>().is_ok()
+                    && node.quic_address.parse::<std::net::SocketAddr>().is_ok();
                 if !ok {
-                    return Err(Status::invalid_argument("gateway node must carry tunnel_address and quic_address as ip:port"));
+                    return Err(Status::invalid_argument(
+                        "gateway node must carry tunnel_address and quic_address as ip:port",
+                    ));
                 }
                 self.registry.gateway_connected(GatewayInfo {
                     tunnel_address: node.tunnel_address.clone(),
@@ -97,19 +121,28 @@ impl DiscoveryService {
                 Ok(Role::Gateway)
             }
             "sidecar" => {
-                let (ns, name) = node.workload.split_once('/').ok_or_else(|| Status::invalid_argument("sidecar node.workload must be namespace/name"))?;
+                let (ns, name) = node.workload.split_once('/').ok_or_else(|| {
+                    Status::invalid_argument("sidecar node.workload must be namespace/name")
+                })?;
                 let key = NamespacedName::new(ns, name);
                 let config = self.registry.config();
                 let allowed = match config.workloads.get(&key) {
-                    Some(w) => w.key.namespace == peer.namespace() && w.service_account == peer.service_account(),
+                    Some(w) => {
+                        w.key.namespace == peer.namespace()
+                            && w.service_account == peer.service_account()
+                    }
                     None => ns == peer.namespace(),
                 };
                 if !allowed {
-                    return Err(Status::permission_denied(format!("{peer} may not speak for workload {key}")));
+                    return Err(Status::permission_denied(format!(
+                        "{peer} may not speak for workload {key}"
+                    )));
                 }
                 Ok(Role::Sidecar(key))
             }
-            other => Err(Status::invalid_argument(format!("unknown proxy role `{other}`"))),
+            other => Err(Status::invalid_argument(format!(
+                "unknown proxy role `{other}`"
+            ))),
         }
     }
 }
@@ -118,13 +151,22 @@ impl DiscoveryService {
 impl Discovery for DiscoveryService {
     type DeltaResourcesStream = ReceiverStream<Result<DeltaResponse, Status>>;
 
-    async fn delta_resources(&self, req: Request<Streaming<DeltaRequest>>) -> Result<Response<Self::DeltaResourcesStream>, Status> {
+    async fn delta_resources(
+        &self,
+        req: Request<Streaming<DeltaRequest>>,
+    ) -> Result<Response<Self::DeltaResourcesStream>, Status> {
         let peer = isthmus_core::grpc::peer_of(&req)
             .and_then(|p| p.identity.clone())
             .ok_or_else(|| Status::unauthenticated("discovery requires a workload certificate"))?;
         let mut inbound = req.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("stream closed before the first request"))?;
-        let node = first.node.clone().ok_or_else(|| Status::invalid_argument("the first request must carry the node"))?;
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("stream closed before the first request"))?;
+        let node = first
+            .node
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("the first request must carry the node"))?;
         let role = self.authorize(&node, &peer)?;
         let workload = match role {
             Role::Sidecar(w) => {
@@ -134,10 +176,21 @@ impl Discovery for DiscoveryService {
             Role::Gateway => None,
         };
         self.metrics.connected.inc();
-        let guard = StreamGuard { registry: self.registry.clone(), workload, connected: self.metrics.connected.clone() };
+        let guard = StreamGuard {
+            registry: self.registry.clone(),
+            workload,
+            connected: self.metrics.connected.clone(),
+        };
         tracing::info!(%peer, role = %node.role, workload = %node.workload, "proxy connected");
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
-        let stream = ProxyStream { svc: self.clone(), tx, known: BTreeMap::new(), answered: Default::default(), nonce: 0, guard };
+        let stream = ProxyStream {
+            svc: self.clone(),
+            tx,
+            known: BTreeMap::new(),
+            answered: Default::default(),
+            nonce: 0,
+            guard,
+        };
         self.drain.spawn(stream.run(first, inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -189,13 +242,20 @@ impl ProxyStream {
         }
         if !req.response_nonce.is_empty() {
             if !req.error_detail.is_empty() {
-                self.svc.metrics.nacks.get_or_create(&TypeLabel { type_url: req.type_url.clone() }).inc();
+                self.svc
+                    .metrics
+                    .nacks
+                    .get_or_create(&TypeLabel {
+                        type_url: req.type_url.clone(),
+                    })
+                    .inc();
                 tracing::warn!(type_url = %req.type_url, workload = ?self.guard.workload, reason = %req.error_detail, "proxy rejected config (NACK)");
             }
             return Ok(());
         }
         // A subscription: the proxy tells what it already holds.
-        self.known.insert(req.type_url.clone(), req.initial_resource_versions);
+        self.known
+            .insert(req.type_url.clone(), req.initial_resource_versions);
         self.push(&req.type_url, snapshot).await
     }
 
@@ -206,14 +266,25 @@ impl ProxyStream {
         let resources: Vec<Resource> = current
             .iter()
             .filter(|(name, (version, _))| known.get(*name) != Some(version))
-            .map(|(name, (version, body))| Resource { name: name.clone(), version: version.clone(), body: body.to_vec() })
+            .map(|(name, (version, body))| Resource {
+                name: name.clone(),
+                version: version.clone(),
+                body: body.to_vec(),
+            })
             .collect();
-        let removed: Vec<String> = known.keys().filter(|n| !current.contains_key(*n)).cloned().collect();
+        let removed: Vec<String> = known
+            .keys()
+            .filter(|n| !current.contains_key(*n))
+            .cloned()
+            .collect();
         let first_push = self.answered.insert(type_url.to_owned());
         if resources.is_empty() && removed.is_empty() && !first_push {
             return Ok(());
         }
-        *known = current.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect();
+        *known = current
+            .iter()
+            .map(|(n, (v, _))| (n.clone(), v.clone()))
+            .collect();
         self.nonce += 1;
         let resp = DeltaResponse {
             system_version_info: String::new(),
@@ -222,7 +293,13 @@ impl ProxyStream {
             removed_resources: removed,
             nonce: self.nonce.to_string(),
         };
-        self.svc.metrics.pushes.get_or_create(&TypeLabel { type_url: type_url.to_owned() }).inc();
+        self.svc
+            .metrics
+            .pushes
+            .get_or_create(&TypeLabel {
+                type_url: type_url.to_owned(),
+            })
+            .inc();
         self.tx.send(Ok(resp)).await.map_err(|_| ())
     }
 }

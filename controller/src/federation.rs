@@ -33,9 +33,15 @@ impl GlobalState {
             .and_then(|b| GlobalRegistry::decode(b.as_slice()).ok())
             .unwrap_or_default();
         if initial.version > 0 {
-            tracing::info!(version = initial.version, "loaded the last global registry from disk");
+            tracing::info!(
+                version = initial.version,
+                "loaded the last global registry from disk"
+            );
         }
-        Self { tx: watch::Sender::new(Arc::new(initial)), path }
+        Self {
+            tx: watch::Sender::new(Arc::new(initial)),
+            path,
+        }
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<GlobalRegistry>> {
@@ -71,8 +77,16 @@ impl Link {
         }
     }
 
-    async fn session(&self, mut exports: watch::Receiver<Arc<ClusterExports>>, global: &GlobalState) -> tonic::Status {
-        let channel = isthmus_core::grpc::tls_channel(self.address, self.identity.client_config(self.federation.clone(), &[ALPN_H2]));
+    async fn session(
+        &self,
+        mut exports: watch::Receiver<Arc<ClusterExports>>,
+        global: &GlobalState,
+    ) -> tonic::Status {
+        let channel = isthmus_core::grpc::tls_channel(
+            self.address,
+            self.identity
+                .client_config(self.federation.clone(), &[ALPN_H2]),
+        );
         let mut client = FederationClient::new(channel);
         let (tx, rx) = mpsc::channel(EXPORT_QUEUE);
         let current = (**exports.borrow_and_update()).clone();

@@ -81,19 +81,38 @@ impl Bound {
 
 /// Binds every listener, loads state and config, and starts the controller.
 pub async fn build(config: Config) -> anyhow::Result<Bound> {
-    let grpc = TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding controller gRPC on {}", config.grpc_addr))?;
-    let initial = isthmus_core::config::watch::initial(&config.config_dir)
-        .map_err(|e| anyhow::anyhow!("config in {} is invalid:\n{e}", config.config_dir.display()))?;
+    let grpc = TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("binding controller gRPC on {}", config.grpc_addr))?;
+    let initial = isthmus_core::config::watch::initial(&config.config_dir).map_err(|e| {
+        anyhow::anyhow!("config in {} is invalid:\n{e}", config.config_dir.display())
+    })?;
     let state = state::ClusterState::load_or_join(&config).await?;
     tracing::info!(cluster = %config.cluster, trust_domain = %state.trust_domain, "cluster CA ready");
 
     let mut metrics = Registry::with_prefix("isthmus_controller");
     let (config_tx, config_rx) = watch::channel(Arc::new(initial));
-    let (status_tx, status_rx) = watch::channel(LoadStatus { accepted: 1, ..Default::default() });
+    let (status_tx, status_rx) = watch::channel(LoadStatus {
+        accepted: 1,
+        ..Default::default()
+    });
     let global = federation::GlobalState::load(&config.state_dir);
-    let registry = registry::Registry::new(&config.cluster, &state.trust_domain, config_rx, global.subscribe(), state.bundle_pem.clone(), &config.state_dir);
+    let registry = registry::Registry::new(
+        &config.cluster,
+        &state.trust_domain,
+        config_rx,
+        global.subscribe(),
+        state.bundle_pem.clone(),
+        &config.state_dir,
+    );
     let (trigger, drain) = isthmus_core::drain::new();
-    let discovery = discovery::DiscoveryService::new(config.cluster.clone(), registry.clone(), state.trust_domain.clone(), drain.clone(), metrics.sub_registry_with_prefix("xds"));
+    let discovery = discovery::DiscoveryService::new(
+        config.cluster.clone(),
+        registry.clone(),
+        state.trust_domain.clone(),
+        drain.clone(),
+        metrics.sub_registry_with_prefix("xds"),
+    );
     let ca = ca::CaService::new(&config, &state)?;
     ca.register_metrics(metrics.sub_registry_with_prefix("ca"));
     config_metrics(&mut metrics, status_rx.clone());
@@ -108,15 +127,25 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         },
         logging: None,
     };
-    let admin = AdminServer::bind(config.admin_addr, admin).await.with_context(|| format!("binding controller admin on {}", config.admin_addr))?;
+    let admin = AdminServer::bind(config.admin_addr, admin)
+        .await
+        .with_context(|| format!("binding controller admin on {}", config.admin_addr))?;
     let bound_grpc = grpc.local_addr()?;
     let admin_address = admin.address();
 
     // Sidecars asking for their first certificate have none yet; discovery checks for one.
-    let auth = isthmus_core::tls::ClientAuth::Optional(PeerPolicy::TrustDomain(state.trust_domain.clone()));
-    let tls = state.identity.server_config(auth, &[isthmus_core::tls::ALPN_H2]);
+    let auth = isthmus_core::tls::ClientAuth::Optional(PeerPolicy::TrustDomain(
+        state.trust_domain.clone(),
+    ));
+    let tls = state
+        .identity
+        .server_config(auth, &[isthmus_core::tls::ALPN_H2]);
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(isthmus_core::config::watch::run(config.config_dir.clone(), config_tx, status_tx));
+    tasks.spawn(isthmus_core::config::watch::run(
+        config.config_dir.clone(),
+        config_tx,
+        status_tx,
+    ));
     tasks.spawn(admin.run(drain.clone()));
     tasks.spawn(registry.clone().run());
     let link = federation::Link {
@@ -135,14 +164,25 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-            .add_service(isthmus_proto::discovery::discovery_server::DiscoveryServer::new(discovery))
-            .add_service(isthmus_proto::ca::certificate_authority_server::CertificateAuthorityServer::new(ca))
+            .add_service(
+                isthmus_proto::discovery::discovery_server::DiscoveryServer::new(discovery),
+            )
+            .add_service(
+                isthmus_proto::ca::certificate_authority_server::CertificateAuthorityServer::new(
+                    ca,
+                ),
+            )
             .serve_with_incoming_shutdown(incoming, async move { drain.signaled().await })
             .await;
         tracing::error!(?result, "controller gRPC server stopped");
     });
     tracing::info!(cluster = %config.cluster, grpc = %bound_grpc, admin = %admin_address, "controller started");
-    Ok(Bound { grpc_address: bound_grpc, admin_address, tasks, _drain: trigger })
+    Ok(Bound {
+        grpc_address: bound_grpc,
+        admin_address,
+        tasks,
+        _drain: trigger,
+    })
 }
 
 fn config_metrics(metrics: &mut Registry, status: watch::Receiver<LoadStatus>) {
@@ -151,14 +191,27 @@ fn config_metrics(metrics: &mut Registry, status: watch::Receiver<LoadStatus>) {
     #[derive(Debug)]
     struct ConfigCounters(watch::Receiver<LoadStatus>);
     impl prometheus_client::collector::Collector for ConfigCounters {
-        fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        fn encode(
+            &self,
+            mut encoder: prometheus_client::encoding::DescriptorEncoder,
+        ) -> Result<(), std::fmt::Error> {
             use prometheus_client::encoding::EncodeMetric;
             let s = self.0.borrow().clone();
             let rejected = ConstGauge::new(s.rejected as i64);
-            let e = encoder.encode_descriptor("config_rejected", "config changes rejected since start", None, rejected.metric_type())?;
+            let e = encoder.encode_descriptor(
+                "config_rejected",
+                "config changes rejected since start",
+                None,
+                rejected.metric_type(),
+            )?;
             rejected.encode(e)?;
             let accepted = ConstGauge::new(s.accepted as i64);
-            let e = encoder.encode_descriptor("config_accepted", "config sets accepted since start", None, accepted.metric_type())?;
+            let e = encoder.encode_descriptor(
+                "config_accepted",
+                "config sets accepted since start",
+                None,
+                accepted.metric_type(),
+            )?;
             accepted.encode(e)
         }
     }

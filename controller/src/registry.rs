@@ -85,15 +85,27 @@ fn version_of(bytes: &[u8]) -> String {
 }
 
 fn locality(w: &WorkloadEntry) -> xds::Locality {
-    xds::Locality { region: w.locality.region.clone(), zone: w.locality.zone.clone(), subzone: w.locality.subzone.clone() }
+    xds::Locality {
+        region: w.locality.region.clone(),
+        zone: w.locality.zone.clone(),
+        subzone: w.locality.subzone.clone(),
+    }
 }
 
 fn fed_locality(l: &xds::Locality) -> fed::Locality {
-    fed::Locality { region: l.region.clone(), zone: l.zone.clone(), subzone: l.subzone.clone() }
+    fed::Locality {
+        region: l.region.clone(),
+        zone: l.zone.clone(),
+        subzone: l.subzone.clone(),
+    }
 }
 
 fn xds_locality(l: &fed::Locality) -> xds::Locality {
-    xds::Locality { region: l.region.clone(), zone: l.zone.clone(), subzone: l.subzone.clone() }
+    xds::Locality {
+        region: l.region.clone(),
+        zone: l.zone.clone(),
+        subzone: l.subzone.clone(),
+    }
 }
 
 /// Where the sidecar forwards a service port: the numbered target, or the workload's named
@@ -101,7 +113,10 @@ fn xds_locality(l: &fed::Locality) -> xds::Locality {
 fn target_port(svc_port: &isthmus_core::config::ServicePort, w: Option<&WorkloadEntry>) -> u32 {
     match &svc_port.target_port {
         TargetPort::Number(n) => u32::from(*n),
-        TargetPort::Named(name) => w.and_then(|w| w.ports.get(name)).map(|p| u32::from(*p)).unwrap_or(0),
+        TargetPort::Named(name) => w
+            .and_then(|w| w.ports.get(name))
+            .map(|p| u32::from(*p))
+            .unwrap_or(0),
     }
 }
 
@@ -115,7 +130,10 @@ impl Registry {
         state_dir: &std::path::Path,
     ) -> Self {
         let gateways_file = state_dir.join(GATEWAYS_FILE);
-        let known: BTreeSet<GatewayInfo> = std::fs::read(&gateways_file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let known: BTreeSet<GatewayInfo> = std::fs::read(&gateways_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
         let inner = Inner {
             cluster: cluster.to_owned(),
             trust_domain: trust_domain.to_owned(),
@@ -129,7 +147,9 @@ impl Registry {
             snapshot: watch::Sender::new(Arc::default()),
             exports: watch::Sender::new(Arc::default()),
         };
-        let registry = Self { inner: Arc::new(inner) };
+        let registry = Self {
+            inner: Arc::new(inner),
+        };
         registry.rebuild();
         registry
     }
@@ -228,18 +248,32 @@ impl Registry {
         });
     }
 
-    fn endpoint(&self, w: &WorkloadEntry, health: &BTreeMap<NamespacedName, Health>) -> xds::Endpoint {
+    fn endpoint(
+        &self,
+        w: &WorkloadEntry,
+        health: &BTreeMap<NamespacedName, Health>,
+    ) -> xds::Endpoint {
         xds::Endpoint {
             workload: w.key.to_string(),
             tunnel_address: std::net::SocketAddr::new(w.address, TUNNEL_PORT).to_string(),
             locality: Some(locality(w)),
-            identity: SpiffeId::new(&self.inner.trust_domain, &w.key.namespace, &w.service_account).to_string(),
+            identity: SpiffeId::new(
+                &self.inner.trust_domain,
+                &w.key.namespace,
+                &w.service_account,
+            )
+            .to_string(),
             healthy: health.get(&w.key).copied().unwrap_or_default().is_healthy(),
             labels: w.labels.clone(),
         }
     }
 
-    fn local_service(&self, config: &ConfigSet, svc: &Service, health: &BTreeMap<NamespacedName, Health>) -> xds::Service {
+    fn local_service(
+        &self,
+        config: &ConfigSet,
+        svc: &Service,
+        health: &BTreeMap<NamespacedName, Health>,
+    ) -> xds::Service {
         let selected: Vec<&WorkloadEntry> = config.selected(svc).collect();
         xds::Service {
             namespace: svc.key.namespace.clone(),
@@ -279,17 +313,29 @@ impl Registry {
                 ports: gs
                     .ports
                     .iter()
-                    .map(|p| xds::ServicePort { name: p.name.clone(), port: p.port, protocol: p.protocol.clone(), target_port: p.port })
+                    .map(|p| xds::ServicePort {
+                        name: p.name.clone(),
+                        port: p.port,
+                        protocol: p.protocol.clone(),
+                        target_port: p.port,
+                    })
                     .collect(),
                 ..Default::default()
             });
-            for c in gs.clusters.iter().filter(|c| c.cluster != self.inner.cluster) {
+            for c in gs
+                .clusters
+                .iter()
+                .filter(|c| c.cluster != self.inner.cluster)
+            {
                 entry.remote.push(xds::RemoteCluster {
                     cluster: c.cluster.clone(),
                     localities: c
                         .localities
                         .iter()
-                        .map(|l| xds::LocalityCount { locality: l.locality.as_ref().map(xds_locality), healthy: l.healthy })
+                        .map(|l| xds::LocalityCount {
+                            locality: l.locality.as_ref().map(xds_locality),
+                            healthy: l.healthy,
+                        })
                         .collect(),
                     identities: c.identities.clone(),
                 });
@@ -303,7 +349,10 @@ impl Registry {
         };
         let svc_map = snapshot.resources.entry(type_url::SERVICE).or_default();
         for (key, svc) in &services {
-            svc_map.insert(key.to_string(), encode(&|b| svc.encode(b).expect("vec grows")));
+            svc_map.insert(
+                key.to_string(),
+                encode(&|b| svc.encode(b).expect("vec grows")),
+            );
         }
         let gw = gateways.iter().next();
         let mesh = xds::Mesh {
@@ -312,23 +361,55 @@ impl Registry {
             gateway_address: gw.map(|g| g.tunnel_address.clone()).unwrap_or_default(),
             gateway_identity: gw.map(|g| g.identity.clone()).unwrap_or_default(),
             trust_bundle_pem: self.inner.bundle_pem.clone(),
-            failover: global.failover.iter().map(|f| xds::Failover { from: f.from.clone(), to: f.to.clone() }).collect(),
+            failover: global
+                .failover
+                .iter()
+                .map(|f| xds::Failover {
+                    from: f.from.clone(),
+                    to: f.to.clone(),
+                })
+                .collect(),
         };
-        snapshot.resources.entry(type_url::MESH).or_default().insert("mesh".into(), encode(&|b| mesh.encode(b).expect("vec grows")));
+        snapshot
+            .resources
+            .entry(type_url::MESH)
+            .or_default()
+            .insert(
+                "mesh".into(),
+                encode(&|b| mesh.encode(b).expect("vec grows")),
+            );
         let peers = snapshot.resources.entry(type_url::PEER).or_default();
-        for cg in global.gateways.iter().filter(|g| g.cluster != self.inner.cluster) {
+        for cg in global
+            .gateways
+            .iter()
+            .filter(|g| g.cluster != self.inner.cluster)
+        {
             if let Some(g) = cg.gateways.first() {
-                let peer = xds::Peer { cluster: cg.cluster.clone(), address: g.address.clone(), identity: g.identity.clone() };
-                peers.insert(cg.cluster.clone(), encode(&|b| peer.encode(b).expect("vec grows")));
+                let peer = xds::Peer {
+                    cluster: cg.cluster.clone(),
+                    address: g.address.clone(),
+                    identity: g.identity.clone(),
+                };
+                peers.insert(
+                    cg.cluster.clone(),
+                    encode(&|b| peer.encode(b).expect("vec grows")),
+                );
             }
         }
         snapshot
     }
 
-    fn build_exports(&self, config: &ConfigSet, health: &BTreeMap<NamespacedName, Health>, gateways: &BTreeSet<GatewayInfo>) -> fed::ClusterExports {
+    fn build_exports(
+        &self,
+        config: &ConfigSet,
+        health: &BTreeMap<NamespacedName, Health>,
+        gateways: &BTreeSet<GatewayInfo>,
+    ) -> fed::ClusterExports {
         let mut services = Vec::new();
         for key in &config.exports {
-            let Some(svc) = config.services.get(key) else { continue };
+            let Some(svc) = config.services.get(key) else {
+                continue;
+            };
             let local = self.local_service(config, svc, health);
             let mut counts: BTreeMap<(String, String, String), u32> = BTreeMap::new();
             let mut identities = BTreeSet::new();
@@ -341,11 +422,23 @@ impl Registry {
             services.push(fed::ExportedService {
                 namespace: key.namespace.clone(),
                 name: key.name.clone(),
-                ports: local.ports.iter().map(|p| fed::ExportedPort { name: p.name.clone(), port: p.port, protocol: p.protocol.clone() }).collect(),
+                ports: local
+                    .ports
+                    .iter()
+                    .map(|p| fed::ExportedPort {
+                        name: p.name.clone(),
+                        port: p.port,
+                        protocol: p.protocol.clone(),
+                    })
+                    .collect(),
                 localities: counts
                     .into_iter()
                     .map(|((region, zone, subzone), healthy)| fed::LocalityCount {
-                        locality: Some(fed_locality(&xds::Locality { region, zone, subzone })),
+                        locality: Some(fed_locality(&xds::Locality {
+                            region,
+                            zone,
+                            subzone,
+                        })),
                         healthy,
                     })
                     .collect(),
@@ -355,7 +448,13 @@ impl Registry {
         fed::ClusterExports {
             cluster: self.inner.cluster.clone(),
             services,
-            gateways: gateways.iter().map(|g| fed::Gateway { address: g.quic_address.clone(), identity: g.identity.clone() }).collect(),
+            gateways: gateways
+                .iter()
+                .map(|g| fed::Gateway {
+                    address: g.quic_address.clone(),
+                    identity: g.identity.clone(),
+                })
+                .collect(),
         }
     }
 

@@ -37,16 +37,23 @@ pub struct AdminServer {
 
 impl AdminServer {
     pub async fn bind(addr: SocketAddr, admin: Admin) -> std::io::Result<Self> {
-        Ok(Self { listener: TcpListener::bind(addr).await?, admin })
+        Ok(Self {
+            listener: TcpListener::bind(addr).await?,
+            admin,
+        })
     }
 
     pub fn address(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     pub async fn run(self, drain: Drain) {
         loop {
-            let Ok((tcp, _)) = self.listener.accept().await else { continue };
+            let Ok((tcp, _)) = self.listener.accept().await else {
+                continue;
+            };
             let admin = self.admin.clone();
             drain.spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
@@ -74,7 +81,10 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
             if pending.is_empty() {
                 text(StatusCode::OK, "ready\n")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: waiting for {}\n", pending.join(", ")))
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: waiting for {}\n", pending.join(", ")),
+                )
             }
         }
         (&Method::GET, "/stats/prometheus") | (&Method::GET, "/metrics") => {
@@ -84,7 +94,9 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
                     let mut resp = text(StatusCode::OK, out);
                     resp.headers_mut().insert(
                         http::header::CONTENT_TYPE,
-                        http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                        http::HeaderValue::from_static(
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        ),
                     );
                     resp
                 }
@@ -100,7 +112,12 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 return text(StatusCode::NOT_FOUND, "log control not available\n");
             };
             let query = req.uri().query().unwrap_or_default().to_owned();
-            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             let level = query
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("level="))
@@ -111,6 +128,9 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "try /ready, /stats/prometheus, /config_dump, POST /logging?level=\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "try /ready, /stats/prometheus, /config_dump, POST /logging?level=\n",
+        ),
     }
 }

@@ -11,7 +11,9 @@ use isthmus_proto::ca::CertificateRequest;
 use crate::backoff::Backoff;
 use crate::grpc::tls_channel;
 use crate::identity::SpiffeId;
-use crate::tls::{anonymous_client_config, ca::leaf_csr, Credentials, PeerPolicy, TlsIdentity, ALPN_H2};
+use crate::tls::{
+    anonymous_client_config, ca::leaf_csr, Credentials, PeerPolicy, TlsIdentity, ALPN_H2,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaClientError {
@@ -20,7 +22,10 @@ pub enum CaClientError {
     #[error("cannot make a CSR: {0}")]
     Csr(#[from] crate::tls::ca::CaError),
     #[error("the CA at {addr} refused: {status}")]
-    Refused { addr: SocketAddr, status: tonic::Status },
+    Refused {
+        addr: SocketAddr,
+        status: tonic::Status,
+    },
 }
 
 /// Where and how to ask for certificates.
@@ -61,9 +66,16 @@ impl CaClient {
         let resp = client
             .create_certificate(req)
             .await
-            .map_err(|status| CaClientError::Refused { addr: self.address, status })?
+            .map_err(|status| CaClientError::Refused {
+                addr: self.address,
+                status,
+            })?
             .into_inner();
-        Ok(Credentials::from_pem(key.serialize_der(), &resp.cert_chain_pem, &resp.trust_bundle_pem)?)
+        Ok(Credentials::from_pem(
+            key.serialize_der(),
+            &resp.cert_chain_pem,
+            &resp.trust_bundle_pem,
+        )?)
     }
 
     /// Keeps trying until the first certificate is issued.

@@ -31,7 +31,10 @@ pub struct NamespacedName {
 
 impl NamespacedName {
     pub fn new(namespace: &str, name: &str) -> Self {
-        Self { namespace: namespace.to_owned(), name: name.to_owned() }
+        Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
     }
 }
 
@@ -114,7 +117,10 @@ pub struct ConfigSet {
 
 impl ConfigSet {
     /// Workloads a service selects: every label of the selector must match.
-    pub fn selected<'a>(&'a self, svc: &'a Service) -> impl Iterator<Item = &'a WorkloadEntry> + 'a {
+    pub fn selected<'a>(
+        &'a self,
+        svc: &'a Service,
+    ) -> impl Iterator<Item = &'a WorkloadEntry> + 'a {
         self.workloads.values().filter(move |w| {
             w.key.namespace == svc.key.namespace
                 && !svc.selector.is_empty()

@@ -59,7 +59,9 @@ mod tests {
             std::future::pending::<()>().await;
         });
         drop(trigger);
-        let closed = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await.expect("task ended");
+        let closed = tokio::time::timeout(Duration::from_secs(1), rx.recv())
+            .await
+            .expect("task ended");
         assert!(closed.is_none());
     }
 }

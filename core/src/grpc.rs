@@ -51,13 +51,21 @@ impl Connected for TlsConn {
 }
 
 impl AsyncRead for TlsConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -70,7 +78,11 @@ impl AsyncWrite for TlsConn {
 
 /// Accepts TCP connections and completes TLS handshakes concurrently; the stream yields
 /// only connections whose handshake (and client certificate, if any) verified.
-pub fn tls_incoming(listener: TcpListener, config: Arc<ServerConfig>, drain: Drain) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    drain: Drain,
+) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(HANDSHAKE_BACKLOG);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let tasks = drain.clone();
@@ -93,9 +105,16 @@ pub fn tls_incoming(listener: TcpListener, config: Arc<ServerConfig>, drain: Dra
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let identity = crate::tls::peer_identity(stream.get_ref().1);
-                        let _ = tx.send(Ok(TlsConn { stream, info: PeerInfo { identity, remote } })).await;
+                        let _ = tx
+                            .send(Ok(TlsConn {
+                                stream,
+                                info: PeerInfo { identity, remote },
+                            }))
+                            .await;
                     }
-                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "control-plane handshake failed"),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%remote, error = %e, "control-plane handshake failed")
+                    }
                     Err(_) => tracing::debug!(%remote, "control-plane handshake timed out"),
                 }
             });

@@ -29,15 +29,30 @@ pub fn strip_untrusted(headers: &mut http::HeaderMap) {
 
 /// Removes hop-by-hop headers before a request or response is forwarded.
 pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    if let Some(conn) = headers.get(http::header::CONNECTION).and_then(|v| v.to_str().ok()).map(str::to_owned) {
+    if let Some(conn) = headers
+        .get(http::header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    {
         for name in conn.split(',') {
             headers.remove(name.trim());
         }
     }
-    for name in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization"] {
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ] {
         headers.remove(name);
     }
-    if headers.get(http::header::TE).is_some_and(|v| v != "trailers") {
+    if headers
+        .get(http::header::TE)
+        .is_some_and(|v| v != "trailers")
+    {
         headers.remove(http::header::TE);
     }
 }

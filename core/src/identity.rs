@@ -12,7 +12,9 @@ pub const GATEWAY_SERVICE_ACCOUNT: &str = "isthmus-eastwestgateway";
 pub enum IdentityError {
     #[error("`{0}` is not a SPIFFE ID: it must start with spiffe://")]
     Scheme(String),
-    #[error("`{0}` is not a workload SPIFFE ID: the path must be /ns/<namespace>/sa/<service-account>")]
+    #[error(
+        "`{0}` is not a workload SPIFFE ID: the path must be /ns/<namespace>/sa/<service-account>"
+    )]
     Path(String),
     #[error("`{0}` has an invalid trust domain")]
     TrustDomain(String),
@@ -43,7 +45,11 @@ impl SpiffeId {
     /// Identity of one cluster's controller. The cluster is part of the identity so that the
     /// federation can tell which cluster a connection speaks for.
     pub fn controller(trust_domain: &str, cluster: &str) -> Self {
-        Self::new(trust_domain, SYSTEM_NAMESPACE, &format!("isthmus-controller.{cluster}"))
+        Self::new(
+            trust_domain,
+            SYSTEM_NAMESPACE,
+            &format!("isthmus-controller.{cluster}"),
+        )
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -112,7 +118,9 @@ mod tests {
 
     #[test]
     fn parses_and_prints_workload_ids() {
-        let id: SpiffeId = "spiffe://mesh.local/ns/demo/sa/frontend".parse().expect("valid");
+        let id: SpiffeId = "spiffe://mesh.local/ns/demo/sa/frontend"
+            .parse()
+            .expect("valid");
         assert_eq!(id.namespace(), "demo");
         assert_eq!(id.service_account(), "frontend");
         assert_eq!(id.to_string(), "spiffe://mesh.local/ns/demo/sa/frontend");

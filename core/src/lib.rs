@@ -6,17 +6,17 @@
 //! component crate (sidecar, gateway, controller, federation) depends on it and nothing else
 //! of the others.
 
-pub mod identity;
-pub mod tls;
-pub mod token;
-pub mod fsutil;
-pub mod config;
-pub mod locality;
 pub mod admin;
-pub mod grpc;
-pub mod readiness;
 pub mod backoff;
 pub mod ca_client;
-pub mod xds;
-pub mod headers;
+pub mod config;
 pub mod drain;
+pub mod fsutil;
+pub mod grpc;
+pub mod headers;
+pub mod identity;
+pub mod locality;
+pub mod readiness;
+pub mod tls;
+pub mod token;
+pub mod xds;

@@ -11,12 +11,20 @@ pub struct Locality {
 
 impl Locality {
     pub fn new(region: &str, zone: &str, subzone: &str) -> Self {
-        Self { region: region.to_owned(), zone: zone.to_owned(), subzone: subzone.to_owned() }
+        Self {
+            region: region.to_owned(),
+            zone: zone.to_owned(),
+            subzone: subzone.to_owned(),
+        }
     }
 
     /// Parses `region[/zone[/subzone]]`; an empty string is the unknown locality.
     pub fn parse(s: &str) -> Option<Self> {
-        let parts: Vec<&str> = if s.is_empty() { vec![] } else { s.split('/').collect() };
+        let parts: Vec<&str> = if s.is_empty() {
+            vec![]
+        } else {
+            s.split('/').collect()
+        };
         if parts.len() > 3 || parts.iter().any(|p| p.is_empty()) {
             return None;
         }
@@ -59,15 +67,33 @@ mod tests {
     #[test]
     fn nearer_localities_come_first() {
         let me = Locality::parse("us-east/zone-a").expect("valid");
-        assert_eq!(Locality::parse("us-east/zone-a").expect("valid").priority_from(&me), 0);
-        assert_eq!(Locality::parse("us-east/zone-b").expect("valid").priority_from(&me), 2);
-        assert_eq!(Locality::parse("eu-central/zone-a").expect("valid").priority_from(&me), 3);
+        assert_eq!(
+            Locality::parse("us-east/zone-a")
+                .expect("valid")
+                .priority_from(&me),
+            0
+        );
+        assert_eq!(
+            Locality::parse("us-east/zone-b")
+                .expect("valid")
+                .priority_from(&me),
+            2
+        );
+        assert_eq!(
+            Locality::parse("eu-central/zone-a")
+                .expect("valid")
+                .priority_from(&me),
+            3
+        );
     }
 
     #[test]
     fn rejects_malformed_localities() {
         assert!(Locality::parse("a//b").is_none());
         assert!(Locality::parse("a/b/c/d").is_none());
-        assert_eq!(Locality::parse("").expect("empty is unknown"), Locality::default());
+        assert_eq!(
+            Locality::parse("").expect("empty is unknown"),
+            Locality::default()
+        );
     }
 }

@@ -21,7 +21,10 @@ impl Readiness {
     pub fn register(&self, name: &str) -> BlockReady {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.lock().insert(id, name.to_owned());
-        BlockReady { readiness: self.clone(), id }
+        BlockReady {
+            readiness: self.clone(),
+            id,
+        }
     }
 
     /// Names of what the process still waits for; empty when ready.

@@ -117,14 +117,20 @@ impl std::fmt::Debug for Credentials {
 pub fn root_store(bundle_pem: &str) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in parse_certs(bundle_pem)? {
-        roots.add(cert).map_err(|e| TlsError::Bundle(e.to_string()))?;
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::Bundle(e.to_string()))?;
     }
     Ok(roots)
 }
 
 impl Credentials {
     /// Builds credentials from a PKCS#8 key, a PEM chain (leaf first) and PEM roots.
-    pub fn from_pem(key_pkcs8_der: Vec<u8>, chain_pem: &[String], bundle_pem: &str) -> Result<Self, TlsError> {
+    pub fn from_pem(
+        key_pkcs8_der: Vec<u8>,
+        chain_pem: &[String],
+        bundle_pem: &str,
+    ) -> Result<Self, TlsError> {
         let mut chain = Vec::new();
         for pem in chain_pem {
             chain.extend(parse_certs(pem)?);
@@ -135,9 +141,10 @@ impl Credentials {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8_der));
         let signer = rustls::crypto::ring::sign::any_supported_type(&key).map_err(TlsError::Key)?;
         let roots = Arc::new(root_store(bundle_pem)?);
-        let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-            .build()
-            .map_err(|e| TlsError::Bundle(e.to_string()))?;
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .build()
+                .map_err(|e| TlsError::Bundle(e.to_string()))?;
         Ok(Self {
             id,
             certified: Arc::new(CertifiedKey::new(chain, signer)),
@@ -151,7 +158,10 @@ impl Credentials {
 
     /// The moment to renew: half of the remaining lifetime at issue.
     pub fn renew_at(&self) -> SystemTime {
-        let life = self.not_after.duration_since(self.issued_at).unwrap_or_default();
+        let life = self
+            .not_after
+            .duration_since(self.issued_at)
+            .unwrap_or_default();
         self.issued_at + life / 2
     }
 }
@@ -170,7 +180,9 @@ impl std::fmt::Debug for TlsIdentity {
 
 impl TlsIdentity {
     pub fn new(creds: Credentials) -> Self {
-        Self { current: watch::Sender::new(Arc::new(creds)) }
+        Self {
+            current: watch::Sender::new(Arc::new(creds)),
+        }
     }
 
     pub fn current(&self) -> Arc<Credentials> {
@@ -220,7 +232,10 @@ impl TlsIdentity {
 
 /// A client config that trusts `bundle_pem` and presents no certificate: for the first
 /// certificate request, before the caller has an identity.
-pub fn anonymous_client_config(bundle_pem: &str, policy: PeerPolicy) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn anonymous_client_config(
+    bundle_pem: &str,
+    policy: PeerPolicy,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let roots = Arc::new(root_store(bundle_pem)?);
     let verifier = verify::SpiffeServerVerifier::with_roots(roots, policy);
     let mut config = ClientConfig::builder_with_provider(provider())

@@ -25,7 +25,11 @@ pub enum TokenError {
     #[error("token is for {found}, not {expected}")]
     WrongAudience { expected: String, found: String },
     #[error("token key file {path}: {source}")]
-    KeyFile { path: String, #[source] source: std::io::Error },
+    KeyFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -47,17 +51,25 @@ impl std::fmt::Debug for TokenKey {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl TokenKey {
     pub fn from_bytes(bytes: &[u8]) -> Self {
-        Self { key: hmac::Key::new(hmac::HMAC_SHA256, bytes) }
+        Self {
+            key: hmac::Key::new(hmac::HMAC_SHA256, bytes),
+        }
     }
 
     /// Loads the key at `path`, creating a random one (mode 0600) when the file is absent.
     pub fn load_or_create(path: &Path) -> Result<Self, TokenError> {
-        let err = |source| TokenError::KeyFile { path: path.display().to_string(), source };
+        let err = |source| TokenError::KeyFile {
+            path: path.display().to_string(),
+            source,
+        };
         match std::fs::read(path) {
             Ok(bytes) => Ok(Self::from_bytes(&bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -71,7 +83,11 @@ impl TokenKey {
 
     /// Mints a token proving `subject` to `audience`, valid for `ttl`.
     pub fn mint(&self, subject: &str, audience: &str, ttl: Duration) -> String {
-        let claims = Claims { sub: subject.to_owned(), aud: audience.to_owned(), exp: unix_now() + ttl.as_secs() };
+        let claims = Claims {
+            sub: subject.to_owned(),
+            aud: audience.to_owned(),
+            exp: unix_now() + ttl.as_secs(),
+        };
         let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("claims serialize"));
         let tag = hmac::sign(&self.key, body.as_bytes());
         format!("{PREFIX}.{body}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
@@ -80,18 +96,27 @@ impl TokenKey {
     /// Checks a token for `audience` and returns the subject it proves.
     pub fn verify(&self, token: &str, audience: &str) -> Result<String, TokenError> {
         let mut parts = token.trim().split('.');
-        let (Some(PREFIX), Some(body), Some(tag), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(PREFIX), Some(body), Some(tag), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(TokenError::Malformed);
         };
-        let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| TokenError::Malformed)?;
+        let tag = URL_SAFE_NO_PAD
+            .decode(tag)
+            .map_err(|_| TokenError::Malformed)?;
         hmac::verify(&self.key, body.as_bytes(), &tag).map_err(|_| TokenError::BadSignature)?;
-        let json = URL_SAFE_NO_PAD.decode(body).map_err(|_| TokenError::Malformed)?;
+        let json = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| TokenError::Malformed)?;
         let claims: Claims = serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)?;
         if claims.exp < unix_now() {
             return Err(TokenError::Expired);
         }
         if claims.aud != audience {
-            return Err(TokenError::WrongAudience { expected: audience.to_owned(), found: claims.aud });
+            return Err(TokenError::WrongAudience {
+                expected: audience.to_owned(),
+                found: claims.aud,
+            });
         }
         Ok(claims.sub)
     }
@@ -104,10 +129,23 @@ mod tests {
     #[test]
     fn a_minted_token_proves_its_subject_to_its_audience_only() {
         let key = TokenKey::from_bytes(b"k");
-        let t = key.mint("spiffe://td/ns/a/sa/b", "cluster:east", Duration::from_secs(60));
-        assert_eq!(key.verify(&t, "cluster:east").expect("valid"), "spiffe://td/ns/a/sa/b");
-        assert!(matches!(key.verify(&t, "cluster:west"), Err(TokenError::WrongAudience { .. })));
-        assert!(matches!(TokenKey::from_bytes(b"other").verify(&t, "cluster:east"), Err(TokenError::BadSignature)));
+        let t = key.mint(
+            "spiffe://td/ns/a/sa/b",
+            "cluster:east",
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            key.verify(&t, "cluster:east").expect("valid"),
+            "spiffe://td/ns/a/sa/b"
+        );
+        assert!(matches!(
+            key.verify(&t, "cluster:west"),
+            Err(TokenError::WrongAudience { .. })
+        ));
+        assert!(matches!(
+            TokenKey::from_bytes(b"other").verify(&t, "cluster:east"),
+            Err(TokenError::BadSignature)
+        ));
     }
 
     #[test]
@@ -116,9 +154,15 @@ mod tests {
         let t = key.mint("a", "x", Duration::from_secs(60));
         let forged = t.replacen("ist1.", "ist1.e", 1);
         assert!(key.verify(&forged, "x").is_err());
-        assert!(matches!(key.verify("garbage", "x"), Err(TokenError::Malformed)));
+        assert!(matches!(
+            key.verify("garbage", "x"),
+            Err(TokenError::Malformed)
+        ));
         let expired = key.mint("a", "x", Duration::ZERO);
         std::thread::sleep(Duration::from_millis(1100));
-        assert!(matches!(key.verify(&expired, "x"), Err(TokenError::Expired)));
+        assert!(matches!(
+            key.verify(&expired, "x"),
+            Err(TokenError::Expired)
+        ));
     }
 }

@@ -27,11 +27,17 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 pub trait XdsHandler: Send + Sync + 'static {
     /// Applies one response of `type_url`: every resource converts, or none is applied and
     /// the reason is returned (it goes back to the controller as a NACK).
-    fn apply(&self, type_url: &str, updated: &[Resource], removed: &[String]) -> Result<(), String>;
+    fn apply(&self, type_url: &str, updated: &[Resource], removed: &[String])
+        -> Result<(), String>;
 }
 
 impl<T: XdsHandler> XdsHandler for std::sync::Arc<T> {
-    fn apply(&self, type_url: &str, updated: &[Resource], removed: &[String]) -> Result<(), String> {
+    fn apply(
+        &self,
+        type_url: &str,
+        updated: &[Resource],
+        removed: &[String],
+    ) -> Result<(), String> {
         (**self).apply(type_url, updated, removed)
     }
 }
@@ -71,10 +77,16 @@ impl<H: XdsHandler> XdsClient<H> {
     }
 
     fn health_request(&self, healthy: bool) -> DeltaRequest {
-        DeltaRequest { health: Some(HealthReport { healthy }), ..Default::default() }
+        DeltaRequest {
+            health: Some(HealthReport { healthy }),
+            ..Default::default()
+        }
     }
 
-    async fn session(&mut self, versions: &mut HashMap<String, BTreeMap<String, String>>) -> SessionError {
+    async fn session(
+        &mut self,
+        versions: &mut HashMap<String, BTreeMap<String, String>>,
+    ) -> SessionError {
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
         for (i, type_url) in self.types.iter().enumerate() {
             let req = DeltaRequest {
@@ -123,13 +135,20 @@ impl<H: XdsHandler> XdsClient<H> {
         }
     }
 
-    fn on_response(&self, resp: &DeltaResponse, versions: &mut HashMap<String, BTreeMap<String, String>>) -> DeltaRequest {
+    fn on_response(
+        &self,
+        resp: &DeltaResponse,
+        versions: &mut HashMap<String, BTreeMap<String, String>>,
+    ) -> DeltaRequest {
         let mut reply = DeltaRequest {
             type_url: resp.type_url.clone(),
             response_nonce: resp.nonce.clone(),
             ..Default::default()
         };
-        match self.handler.apply(&resp.type_url, &resp.resources, &resp.removed_resources) {
+        match self
+            .handler
+            .apply(&resp.type_url, &resp.resources, &resp.removed_resources)
+        {
             Ok(()) => {
                 let held = versions.entry(resp.type_url.clone()).or_default();
                 for r in &resp.resources {

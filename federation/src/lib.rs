@@ -65,13 +65,26 @@ impl Bound {
 }
 
 pub async fn build(config: Config) -> anyhow::Result<Bound> {
-    let grpc = TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding federation gRPC on {}", config.grpc_addr))?;
+    let grpc = TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("binding federation gRPC on {}", config.grpc_addr))?;
     let root = root::Root::load_or_create(&config)?;
     let bundle_pem = root.ca.bundle_pem().to_owned();
     let identity = root.self_identity()?;
     let mut metrics = prometheus_client::registry::Registry::with_prefix("isthmus_federation");
-    let failover = config.failover.iter().map(|(from, to)| isthmus_proto::federation::Failover { from: from.clone(), to: to.clone() }).collect();
-    let merged = registry::GlobalRegistry::new(bundle_pem.clone(), failover, metrics.sub_registry_with_prefix("registry"));
+    let failover = config
+        .failover
+        .iter()
+        .map(|(from, to)| isthmus_proto::federation::Failover {
+            from: from.clone(),
+            to: to.clone(),
+        })
+        .collect();
+    let merged = registry::GlobalRegistry::new(
+        bundle_pem.clone(),
+        failover,
+        metrics.sub_registry_with_prefix("registry"),
+    );
     let (trigger, drain) = isthmus_core::drain::new();
     let svc = service::FederationService::new(Arc::new(root), merged.clone(), drain.clone());
     let admin = Admin {
@@ -80,11 +93,15 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         dump: Arc::new(move || merged.dump()),
         logging: None,
     };
-    let admin = AdminServer::bind(config.admin_addr, admin).await.with_context(|| format!("binding federation admin on {}", config.admin_addr))?;
+    let admin = AdminServer::bind(config.admin_addr, admin)
+        .await
+        .with_context(|| format!("binding federation admin on {}", config.admin_addr))?;
     let (grpc_address, admin_address) = (grpc.local_addr()?, admin.address());
     // Joining clusters have no certificate yet; a presented one must be a controller's,
     // issued by the root itself.
-    let auth = ClientAuth::Optional(PeerPolicy::RootIssuedController(config.trust_domain.clone()));
+    let auth = ClientAuth::Optional(PeerPolicy::RootIssuedController(
+        config.trust_domain.clone(),
+    ));
     let tls = identity.server_config(auth, &[isthmus_core::tls::ALPN_H2]);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(admin.run(drain.clone()));
@@ -93,10 +110,19 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(isthmus_proto::federation::federation_server::FederationServer::new(svc))
-            .serve_with_incoming_shutdown(isthmus_core::grpc::tls_incoming(grpc, tls, drain.clone()), async move { drain.signaled().await })
+            .serve_with_incoming_shutdown(
+                isthmus_core::grpc::tls_incoming(grpc, tls, drain.clone()),
+                async move { drain.signaled().await },
+            )
             .await;
         tracing::error!(?result, "federation gRPC server stopped");
     });
     tracing::info!(grpc = %grpc_address, admin = %admin_address, trust_domain = %config.trust_domain, "federation started");
-    Ok(Bound { grpc_address, admin_address, bundle_pem, tasks, _drain: trigger })
+    Ok(Bound {
+        grpc_address,
+        admin_address,
+        bundle_pem,
+        tasks,
+        _drain: trigger,
+    })
 }

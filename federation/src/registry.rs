@@ -6,7 +6,10 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use isthmus_proto::federation::{ClusterExports, Failover, ClusterGateways, ClusterService, ExportedPort, GlobalRegistry as Msg, GlobalService};
+use isthmus_proto::federation::{
+    ClusterExports, ClusterGateways, ClusterService, ExportedPort, Failover, GlobalRegistry as Msg,
+    GlobalService,
+};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
@@ -27,7 +30,9 @@ fn port_signature(ports: &[ExportedPort]) -> Vec<(u32, String)> {
 }
 
 /// Merges exports (ordered by cluster name, so the result is deterministic).
-pub fn merge(exports: &BTreeMap<String, ClusterExports>) -> (Vec<GlobalService>, Vec<ClusterGateways>, Vec<String>) {
+pub fn merge(
+    exports: &BTreeMap<String, ClusterExports>,
+) -> (Vec<GlobalService>, Vec<ClusterGateways>, Vec<String>) {
     let mut services: BTreeMap<(String, String), GlobalService> = BTreeMap::new();
     let mut conflicts = Vec::new();
     for (cluster, ex) in exports {
@@ -40,32 +45,67 @@ pub fn merge(exports: &BTreeMap<String, ClusterExports>) -> (Vec<GlobalService>,
                 clusters: Vec::new(),
             });
             if port_signature(&global.ports) != port_signature(&svc.ports) {
-                let first = global.clusters.first().map(|c| c.cluster.as_str()).unwrap_or("?");
+                let first = global
+                    .clusters
+                    .first()
+                    .map(|c| c.cluster.as_str())
+                    .unwrap_or("?");
                 conflicts.push(format!(
                     "service {}/{} exported by {cluster} with ports {:?}, but by {first} with {:?}; {cluster} is left out",
                     svc.namespace, svc.name, port_signature(&svc.ports), port_signature(&global.ports)
                 ));
                 continue;
             }
-            global.clusters.push(ClusterService { cluster: cluster.clone(), localities: svc.localities.clone(), identities: svc.identities.clone() });
+            global.clusters.push(ClusterService {
+                cluster: cluster.clone(),
+                localities: svc.localities.clone(),
+                identities: svc.identities.clone(),
+            });
         }
     }
     let gateways = exports
         .iter()
         .filter(|(_, ex)| !ex.gateways.is_empty())
-        .map(|(cluster, ex)| ClusterGateways { cluster: cluster.clone(), gateways: ex.gateways.clone() })
+        .map(|(cluster, ex)| ClusterGateways {
+            cluster: cluster.clone(),
+            gateways: ex.gateways.clone(),
+        })
         .collect();
     (services.into_values().collect(), gateways, conflicts)
 }
 
 impl GlobalRegistry {
-    pub fn new(bundle_pem: String, failover: Vec<Failover>, metrics: &mut prometheus_client::registry::Registry) -> Self {
+    pub fn new(
+        bundle_pem: String,
+        failover: Vec<Failover>,
+        metrics: &mut prometheus_client::registry::Registry,
+    ) -> Self {
         let clusters = Gauge::default();
         let conflicts = Gauge::default();
-        metrics.register("clusters", "clusters whose exports are merged", clusters.clone());
-        metrics.register("conflicts", "exports left out of the merge because of conflicts", conflicts.clone());
-        let initial = Msg { version: 0, trust_bundle_pem: bundle_pem.clone(), failover: failover.clone(), ..Default::default() };
-        Self { exports: Arc::default(), merged: watch::Sender::new(Arc::new(initial)), bundle_pem, failover, clusters, conflicts }
+        metrics.register(
+            "clusters",
+            "clusters whose exports are merged",
+            clusters.clone(),
+        );
+        metrics.register(
+            "conflicts",
+            "exports left out of the merge because of conflicts",
+            conflicts.clone(),
+        );
+        let initial = Msg {
+            version: 0,
+            trust_bundle_pem: bundle_pem.clone(),
+            failover: failover.clone(),
+            ..Default::default()
+        };
+        Self {
+            exports: Arc::default(),
+            merged: watch::Sender::new(Arc::new(initial)),
+            bundle_pem,
+            failover,
+            clusters,
+            conflicts,
+        }
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<Msg>> {
@@ -129,7 +169,11 @@ mod tests {
             services: vec![ExportedService {
                 namespace: "demo".into(),
                 name: "echo".into(),
-                ports: vec![ExportedPort { name: "http".into(), port, protocol: "http".into() }],
+                ports: vec![ExportedPort {
+                    name: "http".into(),
+                    port,
+                    protocol: "http".into(),
+                }],
                 ..Default::default()
             }],
             gateways: vec![],
@@ -138,7 +182,11 @@ mod tests {
 
     #[test]
     fn same_name_in_several_clusters_is_one_service() {
-        let all: BTreeMap<_, _> = [("east".to_string(), export("east", 80)), ("west".to_string(), export("west", 80))].into();
+        let all: BTreeMap<_, _> = [
+            ("east".to_string(), export("east", 80)),
+            ("west".to_string(), export("west", 80)),
+        ]
+        .into();
         let (services, _, conflicts) = merge(&all);
         assert_eq!(services.len(), 1);
         assert_eq!(services[0].clusters.len(), 2);
@@ -147,10 +195,18 @@ mod tests {
 
     #[test]
     fn conflicting_ports_are_reported_not_merged() {
-        let all: BTreeMap<_, _> = [("east".to_string(), export("east", 80)), ("west".to_string(), export("west", 81))].into();
+        let all: BTreeMap<_, _> = [
+            ("east".to_string(), export("east", 80)),
+            ("west".to_string(), export("west", 81)),
+        ]
+        .into();
         let (services, _, conflicts) = merge(&all);
         assert_eq!(services[0].clusters.len(), 1);
         assert_eq!(conflicts.len(), 1);
-        assert!(conflicts[0].contains("west is left out"), "{}", conflicts[0]);
+        assert!(
+            conflicts[0].contains("west is left out"),
+            "{}",
+            conflicts[0]
+        );
     }
 }

@@ -41,7 +41,8 @@ fn read(path: &Path) -> anyhow::Result<String> {
 impl Root {
     pub fn load_or_create(config: &Config) -> anyhow::Result<Self> {
         let dir = &config.state_dir;
-        std::fs::create_dir_all(dir).with_context(|| format!("creating state folder {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating state folder {}", dir.display()))?;
         let (cert_path, key_path) = match (&config.root_cert, &config.root_key) {
             (Some(c), Some(k)) => (c.clone(), k.clone()),
             (None, None) => (dir.join(ROOT_CERT), dir.join(ROOT_KEY)),
@@ -60,7 +61,11 @@ impl Root {
             ca
         };
         let token_key = TokenKey::load_or_create(&dir.join(TOKEN_KEY))?;
-        Ok(Self { trust_domain: config.trust_domain.clone(), ca, token_key })
+        Ok(Self {
+            trust_domain: config.trust_domain.clone(),
+            ca,
+            token_key,
+        })
     }
 
     /// The federation's own identity, issued by the root.
@@ -68,6 +73,10 @@ impl Root {
         let id = SpiffeId::new(&self.trust_domain, SYSTEM_NAMESPACE, "isthmus-federation");
         let (key, csr) = leaf_csr(&id)?;
         let chain = self.ca.sign_leaf(&csr, &id, SELF_TTL)?;
-        Ok(TlsIdentity::new(Credentials::from_pem(key.serialize_der(), &chain, self.ca.bundle_pem())?))
+        Ok(TlsIdentity::new(Credentials::from_pem(
+            key.serialize_der(),
+            &chain,
+            self.ca.bundle_pem(),
+        )?))
     }
 }

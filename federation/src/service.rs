@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use isthmus_core::identity::SpiffeId;
 use isthmus_proto::federation::federation_server::Federation;
-use isthmus_proto::federation::{ClusterExports, GlobalRegistry as GlobalRegistryMsg, JoinRequest, JoinResponse};
+use isthmus_proto::federation::{
+    ClusterExports, GlobalRegistry as GlobalRegistryMsg, JoinRequest, JoinResponse,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -23,8 +25,16 @@ pub struct FederationService {
 }
 
 impl FederationService {
-    pub fn new(root: Arc<Root>, registry: GlobalRegistry, drain: isthmus_core::drain::Drain) -> Self {
-        Self { root, registry, drain }
+    pub fn new(
+        root: Arc<Root>,
+        registry: GlobalRegistry,
+        drain: isthmus_core::drain::Drain,
+    ) -> Self {
+        Self {
+            root,
+            registry,
+            drain,
+        }
     }
 
     /// The cluster the caller proved: its controller certificate, else its join token.
@@ -35,7 +45,9 @@ impl FederationService {
         {
             return Ok(cluster);
         }
-        let token = isthmus_core::grpc::bearer_token(req).ok_or_else(|| Status::unauthenticated("present a join token or a controller certificate"))?;
+        let token = isthmus_core::grpc::bearer_token(req).ok_or_else(|| {
+            Status::unauthenticated("present a join token or a controller certificate")
+        })?;
         self.root
             .token_key
             .verify(token, JOIN_AUDIENCE)
@@ -44,7 +56,11 @@ impl FederationService {
 }
 
 fn valid_cluster_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 63 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 #[tonic::async_trait]
@@ -53,10 +69,15 @@ impl Federation for FederationService {
         let cluster = self.proved_cluster(&req)?;
         let body = req.into_inner();
         if body.cluster != cluster {
-            return Err(Status::permission_denied(format!("credentials are for cluster {cluster}, the request is for {}", body.cluster)));
+            return Err(Status::permission_denied(format!(
+                "credentials are for cluster {cluster}, the request is for {}",
+                body.cluster
+            )));
         }
         if !valid_cluster_name(&cluster) {
-            return Err(Status::invalid_argument(format!("`{cluster}` is not a valid cluster name")));
+            return Err(Status::invalid_argument(format!(
+                "`{cluster}` is not a valid cluster name"
+            )));
         }
         let td = &self.root.trust_domain;
         let ca_cert_pem = self
@@ -81,11 +102,18 @@ impl Federation for FederationService {
 
     type ExchangeStream = ReceiverStream<Result<GlobalRegistryMsg, Status>>;
 
-    async fn exchange(&self, req: Request<Streaming<ClusterExports>>) -> Result<Response<Self::ExchangeStream>, Status> {
+    async fn exchange(
+        &self,
+        req: Request<Streaming<ClusterExports>>,
+    ) -> Result<Response<Self::ExchangeStream>, Status> {
         let cluster = isthmus_core::grpc::peer_of(&req)
             .and_then(|p| p.identity.as_ref())
             .and_then(|id| id.controller_cluster().map(str::to_owned))
-            .ok_or_else(|| Status::unauthenticated("exports are accepted only from a cluster controller's certificate"))?;
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "exports are accepted only from a cluster controller's certificate",
+                )
+            })?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(REGISTRY_QUEUE);
         let registry = self.registry.clone();

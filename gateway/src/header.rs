@@ -19,7 +19,10 @@ pub enum FrameError {
     Decode(#[from] prost::DecodeError),
 }
 
-pub async fn write<M: Message, W: AsyncWrite + Unpin>(w: &mut W, msg: &M) -> Result<(), FrameError> {
+pub async fn write<M: Message, W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &M,
+) -> Result<(), FrameError> {
     let len = msg.encoded_len();
     if len > MAX_HEADER {
         return Err(FrameError::TooLarge(len));
@@ -58,14 +61,25 @@ mod tests {
 
     #[tokio::test]
     async fn headers_round_trip_and_oversized_ones_are_refused() {
-        let h = StreamHeader { target_cluster: "west".into(), service: "echo".into(), port: 80, ..Default::default() };
+        let h = StreamHeader {
+            target_cluster: "west".into(),
+            service: "echo".into(),
+            port: 80,
+            ..Default::default()
+        };
         let mut buf = Vec::new();
         write(&mut buf, &h).await.expect("write");
         let back = read_header(&mut buf.as_slice()).await.expect("read");
         assert_eq!(back, h);
         let bogus = [0xffu8, 0xff, 0, 0];
-        assert!(matches!(read_header(&mut bogus.as_slice()).await, Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            read_header(&mut bogus.as_slice()).await,
+            Err(FrameError::TooLarge(_))
+        ));
         let garbage = [0u8, 3, 0xff, 0xff, 0xff];
-        assert!(matches!(read_header(&mut garbage.as_slice()).await, Err(FrameError::Decode(_))));
+        assert!(matches!(
+            read_header(&mut garbage.as_slice()).await,
+            Err(FrameError::Decode(_))
+        ));
     }
 }

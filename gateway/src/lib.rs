@@ -62,17 +62,32 @@ impl Bound {
 }
 
 pub async fn build(config: Config) -> anyhow::Result<Bound> {
-    let tunnel = TcpListener::bind(config.tunnel_addr).await.with_context(|| format!("binding tunnel listener on {}", config.tunnel_addr))?;
-    let udp = std::net::UdpSocket::bind(config.quic_addr).with_context(|| format!("binding QUIC on {}", config.quic_addr))?;
+    let tunnel = TcpListener::bind(config.tunnel_addr)
+        .await
+        .with_context(|| format!("binding tunnel listener on {}", config.tunnel_addr))?;
+    let udp = std::net::UdpSocket::bind(config.quic_addr)
+        .with_context(|| format!("binding QUIC on {}", config.quic_addr))?;
     let readiness = Readiness::default();
     let cert_block = readiness.register("gateway certificate");
     let config_block = readiness.register("first config");
     let store = Arc::new(state::Store::new());
     let metrics = peer::Metrics::default();
     let mut registry = prometheus_client::registry::Registry::with_prefix("isthmus_gateway");
-    registry.register("quic_streams", "QUIC streams to and from peer gateways", metrics.streams.clone());
-    registry.register("quic_connections", "QUIC connections opened to peer gateways", metrics.connections.clone());
-    registry.register("peer_up", "1 while the QUIC connection to a peer cluster's gateway is up", metrics.peer_up.clone());
+    registry.register(
+        "quic_streams",
+        "QUIC streams to and from peer gateways",
+        metrics.streams.clone(),
+    );
+    registry.register(
+        "quic_connections",
+        "QUIC connections opened to peer gateways",
+        metrics.connections.clone(),
+    );
+    registry.register(
+        "peer_up",
+        "1 while the QUIC connection to a peer cluster's gateway is up",
+        metrics.peer_up.clone(),
+    );
     let admin = Admin {
         registry: Arc::new(registry),
         readiness: readiness.clone(),
@@ -88,7 +103,9 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         },
         logging: None,
     };
-    let admin = AdminServer::bind(config.admin_addr, admin).await.with_context(|| format!("binding admin on {}", config.admin_addr))?;
+    let admin = AdminServer::bind(config.admin_addr, admin)
+        .await
+        .with_context(|| format!("binding admin on {}", config.admin_addr))?;
     let tunnel_address = tunnel.local_addr()?;
     let quic_address = udp.local_addr()?;
     let admin_address = admin.address();
@@ -100,7 +117,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         controller: SpiffeId::controller(&config.trust_domain, &config.cluster),
         bootstrap_bundle_pem: config.bootstrap_bundle_pem.clone(),
         token: config.token.clone(),
-        identity: SpiffeId::new(&config.trust_domain, SYSTEM_NAMESPACE, GATEWAY_SERVICE_ACCOUNT),
+        identity: SpiffeId::new(
+            &config.trust_domain,
+            SYSTEM_NAMESPACE,
+            GATEWAY_SERVICE_ACCOUNT,
+        ),
     };
     let cluster = config.cluster.clone();
     tasks.spawn(async move {
@@ -112,7 +133,10 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         };
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(ca.clone().renew_forever(identity.clone()));
-        let channel = isthmus_core::grpc::tls_channel(ca.address, identity.client_config(PeerPolicy::OneOf(vec![ca.controller.clone()]), &[ALPN_H2]));
+        let channel = isthmus_core::grpc::tls_channel(
+            ca.address,
+            identity.client_config(PeerPolicy::OneOf(vec![ca.controller.clone()]), &[ALPN_H2]),
+        );
         let node = Node {
             cluster: cluster.clone(),
             role: "gateway".into(),
@@ -120,13 +144,36 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             tunnel_address: tunnel_address.to_string(),
             quic_address: quic_address.to_string(),
         };
-        let xds = XdsClient { channel, node, types: vec![type_url::MESH, type_url::SERVICE, type_url::PEER], handler: store.clone(), health: None, first_config: Some(config_block) };
+        let xds = XdsClient {
+            channel,
+            node,
+            types: vec![type_url::MESH, type_url::SERVICE, type_url::PEER],
+            handler: store.clone(),
+            health: None,
+            first_config: Some(config_block),
+        };
         tasks.spawn(xds.run());
         tasks.spawn(links.clone().serve(store.clone(), cluster.clone()));
         tasks.spawn(links.clone().follow_peers(store.clone()));
-        tasks.spawn(tunnel::run(tunnel, Arc::new(tunnel::TunnelCtx { identity, cluster, store, links, drain })));
+        tasks.spawn(tunnel::run(
+            tunnel,
+            Arc::new(tunnel::TunnelCtx {
+                identity,
+                cluster,
+                store,
+                links,
+                drain,
+            }),
+        ));
         tasks.join_next().await;
     });
     tracing::info!(tunnel = %tunnel_address, quic = %quic_address, admin = %admin_address, "gateway started");
-    Ok(Bound { tunnel_address, quic_address, admin_address, readiness, tasks, _drain: trigger })
+    Ok(Bound {
+        tunnel_address,
+        quic_address,
+        admin_address,
+        readiness,
+        tasks,
+        _drain: trigger,
+    })
 }

@@ -98,13 +98,33 @@ fn transport() -> Arc<quinn::TransportConfig> {
 
 impl PeerLinks {
     /// Builds the QUIC endpoint on an already bound socket.
-    pub fn new(socket: std::net::UdpSocket, identity: TlsIdentity, drain: isthmus_core::drain::Drain) -> anyhow::Result<Self> {
+    pub fn new(
+        socket: std::net::UdpSocket,
+        identity: TlsIdentity,
+        drain: isthmus_core::drain::Drain,
+    ) -> anyhow::Result<Self> {
         let gateway = SpiffeId::gateway(identity.id().trust_domain());
-        let tls = identity.server_config(ClientAuth::Required(PeerPolicy::OneOf(vec![gateway])), &[ALPN_PEER]);
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+        let tls = identity.server_config(
+            ClientAuth::Required(PeerPolicy::OneOf(vec![gateway])),
+            &[ALPN_PEER],
+        );
+        let mut server =
+            quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
         server.transport_config(transport());
-        let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, Arc::new(quinn::TokioRuntime))?;
-        Ok(Self { endpoint, identity, links: Mutex::default(), metrics: Metrics::default(), cursor: AtomicUsize::new(0), drain })
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        Ok(Self {
+            endpoint,
+            identity,
+            links: Mutex::default(),
+            metrics: Metrics::default(),
+            cursor: AtomicUsize::new(0),
+            drain,
+        })
     }
 
     /// Shares counters registered elsewhere.
@@ -116,10 +136,17 @@ impl PeerLinks {
     async fn dial(&self, peer: &Peer) -> Result<quinn::Connection, LinkError> {
         let addr = peer.address;
         let err = |reason: String| LinkError::Connect { addr, reason };
-        let tls = self.identity.client_config(PeerPolicy::OneOf(vec![peer.identity.clone()]), &[ALPN_PEER]);
-        let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).map_err(|e| err(e.to_string()))?));
+        let tls = self
+            .identity
+            .client_config(PeerPolicy::OneOf(vec![peer.identity.clone()]), &[ALPN_PEER]);
+        let mut config = quinn::ClientConfig::new(Arc::new(
+            QuicClientConfig::try_from(tls).map_err(|e| err(e.to_string()))?,
+        ));
         config.transport_config(transport());
-        let connecting = self.endpoint.connect_with(config, addr, "isthmus.mesh").map_err(|e| err(e.to_string()))?;
+        let connecting = self
+            .endpoint
+            .connect_with(config, addr, "isthmus.mesh")
+            .map_err(|e| err(e.to_string()))?;
         tokio::time::timeout(STREAM_SETUP_TIMEOUT, connecting)
             .await
             .map_err(|_| LinkError::Timeout { addr })?
@@ -128,11 +155,22 @@ impl PeerLinks {
 
     /// Keeps a connection to one peer up for as long as the peer is in config: dials,
     /// waits for the connection to close, dials again with backoff.
-    async fn maintain(self: Arc<Self>, cluster: String, peer: Peer, link: watch::Sender<LinkState>) {
+    async fn maintain(
+        self: Arc<Self>,
+        cluster: String,
+        peer: Peer,
+        link: watch::Sender<LinkState>,
+    ) {
         // Redial quickly: a dial is one packet while the peer is gone, and a peer that
         // comes back should carry traffic again within half a second.
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
-        let up = self.metrics.peer_up.get_or_create(&PeerLabels { peer_cluster: cluster.clone() }).clone();
+        let up = self
+            .metrics
+            .peer_up
+            .get_or_create(&PeerLabels {
+                peer_cluster: cluster.clone(),
+            })
+            .clone();
         loop {
             match self.dial(&peer).await {
                 Ok(conn) => {
@@ -159,7 +197,9 @@ impl PeerLinks {
         loop {
             let peers = updates.borrow_and_update().peers.clone();
             running.retain(|cluster, (p, task)| {
-                let keep = peers.get(cluster).is_some_and(|n| n.address == p.address && n.identity == p.identity);
+                let keep = peers
+                    .get(cluster)
+                    .is_some_and(|n| n.address == p.address && n.identity == p.identity);
                 if !keep {
                     task.abort();
                 }
@@ -172,7 +212,11 @@ impl PeerLinks {
         }
     }
 
-    fn start_maintainers(self: &Arc<Self>, peers: &BTreeMap<String, Peer>, running: &mut HashMap<String, (Peer, tokio::task::JoinHandle<()>)>) {
+    fn start_maintainers(
+        self: &Arc<Self>,
+        peers: &BTreeMap<String, Peer>,
+        running: &mut HashMap<String, (Peer, tokio::task::JoinHandle<()>)>,
+    ) {
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
         links.retain(|c, _| running.contains_key(c) || peers.contains_key(c));
         for (cluster, peer) in peers {
@@ -194,27 +238,60 @@ impl PeerLinks {
 
     /// The live connection to `cluster`: waits while the first dial is under way, fails at
     /// once when the peer is known to be down, so the sidecar can retry elsewhere at once.
-    async fn connection(&self, cluster: &str, addr: SocketAddr) -> Result<quinn::Connection, LinkError> {
-        let link = self.links.lock().unwrap_or_else(|p| p.into_inner()).get(cluster).cloned();
-        let mut link = link.ok_or_else(|| LinkError::Connect { addr, reason: "peer not in config".into() })?;
+    async fn connection(
+        &self,
+        cluster: &str,
+        addr: SocketAddr,
+    ) -> Result<quinn::Connection, LinkError> {
+        let link = self
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(cluster)
+            .cloned();
+        let mut link = link.ok_or_else(|| LinkError::Connect {
+            addr,
+            reason: "peer not in config".into(),
+        })?;
         loop {
             let state = link.borrow_and_update().clone();
             match state {
                 LinkState::Up(c) => return Ok(c),
-                LinkState::Down => return Err(LinkError::Connect { addr, reason: "peer is down".into() }),
-                LinkState::Connecting => link.changed().await.map_err(|_| LinkError::Connect { addr, reason: "peer removed".into() })?,
+                LinkState::Down => {
+                    return Err(LinkError::Connect {
+                        addr,
+                        reason: "peer is down".into(),
+                    })
+                }
+                LinkState::Connecting => link.changed().await.map_err(|_| LinkError::Connect {
+                    addr,
+                    reason: "peer removed".into(),
+                })?,
             }
         }
     }
 
     /// Opens a stream to `cluster`'s gateway for `header`; returns it once the peer has
     /// connected the far end.
-    pub async fn open(&self, cluster: &str, peer: &Peer, header: &StreamHeader) -> Result<(quinn::SendStream, quinn::RecvStream), LinkError> {
-        let result = tokio::time::timeout(STREAM_SETUP_TIMEOUT, self.open_inner(cluster, peer, header))
-            .await
-            .unwrap_or(Err(LinkError::Timeout { addr: peer.address }));
+    pub async fn open(
+        &self,
+        cluster: &str,
+        peer: &Peer,
+        header: &StreamHeader,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), LinkError> {
+        let result =
+            tokio::time::timeout(STREAM_SETUP_TIMEOUT, self.open_inner(cluster, peer, header))
+                .await
+                .unwrap_or(Err(LinkError::Timeout { addr: peer.address }));
         let outcome = if result.is_ok() { "ok" } else { "failed" };
-        self.metrics.streams.get_or_create(&StreamLabels { direction: "outbound", peer_cluster: cluster.to_owned(), outcome }).inc();
+        self.metrics
+            .streams
+            .get_or_create(&StreamLabels {
+                direction: "outbound",
+                peer_cluster: cluster.to_owned(),
+                outcome,
+            })
+            .inc();
         if let Err(LinkError::Timeout { .. } | LinkError::Stream { .. }) = &result {
             // A live peer answers well within the timeout; one that does not is treated as
             // gone until the maintainer reconnects, instead of stalling every new tunnel.
@@ -225,13 +302,25 @@ impl PeerLinks {
         result
     }
 
-    async fn open_inner(&self, cluster: &str, peer: &Peer, header: &StreamHeader) -> Result<(quinn::SendStream, quinn::RecvStream), LinkError> {
+    async fn open_inner(
+        &self,
+        cluster: &str,
+        peer: &Peer,
+        header: &StreamHeader,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), LinkError> {
         let addr = peer.address;
         let conn = self.connection(cluster, addr).await?;
         let stream_err = |reason: String| LinkError::Stream { addr, reason };
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream_err(e.to_string()))?;
-        header::write(&mut send, header).await.map_err(|e| stream_err(e.to_string()))?;
-        let reply: StreamReply = header::read_reply(&mut recv).await.map_err(|e| stream_err(e.to_string()))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| stream_err(e.to_string()))?;
+        header::write(&mut send, header)
+            .await
+            .map_err(|e| stream_err(e.to_string()))?;
+        let reply: StreamReply = header::read_reply(&mut recv)
+            .await
+            .map_err(|e| stream_err(e.to_string()))?;
         if !reply.ok {
             return Err(LinkError::Refused(reply.error));
         }
@@ -251,7 +340,9 @@ impl PeerLinks {
                 let remote = incoming.remote_address();
                 let conn = match incoming.await {
                     Ok(c) => c,
-                    Err(e) => return tracing::info!(%remote, error = %e, "peer gateway handshake refused"),
+                    Err(e) => {
+                        return tracing::info!(%remote, error = %e, "peer gateway handshake refused")
+                    }
                 };
                 tracing::info!(%remote, "peer gateway accepted");
                 while let Ok((send, recv)) = conn.accept_bi().await {
@@ -263,8 +354,19 @@ impl PeerLinks {
         }
     }
 
-    async fn serve_stream(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream, store: &Store, own: &str) {
-        let header = match tokio::time::timeout(STREAM_SETUP_TIMEOUT, header::read_header(&mut recv)).await {
+    async fn serve_stream(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        store: &Store,
+        own: &str,
+    ) {
+        let header = match tokio::time::timeout(
+            STREAM_SETUP_TIMEOUT,
+            header::read_header(&mut recv),
+        )
+        .await
+        {
             Ok(Ok(h)) => h,
             Ok(Err(e)) => return tracing::info!(error = %e, "bad stream header from peer gateway"),
             Err(_) => return,
@@ -272,7 +374,14 @@ impl PeerLinks {
         let source = header.source_cluster.clone();
         let result = self.connect_local(&header, store, own).await;
         let outcome = if result.is_ok() { "ok" } else { "failed" };
-        self.metrics.streams.get_or_create(&StreamLabels { direction: "inbound", peer_cluster: source, outcome }).inc();
+        self.metrics
+            .streams
+            .get_or_create(&StreamLabels {
+                direction: "inbound",
+                peer_cluster: source,
+                outcome,
+            })
+            .inc();
         let mut tcp = match result {
             Ok(tcp) => tcp,
             Err(error) => {
@@ -282,7 +391,16 @@ impl PeerLinks {
                 return;
             }
         };
-        if header::write(&mut send, &StreamReply { ok: true, error: String::new() }).await.is_err() {
+        if header::write(
+            &mut send,
+            &StreamReply {
+                ok: true,
+                error: String::new(),
+            },
+        )
+        .await
+        .is_err()
+        {
             return;
         }
         tracing::debug!(service = %header.service, source = %header.source_identity, "stream spliced");
@@ -290,13 +408,25 @@ impl PeerLinks {
         let _ = tokio::io::copy_bidirectional(&mut quic, &mut tcp).await;
     }
 
-    async fn connect_local(&self, header: &StreamHeader, store: &Store, own: &str) -> Result<TcpStream, String> {
+    async fn connect_local(
+        &self,
+        header: &StreamHeader,
+        store: &Store,
+        own: &str,
+    ) -> Result<TcpStream, String> {
         if header.target_cluster != own {
-            return Err(format!("this gateway serves cluster {own}, not {}", header.target_cluster));
+            return Err(format!(
+                "this gateway serves cluster {own}, not {}",
+                header.target_cluster
+            ));
         }
         let key = format!("{}/{}", header.namespace, header.service);
         let state = store.current();
-        let endpoints = state.services.get(&key).filter(|e| !e.is_empty()).ok_or_else(|| format!("no healthy endpoint for {key} in {own}"))?;
+        let endpoints = state
+            .services
+            .get(&key)
+            .filter(|e| !e.is_empty())
+            .ok_or_else(|| format!("no healthy endpoint for {key} in {own}"))?;
         let start = self.cursor.fetch_add(1, Ordering::Relaxed);
         for i in 0..endpoints.len().min(ENDPOINT_ATTEMPTS) {
             let addr = endpoints[(start + i) % endpoints.len()];
@@ -308,6 +438,8 @@ impl PeerLinks {
                 _ => tracing::debug!(%addr, "endpoint unreachable from gateway"),
             }
         }
-        Err(format!("no endpoint of {key} in {own} accepted a connection"))
+        Err(format!(
+            "no endpoint of {key} in {own} accepted a connection"
+        ))
     }
 }

@@ -35,26 +35,41 @@ fn invalid(name: &str, what: &str, value: &str) -> String {
 }
 
 fn service(r: &Resource) -> Result<(String, Arc<Vec<SocketAddr>>), String> {
-    let svc = xds::Service::decode(r.body.as_slice()).map_err(|e| format!("resource {}: {e}", r.name))?;
+    let svc =
+        xds::Service::decode(r.body.as_slice()).map_err(|e| format!("resource {}: {e}", r.name))?;
     let eps = svc
         .endpoints
         .iter()
         .filter(|e| e.healthy)
-        .map(|e| e.tunnel_address.parse().map_err(|_| invalid(&r.name, "tunnel_address", &e.tunnel_address)))
+        .map(|e| {
+            e.tunnel_address
+                .parse()
+                .map_err(|_| invalid(&r.name, "tunnel_address", &e.tunnel_address))
+        })
         .collect::<Result<Vec<SocketAddr>, String>>()?;
     Ok((r.name.clone(), Arc::new(eps)))
 }
 
 fn peer(r: &Resource) -> Result<(String, Peer), String> {
-    let p = xds::Peer::decode(r.body.as_slice()).map_err(|e| format!("resource {}: {e}", r.name))?;
-    let address = p.address.parse().map_err(|_| invalid(&r.name, "address", &p.address))?;
-    let identity = p.identity.parse().map_err(|_| invalid(&r.name, "identity", &p.identity))?;
+    let p =
+        xds::Peer::decode(r.body.as_slice()).map_err(|e| format!("resource {}: {e}", r.name))?;
+    let address = p
+        .address
+        .parse()
+        .map_err(|_| invalid(&r.name, "address", &p.address))?;
+    let identity = p
+        .identity
+        .parse()
+        .map_err(|_| invalid(&r.name, "identity", &p.identity))?;
     Ok((p.cluster, Peer { address, identity }))
 }
 
 impl Store {
     pub fn new() -> Self {
-        Self { state: watch::Sender::new(Arc::default()), write: Mutex::new(()) }
+        Self {
+            state: watch::Sender::new(Arc::default()),
+            write: Mutex::new(()),
+        }
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<GatewayState>> {
@@ -67,10 +82,18 @@ impl Store {
 }
 
 impl XdsHandler for Store {
-    fn apply(&self, type_url: &str, updated: &[Resource], removed: &[String]) -> Result<(), String> {
+    fn apply(
+        &self,
+        type_url: &str,
+        updated: &[Resource],
+        removed: &[String],
+    ) -> Result<(), String> {
         let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.current();
-        let mut next = GatewayState { services: old.services.clone(), peers: old.peers.clone() };
+        let mut next = GatewayState {
+            services: old.services.clone(),
+            peers: old.peers.clone(),
+        };
         match type_url {
             type_url::SERVICE => {
                 let converted = updated.iter().map(service).collect::<Result<Vec<_>, _>>()?;

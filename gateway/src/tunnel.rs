@@ -32,7 +32,8 @@ pub struct TunnelCtx {
 fn reply(status: StatusCode, reason: &'static str) -> Response<Body> {
     let mut r = Response::new(Empty::new().boxed());
     *r.status_mut() = status;
-    r.headers_mut().insert(ERROR_REASON, HeaderValue::from_static(reason));
+    r.headers_mut()
+        .insert(ERROR_REASON, HeaderValue::from_static(reason));
     r
 }
 
@@ -44,25 +45,38 @@ fn parse_authority(authority: &str) -> Option<(String, String, u16)> {
     let name = labels.next()?;
     let ns = labels.next()?;
     let rest: Vec<&str> = labels.collect();
-    let ok = matches!(rest.as_slice(), ["svc", "cluster", "local"] | ["svc", "clusterset", "local"] | ["svc"] | []);
+    let ok = matches!(
+        rest.as_slice(),
+        ["svc", "cluster", "local"] | ["svc", "clusterset", "local"] | ["svc"] | []
+    );
     ok.then(|| (ns.to_owned(), name.to_owned(), port))
 }
 
 pub async fn run(listener: TcpListener, ctx: Arc<TunnelCtx>) {
     let td = ctx.identity.id().trust_domain().to_owned();
-    let acceptor = tokio_rustls::TlsAcceptor::from(ctx.identity.server_config(ClientAuth::Required(PeerPolicy::TrustDomain(td)), &[ALPN_H2]));
+    let acceptor = tokio_rustls::TlsAcceptor::from(ctx.identity.server_config(
+        ClientAuth::Required(PeerPolicy::TrustDomain(td)),
+        &[ALPN_H2],
+    ));
     loop {
-        let Ok((tcp, remote)) = listener.accept().await else { continue };
+        let Ok((tcp, remote)) = listener.accept().await else {
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let (acceptor, ctx) = (acceptor.clone(), ctx.clone());
         let drain = ctx.drain.clone();
         drain.spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await {
+            let tls = match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await
+            {
                 Ok(Ok(t)) => t,
-                Ok(Err(e)) => return tracing::info!(%remote, error = %e, "tunnel handshake refused"),
+                Ok(Err(e)) => {
+                    return tracing::info!(%remote, error = %e, "tunnel handshake refused")
+                }
                 Err(_) => return,
             };
-            let Some(peer) = isthmus_core::tls::peer_identity(tls.get_ref().1) else { return };
+            let Some(peer) = isthmus_core::tls::peer_identity(tls.get_ref().1) else {
+                return;
+            };
             let peer = Arc::new(peer);
             let svc = hyper::service::service_fn(move |req| {
                 let (ctx, peer) = (ctx.clone(), peer.clone());
@@ -81,16 +95,30 @@ async fn handle(ctx: &TunnelCtx, peer: &SpiffeId, mut req: Request<Incoming>) ->
     if req.method() != Method::CONNECT {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "connect-only");
     }
-    let Some((namespace, service, port)) = req.uri().authority().and_then(|a| parse_authority(a.as_str())) else {
+    let Some((namespace, service, port)) = req
+        .uri()
+        .authority()
+        .and_then(|a| parse_authority(a.as_str()))
+    else {
         return reply(StatusCode::BAD_REQUEST, "bad-authority");
     };
-    let Some(cluster) = req.headers().get(TARGET_CLUSTER).and_then(|v| v.to_str().ok()).map(str::to_owned) else {
+    let Some(cluster) = req
+        .headers()
+        .get(TARGET_CLUSTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    else {
         return reply(StatusCode::BAD_REQUEST, "no-target-cluster");
     };
     let Some(target) = ctx.store.current().peers.get(&cluster).cloned() else {
         return reply(StatusCode::SERVICE_UNAVAILABLE, "no-peer-gateway");
     };
-    let traceparent = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let traceparent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     let header = StreamHeader {
         target_cluster: cluster.clone(),
         namespace,
@@ -109,7 +137,9 @@ async fn handle(ctx: &TunnelCtx, peer: &SpiffeId, mut req: Request<Incoming>) ->
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     ctx.drain.spawn(async move {
-        let Ok(upgraded) = on_upgrade.await else { return };
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
         let mut local = TokioIo::new(upgraded);
         let mut quic = tokio::io::join(recv, send);
         let _ = tokio::io::copy_bidirectional(&mut local, &mut quic).await;
@@ -123,8 +153,14 @@ mod tests {
 
     #[test]
     fn authorities_name_a_service_and_port() {
-        assert_eq!(parse_authority("echo.demo.svc.cluster.local:80"), Some(("demo".into(), "echo".into(), 80)));
-        assert_eq!(parse_authority("echo.demo.svc.clusterset.local:8080"), Some(("demo".into(), "echo".into(), 8080)));
+        assert_eq!(
+            parse_authority("echo.demo.svc.cluster.local:80"),
+            Some(("demo".into(), "echo".into(), 80))
+        );
+        assert_eq!(
+            parse_authority("echo.demo.svc.clusterset.local:8080"),
+            Some(("demo".into(), "echo".into(), 8080))
+        );
         assert_eq!(parse_authority("echo.demo.example.com:80"), None);
         assert_eq!(parse_authority("echo:80"), None);
     }

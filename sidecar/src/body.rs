@@ -6,7 +6,9 @@ use http_body_util::{BodyExt, Full};
 use crate::pool::{BoxError, ProxyBody};
 
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// Boxes any body for forwarding without copying it.

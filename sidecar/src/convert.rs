@@ -16,26 +16,57 @@ use crate::state::{LocalEndpoint, MeshInfo, Port, RemoteCluster, Service};
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
     #[error("resource {name}: cannot decode: {source}")]
-    Decode { name: String, #[source] source: prost::DecodeError },
+    Decode {
+        name: String,
+        #[source]
+        source: prost::DecodeError,
+    },
     #[error("resource {name}: {field}: `{value}` is invalid")]
-    Field { name: String, field: &'static str, value: String },
+    Field {
+        name: String,
+        field: &'static str,
+        value: String,
+    },
 }
 
 fn locality(l: Option<&xds::Locality>) -> Locality {
-    l.map(|l| Locality::new(&l.region, &l.zone, &l.subzone)).unwrap_or_default()
+    l.map(|l| Locality::new(&l.region, &l.zone, &l.subzone))
+        .unwrap_or_default()
 }
 
-fn field<T: std::str::FromStr>(name: &str, field: &'static str, value: &str) -> Result<T, ConvertError> {
-    value.parse().map_err(|_| ConvertError::Field { name: name.to_owned(), field, value: value.to_owned() })
+fn field<T: std::str::FromStr>(
+    name: &str,
+    field: &'static str,
+    value: &str,
+) -> Result<T, ConvertError> {
+    value.parse().map_err(|_| ConvertError::Field {
+        name: name.to_owned(),
+        field,
+        value: value.to_owned(),
+    })
 }
 
 fn port(name: &str, p: &xds::ServicePort) -> Result<Port, ConvertError> {
-    let num = |v: u32, f: &'static str| u16::try_from(v).map_err(|_| ConvertError::Field { name: name.to_owned(), field: f, value: v.to_string() });
-    Ok(Port { name: p.name.clone(), port: num(p.port, "port")?, protocol: p.protocol.clone(), target_port: num(p.target_port, "target_port")? })
+    let num = |v: u32, f: &'static str| {
+        u16::try_from(v).map_err(|_| ConvertError::Field {
+            name: name.to_owned(),
+            field: f,
+            value: v.to_string(),
+        })
+    };
+    Ok(Port {
+        name: p.name.clone(),
+        port: num(p.port, "port")?,
+        protocol: p.protocol.clone(),
+        target_port: num(p.target_port, "target_port")?,
+    })
 }
 
 pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service, ConvertError> {
-    let msg = xds::Service::decode(body).map_err(|source| ConvertError::Decode { name: name.to_owned(), source })?;
+    let msg = xds::Service::decode(body).map_err(|source| ConvertError::Decode {
+        name: name.to_owned(),
+        source,
+    })?;
     let mut endpoints = Vec::new();
     for ep in msg.endpoints.iter().filter(|e| e.healthy) {
         let tunnel_address = field(name, "endpoint.tunnel_address", &ep.tunnel_address)?;
@@ -49,9 +80,16 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
     }
     let mut remote = Vec::new();
     for rc in &msg.remote {
-        let healthy: Vec<&xds::LocalityCount> = rc.localities.iter().filter(|l| l.healthy > 0).collect();
-        let Some(first) = healthy.first() else { continue };
-        let identities = rc.identities.iter().map(|i| field(name, "remote.identities", i)).collect::<Result<Vec<SpiffeId>, _>>()?;
+        let healthy: Vec<&xds::LocalityCount> =
+            rc.localities.iter().filter(|l| l.healthy > 0).collect();
+        let Some(first) = healthy.first() else {
+            continue;
+        };
+        let identities = rc
+            .identities
+            .iter()
+            .map(|i| field(name, "remote.identities", i))
+            .collect::<Result<Vec<SpiffeId>, _>>()?;
         remote.push(RemoteCluster {
             cluster: rc.cluster.clone(),
             locality: locality(first.locality.as_ref()),
@@ -62,7 +100,11 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
     Ok(Service {
         namespace: msg.namespace.clone(),
         name: msg.name.clone(),
-        ports: msg.ports.iter().map(|p| port(name, p)).collect::<Result<_, _>>()?,
+        ports: msg
+            .ports
+            .iter()
+            .map(|p| port(name, p))
+            .collect::<Result<_, _>>()?,
         endpoints,
         remote,
         cursor: Default::default(),
@@ -70,20 +112,42 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
 }
 
 pub fn mesh(name: &str, body: &[u8]) -> Result<(MeshInfo, String), ConvertError> {
-    let msg = xds::Mesh::decode(body).map_err(|source| ConvertError::Decode { name: name.to_owned(), source })?;
+    let msg = xds::Mesh::decode(body).map_err(|source| ConvertError::Decode {
+        name: name.to_owned(),
+        source,
+    })?;
     let gateway = if msg.gateway_address.is_empty() {
         None
     } else {
-        Some((field(name, "gateway_address", &msg.gateway_address)?, field(name, "gateway_identity", &msg.gateway_identity)?))
+        Some((
+            field(name, "gateway_address", &msg.gateway_address)?,
+            field(name, "gateway_identity", &msg.gateway_identity)?,
+        ))
     };
     let mut failover: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for f in &msg.failover {
-        failover.entry(f.from.clone()).or_default().push(f.to.clone());
+        failover
+            .entry(f.from.clone())
+            .or_default()
+            .push(f.to.clone());
     }
-    Ok((MeshInfo { cluster: msg.cluster, gateway, failover }, msg.trust_bundle_pem))
+    Ok((
+        MeshInfo {
+            cluster: msg.cluster,
+            gateway,
+            failover,
+        },
+        msg.trust_bundle_pem,
+    ))
 }
 
 /// Converts a whole response of services; any failure rejects all of it.
-pub fn services(resources: &[xds::Resource], health: &HealthTable) -> Result<Vec<(String, Arc<Service>)>, ConvertError> {
-    resources.iter().map(|r| Ok((r.name.clone(), Arc::new(service(&r.name, &r.body, health)?)))).collect()
+pub fn services(
+    resources: &[xds::Resource],
+    health: &HealthTable,
+) -> Result<Vec<(String, Arc<Service>)>, ConvertError> {
+    resources
+        .iter()
+        .map(|r| Ok((r.name.clone(), Arc::new(service(&r.name, &r.body, health)?))))
+        .collect()
 }

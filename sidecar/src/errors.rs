@@ -16,9 +16,17 @@ pub enum ProxyError {
     #[error("no healthy endpoint for {service}")]
     NoHealthyUpstream { service: String },
     #[error("cannot reach {service}: {source}")]
-    UpstreamConnect { service: String, #[source] source: ConnectError },
+    UpstreamConnect {
+        service: String,
+        #[source]
+        source: ConnectError,
+    },
     #[error("{service} reset the request: {source}")]
-    UpstreamReset { service: String, #[source] source: hyper::Error },
+    UpstreamReset {
+        service: String,
+        #[source]
+        source: hyper::Error,
+    },
     #[error("the application is not reachable: {0}")]
     AppUnavailable(String),
     #[error("the application reset the request: {0}")]
@@ -47,7 +55,9 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoHost | ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
-            ProxyError::NoHealthyUpstream { .. } | ProxyError::UpstreamConnect { .. } | ProxyError::AppUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoHealthyUpstream { .. }
+            | ProxyError::UpstreamConnect { .. }
+            | ProxyError::AppUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamReset { .. } | ProxyError::AppReset(_) => StatusCode::BAD_GATEWAY,
             ProxyError::TunnelUnsupported => StatusCode::NOT_IMPLEMENTED,
         }
@@ -70,7 +80,10 @@ impl ProxyError {
             let mut r = Response::new(crate::pool::empty_body());
             let h = r.headers_mut();
             h.insert("content-type", HeaderValue::from_static("application/grpc"));
-            h.insert("grpc-status", HeaderValue::from(u16::from(self.grpc_status())));
+            h.insert(
+                "grpc-status",
+                HeaderValue::from(u16::from(self.grpc_status())),
+            );
             if let Ok(v) = HeaderValue::from_str(&message.replace(['\r', '\n'], " ")) {
                 h.insert("grpc-message", v);
             }
@@ -78,14 +91,19 @@ impl ProxyError {
         } else {
             let mut r = Response::new(crate::body::full(format!("{message}\n")));
             *r.status_mut() = self.status();
-            r.headers_mut().insert("content-type", HeaderValue::from_static("text/plain"));
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static("text/plain"));
             r
         };
-        resp.headers_mut().insert(ERROR_REASON, HeaderValue::from_static(self.reason()));
+        resp.headers_mut()
+            .insert(ERROR_REASON, HeaderValue::from_static(self.reason()));
         resp
     }
 }
 
 pub fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
 }

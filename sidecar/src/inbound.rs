@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use isthmus_core::headers::{self, APP_PROTOCOL, XFCC};
 use isthmus_core::identity::SpiffeId;
@@ -35,17 +35,31 @@ pub struct InboundCtx {
 }
 
 impl InboundCtx {
-    pub fn new(identity: TlsIdentity, app: Option<SocketAddr>, cluster: String, metrics: Metrics) -> Self {
+    pub fn new(
+        identity: TlsIdentity,
+        app: Option<SocketAddr>,
+        cluster: String,
+        metrics: Metrics,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
-        let app_h1 = Client::builder(TokioExecutor::new()).pool_idle_timeout(APP_POOL_IDLE).build(connector.clone());
+        let app_h1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(APP_POOL_IDLE)
+            .build(connector.clone());
         let app_h2 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(APP_POOL_IDLE)
             .pool_timer(TokioTimer::new())
             .http2_only(true)
             .build(connector);
-        Self { identity, app, cluster, metrics, app_h1, app_h2 }
+        Self {
+            identity,
+            app,
+            cluster,
+            metrics,
+            app_h1,
+            app_h2,
+        }
     }
 }
 
@@ -56,25 +70,43 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    pub fn new(listener: TcpListener, ctx: Arc<InboundCtx>, drain: isthmus_core::drain::Drain) -> Self {
-        Self { listener, ctx, drain }
+    pub fn new(
+        listener: TcpListener,
+        ctx: Arc<InboundCtx>,
+        drain: isthmus_core::drain::Drain,
+    ) -> Self {
+        Self {
+            listener,
+            ctx,
+            drain,
+        }
     }
 
     pub async fn run(self) {
         let td = self.ctx.identity.id().trust_domain().to_owned();
-        let tls = self.ctx.identity.server_config(ClientAuth::Required(PeerPolicy::TrustDomain(td)), &[ALPN_H2]);
+        let tls = self.ctx.identity.server_config(
+            ClientAuth::Required(PeerPolicy::TrustDomain(td)),
+            &[ALPN_H2],
+        );
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         loop {
-            let Ok((tcp, remote)) = self.listener.accept().await else { continue };
+            let Ok((tcp, remote)) = self.listener.accept().await else {
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let (acceptor, ctx) = (acceptor.clone(), self.ctx.clone());
             self.drain.spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
                     Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => return tracing::info!(%remote, error = %e, "inbound handshake refused"),
+                    Ok(Err(e)) => {
+                        return tracing::info!(%remote, error = %e, "inbound handshake refused")
+                    }
                     Err(_) => return tracing::debug!(%remote, "inbound handshake timed out"),
                 };
-                let Some(peer) = isthmus_core::tls::peer_identity(tls.get_ref().1) else { return };
+                let Some(peer) = isthmus_core::tls::peer_identity(tls.get_ref().1) else {
+                    return;
+                };
                 let peer = Arc::new(peer);
                 let svc = hyper::service::service_fn(move |req| {
                     let (ctx, peer) = (ctx.clone(), peer.clone());
@@ -110,26 +142,51 @@ async fn handle(ctx: &InboundCtx, peer: &SpiffeId, req: Request<Incoming>) -> Re
             destination_service: service,
             destination_cluster: ctx.cluster.clone(),
             response_code: resp.status().as_u16(),
-            response_flags: resp.headers().get(isthmus_core::headers::ERROR_REASON).map(|_| "proxy-error").unwrap_or("-"),
+            response_flags: resp
+                .headers()
+                .get(isthmus_core::headers::ERROR_REASON)
+                .map(|_| "proxy-error")
+                .unwrap_or("-"),
         })
         .inc();
     resp
 }
 
-async fn forward(ctx: &InboundCtx, peer: &SpiffeId, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+async fn forward(
+    ctx: &InboundCtx,
+    peer: &SpiffeId,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
     if req.method() == http::Method::CONNECT {
         return Err(ProxyError::TunnelUnsupported);
     }
-    let app = ctx.app.ok_or_else(|| ProxyError::AppUnavailable("this workload has no application port".into()))?;
+    let app = ctx.app.ok_or_else(|| {
+        ProxyError::AppUnavailable("this workload has no application port".into())
+    })?;
     let (mut parts, body) = req.into_parts();
-    let h2 = parts.headers.get(APP_PROTOCOL).is_some_and(|v| v == "http2");
-    let authority = parts.uri.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
+    let h2 = parts
+        .headers
+        .get(APP_PROTOCOL)
+        .is_some_and(|v| v == "http2");
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_default();
     headers::strip_untrusted(&mut parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
     let xfcc = format!("By={};URI={peer}", ctx.identity.id());
-    parts.headers.insert(XFCC, HeaderValue::from_str(&xfcc).expect("SPIFFE IDs are valid header text"));
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    parts.uri = Uri::try_from(format!("http://{app}{path}")).map_err(|e| ProxyError::AppUnavailable(e.to_string()))?;
+    parts.headers.insert(
+        XFCC,
+        HeaderValue::from_str(&xfcc).expect("SPIFFE IDs are valid header text"),
+    );
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    parts.uri = Uri::try_from(format!("http://{app}{path}"))
+        .map_err(|e| ProxyError::AppUnavailable(e.to_string()))?;
     let client = if h2 {
         parts.version = Version::HTTP_2;
         &ctx.app_h2

@@ -51,7 +51,8 @@ impl EndpointHealth {
     /// Records a failure; returns true when it ejected the endpoint.
     pub fn failure(&self, connect_failed: bool) -> bool {
         let n = if connect_failed {
-            self.consecutive.store(CONSECUTIVE_FAILURES, Ordering::Relaxed);
+            self.consecutive
+                .store(CONSECUTIVE_FAILURES, Ordering::Relaxed);
             CONSECUTIVE_FAILURES
         } else {
             self.consecutive.fetch_add(1, Ordering::Relaxed) + 1
@@ -61,7 +62,8 @@ impl EndpointHealth {
         }
         let k = self.ejections.fetch_add(1, Ordering::Relaxed).min(4);
         let length = (BASE_EJECTION * (1 << k)).min(MAX_EJECTION);
-        self.ejected_until.store(self.now_ms() + length.as_millis() as u64, Ordering::Relaxed);
+        self.ejected_until
+            .store(self.now_ms() + length.as_millis() as u64, Ordering::Relaxed);
         self.consecutive.store(0, Ordering::Relaxed);
         tracing::info!(endpoint = %self.key, seconds = length.as_secs(), "endpoint ejected");
         true
@@ -77,7 +79,10 @@ pub struct HealthTable {
 
 impl Default for HealthTable {
     fn default() -> Self {
-        Self { entries: Mutex::default(), epoch: Instant::now() }
+        Self {
+            entries: Mutex::default(),
+            epoch: Instant::now(),
+        }
     }
 }
 
@@ -108,8 +113,16 @@ impl HealthTable {
 /// Where a request goes.
 #[derive(Debug, Clone)]
 pub enum Target {
-    Local { address: SocketAddr, identity: SpiffeId, health: Arc<EndpointHealth> },
-    Remote { cluster: String, identities: Vec<SpiffeId>, health: Arc<EndpointHealth> },
+    Local {
+        address: SocketAddr,
+        identity: SpiffeId,
+        health: Arc<EndpointHealth>,
+    },
+    Remote {
+        cluster: String,
+        identities: Vec<SpiffeId>,
+        health: Arc<EndpointHealth>,
+    },
 }
 
 impl Target {
@@ -126,7 +139,11 @@ fn priority(to: &Locality, from: &Locality, mesh: &MeshInfo) -> u32 {
     if p < 3 {
         return p;
     }
-    match mesh.failover.get(&from.region).and_then(|order| order.iter().position(|r| *r == to.region)) {
+    match mesh
+        .failover
+        .get(&from.region)
+        .and_then(|order| order.iter().position(|r| *r == to.region))
+    {
         Some(i) => 3 + i as u32,
         None => 100,
     }
@@ -134,23 +151,48 @@ fn priority(to: &Locality, from: &Locality, mesh: &MeshInfo) -> u32 {
 
 /// Picks the next target, skipping `tried`. Ejected endpoints are used only when nothing
 /// else is left (better a likely failure than a certain one).
-pub fn pick(svc: &Service, from: &Locality, mesh: &MeshInfo, tried: &[Arc<EndpointHealth>]) -> Option<Target> {
+pub fn pick(
+    svc: &Service,
+    from: &Locality,
+    mesh: &MeshInfo,
+    tried: &[Arc<EndpointHealth>],
+) -> Option<Target> {
     let mut candidates: Vec<(u32, bool, Target)> = Vec::new();
     for ep in &svc.endpoints {
-        let t = Target::Local { address: ep.tunnel_address, identity: ep.identity.clone(), health: ep.health.clone() };
-        candidates.push((priority(&ep.locality, from, mesh), ep.health.is_ejected(), t));
+        let t = Target::Local {
+            address: ep.tunnel_address,
+            identity: ep.identity.clone(),
+            health: ep.health.clone(),
+        };
+        candidates.push((
+            priority(&ep.locality, from, mesh),
+            ep.health.is_ejected(),
+            t,
+        ));
     }
     if mesh.gateway.is_some() {
         for rc in &svc.remote {
-            let t = Target::Remote { cluster: rc.cluster.clone(), identities: rc.identities.clone(), health: rc.health.clone() };
-            candidates.push((priority(&rc.locality, from, mesh), rc.health.is_ejected(), t));
+            let t = Target::Remote {
+                cluster: rc.cluster.clone(),
+                identities: rc.identities.clone(),
+                health: rc.health.clone(),
+            };
+            candidates.push((
+                priority(&rc.locality, from, mesh),
+                rc.health.is_ejected(),
+                t,
+            ));
         }
     }
     candidates.retain(|(_, _, t)| !tried.iter().any(|h| Arc::ptr_eq(h, t.health())));
     let usable = candidates.iter().any(|(_, ejected, _)| !ejected);
     candidates.retain(|(_, ejected, _)| !usable || !ejected);
     let best = candidates.iter().map(|(p, _, _)| *p).min()?;
-    let mut tier: Vec<Target> = candidates.into_iter().filter(|(p, _, _)| *p == best).map(|(_, _, t)| t).collect();
+    let mut tier: Vec<Target> = candidates
+        .into_iter()
+        .filter(|(p, _, _)| *p == best)
+        .map(|(_, _, t)| t)
+        .collect();
     let n = svc.cursor.fetch_add(1, Ordering::Relaxed);
     let i = n % tier.len();
     Some(tier.swap_remove(i))
@@ -169,20 +211,35 @@ mod tests {
             locality: Locality::parse(loc).expect("loc"),
             health: table.get(addr),
         };
-        let rc = |c: &str, loc: &str| RemoteCluster { cluster: c.into(), locality: Locality::parse(loc).expect("loc"), identities: vec![], health: table.get(c) };
+        let rc = |c: &str, loc: &str| RemoteCluster {
+            cluster: c.into(),
+            locality: Locality::parse(loc).expect("loc"),
+            identities: vec![],
+            health: table.get(c),
+        };
         Service {
             namespace: "ns".into(),
             name: "s".into(),
             ports: vec![],
-            endpoints: vec![ep("127.0.0.1:1", "us-east/a"), ep("127.0.0.2:1", "us-east/a")],
+            endpoints: vec![
+                ep("127.0.0.1:1", "us-east/a"),
+                ep("127.0.0.2:1", "us-east/a"),
+            ],
             remote: vec![rc("eu", "eu-central/a"), rc("west", "us-west/a")],
             cursor: Default::default(),
         }
     }
 
     fn mesh() -> MeshInfo {
-        let gw = ("127.0.0.9:1".parse().expect("addr"), SpiffeId::gateway("td"));
-        MeshInfo { cluster: "east".into(), gateway: Some(gw), failover: [("us-east".to_string(), vec!["us-west".to_string()])].into() }
+        let gw = (
+            "127.0.0.9:1".parse().expect("addr"),
+            SpiffeId::gateway("td"),
+        );
+        MeshInfo {
+            cluster: "east".into(),
+            gateway: Some(gw),
+            failover: [("us-east".to_string(), vec!["us-west".to_string()])].into(),
+        }
     }
 
     fn name(t: &Target) -> String {
@@ -201,9 +258,15 @@ mod tests {
         assert!(matches!(first, Target::Local { .. }));
         let l1 = table.get("127.0.0.1:1");
         let l2 = table.get("127.0.0.2:1");
-        assert_eq!(name(&pick(&s, &from, &mesh(), &[l1.clone(), l2.clone()]).expect("some")), "west");
+        assert_eq!(
+            name(&pick(&s, &from, &mesh(), &[l1.clone(), l2.clone()]).expect("some")),
+            "west"
+        );
         let w = table.get("west");
-        assert_eq!(name(&pick(&s, &from, &mesh(), &[l1, l2, w]).expect("some")), "eu");
+        assert_eq!(
+            name(&pick(&s, &from, &mesh(), &[l1, l2, w]).expect("some")),
+            "eu"
+        );
     }
 
     #[test]
@@ -217,7 +280,10 @@ mod tests {
         for c in ["west", "eu"] {
             assert!(table.get(c).failure(true));
         }
-        assert!(pick(&s, &from, &mesh(), &[]).is_some(), "panic mode uses ejected endpoints");
+        assert!(
+            pick(&s, &from, &mesh(), &[]).is_some(),
+            "panic mode uses ejected endpoints"
+        );
     }
 
     #[test]

@@ -91,8 +91,12 @@ impl Bound {
 /// Binds every listener, then starts the sidecar: certificate first, then config, then
 /// traffic. `/ready` on the admin port tells when it serves.
 pub async fn build(config: Config) -> anyhow::Result<Bound> {
-    let outbound = TcpListener::bind(config.outbound_addr).await.with_context(|| format!("binding outbound listener on {}", config.outbound_addr))?;
-    let inbound = TcpListener::bind(config.inbound_addr).await.with_context(|| format!("binding inbound listener on {}", config.inbound_addr))?;
+    let outbound = TcpListener::bind(config.outbound_addr)
+        .await
+        .with_context(|| format!("binding outbound listener on {}", config.outbound_addr))?;
+    let inbound = TcpListener::bind(config.inbound_addr)
+        .await
+        .with_context(|| format!("binding inbound listener on {}", config.inbound_addr))?;
     let readiness = Readiness::default();
     let cert_block = readiness.register("workload certificate");
     let config_block = readiness.register("first config");
@@ -110,8 +114,14 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         },
         logging: config.log_control.clone(),
     };
-    let admin = AdminServer::bind(config.admin_addr, admin).await.with_context(|| format!("binding admin listener on {}", config.admin_addr))?;
-    let bound_addrs = (outbound.local_addr()?, inbound.local_addr()?, admin.address());
+    let admin = AdminServer::bind(config.admin_addr, admin)
+        .await
+        .with_context(|| format!("binding admin listener on {}", config.admin_addr))?;
+    let bound_addrs = (
+        outbound.local_addr()?,
+        inbound.local_addr()?,
+        admin.address(),
+    );
     let (trigger, drain) = isthmus_core::drain::new();
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(admin.run(drain.clone()));
@@ -120,7 +130,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         controller: SpiffeId::controller(&config.trust_domain, &config.cluster),
         bootstrap_bundle_pem: config.bootstrap_bundle_pem.clone(),
         token: config.token.clone(),
-        identity: SpiffeId::new(&config.trust_domain, &config.workload.namespace, &config.service_account),
+        identity: SpiffeId::new(
+            &config.trust_domain,
+            &config.workload.namespace,
+            &config.service_account,
+        ),
     };
     let cfg = config.clone();
     tasks.spawn(async move {
@@ -129,33 +143,65 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(ca.clone().renew_forever(identity.clone()));
         let app_health = probe_app(&mut tasks, cfg.app_addr);
-        let channel = isthmus_core::grpc::tls_channel(cfg.controller_addr, identity.client_config(PeerPolicy::OneOf(vec![ca.controller.clone()]), &[ALPN_H2]));
+        let channel = isthmus_core::grpc::tls_channel(
+            cfg.controller_addr,
+            identity.client_config(PeerPolicy::OneOf(vec![ca.controller.clone()]), &[ALPN_H2]),
+        );
         let xds = XdsClient {
             channel,
-            node: Node { cluster: cfg.cluster.clone(), role: "sidecar".into(), workload: cfg.workload.to_string(), ..Default::default() },
+            node: Node {
+                cluster: cfg.cluster.clone(),
+                role: "sidecar".into(),
+                workload: cfg.workload.to_string(),
+                ..Default::default()
+            },
             types: vec![type_url::MESH, type_url::SERVICE],
             handler: store.clone(),
             health: app_health,
             first_config: Some(config_block),
         };
         tasks.spawn(xds.run());
-        let out_ctx = Arc::new(outbound::OutboundCtx { state: store.subscribe(), pool: pool::Pool::new(identity.clone(), drain.clone()), locality: cfg.locality.clone(), metrics: metrics.clone() });
+        let out_ctx = Arc::new(outbound::OutboundCtx {
+            state: store.subscribe(),
+            pool: pool::Pool::new(identity.clone(), drain.clone()),
+            locality: cfg.locality.clone(),
+            metrics: metrics.clone(),
+        });
         tasks.spawn(outbound::Outbound::new(outbound, out_ctx, drain.clone()).run());
-        let in_ctx = Arc::new(inbound::InboundCtx::new(identity, cfg.app_addr, cfg.cluster.clone(), metrics));
+        let in_ctx = Arc::new(inbound::InboundCtx::new(
+            identity,
+            cfg.app_addr,
+            cfg.cluster.clone(),
+            metrics,
+        ));
         tasks.spawn(inbound::Inbound::new(inbound, in_ctx, drain).run());
         tasks.join_next().await;
     });
     tracing::info!(workload = %config.workload, outbound = %bound_addrs.0, inbound = %bound_addrs.1, admin = %bound_addrs.2, "sidecar started");
-    Ok(Bound { outbound_address: bound_addrs.0, inbound_address: bound_addrs.1, admin_address: bound_addrs.2, readiness, tasks, _drain: trigger })
+    Ok(Bound {
+        outbound_address: bound_addrs.0,
+        inbound_address: bound_addrs.1,
+        admin_address: bound_addrs.2,
+        readiness,
+        tasks,
+        _drain: trigger,
+    })
 }
 
 /// Probes the app's port and publishes whether it accepts connections.
-fn probe_app(tasks: &mut tokio::task::JoinSet<()>, app: Option<SocketAddr>) -> Option<watch::Receiver<bool>> {
+fn probe_app(
+    tasks: &mut tokio::task::JoinSet<()>,
+    app: Option<SocketAddr>,
+) -> Option<watch::Receiver<bool>> {
     let app = app?;
     let (tx, rx) = watch::channel(false);
     tasks.spawn(async move {
         loop {
-            let up = matches!(tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(app)).await, Ok(Ok(_)));
+            let up = matches!(
+                tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(app))
+                    .await,
+                Ok(Ok(_))
+            );
             tx.send_if_modified(|v| std::mem::replace(v, up) != up);
             tokio::time::sleep(PROBE_INTERVAL).await;
         }

@@ -32,10 +32,26 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("istio_requests", "requests handled, by reporter, destination and response", self.requests.clone());
+        registry.register(
+            "istio_requests",
+            "requests handled, by reporter, destination and response",
+            self.requests.clone(),
+        );
         let own = registry.sub_registry_with_prefix("isthmus_sidecar");
-        own.register("retries", "attempts retried on another endpoint", self.retries.clone());
-        own.register("ejections", "endpoints ejected by passive health checking", self.ejections.clone());
-        own.register("upstream_failures", "failed attempts by reason", self.upstream_failures.clone());
+        own.register(
+            "retries",
+            "attempts retried on another endpoint",
+            self.retries.clone(),
+        );
+        own.register(
+            "ejections",
+            "endpoints ejected by passive health checking",
+            self.ejections.clone(),
+        );
+        own.register(
+            "upstream_failures",
+            "failed attempts by reason",
+            self.upstream_failures.clone(),
+        );
     }
 }

@@ -42,13 +42,23 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    pub fn new(listener: TcpListener, ctx: Arc<OutboundCtx>, drain: isthmus_core::drain::Drain) -> Self {
-        Self { listener, ctx, drain }
+    pub fn new(
+        listener: TcpListener,
+        ctx: Arc<OutboundCtx>,
+        drain: isthmus_core::drain::Drain,
+    ) -> Self {
+        Self {
+            listener,
+            ctx,
+            drain,
+        }
     }
 
     pub async fn run(self) {
         loop {
-            let Ok((tcp, _)) = self.listener.accept().await else { continue };
+            let Ok((tcp, _)) = self.listener.accept().await else {
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let ctx = self.ctx.clone();
             self.drain.spawn(async move {
@@ -74,7 +84,11 @@ impl ReqBody {
     async fn new(body: Incoming) -> Result<Self, ProxyError> {
         let hint = body.size_hint();
         if hint.exact().is_some_and(|n| n <= REPLAY_LIMIT) {
-            let bytes = body.collect().await.map_err(|e| ProxyError::RequestBody(e.to_string()))?.to_bytes();
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| ProxyError::RequestBody(e.to_string()))?
+                .to_bytes();
             return Ok(ReqBody::Replayable(bytes));
         }
         Ok(ReqBody::Once(Some(body)))
@@ -102,7 +116,11 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
     if let Some(a) = req.uri().authority() {
         return Some(a.as_str().to_owned());
     }
-    req.headers().get(http::header::HOST)?.to_str().ok().map(str::to_owned)
+    req.headers()
+        .get(http::header::HOST)?
+        .to_str()
+        .ok()
+        .map(str::to_owned)
 }
 
 pub async fn handle(ctx: &OutboundCtx, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -115,7 +133,12 @@ pub async fn handle(ctx: &OutboundCtx, req: Request<Incoming>) -> Response<Proxy
             (e.respond(grpc), service, String::new())
         }
     };
-    let flags = resp.headers().get(ERROR_REASON).and_then(|v| v.to_str().ok()).map(reason_label).unwrap_or("-");
+    let flags = resp
+        .headers()
+        .get(ERROR_REASON)
+        .and_then(|v| v.to_str().ok())
+        .map(reason_label)
+        .unwrap_or("-");
     ctx.metrics
         .requests
         .get_or_create(&RequestLabels {
@@ -157,22 +180,44 @@ async fn route(ctx: &OutboundCtx, state: &MeshState, req: Request<Incoming>) -> 
     headers::strip_untrusted(&mut parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
-    let app_protocol = if port.protocol == "http2" || port.protocol == "grpc" { "http2" } else { "http" };
-    parts.headers.insert(APP_PROTOCOL, HeaderValue::from_static(app_protocol));
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    parts.uri = Uri::try_from(format!("http://{authority}{path}")).map_err(|_| (ProxyError::NoHost, service.clone()))?;
+    let app_protocol = if port.protocol == "http2" || port.protocol == "grpc" {
+        "http2"
+    } else {
+        "http"
+    };
+    parts
+        .headers
+        .insert(APP_PROTOCOL, HeaderValue::from_static(app_protocol));
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    parts.uri = Uri::try_from(format!("http://{authority}{path}"))
+        .map_err(|_| (ProxyError::NoHost, service.clone()))?;
     parts.version = Version::HTTP_2;
     let body = ReqBody::new(body).await.map_err(|e| (e, service.clone()))?;
-    let (resp, cluster) = attempts(ctx, state, &svc, &authority, parts, body).await.map_err(|e| (e, service.clone()))?;
+    let (resp, cluster) = attempts(ctx, state, &svc, &authority, parts, body)
+        .await
+        .map_err(|e| (e, service.clone()))?;
     Ok((resp, service, cluster))
 }
 
 /// Sends the request to successive endpoints until one answers.
-async fn attempts(ctx: &OutboundCtx, state: &MeshState, svc: &Arc<Service>, authority: &str, parts: http::request::Parts, mut body: ReqBody) -> Result<(Response<ProxyBody>, String), ProxyError> {
+async fn attempts(
+    ctx: &OutboundCtx,
+    state: &MeshState,
+    svc: &Arc<Service>,
+    authority: &str,
+    parts: http::request::Parts,
+    mut body: ReqBody,
+) -> Result<(Response<ProxyBody>, String), ProxyError> {
     let mut tried: Vec<Arc<EndpointHealth>> = Vec::new();
     let mut last: Option<ProxyError> = None;
     for attempt in 0..MAX_ATTEMPTS {
-        let Some(target) = pick(svc, &ctx.locality, &state.mesh, &tried) else { break };
+        let Some(target) = pick(svc, &ctx.locality, &state.mesh, &tried) else {
+            break;
+        };
         if attempt > 0 {
             ctx.metrics.retries.inc();
         }
@@ -191,17 +236,25 @@ async fn attempts(ctx: &OutboundCtx, state: &MeshState, svc: &Arc<Service>, auth
         };
         if let Err(e) = h2.ready().await {
             fail(ctx, &target, true, "upstream-connect-failure");
-            last = Some(ProxyError::UpstreamReset { service: authority.to_owned(), source: e });
+            last = Some(ProxyError::UpstreamReset {
+                service: authority.to_owned(),
+                source: e,
+            });
             continue;
         }
         let Some(b) = body.take() else { break };
         let req = Request::from_parts(parts.clone(), b);
         match h2.send_request(req).await {
             Ok(resp) => {
-                let app_down = resp.headers().get(ERROR_REASON).is_some_and(|v| v == "app-unavailable");
+                let app_down = resp
+                    .headers()
+                    .get(ERROR_REASON)
+                    .is_some_and(|v| v == "app-unavailable");
                 if app_down && matches!(body, ReqBody::Replayable(_)) {
                     fail(ctx, &target, true, "app-unavailable");
-                    last = Some(ProxyError::AppUnavailable(format!("{authority} in {cluster}")));
+                    last = Some(ProxyError::AppUnavailable(format!(
+                        "{authority} in {cluster}"
+                    )));
                     continue;
                 }
                 if resp.status().is_server_error() && resp.headers().contains_key(ERROR_REASON) {
@@ -214,35 +267,69 @@ async fn attempts(ctx: &OutboundCtx, state: &MeshState, svc: &Arc<Service>, auth
                 if let Ok(v) = HeaderValue::from_str(&cluster) {
                     rparts.headers.insert(UPSTREAM_CLUSTER, v);
                 }
-                return Ok((Response::from_parts(rparts, crate::body::boxed(rbody)), cluster));
+                return Ok((
+                    Response::from_parts(rparts, crate::body::boxed(rbody)),
+                    cluster,
+                ));
             }
             Err(e) => {
                 // A connection that died under the request (closed, or keep-alive timed out)
                 // says the peer is gone, as a failed connect does.
-                fail(ctx, &target, e.is_closed() || e.is_canceled() || e.is_timeout(), "upstream-reset");
-                last = Some(ProxyError::UpstreamReset { service: authority.to_owned(), source: e });
+                fail(
+                    ctx,
+                    &target,
+                    e.is_closed() || e.is_canceled() || e.is_timeout(),
+                    "upstream-reset",
+                );
+                last = Some(ProxyError::UpstreamReset {
+                    service: authority.to_owned(),
+                    source: e,
+                });
             }
         }
     }
-    Err(last.unwrap_or_else(|| ProxyError::NoHealthyUpstream { service: authority.to_owned() }))
+    Err(last.unwrap_or_else(|| ProxyError::NoHealthyUpstream {
+        service: authority.to_owned(),
+    }))
 }
 
 fn fail(ctx: &OutboundCtx, target: &Target, connect_failed: bool, reason: &'static str) {
-    ctx.metrics.upstream_failures.get_or_create(&ReasonLabels { reason }).inc();
+    ctx.metrics
+        .upstream_failures
+        .get_or_create(&ReasonLabels { reason })
+        .inc();
     if target.health().failure(connect_failed) {
         ctx.metrics.ejections.inc();
     }
 }
 
-async fn connect(ctx: &OutboundCtx, state: &MeshState, target: &Target, authority: &str) -> Result<H2, ProxyError> {
+async fn connect(
+    ctx: &OutboundCtx,
+    state: &MeshState,
+    target: &Target,
+    authority: &str,
+) -> Result<H2, ProxyError> {
     let service = authority.to_owned();
     match target {
-        Target::Local { address, identity, .. } => ctx.pool.direct(*address, identity).await,
-        Target::Remote { cluster, identities, .. } => {
+        Target::Local {
+            address, identity, ..
+        } => ctx.pool.direct(*address, identity).await,
+        Target::Remote {
+            cluster,
+            identities,
+            ..
+        } => {
             let Some(gateway) = state.mesh.gateway.clone() else {
-                return Err(ProxyError::UpstreamConnect { service, source: crate::pool::ConnectError::NoGateway { cluster: cluster.clone() } });
+                return Err(ProxyError::UpstreamConnect {
+                    service,
+                    source: crate::pool::ConnectError::NoGateway {
+                        cluster: cluster.clone(),
+                    },
+                });
             };
-            ctx.pool.remote(gateway, cluster, authority, identities).await
+            ctx.pool
+                .remote(gateway, cluster, authority, identities)
+                .await
         }
     }
     .map_err(|source| ProxyError::UpstreamConnect { service, source })

@@ -37,15 +37,35 @@ const TUNNEL_KEEPALIVE: (Duration, Duration) = (Duration::from_secs(1), Duration
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("connect to {addr}: {source}")]
-    Tcp { addr: SocketAddr, #[source] source: std::io::Error },
+    Tcp {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("TLS with {peer}: {source}")]
-    Tls { peer: String, #[source] source: std::io::Error },
+    Tls {
+        peer: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("HTTP/2 handshake with {peer}: {source}")]
-    Http2 { peer: String, #[source] source: hyper::Error },
+    Http2 {
+        peer: String,
+        #[source]
+        source: hyper::Error,
+    },
     #[error("gateway refused the tunnel to {cluster}: {status} {reason}")]
-    Gateway { cluster: String, status: http::StatusCode, reason: String },
+    Gateway {
+        cluster: String,
+        status: http::StatusCode,
+        reason: String,
+    },
     #[error("tunnel to {cluster} through the gateway: {source}")]
-    Tunnel { cluster: String, #[source] source: hyper::Error },
+    Tunnel {
+        cluster: String,
+        #[source]
+        source: hyper::Error,
+    },
     #[error("timed out reaching {peer}")]
     Timeout { peer: String },
     #[error("no gateway in this cluster to reach {cluster}")]
@@ -68,10 +88,17 @@ pub struct Pool {
 }
 
 pub fn empty_body() -> ProxyBody {
-    Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
-async fn h2_handshake<I>(io: I, peer: &str, keepalive: (Duration, Duration), drain: &Drain) -> Result<H2, ConnectError>
+async fn h2_handshake<I>(
+    io: I,
+    peer: &str,
+    keepalive: (Duration, Duration),
+    drain: &Drain,
+) -> Result<H2, ConnectError>
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -82,7 +109,10 @@ where
         .keep_alive_while_idle(true)
         .handshake(TokioIo::new(io))
         .await
-        .map_err(|source| ConnectError::Http2 { peer: peer.to_owned(), source })?;
+        .map_err(|source| ConnectError::Http2 {
+            peer: peer.to_owned(),
+            source,
+        })?;
     let peer = peer.to_owned();
     drain.spawn(async move {
         if let Err(e) = conn.await {
@@ -94,7 +124,11 @@ where
 
 impl Pool {
     pub fn new(identity: TlsIdentity, drain: Drain) -> Self {
-        Self { identity, drain, slots: Mutex::default() }
+        Self {
+            identity,
+            drain,
+            slots: Mutex::default(),
+        }
     }
 
     fn slot(&self, key: PoolKey) -> Slot {
@@ -104,7 +138,12 @@ impl Pool {
 
     /// Returns the open connection for `key`, or makes one. Concurrent callers share one
     /// connect.
-    async fn get_or_connect<F>(&self, key: PoolKey, peer: &str, connect: F) -> Result<H2, ConnectError>
+    async fn get_or_connect<F>(
+        &self,
+        key: PoolKey,
+        peer: &str,
+        connect: F,
+    ) -> Result<H2, ConnectError>
     where
         F: Future<Output = Result<H2, ConnectError>>,
     {
@@ -118,52 +157,105 @@ impl Pool {
         *guard = None;
         let h2 = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
-            .map_err(|_| ConnectError::Timeout { peer: peer.to_owned() })??;
+            .map_err(|_| ConnectError::Timeout {
+                peer: peer.to_owned(),
+            })??;
         *guard = Some(h2.clone());
         Ok(h2)
     }
 
     async fn tls_h2(&self, addr: SocketAddr, policy: PeerPolicy) -> Result<H2, ConnectError> {
         let peer = addr.to_string();
-        let tcp = TcpStream::connect(addr).await.map_err(|source| ConnectError::Tcp { addr, source })?;
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ConnectError::Tcp { addr, source })?;
         let _ = tcp.set_nodelay(true);
-        let connector = tokio_rustls::TlsConnector::from(self.identity.client_config(policy, &[ALPN_H2]));
-        let tls = connector.connect(server_name(), tcp).await.map_err(|source| ConnectError::Tls { peer: peer.clone(), source })?;
+        let connector =
+            tokio_rustls::TlsConnector::from(self.identity.client_config(policy, &[ALPN_H2]));
+        let tls = connector
+            .connect(server_name(), tcp)
+            .await
+            .map_err(|source| ConnectError::Tls {
+                peer: peer.clone(),
+                source,
+            })?;
         h2_handshake(tls, &peer, KEEPALIVE, &self.drain).await
     }
 
     /// A connection to the sidecar at `addr`, which must present `identity`.
     pub async fn direct(&self, addr: SocketAddr, identity: &SpiffeId) -> Result<H2, ConnectError> {
         let policy = PeerPolicy::OneOf(vec![identity.clone()]);
-        self.get_or_connect(PoolKey::Direct(addr), &addr.to_string(), self.tls_h2(addr, policy)).await
+        self.get_or_connect(
+            PoolKey::Direct(addr),
+            &addr.to_string(),
+            self.tls_h2(addr, policy),
+        )
+        .await
     }
 
     /// A connection to a sidecar of `cluster` serving `authority`, through the gateway.
     /// The TLS inside the tunnel is end to end with that sidecar, which must present one of
     /// `identities` (any identity of the trust domain when the list is empty).
-    pub async fn remote(&self, gateway: (SocketAddr, SpiffeId), cluster: &str, authority: &str, identities: &[SpiffeId]) -> Result<H2, ConnectError> {
+    pub async fn remote(
+        &self,
+        gateway: (SocketAddr, SpiffeId),
+        cluster: &str,
+        authority: &str,
+        identities: &[SpiffeId],
+    ) -> Result<H2, ConnectError> {
         let key = PoolKey::Remote(cluster.to_owned(), authority.to_owned());
         let peer = format!("{authority} in {cluster}");
-        self.get_or_connect(key, &peer, self.tunnel(gateway, cluster, authority, identities)).await
+        self.get_or_connect(
+            key,
+            &peer,
+            self.tunnel(gateway, cluster, authority, identities),
+        )
+        .await
     }
 
-    async fn tunnel(&self, gateway: (SocketAddr, SpiffeId), cluster: &str, authority: &str, identities: &[SpiffeId]) -> Result<H2, ConnectError> {
+    async fn tunnel(
+        &self,
+        gateway: (SocketAddr, SpiffeId),
+        cluster: &str,
+        authority: &str,
+        identities: &[SpiffeId],
+    ) -> Result<H2, ConnectError> {
         let (gw_addr, gw_id) = gateway;
         let mut gw = self
-            .get_or_connect(PoolKey::Direct(gw_addr), &gw_addr.to_string(), self.tls_h2(gw_addr, PeerPolicy::OneOf(vec![gw_id])))
+            .get_or_connect(
+                PoolKey::Direct(gw_addr),
+                &gw_addr.to_string(),
+                self.tls_h2(gw_addr, PeerPolicy::OneOf(vec![gw_id])),
+            )
             .await?;
         let req = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(authority)
             .header(TARGET_CLUSTER, cluster)
             .body(empty_body())
-            .map_err(|_| ConnectError::Gateway { cluster: cluster.to_owned(), status: http::StatusCode::BAD_REQUEST, reason: format!("invalid authority {authority}") })?;
-        let tunnel_err = |source| ConnectError::Tunnel { cluster: cluster.to_owned(), source };
+            .map_err(|_| ConnectError::Gateway {
+                cluster: cluster.to_owned(),
+                status: http::StatusCode::BAD_REQUEST,
+                reason: format!("invalid authority {authority}"),
+            })?;
+        let tunnel_err = |source| ConnectError::Tunnel {
+            cluster: cluster.to_owned(),
+            source,
+        };
         gw.ready().await.map_err(tunnel_err)?;
         let resp = gw.send_request(req).await.map_err(tunnel_err)?;
         if resp.status() != http::StatusCode::OK {
-            let reason = resp.headers().get(ERROR_REASON).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-            return Err(ConnectError::Gateway { cluster: cluster.to_owned(), status: resp.status(), reason });
+            let reason = resp
+                .headers()
+                .get(ERROR_REASON)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            return Err(ConnectError::Gateway {
+                cluster: cluster.to_owned(),
+                status: resp.status(),
+                reason,
+            });
         }
         let upgraded = hyper::upgrade::on(resp).await.map_err(tunnel_err)?;
         let policy = if identities.is_empty() {
@@ -171,12 +263,16 @@ impl Pool {
         } else {
             PeerPolicy::OneOf(identities.to_vec())
         };
-        let connector = tokio_rustls::TlsConnector::from(self.identity.client_config(policy, &[ALPN_H2]));
+        let connector =
+            tokio_rustls::TlsConnector::from(self.identity.client_config(policy, &[ALPN_H2]));
         let peer = format!("{authority} in {cluster}");
         let tls = connector
             .connect(server_name(), TokioIo::new(upgraded))
             .await
-            .map_err(|source| ConnectError::Tls { peer: peer.clone(), source })?;
+            .map_err(|source| ConnectError::Tls {
+                peer: peer.clone(),
+                source,
+            })?;
         h2_handshake(tls, &peer, TUNNEL_KEEPALIVE, &self.drain).await
     }
 }

@@ -56,7 +56,11 @@ impl Service {
     pub fn port(&self, requested: Option<u16>) -> Option<&Port> {
         match requested {
             Some(p) => self.ports.iter().find(|x| x.port == p),
-            None => self.ports.iter().find(|x| x.protocol != "tcp").or(self.ports.first()),
+            None => self
+                .ports
+                .iter()
+                .find(|x| x.protocol != "tcp")
+                .or(self.ports.first()),
         }
     }
 

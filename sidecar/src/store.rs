@@ -22,7 +22,12 @@ pub struct Store {
 
 impl Store {
     pub fn new(own_namespace: &str, health: Arc<HealthTable>) -> Self {
-        Self { state: watch::Sender::new(Arc::default()), health, own_namespace: own_namespace.to_owned(), write: Mutex::new(()) }
+        Self {
+            state: watch::Sender::new(Arc::default()),
+            health,
+            own_namespace: own_namespace.to_owned(),
+            write: Mutex::new(()),
+        }
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<MeshState>> {
@@ -35,10 +40,16 @@ impl Store {
 }
 
 impl XdsHandler for Store {
-    fn apply(&self, type_url: &str, updated: &[Resource], removed: &[String]) -> Result<(), String> {
+    fn apply(
+        &self,
+        type_url: &str,
+        updated: &[Resource],
+        removed: &[String],
+    ) -> Result<(), String> {
         match type_url {
             type_url::SERVICE => {
-                let converted = convert::services(updated, &self.health).map_err(|e| e.to_string())?;
+                let converted =
+                    convert::services(updated, &self.health).map_err(|e| e.to_string())?;
                 let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
                 let old = self.current();
                 let mut services = old.services.clone();
@@ -46,18 +57,28 @@ impl XdsHandler for Store {
                     services.remove(name);
                 }
                 services.extend(converted);
-                let mut next = MeshState { services, hosts: Default::default(), mesh: old.mesh.clone() };
+                let mut next = MeshState {
+                    services,
+                    hosts: Default::default(),
+                    mesh: old.mesh.clone(),
+                };
                 next.index(&self.own_namespace);
                 next.attach_health(&self.health);
                 self.state.send_replace(Arc::new(next));
                 Ok(())
             }
             type_url::MESH => {
-                let Some(r) = updated.iter().find(|r| r.name == "mesh") else { return Ok(()) };
+                let Some(r) = updated.iter().find(|r| r.name == "mesh") else {
+                    return Ok(());
+                };
                 let (mesh, _bundle) = convert::mesh(&r.name, &r.body).map_err(|e| e.to_string())?;
                 let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
                 let old = self.current();
-                let next = MeshState { services: old.services.clone(), hosts: old.hosts.clone(), mesh };
+                let next = MeshState {
+                    services: old.services.clone(),
+                    hosts: old.hosts.clone(),
+                    mesh,
+                };
                 self.state.send_replace(Arc::new(next));
                 Ok(())
             }

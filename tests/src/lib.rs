@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 pub use isthmus::client::{AppClient, Reply};
+pub use isthmus::traffic::Traffic;
 use isthmus_core::config::NamespacedName;
 use isthmus_core::locality::Locality;
 
@@ -35,7 +36,9 @@ fn next_block() -> u8 {
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_test_writer()
         .try_init();
 }
@@ -50,7 +53,9 @@ where
     loop {
         match check().await {
             Ok(v) => return Ok(v),
-            Err(e) if Instant::now() >= deadline => return Err(e.context(format!("timed out waiting for {what}"))),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context(format!("timed out waiting for {what}")))
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
@@ -77,7 +82,10 @@ pub struct Workload {
 impl Workload {
     /// The sidecar's outbound listener, where the app sends its requests.
     pub fn outbound(&self) -> SocketAddr {
-        self.sidecar.as_ref().expect("sidecar running").outbound_address
+        self.sidecar
+            .as_ref()
+            .expect("sidecar running")
+            .outbound_address
     }
 }
 
@@ -114,7 +122,13 @@ pub fn service_yaml(service: &str) -> String {
     )
 }
 
-pub fn workload_yaml(name: &str, service: &str, ip: Ipv4Addr, locality: &Locality, sa: &str) -> String {
+pub fn workload_yaml(
+    name: &str,
+    service: &str,
+    ip: Ipv4Addr,
+    locality: &Locality,
+    sa: &str,
+) -> String {
     format!(
         "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n  address: {ip}\n  labels: {{app: {service}}}\n  locality: {locality}\n  serviceAccount: {sa}\n"
     )
@@ -135,7 +149,11 @@ impl Mesh {
             admin_addr: SocketAddr::new(IpAddr::V4(ip(block, 0, 1)), 0),
             root_cert: None,
             root_key: None,
-            failover: vec![("us-east".into(), "us-west".into()), ("us-west".into(), "eu-central".into()), ("eu-central".into(), "us-west".into())],
+            failover: vec![
+                ("us-east".into(), "us-west".into()),
+                ("us-west".into(), "eu-central".into()),
+                ("eu-central".into(), "us-west".into()),
+            ],
         })
         .await?;
         let mut mesh = Mesh {
@@ -206,7 +224,13 @@ impl Mesh {
     pub async fn start_gateway(&mut self, name: &str) -> anyhow::Result<()> {
         let bundle = self.bundle_pem.clone();
         let c = self.cluster(name);
-        let token = isthmus_controller::mint_workload_token(&c.state_dir, &c.name, isthmus_core::identity::SYSTEM_NAMESPACE, isthmus_core::identity::GATEWAY_SERVICE_ACCOUNT, TOKEN_TTL)?;
+        let token = isthmus_controller::mint_workload_token(
+            &c.state_dir,
+            &c.name,
+            isthmus_core::identity::SYSTEM_NAMESPACE,
+            isthmus_core::identity::GATEWAY_SERVICE_ACCOUNT,
+            TOKEN_TTL,
+        )?;
         let gw_ip = IpAddr::V4(ip(c.block, c.index, 2));
         wait_port_free(SocketAddr::new(gw_ip, 15008)).await?;
         let bound = isthmus_gateway::build(isthmus_gateway::Config {
@@ -238,7 +262,13 @@ impl Mesh {
 
     /// Adds a workload: YAML (for a service), the sample app when `service` is given, and
     /// its sidecar. Waits until the sidecar is ready.
-    pub async fn add_workload(&mut self, cluster: &str, name: &str, service: Option<&str>, service_account: &str) -> anyhow::Result<()> {
+    pub async fn add_workload(
+        &mut self,
+        cluster: &str,
+        name: &str,
+        service: Option<&str>,
+        service_account: &str,
+    ) -> anyhow::Result<()> {
         let bundle = self.bundle_pem.clone();
         let c = self.cluster(cluster);
         let w = c.next_workload;
@@ -250,21 +280,41 @@ impl Mesh {
             if !svc_file.exists() {
                 std::fs::write(&svc_file, service_yaml(svc))?;
             }
-            std::fs::write(c.config_dir.join(format!("workload-{name}.yaml")), workload_yaml(name, svc, addr, &locality, service_account))?;
+            std::fs::write(
+                c.config_dir.join(format!("workload-{name}.yaml")),
+                workload_yaml(name, svc, addr, &locality, service_account),
+            )?;
         }
         let app = match service {
             Some(_) => Some(
-                isthmus::echo::build(isthmus::echo::Config { listen: SocketAddr::new(IpAddr::V4(addr), APP_PORT), cluster: cluster.to_owned(), workload: name.to_owned() }).await?,
+                isthmus::echo::build(isthmus::echo::Config {
+                    listen: SocketAddr::new(IpAddr::V4(addr), APP_PORT),
+                    cluster: cluster.to_owned(),
+                    workload: name.to_owned(),
+                })
+                .await?,
             ),
             None => None,
         };
-        let mut wl = Workload { name: name.to_owned(), ip: addr, app, sidecar: None, service_account: service_account.to_owned() };
+        let mut wl = Workload {
+            name: name.to_owned(),
+            ip: addr,
+            app,
+            sidecar: None,
+            service_account: service_account.to_owned(),
+        };
         let c = self.cluster(cluster);
         wl.sidecar = Some(start_sidecar(c, &wl, &bundle).await?);
         let ready = wl.sidecar.as_ref().expect("just started").readiness.clone();
         eventually("sidecar ready", Duration::from_secs(10), || {
             let ready = ready.clone();
-            async move { if ready.is_ready() { Ok(()) } else { anyhow::bail!("waiting for {:?}", ready.pending()) } }
+            async move {
+                if ready.is_ready() {
+                    Ok(())
+                } else {
+                    anyhow::bail!("waiting for {:?}", ready.pending())
+                }
+            }
         })
         .await?;
         self.cluster(cluster).workloads.insert(name.to_owned(), wl);
@@ -272,7 +322,10 @@ impl Mesh {
     }
 
     pub fn workload(&mut self, cluster: &str, name: &str) -> &mut Workload {
-        self.cluster(cluster).workloads.get_mut(name).expect("workload exists")
+        self.cluster(cluster)
+            .workloads
+            .get_mut(name)
+            .expect("workload exists")
     }
 
     /// Kills a workload's app and sidecar, as when its pod dies.
@@ -292,7 +345,14 @@ impl Mesh {
         let c = self.cluster(cluster);
         let mut w = c.workloads.remove(name).context("no such workload")?;
         wait_port_free(SocketAddr::new(IpAddr::V4(w.ip), 15008)).await?;
-        w.app = Some(isthmus::echo::build(isthmus::echo::Config { listen: SocketAddr::new(IpAddr::V4(w.ip), APP_PORT), cluster: cluster.to_owned(), workload: name.to_owned() }).await?);
+        w.app = Some(
+            isthmus::echo::build(isthmus::echo::Config {
+                listen: SocketAddr::new(IpAddr::V4(w.ip), APP_PORT),
+                cluster: cluster.to_owned(),
+                workload: name.to_owned(),
+            })
+            .await?,
+        );
         w.sidecar = Some(start_sidecar(c, &w, &bundle).await?);
         c.workloads.insert(name.to_owned(), w);
         Ok(())
@@ -302,15 +362,29 @@ impl Mesh {
 /// A stopped component's tasks release their sockets asynchronously; wait until the
 /// address can be bound again, as a restarted process would find it.
 async fn wait_port_free(addr: SocketAddr) -> anyhow::Result<()> {
-    eventually(&format!("{addr} to be free"), Duration::from_secs(5), || async {
-        drop(tokio::net::TcpListener::bind(addr).await?);
-        Ok(())
-    })
+    eventually(
+        &format!("{addr} to be free"),
+        Duration::from_secs(5),
+        || async {
+            drop(tokio::net::TcpListener::bind(addr).await?);
+            Ok(())
+        },
+    )
     .await
 }
 
-async fn start_sidecar(c: &Cluster, w: &Workload, bundle: &str) -> anyhow::Result<isthmus_sidecar::Bound> {
-    let token = isthmus_controller::mint_workload_token(&c.state_dir, &c.name, NAMESPACE, &w.service_account, TOKEN_TTL)?;
+async fn start_sidecar(
+    c: &Cluster,
+    w: &Workload,
+    bundle: &str,
+) -> anyhow::Result<isthmus_sidecar::Bound> {
+    let token = isthmus_controller::mint_workload_token(
+        &c.state_dir,
+        &c.name,
+        NAMESPACE,
+        &w.service_account,
+        TOKEN_TTL,
+    )?;
     let a = IpAddr::V4(w.ip);
     isthmus_sidecar::build(isthmus_sidecar::Config {
         cluster: c.name.clone(),
@@ -332,75 +406,60 @@ async fn start_sidecar(c: &Cluster, w: &Workload, bundle: &str) -> anyhow::Resul
 
 /// Reads a Prometheus text page and sums the samples of `metric` whose labels contain every
 /// `key="value"` of `labels`.
-pub async fn metric_sum(admin: SocketAddr, metric: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
-    let reply = AppClient::new().send(admin, &admin.to_string(), "/stats/prometheus", false, &[]).await?;
+pub async fn metric_sum(
+    admin: SocketAddr,
+    metric: &str,
+    labels: &[(&str, &str)],
+) -> anyhow::Result<f64> {
+    let reply = AppClient::new()
+        .send(admin, &admin.to_string(), "/stats/prometheus", false, &[])
+        .await?;
     let text = String::from_utf8_lossy(&reply.body);
     let mut sum = 0.0;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((name_labels, value)) = line.rsplit_once(' ') else { continue };
+        let Some((name_labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
         let name = name_labels.split('{').next().unwrap_or_default();
         if name != metric {
             continue;
         }
-        if labels.iter().all(|(k, v)| name_labels.contains(&format!("{k}=\"{v}\""))) {
+        if labels
+            .iter()
+            .all(|(k, v)| name_labels.contains(&format!("{k}=\"{v}\"")))
+        {
             sum += value.parse::<f64>().unwrap_or(0.0);
         }
     }
     Ok(sum)
 }
 
-/// Steady traffic from one sidecar's outbound listener to a host, as the demo sends it:
-/// one request at a time, recording where each landed.
-pub struct Traffic {
-    events: std::sync::Arc<std::sync::Mutex<Vec<(Instant, Result<String, String>)>>>,
-    task: tokio::task::JoinHandle<()>,
+/// Steady traffic with the pause the tests use between requests.
+pub fn traffic(outbound: SocketAddr, host: &str) -> Traffic {
+    Traffic::start(outbound, host, Duration::from_millis(10))
 }
 
-impl Traffic {
-    pub fn start(outbound: SocketAddr, host: &str) -> Self {
-        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (ev, host) = (events.clone(), host.to_owned());
-        let task = tokio::spawn(async move {
-            let client = AppClient::new();
-            loop {
-                let landed = match client.get(outbound, &host, "/").await {
-                    Ok(r) if r.status == 200 => r.answer().map(|a| a.cluster).map_err(|e| e.to_string()),
-                    Ok(r) => Err(format!("status {}: {}", r.status, String::from_utf8_lossy(&r.body))),
-                    Err(e) => Err(format!("{e:#}")),
-                };
-                ev.lock().unwrap_or_else(|p| p.into_inner()).push((Instant::now(), landed));
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        });
-        Self { events, task }
-    }
-
-    /// Outcomes since `since`.
-    pub fn since(&self, since: Instant) -> Vec<Result<String, String>> {
-        self.events.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|(at, _)| *at >= since).map(|(_, l)| l.clone()).collect()
-    }
-
-    /// Every failure so far.
-    pub fn failures(&self) -> Vec<String> {
-        self.events.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(|(_, l)| l.clone().err()).collect()
-    }
-
-    /// Waits until the last `n` requests all landed in `cluster`.
-    pub async fn settles_in(&self, cluster: &str, n: usize, timeout: Duration) -> anyhow::Result<()> {
-        eventually(&format!("traffic to settle in {cluster}"), timeout, || async {
-            let evs = self.events.lock().unwrap_or_else(|p| p.into_inner());
-            let tail: Vec<_> = evs.iter().rev().take(n).collect();
-            anyhow::ensure!(tail.len() == n && tail.iter().all(|(_, l)| l.as_deref() == Ok(cluster)), "last: {:?}", tail.first().map(|t| &t.1));
+/// Waits until the last `n` requests all landed in `cluster`.
+pub async fn settles_in(
+    traffic: &Traffic,
+    cluster: &str,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    eventually(
+        &format!("traffic to settle in {cluster}"),
+        timeout,
+        || async {
+            let tail = traffic.last(n);
+            anyhow::ensure!(
+                tail.len() == n && tail.iter().all(|e| e.landed.as_deref() == Ok(cluster)),
+                "last: {:?}",
+                tail.first().map(|e| &e.landed)
+            );
             Ok(())
-        })
-        .await
-    }
-}
-
-impl Drop for Traffic {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+        },
+    )
+    .await
 }
 
 /// GETs a component's `/config_dump` as JSON.
@@ -411,30 +470,61 @@ pub async fn config_dump(admin: SocketAddr) -> anyhow::Result<serde_json::Value>
 
 /// Sends one HTTP/2 request over mTLS to a proxy's tunnel port, presenting `identity`,
 /// as another proxy would; returns the response status.
-pub async fn mtls_request(addr: SocketAddr, identity: &isthmus_core::tls::TlsIdentity, req: http::Request<http_body_util::Empty<bytes::Bytes>>) -> anyhow::Result<http::StatusCode> {
+pub async fn mtls_request(
+    addr: SocketAddr,
+    identity: &isthmus_core::tls::TlsIdentity,
+    req: http::Request<http_body_util::Empty<bytes::Bytes>>,
+) -> anyhow::Result<http::StatusCode> {
     let td = identity.id().trust_domain().to_owned();
-    let config = identity.client_config(isthmus_core::tls::PeerPolicy::TrustDomain(td), &[isthmus_core::tls::ALPN_H2]);
+    let config = identity.client_config(
+        isthmus_core::tls::PeerPolicy::TrustDomain(td),
+        &[isthmus_core::tls::ALPN_H2],
+    );
     let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let tls = tokio_rustls::TlsConnector::from(config).connect(isthmus_core::tls::server_name(), tcp).await?;
-    let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls)).await?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(isthmus_core::tls::server_name(), tcp)
+        .await?;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await?;
     tokio::spawn(conn);
     let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req)).await??;
     Ok(resp.status())
 }
 
 /// Credentials with a leaf for `id` signed by `issuer`, trusting `bundle_pem`.
-pub fn credentials_from(issuer: &isthmus_core::tls::ca::CertificateAuthority, id: &isthmus_core::identity::SpiffeId, bundle_pem: &str) -> anyhow::Result<isthmus_core::tls::TlsIdentity> {
+pub fn credentials_from(
+    issuer: &isthmus_core::tls::ca::CertificateAuthority,
+    id: &isthmus_core::identity::SpiffeId,
+    bundle_pem: &str,
+) -> anyhow::Result<isthmus_core::tls::TlsIdentity> {
     let (key, csr) = isthmus_core::tls::ca::leaf_csr(id)?;
     let chain = issuer.sign_leaf(&csr, id, Duration::from_secs(3600))?;
-    Ok(isthmus_core::tls::TlsIdentity::new(isthmus_core::tls::Credentials::from_pem(key.serialize_der(), &chain, bundle_pem)?))
+    Ok(isthmus_core::tls::TlsIdentity::new(
+        isthmus_core::tls::Credentials::from_pem(key.serialize_der(), &chain, bundle_pem)?,
+    ))
 }
 
 impl Mesh {
     /// A CA client for `cluster` that proves `token_sa` but asks for `asked_sa`.
-    pub fn ca_client(&mut self, cluster: &str, token_cluster: &str, token_sa: &str, asked_sa: &str) -> anyhow::Result<isthmus_core::ca_client::CaClient> {
+    pub fn ca_client(
+        &mut self,
+        cluster: &str,
+        token_cluster: &str,
+        token_sa: &str,
+        asked_sa: &str,
+    ) -> anyhow::Result<isthmus_core::ca_client::CaClient> {
         let bundle = self.bundle_pem.clone();
         let token_state = self.cluster(token_cluster).state_dir.clone();
-        let token = isthmus_controller::mint_workload_token(&token_state, cluster, NAMESPACE, token_sa, TOKEN_TTL)?;
+        let token = isthmus_controller::mint_workload_token(
+            &token_state,
+            cluster,
+            NAMESPACE,
+            token_sa,
+            TOKEN_TTL,
+        )?;
         let c = self.cluster(cluster);
         Ok(isthmus_core::ca_client::CaClient {
             address: c.controller_addr,
@@ -446,6 +536,10 @@ impl Mesh {
     }
 
     pub fn controller_admin(&mut self, cluster: &str) -> SocketAddr {
-        self.cluster(cluster).controller.as_ref().expect("controller running").admin_address
+        self.cluster(cluster)
+            .controller
+            .as_ref()
+            .expect("controller running")
+            .admin_address
     }
 }

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use isthmus_tests::{config_dump, eventually, metric_sum, AppClient, Mesh, Traffic};
+use isthmus_tests::{config_dump, eventually, metric_sum, settles_in, traffic, AppClient, Mesh};
 
 const HOST: &str = "echo.demo.svc.cluster.local";
 
@@ -18,80 +18,128 @@ async fn reachable(outbound: std::net::SocketAddr) -> anyhow::Result<()> {
 }
 
 fn endpoint_count(dump: &serde_json::Value) -> usize {
-    dump["services"].as_array().into_iter().flatten().find(|s| s["service"] == HOST).and_then(|s| s["endpoints"].as_array()).map(Vec::len).unwrap_or(0)
+    dump["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["service"] == HOST)
+        .and_then(|s| s["endpoints"].as_array())
+        .map(Vec::len)
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn traffic_flows_while_the_controller_is_down_and_proxies_resync_when_it_returns() -> anyhow::Result<()> {
+async fn traffic_flows_while_the_controller_is_down_and_proxies_resync_when_it_returns(
+) -> anyhow::Result<()> {
     let mut mesh = Mesh::start(&["east"]).await?;
-    mesh.add_workload("east", "echo-1", Some("echo"), "echo").await?;
-    mesh.add_workload("east", "client", None, "frontend").await?;
+    mesh.add_workload("east", "echo-1", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
     let outbound = mesh.workload("east", "client").outbound();
     reachable(outbound).await?;
-    let traffic = Traffic::start(outbound, HOST);
+    let traffic = traffic(outbound, HOST);
 
     mesh.kill_controller("east");
     let killed = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let during = traffic.since(killed);
-    assert!(during.len() > 20 && during.iter().all(|l| l.as_deref() == Ok("east")), "traffic kept flowing: {} requests", during.len());
+    assert!(
+        during.len() > 20 && during.iter().all(|e| e.landed.as_deref() == Ok("east")),
+        "traffic kept flowing: {} requests",
+        during.len()
+    );
 
     mesh.start_controller("east").await?;
     let admin = mesh.controller_admin("east");
     eventually("proxies to reconnect", Duration::from_secs(10), || async {
-        anyhow::ensure!(metric_sum(admin, "isthmus_controller_xds_connected_proxies", &[]).await? >= 3.0);
+        anyhow::ensure!(
+            metric_sum(admin, "isthmus_controller_xds_connected_proxies", &[]).await? >= 3.0
+        );
         Ok(())
     })
     .await?;
     // A change after the restart reaches the client: it resynced with the new controller.
-    mesh.add_workload("east", "echo-2", Some("echo"), "echo").await?;
-    let client_admin = mesh.workload("east", "client").sidecar.as_ref().expect("sidecar").admin_address;
-    eventually("the client to learn the second endpoint", Duration::from_secs(5), || async {
-        anyhow::ensure!(endpoint_count(&config_dump(client_admin).await?) == 2);
-        Ok(())
-    })
+    mesh.add_workload("east", "echo-2", Some("echo"), "echo")
+        .await?;
+    let client_admin = mesh
+        .workload("east", "client")
+        .sidecar
+        .as_ref()
+        .expect("sidecar")
+        .admin_address;
+    eventually(
+        "the client to learn the second endpoint",
+        Duration::from_secs(5),
+        || async {
+            anyhow::ensure!(endpoint_count(&config_dump(client_admin).await?) == 2);
+            Ok(())
+        },
+    )
     .await?;
     assert_eq!(traffic.failures(), Vec::<String>::new());
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cross_cluster_traffic_and_failover_work_while_the_federation_is_down() -> anyhow::Result<()> {
+async fn cross_cluster_traffic_and_failover_work_while_the_federation_is_down() -> anyhow::Result<()>
+{
     let mut mesh = Mesh::start(&["east", "west"]).await?;
-    mesh.add_workload("east", "echo-east", Some("echo"), "echo").await?;
-    mesh.add_workload("west", "echo-west", Some("echo"), "echo").await?;
-    mesh.add_workload("east", "client", None, "frontend").await?;
+    mesh.add_workload("east", "echo-east", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
     let outbound = mesh.workload("east", "client").outbound();
-    let client_admin = mesh.workload("east", "client").sidecar.as_ref().expect("sidecar").admin_address;
-    eventually("the client to learn west", Duration::from_secs(10), || async {
-        let dump = config_dump(client_admin).await?;
-        let remote = dump["services"].as_array().into_iter().flatten().find(|s| s["service"] == HOST).and_then(|s| s["remote"].as_array()).map(Vec::len);
-        anyhow::ensure!(remote == Some(1));
-        Ok(())
-    })
+    let client_admin = mesh
+        .workload("east", "client")
+        .sidecar
+        .as_ref()
+        .expect("sidecar")
+        .admin_address;
+    eventually(
+        "the client to learn west",
+        Duration::from_secs(10),
+        || async {
+            let dump = config_dump(client_admin).await?;
+            let remote = dump["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|s| s["service"] == HOST)
+                .and_then(|s| s["remote"].as_array())
+                .map(Vec::len);
+            anyhow::ensure!(remote == Some(1));
+            Ok(())
+        },
+    )
     .await?;
     reachable(outbound).await?;
-    let traffic = Traffic::start(outbound, HOST);
-    traffic.settles_in("east", 10, Duration::from_secs(5)).await?;
+    let traffic = traffic(outbound, HOST);
+    settles_in(&traffic, "east", 10, Duration::from_secs(5)).await?;
 
     mesh.kill_federation();
     // Even a controller restarted while the federation is away serves the last registry.
     mesh.kill_controller("east");
     mesh.start_controller("east").await?;
     mesh.kill_workload("east", "echo-east");
-    traffic.settles_in("west", 30, Duration::from_secs(10)).await?;
+    settles_in(&traffic, "west", 30, Duration::from_secs(10)).await?;
     assert_eq!(traffic.failures(), Vec::<String>::new());
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_config_is_rejected_with_its_location_and_traffic_keeps_flowing() -> anyhow::Result<()> {
+async fn invalid_config_is_rejected_with_its_location_and_traffic_keeps_flowing(
+) -> anyhow::Result<()> {
     let mut mesh = Mesh::start(&["east"]).await?;
-    mesh.add_workload("east", "echo-1", Some("echo"), "echo").await?;
-    mesh.add_workload("east", "client", None, "frontend").await?;
+    mesh.add_workload("east", "echo-1", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
     let outbound = mesh.workload("east", "client").outbound();
     reachable(outbound).await?;
-    let traffic = Traffic::start(outbound, HOST);
+    let traffic = traffic(outbound, HOST);
     let admin = mesh.controller_admin("east");
     let config_dir = mesh.cluster("east").config_dir.clone();
     let service_file = config_dir.join("service-echo.yaml");
@@ -99,30 +147,61 @@ async fn invalid_config_is_rejected_with_its_location_and_traffic_keeps_flowing(
 
     // Each fault replaces the service's own file: accepted, it would take echo away.
     let faults = [
-        ("syntax", "apiVersion: v1\nkind: Service\nmetadata: {name: echo\n", "IST0001", ""),
-        ("unknown field", &good.replacen("selector:", "selectr:", 1), "IST0003", "spec.selectr"),
-        ("port out of range", &good.replacen("port: 80,", "port: 80000,", 1), "IST0004", "spec.ports[0].port"),
-        ("unsupported kind", &good.replacen("kind: Service", "kind: Ingress", 1), "IST0002", "kind"),
+        (
+            "syntax",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: echo\n",
+            "IST0001",
+            "",
+        ),
+        (
+            "unknown field",
+            &good.replacen("selector:", "selectr:", 1),
+            "IST0003",
+            "spec.selectr",
+        ),
+        (
+            "port out of range",
+            &good.replacen("port: 80,", "port: 80000,", 1),
+            "IST0004",
+            "spec.ports[0].port",
+        ),
+        (
+            "unsupported kind",
+            &good.replacen("kind: Service", "kind: Ingress", 1),
+            "IST0002",
+            "kind",
+        ),
     ];
     for (i, (what, yaml, code, field)) in faults.iter().enumerate() {
         std::fs::write(&service_file, yaml)?;
-        let errors = eventually(&format!("{what} to be rejected"), Duration::from_secs(5), || async {
-            let dump = config_dump(admin).await?;
-            anyhow::ensure!(dump["config"]["rejected"].as_u64() == Some(i as u64 + 1));
-            Ok(dump["config"]["last_errors"].clone())
-        })
+        let errors = eventually(
+            &format!("{what} to be rejected"),
+            Duration::from_secs(5),
+            || async {
+                let dump = config_dump(admin).await?;
+                anyhow::ensure!(dump["config"]["rejected"].as_u64() == Some(i as u64 + 1));
+                Ok(dump["config"]["last_errors"].clone())
+            },
+        )
         .await?;
         let first = errors[0].as_str().unwrap_or_default().to_owned();
-        assert!(first.contains("service-echo.yaml") && first.contains(code) && first.contains(field), "{what}: {first}");
+        assert!(
+            first.contains("service-echo.yaml") && first.contains(code) && first.contains(field),
+            "{what}: {first}"
+        );
     }
     let reply = AppClient::new().get(outbound, HOST, "/").await?;
     assert_eq!(reply.status, 200, "the serving config stayed");
 
     std::fs::write(&service_file, &good)?;
-    eventually("the fixed config to be accepted", Duration::from_secs(5), || async {
-        anyhow::ensure!(config_dump(admin).await?["config"]["last_errors"].is_null());
-        Ok(())
-    })
+    eventually(
+        "the fixed config to be accepted",
+        Duration::from_secs(5),
+        || async {
+            anyhow::ensure!(config_dump(admin).await?["config"]["last_errors"].is_null());
+            Ok(())
+        },
+    )
     .await?;
     assert_eq!(traffic.failures(), Vec::<String>::new());
     Ok(())

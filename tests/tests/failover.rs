@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use isthmus_tests::{eventually, metric_sum, AppClient, Mesh, Traffic};
+use isthmus_tests::{eventually, metric_sum, settles_in, traffic, AppClient, Mesh, Traffic};
 
 const HOST: &str = "echo.demo.svc.cluster.local";
 
@@ -11,54 +11,92 @@ const HOST: &str = "echo.demo.svc.cluster.local";
 async fn three_clusters() -> anyhow::Result<(Mesh, Traffic)> {
     let mut mesh = Mesh::start(&["east", "west", "eu"]).await?;
     for c in ["east", "west", "eu"] {
-        mesh.add_workload(c, &format!("echo-{c}"), Some("echo"), "echo").await?;
+        mesh.add_workload(c, &format!("echo-{c}"), Some("echo"), "echo")
+            .await?;
     }
-    mesh.add_workload("east", "client", None, "frontend").await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
     let outbound = mesh.workload("east", "client").outbound();
     let client = AppClient::new();
-    eventually("echo reachable from the client", Duration::from_secs(10), || async {
-        anyhow::ensure!(client.get(outbound, HOST, "/").await?.status == 200);
-        Ok(())
-    })
+    eventually(
+        "echo reachable from the client",
+        Duration::from_secs(10),
+        || async {
+            anyhow::ensure!(client.get(outbound, HOST, "/").await?.status == 200);
+            Ok(())
+        },
+    )
     .await?;
-    Ok((mesh, Traffic::start(outbound, HOST)))
+    Ok((mesh, traffic(outbound, HOST)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_to_west_when_east_backend_dies_and_back_when_it_returns() -> anyhow::Result<()> {
     let (mut mesh, traffic) = three_clusters().await?;
-    traffic.settles_in("east", 20, Duration::from_secs(10)).await?;
+    settles_in(&traffic, "east", 20, Duration::from_secs(10)).await?;
 
     let killed = Instant::now();
     mesh.kill_workload("east", "echo-east");
-    traffic.settles_in("west", 30, Duration::from_secs(10)).await?;
-    assert!(traffic.since(killed).iter().all(|l| l.as_deref() != Ok("eu")), "failover goes to the next locality (west), not eu");
+    settles_in(&traffic, "west", 30, Duration::from_secs(10)).await?;
+    assert!(
+        traffic
+            .since(killed)
+            .iter()
+            .all(|e| e.landed.as_deref() != Ok("eu")),
+        "failover goes to the next locality (west), not eu"
+    );
 
     mesh.restart_workload("east", "echo-east").await?;
-    traffic.settles_in("east", 30, Duration::from_secs(15)).await?;
-    assert_eq!(traffic.failures(), Vec::<String>::new(), "no request may fail");
+    settles_in(&traffic, "east", 30, Duration::from_secs(15)).await?;
+    assert_eq!(
+        traffic.failures(),
+        Vec::<String>::new(),
+        "no request may fail"
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_to_eu_when_west_gateway_dies_too_and_back_to_west_when_it_returns() -> anyhow::Result<()> {
+async fn failover_to_eu_when_west_gateway_dies_too_and_back_to_west_when_it_returns(
+) -> anyhow::Result<()> {
     let (mut mesh, traffic) = three_clusters().await?;
-    traffic.settles_in("east", 20, Duration::from_secs(10)).await?;
+    settles_in(&traffic, "east", 20, Duration::from_secs(10)).await?;
     mesh.kill_workload("east", "echo-east");
-    traffic.settles_in("west", 20, Duration::from_secs(10)).await?;
+    settles_in(&traffic, "west", 20, Duration::from_secs(10)).await?;
 
     mesh.kill_gateway("west");
-    traffic.settles_in("eu", 30, Duration::from_secs(15)).await?;
+    settles_in(&traffic, "eu", 30, Duration::from_secs(15)).await?;
 
     mesh.start_gateway("west").await?;
-    let east_gw = mesh.cluster("east").gateway.as_ref().expect("gateway").admin_address;
-    eventually("east's gateway to reconnect to west", Duration::from_secs(10), || async {
-        anyhow::ensure!(metric_sum(east_gw, "isthmus_gateway_peer_up", &[("peer_cluster", "west")]).await? == 1.0);
-        Ok(())
-    })
+    let east_gw = mesh
+        .cluster("east")
+        .gateway
+        .as_ref()
+        .expect("gateway")
+        .admin_address;
+    eventually(
+        "east's gateway to reconnect to west",
+        Duration::from_secs(10),
+        || async {
+            anyhow::ensure!(
+                metric_sum(
+                    east_gw,
+                    "isthmus_gateway_peer_up",
+                    &[("peer_cluster", "west")]
+                )
+                .await?
+                    == 1.0
+            );
+            Ok(())
+        },
+    )
     .await?;
     mesh.kill_workload("eu", "echo-eu");
-    traffic.settles_in("west", 30, Duration::from_secs(20)).await?;
-    assert_eq!(traffic.failures(), Vec::<String>::new(), "no request may fail");
+    settles_in(&traffic, "west", 30, Duration::from_secs(20)).await?;
+    assert_eq!(
+        traffic.failures(),
+        Vec::<String>::new(),
+        "no request may fail"
+    );
     Ok(())
 }

@@ -6,50 +6,99 @@ use isthmus_core::tls::ca::CertificateAuthority;
 use isthmus_tests::{credentials_from, mtls_request, Mesh, NAMESPACE, TRUST_DOMAIN};
 
 fn get(authority: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
-    http::Request::builder().uri(format!("http://{authority}/")).header("x-isthmus-app-protocol", "http").body(Default::default()).expect("valid request")
+    http::Request::builder()
+        .uri(format!("http://{authority}/"))
+        .header("x-isthmus-app-protocol", "http")
+        .body(Default::default())
+        .expect("valid request")
 }
 
 fn connect(authority: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
-    http::Request::builder().method("CONNECT").uri(authority).header("x-isthmus-cluster", "west").body(Default::default()).expect("valid request")
+    http::Request::builder()
+        .method("CONNECT")
+        .uri(authority)
+        .header("x-isthmus-cluster", "west")
+        .body(Default::default())
+        .expect("valid request")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn certificates_chaining_to_another_root_are_refused_by_sidecars_and_gateways() -> anyhow::Result<()> {
+async fn certificates_chaining_to_another_root_are_refused_by_sidecars_and_gateways(
+) -> anyhow::Result<()> {
     let mut mesh = Mesh::start(&["east"]).await?;
-    mesh.add_workload("east", "echo-east", Some("echo"), "echo").await?;
+    mesh.add_workload("east", "echo-east", Some("echo"), "echo")
+        .await?;
     let sidecar = std::net::SocketAddr::new(mesh.workload("east", "echo-east").ip.into(), 15008);
-    let gateway = mesh.cluster("east").gateway.as_ref().expect("gateway").tunnel_address;
+    let gateway = mesh
+        .cluster("east")
+        .gateway
+        .as_ref()
+        .expect("gateway")
+        .tunnel_address;
     let frontend = SpiffeId::new(TRUST_DOMAIN, NAMESPACE, "frontend");
 
     // The real CA's certificate is accepted: the refusals below are about the root alone.
-    let good = mesh.ca_client("east", "east", "frontend", "frontend")?.fetch(None).await?;
+    let good = mesh
+        .ca_client("east", "east", "frontend", "frontend")?
+        .fetch(None)
+        .await?;
     let good = isthmus_core::tls::TlsIdentity::new(good);
-    assert_eq!(mtls_request(sidecar, &good, get("echo.demo.svc.cluster.local:80")).await?, 200);
-    assert_eq!(mtls_request(gateway, &good, connect("echo.demo.svc.cluster.local:80")).await?, 503, "accepted, but no west peer");
+    assert_eq!(
+        mtls_request(sidecar, &good, get("echo.demo.svc.cluster.local:80")).await?,
+        200
+    );
+    assert_eq!(
+        mtls_request(gateway, &good, connect("echo.demo.svc.cluster.local:80")).await?,
+        503,
+        "accepted, but no west peer"
+    );
 
     // Same identity, same trusted bundle, but signed by a root the mesh does not trust.
     let (rogue_root, _) = CertificateAuthority::new_root(TRUST_DOMAIN)?;
     let rogue = credentials_from(&rogue_root, &frontend, &mesh.bundle_pem)?;
     let refused = mtls_request(sidecar, &rogue, get("echo.demo.svc.cluster.local:80")).await;
-    assert!(refused.is_err(), "sidecar accepted a certificate from another root: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "sidecar accepted a certificate from another root: {refused:?}"
+    );
     let refused = mtls_request(gateway, &rogue, connect("echo.demo.svc.cluster.local:80")).await;
-    assert!(refused.is_err(), "gateway accepted a certificate from another root: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "gateway accepted a certificate from another root: {refused:?}"
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ca_signs_only_the_identity_the_caller_proved() -> anyhow::Result<()> {
     let mut mesh = Mesh::start(&["east", "west"]).await?;
-    let err = mesh.ca_client("east", "east", "frontend", "echo")?.fetch(None).await.expect_err("asked for another identity");
+    let err = mesh
+        .ca_client("east", "east", "frontend", "echo")?
+        .fetch(None)
+        .await
+        .expect_err("asked for another identity");
     let msg = err.to_string();
-    assert!(msg.contains("PermissionDenied") || msg.contains("permission"), "{msg}");
-    assert!(msg.contains("sa/echo") && msg.contains("sa/frontend"), "names both identities: {msg}");
+    assert!(
+        msg.contains("PermissionDenied") || msg.contains("permission"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("sa/echo") && msg.contains("sa/frontend"),
+        "names both identities: {msg}"
+    );
 
     // A token minted by west's controller proves nothing to east's CA.
-    let err = mesh.ca_client("east", "west", "frontend", "frontend")?.fetch(None).await.expect_err("token of another cluster");
+    let err = mesh
+        .ca_client("east", "west", "frontend", "frontend")?
+        .fetch(None)
+        .await
+        .expect_err("token of another cluster");
     assert!(err.to_string().contains("token refused"), "{err}");
 
-    let ok = mesh.ca_client("east", "east", "frontend", "frontend")?.fetch(None).await?;
+    let ok = mesh
+        .ca_client("east", "east", "frontend", "frontend")?
+        .fetch(None)
+        .await?;
     assert_eq!(ok.id, SpiffeId::new(TRUST_DOMAIN, NAMESPACE, "frontend"));
     Ok(())
 }

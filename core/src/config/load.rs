@@ -18,21 +18,34 @@ pub struct SourceFile {
 fn kind_of(api_version: &str, kind: &str) -> Option<&'static str> {
     match (api_version, kind) {
         ("v1", "Service") => Some("Service"),
-        ("networking.istio.io/v1" | "networking.istio.io/v1beta1", "WorkloadEntry") => Some("WorkloadEntry"),
+        ("networking.istio.io/v1" | "networking.istio.io/v1beta1", "WorkloadEntry") => {
+            Some("WorkloadEntry")
+        }
         ("multicluster.x-k8s.io/v1alpha1", "ServiceExport") => Some("ServiceExport"),
         _ => None,
     }
 }
 
-fn decode<T: DeserializeOwned>(value: serde_yaml_ng::Value, base: &str) -> Result<T, (String, String)> {
+fn decode<T: DeserializeOwned>(
+    value: serde_yaml_ng::Value,
+    base: &str,
+) -> Result<T, (String, String)> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." { base.to_owned() } else { format!("{base}.{path}") };
+        let field = if path == "." {
+            base.to_owned()
+        } else {
+            format!("{base}.{path}")
+        };
         (field, e.into_inner().to_string())
     })
 }
 
-fn parse_document(file: &str, index: usize, value: serde_yaml_ng::Value) -> Result<Option<Document>, ConfigError> {
+fn parse_document(
+    file: &str,
+    index: usize,
+    value: serde_yaml_ng::Value,
+) -> Result<Option<Document>, ConfigError> {
     let mut err = ConfigError {
         file: file.to_owned(),
         document: index,
@@ -46,10 +59,21 @@ fn parse_document(file: &str, index: usize, value: serde_yaml_ng::Value) -> Resu
     }
     let head: Head = match decode(value.clone(), "") {
         Ok(h) => h,
-        Err((_, message)) => return Err(ConfigError { message: format!("not a Kubernetes-style document: {message}"), ..err }),
+        Err((_, message)) => {
+            return Err(ConfigError {
+                message: format!("not a Kubernetes-style document: {message}"),
+                ..err
+            })
+        }
     };
-    let (Some(api_version), Some(kind)) = (head.api_version.as_deref(), head.kind.as_deref()) else {
-        return Err(ConfigError { code: Code::Missing, field: "apiVersion".into(), message: "apiVersion and kind are required".into(), ..err });
+    let (Some(api_version), Some(kind)) = (head.api_version.as_deref(), head.kind.as_deref())
+    else {
+        return Err(ConfigError {
+            code: Code::Missing,
+            field: "apiVersion".into(),
+            message: "apiVersion and kind are required".into(),
+            ..err
+        });
     };
     let Some(kind) = kind_of(api_version, kind) else {
         return Err(ConfigError {
@@ -62,26 +86,47 @@ fn parse_document(file: &str, index: usize, value: serde_yaml_ng::Value) -> Resu
     let metadata: Metadata = head.metadata;
     err.object = Some(format!(
         "{kind} {}/{}",
-        metadata.namespace.as_deref().unwrap_or(super::DEFAULT_NAMESPACE),
+        metadata
+            .namespace
+            .as_deref()
+            .unwrap_or(super::DEFAULT_NAMESPACE),
         metadata.name
     ));
-    let spec = value.get("spec").cloned().unwrap_or(serde_yaml_ng::Value::Mapping(Default::default()));
+    let spec = value
+        .get("spec")
+        .cloned()
+        .unwrap_or(serde_yaml_ng::Value::Mapping(Default::default()));
     if let serde_yaml_ng::Value::Mapping(top) = &value {
         for key in top.keys() {
             let k = key.as_str().unwrap_or_default();
             if !matches!(k, "apiVersion" | "kind" | "metadata" | "spec" | "status") {
-                return Err(ConfigError { field: k.to_owned(), message: format!("unknown top-level field `{k}`"), ..err });
+                return Err(ConfigError {
+                    field: k.to_owned(),
+                    message: format!("unknown top-level field `{k}`"),
+                    ..err
+                });
             }
         }
     }
     let body = match kind {
         "Service" => decode::<ServiceSpec>(spec, "spec").map(DocumentBody::Service),
-        "WorkloadEntry" => decode::<WorkloadEntrySpec>(spec, "spec").map(DocumentBody::WorkloadEntry),
+        "WorkloadEntry" => {
+            decode::<WorkloadEntrySpec>(spec, "spec").map(DocumentBody::WorkloadEntry)
+        }
         _ => decode::<ServiceExportSpec>(spec, "spec").map(|_| DocumentBody::ServiceExport),
     };
     match body {
-        Ok(body) => Ok(Some(Document { file: file.to_owned(), index, metadata, body })),
-        Err((field, message)) => Err(ConfigError { field, message, ..err }),
+        Ok(body) => Ok(Some(Document {
+            file: file.to_owned(),
+            index,
+            metadata,
+            body,
+        })),
+        Err((field, message)) => Err(ConfigError {
+            field,
+            message,
+            ..err
+        }),
     }
 }
 
@@ -132,7 +177,10 @@ pub fn load_files(files: &[SourceFile]) -> Result<ConfigSet, ConfigErrors> {
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if name.starts_with('.') {
             continue; // editor swap files, Kubernetes ConfigMap ..data links
         }
@@ -164,7 +212,10 @@ pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, ConfigErrors> {
         .into_iter()
         .map(|p| {
             let contents = std::fs::read_to_string(&p).map_err(|e| io_err(&p, e))?;
-            Ok(SourceFile { name: p.display().to_string(), contents })
+            Ok(SourceFile {
+                name: p.display().to_string(),
+                contents,
+            })
         })
         .collect()
 }

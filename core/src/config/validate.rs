@@ -59,7 +59,11 @@ impl Checker<'_> {
         match u16::try_from(value) {
             Ok(p) if p > 0 => Some(p),
             _ => {
-                self.fail(Code::InvalidValue, field, format!("{value} is not a port number (1-65535)"));
+                self.fail(
+                    Code::InvalidValue,
+                    field,
+                    format!("{value} is not a port number (1-65535)"),
+                );
                 None
             }
         }
@@ -68,7 +72,9 @@ impl Checker<'_> {
     fn dns_label(&mut self, field: &str, value: &str) -> bool {
         let ok = !value.is_empty()
             && value.len() <= 63
-            && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !value.starts_with('-')
             && !value.ends_with('-');
         if !ok {
@@ -78,15 +84,27 @@ impl Checker<'_> {
     }
 }
 
-fn service_protocol(c: &mut Checker<'_>, field: &str, spec: &super::kinds::ServicePortSpec) -> Protocol {
+fn service_protocol(
+    c: &mut Checker<'_>,
+    field: &str,
+    spec: &super::kinds::ServicePortSpec,
+) -> Protocol {
     if let Some(p) = spec.protocol.as_deref() {
         if p != "TCP" {
-            c.fail(Code::Schema, format!("{field}.protocol"), format!("protocol {p} is not supported; only TCP"));
+            c.fail(
+                Code::Schema,
+                format!("{field}.protocol"),
+                format!("protocol {p} is not supported; only TCP"),
+            );
         }
     }
     if let Some(app) = spec.app_protocol.as_deref() {
         return Protocol::parse(app).unwrap_or_else(|| {
-            c.fail(Code::InvalidValue, format!("{field}.appProtocol"), format!("`{app}` is not one of http, http2, grpc, tcp"));
+            c.fail(
+                Code::InvalidValue,
+                format!("{field}.appProtocol"),
+                format!("`{app}` is not one of http, http2, grpc, tcp"),
+            );
             Protocol::Tcp
         });
     }
@@ -99,11 +117,19 @@ fn service_protocol(c: &mut Checker<'_>, field: &str, spec: &super::kinds::Servi
 fn service(c: &mut Checker<'_>, spec: &ServiceSpec) -> Option<Service> {
     if let Some(t) = spec.service_type.as_deref() {
         if t != "ClusterIP" {
-            c.fail(Code::Schema, "spec.type", format!("service type {t} is not supported; only ClusterIP"));
+            c.fail(
+                Code::Schema,
+                "spec.type",
+                format!("service type {t} is not supported; only ClusterIP"),
+            );
         }
     }
     if spec.ports.is_empty() {
-        c.fail(Code::Missing, "spec.ports", "a service needs at least one port");
+        c.fail(
+            Code::Missing,
+            "spec.ports",
+            "a service needs at least one port",
+        );
     }
     let mut ports = Vec::new();
     let mut seen_names = BTreeSet::new();
@@ -112,15 +138,29 @@ fn service(c: &mut Checker<'_>, spec: &ServiceSpec) -> Option<Service> {
         let field = format!("spec.ports[{i}]");
         let name = p.name.clone().unwrap_or_default();
         if spec.ports.len() > 1 && name.is_empty() {
-            c.fail(Code::Missing, format!("{field}.name"), "ports must be named when a service has more than one");
+            c.fail(
+                Code::Missing,
+                format!("{field}.name"),
+                "ports must be named when a service has more than one",
+            );
         }
         if !name.is_empty() && !seen_names.insert(name.clone()) {
-            c.fail(Code::Duplicate, format!("{field}.name"), format!("port name `{name}` is used twice"));
+            c.fail(
+                Code::Duplicate,
+                format!("{field}.name"),
+                format!("port name `{name}` is used twice"),
+            );
         }
         let protocol = service_protocol(c, &field, p);
-        let Some(port) = c.port(&format!("{field}.port"), p.port) else { continue };
+        let Some(port) = c.port(&format!("{field}.port"), p.port) else {
+            continue;
+        };
         if !seen_ports.insert(port) {
-            c.fail(Code::Duplicate, format!("{field}.port"), format!("port {port} is used twice"));
+            c.fail(
+                Code::Duplicate,
+                format!("{field}.port"),
+                format!("port {port} is used twice"),
+            );
         }
         let target_port = match &p.target_port {
             None => TargetPort::Number(port),
@@ -130,14 +170,27 @@ fn service(c: &mut Checker<'_>, spec: &ServiceSpec) -> Option<Service> {
             },
             Some(IntOrString::String(s)) => TargetPort::Named(s.clone()),
         };
-        ports.push(ServicePort { name, port, target_port, protocol });
+        ports.push(ServicePort {
+            name,
+            port,
+            target_port,
+            protocol,
+        });
     }
     for (k, v) in &spec.selector {
         if k.is_empty() || v.len() > 63 {
-            c.fail(Code::InvalidValue, format!("spec.selector.{k}"), "label keys must be non-empty and values at most 63 characters");
+            c.fail(
+                Code::InvalidValue,
+                format!("spec.selector.{k}"),
+                "label keys must be non-empty and values at most 63 characters",
+            );
         }
     }
-    Some(Service { key: c.key.clone(), ports, selector: spec.selector.clone() })
+    Some(Service {
+        key: c.key.clone(),
+        ports,
+        selector: spec.selector.clone(),
+    })
 }
 
 fn workload(c: &mut Checker<'_>, spec: &WorkloadEntrySpec) -> Option<WorkloadEntry> {
@@ -149,7 +202,11 @@ fn workload(c: &mut Checker<'_>, spec: &WorkloadEntrySpec) -> Option<WorkloadEnt
         Some(a) => match a.parse::<IpAddr>() {
             Ok(ip) => Some(ip),
             Err(_) => {
-                c.fail(Code::InvalidValue, "spec.address", format!("`{a}` is not an IP address"));
+                c.fail(
+                    Code::InvalidValue,
+                    "spec.address",
+                    format!("`{a}` is not an IP address"),
+                );
                 None
             }
         },
@@ -162,31 +219,60 @@ fn workload(c: &mut Checker<'_>, spec: &WorkloadEntrySpec) -> Option<WorkloadEnt
     }
     let locality = spec.locality.as_deref().unwrap_or_default();
     let locality = Locality::parse(locality).unwrap_or_else(|| {
-        c.fail(Code::InvalidValue, "spec.locality", format!("`{locality}` is not region/zone/subzone"));
+        c.fail(
+            Code::InvalidValue,
+            "spec.locality",
+            format!("`{locality}` is not region/zone/subzone"),
+        );
         Locality::default()
     });
     if let Some(w) = spec.weight {
         if !(0..=u32::MAX as i64).contains(&w) {
-            c.fail(Code::InvalidValue, "spec.weight", format!("{w} is out of range"));
+            c.fail(
+                Code::InvalidValue,
+                "spec.weight",
+                format!("{w} is out of range"),
+            );
         }
     }
     if spec.network.is_some() {
-        c.fail(Code::Schema, "spec.network", "networks are derived from clusters; `network` is not supported");
+        c.fail(
+            Code::Schema,
+            "spec.network",
+            "networks are derived from clusters; `network` is not supported",
+        );
     }
-    let sa = spec.service_account.clone().unwrap_or_else(|| "default".to_owned());
+    let sa = spec
+        .service_account
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
     c.dns_label("spec.serviceAccount", &sa);
     let mut labels = c.doc.metadata.labels.clone();
     labels.extend(spec.labels.clone());
-    Some(WorkloadEntry { key: c.key.clone(), address: address?, ports, labels, locality, service_account: sa })
+    Some(WorkloadEntry {
+        key: c.key.clone(),
+        address: address?,
+        ports,
+        labels,
+        locality,
+        service_account: sa,
+    })
 }
 
-fn check_targets(set: &ConfigSet, locations: &BTreeMap<(&'static str, NamespacedName), (String, usize)>, errors: &mut Vec<ConfigError>) {
+fn check_targets(
+    set: &ConfigSet,
+    locations: &BTreeMap<(&'static str, NamespacedName), (String, usize)>,
+    errors: &mut Vec<ConfigError>,
+) {
     for svc in set.services.values() {
         for w in set.selected(svc) {
             for (i, p) in svc.ports.iter().enumerate() {
                 if let TargetPort::Named(name) = &p.target_port {
                     if !w.ports.contains_key(name) {
-                        let (file, index) = locations.get(&("WorkloadEntry", w.key.clone())).cloned().unwrap_or_default();
+                        let (file, index) = locations
+                            .get(&("WorkloadEntry", w.key.clone()))
+                            .cloned()
+                            .unwrap_or_default();
                         errors.push(ConfigError {
                             file,
                             document: index,
@@ -202,7 +288,10 @@ fn check_targets(set: &ConfigSet, locations: &BTreeMap<(&'static str, Namespaced
     }
     for export in &set.exports {
         if !set.services.contains_key(export) {
-            let (file, index) = locations.get(&("ServiceExport", export.clone())).cloned().unwrap_or_default();
+            let (file, index) = locations
+                .get(&("ServiceExport", export.clone()))
+                .cloned()
+                .unwrap_or_default();
             errors.push(ConfigError {
                 file,
                 document: index,
@@ -221,20 +310,33 @@ pub fn build(docs: Vec<Document>) -> Result<ConfigSet, Vec<ConfigError>> {
     let mut set = ConfigSet::default();
     let mut locations: BTreeMap<(&'static str, NamespacedName), (String, usize)> = BTreeMap::new();
     for doc in &docs {
-        let ns = doc.metadata.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        let ns = doc
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
         let key = NamespacedName::new(&ns, &doc.metadata.name);
-        let mut c = Checker { doc, key: key.clone(), errors: &mut errors };
+        let mut c = Checker {
+            doc,
+            key: key.clone(),
+            errors: &mut errors,
+        };
         if doc.metadata.name.is_empty() {
             c.fail(Code::Missing, "metadata.name", "a name is required");
             continue;
         }
-        let names_ok = c.dns_label("metadata.name", &doc.metadata.name) & c.dns_label("metadata.namespace", &ns);
+        let names_ok = c.dns_label("metadata.name", &doc.metadata.name)
+            & c.dns_label("metadata.namespace", &ns);
         if !names_ok {
             continue;
         }
         let kind = doc.body.kind();
         if let Some((file, index)) = locations.get(&(kind, key.clone())) {
-            c.fail(Code::Duplicate, "metadata.name", format!("{kind} {key} is also defined in {file} document {index}"));
+            c.fail(
+                Code::Duplicate,
+                "metadata.name",
+                format!("{kind} {key} is also defined in {file} document {index}"),
+            );
             continue;
         }
         locations.insert((kind, key.clone()), (doc.file.clone(), doc.index));
@@ -268,7 +370,10 @@ mod tests {
     use super::*;
 
     fn load(yaml: &str) -> Result<ConfigSet, super::super::ConfigErrors> {
-        load_files(&[SourceFile { name: "svc.yaml".into(), contents: yaml.into() }])
+        load_files(&[SourceFile {
+            name: "svc.yaml".into(),
+            contents: yaml.into(),
+        }])
     }
 
     const GOOD: &str = r#"
@@ -309,13 +414,17 @@ metadata: {name: echo, namespace: demo}
     #[test]
     fn faults_name_file_document_and_field() {
         let e = first_error(&GOOD.replace("port: 80,", "port: 70000,"));
-        assert_eq!((e.file.as_str(), e.document, e.field.as_str()), ("svc.yaml", 1, "spec.ports[0].port"));
+        assert_eq!(
+            (e.file.as_str(), e.document, e.field.as_str()),
+            ("svc.yaml", 1, "spec.ports[0].port")
+        );
         assert_eq!(e.code, Code::InvalidValue);
 
         let e = first_error(&GOOD.replace("address: 127.0.1.10", "address: not-an-ip"));
         assert_eq!((e.document, e.field.as_str()), (2, "spec.address"));
 
-        let e = first_error(&GOOD.replace("serviceAccount: echo", "serviceAccount: echo\n  bogus: 1"));
+        let e =
+            first_error(&GOOD.replace("serviceAccount: echo", "serviceAccount: echo\n  bogus: 1"));
         assert_eq!(e.field, "spec.bogus");
         assert!(e.message.contains("unknown field"), "{}", e.message);
 
@@ -327,13 +436,19 @@ metadata: {name: echo, namespace: demo}
     fn syntax_errors_and_dangling_exports_are_reported() {
         let e = first_error("apiVersion: v1\nkind: Service\nmetadata: {name: x\n");
         assert_eq!(e.code, Code::Syntax);
-        let e = first_error(&GOOD.replace("kind: ServiceExport\nmetadata: {name: echo", "kind: ServiceExport\nmetadata: {name: other"));
+        let e = first_error(&GOOD.replace(
+            "kind: ServiceExport\nmetadata: {name: echo",
+            "kind: ServiceExport\nmetadata: {name: other",
+        ));
         assert_eq!((e.code, e.document), (Code::Reference, 3));
     }
 
     #[test]
     fn duplicates_point_at_the_first_definition() {
-        let yaml = format!("{GOOD}\n---\n{}", GOOD.split("---").next().expect("first doc"));
+        let yaml = format!(
+            "{GOOD}\n---\n{}",
+            GOOD.split("---").next().expect("first doc")
+        );
         let e = first_error(&yaml);
         assert_eq!(e.code, Code::Duplicate);
         assert!(e.message.contains("document 1"), "{}", e.message);

@@ -48,7 +48,11 @@ pub fn initial(dir: &std::path::Path) -> Result<ConfigSet, ConfigErrors> {
 }
 
 /// Polls `dir` until every receiver is gone, publishing valid sets on `config`.
-pub async fn run(dir: PathBuf, config: watch::Sender<Arc<ConfigSet>>, status: watch::Sender<LoadStatus>) {
+pub async fn run(
+    dir: PathBuf,
+    config: watch::Sender<Arc<ConfigSet>>,
+    status: watch::Sender<LoadStatus>,
+) {
     let mut last = None;
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -78,7 +82,11 @@ pub async fn run(dir: PathBuf, config: watch::Sender<Arc<ConfigSet>>, status: wa
             Ok(set) => {
                 let changed = **config.borrow() != set;
                 if changed {
-                    tracing::info!(services = set.services.len(), workloads = set.workloads.len(), "config accepted");
+                    tracing::info!(
+                        services = set.services.len(),
+                        workloads = set.workloads.len(),
+                        "config accepted"
+                    );
                     config.send_replace(Arc::new(set));
                 }
                 status.send_modify(|s| {

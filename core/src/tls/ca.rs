@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -65,7 +64,12 @@ fn validity(params: &mut CertificateParams, ttl: Duration) {
     params.serial_number = Some(random_serial());
 }
 
-fn ca_params(common_name: &str, trust_domain: &str, ttl: Duration, path_len: u8) -> CertificateParams {
+fn ca_params(
+    common_name: &str,
+    trust_domain: &str,
+    ttl: Duration,
+    path_len: u8,
+) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, trust_domain);
@@ -89,7 +93,10 @@ fn leaf_params(id: &SpiffeId, ttl: Duration) -> Result<CertificateParams, CaErro
     params.subject_alt_names = vec![SanType::URI(uri)];
     params.distinguished_name = DistinguishedName::new();
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
@@ -124,7 +131,12 @@ impl CertificateAuthority {
     /// Creates a new self-signed root for `trust_domain`.
     pub fn new_root(trust_domain: &str) -> Result<(Self, String), CaError> {
         let key = KeyPair::generate().map_err(CaError::Sign)?;
-        let params = ca_params(&format!("isthmus root {trust_domain}"), trust_domain, ROOT_TTL, 1);
+        let params = ca_params(
+            &format!("isthmus root {trust_domain}"),
+            trust_domain,
+            ROOT_TTL,
+            1,
+        );
         let cert = params.self_signed(&key).map_err(CaError::Sign)?;
         let key_pem = key.serialize_pem();
         let ca = Self {
@@ -145,7 +157,11 @@ impl CertificateAuthority {
     ) -> Result<Self, CaError> {
         let key = KeyPair::from_pem(key_pem).map_err(CaError::Load)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(CaError::Load)?;
-        Ok(Self { issuer, chain_pem, bundle_pem })
+        Ok(Self {
+            issuer,
+            chain_pem,
+            bundle_pem,
+        })
     }
 
     pub fn bundle_pem(&self) -> &str {
@@ -154,20 +170,40 @@ impl CertificateAuthority {
 
     /// Signs a cluster's intermediate CA from its CSR. The CA's name is set here, never
     /// taken from the request.
-    pub fn sign_intermediate(&self, csr_pem: &str, cluster: &str, trust_domain: &str) -> Result<String, CaError> {
+    pub fn sign_intermediate(
+        &self,
+        csr_pem: &str,
+        cluster: &str,
+        trust_domain: &str,
+    ) -> Result<String, CaError> {
         let csr = parse_csr(csr_pem)?;
-        let params = ca_params(&format!("isthmus cluster {cluster}"), trust_domain, INTERMEDIATE_TTL, 0);
-        let cert = params.signed_by(&csr.public_key, &self.issuer).map_err(CaError::Sign)?;
+        let params = ca_params(
+            &format!("isthmus cluster {cluster}"),
+            trust_domain,
+            INTERMEDIATE_TTL,
+            0,
+        );
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(CaError::Sign)?;
         Ok(cert.pem())
     }
 
     /// Signs a leaf certificate for `proved`, the identity the caller authenticated as; the
     /// CSR must ask for exactly that identity. Returns the leaf followed by this CA's chain.
-    pub fn sign_leaf(&self, csr_pem: &str, proved: &SpiffeId, ttl: Duration) -> Result<Vec<String>, CaError> {
+    pub fn sign_leaf(
+        &self,
+        csr_pem: &str,
+        proved: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<Vec<String>, CaError> {
         let csr = parse_csr(csr_pem)?;
         let asked = csr_identity(&csr)?;
         if asked != proved.to_string() {
-            return Err(CaError::IdentityMismatch { asked, proved: proved.to_string() });
+            return Err(CaError::IdentityMismatch {
+                asked,
+                proved: proved.to_string(),
+            });
         }
         let cert = leaf_params(proved, ttl)?
             .signed_by(&csr.public_key, &self.issuer)
@@ -207,16 +243,26 @@ mod tests {
         let me = SpiffeId::new("td", "ns", "me");
         let other = SpiffeId::new("td", "ns", "other");
         let (_key, csr) = leaf_csr(&other).expect("csr");
-        let err = root.sign_leaf(&csr, &me, WORKLOAD_TTL).expect_err("must refuse");
+        let err = root
+            .sign_leaf(&csr, &me, WORKLOAD_TTL)
+            .expect_err("must refuse");
         assert!(matches!(err, CaError::IdentityMismatch { .. }), "{err}");
         let (_key, csr) = leaf_csr(&me).expect("csr");
-        assert_eq!(root.sign_leaf(&csr, &me, WORKLOAD_TTL).expect("signed").len(), 1);
+        assert_eq!(
+            root.sign_leaf(&csr, &me, WORKLOAD_TTL)
+                .expect("signed")
+                .len(),
+            1
+        );
     }
 
     #[test]
     fn refuses_garbage_csrs() {
         let (root, _) = CertificateAuthority::new_root("td").expect("root");
         let me = SpiffeId::new("td", "ns", "me");
-        assert!(matches!(root.sign_leaf("not a csr", &me, WORKLOAD_TTL), Err(CaError::BadCsr(_))));
+        assert!(matches!(
+            root.sign_leaf("not a csr", &me, WORKLOAD_TTL),
+            Err(CaError::BadCsr(_))
+        ));
     }
 }

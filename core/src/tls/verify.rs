@@ -8,7 +8,10 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::ParsedCertificate;
 use rustls::sign::CertifiedKey;
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
+    SignatureScheme,
+};
 
 use super::{cert_identity, provider, ClientAuth, TlsIdentity};
 use crate::identity::SpiffeId;
@@ -36,7 +39,11 @@ pub enum PeerError {
 }
 
 impl PeerPolicy {
-    fn check(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Result<SpiffeId, PeerError> {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<SpiffeId, PeerError> {
         let id = cert_identity(end_entity).map_err(|_| PeerError::NoIdentity)?;
         let ok = match self {
             PeerPolicy::TrustDomain(td) => id.trust_domain() == td,
@@ -116,22 +123,48 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let creds = self.identity.current();
-        creds.client_verifier.verify_client_cert(end_entity, intermediates, now)?;
+        creds
+            .client_verifier
+            .verify_client_cert(end_entity, intermediates, now)?;
         let (ClientAuth::Required(policy) | ClientAuth::Optional(policy)) = &self.auth;
-        policy.check(end_entity, intermediates).map_err(cert_error)?;
+        policy
+            .check(end_entity, intermediates)
+            .map_err(cert_error)?;
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider().signature_verification_algorithms.supported_schemes()
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -152,11 +185,17 @@ pub(super) struct SpiffeServerVerifier {
 
 impl SpiffeServerVerifier {
     pub(super) fn new(identity: TlsIdentity, policy: PeerPolicy) -> Self {
-        Self { roots: Roots::Live(identity), policy }
+        Self {
+            roots: Roots::Live(identity),
+            policy,
+        }
     }
 
     pub(super) fn with_roots(roots: Arc<RootCertStore>, policy: PeerPolicy) -> Self {
-        Self { roots: Roots::Fixed(roots), policy }
+        Self {
+            roots: Roots::Fixed(roots),
+            policy,
+        }
     }
 }
 
@@ -181,20 +220,44 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             provider().signature_verification_algorithms.all,
         )?;
-        self.policy.check(end_entity, intermediates).map_err(cert_error)?;
+        self.policy
+            .check(end_entity, intermediates)
+            .map_err(cert_error)?;
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider().signature_verification_algorithms.supported_schemes()
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -205,9 +268,16 @@ mod tests {
     use crate::tls::testing::issue;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    async fn handshake(server: TlsIdentity, client: TlsIdentity, server_policy: PeerPolicy, client_policy: PeerPolicy) -> Result<SpiffeId, String> {
+    async fn handshake(
+        server: TlsIdentity,
+        client: TlsIdentity,
+        server_policy: PeerPolicy,
+        client_policy: PeerPolicy,
+    ) -> Result<SpiffeId, String> {
         let (a, b) = tokio::io::duplex(16 * 1024);
-        let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config(ClientAuth::Required(server_policy), &[]));
+        let acceptor = tokio_rustls::TlsAcceptor::from(
+            server.server_config(ClientAuth::Required(server_policy), &[]),
+        );
         let connector = tokio_rustls::TlsConnector::from(client.client_config(client_policy, &[]));
         let srv = tokio::spawn(async move {
             let mut s = acceptor.accept(b).await.map_err(|e| e.to_string())?;
@@ -215,7 +285,10 @@ mod tests {
             s.write_all(b"ok").await.map_err(|e| e.to_string())?;
             Ok::<_, String>(id)
         });
-        let mut c = connector.connect(crate::tls::server_name(), a).await.map_err(|e| e.to_string())?;
+        let mut c = connector
+            .connect(crate::tls::server_name(), a)
+            .await
+            .map_err(|e| e.to_string())?;
         let mut buf = [0u8; 2];
         c.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
         srv.await.map_err(|e| e.to_string())?
@@ -238,7 +311,9 @@ mod tests {
         let good = TlsIdentity::new(issue(&root, &SpiffeId::new("td", "ns", "a")));
         let bad = TlsIdentity::new(issue(&rogue, &SpiffeId::new("td", "ns", "b")));
         let td = PeerPolicy::TrustDomain("td".into());
-        assert!(handshake(good.clone(), bad.clone(), td.clone(), td.clone()).await.is_err());
+        assert!(handshake(good.clone(), bad.clone(), td.clone(), td.clone())
+            .await
+            .is_err());
         assert!(handshake(bad, good, td.clone(), td).await.is_err());
     }
 
