@@ -39,7 +39,21 @@ impl Reply {
 #[derive(Clone)]
 pub struct AppClient {
     h1: Client<HttpConnector, Full<Bytes>>,
-    h2: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// One HTTP/2 request on a fresh prior-knowledge connection to `addr`.
+async fn h2_request(
+    addr: SocketAddr,
+    req: http::Request<Full<Bytes>>,
+) -> anyhow::Result<http::Response<hyper::body::Incoming>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await?;
+    tokio::spawn(conn);
+    Ok(send.send_request(req).await?)
 }
 
 impl Default for AppClient {
@@ -52,9 +66,6 @@ impl AppClient {
     pub fn new() -> Self {
         Self {
             h1: Client::builder(TokioExecutor::new()).build_http(),
-            h2: Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .build_http(),
         }
     }
 
@@ -63,6 +74,9 @@ impl AppClient {
         self.send(addr, host, path, false, &[]).await
     }
 
+    /// Sends a GET to `host` (the mesh service) through the listener at `addr`. Over
+    /// HTTP/1.1 the service goes in the Host header; over HTTP/2 (prior knowledge) in the
+    /// `:authority`, on a connection made to `addr`.
     pub async fn send(
         &self,
         addr: SocketAddr,
@@ -71,17 +85,28 @@ impl AppClient {
         h2: bool,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<Reply> {
-        let mut req = http::Request::builder()
-            .uri(format!("http://{addr}{path}"))
-            .header("host", host);
+        let uri = if h2 {
+            format!("http://{host}{path}")
+        } else {
+            format!("http://{addr}{path}")
+        };
+        let mut req = http::Request::builder().uri(uri);
+        if !h2 {
+            req = req.header("host", host);
+        }
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
         let req = req.body(Full::new(Bytes::new()))?;
-        let client = if h2 { &self.h2 } else { &self.h1 };
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.request(req))
-            .await
-            .context("request timed out")??;
+        let resp = if h2 {
+            tokio::time::timeout(REQUEST_TIMEOUT, h2_request(addr, req))
+                .await
+                .context("request timed out")??
+        } else {
+            tokio::time::timeout(REQUEST_TIMEOUT, self.h1.request(req))
+                .await
+                .context("request timed out")??
+        };
         let (parts, body) = resp.into_parts();
         let body = body.collect().await?.to_bytes();
         Ok(Reply {

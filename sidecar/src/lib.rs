@@ -104,13 +104,14 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let metrics = metrics::Metrics::default();
     metrics.register(&mut registry);
     let health = Arc::new(lb::HealthTable::default());
+    let certificate: Arc<std::sync::OnceLock<isthmus_core::tls::TlsIdentity>> = Arc::default();
     let store = Arc::new(store::Store::new(&config.workload.namespace, health));
     let admin = Admin {
         registry: Arc::new(registry),
         readiness: readiness.clone(),
         dump: {
-            let (store, cfg) = (store.clone(), config.clone());
-            Arc::new(move || dump(&cfg, &store.current()))
+            let (store, cfg, cert) = (store.clone(), config.clone(), certificate.clone());
+            Arc::new(move || dump(&cfg, &store.current(), cert.get()))
         },
         logging: config.log_control.clone(),
     };
@@ -139,6 +140,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let cfg = config.clone();
     tasks.spawn(async move {
         let identity = ca.fetch_until_issued().await;
+        let _ = certificate.set(identity.clone());
         drop(cert_block);
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(ca.clone().renew_forever(identity.clone()));
@@ -209,7 +211,16 @@ fn probe_app(
     Some(rx)
 }
 
-fn dump(config: &Config, state: &state::MeshState) -> serde_json::Value {
+fn dump(
+    config: &Config,
+    state: &state::MeshState,
+    identity: Option<&isthmus_core::tls::TlsIdentity>,
+) -> serde_json::Value {
+    let certificate = identity.map(|i| {
+        let c = i.current();
+        let secs = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        serde_json::json!({"id": c.id.to_string(), "not_after": secs(c.not_after), "renew_at": secs(c.renew_at())})
+    });
     let services: Vec<serde_json::Value> = state
         .services
         .values()
@@ -227,6 +238,7 @@ fn dump(config: &Config, state: &state::MeshState) -> serde_json::Value {
         "cluster": config.cluster,
         "locality": config.locality.to_string(),
         "gateway": state.mesh.gateway.as_ref().map(|g| g.0.to_string()),
+        "certificate": certificate,
         "services": services,
     })
 }

@@ -109,6 +109,8 @@ pub struct Mesh {
     pub bundle_pem: String,
     fed_state: PathBuf,
     pub clusters: BTreeMap<String, Cluster>,
+    /// Lifetime of workload certificates the controllers issue.
+    pub cert_ttl: Duration,
 }
 
 fn ip(block: u8, c: u8, w: u8) -> Ipv4Addr {
@@ -138,6 +140,14 @@ impl Mesh {
     /// Starts the federation and, for each name, a cluster with its controller and gateway.
     /// `services[cluster]` lists the services whose YAML (Service + export) the cluster has.
     pub async fn start(clusters: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_cert_ttl(clusters, Duration::from_secs(24 * 3600)).await
+    }
+
+    /// Like [`Mesh::start`], with controllers issuing certificates that live `cert_ttl`.
+    pub async fn start_with_cert_ttl(
+        clusters: &[&str],
+        cert_ttl: Duration,
+    ) -> anyhow::Result<Self> {
         init_tracing();
         let dir = tempfile::tempdir()?;
         let block = next_block();
@@ -163,6 +173,7 @@ impl Mesh {
             dir,
             fed_state,
             clusters: BTreeMap::new(),
+            cert_ttl,
         };
         for (i, name) in clusters.iter().enumerate() {
             let index = i as u8 + 1;
@@ -194,7 +205,8 @@ impl Mesh {
 
     pub async fn start_controller(&mut self, name: &str) -> anyhow::Result<()> {
         let token = isthmus_federation::mint_join_token(&self.fed_state, name, TOKEN_TTL)?;
-        let (fed, bundle) = (self.federation_addr, self.bundle_pem.clone());
+        let (fed, bundle, cert_ttl) =
+            (self.federation_addr, self.bundle_pem.clone(), self.cert_ttl);
         let c = self.cluster(name);
         wait_port_free(c.controller_addr).await?;
         let bound = isthmus_controller::build(isthmus_controller::Config {
@@ -207,7 +219,7 @@ impl Mesh {
             federation_addr: fed,
             join_token: Some(token),
             federation_bundle_pem: bundle,
-            workload_cert_ttl: Duration::from_secs(24 * 3600),
+            workload_cert_ttl: cert_ttl,
         })
         .await
         .with_context(|| format!("starting controller of {name}"))?;
@@ -336,6 +348,13 @@ impl Mesh {
         }
         if let Some(s) = w.sidecar.take() {
             s.abort();
+        }
+    }
+
+    /// Kills only a workload's app; its sidecar keeps running.
+    pub fn kill_app(&mut self, cluster: &str, name: &str) {
+        if let Some(a) = self.workload(cluster, name).app.take() {
+            a.abort();
         }
     }
 

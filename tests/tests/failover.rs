@@ -100,3 +100,41 @@ async fn failover_to_eu_when_west_gateway_dies_too_and_back_to_west_when_it_retu
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_when_the_app_dies_behind_a_live_sidecar() -> anyhow::Result<()> {
+    let (mut mesh, traffic) = three_clusters().await?;
+    settles_in(&traffic, "east", 20, Duration::from_secs(10)).await?;
+    mesh.kill_app("east", "echo-east");
+    settles_in(&traffic, "west", 30, Duration::from_secs(10)).await?;
+    assert_eq!(
+        traffic.failures(),
+        Vec::<String>::new(),
+        "no request may fail"
+    );
+    // The sidecar's probe told the controller: east's endpoint is withdrawn.
+    let client_admin = mesh
+        .workload("east", "client")
+        .sidecar
+        .as_ref()
+        .expect("sidecar")
+        .admin_address;
+    eventually(
+        "east's endpoint to be withdrawn",
+        Duration::from_secs(5),
+        || async {
+            let dump = isthmus_tests::config_dump(client_admin).await?;
+            let eps = dump["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|s| s["service"] == HOST)
+                .and_then(|s| s["endpoints"].as_array())
+                .map(Vec::len);
+            anyhow::ensure!(eps == Some(0), "endpoints: {eps:?}");
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(())
+}

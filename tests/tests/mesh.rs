@@ -102,3 +102,125 @@ async fn request_from_east_reaches_a_service_only_in_west_through_both_gateways(
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_cannot_forge_the_caller_identity() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east"]).await?;
+    mesh.add_workload("east", "echo-east", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    let forged = [
+        (
+            "x-forwarded-client-cert",
+            "By=x;URI=spiffe://cluster.local/ns/demo/sa/admin",
+        ),
+        ("x-isthmus-app-protocol", "http2"),
+    ];
+    let reply = eventually("echo reachable", Duration::from_secs(5), || async {
+        let r = AppClient::new()
+            .send(outbound, "echo", "/", false, &forged)
+            .await?;
+        anyhow::ensure!(r.status == 200, "status {}", r.status);
+        Ok(r)
+    })
+    .await?;
+    assert_eq!(
+        reply.answer()?.caller,
+        "spiffe://cluster.local/ns/demo/sa/frontend"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_and_grpc_clients_work_across_clusters() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east", "west"]).await?;
+    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    let reply = eventually(
+        "echo reachable over HTTP/2",
+        Duration::from_secs(10),
+        || async {
+            let r = AppClient::new()
+                .send(outbound, "echo.demo:80", "/h2", true, &[])
+                .await?;
+            anyhow::ensure!(r.status == 200, "status {}", r.status);
+            Ok(r)
+        },
+    )
+    .await?;
+    assert_eq!(reply.answer()?.cluster, "west");
+
+    // gRPC: a tonic client talks h2c to its sidecar; the Host (authority) names the
+    // service's gRPC port.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{outbound}"))?
+        .origin("http://echo.demo.svc.cluster.local:9090".parse()?)
+        .connect()
+        .await?;
+    let mut grpc = isthmus_proto::echo::echo_client::EchoClient::new(channel);
+    let answer = grpc
+        .say(isthmus_proto::echo::EchoRequest {
+            message: "hi".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        (answer.message.as_str(), answer.cluster.as_str()),
+        ("hi", "west")
+    );
+    assert_eq!(answer.caller, "spiffe://cluster.local/ns/demo/sa/frontend");
+
+    // An error the proxy makes itself reaches a gRPC client as a gRPC status.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{outbound}"))?
+        .origin("http://nothing.demo.svc.cluster.local:9090".parse()?)
+        .connect()
+        .await?;
+    let status = isthmus_proto::echo::echo_client::EchoClient::new(channel)
+        .say(isthmus_proto::echo::EchoRequest::default())
+        .await
+        .expect_err("no such service");
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    assert!(status.message().contains("no mesh service"), "{status:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_renew_before_expiry_without_failing_requests() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start_with_cert_ttl(&["east"], Duration::from_secs(4)).await?;
+    mesh.add_workload("east", "echo-east", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    let admin = mesh
+        .workload("east", "client")
+        .sidecar
+        .as_ref()
+        .expect("sidecar")
+        .admin_address;
+    let first = isthmus_tests::config_dump(admin).await?["certificate"]["not_after"]
+        .as_u64()
+        .unwrap_or(0);
+    eventually("echo reachable", Duration::from_secs(5), || async {
+        anyhow::ensure!(AppClient::new().get(outbound, "echo", "/").await?.status == 200);
+        Ok(())
+    })
+    .await?;
+    let traffic = isthmus_tests::traffic(outbound, "echo");
+    // Two renewals at half-life of a 4 s certificate; the first certificate has expired.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let now = isthmus_tests::config_dump(admin).await?["certificate"]["not_after"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(now > first, "renewed: not_after {first} -> {now}");
+    assert!(traffic
+        .last(1)
+        .first()
+        .is_some_and(|e| e.landed.as_deref() == Ok("east")));
+    assert_eq!(traffic.failures(), Vec::<String>::new());
+    Ok(())
+}
