@@ -86,3 +86,107 @@ impl XdsHandler for Store {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isthmus_proto::discovery as xds;
+    use prost::Message;
+
+    fn service(name: &str, tunnel: &str) -> Resource {
+        let svc = xds::Service {
+            namespace: "demo".into(),
+            name: name.into(),
+            ports: vec![xds::ServicePort {
+                name: "http".into(),
+                port: 80,
+                protocol: "http".into(),
+                target_port: 8080,
+            }],
+            endpoints: vec![xds::Endpoint {
+                workload: "demo/w".into(),
+                tunnel_address: tunnel.into(),
+                identity: "spiffe://td/ns/demo/sa/echo".into(),
+                healthy: true,
+                ..Default::default()
+            }],
+            remote: vec![],
+        };
+        Resource {
+            name: format!("demo/{name}"),
+            version: "1".into(),
+            body: svc.encode_to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_response_with_one_bad_resource_is_rejected_whole_and_the_old_state_stays() {
+        let store = Store::new("demo", Arc::default());
+        store
+            .apply(
+                type_url::SERVICE,
+                &[service("echo", "127.0.0.1:15008")],
+                &[],
+            )
+            .expect("valid");
+        let bad = [
+            service("other", "127.0.0.2:15008"),
+            service("broken", "not-an-address"),
+        ];
+        let err = store
+            .apply(type_url::SERVICE, &bad, &["demo/echo".into()])
+            .expect_err("NACK");
+        assert!(
+            err.contains("tunnel_address") && err.contains("not-an-address"),
+            "{err}"
+        );
+        let state = store.current();
+        assert!(
+            state.resolve("echo").is_some(),
+            "the accepted service still serves"
+        );
+        assert!(
+            state.resolve("other").is_none(),
+            "nothing of the rejected response was applied"
+        );
+    }
+
+    #[test]
+    fn services_resolve_by_every_name_an_app_may_use() {
+        let store = Store::new("demo", Arc::default());
+        store
+            .apply(
+                type_url::SERVICE,
+                &[service("echo", "127.0.0.1:15008")],
+                &[],
+            )
+            .expect("valid");
+        let state = store.current();
+        for host in [
+            "echo",
+            "echo.demo",
+            "echo.demo.svc",
+            "echo.demo.svc.cluster.local",
+            "echo.demo.svc.clusterset.local",
+        ] {
+            assert!(state.resolve(host).is_some(), "{host}");
+        }
+        assert!(state.resolve("echo.other").is_none());
+        store
+            .apply(type_url::SERVICE, &[], &["demo/echo".into()])
+            .expect("removal");
+        assert!(store.current().resolve("echo").is_none());
+    }
+
+    #[test]
+    fn undecodable_bytes_are_rejected() {
+        let store = Store::new("demo", Arc::default());
+        let junk = Resource {
+            name: "demo/x".into(),
+            version: "1".into(),
+            body: vec![0xff, 0xff, 0xff],
+        };
+        assert!(store.apply(type_url::SERVICE, &[junk], &[]).is_err());
+        assert!(store.apply("isthmus.io/Unknown", &[], &[]).is_err());
+    }
+}

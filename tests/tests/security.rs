@@ -102,3 +102,59 @@ async fn the_ca_signs_only_the_identity_the_caller_proved() -> anyhow::Result<()
     assert_eq!(ok.id, SpiffeId::new(TRUST_DOMAIN, NAMESPACE, "frontend"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_may_only_subscribe_as_the_workload_its_certificate_names() -> anyhow::Result<()> {
+    use isthmus_proto::discovery::{discovery_client::DiscoveryClient, DeltaRequest, Node};
+    let mut mesh = Mesh::start(&["east"]).await?;
+    mesh.add_workload("east", "echo-east", Some("echo"), "echo")
+        .await?;
+    let frontend = isthmus_core::tls::TlsIdentity::new(
+        mesh.ca_client("east", "east", "frontend", "frontend")?
+            .fetch(None)
+            .await?,
+    );
+    let controller = mesh
+        .cluster("east")
+        .controller
+        .as_ref()
+        .expect("controller")
+        .grpc_address;
+    let policy =
+        isthmus_core::tls::PeerPolicy::OneOf(vec![SpiffeId::controller(TRUST_DOMAIN, "east")]);
+    let channel = isthmus_core::grpc::tls_channel(
+        controller,
+        frontend.client_config(policy, &[isthmus_core::tls::ALPN_H2]),
+    );
+    let subscribe = |role: &str, workload: &str| {
+        let first = DeltaRequest {
+            node: Some(Node {
+                cluster: "east".into(),
+                role: role.into(),
+                workload: workload.into(),
+                ..Default::default()
+            }),
+            type_url: isthmus_proto::type_url::SERVICE.into(),
+            ..Default::default()
+        };
+        tokio_stream::iter(vec![first])
+    };
+    for (role, workload) in [("sidecar", "demo/echo-east"), ("gateway", "")] {
+        let status = DiscoveryClient::new(channel.clone())
+            .delta_resources(subscribe(role, workload))
+            .await
+            .expect_err("must be refused");
+        assert_eq!(
+            status.code(),
+            tonic::Code::PermissionDenied,
+            "{role}: {status:?}"
+        );
+    }
+    // Its own (not yet configured) workload in its namespace is fine.
+    let mut ok = DiscoveryClient::new(channel)
+        .delta_resources(subscribe("sidecar", "demo/frontend-1"))
+        .await?
+        .into_inner();
+    assert!(ok.message().await?.is_some());
+    Ok(())
+}
