@@ -62,20 +62,19 @@ pub struct Config {
 pub struct Bound {
     pub grpc_address: SocketAddr,
     pub admin_address: SocketAddr,
-    tasks: tokio::task::JoinSet<()>,
-    _drain: isthmus_core::drain::Trigger,
+    running: isthmus_core::drain::Running,
 }
 
 impl Bound {
     /// Runs until a task ends (which only happens on a fatal error).
     pub async fn wait_termination(mut self) -> anyhow::Result<()> {
-        self.tasks.join_next().await;
+        self.running.wait_any().await;
         anyhow::bail!("controller task ended")
     }
 
     /// Stops every task of this controller; open streams are cut as if the process died.
-    pub fn abort(mut self) {
-        self.tasks.abort_all();
+    pub fn abort(self) {
+        self.running.abort();
     }
 }
 
@@ -105,7 +104,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         state.bundle_pem.clone(),
         &config.state_dir,
     );
-    let (trigger, drain) = isthmus_core::drain::new();
+    let (mut running, drain) = isthmus_core::drain::Running::new();
     let discovery = discovery::DiscoveryService::new(
         config.cluster.clone(),
         registry.clone(),
@@ -140,14 +139,13 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let tls = state
         .identity
         .server_config(auth, &[isthmus_core::tls::ALPN_H2]);
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(isthmus_core::config::watch::run(
+    running.spawn(isthmus_core::config::watch::run(
         config.config_dir.clone(),
         config_tx,
         status_tx,
     ));
-    tasks.spawn(admin.run(drain.clone()));
-    tasks.spawn(registry.clone().run());
+    running.spawn(admin.run(drain.clone()));
+    running.spawn(registry.clone().run());
     let link = federation::Link {
         address: config.federation_addr,
         cluster: config.cluster.clone(),
@@ -158,8 +156,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             "isthmus-federation",
         )]),
     };
-    tasks.spawn(link.run(registry.exports(), global));
-    tasks.spawn(async move {
+    running.spawn(link.run(registry.exports(), global));
+    running.spawn(async move {
         let incoming = isthmus_core::grpc::tls_incoming(grpc, tls, drain.clone());
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -180,8 +178,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     Ok(Bound {
         grpc_address: bound_grpc,
         admin_address,
-        tasks,
-        _drain: trigger,
+        running,
     })
 }
 

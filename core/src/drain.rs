@@ -65,3 +65,41 @@ mod tests {
         assert!(closed.is_none());
     }
 }
+
+/// The long-lived tasks of a running component and the trigger of its drain: the one
+/// handle a component's `Bound` keeps.
+#[derive(Debug)]
+pub struct Running {
+    tasks: tokio::task::JoinSet<()>,
+    _trigger: Trigger,
+}
+
+impl Running {
+    pub fn new() -> (Self, Drain) {
+        let (trigger, drain) = new();
+        (
+            Self {
+                tasks: tokio::task::JoinSet::new(),
+                _trigger: trigger,
+            },
+            drain,
+        )
+    }
+
+    pub fn spawn<F>(&mut self, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(fut);
+    }
+
+    /// Resolves when any long-lived task ends, which only a fatal error makes happen.
+    pub async fn wait_any(&mut self) {
+        self.tasks.join_next().await;
+    }
+
+    /// Stops everything at once, as if the process died.
+    pub fn abort(mut self) {
+        self.tasks.abort_all();
+    }
+}

@@ -48,19 +48,18 @@ pub struct Bound {
     pub admin_address: SocketAddr,
     /// PEM roots the clusters trust, for handing to controllers on first start.
     pub bundle_pem: String,
-    tasks: tokio::task::JoinSet<()>,
-    _drain: isthmus_core::drain::Trigger,
+    running: isthmus_core::drain::Running,
 }
 
 impl Bound {
     pub async fn wait_termination(mut self) -> anyhow::Result<()> {
-        self.tasks.join_next().await;
+        self.running.wait_any().await;
         anyhow::bail!("federation task ended")
     }
 
     /// Stops the federation as if its process died.
-    pub fn abort(mut self) {
-        self.tasks.abort_all();
+    pub fn abort(self) {
+        self.running.abort();
     }
 }
 
@@ -85,7 +84,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         failover,
         metrics.sub_registry_with_prefix("registry"),
     );
-    let (trigger, drain) = isthmus_core::drain::new();
+    let (mut running, drain) = isthmus_core::drain::Running::new();
     let svc = service::FederationService::new(Arc::new(root), merged.clone(), drain.clone());
     let admin = Admin {
         registry: Arc::new(metrics),
@@ -103,9 +102,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         config.trust_domain.clone(),
     ));
     let tls = identity.server_config(auth, &[isthmus_core::tls::ALPN_H2]);
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(admin.run(drain.clone()));
-    tasks.spawn(async move {
+    running.spawn(admin.run(drain.clone()));
+    running.spawn(async move {
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
@@ -122,7 +120,6 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         grpc_address,
         admin_address,
         bundle_pem,
-        tasks,
-        _drain: trigger,
+        running,
     })
 }

@@ -45,19 +45,18 @@ pub struct Bound {
     pub quic_address: SocketAddr,
     pub admin_address: SocketAddr,
     pub readiness: Readiness,
-    tasks: tokio::task::JoinSet<()>,
-    _drain: isthmus_core::drain::Trigger,
+    running: isthmus_core::drain::Running,
 }
 
 impl Bound {
     pub async fn wait_termination(mut self) -> anyhow::Result<()> {
-        self.tasks.join_next().await;
+        self.running.wait_any().await;
         anyhow::bail!("gateway task ended")
     }
 
     /// Stops the gateway as if its process died.
-    pub fn abort(mut self) {
-        self.tasks.abort_all();
+    pub fn abort(self) {
+        self.running.abort();
     }
 }
 
@@ -109,9 +108,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let tunnel_address = tunnel.local_addr()?;
     let quic_address = udp.local_addr()?;
     let admin_address = admin.address();
-    let (trigger, drain) = isthmus_core::drain::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(admin.run(drain.clone()));
+    let (mut running, drain) = isthmus_core::drain::Running::new();
+    running.spawn(admin.run(drain.clone()));
     let ca = CaClient {
         address: config.controller_addr,
         controller: SpiffeId::controller(&config.trust_domain, &config.cluster),
@@ -124,7 +122,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         ),
     };
     let cluster = config.cluster.clone();
-    tasks.spawn(async move {
+    running.spawn(async move {
         let identity = ca.fetch_until_issued().await;
         drop(cert_block);
         let links = match peer::PeerLinks::new(udp, identity.clone(), drain.clone()) {
@@ -173,7 +171,6 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         quic_address,
         admin_address,
         readiness,
-        tasks,
-        _drain: trigger,
+        running,
     })
 }

@@ -72,19 +72,18 @@ pub struct Bound {
     pub inbound_address: SocketAddr,
     pub admin_address: SocketAddr,
     pub readiness: Readiness,
-    tasks: tokio::task::JoinSet<()>,
-    _drain: isthmus_core::drain::Trigger,
+    running: isthmus_core::drain::Running,
 }
 
 impl Bound {
     pub async fn wait_termination(mut self) -> anyhow::Result<()> {
-        self.tasks.join_next().await;
+        self.running.wait_any().await;
         anyhow::bail!("sidecar task ended")
     }
 
     /// Stops the sidecar as if its process died.
-    pub fn abort(mut self) {
-        self.tasks.abort_all();
+    pub fn abort(self) {
+        self.running.abort();
     }
 }
 
@@ -123,9 +122,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         inbound.local_addr()?,
         admin.address(),
     );
-    let (trigger, drain) = isthmus_core::drain::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(admin.run(drain.clone()));
+    let (mut running, drain) = isthmus_core::drain::Running::new();
+    running.spawn(admin.run(drain.clone()));
     let ca = CaClient {
         address: config.controller_addr,
         controller: SpiffeId::controller(&config.trust_domain, &config.cluster),
@@ -138,7 +136,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         ),
     };
     let cfg = config.clone();
-    tasks.spawn(async move {
+    running.spawn(async move {
         let identity = ca.fetch_until_issued().await;
         let _ = certificate.set(identity.clone());
         drop(cert_block);
@@ -185,8 +183,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         inbound_address: bound_addrs.1,
         admin_address: bound_addrs.2,
         readiness,
-        tasks,
-        _drain: trigger,
+        running,
     })
 }
 

@@ -246,14 +246,21 @@ async fn attempts(
         let req = Request::from_parts(parts.clone(), b);
         match h2.send_request(req).await {
             Ok(resp) => {
-                let app_down = resp
+                // The far sidecar could not reach its app (refused: a connect failure) or the
+                // app reset the request: both are retried on another endpoint.
+                let far_reason = resp
                     .headers()
                     .get(ERROR_REASON)
-                    .is_some_and(|v| v == "app-unavailable");
-                if app_down && matches!(body, ReqBody::Replayable(_)) {
-                    fail(ctx, &target, true, "app-unavailable");
+                    .and_then(|v| v.to_str().ok());
+                let far = match far_reason {
+                    Some("app-unavailable") => Some((true, "app-unavailable")),
+                    Some("app-reset") => Some((false, "app-reset")),
+                    _ => None,
+                };
+                if let (Some((refused, reason)), ReqBody::Replayable(_)) = (far, &body) {
+                    fail(ctx, &target, refused, reason);
                     last = Some(ProxyError::AppUnavailable(format!(
-                        "{authority} in {cluster}"
+                        "{authority} in {cluster}: {reason}"
                     )));
                     continue;
                 }
