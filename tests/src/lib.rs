@@ -562,3 +562,71 @@ impl Mesh {
             .admin_address
     }
 }
+
+/// A set of nftables drop rules on loopback, removed when dropped. Faults are injected
+/// only into traffic between this mesh's own loopback addresses. Needs root and `nft`
+/// (`.ci/run` installs it).
+pub struct NetFault {
+    table: String,
+}
+
+impl NetFault {
+    /// Drops `percent`% of UDP packets to and from `addr` (100 = a partition).
+    pub fn drop_udp(addr: SocketAddr, percent: u8) -> anyhow::Result<Self> {
+        static NEXT: AtomicU8 = AtomicU8::new(0);
+        let table = format!(
+            "isthmus_test_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let fault = Self { table };
+        let (ip, port) = (addr.ip(), addr.port());
+        let sample = if percent >= 100 {
+            String::new()
+        } else {
+            format!("numgen random mod 100 < {percent} ")
+        };
+        let script = format!(
+            "add table inet {t}\n\
+             add chain inet {t} out {{ type filter hook output priority 0; policy accept; }}\n\
+             add rule inet {t} out ip daddr {ip} udp dport {port} {sample}drop\n\
+             add rule inet {t} out ip saddr {ip} udp sport {port} {sample}drop\n",
+            t = fault.table
+        );
+        fault
+            .nft(&script)
+            .context("installing nft drop rules (needs root and the nftables package)")?;
+        Ok(fault)
+    }
+
+    fn nft(&self, script: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut child = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("running nft")?;
+        child
+            .stdin
+            .take()
+            .context("nft stdin")?
+            .write_all(script.as_bytes())?;
+        let out = child.wait_with_output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// Removes the rules now.
+    pub fn heal(self) {}
+}
+
+impl Drop for NetFault {
+    fn drop(&mut self) {
+        let _ = self.nft(&format!("delete table inet {}\n", self.table));
+    }
+}

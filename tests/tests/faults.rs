@@ -1,0 +1,102 @@
+//! Network faults between gateways, injected with nftables drop rules on loopback: a silent
+//! partition (no connection close, no ICMP) and packet loss. Needs root and `nft`.
+
+use std::time::Duration;
+
+use isthmus_tests::{eventually, metric_sum, settles_in, traffic, AppClient, Mesh, NetFault};
+
+const HOST: &str = "echo.demo.svc.cluster.local";
+
+/// echo in west and eu only; a client in east; traffic settled in west (east's failover
+/// region).
+async fn mesh_with_traffic_in_west() -> anyhow::Result<(Mesh, isthmus_tests::Traffic)> {
+    let mut mesh = Mesh::start(&["east", "west", "eu"]).await?;
+    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("eu", "echo-eu", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    eventually("echo reachable", Duration::from_secs(10), || async {
+        anyhow::ensure!(AppClient::new().get(outbound, HOST, "/").await?.status == 200);
+        Ok(())
+    })
+    .await?;
+    let traffic = traffic(outbound, HOST);
+    settles_in(&traffic, "west", 20, Duration::from_secs(10)).await?;
+    Ok((mesh, traffic))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_partition_from_west_fails_over_to_eu_and_heals_back() -> anyhow::Result<()> {
+    let (mut mesh, traffic) = mesh_with_traffic_in_west().await?;
+    let west_quic = mesh
+        .cluster("west")
+        .gateway
+        .as_ref()
+        .expect("gateway")
+        .quic_address;
+    let partition = NetFault::drop_udp(west_quic, 100)?;
+    settles_in(&traffic, "eu", 30, Duration::from_secs(15)).await?;
+
+    partition.heal();
+    let east_gw = mesh
+        .cluster("east")
+        .gateway
+        .as_ref()
+        .expect("gateway")
+        .admin_address;
+    eventually(
+        "east's gateway to reconnect to west",
+        Duration::from_secs(10),
+        || async {
+            anyhow::ensure!(
+                metric_sum(
+                    east_gw,
+                    "isthmus_gateway_peer_up",
+                    &[("peer_cluster", "west")]
+                )
+                .await?
+                    == 1.0
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    // West's ejection in the client expires (at most 30 s after repeated ejections).
+    settles_in(&traffic, "west", 30, Duration::from_secs(40)).await?;
+    assert_eq!(
+        traffic.failures(),
+        Vec::<String>::new(),
+        "no request may fail"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_percent_loss_between_gateways_fails_no_request() -> anyhow::Result<()> {
+    let (mut mesh, traffic) = mesh_with_traffic_in_west().await?;
+    let west_quic = mesh
+        .cluster("west")
+        .gateway
+        .as_ref()
+        .expect("gateway")
+        .quic_address;
+    let loss = NetFault::drop_udp(west_quic, 10)?;
+    let start = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(loss);
+    let during = traffic.since(start);
+    assert!(
+        during.len() > 20,
+        "traffic kept flowing: {} requests",
+        during.len()
+    );
+    assert_eq!(
+        traffic.failures(),
+        Vec::<String>::new(),
+        "QUIC recovers lost packets; no request may fail"
+    );
+    Ok(())
+}
