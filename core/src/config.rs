@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
-pub use load::{load_dir, parse_documents, SourceFile};
+pub use load::{load_dir, load_files, parse_documents, SourceFile};
 
 use crate::locality::Locality;
 

@@ -125,6 +125,7 @@ impl Inbound {
 }
 
 async fn handle(ctx: &InboundCtx, peer: &SpiffeId, req: Request<Incoming>) -> Response<ProxyBody> {
+    let started = std::time::Instant::now();
     let grpc = is_grpc(req.headers());
     let service = req.uri().host().unwrap_or_default().to_owned();
     let resp = match forward(ctx, peer, req).await {
@@ -134,9 +135,8 @@ async fn handle(ctx: &InboundCtx, peer: &SpiffeId, req: Request<Incoming>) -> Re
             e.respond(grpc)
         }
     };
-    ctx.metrics
-        .requests
-        .get_or_create(&RequestLabels {
+    ctx.metrics.record(
+        RequestLabels {
             reporter: "destination",
             source_cluster: String::new(),
             destination_service: service,
@@ -147,8 +147,9 @@ async fn handle(ctx: &InboundCtx, peer: &SpiffeId, req: Request<Incoming>) -> Re
                 .get(isthmus_core::headers::ERROR_REASON)
                 .map(|_| "proxy-error")
                 .unwrap_or("-"),
-        })
-        .inc();
+        },
+        started,
+    );
     resp
 }
 

@@ -124,6 +124,7 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
 }
 
 pub async fn handle(ctx: &OutboundCtx, req: Request<Incoming>) -> Response<ProxyBody> {
+    let started = std::time::Instant::now();
     let grpc = is_grpc(req.headers());
     let state = ctx.state.borrow().clone();
     let (resp, service, cluster) = match route(ctx, &state, req).await {
@@ -139,17 +140,17 @@ pub async fn handle(ctx: &OutboundCtx, req: Request<Incoming>) -> Response<Proxy
         .and_then(|v| v.to_str().ok())
         .map(reason_label)
         .unwrap_or("-");
-    ctx.metrics
-        .requests
-        .get_or_create(&RequestLabels {
+    ctx.metrics.record(
+        RequestLabels {
             reporter: "source",
             source_cluster: state.mesh.cluster.clone(),
             destination_service: service,
             destination_cluster: cluster,
             response_code: resp.status().as_u16(),
             response_flags: flags,
-        })
-        .inc();
+        },
+        started,
+    );
     resp
 }
 

@@ -26,6 +26,37 @@ async fn request_in_one_cluster_carries_the_callers_spiffe_id() -> anyhow::Resul
     assert_eq!(answer.cluster, "east");
     assert_eq!(answer.caller, "spiffe://cluster.local/ns/demo/sa/frontend");
     assert_eq!(answer.path, "/hello");
+
+    // Both sides count it under Istio's metric names.
+    let client_admin = mesh
+        .workload("east", "client")
+        .sidecar
+        .as_ref()
+        .expect("sidecar")
+        .admin_address;
+    let server_admin = mesh
+        .workload("east", "echo-east")
+        .sidecar
+        .as_ref()
+        .expect("sidecar")
+        .admin_address;
+    let source = [
+        ("reporter", "source"),
+        ("destination_cluster", "east"),
+        ("response_code", "200"),
+    ];
+    assert!(metric_sum(client_admin, "istio_requests_total", &source).await? >= 1.0);
+    assert!(
+        metric_sum(
+            client_admin,
+            "istio_request_duration_milliseconds_count",
+            &source
+        )
+        .await?
+            >= 1.0
+    );
+    let destination = [("reporter", "destination"), ("response_code", "200")];
+    assert!(metric_sum(server_admin, "istio_requests_total", &destination).await? >= 1.0);
     Ok(())
 }
 

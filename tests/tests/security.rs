@@ -158,3 +158,78 @@ async fn a_proxy_may_only_subscribe_as_the_workload_its_certificate_names() -> a
     assert!(ok.message().await?.is_some());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_federation_accepts_exports_only_for_the_cluster_a_controller_proved(
+) -> anyhow::Result<()> {
+    use isthmus_proto::federation::{federation_client::FederationClient, ClusterExports};
+    let mut mesh = Mesh::start(&["east", "west"]).await?;
+    let state = mesh.cluster("east").state_dir.clone();
+    let key = rcgen_key_der(&std::fs::read_to_string(state.join("controller-key.pem"))?)?;
+    let cert = std::fs::read_to_string(state.join("controller.pem"))?;
+    let east = isthmus_core::tls::TlsIdentity::new(isthmus_core::tls::Credentials::from_pem(
+        key,
+        &[cert],
+        &mesh.bundle_pem,
+    )?);
+    let federation = mesh.federation.as_ref().expect("federation").grpc_address;
+    let policy = isthmus_core::tls::PeerPolicy::OneOf(vec![SpiffeId::new(
+        TRUST_DOMAIN,
+        "isthmus-system",
+        "isthmus-federation",
+    )]);
+    let channel = isthmus_core::grpc::tls_channel(
+        federation,
+        east.client_config(policy, &[isthmus_core::tls::ALPN_H2]),
+    );
+    let spoof = ClusterExports {
+        cluster: "west".into(),
+        ..Default::default()
+    };
+    let mut replies = FederationClient::new(channel)
+        .exchange(tokio_stream::iter(vec![spoof]))
+        .await?
+        .into_inner();
+    let status = loop {
+        match replies.message().await {
+            Ok(Some(_registry)) => continue,
+            Ok(None) => anyhow::bail!("stream ended without refusing the spoofed export"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("authenticated as cluster east"),
+        "{status:?}"
+    );
+
+    // A workload certificate, even a valid one, is no controller's: refused at the handshake.
+    let frontend = isthmus_core::tls::TlsIdentity::new(
+        mesh.ca_client("east", "east", "frontend", "frontend")?
+            .fetch(None)
+            .await?,
+    );
+    let policy = isthmus_core::tls::PeerPolicy::OneOf(vec![SpiffeId::new(
+        TRUST_DOMAIN,
+        "isthmus-system",
+        "isthmus-federation",
+    )]);
+    let channel = isthmus_core::grpc::tls_channel(
+        federation,
+        frontend.client_config(policy, &[isthmus_core::tls::ALPN_H2]),
+    );
+    let refused = FederationClient::new(channel)
+        .exchange(tokio_stream::iter(Vec::<ClusterExports>::new()))
+        .await;
+    assert!(
+        refused.is_err(),
+        "a workload certificate opened an export stream"
+    );
+    Ok(())
+}
+
+fn rcgen_key_der(pem: &str) -> anyhow::Result<Vec<u8>> {
+    let der = rustls_pemfile::private_key(&mut pem.as_bytes())?
+        .ok_or_else(|| anyhow::anyhow!("no key in PEM"))?;
+    Ok(der.secret_der().to_vec())
+}
