@@ -72,19 +72,23 @@ impl Echo for EchoGrpc {
 
 pub struct Bound {
     pub address: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-    _drain: isthmus_core::drain::Trigger,
+    running: isthmus_core::drain::Running,
 }
 
 impl Bound {
-    pub async fn wait_termination(self) -> anyhow::Result<()> {
-        self.task.await?;
+    pub async fn wait_termination(&mut self) -> anyhow::Result<()> {
+        self.running.wait_any().await;
         Ok(())
     }
 
     /// Stops the app; its port refuses connections afterwards.
     pub fn abort(self) {
-        self.task.abort();
+        self.running.abort();
+    }
+
+    /// Stops accepting, lets open connections finish until `deadline`, then stops.
+    pub async fn shutdown(self, deadline: std::time::Duration) {
+        self.running.shutdown(deadline).await;
     }
 }
 
@@ -95,13 +99,13 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let address = listener.local_addr()?;
     let config = Arc::new(config);
     let grpc = tonic::service::Routes::new(EchoServer::new(EchoGrpc(config.clone())));
-    let (trigger, drain) = isthmus_core::drain::new();
-    let task = tokio::spawn(async move {
+    let (mut running, drain) = isthmus_core::drain::Running::new();
+    running.spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
-            let (config, grpc) = (config.clone(), grpc.clone());
+            let (config, grpc, d) = (config.clone(), grpc.clone(), drain.clone());
             drain.spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let (config, mut grpc) = (config.clone(), grpc.clone());
@@ -120,17 +124,18 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
                         Ok(answer(&config, req).await)
                     }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = d.draining() => conn.as_mut().graceful_shutdown(),
+                }
+                let _ = conn.await;
             });
         }
     });
-    Ok(Bound {
-        address,
-        task,
-        _drain: trigger,
-    })
+    Ok(Bound { address, running })
 }
 
 async fn answer(config: &Config, req: Request<Incoming>) -> Response<Body> {

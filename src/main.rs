@@ -212,6 +212,45 @@ struct SidecarArgs {
     app: Option<SocketAddr>,
 }
 
+/// How long a stopping process lets open connections finish.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Resolves on SIGTERM or SIGINT, naming it.
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+/// Runs a component until it fails (exit 1) or a signal asks it to stop: then it stops
+/// accepting, drains open connections for up to [`DRAIN_DEADLINE`] and exits 0.
+macro_rules! serve {
+    ($bound:expr) => {{
+        let mut bound = $bound;
+        tokio::select! {
+            result = bound.wait_termination() => {
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "stopped");
+                }
+                Ok(std::process::ExitCode::FAILURE)
+            }
+            signal = shutdown_signal() => {
+                tracing::info!(signal, deadline_secs = DRAIN_DEADLINE.as_secs(), "draining");
+                bound.shutdown(DRAIN_DEADLINE).await;
+                Ok(std::process::ExitCode::SUCCESS)
+            }
+        }
+    }};
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num
@@ -348,8 +387,7 @@ async fn run(
             })
             .await?;
             tracing::info!(addr = %bound.address, "echo app listening");
-            bound.wait_termination().await?;
-            Ok(ExitCode::SUCCESS)
+            serve!(bound)
         }
         Command::Federation(a) => {
             let config = isthmus_federation::Config {
@@ -362,11 +400,7 @@ async fn run(
                 failover: a.failover,
             };
             tracing::info!(?config, "starting federation");
-            isthmus_federation::build(config)
-                .await?
-                .wait_termination()
-                .await?;
-            Ok(ExitCode::FAILURE)
+            serve!(isthmus_federation::build(config).await?)
         }
         Command::Controller(a) => {
             let config = isthmus_controller::Config {
@@ -382,11 +416,7 @@ async fn run(
                 workload_cert_ttl: a.workload_cert_ttl,
             };
             tracing::info!(cluster = %config.cluster, config_dir = %config.config_dir.display(), "starting controller");
-            isthmus_controller::build(config)
-                .await?
-                .wait_termination()
-                .await?;
-            Ok(ExitCode::FAILURE)
+            serve!(isthmus_controller::build(config).await?)
         }
         Command::Gateway(a) => {
             let config = isthmus_gateway::Config {
@@ -399,11 +429,7 @@ async fn run(
                 quic_addr: a.quic,
                 admin_addr: a.admin,
             };
-            isthmus_gateway::build(config)
-                .await?
-                .wait_termination()
-                .await?;
-            Ok(ExitCode::FAILURE)
+            serve!(isthmus_gateway::build(config).await?)
         }
         Command::Sidecar(a) => {
             let (ns, name) = a
@@ -428,11 +454,7 @@ async fn run(
                 app_addr: a.app,
                 log_control,
             };
-            isthmus_sidecar::build(config)
-                .await?
-                .wait_termination()
-                .await?;
-            Ok(ExitCode::FAILURE)
+            serve!(isthmus_sidecar::build(config).await?)
         }
     }
 }

@@ -105,3 +105,40 @@ fn demo_fails_over_with_no_failed_request_and_exits_zero() {
     }
     assert!(stdout.contains("demo passed"));
 }
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let child = isthmus()
+        .args([
+            "federation",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let root = dir.path().join("root-cert.pem");
+    let started = std::time::Instant::now();
+    while !root.exists() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "federation did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let out = child.wait_with_output().expect("exits");
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "exit {:?}\n{log}", out.status.code());
+    assert!(log.contains("draining") && log.contains("SIGTERM"), "{log}");
+}

@@ -216,6 +216,8 @@ impl ProxyStream {
         }
         loop {
             tokio::select! {
+                // Draining: end the stream; the proxy reconnects to another controller.
+                _ = self.svc.drain.draining() => return,
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => if self.on_request(req, &snapshot).await.is_err() { return },
                     Ok(None) | Err(_) => break,

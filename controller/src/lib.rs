@@ -67,7 +67,7 @@ pub struct Bound {
 
 impl Bound {
     /// Runs until a task ends (which only happens on a fatal error).
-    pub async fn wait_termination(mut self) -> anyhow::Result<()> {
+    pub async fn wait_termination(&mut self) -> anyhow::Result<()> {
         self.running.wait_any().await;
         anyhow::bail!("controller task ended")
     }
@@ -75,6 +75,12 @@ impl Bound {
     /// Stops every task of this controller; open streams are cut as if the process died.
     pub fn abort(self) {
         self.running.abort();
+    }
+
+    /// Stops accepting, lets open connections finish until `deadline`, then stops.
+    pub async fn shutdown(self, deadline: std::time::Duration) {
+        let cut = self.running.shutdown(deadline).await;
+        tracing::info!(cut_off = cut, "drained");
     }
 }
 

@@ -54,14 +54,15 @@ impl AdminServer {
             let Ok((tcp, _)) = self.listener.accept().await else {
                 continue;
             };
-            let admin = self.admin.clone();
+            let (admin, d) = (self.admin.clone(), drain.clone());
             drain.spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(handle(&admin, req).await) }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = d
+                    .serve_http(builder.serve_connection(TokioIo::new(tcp), svc))
                     .await;
             });
         }

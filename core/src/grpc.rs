@@ -86,9 +86,15 @@ pub fn tls_incoming(
     let (tx, rx) = mpsc::channel(HANDSHAKE_BACKLOG);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let tasks = drain.clone();
+    let accept_drain = drain.clone();
     drain.spawn(async move {
         loop {
-            let (tcp, remote) = match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = tx.closed() => return,
+                _ = accept_drain.draining() => return,
+            };
+            let (tcp, remote) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");

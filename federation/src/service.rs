@@ -116,7 +116,7 @@ impl Federation for FederationService {
             })?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(REGISTRY_QUEUE);
-        let registry = self.registry.clone();
+        let (registry, drain) = (self.registry.clone(), self.drain.clone());
         tracing::info!(%cluster, "cluster controller connected");
         self.drain.spawn(async move {
             let mut merged = registry.subscribe();
@@ -126,6 +126,7 @@ impl Federation for FederationService {
             }
             loop {
                 tokio::select! {
+                    _ = drain.draining() => return,
                     msg = inbound.message() => match msg {
                         Ok(Some(exports)) => {
                             if exports.cluster != cluster {

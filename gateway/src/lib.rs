@@ -49,7 +49,7 @@ pub struct Bound {
 }
 
 impl Bound {
-    pub async fn wait_termination(mut self) -> anyhow::Result<()> {
+    pub async fn wait_termination(&mut self) -> anyhow::Result<()> {
         self.running.wait_any().await;
         anyhow::bail!("gateway task ended")
     }
@@ -57,6 +57,12 @@ impl Bound {
     /// Stops the gateway as if its process died.
     pub fn abort(self) {
         self.running.abort();
+    }
+
+    /// Stops accepting, lets open connections finish until `deadline`, then stops.
+    pub async fn shutdown(self, deadline: std::time::Duration) {
+        let cut = self.running.shutdown(deadline).await;
+        tracing::info!(cut_off = cut, "drained");
     }
 }
 

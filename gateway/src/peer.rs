@@ -331,6 +331,9 @@ impl PeerLinks {
     pub async fn serve(self: Arc<Self>, store: Arc<Store>, own_cluster: String) {
         let closer = self.clone();
         tokio::spawn(async move {
+            // Draining: refuse new peer connections; streams in flight go on until forced.
+            closer.drain.draining().await;
+            closer.endpoint.set_server_config(None);
             closer.drain.signaled().await;
             closer.endpoint.close(0u32.into(), b"gateway stopped");
         });
@@ -345,7 +348,12 @@ impl PeerLinks {
                     }
                 };
                 tracing::info!(%remote, "peer gateway accepted");
-                while let Ok((send, recv)) = conn.accept_bi().await {
+                loop {
+                    let accepted = tokio::select! {
+                        a = conn.accept_bi() => a,
+                        _ = links.drain.draining() => break,
+                    };
+                    let Ok((send, recv)) = accepted else { break };
                     let (links, store, own) = (links.clone(), store.clone(), own.clone());
                     let drain = links.drain.clone();
                     drain.spawn(async move { links.serve_stream(send, recv, &store, &own).await });

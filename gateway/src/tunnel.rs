@@ -65,6 +65,7 @@ pub async fn run(listener: TcpListener, ctx: Arc<TunnelCtx>) {
         let _ = tcp.set_nodelay(true);
         let (acceptor, ctx) = (acceptor.clone(), ctx.clone());
         let drain = ctx.drain.clone();
+        let d = drain.clone();
         drain.spawn(async move {
             let tls = match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await
             {
@@ -82,11 +83,11 @@ pub async fn run(listener: TcpListener, ctx: Arc<TunnelCtx>) {
                 let (ctx, peer) = (ctx.clone(), peer.clone());
                 async move { Ok::<_, std::convert::Infallible>(handle(&ctx, &peer, req).await) }
             });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(tls), svc)
-                .await;
+                .serve_connection(TokioIo::new(tls), svc);
+            let _ = d.serve_http(conn).await;
         });
     }
 }

@@ -94,7 +94,7 @@ impl Inbound {
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, ctx) = (acceptor.clone(), self.ctx.clone());
+            let (acceptor, ctx, d) = (acceptor.clone(), self.ctx.clone(), self.drain.clone());
             self.drain.spawn(async move {
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
                 {
@@ -116,7 +116,15 @@ impl Inbound {
                     .timer(TokioTimer::new())
                     .keep_alive_interval(Duration::from_secs(10))
                     .serve_connection(TokioIo::new(tls), svc);
-                if let Err(e) = conn.await {
+                let mut conn = std::pin::pin!(conn);
+                let result = tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = d.draining() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = result {
                     tracing::debug!(%remote, error = %e, "inbound connection ended");
                 }
             });

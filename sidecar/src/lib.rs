@@ -76,7 +76,7 @@ pub struct Bound {
 }
 
 impl Bound {
-    pub async fn wait_termination(mut self) -> anyhow::Result<()> {
+    pub async fn wait_termination(&mut self) -> anyhow::Result<()> {
         self.running.wait_any().await;
         anyhow::bail!("sidecar task ended")
     }
@@ -84,6 +84,12 @@ impl Bound {
     /// Stops the sidecar as if its process died.
     pub fn abort(self) {
         self.running.abort();
+    }
+
+    /// Stops accepting, lets open connections finish until `deadline`, then stops.
+    pub async fn shutdown(self, deadline: std::time::Duration) {
+        let cut = self.running.shutdown(deadline).await;
+        tracing::info!(cut_off = cut, "drained");
     }
 }
 

@@ -60,15 +60,20 @@ impl Outbound {
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let ctx = self.ctx.clone();
+            let (ctx, d) = (self.ctx.clone(), self.drain.clone());
             self.drain.spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let ctx = ctx.clone();
                     async move { Ok::<_, std::convert::Infallible>(handle(&ctx, req).await) }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = d.draining() => conn.as_mut().graceful_shutdown(),
+                }
+                let _ = conn.await;
             });
         }
     }
