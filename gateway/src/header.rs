@@ -2,7 +2,7 @@
 //! then a protobuf message ([`StreamHeader`] one way, [`StreamReply`] back). After the reply,
 //! the stream carries the tunnelled bytes untouched.
 
-use isthmus_proto::tunnel::{StreamHeader, StreamReply};
+pub use isthmus_proto::tunnel::{StreamHeader, StreamReply};
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 

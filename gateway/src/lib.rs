@@ -7,7 +7,7 @@
 //! spliced to a healthy local sidecar's tunnel port. The sidecars' TLS runs end to end
 //! inside; the gateway only reads the outer envelope.
 
-mod header;
+pub mod header;
 mod peer;
 mod state;
 mod tunnel;

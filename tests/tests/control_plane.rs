@@ -206,3 +206,90 @@ async fn invalid_config_is_rejected_with_its_location_and_traffic_keeps_flowing(
     assert_eq!(traffic.failures(), Vec::<String>::new());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_yaml_change_reaches_proxies_in_this_and_other_clusters() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east", "west"]).await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let client_admin = mesh
+        .workload("east", "client")
+        .sidecar
+        .as_ref()
+        .expect("sidecar")
+        .admin_address;
+    let service = |dump: &serde_json::Value, name: &str| -> Option<serde_json::Value> {
+        dump["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["service"] == format!("{name}.demo.svc.cluster.local"))
+            .cloned()
+    };
+
+    // In this cluster: a new Service and WorkloadEntry in the config folder.
+    let east_dir = mesh.cluster("east").config_dir.clone();
+    let written = std::time::Instant::now();
+    std::fs::write(
+        east_dir.join("local.yaml"),
+        format!(
+            "{}---\n{}",
+            isthmus_tests::service_yaml("local"),
+            isthmus_tests::workload_yaml(
+                "local-1",
+                "local",
+                "127.0.0.99".parse()?,
+                &isthmus_tests::locality_of("east"),
+                "local"
+            )
+        ),
+    )?;
+    eventually(
+        "the local service to reach the client",
+        Duration::from_secs(5),
+        || async {
+            let dump = config_dump(client_admin).await?;
+            anyhow::ensure!(
+                service(&dump, "local").and_then(|s| s["endpoints"].as_array().map(Vec::len))
+                    == Some(1)
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    let local = written.elapsed();
+
+    // In another cluster: an exported service goes through the federation.
+    let west_dir = mesh.cluster("west").config_dir.clone();
+    let written = std::time::Instant::now();
+    std::fs::write(
+        west_dir.join("remote.yaml"),
+        format!(
+            "{}---\n{}",
+            isthmus_tests::service_yaml("remote"),
+            isthmus_tests::workload_yaml(
+                "remote-1",
+                "remote",
+                "127.0.0.98".parse()?,
+                &isthmus_tests::locality_of("west"),
+                "remote"
+            )
+        ),
+    )?;
+    eventually(
+        "west's export to reach the client in east",
+        Duration::from_secs(5),
+        || async {
+            let dump = config_dump(client_admin).await?;
+            anyhow::ensure!(
+                service(&dump, "remote").and_then(|s| s["remote"].as_array().map(Vec::len))
+                    == Some(1)
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    let remote = written.elapsed();
+    println!("config propagation: same cluster {local:?}, across clusters {remote:?}");
+    Ok(())
+}
