@@ -1,7 +1,8 @@
 //! The sample application: answers HTTP/1.1, HTTP/2 and a small gRPC service
 //! (`isthmus.echo.v1.Echo/Say`) with its cluster, its workload name and the caller identity
 //! its sidecar told it (`x-forwarded-client-cert`), so the demo and the tests need nothing
-//! else. `GET /status/<code>` answers with that status.
+//! else. Test paths: `/status/<code>` answers with that status, `/delay/<ms>` answers after
+//! a pause, `/flaky` fails every other request with 503.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -34,8 +35,15 @@ pub struct Answer {
     /// SPIFFE ID of the caller, empty when the request did not come through a sidecar.
     pub caller: String,
     pub method: String,
+    /// Path and query as the app received them.
     pub path: String,
     pub protocol: String,
+    /// The Host (HTTP/1.1) or :authority (HTTP/2) the app received.
+    #[serde(default)]
+    pub authority: String,
+    /// Request headers the app received, lower-cased names.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 /// The caller's SPIFFE ID from Envoy-style `x-forwarded-client-cert` (`...;URI=<id>`).
@@ -98,6 +106,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         .map_err(|e| anyhow::anyhow!("binding echo app on {}: {e}", config.listen))?;
     let address = listener.local_addr()?;
     let config = Arc::new(config);
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let grpc = tonic::service::Routes::new(EchoServer::new(EchoGrpc(config.clone())));
     let (mut running, drain) = isthmus_core::drain::Running::new();
     running.spawn(async move {
@@ -105,10 +114,12 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
-            let (config, grpc, d) = (config.clone(), grpc.clone(), drain.clone());
+            let (config, grpc, d, counter) =
+                (config.clone(), grpc.clone(), drain.clone(), counter.clone());
             drain.spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let (config, mut grpc) = (config.clone(), grpc.clone());
+                    let (config, mut grpc, counter) =
+                        (config.clone(), grpc.clone(), counter.clone());
                     async move {
                         if req
                             .headers()
@@ -121,7 +132,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
                                 resp.map(|b| b.map_err(Into::into).boxed_unsync()),
                             );
                         }
-                        Ok(answer(&config, req).await)
+                        Ok(answer(&config, &counter, req).await)
                     }
                 });
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -138,7 +149,20 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     Ok(Bound { address, running })
 }
 
-async fn answer(config: &Config, req: Request<Incoming>) -> Response<Body> {
+async fn answer(
+    config: &Config,
+    counter: &std::sync::atomic::AtomicU64,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = req.uri().path().to_owned();
+    if let Some(ms) = path
+        .strip_prefix("/delay/")
+        .and_then(|ms| ms.parse::<u64>().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms.min(60_000))).await;
+    }
+    let flaky = path == "/flaky" && n.is_multiple_of(2);
     let caller = req
         .headers()
         .get("x-forwarded-client-cert")
@@ -151,14 +175,39 @@ async fn answer(config: &Config, req: Request<Incoming>) -> Response<Body> {
         .strip_prefix("/status/")
         .and_then(|c| c.parse::<u16>().ok())
         .and_then(|c| StatusCode::from_u16(c).ok())
-        .unwrap_or(StatusCode::OK);
+        .unwrap_or(if flaky {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        });
     let a = Answer {
         cluster: config.cluster.clone(),
         workload: config.workload.clone(),
         caller,
         method: req.method().to_string(),
-        path: req.uri().path().to_owned(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_owned(),
         protocol: format!("{:?}", req.version()),
+        authority: req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get("host")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default(),
+        headers: req
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect(),
     };
     let _ = req.into_body().collect().await;
     let body = serde_json::to_vec(&a).unwrap_or_default();

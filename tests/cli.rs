@@ -63,7 +63,7 @@ fn validate_names_file_document_and_field_of_every_fault() {
     .expect("write");
     std::fs::write(
         dir.path().join("b.yaml"),
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: x}\n",
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: x}\n",
     )
     .expect("write");
     let out = isthmus()
@@ -74,7 +74,7 @@ fn validate_names_file_document_and_field_of_every_fault() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("a.yaml: document 2 (WorkloadEntry demo/echo-east): spec.address: `127.0.1.300` is not an IP address [IST0004]"), "{err}");
-    assert!(err.contains("b.yaml: document 1: kind: VirtualService (networking.istio.io/v1) is not a kind Isthmus reads"), "{err}");
+    assert!(err.contains("b.yaml: document 1: kind: Gateway (networking.istio.io/v1) is not a kind Isthmus reads"), "{err}");
     assert!(err.contains("2 error(s)"), "{err}");
 }
 

@@ -290,6 +290,11 @@ impl Registry {
                 .collect(),
             endpoints: selected.iter().map(|w| self.endpoint(w, health)).collect(),
             remote: Vec::new(),
+            routing_json: config
+                .routing
+                .get(&svc.key)
+                .map(|r| serde_json::to_string(r).expect("routing serializes"))
+                .unwrap_or_default(),
         }
     }
 

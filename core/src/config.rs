@@ -6,6 +6,7 @@
 //! adapter. Every fault names its file, document and field, with a stable code; a set with
 //! any fault is rejected whole, so the set that is serving is never replaced by a bad one.
 
+mod istio;
 pub mod kinds;
 mod load;
 mod validate;
@@ -15,7 +16,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
+pub use istio::{grpc_code, parse_duration_ms};
 pub use load::{load_dir, load_files, parse_documents, SourceFile};
+pub use validate::resolve_host;
 
 use crate::locality::Locality;
 
@@ -108,11 +111,13 @@ pub struct WorkloadEntry {
 }
 
 /// One validated, consistent set of documents.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ConfigSet {
     pub services: BTreeMap<NamespacedName, Service>,
     pub workloads: BTreeMap<NamespacedName, WorkloadEntry>,
     pub exports: BTreeSet<NamespacedName>,
+    /// VirtualService and DestinationRule settings, by the service they apply to.
+    pub routing: BTreeMap<NamespacedName, crate::routing::ServiceRouting>,
 }
 
 impl ConfigSet {

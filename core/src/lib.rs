@@ -17,6 +17,7 @@ pub mod headers;
 pub mod identity;
 pub mod locality;
 pub mod readiness;
+pub mod routing;
 pub mod tls;
 pub mod token;
 pub mod xds;

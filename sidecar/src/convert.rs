@@ -21,6 +21,8 @@ pub enum ConvertError {
         #[source]
         source: prost::DecodeError,
     },
+    #[error("resource {name}: routing: {reason}")]
+    Routing { name: String, reason: String },
     #[error("resource {name}: {field}: `{value}` is invalid")]
     Field {
         name: String,
@@ -67,6 +69,21 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
         name: name.to_owned(),
         source,
     })?;
+    let routing = if msg.routing_json.is_empty() {
+        None
+    } else {
+        let r: isthmus_core::routing::ServiceRouting = serde_json::from_str(&msg.routing_json)
+            .map_err(|e| ConvertError::Routing {
+                name: name.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let compiled =
+            crate::route::CompiledRouting::compile(r).map_err(|reason| ConvertError::Routing {
+                name: name.to_owned(),
+                reason,
+            })?;
+        Some(Arc::new(compiled))
+    };
     let mut endpoints = Vec::new();
     for ep in msg.endpoints.iter().filter(|e| e.healthy) {
         let tunnel_address = field(name, "endpoint.tunnel_address", &ep.tunnel_address)?;
@@ -75,6 +92,7 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
             tunnel_address,
             identity: field(name, "endpoint.identity", &ep.identity)?,
             locality: locality(ep.locality.as_ref()),
+            labels: ep.labels.clone(),
             health: health.get(&ep.tunnel_address),
         });
     }
@@ -108,6 +126,7 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
         endpoints,
         remote,
         cursor: Default::default(),
+        routing,
     })
 }
 

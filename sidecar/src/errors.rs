@@ -5,6 +5,8 @@
 use http::{HeaderValue, Response, StatusCode};
 use isthmus_core::headers::ERROR_REASON;
 
+use isthmus_core::routing::Abort;
+
 use crate::pool::{ConnectError, ProxyBody};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +37,10 @@ pub enum ProxyError {
     TunnelUnsupported,
     #[error("request body could not be read: {0}")]
     RequestBody(String),
+    #[error("aborted by a fault injection rule")]
+    FaultAbort(isthmus_core::routing::Abort),
+    #[error("{service} did not answer within the route timeout")]
+    Timeout { service: String },
 }
 
 impl ProxyError {
@@ -48,6 +54,8 @@ impl ProxyError {
             ProxyError::AppReset(_) => "app-reset",
             ProxyError::TunnelUnsupported => "tunnel-unsupported",
             ProxyError::RequestBody(_) => "bad-request",
+            ProxyError::FaultAbort(_) => "fault-abort",
+            ProxyError::Timeout { .. } => "timeout",
         }
     }
 
@@ -60,6 +68,11 @@ impl ProxyError {
             | ProxyError::AppUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamReset { .. } | ProxyError::AppReset(_) => StatusCode::BAD_GATEWAY,
             ProxyError::TunnelUnsupported => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::FaultAbort(Abort::Http(code)) => {
+                StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+            }
+            ProxyError::FaultAbort(Abort::Grpc(_)) => StatusCode::OK,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -69,13 +82,17 @@ impl ProxyError {
             ProxyError::NoRoute { .. } => 12, // UNIMPLEMENTED
             ProxyError::NoHost | ProxyError::RequestBody(_) => 3, // INVALID_ARGUMENT
             ProxyError::TunnelUnsupported => 12,
-            _ => 14, // UNAVAILABLE
+            ProxyError::FaultAbort(Abort::Grpc(code)) => *code,
+            ProxyError::Timeout { .. } => 4, // DEADLINE_EXCEEDED
+            _ => 14,                         // UNAVAILABLE
         }
     }
 
     /// The response the caller gets.
     pub fn respond(&self, grpc: bool) -> Response<ProxyBody> {
         let message = self.to_string();
+        // A gRPC-status abort answers as gRPC whatever the caller sent.
+        let grpc = grpc || matches!(self, ProxyError::FaultAbort(Abort::Grpc(_)));
         let mut resp = if grpc {
             let mut r = Response::new(crate::pool::empty_body());
             let h = r.headers_mut();

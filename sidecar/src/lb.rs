@@ -3,7 +3,7 @@
 //! and passive health: consecutive failures eject an endpoint for a while, growing with
 //! each ejection.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use isthmus_core::identity::SpiffeId;
 use isthmus_core::locality::Locality;
+use isthmus_core::routing::LoadBalancer;
 
 use crate::state::{MeshInfo, Service};
 
@@ -30,9 +31,25 @@ pub struct EndpointHealth {
     /// Milliseconds since `epoch` until which the endpoint is ejected.
     ejected_until: AtomicU64,
     epoch: Instant,
+    /// Requests in flight, for LEAST_REQUEST.
+    active: AtomicU32,
+}
+
+/// Counts a request in flight on an endpoint while held.
+pub struct InFlight(Arc<EndpointHealth>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl EndpointHealth {
+    pub fn in_flight(self: &Arc<Self>) -> InFlight {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
@@ -98,6 +115,7 @@ impl HealthTable {
                     ejections: AtomicU32::new(0),
                     ejected_until: AtomicU64::new(0),
                     epoch: self.epoch,
+                    active: AtomicU32::new(0),
                 })
             })
             .clone()
@@ -151,14 +169,28 @@ fn priority(to: &Locality, from: &Locality, mesh: &MeshInfo) -> u32 {
 
 /// Picks the next target, skipping `tried`. Ejected endpoints are used only when nothing
 /// else is left (better a likely failure than a certain one).
+/// Which endpoints a request may use and how to choose among them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Selection<'a> {
+    /// A DestinationRule subset's labels; endpoints must carry all of them. Subsets are
+    /// served from this cluster's endpoints only.
+    pub labels: Option<&'a BTreeMap<String, String>>,
+    pub load_balancer: Option<LoadBalancer>,
+}
+
 pub fn pick(
     svc: &Service,
     from: &Locality,
     mesh: &MeshInfo,
     tried: &[Arc<EndpointHealth>],
+    sel: Selection<'_>,
 ) -> Option<Target> {
     let mut candidates: Vec<(u32, bool, Target)> = Vec::new();
-    for ep in &svc.endpoints {
+    let in_subset = |labels: &BTreeMap<String, String>| {
+        sel.labels
+            .is_none_or(|want| want.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    };
+    for ep in svc.endpoints.iter().filter(|ep| in_subset(&ep.labels)) {
         let t = Target::Local {
             address: ep.tunnel_address,
             identity: ep.identity.clone(),
@@ -170,7 +202,7 @@ pub fn pick(
             t,
         ));
     }
-    if mesh.gateway.is_some() {
+    if mesh.gateway.is_some() && sel.labels.is_none() {
         for rc in &svc.remote {
             let t = Target::Remote {
                 cluster: rc.cluster.clone(),
@@ -193,8 +225,23 @@ pub fn pick(
         .filter(|(p, _, _)| *p == best)
         .map(|(_, _, t)| t)
         .collect();
-    let n = svc.cursor.fetch_add(1, Ordering::Relaxed);
-    let i = n % tier.len();
+    let i = match sel.load_balancer.unwrap_or(LoadBalancer::RoundRobin) {
+        LoadBalancer::RoundRobin => svc.cursor.fetch_add(1, Ordering::Relaxed) % tier.len(),
+        LoadBalancer::Random => rand::random_range(0..tier.len()),
+        LoadBalancer::LeastRequest => {
+            // Power of two choices: the less busy of two random endpoints.
+            let (a, b) = (
+                rand::random_range(0..tier.len()),
+                rand::random_range(0..tier.len()),
+            );
+            let load = |i: usize| tier[i].health().active.load(Ordering::Relaxed);
+            if load(b) < load(a) {
+                b
+            } else {
+                a
+            }
+        }
+    };
     Some(tier.swap_remove(i))
 }
 
@@ -209,6 +256,11 @@ mod tests {
             tunnel_address: addr.parse().expect("addr"),
             identity: SpiffeId::new("td", "ns", "sa"),
             locality: Locality::parse(loc).expect("loc"),
+            labels: [(
+                "version".to_string(),
+                if addr.ends_with(".1:1") { "v1" } else { "v2" }.to_string(),
+            )]
+            .into(),
             health: table.get(addr),
         };
         let rc = |c: &str, loc: &str| RemoteCluster {
@@ -227,6 +279,7 @@ mod tests {
             ],
             remote: vec![rc("eu", "eu-central/a"), rc("west", "us-west/a")],
             cursor: Default::default(),
+            routing: None,
         }
     }
 
@@ -254,17 +307,26 @@ mod tests {
         let table = HealthTable::default();
         let s = svc(&table);
         let from = Locality::parse("us-east/a").expect("loc");
-        let first = pick(&s, &from, &mesh(), &[]).expect("some");
+        let first = pick(&s, &from, &mesh(), &[], Selection::default()).expect("some");
         assert!(matches!(first, Target::Local { .. }));
         let l1 = table.get("127.0.0.1:1");
         let l2 = table.get("127.0.0.2:1");
         assert_eq!(
-            name(&pick(&s, &from, &mesh(), &[l1.clone(), l2.clone()]).expect("some")),
+            name(
+                &pick(
+                    &s,
+                    &from,
+                    &mesh(),
+                    &[l1.clone(), l2.clone()],
+                    Selection::default()
+                )
+                .expect("some")
+            ),
             "west"
         );
         let w = table.get("west");
         assert_eq!(
-            name(&pick(&s, &from, &mesh(), &[l1, l2, w]).expect("some")),
+            name(&pick(&s, &from, &mesh(), &[l1, l2, w], Selection::default()).expect("some")),
             "eu"
         );
     }
@@ -276,12 +338,15 @@ mod tests {
         let from = Locality::parse("us-east/a").expect("loc");
         assert!(table.get("127.0.0.1:1").failure(true));
         assert!(table.get("127.0.0.2:1").failure(true));
-        assert_eq!(name(&pick(&s, &from, &mesh(), &[]).expect("some")), "west");
+        assert_eq!(
+            name(&pick(&s, &from, &mesh(), &[], Selection::default()).expect("some")),
+            "west"
+        );
         for c in ["west", "eu"] {
             assert!(table.get(c).failure(true));
         }
         assert!(
-            pick(&s, &from, &mesh(), &[]).is_some(),
+            pick(&s, &from, &mesh(), &[], Selection::default()).is_some(),
             "panic mode uses ejected endpoints"
         );
     }

@@ -17,6 +17,7 @@ mod lb;
 mod metrics;
 mod outbound;
 mod pool;
+mod route;
 mod state;
 mod store;
 
@@ -230,6 +231,7 @@ fn dump(
         .map(|s| {
             serde_json::json!({
                 "service": s.hostname(),
+                "routes": s.routing.as_ref().map(|r| r.routes.len()).unwrap_or(0),
                 "ports": s.ports.iter().map(|p| serde_json::json!({"port": p.port, "protocol": p.protocol})).collect::<Vec<_>>(),
                 "endpoints": s.endpoints.iter().map(|e| serde_json::json!({"workload": e.workload, "address": e.tunnel_address.to_string(), "locality": e.locality.to_string(), "ejected": e.health.is_ejected()})).collect::<Vec<_>>(),
                 "remote": s.remote.iter().map(|r| serde_json::json!({"cluster": r.cluster, "locality": r.locality.to_string(), "ejected": r.health.is_ejected()})).collect::<Vec<_>>(),

@@ -4,6 +4,9 @@
 //! cluster), and retries on another endpoint when a peer cannot be reached or resets.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use isthmus_core::routing::{Retries, RouteAction};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Uri, Version};
@@ -16,9 +19,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::errors::{is_grpc, ProxyError};
-use crate::lb::{pick, EndpointHealth, Target};
+use crate::lb::{pick, EndpointHealth, Selection, Target};
 use crate::metrics::{Metrics, ReasonLabels, RequestLabels};
 use crate::pool::{Pool, ProxyBody, H2};
+use crate::route::{apply_header_op, pick_weighted, rewrite_path, sampled, RequestView};
 use crate::state::{MeshState, Service};
 
 /// Attempts per request, the first included.
@@ -168,11 +172,130 @@ fn reason_label(r: &str) -> &'static str {
         "upstream-reset" => "upstream-reset",
         "app-unavailable" => "app-unavailable",
         "app-reset" => "app-reset",
+        "fault-abort" => "fault-abort",
+        "timeout" => "timeout",
         _ => "other",
     }
 }
 
 type Routed = Result<(Response<ProxyBody>, String, String), (ProxyError, String)>;
+
+/// When an attempt is retried.
+#[derive(Debug, Clone)]
+struct RetryPolicy {
+    attempts: usize,
+    per_try: Option<Duration>,
+    on_5xx: bool,
+    on_gateway_error: bool,
+    on_retriable_4xx: bool,
+    grpc: Vec<u8>,
+}
+
+impl RetryPolicy {
+    /// Without a VirtualService: retry connect failures and resets on other endpoints.
+    fn default_policy() -> Self {
+        Self {
+            attempts: MAX_ATTEMPTS,
+            per_try: None,
+            on_5xx: false,
+            on_gateway_error: false,
+            on_retriable_4xx: false,
+            grpc: Vec::new(),
+        }
+    }
+
+    fn from_spec(r: &Retries) -> Self {
+        let on = |c: &str| r.retry_on.iter().any(|x| x == c);
+        let grpc = [
+            ("cancelled", 1),
+            ("deadline-exceeded", 4),
+            ("resource-exhausted", 8),
+            ("internal", 13),
+            ("unavailable", 14),
+        ]
+        .iter()
+        .filter(|(name, _)| on(name))
+        .map(|(_, code)| *code)
+        .collect();
+        Self {
+            attempts: r.attempts as usize + 1,
+            per_try: r.per_try_timeout_ms.map(Duration::from_millis),
+            on_5xx: on("5xx"),
+            on_gateway_error: on("gateway-error"),
+            on_retriable_4xx: on("retriable-4xx"),
+            grpc,
+        }
+    }
+
+    /// Whether a response (status, grpc-status of a trailers-only response) asks for a retry.
+    fn retry_response(&self, resp: &Response<Incoming>) -> bool {
+        let s = resp.status().as_u16();
+        let grpc = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u8>().ok());
+        (self.on_5xx && s >= 500)
+            || (self.on_gateway_error && matches!(s, 502..=504))
+            || (self.on_retriable_4xx && s == 409)
+            || grpc.is_some_and(|g| self.grpc.contains(&g))
+    }
+}
+
+/// Where and how a request goes once its route is chosen.
+struct Plan {
+    svc: Arc<Service>,
+    authority: String,
+    subset: Option<String>,
+    retry: RetryPolicy,
+}
+
+impl Plan {
+    fn selection(&self) -> Selection<'_> {
+        let routing = self.svc.routing.as_deref();
+        let subset = self
+            .subset
+            .as_deref()
+            .and_then(|name| routing.and_then(|r| r.subset(name)));
+        Selection {
+            labels: subset.map(|s| &s.labels),
+            load_balancer: subset
+                .and_then(|s| s.load_balancer)
+                .or(routing.and_then(|r| r.load_balancer)),
+        }
+    }
+}
+
+fn redirect(
+    uri: &Option<String>,
+    authority: &Option<String>,
+    code: u16,
+    host: &str,
+    path: &str,
+) -> Response<ProxyBody> {
+    let location = format!(
+        "http://{}{}",
+        authority.as_deref().unwrap_or(host),
+        uri.as_deref().unwrap_or(path)
+    );
+    let mut resp = Response::new(crate::pool::empty_body());
+    *resp.status_mut() =
+        http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::MOVED_PERMANENTLY);
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(http::header::LOCATION, v);
+    }
+    resp
+}
+
+fn direct_response(status: u16, body: &str) -> Response<ProxyBody> {
+    let mut resp = Response::new(crate::body::full(body.to_owned()));
+    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    resp
+}
 
 async fn route(ctx: &OutboundCtx, state: &MeshState, req: Request<Incoming>) -> Routed {
     let host = request_host(&req).ok_or((ProxyError::NoHost, String::new()))?;
@@ -180,13 +303,119 @@ async fn route(ctx: &OutboundCtx, state: &MeshState, req: Request<Incoming>) -> 
     let no_route = || (ProxyError::NoRoute { host: host.clone() }, String::new());
     let svc = state.resolve(name).ok_or_else(no_route)?.clone();
     let port = svc.port(port).ok_or_else(no_route)?.clone();
-    let service = svc.hostname();
-    let authority = format!("{service}:{}", port.port);
     let (mut parts, body) = req.into_parts();
     headers::strip_untrusted(&mut parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
-    let app_protocol = if port.protocol == "http2" || port.protocol == "grpc" {
+    let mut path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_owned();
+    let mut plan = Plan {
+        svc: svc.clone(),
+        authority: String::new(),
+        subset: None,
+        retry: RetryPolicy::default_policy(),
+    };
+    let mut dest_port = port.clone();
+    let mut deadline = None;
+    let mut response_headers = None;
+    let mut authority_rewrite = None;
+    let routing = svc.routing.clone();
+    let view = RequestView {
+        path: parts.uri.path(),
+        query: parts.uri.query().unwrap_or_default(),
+        method: parts.method.as_str(),
+        authority: &host,
+        port: port.port,
+        headers: &parts.headers,
+    };
+    if let Some((r, prefix)) = routing.as_deref().and_then(|r| r.select(&view)) {
+        let spec = &r.spec;
+        let service = svc.hostname();
+        // The route timeout covers everything from here, injected delays included.
+        deadline = spec
+            .timeout_ms
+            .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+        if let Some(fault) = &spec.fault {
+            if let Some((ms, pct)) = fault.delay {
+                if sampled(pct) {
+                    let until = tokio::time::Instant::now() + Duration::from_millis(ms);
+                    if deadline.is_some_and(|d| d < until) {
+                        tokio::time::sleep_until(deadline.unwrap_or(until)).await;
+                        return Err((
+                            ProxyError::Timeout {
+                                service: service.clone(),
+                            },
+                            service,
+                        ));
+                    }
+                    tokio::time::sleep_until(until).await;
+                }
+            }
+            if let Some((abort, pct)) = &fault.abort {
+                if sampled(*pct) {
+                    return Err((ProxyError::FaultAbort(abort.clone()), service));
+                }
+            }
+        }
+        match &spec.action {
+            RouteAction::DirectResponse { status, body } => {
+                return Ok((direct_response(*status, body), service, String::new()))
+            }
+            RouteAction::Redirect {
+                uri,
+                authority,
+                code,
+            } => {
+                return Ok((
+                    redirect(uri, authority, *code, &host, &path),
+                    service,
+                    String::new(),
+                ))
+            }
+            RouteAction::Route(dests) => {
+                let d = pick_weighted(dests).ok_or((
+                    ProxyError::NoHealthyUpstream {
+                        service: service.clone(),
+                    },
+                    service.clone(),
+                ))?;
+                let no_dest = || {
+                    (
+                        ProxyError::NoRoute {
+                            host: d.service.clone(),
+                        },
+                        service.clone(),
+                    )
+                };
+                plan.svc = state.services.get(&d.service).ok_or_else(no_dest)?.clone();
+                dest_port = plan
+                    .svc
+                    .port(d.port.or(Some(port.port)))
+                    .or_else(|| plan.svc.port(None))
+                    .ok_or_else(no_dest)?
+                    .clone();
+                plan.subset = d.subset.clone();
+            }
+        }
+        if let Some(rw) = &spec.rewrite {
+            if let Some(uri) = &rw.uri {
+                path = rewrite_path(&path, prefix, uri);
+            }
+            authority_rewrite = rw.authority.clone();
+        }
+        apply_header_op(&mut parts.headers, &spec.headers.request);
+        if let Some(r) = &spec.retries {
+            plan.retry = RetryPolicy::from_spec(r);
+        }
+        response_headers = Some(spec.headers.response.clone());
+    }
+    let service = plan.svc.hostname();
+    plan.authority = format!("{service}:{}", dest_port.port);
+    let app_protocol = if dest_port.protocol == "http2" || dest_port.protocol == "grpc" {
         "http2"
     } else {
         "http"
@@ -194,36 +423,58 @@ async fn route(ctx: &OutboundCtx, state: &MeshState, req: Request<Incoming>) -> 
     parts
         .headers
         .insert(APP_PROTOCOL, HeaderValue::from_static(app_protocol));
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    parts.uri = Uri::try_from(format!("http://{authority}{path}"))
+    let uri_authority = authority_rewrite.as_deref().unwrap_or(&plan.authority);
+    parts.uri = Uri::try_from(format!("http://{uri_authority}{path}"))
         .map_err(|_| (ProxyError::NoHost, service.clone()))?;
     parts.version = Version::HTTP_2;
     let body = ReqBody::new(body).await.map_err(|e| (e, service.clone()))?;
-    let (resp, cluster) = attempts(ctx, state, &svc, &authority, parts, body)
-        .await
-        .map_err(|e| (e, service.clone()))?;
+    let sent = attempts(ctx, state, &plan, parts, body);
+    let result = match deadline {
+        Some(d) => tokio::time::timeout_at(d, sent)
+            .await
+            .unwrap_or(Err(ProxyError::Timeout {
+                service: service.clone(),
+            })),
+        None => sent.await,
+    };
+    let (mut resp, cluster) = result.map_err(|e| (e, service.clone()))?;
+    if let Some(op) = &response_headers {
+        apply_header_op(resp.headers_mut(), op);
+    }
     Ok((resp, service, cluster))
 }
 
-/// Sends the request to successive endpoints until one answers.
+/// Sends the request to successive endpoints until one answers as the retry policy wants.
 async fn attempts(
     ctx: &OutboundCtx,
     state: &MeshState,
-    svc: &Arc<Service>,
-    authority: &str,
+    plan: &Plan,
     parts: http::request::Parts,
     mut body: ReqBody,
 ) -> Result<(Response<ProxyBody>, String), ProxyError> {
+    let authority = plan.authority.as_str();
     let mut tried: Vec<Arc<EndpointHealth>> = Vec::new();
     let mut last: Option<ProxyError> = None;
-    for attempt in 0..MAX_ATTEMPTS {
-        let Some(target) = pick(svc, &ctx.locality, &state.mesh, &tried) else {
-            break;
-        };
+    for attempt in 0..plan.retry.attempts {
+        let mut target = pick(
+            &plan.svc,
+            &ctx.locality,
+            &state.mesh,
+            &tried,
+            plan.selection(),
+        );
+        if target.is_none() && !tried.is_empty() && last.is_none() {
+            // Every endpoint answered and asked for a retry: the same ones may be tried again.
+            tried.clear();
+            target = pick(
+                &plan.svc,
+                &ctx.locality,
+                &state.mesh,
+                &tried,
+                plan.selection(),
+            );
+        }
+        let Some(target) = target else { break };
         if attempt > 0 {
             ctx.metrics.retries.inc();
         }
@@ -250,7 +501,21 @@ async fn attempts(
         }
         let Some(b) = body.take() else { break };
         let req = Request::from_parts(parts.clone(), b);
-        match h2.send_request(req).await {
+        let _in_flight = target.health().in_flight();
+        let sent = match plan.retry.per_try {
+            Some(t) => match tokio::time::timeout(t, h2.send_request(req)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    fail(ctx, &target, false, "per-try-timeout");
+                    last = Some(ProxyError::Timeout {
+                        service: authority.to_owned(),
+                    });
+                    continue;
+                }
+            },
+            None => h2.send_request(req).await,
+        };
+        match sent {
             Ok(resp) => {
                 // The far sidecar could not reach its app (refused: a connect failure) or the
                 // app reset the request: both are retried on another endpoint.
@@ -263,11 +528,25 @@ async fn attempts(
                     Some("app-reset") => Some((false, "app-reset")),
                     _ => None,
                 };
-                if let (Some((refused, reason)), ReqBody::Replayable(_)) = (far, &body) {
+                let replayable = matches!(body, ReqBody::Replayable(_));
+                if let (Some((refused, reason)), true) = (far, replayable) {
                     fail(ctx, &target, refused, reason);
                     last = Some(ProxyError::AppUnavailable(format!(
                         "{authority} in {cluster}: {reason}"
                     )));
+                    continue;
+                }
+                if replayable
+                    && attempt + 1 < plan.retry.attempts
+                    && plan.retry.retry_response(&resp)
+                {
+                    ctx.metrics
+                        .upstream_failures
+                        .get_or_create(&ReasonLabels {
+                            reason: "retriable-status",
+                        })
+                        .inc();
+                    last = None;
                     continue;
                 }
                 if resp.status().is_server_error() && resp.headers().contains_key(ERROR_REASON) {

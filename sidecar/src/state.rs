@@ -18,6 +18,7 @@ pub struct LocalEndpoint {
     pub tunnel_address: SocketAddr,
     pub identity: SpiffeId,
     pub locality: Locality,
+    pub labels: BTreeMap<String, String>,
     pub health: Arc<EndpointHealth>,
 }
 
@@ -49,6 +50,8 @@ pub struct Service {
     pub remote: Vec<RemoteCluster>,
     /// Round-robin cursor.
     pub cursor: std::sync::atomic::AtomicUsize,
+    /// VirtualService routes and DestinationRule subsets, compiled.
+    pub routing: Option<Arc<crate::route::CompiledRouting>>,
 }
 
 impl Service {

@@ -111,6 +111,7 @@ mod tests {
                 ..Default::default()
             }],
             remote: vec![],
+            routing_json: String::new(),
         };
         Resource {
             name: format!("demo/{name}"),

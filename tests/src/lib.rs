@@ -131,8 +131,21 @@ pub fn workload_yaml(
     locality: &Locality,
     sa: &str,
 ) -> String {
+    workload_yaml_labeled(name, service, ip, locality, sa, &[])
+}
+
+/// A WorkloadEntry with `app: <service>` and `extra` labels.
+pub fn workload_yaml_labeled(
+    name: &str,
+    service: &str,
+    ip: Ipv4Addr,
+    locality: &Locality,
+    sa: &str,
+    extra: &[(&str, &str)],
+) -> String {
+    let labels: String = extra.iter().map(|(k, v)| format!(", {k}: {v}")).collect();
     format!(
-        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n  address: {ip}\n  labels: {{app: {service}}}\n  locality: {locality}\n  serviceAccount: {sa}\n"
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n  address: {ip}\n  labels: {{app: {service}{labels}}}\n  locality: {locality}\n  serviceAccount: {sa}\n"
     )
 }
 
@@ -281,6 +294,19 @@ impl Mesh {
         service: Option<&str>,
         service_account: &str,
     ) -> anyhow::Result<()> {
+        self.add_workload_labeled(cluster, name, service, service_account, &[])
+            .await
+    }
+
+    /// Like [`Mesh::add_workload`], with extra labels on the WorkloadEntry (`version: v2`).
+    pub async fn add_workload_labeled(
+        &mut self,
+        cluster: &str,
+        name: &str,
+        service: Option<&str>,
+        service_account: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
         let bundle = self.bundle_pem.clone();
         let c = self.cluster(cluster);
         let w = c.next_workload;
@@ -294,7 +320,7 @@ impl Mesh {
             }
             std::fs::write(
                 c.config_dir.join(format!("workload-{name}.yaml")),
-                workload_yaml(name, svc, addr, &locality, service_account),
+                workload_yaml_labeled(name, svc, addr, &locality, service_account, labels),
             )?;
         }
         let app = match service {
@@ -552,6 +578,67 @@ impl Mesh {
             token: Some(token),
             identity: isthmus_core::identity::SpiffeId::new(TRUST_DOMAIN, NAMESPACE, asked_sa),
         })
+    }
+
+    /// Writes a config file into a cluster's config folder and waits until the controller
+    /// accepted it (fails with the controller's errors if it rejected it).
+    pub async fn apply(&mut self, cluster: &str, file: &str, yaml: &str) -> anyhow::Result<()> {
+        let admin = self.controller_admin(cluster);
+        let before = config_dump(admin).await?["config"]["accepted"]
+            .as_u64()
+            .unwrap_or(0);
+        std::fs::write(self.cluster(cluster).config_dir.join(file), yaml)?;
+        eventually(
+            &format!("{file} to be accepted"),
+            Duration::from_secs(5),
+            || async {
+                let dump = config_dump(admin).await?;
+                anyhow::ensure!(
+                    dump["config"]["last_errors"].is_null(),
+                    "rejected: {}",
+                    dump["config"]["last_errors"]
+                );
+                anyhow::ensure!(
+                    dump["config"]["accepted"].as_u64().unwrap_or(0) > before,
+                    "not yet accepted"
+                );
+                Ok(())
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Waits until a workload's sidecar has `routes` VirtualService routes for `host`.
+    pub async fn wait_routes(
+        &mut self,
+        cluster: &str,
+        workload: &str,
+        host: &str,
+        routes: usize,
+    ) -> anyhow::Result<()> {
+        let admin = self
+            .workload(cluster, workload)
+            .sidecar
+            .as_ref()
+            .context("sidecar running")?
+            .admin_address;
+        eventually(
+            &format!("{routes} routes for {host} in {workload}"),
+            Duration::from_secs(5),
+            || async {
+                let dump = config_dump(admin).await?;
+                let n = dump["services"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|s| s["service"] == host)
+                    .and_then(|s| s["routes"].as_u64());
+                anyhow::ensure!(n == Some(routes as u64), "routes: {n:?}");
+                Ok(())
+            },
+        )
+        .await
     }
 
     pub fn controller_admin(&mut self, cluster: &str) -> SocketAddr {

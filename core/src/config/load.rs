@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
+use super::istio::{DestinationRuleSpec, VirtualServiceSpec};
 use super::kinds::{Head, Metadata, ServiceExportSpec, ServiceSpec, WorkloadEntrySpec};
 use super::validate::{self, Document, DocumentBody};
 use super::{Code, ConfigError, ConfigErrors, ConfigSet};
@@ -22,6 +23,18 @@ fn kind_of(api_version: &str, kind: &str) -> Option<&'static str> {
             Some("WorkloadEntry")
         }
         ("multicluster.x-k8s.io/v1alpha1", "ServiceExport") => Some("ServiceExport"),
+        (
+            "networking.istio.io/v1"
+            | "networking.istio.io/v1beta1"
+            | "networking.istio.io/v1alpha3",
+            "VirtualService",
+        ) => Some("VirtualService"),
+        (
+            "networking.istio.io/v1"
+            | "networking.istio.io/v1beta1"
+            | "networking.istio.io/v1alpha3",
+            "DestinationRule",
+        ) => Some("DestinationRule"),
         _ => None,
     }
 }
@@ -79,7 +92,7 @@ fn parse_document(
         return Err(ConfigError {
             code: Code::UnknownKind,
             field: "kind".into(),
-            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1/WorkloadEntry, multicluster.x-k8s.io/v1alpha1/ServiceExport"),
+            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, multicluster.x-k8s.io/v1alpha1/ServiceExport"),
             ..err
         });
     };
@@ -113,6 +126,10 @@ fn parse_document(
         "WorkloadEntry" => {
             decode::<WorkloadEntrySpec>(spec, "spec").map(DocumentBody::WorkloadEntry)
         }
+        "VirtualService" => decode::<VirtualServiceSpec>(spec, "spec")
+            .map(|s| DocumentBody::VirtualService(Box::new(s))),
+        "DestinationRule" => decode::<DestinationRuleSpec>(spec, "spec")
+            .map(|s| DocumentBody::DestinationRule(Box::new(s))),
         _ => decode::<ServiceExportSpec>(spec, "spec").map(|_| DocumentBody::ServiceExport),
     };
     match body {

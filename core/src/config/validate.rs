@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use super::istio::{self, DestinationRuleSpec, VirtualServiceSpec};
 use super::kinds::{IntOrString, Metadata, ServiceSpec, WorkloadEntrySpec};
 use super::{
     Code, ConfigError, ConfigSet, NamespacedName, Protocol, Service, ServicePort, TargetPort,
@@ -24,6 +25,8 @@ pub enum DocumentBody {
     Service(ServiceSpec),
     WorkloadEntry(WorkloadEntrySpec),
     ServiceExport,
+    VirtualService(Box<VirtualServiceSpec>),
+    DestinationRule(Box<DestinationRuleSpec>),
 }
 
 impl DocumentBody {
@@ -32,19 +35,26 @@ impl DocumentBody {
             DocumentBody::Service(_) => "Service",
             DocumentBody::WorkloadEntry(_) => "WorkloadEntry",
             DocumentBody::ServiceExport => "ServiceExport",
+            DocumentBody::VirtualService(_) => "VirtualService",
+            DocumentBody::DestinationRule(_) => "DestinationRule",
         }
     }
 }
 
 /// Collects faults of one document.
-struct Checker<'a> {
+pub(super) struct Checker<'a> {
     doc: &'a Document,
     key: NamespacedName,
     errors: &'a mut Vec<ConfigError>,
 }
 
 impl Checker<'_> {
-    fn fail(&mut self, code: Code, field: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn fail(
+        &mut self,
+        code: Code,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) {
         self.errors.push(ConfigError {
             file: self.doc.file.clone(),
             document: self.doc.index,
@@ -55,7 +65,7 @@ impl Checker<'_> {
         });
     }
 
-    fn port(&mut self, field: &str, value: i64) -> Option<u16> {
+    pub(super) fn port(&mut self, field: &str, value: i64) -> Option<u16> {
         match u16::try_from(value) {
             Ok(p) if p > 0 => Some(p),
             _ => {
@@ -304,6 +314,145 @@ fn check_targets(
     }
 }
 
+/// The service a host names, seen from `namespace`: `name`, `name.ns`, `name.ns.svc`,
+/// `name.ns.svc.cluster.local` or `name.ns.svc.clusterset.local`.
+pub fn resolve_host(host: &str, namespace: &str) -> Option<NamespacedName> {
+    let labels: Vec<&str> = host.split('.').collect();
+    match labels.as_slice() {
+        [name] => Some(NamespacedName::new(namespace, name)),
+        [name, ns] | [name, ns, "svc"] | [name, ns, "svc", "cluster" | "clusterset", "local"] => {
+            Some(NamespacedName::new(ns, name))
+        }
+        _ => None,
+    }
+}
+
+fn doc_namespace(doc: &Document) -> String {
+    doc.metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned())
+}
+
+/// Resolves VirtualServices and DestinationRules against the services and attaches them.
+fn routing(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<ConfigError>) {
+    for doc in docs {
+        let DocumentBody::DestinationRule(spec) = &doc.body else {
+            continue;
+        };
+        let ns = doc_namespace(doc);
+        let mut c = Checker {
+            doc,
+            key: NamespacedName::new(&ns, &doc.metadata.name),
+            errors,
+        };
+        let (host, subsets, lb) = istio::destination_rule(&mut c, spec);
+        let Some(target) = resolve_host(&host, &ns).filter(|k| set.services.contains_key(k)) else {
+            c.fail(
+                Code::Reference,
+                "spec.host",
+                format!("no Service named `{host}`"),
+            );
+            continue;
+        };
+        let r = set.routing.entry(target.clone()).or_default();
+        if !r.subsets.is_empty() || r.load_balancer.is_some() {
+            c.fail(
+                Code::Duplicate,
+                "spec.host",
+                format!("another DestinationRule already applies to {target}"),
+            );
+            continue;
+        }
+        r.subsets = subsets;
+        r.load_balancer = lb;
+    }
+    for doc in docs {
+        let DocumentBody::VirtualService(spec) = &doc.body else {
+            continue;
+        };
+        let ns = doc_namespace(doc);
+        let mut c = Checker {
+            doc,
+            key: NamespacedName::new(&ns, &doc.metadata.name),
+            errors,
+        };
+        let Some(mut vs) = istio::virtual_service(&mut c, spec) else {
+            continue;
+        };
+        resolve_destinations(&mut c, &ns, &mut vs, set);
+        for (i, host) in vs.hosts.iter().enumerate() {
+            let Some(target) = resolve_host(host, &ns).filter(|k| set.services.contains_key(k))
+            else {
+                c.fail(
+                    Code::Reference,
+                    format!("spec.hosts[{i}]"),
+                    format!("no Service named `{host}`"),
+                );
+                continue;
+            };
+            let r = set.routing.entry(target.clone()).or_default();
+            if !r.http.is_empty() {
+                c.fail(
+                    Code::Duplicate,
+                    format!("spec.hosts[{i}]"),
+                    format!("another VirtualService already routes {target}"),
+                );
+                continue;
+            }
+            r.http = vs.http.clone();
+        }
+    }
+}
+
+fn resolve_destinations(
+    c: &mut Checker<'_>,
+    ns: &str,
+    vs: &mut istio::ParsedVirtualService,
+    set: &ConfigSet,
+) {
+    for (i, route) in vs.http.iter_mut().enumerate() {
+        let crate::routing::RouteAction::Route(dests) = &mut route.action else {
+            continue;
+        };
+        for (j, d) in dests.iter_mut().enumerate() {
+            let field = format!("spec.http[{i}].route[{j}].destination");
+            let Some(key) = resolve_host(&d.service, ns).filter(|k| set.services.contains_key(k))
+            else {
+                c.fail(
+                    Code::Reference,
+                    format!("{field}.host"),
+                    format!("no Service named `{}`", d.service),
+                );
+                continue;
+            };
+            if let Some(subset) = &d.subset {
+                let known = set
+                    .routing
+                    .get(&key)
+                    .is_some_and(|r| r.subsets.iter().any(|s| &s.name == subset));
+                if !known {
+                    c.fail(
+                        Code::Reference,
+                        format!("{field}.subset"),
+                        format!("no DestinationRule for {key} defines subset `{subset}`"),
+                    );
+                }
+            }
+            if let Some(port) = d.port {
+                if !set.services[&key].ports.iter().any(|p| p.port == port) {
+                    c.fail(
+                        Code::Reference,
+                        format!("{field}.port.number"),
+                        format!("{key} has no port {port}"),
+                    );
+                }
+            }
+            d.service = key.to_string();
+        }
+    }
+}
+
 /// Builds the config set from parsed documents, or every fault found.
 pub fn build(docs: Vec<Document>) -> Result<ConfigSet, Vec<ConfigError>> {
     let mut errors = Vec::new();
@@ -354,9 +503,11 @@ pub fn build(docs: Vec<Document>) -> Result<ConfigSet, Vec<ConfigError>> {
             DocumentBody::ServiceExport => {
                 set.exports.insert(key);
             }
+            DocumentBody::VirtualService(_) | DocumentBody::DestinationRule(_) => {}
         }
     }
     check_targets(&set, &locations, &mut errors);
+    routing(&docs, &mut set, &mut errors);
     if errors.is_empty() {
         Ok(set)
     } else {
@@ -452,5 +603,117 @@ metadata: {name: echo, namespace: demo}
         let e = first_error(&yaml);
         assert_eq!(e.code, Code::Duplicate);
         assert!(e.message.contains("document 1"), "{}", e.message);
+    }
+}
+
+#[cfg(test)]
+mod routing_tests {
+    use super::super::{load::load_files, SourceFile};
+    use super::*;
+
+    const BASE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: demo}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http, port: 80}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: demo}
+spec:
+  host: reviews.demo.svc.cluster.local
+  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"#;
+
+    fn with_vs(http: &str) -> Result<ConfigSet, Vec<ConfigError>> {
+        let vs = format!("---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: demo}}\nspec:\n  hosts: [reviews]\n  http:\n{http}");
+        load_files(&[SourceFile {
+            name: "r.yaml".into(),
+            contents: format!("{BASE}{vs}"),
+        }])
+        .map_err(|e| e.0)
+    }
+
+    #[test]
+    fn a_valid_virtual_service_attaches_to_its_service() {
+        let set = with_vs("  - match: [{headers: {end-user: {exact: jason}}}]\n    route: [{destination: {host: reviews, subset: v2}}]\n  - route:\n    - {destination: {host: reviews, subset: v1}, weight: 75}\n    - {destination: {host: reviews, subset: v2}, weight: 25}\n    timeout: 1.5s\n    retries: {attempts: 2, retryOn: 'gateway-error,unavailable'}\n").expect("valid");
+        let r = &set.routing[&NamespacedName::new("demo", "reviews")];
+        assert_eq!(r.http.len(), 2);
+        assert_eq!(r.subsets.len(), 2);
+        assert_eq!(
+            r.load_balancer,
+            Some(crate::routing::LoadBalancer::LeastRequest)
+        );
+        assert_eq!(r.http[1].timeout_ms, Some(1500));
+        let crate::routing::RouteAction::Route(d) = &r.http[1].action else {
+            panic!("route")
+        };
+        assert_eq!(d[0].service, "demo/reviews");
+    }
+
+    fn first(http: &str) -> ConfigError {
+        with_vs(http).expect_err("invalid").remove(0)
+    }
+
+    #[test]
+    fn unsupported_istio_fields_are_named_not_ignored() {
+        let e = first("  - route: [{destination: {host: reviews}}]\n    mirror: {host: reviews}\n");
+        assert_eq!(
+            (e.field.as_str(), e.code),
+            ("spec.http[0].mirror", Code::Schema)
+        );
+        assert!(e.message.contains("not supported yet"), "{}", e.message);
+        let e = first("  - route: [{destination: {host: reviews}}]\n    bogus: 1\n");
+        assert_eq!(e.field, "spec.http[0].bogus");
+    }
+
+    #[test]
+    fn weights_subsets_hosts_and_regexes_are_checked() {
+        let e = first("  - route:\n    - {destination: {host: reviews, subset: v1}, weight: 70}\n    - {destination: {host: reviews, subset: v2}, weight: 20}\n");
+        assert!(
+            e.field == "spec.http[0].route" && e.message.contains("add up to 90"),
+            "{e}"
+        );
+        let e = first("  - route: [{destination: {host: reviews, subset: v3}}]\n");
+        assert_eq!(
+            (e.field.as_str(), e.code),
+            ("spec.http[0].route[0].destination.subset", Code::Reference)
+        );
+        let e = first("  - route: [{destination: {host: ratings}}]\n");
+        assert!(e.message.contains("no Service named `ratings`"), "{e}");
+        let e = first("  - match: [{uri: {regex: '(unclosed'}}]\n    route: [{destination: {host: reviews}}]\n");
+        assert_eq!(e.field, "spec.http[0].match[0].uri.regex");
+        let e = first("  - route: [{destination: {host: reviews}}]\n    timeout: soon\n");
+        assert_eq!(e.field, "spec.http[0].timeout");
+        let e = first("  - route: [{destination: {host: reviews}}]\n    retries: {attempts: 2, retryOn: 'sometimes'}\n");
+        assert!(
+            e.message.contains("`sometimes` is not a retry condition"),
+            "{e}"
+        );
+        let e = first(
+            "  - fault: {abort: {grpcStatus: NOPE}}\n    route: [{destination: {host: reviews}}]\n",
+        );
+        assert_eq!(e.field, "spec.http[0].fault.abort.grpcStatus");
+    }
+
+    #[test]
+    fn unsupported_destination_rule_policies_are_named() {
+        let dr = BASE.replace(
+            "trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}",
+            "trafficPolicy: {outlierDetection: {consecutive5xxErrors: 3}}",
+        );
+        let e = load_files(&[SourceFile {
+            name: "r.yaml".into(),
+            contents: dr,
+        }])
+        .expect_err("unsupported")
+        .0
+        .remove(0);
+        assert_eq!(e.field, "spec.trafficPolicy.outlierDetection");
     }
 }

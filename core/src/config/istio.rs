@@ -1,0 +1,831 @@
+//! Istio's `VirtualService` and `DestinationRule` as users write them, and their conversion
+//! into [`crate::routing`]. Fields Istio defines that Isthmus does not implement yet are
+//! parsed so that the error can name them ("not supported yet"), never silently dropped.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::validate::Checker;
+use super::Code;
+use crate::routing::{
+    Abort, Destination, Fault, HeaderOp, HeaderOps, HttpRoute, LoadBalancer, Retries, Rewrite,
+    RouteAction, RouteMatch, StringMatch, Subset,
+};
+
+type Unsupported = Option<serde_yaml_ng::Value>;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VirtualServiceSpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub http: Vec<HttpRouteSpec>,
+    pub tcp: Unsupported,
+    pub tls: Unsupported,
+    pub export_to: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteSpec {
+    pub name: Option<String>,
+    #[serde(rename = "match", default)]
+    pub matches: Vec<MatchSpec>,
+    #[serde(default)]
+    pub route: Vec<RouteDestinationSpec>,
+    pub redirect: Option<RedirectSpec>,
+    pub direct_response: Option<DirectResponseSpec>,
+    pub rewrite: Option<RewriteSpec>,
+    pub timeout: Option<String>,
+    pub retries: Option<RetriesSpec>,
+    pub fault: Option<FaultSpec>,
+    pub headers: Option<HeadersSpec>,
+    pub mirror: Unsupported,
+    pub mirror_percentage: Unsupported,
+    pub mirrors: Unsupported,
+    pub cors_policy: Unsupported,
+    pub delegate: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StringMatchSpec {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub regex: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MatchSpec {
+    pub name: Option<String>,
+    pub uri: Option<StringMatchSpec>,
+    pub method: Option<StringMatchSpec>,
+    pub authority: Option<StringMatchSpec>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatchSpec>,
+    #[serde(default)]
+    pub query_params: BTreeMap<String, StringMatchSpec>,
+    #[serde(default)]
+    pub without_headers: BTreeMap<String, StringMatchSpec>,
+    #[serde(default)]
+    pub ignore_uri_case: bool,
+    pub port: Option<i64>,
+    pub scheme: Unsupported,
+    pub source_labels: Unsupported,
+    pub source_namespace: Unsupported,
+    pub gateways: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortSelectorSpec {
+    pub number: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DestinationSpec {
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<PortSelectorSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteDestinationSpec {
+    pub destination: DestinationSpec,
+    pub weight: Option<i64>,
+    pub headers: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RedirectSpec {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub redirect_code: Option<i64>,
+    pub port: Unsupported,
+    pub derive_port: Unsupported,
+    pub scheme: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DirectResponseBodySpec {
+    pub string: Option<String>,
+    pub bytes: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DirectResponseSpec {
+    pub status: i64,
+    pub body: Option<DirectResponseBodySpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RewriteSpec {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub uri_regex_rewrite: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetriesSpec {
+    pub attempts: Option<i64>,
+    pub per_try_timeout: Option<String>,
+    pub retry_on: Option<String>,
+    pub retry_remote_localities: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PercentSpec {
+    pub value: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DelaySpec {
+    pub fixed_delay: Option<String>,
+    pub percentage: Option<PercentSpec>,
+    pub percent: Unsupported,
+    pub exponential_delay: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AbortSpec {
+    pub http_status: Option<i64>,
+    pub grpc_status: Option<String>,
+    pub percentage: Option<PercentSpec>,
+    pub http2_error: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultSpec {
+    pub delay: Option<DelaySpec>,
+    pub abort: Option<AbortSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HeaderOpSpec {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HeadersSpec {
+    pub request: Option<HeaderOpSpec>,
+    pub response: Option<HeaderOpSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DestinationRuleSpec {
+    pub host: String,
+    pub traffic_policy: Option<TrafficPolicySpec>,
+    #[serde(default)]
+    pub subsets: Vec<SubsetSpec>,
+    pub export_to: Unsupported,
+    pub workload_selector: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficPolicySpec {
+    pub load_balancer: Option<LoadBalancerSpec>,
+    pub connection_pool: Unsupported,
+    pub outlier_detection: Unsupported,
+    pub tls: Unsupported,
+    pub port_level_settings: Unsupported,
+    pub tunnel: Unsupported,
+    pub proxy_protocol: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LoadBalancerSpec {
+    pub simple: Option<String>,
+    pub consistent_hash: Unsupported,
+    pub locality_lb_setting: Unsupported,
+    pub warmup_duration_secs: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SubsetSpec {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub traffic_policy: Option<TrafficPolicySpec>,
+}
+
+/// A VirtualService converted, with hosts not yet resolved to services.
+#[derive(Debug, Clone)]
+pub struct ParsedVirtualService {
+    pub hosts: Vec<String>,
+    pub http: Vec<HttpRoute>,
+}
+
+fn unsupported(c: &mut Checker<'_>, field: &str, value: &Unsupported) {
+    if value.is_some() {
+        c.fail(
+            Code::Schema,
+            field,
+            format!(
+                "`{}` is not supported yet",
+                field.rsplit('.').next().unwrap_or(field)
+            ),
+        );
+    }
+}
+
+/// Parses an Istio duration ("1.5s", "100ms", "2m", "1h") into milliseconds.
+pub fn parse_duration_ms(s: &str) -> Option<u64> {
+    let (num, factor) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3_600_000.0)
+    } else {
+        return None;
+    };
+    let v: f64 = num.parse().ok()?;
+    (v.is_finite() && v >= 0.0).then(|| (v * factor).round() as u64)
+}
+
+fn duration(c: &mut Checker<'_>, field: &str, s: &str) -> Option<u64> {
+    let d = parse_duration_ms(s);
+    if d.is_none() {
+        c.fail(
+            Code::InvalidValue,
+            field,
+            format!("`{s}` is not a duration like 1.5s or 100ms"),
+        );
+    }
+    d
+}
+
+fn string_match(c: &mut Checker<'_>, field: &str, m: &StringMatchSpec) -> Option<StringMatch> {
+    match (&m.exact, &m.prefix, &m.regex) {
+        (Some(e), None, None) => Some(StringMatch::Exact(e.clone())),
+        (None, Some(p), None) => Some(StringMatch::Prefix(p.clone())),
+        (None, None, Some(r)) => match regex::Regex::new(&format!("^(?:{r})$")) {
+            Ok(_) => Some(StringMatch::Regex(r.clone())),
+            Err(e) => {
+                c.fail(
+                    Code::InvalidValue,
+                    format!("{field}.regex"),
+                    format!("invalid regex: {e}"),
+                );
+                None
+            }
+        },
+        _ => {
+            c.fail(
+                Code::InvalidValue,
+                field,
+                "exactly one of exact, prefix, regex is required",
+            );
+            None
+        }
+    }
+}
+
+fn string_matches(
+    c: &mut Checker<'_>,
+    field: &str,
+    m: &BTreeMap<String, StringMatchSpec>,
+) -> BTreeMap<String, StringMatch> {
+    m.iter()
+        .filter_map(|(k, v)| {
+            Some((
+                k.to_ascii_lowercase(),
+                string_match(c, &format!("{field}.{k}"), v)?,
+            ))
+        })
+        .collect()
+}
+
+fn route_match(c: &mut Checker<'_>, field: &str, m: &MatchSpec) -> RouteMatch {
+    for (name, value) in [
+        ("scheme", &m.scheme),
+        ("sourceLabels", &m.source_labels),
+        ("sourceNamespace", &m.source_namespace),
+        ("gateways", &m.gateways),
+    ] {
+        unsupported(c, &format!("{field}.{name}"), value);
+    }
+    let opt = |c: &mut Checker<'_>, name: &str, v: &Option<StringMatchSpec>| {
+        v.as_ref()
+            .and_then(|v| string_match(c, &format!("{field}.{name}"), v))
+    };
+    RouteMatch {
+        uri: opt(c, "uri", &m.uri),
+        method: opt(c, "method", &m.method),
+        authority: opt(c, "authority", &m.authority),
+        headers: string_matches(c, &format!("{field}.headers"), &m.headers),
+        query_params: m
+            .query_params
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    k.clone(),
+                    string_match(c, &format!("{field}.queryParams.{k}"), v)?,
+                ))
+            })
+            .collect(),
+        without_headers: string_matches(c, &format!("{field}.withoutHeaders"), &m.without_headers),
+        ignore_uri_case: m.ignore_uri_case,
+        port: m.port.and_then(|p| c.port(&format!("{field}.port"), p)),
+    }
+}
+
+fn percentage(c: &mut Checker<'_>, field: &str, p: &Option<PercentSpec>) -> f64 {
+    match p {
+        None => 100.0,
+        Some(p) if (0.0..=100.0).contains(&p.value) => p.value,
+        Some(p) => {
+            c.fail(
+                Code::InvalidValue,
+                format!("{field}.percentage.value"),
+                format!("{} is not a percentage (0-100)", p.value),
+            );
+            0.0
+        }
+    }
+}
+
+/// gRPC status names as Istio spells them.
+pub fn grpc_code(name: &str) -> Option<u8> {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    NAMES.iter().position(|n| *n == name).map(|i| i as u8)
+}
+
+fn fault(c: &mut Checker<'_>, field: &str, f: &FaultSpec) -> Fault {
+    let delay = f.delay.as_ref().and_then(|d| {
+        unsupported(c, &format!("{field}.delay.percent"), &d.percent);
+        unsupported(
+            c,
+            &format!("{field}.delay.exponentialDelay"),
+            &d.exponential_delay,
+        );
+        let Some(fixed) = &d.fixed_delay else {
+            c.fail(
+                Code::Missing,
+                format!("{field}.delay.fixedDelay"),
+                "a delay needs fixedDelay",
+            );
+            return None;
+        };
+        Some((
+            duration(c, &format!("{field}.delay.fixedDelay"), fixed)?,
+            percentage(c, &format!("{field}.delay"), &d.percentage),
+        ))
+    });
+    let abort = f.abort.as_ref().and_then(|a| {
+        unsupported(c, &format!("{field}.abort.http2Error"), &a.http2_error);
+        let pct = percentage(c, &format!("{field}.abort"), &a.percentage);
+        match (a.http_status, &a.grpc_status) {
+            (Some(s), None) if (200..=599).contains(&s) => Some((Abort::Http(s as u16), pct)),
+            (None, Some(g)) => match grpc_code(g) {
+                Some(code) => Some((Abort::Grpc(code), pct)),
+                None => {
+                    c.fail(
+                        Code::InvalidValue,
+                        format!("{field}.abort.grpcStatus"),
+                        format!("`{g}` is not a gRPC status name"),
+                    );
+                    None
+                }
+            },
+            _ => {
+                c.fail(
+                    Code::InvalidValue,
+                    format!("{field}.abort"),
+                    "an abort needs one httpStatus (200-599) or grpcStatus",
+                );
+                None
+            }
+        }
+    });
+    Fault { delay, abort }
+}
+
+/// Retry conditions the sidecar understands (Envoy's names and gRPC status names).
+pub const RETRY_ON: [&str; 12] = [
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "refused-stream",
+    "retriable-4xx",
+    "envoy-ratelimited",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
+fn retries(c: &mut Checker<'_>, field: &str, r: &RetriesSpec) -> Retries {
+    unsupported(
+        c,
+        &format!("{field}.retryRemoteLocalities"),
+        &r.retry_remote_localities,
+    );
+    let attempts = match r.attempts {
+        None => 2,
+        Some(n) if (0..=10).contains(&n) => n as u32,
+        Some(n) => {
+            c.fail(
+                Code::InvalidValue,
+                format!("{field}.attempts"),
+                format!("{n} is out of range (0-10)"),
+            );
+            0
+        }
+    };
+    let retry_on: Vec<String> = r
+        .retry_on
+        .as_deref()
+        .unwrap_or("connect-failure,refused-stream,unavailable,cancelled")
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for cond in &retry_on {
+        if !RETRY_ON.contains(&cond.as_str()) {
+            c.fail(
+                Code::InvalidValue,
+                format!("{field}.retryOn"),
+                format!(
+                    "`{cond}` is not a retry condition; supported: {}",
+                    RETRY_ON.join(", ")
+                ),
+            );
+        }
+    }
+    let per_try_timeout_ms = r
+        .per_try_timeout
+        .as_deref()
+        .and_then(|d| duration(c, &format!("{field}.perTryTimeout"), d));
+    Retries {
+        attempts,
+        per_try_timeout_ms,
+        retry_on,
+    }
+}
+
+fn header_op(c: &mut Checker<'_>, field: &str, op: &Option<HeaderOpSpec>) -> HeaderOp {
+    let Some(op) = op else {
+        return HeaderOp::default();
+    };
+    for name in op.set.keys().chain(op.add.keys()).chain(op.remove.iter()) {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            c.fail(
+                Code::InvalidValue,
+                field,
+                format!("`{name}` is not a header name"),
+            );
+        }
+    }
+    for value in op.set.values().chain(op.add.values()) {
+        if http::HeaderValue::from_str(value).is_err() {
+            c.fail(
+                Code::InvalidValue,
+                field,
+                format!("`{value}` is not a header value"),
+            );
+        }
+    }
+    HeaderOp {
+        set: op
+            .set
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect(),
+        add: op
+            .add
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect(),
+        remove: op.remove.iter().map(|k| k.to_ascii_lowercase()).collect(),
+    }
+}
+
+fn action(c: &mut Checker<'_>, field: &str, h: &HttpRouteSpec) -> Option<RouteAction> {
+    let kinds = usize::from(!h.route.is_empty())
+        + usize::from(h.redirect.is_some())
+        + usize::from(h.direct_response.is_some());
+    if kinds != 1 {
+        c.fail(
+            Code::InvalidValue,
+            field,
+            "a route needs exactly one of route, redirect, directResponse",
+        );
+        return None;
+    }
+    if let Some(r) = &h.redirect {
+        for (name, v) in [
+            ("port", &r.port),
+            ("derivePort", &r.derive_port),
+            ("scheme", &r.scheme),
+        ] {
+            unsupported(c, &format!("{field}.redirect.{name}"), v);
+        }
+        let code = r.redirect_code.unwrap_or(301);
+        if ![301, 302, 303, 307, 308].contains(&code) {
+            c.fail(
+                Code::InvalidValue,
+                format!("{field}.redirect.redirectCode"),
+                format!("{code} is not a redirect status"),
+            );
+        }
+        return Some(RouteAction::Redirect {
+            uri: r.uri.clone(),
+            authority: r.authority.clone(),
+            code: code as u16,
+        });
+    }
+    if let Some(d) = &h.direct_response {
+        if !(200..=599).contains(&d.status) {
+            c.fail(
+                Code::InvalidValue,
+                format!("{field}.directResponse.status"),
+                format!("{} is not an HTTP status", d.status),
+            );
+        }
+        if let Some(b) = &d.body {
+            unsupported(c, &format!("{field}.directResponse.body.bytes"), &b.bytes);
+        }
+        let body = d
+            .body
+            .as_ref()
+            .and_then(|b| b.string.clone())
+            .unwrap_or_default();
+        return Some(RouteAction::DirectResponse {
+            status: d.status.clamp(200, 599) as u16,
+            body,
+        });
+    }
+    let mut destinations = Vec::new();
+    for (i, r) in h.route.iter().enumerate() {
+        let f = format!("{field}.route[{i}]");
+        unsupported(c, &format!("{f}.headers"), &r.headers);
+        let weight = match r.weight {
+            None if h.route.len() == 1 => 100,
+            None => 0,
+            Some(w) if (0..=100).contains(&w) => w as u32,
+            Some(w) => {
+                c.fail(
+                    Code::InvalidValue,
+                    format!("{f}.weight"),
+                    format!("{w} is not a weight (0-100)"),
+                );
+                0
+            }
+        };
+        let port = r
+            .destination
+            .port
+            .as_ref()
+            .and_then(|p| c.port(&format!("{f}.destination.port.number"), p.number));
+        destinations.push(Destination {
+            service: r.destination.host.clone(),
+            subset: r.destination.subset.clone(),
+            port,
+            weight,
+        });
+    }
+    let total: u32 = destinations.iter().map(|d| d.weight).sum();
+    if total != 100 {
+        c.fail(
+            Code::InvalidValue,
+            format!("{field}.route"),
+            format!("weights add up to {total}, not 100"),
+        );
+    }
+    Some(RouteAction::Route(destinations))
+}
+
+fn http_route(c: &mut Checker<'_>, field: &str, h: &HttpRouteSpec) -> Option<HttpRoute> {
+    for (name, v) in [
+        ("mirror", &h.mirror),
+        ("mirrorPercentage", &h.mirror_percentage),
+        ("mirrors", &h.mirrors),
+        ("corsPolicy", &h.cors_policy),
+        ("delegate", &h.delegate),
+    ] {
+        unsupported(c, &format!("{field}.{name}"), v);
+    }
+    let matches = h
+        .matches
+        .iter()
+        .enumerate()
+        .map(|(i, m)| route_match(c, &format!("{field}.match[{i}]"), m))
+        .collect();
+    let action = action(c, field, h)?;
+    let rewrite = h.rewrite.as_ref().map(|r| {
+        unsupported(
+            c,
+            &format!("{field}.rewrite.uriRegexRewrite"),
+            &r.uri_regex_rewrite,
+        );
+        Rewrite {
+            uri: r.uri.clone(),
+            authority: r.authority.clone(),
+        }
+    });
+    let headers = h.headers.as_ref().map(|hs| HeaderOps {
+        request: header_op(c, &format!("{field}.headers.request"), &hs.request),
+        response: header_op(c, &format!("{field}.headers.response"), &hs.response),
+    });
+    Some(HttpRoute {
+        name: h.name.clone().unwrap_or_default(),
+        matches,
+        action,
+        rewrite,
+        timeout_ms: h
+            .timeout
+            .as_deref()
+            .and_then(|t| duration(c, &format!("{field}.timeout"), t)),
+        retries: h
+            .retries
+            .as_ref()
+            .map(|r| retries(c, &format!("{field}.retries"), r)),
+        fault: h
+            .fault
+            .as_ref()
+            .map(|f| fault(c, &format!("{field}.fault"), f)),
+        headers: headers.unwrap_or_default(),
+    })
+}
+
+pub fn virtual_service(
+    c: &mut Checker<'_>,
+    spec: &VirtualServiceSpec,
+) -> Option<ParsedVirtualService> {
+    unsupported(c, "spec.tcp", &spec.tcp);
+    unsupported(c, "spec.tls", &spec.tls);
+    unsupported(c, "spec.exportTo", &spec.export_to);
+    if spec.hosts.is_empty() {
+        c.fail(
+            Code::Missing,
+            "spec.hosts",
+            "a VirtualService needs at least one host",
+        );
+    }
+    for (i, g) in spec.gateways.iter().enumerate() {
+        if g != "mesh" {
+            c.fail(
+                Code::Schema,
+                format!("spec.gateways[{i}]"),
+                format!("gateway `{g}` is not supported yet; only `mesh`"),
+            );
+        }
+    }
+    let http = spec
+        .http
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| http_route(c, &format!("spec.http[{i}]"), h))
+        .collect();
+    Some(ParsedVirtualService {
+        hosts: spec.hosts.clone(),
+        http,
+    })
+}
+
+fn load_balancer(
+    c: &mut Checker<'_>,
+    field: &str,
+    p: &Option<TrafficPolicySpec>,
+) -> Option<LoadBalancer> {
+    let p = p.as_ref()?;
+    for (name, v) in [
+        ("connectionPool", &p.connection_pool),
+        ("outlierDetection", &p.outlier_detection),
+        ("tls", &p.tls),
+        ("portLevelSettings", &p.port_level_settings),
+        ("tunnel", &p.tunnel),
+        ("proxyProtocol", &p.proxy_protocol),
+    ] {
+        unsupported(c, &format!("{field}.{name}"), v);
+    }
+    let lb = p.load_balancer.as_ref()?;
+    unsupported(
+        c,
+        &format!("{field}.loadBalancer.consistentHash"),
+        &lb.consistent_hash,
+    );
+    unsupported(
+        c,
+        &format!("{field}.loadBalancer.localityLbSetting"),
+        &lb.locality_lb_setting,
+    );
+    unsupported(
+        c,
+        &format!("{field}.loadBalancer.warmupDurationSecs"),
+        &lb.warmup_duration_secs,
+    );
+    match lb.simple.as_deref() {
+        None => None,
+        Some("ROUND_ROBIN") | Some("UNSPECIFIED") => Some(LoadBalancer::RoundRobin),
+        Some("LEAST_REQUEST") | Some("LEAST_CONN") => Some(LoadBalancer::LeastRequest),
+        Some("RANDOM") => Some(LoadBalancer::Random),
+        Some(other) => {
+            c.fail(
+                Code::InvalidValue,
+                format!("{field}.loadBalancer.simple"),
+                format!("`{other}` is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM"),
+            );
+            None
+        }
+    }
+}
+
+/// A DestinationRule converted: (host, subsets, service-level load balancer).
+pub fn destination_rule(
+    c: &mut Checker<'_>,
+    spec: &DestinationRuleSpec,
+) -> (String, Vec<Subset>, Option<LoadBalancer>) {
+    unsupported(c, "spec.exportTo", &spec.export_to);
+    unsupported(c, "spec.workloadSelector", &spec.workload_selector);
+    let lb = load_balancer(c, "spec.trafficPolicy", &spec.traffic_policy);
+    let mut names = std::collections::BTreeSet::new();
+    let subsets = spec
+        .subsets
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            if !names.insert(s.name.clone()) {
+                c.fail(
+                    Code::Duplicate,
+                    format!("spec.subsets[{i}].name"),
+                    format!("subset `{}` is defined twice", s.name),
+                );
+            }
+            Subset {
+                name: s.name.clone(),
+                labels: s.labels.clone(),
+                load_balancer: load_balancer(
+                    c,
+                    &format!("spec.subsets[{i}].trafficPolicy"),
+                    &s.traffic_policy,
+                ),
+            }
+        })
+        .collect();
+    (spec.host.clone(), subsets, lb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration_ms;
+
+    #[test]
+    fn durations_parse_like_istio() {
+        assert_eq!(parse_duration_ms("1.5s"), Some(1500));
+        assert_eq!(parse_duration_ms("100ms"), Some(100));
+        assert_eq!(parse_duration_ms("2m"), Some(120_000));
+        assert_eq!(parse_duration_ms("10"), None);
+        assert_eq!(parse_duration_ms("-1s"), None);
+    }
+}

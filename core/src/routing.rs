@@ -1,0 +1,140 @@
+//! Traffic management as the sidecar applies it: the validated, resolved form of Istio's
+//! `VirtualService` and `DestinationRule` for one service. The controller builds it from the
+//! YAML (`config::istio`), sends it with the service, and the sidecar compiles it once per
+//! config change.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// How a string is matched (Istio's StringMatch).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(String),
+}
+
+/// One `match` block: every condition in it must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteMatch {
+    pub uri: Option<StringMatch>,
+    pub method: Option<StringMatch>,
+    pub authority: Option<StringMatch>,
+    pub headers: BTreeMap<String, StringMatch>,
+    pub query_params: BTreeMap<String, StringMatch>,
+    pub without_headers: BTreeMap<String, StringMatch>,
+    pub ignore_uri_case: bool,
+    pub port: Option<u16>,
+}
+
+/// A weighted destination; `service` is `namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Destination {
+    pub service: String,
+    pub subset: Option<String>,
+    pub port: Option<u16>,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteAction {
+    Route(Vec<Destination>),
+    Redirect {
+        uri: Option<String>,
+        authority: Option<String>,
+        code: u16,
+    },
+    DirectResponse {
+        status: u16,
+        body: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rewrite {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retries {
+    pub attempts: u32,
+    pub per_try_timeout_ms: Option<u64>,
+    /// Envoy's conditions and gRPC status names, as Istio's `retryOn` lists them.
+    pub retry_on: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fault {
+    /// (delay, percentage of requests).
+    pub delay: Option<(u64, f64)>,
+    /// (HTTP status or gRPC status, percentage of requests).
+    pub abort: Option<(Abort, f64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Abort {
+    Http(u16),
+    Grpc(u8),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeaderOp {
+    pub set: BTreeMap<String, String>,
+    pub add: BTreeMap<String, String>,
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeaderOps {
+    pub request: HeaderOp,
+    pub response: HeaderOp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpRoute {
+    pub name: String,
+    /// Empty: matches every request.
+    pub matches: Vec<RouteMatch>,
+    pub action: RouteAction,
+    pub rewrite: Option<Rewrite>,
+    pub timeout_ms: Option<u64>,
+    pub retries: Option<Retries>,
+    pub fault: Option<Fault>,
+    pub headers: HeaderOps,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalancer {
+    RoundRobin,
+    LeastRequest,
+    Random,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subset {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+/// Everything routing-related for one service.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceRouting {
+    /// From the VirtualService whose hosts name this service; first match wins.
+    pub http: Vec<HttpRoute>,
+    /// From the DestinationRule of this service.
+    pub subsets: Vec<Subset>,
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+impl ServiceRouting {
+    pub fn is_empty(&self) -> bool {
+        self.http.is_empty() && self.subsets.is_empty() && self.load_balancer.is_none()
+    }
+}

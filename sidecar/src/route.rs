@@ -1,0 +1,399 @@
+//! Istio `VirtualService` / `DestinationRule` semantics on the request path: the routing
+//! pushed with a service is compiled once per config change (regexes, header names), then
+//! each request finds the first matching route, its weighted destination, its faults,
+//! rewrites and header operations.
+
+use std::collections::BTreeMap;
+
+use http::header::HeaderName;
+use http::HeaderMap;
+use isthmus_core::routing::{
+    Destination, HeaderOp, HttpRoute, LoadBalancer, RouteMatch, ServiceRouting, StringMatch,
+};
+use regex::Regex;
+
+#[derive(Debug)]
+enum Matcher {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+impl Matcher {
+    fn compile(m: &StringMatch, ignore_case: bool) -> Result<Self, String> {
+        let lower = |s: &String| {
+            if ignore_case {
+                s.to_ascii_lowercase()
+            } else {
+                s.clone()
+            }
+        };
+        Ok(match m {
+            StringMatch::Exact(s) => Matcher::Exact(lower(s)),
+            StringMatch::Prefix(s) => Matcher::Prefix(lower(s)),
+            StringMatch::Regex(r) => {
+                let flags = if ignore_case { "(?i)" } else { "" };
+                Matcher::Regex(
+                    Regex::new(&format!("{flags}^(?:{r})$"))
+                        .map_err(|e| format!("regex `{r}`: {e}"))?,
+                )
+            }
+        })
+    }
+
+    fn matches(&self, value: &str, ignore_case: bool) -> bool {
+        match self {
+            Matcher::Exact(s) if ignore_case => value.eq_ignore_ascii_case(s),
+            Matcher::Exact(s) => value == s,
+            Matcher::Prefix(p) if ignore_case => {
+                value.len() >= p.len()
+                    && value.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            }
+            Matcher::Prefix(p) => value.starts_with(p.as_str()),
+            Matcher::Regex(r) => r.is_match(value),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CompiledMatch {
+    uri: Option<Matcher>,
+    method: Option<Matcher>,
+    authority: Option<Matcher>,
+    headers: Vec<(HeaderName, Matcher)>,
+    query: Vec<(String, Matcher)>,
+    without_headers: Vec<(HeaderName, Matcher)>,
+    ignore_uri_case: bool,
+    port: Option<u16>,
+}
+
+fn header_matchers(
+    m: &BTreeMap<String, StringMatch>,
+) -> Result<Vec<(HeaderName, Matcher)>, String> {
+    m.iter()
+        .map(|(k, v)| {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| format!("`{k}` is not a header name"))?;
+            Ok((name, Matcher::compile(v, false)?))
+        })
+        .collect()
+}
+
+impl CompiledMatch {
+    fn compile(m: &RouteMatch) -> Result<Self, String> {
+        let opt = |v: &Option<StringMatch>, ic: bool| {
+            v.as_ref().map(|v| Matcher::compile(v, ic)).transpose()
+        };
+        Ok(Self {
+            uri: opt(&m.uri, m.ignore_uri_case)?,
+            method: opt(&m.method, false)?,
+            authority: opt(&m.authority, false)?,
+            headers: header_matchers(&m.headers)?,
+            query: m
+                .query_params
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), Matcher::compile(v, false)?)))
+                .collect::<Result<_, String>>()?,
+            without_headers: header_matchers(&m.without_headers)?,
+            ignore_uri_case: m.ignore_uri_case,
+            port: m.port,
+        })
+    }
+
+    fn matches(&self, req: &RequestView<'_>) -> bool {
+        let header = |name: &HeaderName, m: &Matcher| {
+            req.headers
+                .get_all(name)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|v| m.matches(v, false)))
+        };
+        self.uri
+            .as_ref()
+            .is_none_or(|m| m.matches(req.path, self.ignore_uri_case))
+            && self
+                .method
+                .as_ref()
+                .is_none_or(|m| m.matches(req.method, false))
+            && self
+                .authority
+                .as_ref()
+                .is_none_or(|m| m.matches(req.authority, false))
+            && self.port.is_none_or(|p| p == req.port)
+            && self.headers.iter().all(|(n, m)| header(n, m))
+            && !self.without_headers.iter().any(|(n, m)| header(n, m))
+            && self
+                .query
+                .iter()
+                .all(|(k, m)| query_param(req.query, k).is_some_and(|v| m.matches(v, false)))
+    }
+}
+
+fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then_some(v)
+    })
+}
+
+/// What a route looks at in a request.
+pub struct RequestView<'a> {
+    pub path: &'a str,
+    pub query: &'a str,
+    pub method: &'a str,
+    pub authority: &'a str,
+    pub port: u16,
+    pub headers: &'a HeaderMap,
+}
+
+#[derive(Debug)]
+pub struct CompiledRoute {
+    pub spec: HttpRoute,
+    matches: Vec<CompiledMatch>,
+}
+
+/// A destination's subset, resolved.
+#[derive(Debug, Clone)]
+pub struct SubsetPolicy {
+    pub labels: BTreeMap<String, String>,
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+#[derive(Debug, Default)]
+pub struct CompiledRouting {
+    pub routes: Vec<CompiledRoute>,
+    subsets: BTreeMap<String, SubsetPolicy>,
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+impl CompiledRouting {
+    pub fn compile(r: ServiceRouting) -> Result<Self, String> {
+        let routes = r
+            .http
+            .into_iter()
+            .map(|spec| {
+                let matches = spec
+                    .matches
+                    .iter()
+                    .map(CompiledMatch::compile)
+                    .collect::<Result<_, _>>()?;
+                Ok(CompiledRoute { spec, matches })
+            })
+            .collect::<Result<_, String>>()?;
+        let subsets = r
+            .subsets
+            .into_iter()
+            .map(|s| {
+                (
+                    s.name,
+                    SubsetPolicy {
+                        labels: s.labels,
+                        load_balancer: s.load_balancer,
+                    },
+                )
+            })
+            .collect();
+        Ok(Self {
+            routes,
+            subsets,
+            load_balancer: r.load_balancer,
+        })
+    }
+
+    /// The first route whose match list matches (a route with no match matches all), and
+    /// the URI prefix the matching condition matched on, for prefix rewrites.
+    pub fn select(&self, req: &RequestView<'_>) -> Option<(&CompiledRoute, Option<&str>)> {
+        self.routes.iter().find_map(|r| {
+            if r.matches.is_empty() {
+                return Some((r, None));
+            }
+            let m = r.matches.iter().find(|m| m.matches(req))?;
+            let prefix = match &m.uri {
+                Some(Matcher::Prefix(p)) => Some(p.as_str()),
+                _ => None,
+            };
+            Some((r, prefix))
+        })
+    }
+
+    pub fn subset(&self, name: &str) -> Option<&SubsetPolicy> {
+        self.subsets.get(name)
+    }
+}
+
+/// A destination chosen by weight.
+pub fn pick_weighted(dests: &[Destination]) -> Option<&Destination> {
+    let total: u32 = dests.iter().map(|d| d.weight).sum();
+    if total == 0 {
+        return dests.first();
+    }
+    let mut point = rand::random_range(0..total);
+    dests.iter().find(|d| {
+        if point < d.weight {
+            true
+        } else {
+            point -= d.weight;
+            false
+        }
+    })
+}
+
+/// True for `percent`% of calls.
+pub fn sampled(percent: f64) -> bool {
+    percent >= 100.0 || rand::random::<f64>() * 100.0 < percent
+}
+
+/// The path after a `rewrite.uri`: the matched prefix is replaced, or the whole path when
+/// the route did not match on a prefix. The query string is kept.
+pub fn rewrite_path(path_and_query: &str, matched_prefix: Option<&str>, rewrite: &str) -> String {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    let new_path = match matched_prefix {
+        Some(prefix) if path.len() >= prefix.len() => format!("{rewrite}{}", &path[prefix.len()..]),
+        _ => rewrite.to_owned(),
+    };
+    match query {
+        Some(q) => format!("{new_path}?{q}"),
+        None => new_path,
+    }
+}
+
+/// Applies `set`, `add` and `remove` to a header map; invalid values were refused at
+/// validation and are skipped here.
+pub fn apply_header_op(headers: &mut HeaderMap, op: &HeaderOp) {
+    for (k, v) in &op.set {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_str(v),
+        ) {
+            headers.insert(n, v);
+        }
+    }
+    for (k, v) in &op.add {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_str(v),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    for k in &op.remove {
+        headers.remove(k.as_str());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isthmus_core::routing::RouteAction;
+
+    fn route(name: &str, m: Vec<RouteMatch>) -> HttpRoute {
+        HttpRoute {
+            name: name.into(),
+            matches: m,
+            action: RouteAction::DirectResponse {
+                status: 200,
+                body: String::new(),
+            },
+            rewrite: None,
+            timeout_ms: None,
+            retries: None,
+            fault: None,
+            headers: Default::default(),
+        }
+    }
+
+    fn view<'a>(path: &'a str, headers: &'a HeaderMap) -> RequestView<'a> {
+        RequestView {
+            path,
+            query: "a=1&user=jason",
+            method: "GET",
+            authority: "reviews",
+            port: 80,
+            headers,
+        }
+    }
+
+    #[test]
+    fn first_matching_route_wins_and_a_route_without_match_catches_all() {
+        let mut jason = RouteMatch::default();
+        jason
+            .headers
+            .insert("end-user".into(), StringMatch::Exact("jason".into()));
+        let api = RouteMatch {
+            uri: Some(StringMatch::Prefix("/API".into())),
+            ignore_uri_case: true,
+            ..Default::default()
+        };
+        let routing = ServiceRouting {
+            http: vec![
+                route("jason", vec![jason]),
+                route("api", vec![api]),
+                route("rest", vec![]),
+            ],
+            ..Default::default()
+        };
+        let r = CompiledRouting::compile(routing).expect("compiles");
+        let mut h = HeaderMap::new();
+        assert_eq!(r.select(&view("/x", &h)).expect("some").0.spec.name, "rest");
+        let (api, prefix) = r.select(&view("/api/v1", &h)).expect("some");
+        assert_eq!((api.spec.name.as_str(), prefix), ("api", Some("/api")));
+        h.insert("end-user", "jason".parse().expect("value"));
+        assert_eq!(
+            r.select(&view("/api/v1", &h)).expect("some").0.spec.name,
+            "jason"
+        );
+    }
+
+    #[test]
+    fn regex_query_and_without_headers_conditions() {
+        let mut m = RouteMatch {
+            uri: Some(StringMatch::Regex("/reviews/[0-9]+".into())),
+            ..Default::default()
+        };
+        m.query_params
+            .insert("user".into(), StringMatch::Exact("jason".into()));
+        m.without_headers
+            .insert("x-canary".into(), StringMatch::Prefix("".into()));
+        let r = CompiledRouting::compile(ServiceRouting {
+            http: vec![route("m", vec![m])],
+            ..Default::default()
+        })
+        .expect("compiles");
+        let mut h = HeaderMap::new();
+        assert!(r.select(&view("/reviews/42", &h)).is_some());
+        assert!(r.select(&view("/reviews/x", &h)).is_none());
+        h.insert("x-canary", "1".parse().expect("value"));
+        assert!(
+            r.select(&view("/reviews/42", &h)).is_none(),
+            "withoutHeaders excludes"
+        );
+    }
+
+    #[test]
+    fn rewrites_replace_the_matched_prefix_and_keep_the_query() {
+        assert_eq!(
+            rewrite_path("/v1/api/items?x=1", Some("/v1/api"), "/api"),
+            "/api/items?x=1"
+        );
+        assert_eq!(rewrite_path("/old", None, "/new"), "/new");
+    }
+
+    #[test]
+    fn weights_choose_in_proportion() {
+        let d = |w| Destination {
+            service: "ns/s".into(),
+            subset: Some(format!("{w}")),
+            port: None,
+            weight: w,
+        };
+        let dests = [d(80), d(20)];
+        let twenty = (0..10_000)
+            .filter(|_| pick_weighted(&dests).expect("some").weight == 20)
+            .count();
+        assert!((1_600..2_400).contains(&twenty), "{twenty} of 10000");
+        let only = [d(100), d(0)];
+        assert!((0..1000).all(|_| pick_weighted(&only).expect("some").weight == 100));
+    }
+}

@@ -1,0 +1,293 @@
+//! Istio traffic management through real sidecars: VirtualService matches, weighted
+//! splits over DestinationRule subsets, faults, timeouts, retries, redirects, direct
+//! responses, rewrites and header operations — what a user of Istio's tasks observes.
+
+use std::time::{Duration, Instant};
+
+use isthmus_tests::{eventually, AppClient, Mesh};
+
+const HOST: &str = "reviews.demo.svc.cluster.local";
+
+const SUBSETS: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: demo}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"#;
+
+/// `reviews` with a v1 and a v2 workload in east, a client, and the DestinationRule.
+async fn reviews() -> anyhow::Result<(Mesh, std::net::SocketAddr)> {
+    let mut mesh = Mesh::start(&["east"]).await?;
+    mesh.add_workload_labeled(
+        "east",
+        "reviews-v1",
+        Some("reviews"),
+        "reviews",
+        &[("version", "v1")],
+    )
+    .await?;
+    mesh.add_workload_labeled(
+        "east",
+        "reviews-v2",
+        Some("reviews"),
+        "reviews",
+        &[("version", "v2")],
+    )
+    .await?;
+    mesh.add_workload("east", "client", None, "productpage")
+        .await?;
+    mesh.apply("east", "reviews-dr.yaml", SUBSETS).await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    eventually("reviews reachable", Duration::from_secs(10), || async {
+        anyhow::ensure!(AppClient::new().get(outbound, HOST, "/").await?.status == 200);
+        Ok(())
+    })
+    .await?;
+    Ok((mesh, outbound))
+}
+
+fn virtual_service(http: &str) -> String {
+    format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: demo}}\nspec:\n  hosts: [reviews]\n  http:\n{http}")
+}
+
+async fn workloads(
+    outbound: std::net::SocketAddr,
+    n: usize,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Vec<String>> {
+    let client = AppClient::new();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let r = client.send(outbound, HOST, "/", false, headers).await?;
+        anyhow::ensure!(r.status == 200, "status {}", r.status);
+        out.push(r.answer()?.workload);
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_80_20_split_sends_about_a_fifth_to_v2() -> anyhow::Result<()> {
+    let (mut mesh, outbound) = reviews().await?;
+    let vs = virtual_service(
+        "  - route:\n    - destination: {host: reviews, subset: v1}\n      weight: 80\n    - destination: {host: reviews, subset: v2}\n      weight: 20\n",
+    );
+    mesh.apply("east", "reviews-vs.yaml", &vs).await?;
+    mesh.wait_routes("east", "client", HOST, 1).await?;
+    let landed = workloads(outbound, 400, &[]).await?;
+    let v2 = landed.iter().filter(|w| *w == "reviews-v2").count();
+    // Binomial(400, 0.2): mean 80, sd 8; 52..108 is 3.5 sd either way.
+    assert!((52..=108).contains(&v2), "{v2} of 400 went to v2");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_match_sends_only_that_user_to_v2() -> anyhow::Result<()> {
+    let (mut mesh, outbound) = reviews().await?;
+    let vs = virtual_service(
+        "  - match:\n    - headers: {end-user: {exact: jason}}\n    route:\n    - destination: {host: reviews, subset: v2}\n  - route:\n    - destination: {host: reviews, subset: v1}\n",
+    );
+    mesh.apply("east", "reviews-vs.yaml", &vs).await?;
+    mesh.wait_routes("east", "client", HOST, 2).await?;
+    assert!(workloads(outbound, 30, &[("end-user", "jason")])
+        .await?
+        .iter()
+        .all(|w| w == "reviews-v2"));
+    assert!(workloads(outbound, 30, &[("end-user", "jane")])
+        .await?
+        .iter()
+        .all(|w| w == "reviews-v1"));
+    assert!(workloads(outbound, 30, &[])
+        .await?
+        .iter()
+        .all(|w| w == "reviews-v1"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_longer_than_the_route_timeout_gives_504_after_the_timeout() -> anyhow::Result<()> {
+    let (mut mesh, outbound) = reviews().await?;
+    let vs = virtual_service(
+        "  - fault:\n      delay: {fixedDelay: 3s, percentage: {value: 100}}\n    timeout: 0.5s\n    route:\n    - destination: {host: reviews, subset: v1}\n",
+    );
+    mesh.apply("east", "reviews-vs.yaml", &vs).await?;
+    mesh.wait_routes("east", "client", HOST, 1).await?;
+    let started = Instant::now();
+    let r = AppClient::new().get(outbound, HOST, "/").await?;
+    let took = started.elapsed();
+    // The route timeout counts the injected delay: 504 after about the timeout, not the delay.
+    assert_eq!(r.status, 504, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.headers
+            .get("x-isthmus-error")
+            .map(|v| v.to_str().unwrap_or_default()),
+        Some("timeout")
+    );
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(2500),
+        "took {took:?}"
+    );
+
+    // A slow upstream (no fault) is cut at the route timeout.
+    let vs = virtual_service(
+        "  - timeout: 0.5s\n    route:\n    - destination: {host: reviews, subset: v1}\n",
+    );
+    mesh.apply("east", "reviews-vs.yaml", &vs).await?;
+    eventually(
+        "the timeout to cut a slow upstream",
+        Duration::from_secs(10),
+        || async {
+            let started = Instant::now();
+            let r = AppClient::new().get(outbound, HOST, "/delay/3000").await?;
+            let took = started.elapsed();
+            anyhow::ensure!(
+                r.status == 504 && took < Duration::from_millis(2000),
+                "status {} after {took:?}",
+                r.status
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_fault_at_50_percent_fails_about_half() -> anyhow::Result<()> {
+    let (mut mesh, outbound) = reviews().await?;
+    let vs = virtual_service(
+        "  - fault:\n      abort: {httpStatus: 503, percentage: {value: 50}}\n    route:\n    - destination: {host: reviews, subset: v1}\n",
+    );
+    mesh.apply("east", "reviews-vs.yaml", &vs).await?;
+    mesh.wait_routes("east", "client", HOST, 1).await?;
+    let client = AppClient::new();
+    let mut aborted = 0;
+    for _ in 0..200 {
+        let r = client.get(outbound, HOST, "/").await?;
+        if r.status == 503 {
+            assert_eq!(
+                r.headers
+                    .get("x-isthmus-error")
+                    .map(|v| v.to_str().unwrap_or_default()),
+                Some("fault-abort")
+            );
+            aborted += 1;
+        } else {
+            assert_eq!(r.status, 200);
+        }
+    }
+    // Binomial(200, 0.5): sd 7; 65..135 is 5 sd either way.
+    assert!((65..=135).contains(&aborted), "{aborted} of 200 aborted");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_make_a_flaky_upstream_succeed() -> anyhow::Result<()> {
+    let (mut mesh, outbound) = reviews().await?;
+    let vs = |retries: &str| {
+        virtual_service(&format!(
+            "  - route:\n    - destination: {{host: reviews, subset: v1}}\n{retries}"
+        ))
+    };
+    mesh.apply("east", "reviews-vs.yaml", &vs("")).await?;
+    mesh.wait_routes("east", "client", HOST, 1).await?;
+    let client = AppClient::new();
+    let mut failed = 0;
+    for _ in 0..20 {
+        failed += usize::from(client.get(outbound, HOST, "/flaky").await?.status == 503);
+    }
+    assert!(
+        failed >= 8,
+        "the upstream fails every other request without retries ({failed} of 20)"
+    );
+
+    mesh.apply(
+        "east",
+        "reviews-vs.yaml",
+        &vs("    retries: {attempts: 3, perTryTimeout: 2s, retryOn: 5xx}\n"),
+    )
+    .await?;
+    eventually("retries to apply", Duration::from_secs(5), || async {
+        for _ in 0..20 {
+            let r = client.get(outbound, HOST, "/flaky").await?;
+            anyhow::ensure!(r.status == 200, "status {}", r.status);
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_responses_redirects_rewrites_and_header_operations() -> anyhow::Result<()> {
+    let (mut mesh, outbound) = reviews().await?;
+    let vs = virtual_service(concat!(
+        "  - match: [{uri: {exact: /teapot}}]\n    directResponse: {status: 418, body: {string: short and stout}}\n",
+        "  - match: [{uri: {prefix: /old}}]\n    redirect: {uri: /new, redirectCode: 302}\n",
+        "  - match: [{uri: {prefix: /v1/api}, method: {exact: GET}}]\n    rewrite: {uri: /api}\n",
+        "    headers:\n      request: {set: {x-route: api}, remove: [x-drop-me]}\n      response: {set: {x-served-by: mesh}}\n",
+        "    route:\n    - destination: {host: reviews, subset: v2}\n",
+        "  - route:\n    - destination: {host: reviews, subset: v1}\n",
+    ));
+    mesh.apply("east", "reviews-vs.yaml", &vs).await?;
+    mesh.wait_routes("east", "client", HOST, 4).await?;
+    let client = AppClient::new();
+
+    let r = client.get(outbound, HOST, "/teapot").await?;
+    assert_eq!(
+        (r.status.as_u16(), String::from_utf8_lossy(&r.body).as_ref()),
+        (418, "short and stout")
+    );
+
+    let r = client.get(outbound, HOST, "/old/page").await?;
+    assert_eq!(r.status, 302);
+    assert_eq!(
+        r.headers.get("location").and_then(|v| v.to_str().ok()),
+        Some(format!("http://{HOST}/new").as_str())
+    );
+
+    let r = client
+        .send(
+            outbound,
+            HOST,
+            "/v1/api/items?page=2",
+            false,
+            &[("x-drop-me", "1")],
+        )
+        .await?;
+    assert_eq!(
+        r.headers.get("x-served-by").and_then(|v| v.to_str().ok()),
+        Some("mesh")
+    );
+    let a = r.answer()?;
+    assert_eq!(
+        (a.workload.as_str(), a.path.as_str()),
+        ("reviews-v2", "/api/items?page=2")
+    );
+    assert_eq!(a.headers.get("x-route").map(String::as_str), Some("api"));
+    assert!(!a.headers.contains_key("x-drop-me"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_abort_reaches_grpc_clients_as_their_status() -> anyhow::Result<()> {
+    let (mut mesh, outbound) = reviews().await?;
+    let vs = virtual_service("  - fault:\n      abort: {grpcStatus: RESOURCE_EXHAUSTED}\n    route:\n    - destination: {host: reviews, subset: v1}\n");
+    mesh.apply("east", "reviews-vs.yaml", &vs).await?;
+    mesh.wait_routes("east", "client", HOST, 1).await?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{outbound}"))?
+        .origin(format!("http://{HOST}:9090").parse()?)
+        .connect()
+        .await?;
+    let status = isthmus_proto::echo::echo_client::EchoClient::new(channel)
+        .say(isthmus_proto::echo::EchoRequest {
+            message: "hi".into(),
+        })
+        .await
+        .expect_err("aborted");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    Ok(())
+}
