@@ -106,6 +106,15 @@ pub struct HttpRoute {
     pub retries: Option<Retries>,
     pub fault: Option<Fault>,
     pub headers: HeaderOps,
+    /// Where a copy of each request goes (its response is ignored), and for what share.
+    #[serde(default)]
+    pub mirror: Option<Mirror>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Mirror {
+    pub destination: Destination,
+    pub percentage: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use isthmus_core::routing::{Retries, RouteAction};
+use isthmus_core::routing::{Mirror, Retries, RouteAction};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Uri, Version};
@@ -132,7 +132,7 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
         .map(str::to_owned)
 }
 
-pub async fn handle(ctx: &OutboundCtx, req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(ctx: &Arc<OutboundCtx>, req: Request<Incoming>) -> Response<ProxyBody> {
     let started = std::time::Instant::now();
     let grpc = is_grpc(req.headers());
     let state = ctx.state.borrow().clone();
@@ -297,7 +297,7 @@ fn direct_response(status: u16, body: &str) -> Response<ProxyBody> {
     resp
 }
 
-async fn route(ctx: &OutboundCtx, state: &MeshState, req: Request<Incoming>) -> Routed {
+async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Incoming>) -> Routed {
     let host = request_host(&req).ok_or((ProxyError::NoHost, String::new()))?;
     let (name, port) = split_host(&host);
     let no_route = || (ProxyError::NoRoute { host: host.clone() }, String::new());
@@ -321,6 +321,7 @@ async fn route(ctx: &OutboundCtx, state: &MeshState, req: Request<Incoming>) -> 
     };
     let mut dest_port = port.clone();
     let mut deadline = None;
+    let mut mirror = None;
     let mut response_headers = None;
     let mut authority_rewrite = None;
     let routing = svc.routing.clone();
@@ -412,6 +413,7 @@ async fn route(ctx: &OutboundCtx, state: &MeshState, req: Request<Incoming>) -> 
             plan.retry = RetryPolicy::from_spec(r);
         }
         response_headers = Some(spec.headers.response.clone());
+        mirror = spec.mirror.clone().filter(|m| sampled(m.percentage));
     }
     let service = plan.svc.hostname();
     plan.authority = format!("{service}:{}", dest_port.port);
@@ -428,6 +430,9 @@ async fn route(ctx: &OutboundCtx, state: &MeshState, req: Request<Incoming>) -> 
         .map_err(|_| (ProxyError::NoHost, service.clone()))?;
     parts.version = Version::HTTP_2;
     let body = ReqBody::new(body).await.map_err(|e| (e, service.clone()))?;
+    if let (Some(m), ReqBody::Replayable(bytes)) = (mirror, &body) {
+        spawn_mirror(ctx, state, m, parts.clone(), bytes.clone());
+    }
     let sent = attempts(ctx, state, &plan, parts, body);
     let result = match deadline {
         Some(d) => tokio::time::timeout_at(d, sent)
@@ -442,6 +447,57 @@ async fn route(ctx: &OutboundCtx, state: &MeshState, req: Request<Incoming>) -> 
         apply_header_op(resp.headers_mut(), op);
     }
     Ok((resp, service, cluster))
+}
+
+/// Sends a copy of the request to the mirror destination, once, and drops the answer.
+/// Only replayable (small) bodies are mirrored; the copy's authority gets Istio's
+/// `-shadow` suffix so the receiver can tell it apart.
+fn spawn_mirror(
+    ctx: &Arc<OutboundCtx>,
+    state: &Arc<MeshState>,
+    m: Mirror,
+    mut parts: http::request::Parts,
+    body: bytes::Bytes,
+) {
+    let Some(svc) = state.services.get(&m.destination.service).cloned() else {
+        return;
+    };
+    let Some(port) = svc
+        .port(m.destination.port.or(parts.uri.port_u16()))
+        .or_else(|| svc.port(None))
+        .cloned()
+    else {
+        return;
+    };
+    let authority = format!("{}:{}", svc.hostname(), port.port);
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_owned();
+    let Ok(uri) = Uri::try_from(format!(
+        "http://{}-shadow:{}{path}",
+        svc.hostname(),
+        port.port
+    )) else {
+        return;
+    };
+    parts.uri = uri;
+    let retry = RetryPolicy {
+        attempts: 1,
+        ..RetryPolicy::default_policy()
+    };
+    let plan = Plan {
+        svc,
+        authority,
+        subset: m.destination.subset,
+        retry,
+    };
+    let (ctx, state) = (ctx.clone(), state.clone());
+    tokio::spawn(async move {
+        let _ = attempts(&ctx, &state, &plan, parts, ReqBody::Replayable(body)).await;
+    });
 }
 
 /// Sends the request to successive endpoints until one answers as the retry policy wants.

@@ -301,6 +301,7 @@ mod tests {
             retries: None,
             fault: None,
             headers: Default::default(),
+            mirror: None,
         }
     }
 

@@ -291,3 +291,49 @@ async fn a_grpc_abort_reaches_grpc_clients_as_their_status() -> anyhow::Result<(
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirroring_delivers_a_copy_and_ignores_its_response() -> anyhow::Result<()> {
+    let (mut mesh, outbound) = reviews().await?;
+    let vs = virtual_service("  - route:\n    - destination: {host: reviews, subset: v1}\n    mirror: {host: reviews, subset: v2}\n    mirrorPercentage: {value: 100}\n");
+    mesh.apply("east", "reviews-vs.yaml", &vs).await?;
+    mesh.wait_routes("east", "client", HOST, 1).await?;
+    assert!(
+        workloads(outbound, 20, &[])
+            .await?
+            .iter()
+            .all(|w| w == "reviews-v1"),
+        "answers come from the primary only"
+    );
+    let v2_admin = mesh
+        .workload("east", "reviews-v2")
+        .sidecar
+        .as_ref()
+        .expect("sidecar")
+        .admin_address;
+    let shadow = [
+        ("reporter", "destination"),
+        (
+            "destination_service",
+            "reviews.demo.svc.cluster.local-shadow",
+        ),
+    ];
+    eventually(
+        "v2 to receive the copies",
+        Duration::from_secs(5),
+        || async {
+            let n = isthmus_tests::metric_sum(v2_admin, "istio_requests_total", &shadow).await?;
+            anyhow::ensure!(n >= 20.0, "{n} copies");
+            Ok(())
+        },
+    )
+    .await?;
+
+    // The mirror failing changes nothing for the caller.
+    mesh.kill_app("east", "reviews-v2");
+    assert!(workloads(outbound, 20, &[])
+        .await?
+        .iter()
+        .all(|w| w == "reviews-v1"));
+    Ok(())
+}

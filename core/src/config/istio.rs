@@ -9,8 +9,8 @@ use serde::Deserialize;
 use super::validate::Checker;
 use super::Code;
 use crate::routing::{
-    Abort, Destination, Fault, HeaderOp, HeaderOps, HttpRoute, LoadBalancer, Retries, Rewrite,
-    RouteAction, RouteMatch, StringMatch, Subset,
+    Abort, Destination, Fault, HeaderOp, HeaderOps, HttpRoute, LoadBalancer, Mirror, Retries,
+    Rewrite, RouteAction, RouteMatch, StringMatch, Subset,
 };
 
 type Unsupported = Option<serde_yaml_ng::Value>;
@@ -44,8 +44,8 @@ pub struct HttpRouteSpec {
     pub retries: Option<RetriesSpec>,
     pub fault: Option<FaultSpec>,
     pub headers: Option<HeadersSpec>,
-    pub mirror: Unsupported,
-    pub mirror_percentage: Unsupported,
+    pub mirror: Option<DestinationSpec>,
+    pub mirror_percentage: Option<PercentSpec>,
     pub mirrors: Unsupported,
     pub cors_policy: Unsupported,
     pub delegate: Unsupported,
@@ -647,8 +647,6 @@ fn action(c: &mut Checker<'_>, field: &str, h: &HttpRouteSpec) -> Option<RouteAc
 
 fn http_route(c: &mut Checker<'_>, field: &str, h: &HttpRouteSpec) -> Option<HttpRoute> {
     for (name, v) in [
-        ("mirror", &h.mirror),
-        ("mirrorPercentage", &h.mirror_percentage),
         ("mirrors", &h.mirrors),
         ("corsPolicy", &h.cors_policy),
         ("delegate", &h.delegate),
@@ -695,6 +693,18 @@ fn http_route(c: &mut Checker<'_>, field: &str, h: &HttpRouteSpec) -> Option<Htt
             .as_ref()
             .map(|f| fault(c, &format!("{field}.fault"), f)),
         headers: headers.unwrap_or_default(),
+        mirror: h.mirror.as_ref().map(|m| Mirror {
+            destination: Destination {
+                service: m.host.clone(),
+                subset: m.subset.clone(),
+                port: m
+                    .port
+                    .as_ref()
+                    .and_then(|p| c.port(&format!("{field}.mirror.port.number"), p.number)),
+                weight: 100,
+            },
+            percentage: percentage(c, &format!("{field}.mirror"), &h.mirror_percentage),
+        }),
     })
 }
 

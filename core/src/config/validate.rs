@@ -412,45 +412,68 @@ fn resolve_destinations(
     set: &ConfigSet,
 ) {
     for (i, route) in vs.http.iter_mut().enumerate() {
-        let crate::routing::RouteAction::Route(dests) = &mut route.action else {
-            continue;
-        };
-        for (j, d) in dests.iter_mut().enumerate() {
-            let field = format!("spec.http[{i}].route[{j}].destination");
-            let Some(key) = resolve_host(&d.service, ns).filter(|k| set.services.contains_key(k))
-            else {
-                c.fail(
-                    Code::Reference,
-                    format!("{field}.host"),
-                    format!("no Service named `{}`", d.service),
+        if let crate::routing::RouteAction::Route(dests) = &mut route.action {
+            for (j, d) in dests.iter_mut().enumerate() {
+                resolve_destination(
+                    c,
+                    ns,
+                    &format!("spec.http[{i}].route[{j}].destination"),
+                    d,
+                    set,
                 );
-                continue;
-            };
-            if let Some(subset) = &d.subset {
-                let known = set
-                    .routing
-                    .get(&key)
-                    .is_some_and(|r| r.subsets.iter().any(|s| &s.name == subset));
-                if !known {
-                    c.fail(
-                        Code::Reference,
-                        format!("{field}.subset"),
-                        format!("no DestinationRule for {key} defines subset `{subset}`"),
-                    );
-                }
             }
-            if let Some(port) = d.port {
-                if !set.services[&key].ports.iter().any(|p| p.port == port) {
-                    c.fail(
-                        Code::Reference,
-                        format!("{field}.port.number"),
-                        format!("{key} has no port {port}"),
-                    );
-                }
-            }
-            d.service = key.to_string();
+        }
+        if let Some(m) = &mut route.mirror {
+            resolve_destination(
+                c,
+                ns,
+                &format!("spec.http[{i}].mirror"),
+                &mut m.destination,
+                set,
+            );
         }
     }
+}
+
+/// Resolves a destination's host to `namespace/name` and checks its subset and port.
+fn resolve_destination(
+    c: &mut Checker<'_>,
+    ns: &str,
+    field: &str,
+    d: &mut crate::routing::Destination,
+    set: &ConfigSet,
+) {
+    let Some(key) = resolve_host(&d.service, ns).filter(|k| set.services.contains_key(k)) else {
+        c.fail(
+            Code::Reference,
+            format!("{field}.host"),
+            format!("no Service named `{}`", d.service),
+        );
+        return;
+    };
+    if let Some(subset) = &d.subset {
+        let known = set
+            .routing
+            .get(&key)
+            .is_some_and(|r| r.subsets.iter().any(|s| &s.name == subset));
+        if !known {
+            c.fail(
+                Code::Reference,
+                format!("{field}.subset"),
+                format!("no DestinationRule for {key} defines subset `{subset}`"),
+            );
+        }
+    }
+    if let Some(port) = d.port {
+        if !set.services[&key].ports.iter().any(|p| p.port == port) {
+            c.fail(
+                Code::Reference,
+                format!("{field}.port.number"),
+                format!("{key} has no port {port}"),
+            );
+        }
+    }
+    d.service = key.to_string();
 }
 
 /// Builds the config set from parsed documents, or every fault found.
@@ -662,10 +685,10 @@ spec:
 
     #[test]
     fn unsupported_istio_fields_are_named_not_ignored() {
-        let e = first("  - route: [{destination: {host: reviews}}]\n    mirror: {host: reviews}\n");
+        let e = first("  - route: [{destination: {host: reviews}}]\n    mirrors: [{destination: {host: reviews}}]\n");
         assert_eq!(
             (e.field.as_str(), e.code),
-            ("spec.http[0].mirror", Code::Schema)
+            ("spec.http[0].mirrors", Code::Schema)
         );
         assert!(e.message.contains("not supported yet"), "{}", e.message);
         let e = first("  - route: [{destination: {host: reviews}}]\n    bogus: 1\n");
