@@ -117,12 +117,29 @@ pub struct Mirror {
     pub percentage: f64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LoadBalancer {
     RoundRobin,
     LeastRequest,
     Random,
+    /// Requests with the same key go to the same endpoint while it is healthy.
+    ConsistentHash(HashOn),
+}
+
+/// What a consistent hash is computed from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashOn {
+    Header(String),
+    /// A cookie; when the request has none, the sidecar sets one (`ttl_secs`, `path`).
+    Cookie {
+        name: String,
+        path: Option<String>,
+        ttl_secs: u64,
+    },
+    SourceIp,
+    QueryParameter(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -167,17 +167,34 @@ fn priority(to: &Locality, from: &Locality, mesh: &MeshInfo) -> u32 {
     }
 }
 
-/// Picks the next target, skipping `tried`. Ejected endpoints are used only when nothing
-/// else is left (better a likely failure than a certain one).
 /// Which endpoints a request may use and how to choose among them.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Selection<'a> {
     /// A DestinationRule subset's labels; endpoints must carry all of them. Subsets are
     /// served from this cluster's endpoints only.
     pub labels: Option<&'a BTreeMap<String, String>>,
-    pub load_balancer: Option<LoadBalancer>,
+    pub load_balancer: Option<&'a LoadBalancer>,
+    /// The request's consistent-hash key, when the load balancer hashes.
+    pub hash: Option<u64>,
 }
 
+/// Rendezvous hashing: the endpoint whose (key, endpoint) hash is highest. Stable as
+/// endpoints come and go: only the keys of a removed endpoint move.
+fn rendezvous(tier: &[Target], key: u64) -> usize {
+    use std::hash::{Hash, Hasher};
+    let score = |t: &Target| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        t.health().key.hash(&mut h);
+        h.finish()
+    };
+    (0..tier.len())
+        .max_by_key(|i| score(&tier[*i]))
+        .unwrap_or(0)
+}
+
+/// Picks the next target, skipping `tried`. Ejected endpoints are used only when nothing
+/// else is left (better a likely failure than a certain one).
 pub fn pick(
     svc: &Service,
     from: &Locality,
@@ -225,8 +242,13 @@ pub fn pick(
         .filter(|(p, _, _)| *p == best)
         .map(|(_, _, t)| t)
         .collect();
-    let i = match sel.load_balancer.unwrap_or(LoadBalancer::RoundRobin) {
-        LoadBalancer::RoundRobin => svc.cursor.fetch_add(1, Ordering::Relaxed) % tier.len(),
+    let i = match sel.load_balancer.unwrap_or(&LoadBalancer::RoundRobin) {
+        LoadBalancer::ConsistentHash(_) if sel.hash.is_some() => {
+            rendezvous(&tier, sel.hash.unwrap_or(0))
+        }
+        LoadBalancer::RoundRobin | LoadBalancer::ConsistentHash(_) => {
+            svc.cursor.fetch_add(1, Ordering::Relaxed) % tier.len()
+        }
         LoadBalancer::Random => rand::random_range(0..tier.len()),
         LoadBalancer::LeastRequest => {
             // Power of two choices: the less busy of two random endpoints.

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use isthmus_core::routing::{Mirror, Retries, RouteAction};
+use isthmus_core::routing::{HashOn, LoadBalancer, Mirror, Retries, RouteAction};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Uri, Version};
@@ -60,14 +60,15 @@ impl Outbound {
 
     pub async fn run(self) {
         loop {
-            let Ok((tcp, _)) = self.listener.accept().await else {
+            let Ok((tcp, remote)) = self.listener.accept().await else {
                 continue;
             };
             let _ = tcp.set_nodelay(true);
             let (ctx, d) = (self.ctx.clone(), self.drain.clone());
             self.drain.spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
+                let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                     let ctx = ctx.clone();
+                    req.extensions_mut().insert(ClientAddr(remote));
                     async move { Ok::<_, std::convert::Infallible>(handle(&ctx, req).await) }
                 });
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -248,6 +249,76 @@ struct Plan {
     authority: String,
     subset: Option<String>,
     retry: RetryPolicy,
+    /// Consistent-hash key of the request, when the destination hashes.
+    hash: Option<u64>,
+}
+
+/// The app's address on the outbound listener, for `useSourceIp` hashing.
+#[derive(Debug, Clone, Copy)]
+struct ClientAddr(std::net::SocketAddr);
+
+fn hash_str(s: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
+}
+
+fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| kv.trim().strip_prefix(name)?.strip_prefix('='))
+}
+
+/// The request's hash key, and a `Set-Cookie` to send back when a hashing cookie had to be
+/// made up (Istio's behaviour for `httpCookie` with a ttl).
+fn hash_key(on: &HashOn, parts: &http::request::Parts) -> (Option<u64>, Option<String>) {
+    match on {
+        HashOn::Header(name) => (
+            parts
+                .headers
+                .get(name.as_str())
+                .and_then(|v| v.to_str().ok())
+                .map(hash_str),
+            None,
+        ),
+        HashOn::QueryParameter(name) => (
+            parts
+                .uri
+                .query()
+                .and_then(|q| crate::route::query_param(q, name))
+                .map(hash_str),
+            None,
+        ),
+        HashOn::SourceIp => (
+            parts
+                .extensions
+                .get::<ClientAddr>()
+                .map(|c| hash_str(&c.0.ip().to_string())),
+            None,
+        ),
+        HashOn::Cookie {
+            name,
+            path,
+            ttl_secs,
+        } => match cookie(&parts.headers, name) {
+            Some(v) => (Some(hash_str(v)), None),
+            None if *ttl_secs > 0 => {
+                let value = format!("{:016x}", rand::random::<u64>());
+                let path = path.as_deref().unwrap_or("/");
+                (
+                    Some(hash_str(&value)),
+                    Some(format!(
+                        "{name}={value}; Max-Age={ttl_secs}; Path={path}; HttpOnly"
+                    )),
+                )
+            }
+            None => (None, None),
+        },
+    }
 }
 
 impl Plan {
@@ -260,8 +331,9 @@ impl Plan {
         Selection {
             labels: subset.map(|s| &s.labels),
             load_balancer: subset
-                .and_then(|s| s.load_balancer)
-                .or(routing.and_then(|r| r.load_balancer)),
+                .and_then(|s| s.load_balancer.as_ref())
+                .or(routing.and_then(|r| r.load_balancer.as_ref())),
+            hash: self.hash,
         }
     }
 }
@@ -318,6 +390,7 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
         authority: String::new(),
         subset: None,
         retry: RetryPolicy::default_policy(),
+        hash: None,
     };
     let mut dest_port = port.clone();
     let mut deadline = None;
@@ -417,6 +490,10 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
     }
     let service = plan.svc.hostname();
     plan.authority = format!("{service}:{}", dest_port.port);
+    let mut set_cookie = None;
+    if let Some(LoadBalancer::ConsistentHash(on)) = plan.selection().load_balancer.cloned() {
+        (plan.hash, set_cookie) = hash_key(&on, &parts);
+    }
     let app_protocol = if dest_port.protocol == "http2" || dest_port.protocol == "grpc" {
         "http2"
     } else {
@@ -445,6 +522,9 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
     let (mut resp, cluster) = result.map_err(|e| (e, service.clone()))?;
     if let Some(op) = &response_headers {
         apply_header_op(resp.headers_mut(), op);
+    }
+    if let Some(c) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        resp.headers_mut().append(http::header::SET_COOKIE, c);
     }
     Ok((resp, service, cluster))
 }
@@ -493,6 +573,7 @@ fn spawn_mirror(
         authority,
         subset: m.destination.subset,
         retry,
+        hash: None,
     };
     let (ctx, state) = (ctx.clone(), state.clone());
     tokio::spawn(async move {

@@ -337,3 +337,60 @@ async fn mirroring_delivers_a_copy_and_ignores_its_response() -> anyhow::Result<
         .all(|w| w == "reviews-v1"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hashing_pins_a_key_to_one_endpoint() -> anyhow::Result<()> {
+    let (mut mesh, outbound) = reviews().await?;
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: demo}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer:\n      consistentHash: {httpHeaderName: x-user}\n";
+    mesh.apply("east", "reviews-dr.yaml", dr).await?;
+    let client = AppClient::new();
+    let mut seen = std::collections::BTreeSet::new();
+    eventually("hashing to apply", Duration::from_secs(5), || async {
+        for user in 0..20 {
+            let u = format!("user-{user}");
+            let landed = workloads(outbound, 8, &[("x-user", u.as_str())]).await?;
+            anyhow::ensure!(
+                landed.iter().all(|w| *w == landed[0]),
+                "{u} spread over {landed:?}"
+            );
+        }
+        Ok(())
+    })
+    .await?;
+    for user in 0..20 {
+        let u = format!("user-{user}");
+        seen.insert(
+            workloads(outbound, 1, &[("x-user", u.as_str())])
+                .await?
+                .remove(0),
+        );
+    }
+    assert_eq!(seen.len(), 2, "different keys use both endpoints");
+
+    // A hashing cookie the client lacks is set by the sidecar, and then pins the client.
+    let dr = dr.replace(
+        "{httpHeaderName: x-user}",
+        "{httpCookie: {name: session, ttl: 60s}}",
+    );
+    mesh.apply("east", "reviews-dr.yaml", &dr).await?;
+    let r = eventually("a session cookie", Duration::from_secs(5), || async {
+        let r = client.get(outbound, HOST, "/").await?;
+        anyhow::ensure!(r.headers.contains_key("set-cookie"), "no set-cookie");
+        Ok(r)
+    })
+    .await?;
+    let set = r
+        .headers
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let pair = set.split(';').next().unwrap_or_default().to_owned();
+    assert!(
+        pair.starts_with("session=") && set.contains("Max-Age=60"),
+        "{set}"
+    );
+    let landed = workloads(outbound, 10, &[("cookie", pair.as_str())]).await?;
+    assert!(landed.iter().all(|w| *w == landed[0]), "{landed:?}");
+    Ok(())
+}

@@ -9,8 +9,8 @@ use serde::Deserialize;
 use super::validate::Checker;
 use super::Code;
 use crate::routing::{
-    Abort, Destination, Fault, HeaderOp, HeaderOps, HttpRoute, LoadBalancer, Mirror, Retries,
-    Rewrite, RouteAction, RouteMatch, StringMatch, Subset,
+    Abort, Destination, Fault, HashOn, HeaderOp, HeaderOps, HttpRoute, LoadBalancer, Mirror,
+    Retries, Rewrite, RouteAction, RouteMatch, StringMatch, Subset,
 };
 
 type Unsupported = Option<serde_yaml_ng::Value>;
@@ -221,7 +221,7 @@ pub struct TrafficPolicySpec {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LoadBalancerSpec {
     pub simple: Option<String>,
-    pub consistent_hash: Unsupported,
+    pub consistent_hash: Option<ConsistentHashSpec>,
     pub locality_lb_setting: Unsupported,
     pub warmup_duration_secs: Unsupported,
 }
@@ -233,6 +233,73 @@ pub struct SubsetSpec {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub traffic_policy: Option<TrafficPolicySpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConsistentHashSpec {
+    pub http_header_name: Option<String>,
+    pub http_cookie: Option<HttpCookieSpec>,
+    pub use_source_ip: Option<bool>,
+    pub http_query_parameter_name: Option<String>,
+    pub ring_hash: Unsupported,
+    pub maglev: Unsupported,
+    pub minimum_ring_size: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpCookieSpec {
+    pub name: String,
+    pub path: Option<String>,
+    pub ttl: Option<String>,
+    pub attributes: Unsupported,
+}
+
+fn consistent_hash(
+    c: &mut Checker<'_>,
+    field: &str,
+    h: &ConsistentHashSpec,
+) -> Option<LoadBalancer> {
+    for (name, v) in [
+        ("ringHash", &h.ring_hash),
+        ("maglev", &h.maglev),
+        ("minimumRingSize", &h.minimum_ring_size),
+    ] {
+        unsupported(c, &format!("{field}.{name}"), v);
+    }
+    let cookie = h.http_cookie.as_ref().map(|ck| {
+        unsupported(c, &format!("{field}.httpCookie.attributes"), &ck.attributes);
+        let ttl_secs = ck
+            .ttl
+            .as_deref()
+            .and_then(|t| duration(c, &format!("{field}.httpCookie.ttl"), t))
+            .map(|ms| ms / 1000)
+            .unwrap_or(0);
+        HashOn::Cookie {
+            name: ck.name.clone(),
+            path: ck.path.clone(),
+            ttl_secs,
+        }
+    });
+    let keys: Vec<HashOn> = [
+        h.http_header_name
+            .as_ref()
+            .map(|n| HashOn::Header(n.to_ascii_lowercase())),
+        cookie,
+        h.use_source_ip.filter(|b| *b).map(|_| HashOn::SourceIp),
+        h.http_query_parameter_name
+            .as_ref()
+            .map(|n| HashOn::QueryParameter(n.clone())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if keys.len() != 1 {
+        c.fail(Code::InvalidValue, field, "consistentHash needs exactly one of httpHeaderName, httpCookie, useSourceIp, httpQueryParameterName");
+        return None;
+    }
+    keys.into_iter().next().map(LoadBalancer::ConsistentHash)
 }
 
 /// A VirtualService converted, with hosts not yet resolved to services.
@@ -760,11 +827,16 @@ fn load_balancer(
         unsupported(c, &format!("{field}.{name}"), v);
     }
     let lb = p.load_balancer.as_ref()?;
-    unsupported(
-        c,
-        &format!("{field}.loadBalancer.consistentHash"),
-        &lb.consistent_hash,
-    );
+    if let Some(h) = &lb.consistent_hash {
+        if lb.simple.is_some() {
+            c.fail(
+                Code::InvalidValue,
+                format!("{field}.loadBalancer"),
+                "set either simple or consistentHash, not both",
+            );
+        }
+        return consistent_hash(c, &format!("{field}.loadBalancer.consistentHash"), h);
+    }
     unsupported(
         c,
         &format!("{field}.loadBalancer.localityLbSetting"),
