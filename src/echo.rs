@@ -2,7 +2,8 @@
 //! (`isthmus.echo.v1.Echo/Say`) with its cluster, its workload name and the caller identity
 //! its sidecar told it (`x-forwarded-client-cert`), so the demo and the tests need nothing
 //! else. Test paths: `/status/<code>` answers with that status, `/delay/<ms>` answers after
-//! a pause, `/flaky` fails every other request with 503.
+//! a pause, `/flaky` fails every other request with 503, `/fail-if/<workload>` fails with 503
+//! on that workload only.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -162,7 +163,8 @@ async fn answer(
     {
         tokio::time::sleep(std::time::Duration::from_millis(ms.min(60_000))).await;
     }
-    let flaky = path == "/flaky" && n.is_multiple_of(2);
+    let flaky = (path == "/flaky" && n.is_multiple_of(2))
+        || path.strip_prefix("/fail-if/") == Some(config.workload.as_str());
     let caller = req
         .headers()
         .get("x-forwarded-client-cert")

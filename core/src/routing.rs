@@ -142,11 +142,68 @@ pub enum HashOn {
     QueryParameter(String),
 }
 
+/// Istio's `outlierDetection`: passive health thresholds for the endpoints of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx answers (and connection failures) that eject an endpoint.
+    pub consecutive_5xx: Option<u32>,
+    /// Consecutive 502/503/504 answers (and connection failures) that eject an endpoint.
+    pub consecutive_gateway: Option<u32>,
+    /// First ejection length; the n-th ejection in a row lasts n times as long.
+    pub base_ejection_ms: u64,
+    /// At most this share of the endpoints is ejected at once (at least one may be).
+    pub max_ejection_percent: u32,
+    /// Below this share of healthy endpoints, ejection is ignored and all are used.
+    pub min_health_percent: u32,
+}
+
+/// Istio's `connectionPool`, as limits on requests in flight to a destination.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionPool {
+    /// Requests in flight at once: `http2MaxRequests`, and `tcp.maxConnections` since every
+    /// connection of Istio's HTTP/1.1 pool carries one request at a time.
+    pub max_requests: Option<u32>,
+    /// Requests that may wait for a free slot (`http1MaxPendingRequests`); beyond, 503.
+    pub max_pending: Option<u32>,
+    /// Retries in flight at once (`maxRetries`).
+    pub max_retries: Option<u32>,
+    pub connect_timeout_ms: Option<u64>,
+}
+
+/// The policies of a DestinationRule's `trafficPolicy`, for a service or one subset.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficPolicy {
+    pub load_balancer: Option<LoadBalancer>,
+    pub outlier: Option<OutlierDetection>,
+    pub connection_pool: Option<ConnectionPool>,
+}
+
+impl TrafficPolicy {
+    pub fn is_empty(&self) -> bool {
+        *self == TrafficPolicy::default()
+    }
+
+    /// A subset's policy over its service's: each part falls back separately.
+    pub fn over(&self, base: &TrafficPolicy) -> TrafficPolicy {
+        TrafficPolicy {
+            load_balancer: self
+                .load_balancer
+                .clone()
+                .or_else(|| base.load_balancer.clone()),
+            outlier: self.outlier.clone().or_else(|| base.outlier.clone()),
+            connection_pool: self
+                .connection_pool
+                .clone()
+                .or_else(|| base.connection_pool.clone()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Subset {
     pub name: String,
     pub labels: BTreeMap<String, String>,
-    pub load_balancer: Option<LoadBalancer>,
+    pub policy: TrafficPolicy,
 }
 
 /// Everything routing-related for one service.
@@ -156,11 +213,11 @@ pub struct ServiceRouting {
     pub http: Vec<HttpRoute>,
     /// From the DestinationRule of this service.
     pub subsets: Vec<Subset>,
-    pub load_balancer: Option<LoadBalancer>,
+    pub policy: TrafficPolicy,
 }
 
 impl ServiceRouting {
     pub fn is_empty(&self) -> bool {
-        self.http.is_empty() && self.subsets.is_empty() && self.load_balancer.is_none()
+        self.http.is_empty() && self.subsets.is_empty() && self.policy.is_empty()
     }
 }

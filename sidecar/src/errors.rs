@@ -41,6 +41,8 @@ pub enum ProxyError {
     FaultAbort(isthmus_core::routing::Abort),
     #[error("{service} did not answer within the route timeout")]
     Timeout { service: String },
+    #[error("{service} has too many requests in flight (connectionPool limits)")]
+    Overflow { service: String },
 }
 
 impl ProxyError {
@@ -56,6 +58,7 @@ impl ProxyError {
             ProxyError::RequestBody(_) => "bad-request",
             ProxyError::FaultAbort(_) => "fault-abort",
             ProxyError::Timeout { .. } => "timeout",
+            ProxyError::Overflow { .. } => "overflow",
         }
     }
 
@@ -73,6 +76,7 @@ impl ProxyError {
             }
             ProxyError::FaultAbort(Abort::Grpc(_)) => StatusCode::OK,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Overflow { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use isthmus_core::identity::SpiffeId;
 use isthmus_core::locality::Locality;
@@ -15,18 +15,57 @@ use isthmus_core::routing::LoadBalancer;
 
 use crate::state::{MeshInfo, Service};
 
-/// Consecutive failures that eject an endpoint. A failed connect counts as a full run: the
-/// peer is plainly not there.
-pub const CONSECUTIVE_FAILURES: u32 = 3;
-/// First ejection length; doubles per ejection in a row, up to [`MAX_EJECTION`].
-pub const BASE_EJECTION: Duration = Duration::from_secs(2);
-pub const MAX_EJECTION: Duration = Duration::from_secs(30);
+/// What went wrong with an attempt, for passive health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection (refused, reset under the request, timed out): the peer is plainly
+    /// not there, so it is ejected at once.
+    Connect,
+    /// 502, 503 or 504 (or an error a proxy made itself).
+    Gateway,
+    /// Any other 5xx.
+    ServerError,
+}
+
+/// When failures eject an endpoint and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    pub consecutive_5xx: Option<u32>,
+    pub consecutive_gateway: Option<u32>,
+    pub base_ms: u64,
+    pub max_ms: u64,
+    /// Ejection lengths double (default passive health) rather than grow linearly
+    /// (Istio's `outlierDetection`, as Envoy does).
+    pub doubling: bool,
+}
+
+impl Thresholds {
+    /// Without `outlierDetection`: three proxy-made errors in a row, 2 s doubling to 30 s.
+    pub const PASSIVE: Thresholds = Thresholds {
+        consecutive_5xx: None,
+        consecutive_gateway: Some(3),
+        base_ms: 2_000,
+        max_ms: 30_000,
+        doubling: true,
+    };
+
+    pub fn from_outlier(o: &isthmus_core::routing::OutlierDetection) -> Self {
+        Thresholds {
+            consecutive_5xx: o.consecutive_5xx,
+            consecutive_gateway: o.consecutive_gateway,
+            base_ms: o.base_ejection_ms,
+            max_ms: o.base_ejection_ms.max(300_000),
+            doubling: false,
+        }
+    }
+}
 
 /// Passive health of one endpoint (or one remote cluster), shared across config changes.
 #[derive(Debug)]
 pub struct EndpointHealth {
     key: String,
-    consecutive: AtomicU32,
+    consecutive_5xx: AtomicU32,
+    consecutive_gateway: AtomicU32,
     ejections: AtomicU32,
     /// Milliseconds since `epoch` until which the endpoint is ejected.
     ejected_until: AtomicU64,
@@ -59,30 +98,45 @@ impl EndpointHealth {
     }
 
     pub fn success(&self) {
-        self.consecutive.store(0, Ordering::Relaxed);
+        self.consecutive_5xx.store(0, Ordering::Relaxed);
+        self.consecutive_gateway.store(0, Ordering::Relaxed);
         if !self.is_ejected() {
             self.ejections.store(0, Ordering::Relaxed);
         }
     }
 
-    /// Records a failure; returns true when it ejected the endpoint.
-    pub fn failure(&self, connect_failed: bool) -> bool {
-        let n = if connect_failed {
-            self.consecutive
-                .store(CONSECUTIVE_FAILURES, Ordering::Relaxed);
-            CONSECUTIVE_FAILURES
-        } else {
-            self.consecutive.fetch_add(1, Ordering::Relaxed) + 1
+    /// Records a failure; returns true when it ejected the endpoint. `may_eject` is false
+    /// when the service already has as many endpoints ejected as it allows.
+    pub fn failure(&self, f: Failure, t: &Thresholds, may_eject: bool) -> bool {
+        let (c5, cg) = match f {
+            Failure::Connect => (u32::MAX, u32::MAX),
+            Failure::Gateway => (
+                self.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1,
+                self.consecutive_gateway.fetch_add(1, Ordering::Relaxed) + 1,
+            ),
+            Failure::ServerError => {
+                self.consecutive_gateway.store(0, Ordering::Relaxed);
+                (self.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1, 0)
+            }
         };
-        if n < CONSECUTIVE_FAILURES || self.is_ejected() {
+        let over = t.consecutive_5xx.is_some_and(|n| c5 >= n)
+            || t.consecutive_gateway.is_some_and(|n| cg >= n)
+            || f == Failure::Connect;
+        if !over || !may_eject || self.is_ejected() {
             return false;
         }
-        let k = self.ejections.fetch_add(1, Ordering::Relaxed).min(4);
-        let length = (BASE_EJECTION * (1 << k)).min(MAX_EJECTION);
+        let k = u64::from(self.ejections.fetch_add(1, Ordering::Relaxed) + 1);
+        let length = if t.doubling {
+            t.base_ms << (k - 1).min(8)
+        } else {
+            t.base_ms * k
+        }
+        .min(t.max_ms);
         self.ejected_until
-            .store(self.now_ms() + length.as_millis() as u64, Ordering::Relaxed);
-        self.consecutive.store(0, Ordering::Relaxed);
-        tracing::info!(endpoint = %self.key, seconds = length.as_secs(), "endpoint ejected");
+            .store(self.now_ms() + length, Ordering::Relaxed);
+        self.consecutive_5xx.store(0, Ordering::Relaxed);
+        self.consecutive_gateway.store(0, Ordering::Relaxed);
+        tracing::info!(endpoint = %self.key, ms = length, "endpoint ejected");
         true
     }
 }
@@ -111,7 +165,8 @@ impl HealthTable {
             .or_insert_with(|| {
                 Arc::new(EndpointHealth {
                     key: key.to_owned(),
-                    consecutive: AtomicU32::new(0),
+                    consecutive_5xx: AtomicU32::new(0),
+                    consecutive_gateway: AtomicU32::new(0),
                     ejections: AtomicU32::new(0),
                     ejected_until: AtomicU64::new(0),
                     epoch: self.epoch,
@@ -176,6 +231,8 @@ pub struct Selection<'a> {
     pub load_balancer: Option<&'a LoadBalancer>,
     /// The request's consistent-hash key, when the load balancer hashes.
     pub hash: Option<u64>,
+    /// Below this share of usable endpoints, ejections are ignored (`minHealthPercent`).
+    pub min_health_percent: u32,
 }
 
 /// Rendezvous hashing: the endpoint whose (key, endpoint) hash is highest. Stable as
@@ -234,6 +291,14 @@ pub fn pick(
         }
     }
     candidates.retain(|(_, _, t)| !tried.iter().any(|h| Arc::ptr_eq(h, t.health())));
+    let healthy = candidates.iter().filter(|(_, ejected, _)| !ejected).count();
+    if sel.min_health_percent > 0
+        && (healthy * 100) < candidates.len() * sel.min_health_percent as usize
+    {
+        for c in &mut candidates {
+            c.1 = false;
+        }
+    }
     let usable = candidates.iter().any(|(_, ejected, _)| !ejected);
     candidates.retain(|(_, ejected, _)| !usable || !ejected);
     let best = candidates.iter().map(|(p, _, _)| *p).min()?;
@@ -358,14 +423,20 @@ mod tests {
         let table = HealthTable::default();
         let s = svc(&table);
         let from = Locality::parse("us-east/a").expect("loc");
-        assert!(table.get("127.0.0.1:1").failure(true));
-        assert!(table.get("127.0.0.2:1").failure(true));
+        assert!(table
+            .get("127.0.0.1:1")
+            .failure(Failure::Connect, &Thresholds::PASSIVE, true));
+        assert!(table
+            .get("127.0.0.2:1")
+            .failure(Failure::Connect, &Thresholds::PASSIVE, true));
         assert_eq!(
             name(&pick(&s, &from, &mesh(), &[], Selection::default()).expect("some")),
             "west"
         );
         for c in ["west", "eu"] {
-            assert!(table.get(c).failure(true));
+            assert!(table
+                .get(c)
+                .failure(Failure::Connect, &Thresholds::PASSIVE, true));
         }
         assert!(
             pick(&s, &from, &mesh(), &[], Selection::default()).is_some(),
@@ -377,10 +448,10 @@ mod tests {
     fn single_errors_do_not_eject() {
         let table = HealthTable::default();
         let h = table.get("x");
-        assert!(!h.failure(false));
-        assert!(!h.failure(false));
+        assert!(!h.failure(Failure::Gateway, &Thresholds::PASSIVE, true));
+        assert!(!h.failure(Failure::Gateway, &Thresholds::PASSIVE, true));
         h.success();
-        assert!(!h.failure(false));
+        assert!(!h.failure(Failure::Gateway, &Thresholds::PASSIVE, true));
         assert!(!h.is_ejected());
     }
 }

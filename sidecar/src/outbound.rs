@@ -19,10 +19,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::errors::{is_grpc, ProxyError};
-use crate::lb::{pick, EndpointHealth, Selection, Target};
+use crate::lb::{pick, EndpointHealth, Failure, Selection, Target, Thresholds};
 use crate::metrics::{Metrics, ReasonLabels, RequestLabels};
 use crate::pool::{Pool, ProxyBody, H2};
-use crate::route::{apply_header_op, pick_weighted, rewrite_path, sampled, RequestView};
+use crate::route::{
+    apply_header_op, pick_weighted, rewrite_path, sampled, PolicyState, RequestView,
+};
 use crate::state::{MeshState, Service};
 
 /// Attempts per request, the first included.
@@ -175,6 +177,7 @@ fn reason_label(r: &str) -> &'static str {
         "app-reset" => "app-reset",
         "fault-abort" => "fault-abort",
         "timeout" => "timeout",
+        "overflow" => "overflow",
         _ => "other",
     }
 }
@@ -322,19 +325,40 @@ fn hash_key(on: &HashOn, parts: &http::request::Parts) -> (Option<u64>, Option<S
 }
 
 impl Plan {
+    /// The DestinationRule policy in force: the subset's, else the service's.
+    fn state(&self) -> Option<&PolicyState> {
+        let routing = self.svc.routing.as_deref()?;
+        match self.subset.as_deref() {
+            Some(name) => routing.subset(name).map(|s| &s.state),
+            None => Some(&routing.state),
+        }
+    }
+
     fn selection(&self) -> Selection<'_> {
-        let routing = self.svc.routing.as_deref();
         let subset = self
             .subset
             .as_deref()
-            .and_then(|name| routing.and_then(|r| r.subset(name)));
+            .and_then(|name| self.svc.routing.as_deref()?.subset(name));
+        let policy = self.state().map(|s| &s.policy);
         Selection {
             labels: subset.map(|s| &s.labels),
-            load_balancer: subset
-                .and_then(|s| s.load_balancer.as_ref())
-                .or(routing.and_then(|r| r.load_balancer.as_ref())),
+            load_balancer: policy.and_then(|p| p.load_balancer.as_ref()),
             hash: self.hash,
+            min_health_percent: policy
+                .and_then(|p| p.outlier.as_ref())
+                .map(|o| o.min_health_percent)
+                .unwrap_or(0),
         }
+    }
+
+    fn connect_timeout(&self) -> Duration {
+        let configured = self
+            .state()
+            .and_then(|s| s.policy.connection_pool.as_ref())
+            .and_then(|p| p.connect_timeout_ms);
+        configured
+            .map(Duration::from_millis)
+            .unwrap_or(crate::pool::CONNECT_TIMEOUT)
     }
 }
 
@@ -510,6 +534,17 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
     if let (Some(m), ReqBody::Replayable(bytes)) = (mirror, &body) {
         spawn_mirror(ctx, state, m, parts.clone(), bytes.clone());
     }
+    let _admitted = match plan.state() {
+        Some(st) => Some(st.breaker.admit().await.ok_or_else(|| {
+            (
+                ProxyError::Overflow {
+                    service: service.clone(),
+                },
+                service.clone(),
+            )
+        })?),
+        None => None,
+    };
     let sent = attempts(ctx, state, &plan, parts, body);
     let result = match deadline {
         Some(d) => tokio::time::timeout_at(d, sent)
@@ -592,6 +627,7 @@ async fn attempts(
     let authority = plan.authority.as_str();
     let mut tried: Vec<Arc<EndpointHealth>> = Vec::new();
     let mut last: Option<ProxyError> = None;
+    let mut _retry = None;
     for attempt in 0..plan.retry.attempts {
         let mut target = pick(
             &plan.svc,
@@ -613,6 +649,11 @@ async fn attempts(
         }
         let Some(target) = target else { break };
         if attempt > 0 {
+            match plan.state().map(|s| s.breaker.retry()) {
+                Some(None) => break, // the retry budget (`maxRetries`) is spent
+                Some(token) => _retry = token,
+                None => {}
+            }
             ctx.metrics.retries.inc();
         }
         tried.push(target.health().clone());
@@ -620,16 +661,22 @@ async fn attempts(
             Target::Local { .. } => state.mesh.cluster.clone(),
             Target::Remote { cluster, .. } => cluster.clone(),
         };
-        let mut h2 = match connect(ctx, state, &target, authority).await {
+        let mut h2 = match connect(ctx, state, &target, authority, plan.connect_timeout()).await {
             Ok(h2) => h2,
             Err(e) => {
-                fail(ctx, &target, true, e.reason());
+                fail(ctx, plan, &target, Failure::Connect, e.reason());
                 last = Some(e);
                 continue;
             }
         };
         if let Err(e) = h2.ready().await {
-            fail(ctx, &target, true, "upstream-connect-failure");
+            fail(
+                ctx,
+                plan,
+                &target,
+                Failure::Connect,
+                "upstream-connect-failure",
+            );
             last = Some(ProxyError::UpstreamReset {
                 service: authority.to_owned(),
                 source: e,
@@ -643,7 +690,7 @@ async fn attempts(
             Some(t) => match tokio::time::timeout(t, h2.send_request(req)).await {
                 Ok(r) => r,
                 Err(_) => {
-                    fail(ctx, &target, false, "per-try-timeout");
+                    fail(ctx, plan, &target, Failure::Gateway, "per-try-timeout");
                     last = Some(ProxyError::Timeout {
                         service: authority.to_owned(),
                     });
@@ -667,7 +714,17 @@ async fn attempts(
                 };
                 let replayable = matches!(body, ReqBody::Replayable(_));
                 if let (Some((refused, reason)), true) = (far, replayable) {
-                    fail(ctx, &target, refused, reason);
+                    fail(
+                        ctx,
+                        plan,
+                        &target,
+                        if refused {
+                            Failure::Connect
+                        } else {
+                            Failure::Gateway
+                        },
+                        reason,
+                    );
                     last = Some(ProxyError::AppUnavailable(format!(
                         "{authority} in {cluster}: {reason}"
                     )));
@@ -686,10 +743,18 @@ async fn attempts(
                     last = None;
                     continue;
                 }
-                if resp.status().is_server_error() && resp.headers().contains_key(ERROR_REASON) {
-                    fail(ctx, &target, false, "upstream-error");
-                } else {
-                    target.health().success();
+                // Without outlierDetection only errors proxies made count; with it, every 5xx.
+                let outlier = plan.state().is_some_and(|s| s.policy.outlier.is_some());
+                let proxy_made = resp.headers().contains_key(ERROR_REASON);
+                match resp.status().as_u16() {
+                    502..=504 if outlier || proxy_made => {
+                        fail(ctx, plan, &target, Failure::Gateway, "upstream-error")
+                    }
+                    500..=599 if outlier => {
+                        fail(ctx, plan, &target, Failure::ServerError, "upstream-5xx")
+                    }
+                    500..=599 => {}
+                    _ => target.health().success(),
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut rparts.headers);
@@ -704,10 +769,16 @@ async fn attempts(
             Err(e) => {
                 // A connection that died under the request (closed, or keep-alive timed out)
                 // says the peer is gone, as a failed connect does.
+                let died = e.is_closed() || e.is_canceled() || e.is_timeout();
                 fail(
                     ctx,
+                    plan,
                     &target,
-                    e.is_closed() || e.is_canceled() || e.is_timeout(),
+                    if died {
+                        Failure::Connect
+                    } else {
+                        Failure::Gateway
+                    },
                     "upstream-reset",
                 );
                 last = Some(ProxyError::UpstreamReset {
@@ -722,12 +793,28 @@ async fn attempts(
     }))
 }
 
-fn fail(ctx: &OutboundCtx, target: &Target, connect_failed: bool, reason: &'static str) {
+fn fail(ctx: &OutboundCtx, plan: &Plan, target: &Target, f: Failure, reason: &'static str) {
     ctx.metrics
         .upstream_failures
         .get_or_create(&ReasonLabels { reason })
         .inc();
-    if target.health().failure(connect_failed) {
+    let state = plan.state();
+    let thresholds = state.map(|s| s.thresholds).unwrap_or(Thresholds::PASSIVE);
+    // `maxEjectionPercent` caps ejections in this cluster's endpoints (one may always go).
+    let may_eject = match state.and_then(|s| s.policy.outlier.as_ref()) {
+        Some(o) if matches!(target, Target::Local { .. }) => {
+            let total = plan.svc.endpoints.len();
+            let ejected = plan
+                .svc
+                .endpoints
+                .iter()
+                .filter(|e| e.health.is_ejected())
+                .count();
+            ejected < (total * o.max_ejection_percent as usize / 100).max(1)
+        }
+        _ => true,
+    };
+    if target.health().failure(f, &thresholds, may_eject) {
         ctx.metrics.ejections.inc();
     }
 }
@@ -737,12 +824,13 @@ async fn connect(
     state: &MeshState,
     target: &Target,
     authority: &str,
+    timeout: Duration,
 ) -> Result<H2, ProxyError> {
     let service = authority.to_owned();
     match target {
         Target::Local {
             address, identity, ..
-        } => ctx.pool.direct(*address, identity).await,
+        } => ctx.pool.direct(*address, identity, timeout).await,
         Target::Remote {
             cluster,
             identities,
@@ -757,7 +845,7 @@ async fn connect(
                 });
             };
             ctx.pool
-                .remote(gateway, cluster, authority, identities)
+                .remote(gateway, cluster, authority, identities, timeout)
                 .await
         }
     }

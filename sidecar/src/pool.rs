@@ -25,7 +25,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 pub type H2 = SendRequest<ProxyBody>;
 
-/// Time to reach a peer (TCP, TLS and HTTP/2 handshakes, or the whole tunnel).
+/// Time to reach a peer (TCP, TLS and HTTP/2 handshakes, or the whole tunnel), unless a
+/// DestinationRule's `connectTimeout` says otherwise.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Keep-alive of direct connections: a dead local peer shows up as a reset anyway.
 const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(5));
@@ -142,6 +143,7 @@ impl Pool {
         &self,
         key: PoolKey,
         peer: &str,
+        timeout: Duration,
         connect: F,
     ) -> Result<H2, ConnectError>
     where
@@ -155,11 +157,12 @@ impl Pool {
             }
         }
         *guard = None;
-        let h2 = tokio::time::timeout(CONNECT_TIMEOUT, connect)
-            .await
-            .map_err(|_| ConnectError::Timeout {
-                peer: peer.to_owned(),
-            })??;
+        let h2 =
+            tokio::time::timeout(timeout, connect)
+                .await
+                .map_err(|_| ConnectError::Timeout {
+                    peer: peer.to_owned(),
+                })??;
         *guard = Some(h2.clone());
         Ok(h2)
     }
@@ -183,11 +186,17 @@ impl Pool {
     }
 
     /// A connection to the sidecar at `addr`, which must present `identity`.
-    pub async fn direct(&self, addr: SocketAddr, identity: &SpiffeId) -> Result<H2, ConnectError> {
+    pub async fn direct(
+        &self,
+        addr: SocketAddr,
+        identity: &SpiffeId,
+        timeout: Duration,
+    ) -> Result<H2, ConnectError> {
         let policy = PeerPolicy::OneOf(vec![identity.clone()]);
         self.get_or_connect(
             PoolKey::Direct(addr),
             &addr.to_string(),
+            timeout,
             self.tls_h2(addr, policy),
         )
         .await
@@ -202,13 +211,15 @@ impl Pool {
         cluster: &str,
         authority: &str,
         identities: &[SpiffeId],
+        timeout: Duration,
     ) -> Result<H2, ConnectError> {
         let key = PoolKey::Remote(cluster.to_owned(), authority.to_owned());
         let peer = format!("{authority} in {cluster}");
         self.get_or_connect(
             key,
             &peer,
-            self.tunnel(gateway, cluster, authority, identities),
+            timeout,
+            self.tunnel(gateway, cluster, authority, identities, timeout),
         )
         .await
     }
@@ -219,12 +230,14 @@ impl Pool {
         cluster: &str,
         authority: &str,
         identities: &[SpiffeId],
+        timeout: Duration,
     ) -> Result<H2, ConnectError> {
         let (gw_addr, gw_id) = gateway;
         let mut gw = self
             .get_or_connect(
                 PoolKey::Direct(gw_addr),
                 &gw_addr.to_string(),
+                timeout,
                 self.tls_h2(gw_addr, PeerPolicy::OneOf(vec![gw_id])),
             )
             .await?;

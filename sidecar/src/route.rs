@@ -7,9 +7,14 @@ use std::collections::BTreeMap;
 
 use http::header::HeaderName;
 use http::HeaderMap;
+use std::sync::Arc;
+
 use isthmus_core::routing::{
-    Destination, HeaderOp, HttpRoute, LoadBalancer, RouteMatch, ServiceRouting, StringMatch,
+    Destination, HeaderOp, HttpRoute, RouteMatch, ServiceRouting, StringMatch, TrafficPolicy,
 };
+
+use crate::breaker::Breaker;
+use crate::lb::Thresholds;
 use regex::Regex;
 
 #[derive(Debug)]
@@ -151,18 +156,42 @@ pub struct CompiledRoute {
     matches: Vec<CompiledMatch>,
 }
 
-/// A destination's subset, resolved.
-#[derive(Debug, Clone)]
-pub struct SubsetPolicy {
-    pub labels: BTreeMap<String, String>,
-    pub load_balancer: Option<LoadBalancer>,
+/// The traffic policy of a service or one subset, compiled, with its circuit breaker.
+#[derive(Debug)]
+pub struct PolicyState {
+    pub policy: TrafficPolicy,
+    pub thresholds: Thresholds,
+    pub breaker: Arc<Breaker>,
 }
 
-#[derive(Debug, Default)]
+impl PolicyState {
+    fn new(policy: TrafficPolicy) -> Self {
+        let thresholds = policy
+            .outlier
+            .as_ref()
+            .map(Thresholds::from_outlier)
+            .unwrap_or(Thresholds::PASSIVE);
+        let breaker = Arc::new(Breaker::new(policy.connection_pool.as_ref()));
+        Self {
+            policy,
+            thresholds,
+            breaker,
+        }
+    }
+}
+
+/// A destination's subset, resolved; its policy already falls back to the service's.
+#[derive(Debug)]
+pub struct SubsetPolicy {
+    pub labels: BTreeMap<String, String>,
+    pub state: PolicyState,
+}
+
+#[derive(Debug)]
 pub struct CompiledRouting {
     pub routes: Vec<CompiledRoute>,
     subsets: BTreeMap<String, SubsetPolicy>,
-    pub load_balancer: Option<LoadBalancer>,
+    pub state: PolicyState,
 }
 
 impl CompiledRouting {
@@ -187,7 +216,7 @@ impl CompiledRouting {
                     s.name,
                     SubsetPolicy {
                         labels: s.labels,
-                        load_balancer: s.load_balancer,
+                        state: PolicyState::new(s.policy.over(&r.policy)),
                     },
                 )
             })
@@ -195,7 +224,7 @@ impl CompiledRouting {
         Ok(Self {
             routes,
             subsets,
-            load_balancer: r.load_balancer,
+            state: PolicyState::new(r.policy),
         })
     }
 

@@ -394,3 +394,118 @@ async fn consistent_hashing_pins_a_key_to_one_endpoint() -> anyhow::Result<()> {
     assert!(landed.iter().all(|w| *w == landed[0]), "{landed:?}");
     Ok(())
 }
+
+const POOLED: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: demo}
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1, maxRetries: 1}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breaking_answers_overflow_under_concurrent_load() -> anyhow::Result<()> {
+    let (mut mesh, outbound) = reviews().await?;
+    mesh.apply("east", "reviews-dr.yaml", POOLED).await?;
+    let admin = mesh
+        .workload("east", "client")
+        .sidecar
+        .as_ref()
+        .expect("sidecar")
+        .admin_address;
+    eventually(
+        "the pool limits to reach the client",
+        Duration::from_secs(5),
+        || async {
+            let dump = isthmus_tests::config_dump(admin).await?;
+            let svc = dump["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|s| s["service"] == HOST)
+                .cloned()
+                .unwrap_or_default();
+            anyhow::ensure!(
+                svc["policy"]["connection_pool"]["max_requests"] == 1,
+                "policy: {}",
+                svc["policy"]
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    // Twenty callers at once on a slow path: one in flight, one waiting, the rest overflow.
+    let overflowed = eventually("overflow under load", Duration::from_secs(10), || async {
+        let calls: Vec<_> = (0..20)
+            .map(|_| {
+                let client = AppClient::new();
+                tokio::spawn(async move { client.get(outbound, HOST, "/delay/300").await })
+            })
+            .collect();
+        let (mut ok, mut overflow) = (0, 0);
+        for c in calls {
+            let r = c.await??;
+            match (
+                r.status.as_u16(),
+                r.headers
+                    .get("x-isthmus-error")
+                    .and_then(|v| v.to_str().ok()),
+            ) {
+                (200, _) => ok += 1,
+                (503, Some("overflow")) => overflow += 1,
+                (s, reason) => anyhow::bail!("unexpected {s} {reason:?}"),
+            }
+        }
+        anyhow::ensure!(ok >= 2 && overflow >= 10, "{ok} ok, {overflow} overflowed");
+        Ok(overflow)
+    })
+    .await?;
+    let counted = isthmus_tests::metric_sum(
+        admin,
+        "istio_requests_total",
+        &[("response_flags", "overflow")],
+    )
+    .await?;
+    assert!(
+        counted >= overflowed as f64,
+        "overflows are counted by reason: {counted}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_a_failing_endpoint_and_brings_it_back() -> anyhow::Result<()> {
+    let (mut mesh, outbound) = reviews().await?;
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: demo}\nspec:\n  host: reviews\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 100}\n";
+    mesh.apply("east", "reviews-dr.yaml", dr).await?;
+    let client = AppClient::new();
+    // v2 fails every request on this path; after two failures it is ejected.
+    let ejected_at = eventually("v2 to be ejected", Duration::from_secs(10), || async {
+        for _ in 0..6 {
+            client.get(outbound, HOST, "/fail-if/reviews-v2").await?;
+        }
+        for _ in 0..20 {
+            let r = client.get(outbound, HOST, "/fail-if/reviews-v2").await?;
+            anyhow::ensure!(r.status == 200, "v2 still gets traffic");
+        }
+        Ok(Instant::now())
+    })
+    .await?;
+    // After baseEjectionTime it gets traffic again (and fails again).
+    eventually("v2 to come back", Duration::from_secs(10), || async {
+        let r = client.get(outbound, HOST, "/fail-if/reviews-v2").await?;
+        anyhow::ensure!(r.status == 503, "not yet");
+        Ok(())
+    })
+    .await?;
+    assert!(
+        ejected_at.elapsed() >= Duration::from_millis(1000),
+        "came back too early: {:?}",
+        ejected_at.elapsed()
+    );
+    Ok(())
+}

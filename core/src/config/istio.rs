@@ -9,8 +9,9 @@ use serde::Deserialize;
 use super::validate::Checker;
 use super::Code;
 use crate::routing::{
-    Abort, Destination, Fault, HashOn, HeaderOp, HeaderOps, HttpRoute, LoadBalancer, Mirror,
-    Retries, Rewrite, RouteAction, RouteMatch, StringMatch, Subset,
+    Abort, ConnectionPool, Destination, Fault, HashOn, HeaderOp, HeaderOps, HttpRoute,
+    LoadBalancer, Mirror, OutlierDetection, Retries, Rewrite, RouteAction, RouteMatch, StringMatch,
+    Subset, TrafficPolicy,
 };
 
 type Unsupported = Option<serde_yaml_ng::Value>;
@@ -209,8 +210,8 @@ pub struct DestinationRuleSpec {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
     pub load_balancer: Option<LoadBalancerSpec>,
-    pub connection_pool: Unsupported,
-    pub outlier_detection: Unsupported,
+    pub connection_pool: Option<ConnectionPoolSpec>,
+    pub outlier_detection: Option<OutlierDetectionSpec>,
     pub tls: Unsupported,
     pub port_level_settings: Unsupported,
     pub tunnel: Unsupported,
@@ -300,6 +301,180 @@ fn consistent_hash(
         return None;
     }
     keys.into_iter().next().map(LoadBalancer::ConsistentHash)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutlierDetectionSpec {
+    #[serde(rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: Option<i64>,
+    pub consecutive_gateway_errors: Option<i64>,
+    pub interval: Option<String>,
+    pub base_ejection_time: Option<String>,
+    pub max_ejection_percent: Option<i64>,
+    pub min_health_percent: Option<i64>,
+    pub split_external_local_origin_errors: Unsupported,
+    pub consecutive_local_origin_failures: Unsupported,
+    pub consecutive_errors: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConnectionPoolSpec {
+    pub tcp: Option<TcpPoolSpec>,
+    pub http: Option<HttpPoolSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TcpPoolSpec {
+    pub max_connections: Option<i64>,
+    pub connect_timeout: Option<String>,
+    pub tcp_keepalive: Unsupported,
+    pub max_connection_duration: Unsupported,
+    pub idle_timeout: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpPoolSpec {
+    pub http1_max_pending_requests: Option<i64>,
+    pub http2_max_requests: Option<i64>,
+    pub max_requests_per_connection: Unsupported,
+    pub max_retries: Option<i64>,
+    pub idle_timeout: Unsupported,
+    pub h2_upgrade_policy: Unsupported,
+    pub use_client_protocol: Unsupported,
+    pub max_concurrent_streams: Unsupported,
+}
+
+fn count(c: &mut Checker<'_>, field: &str, v: Option<i64>, max: i64) -> Option<u32> {
+    let v = v?;
+    if (0..=max).contains(&v) {
+        Some(v as u32)
+    } else {
+        c.fail(
+            Code::InvalidValue,
+            field,
+            format!("{v} is out of range (0-{max})"),
+        );
+        None
+    }
+}
+
+fn outlier(c: &mut Checker<'_>, field: &str, o: &OutlierDetectionSpec) -> OutlierDetection {
+    for (name, v) in [
+        (
+            "splitExternalLocalOriginErrors",
+            &o.split_external_local_origin_errors,
+        ),
+        (
+            "consecutiveLocalOriginFailures",
+            &o.consecutive_local_origin_failures,
+        ),
+        ("consecutiveErrors", &o.consecutive_errors),
+    ] {
+        unsupported(c, &format!("{field}.{name}"), v);
+    }
+    // `interval` is when Envoy sweeps; ejections here end at their exact time, so any
+    // interval behaves the same. It is still checked.
+    if let Some(i) = &o.interval {
+        duration(c, &format!("{field}.interval"), i);
+    }
+    let max = i64::from(u32::MAX);
+    OutlierDetection {
+        // Istio's defaults: 5 consecutive 5xx, 30 s base ejection, at most 10% ejected.
+        consecutive_5xx: count(
+            c,
+            &format!("{field}.consecutive5xxErrors"),
+            o.consecutive_5xx_errors,
+            max,
+        )
+        .or(Some(5))
+        .filter(|n| *n > 0),
+        consecutive_gateway: count(
+            c,
+            &format!("{field}.consecutiveGatewayErrors"),
+            o.consecutive_gateway_errors,
+            max,
+        )
+        .filter(|n| *n > 0),
+        base_ejection_ms: o
+            .base_ejection_time
+            .as_deref()
+            .and_then(|t| duration(c, &format!("{field}.baseEjectionTime"), t))
+            .unwrap_or(30_000),
+        max_ejection_percent: count(
+            c,
+            &format!("{field}.maxEjectionPercent"),
+            o.max_ejection_percent,
+            100,
+        )
+        .unwrap_or(10),
+        min_health_percent: count(
+            c,
+            &format!("{field}.minHealthPercent"),
+            o.min_health_percent,
+            100,
+        )
+        .unwrap_or(0),
+    }
+}
+
+/// Connections between proxies are long-lived multiplexed HTTP/2, so Envoy's pool sizes
+/// become limits on requests in flight; per-connection caps and idle timeouts of
+/// Envoy's pools have no counterpart yet and are refused by name.
+fn connection_pool(c: &mut Checker<'_>, field: &str, p: &ConnectionPoolSpec) -> ConnectionPool {
+    let mut pool = ConnectionPool::default();
+    let max = i64::from(u32::MAX);
+    if let Some(t) = &p.tcp {
+        for (name, v) in [
+            ("tcpKeepalive", &t.tcp_keepalive),
+            ("maxConnectionDuration", &t.max_connection_duration),
+            ("idleTimeout", &t.idle_timeout),
+        ] {
+            unsupported(c, &format!("{field}.tcp.{name}"), v);
+        }
+        pool.max_requests = count(
+            c,
+            &format!("{field}.tcp.maxConnections"),
+            t.max_connections,
+            max,
+        );
+        pool.connect_timeout_ms = t
+            .connect_timeout
+            .as_deref()
+            .and_then(|d| duration(c, &format!("{field}.tcp.connectTimeout"), d));
+    }
+    if let Some(h) = &p.http {
+        for (name, v) in [
+            ("maxRequestsPerConnection", &h.max_requests_per_connection),
+            ("idleTimeout", &h.idle_timeout),
+            ("h2UpgradePolicy", &h.h2_upgrade_policy),
+            ("useClientProtocol", &h.use_client_protocol),
+            ("maxConcurrentStreams", &h.max_concurrent_streams),
+        ] {
+            unsupported(c, &format!("{field}.http.{name}"), v);
+        }
+        let h2 = count(
+            c,
+            &format!("{field}.http.http2MaxRequests"),
+            h.http2_max_requests,
+            max,
+        );
+        pool.max_requests = match (pool.max_requests, h2) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        pool.max_pending = count(
+            c,
+            &format!("{field}.http.http1MaxPendingRequests"),
+            h.http1_max_pending_requests,
+            max,
+        );
+        pool.max_retries = count(c, &format!("{field}.http.maxRetries"), h.max_retries, max);
+    }
+    pool
 }
 
 /// A VirtualService converted, with hosts not yet resolved to services.
@@ -810,15 +985,29 @@ pub fn virtual_service(
     })
 }
 
-fn load_balancer(
+fn traffic_policy(
     c: &mut Checker<'_>,
     field: &str,
     p: &Option<TrafficPolicySpec>,
-) -> Option<LoadBalancer> {
-    let p = p.as_ref()?;
+) -> TrafficPolicy {
+    let Some(p) = p.as_ref() else {
+        return TrafficPolicy::default();
+    };
+    TrafficPolicy {
+        load_balancer: load_balancer(c, field, p),
+        outlier: p
+            .outlier_detection
+            .as_ref()
+            .map(|o| outlier(c, &format!("{field}.outlierDetection"), o)),
+        connection_pool: p
+            .connection_pool
+            .as_ref()
+            .map(|cp| connection_pool(c, &format!("{field}.connectionPool"), cp)),
+    }
+}
+
+fn load_balancer(c: &mut Checker<'_>, field: &str, p: &TrafficPolicySpec) -> Option<LoadBalancer> {
     for (name, v) in [
-        ("connectionPool", &p.connection_pool),
-        ("outlierDetection", &p.outlier_detection),
         ("tls", &p.tls),
         ("portLevelSettings", &p.port_level_settings),
         ("tunnel", &p.tunnel),
@@ -863,14 +1052,14 @@ fn load_balancer(
     }
 }
 
-/// A DestinationRule converted: (host, subsets, service-level load balancer).
+/// A DestinationRule converted: (host, subsets, service-level policy).
 pub fn destination_rule(
     c: &mut Checker<'_>,
     spec: &DestinationRuleSpec,
-) -> (String, Vec<Subset>, Option<LoadBalancer>) {
+) -> (String, Vec<Subset>, TrafficPolicy) {
     unsupported(c, "spec.exportTo", &spec.export_to);
     unsupported(c, "spec.workloadSelector", &spec.workload_selector);
-    let lb = load_balancer(c, "spec.trafficPolicy", &spec.traffic_policy);
+    let lb = traffic_policy(c, "spec.trafficPolicy", &spec.traffic_policy);
     let mut names = std::collections::BTreeSet::new();
     let subsets = spec
         .subsets
@@ -887,7 +1076,7 @@ pub fn destination_rule(
             Subset {
                 name: s.name.clone(),
                 labels: s.labels.clone(),
-                load_balancer: load_balancer(
+                policy: traffic_policy(
                     c,
                     &format!("spec.subsets[{i}].trafficPolicy"),
                     &s.traffic_policy,

@@ -356,7 +356,7 @@ fn routing(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<ConfigError>
             continue;
         };
         let r = set.routing.entry(target.clone()).or_default();
-        if !r.subsets.is_empty() || r.load_balancer.is_some() {
+        if !r.subsets.is_empty() || !r.policy.is_empty() {
             c.fail(
                 Code::Duplicate,
                 "spec.host",
@@ -365,7 +365,7 @@ fn routing(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<ConfigError>
             continue;
         }
         r.subsets = subsets;
-        r.load_balancer = lb;
+        r.policy = lb;
     }
     for doc in docs {
         let DocumentBody::VirtualService(spec) = &doc.body else {
@@ -669,7 +669,7 @@ spec:
         assert_eq!(r.http.len(), 2);
         assert_eq!(r.subsets.len(), 2);
         assert_eq!(
-            r.load_balancer,
+            r.policy.load_balancer,
             Some(crate::routing::LoadBalancer::LeastRequest)
         );
         assert_eq!(r.http[1].timeout_ms, Some(1500));
@@ -728,7 +728,7 @@ spec:
     fn unsupported_destination_rule_policies_are_named() {
         let dr = BASE.replace(
             "trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}",
-            "trafficPolicy: {outlierDetection: {consecutive5xxErrors: 3}}",
+            "trafficPolicy: {connectionPool: {http: {idleTimeout: 1s}}}",
         );
         let e = load_files(&[SourceFile {
             name: "r.yaml".into(),
@@ -737,6 +737,6 @@ spec:
         .expect_err("unsupported")
         .0
         .remove(0);
-        assert_eq!(e.field, "spec.trafficPolicy.outlierDetection");
+        assert_eq!(e.field, "spec.trafficPolicy.connectionPool.http.idleTimeout");
     }
 }
