@@ -11,6 +11,9 @@ pub const UPSTREAM_CLUSTER: &str = "x-isthmus-upstream-cluster";
 pub const TARGET_CLUSTER: &str = "x-isthmus-cluster";
 /// Protocol the inbound sidecar must speak to its app (`http` or `http2`).
 pub const APP_PROTOCOL: &str = "x-isthmus-app-protocol";
+/// Name of the VirtualService route a request matched at the calling sidecar, for
+/// route-scoped rate limits at the receiving one.
+pub const ROUTE: &str = "x-isthmus-route";
 /// Prefix of every internal header; all are stripped from what apps send.
 pub const INTERNAL_PREFIX: &str = "x-isthmus-";
 

@@ -206,6 +206,17 @@ pub struct Subset {
     pub policy: TrafficPolicy,
 }
 
+/// A local rate limit: a token bucket in each sidecar of the service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimit {
+    /// Only requests that matched this VirtualService route; all when `None`.
+    pub route: Option<String>,
+    pub tokens: u32,
+    pub interval_ms: u64,
+    pub burst: u32,
+    pub per_caller: bool,
+}
+
 /// Everything routing-related for one service.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServiceRouting {
@@ -214,10 +225,16 @@ pub struct ServiceRouting {
     /// From the DestinationRule of this service.
     pub subsets: Vec<Subset>,
     pub policy: TrafficPolicy,
+    /// From LocalRateLimits targeting this service; enforced by its own sidecars.
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimit>,
 }
 
 impl ServiceRouting {
     pub fn is_empty(&self) -> bool {
-        self.http.is_empty() && self.subsets.is_empty() && self.policy.is_empty()
+        self.http.is_empty()
+            && self.subsets.is_empty()
+            && self.policy.is_empty()
+            && self.rate_limits.is_empty()
     }
 }

@@ -43,6 +43,8 @@ pub enum ProxyError {
     Timeout { service: String },
     #[error("{service} has too many requests in flight (connectionPool limits)")]
     Overflow { service: String },
+    #[error("rate limited; retry after {retry_after:?}")]
+    RateLimited { retry_after: std::time::Duration },
 }
 
 impl ProxyError {
@@ -59,6 +61,7 @@ impl ProxyError {
             ProxyError::FaultAbort(_) => "fault-abort",
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::Overflow { .. } => "overflow",
+            ProxyError::RateLimited { .. } => "rate-limited",
         }
     }
 
@@ -77,6 +80,7 @@ impl ProxyError {
             ProxyError::FaultAbort(Abort::Grpc(_)) => StatusCode::OK,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Overflow { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -87,8 +91,9 @@ impl ProxyError {
             ProxyError::NoHost | ProxyError::RequestBody(_) => 3, // INVALID_ARGUMENT
             ProxyError::TunnelUnsupported => 12,
             ProxyError::FaultAbort(Abort::Grpc(code)) => *code,
-            ProxyError::Timeout { .. } => 4, // DEADLINE_EXCEEDED
-            _ => 14,                         // UNAVAILABLE
+            ProxyError::Timeout { .. } => 4,     // DEADLINE_EXCEEDED
+            ProxyError::RateLimited { .. } => 8, // RESOURCE_EXHAUSTED
+            _ => 14,                             // UNAVAILABLE
         }
     }
 
@@ -118,6 +123,11 @@ impl ProxyError {
         };
         resp.headers_mut()
             .insert(ERROR_REASON, HeaderValue::from_static(self.reason()));
+        if let ProxyError::RateLimited { retry_after } = self {
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
         resp
     }
 }

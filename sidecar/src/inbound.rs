@@ -30,6 +30,8 @@ pub struct InboundCtx {
     pub app: Option<SocketAddr>,
     pub cluster: String,
     pub metrics: Metrics,
+    /// The mesh as pushed, for this service's rate limits.
+    pub state: tokio::sync::watch::Receiver<Arc<crate::state::MeshState>>,
     app_h1: Client<HttpConnector, ProxyBody>,
     app_h2: Client<HttpConnector, ProxyBody>,
 }
@@ -40,6 +42,7 @@ impl InboundCtx {
         app: Option<SocketAddr>,
         cluster: String,
         metrics: Metrics,
+        state: tokio::sync::watch::Receiver<Arc<crate::state::MeshState>>,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -57,6 +60,7 @@ impl InboundCtx {
             app,
             cluster,
             metrics,
+            state,
             app_h1,
             app_h2,
         }
@@ -161,6 +165,34 @@ async fn handle(ctx: &InboundCtx, peer: &SpiffeId, req: Request<Incoming>) -> Re
     resp
 }
 
+/// Applies the LocalRateLimits of the service a request is for.
+fn check_rate_limits(
+    ctx: &InboundCtx,
+    peer: &SpiffeId,
+    parts: &http::request::Parts,
+) -> Result<(), ProxyError> {
+    let state = ctx.state.borrow().clone();
+    let Some(routing) = parts
+        .uri
+        .host()
+        .and_then(|h| state.resolve(h))
+        .and_then(|s| s.routing.clone())
+    else {
+        return Ok(());
+    };
+    let route = parts
+        .headers
+        .get(isthmus_core::headers::ROUTE)
+        .and_then(|v| v.to_str().ok());
+    let caller = peer.to_string();
+    for limit in &routing.limits {
+        limit
+            .check(route, &caller)
+            .map_err(|wait| ProxyError::RateLimited { retry_after: wait })?;
+    }
+    Ok(())
+}
+
 async fn forward(
     ctx: &InboundCtx,
     peer: &SpiffeId,
@@ -173,6 +205,7 @@ async fn forward(
         ProxyError::AppUnavailable("this workload has no application port".into())
     })?;
     let (mut parts, body) = req.into_parts();
+    check_rate_limits(ctx, peer, &parts)?;
     let h2 = parts
         .headers
         .get(APP_PROTOCOL)

@@ -181,6 +181,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             cfg.app_addr,
             cfg.cluster.clone(),
             metrics,
+            store.subscribe(),
         ));
         tasks.spawn(inbound::Inbound::new(inbound, in_ctx, drain).run());
         tasks.join_next().await;

@@ -178,6 +178,7 @@ fn reason_label(r: &str) -> &'static str {
         "fault-abort" => "fault-abort",
         "timeout" => "timeout",
         "overflow" => "overflow",
+        "rate-limited" => "rate-limited",
         _ => "other",
     }
 }
@@ -506,6 +507,11 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
             authority_rewrite = rw.authority.clone();
         }
         apply_header_op(&mut parts.headers, &spec.headers.request);
+        if let Ok(name) = HeaderValue::from_str(&spec.name) {
+            if !spec.name.is_empty() {
+                parts.headers.insert(isthmus_core::headers::ROUTE, name);
+            }
+        }
         if let Some(r) = &spec.retries {
             plan.retry = RetryPolicy::from_spec(r);
         }

@@ -10,7 +10,8 @@ use http::HeaderMap;
 use std::sync::Arc;
 
 use isthmus_core::routing::{
-    Destination, HeaderOp, HttpRoute, RouteMatch, ServiceRouting, StringMatch, TrafficPolicy,
+    Destination, HeaderOp, HttpRoute, RateLimit, RouteMatch, ServiceRouting, StringMatch,
+    TrafficPolicy,
 };
 
 use crate::breaker::Breaker;
@@ -192,6 +193,51 @@ pub struct CompiledRouting {
     pub routes: Vec<CompiledRoute>,
     subsets: BTreeMap<String, SubsetPolicy>,
     pub state: PolicyState,
+    /// Local rate limits this service's own sidecars enforce on inbound requests.
+    pub limits: Vec<Limit>,
+}
+
+/// A token bucket (GCRA: refilled continuously at tokens per interval), per caller or shared.
+pub struct Limit {
+    pub spec: RateLimit,
+    buckets: governor::DefaultKeyedRateLimiter<String>,
+}
+
+impl std::fmt::Debug for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.spec.fmt(f)
+    }
+}
+
+impl Limit {
+    fn new(spec: RateLimit) -> Result<Self, String> {
+        let per_token = std::time::Duration::from_millis(spec.interval_ms) / spec.tokens.max(1);
+        let burst =
+            std::num::NonZeroU32::new(spec.burst).ok_or("rate limit burst must be positive")?;
+        let quota = governor::Quota::with_period(per_token)
+            .ok_or("rate limit interval is too short")?
+            .allow_burst(burst);
+        Ok(Self {
+            spec,
+            buckets: governor::RateLimiter::keyed(quota),
+        })
+    }
+
+    /// `Err(wait)` when the caller is over the limit, with the time until a token frees.
+    pub fn check(&self, route: Option<&str>, caller: &str) -> Result<(), std::time::Duration> {
+        use governor::clock::Clock;
+        if self.spec.route.as_deref().is_some_and(|r| Some(r) != route) {
+            return Ok(());
+        }
+        let key = if self.spec.per_caller {
+            caller.to_owned()
+        } else {
+            String::new()
+        };
+        self.buckets.check_key(&key).map_err(|not_until| {
+            not_until.wait_time_from(governor::clock::DefaultClock::default().now())
+        })
+    }
 }
 
 impl CompiledRouting {
@@ -221,10 +267,16 @@ impl CompiledRouting {
                 )
             })
             .collect();
+        let limits = r
+            .rate_limits
+            .into_iter()
+            .map(Limit::new)
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             routes,
             subsets,
             state: PolicyState::new(r.policy),
+            limits,
         })
     }
 

@@ -509,3 +509,72 @@ async fn outlier_detection_ejects_a_failing_endpoint_and_brings_it_back() -> any
     );
     Ok(())
 }
+
+fn rate_limit(per_caller: bool) -> String {
+    format!("apiVersion: isthmus.io/v1alpha1\nkind: LocalRateLimit\nmetadata: {{name: reviews, namespace: demo}}\nspec:\n  targetRef: {{kind: Service, name: reviews}}\n  tokensPerInterval: 5\n  interval: 60s\n  perCaller: {per_caller}\n")
+}
+
+/// Sends `n` requests; returns how many passed, checking the refusals look right.
+async fn limited(outbound: std::net::SocketAddr, n: usize) -> anyhow::Result<usize> {
+    let client = AppClient::new();
+    let mut ok = 0;
+    for _ in 0..n {
+        let r = client.get(outbound, HOST, "/").await?;
+        match r.status.as_u16() {
+            200 => ok += 1,
+            429 => {
+                anyhow::ensure!(
+                    r.headers
+                        .get("x-isthmus-error")
+                        .and_then(|v| v.to_str().ok())
+                        == Some("rate-limited")
+                );
+                let after: u64 = r
+                    .headers
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                anyhow::ensure!(after >= 1, "retry-after {after}");
+            }
+            s => anyhow::bail!("unexpected status {s}"),
+        }
+    }
+    Ok(ok)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_rate_limit_answers_429_past_the_budget() -> anyhow::Result<()> {
+    let (mut mesh, outbound) = reviews().await?;
+    mesh.add_workload("east", "other-client", None, "ratings")
+        .await?;
+    let other = mesh.workload("east", "other-client").outbound();
+    mesh.apply("east", "reviews-limit.yaml", &rate_limit(false))
+        .await?;
+    // Each of the two reviews sidecars has a bucket of 5.
+    let ok = eventually("the limit to apply", Duration::from_secs(5), || async {
+        let ok = limited(outbound, 20).await?;
+        anyhow::ensure!(ok <= 10, "{ok} of 20 passed");
+        Ok(ok)
+    })
+    .await?;
+    assert!(ok >= 1);
+    assert_eq!(
+        limited(other, 5).await?,
+        0,
+        "a shared bucket limits every caller"
+    );
+
+    // Per caller: another identity has its own buckets.
+    mesh.apply("east", "reviews-limit.yaml", &rate_limit(true))
+        .await?;
+    eventually("per-caller buckets", Duration::from_secs(5), || async {
+        let ok = limited(outbound, 20).await?;
+        anyhow::ensure!(ok <= 10, "{ok} of 20 passed");
+        let theirs = limited(other, 4).await?;
+        anyhow::ensure!(theirs == 4, "the other caller got {theirs} of 4");
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}

@@ -78,3 +78,27 @@ pub struct Head {
     #[serde(default)]
     pub metadata: Metadata,
 }
+
+/// `isthmus.io/v1alpha1` `LocalRateLimit`: a token bucket per sidecar of the target service
+/// (Istio has no first-class API for local rate limits, only EnvoyFilter).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalRateLimitSpec {
+    pub target_ref: TargetRefSpec,
+    /// Name of a VirtualService route (`http[].name`); all requests when absent.
+    pub route: Option<String>,
+    pub tokens_per_interval: i64,
+    pub interval: String,
+    /// Bucket size; `tokensPerInterval` when absent.
+    pub burst: Option<i64>,
+    /// One bucket per calling identity (SPIFFE ID) instead of one for all callers.
+    #[serde(default)]
+    pub per_caller: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TargetRefSpec {
+    pub kind: String,
+    pub name: String,
+}

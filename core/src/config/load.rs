@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 
 use super::istio::{DestinationRuleSpec, VirtualServiceSpec};
-use super::kinds::{Head, Metadata, ServiceExportSpec, ServiceSpec, WorkloadEntrySpec};
+use super::kinds::{
+    Head, LocalRateLimitSpec, Metadata, ServiceExportSpec, ServiceSpec, WorkloadEntrySpec,
+};
 use super::validate::{self, Document, DocumentBody};
 use super::{Code, ConfigError, ConfigErrors, ConfigSet};
 
@@ -23,6 +25,7 @@ fn kind_of(api_version: &str, kind: &str) -> Option<&'static str> {
             Some("WorkloadEntry")
         }
         ("multicluster.x-k8s.io/v1alpha1", "ServiceExport") => Some("ServiceExport"),
+        ("isthmus.io/v1alpha1", "LocalRateLimit") => Some("LocalRateLimit"),
         (
             "networking.istio.io/v1"
             | "networking.istio.io/v1beta1"
@@ -92,7 +95,7 @@ fn parse_document(
         return Err(ConfigError {
             code: Code::UnknownKind,
             field: "kind".into(),
-            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, multicluster.x-k8s.io/v1alpha1/ServiceExport"),
+            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, multicluster.x-k8s.io/v1alpha1/ServiceExport, isthmus.io/v1alpha1/LocalRateLimit"),
             ..err
         });
     };
@@ -128,6 +131,9 @@ fn parse_document(
         }
         "VirtualService" => decode::<VirtualServiceSpec>(spec, "spec")
             .map(|s| DocumentBody::VirtualService(Box::new(s))),
+        "LocalRateLimit" => {
+            decode::<LocalRateLimitSpec>(spec, "spec").map(DocumentBody::LocalRateLimit)
+        }
         "DestinationRule" => decode::<DestinationRuleSpec>(spec, "spec")
             .map(|s| DocumentBody::DestinationRule(Box::new(s))),
         _ => decode::<ServiceExportSpec>(spec, "spec").map(|_| DocumentBody::ServiceExport),

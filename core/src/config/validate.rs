@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use super::istio::{self, DestinationRuleSpec, VirtualServiceSpec};
-use super::kinds::{IntOrString, Metadata, ServiceSpec, WorkloadEntrySpec};
+use super::kinds::{IntOrString, LocalRateLimitSpec, Metadata, ServiceSpec, WorkloadEntrySpec};
 use super::{
     Code, ConfigError, ConfigSet, NamespacedName, Protocol, Service, ServicePort, TargetPort,
     WorkloadEntry, DEFAULT_NAMESPACE,
@@ -27,6 +27,7 @@ pub enum DocumentBody {
     ServiceExport,
     VirtualService(Box<VirtualServiceSpec>),
     DestinationRule(Box<DestinationRuleSpec>),
+    LocalRateLimit(LocalRateLimitSpec),
 }
 
 impl DocumentBody {
@@ -37,6 +38,7 @@ impl DocumentBody {
             DocumentBody::ServiceExport => "ServiceExport",
             DocumentBody::VirtualService(_) => "VirtualService",
             DocumentBody::DestinationRule(_) => "DestinationRule",
+            DocumentBody::LocalRateLimit(_) => "LocalRateLimit",
         }
     }
 }
@@ -334,8 +336,90 @@ fn doc_namespace(doc: &Document) -> String {
         .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned())
 }
 
+fn rate_limit(c: &mut Checker<'_>, spec: &LocalRateLimitSpec) -> Option<crate::routing::RateLimit> {
+    if spec.target_ref.kind != "Service" {
+        c.fail(
+            Code::InvalidValue,
+            "spec.targetRef.kind",
+            format!(
+                "`{}` cannot be rate limited; only Service",
+                spec.target_ref.kind
+            ),
+        );
+    }
+    let tokens = u32::try_from(spec.tokens_per_interval)
+        .ok()
+        .filter(|t| *t > 0);
+    if tokens.is_none() {
+        c.fail(
+            Code::InvalidValue,
+            "spec.tokensPerInterval",
+            format!("{} is not a positive token count", spec.tokens_per_interval),
+        );
+    }
+    let interval_ms = super::istio::parse_duration_ms(&spec.interval).filter(|ms| *ms > 0);
+    if interval_ms.is_none() {
+        c.fail(
+            Code::InvalidValue,
+            "spec.interval",
+            format!(
+                "`{}` is not a positive duration like 1s or 100ms",
+                spec.interval
+            ),
+        );
+    }
+    let burst = match spec.burst {
+        None => tokens,
+        Some(b) => {
+            let b = u32::try_from(b).ok().filter(|b| *b > 0);
+            if b.is_none() {
+                c.fail(
+                    Code::InvalidValue,
+                    "spec.burst",
+                    "burst must be a positive token count",
+                );
+            }
+            b
+        }
+    };
+    Some(crate::routing::RateLimit {
+        route: spec.route.clone(),
+        tokens: tokens?,
+        interval_ms: interval_ms?,
+        burst: burst?,
+        per_caller: spec.per_caller,
+    })
+}
+
 /// Resolves VirtualServices and DestinationRules against the services and attaches them.
 fn routing(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<ConfigError>) {
+    for doc in docs {
+        let DocumentBody::LocalRateLimit(spec) = &doc.body else {
+            continue;
+        };
+        let ns = doc_namespace(doc);
+        let mut c = Checker {
+            doc,
+            key: NamespacedName::new(&ns, &doc.metadata.name),
+            errors,
+        };
+        let target = NamespacedName::new(&ns, &spec.target_ref.name);
+        if !set.services.contains_key(&target) {
+            c.fail(
+                Code::Reference,
+                "spec.targetRef.name",
+                format!("no Service {target}"),
+            );
+            continue;
+        }
+        if let Some(limit) = rate_limit(&mut c, spec) {
+            set.routing
+                .entry(target)
+                .or_default()
+                .rate_limits
+                .push(limit);
+        }
+    }
     for doc in docs {
         let DocumentBody::DestinationRule(spec) = &doc.body else {
             continue;
@@ -401,6 +485,30 @@ fn routing(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<ConfigError>
                 continue;
             }
             r.http = vs.http.clone();
+        }
+    }
+    for doc in docs {
+        let DocumentBody::LocalRateLimit(spec) = &doc.body else {
+            continue;
+        };
+        let Some(route) = &spec.route else { continue };
+        let ns = doc_namespace(doc);
+        let target = NamespacedName::new(&ns, &spec.target_ref.name);
+        let known = set
+            .routing
+            .get(&target)
+            .is_some_and(|r| r.http.iter().any(|h| &h.name == route));
+        if set.services.contains_key(&target) && !known {
+            let mut c = Checker {
+                doc,
+                key: NamespacedName::new(&ns, &doc.metadata.name),
+                errors,
+            };
+            c.fail(
+                Code::Reference,
+                "spec.route",
+                format!("no VirtualService route named `{route}` routes {target}"),
+            );
         }
     }
 }
@@ -526,7 +634,9 @@ pub fn build(docs: Vec<Document>) -> Result<ConfigSet, Vec<ConfigError>> {
             DocumentBody::ServiceExport => {
                 set.exports.insert(key);
             }
-            DocumentBody::VirtualService(_) | DocumentBody::DestinationRule(_) => {}
+            DocumentBody::VirtualService(_)
+            | DocumentBody::DestinationRule(_)
+            | DocumentBody::LocalRateLimit(_) => {}
         }
     }
     check_targets(&set, &locations, &mut errors);
@@ -737,6 +847,48 @@ spec:
         .expect_err("unsupported")
         .0
         .remove(0);
-        assert_eq!(e.field, "spec.trafficPolicy.connectionPool.http.idleTimeout");
+        assert_eq!(
+            e.field,
+            "spec.trafficPolicy.connectionPool.http.idleTimeout"
+        );
+    }
+}
+
+#[cfg(test)]
+mod rate_limit_tests {
+    use super::super::{load::load_files, SourceFile};
+    use super::*;
+
+    fn load(spec: &str) -> Result<ConfigSet, Vec<ConfigError>> {
+        let yaml = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: demo}}\nspec: {{selector: {{app: reviews}}, ports: [{{port: 80}}]}}\n---\napiVersion: isthmus.io/v1alpha1\nkind: LocalRateLimit\nmetadata: {{name: l, namespace: demo}}\nspec:\n{spec}");
+        load_files(&[SourceFile {
+            name: "l.yaml".into(),
+            contents: yaml,
+        }])
+        .map_err(|e| e.0)
+    }
+
+    #[test]
+    fn a_rate_limit_attaches_to_its_service() {
+        let set = load("  targetRef: {kind: Service, name: reviews}\n  tokensPerInterval: 10\n  interval: 1s\n  burst: 20\n").expect("valid");
+        let limit = &set.routing[&NamespacedName::new("demo", "reviews")].rate_limits[0];
+        assert_eq!(
+            (
+                limit.tokens,
+                limit.interval_ms,
+                limit.burst,
+                limit.per_caller
+            ),
+            (10, 1000, 20, false)
+        );
+    }
+
+    #[test]
+    fn bad_rate_limits_name_their_field() {
+        let field = |spec: &str| load(spec).expect_err("invalid").remove(0).field;
+        assert_eq!(field("  targetRef: {kind: Service, name: nope}\n  tokensPerInterval: 1\n  interval: 1s\n"), "spec.targetRef.name");
+        assert_eq!(field("  targetRef: {kind: Service, name: reviews}\n  tokensPerInterval: 0\n  interval: 1s\n"), "spec.tokensPerInterval");
+        assert_eq!(field("  targetRef: {kind: Service, name: reviews}\n  tokensPerInterval: 1\n  interval: often\n"), "spec.interval");
+        assert_eq!(field("  targetRef: {kind: Service, name: reviews}\n  route: missing\n  tokensPerInterval: 1\n  interval: 1s\n"), "spec.route");
     }
 }
