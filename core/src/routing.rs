@@ -170,12 +170,35 @@ pub struct ConnectionPool {
     pub connect_timeout_ms: Option<u64>,
 }
 
+/// Istio's `localityLbSetting`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalityLb {
+    /// `false`: localities are ignored, every endpoint is equally preferred.
+    pub enabled: bool,
+    /// (from region, to region) in preference order; overrides the mesh-wide order.
+    pub failover: Vec<(String, String)>,
+    /// (from locality pattern, [(to locality pattern, weight)]): share traffic by weight
+    /// instead of by priority. Patterns are `region/zone/subzone` with `*` wildcards.
+    pub distribute: Vec<(String, Vec<(String, u32)>)>,
+}
+
+/// Whether a `region/zone/subzone` pattern (with `*`) covers a locality.
+pub fn locality_matches(pattern: &str, region: &str, zone: &str, subzone: &str) -> bool {
+    let have = [region, zone, subzone];
+    pattern
+        .split('/')
+        .enumerate()
+        .all(|(i, p)| p == "*" || have.get(i).is_some_and(|h| *h == p))
+}
+
 /// The policies of a DestinationRule's `trafficPolicy`, for a service or one subset.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancer>,
     pub outlier: Option<OutlierDetection>,
     pub connection_pool: Option<ConnectionPool>,
+    #[serde(default)]
+    pub locality: Option<LocalityLb>,
 }
 
 impl TrafficPolicy {
@@ -195,6 +218,7 @@ impl TrafficPolicy {
                 .connection_pool
                 .clone()
                 .or_else(|| base.connection_pool.clone()),
+            locality: self.locality.clone().or_else(|| base.locality.clone()),
         }
     }
 }

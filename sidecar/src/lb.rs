@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use isthmus_core::identity::SpiffeId;
 use isthmus_core::locality::Locality;
-use isthmus_core::routing::LoadBalancer;
+use isthmus_core::routing::{locality_matches, LoadBalancer, LocalityLb};
 
 use crate::state::{MeshInfo, Service};
 
@@ -206,20 +206,48 @@ impl Target {
     }
 }
 
-/// Priority of `to` seen from `from`: lower is preferred.
-fn priority(to: &Locality, from: &Locality, mesh: &MeshInfo) -> u32 {
+/// Priority of `to` seen from `from`: lower is preferred. A DestinationRule's
+/// `localityLbSetting` can switch localities off or give its own region failover order.
+fn priority(to: &Locality, from: &Locality, mesh: &MeshInfo, setting: Option<&LocalityLb>) -> u32 {
+    if setting.is_some_and(|l| !l.enabled) {
+        return 0;
+    }
     let p = u32::from(to.priority_from(from));
     if p < 3 {
         return p;
     }
-    match mesh
-        .failover
-        .get(&from.region)
-        .and_then(|order| order.iter().position(|r| *r == to.region))
-    {
-        Some(i) => 3 + i as u32,
-        None => 100,
-    }
+    let position = match setting.filter(|l| !l.failover.is_empty()) {
+        Some(l) => l
+            .failover
+            .iter()
+            .filter(|(f, _)| *f == from.region)
+            .position(|(_, t)| *t == to.region),
+        None => mesh
+            .failover
+            .get(&from.region)
+            .and_then(|order| order.iter().position(|r| *r == to.region)),
+    };
+    position.map_or(100, |i| 3 + i as u32)
+}
+
+/// With `distribute`, the locality pattern this request goes to, chosen by weight.
+fn distribution<'a>(setting: Option<&'a LocalityLb>, from: &Locality) -> Option<&'a str> {
+    let (_, to) = setting?
+        .distribute
+        .iter()
+        .find(|(f, _)| locality_matches(f, &from.region, &from.zone, &from.subzone))?;
+    let total: u32 = to.iter().map(|(_, w)| w).sum();
+    let mut point = rand::random_range(0..total.max(1));
+    to.iter()
+        .find(|(_, w)| {
+            if point < *w {
+                true
+            } else {
+                point -= w;
+                false
+            }
+        })
+        .map(|(p, _)| p.as_str())
 }
 
 /// Which endpoints a request may use and how to choose among them.
@@ -233,6 +261,8 @@ pub struct Selection<'a> {
     pub hash: Option<u64>,
     /// Below this share of usable endpoints, ejections are ignored (`minHealthPercent`).
     pub min_health_percent: u32,
+    /// The DestinationRule's `localityLbSetting`, if any.
+    pub locality: Option<&'a LocalityLb>,
 }
 
 /// Rendezvous hashing: the endpoint whose (key, endpoint) hash is highest. Stable as
@@ -260,6 +290,13 @@ pub fn pick(
     sel: Selection<'_>,
 ) -> Option<Target> {
     let mut candidates: Vec<(u32, bool, Target)> = Vec::new();
+    let share = distribution(sel.locality, from);
+    // With `distribute`, endpoints in the chosen locality form the first tier.
+    let rank = |l: &Locality| match share {
+        Some(p) if locality_matches(p, &l.region, &l.zone, &l.subzone) => 0,
+        Some(_) => 1 + priority(l, from, mesh, sel.locality),
+        None => priority(l, from, mesh, sel.locality),
+    };
     let in_subset = |labels: &BTreeMap<String, String>| {
         sel.labels
             .is_none_or(|want| want.iter().all(|(k, v)| labels.get(k) == Some(v)))
@@ -270,11 +307,7 @@ pub fn pick(
             identity: ep.identity.clone(),
             health: ep.health.clone(),
         };
-        candidates.push((
-            priority(&ep.locality, from, mesh),
-            ep.health.is_ejected(),
-            t,
-        ));
+        candidates.push((rank(&ep.locality), ep.health.is_ejected(), t));
     }
     if mesh.gateway.is_some() && sel.labels.is_none() {
         for rc in &svc.remote {
@@ -283,11 +316,7 @@ pub fn pick(
                 identities: rc.identities.clone(),
                 health: rc.health.clone(),
             };
-            candidates.push((
-                priority(&rc.locality, from, mesh),
-                rc.health.is_ejected(),
-                t,
-            ));
+            candidates.push((rank(&rc.locality), rc.health.is_ejected(), t));
         }
     }
     candidates.retain(|(_, _, t)| !tried.iter().any(|h| Arc::ptr_eq(h, t.health())));
@@ -453,5 +482,98 @@ mod tests {
         h.success();
         assert!(!h.failure(Failure::Gateway, &Thresholds::PASSIVE, true));
         assert!(!h.is_ejected());
+    }
+
+    fn setting(
+        enabled: bool,
+        failover: &[(&str, &str)],
+        distribute: &[(&str, &[(&str, u32)])],
+    ) -> LocalityLb {
+        LocalityLb {
+            enabled,
+            failover: failover
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+            distribute: distribute
+                .iter()
+                .map(|(f, to)| {
+                    (
+                        f.to_string(),
+                        to.iter().map(|(p, w)| (p.to_string(), *w)).collect(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_destination_rule_failover_order_overrides_the_mesh_one() {
+        let table = HealthTable::default();
+        let s = svc(&table);
+        let from = Locality::parse("us-east/a").expect("loc");
+        let l = setting(true, &[("us-east", "eu-central")], &[]);
+        let sel = Selection {
+            locality: Some(&l),
+            ..Default::default()
+        };
+        let locals = [table.get("127.0.0.1:1"), table.get("127.0.0.2:1")];
+        assert_eq!(
+            name(&pick(&s, &from, &mesh(), &locals, sel).expect("some")),
+            "eu"
+        );
+    }
+
+    #[test]
+    fn disabled_locality_spreads_over_every_endpoint_and_distribute_shares_by_weight() {
+        let table = HealthTable::default();
+        let s = svc(&table);
+        let from = Locality::parse("us-east/a").expect("loc");
+        let off = setting(false, &[], &[]);
+        let seen: std::collections::BTreeSet<String> = (0..200)
+            .map(|_| {
+                name(
+                    &pick(
+                        &s,
+                        &from,
+                        &mesh(),
+                        &[],
+                        Selection {
+                            locality: Some(&off),
+                            ..Default::default()
+                        },
+                    )
+                    .expect("some"),
+                )
+            })
+            .collect();
+        assert!(
+            seen.contains("eu") && seen.contains("west") && seen.contains("127.0.0.1:1"),
+            "{seen:?}"
+        );
+
+        let share = setting(
+            true,
+            &[],
+            &[("us-east/*", &[("us-east/*", 80), ("eu-central/*", 20)])],
+        );
+        let eu = (0..2000)
+            .filter(|_| {
+                name(
+                    &pick(
+                        &s,
+                        &from,
+                        &mesh(),
+                        &[],
+                        Selection {
+                            locality: Some(&share),
+                            ..Default::default()
+                        },
+                    )
+                    .expect("some"),
+                ) == "eu"
+            })
+            .count();
+        assert!((300..500).contains(&eu), "{eu} of 2000 to eu");
     }
 }

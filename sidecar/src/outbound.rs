@@ -345,6 +345,7 @@ impl Plan {
             labels: subset.map(|s| &s.labels),
             load_balancer: policy.and_then(|p| p.load_balancer.as_ref()),
             hash: self.hash,
+            locality: policy.and_then(|p| p.locality.as_ref()),
             min_health_percent: policy
                 .and_then(|p| p.outlier.as_ref())
                 .map(|o| o.min_health_percent)

@@ -10,8 +10,8 @@ use super::validate::Checker;
 use super::Code;
 use crate::routing::{
     Abort, ConnectionPool, Destination, Fault, HashOn, HeaderOp, HeaderOps, HttpRoute,
-    LoadBalancer, Mirror, OutlierDetection, Retries, Rewrite, RouteAction, RouteMatch, StringMatch,
-    Subset, TrafficPolicy,
+    LoadBalancer, LocalityLb, Mirror, OutlierDetection, Retries, Rewrite, RouteAction, RouteMatch,
+    StringMatch, Subset, TrafficPolicy,
 };
 
 type Unsupported = Option<serde_yaml_ng::Value>;
@@ -223,7 +223,7 @@ pub struct TrafficPolicySpec {
 pub struct LoadBalancerSpec {
     pub simple: Option<String>,
     pub consistent_hash: Option<ConsistentHashSpec>,
-    pub locality_lb_setting: Unsupported,
+    pub locality_lb_setting: Option<LocalityLbSpec>,
     pub warmup_duration_secs: Unsupported,
 }
 
@@ -475,6 +475,81 @@ fn connection_pool(c: &mut Checker<'_>, field: &str, p: &ConnectionPoolSpec) -> 
         pool.max_retries = count(c, &format!("{field}.http.maxRetries"), h.max_retries, max);
     }
     pool
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalityLbSpec {
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub failover: Vec<FailoverSpec>,
+    #[serde(default)]
+    pub distribute: Vec<DistributeSpec>,
+    pub failover_priority: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FailoverSpec {
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DistributeSpec {
+    pub from: String,
+    pub to: BTreeMap<String, i64>,
+}
+
+fn locality_lb(c: &mut Checker<'_>, field: &str, l: &LocalityLbSpec) -> LocalityLb {
+    unsupported(
+        c,
+        &format!("{field}.failoverPriority"),
+        &l.failover_priority,
+    );
+    if !l.failover.is_empty() && !l.distribute.is_empty() {
+        c.fail(
+            Code::InvalidValue,
+            field,
+            "set failover or distribute, not both",
+        );
+    }
+    for (i, f) in l.failover.iter().enumerate() {
+        if f.from == f.to {
+            c.fail(
+                Code::InvalidValue,
+                format!("{field}.failover[{i}]"),
+                "from and to must be different regions",
+            );
+        }
+    }
+    let mut distribute = Vec::new();
+    for (i, d) in l.distribute.iter().enumerate() {
+        let total: i64 = d.to.values().sum();
+        if total != 100 || d.to.values().any(|w| *w < 0) {
+            c.fail(
+                Code::InvalidValue,
+                format!("{field}.distribute[{i}].to"),
+                format!("weights add up to {total}, not 100"),
+            );
+        }
+        distribute.push((
+            d.from.clone(),
+            d.to.iter()
+                .map(|(k, w)| (k.clone(), (*w).clamp(0, 100) as u32))
+                .collect(),
+        ));
+    }
+    LocalityLb {
+        enabled: l.enabled.unwrap_or(true),
+        failover: l
+            .failover
+            .iter()
+            .map(|f| (f.from.clone(), f.to.clone()))
+            .collect(),
+        distribute,
+    }
 }
 
 /// A VirtualService converted, with hosts not yet resolved to services.
@@ -994,6 +1069,11 @@ fn traffic_policy(
         return TrafficPolicy::default();
     };
     TrafficPolicy {
+        locality: p
+            .load_balancer
+            .as_ref()
+            .and_then(|lb| lb.locality_lb_setting.as_ref())
+            .map(|l| locality_lb(c, &format!("{field}.loadBalancer.localityLbSetting"), l)),
         load_balancer: load_balancer(c, field, p),
         outlier: p
             .outlier_detection
@@ -1026,11 +1106,6 @@ fn load_balancer(c: &mut Checker<'_>, field: &str, p: &TrafficPolicySpec) -> Opt
         }
         return consistent_hash(c, &format!("{field}.loadBalancer.consistentHash"), h);
     }
-    unsupported(
-        c,
-        &format!("{field}.loadBalancer.localityLbSetting"),
-        &lb.locality_lb_setting,
-    );
     unsupported(
         c,
         &format!("{field}.loadBalancer.warmupDurationSecs"),
