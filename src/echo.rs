@@ -133,11 +133,18 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
                                 resp.map(|b| b.map_err(Into::into).boxed_unsync()),
                             );
                         }
+                        if req
+                            .headers()
+                            .get("upgrade")
+                            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+                        {
+                            return Ok(websocket(req));
+                        }
                         Ok(answer(&config, &counter, req).await)
                     }
                 });
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
                 let mut conn = std::pin::pin!(conn);
                 tokio::select! {
                     _ = conn.as_mut() => return,
@@ -148,6 +155,47 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         }
     });
     Ok(Bound { address, running })
+}
+
+/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455).
+pub fn websocket_accept(key: &str) -> String {
+    use base64::Engine;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key.trim().as_bytes());
+    ctx.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(ctx.finish())
+}
+
+/// Accepts a WebSocket upgrade and then echoes every byte back (frames come back as they
+/// were sent: enough to show the connection is carried end to end).
+fn websocket(mut req: Request<Incoming>) -> Response<Body> {
+    let key = req
+        .headers()
+        .get("sec-websocket-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    });
+    let mut resp = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert("connection", http::HeaderValue::from_static("upgrade"));
+    h.insert("upgrade", http::HeaderValue::from_static("websocket"));
+    if let Ok(v) = http::HeaderValue::from_str(&websocket_accept(&key)) {
+        h.insert("sec-websocket-accept", v);
+    }
+    resp
 }
 
 async fn answer(

@@ -32,6 +32,8 @@ pub struct InboundCtx {
     pub metrics: Metrics,
     /// The mesh as pushed, for this service's rate limits.
     pub state: tokio::sync::watch::Receiver<Arc<crate::state::MeshState>>,
+    /// Spawns the splices of upgraded connections.
+    pub drain: isthmus_core::drain::Drain,
     app_h1: Client<HttpConnector, ProxyBody>,
     app_h2: Client<HttpConnector, ProxyBody>,
 }
@@ -43,6 +45,7 @@ impl InboundCtx {
         cluster: String,
         metrics: Metrics,
         state: tokio::sync::watch::Receiver<Arc<crate::state::MeshState>>,
+        drain: isthmus_core::drain::Drain,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -61,6 +64,7 @@ impl InboundCtx {
             cluster,
             metrics,
             state,
+            drain,
             app_h1,
             app_h2,
         }
@@ -169,19 +173,18 @@ async fn handle(ctx: &InboundCtx, peer: &SpiffeId, req: Request<Incoming>) -> Re
 fn check_rate_limits(
     ctx: &InboundCtx,
     peer: &SpiffeId,
-    parts: &http::request::Parts,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
 ) -> Result<(), ProxyError> {
     let state = ctx.state.borrow().clone();
-    let Some(routing) = parts
-        .uri
+    let Some(routing) = uri
         .host()
         .and_then(|h| state.resolve(h))
         .and_then(|s| s.routing.clone())
     else {
         return Ok(());
     };
-    let route = parts
-        .headers
+    let route = headers
         .get(isthmus_core::headers::ROUTE)
         .and_then(|v| v.to_str().ok());
     let caller = peer.to_string();
@@ -198,14 +201,20 @@ async fn forward(
     peer: &SpiffeId,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    if req.method() == http::Method::CONNECT {
-        return Err(ProxyError::TunnelUnsupported);
-    }
     let app = ctx.app.ok_or_else(|| {
         ProxyError::AppUnavailable("this workload has no application port".into())
     })?;
+    if req.method() == http::Method::CONNECT {
+        if !req.headers().contains_key(crate::upgrade::UPGRADE) {
+            return Err(ProxyError::TunnelUnsupported);
+        }
+        check_rate_limits(ctx, peer, req.uri(), req.headers())?;
+        let xfcc = format!("By={};URI={peer}", ctx.identity.id());
+        let xfcc = HeaderValue::from_str(&xfcc).expect("SPIFFE IDs are valid header text");
+        return crate::upgrade::to_app(app, xfcc, req, &ctx.drain).await;
+    }
     let (mut parts, body) = req.into_parts();
-    check_rate_limits(ctx, peer, &parts)?;
+    check_rate_limits(ctx, peer, &parts.uri, &parts.headers)?;
     let h2 = parts
         .headers
         .get(APP_PROTOCOL)

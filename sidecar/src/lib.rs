@@ -21,6 +21,7 @@ mod pool;
 mod route;
 mod state;
 mod store;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -174,6 +175,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             pool: pool::Pool::new(identity.clone(), drain.clone()),
             locality: cfg.locality.clone(),
             metrics: metrics.clone(),
+            drain: drain.clone(),
         });
         tasks.spawn(outbound::Outbound::new(outbound, out_ctx, drain.clone()).run());
         let in_ctx = Arc::new(inbound::InboundCtx::new(
@@ -182,6 +184,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             cfg.cluster.clone(),
             metrics,
             store.subscribe(),
+            drain.clone(),
         ));
         tasks.spawn(inbound::Inbound::new(inbound, in_ctx, drain).run());
         tasks.join_next().await;

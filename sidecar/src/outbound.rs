@@ -39,6 +39,8 @@ pub struct OutboundCtx {
     pub pool: Pool,
     pub locality: Locality,
     pub metrics: Metrics,
+    /// Spawns the splices of upgraded connections.
+    pub drain: isthmus_core::drain::Drain,
 }
 
 pub struct Outbound {
@@ -74,7 +76,7 @@ impl Outbound {
                     async move { Ok::<_, std::convert::Infallible>(handle(&ctx, req).await) }
                 });
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
                 let mut conn = std::pin::pin!(conn);
                 tokio::select! {
                     _ = conn.as_mut() => return,
@@ -395,8 +397,16 @@ fn direct_response(status: u16, body: &str) -> Response<ProxyBody> {
     resp
 }
 
-async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Incoming>) -> Routed {
+async fn route(
+    ctx: &Arc<OutboundCtx>,
+    state: &Arc<MeshState>,
+    mut req: Request<Incoming>,
+) -> Routed {
     let host = request_host(&req).ok_or((ProxyError::NoHost, String::new()))?;
+    // An HTTP/1.1 upgrade (WebSocket): the app's side of it, taken before the request is
+    // dismantled.
+    let upgrade =
+        crate::upgrade::requested(req.headers()).map(|proto| (proto, hyper::upgrade::on(&mut req)));
     let (name, port) = split_host(&host);
     let no_route = || (ProxyError::NoRoute { host: host.clone() }, String::new());
     let svc = state.resolve(name).ok_or_else(no_route)?.clone();
@@ -537,6 +547,12 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
     parts.uri = Uri::try_from(format!("http://{uri_authority}{path}"))
         .map_err(|_| (ProxyError::NoHost, service.clone()))?;
     parts.version = Version::HTTP_2;
+    if let Some((proto, client)) = upgrade {
+        let resp = upgrade_through(ctx, state, &plan, parts, &path, &proto, client)
+            .await
+            .map_err(|e| (e, service.clone()))?;
+        return Ok((resp, service, String::new()));
+    }
     let body = ReqBody::new(body).await.map_err(|e| (e, service.clone()))?;
     if let (Some(m), ReqBody::Replayable(bytes)) = (mirror, &body) {
         spawn_mirror(ctx, state, m, parts.clone(), bytes.clone());
@@ -569,6 +585,54 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
         resp.headers_mut().append(http::header::SET_COOKIE, c);
     }
     Ok((resp, service, cluster))
+}
+
+/// Carries an upgrade to the chosen endpoint as a CONNECT; on success answers the app `101`
+/// and splices the two upgraded connections.
+async fn upgrade_through(
+    ctx: &Arc<OutboundCtx>,
+    state: &Arc<MeshState>,
+    plan: &Plan,
+    mut parts: http::request::Parts,
+    path: &str,
+    proto: &str,
+    client: hyper::upgrade::OnUpgrade,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    parts.method = http::Method::CONNECT;
+    parts.uri = Uri::try_from(plan.authority.as_str()).map_err(|_| ProxyError::NoHost)?;
+    let invalid = |_| ProxyError::NoHost;
+    parts.headers.insert(
+        crate::upgrade::UPGRADE,
+        HeaderValue::from_str(proto).map_err(invalid)?,
+    );
+    parts.headers.insert(
+        crate::upgrade::PATH,
+        HeaderValue::from_str(path).map_err(invalid)?,
+    );
+    let (mut resp, _) = attempts(
+        ctx,
+        state,
+        plan,
+        parts,
+        ReqBody::Replayable(bytes::Bytes::new()),
+    )
+    .await?;
+    if resp.status() != http::StatusCode::OK {
+        return Ok(resp);
+    }
+    let mut answer = Response::new(crate::pool::empty_body());
+    *answer.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+    *answer.headers_mut() = crate::upgrade::end_to_end(resp.headers());
+    answer.headers_mut().insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
+    answer.headers_mut().insert(
+        http::header::UPGRADE,
+        HeaderValue::from_str(proto).map_err(invalid)?,
+    );
+    crate::upgrade::splice(client, hyper::upgrade::on(&mut resp), &ctx.drain);
+    Ok(answer)
 }
 
 /// Sends a copy of the request to the mirror destination, once, and drops the answer.

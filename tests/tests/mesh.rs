@@ -255,3 +255,60 @@ async fn certificates_renew_before_expiry_without_failing_requests() -> anyhow::
     assert_eq!(traffic.failures(), Vec::<String>::new());
     Ok(())
 }
+
+/// Opens a WebSocket through the sidecar at `outbound` to `host`, sends one masked text
+/// frame and returns the 101 answer and the bytes that came back.
+async fn websocket_echo(
+    outbound: std::net::SocketAddr,
+    host: &str,
+) -> anyhow::Result<(String, Vec<u8>, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(outbound).await?;
+    let handshake = format!(
+        "GET /chat HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(handshake.as_bytes()).await?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        anyhow::ensure!(
+            tcp.read(&mut byte).await? == 1,
+            "closed during the handshake: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    // A masked text frame "hello" (RFC 6455 section 5.7).
+    let frame: Vec<u8> = vec![
+        0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+    ];
+    tcp.write_all(&frame).await?;
+    let mut back = vec![0u8; frame.len()];
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back)).await??;
+    Ok((String::from_utf8_lossy(&head).into_owned(), frame, back))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_work_across_clusters() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east", "west"]).await?;
+    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    let (head, sent, back) = eventually("a WebSocket to west", Duration::from_secs(10), || {
+        websocket_echo(outbound, "echo.demo.svc.cluster.local")
+    })
+    .await?;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    assert_eq!(
+        back, sent,
+        "the frame came back through both sidecars and gateways"
+    );
+    Ok(())
+}
