@@ -26,6 +26,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub cluster: String,
     pub workload: String,
+    /// A plain TCP echo listener, for opaque TCP through the mesh.
+    pub tcp_listen: Option<SocketAddr>,
 }
 
 /// What the echo app reports about itself and its caller.
@@ -110,6 +112,23 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let grpc = tonic::service::Routes::new(EchoServer::new(EchoGrpc(config.clone())));
     let (mut running, drain) = isthmus_core::drain::Running::new();
+    if let Some(addr) = config.tcp_listen {
+        let tcp = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding TCP echo on {addr}: {e}"))?;
+        let d = drain.clone();
+        running.spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = tcp.accept().await else {
+                    continue;
+                };
+                d.spawn(async move {
+                    let (mut r, mut w) = conn.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+    }
     running.spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {

@@ -58,6 +58,9 @@ enum Command {
         /// Workload name the app reports.
         #[arg(long)]
         workload: String,
+        /// Also echo plain TCP on this address.
+        #[arg(long)]
+        tcp: Option<SocketAddr>,
     },
     /// Mint bootstrap tokens.
     #[command(subcommand)]
@@ -379,11 +382,13 @@ async fn run(
             listen,
             cluster,
             workload,
+            tcp,
         } => {
             let bound = isthmus::echo::build(isthmus::echo::Config {
                 listen,
                 cluster,
                 workload,
+                tcp_listen: tcp,
             })
             .await?;
             tracing::info!(addr = %bound.address, "echo app listening");

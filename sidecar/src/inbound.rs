@@ -205,10 +205,10 @@ async fn forward(
         ProxyError::AppUnavailable("this workload has no application port".into())
     })?;
     if req.method() == http::Method::CONNECT {
-        if !req.headers().contains_key(crate::upgrade::UPGRADE) {
-            return Err(ProxyError::TunnelUnsupported);
-        }
         check_rate_limits(ctx, peer, req.uri(), req.headers())?;
+        if !req.headers().contains_key(crate::upgrade::UPGRADE) {
+            return crate::upgrade::tcp_to_app(app, req, &ctx.drain).await;
+        }
         let xfcc = format!("By={};URI={peer}", ctx.identity.id());
         let xfcc = HeaderValue::from_str(&xfcc).expect("SPIFFE IDs are valid header text");
         return crate::upgrade::to_app(app, xfcc, req, &ctx.drain).await;

@@ -402,6 +402,9 @@ async fn route(
     state: &Arc<MeshState>,
     mut req: Request<Incoming>,
 ) -> Routed {
+    if req.method() == http::Method::CONNECT {
+        return tcp_tunnel(ctx, state, req).await;
+    }
     let host = request_host(&req).ok_or((ProxyError::NoHost, String::new()))?;
     // An HTTP/1.1 upgrade (WebSocket): the app's side of it, taken before the request is
     // dismantled.
@@ -585,6 +588,59 @@ async fn route(
         resp.headers_mut().append(http::header::SET_COOKIE, c);
     }
     Ok((resp, service, cluster))
+}
+
+/// An app's `CONNECT host:port`: an opaque TCP tunnel to a port of a mesh service.
+async fn tcp_tunnel(
+    ctx: &Arc<OutboundCtx>,
+    state: &Arc<MeshState>,
+    mut req: Request<Incoming>,
+) -> Routed {
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .ok_or((ProxyError::NoHost, String::new()))?;
+    let (name, port) = split_host(&host);
+    let no_route = || (ProxyError::NoRoute { host: host.clone() }, String::new());
+    let svc = state.resolve(name).ok_or_else(no_route)?.clone();
+    let port = port
+        .and_then(|p| svc.port(Some(p)))
+        .ok_or_else(no_route)?
+        .clone();
+    let service = svc.hostname();
+    let client = hyper::upgrade::on(&mut req);
+    let (mut parts, _body) = req.into_parts();
+    headers::strip_untrusted(&mut parts.headers);
+    headers::strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(
+        crate::upgrade::TARGET_PORT,
+        HeaderValue::from(port.target_port),
+    );
+    let plan = Plan {
+        authority: format!("{service}:{}", port.port),
+        svc,
+        subset: None,
+        retry: RetryPolicy::default_policy(),
+        hash: None,
+    };
+    parts.uri = Uri::try_from(plan.authority.as_str())
+        .map_err(|_| (ProxyError::NoHost, service.clone()))?;
+    parts.version = Version::HTTP_2;
+    let (mut resp, cluster) = attempts(
+        ctx,
+        state,
+        &plan,
+        parts,
+        ReqBody::Replayable(bytes::Bytes::new()),
+    )
+    .await
+    .map_err(|e| (e, service.clone()))?;
+    if resp.status() != http::StatusCode::OK {
+        return Ok((resp, service, cluster));
+    }
+    crate::upgrade::splice(client, hyper::upgrade::on(&mut resp), &ctx.drain);
+    Ok((Response::new(crate::pool::empty_body()), service, cluster))
 }
 
 /// Carries an upgrade to the chosen endpoint as a CONNECT; on success answers the app `101`

@@ -3,6 +3,10 @@
 //! `x-isthmus-path` / `x-isthmus-upgrade`; the receiving sidecar replays the upgrade to its
 //! app over HTTP/1.1 and, on `101`, answers `200` with the app's headers; both sides then
 //! splice bytes. Across clusters the CONNECT rides inside the end-to-end TLS as usual.
+//!
+//! Opaque TCP works the same way: the app sends an HTTP `CONNECT host:port` to its sidecar
+//! (HTTP proxy style), the sidecars carry it as an HTTP/2 CONNECT naming the target port in
+//! `x-isthmus-target-port`, and the receiving sidecar connects that port of its workload.
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -16,6 +20,8 @@ use crate::pool::{empty_body, ProxyBody};
 pub const UPGRADE: &str = "x-isthmus-upgrade";
 /// The original request path of an upgrade.
 pub const PATH: &str = "x-isthmus-path";
+/// The workload port an opaque TCP tunnel goes to.
+pub const TARGET_PORT: &str = "x-isthmus-target-port";
 
 /// The protocol a request asks to upgrade to, if it is an HTTP/1.1 upgrade.
 pub fn requested(headers: &HeaderMap) -> Option<String> {
@@ -122,4 +128,36 @@ pub async fn to_app(
         drain,
     );
     Ok(answer)
+}
+
+/// The receiving side of an opaque TCP tunnel: connects the target port of this workload's
+/// address and answers the CONNECT with 200.
+pub async fn tcp_to_app(
+    app: std::net::SocketAddr,
+    mut req: Request<Incoming>,
+    drain: &isthmus_core::drain::Drain,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let port: u16 = req
+        .headers()
+        .get(TARGET_PORT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .filter(|p| *p > 0)
+        .ok_or(ProxyError::TunnelUnsupported)?;
+    let target = std::net::SocketAddr::new(app.ip(), port);
+    let tcp = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        tokio::net::TcpStream::connect(target),
+    )
+    .await
+    .map_err(|_| ProxyError::AppUnavailable(format!("{target}: timed out")))?
+    .map_err(|e| ProxyError::AppUnavailable(format!("{target}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    drain.spawn(async move {
+        let Ok(up) = on_upgrade.await else { return };
+        let mut tcp = tcp;
+        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(up), &mut tcp).await;
+    });
+    Ok(Response::new(empty_body()))
 }

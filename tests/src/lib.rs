@@ -23,6 +23,8 @@ pub const TRUST_DOMAIN: &str = "cluster.local";
 pub const NAMESPACE: &str = "demo";
 const TOKEN_TTL: Duration = Duration::from_secs(3600);
 const APP_PORT: u16 = 8080;
+/// Where the sample app echoes plain TCP, and the service's `tcp-echo` port.
+pub const TCP_ECHO_PORT: u16 = 7000;
 
 static NEXT_BLOCK: AtomicU8 = AtomicU8::new(0);
 
@@ -120,7 +122,7 @@ fn ip(block: u8, c: u8, w: u8) -> Ipv4Addr {
 /// A Service + ServiceExport named `service` with one HTTP port 80 → 8080 and a gRPC port.
 pub fn service_yaml(service: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {service}, namespace: {NAMESPACE}}}\nspec:\n  selector: {{app: {service}}}\n  ports:\n  - {{name: http, port: 80, targetPort: {APP_PORT}}}\n  - {{name: grpc, port: 9090, targetPort: {APP_PORT}}}\n---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: {service}, namespace: {NAMESPACE}}}\n"
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {service}, namespace: {NAMESPACE}}}\nspec:\n  selector: {{app: {service}}}\n  ports:\n  - {{name: http, port: 80, targetPort: {APP_PORT}}}\n  - {{name: grpc, port: 9090, targetPort: {APP_PORT}}}\n  - {{name: tcp-echo, port: {TCP_ECHO_PORT}, targetPort: {TCP_ECHO_PORT}}}\n---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: {service}, namespace: {NAMESPACE}}}\n"
     )
 }
 
@@ -329,6 +331,7 @@ impl Mesh {
                     listen: SocketAddr::new(IpAddr::V4(addr), APP_PORT),
                     cluster: cluster.to_owned(),
                     workload: name.to_owned(),
+                    tcp_listen: Some(SocketAddr::new(IpAddr::V4(addr), TCP_ECHO_PORT)),
                 })
                 .await?,
             ),
@@ -395,6 +398,7 @@ impl Mesh {
                 listen: SocketAddr::new(IpAddr::V4(w.ip), APP_PORT),
                 cluster: cluster.to_owned(),
                 workload: name.to_owned(),
+                tcp_listen: Some(SocketAddr::new(IpAddr::V4(w.ip), TCP_ECHO_PORT)),
             })
             .await?,
         );

@@ -312,3 +312,56 @@ async fn websockets_work_across_clusters() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Opens a TCP tunnel with `CONNECT host:port` through the sidecar at `outbound`, writes a
+/// line and reads it back.
+async fn tcp_echo(
+    outbound: std::net::SocketAddr,
+    target: &str,
+) -> anyhow::Result<(String, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(outbound).await?;
+    tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        anyhow::ensure!(
+            tcp.read(&mut byte).await? == 1,
+            "closed: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+    tcp.write_all(b"ping over tcp\n").await?;
+    let mut back = vec![0u8; 14];
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back)).await??;
+    Ok((head, back))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_works_across_clusters() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east", "west"]).await?;
+    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    let target = format!(
+        "echo.demo.svc.cluster.local:{}",
+        isthmus_tests::TCP_ECHO_PORT
+    );
+    let (_, back) = eventually("a TCP tunnel to west", Duration::from_secs(10), || {
+        tcp_echo(outbound, &target)
+    })
+    .await?;
+    assert_eq!(back, b"ping over tcp\n");
+    // A port the service does not have is refused by name.
+    let err = tcp_echo(outbound, "echo.demo.svc.cluster.local:7001")
+        .await
+        .expect_err("no such port");
+    assert!(err.to_string().contains("404"), "{err}");
+    Ok(())
+}
