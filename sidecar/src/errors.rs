@@ -33,7 +33,7 @@ pub enum ProxyError {
     AppUnavailable(String),
     #[error("the application reset the request: {0}")]
     AppReset(String),
-    #[error("opaque TCP tunnels to workloads are not supported yet")]
+    #[error("this workload accepts no tunnel to that port")]
     TunnelUnsupported,
     #[error("request body could not be read: {0}")]
     RequestBody(String),

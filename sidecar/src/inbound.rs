@@ -34,6 +34,8 @@ pub struct InboundCtx {
     pub state: tokio::sync::watch::Receiver<Arc<crate::state::MeshState>>,
     /// Spawns the splices of upgraded connections.
     pub drain: isthmus_core::drain::Drain,
+    /// This workload, `namespace/name`.
+    pub workload: String,
     app_h1: Client<HttpConnector, ProxyBody>,
     app_h2: Client<HttpConnector, ProxyBody>,
 }
@@ -46,6 +48,7 @@ impl InboundCtx {
         metrics: Metrics,
         state: tokio::sync::watch::Receiver<Arc<crate::state::MeshState>>,
         drain: isthmus_core::drain::Drain,
+        workload: String,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -65,6 +68,7 @@ impl InboundCtx {
             metrics,
             state,
             drain,
+            workload,
             app_h1,
             app_h2,
         }
@@ -207,6 +211,21 @@ async fn forward(
     if req.method() == http::Method::CONNECT {
         check_rate_limits(ctx, peer, req.uri(), req.headers())?;
         if !req.headers().contains_key(crate::upgrade::UPGRADE) {
+            // Opaque TCP only reaches ports a service of this workload declares.
+            let port = req
+                .headers()
+                .get(crate::upgrade::TARGET_PORT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u16>().ok());
+            let state = ctx.state.borrow().clone();
+            let declared = state
+                .services
+                .values()
+                .filter(|s| s.endpoints.iter().any(|e| e.workload == ctx.workload))
+                .any(|s| s.ports.iter().any(|p| Some(p.target_port) == port));
+            if !declared {
+                return Err(ProxyError::TunnelUnsupported);
+            }
             return crate::upgrade::tcp_to_app(app, req, &ctx.drain).await;
         }
         let xfcc = format!("By={};URI={peer}", ctx.identity.id());

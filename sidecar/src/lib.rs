@@ -185,6 +185,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             metrics,
             store.subscribe(),
             drain.clone(),
+            cfg.workload.to_string(),
         ));
         tasks.spawn(inbound::Inbound::new(inbound, in_ctx, drain).run());
         tasks.join_next().await;

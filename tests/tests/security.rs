@@ -53,6 +53,30 @@ async fn certificates_chaining_to_another_root_are_refused_by_sidecars_and_gatew
         "accepted, but no west peer"
     );
 
+    // A tunnel may only reach ports the workload's services declare.
+    let tunnel = |port: &str| {
+        http::Request::builder()
+            .method("CONNECT")
+            .uri("echo.demo.svc.cluster.local:7000")
+            .header("x-isthmus-target-port", port)
+            .body(Default::default())
+            .expect("valid request")
+    };
+    isthmus_tests::eventually(
+        "the sidecar to know its own service",
+        std::time::Duration::from_secs(5),
+        || async {
+            anyhow::ensure!(mtls_request(sidecar, &good, tunnel("7000")).await? == 200);
+            Ok(())
+        },
+    )
+    .await?;
+    assert_eq!(
+        mtls_request(sidecar, &good, tunnel("22")).await?,
+        501,
+        "an undeclared port is refused"
+    );
+
     // Same identity, same trusted bundle, but signed by a root the mesh does not trust.
     let (rogue_root, _) = CertificateAuthority::new_root(TRUST_DOMAIN)?;
     let rogue = credentials_from(&rogue_root, &frontend, &mesh.bundle_pem)?;
