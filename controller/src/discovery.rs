@@ -47,7 +47,13 @@ pub struct DiscoveryService {
 }
 
 enum Role {
-    Sidecar(NamespacedName),
+    /// A sidecar; `verified` when its WorkloadEntry is in config with the peer's service
+    /// account. Only verified sidecars' streams and health reports count for endpoint
+    /// health; an unknown workload still gets config.
+    Sidecar {
+        workload: NamespacedName,
+        verified: bool,
+    },
     Gateway,
 }
 
@@ -126,19 +132,23 @@ impl DiscoveryService {
                 })?;
                 let key = NamespacedName::new(ns, name);
                 let config = self.registry.config();
-                let allowed = match config.workloads.get(&key) {
+                let (allowed, verified) = match config.workloads.get(&key) {
                     Some(w) => {
-                        w.key.namespace == peer.namespace()
-                            && w.service_account == peer.service_account()
+                        let ok = w.key.namespace == peer.namespace()
+                            && w.service_account == peer.service_account();
+                        (ok, ok)
                     }
-                    None => ns == peer.namespace(),
+                    None => (ns == peer.namespace(), false),
                 };
                 if !allowed {
                     return Err(Status::permission_denied(format!(
                         "{peer} may not speak for workload {key}"
                     )));
                 }
-                Ok(Role::Sidecar(key))
+                Ok(Role::Sidecar {
+                    workload: key,
+                    verified,
+                })
             }
             other => Err(Status::invalid_argument(format!(
                 "unknown proxy role `{other}`"
@@ -168,13 +178,27 @@ impl Discovery for DiscoveryService {
             .clone()
             .ok_or_else(|| Status::invalid_argument("the first request must carry the node"))?;
         let role = self.authorize(&node, &peer)?;
-        let workload = match role {
-            Role::Sidecar(w) => {
-                self.registry.stream_opened(&w);
-                Some(w)
-            }
-            Role::Gateway => None,
+        let role_pending = match &role {
+            Role::Sidecar {
+                workload,
+                verified: false,
+            } => Some(workload.clone()),
+            _ => None,
         };
+        let workload = match role {
+            Role::Sidecar {
+                workload,
+                verified: true,
+            } => {
+                self.registry.stream_opened(&workload);
+                Some(workload)
+            }
+            Role::Sidecar {
+                verified: false, ..
+            }
+            | Role::Gateway => None,
+        };
+        let pending = role_pending.map(|w| (w, peer.clone()));
         self.metrics.connected.inc();
         let guard = StreamGuard {
             registry: self.registry.clone(),
@@ -190,6 +214,8 @@ impl Discovery for DiscoveryService {
             answered: Default::default(),
             nonce: 0,
             guard,
+            pending,
+            last_health: None,
         };
         self.drain.spawn(stream.run(first, inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -205,9 +231,34 @@ struct ProxyStream {
     answered: std::collections::BTreeSet<String>,
     nonce: u64,
     guard: StreamGuard,
+    /// A sidecar whose WorkloadEntry was not in config yet: (workload, peer); verified as
+    /// soon as config shows the workload with the peer's service account.
+    pending: Option<(NamespacedName, SpiffeId)>,
+    /// The last health the sidecar reported, applied once verified.
+    last_health: Option<bool>,
 }
 
 impl ProxyStream {
+    /// Verifies a pending sidecar against the current config.
+    fn try_verify(&mut self) {
+        let Some((workload, peer)) = &self.pending else {
+            return;
+        };
+        let config = self.svc.registry.config();
+        let ok = config.workloads.get(workload).is_some_and(|w| {
+            w.service_account == peer.service_account() && w.key.namespace == peer.namespace()
+        });
+        if ok {
+            let workload = workload.clone();
+            self.svc.registry.stream_opened(&workload);
+            if let Some(h) = self.last_health {
+                self.svc.registry.report_health(&workload, h);
+            }
+            self.guard.workload = Some(workload);
+            self.pending = None;
+        }
+    }
+
     async fn run(mut self, first: DeltaRequest, mut inbound: Streaming<DeltaRequest>) {
         let mut snapshots = self.svc.registry.snapshots();
         let mut snapshot = snapshots.borrow_and_update().clone();
@@ -225,6 +276,7 @@ impl ProxyStream {
                 changed = snapshots.changed() => {
                     if changed.is_err() { break }
                     snapshot = snapshots.borrow_and_update().clone();
+                    self.try_verify();
                     let types: Vec<String> = self.known.keys().cloned().collect();
                     for t in types {
                         if self.push(&t, &snapshot).await.is_err() { return }
@@ -236,8 +288,12 @@ impl ProxyStream {
     }
 
     async fn on_request(&mut self, req: DeltaRequest, snapshot: &Arc<Snapshot>) -> Result<(), ()> {
-        if let (Some(health), Some(w)) = (req.health, &self.guard.workload) {
-            self.svc.registry.report_health(w, health.healthy);
+        if let Some(health) = req.health {
+            self.last_health = Some(health.healthy);
+            match &self.guard.workload {
+                Some(w) => self.svc.registry.report_health(w, health.healthy),
+                None => self.try_verify(),
+            }
         }
         if req.type_url.is_empty() {
             return Ok(());

@@ -164,15 +164,21 @@ async fn a_proxy_may_only_subscribe_as_the_workload_its_certificate_names() -> a
         tokio_stream::iter(vec![first])
     };
     for (role, workload) in [("sidecar", "demo/echo-east"), ("gateway", "")] {
-        let status = DiscoveryClient::new(channel.clone())
-            .delta_resources(subscribe(role, workload))
-            .await
-            .expect_err("must be refused");
-        assert_eq!(
-            status.code(),
-            tonic::Code::PermissionDenied,
-            "{role}: {status:?}"
-        );
+        // Once the controller has the WorkloadEntry (it polls its folder), the claim fails.
+        isthmus_tests::eventually(
+            "the claim to be refused",
+            std::time::Duration::from_secs(5),
+            || async {
+                let refused = DiscoveryClient::new(channel.clone())
+                    .delta_resources(subscribe(role, workload))
+                    .await;
+                match refused {
+                    Err(status) if status.code() == tonic::Code::PermissionDenied => Ok(()),
+                    other => anyhow::bail!("{role}: {other:?}"),
+                }
+            },
+        )
+        .await?;
     }
     // Its own (not yet configured) workload in its namespace is fine.
     let mut ok = DiscoveryClient::new(channel)
