@@ -340,6 +340,7 @@ impl Registry {
                         .map(|l| xds::LocalityCount {
                             locality: l.locality.as_ref().map(xds_locality),
                             healthy: l.healthy,
+                            labels: l.labels.clone(),
                         })
                         .collect(),
                     identities: c.identities.clone(),
@@ -416,11 +417,15 @@ impl Registry {
                 continue;
             };
             let local = self.local_service(config, svc, health);
-            let mut counts: BTreeMap<(String, String, String), u32> = BTreeMap::new();
+            // Healthy counts per (locality, label set).
+            type Key = (String, String, String, BTreeMap<String, String>);
+            let mut counts: BTreeMap<Key, u32> = BTreeMap::new();
             let mut identities = BTreeSet::new();
             for ep in &local.endpoints {
                 let l = ep.locality.clone().unwrap_or_default();
-                let count = counts.entry((l.region, l.zone, l.subzone)).or_default();
+                let count = counts
+                    .entry((l.region, l.zone, l.subzone, ep.labels.clone()))
+                    .or_default();
                 *count += u32::from(ep.healthy);
                 identities.insert(ep.identity.clone());
             }
@@ -438,14 +443,17 @@ impl Registry {
                     .collect(),
                 localities: counts
                     .into_iter()
-                    .map(|((region, zone, subzone), healthy)| fed::LocalityCount {
-                        locality: Some(fed_locality(&xds::Locality {
-                            region,
-                            zone,
-                            subzone,
-                        })),
-                        healthy,
-                    })
+                    .map(
+                        |((region, zone, subzone, labels), healthy)| fed::LocalityCount {
+                            locality: Some(fed_locality(&xds::Locality {
+                                region,
+                                zone,
+                                subzone,
+                            })),
+                            healthy,
+                            labels,
+                        },
+                    )
                     .collect(),
                 identities: identities.into_iter().collect(),
             });

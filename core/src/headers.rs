@@ -7,6 +7,8 @@ pub const XFCC: &str = "x-forwarded-client-cert";
 pub const ERROR_REASON: &str = "x-isthmus-error";
 /// Which cluster answered, on responses that crossed the mesh.
 pub const UPSTREAM_CLUSTER: &str = "x-isthmus-upstream-cluster";
+/// Subset labels (`k=v,k2=v2`) the destination endpoint of a gateway tunnel must carry.
+pub const SUBSET: &str = "x-isthmus-subset";
 /// Target cluster of a CONNECT to the gateway.
 pub const TARGET_CLUSTER: &str = "x-isthmus-cluster";
 /// Protocol the inbound sidecar must speak to its app (`http` or `http2`).

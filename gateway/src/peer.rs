@@ -430,11 +430,17 @@ impl PeerLinks {
         }
         let key = format!("{}/{}", header.namespace, header.service);
         let state = store.current();
-        let endpoints = state
+        let endpoints: Vec<SocketAddr> = state
             .services
             .get(&key)
-            .filter(|e| !e.is_empty())
-            .ok_or_else(|| format!("no healthy endpoint for {key} in {own}"))?;
+            .into_iter()
+            .flat_map(|e| e.iter())
+            .filter(|(_, labels)| header.labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            .map(|(addr, _)| *addr)
+            .collect();
+        if endpoints.is_empty() {
+            return Err(format!("no healthy endpoint for {key} in {own}"));
+        }
         let start = self.cursor.fetch_add(1, Ordering::Relaxed);
         for i in 0..endpoints.len().min(ENDPOINT_ATTEMPTS) {
             let addr = endpoints[(start + i) % endpoints.len()];

@@ -18,10 +18,13 @@ pub struct Peer {
     pub identity: SpiffeId,
 }
 
+/// A healthy local endpoint: its tunnel address and labels (for subsets).
+pub type LocalEndpoint = (SocketAddr, BTreeMap<String, String>);
+
 #[derive(Debug, Default)]
 pub struct GatewayState {
-    /// `namespace/name` → healthy local endpoints' tunnel addresses.
-    pub services: BTreeMap<String, Arc<Vec<SocketAddr>>>,
+    /// `namespace/name` → healthy local endpoints.
+    pub services: BTreeMap<String, Arc<Vec<LocalEndpoint>>>,
     pub peers: BTreeMap<String, Peer>,
 }
 
@@ -34,7 +37,7 @@ fn invalid(name: &str, what: &str, value: &str) -> String {
     format!("resource {name}: {what} `{value}` is invalid")
 }
 
-fn service(r: &Resource) -> Result<(String, Arc<Vec<SocketAddr>>), String> {
+fn service(r: &Resource) -> Result<(String, Arc<Vec<LocalEndpoint>>), String> {
     let svc =
         xds::Service::decode(r.body.as_slice()).map_err(|e| format!("resource {}: {e}", r.name))?;
     let eps = svc
@@ -42,11 +45,13 @@ fn service(r: &Resource) -> Result<(String, Arc<Vec<SocketAddr>>), String> {
         .iter()
         .filter(|e| e.healthy)
         .map(|e| {
-            e.tunnel_address
+            let addr = e
+                .tunnel_address
                 .parse()
-                .map_err(|_| invalid(&r.name, "tunnel_address", &e.tunnel_address))
+                .map_err(|_| invalid(&r.name, "tunnel_address", &e.tunnel_address))?;
+            Ok((addr, e.labels.clone()))
         })
-        .collect::<Result<Vec<SocketAddr>, String>>()?;
+        .collect::<Result<Vec<LocalEndpoint>, String>>()?;
     Ok((r.name.clone(), Arc::new(eps)))
 }
 

@@ -120,7 +120,18 @@ async fn handle(ctx: &TunnelCtx, peer: &SpiffeId, mut req: Request<Incoming>) ->
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
+    // The subset a sidecar asks for, `k=v,k2=v2`.
+    let labels = req
+        .headers()
+        .get(isthmus_core::headers::SUBSET)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
     let header = StreamHeader {
+        labels,
         target_cluster: cluster.clone(),
         namespace,
         service,

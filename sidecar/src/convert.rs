@@ -113,6 +113,7 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
             locality: locality(first.locality.as_ref()),
             identities,
             health: health.get(&format!("cluster:{}", rc.cluster)),
+            label_sets: healthy.iter().map(|l| l.labels.clone()).collect(),
         });
     }
     Ok(Service {

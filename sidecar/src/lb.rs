@@ -195,6 +195,8 @@ pub enum Target {
         cluster: String,
         identities: Vec<SpiffeId>,
         health: Arc<EndpointHealth>,
+        /// The subset labels the remote gateway must match, encoded (`k=v,k2=v2`).
+        subset: String,
     },
 }
 
@@ -265,6 +267,15 @@ pub struct Selection<'a> {
     pub locality: Option<&'a LocalityLb>,
 }
 
+/// Subset labels as the gateways carry them: `k=v` pairs, sorted, comma-separated.
+pub fn encode_labels(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Rendezvous hashing: the endpoint whose (key, endpoint) hash is highest. Stable as
 /// endpoints come and go: only the keys of a removed endpoint move.
 fn rendezvous(tier: &[Target], key: u64) -> usize {
@@ -309,12 +320,18 @@ pub fn pick(
         };
         candidates.push((rank(&ep.locality), ep.health.is_ejected(), t));
     }
-    if mesh.gateway.is_some() && sel.labels.is_none() {
-        for rc in &svc.remote {
+    if mesh.gateway.is_some() {
+        let subset = sel.labels.map(encode_labels).unwrap_or_default();
+        for rc in svc
+            .remote
+            .iter()
+            .filter(|rc| sel.labels.is_none() || rc.label_sets.iter().any(&in_subset))
+        {
             let t = Target::Remote {
                 cluster: rc.cluster.clone(),
                 identities: rc.identities.clone(),
                 health: rc.health.clone(),
+                subset: subset.clone(),
             };
             candidates.push((rank(&rc.locality), rc.health.is_ejected(), t));
         }
@@ -384,6 +401,7 @@ mod tests {
             locality: Locality::parse(loc).expect("loc"),
             identities: vec![],
             health: table.get(c),
+            label_sets: vec![],
         };
         Service {
             namespace: "ns".into(),

@@ -961,6 +961,7 @@ async fn connect(
         Target::Remote {
             cluster,
             identities,
+            subset,
             ..
         } => {
             let Some(gateway) = state.mesh.gateway.clone() else {
@@ -972,7 +973,7 @@ async fn connect(
                 });
             };
             ctx.pool
-                .remote(gateway, cluster, authority, identities, timeout)
+                .remote(gateway, cluster, authority, subset, identities, timeout)
                 .await
         }
     }

@@ -76,8 +76,8 @@ pub enum ConnectError {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum PoolKey {
     Direct(SocketAddr),
-    /// Through the gateway to (cluster, host:port).
-    Remote(String, String),
+    /// Through the gateway to (cluster, host:port, subset labels).
+    Remote(String, String, String),
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<H2>>>;
@@ -210,16 +210,17 @@ impl Pool {
         gateway: (SocketAddr, SpiffeId),
         cluster: &str,
         authority: &str,
+        subset: &str,
         identities: &[SpiffeId],
         timeout: Duration,
     ) -> Result<H2, ConnectError> {
-        let key = PoolKey::Remote(cluster.to_owned(), authority.to_owned());
+        let key = PoolKey::Remote(cluster.to_owned(), authority.to_owned(), subset.to_owned());
         let peer = format!("{authority} in {cluster}");
         self.get_or_connect(
             key,
             &peer,
             timeout,
-            self.tunnel(gateway, cluster, authority, identities, timeout),
+            self.tunnel(gateway, cluster, authority, subset, identities, timeout),
         )
         .await
     }
@@ -229,6 +230,7 @@ impl Pool {
         gateway: (SocketAddr, SpiffeId),
         cluster: &str,
         authority: &str,
+        subset: &str,
         identities: &[SpiffeId],
         timeout: Duration,
     ) -> Result<H2, ConnectError> {
@@ -245,6 +247,7 @@ impl Pool {
             .method(http::Method::CONNECT)
             .uri(authority)
             .header(TARGET_CLUSTER, cluster)
+            .header(isthmus_core::headers::SUBSET, subset)
             .body(empty_body())
             .map_err(|_| ConnectError::Gateway {
                 cluster: cluster.to_owned(),

@@ -30,6 +30,8 @@ pub struct RemoteCluster {
     pub locality: Locality,
     pub identities: Vec<SpiffeId>,
     pub health: Arc<EndpointHealth>,
+    /// The label sets of its healthy endpoints, for DestinationRule subsets.
+    pub label_sets: Vec<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -578,3 +578,73 @@ async fn a_local_rate_limit_answers_429_past_the_budget() -> anyhow::Result<()> 
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subsets_and_weighted_splits_reach_endpoints_in_other_clusters() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east", "west"]).await?;
+    mesh.add_workload_labeled(
+        "east",
+        "reviews-v1",
+        Some("reviews"),
+        "reviews",
+        &[("version", "v1")],
+    )
+    .await?;
+    mesh.add_workload_labeled(
+        "west",
+        "reviews-v2",
+        Some("reviews"),
+        "reviews",
+        &[("version", "v2")],
+    )
+    .await?;
+    mesh.add_workload("east", "client", None, "productpage")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    mesh.apply("east", "reviews-dr.yaml", SUBSETS).await?;
+    mesh.apply(
+        "east",
+        "reviews-vs.yaml",
+        &virtual_service("  - route:\n    - destination: {host: reviews, subset: v2}\n"),
+    )
+    .await?;
+    mesh.wait_routes("east", "client", HOST, 1).await?;
+    // v2 exists only in west: the subset is served through the gateways.
+    let client = AppClient::new();
+    eventually("v2 in west to answer", Duration::from_secs(10), || async {
+        let r = client.get(outbound, HOST, "/").await?;
+        anyhow::ensure!(
+            r.status == 200,
+            "status {}: {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        let a = r.answer()?;
+        anyhow::ensure!(
+            (a.workload.as_str(), a.cluster.as_str()) == ("reviews-v2", "west"),
+            "{a:?}"
+        );
+        Ok(())
+    })
+    .await?;
+    assert!(workloads(outbound, 20, &[])
+        .await?
+        .iter()
+        .all(|w| w == "reviews-v2"));
+
+    // A 50/50 split between a local and a remote subset.
+    let vs = virtual_service("  - route:\n    - destination: {host: reviews, subset: v1}\n      weight: 50\n    - destination: {host: reviews, subset: v2}\n      weight: 50\n");
+    mesh.apply("east", "reviews-vs.yaml", &vs).await?;
+    eventually(
+        "both clusters to serve the split",
+        Duration::from_secs(10),
+        || async {
+            let landed = workloads(outbound, 100, &[]).await?;
+            let v2 = landed.iter().filter(|w| *w == "reviews-v2").count();
+            anyhow::ensure!((25..=75).contains(&v2), "{v2} of 100 on v2");
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(())
+}
