@@ -230,6 +230,14 @@ pub struct Subset {
     pub policy: TrafficPolicy,
 }
 
+/// A VirtualService `tcp[]` route: for CONNECT tunnels to one of `ports` (all when empty),
+/// a weighted choice of destinations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpRoute {
+    pub ports: Vec<u16>,
+    pub destinations: Vec<Destination>,
+}
+
 /// A local rate limit: a token bucket in each sidecar of the service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RateLimit {
@@ -252,6 +260,9 @@ pub struct ServiceRouting {
     /// From LocalRateLimits targeting this service; enforced by its own sidecars.
     #[serde(default)]
     pub rate_limits: Vec<RateLimit>,
+    /// `tcp[]` routes of the VirtualService; first match wins.
+    #[serde(default)]
+    pub tcp: Vec<TcpRoute>,
 }
 
 impl ServiceRouting {

@@ -168,6 +168,21 @@ pub async fn handle(ctx: &Arc<OutboundCtx>, req: Request<Incoming>) -> Response<
     resp
 }
 
+/// Parses gRPC's `grpc-timeout` (`<digits><unit>`, units H M S m u n).
+fn grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok().filter(|_| digits.len() <= 8)?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// Interns the reasons the proxies produce, for metric labels.
 fn reason_label(r: &str) -> &'static str {
     match r {
@@ -432,7 +447,14 @@ async fn route(
         hash: None,
     };
     let mut dest_port = port.clone();
-    let mut deadline = None;
+    // A gRPC caller's own deadline (`grpc-timeout`) bounds the request, like a route timeout.
+    let grpc_deadline = parts
+        .headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(grpc_timeout)
+        .map(|t| tokio::time::Instant::now() + t);
+    let mut deadline = grpc_deadline;
     let mut mirror = None;
     let mut response_headers = None;
     let mut authority_rewrite = None;
@@ -449,9 +471,13 @@ async fn route(
         let spec = &r.spec;
         let service = svc.hostname();
         // The route timeout covers everything from here, injected delays included.
-        deadline = spec
+        let route_deadline = spec
             .timeout_ms
             .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+        deadline = match (route_deadline, grpc_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if let Some(fault) = &spec.fault {
             if let Some((ms, pct)) = fault.delay {
                 if sampled(pct) {
@@ -603,11 +629,32 @@ async fn tcp_tunnel(
         .ok_or((ProxyError::NoHost, String::new()))?;
     let (name, port) = split_host(&host);
     let no_route = || (ProxyError::NoRoute { host: host.clone() }, String::new());
-    let svc = state.resolve(name).ok_or_else(no_route)?.clone();
-    let port = port
+    let mut svc = state.resolve(name).ok_or_else(no_route)?.clone();
+    let mut port = port
         .and_then(|p| svc.port(Some(p)))
         .ok_or_else(no_route)?
         .clone();
+    // The VirtualService's `tcp[]` routes: first one for this port, weighted destination.
+    let mut subset = None;
+    let chosen = svc
+        .routing
+        .as_deref()
+        .and_then(|r| {
+            r.tcp
+                .iter()
+                .find(|t| t.ports.is_empty() || t.ports.contains(&port.port))
+        })
+        .and_then(|t| pick_weighted(&t.destinations))
+        .cloned();
+    if let Some(d) = chosen {
+        svc = state.services.get(&d.service).ok_or_else(no_route)?.clone();
+        port = svc
+            .port(d.port.or(Some(port.port)))
+            .or_else(|| svc.port(None))
+            .ok_or_else(no_route)?
+            .clone();
+        subset = d.subset;
+    }
     let service = svc.hostname();
     let client = hyper::upgrade::on(&mut req);
     let (mut parts, _body) = req.into_parts();
@@ -620,7 +667,7 @@ async fn tcp_tunnel(
     let plan = Plan {
         authority: format!("{service}:{}", port.port),
         svc,
-        subset: None,
+        subset,
         retry: RetryPolicy::default_policy(),
         hash: None,
     };
@@ -983,6 +1030,19 @@ async fn connect(
 #[cfg(test)]
 mod tests {
     use super::split_host;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        use std::time::Duration;
+        assert_eq!(
+            super::grpc_timeout("100m"),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(super::grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(super::grpc_timeout("1x"), None);
+        assert_eq!(super::grpc_timeout("123456789S"), None, "at most 8 digits");
+        assert_eq!(super::grpc_timeout(""), None);
+    }
 
     #[test]
     fn host_and_port_are_split() {

@@ -195,6 +195,8 @@ pub struct CompiledRouting {
     pub state: PolicyState,
     /// Local rate limits this service's own sidecars enforce on inbound requests.
     pub limits: Vec<Limit>,
+    /// `tcp[]` routes for CONNECT tunnels.
+    pub tcp: Vec<isthmus_core::routing::TcpRoute>,
 }
 
 /// A token bucket (GCRA: refilled continuously at tokens per interval), per caller or shared.
@@ -267,6 +269,7 @@ impl CompiledRouting {
                 )
             })
             .collect();
+        let tcp = r.tcp;
         let limits = r
             .rate_limits
             .into_iter()
@@ -277,6 +280,7 @@ impl CompiledRouting {
             subsets,
             state: PolicyState::new(r.policy),
             limits,
+            tcp,
         })
     }
 

@@ -648,3 +648,132 @@ async fn subsets_and_weighted_splits_reach_endpoints_in_other_clusters() -> anyh
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_clients_get_the_status_of_each_error_the_proxy_makes() -> anyhow::Result<()> {
+    let (mut mesh, outbound) = reviews().await?;
+    let grpc = || async move {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{outbound}"))?
+            .origin(format!("http://{HOST}:9090").parse()?)
+            .connect()
+            .await?;
+        Ok::<_, anyhow::Error>(isthmus_proto::echo::echo_client::EchoClient::new(channel))
+    };
+    // The caller's own deadline (grpc-timeout) against an injected delay: DEADLINE_EXCEEDED.
+    let vs = virtual_service("  - fault:\n      delay: {fixedDelay: 3s}\n    route:\n    - destination: {host: reviews, subset: v1}\n");
+    mesh.apply("east", "reviews-vs.yaml", &vs).await?;
+    mesh.wait_routes("east", "client", HOST, 1).await?;
+    // Sent as a raw HTTP/2 gRPC request with the deadline header a gRPC client sends, so the
+    // answer observed is the proxy's and not the client library's own timer.
+    let grpc_headers = [
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        ("grpc-timeout", "300m"),
+    ];
+    let r = AppClient::new()
+        .send(
+            outbound,
+            &format!("{HOST}:9090"),
+            "/isthmus.echo.v1.Echo/Say",
+            true,
+            &grpc_headers,
+        )
+        .await?;
+    assert_eq!(
+        r.headers.get("grpc-status").and_then(|v| v.to_str().ok()),
+        Some("4"),
+        "DEADLINE_EXCEEDED: {:?}",
+        r.headers
+    );
+
+    // Over the rate limit: RESOURCE_EXHAUSTED.
+    mesh.apply(
+        "east",
+        "reviews-vs.yaml",
+        &virtual_service("  - route:\n    - destination: {host: reviews, subset: v1}\n"),
+    )
+    .await?;
+    mesh.apply("east", "reviews-limit.yaml", &rate_limit(false))
+        .await?;
+    let code = eventually("the limit to bite", Duration::from_secs(5), || async {
+        let mut client = grpc().await?;
+        for _ in 0..20 {
+            if let Err(s) = client
+                .say(isthmus_proto::echo::EchoRequest::default())
+                .await
+            {
+                return Ok(s.code());
+            }
+        }
+        anyhow::bail!("never limited")
+    })
+    .await?;
+    assert_eq!(code, tonic::Code::ResourceExhausted);
+
+    // No healthy endpoint: UNAVAILABLE.
+    mesh.kill_workload("east", "reviews-v1");
+    mesh.kill_workload("east", "reviews-v2");
+    let code = eventually("no endpoint left", Duration::from_secs(10), || async {
+        match grpc()
+            .await?
+            .say(isthmus_proto::echo::EchoRequest::default())
+            .await
+        {
+            Err(s) => Ok(s.code()),
+            Ok(_) => anyhow::bail!("still served"),
+        }
+    })
+    .await?;
+    assert_eq!(code, tonic::Code::Unavailable);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_routes_send_tunnels_by_weight() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut mesh, outbound) = reviews().await?;
+    let vs = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: demo}}\nspec:\n  hosts: [reviews]\n  tcp:\n  - match: [{{port: {p}}}]\n    route:\n    - destination: {{host: reviews, subset: v2}}\n      weight: 100\n",
+        p = isthmus_tests::TCP_ECHO_PORT
+    );
+    mesh.apply("east", "reviews-vs.yaml", &vs).await?;
+    let target = format!("{HOST}:{}", isthmus_tests::TCP_ECHO_PORT);
+    let tunnel = || async {
+        let mut tcp = tokio::net::TcpStream::connect(outbound).await?;
+        tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+            .await?;
+        let mut head = [0u8; 12];
+        tcp.read_exact(&mut head).await?;
+        anyhow::ensure!(
+            head.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        Ok(())
+    };
+    let admin = |mesh: &mut Mesh, w: &str| {
+        mesh.workload("east", w)
+            .sidecar
+            .as_ref()
+            .expect("sidecar")
+            .admin_address
+    };
+    let (v1, v2) = (
+        admin(&mut mesh, "reviews-v1"),
+        admin(&mut mesh, "reviews-v2"),
+    );
+    let inbound = [("reporter", "destination")];
+    // Give the route time to arrive, then count where tunnels land.
+    eventually("tunnels to land on v2", Duration::from_secs(10), || async {
+        let before = isthmus_tests::metric_sum(v1, "istio_requests_total", &inbound).await?;
+        for _ in 0..10 {
+            tunnel().await?;
+        }
+        let after = isthmus_tests::metric_sum(v1, "istio_requests_total", &inbound).await?;
+        anyhow::ensure!(after == before, "v1 got {} tunnels", after - before);
+        Ok(())
+    })
+    .await?;
+    assert!(isthmus_tests::metric_sum(v2, "istio_requests_total", &inbound).await? >= 10.0);
+    Ok(())
+}

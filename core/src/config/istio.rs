@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::validate::Checker;
 use super::Code;
+use crate::routing::TcpRoute;
 use crate::routing::{
     Abort, ConnectionPool, Destination, Fault, HashOn, HeaderOp, HeaderOps, HttpRoute,
     LoadBalancer, LocalityLb, Mirror, OutlierDetection, Retries, Rewrite, RouteAction, RouteMatch,
@@ -25,7 +26,8 @@ pub struct VirtualServiceSpec {
     pub gateways: Vec<String>,
     #[serde(default)]
     pub http: Vec<HttpRouteSpec>,
-    pub tcp: Unsupported,
+    #[serde(default)]
+    pub tcp: Vec<TcpRouteSpec>,
     pub tls: Unsupported,
     pub export_to: Unsupported,
 }
@@ -557,6 +559,85 @@ fn locality_lb(c: &mut Checker<'_>, field: &str, l: &LocalityLbSpec) -> Locality
 pub struct ParsedVirtualService {
     pub hosts: Vec<String>,
     pub http: Vec<HttpRoute>,
+    pub tcp: Vec<TcpRoute>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TcpRouteSpec {
+    #[serde(rename = "match", default)]
+    pub matches: Vec<L4MatchSpec>,
+    #[serde(default)]
+    pub route: Vec<RouteDestinationSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct L4MatchSpec {
+    pub port: Option<i64>,
+    pub destination_subnets: Unsupported,
+    pub source_labels: Unsupported,
+    pub source_namespace: Unsupported,
+    pub gateways: Unsupported,
+}
+
+fn tcp_route(c: &mut Checker<'_>, field: &str, t: &TcpRouteSpec) -> TcpRoute {
+    let mut ports = Vec::new();
+    for (i, m) in t.matches.iter().enumerate() {
+        let f = format!("{field}.match[{i}]");
+        for (name, v) in [
+            ("destinationSubnets", &m.destination_subnets),
+            ("sourceLabels", &m.source_labels),
+            ("sourceNamespace", &m.source_namespace),
+            ("gateways", &m.gateways),
+        ] {
+            unsupported(c, &format!("{f}.{name}"), v);
+        }
+        if let Some(p) = m.port.and_then(|p| c.port(&format!("{f}.port"), p)) {
+            ports.push(p);
+        }
+    }
+    let mut destinations = Vec::new();
+    for (i, r) in t.route.iter().enumerate() {
+        let f = format!("{field}.route[{i}]");
+        unsupported(c, &format!("{f}.headers"), &r.headers);
+        let weight = match r.weight {
+            None if t.route.len() == 1 => 100,
+            None => 0,
+            Some(w) if (0..=100).contains(&w) => w as u32,
+            Some(w) => {
+                c.fail(
+                    Code::InvalidValue,
+                    format!("{f}.weight"),
+                    format!("{w} is not a weight (0-100)"),
+                );
+                0
+            }
+        };
+        let port = r
+            .destination
+            .port
+            .as_ref()
+            .and_then(|p| c.port(&format!("{f}.destination.port.number"), p.number));
+        destinations.push(Destination {
+            service: r.destination.host.clone(),
+            subset: r.destination.subset.clone(),
+            port,
+            weight,
+        });
+    }
+    let total: u32 = destinations.iter().map(|d| d.weight).sum();
+    if total != 100 {
+        c.fail(
+            Code::InvalidValue,
+            format!("{field}.route"),
+            format!("weights add up to {total}, not 100"),
+        );
+    }
+    TcpRoute {
+        ports,
+        destinations,
+    }
 }
 
 fn unsupported(c: &mut Checker<'_>, field: &str, value: &Unsupported) {
@@ -1029,7 +1110,12 @@ pub fn virtual_service(
     c: &mut Checker<'_>,
     spec: &VirtualServiceSpec,
 ) -> Option<ParsedVirtualService> {
-    unsupported(c, "spec.tcp", &spec.tcp);
+    let tcp = spec
+        .tcp
+        .iter()
+        .enumerate()
+        .map(|(i, t)| tcp_route(c, &format!("spec.tcp[{i}]"), t))
+        .collect();
     unsupported(c, "spec.tls", &spec.tls);
     unsupported(c, "spec.exportTo", &spec.export_to);
     if spec.hosts.is_empty() {
@@ -1057,6 +1143,7 @@ pub fn virtual_service(
     Some(ParsedVirtualService {
         hosts: spec.hosts.clone(),
         http,
+        tcp,
     })
 }
 

@@ -485,6 +485,7 @@ fn routing(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<ConfigError>
                 continue;
             }
             r.http = vs.http.clone();
+            r.tcp = vs.tcp.clone();
         }
     }
     for doc in docs {
@@ -519,6 +520,17 @@ fn resolve_destinations(
     vs: &mut istio::ParsedVirtualService,
     set: &ConfigSet,
 ) {
+    for (i, route) in vs.tcp.iter_mut().enumerate() {
+        for (j, d) in route.destinations.iter_mut().enumerate() {
+            resolve_destination(
+                c,
+                ns,
+                &format!("spec.tcp[{i}].route[{j}].destination"),
+                d,
+                set,
+            );
+        }
+    }
     for (i, route) in vs.http.iter_mut().enumerate() {
         if let crate::routing::RouteAction::Route(dests) = &mut route.action {
             for (j, d) in dests.iter_mut().enumerate() {
