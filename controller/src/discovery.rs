@@ -216,6 +216,7 @@ impl Discovery for DiscoveryService {
             guard,
             pending,
             last_health: None,
+            scope: (node.role == "sidecar").then(|| node.workload.clone()),
         };
         self.drain.spawn(stream.run(first, inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -236,6 +237,8 @@ struct ProxyStream {
     pending: Option<(NamespacedName, SpiffeId)>,
     /// The last health the sidecar reported, applied once verified.
     last_health: Option<bool>,
+    /// The sidecar's workload (`namespace/name`), for its own Workload resource.
+    scope: Option<String>,
 }
 
 impl ProxyStream {
@@ -319,7 +322,20 @@ impl ProxyStream {
 
     async fn push(&mut self, type_url: &str, snapshot: &Snapshot) -> Result<(), ()> {
         let empty = BTreeMap::new();
-        let current = snapshot.resources.get(type_url).unwrap_or(&empty);
+        let all = snapshot.resources.get(type_url).unwrap_or(&empty);
+        // A sidecar gets only its own WorkloadEntry.
+        let scoped: BTreeMap<String, (String, bytes::Bytes)>;
+        let current = if type_url == isthmus_proto::type_url::WORKLOAD {
+            let own = self.scope.as_deref().unwrap_or_default();
+            scoped = all
+                .iter()
+                .filter(|(name, _)| name.as_str() == own)
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect();
+            &scoped
+        } else {
+            all
+        };
         let known = self.known.entry(type_url.to_owned()).or_default();
         let resources: Vec<Resource> = current
             .iter()

@@ -384,6 +384,18 @@ impl Registry {
                 "mesh".into(),
                 encode(&|b| mesh.encode(b).expect("vec grows")),
             );
+        let workloads = snapshot.resources.entry(type_url::WORKLOAD).or_default();
+        for w in config.workloads.values() {
+            let msg = xds::Workload {
+                name: w.key.to_string(),
+                labels: w.labels.clone(),
+                locality: Some(locality(w)),
+            };
+            workloads.insert(
+                w.key.to_string(),
+                encode(&|b| msg.encode(b).expect("vec grows")),
+            );
+        }
         let peers = snapshot.resources.entry(type_url::PEER).or_default();
         for cg in global
             .gateways

@@ -27,6 +27,9 @@ pub struct RouteMatch {
     pub without_headers: BTreeMap<String, StringMatch>,
     pub ignore_uri_case: bool,
     pub port: Option<u16>,
+    /// Labels the calling workload must carry.
+    #[serde(default)]
+    pub source_labels: BTreeMap<String, String>,
 }
 
 /// A weighted destination; `service` is `namespace/name`.
@@ -180,6 +183,11 @@ pub struct LocalityLb {
     /// (from locality pattern, [(to locality pattern, weight)]): share traffic by weight
     /// instead of by priority. Patterns are `region/zone/subzone` with `*` wildcards.
     pub distribute: Vec<(String, Vec<(String, u32)>)>,
+    /// Label keys in priority order: endpoints sharing more leading values with the caller
+    /// come first (`topology.kubernetes.io/region`/`zone`, `topology.istio.io/subzone` compare
+    /// localities).
+    #[serde(default)]
+    pub failover_priority: Vec<String>,
 }
 
 /// Whether a `region/zone/subzone` pattern (with `*`) covers a locality.

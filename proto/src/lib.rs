@@ -27,4 +27,5 @@ pub mod type_url {
     pub const SERVICE: &str = "isthmus.io/Service";
     pub const MESH: &str = "isthmus.io/Mesh";
     pub const PEER: &str = "isthmus.io/Peer";
+    pub const WORKLOAD: &str = "isthmus.io/Workload";
 }

@@ -265,6 +265,8 @@ pub struct Selection<'a> {
     pub min_health_percent: u32,
     /// The DestinationRule's `localityLbSetting`, if any.
     pub locality: Option<&'a LocalityLb>,
+    /// This workload's labels, for `failoverPriority`.
+    pub own_labels: Option<&'a BTreeMap<String, String>>,
 }
 
 /// Subset labels as the gateways carry them: `k=v` pairs, sorted, comma-separated.
@@ -303,6 +305,21 @@ pub fn pick(
     let mut candidates: Vec<(u32, bool, Target)> = Vec::new();
     let share = distribution(sel.locality, from);
     // With `distribute`, endpoints in the chosen locality form the first tier.
+    let order = sel
+        .locality
+        .map(|l| l.failover_priority.as_slice())
+        .unwrap_or_default();
+    let own = sel.own_labels.cloned().unwrap_or_default();
+    // failoverPriority: the fewer leading keys an endpoint shares with the caller, the later.
+    let label_rank = |l: &Locality, labels: &BTreeMap<String, String>| {
+        let same = |key: &str| match key {
+            "topology.kubernetes.io/region" => l.region == from.region,
+            "topology.kubernetes.io/zone" => l.zone == from.zone && l.region == from.region,
+            "topology.istio.io/subzone" => l.subzone == from.subzone && l.zone == from.zone,
+            k => own.get(k).is_some_and(|v| labels.get(k) == Some(v)),
+        };
+        (order.len() - order.iter().take_while(|k| same(k)).count()) as u32
+    };
     let rank = |l: &Locality| match share {
         Some(p) if locality_matches(p, &l.region, &l.zone, &l.subzone) => 0,
         Some(_) => 1 + priority(l, from, mesh, sel.locality),
@@ -318,7 +335,12 @@ pub fn pick(
             identity: ep.identity.clone(),
             health: ep.health.clone(),
         };
-        candidates.push((rank(&ep.locality), ep.health.is_ejected(), t));
+        let r = if order.is_empty() {
+            rank(&ep.locality)
+        } else {
+            label_rank(&ep.locality, &ep.labels)
+        };
+        candidates.push((r, ep.health.is_ejected(), t));
     }
     if mesh.gateway.is_some() {
         let subset = sel.labels.map(encode_labels).unwrap_or_default();
@@ -333,7 +355,16 @@ pub fn pick(
                 health: rc.health.clone(),
                 subset: subset.clone(),
             };
-            candidates.push((rank(&rc.locality), rc.health.is_ejected(), t));
+            let r = if order.is_empty() {
+                rank(&rc.locality)
+            } else {
+                rc.label_sets
+                    .iter()
+                    .map(|ls| label_rank(&rc.locality, ls))
+                    .min()
+                    .unwrap_or(order.len() as u32)
+            };
+            candidates.push((r, rc.health.is_ejected(), t));
         }
     }
     candidates.retain(|(_, _, t)| !tried.iter().any(|h| Arc::ptr_eq(h, t.health())));
@@ -509,6 +540,7 @@ mod tests {
     ) -> LocalityLb {
         LocalityLb {
             enabled,
+            failover_priority: vec![],
             failover: failover
                 .iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -593,5 +625,26 @@ mod tests {
             })
             .count();
         assert!((300..500).contains(&eu), "{eu} of 2000 to eu");
+    }
+
+    #[test]
+    fn failover_priority_prefers_endpoints_sharing_the_callers_labels() {
+        let table = HealthTable::default();
+        let s = svc(&table);
+        let from = Locality::parse("us-east/a").expect("loc");
+        let mut l = setting(true, &[], &[]);
+        l.failover_priority = vec!["version".into()];
+        let own: BTreeMap<String, String> = [("version".to_string(), "v2".to_string())].into();
+        let sel = Selection {
+            locality: Some(&l),
+            own_labels: Some(&own),
+            ..Default::default()
+        };
+        for _ in 0..10 {
+            assert_eq!(
+                name(&pick(&s, &from, &mesh(), &[], sel).expect("some")),
+                "127.0.0.2:1"
+            );
+        }
     }
 }

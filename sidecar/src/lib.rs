@@ -164,7 +164,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
                 workload: cfg.workload.to_string(),
                 ..Default::default()
             },
-            types: vec![type_url::MESH, type_url::SERVICE],
+            types: vec![type_url::MESH, type_url::SERVICE, type_url::WORKLOAD],
             handler: store.clone(),
             health: app_health,
             first_config: Some(config_block),

@@ -3,6 +3,7 @@
 //! over the peer's mTLS HTTP/2 connection (direct, or through the gateway for another
 //! cluster), and retries on another endpoint when a peer cannot be reached or resets.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -272,6 +273,8 @@ struct Plan {
     retry: RetryPolicy,
     /// Consistent-hash key of the request, when the destination hashes.
     hash: Option<u64>,
+    /// Labels of this workload, for `failoverPriority`.
+    own_labels: Arc<BTreeMap<String, String>>,
 }
 
 /// The app's address on the outbound listener, for `useSourceIp` hashing.
@@ -363,6 +366,7 @@ impl Plan {
             load_balancer: policy.and_then(|p| p.load_balancer.as_ref()),
             hash: self.hash,
             locality: policy.and_then(|p| p.locality.as_ref()),
+            own_labels: Some(&self.own_labels),
             min_health_percent: policy
                 .and_then(|p| p.outlier.as_ref())
                 .map(|o| o.min_health_percent)
@@ -445,6 +449,7 @@ async fn route(
         subset: None,
         retry: RetryPolicy::default_policy(),
         hash: None,
+        own_labels: state.own_labels.clone(),
     };
     let mut dest_port = port.clone();
     // A gRPC caller's own deadline (`grpc-timeout`) bounds the request, like a route timeout.
@@ -466,6 +471,7 @@ async fn route(
         authority: &host,
         port: port.port,
         headers: &parts.headers,
+        source_labels: &state.own_labels,
     };
     if let Some((r, prefix)) = routing.as_deref().and_then(|r| r.select(&view)) {
         let spec = &r.spec;
@@ -670,6 +676,7 @@ async fn tcp_tunnel(
         subset,
         retry: RetryPolicy::default_policy(),
         hash: None,
+        own_labels: state.own_labels.clone(),
     };
     parts.uri = Uri::try_from(plan.authority.as_str())
         .map_err(|_| (ProxyError::NoHost, service.clone()))?;
@@ -783,6 +790,7 @@ fn spawn_mirror(
         subset: m.destination.subset,
         retry,
         hash: None,
+        own_labels: state.own_labels.clone(),
     };
     let (ctx, state) = (ctx.clone(), state.clone());
     tokio::spawn(async move {

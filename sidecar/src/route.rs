@@ -71,6 +71,7 @@ struct CompiledMatch {
     without_headers: Vec<(HeaderName, Matcher)>,
     ignore_uri_case: bool,
     port: Option<u16>,
+    source_labels: BTreeMap<String, String>,
 }
 
 fn header_matchers(
@@ -103,6 +104,7 @@ impl CompiledMatch {
             without_headers: header_matchers(&m.without_headers)?,
             ignore_uri_case: m.ignore_uri_case,
             port: m.port,
+            source_labels: m.source_labels.clone(),
         })
     }
 
@@ -125,6 +127,10 @@ impl CompiledMatch {
                 .as_ref()
                 .is_none_or(|m| m.matches(req.authority, false))
             && self.port.is_none_or(|p| p == req.port)
+            && self
+                .source_labels
+                .iter()
+                .all(|(k, v)| req.source_labels.get(k) == Some(v))
             && self.headers.iter().all(|(n, m)| header(n, m))
             && !self.without_headers.iter().any(|(n, m)| header(n, m))
             && self
@@ -149,6 +155,8 @@ pub struct RequestView<'a> {
     pub authority: &'a str,
     pub port: u16,
     pub headers: &'a HeaderMap,
+    /// Labels of the calling workload.
+    pub source_labels: &'a BTreeMap<String, String>,
 }
 
 #[derive(Debug)]
@@ -390,6 +398,8 @@ mod tests {
         }
     }
 
+    static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+
     fn view<'a>(path: &'a str, headers: &'a HeaderMap) -> RequestView<'a> {
         RequestView {
             path,
@@ -398,6 +408,7 @@ mod tests {
             authority: "reviews",
             port: 80,
             headers,
+            source_labels: &NO_LABELS,
         }
     }
 

@@ -90,6 +90,8 @@ pub struct MeshState {
     /// Every name an app may use, to the service key.
     pub hosts: HashMap<String, String>,
     pub mesh: MeshInfo,
+    /// Labels of this sidecar's own WorkloadEntry (for `sourceLabels`, `failoverPriority`).
+    pub own_labels: Arc<BTreeMap<String, String>>,
 }
 
 impl MeshState {

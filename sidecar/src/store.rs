@@ -1,11 +1,13 @@
 //! The sidecar's config store: applies pushed responses (converted first, outside the lock)
 //! and publishes the new [`MeshState`] to requests through a `watch`.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use isthmus_core::xds::XdsHandler;
 use isthmus_proto::discovery::Resource;
 use isthmus_proto::type_url;
+use prost::Message;
 use tokio::sync::watch;
 
 use crate::convert;
@@ -61,6 +63,7 @@ impl XdsHandler for Store {
                     services,
                     hosts: Default::default(),
                     mesh: old.mesh.clone(),
+                    own_labels: old.own_labels.clone(),
                 };
                 next.index(&self.own_namespace);
                 next.attach_health(&self.health);
@@ -78,6 +81,28 @@ impl XdsHandler for Store {
                     services: old.services.clone(),
                     hosts: old.hosts.clone(),
                     mesh,
+                    own_labels: old.own_labels.clone(),
+                };
+                self.state.send_replace(Arc::new(next));
+                Ok(())
+            }
+            type_url::WORKLOAD => {
+                let labels = match updated.first() {
+                    Some(r) => {
+                        isthmus_proto::discovery::Workload::decode(r.body.as_slice())
+                            .map_err(|e| format!("resource {}: {e}", r.name))?
+                            .labels
+                    }
+                    None if !removed.is_empty() => BTreeMap::new(),
+                    None => return Ok(()),
+                };
+                let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+                let old = self.current();
+                let next = MeshState {
+                    services: old.services.clone(),
+                    hosts: old.hosts.clone(),
+                    mesh: old.mesh.clone(),
+                    own_labels: Arc::new(labels),
                 };
                 self.state.send_replace(Arc::new(next));
                 Ok(())
@@ -91,7 +116,6 @@ impl XdsHandler for Store {
 mod tests {
     use super::*;
     use isthmus_proto::discovery as xds;
-    use prost::Message;
 
     fn service(name: &str, tunnel: &str) -> Resource {
         let svc = xds::Service {

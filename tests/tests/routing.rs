@@ -777,3 +777,37 @@ async fn tcp_routes_send_tunnels_by_weight() -> anyhow::Result<()> {
     assert!(isthmus_tests::metric_sum(v2, "istio_requests_total", &inbound).await? >= 10.0);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_labels_route_by_the_calling_workload() -> anyhow::Result<()> {
+    let (mut mesh, outbound) = reviews().await?;
+    mesh.add_workload("east", "tester", None, "tester").await?;
+    let tester = mesh.workload("east", "tester");
+    let (tester_ip, tester_out) = (tester.ip, tester.outbound());
+    // The tester's own WorkloadEntry gives it labels (no Service selects it).
+    let we = format!("apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: tester, namespace: demo}}\nspec:\n  address: {tester_ip}\n  labels: {{app: tester, track: canary}}\n  serviceAccount: tester\n");
+    mesh.apply("east", "tester.yaml", &we).await?;
+    let vs = virtual_service("  - match: [{sourceLabels: {track: canary}}]\n    route:\n    - destination: {host: reviews, subset: v2}\n  - route:\n    - destination: {host: reviews, subset: v1}\n");
+    mesh.apply("east", "reviews-vs.yaml", &vs).await?;
+    mesh.wait_routes("east", "tester", HOST, 2).await?;
+    eventually(
+        "the canary caller to reach v2",
+        Duration::from_secs(5),
+        || async {
+            anyhow::ensure!(workloads(tester_out, 10, &[])
+                .await?
+                .iter()
+                .all(|w| w == "reviews-v2"));
+            Ok(())
+        },
+    )
+    .await?;
+    assert!(
+        workloads(outbound, 10, &[])
+            .await?
+            .iter()
+            .all(|w| w == "reviews-v1"),
+        "other callers stay on v1"
+    );
+    Ok(())
+}

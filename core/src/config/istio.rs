@@ -79,7 +79,8 @@ pub struct MatchSpec {
     pub ignore_uri_case: bool,
     pub port: Option<i64>,
     pub scheme: Unsupported,
-    pub source_labels: Unsupported,
+    #[serde(default)]
+    pub source_labels: BTreeMap<String, String>,
     pub source_namespace: Unsupported,
     pub gateways: Unsupported,
 }
@@ -487,7 +488,8 @@ pub struct LocalityLbSpec {
     pub failover: Vec<FailoverSpec>,
     #[serde(default)]
     pub distribute: Vec<DistributeSpec>,
-    pub failover_priority: Unsupported,
+    #[serde(default)]
+    pub failover_priority: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -505,11 +507,13 @@ pub struct DistributeSpec {
 }
 
 fn locality_lb(c: &mut Checker<'_>, field: &str, l: &LocalityLbSpec) -> LocalityLb {
-    unsupported(
-        c,
-        &format!("{field}.failoverPriority"),
-        &l.failover_priority,
-    );
+    if !l.failover_priority.is_empty() && !l.distribute.is_empty() {
+        c.fail(
+            Code::InvalidValue,
+            field,
+            "set failoverPriority or distribute, not both",
+        );
+    }
     if !l.failover.is_empty() && !l.distribute.is_empty() {
         c.fail(
             Code::InvalidValue,
@@ -551,6 +555,7 @@ fn locality_lb(c: &mut Checker<'_>, field: &str, l: &LocalityLbSpec) -> Locality
             .map(|f| (f.from.clone(), f.to.clone()))
             .collect(),
         distribute,
+        failover_priority: l.failover_priority.clone(),
     }
 }
 
@@ -726,7 +731,6 @@ fn string_matches(
 fn route_match(c: &mut Checker<'_>, field: &str, m: &MatchSpec) -> RouteMatch {
     for (name, value) in [
         ("scheme", &m.scheme),
-        ("sourceLabels", &m.source_labels),
         ("sourceNamespace", &m.source_namespace),
         ("gateways", &m.gateways),
     ] {
@@ -754,6 +758,7 @@ fn route_match(c: &mut Checker<'_>, field: &str, m: &MatchSpec) -> RouteMatch {
         without_headers: string_matches(c, &format!("{field}.withoutHeaders"), &m.without_headers),
         ignore_uri_case: m.ignore_uri_case,
         port: m.port.and_then(|p| c.port(&format!("{field}.port"), p)),
+        source_labels: m.source_labels.clone(),
     }
 }
 
