@@ -207,6 +207,9 @@ pub struct TrafficPolicy {
     pub connection_pool: Option<ConnectionPool>,
     #[serde(default)]
     pub locality: Option<LocalityLb>,
+    /// `portLevelSettings`: policies for single ports, over this one.
+    #[serde(default)]
+    pub ports: Vec<(u16, TrafficPolicy)>,
 }
 
 impl TrafficPolicy {
@@ -227,6 +230,22 @@ impl TrafficPolicy {
                 .clone()
                 .or_else(|| base.connection_pool.clone()),
             locality: self.locality.clone().or_else(|| base.locality.clone()),
+            ports: if self.ports.is_empty() {
+                base.ports.clone()
+            } else {
+                self.ports.clone()
+            },
+        }
+    }
+
+    /// The policy for `port`: its `portLevelSettings` entry over this one, else this one.
+    pub fn for_port(&self, port: u16) -> TrafficPolicy {
+        match self.ports.iter().find(|(p, _)| *p == port) {
+            Some((_, pl)) => TrafficPolicy {
+                ports: Vec::new(),
+                ..pl.over(self)
+            },
+            None => self.clone(),
         }
     }
 }

@@ -275,6 +275,8 @@ struct Plan {
     hash: Option<u64>,
     /// Labels of this workload, for `failoverPriority`.
     own_labels: Arc<BTreeMap<String, String>>,
+    /// The destination port, for `portLevelSettings`.
+    port: u16,
 }
 
 /// The app's address on the outbound listener, for `useSourceIp` hashing.
@@ -348,11 +350,10 @@ fn hash_key(on: &HashOn, parts: &http::request::Parts) -> (Option<u64>, Option<S
 impl Plan {
     /// The DestinationRule policy in force: the subset's, else the service's.
     fn state(&self) -> Option<&PolicyState> {
-        let routing = self.svc.routing.as_deref()?;
-        match self.subset.as_deref() {
-            Some(name) => routing.subset(name).map(|s| &s.state),
-            None => Some(&routing.state),
-        }
+        self.svc
+            .routing
+            .as_deref()?
+            .state_for(self.subset.as_deref(), self.port)
     }
 
     fn selection(&self) -> Selection<'_> {
@@ -450,6 +451,7 @@ async fn route(
         retry: RetryPolicy::default_policy(),
         hash: None,
         own_labels: state.own_labels.clone(),
+        port: 0,
     };
     let mut dest_port = port.clone();
     // A gRPC caller's own deadline (`grpc-timeout`) bounds the request, like a route timeout.
@@ -566,6 +568,7 @@ async fn route(
     }
     let service = plan.svc.hostname();
     plan.authority = format!("{service}:{}", dest_port.port);
+    plan.port = dest_port.port;
     let mut set_cookie = None;
     if let Some(LoadBalancer::ConsistentHash(on)) = plan.selection().load_balancer.cloned() {
         (plan.hash, set_cookie) = hash_key(&on, &parts);
@@ -677,6 +680,7 @@ async fn tcp_tunnel(
         retry: RetryPolicy::default_policy(),
         hash: None,
         own_labels: state.own_labels.clone(),
+        port: port.port,
     };
     parts.uri = Uri::try_from(plan.authority.as_str())
         .map_err(|_| (ProxyError::NoHost, service.clone()))?;
@@ -791,6 +795,7 @@ fn spawn_mirror(
         retry,
         hash: None,
         own_labels: state.own_labels.clone(),
+        port: port.port,
     };
     let (ctx, state) = (ctx.clone(), state.clone());
     tokio::spawn(async move {

@@ -174,6 +174,16 @@ pub struct PolicyState {
 }
 
 impl PolicyState {
+    /// The state for a policy and, per `portLevelSettings` entry, one for that port.
+    fn with_ports(policy: TrafficPolicy) -> (Self, BTreeMap<u16, PolicyState>) {
+        let ports = policy
+            .ports
+            .iter()
+            .map(|(p, _)| (*p, PolicyState::new(policy.for_port(*p))))
+            .collect();
+        (Self::new(policy), ports)
+    }
+
     fn new(policy: TrafficPolicy) -> Self {
         let thresholds = policy
             .outlier
@@ -194,6 +204,7 @@ impl PolicyState {
 pub struct SubsetPolicy {
     pub labels: BTreeMap<String, String>,
     pub state: PolicyState,
+    pub port_states: BTreeMap<u16, PolicyState>,
 }
 
 #[derive(Debug)]
@@ -201,6 +212,7 @@ pub struct CompiledRouting {
     pub routes: Vec<CompiledRoute>,
     subsets: BTreeMap<String, SubsetPolicy>,
     pub state: PolicyState,
+    port_states: BTreeMap<u16, PolicyState>,
     /// Local rate limits this service's own sidecars enforce on inbound requests.
     pub limits: Vec<Limit>,
     /// `tcp[]` routes for CONNECT tunnels.
@@ -268,11 +280,13 @@ impl CompiledRouting {
             .subsets
             .into_iter()
             .map(|s| {
+                let subset_state = PolicyState::with_ports(s.policy.over(&r.policy));
                 (
                     s.name,
                     SubsetPolicy {
                         labels: s.labels,
-                        state: PolicyState::new(s.policy.over(&r.policy)),
+                        state: subset_state.0,
+                        port_states: subset_state.1,
                     },
                 )
             })
@@ -283,10 +297,12 @@ impl CompiledRouting {
             .into_iter()
             .map(Limit::new)
             .collect::<Result<_, _>>()?;
+        let service_state = PolicyState::with_ports(r.policy);
         Ok(Self {
             routes,
             subsets,
-            state: PolicyState::new(r.policy),
+            state: service_state.0,
+            port_states: service_state.1,
             limits,
             tcp,
         })
@@ -310,6 +326,17 @@ impl CompiledRouting {
 
     pub fn subset(&self, name: &str) -> Option<&SubsetPolicy> {
         self.subsets.get(name)
+    }
+
+    /// The policy in force for a subset (or the service) and a port.
+    pub fn state_for(&self, subset: Option<&str>, port: u16) -> Option<&PolicyState> {
+        match subset {
+            Some(name) => self
+                .subsets
+                .get(name)
+                .map(|s| s.port_states.get(&port).unwrap_or(&s.state)),
+            None => Some(self.port_states.get(&port).unwrap_or(&self.state)),
+        }
     }
 }
 

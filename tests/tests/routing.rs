@@ -811,3 +811,41 @@ async fn source_labels_route_by_the_calling_workload() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_level_settings_apply_to_their_port_only() -> anyhow::Result<()> {
+    let (mut mesh, outbound) = reviews().await?;
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: demo}\nspec:\n  host: reviews\n  trafficPolicy:\n    portLevelSettings:\n    - port: {number: 9090}\n      connectionPool:\n        tcp: {maxConnections: 1}\n        http: {http1MaxPendingRequests: 1}\n";
+    mesh.apply("east", "reviews-dr.yaml", dr).await?;
+    let burst = |host: String| async move {
+        let calls: Vec<_> = (0..12)
+            .map(|_| {
+                let host = host.clone();
+                tokio::spawn(
+                    async move { AppClient::new().get(outbound, &host, "/delay/300").await },
+                )
+            })
+            .collect();
+        let mut overflow = 0;
+        for c in calls {
+            overflow += usize::from(c.await??.status == 503);
+        }
+        Ok::<_, anyhow::Error>(overflow)
+    };
+    eventually(
+        "port 9090 to be limited",
+        Duration::from_secs(10),
+        || async {
+            let n = burst(format!("{HOST}:9090")).await?;
+            anyhow::ensure!(n >= 5, "{n} overflowed on 9090");
+            Ok(())
+        },
+    )
+    .await?;
+    assert_eq!(
+        burst(format!("{HOST}:80")).await?,
+        0,
+        "port 80 has no limits"
+    );
+    Ok(())
+}

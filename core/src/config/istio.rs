@@ -216,9 +216,21 @@ pub struct TrafficPolicySpec {
     pub connection_pool: Option<ConnectionPoolSpec>,
     pub outlier_detection: Option<OutlierDetectionSpec>,
     pub tls: Unsupported,
-    pub port_level_settings: Unsupported,
+    #[serde(default)]
+    pub port_level_settings: Vec<PortTrafficPolicySpec>,
     pub tunnel: Unsupported,
     pub proxy_protocol: Unsupported,
+}
+
+/// A `portLevelSettings` entry: a traffic policy for one port of the service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortTrafficPolicySpec {
+    pub port: PortSelectorSpec,
+    pub load_balancer: Option<LoadBalancerSpec>,
+    pub connection_pool: Option<ConnectionPoolSpec>,
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+    pub tls: Unsupported,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -1175,13 +1187,33 @@ fn traffic_policy(
             .connection_pool
             .as_ref()
             .map(|cp| connection_pool(c, &format!("{field}.connectionPool"), cp)),
+        ports: p
+            .port_level_settings
+            .iter()
+            .enumerate()
+            .filter_map(|(i, pl)| {
+                let f = format!("{field}.portLevelSettings[{i}]");
+                unsupported(c, &format!("{f}.tls"), &pl.tls);
+                let port = c.port(&format!("{f}.port.number"), pl.port.number)?;
+                // The same parsing as the service level, for this port's settings.
+                let spec = TrafficPolicySpec {
+                    load_balancer: pl.load_balancer.clone(),
+                    connection_pool: pl.connection_pool.clone(),
+                    outlier_detection: pl.outlier_detection.clone(),
+                    tls: None,
+                    port_level_settings: Vec::new(),
+                    tunnel: None,
+                    proxy_protocol: None,
+                };
+                Some((port, traffic_policy(c, &f, &Some(spec))))
+            })
+            .collect(),
     }
 }
 
 fn load_balancer(c: &mut Checker<'_>, field: &str, p: &TrafficPolicySpec) -> Option<LoadBalancer> {
     for (name, v) in [
         ("tls", &p.tls),
-        ("portLevelSettings", &p.port_level_settings),
         ("tunnel", &p.tunnel),
         ("proxyProtocol", &p.proxy_protocol),
     ] {
