@@ -171,6 +171,12 @@ pub struct ConnectionPool {
     /// Retries in flight at once (`maxRetries`).
     pub max_retries: Option<u32>,
     pub connect_timeout_ms: Option<u64>,
+    /// Requests a pooled connection carries before it is retired (`maxRequestsPerConnection`).
+    #[serde(default)]
+    pub max_requests_per_connection: Option<u32>,
+    /// A pooled connection unused this long is closed (`http.idleTimeout`).
+    #[serde(default)]
+    pub idle_timeout_ms: Option<u64>,
 }
 
 /// Istio's `localityLbSetting`.

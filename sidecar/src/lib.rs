@@ -172,7 +172,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         tasks.spawn(xds.run());
         let out_ctx = Arc::new(outbound::OutboundCtx {
             state: store.subscribe(),
-            pool: pool::Pool::new(identity.clone(), drain.clone()),
+            pool: pool::Pool::new(
+                identity.clone(),
+                drain.clone(),
+                metrics.upstream_connections.clone(),
+            ),
             locality: cfg.locality.clone(),
             metrics: metrics.clone(),
             drain: drain.clone(),

@@ -39,6 +39,8 @@ pub struct Metrics {
     durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
     pub retries: Counter,
     pub ejections: Counter,
+    /// mTLS connections the pool opened to peers (sidecars, gateways, tunnels).
+    pub upstream_connections: Counter,
     pub upstream_failures: Family<ReasonLabels, Counter>,
 }
 
@@ -49,6 +51,7 @@ impl Default for Metrics {
             durations: Family::new_with_constructor(duration_histogram),
             retries: Counter::default(),
             ejections: Counter::default(),
+            upstream_connections: Counter::default(),
             upstream_failures: Family::default(),
         }
     }
@@ -83,6 +86,11 @@ impl Metrics {
             "ejections",
             "endpoints ejected by passive health checking",
             self.ejections.clone(),
+        );
+        own.register(
+            "upstream_connections",
+            "connections opened to peers",
+            self.upstream_connections.clone(),
         );
         own.register(
             "upstream_failures",

@@ -37,7 +37,7 @@ const REPLAY_LIMIT: u64 = 16 * 1024;
 /// What every outbound request needs.
 pub struct OutboundCtx {
     pub state: watch::Receiver<Arc<MeshState>>,
-    pub pool: Pool,
+    pub pool: Arc<Pool>,
     pub locality: Locality,
     pub metrics: Metrics,
     /// Spawns the splices of upgraded connections.
@@ -372,6 +372,18 @@ impl Plan {
                 .and_then(|p| p.outlier.as_ref())
                 .map(|o| o.min_health_percent)
                 .unwrap_or(0),
+        }
+    }
+
+    /// Connect timeout and connection caps of the destination's `connectionPool`.
+    fn connect_options(&self) -> crate::pool::ConnectOptions {
+        let pool = self.state().and_then(|s| s.policy.connection_pool.as_ref());
+        crate::pool::ConnectOptions {
+            timeout: self.connect_timeout(),
+            max_uses: pool.and_then(|p| p.max_requests_per_connection),
+            idle: pool
+                .and_then(|p| p.idle_timeout_ms)
+                .map(Duration::from_millis),
         }
     }
 
@@ -848,7 +860,7 @@ async fn attempts(
             Target::Local { .. } => state.mesh.cluster.clone(),
             Target::Remote { cluster, .. } => cluster.clone(),
         };
-        let mut h2 = match connect(ctx, state, &target, authority, plan.connect_timeout()).await {
+        let mut h2 = match connect(ctx, state, &target, authority, plan.connect_options()).await {
             Ok(h2) => h2,
             Err(e) => {
                 fail(ctx, plan, &target, Failure::Connect, e.reason());
@@ -1011,13 +1023,13 @@ async fn connect(
     state: &MeshState,
     target: &Target,
     authority: &str,
-    timeout: Duration,
+    opts: crate::pool::ConnectOptions,
 ) -> Result<H2, ProxyError> {
     let service = authority.to_owned();
     match target {
         Target::Local {
             address, identity, ..
-        } => ctx.pool.direct(*address, identity, timeout).await,
+        } => ctx.pool.direct(*address, identity, opts).await,
         Target::Remote {
             cluster,
             identities,
@@ -1033,7 +1045,7 @@ async fn connect(
                 });
             };
             ctx.pool
-                .remote(gateway, cluster, authority, subset, identities, timeout)
+                .remote(gateway, cluster, authority, subset, identities, opts)
                 .await
         }
     }

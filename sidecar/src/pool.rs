@@ -80,11 +80,44 @@ enum PoolKey {
     Remote(String, String, String),
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<H2>>>;
+/// A pooled connection and how it has been used.
+struct Pooled {
+    h2: H2,
+    uses: u32,
+    last_used: std::time::Instant,
+    /// The idle timeout in force at its last use.
+    idle: Option<Duration>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
+
+/// How a destination wants its connections: connect timeout, and when to retire one
+/// (`maxRequestsPerConnection`, `idleTimeout` of a DestinationRule).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectOptions {
+    pub timeout: Duration,
+    pub max_uses: Option<u32>,
+    pub idle: Option<Duration>,
+}
+
+impl ConnectOptions {
+    pub fn with_timeout(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            max_uses: None,
+            idle: None,
+        }
+    }
+}
+
+/// How often idle connections are looked for.
+const REAP_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Pool {
     identity: TlsIdentity,
     drain: Drain,
+    /// Counts connections opened.
+    opened: prometheus_client::metrics::counter::Counter,
     slots: Mutex<HashMap<PoolKey, Slot>>,
 }
 
@@ -124,11 +157,48 @@ where
 }
 
 impl Pool {
-    pub fn new(identity: TlsIdentity, drain: Drain) -> Self {
-        Self {
+    pub fn new(
+        identity: TlsIdentity,
+        drain: Drain,
+        opened: prometheus_client::metrics::counter::Counter,
+    ) -> Arc<Self> {
+        let pool = Arc::new(Self {
             identity,
-            drain,
+            drain: drain.clone(),
             slots: Mutex::default(),
+            opened,
+        });
+        let weak = Arc::downgrade(&pool);
+        drain.spawn(async move {
+            let mut tick = tokio::time::interval(REAP_INTERVAL);
+            loop {
+                tick.tick().await;
+                let Some(pool) = weak.upgrade() else { return };
+                pool.reap_idle();
+            }
+        });
+        pool
+    }
+
+    /// Drops connections idle longer than their destination's `idleTimeout`; each closes
+    /// once its last request finishes.
+    fn reap_idle(&self) {
+        let slots: Vec<Slot> = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for slot in slots {
+            if let Ok(mut guard) = slot.try_lock() {
+                if guard
+                    .as_ref()
+                    .is_some_and(|p| p.idle.is_some_and(|idle| p.last_used.elapsed() > idle))
+                {
+                    *guard = None;
+                }
+            }
         }
     }
 
@@ -143,7 +213,7 @@ impl Pool {
         &self,
         key: PoolKey,
         peer: &str,
-        timeout: Duration,
+        opts: ConnectOptions,
         connect: F,
     ) -> Result<H2, ConnectError>
     where
@@ -151,19 +221,30 @@ impl Pool {
     {
         let slot = self.slot(key);
         let mut guard = slot.lock().await;
-        if let Some(h2) = guard.as_ref() {
-            if !h2.is_closed() {
-                return Ok(h2.clone());
+        if let Some(p) = guard.as_mut() {
+            let worn = opts.max_uses.is_some_and(|m| p.uses >= m);
+            let stale = opts.idle.is_some_and(|i| p.last_used.elapsed() > i);
+            if !p.h2.is_closed() && !worn && !stale {
+                p.uses += 1;
+                p.last_used = std::time::Instant::now();
+                p.idle = opts.idle;
+                return Ok(p.h2.clone());
             }
         }
+        // A retired connection closes by itself once its requests in flight finish.
         *guard = None;
-        let h2 =
-            tokio::time::timeout(timeout, connect)
-                .await
-                .map_err(|_| ConnectError::Timeout {
-                    peer: peer.to_owned(),
-                })??;
-        *guard = Some(h2.clone());
+        let h2 = tokio::time::timeout(opts.timeout, connect)
+            .await
+            .map_err(|_| ConnectError::Timeout {
+                peer: peer.to_owned(),
+            })??;
+        self.opened.inc();
+        *guard = Some(Pooled {
+            h2: h2.clone(),
+            uses: 1,
+            last_used: std::time::Instant::now(),
+            idle: opts.idle,
+        });
         Ok(h2)
     }
 
@@ -190,13 +271,13 @@ impl Pool {
         &self,
         addr: SocketAddr,
         identity: &SpiffeId,
-        timeout: Duration,
+        opts: ConnectOptions,
     ) -> Result<H2, ConnectError> {
         let policy = PeerPolicy::OneOf(vec![identity.clone()]);
         self.get_or_connect(
             PoolKey::Direct(addr),
             &addr.to_string(),
-            timeout,
+            opts,
             self.tls_h2(addr, policy),
         )
         .await
@@ -212,15 +293,22 @@ impl Pool {
         authority: &str,
         subset: &str,
         identities: &[SpiffeId],
-        timeout: Duration,
+        opts: ConnectOptions,
     ) -> Result<H2, ConnectError> {
         let key = PoolKey::Remote(cluster.to_owned(), authority.to_owned(), subset.to_owned());
         let peer = format!("{authority} in {cluster}");
         self.get_or_connect(
             key,
             &peer,
-            timeout,
-            self.tunnel(gateway, cluster, authority, subset, identities, timeout),
+            opts,
+            self.tunnel(
+                gateway,
+                cluster,
+                authority,
+                subset,
+                identities,
+                opts.timeout,
+            ),
         )
         .await
     }
@@ -239,7 +327,8 @@ impl Pool {
             .get_or_connect(
                 PoolKey::Direct(gw_addr),
                 &gw_addr.to_string(),
-                timeout,
+                // The gateway connection is shared by every destination: no per-destination caps.
+                ConnectOptions::with_timeout(timeout),
                 self.tls_h2(gw_addr, PeerPolicy::OneOf(vec![gw_id])),
             )
             .await?;

@@ -849,3 +849,59 @@ async fn port_level_settings_apply_to_their_port_only() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_retire_after_max_requests_and_when_idle() -> anyhow::Result<()> {
+    let (mut mesh, outbound) = reviews().await?;
+    let admin = mesh
+        .workload("east", "client")
+        .sidecar
+        .as_ref()
+        .expect("sidecar")
+        .admin_address;
+    let opened =
+        || isthmus_tests::metric_sum(admin, "isthmus_sidecar_upstream_connections_total", &[]);
+    // Without caps, connections are reused.
+    let before = opened().await?;
+    workloads(outbound, 10, &[]).await?;
+    assert!(opened().await? - before <= 2.0, "reused without caps");
+
+    let dr = |pool: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: demo}}\nspec:\n  host: reviews\n  trafficPolicy:\n    connectionPool:\n      http: {{{pool}}}\n")
+    };
+    mesh.apply(
+        "east",
+        "reviews-dr.yaml",
+        &dr("maxRequestsPerConnection: 1"),
+    )
+    .await?;
+    eventually(
+        "one connection per request",
+        Duration::from_secs(5),
+        || async {
+            let before = opened().await?;
+            workloads(outbound, 10, &[]).await?;
+            let n = opened().await? - before;
+            anyhow::ensure!(n >= 10.0, "{n} connections for 10 requests");
+            Ok(())
+        },
+    )
+    .await?;
+
+    mesh.apply("east", "reviews-dr.yaml", &dr("idleTimeout: 300ms"))
+        .await?;
+    eventually(
+        "idle connections to be replaced",
+        Duration::from_secs(5),
+        || async {
+            workloads(outbound, 2, &[]).await?;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let before = opened().await?;
+            workloads(outbound, 1, &[]).await?;
+            anyhow::ensure!(opened().await? - before >= 1.0, "reused an idle connection");
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(())
+}

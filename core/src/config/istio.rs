@@ -355,9 +355,9 @@ pub struct TcpPoolSpec {
 pub struct HttpPoolSpec {
     pub http1_max_pending_requests: Option<i64>,
     pub http2_max_requests: Option<i64>,
-    pub max_requests_per_connection: Unsupported,
+    pub max_requests_per_connection: Option<i64>,
     pub max_retries: Option<i64>,
-    pub idle_timeout: Unsupported,
+    pub idle_timeout: Option<String>,
     pub h2_upgrade_policy: Unsupported,
     pub use_client_protocol: Unsupported,
     pub max_concurrent_streams: Unsupported,
@@ -437,8 +437,8 @@ fn outlier(c: &mut Checker<'_>, field: &str, o: &OutlierDetectionSpec) -> Outlie
 }
 
 /// Connections between proxies are long-lived multiplexed HTTP/2, so Envoy's pool sizes
-/// become limits on requests in flight; per-connection caps and idle timeouts of
-/// Envoy's pools have no counterpart yet and are refused by name.
+/// become limits on requests in flight; `maxRequestsPerConnection` and `idleTimeout`
+/// retire pooled connections.
 fn connection_pool(c: &mut Checker<'_>, field: &str, p: &ConnectionPoolSpec) -> ConnectionPool {
     let mut pool = ConnectionPool::default();
     let max = i64::from(u32::MAX);
@@ -463,8 +463,6 @@ fn connection_pool(c: &mut Checker<'_>, field: &str, p: &ConnectionPoolSpec) -> 
     }
     if let Some(h) = &p.http {
         for (name, v) in [
-            ("maxRequestsPerConnection", &h.max_requests_per_connection),
-            ("idleTimeout", &h.idle_timeout),
             ("h2UpgradePolicy", &h.h2_upgrade_policy),
             ("useClientProtocol", &h.use_client_protocol),
             ("maxConcurrentStreams", &h.max_concurrent_streams),
@@ -488,6 +486,17 @@ fn connection_pool(c: &mut Checker<'_>, field: &str, p: &ConnectionPoolSpec) -> 
             max,
         );
         pool.max_retries = count(c, &format!("{field}.http.maxRetries"), h.max_retries, max);
+        pool.max_requests_per_connection = count(
+            c,
+            &format!("{field}.http.maxRequestsPerConnection"),
+            h.max_requests_per_connection,
+            max,
+        )
+        .filter(|n| *n > 0);
+        pool.idle_timeout_ms = h
+            .idle_timeout
+            .as_deref()
+            .and_then(|d| duration(c, &format!("{field}.http.idleTimeout"), d));
     }
     pool
 }

@@ -850,7 +850,7 @@ spec:
     fn unsupported_destination_rule_policies_are_named() {
         let dr = BASE.replace(
             "trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}",
-            "trafficPolicy: {connectionPool: {http: {idleTimeout: 1s}}}",
+            "trafficPolicy: {connectionPool: {tcp: {tcpKeepalive: {time: 1s}}}}",
         );
         let e = load_files(&[SourceFile {
             name: "r.yaml".into(),
@@ -861,7 +861,7 @@ spec:
         .remove(0);
         assert_eq!(
             e.field,
-            "spec.trafficPolicy.connectionPool.http.idleTimeout"
+            "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive"
         );
     }
 }
