@@ -278,6 +278,11 @@ async fn websocket_echo(
         );
         head.push(byte[0]);
     }
+    anyhow::ensure!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "not upgraded: {}",
+        String::from_utf8_lossy(&head)
+    );
     // A masked text frame "hello" (RFC 6455 section 5.7).
     let frame: Vec<u8> = vec![
         0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
@@ -363,5 +368,50 @@ async fn opaque_tcp_works_across_clusters() -> anyhow::Result<()> {
         .await
         .expect_err("no such port");
     assert!(err.to_string().contains("404"), "{err}");
+    Ok(())
+}
+
+/// Reads an HTTP/1.1 response head.
+async fn read_head(tcp: &mut tokio::net::TcpStream) -> anyhow::Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        anyhow::ensure!(tcp.read(&mut b).await? == 1, "closed");
+        head.push(b[0]);
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_continue_and_chunked_bodies_pass_through() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut mesh = Mesh::start(&["east"]).await?;
+    mesh.add_workload("east", "echo-east", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    eventually("echo reachable", Duration::from_secs(5), || async {
+        anyhow::ensure!(AppClient::new().get(outbound, "echo", "/").await?.status == 200);
+        Ok(())
+    })
+    .await?;
+    // Expect: 100-continue: the body goes only after the interim answer.
+    let mut tcp = tokio::net::TcpStream::connect(outbound).await?;
+    tcp.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: echo\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await?;
+    let interim = read_head(&mut tcp).await?;
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    tcp.write_all(b"hello").await?;
+    let head = read_head(&mut tcp).await?;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Chunked: a streamed body of unknown length, on a kept-alive connection.
+    let mut tcp = tokio::net::TcpStream::connect(outbound).await?;
+    tcp.write_all(b"POST /stream HTTP/1.1\r\nHost: echo\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").await?;
+    let head = read_head(&mut tcp).await?;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     Ok(())
 }
