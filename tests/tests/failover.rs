@@ -143,8 +143,12 @@ async fn failover_when_the_app_dies_behind_a_live_sidecar() -> anyhow::Result<()
 async fn a_destination_rule_locality_failover_order_wins_over_the_mesh_order() -> anyhow::Result<()>
 {
     let (mut mesh, traffic) = three_clusters().await?;
-    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: demo}\nspec:\n  host: echo\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n        failover: [{from: us-east, to: eu-central}]\n";
-    mesh.apply("east", "echo-dr.yaml", dr).await?;
+    // Istio's "Locality failover" task as deploy/examples has it: us-east fails over to eu-central.
+    let dr = std::fs::read_to_string(format!(
+        "{}/../deploy/examples/locality-failover.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    ))?;
+    mesh.apply("east", "echo-dr.yaml", &dr).await?;
     settles_in(&traffic, "east", 20, Duration::from_secs(10)).await?;
     mesh.kill_workload("east", "echo-east");
     settles_in(&traffic, "eu", 30, Duration::from_secs(10)).await?;

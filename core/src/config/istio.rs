@@ -607,28 +607,18 @@ pub struct L4MatchSpec {
     pub gateways: Unsupported,
 }
 
-fn tcp_route(c: &mut Checker<'_>, field: &str, t: &TcpRouteSpec) -> TcpRoute {
-    let mut ports = Vec::new();
-    for (i, m) in t.matches.iter().enumerate() {
-        let f = format!("{field}.match[{i}]");
-        for (name, v) in [
-            ("destinationSubnets", &m.destination_subnets),
-            ("sourceLabels", &m.source_labels),
-            ("sourceNamespace", &m.source_namespace),
-            ("gateways", &m.gateways),
-        ] {
-            unsupported(c, &format!("{f}.{name}"), v);
-        }
-        if let Some(p) = m.port.and_then(|p| c.port(&format!("{f}.port"), p)) {
-            ports.push(p);
-        }
-    }
+/// `route[]` destinations with their weights, which must add up to 100.
+fn weighted_destinations(
+    c: &mut Checker<'_>,
+    field: &str,
+    routes: &[RouteDestinationSpec],
+) -> Vec<Destination> {
     let mut destinations = Vec::new();
-    for (i, r) in t.route.iter().enumerate() {
+    for (i, r) in routes.iter().enumerate() {
         let f = format!("{field}.route[{i}]");
         unsupported(c, &format!("{f}.headers"), &r.headers);
         let weight = match r.weight {
-            None if t.route.len() == 1 => 100,
+            None if routes.len() == 1 => 100,
             None => 0,
             Some(w) if (0..=100).contains(&w) => w as u32,
             Some(w) => {
@@ -660,6 +650,26 @@ fn tcp_route(c: &mut Checker<'_>, field: &str, t: &TcpRouteSpec) -> TcpRoute {
             format!("weights add up to {total}, not 100"),
         );
     }
+    destinations
+}
+
+fn tcp_route(c: &mut Checker<'_>, field: &str, t: &TcpRouteSpec) -> TcpRoute {
+    let mut ports = Vec::new();
+    for (i, m) in t.matches.iter().enumerate() {
+        let f = format!("{field}.match[{i}]");
+        for (name, v) in [
+            ("destinationSubnets", &m.destination_subnets),
+            ("sourceLabels", &m.source_labels),
+            ("sourceNamespace", &m.source_namespace),
+            ("gateways", &m.gateways),
+        ] {
+            unsupported(c, &format!("{f}.{name}"), v);
+        }
+        if let Some(p) = m.port.and_then(|p| c.port(&format!("{f}.port"), p)) {
+            ports.push(p);
+        }
+    }
+    let destinations = weighted_destinations(c, field, &t.route);
     TcpRoute {
         ports,
         destinations,
@@ -1029,43 +1039,7 @@ fn action(c: &mut Checker<'_>, field: &str, h: &HttpRouteSpec) -> Option<RouteAc
             body,
         });
     }
-    let mut destinations = Vec::new();
-    for (i, r) in h.route.iter().enumerate() {
-        let f = format!("{field}.route[{i}]");
-        unsupported(c, &format!("{f}.headers"), &r.headers);
-        let weight = match r.weight {
-            None if h.route.len() == 1 => 100,
-            None => 0,
-            Some(w) if (0..=100).contains(&w) => w as u32,
-            Some(w) => {
-                c.fail(
-                    Code::InvalidValue,
-                    format!("{f}.weight"),
-                    format!("{w} is not a weight (0-100)"),
-                );
-                0
-            }
-        };
-        let port = r
-            .destination
-            .port
-            .as_ref()
-            .and_then(|p| c.port(&format!("{f}.destination.port.number"), p.number));
-        destinations.push(Destination {
-            service: r.destination.host.clone(),
-            subset: r.destination.subset.clone(),
-            port,
-            weight,
-        });
-    }
-    let total: u32 = destinations.iter().map(|d| d.weight).sum();
-    if total != 100 {
-        c.fail(
-            Code::InvalidValue,
-            format!("{field}.route"),
-            format!("weights add up to {total}, not 100"),
-        );
-    }
+    let destinations = weighted_destinations(c, field, &h.route);
     Some(RouteAction::Route(destinations))
 }
 
