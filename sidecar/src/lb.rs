@@ -309,7 +309,8 @@ pub fn pick(
         .locality
         .map(|l| l.failover_priority.as_slice())
         .unwrap_or_default();
-    let own = sel.own_labels.cloned().unwrap_or_default();
+    let no_labels = BTreeMap::new();
+    let own = sel.own_labels.unwrap_or(&no_labels);
     // failoverPriority: the fewer leading keys an endpoint shares with the caller, the later.
     let label_rank = |l: &Locality, labels: &BTreeMap<String, String>| {
         let same = |key: &str| match key {

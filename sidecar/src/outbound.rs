@@ -142,18 +142,19 @@ pub async fn handle(ctx: &Arc<OutboundCtx>, req: Request<Incoming>) -> Response<
     let started = std::time::Instant::now();
     let grpc = is_grpc(req.headers());
     let state = ctx.state.borrow().clone();
-    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    // Cheap clones (reference-counted) kept for the access log.
+    let (method, uri) = (req.method().clone(), req.uri().clone());
     let (resp, service, cluster) = match route(ctx, &state, req).await {
         Ok((resp, service, cluster)) => (resp, service, cluster),
         Err((e, service)) => {
             // The access log: errors the proxy made itself at info (with their reason),
             // every other request at debug (`RUST_LOG=access=debug`).
-            tracing::info!(target: "access", %method, %path, service = %service, status = e.status().as_u16(), reason = e.reason(), error = %e, elapsed_ms = started.elapsed().as_millis() as u64, "request");
+            tracing::info!(target: "access", %method, path = uri.path(), service = %service, status = e.status().as_u16(), reason = e.reason(), error = %e, elapsed_ms = started.elapsed().as_millis() as u64, "request");
             (e.respond(grpc), service, String::new())
         }
     };
     if resp.headers().get(ERROR_REASON).is_none() {
-        tracing::debug!(target: "access", %method, %path, service = %service, cluster = %cluster, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request");
+        tracing::debug!(target: "access", %method, path = uri.path(), service = %service, cluster = %cluster, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request");
     }
     let flags = resp
         .headers()

@@ -721,3 +721,17 @@ impl Drop for NetFault {
         let _ = self.nft(&format!("delete table inet {}\n", self.table));
     }
 }
+
+/// Waits until `host` answers 200 through the sidecar listening at `outbound`.
+pub async fn reachable(outbound: SocketAddr, host: &str) -> anyhow::Result<()> {
+    let client = AppClient::new();
+    eventually(
+        &format!("{host} reachable"),
+        Duration::from_secs(10),
+        || async {
+            anyhow::ensure!(client.get(outbound, host, "/").await?.status == 200);
+            Ok(())
+        },
+    )
+    .await
+}

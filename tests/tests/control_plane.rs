@@ -8,15 +8,6 @@ use isthmus_tests::{config_dump, eventually, metric_sum, settles_in, traffic, Ap
 
 const HOST: &str = "echo.demo.svc.cluster.local";
 
-async fn reachable(outbound: std::net::SocketAddr) -> anyhow::Result<()> {
-    let client = AppClient::new();
-    eventually("echo reachable", Duration::from_secs(10), || async {
-        anyhow::ensure!(client.get(outbound, HOST, "/").await?.status == 200);
-        Ok(())
-    })
-    .await
-}
-
 fn endpoint_count(dump: &serde_json::Value) -> usize {
     dump["services"]
         .as_array()
@@ -37,7 +28,7 @@ async fn traffic_flows_while_the_controller_is_down_and_proxies_resync_when_it_r
     mesh.add_workload("east", "client", None, "frontend")
         .await?;
     let outbound = mesh.workload("east", "client").outbound();
-    reachable(outbound).await?;
+    isthmus_tests::reachable(outbound, HOST).await?;
     let traffic = traffic(outbound, HOST);
 
     mesh.kill_controller("east");
@@ -115,7 +106,7 @@ async fn cross_cluster_traffic_and_failover_work_while_the_federation_is_down() 
         },
     )
     .await?;
-    reachable(outbound).await?;
+    isthmus_tests::reachable(outbound, HOST).await?;
     let traffic = traffic(outbound, HOST);
     settles_in(&traffic, "east", 10, Duration::from_secs(5)).await?;
 
@@ -138,7 +129,7 @@ async fn invalid_config_is_rejected_with_its_location_and_traffic_keeps_flowing(
     mesh.add_workload("east", "client", None, "frontend")
         .await?;
     let outbound = mesh.workload("east", "client").outbound();
-    reachable(outbound).await?;
+    isthmus_tests::reachable(outbound, HOST).await?;
     let traffic = traffic(outbound, HOST);
     let admin = mesh.controller_admin("east");
     let config_dir = mesh.cluster("east").config_dir.clone();

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use isthmus_tests::{eventually, metric_sum, settles_in, traffic, AppClient, Mesh, Traffic};
+use isthmus_tests::{eventually, metric_sum, settles_in, traffic, Mesh, Traffic};
 
 const HOST: &str = "echo.demo.svc.cluster.local";
 
@@ -17,16 +17,7 @@ async fn three_clusters() -> anyhow::Result<(Mesh, Traffic)> {
     mesh.add_workload("east", "client", None, "frontend")
         .await?;
     let outbound = mesh.workload("east", "client").outbound();
-    let client = AppClient::new();
-    eventually(
-        "echo reachable from the client",
-        Duration::from_secs(10),
-        || async {
-            anyhow::ensure!(client.get(outbound, HOST, "/").await?.status == 200);
-            Ok(())
-        },
-    )
-    .await?;
+    isthmus_tests::reachable(outbound, HOST).await?;
     Ok((mesh, traffic(outbound, HOST)))
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use isthmus_tests::{eventually, metric_sum, settles_in, traffic, AppClient, Mesh, NetFault};
+use isthmus_tests::{eventually, metric_sum, settles_in, traffic, Mesh, NetFault};
 
 const HOST: &str = "echo.demo.svc.cluster.local";
 
@@ -18,11 +18,7 @@ async fn mesh_with_traffic_in_west() -> anyhow::Result<(Mesh, isthmus_tests::Tra
     mesh.add_workload("east", "client", None, "frontend")
         .await?;
     let outbound = mesh.workload("east", "client").outbound();
-    eventually("echo reachable", Duration::from_secs(10), || async {
-        anyhow::ensure!(AppClient::new().get(outbound, HOST, "/").await?.status == 200);
-        Ok(())
-    })
-    .await?;
+    isthmus_tests::reachable(outbound, HOST).await?;
     let traffic = traffic(outbound, HOST);
     settles_in(&traffic, "west", 20, Duration::from_secs(10)).await?;
     Ok((mesh, traffic))

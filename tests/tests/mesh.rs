@@ -236,11 +236,7 @@ async fn certificates_renew_before_expiry_without_failing_requests() -> anyhow::
     let first = isthmus_tests::config_dump(admin).await?["certificate"]["not_after"]
         .as_u64()
         .unwrap_or(0);
-    eventually("echo reachable", Duration::from_secs(5), || async {
-        anyhow::ensure!(AppClient::new().get(outbound, "echo", "/").await?.status == 200);
-        Ok(())
-    })
-    .await?;
+    isthmus_tests::reachable(outbound, "echo").await?;
     let traffic = isthmus_tests::traffic(outbound, "echo");
     // Two renewals at half-life of a 4 s certificate; the first certificate has expired.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -268,21 +264,8 @@ async fn websocket_echo(
         "GET /chat HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     tcp.write_all(handshake.as_bytes()).await?;
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        anyhow::ensure!(
-            tcp.read(&mut byte).await? == 1,
-            "closed during the handshake: {}",
-            String::from_utf8_lossy(&head)
-        );
-        head.push(byte[0]);
-    }
-    anyhow::ensure!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "not upgraded: {}",
-        String::from_utf8_lossy(&head)
-    );
+    let head = read_head(&mut tcp).await?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 101"), "not upgraded: {head}");
     // A masked text frame "hello" (RFC 6455 section 5.7).
     let frame: Vec<u8> = vec![
         0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
@@ -290,7 +273,7 @@ async fn websocket_echo(
     tcp.write_all(&frame).await?;
     let mut back = vec![0u8; frame.len()];
     tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back)).await??;
-    Ok((String::from_utf8_lossy(&head).into_owned(), frame, back))
+    Ok((head, frame, back))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,17 +311,7 @@ async fn tcp_echo(
     let mut tcp = tokio::net::TcpStream::connect(outbound).await?;
     tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
         .await?;
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        anyhow::ensure!(
-            tcp.read(&mut byte).await? == 1,
-            "closed: {}",
-            String::from_utf8_lossy(&head)
-        );
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
+    let head = read_head(&mut tcp).await?;
     anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
     tcp.write_all(b"ping over tcp\n").await?;
     let mut back = vec![0u8; 14];
@@ -377,7 +350,11 @@ async fn read_head(tcp: &mut tokio::net::TcpStream) -> anyhow::Result<String> {
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut b = [0u8; 1];
-        anyhow::ensure!(tcp.read(&mut b).await? == 1, "closed");
+        anyhow::ensure!(
+            tcp.read(&mut b).await? == 1,
+            "closed after {:?}",
+            String::from_utf8_lossy(&head)
+        );
         head.push(b[0]);
     }
     Ok(String::from_utf8_lossy(&head).into_owned())
@@ -392,11 +369,7 @@ async fn expect_continue_and_chunked_bodies_pass_through() -> anyhow::Result<()>
     mesh.add_workload("east", "client", None, "frontend")
         .await?;
     let outbound = mesh.workload("east", "client").outbound();
-    eventually("echo reachable", Duration::from_secs(5), || async {
-        anyhow::ensure!(AppClient::new().get(outbound, "echo", "/").await?.status == 200);
-        Ok(())
-    })
-    .await?;
+    isthmus_tests::reachable(outbound, "echo").await?;
     // Expect: 100-continue: the body goes only after the interim answer.
     let mut tcp = tokio::net::TcpStream::connect(outbound).await?;
     tcp.write_all(

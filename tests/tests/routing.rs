@@ -42,11 +42,7 @@ async fn reviews() -> anyhow::Result<(Mesh, std::net::SocketAddr)> {
         .await?;
     mesh.apply("east", "reviews-dr.yaml", SUBSETS).await?;
     let outbound = mesh.workload("east", "client").outbound();
-    eventually("reviews reachable", Duration::from_secs(10), || async {
-        anyhow::ensure!(AppClient::new().get(outbound, HOST, "/").await?.status == 200);
-        Ok(())
-    })
-    .await?;
+    isthmus_tests::reachable(outbound, HOST).await?;
     Ok((mesh, outbound))
 }
 
