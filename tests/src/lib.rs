@@ -735,3 +735,35 @@ pub async fn reachable(outbound: SocketAddr, host: &str) -> anyhow::Result<()> {
     )
     .await
 }
+
+impl Mesh {
+    /// Istio's `reviews` example: `reviews-v1` (label `version: v1`) in east, `reviews-v2`
+    /// in `v2_cluster`, and a calling workload `client` in east; returns the mesh and the
+    /// client's outbound listener.
+    pub async fn with_reviews(
+        clusters: &[&str],
+        v2_cluster: &str,
+        client: &str,
+    ) -> anyhow::Result<(Mesh, SocketAddr)> {
+        let mut mesh = Mesh::start(clusters).await?;
+        mesh.add_workload_labeled(
+            "east",
+            "reviews-v1",
+            Some("reviews"),
+            "reviews",
+            &[("version", "v1")],
+        )
+        .await?;
+        mesh.add_workload_labeled(
+            v2_cluster,
+            "reviews-v2",
+            Some("reviews"),
+            "reviews",
+            &[("version", "v2")],
+        )
+        .await?;
+        mesh.add_workload("east", client, None, client).await?;
+        let outbound = mesh.workload("east", client).outbound();
+        Ok((mesh, outbound))
+    }
+}

@@ -90,26 +90,7 @@ async fn versions(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istio_traffic_tasks_behave_as_documented() -> anyhow::Result<()> {
-    let mut mesh = Mesh::start(&["east"]).await?;
-    mesh.add_workload_labeled(
-        "east",
-        "reviews-v1",
-        Some("reviews"),
-        "reviews",
-        &[("version", "v1")],
-    )
-    .await?;
-    mesh.add_workload_labeled(
-        "east",
-        "reviews-v2",
-        Some("reviews"),
-        "reviews",
-        &[("version", "v2")],
-    )
-    .await?;
-    mesh.add_workload("east", "productpage", None, "productpage")
-        .await?;
-    let outbound = mesh.workload("east", "productpage").outbound();
+    let (mut mesh, outbound) = Mesh::with_reviews(&["east"], "east", "productpage").await?;
     mesh.apply(
         "east",
         "destination-rule-reviews.yaml",

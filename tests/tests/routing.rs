@@ -21,27 +21,8 @@ spec:
 
 /// `reviews` with a v1 and a v2 workload in east, a client, and the DestinationRule.
 async fn reviews() -> anyhow::Result<(Mesh, std::net::SocketAddr)> {
-    let mut mesh = Mesh::start(&["east"]).await?;
-    mesh.add_workload_labeled(
-        "east",
-        "reviews-v1",
-        Some("reviews"),
-        "reviews",
-        &[("version", "v1")],
-    )
-    .await?;
-    mesh.add_workload_labeled(
-        "east",
-        "reviews-v2",
-        Some("reviews"),
-        "reviews",
-        &[("version", "v2")],
-    )
-    .await?;
-    mesh.add_workload("east", "client", None, "productpage")
-        .await?;
+    let (mut mesh, outbound) = Mesh::with_reviews(&["east"], "east", "client").await?;
     mesh.apply("east", "reviews-dr.yaml", SUBSETS).await?;
-    let outbound = mesh.workload("east", "client").outbound();
     isthmus_tests::reachable(outbound, HOST).await?;
     Ok((mesh, outbound))
 }
@@ -577,26 +558,7 @@ async fn a_local_rate_limit_answers_429_past_the_budget() -> anyhow::Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subsets_and_weighted_splits_reach_endpoints_in_other_clusters() -> anyhow::Result<()> {
-    let mut mesh = Mesh::start(&["east", "west"]).await?;
-    mesh.add_workload_labeled(
-        "east",
-        "reviews-v1",
-        Some("reviews"),
-        "reviews",
-        &[("version", "v1")],
-    )
-    .await?;
-    mesh.add_workload_labeled(
-        "west",
-        "reviews-v2",
-        Some("reviews"),
-        "reviews",
-        &[("version", "v2")],
-    )
-    .await?;
-    mesh.add_workload("east", "client", None, "productpage")
-        .await?;
-    let outbound = mesh.workload("east", "client").outbound();
+    let (mut mesh, outbound) = Mesh::with_reviews(&["east", "west"], "west", "client").await?;
     mesh.apply("east", "reviews-dr.yaml", SUBSETS).await?;
     mesh.apply(
         "east",
