@@ -5,12 +5,14 @@
 //! and walks through the failover story:
 //!
 //! 1. baseline: traffic stays in `east`;
-//! 2. the `echo` workload in `east` dies: traffic moves to `west` (the next locality);
-//! 3. `west`'s gateway dies: traffic moves to `eu`;
+//! 2. the `echo` workload in `east` hangs (its processes stopped with SIGSTOP: sockets
+//!    open, nothing answers): traffic moves to `west` (the next locality);
+//! 3. `west`'s gateway dies (SIGKILL): traffic moves to `eu`;
 //! 4. both come back: traffic returns home to `east`.
 //!
-//! No request may fail in any phase. It prints what happened and returns whether every
-//! phase behaved, so it doubles as a smoke test of the product.
+//! No request may fail in any phase, and traffic must leave a hung or dead peer within
+//! [`FAILOVER_BUDGET`]. It prints what happened and returns whether every phase behaved, so
+//! it doubles as a smoke test of the product.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -37,6 +39,8 @@ const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause between the client's requests: about 50 requests per second.
 const REQUEST_GAP: Duration = Duration::from_millis(20);
+/// How soon after a peer hangs or dies traffic must land elsewhere.
+pub const FAILOVER_BUDGET: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -141,6 +145,23 @@ impl Procs {
         if let Some(c) = self.procs.get_mut(name).and_then(|p| p.child.as_mut()) {
             let _ = c.kill().await;
         }
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to a child, as `kill -STOP` does.
+    async fn signal(&self, name: &str, signal: &str) -> anyhow::Result<()> {
+        let pid = self
+            .procs
+            .get(name)
+            .and_then(|p| p.child.as_ref())
+            .and_then(Child::id)
+            .with_context(|| format!("{name} is not running"))?;
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .await
+            .context("running kill")?;
+        anyhow::ensure!(status.success(), "kill -{signal} {name} failed");
+        Ok(())
     }
 
     fn restart(&mut self, name: &str) -> anyhow::Result<()> {
@@ -366,7 +387,16 @@ struct PhaseResult {
     landed: BTreeMap<String, usize>,
     /// When the first request landed where the phase expects traffic.
     failover: Option<Duration>,
+    /// The longest any request took (retries included).
+    longest: Duration,
     verdict: Result<(), String>,
+}
+
+/// What a phase expects: where traffic lands, and how soon it must get there.
+#[derive(Clone, Copy)]
+struct Expect<'a> {
+    cluster: &'a str,
+    within: Option<Duration>,
 }
 
 /// Runs one phase: waits until traffic lands only where it should (or the deadline
@@ -374,7 +404,7 @@ struct PhaseResult {
 async fn phase(
     name: &str,
     traffic: &Traffic,
-    expect: &str,
+    expect: Expect<'_>,
     hold: Duration,
     deadline: Duration,
 ) -> PhaseResult {
@@ -385,7 +415,7 @@ async fn phase(
     loop {
         tick.tick().await;
         let evs = traffic.since(start);
-        let mut res = summarize(name, &evs, start, expect);
+        let mut res = summarize(name, &evs, start, expect.cluster);
         let landed: Vec<String> = res
             .landed
             .iter()
@@ -409,7 +439,10 @@ async fn phase(
             .iter()
             .filter(|e| e.at.elapsed() < Duration::from_millis(900))
             .collect();
-        let home = !recent.is_empty() && recent.iter().all(|e| e.landed.as_deref() == Ok(expect));
+        let home = !recent.is_empty()
+            && recent
+                .iter()
+                .all(|e| e.landed.as_deref() == Ok(expect.cluster));
         if home && settled_at.is_none() {
             settled_at = Some(Instant::now());
         }
@@ -427,6 +460,7 @@ fn summarize(name: &str, evs: &[Event], start: Instant, expect: &str) -> PhaseRe
         failed: 0,
         landed: BTreeMap::new(),
         failover: None,
+        longest: evs.iter().map(|e| e.took).max().unwrap_or_default(),
         verdict: Ok(()),
     };
     for e in evs {
@@ -447,11 +481,22 @@ fn verdict(
     res: &PhaseResult,
     evs: &[Event],
     settled_at: Option<Instant>,
-    expect: &str,
+    expect: Expect<'_>,
 ) -> Result<(), String> {
     if res.failed > 0 {
         return Err(format!("{} requests failed", res.failed));
     }
+    if let (Some(budget), Some(took)) = (expect.within, res.failover) {
+        if took > budget {
+            return Err(format!(
+                "traffic reached {} after {:.2}s, over the {:.1}s budget",
+                expect.cluster,
+                took.as_secs_f64(),
+                budget.as_secs_f64()
+            ));
+        }
+    }
+    let expect = expect.cluster;
     let Some(settled) = settled_at else {
         return Err(format!("traffic never settled in {expect}"));
     };
@@ -516,26 +561,34 @@ async fn scenario(
     let traffic = Traffic::start(outbound, SERVICE_HOST, REQUEST_GAP);
     let hold = Duration::from_secs(phase_secs);
     let deadline = Duration::from_secs(phase_secs + 20);
-    let mut results = vec![phase("1 baseline", &traffic, "east", hold, deadline).await];
-    println!("  -- stopping the echo workload in east");
-    procs.kill("echo-east-app").await;
-    procs.kill("echo-east-sidecar").await;
-    results.push(phase("2 east backend down", &traffic, "west", hold, deadline).await);
-    println!("  -- cutting west's gateway");
+    let at = |cluster| Expect {
+        cluster,
+        within: None,
+    };
+    let soon = |cluster| Expect {
+        cluster,
+        within: Some(FAILOVER_BUDGET),
+    };
+    let mut results = vec![phase("1 baseline", &traffic, at("east"), hold, deadline).await];
+    println!("  -- freezing the echo workload in east (SIGSTOP: sockets open, nothing answers)");
+    procs.signal("echo-east-sidecar", "STOP").await?;
+    procs.signal("echo-east-app", "STOP").await?;
+    results.push(phase("2 east backend hung", &traffic, soon("west"), hold, deadline).await);
+    println!("  -- killing west's gateway");
     procs.kill("west-gateway").await;
-    results.push(phase("3 west gateway down", &traffic, "eu", hold, deadline).await);
-    println!("  -- restoring the east workload and west's gateway");
-    procs.restart("echo-east-app")?;
-    procs.restart("echo-east-sidecar")?;
+    results.push(phase("3 west gateway down", &traffic, soon("eu"), hold, deadline).await);
+    println!("  -- resuming the east workload (SIGCONT) and restarting west's gateway");
+    procs.signal("echo-east-app", "CONT").await?;
+    procs.signal("echo-east-sidecar", "CONT").await?;
     procs.restart("west-gateway")?;
-    results.push(phase("4 restored", &traffic, "east", hold, deadline).await);
+    results.push(phase("4 restored", &traffic, at("east"), hold, deadline).await);
     Ok(results)
 }
 
 fn print_summary(results: &[PhaseResult]) {
     println!(
-        "\n{:<22} {:>8} {:>7}  {:<30} {:>12}  verdict",
-        "phase", "requests", "failed", "landed", "settled in"
+        "\n{:<22} {:>8} {:>7}  {:<30} {:>10} {:>9}  verdict",
+        "phase", "requests", "failed", "landed", "settled in", "longest"
     );
     for r in results {
         let landed = r
@@ -553,8 +606,13 @@ fn print_summary(results: &[PhaseResult]) {
             Err(e) => format!("FAILED: {e}"),
         };
         println!(
-            "{:<22} {:>8} {:>7}  {:<30} {:>12}  {verdict}",
-            r.name, r.requests, r.failed, landed, failover
+            "{:<22} {:>8} {:>7}  {:<30} {:>10} {:>8.2}s  {verdict}",
+            r.name,
+            r.requests,
+            r.failed,
+            landed,
+            failover,
+            r.longest.as_secs_f64()
         );
     }
 }

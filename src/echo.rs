@@ -3,7 +3,8 @@
 //! its sidecar told it (`x-forwarded-client-cert`), so the demo and the tests need nothing
 //! else. Test paths: `/status/<code>` answers with that status, `/delay/<ms>` answers after
 //! a pause, `/flaky` fails every other request with 503, `/fail-if/<workload>` fails with 503
-//! on that workload only.
+//! on that workload only, `?set-header=name:value` adds that header to the response, and
+//! `/stall-body` sends its headers and a first chunk, then nothing.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -230,6 +231,9 @@ async fn answer(
     {
         tokio::time::sleep(std::time::Duration::from_millis(ms.min(60_000))).await;
     }
+    if path == "/stall-body" {
+        return stalled_body();
+    }
     let flaky = (path == "/flaky" && n.is_multiple_of(2))
         || path.strip_prefix("/fail-if/") == Some(config.workload.as_str());
     let caller = req
@@ -290,5 +294,31 @@ async fn answer(
         "content-type",
         http::HeaderValue::from_static("application/json"),
     );
+    for (name, value) in set_headers(&a.path) {
+        resp.headers_mut().append(name, value);
+    }
     resp
+}
+
+/// A response that starts and then goes silent for good.
+fn stalled_body() -> Response<Body> {
+    let first = futures::stream::iter([Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+        hyper::body::Frame::data(Bytes::from_static(b"first chunk\n")),
+    )]);
+    let body = http_body_util::StreamBody::new(futures::StreamExt::chain(
+        first,
+        futures::stream::pending(),
+    ));
+    Response::new(BodyExt::boxed_unsync(body))
+}
+
+/// The response headers a request asks for with `?set-header=name:value` (repeatable).
+fn set_headers(path: &str) -> Vec<(http::HeaderName, http::HeaderValue)> {
+    let query = path.split_once('?').map(|(_, q)| q).unwrap_or_default();
+    query
+        .split('&')
+        .filter_map(|kv| kv.strip_prefix("set-header="))
+        .filter_map(|nv| nv.split_once(':'))
+        .filter_map(|(n, v)| Some((n.parse().ok()?, v.parse().ok()?)))
+        .collect()
 }

@@ -213,6 +213,53 @@ struct SidecarArgs {
     /// The local app's address; omit for a workload that only calls out.
     #[arg(long)]
     app: Option<SocketAddr>,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// What a request must be to enter the mesh, and how long the sidecar waits (Envoy's
+/// defaults where Envoy has one).
+#[derive(Args)]
+struct LimitArgs {
+    /// Largest request header block, in bytes (names plus values); larger requests get 431.
+    #[arg(long, default_value_t = 60 * 1024)]
+    max_request_header_bytes: usize,
+    /// Most header fields in a request; more get 431.
+    #[arg(long, default_value_t = 100)]
+    max_request_headers: usize,
+    /// Time for an HTTP/1.1 client to send a whole request head; it also bounds how long a
+    /// kept-alive HTTP/1.1 connection may sit idle between requests.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    request_headers_timeout: Duration,
+    /// Longest silence within a request or response body; a silent client gets 408.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    stream_idle_timeout: Duration,
+    /// Pooled connections to other proxies idle this long are closed (a DestinationRule's
+    /// connectionPool.http.idleTimeout overrides it).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    upstream_idle_timeout: Duration,
+    /// Istio's pathNormalization: NONE, BASE (RFC 3986, the default), MERGE_SLASHES or
+    /// DECODE_AND_MERGE_SLASHES. Routes match, and the app receives, the normalized path.
+    #[arg(long, default_value = "BASE")]
+    path_normalization: isthmus_core::path::Normalization,
+    /// Upgrade tokens carried through the mesh (repeat or comma-separate); `h2c` is always
+    /// served as HTTP/1.1 with the upgrade dropped, any other token gets 403.
+    #[arg(long, default_value = "websocket", value_delimiter = ',')]
+    upgrade: Vec<String>,
+}
+
+impl LimitArgs {
+    fn limits(self) -> isthmus_sidecar::ingress::Limits {
+        isthmus_sidecar::ingress::Limits {
+            max_header_bytes: self.max_request_header_bytes,
+            max_headers: self.max_request_headers,
+            request_headers_timeout: self.request_headers_timeout,
+            stream_idle_timeout: self.stream_idle_timeout,
+            upstream_idle_timeout: self.upstream_idle_timeout,
+            path_normalization: self.path_normalization,
+            upgrades: self.upgrade,
+        }
+    }
 }
 
 /// How long a stopping process lets open connections finish.
@@ -254,19 +301,11 @@ macro_rules! serve {
     }};
 }
 
+/// Durations on the command line read as in Istio's config: `500ms`, `1.5s`, `10m`, `24h`.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 30s, 10m, 24h"))?;
-    let secs = match unit {
-        "s" | "" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => return Err(format!("`{s}`: unit must be s, m, h or d")),
-    };
-    Ok(Duration::from_secs(secs))
+    isthmus_core::config::parse_duration_ms(s)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("`{s}` is not a duration like 500ms, 30s, 10m or 24h"))
 }
 
 fn parse_failover(s: &str) -> Result<(String, String), String> {
@@ -458,6 +497,7 @@ async fn run(
                 admin_addr: a.admin,
                 app_addr: a.app,
                 log_control,
+                limits: a.limits.limits(),
             };
             serve!(isthmus_sidecar::build(config).await?)
         }

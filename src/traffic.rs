@@ -11,7 +11,10 @@ use crate::client::AppClient;
 /// One request's outcome: the cluster that answered, or the failure.
 #[derive(Debug, Clone)]
 pub struct Event {
+    /// When the request finished.
     pub at: Instant,
+    /// How long it took, retries included: the stall a caller saw.
+    pub took: Duration,
     pub landed: Result<String, String>,
 }
 
@@ -42,9 +45,11 @@ impl Traffic {
         let task = tokio::spawn(async move {
             let client = AppClient::new();
             loop {
+                let sent = Instant::now();
                 let landed = once(&client, outbound, &host).await;
                 ev.lock().unwrap_or_else(|p| p.into_inner()).push(Event {
                     at: Instant::now(),
+                    took: sent.elapsed(),
                     landed,
                 });
                 tokio::time::sleep(gap).await;

@@ -79,7 +79,10 @@ fn validate_names_file_document_and_field_of_every_fault() {
 }
 
 #[test]
-fn demo_fails_over_with_no_failed_request_and_exits_zero() {
+/// The demo is also the hung-peer test on real processes: phase 2 freezes the east
+/// workload with SIGSTOP, phase 3 kills west's gateway; each verdict includes leaving the
+/// peer within one second, under steady traffic, with no failed request.
+fn demo_fails_over_from_hung_and_dead_peers_within_a_second_and_exits_zero() {
     let out = isthmus()
         .args(["demo", "--phase-seconds", "2"])
         .output()
@@ -92,7 +95,7 @@ fn demo_fails_over_with_no_failed_request_and_exits_zero() {
     );
     for phase in [
         "1 baseline",
-        "2 east backend down",
+        "2 east backend hung",
         "3 west gateway down",
         "4 restored",
     ] {
@@ -101,7 +104,7 @@ fn demo_fails_over_with_no_failed_request_and_exits_zero() {
             .rev()
             .find(|l| l.starts_with(phase))
             .unwrap_or_default();
-        assert!(line.ends_with("ok"), "phase {phase}: {line}");
+        assert!(line.ends_with("ok"), "phase {phase}: {line}\n{stdout}");
     }
     assert!(stdout.contains("demo passed"));
 }

@@ -19,6 +19,15 @@ pub const ROUTE: &str = "x-isthmus-route";
 /// Prefix of every internal header; all are stripped from what apps send.
 pub const INTERNAL_PREFIX: &str = "x-isthmus-";
 
+/// HTTP/2 header lists accepted between proxies: room for any request a sidecar's outbound
+/// listener admits (60 KiB by default) plus the proxies' own headers, so an admitted
+/// request can never break the connection it shares with others.
+pub const PEER_MAX_HEADER_LIST: u32 = 128 * 1024;
+/// Streams a peer may reset before the server has accepted them. Between proxies one
+/// connection carries many apps' requests, and a burst of client cancellations is not an
+/// attack by the peer; app-facing listeners keep h2's default guard against rapid reset.
+pub const PEER_MAX_PENDING_RESETS: usize = 4096;
+
 /// Removes headers an app must not be able to set.
 pub fn strip_untrusted(headers: &mut http::HeaderMap) {
     headers.remove(XFCC);

@@ -16,6 +16,7 @@ pub mod grpc;
 pub mod headers;
 pub mod identity;
 pub mod locality;
+pub mod path;
 pub mod readiness;
 pub mod routing;
 pub mod tls;

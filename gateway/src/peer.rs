@@ -30,8 +30,11 @@ use crate::header;
 use crate::state::{Peer, Store};
 
 pub const ALPN_PEER: &[u8] = b"isthmus-peer/1";
-const KEEPALIVE: Duration = Duration::from_secs(1);
-const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// QUIC keep-alive between gateways: with a packet every 200 ms each way, a peer that
+/// stops answering (hung, killed, partitioned) closes the connection at the idle timeout,
+/// within a second, and new tunnels to it fail at once instead of waiting.
+const KEEPALIVE: Duration = Duration::from_millis(200);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Time for a peer to connect a stream to an endpoint and reply.
 pub const STREAM_SETUP_TIMEOUT: Duration = Duration::from_millis(1500);
 const ENDPOINT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);

@@ -86,6 +86,8 @@ pub async fn run(listener: TcpListener, ctx: Arc<TunnelCtx>) {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(10))
+                .max_header_list_size(isthmus_core::headers::PEER_MAX_HEADER_LIST)
+                .max_pending_accept_reset_streams(isthmus_core::headers::PEER_MAX_PENDING_RESETS)
                 .serve_connection(TokioIo::new(tls), svc);
             let _ = d.serve_http(conn).await;
         });

@@ -35,8 +35,18 @@ pub enum ProxyError {
     AppReset(String),
     #[error("this workload accepts no tunnel to that port")]
     TunnelUnsupported,
-    #[error("request body could not be read: {0}")]
+    #[error("the request body did not arrive whole: {0}")]
     RequestBody(String),
+    #[error("the client sent no request body data for {0:?}")]
+    RequestBodyTimeout(std::time::Duration),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("request headers too large: {0}")]
+    HeadersTooLarge(String),
+    #[error("upgrade to `{0}` is not allowed")]
+    UpgradeRefused(String),
+    #[error("the application's response headers are too large: {0}")]
+    ResponseHeadersTooLarge(String),
     #[error("aborted by a fault injection rule")]
     FaultAbort(isthmus_core::routing::Abort),
     #[error("{service} did not answer within the route timeout")]
@@ -57,7 +67,12 @@ impl ProxyError {
             ProxyError::AppUnavailable(_) => "app-unavailable",
             ProxyError::AppReset(_) => "app-reset",
             ProxyError::TunnelUnsupported => "tunnel-unsupported",
-            ProxyError::RequestBody(_) => "bad-request",
+            ProxyError::RequestBody(_) => "downstream-body",
+            ProxyError::RequestBodyTimeout(_) => "downstream-timeout",
+            ProxyError::InvalidRequest(_) => "invalid-request",
+            ProxyError::HeadersTooLarge(_) => "request-headers-too-large",
+            ProxyError::UpgradeRefused(_) => "upgrade-refused",
+            ProxyError::ResponseHeadersTooLarge(_) => "response-headers-too-large",
             ProxyError::FaultAbort(_) => "fault-abort",
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::Overflow { .. } => "overflow",
@@ -65,10 +80,30 @@ impl ProxyError {
         }
     }
 
+    /// Whether the caller, not the destination, caused the error: such errors never count
+    /// against an endpoint's health.
+    pub fn downstream(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::NoHost
+                | ProxyError::RequestBody(_)
+                | ProxyError::RequestBodyTimeout(_)
+                | ProxyError::InvalidRequest(_)
+                | ProxyError::HeadersTooLarge(_)
+                | ProxyError::UpgradeRefused(_)
+        )
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            ProxyError::NoHost | ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoHost | ProxyError::RequestBody(_) | ProxyError::InvalidRequest(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::RequestBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::UpgradeRefused(_) => StatusCode::FORBIDDEN,
+            ProxyError::ResponseHeadersTooLarge(_) => StatusCode::BAD_GATEWAY,
             ProxyError::NoHealthyUpstream { .. }
             | ProxyError::UpstreamConnect { .. }
             | ProxyError::AppUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -88,7 +123,12 @@ impl ProxyError {
     fn grpc_status(&self) -> u8 {
         match self {
             ProxyError::NoRoute { .. } => 12, // UNIMPLEMENTED
-            ProxyError::NoHost | ProxyError::RequestBody(_) => 3, // INVALID_ARGUMENT
+            ProxyError::NoHost
+            | ProxyError::RequestBody(_)
+            | ProxyError::InvalidRequest(_)
+            | ProxyError::HeadersTooLarge(_) => 3, // INVALID_ARGUMENT
+            ProxyError::RequestBodyTimeout(_) => 4, // DEADLINE_EXCEEDED
+            ProxyError::UpgradeRefused(_) => 7, // PERMISSION_DENIED
             ProxyError::TunnelUnsupported => 12,
             ProxyError::FaultAbort(Abort::Grpc(code)) => *code,
             ProxyError::Timeout { .. } => 4,     // DEADLINE_EXCEEDED

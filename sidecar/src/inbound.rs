@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use crate::errors::{is_grpc, ProxyError};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::pool::ProxyBody;
+use isthmus_core::headers::{PEER_MAX_HEADER_LIST, PEER_MAX_PENDING_RESETS};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle connections to the app kept per protocol.
@@ -36,19 +37,19 @@ pub struct InboundCtx {
     pub drain: isthmus_core::drain::Drain,
     /// This workload, `namespace/name`.
     pub workload: String,
+    pub limits: crate::ingress::Limits,
     app_h1: Client<HttpConnector, ProxyBody>,
     app_h2: Client<HttpConnector, ProxyBody>,
 }
 
 impl InboundCtx {
+    /// The app, cluster, workload and limits come from the sidecar's static config.
     pub fn new(
         identity: TlsIdentity,
-        app: Option<SocketAddr>,
-        cluster: String,
+        config: &crate::Config,
         metrics: Metrics,
         state: tokio::sync::watch::Receiver<Arc<crate::state::MeshState>>,
         drain: isthmus_core::drain::Drain,
-        workload: String,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -63,12 +64,13 @@ impl InboundCtx {
             .build(connector);
         Self {
             identity,
-            app,
-            cluster,
+            app: config.app_addr,
+            cluster: config.cluster.clone(),
             metrics,
             state,
             drain,
-            workload,
+            workload: config.workload.to_string(),
+            limits: config.limits.clone(),
             app_h1,
             app_h2,
         }
@@ -127,6 +129,8 @@ impl Inbound {
                 let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .keep_alive_interval(Duration::from_secs(10))
+                    .max_header_list_size(PEER_MAX_HEADER_LIST)
+                    .max_pending_accept_reset_streams(PEER_MAX_PENDING_RESETS)
                     .serve_connection(TokioIo::new(tls), svc);
                 let mut conn = std::pin::pin!(conn);
                 let result = tokio::select! {
@@ -237,6 +241,7 @@ async fn forward(
     }
     let (mut parts, body) = req.into_parts();
     check_rate_limits(ctx, peer, &parts.uri, &parts.headers)?;
+
     let h2 = parts
         .headers
         .get(APP_PROTOCOL)
@@ -258,6 +263,11 @@ async fn forward(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
+    // The calling sidecar normalized the path already; doing it again costs nothing when
+    // there is nothing to do, and keeps what the app sees independent of the caller.
+    let normalized = isthmus_core::path::normalize_target(path, ctx.limits.path_normalization)
+        .map_err(|e| ProxyError::InvalidRequest(format!("path `{path}`: {e}")))?;
+    let path = normalized.as_deref().unwrap_or(path);
     parts.uri = Uri::try_from(format!("http://{app}{path}"))
         .map_err(|e| ProxyError::AppUnavailable(e.to_string()))?;
     let client = if h2 {
@@ -275,6 +285,16 @@ async fn forward(
         Ok(resp) => {
             let (mut rparts, rbody) = resp.into_parts();
             headers::strip_hop_by_hop(&mut rparts.headers);
+            // Nothing the app sets may pass for a proxy's signal.
+            headers::strip_untrusted(&mut rparts.headers);
+            ctx.limits
+                .check_headers(&rparts.headers)
+                .map_err(|e| ProxyError::ResponseHeadersTooLarge(e.to_string()))?;
+            let rbody = crate::body::Watched::new(
+                rbody,
+                ctx.limits.stream_idle_timeout,
+                crate::body::FaultCell::default(),
+            );
             Ok(Response::from_parts(rparts, crate::body::boxed(rbody)))
         }
         Err(e) if e.is_connect() => Err(ProxyError::AppUnavailable(format!("{app}: {e}"))),

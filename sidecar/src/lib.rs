@@ -14,6 +14,7 @@ mod breaker;
 mod convert;
 mod errors;
 mod inbound;
+pub mod ingress;
 mod lb;
 mod metrics;
 mod outbound;
@@ -68,6 +69,8 @@ pub struct Config {
     pub app_addr: Option<SocketAddr>,
     /// Changes the process log filter from `/logging`.
     pub log_control: Option<LogControl>,
+    /// Header limits, timeouts, path normalization and allowed upgrades.
+    pub limits: ingress::Limits,
 }
 
 pub struct Bound {
@@ -176,20 +179,20 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
                 identity.clone(),
                 drain.clone(),
                 metrics.upstream_connections.clone(),
+                cfg.limits.upstream_idle_timeout,
             ),
             locality: cfg.locality.clone(),
             metrics: metrics.clone(),
             drain: drain.clone(),
+            limits: cfg.limits.clone(),
         });
         tasks.spawn(outbound::Outbound::new(outbound, out_ctx, drain.clone()).run());
         let in_ctx = Arc::new(inbound::InboundCtx::new(
             identity,
-            cfg.app_addr,
-            cfg.cluster.clone(),
+            &cfg,
             metrics,
             store.subscribe(),
             drain.clone(),
-            cfg.workload.to_string(),
         ));
         tasks.spawn(inbound::Inbound::new(inbound, in_ctx, drain).run());
         tasks.join_next().await;

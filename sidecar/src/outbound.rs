@@ -19,7 +19,9 @@ use isthmus_core::locality::Locality;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::body::{BodyFault, FaultCell, Watched};
 use crate::errors::{is_grpc, ProxyError};
+use crate::ingress::Limits;
 use crate::lb::{pick, EndpointHealth, Failure, Selection, Target, Thresholds};
 use crate::metrics::{Metrics, ReasonLabels, RequestLabels};
 use crate::pool::{Pool, ProxyBody, H2};
@@ -27,6 +29,7 @@ use crate::route::{
     apply_header_op, pick_weighted, rewrite_path, sampled, PolicyState, RequestView,
 };
 use crate::state::{MeshState, Service};
+use crate::upgrade::Upgrade;
 
 /// Attempts per request, the first included.
 const MAX_ATTEMPTS: usize = 4;
@@ -42,6 +45,7 @@ pub struct OutboundCtx {
     pub metrics: Metrics,
     /// Spawns the splices of upgraded connections.
     pub drain: isthmus_core::drain::Drain,
+    pub limits: Limits,
 }
 
 pub struct Outbound {
@@ -70,13 +74,14 @@ impl Outbound {
             };
             let _ = tcp.set_nodelay(true);
             let (ctx, d) = (self.ctx.clone(), self.drain.clone());
+            let d_limits = self.ctx.limits.clone();
             self.drain.spawn(async move {
                 let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                     let ctx = ctx.clone();
                     req.extensions_mut().insert(ClientAddr(remote));
                     async move { Ok::<_, std::convert::Infallible>(handle(&ctx, req).await) }
                 });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let builder = server(&d_limits);
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
                 let mut conn = std::pin::pin!(conn);
                 tokio::select! {
@@ -89,32 +94,77 @@ impl Outbound {
     }
 }
 
-/// The request body, replayable when small.
+/// The app-facing server: HTTP/1.1 (with upgrades) or HTTP/2 by preface, with the
+/// request-head timeout and header limits of [`Limits`]. Heads a little over the limit reach
+/// [`Limits::admit`], which answers 431 with the reason; far larger ones get hyper's own 431.
+fn server(limits: &Limits) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.request_headers_timeout)
+        .max_buf_size((limits.max_header_bytes + 16 * 1024).max(8192));
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(limits.h2_header_list());
+    builder
+}
+
+/// The request body, replayable when small. Either way it is watched: a client that
+/// breaks it or goes silent is recorded in `fault` and blamed, never the destination.
 enum ReqBody {
     Replayable(Bytes),
-    Once(Option<Incoming>),
+    Once(Option<ProxyBody>, FaultCell),
 }
 
 impl ReqBody {
-    async fn new(body: Incoming) -> Result<Self, ProxyError> {
-        let hint = body.size_hint();
-        if hint.exact().is_some_and(|n| n <= REPLAY_LIMIT) {
+    async fn new(body: Incoming, idle: Duration) -> Result<Self, ProxyError> {
+        let exact = body.size_hint().exact();
+        let fault = FaultCell::default();
+        let body = Watched::new(body, idle, fault.clone());
+        if exact.is_some_and(|n| n <= REPLAY_LIMIT) {
             let bytes = body
                 .collect()
                 .await
-                .map_err(|e| ProxyError::RequestBody(e.to_string()))?
+                .map_err(|e| downstream_error(&e.0))?
                 .to_bytes();
             return Ok(ReqBody::Replayable(bytes));
         }
-        Ok(ReqBody::Once(Some(body)))
+        Ok(ReqBody::Once(Some(crate::body::boxed(body)), fault))
     }
 
     fn take(&mut self) -> Option<ProxyBody> {
         match self {
             ReqBody::Replayable(b) => Some(crate::body::full(b.clone())),
-            ReqBody::Once(b) => b.take().map(crate::body::boxed),
+            ReqBody::Once(b, _) => b.take(),
         }
     }
+
+    /// The client's fault, when the client broke the body.
+    fn fault(&self) -> Option<ProxyError> {
+        match self {
+            ReqBody::Once(_, fault) => fault.get().map(downstream_error),
+            ReqBody::Replayable(_) => None,
+        }
+    }
+}
+
+fn downstream_error(fault: &BodyFault) -> ProxyError {
+    match fault {
+        BodyFault::Broken(e) => ProxyError::RequestBody(e.clone()),
+        BodyFault::Idle(d) => ProxyError::RequestBodyTimeout(*d),
+    }
+}
+
+/// Methods that may be sent twice (RFC 9110 §9.2.2): only these are retried once a peer
+/// may have seen them.
+fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
 }
 
 fn split_host(host: &str) -> (&str, Option<u16>) {
@@ -144,13 +194,21 @@ pub async fn handle(ctx: &Arc<OutboundCtx>, req: Request<Incoming>) -> Response<
     let state = ctx.state.borrow().clone();
     // Cheap clones (reference-counted) kept for the access log.
     let (method, uri) = (req.method().clone(), req.uri().clone());
+    let h1 = req.version() < Version::HTTP_2;
     let (resp, service, cluster) = match route(ctx, &state, req).await {
         Ok((resp, service, cluster)) => (resp, service, cluster),
         Err((e, service)) => {
             // The access log: errors the proxy made itself at info (with their reason),
             // every other request at debug (`RUST_LOG=access=debug`).
             tracing::info!(target: "access", %method, path = uri.path(), service = %service, status = e.status().as_u16(), reason = e.reason(), error = %e, elapsed_ms = started.elapsed().as_millis() as u64, "request");
-            (e.respond(grpc), service, String::new())
+            let mut resp = e.respond(grpc);
+            if h1 && e.downstream() {
+                // Whatever follows a malformed request on this connection cannot be trusted
+                // to be framed as the client meant: answer, then close.
+                resp.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            (resp, service, String::new())
         }
     };
     if resp.headers().get(ERROR_REASON).is_none() {
@@ -386,22 +444,14 @@ impl Plan {
     fn connect_options(&self) -> crate::pool::ConnectOptions {
         let pool = self.state().and_then(|s| s.policy.connection_pool.as_ref());
         crate::pool::ConnectOptions {
-            timeout: self.connect_timeout(),
+            timeout: pool
+                .and_then(|p| p.connect_timeout_ms)
+                .map(Duration::from_millis),
             max_uses: pool.and_then(|p| p.max_requests_per_connection),
             idle: pool
                 .and_then(|p| p.idle_timeout_ms)
                 .map(Duration::from_millis),
         }
-    }
-
-    fn connect_timeout(&self) -> Duration {
-        let configured = self
-            .state()
-            .and_then(|s| s.policy.connection_pool.as_ref())
-            .and_then(|p| p.connect_timeout_ms);
-        configured
-            .map(Duration::from_millis)
-            .unwrap_or(crate::pool::CONNECT_TIMEOUT)
     }
 }
 
@@ -436,19 +486,24 @@ fn direct_response(status: u16, body: &str) -> Response<ProxyBody> {
     resp
 }
 
-async fn route(
-    ctx: &Arc<OutboundCtx>,
-    state: &Arc<MeshState>,
-    mut req: Request<Incoming>,
-) -> Routed {
+async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Incoming>) -> Routed {
+    let (mut parts, body) = req.into_parts();
+    ctx.limits
+        .admit(&mut parts)
+        .map_err(|e| (e, String::new()))?;
+    let mut req = Request::from_parts(parts, body);
     if req.method() == http::Method::CONNECT {
         return tcp_tunnel(ctx, state, req).await;
     }
     let host = request_host(&req).ok_or((ProxyError::NoHost, String::new()))?;
     // An HTTP/1.1 upgrade (WebSocket): the app's side of it, taken before the request is
-    // dismantled.
-    let upgrade =
-        crate::upgrade::requested(req.headers()).map(|proto| (proto, hyper::upgrade::on(&mut req)));
+    // dismantled. `h2c` is dropped (the hop-by-hop headers go below); others are refused.
+    let upgrade = match crate::upgrade::classify(req.headers(), &ctx.limits.upgrades) {
+        Upgrade::None | Upgrade::Drop => None,
+        Upgrade::Carry(proto) => Some((proto, hyper::upgrade::on(&mut req))),
+        Upgrade::Refuse(proto) => return Err((ProxyError::UpgradeRefused(proto), String::new())),
+    };
+    req.headers_mut().remove("http2-settings");
     let (name, port) = split_host(&host);
     let no_route = || (ProxyError::NoRoute { host: host.clone() }, String::new());
     let svc = state.resolve(name).ok_or_else(no_route)?.clone();
@@ -610,7 +665,9 @@ async fn route(
             .map_err(|e| (e, service.clone()))?;
         return Ok((resp, service, String::new()));
     }
-    let body = ReqBody::new(body).await.map_err(|e| (e, service.clone()))?;
+    let body = ReqBody::new(body, ctx.limits.stream_idle_timeout)
+        .await
+        .map_err(|e| (e, service.clone()))?;
     if let (Some(m), ReqBody::Replayable(bytes)) = (mirror, &body) {
         spawn_mirror(ctx, state, m, parts.clone(), bytes.clone());
     }
@@ -750,12 +807,18 @@ async fn upgrade_through(
         ReqBody::Replayable(bytes::Bytes::new()),
     )
     .await?;
-    if resp.status() != http::StatusCode::OK {
+    // The far sidecar marks a CONNECT its app upgraded; anything else is the app's answer
+    // to the upgrade request (a 426, a plain 200), returned as it is.
+    if resp.status() != http::StatusCode::OK
+        || !resp.headers().contains_key(crate::upgrade::UPGRADE)
+    {
+        resp.headers_mut().remove(crate::upgrade::UPGRADE);
         return Ok(resp);
     }
     let mut answer = Response::new(crate::pool::empty_body());
     *answer.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
     *answer.headers_mut() = crate::upgrade::end_to_end(resp.headers());
+    headers::strip_untrusted(answer.headers_mut());
     answer.headers_mut().insert(
         http::header::CONNECTION,
         HeaderValue::from_static("upgrade"),
@@ -919,7 +982,9 @@ async fn attempts(
                     _ => None,
                 };
                 let replayable = matches!(body, ReqBody::Replayable(_));
-                if let (Some((refused, reason)), true) = (far, replayable) {
+                // A reset app may have acted on the request: only idempotent ones go again.
+                let again = far.is_some_and(|(refused, _)| refused || idempotent(&parts.method));
+                if let (Some((refused, reason)), true) = (far, replayable && again) {
                     fail(
                         ctx,
                         plan,
@@ -964,15 +1029,34 @@ async fn attempts(
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut rparts.headers);
+                // The far sidecar strips what its app sets; of its own signals only the
+                // error reason goes on to the app.
+                let reason = rparts.headers.remove(ERROR_REASON);
+                let upgraded = rparts.headers.remove(crate::upgrade::UPGRADE);
+                headers::strip_untrusted(&mut rparts.headers);
+                if let Some(r) = reason {
+                    rparts.headers.insert(ERROR_REASON, r);
+                }
+                // The mark of an upgrade the far app accepted, for `upgrade_through`.
+                if let Some(u) = upgraded.filter(|_| parts.method == http::Method::CONNECT) {
+                    rparts.headers.insert(crate::upgrade::UPGRADE, u);
+                }
                 if let Ok(v) = HeaderValue::from_str(&cluster) {
                     rparts.headers.insert(UPSTREAM_CLUSTER, v);
                 }
+                let rbody =
+                    Watched::new(rbody, ctx.limits.stream_idle_timeout, FaultCell::default());
                 return Ok((
                     Response::from_parts(rparts, crate::body::boxed(rbody)),
                     cluster,
                 ));
             }
             Err(e) => {
+                // The client broke its body (went away, sent too little, went silent):
+                // its fault, reported to it, never counted against the peer.
+                if let Some(fault) = body.fault() {
+                    return Err(fault);
+                }
                 // A connection that died under the request (closed, or keep-alive timed out)
                 // says the peer is gone, as a failed connect does.
                 let died = e.is_closed() || e.is_canceled() || e.is_timeout();
@@ -991,6 +1075,10 @@ async fn attempts(
                     service: authority.to_owned(),
                     source: e,
                 });
+                // A request the peer may have acted on goes again only if idempotent.
+                if !idempotent(&parts.method) {
+                    break;
+                }
             }
         }
     }

@@ -25,15 +25,19 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 pub type H2 = SendRequest<ProxyBody>;
 
-/// Time to reach a peer (TCP, TLS and HTTP/2 handshakes, or the whole tunnel), unless a
-/// DestinationRule's `connectTimeout` says otherwise.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Keep-alive of direct connections: a dead local peer shows up as a reset anyway.
-const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(5));
-/// Keep-alive of tunnels to other clusters: the ping runs end to end through both
-/// gateways, so a path that went dead (a gateway or the link between them) is found within
-/// about two seconds and requests on it are retried elsewhere.
-const TUNNEL_KEEPALIVE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(1));
+/// Time to reach a peer of this cluster (TCP, TLS and HTTP/2 handshakes), unless a
+/// DestinationRule's `connectTimeout` says otherwise. A hung peer still completes TCP (its
+/// kernel answers), so this bounds how long a request waits on one before going elsewhere.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Time to reach a peer through the gateways: the far gateway connects an endpoint
+/// before the end-to-end handshakes start.
+pub const TUNNEL_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Keep-alive of every connection to a peer (sidecar, gateway, and end to end through the
+/// gateways): after 250 ms with nothing read a PING goes out, and a peer that does not
+/// answer within 500 ms more is given up. A hung peer (stopped, partitioned, a gateway on
+/// the path gone) is thus left within 750 ms of its last frame, its requests retried
+/// elsewhere. Only idle connections ping: a busy one reads all the time.
+const KEEPALIVE: (Duration, Duration) = (Duration::from_millis(250), Duration::from_millis(500));
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -95,15 +99,17 @@ type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
 /// (`maxRequestsPerConnection`, `idleTimeout` of a DestinationRule).
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectOptions {
-    pub timeout: Duration,
+    /// `None`: [`CONNECT_TIMEOUT`] or [`TUNNEL_CONNECT_TIMEOUT`].
+    pub timeout: Option<Duration>,
     pub max_uses: Option<u32>,
+    /// `None`: the sidecar's upstream idle timeout.
     pub idle: Option<Duration>,
 }
 
 impl ConnectOptions {
-    pub fn with_timeout(timeout: Duration) -> Self {
+    fn with_timeout(timeout: Duration) -> Self {
         Self {
-            timeout,
+            timeout: Some(timeout),
             max_uses: None,
             idle: None,
         }
@@ -118,6 +124,8 @@ pub struct Pool {
     drain: Drain,
     /// Counts connections opened.
     opened: prometheus_client::metrics::counter::Counter,
+    /// Idle time after which a pooled connection closes, unless its destination says.
+    idle_default: Duration,
     slots: Mutex<HashMap<PoolKey, Slot>>,
 }
 
@@ -138,6 +146,7 @@ where
 {
     let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        .max_header_list_size(isthmus_core::headers::PEER_MAX_HEADER_LIST)
         .keep_alive_interval(keepalive.0)
         .keep_alive_timeout(keepalive.1)
         .keep_alive_while_idle(true)
@@ -161,12 +170,14 @@ impl Pool {
         identity: TlsIdentity,
         drain: Drain,
         opened: prometheus_client::metrics::counter::Counter,
+        idle_default: Duration,
     ) -> Arc<Self> {
         let pool = Arc::new(Self {
             identity,
             drain: drain.clone(),
             slots: Mutex::default(),
             opened,
+            idle_default,
         });
         let weak = Arc::downgrade(&pool);
         drain.spawn(async move {
@@ -219,6 +230,14 @@ impl Pool {
     where
         F: Future<Output = Result<H2, ConnectError>>,
     {
+        let timeout = opts.timeout.unwrap_or(match key {
+            PoolKey::Direct(_) => CONNECT_TIMEOUT,
+            PoolKey::Remote(..) => TUNNEL_CONNECT_TIMEOUT,
+        });
+        let opts = ConnectOptions {
+            idle: Some(opts.idle.unwrap_or(self.idle_default)),
+            ..opts
+        };
         let slot = self.slot(key);
         let mut guard = slot.lock().await;
         if let Some(p) = guard.as_mut() {
@@ -233,11 +252,12 @@ impl Pool {
         }
         // A retired connection closes by itself once its requests in flight finish.
         *guard = None;
-        let h2 = tokio::time::timeout(opts.timeout, connect)
-            .await
-            .map_err(|_| ConnectError::Timeout {
-                peer: peer.to_owned(),
-            })??;
+        let h2 =
+            tokio::time::timeout(timeout, connect)
+                .await
+                .map_err(|_| ConnectError::Timeout {
+                    peer: peer.to_owned(),
+                })??;
         self.opened.inc();
         *guard = Some(Pooled {
             h2: h2.clone(),
@@ -307,7 +327,7 @@ impl Pool {
                 authority,
                 subset,
                 identities,
-                opts.timeout,
+                opts.timeout.unwrap_or(TUNNEL_CONNECT_TIMEOUT),
             ),
         )
         .await
@@ -378,6 +398,6 @@ impl Pool {
                 peer: peer.clone(),
                 source,
             })?;
-        h2_handshake(tls, &peer, TUNNEL_KEEPALIVE, &self.drain).await
+        h2_handshake(tls, &peer, KEEPALIVE, &self.drain).await
     }
 }

@@ -23,22 +23,50 @@ pub const PATH: &str = "x-isthmus-path";
 /// The workload port an opaque TCP tunnel goes to.
 pub const TARGET_PORT: &str = "x-isthmus-target-port";
 
-/// The protocol a request asks to upgrade to, if it is an HTTP/1.1 upgrade.
-pub fn requested(headers: &HeaderMap) -> Option<String> {
-    let connection = headers.get(http::header::CONNECTION)?.to_str().ok()?;
-    if !connection
-        .split(',')
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-    {
-        return None;
+/// What to do with an HTTP/1.1 request's `Upgrade`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upgrade {
+    /// No upgrade asked.
+    None,
+    /// An allowed protocol (`websocket`): carried through the mesh.
+    Carry(String),
+    /// `h2c` (curl `--http2`, Java's HttpClient): served as HTTP/1.1 with the upgrade
+    /// dropped, as Envoy does.
+    Drop,
+    /// A protocol not configured: refused with 403, never forwarded.
+    Refuse(String),
+}
+
+/// Classifies a request's upgrade against the allowed tokens (case-insensitive).
+pub fn classify(headers: &HeaderMap, allowed: &[String]) -> Upgrade {
+    let asks = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let Some(offered) = headers.get(http::header::UPGRADE) else {
+        return Upgrade::None;
+    };
+    if !asks {
+        return Upgrade::None;
     }
-    Some(
-        headers
-            .get(http::header::UPGRADE)?
-            .to_str()
-            .ok()?
-            .to_owned(),
-    )
+    let offered = String::from_utf8_lossy(offered.as_bytes());
+    let tokens: Vec<&str> = offered
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    if let Some(t) = tokens
+        .iter()
+        .find(|t| allowed.iter().any(|a| a.eq_ignore_ascii_case(t)))
+    {
+        return Upgrade::Carry(t.to_ascii_lowercase());
+    }
+    if !tokens.is_empty() && tokens.iter().all(|t| t.eq_ignore_ascii_case("h2c")) {
+        return Upgrade::Drop;
+    }
+    Upgrade::Refuse(offered.into_owned())
 }
 
 /// End-to-end headers of an upgrade request or answer, without hop-by-hop ones.
@@ -93,6 +121,7 @@ pub async fn to_app(
         http::header::CONNECTION,
         HeaderValue::from_static("upgrade"),
     );
+    let protocol_mark = protocol.clone();
     headers.insert(http::header::UPGRADE, protocol);
     if let Ok(h) = HeaderValue::from_str(&authority) {
         headers.insert(http::header::HOST, h);
@@ -117,11 +146,17 @@ pub async fn to_app(
         .await
         .map_err(|e| ProxyError::AppReset(e.to_string()))?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        let (parts, body) = resp.into_parts();
+        // The app declined: its answer goes back as a plain response, without the mark.
+        let (mut parts, body) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        headers::strip_untrusted(&mut parts.headers);
         return Ok(Response::from_parts(parts, crate::body::boxed(body)));
     }
     let mut answer = Response::new(empty_body());
     *answer.headers_mut() = end_to_end(resp.headers());
+    headers::strip_untrusted(answer.headers_mut());
+    // The mark the calling sidecar needs to answer its app 101: only a proxy sets it.
+    answer.headers_mut().insert(UPGRADE, protocol_mark);
     splice(
         hyper::upgrade::on(&mut req),
         hyper::upgrade::on(resp),

@@ -102,6 +102,8 @@ pub struct Cluster {
     pub gateway: Option<isthmus_gateway::Bound>,
     pub workloads: BTreeMap<String, Workload>,
     next_workload: u8,
+    /// Limits and timeouts of the sidecars started from now on.
+    pub limits: isthmus_sidecar::ingress::Limits,
 }
 
 pub struct Mesh {
@@ -206,6 +208,7 @@ impl Mesh {
                 gateway: None,
                 workloads: BTreeMap::new(),
                 next_workload: 10,
+                limits: Default::default(),
             };
             mesh.clusters.insert(name.to_string(), cluster);
             mesh.start_controller(name).await?;
@@ -449,6 +452,7 @@ async fn start_sidecar(
         admin_addr: SocketAddr::new(a, 15000),
         app_addr: w.app.as_ref().map(|app| app.address),
         log_control: None,
+        limits: c.limits.clone(),
     })
     .await
 }
