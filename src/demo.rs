@@ -96,11 +96,15 @@ fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(ip), port)
 }
 
-/// One child process of the demo, restartable with the same arguments.
+/// One child process of the demo, restartable with the same arguments. The demo holds the
+/// write end of its standard input: the child runs with `--exit-with-stdin`, so when the
+/// demo ends, however it ends (SIGKILL included), the kernel closes the pipe and the child
+/// drains and exits.
 struct Proc {
     args: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
+    stdin: Option<tokio::process::ChildStdin>,
 }
 
 struct Procs {
@@ -114,6 +118,7 @@ impl Procs {
             args,
             log: logs.join(format!("{name}.log")),
             child: None,
+            stdin: None,
         };
         self.start(&mut p)
             .with_context(|| format!("starting {name}"))?;
@@ -126,19 +131,39 @@ impl Procs {
             .create(true)
             .append(true)
             .open(&p.log)?;
-        let child = Command::new(&self.exe)
+        let mut child = Command::new(&self.exe)
             .args(&p.args)
+            .arg("--exit-with-stdin")
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true)
             .spawn()?;
+        p.stdin = child.stdin.take();
         p.child = Some(child);
         Ok(())
+    }
+
+    /// Fails with the end of a child's log if it has exited.
+    fn check_alive(&mut self, name: &str) -> anyhow::Result<()> {
+        let Some(p) = self.procs.get_mut(name) else {
+            return Ok(());
+        };
+        let Some(status) = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) else {
+            return Ok(());
+        };
+        let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        anyhow::bail!(
+            "{name} exited ({status}); the end of {}:\n{}",
+            p.log.display(),
+            tail.join("\n")
+        )
     }
 
     async fn kill(&mut self, name: &str) {
@@ -222,10 +247,15 @@ async fn start_mesh(topo: &Topology, dir: &Path, procs: &mut Procs) -> anyhow::R
     }
     procs.spawn("federation", args, &logs)?;
     let root = fed_state.join("root-cert.pem");
-    wait_until("the federation's root CA", || async {
-        root.exists() && fed_state.join("join-token.key").exists()
-    })
-    .await?;
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    while !(root.exists() && fed_state.join("join-token.key").exists()) {
+        procs.check_alive("federation")?;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out waiting for the federation's root CA"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let root = root.display().to_string();
 
     for c in &topo.clusters {
@@ -512,10 +542,48 @@ fn verdict(
     Ok(())
 }
 
-/// Runs the demo; returns whether every phase behaved.
+/// Every TCP address the topology's processes will listen on.
+fn addresses(topo: &Topology) -> Vec<SocketAddr> {
+    let mut out = vec![
+        sa(topo.federation.address, 15200),
+        sa(topo.federation.address, 15014),
+    ];
+    for c in &topo.clusters {
+        out.extend([
+            sa(c.controller, 15012),
+            sa(c.controller, 15014),
+            sa(c.gateway, 15008),
+            sa(c.gateway, 15000),
+        ]);
+        for w in &c.workloads {
+            out.extend([15001, 15008, 15000].map(|p| sa(w.address, p)));
+            out.extend(w.app.map(|p| sa(w.address, p)));
+        }
+    }
+    out
+}
+
+/// Fails, naming the address, if any the demo needs is taken (most likely by an earlier
+/// demo that is still running).
+async fn check_addresses_free(topo: &Topology) -> anyhow::Result<()> {
+    for addr in addresses(topo) {
+        if let Err(e) = tokio::net::TcpListener::bind(addr).await {
+            anyhow::bail!(
+                "{addr} is not free ({e}): is an earlier `isthmus demo` still running? \
+                 `ss -ltnp 'sport = :{}'` shows who holds it",
+                addr.port()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs the demo; returns whether every phase behaved. SIGTERM or SIGINT stop it (and
+/// its children) at any point.
 pub async fn run(opts: Options) -> anyhow::Result<bool> {
     let topo: Topology =
         serde_yaml_ng::from_str(TOPOLOGY).context("deploy/demo/topology.yaml is invalid")?;
+    check_addresses_free(&topo).await?;
     let tmp = tempfile::tempdir()?;
     let dir = opts.dir.clone().unwrap_or_else(|| tmp.path().to_owned());
     let mut procs = Procs {
@@ -527,29 +595,45 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
         topo.clusters.len(),
         dir.display()
     );
-    let started = Instant::now();
-    let outbound = match start_mesh(&topo, &dir, &mut procs).await {
-        Ok(o) => o,
-        Err(e) => {
+    let outcome = tokio::select! {
+        r = demo(&topo, &dir, &opts, &mut procs) => r,
+        signal = crate::process::shutdown_signal(false) => {
+            println!("\n{signal}: stopping every process of the demo");
             procs.kill_all().await;
-            return Err(e.context(format!(
-                "the mesh did not come up; see the logs in {}",
-                dir.join("logs").display()
-            )));
+            return Ok(false);
         }
     };
+    if opts.keep_running && outcome.is_ok() {
+        let signal = crate::process::shutdown_signal(false).await;
+        println!("\n{signal}: stopping every process of the demo");
+    }
+    procs.kill_all().await;
+    outcome
+}
+
+async fn demo(
+    topo: &Topology,
+    dir: &Path,
+    opts: &Options,
+    procs: &mut Procs,
+) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let outbound = start_mesh(topo, dir, procs).await.map_err(|e| {
+        e.context(format!(
+            "the mesh did not come up; see the logs in {}",
+            dir.join("logs").display()
+        ))
+    })?;
     println!(
         "mesh up in {:.1}s; client in east sends steady traffic to {SERVICE_HOST}\n",
         started.elapsed().as_secs_f64()
     );
-    let results = scenario(&mut procs, outbound, opts.phase_secs).await?;
+    let results = scenario(procs, outbound, opts.phase_secs).await?;
     print_summary(&results);
     let passed = results.iter().all(|r| r.verdict.is_ok());
     if opts.keep_running {
-        print_addresses(&topo, outbound);
-        tokio::signal::ctrl_c().await?;
+        print_addresses(topo, outbound);
     }
-    procs.kill_all().await;
     Ok(passed)
 }
 
@@ -618,7 +702,7 @@ fn print_summary(results: &[PhaseResult]) {
 }
 
 fn print_addresses(topo: &Topology, outbound: SocketAddr) {
-    println!("\nThe mesh stays up until Ctrl-C. Try:");
+    println!("\nThe mesh stays up until Ctrl-C (or SIGTERM). Try:");
     println!(
         "  curl -H 'Host: {SERVICE_HOST}' http://{outbound}/          # from the client in east"
     );

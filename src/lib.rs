@@ -5,4 +5,5 @@
 pub mod client;
 pub mod demo;
 pub mod echo;
+pub mod process;
 pub mod traffic;

@@ -26,6 +26,11 @@ its CA, and the federation controller merges the clusters' registries under one 
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Stop (draining first, as on SIGTERM) when standard input closes: a supervisor that
+    /// holds the other end of a pipe takes this process with it, even if the supervisor is
+    /// killed. `isthmus demo` starts every child this way.
+    #[arg(long, global = true)]
+    exit_with_stdin: bool,
 }
 
 #[derive(Subcommand)]
@@ -265,25 +270,10 @@ impl LimitArgs {
 /// How long a stopping process lets open connections finish.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Resolves on SIGTERM or SIGINT, naming it.
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
-}
-
 /// Runs a component until it fails (exit 1) or a signal asks it to stop: then it stops
 /// accepting, drains open connections for up to [`DRAIN_DEADLINE`] and exits 0.
 macro_rules! serve {
-    ($bound:expr) => {{
+    ($bound:expr, $exit_with_stdin:expr) => {{
         let mut bound = $bound;
         tokio::select! {
             result = bound.wait_termination() => {
@@ -292,7 +282,7 @@ macro_rules! serve {
                 }
                 Ok(std::process::ExitCode::FAILURE)
             }
-            signal = shutdown_signal() => {
+            signal = isthmus::process::shutdown_signal($exit_with_stdin) => {
                 tracing::info!(signal, deadline_secs = DRAIN_DEADLINE.as_secs(), "draining");
                 bound.shutdown(DRAIN_DEADLINE).await;
                 Ok(std::process::ExitCode::SUCCESS)
@@ -341,10 +331,13 @@ async fn main() -> std::process::ExitCode {
         Command::Validate { .. } | Command::Token(_) | Command::Demo(_) => None,
         _ => Some(init_logging()),
     };
-    match run(cli.command, log_control).await {
+    match run(cli.command, log_control, cli.exit_with_stdin).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(hint) = isthmus::process::bind_hint(&e) {
+                eprintln!("hint: {hint}");
+            }
             std::process::ExitCode::FAILURE
         }
     }
@@ -353,6 +346,7 @@ async fn main() -> std::process::ExitCode {
 async fn run(
     command: Command,
     log_control: Option<isthmus_core::admin::LogControl>,
+    exit_with_stdin: bool,
 ) -> anyhow::Result<std::process::ExitCode> {
     use std::process::ExitCode;
     match command {
@@ -431,7 +425,7 @@ async fn run(
             })
             .await?;
             tracing::info!(addr = %bound.address, "echo app listening");
-            serve!(bound)
+            serve!(bound, exit_with_stdin)
         }
         Command::Federation(a) => {
             let config = isthmus_federation::Config {
@@ -444,7 +438,7 @@ async fn run(
                 failover: a.failover,
             };
             tracing::info!(?config, "starting federation");
-            serve!(isthmus_federation::build(config).await?)
+            serve!(isthmus_federation::build(config).await?, exit_with_stdin)
         }
         Command::Controller(a) => {
             let config = isthmus_controller::Config {
@@ -460,7 +454,7 @@ async fn run(
                 workload_cert_ttl: a.workload_cert_ttl,
             };
             tracing::info!(cluster = %config.cluster, config_dir = %config.config_dir.display(), "starting controller");
-            serve!(isthmus_controller::build(config).await?)
+            serve!(isthmus_controller::build(config).await?, exit_with_stdin)
         }
         Command::Gateway(a) => {
             let config = isthmus_gateway::Config {
@@ -473,7 +467,7 @@ async fn run(
                 quic_addr: a.quic,
                 admin_addr: a.admin,
             };
-            serve!(isthmus_gateway::build(config).await?)
+            serve!(isthmus_gateway::build(config).await?, exit_with_stdin)
         }
         Command::Sidecar(a) => {
             let (ns, name) = a
@@ -499,7 +493,7 @@ async fn run(
                 log_control,
                 limits: a.limits.limits(),
             };
-            serve!(isthmus_sidecar::build(config).await?)
+            serve!(isthmus_sidecar::build(config).await?, exit_with_stdin)
         }
     }
 }

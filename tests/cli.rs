@@ -3,6 +3,15 @@
 //! request).
 
 use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The demo binds the topology's fixed addresses: one demo at a time in this binary.
+static DEMO: Mutex<()> = Mutex::new(());
+
+fn one_demo_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    DEMO.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn isthmus() -> Command {
     Command::new(env!("CARGO_BIN_EXE_isthmus"))
@@ -78,11 +87,12 @@ fn validate_names_file_document_and_field_of_every_fault() {
     assert!(err.contains("2 error(s)"), "{err}");
 }
 
-#[test]
 /// The demo is also the hung-peer test on real processes: phase 2 freezes the east
 /// workload with SIGSTOP, phase 3 kills west's gateway; each verdict includes leaving the
 /// peer within one second, under steady traffic, with no failed request.
+#[test]
 fn demo_fails_over_from_hung_and_dead_peers_within_a_second_and_exits_zero() {
+    let _one = one_demo_at_a_time();
     let out = isthmus()
         .args(["demo", "--phase-seconds", "2"])
         .output()
@@ -144,4 +154,84 @@ fn sigterm_drains_and_exits_zero() {
     let log = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "exit {:?}\n{log}", out.status.code());
     assert!(log.contains("draining") && log.contains("SIGTERM"), "{log}");
+}
+
+/// Processes whose command line mentions `needle` (the demo passes its folder to every
+/// child), read from /proc.
+fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Starts a demo in `dir` and waits until it has started at least `n` children.
+fn demo_with_children(dir: &std::path::Path, n: usize) -> std::process::Child {
+    let child = isthmus()
+        .args(["demo", "--keep-running", "--dir"])
+        .arg(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let needle = dir.display().to_string();
+    wait_for("the demo's children", Duration::from_secs(30), || {
+        processes_mentioning(&needle).len() > n
+    });
+    child
+}
+
+#[test]
+fn a_demo_killed_with_sigkill_takes_its_children_with_it() {
+    let _one = one_demo_at_a_time();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut demo = demo_with_children(dir.path(), 4);
+    demo.kill().expect("SIGKILL");
+    let _ = demo.wait();
+    let needle = dir.path().display().to_string();
+    wait_for("every child to exit", Duration::from_secs(10), || {
+        processes_mentioning(&needle).is_empty()
+    });
+}
+
+#[test]
+fn a_demo_stopped_with_sigterm_stops_its_children_and_a_second_demo_names_the_busy_address() {
+    let _one = one_demo_at_a_time();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let demo = demo_with_children(dir.path(), 4);
+    // While it runs, a second demo refuses to start and says why.
+    let second = isthmus().args(["demo"]).output().expect("runs");
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("is not free") && err.contains("earlier `isthmus demo` still running"),
+        "{err}"
+    );
+    let killed = Command::new("kill")
+        .args(["-TERM", &demo.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let out = demo.wait_with_output().expect("exits");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("SIGTERM: stopping every process"), "{stdout}");
+    let needle = dir.path().display().to_string();
+    wait_for("every child to exit", Duration::from_secs(10), || {
+        processes_mentioning(&needle).is_empty()
+    });
 }
