@@ -657,7 +657,16 @@ async fn scenario(
     println!("  -- freezing the echo workload in east (SIGSTOP: sockets open, nothing answers)");
     procs.signal("echo-east-sidecar", "STOP").await?;
     procs.signal("echo-east-app", "STOP").await?;
-    results.push(phase("2 east backend hung", &traffic, soon("west"), hold, deadline).await);
+    results.push(
+        phase(
+            "2 east backend hung",
+            &traffic,
+            soon("west"),
+            hold,
+            deadline,
+        )
+        .await,
+    );
     println!("  -- killing west's gateway");
     procs.kill("west-gateway").await;
     results.push(phase("3 west gateway down", &traffic, soon("eu"), hold, deadline).await);

@@ -189,8 +189,16 @@ fn demo_with_children(dir: &std::path::Path, n: usize) -> std::process::Child {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("starts");
+    let mut child = child;
     let needle = dir.display().to_string();
     wait_for("the demo's children", Duration::from_secs(30), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("the demo exited early ({status}): {err}");
+        }
         processes_mentioning(&needle).len() > n
     });
     child
@@ -229,7 +237,10 @@ fn a_demo_stopped_with_sigterm_stops_its_children_and_a_second_demo_names_the_bu
     assert!(killed.success());
     let out = demo.wait_with_output().expect("exits");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("SIGTERM: stopping every process"), "{stdout}");
+    assert!(
+        stdout.contains("SIGTERM: stopping every process"),
+        "{stdout}"
+    );
     let needle = dir.path().display().to_string();
     wait_for("every child to exit", Duration::from_secs(10), || {
         processes_mentioning(&needle).is_empty()
