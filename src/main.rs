@@ -115,15 +115,23 @@ enum TokenCommand {
 
 #[derive(Args)]
 struct FederationArgs {
+    /// Trust domain of every SPIFFE ID in the mesh.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// Folder for the root CA (unless given) and the join-token key.
     #[arg(long)]
     state_dir: PathBuf,
+    /// gRPC (mTLS) listener for cluster controllers: join and exports.
     #[arg(long, default_value = "0.0.0.0:15200")]
     listen: SocketAddr,
-    #[arg(long, default_value = "0.0.0.0:15014")]
+    /// Admin listener (/ready, /stats/prometheus, /config_dump, POST /logging). Keep it on
+    /// loopback: it shows the whole config; POST /logging answers loopback callers only.
+    #[arg(long, default_value = "127.0.0.1:15014")]
     admin: SocketAddr,
+    /// Metrics-only listener (/ready, /stats/prometheus) for scrapers on other hosts,
+    /// e.g. 0.0.0.0:15014 in a pod. Off unless given.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
     /// A root CA certificate to use instead of creating one (with --root-key).
     #[arg(long, requires = "root_key")]
     root_cert: Option<PathBuf>,
@@ -137,8 +145,10 @@ struct FederationArgs {
 
 #[derive(Args)]
 struct ControllerArgs {
+    /// This cluster's name, as the federation knows it.
     #[arg(long)]
     cluster: String,
+    /// Trust domain of every SPIFFE ID in the mesh.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// Folder of YAML documents: Services, WorkloadEntries, ServiceExports.
@@ -147,10 +157,17 @@ struct ControllerArgs {
     /// Folder for the cluster CA, keys and the last global registry.
     #[arg(long)]
     state_dir: PathBuf,
+    /// gRPC (mTLS) listener for the cluster's proxies: config streams and the CA.
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
-    #[arg(long, default_value = "0.0.0.0:15014")]
+    /// Admin listener (/ready, /stats/prometheus, /config_dump, POST /logging). Keep it on
+    /// loopback: it shows the whole config; POST /logging answers loopback callers only.
+    #[arg(long, default_value = "127.0.0.1:15014")]
     admin: SocketAddr,
+    /// Metrics-only listener (/ready, /stats/prometheus) for scrapers on other hosts,
+    /// e.g. 0.0.0.0:15014 in a pod. Off unless given.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
     /// The federation controller's address.
     #[arg(long)]
     federation: SocketAddr,
@@ -160,14 +177,17 @@ struct ControllerArgs {
     /// Join token from `isthmus token join`; needed on first start only.
     #[arg(long, env = "ISTHMUS_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// Lifetime of the workload certificates this cluster's CA issues.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     workload_cert_ttl: Duration,
 }
 
 #[derive(Args)]
 struct ProxyArgs {
+    /// The cluster this proxy belongs to.
     #[arg(long)]
     cluster: String,
+    /// Trust domain of every SPIFFE ID in the mesh.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// The cluster controller's gRPC address.
@@ -191,8 +211,14 @@ struct GatewayArgs {
     /// QUIC listener for peer gateways (UDP).
     #[arg(long, default_value = "0.0.0.0:15443")]
     quic: SocketAddr,
-    #[arg(long, default_value = "0.0.0.0:15000")]
+    /// Admin listener (/ready, /stats/prometheus, /config_dump, POST /logging). Keep it on
+    /// loopback: it shows the whole config; POST /logging answers loopback callers only.
+    #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
+    /// Metrics-only listener (/ready, /stats/prometheus) for scrapers on other hosts,
+    /// e.g. 0.0.0.0:15090 in a pod. Off unless given.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -202,6 +228,8 @@ struct SidecarArgs {
     /// The WorkloadEntry this sidecar serves, as namespace/name.
     #[arg(long)]
     workload: String,
+    /// The workload's service account: its identity is
+    /// spiffe://<trust domain>/ns/<namespace>/sa/<service account>.
     #[arg(long, default_value = "default")]
     service_account: String,
     /// The workload's locality, region/zone/subzone.
@@ -213,8 +241,14 @@ struct SidecarArgs {
     /// mTLS tunnel listener for other proxies.
     #[arg(long, default_value = "0.0.0.0:15008")]
     inbound: SocketAddr,
+    /// Admin listener (/ready, /stats/prometheus, /config_dump, POST /logging). Keep it on
+    /// loopback: it shows the whole config; POST /logging answers loopback callers only.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
+    /// Metrics-only listener (/ready, /stats/prometheus) for scrapers on other hosts,
+    /// e.g. 0.0.0.0:15090 in a pod. Off unless given.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
     /// The local app's address; omit for a workload that only calls out.
     #[arg(long)]
     app: Option<SocketAddr>,
@@ -433,6 +467,7 @@ async fn run(
                 state_dir: a.state_dir,
                 grpc_addr: a.listen,
                 admin_addr: a.admin,
+                metrics_addr: a.metrics,
                 root_cert: a.root_cert,
                 root_key: a.root_key,
                 failover: a.failover,
@@ -448,6 +483,7 @@ async fn run(
                 state_dir: a.state_dir,
                 grpc_addr: a.listen,
                 admin_addr: a.admin,
+                metrics_addr: a.metrics,
                 federation_addr: a.federation,
                 federation_bundle_pem: read_pem(&a.federation_root)?,
                 join_token: a.join_token,
@@ -466,6 +502,7 @@ async fn run(
                 tunnel_addr: a.tunnel,
                 quic_addr: a.quic,
                 admin_addr: a.admin,
+                metrics_addr: a.metrics,
             };
             serve!(isthmus_gateway::build(config).await?, exit_with_stdin)
         }
@@ -489,6 +526,7 @@ async fn run(
                 outbound_addr: a.outbound,
                 inbound_addr: a.inbound,
                 admin_addr: a.admin,
+                metrics_addr: a.metrics,
                 app_addr: a.app,
                 log_control,
                 limits: a.limits.limits(),

@@ -88,7 +88,7 @@ fn validate_names_file_document_and_field_of_every_fault() {
 }
 
 /// The demo is also the hung-peer test on real processes: phase 2 freezes the east
-/// workload with SIGSTOP, phase 3 kills west's gateway; each verdict includes leaving the
+/// workload with SIGSTOP, phase 3 west's gateway; each verdict includes leaving the hung
 /// peer within one second, under steady traffic, with no failed request.
 #[test]
 fn demo_fails_over_from_hung_and_dead_peers_within_a_second_and_exits_zero() {
@@ -106,7 +106,7 @@ fn demo_fails_over_from_hung_and_dead_peers_within_a_second_and_exits_zero() {
     for phase in [
         "1 baseline",
         "2 east backend hung",
-        "3 west gateway down",
+        "3 west gateway hung",
         "4 restored",
     ] {
         let line = stdout

@@ -48,6 +48,9 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     /// Metrics and debug listener (15014).
     pub admin_addr: SocketAddr,
+    /// A listener serving only `/ready` and `/stats/prometheus`, for scrapers on other
+    /// hosts (the admin listener itself belongs on loopback).
+    pub metrics_addr: Option<SocketAddr>,
     /// The federation controller's gRPC address.
     pub federation_addr: SocketAddr,
     /// Join token minted by the federation for this cluster; needed on first start only.
@@ -132,7 +135,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         },
         logging: None,
     };
-    let admin = AdminServer::bind(config.admin_addr, admin)
+    let admin = AdminServer::bind(config.admin_addr, config.metrics_addr, admin)
         .await
         .with_context(|| format!("binding controller admin on {}", config.admin_addr))?;
     let bound_grpc = grpc.local_addr()?;

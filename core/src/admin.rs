@@ -1,5 +1,8 @@
 //! The admin listener every component serves (port 15000 on proxies, 15014 on
-//! controllers): `/ready`, `/stats/prometheus`, `/config_dump`, `/logging`.
+//! controllers): `/ready`, `/stats/prometheus`, `/config_dump`, `/logging`. It binds
+//! loopback by default, and the one endpoint that changes state (`POST /logging`) answers
+//! only callers on loopback, wherever it is bound. An optional metrics listener serves
+//! `/ready` and `/stats/prometheus` alone, for scrapers on other hosts (Envoy's 15090).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -29,16 +32,38 @@ pub struct Admin {
     pub logging: Option<LogControl>,
 }
 
-/// A bound admin listener.
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Everything: readiness, metrics, config dump, log level.
+    Admin,
+    /// Readiness and metrics only.
+    Metrics,
+}
+
+/// The bound admin listener, and the metrics listener when one is asked for.
 pub struct AdminServer {
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     admin: Admin,
 }
 
 impl AdminServer {
-    pub async fn bind(addr: SocketAddr, admin: Admin) -> std::io::Result<Self> {
+    pub async fn bind(
+        addr: SocketAddr,
+        metrics: Option<SocketAddr>,
+        admin: Admin,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let metrics = match metrics {
+            Some(m) => Some(TcpListener::bind(m).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("metrics listener on {m}: {e}"))
+            })?),
+            None => None,
+        };
         Ok(Self {
-            listener: TcpListener::bind(addr).await?,
+            listener,
+            metrics,
             admin,
         })
     }
@@ -49,24 +74,58 @@ impl AdminServer {
             .expect("bound listener has an address")
     }
 
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|m| m.local_addr().ok())
+    }
+
     pub async fn run(self, drain: Drain) {
-        loop {
-            let Ok((tcp, _)) = self.listener.accept().await else {
-                continue;
-            };
-            let (admin, d) = (self.admin.clone(), drain.clone());
-            drain.spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(handle(&admin, req).await) }
-                });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let _ = d
-                    .serve_http(builder.serve_connection(TokioIo::new(tcp), svc))
-                    .await;
-            });
+        let admin = serve(
+            self.listener,
+            self.admin.clone(),
+            Scope::Admin,
+            drain.clone(),
+        );
+        match self.metrics {
+            Some(m) => {
+                tokio::join!(admin, serve(m, self.admin, Scope::Metrics, drain));
+            }
+            None => admin.await,
         }
     }
+}
+
+async fn serve(listener: TcpListener, admin: Admin, scope: Scope, drain: Drain) {
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else {
+            continue;
+        };
+        let (admin, d) = (admin.clone(), drain.clone());
+        drain.spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(handle(&admin, scope, peer, req).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let _ = d
+                .serve_http(builder.serve_connection(TokioIo::new(tcp), svc))
+                .await;
+        });
+    }
+}
+
+/// Why a request is refused before it is served, if it is.
+fn refusal(scope: Scope, method: &Method, path: &str, peer: SocketAddr) -> Option<StatusCode> {
+    let read_only = matches!(
+        (method, path),
+        (&Method::GET, "/ready" | "/stats/prometheus" | "/metrics")
+    );
+    if scope == Scope::Metrics && !read_only {
+        return Some(StatusCode::NOT_FOUND);
+    }
+    if *method != Method::GET && !peer.ip().is_loopback() {
+        return Some(StatusCode::FORBIDDEN);
+    }
+    None
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -75,7 +134,22 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     resp
 }
 
-async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    admin: &Admin,
+    scope: Scope,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    match refusal(scope, req.method(), req.uri().path(), peer) {
+        Some(StatusCode::FORBIDDEN) => {
+            return text(
+                StatusCode::FORBIDDEN,
+                "state-changing admin endpoints answer only on loopback\n",
+            )
+        }
+        Some(status) => return text(status, "this port serves /ready and /stats/prometheus\n"),
+        None => {}
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/ready") => {
             let pending = admin.readiness.pending();
@@ -133,5 +207,37 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
             StatusCode::NOT_FOUND,
             "try /ready, /stats/prometheus, /config_dump, POST /logging?level=\n",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_callers_change_state_and_the_metrics_port_serves_metrics_alone() {
+        let local: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+        let remote: SocketAddr = "10.1.2.3:4000".parse().expect("addr");
+        let post = Method::POST;
+        assert_eq!(refusal(Scope::Admin, &post, "/logging", local), None);
+        assert_eq!(
+            refusal(Scope::Admin, &post, "/logging", remote),
+            Some(StatusCode::FORBIDDEN)
+        );
+        assert_eq!(
+            refusal(Scope::Admin, &Method::GET, "/config_dump", remote),
+            None
+        );
+        for path in ["/ready", "/stats/prometheus", "/metrics"] {
+            assert_eq!(refusal(Scope::Metrics, &Method::GET, path, remote), None);
+        }
+        assert_eq!(
+            refusal(Scope::Metrics, &Method::GET, "/config_dump", remote),
+            Some(StatusCode::NOT_FOUND)
+        );
+        assert_eq!(
+            refusal(Scope::Metrics, &post, "/logging", local),
+            Some(StatusCode::NOT_FOUND)
+        );
     }
 }

@@ -36,6 +36,9 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     /// Metrics and debug listener (15014).
     pub admin_addr: SocketAddr,
+    /// A listener serving only `/ready` and `/stats/prometheus`, for scrapers on other
+    /// hosts (the admin listener itself belongs on loopback).
+    pub metrics_addr: Option<SocketAddr>,
     /// A root CA the user brings (certificate and key PEM files); created when absent.
     pub root_cert: Option<PathBuf>,
     pub root_key: Option<PathBuf>,
@@ -88,6 +91,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let merged = registry::GlobalRegistry::new(
         bundle_pem.clone(),
         failover,
+        &config.state_dir,
         metrics.sub_registry_with_prefix("registry"),
     );
     let (mut running, drain) = isthmus_core::drain::Running::new();
@@ -98,7 +102,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         dump: Arc::new(move || merged.dump()),
         logging: None,
     };
-    let admin = AdminServer::bind(config.admin_addr, admin)
+    let admin = AdminServer::bind(config.admin_addr, config.metrics_addr, admin)
         .await
         .with_context(|| format!("binding federation admin on {}", config.admin_addr))?;
     let (grpc_address, admin_address) = (grpc.local_addr()?, admin.address());

@@ -38,6 +38,9 @@ pub struct Config {
     /// QUIC listener for peer gateways (15443/udp).
     pub quic_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// A listener serving only `/ready` and `/stats/prometheus`, for scrapers on other
+    /// hosts (the admin listener itself belongs on loopback).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 pub struct Bound {
@@ -108,7 +111,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         },
         logging: None,
     };
-    let admin = AdminServer::bind(config.admin_addr, admin)
+    let admin = AdminServer::bind(config.admin_addr, config.metrics_addr, admin)
         .await
         .with_context(|| format!("binding admin on {}", config.admin_addr))?;
     let tunnel_address = tunnel.local_addr()?;

@@ -33,6 +33,8 @@ pub enum ProxyError {
     AppUnavailable(String),
     #[error("the application reset the request: {0}")]
     AppReset(String),
+    #[error("the application did not accept a connection in time: {0}")]
+    AppConnectTimeout(String),
     #[error("this workload accepts no tunnel to that port")]
     TunnelUnsupported,
     #[error("the request body did not arrive whole: {0}")]
@@ -66,6 +68,7 @@ impl ProxyError {
             ProxyError::UpstreamReset { .. } => "upstream-reset",
             ProxyError::AppUnavailable(_) => "app-unavailable",
             ProxyError::AppReset(_) => "app-reset",
+            ProxyError::AppConnectTimeout(_) => "app-connect-timeout",
             ProxyError::TunnelUnsupported => "tunnel-unsupported",
             ProxyError::RequestBody(_) => "downstream-body",
             ProxyError::RequestBodyTimeout(_) => "downstream-timeout",
@@ -106,7 +109,8 @@ impl ProxyError {
             ProxyError::ResponseHeadersTooLarge(_) => StatusCode::BAD_GATEWAY,
             ProxyError::NoHealthyUpstream { .. }
             | ProxyError::UpstreamConnect { .. }
-            | ProxyError::AppUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::AppUnavailable(_)
+            | ProxyError::AppConnectTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamReset { .. } | ProxyError::AppReset(_) => StatusCode::BAD_GATEWAY,
             ProxyError::TunnelUnsupported => StatusCode::NOT_IMPLEMENTED,
             ProxyError::FaultAbort(Abort::Http(code)) => {

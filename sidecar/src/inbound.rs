@@ -297,7 +297,27 @@ async fn forward(
             );
             Ok(Response::from_parts(rparts, crate::body::boxed(rbody)))
         }
-        Err(e) if e.is_connect() => Err(ProxyError::AppUnavailable(format!("{app}: {e}"))),
+        // Refused is proof the app is not there; a connect that timed out may be an app (or
+        // a machine) under load, and is judged like a 5xx, one of several in a row.
+        Err(e) if e.is_connect() && refused(&e) => {
+            Err(ProxyError::AppUnavailable(format!("{app}: {e}")))
+        }
+        Err(e) if e.is_connect() => Err(ProxyError::AppConnectTimeout(format!("{app}: {e}"))),
         Err(e) => Err(ProxyError::AppReset(format!("{app}: {e}"))),
     }
+}
+
+/// Whether a connect error says the app refused the connection.
+fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -72,7 +72,14 @@ pub struct EndpointHealth {
     epoch: Instant,
     /// Requests in flight, for LEAST_REQUEST.
     active: AtomicU32,
+    /// Whether the endpoint must prove itself before requests use it again after an
+    /// ejection: [`PROVEN`], [`UNPROVEN`] or [`PROBING`].
+    probe: AtomicU8,
 }
+
+const PROVEN: u8 = 0;
+const UNPROVEN: u8 = 1;
+const PROBING: u8 = 2;
 
 /// Counts a request in flight on an endpoint while held.
 pub struct InFlight(Arc<EndpointHealth>);
@@ -97,7 +104,33 @@ impl EndpointHealth {
         self.ejected_until.load(Ordering::Relaxed) > self.now_ms()
     }
 
+    /// Whether the endpoint came back from an ejection and has not been probed since.
+    /// Requests go elsewhere while one is left, so a peer that is still hung costs a
+    /// background connect, not a request's wait.
+    pub fn unproven(&self) -> bool {
+        self.probe.load(Ordering::Relaxed) != PROVEN
+    }
+
+    /// True once per ejection: the caller starts the probe.
+    pub fn claim_probe(&self) -> bool {
+        self.probe
+            .compare_exchange(UNPROVEN, PROBING, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// The probe's outcome: a connection came up, or it failed and ejects again (longer).
+    pub fn probed(&self, reachable: bool, t: &Thresholds) {
+        if reachable {
+            self.probe.store(PROVEN, Ordering::Relaxed);
+            self.success();
+        } else {
+            self.probe.store(UNPROVEN, Ordering::Relaxed);
+            self.failure(Failure::Connect, t, true);
+        }
+    }
+
     pub fn success(&self) {
+        self.probe.store(PROVEN, Ordering::Relaxed);
         self.consecutive_5xx.store(0, Ordering::Relaxed);
         self.consecutive_gateway.store(0, Ordering::Relaxed);
         if !self.is_ejected() {
@@ -134,6 +167,7 @@ impl EndpointHealth {
         .min(t.max_ms);
         self.ejected_until
             .store(self.now_ms() + length, Ordering::Relaxed);
+        self.probe.store(UNPROVEN, Ordering::Relaxed);
         self.consecutive_5xx.store(0, Ordering::Relaxed);
         self.consecutive_gateway.store(0, Ordering::Relaxed);
         tracing::info!(endpoint = %self.key, ms = length, "endpoint ejected");
@@ -171,6 +205,7 @@ impl HealthTable {
                     ejected_until: AtomicU64::new(0),
                     epoch: self.epoch,
                     active: AtomicU32::new(0),
+                    probe: AtomicU8::new(PROVEN),
                 })
             })
             .clone()
@@ -413,6 +448,31 @@ pub fn pick(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_back_from_ejection_is_probed_once_before_requests_use_it() {
+        let table = HealthTable::default();
+        let h = table.get("a");
+        assert!(!h.unproven());
+        let quick = Thresholds {
+            base_ms: 0,
+            ..Thresholds::PASSIVE
+        };
+        assert!(
+            h.failure(Failure::Connect, &quick, true),
+            "a connect failure ejects"
+        );
+        assert!(h.unproven());
+        assert!(h.claim_probe(), "the first caller probes");
+        assert!(!h.claim_probe(), "only one probe at a time");
+        h.probed(false, &quick);
+        assert!(
+            h.unproven() && h.claim_probe(),
+            "a failed probe leaves it unproven"
+        );
+        h.probed(true, &quick);
+        assert!(!h.unproven(), "a connection came up: requests use it again");
+    }
     use crate::state::{LocalEndpoint, RemoteCluster};
 
     fn svc(table: &HealthTable) -> Service {

@@ -65,6 +65,9 @@ pub struct Config {
     /// mTLS tunnel listener (15008).
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// A listener serving only `/ready` and `/stats/prometheus`, for scrapers on other
+    /// hosts (the admin listener itself belongs on loopback).
+    pub metrics_addr: Option<SocketAddr>,
     /// The local app, `None` for a workload that only calls out.
     pub app_addr: Option<SocketAddr>,
     /// Changes the process log filter from `/logging`.
@@ -126,7 +129,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         },
         logging: config.log_control.clone(),
     };
-    let admin = AdminServer::bind(config.admin_addr, admin)
+    let admin = AdminServer::bind(config.admin_addr, config.metrics_addr, admin)
         .await
         .with_context(|| format!("binding admin listener on {}", config.admin_addr))?;
     let bound_addrs = (

@@ -258,10 +258,18 @@ fn reason_label(r: &str) -> &'static str {
         "upstream-reset" => "upstream-reset",
         "app-unavailable" => "app-unavailable",
         "app-reset" => "app-reset",
+        "app-connect-timeout" => "app-connect-timeout",
         "fault-abort" => "fault-abort",
         "timeout" => "timeout",
         "overflow" => "overflow",
         "rate-limited" => "rate-limited",
+        "tunnel-unsupported" => "tunnel-unsupported",
+        "downstream-body" => "downstream-body",
+        "downstream-timeout" => "downstream-timeout",
+        "invalid-request" => "invalid-request",
+        "request-headers-too-large" => "request-headers-too-large",
+        "upgrade-refused" => "upgrade-refused",
+        "response-headers-too-large" => "response-headers-too-large",
         _ => "other",
     }
 }
@@ -917,6 +925,7 @@ async fn attempts(
             );
         }
         let Some(target) = target else { break };
+        let target = proven(ctx, state, plan, &tried, target);
         if attempt > 0 {
             match plan.state().map(|s| s.breaker.retry()) {
                 Some(None) => break, // the retry budget (`maxRetries`) is spent
@@ -976,26 +985,22 @@ async fn attempts(
                     .headers()
                     .get(ERROR_REASON)
                     .and_then(|v| v.to_str().ok());
+                // How the far sidecar failed to serve: (failure to record, whether the app
+                // may have seen the request, reason). Refused ejects at once; a connect that
+                // timed out counts like a 5xx; neither reached the app, so any method goes
+                // again. A reset app may have acted on the request: only idempotent ones do.
                 let far = match far_reason {
-                    Some("app-unavailable") => Some((true, "app-unavailable")),
-                    Some("app-reset") => Some((false, "app-reset")),
+                    Some("app-unavailable") => Some((Failure::Connect, false, "app-unavailable")),
+                    Some("app-connect-timeout") => {
+                        Some((Failure::Gateway, false, "app-connect-timeout"))
+                    }
+                    Some("app-reset") => Some((Failure::Gateway, true, "app-reset")),
                     _ => None,
                 };
                 let replayable = matches!(body, ReqBody::Replayable(_));
-                // A reset app may have acted on the request: only idempotent ones go again.
-                let again = far.is_some_and(|(refused, _)| refused || idempotent(&parts.method));
-                if let (Some((refused, reason)), true) = (far, replayable && again) {
-                    fail(
-                        ctx,
-                        plan,
-                        &target,
-                        if refused {
-                            Failure::Connect
-                        } else {
-                            Failure::Gateway
-                        },
-                        reason,
-                    );
+                let again = far.is_some_and(|(_, seen, _)| !seen || idempotent(&parts.method));
+                if let (Some((failure, _, reason)), true) = (far, replayable && again) {
+                    fail(ctx, plan, &target, failure, reason);
                     last = Some(ProxyError::AppUnavailable(format!(
                         "{authority} in {cluster}: {reason}"
                     )));
@@ -1120,31 +1125,93 @@ async fn connect(
     authority: &str,
     opts: crate::pool::ConnectOptions,
 ) -> Result<H2, ProxyError> {
-    let service = authority.to_owned();
+    connect_with(
+        &ctx.pool,
+        state.mesh.gateway.clone(),
+        target,
+        authority,
+        opts,
+    )
+    .await
+    .map_err(|source| ProxyError::UpstreamConnect {
+        service: authority.to_owned(),
+        source,
+    })
+}
+
+/// A connection to `target`: direct to a sidecar of this cluster, or through `gateway`.
+async fn connect_with(
+    pool: &Pool,
+    gateway: Option<(std::net::SocketAddr, isthmus_core::identity::SpiffeId)>,
+    target: &Target,
+    authority: &str,
+    opts: crate::pool::ConnectOptions,
+) -> Result<H2, crate::pool::ConnectError> {
     match target {
         Target::Local {
             address, identity, ..
-        } => ctx.pool.direct(*address, identity, opts).await,
+        } => pool.direct(*address, identity, opts).await,
         Target::Remote {
             cluster,
             identities,
             subset,
             ..
         } => {
-            let Some(gateway) = state.mesh.gateway.clone() else {
-                return Err(ProxyError::UpstreamConnect {
-                    service,
-                    source: crate::pool::ConnectError::NoGateway {
-                        cluster: cluster.clone(),
-                    },
-                });
-            };
-            ctx.pool
-                .remote(gateway, cluster, authority, subset, identities, opts)
+            let gateway = gateway.ok_or_else(|| crate::pool::ConnectError::NoGateway {
+                cluster: cluster.clone(),
+            })?;
+            pool.remote(gateway, cluster, authority, subset, identities, opts)
                 .await
         }
     }
-    .map_err(|source| ProxyError::UpstreamConnect { service, source })
+}
+
+/// Connects an endpoint back from an ejection in the background; requests use it again
+/// once a connection is up, and a still-hung peer is ejected again without any request
+/// having waited on it.
+fn probe(ctx: &OutboundCtx, state: &MeshState, plan: &Plan, target: Target) {
+    let thresholds = plan
+        .state()
+        .map(|s| s.thresholds)
+        .unwrap_or(Thresholds::PASSIVE);
+    let (pool, gateway) = (ctx.pool.clone(), state.mesh.gateway.clone());
+    let (authority, opts) = (plan.authority.clone(), plan.connect_options());
+    ctx.drain.spawn(async move {
+        let up = connect_with(&pool, gateway, &target, &authority, opts)
+            .await
+            .is_ok();
+        target.health().probed(up, &thresholds);
+    });
+}
+
+/// Trades an endpoint that has not proved itself since its ejection for the next one that
+/// has (starting its probe); keeps it when no other is left.
+fn proven(
+    ctx: &OutboundCtx,
+    state: &MeshState,
+    plan: &Plan,
+    tried: &[Arc<EndpointHealth>],
+    first: Target,
+) -> Target {
+    let mut skip = tried.to_vec();
+    let mut target = first.clone();
+    while target.health().unproven() {
+        if !target.health().is_ejected() && target.health().claim_probe() {
+            probe(ctx, state, plan, target.clone());
+        }
+        skip.push(target.health().clone());
+        match pick(
+            &plan.svc,
+            &ctx.locality,
+            &state.mesh,
+            &skip,
+            plan.selection(),
+        ) {
+            Some(next) => target = next,
+            None => return first,
+        }
+    }
+    target
 }
 
 #[cfg(test)]

@@ -169,19 +169,10 @@ impl Mesh {
         let dir = tempfile::tempdir()?;
         let block = next_block();
         let fed_state = dir.path().join("federation");
-        let federation = isthmus_federation::build(isthmus_federation::Config {
-            trust_domain: TRUST_DOMAIN.into(),
-            state_dir: fed_state.clone(),
-            grpc_addr: SocketAddr::new(IpAddr::V4(ip(block, 0, 1)), 0),
-            admin_addr: SocketAddr::new(IpAddr::V4(ip(block, 0, 1)), 0),
-            root_cert: None,
-            root_key: None,
-            failover: vec![
-                ("us-east".into(), "us-west".into()),
-                ("us-west".into(), "eu-central".into()),
-                ("eu-central".into(), "us-west".into()),
-            ],
-        })
+        let federation = isthmus_federation::build(federation_config(
+            &fed_state,
+            SocketAddr::new(IpAddr::V4(ip(block, 0, 1)), 0),
+        ))
         .await?;
         let mut mesh = Mesh {
             federation_addr: federation.grpc_address,
@@ -234,6 +225,7 @@ impl Mesh {
             state_dir: c.state_dir.clone(),
             grpc_addr: c.controller_addr,
             admin_addr: SocketAddr::new(IpAddr::V4(ip(c.block, c.index, 1)), 15014),
+            metrics_addr: None,
             federation_addr: fed,
             join_token: Some(token),
             federation_bundle_pem: bundle,
@@ -272,6 +264,7 @@ impl Mesh {
             tunnel_addr: SocketAddr::new(gw_ip, 15008),
             quic_addr: SocketAddr::new(gw_ip, 15443),
             admin_addr: SocketAddr::new(gw_ip, 15000),
+            metrics_addr: None,
         })
         .await?;
         c.gateway = Some(bound);
@@ -288,6 +281,16 @@ impl Mesh {
         if let Some(f) = self.federation.take() {
             f.abort();
         }
+    }
+
+    /// Starts the federation again on its address, with the state it kept.
+    pub async fn start_federation(&mut self) -> anyhow::Result<()> {
+        wait_port_free(self.federation_addr).await?;
+        let f = isthmus_federation::build(federation_config(&self.fed_state, self.federation_addr))
+            .await
+            .context("restarting the federation")?;
+        self.federation = Some(f);
+        Ok(())
     }
 
     /// Adds a workload: YAML (for a service), the sample app when `service` is given, and
@@ -411,6 +414,24 @@ impl Mesh {
     }
 }
 
+/// The federation of a test mesh: the mesh's failover order, admin on a free port.
+fn federation_config(state_dir: &std::path::Path, grpc: SocketAddr) -> isthmus_federation::Config {
+    isthmus_federation::Config {
+        trust_domain: TRUST_DOMAIN.into(),
+        state_dir: state_dir.to_owned(),
+        grpc_addr: grpc,
+        admin_addr: SocketAddr::new(grpc.ip(), 0),
+        metrics_addr: None,
+        root_cert: None,
+        root_key: None,
+        failover: vec![
+            ("us-east".into(), "us-west".into()),
+            ("us-west".into(), "eu-central".into()),
+            ("eu-central".into(), "us-west".into()),
+        ],
+    }
+}
+
 /// A stopped component's tasks release their sockets asynchronously; wait until the
 /// address can be bound again, as a restarted process would find it.
 async fn wait_port_free(addr: SocketAddr) -> anyhow::Result<()> {
@@ -450,6 +471,7 @@ async fn start_sidecar(
         outbound_addr: SocketAddr::new(a, 15001),
         inbound_addr: SocketAddr::new(a, 15008),
         admin_addr: SocketAddr::new(a, 15000),
+        metrics_addr: None,
         app_addr: w.app.as_ref().map(|app| app.address),
         log_control: None,
         limits: c.limits.clone(),

@@ -284,3 +284,68 @@ async fn a_yaml_change_reaches_proxies_in_this_and_other_clusters() -> anyhow::R
     println!("config propagation: same cluster {local:?}, across clusters {remote:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_federation_loses_no_cluster_and_marks_silent_ones_stale() -> anyhow::Result<()>
+{
+    let mut mesh = Mesh::start(&["east", "west"]).await?;
+    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    isthmus_tests::reachable(outbound, HOST).await?;
+    let traffic = traffic(outbound, HOST);
+    settles_in(&traffic, "west", 10, Duration::from_secs(10)).await?;
+
+    // West's controller stays away, so west cannot report after the federation restarts;
+    // east's controller reconnects and receives what the federation publishes.
+    mesh.kill_controller("west");
+    mesh.kill_federation();
+    mesh.start_federation().await?;
+    let admin = mesh.federation.as_ref().expect("federation").admin_address;
+    eventually(
+        "east to report and west to be kept as stale",
+        Duration::from_secs(10),
+        || async {
+            let dump = config_dump(admin).await?;
+            anyhow::ensure!(
+                dump["stale_clusters"] == serde_json::json!(["west"]),
+                "{}",
+                dump["stale_clusters"]
+            );
+            let echo = dump["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|s| s["service"] == "demo/echo")
+                .map(|s| s["clusters"].clone());
+            anyhow::ensure!(
+                echo.as_ref().and_then(|c| c.as_array()).map(Vec::len) == Some(1),
+                "echo: {echo:?}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    let stale =
+        isthmus_tests::metric_sum(admin, "isthmus_federation_registry_stale_clusters", &[]).await?;
+    assert_eq!(stale, 1.0);
+    // East has had the restarted federation's registry for a while: traffic to west never
+    // stopped.
+    let watched = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let since = traffic.since(watched);
+    assert!(since.len() > 20, "traffic flowed: {}", since.len());
+    assert!(since.iter().all(|e| e.landed.as_deref() == Ok("west")));
+    assert_eq!(traffic.failures(), Vec::<String>::new());
+
+    mesh.start_controller("west").await?;
+    eventually("west to report again", Duration::from_secs(10), || async {
+        let dump = config_dump(admin).await?;
+        anyhow::ensure!(dump["stale_clusters"] == serde_json::json!([]));
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}

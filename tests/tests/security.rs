@@ -263,3 +263,34 @@ fn rcgen_key_der(pem: &str) -> anyhow::Result<Vec<u8>> {
         .ok_or_else(|| anyhow::anyhow!("no key in PEM"))?;
     Ok(der.secret_der().to_vec())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_admin_dump_holds_a_key_or_a_token() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east"]).await?;
+    mesh.add_workload("east", "echo-east", Some("echo"), "echo")
+        .await?;
+    let admins = [
+        mesh.federation.as_ref().expect("federation").admin_address,
+        mesh.controller_admin("east"),
+        mesh.cluster("east")
+            .gateway
+            .as_ref()
+            .expect("gateway")
+            .admin_address,
+        mesh.workload("east", "echo-east")
+            .sidecar
+            .as_ref()
+            .expect("sidecar")
+            .admin_address,
+    ];
+    for admin in admins {
+        let dump = isthmus_tests::config_dump(admin).await?.to_string();
+        for secret in ["PRIVATE KEY", "BEGIN", "ist1.", "token"] {
+            assert!(
+                !dump.contains(secret),
+                "{admin}/config_dump holds `{secret}`: {dump}"
+            );
+        }
+    }
+    Ok(())
+}
