@@ -273,6 +273,9 @@ struct LimitArgs {
     /// Longest silence within a request or response body; a silent client gets 408.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     stream_idle_timeout: Duration,
+    /// An app's connection to the sidecar with no request in progress this long is closed.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    idle_timeout: Duration,
     /// Pooled connections to other proxies idle this long are closed (a DestinationRule's
     /// connectionPool.http.idleTimeout overrides it).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
@@ -294,6 +297,7 @@ impl LimitArgs {
             max_headers: self.max_request_headers,
             request_headers_timeout: self.request_headers_timeout,
             stream_idle_timeout: self.stream_idle_timeout,
+            idle_timeout: self.idle_timeout,
             upstream_idle_timeout: self.upstream_idle_timeout,
             path_normalization: self.path_normalization,
             upgrades: self.upgrade,

@@ -25,6 +25,9 @@ pub struct Limits {
     pub request_headers_timeout: Duration,
     /// Longest silence within one request or response body (Envoy's stream idle timeout).
     pub stream_idle_timeout: Duration,
+    /// An app's connection with no request in progress for this long is closed (Envoy's
+    /// `idle_timeout`).
+    pub idle_timeout: Duration,
     /// Pooled connections to peers with no request for this long are closed
     /// (a DestinationRule's `idleTimeout` overrides it).
     pub upstream_idle_timeout: Duration,
@@ -41,6 +44,7 @@ impl Default for Limits {
             max_headers: 100,
             request_headers_timeout: Duration::from_secs(60),
             stream_idle_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(3600),
             upstream_idle_timeout: Duration::from_secs(3600),
             path_normalization: Normalization::Base,
             upgrades: vec!["websocket".into()],

@@ -74,23 +74,86 @@ impl Outbound {
             };
             let _ = tcp.set_nodelay(true);
             let (ctx, d) = (self.ctx.clone(), self.drain.clone());
-            let d_limits = self.ctx.limits.clone();
+            let limits = self.ctx.limits.clone();
             self.drain.spawn(async move {
+                let activity = Arc::new(Activity::new());
+                let seen = activity.clone();
                 let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                    let ctx = ctx.clone();
+                    let (ctx, activity) = (ctx.clone(), activity.clone());
                     req.extensions_mut().insert(ClientAddr(remote));
-                    async move { Ok::<_, std::convert::Infallible>(handle(&ctx, req).await) }
+                    async move {
+                        let _busy = activity.begin();
+                        Ok::<_, std::convert::Infallible>(handle(&ctx, req).await)
+                    }
                 });
-                let builder = server(&d_limits);
+                let builder = server(&limits);
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
                 let mut conn = std::pin::pin!(conn);
-                tokio::select! {
-                    _ = conn.as_mut() => return,
-                    _ = d.draining() => conn.as_mut().graceful_shutdown(),
+                let mut check = tokio::time::interval(
+                    (limits.idle_timeout / 4).max(Duration::from_millis(250)),
+                );
+                loop {
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        _ = d.draining() => break,
+                        _ = check.tick() => if seen.idle_for() >= limits.idle_timeout { break },
+                    }
                 }
+                // Draining, or idle too long: in-flight exchanges finish, then it closes.
+                conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
             });
         }
+    }
+}
+
+/// Requests a downstream connection is serving, and when it last started one: a
+/// connection with none for the idle timeout is closed (Envoy's `idle_timeout`).
+struct Activity {
+    active: std::sync::atomic::AtomicU32,
+    last_ms: std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
+}
+
+/// Counts one request while held.
+struct Busy<'a>(&'a Activity);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        self.0.last_ms.store(self.0.now_ms(), Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            active: Default::default(),
+            last_ms: Default::default(),
+            epoch: std::time::Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn begin(&self) -> Busy<'_> {
+        self.active
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Busy(self)
+    }
+
+    /// How long the connection has had no request in progress (zero while one is).
+    fn idle_for(&self) -> Duration {
+        use std::sync::atomic::Ordering;
+        if self.active.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(
+            self.now_ms() - self.last_ms.load(Ordering::Relaxed).min(self.now_ms()),
+        )
     }
 }
 

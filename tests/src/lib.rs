@@ -793,3 +793,28 @@ impl Mesh {
         Ok((mesh, outbound))
     }
 }
+
+impl Mesh {
+    /// `echo` in each of `echo_in` (one workload per cluster) and a calling workload
+    /// `client` in east; returns the mesh, the client's outbound listener, and steady
+    /// traffic from it that has settled in `echo_in[0]`.
+    pub async fn with_traffic_from_east(
+        clusters: &[&str],
+        echo_in: &[&str],
+    ) -> anyhow::Result<(Mesh, SocketAddr, Traffic)> {
+        let mut mesh = Mesh::start(clusters).await?;
+        for c in echo_in {
+            mesh.add_workload(c, &format!("echo-{c}"), Some("echo"), "echo")
+                .await?;
+        }
+        mesh.add_workload("east", "client", None, "frontend")
+            .await?;
+        let outbound = mesh.workload("east", "client").outbound();
+        let host = "echo.demo.svc.cluster.local";
+        reachable(outbound, host).await?;
+        let traffic = traffic(outbound, host);
+        let home = echo_in.first().context("echo runs somewhere")?;
+        settles_in(&traffic, home, 20, Duration::from_secs(10)).await?;
+        Ok((mesh, outbound, traffic))
+    }
+}

@@ -222,16 +222,7 @@ async fn bursts_of_client_cancellations_never_make_the_peer_close_the_shared_con
     let mut peer = tls.connect(isthmus_core::tls::server_name(), tcp).await?;
     let mut burst = PREFACE.to_vec();
     burst.extend(frame(SETTINGS, 0, 0, &[]));
-    for i in 0..500u32 {
-        let id = 2 * i + 1;
-        burst.extend(frame(
-            HEADERS,
-            END_HEADERS | END_STREAM,
-            id,
-            &get(&format!("{HOST}:80"), "/"),
-        ));
-        burst.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
-    }
+    burst.extend(open_and_reset(500, &format!("{HOST}:80"), "/"));
     peer.write_all(&burst).await?;
     let mut seen = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -553,6 +544,22 @@ mod frames {
         b
     }
 
+    /// `n` streams, each opened (a GET for `authority` `path`) and reset at once.
+    pub fn open_and_reset(n: u32, authority: &str, path: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            let id = 2 * i + 1;
+            out.extend(frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                id,
+                &get(authority, path),
+            ));
+            out.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+        }
+        out
+    }
+
     /// Adds `name: value` to the dynamic table (literal with incremental indexing).
     pub fn indexed_insert(b: &mut Vec<u8>, name: &str, value: &[u8]) {
         literal(b, 0x40, name, value);
@@ -609,17 +616,7 @@ async fn http2_floods_end_only_the_flooding_connection() -> anyhow::Result<()> {
     use frames::*;
     let (_mesh, outbound, traffic) = two_clusters(Default::default()).await?;
     // Rapid reset (CVE-2023-44487): streams opened and reset at once, by the thousand.
-    let mut rapid = Vec::new();
-    for i in 0..2000u32 {
-        let id = 2 * i + 1;
-        rapid.extend(frame(
-            HEADERS,
-            END_HEADERS | END_STREAM,
-            id,
-            &get(HOST, "/delay/100"),
-        ));
-        rapid.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
-    }
+    let rapid = open_and_reset(2000, HOST, "/delay/100");
     assert!(
         h2_flood(outbound, rapid, Duration::from_secs(5)).await?,
         "rapid reset is cut off"
@@ -690,14 +687,7 @@ async fn http2_floods_end_only_the_flooding_connection() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_quic_port_does_not_disturb_cross_cluster_traffic() -> anyhow::Result<()> {
-    let mut mesh = Mesh::start(&["east", "west"]).await?;
-    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
-        .await?;
-    mesh.add_workload("east", "client", None, "client").await?;
-    let outbound = mesh.workload("east", "client").outbound();
-    reachable(outbound, HOST).await?;
-    let traffic = traffic(outbound, HOST);
-    isthmus_tests::settles_in(&traffic, "west", 10, Duration::from_secs(10)).await?;
+    let (mut mesh, _, traffic) = Mesh::with_traffic_from_east(&["east", "west"], &["west"]).await?;
     let quic: Vec<SocketAddr> = ["east", "west"]
         .iter()
         .map(|c| {
@@ -731,4 +721,45 @@ async fn garbage_on_the_quic_port_does_not_disturb_cross_cluster_traffic() -> an
     isthmus_tests::settles_in(&traffic, "west", 10, Duration::from_secs(5)).await?;
     assert_eq!(traffic.failures(), Vec::<String>::new());
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_app_connections_are_closed_and_busy_ones_are_not() -> anyhow::Result<()> {
+    let limits = isthmus_sidecar::ingress::Limits {
+        idle_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let (_mesh, outbound, traffic) = two_clusters(limits).await?;
+    // HTTP/1.1 kept alive after one answer: closed about a second later.
+    let started = Instant::now();
+    let (r, closed) = raw_h1(
+        outbound,
+        format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await?;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let closed = closed.expect("an idle HTTP/1.1 connection is closed");
+    assert!(
+        closed >= Duration::from_millis(900) && closed < Duration::from_secs(3),
+        "{closed:?}"
+    );
+    // HTTP/2: the same, with GOAWAY.
+    let tcp = TcpStream::connect(outbound).await?;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await?;
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{HOST}/"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    assert_eq!(send.send_request(req).await?.status(), 200);
+    let ended = tokio::time::timeout(Duration::from_secs(3), conn).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection is closed");
+    // A request in progress longer than the idle timeout is not cut.
+    let r = AppClient::new().get(outbound, HOST, "/delay/1500").await?;
+    assert_eq!(r.status, 200);
+    assert!(started.elapsed() > Duration::from_secs(1));
+    others_unharmed(&traffic, outbound).await
 }

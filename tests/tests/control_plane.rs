@@ -288,15 +288,7 @@ async fn a_yaml_change_reaches_proxies_in_this_and_other_clusters() -> anyhow::R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_federation_loses_no_cluster_and_marks_silent_ones_stale() -> anyhow::Result<()>
 {
-    let mut mesh = Mesh::start(&["east", "west"]).await?;
-    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
-        .await?;
-    mesh.add_workload("east", "client", None, "frontend")
-        .await?;
-    let outbound = mesh.workload("east", "client").outbound();
-    isthmus_tests::reachable(outbound, HOST).await?;
-    let traffic = traffic(outbound, HOST);
-    settles_in(&traffic, "west", 10, Duration::from_secs(10)).await?;
+    let (mut mesh, _, traffic) = Mesh::with_traffic_from_east(&["east", "west"], &["west"]).await?;
 
     // West's controller stays away, so west cannot report after the federation restarts;
     // east's controller reconnects and receives what the federation publishes.

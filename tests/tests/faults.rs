@@ -3,24 +3,13 @@
 
 use std::time::Duration;
 
-use isthmus_tests::{eventually, metric_sum, settles_in, traffic, Mesh, NetFault};
-
-const HOST: &str = "echo.demo.svc.cluster.local";
+use isthmus_tests::{eventually, metric_sum, settles_in, Mesh, NetFault};
 
 /// echo in west and eu only; a client in east; traffic settled in west (east's failover
 /// region).
 async fn mesh_with_traffic_in_west() -> anyhow::Result<(Mesh, isthmus_tests::Traffic)> {
-    let mut mesh = Mesh::start(&["east", "west", "eu"]).await?;
-    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
-        .await?;
-    mesh.add_workload("eu", "echo-eu", Some("echo"), "echo")
-        .await?;
-    mesh.add_workload("east", "client", None, "frontend")
-        .await?;
-    let outbound = mesh.workload("east", "client").outbound();
-    isthmus_tests::reachable(outbound, HOST).await?;
-    let traffic = traffic(outbound, HOST);
-    settles_in(&traffic, "west", 20, Duration::from_secs(10)).await?;
+    let (mesh, _, traffic) =
+        Mesh::with_traffic_from_east(&["east", "west", "eu"], &["west", "eu"]).await?;
     Ok((mesh, traffic))
 }
 

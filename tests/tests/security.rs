@@ -294,3 +294,60 @@ async fn no_admin_dump_holds_a_key_or_a_token() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_and_self_signed_certificates_are_refused() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east"]).await?;
+    mesh.add_workload("east", "echo-east", Some("echo"), "echo")
+        .await?;
+    let sidecar = std::net::SocketAddr::new(mesh.workload("east", "echo-east").ip.into(), 15008);
+    let frontend = SpiffeId::new(TRUST_DOMAIN, NAMESPACE, "frontend");
+
+    // The cluster's own CA, as the controller keeps it, signs a leaf that lives one second.
+    let state = mesh.cluster("east").state_dir.clone();
+    let ca_cert = std::fs::read_to_string(state.join("cluster-ca.pem"))?;
+    let ca = CertificateAuthority::from_pem(
+        &ca_cert,
+        &std::fs::read_to_string(state.join("cluster-ca-key.pem"))?,
+        vec![ca_cert.clone()],
+        mesh.bundle_pem.clone(),
+    )?;
+    let (key, csr) = isthmus_core::tls::ca::leaf_csr(&frontend)?;
+    let chain = ca.sign_leaf(&csr, &frontend, std::time::Duration::from_secs(1))?;
+    let short = isthmus_core::tls::TlsIdentity::new(isthmus_core::tls::Credentials::from_pem(
+        key.serialize_der(),
+        &chain,
+        &mesh.bundle_pem,
+    )?);
+    assert_eq!(
+        mtls_request(sidecar, &short, get("echo.demo.svc.cluster.local:80")).await?,
+        200,
+        "accepted while valid"
+    );
+    isthmus_tests::eventually(
+        "the certificate to expire and be refused",
+        std::time::Duration::from_secs(5),
+        || async {
+            let refused =
+                mtls_request(sidecar, &short, get("echo.demo.svc.cluster.local:80")).await;
+            anyhow::ensure!(refused.is_err(), "still accepted: {refused:?}");
+            Ok(())
+        },
+    )
+    .await?;
+
+    // A self-signed leaf naming the same identity.
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(frontend.to_string().try_into()?)];
+    let cert = params.self_signed(&key)?;
+    let self_signed =
+        isthmus_core::tls::TlsIdentity::new(isthmus_core::tls::Credentials::from_pem(
+            key.serialize_der(),
+            &[cert.pem()],
+            &mesh.bundle_pem,
+        )?);
+    let refused = mtls_request(sidecar, &self_signed, get("echo.demo.svc.cluster.local:80")).await;
+    assert!(refused.is_err(), "a self-signed certificate was accepted");
+    Ok(())
+}
