@@ -571,9 +571,25 @@ mod frames {
     }
 }
 
-/// Writes `bytes` to the outbound listener, then reads for `wait`; returns whether the
-/// sidecar ended the connection (GOAWAY or close).
-async fn h2_flood(outbound: SocketAddr, bytes: Vec<u8>, wait: Duration) -> anyhow::Result<bool> {
+/// What a flooding client saw: whether the sidecar ended its connection (GOAWAY or
+/// close), and the frames it sent back (kind, stream, payload).
+struct Flood {
+    ended: bool,
+    frames: Vec<(u8, u32, Vec<u8>)>,
+}
+
+impl Flood {
+    /// Whether any stream was answered `200` (`:status 200` is HPACK static entry 8).
+    fn answered_200(&self) -> bool {
+        self.frames
+            .iter()
+            .any(|(kind, _, payload)| *kind == frames::HEADERS && payload.first() == Some(&0x88))
+    }
+}
+
+/// Writes `bytes` to the outbound listener, then reads for `wait` or until the sidecar
+/// ends the connection.
+async fn h2_flood(outbound: SocketAddr, bytes: Vec<u8>, wait: Duration) -> anyhow::Result<Flood> {
     let mut tcp = TcpStream::connect(outbound).await?;
     let mut all = frames::PREFACE.to_vec();
     all.extend(frames::frame(frames::SETTINGS, 0, 0, &[]));
@@ -583,32 +599,41 @@ async fn h2_flood(outbound: SocketAddr, bytes: Vec<u8>, wait: Duration) -> anyho
     let mut buf = vec![0u8; 64 * 1024];
     let deadline = tokio::time::Instant::now() + wait;
     let mut seen = Vec::new();
-    loop {
+    let ended = loop {
         match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Ok(true),
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
             Ok(Ok(n)) => {
                 seen.extend_from_slice(&buf[..n]);
                 if goaway_in(&seen) {
-                    return Ok(true);
+                    break true;
                 }
             }
-            Err(_) => return Ok(false),
+            Err(_) => break false,
         }
-    }
+    };
+    Ok(Flood {
+        ended,
+        frames: frames_in(&seen),
+    })
 }
 
-fn goaway_in(mut b: &[u8]) -> bool {
+/// The whole frames in `b`: (kind, stream, payload).
+fn frames_in(mut b: &[u8]) -> Vec<(u8, u32, Vec<u8>)> {
+    let mut out = Vec::new();
     while b.len() >= 9 {
         let len = (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]);
-        if b[3] == 7 {
-            return true;
-        }
         if b.len() < 9 + len {
-            return false;
+            break;
         }
+        let stream = u32::from_be_bytes([b[5], b[6], b[7], b[8]]) & 0x7fff_ffff;
+        out.push((b[3], stream, b[9..9 + len].to_vec()));
         b = &b[9 + len..];
     }
-    false
+    out
+}
+
+fn goaway_in(b: &[u8]) -> bool {
+    frames_in(b).iter().any(|(kind, _, _)| *kind == 7)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -618,7 +643,9 @@ async fn http2_floods_end_only_the_flooding_connection() -> anyhow::Result<()> {
     // Rapid reset (CVE-2023-44487): streams opened and reset at once, by the thousand.
     let rapid = open_and_reset(2000, HOST, "/delay/100");
     assert!(
-        h2_flood(outbound, rapid, Duration::from_secs(5)).await?,
+        h2_flood(outbound, rapid, Duration::from_secs(5))
+            .await?
+            .ended,
         "rapid reset is cut off"
     );
     // CONTINUATION flood: one header block that never ends.
@@ -629,7 +656,9 @@ async fn http2_floods_end_only_the_flooding_connection() -> anyhow::Result<()> {
         cont.extend(frame(CONTINUATION, 0, 1, &piece));
     }
     assert!(
-        h2_flood(outbound, cont, Duration::from_secs(5)).await?,
+        h2_flood(outbound, cont, Duration::from_secs(5))
+            .await?
+            .ended,
         "a header block that never ends is cut off"
     );
     // HPACK bomb: one 4 KiB entry in the dynamic table, referenced a thousand times.
@@ -656,19 +685,34 @@ async fn http2_floods_end_only_the_flooding_connection() -> anyhow::Result<()> {
         };
         bomb.extend(frame(CONTINUATION, end, 1, c));
     }
-    // Answered 431 on the stream or with the connection cut; either way only this client.
-    let _ = h2_flood(outbound, bomb, Duration::from_secs(3)).await?;
-    // PING and SETTINGS floods from a client that never reads.
+    // 4 MB of headers from 8 KB of HPACK: refused (431 on the stream, or the connection
+    // cut), never decoded and forwarded.
+    let bomb = h2_flood(outbound, bomb, Duration::from_secs(3)).await?;
+    assert!(!bomb.answered_200(), "the HPACK bomb was served");
+    // PING and SETTINGS floods from clients that never read: the sidecar answers each in
+    // turn and stops reading when the answers cannot be written (no queue grows), and
+    // nobody else notices.
     let mut pings = Vec::new();
     for i in 0..20_000u64 {
         pings.extend(frame(PING, 0, 0, &i.to_be_bytes()));
     }
-    let _ = h2_flood(outbound, pings, Duration::from_secs(3)).await?;
     let mut settings = Vec::new();
     for _ in 0..20_000 {
         settings.extend(frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0xff, 0xff]));
     }
-    let _ = h2_flood(outbound, settings, Duration::from_secs(3)).await?;
+    let mut silent = Vec::new();
+    for flood in [pings, settings] {
+        let mut tcp = TcpStream::connect(outbound).await?;
+        let mut all = PREFACE.to_vec();
+        all.extend(flood);
+        silent.push(tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(3), tcp.write_all(&all)).await;
+            tcp
+        }));
+    }
+    for s in silent {
+        drop(s.await?);
+    }
     // A reader that opens no window: its request waits, nobody else does.
     let mut tcp = TcpStream::connect(outbound).await?;
     let mut zero = PREFACE.to_vec();
