@@ -246,3 +246,29 @@ fn a_demo_stopped_with_sigterm_stops_its_children_and_a_second_demo_names_the_bu
         processes_mentioning(&needle).is_empty()
     });
 }
+
+#[test]
+fn a_role_that_cannot_bind_names_the_address_and_the_likely_cause() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = isthmus()
+        .args([
+            "federation",
+            "--listen",
+            &addr,
+            "--admin",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&addr), "names the address: {err}");
+    assert!(
+        err.contains("hint: another process holds that address"),
+        "says why: {err}"
+    );
+}

@@ -213,6 +213,47 @@ async fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, method: &str, path: &str) -> String {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let req = format!("{method} {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn the_metrics_listener_serves_metrics_and_nothing_else() {
+        let admin = Admin {
+            registry: Arc::new(Registry::default()),
+            readiness: Readiness::default(),
+            dump: Arc::new(|| serde_json::json!({"secret": "config"})),
+            logging: None,
+        };
+        let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let server = AdminServer::bind(local, Some(local), admin)
+            .await
+            .expect("bind");
+        let (admin_addr, metrics) = (server.address(), server.metrics_address().expect("metrics"));
+        let (_trigger, drain) = crate::drain::new();
+        tokio::spawn(server.run(drain));
+        assert!(get(metrics, "GET", "/stats/prometheus")
+            .await
+            .starts_with("HTTP/1.1 200"));
+        assert!(get(metrics, "GET", "/ready")
+            .await
+            .starts_with("HTTP/1.1 200"));
+        let dump = get(metrics, "GET", "/config_dump").await;
+        assert!(
+            dump.starts_with("HTTP/1.1 404") && !dump.contains("secret"),
+            "{dump}"
+        );
+        assert!(get(admin_addr, "GET", "/config_dump")
+            .await
+            .contains("secret"));
+    }
 
     #[test]
     fn only_loopback_callers_change_state_and_the_metrics_port_serves_metrics_alone() {
