@@ -2,6 +2,7 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/discovery.proto",
+        "proto/routing.proto",
         "proto/ca.proto",
         "proto/federation.proto",
         "proto/tunnel.proto",
@@ -10,10 +11,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }
-    let fds = protox::compile(files, ["proto"])?;
+    // Each package is one flat module of this crate (see lib.rs), so a package that others
+    // import is generated on its own and referred to by its module path.
+    let shared = ["proto/routing.proto"];
+    tonic_prost_build::configure()
+        .btree_map(".")
+        .compile_fds(protox::compile(shared, ["proto"])?)?;
+    let rest: Vec<&str> = files.into_iter().filter(|f| !shared.contains(f)).collect();
     // BTreeMap keeps encodings deterministic, so resource versions are content hashes.
     tonic_prost_build::configure()
         .btree_map(".")
-        .compile_fds(fds)?;
+        .extern_path(".isthmus.routing.v1", "crate::routing")
+        .compile_fds(protox::compile(rest, ["proto"])?)?;
     Ok(())
 }

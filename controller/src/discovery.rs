@@ -2,6 +2,11 @@
 //! controller sends what differs from what the proxy holds (its initial versions on connect,
 //! then every change), reads ACKs/NACKs, and takes sidecars' health reports.
 //!
+//! Every response stays in flight until its ACK or NACK. A NACK names the resources the
+//! proxy rejected: it kept its previous version of each, so the controller puts that back
+//! as what the proxy holds, and does not send the rejected version again; the next version
+//! of the resource goes out as soon as config changes it. The proxy applied the rest.
+//!
 //! A stream is authorized by the proxy's certificate: a sidecar may only speak for a
 //! workload whose service account it holds, a gateway must hold the gateway identity.
 
@@ -24,6 +29,18 @@ use crate::registry::{GatewayInfo, Registry, Snapshot};
 
 /// Responses queued per stream before the sender waits for the proxy.
 const RESPONSE_QUEUE: usize = 16;
+/// Responses a proxy may leave unanswered; past this the oldest is taken as applied.
+const MAX_IN_FLIGHT: usize = 256;
+
+/// A response awaiting its ACK or NACK.
+struct InFlight {
+    type_url: String,
+    /// Name → what the proxy held before (its version, `None` if it had none); a rejected
+    /// resource goes back to this.
+    previous: BTreeMap<String, Option<String>>,
+    /// Name → version sent (updates only).
+    sent: BTreeMap<String, String>,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TypeLabel {
@@ -211,6 +228,8 @@ impl Discovery for DiscoveryService {
             svc: self.clone(),
             tx,
             known: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            rejected: BTreeMap::new(),
             answered: Default::default(),
             nonce: 0,
             guard,
@@ -226,8 +245,13 @@ impl Discovery for DiscoveryService {
 struct ProxyStream {
     svc: DiscoveryService,
     tx: mpsc::Sender<Result<DeltaResponse, Status>>,
-    /// Per subscribed type: name → version the proxy holds (or was last sent).
+    /// Per subscribed type: name → version the proxy holds once every response in flight
+    /// is applied.
     known: BTreeMap<String, BTreeMap<String, String>>,
+    /// Responses not yet ACKed or NACKed, by nonce.
+    in_flight: BTreeMap<u64, InFlight>,
+    /// Per type: name → version the proxy rejected; not sent again.
+    rejected: BTreeMap<String, BTreeMap<String, String>>,
     /// Types answered at least once on this stream (the first answer may be empty).
     answered: std::collections::BTreeSet<String>,
     nonce: u64,
@@ -302,22 +326,58 @@ impl ProxyStream {
             return Ok(());
         }
         if !req.response_nonce.is_empty() {
-            if !req.error_detail.is_empty() {
-                self.svc
-                    .metrics
-                    .nacks
-                    .get_or_create(&TypeLabel {
-                        type_url: req.type_url.clone(),
-                    })
-                    .inc();
-                tracing::warn!(type_url = %req.type_url, workload = ?self.guard.workload, reason = %req.error_detail, "proxy rejected config (NACK)");
-            }
+            self.on_answer(&req);
             return Ok(());
         }
         // A subscription: the proxy tells what it already holds.
         self.known
             .insert(req.type_url.clone(), req.initial_resource_versions);
         self.push(&req.type_url, snapshot).await
+    }
+
+    /// An ACK settles a response; a NACK puts back what the proxy kept of each rejected
+    /// resource and remembers the rejected version.
+    fn on_answer(&mut self, req: &DeltaRequest) {
+        let Some(sent) = req
+            .response_nonce
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| self.in_flight.remove(&n))
+        else {
+            return;
+        };
+        if req.error_detail.is_empty() {
+            return;
+        }
+        self.svc
+            .metrics
+            .nacks
+            .get_or_create(&TypeLabel {
+                type_url: sent.type_url.clone(),
+            })
+            .inc();
+        tracing::warn!(type_url = %sent.type_url, workload = ?self.guard.workload, rejected = ?req.rejected_resources, reason = %req.error_detail, "proxy rejected config (NACK)");
+        // A proxy that names nothing rejected the response whole.
+        let names: Vec<&String> = if req.rejected_resources.is_empty() {
+            sent.sent.keys().collect()
+        } else {
+            req.rejected_resources.iter().collect()
+        };
+        let known = self.known.entry(sent.type_url.clone()).or_default();
+        let rejected = self.rejected.entry(sent.type_url.clone()).or_default();
+        for name in names {
+            let Some(version) = sent.sent.get(name) else {
+                continue;
+            };
+            // Unless a later response changed it again, the proxy holds its old version.
+            if known.get(name) == Some(version) {
+                match sent.previous.get(name).cloned().flatten() {
+                    Some(old) => known.insert(name.clone(), old),
+                    None => known.remove(name),
+                };
+            }
+            rejected.insert(name.clone(), version.clone());
+        }
     }
 
     async fn push(&mut self, type_url: &str, snapshot: &Snapshot) -> Result<(), ()> {
@@ -337,9 +397,12 @@ impl ProxyStream {
             all
         };
         let known = self.known.entry(type_url.to_owned()).or_default();
+        let rejected = self.rejected.entry(type_url.to_owned()).or_default();
         let resources: Vec<Resource> = current
             .iter()
-            .filter(|(name, (version, _))| known.get(*name) != Some(version))
+            .filter(|(name, (version, _))| {
+                known.get(*name) != Some(version) && rejected.get(*name) != Some(version)
+            })
             .map(|(name, (version, body))| Resource {
                 name: name.clone(),
                 version: version.clone(),
@@ -351,15 +414,31 @@ impl ProxyStream {
             .filter(|n| !current.contains_key(*n))
             .cloned()
             .collect();
+        rejected.retain(|name, _| current.contains_key(name));
         let first_push = self.answered.insert(type_url.to_owned());
         if resources.is_empty() && removed.is_empty() && !first_push {
             return Ok(());
         }
-        *known = current
-            .iter()
-            .map(|(n, (v, _))| (n.clone(), v.clone()))
-            .collect();
+        let mut flight = InFlight {
+            type_url: type_url.to_owned(),
+            previous: BTreeMap::new(),
+            sent: BTreeMap::new(),
+        };
+        for r in &resources {
+            flight.previous.insert(
+                r.name.clone(),
+                known.insert(r.name.clone(), r.version.clone()),
+            );
+            flight.sent.insert(r.name.clone(), r.version.clone());
+        }
+        for name in &removed {
+            flight.previous.insert(name.clone(), known.remove(name));
+        }
         self.nonce += 1;
+        self.in_flight.insert(self.nonce, flight);
+        while self.in_flight.len() > MAX_IN_FLIGHT {
+            self.in_flight.pop_first();
+        }
         let resp = DeltaResponse {
             system_version_info: String::new(),
             type_url: type_url.to_owned(),

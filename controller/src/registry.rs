@@ -290,11 +290,7 @@ impl Registry {
                 .collect(),
             endpoints: selected.iter().map(|w| self.endpoint(w, health)).collect(),
             remote: Vec::new(),
-            routing_json: config
-                .routing
-                .get(&svc.key)
-                .map(|r| serde_json::to_string(r).expect("routing serializes"))
-                .unwrap_or_default(),
+            routing: config.routing.get(&svc.key).map(Into::into),
         }
     }
 

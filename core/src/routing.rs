@@ -1,11 +1,14 @@
 //! Traffic management as the sidecar applies it: the validated, resolved form of Istio's
 //! `VirtualService` and `DestinationRule` for one service. The controller builds it from the
-//! YAML (`config::istio`), sends it with the service, and the sidecar compiles it once per
-//! config change.
+//! YAML (`config::istio`), sends it with the service as a typed message (`wire`), and the
+//! sidecar converts it back (refusing what is out of range) and compiles it once per config
+//! change.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+pub mod wire;
 
 /// How a string is matched (Istio's StringMatch).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

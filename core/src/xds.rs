@@ -1,6 +1,8 @@
 //! The proxy side of the discovery stream. One stream per proxy to its controller; typed
-//! resources arrive as deltas, each response is handed to an [`XdsHandler`] that converts
-//! and applies it whole or rejects it (NACK), and the client answers with an ACK or NACK.
+//! resources arrive as deltas, each response is handed to an [`XdsHandler`] that applies
+//! every resource that converts and names those that do not, and the client answers with an
+//! ACK, or a NACK naming the rejected resources. The proxy is ready once it has ACKed a
+//! first response of every type it subscribes to.
 //!
 //! The client remembers the versions it accepted and offers them on reconnect, so a restarted
 //! controller sends only what differs. While the controller is away the handler's state, the
@@ -23,21 +25,37 @@ const REQUEST_QUEUE: usize = 16;
 /// A session that lasted this long resets the reconnect backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
+/// A pushed resource a proxy could not use, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub name: String,
+    pub reason: String,
+}
+
+impl Rejected {
+    pub fn new(name: &str, reason: impl std::fmt::Display) -> Self {
+        Self {
+            name: name.to_owned(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Every resource of a response, for a reason that concerns them all.
+    pub fn all(updated: &[Resource], reason: &str) -> Vec<Self> {
+        updated.iter().map(|r| Self::new(&r.name, reason)).collect()
+    }
+}
+
 /// Applies pushed resources to a proxy's state.
 pub trait XdsHandler: Send + Sync + 'static {
-    /// Applies one response of `type_url`: every resource converts, or none is applied and
-    /// the reason is returned (it goes back to the controller as a NACK).
-    fn apply(&self, type_url: &str, updated: &[Resource], removed: &[String])
-        -> Result<(), String>;
+    /// Applies one response of `type_url`: every resource that converts, and the removals;
+    /// returns those that did not convert (the proxy keeps its previous version of each, and
+    /// they go back to the controller with a NACK).
+    fn apply(&self, type_url: &str, updated: &[Resource], removed: &[String]) -> Vec<Rejected>;
 }
 
 impl<T: XdsHandler> XdsHandler for std::sync::Arc<T> {
-    fn apply(
-        &self,
-        type_url: &str,
-        updated: &[Resource],
-        removed: &[String],
-    ) -> Result<(), String> {
+    fn apply(&self, type_url: &str, updated: &[Resource], removed: &[String]) -> Vec<Rejected> {
         (**self).apply(type_url, updated, removed)
     }
 }
@@ -49,7 +67,7 @@ pub struct XdsClient<H> {
     pub handler: H,
     /// App health reported by sidecars; `None` for proxies with no app.
     pub health: Option<watch::Receiver<bool>>,
-    /// Dropped after the first response of every type has been applied.
+    /// Dropped once a first response of every type has been applied whole (ACKed).
     pub first_config: Option<BlockReady>,
 }
 
@@ -107,7 +125,7 @@ impl<H: XdsHandler> XdsClient<H> {
             Err(status) => return status.into(),
         };
         tracing::info!("connected to controller");
-        let mut seen_types = std::collections::HashSet::new();
+        let mut acked_types = std::collections::HashSet::new();
         let mut health = self.health.clone();
         loop {
             tokio::select! {
@@ -118,8 +136,10 @@ impl<H: XdsHandler> XdsClient<H> {
                         Err(status) => return status.into(),
                     };
                     let reply = self.on_response(&resp, versions);
-                    seen_types.insert(resp.type_url.clone());
-                    if seen_types.len() >= self.types.len() {
+                    if reply.error_detail.is_empty() {
+                        acked_types.insert(resp.type_url.clone());
+                    }
+                    if acked_types.len() >= self.types.len() {
                         self.first_config.take();
                     }
                     if tx.send(reply).await.is_err() {
@@ -145,25 +165,29 @@ impl<H: XdsHandler> XdsClient<H> {
             response_nonce: resp.nonce.clone(),
             ..Default::default()
         };
-        match self
+        let rejected = self
             .handler
-            .apply(&resp.type_url, &resp.resources, &resp.removed_resources)
-        {
-            Ok(()) => {
-                let held = versions.entry(resp.type_url.clone()).or_default();
-                for r in &resp.resources {
-                    held.insert(r.name.clone(), r.version.clone());
-                }
-                for name in &resp.removed_resources {
-                    held.remove(name);
-                }
-                tracing::debug!(type_url = %resp.type_url, updated = resp.resources.len(), removed = resp.removed_resources.len(), "config applied");
-            }
-            Err(reason) => {
-                tracing::warn!(type_url = %resp.type_url, %reason, "config rejected (NACK)");
-                reply.error_detail = reason;
+            .apply(&resp.type_url, &resp.resources, &resp.removed_resources);
+        let held = versions.entry(resp.type_url.clone()).or_default();
+        for r in &resp.resources {
+            if !rejected.iter().any(|x| x.name == r.name) {
+                held.insert(r.name.clone(), r.version.clone());
             }
         }
+        for name in &resp.removed_resources {
+            held.remove(name);
+        }
+        if rejected.is_empty() {
+            tracing::debug!(type_url = %resp.type_url, updated = resp.resources.len(), removed = resp.removed_resources.len(), "config applied");
+            return reply;
+        }
+        let detail: Vec<String> = rejected
+            .iter()
+            .map(|r| format!("{}: {}", r.name, r.reason))
+            .collect();
+        reply.error_detail = detail.join("; ");
+        tracing::warn!(type_url = %resp.type_url, rejected = %reply.error_detail, applied = resp.resources.len() - rejected.len(), "config partly rejected (NACK)");
+        reply.rejected_resources = rejected.into_iter().map(|r| r.name).collect();
         reply
     }
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use isthmus_core::identity::SpiffeId;
-use isthmus_core::xds::XdsHandler;
+use isthmus_core::xds::{Rejected, XdsHandler};
 use isthmus_proto::discovery::{self as xds, Resource};
 use isthmus_proto::type_url;
 use prost::Message;
@@ -86,13 +86,16 @@ impl Store {
     }
 }
 
+/// The converted resource, or `None` with the reason recorded.
+fn keep<T>(rejected: &mut Vec<Rejected>, name: &str, converted: Result<T, String>) -> Option<T> {
+    converted
+        .map_err(|reason| rejected.push(Rejected::new(name, reason)))
+        .ok()
+}
+
 impl XdsHandler for Store {
-    fn apply(
-        &self,
-        type_url: &str,
-        updated: &[Resource],
-        removed: &[String],
-    ) -> Result<(), String> {
+    fn apply(&self, type_url: &str, updated: &[Resource], removed: &[String]) -> Vec<Rejected> {
+        let mut rejected = Vec::new();
         let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.current();
         let mut next = GatewayState {
@@ -101,23 +104,29 @@ impl XdsHandler for Store {
         };
         match type_url {
             type_url::SERVICE => {
-                let converted = updated.iter().map(service).collect::<Result<Vec<_>, _>>()?;
+                let converted: Vec<_> = updated
+                    .iter()
+                    .filter_map(|r| keep(&mut rejected, &r.name, service(r)))
+                    .collect();
                 for name in removed {
                     next.services.remove(name);
                 }
                 next.services.extend(converted);
             }
             type_url::PEER => {
-                let converted = updated.iter().map(peer).collect::<Result<Vec<_>, _>>()?;
+                let converted: Vec<_> = updated
+                    .iter()
+                    .filter_map(|r| keep(&mut rejected, &r.name, peer(r)))
+                    .collect();
                 for name in removed {
                     next.peers.remove(name);
                 }
                 next.peers.extend(converted);
             }
-            type_url::MESH => return Ok(()),
-            other => return Err(format!("unexpected resource type {other}")),
+            type_url::MESH => return rejected,
+            other => return Rejected::all(updated, &format!("unexpected resource type {other}")),
         }
         self.state.send_replace(Arc::new(next));
-        Ok(())
+        rejected
     }
 }

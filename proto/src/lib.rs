@@ -1,6 +1,7 @@
 //! Wire APIs between Isthmus components, generated from `proto/*.proto` at build time.
 //!
 //! - `discovery`: controller → proxies config push (xDS-style delta stream).
+//! - `routing`: a service's traffic management, pushed inside `discovery.Service`.
 //! - `ca`: workload certificate signing by a cluster controller.
 //! - `federation`: cluster controllers ↔ federation controller.
 //! - `tunnel`: the header on each QUIC stream between gateways.
@@ -8,6 +9,9 @@
 
 pub mod discovery {
     tonic::include_proto!("isthmus.discovery.v1");
+}
+pub mod routing {
+    tonic::include_proto!("isthmus.routing.v1");
 }
 pub mod ca {
     tonic::include_proto!("isthmus.ca.v1");

@@ -69,20 +69,23 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
         name: name.to_owned(),
         source,
     })?;
-    let routing = if msg.routing_json.is_empty() {
-        None
-    } else {
-        let r: isthmus_core::routing::ServiceRouting = serde_json::from_str(&msg.routing_json)
-            .map_err(|e| ConvertError::Routing {
-                name: name.to_owned(),
-                reason: e.to_string(),
+    let routing = match msg.routing {
+        None => None,
+        Some(wire) => {
+            let r = isthmus_core::routing::ServiceRouting::try_from(wire).map_err(|e| {
+                ConvertError::Routing {
+                    name: name.to_owned(),
+                    reason: e.to_string(),
+                }
             })?;
-        let compiled =
-            crate::route::CompiledRouting::compile(r).map_err(|reason| ConvertError::Routing {
-                name: name.to_owned(),
-                reason,
+            let compiled = crate::route::CompiledRouting::compile(r).map_err(|reason| {
+                ConvertError::Routing {
+                    name: name.to_owned(),
+                    reason,
+                }
             })?;
-        Some(Arc::new(compiled))
+            Some(Arc::new(compiled))
+        }
     };
     let mut endpoints = Vec::new();
     for ep in msg.endpoints.iter().filter(|e| e.healthy) {
@@ -159,15 +162,4 @@ pub fn mesh(name: &str, body: &[u8]) -> Result<(MeshInfo, String), ConvertError>
         },
         msg.trust_bundle_pem,
     ))
-}
-
-/// Converts a whole response of services; any failure rejects all of it.
-pub fn services(
-    resources: &[xds::Resource],
-    health: &HealthTable,
-) -> Result<Vec<(String, Arc<Service>)>, ConvertError> {
-    resources
-        .iter()
-        .map(|r| Ok((r.name.clone(), Arc::new(service(&r.name, &r.body, health)?))))
-        .collect()
 }

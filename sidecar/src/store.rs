@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use isthmus_core::xds::XdsHandler;
+use isthmus_core::xds::{Rejected, XdsHandler};
 use isthmus_proto::discovery::Resource;
 use isthmus_proto::type_url;
 use prost::Message;
@@ -41,73 +41,94 @@ impl Store {
     }
 }
 
+/// Converts each resource on its own: the good ones, and the rejected ones with why.
+fn each<T>(
+    updated: &[Resource],
+    convert: impl Fn(&Resource) -> Result<T, String>,
+) -> (Vec<T>, Vec<Rejected>) {
+    let mut good = Vec::with_capacity(updated.len());
+    let mut rejected = Vec::new();
+    for r in updated {
+        match convert(r) {
+            Ok(t) => good.push(t),
+            Err(reason) => rejected.push(Rejected::new(&r.name, reason)),
+        }
+    }
+    (good, rejected)
+}
+
+impl Store {
+    /// Publishes the state `change` makes of the current one.
+    fn update(&self, change: impl FnOnce(&MeshState) -> MeshState) {
+        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let next = change(&self.current());
+        self.state.send_replace(Arc::new(next));
+    }
+}
+
 impl XdsHandler for Store {
-    fn apply(
-        &self,
-        type_url: &str,
-        updated: &[Resource],
-        removed: &[String],
-    ) -> Result<(), String> {
+    fn apply(&self, type_url: &str, updated: &[Resource], removed: &[String]) -> Vec<Rejected> {
         match type_url {
             type_url::SERVICE => {
-                let converted =
-                    convert::services(updated, &self.health).map_err(|e| e.to_string())?;
-                let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
-                let old = self.current();
-                let mut services = old.services.clone();
-                for name in removed {
-                    services.remove(name);
-                }
-                services.extend(converted);
-                let mut next = MeshState {
-                    services,
-                    hosts: Default::default(),
-                    mesh: old.mesh.clone(),
-                    own_labels: old.own_labels.clone(),
-                };
-                next.index(&self.own_namespace);
-                next.attach_health(&self.health);
-                self.state.send_replace(Arc::new(next));
-                Ok(())
+                let (converted, rejected) = each(updated, |r| {
+                    convert::service(&r.name, &r.body, &self.health)
+                        .map(|s| (r.name.clone(), Arc::new(s)))
+                        .map_err(|e| e.to_string())
+                });
+                self.update(|old| {
+                    let mut services = old.services.clone();
+                    for name in removed {
+                        services.remove(name);
+                    }
+                    services.extend(converted);
+                    let mut next = MeshState {
+                        services,
+                        hosts: Default::default(),
+                        mesh: old.mesh.clone(),
+                        own_labels: old.own_labels.clone(),
+                    };
+                    next.index(&self.own_namespace);
+                    next.attach_health(&self.health);
+                    next
+                });
+                rejected
             }
             type_url::MESH => {
-                let Some(r) = updated.iter().find(|r| r.name == "mesh") else {
-                    return Ok(());
-                };
-                let (mesh, _bundle) = convert::mesh(&r.name, &r.body).map_err(|e| e.to_string())?;
-                let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
-                let old = self.current();
-                let next = MeshState {
-                    services: old.services.clone(),
-                    hosts: old.hosts.clone(),
-                    mesh,
-                    own_labels: old.own_labels.clone(),
-                };
-                self.state.send_replace(Arc::new(next));
-                Ok(())
+                let (mut meshes, rejected) = each(updated, |r| {
+                    convert::mesh(&r.name, &r.body)
+                        .map(|(mesh, _bundle)| mesh)
+                        .map_err(|e| e.to_string())
+                });
+                if let Some(mesh) = meshes.pop() {
+                    self.update(|old| MeshState {
+                        services: old.services.clone(),
+                        hosts: old.hosts.clone(),
+                        mesh,
+                        own_labels: old.own_labels.clone(),
+                    });
+                }
+                rejected
             }
             type_url::WORKLOAD => {
-                let labels = match updated.first() {
-                    Some(r) => {
-                        isthmus_proto::discovery::Workload::decode(r.body.as_slice())
-                            .map_err(|e| format!("resource {}: {e}", r.name))?
-                            .labels
-                    }
+                let (mut workloads, rejected) = each(updated, |r| {
+                    isthmus_proto::discovery::Workload::decode(r.body.as_slice())
+                        .map(|w| w.labels)
+                        .map_err(|e| format!("cannot decode: {e}"))
+                });
+                let labels = match workloads.pop() {
+                    Some(labels) => labels,
                     None if !removed.is_empty() => BTreeMap::new(),
-                    None => return Ok(()),
+                    None => return rejected,
                 };
-                let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
-                let old = self.current();
-                let next = MeshState {
+                self.update(|old| MeshState {
                     services: old.services.clone(),
                     hosts: old.hosts.clone(),
                     mesh: old.mesh.clone(),
                     own_labels: Arc::new(labels),
-                };
-                self.state.send_replace(Arc::new(next));
-                Ok(())
+                });
+                rejected
             }
-            other => Err(format!("unexpected resource type {other}")),
+            other => Rejected::all(updated, &format!("unexpected resource type {other}")),
         }
     }
 }
@@ -135,7 +156,7 @@ mod tests {
                 ..Default::default()
             }],
             remote: vec![],
-            routing_json: String::new(),
+            routing: None,
         };
         Resource {
             name: format!("demo/{name}"),
@@ -145,34 +166,37 @@ mod tests {
     }
 
     #[test]
-    fn a_response_with_one_bad_resource_is_rejected_whole_and_the_old_state_stays() {
+    fn a_bad_resource_is_rejected_alone_and_keeps_its_previous_version() {
         let store = Store::new("demo", Arc::default());
-        store
-            .apply(
-                type_url::SERVICE,
-                &[service("echo", "127.0.0.1:15008")],
-                &[],
-            )
-            .expect("valid");
-        let bad = [
+        let none = store.apply(
+            type_url::SERVICE,
+            &[service("echo", "127.0.0.1:15008")],
+            &[],
+        );
+        assert_eq!(none, vec![]);
+        let mixed = [
             service("other", "127.0.0.2:15008"),
-            service("broken", "not-an-address"),
+            service("echo", "not-an-address"),
         ];
-        let err = store
-            .apply(type_url::SERVICE, &bad, &["demo/echo".into()])
-            .expect_err("NACK");
+        let rejected = store.apply(type_url::SERVICE, &mixed, &[]);
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert_eq!(rejected[0].name, "demo/echo");
         assert!(
-            err.contains("tunnel_address") && err.contains("not-an-address"),
-            "{err}"
+            rejected[0].reason.contains("tunnel_address")
+                && rejected[0].reason.contains("not-an-address"),
+            "{rejected:?}"
         );
         let state = store.current();
-        assert!(
-            state.resolve("echo").is_some(),
-            "the accepted service still serves"
+        let echo = state
+            .resolve("echo")
+            .expect("the previous echo still serves");
+        assert_eq!(
+            echo.endpoints[0].tunnel_address.to_string(),
+            "127.0.0.1:15008"
         );
         assert!(
-            state.resolve("other").is_none(),
-            "nothing of the rejected response was applied"
+            state.resolve("other").is_some(),
+            "the good resource of the response was applied"
         );
     }
 
@@ -185,6 +209,8 @@ mod tests {
                 &[service("echo", "127.0.0.1:15008")],
                 &[],
             )
+            .is_empty()
+            .then_some(())
             .expect("valid");
         let state = store.current();
         for host in [
@@ -199,6 +225,8 @@ mod tests {
         assert!(state.resolve("echo.other").is_none());
         store
             .apply(type_url::SERVICE, &[], &["demo/echo".into()])
+            .is_empty()
+            .then_some(())
             .expect("removal");
         assert!(store.current().resolve("echo").is_none());
     }
@@ -211,7 +239,12 @@ mod tests {
             version: "1".into(),
             body: vec![0xff, 0xff, 0xff],
         };
-        assert!(store.apply(type_url::SERVICE, &[junk], &[]).is_err());
-        assert!(store.apply("isthmus.io/Unknown", &[], &[]).is_err());
+        assert_eq!(
+            store
+                .apply(type_url::SERVICE, std::slice::from_ref(&junk), &[])
+                .len(),
+            1
+        );
+        assert_eq!(store.apply("isthmus.io/Unknown", &[junk], &[]).len(), 1);
     }
 }

@@ -341,3 +341,194 @@ async fn a_restarted_federation_loses_no_cluster_and_marks_silent_ones_stale() -
     .await?;
     Ok(())
 }
+
+/// A proxy that refuses any Service with a port named `broken`, as a sidecar whose
+/// conversion of a resource fails; it records what it applied and what it was sent.
+#[derive(Default)]
+struct Picky {
+    applied: std::sync::Mutex<Vec<String>>,
+    offered: std::sync::Mutex<Vec<String>>,
+}
+
+impl isthmus_core::xds::XdsHandler for Picky {
+    fn apply(
+        &self,
+        _type_url: &str,
+        updated: &[isthmus_proto::discovery::Resource],
+        _removed: &[String],
+    ) -> Vec<isthmus_core::xds::Rejected> {
+        use prost::Message;
+        let mut rejected = Vec::new();
+        for r in updated {
+            self.offered.lock().expect("lock").push(r.name.clone());
+            let broken = isthmus_proto::discovery::Service::decode(r.body.as_slice())
+                .map(|s| s.ports.iter().any(|p| p.name == "broken"))
+                .unwrap_or(true);
+            if broken {
+                rejected.push(isthmus_core::xds::Rejected::new(&r.name, "port `broken`"));
+            } else {
+                self.applied.lock().expect("lock").push(r.name.clone());
+            }
+        }
+        rejected
+    }
+}
+
+fn plain_service(name: &str, port_name: &str) -> String {
+    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  selector: {{app: {name}}}\n  ports:\n  - {{name: {port_name}, port: 80, targetPort: 8080}}\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_resource_stays_out_until_fixed_while_the_rest_of_its_push_applies(
+) -> anyhow::Result<()> {
+    use isthmus_core::identity::SpiffeId;
+    let mut mesh = Mesh::start(&["east"]).await?;
+    mesh.apply("east", "good.yaml", &plain_service("good", "http"))
+        .await?;
+    mesh.apply("east", "flaky.yaml", &plain_service("flaky", "broken"))
+        .await?;
+    // A real sidecar shows when the controller pushes both, so the picky proxy's first
+    // response holds the broken one.
+    mesh.add_workload("east", "watcher", None, "watcher")
+        .await?;
+    let watcher = mesh
+        .workload("east", "watcher")
+        .sidecar
+        .as_ref()
+        .expect("sidecar")
+        .admin_address;
+    eventually(
+        "the controller to push both services",
+        Duration::from_secs(5),
+        || async {
+            let dump = config_dump(watcher).await?;
+            let has = |host: &str| {
+                dump["services"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|s| s["service"] == host)
+            };
+            anyhow::ensure!(
+                has("good.demo.svc.cluster.local") && has("flaky.demo.svc.cluster.local")
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    let identity = isthmus_core::tls::TlsIdentity::new(
+        mesh.ca_client("east", "east", "picky", "picky")?
+            .fetch(None)
+            .await?,
+    );
+    let controller = mesh
+        .cluster("east")
+        .controller
+        .as_ref()
+        .expect("controller")
+        .grpc_address;
+    let channel = isthmus_core::grpc::tls_channel(
+        controller,
+        identity.client_config(
+            isthmus_core::tls::PeerPolicy::OneOf(vec![SpiffeId::controller(
+                isthmus_tests::TRUST_DOMAIN,
+                "east",
+            )]),
+            &[isthmus_core::tls::ALPN_H2],
+        ),
+    );
+    let readiness = isthmus_core::readiness::Readiness::default();
+    let picky = std::sync::Arc::new(Picky::default());
+    let client = isthmus_core::xds::XdsClient {
+        channel,
+        node: isthmus_proto::discovery::Node {
+            cluster: "east".into(),
+            role: "sidecar".into(),
+            workload: "demo/picky".into(),
+            ..Default::default()
+        },
+        types: vec![isthmus_proto::type_url::SERVICE],
+        handler: picky.clone(),
+        health: None,
+        first_config: Some(readiness.register("first config")),
+    };
+    let task = tokio::spawn(client.run());
+    let applied = |name: &str| {
+        picky
+            .applied
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|n| n == name)
+    };
+    eventually(
+        "the good service to apply",
+        Duration::from_secs(5),
+        || async {
+            anyhow::ensure!(applied("demo/good"));
+            Ok(())
+        },
+    )
+    .await?;
+    let admin = mesh.controller_admin("east");
+    eventually(
+        "the controller to count the NACK",
+        Duration::from_secs(5),
+        || async {
+            anyhow::ensure!(
+                metric_sum(admin, "isthmus_controller_xds_nacks_total", &[]).await? >= 1.0
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    assert!(
+        !readiness.is_ready(),
+        "ready although the first push was NACKed"
+    );
+    // Another change elsewhere is pushed; the rejected version is not sent again.
+    mesh.apply("east", "other.yaml", &plain_service("other", "http"))
+        .await?;
+    eventually(
+        "the next change to apply",
+        Duration::from_secs(5),
+        || async {
+            anyhow::ensure!(applied("demo/other"));
+            Ok(())
+        },
+    )
+    .await?;
+    let offered_flaky = |p: &Picky| {
+        p.offered
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|n| *n == "demo/flaky")
+            .count()
+    };
+    assert_eq!(
+        offered_flaky(&picky),
+        1,
+        "the rejected version was sent again"
+    );
+    assert!(
+        readiness.is_ready(),
+        "a response of the type applied whole (ACKed) makes the proxy ready"
+    );
+
+    // Fixed in config: the new version goes out, applies, and the proxy is ready.
+    mesh.apply("east", "flaky.yaml", &plain_service("flaky", "http"))
+        .await?;
+    eventually(
+        "the fixed service to apply",
+        Duration::from_secs(5),
+        || async {
+            anyhow::ensure!(applied("demo/flaky"));
+            Ok(())
+        },
+    )
+    .await?;
+    assert_eq!(offered_flaky(&picky), 2, "the fixed version, once");
+    task.abort();
+    Ok(())
+}
