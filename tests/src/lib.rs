@@ -818,3 +818,32 @@ impl Mesh {
         Ok((mesh, outbound, traffic))
     }
 }
+
+impl Mesh {
+    /// A discovery channel to `cluster`'s controller, authenticated as a workload of
+    /// service account `sa` (certificate from the cluster's CA), as a proxy opens it.
+    pub async fn controller_channel(
+        &mut self,
+        cluster: &str,
+        sa: &str,
+    ) -> anyhow::Result<tonic::transport::Channel> {
+        let identity = isthmus_core::tls::TlsIdentity::new(
+            self.ca_client(cluster, cluster, sa, sa)?
+                .fetch(None)
+                .await?,
+        );
+        let controller = self
+            .cluster(cluster)
+            .controller
+            .as_ref()
+            .context("controller running")?
+            .grpc_address;
+        let policy = isthmus_core::tls::PeerPolicy::OneOf(vec![
+            isthmus_core::identity::SpiffeId::controller(TRUST_DOMAIN, cluster),
+        ]);
+        Ok(isthmus_core::grpc::tls_channel(
+            controller,
+            identity.client_config(policy, &[isthmus_core::tls::ALPN_H2]),
+        ))
+    }
+}

@@ -381,7 +381,6 @@ fn plain_service(name: &str, port_name: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_resource_stays_out_until_fixed_while_the_rest_of_its_push_applies(
 ) -> anyhow::Result<()> {
-    use isthmus_core::identity::SpiffeId;
     let mut mesh = Mesh::start(&["east"]).await?;
     mesh.apply("east", "good.yaml", &plain_service("good", "http"))
         .await?;
@@ -416,27 +415,7 @@ async fn a_rejected_resource_stays_out_until_fixed_while_the_rest_of_its_push_ap
         },
     )
     .await?;
-    let identity = isthmus_core::tls::TlsIdentity::new(
-        mesh.ca_client("east", "east", "picky", "picky")?
-            .fetch(None)
-            .await?,
-    );
-    let controller = mesh
-        .cluster("east")
-        .controller
-        .as_ref()
-        .expect("controller")
-        .grpc_address;
-    let channel = isthmus_core::grpc::tls_channel(
-        controller,
-        identity.client_config(
-            isthmus_core::tls::PeerPolicy::OneOf(vec![SpiffeId::controller(
-                isthmus_tests::TRUST_DOMAIN,
-                "east",
-            )]),
-            &[isthmus_core::tls::ALPN_H2],
-        ),
-    );
+    let channel = mesh.controller_channel("east", "picky").await?;
     let readiness = isthmus_core::readiness::Readiness::default();
     let picky = std::sync::Arc::new(Picky::default());
     let client = isthmus_core::xds::XdsClient {

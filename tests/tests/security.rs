@@ -133,23 +133,7 @@ async fn a_proxy_may_only_subscribe_as_the_workload_its_certificate_names() -> a
     let mut mesh = Mesh::start(&["east"]).await?;
     mesh.add_workload("east", "echo-east", Some("echo"), "echo")
         .await?;
-    let frontend = isthmus_core::tls::TlsIdentity::new(
-        mesh.ca_client("east", "east", "frontend", "frontend")?
-            .fetch(None)
-            .await?,
-    );
-    let controller = mesh
-        .cluster("east")
-        .controller
-        .as_ref()
-        .expect("controller")
-        .grpc_address;
-    let policy =
-        isthmus_core::tls::PeerPolicy::OneOf(vec![SpiffeId::controller(TRUST_DOMAIN, "east")]);
-    let channel = isthmus_core::grpc::tls_channel(
-        controller,
-        frontend.client_config(policy, &[isthmus_core::tls::ALPN_H2]),
-    );
+    let channel = mesh.controller_channel("east", "frontend").await?;
     let subscribe = |role: &str, workload: &str| {
         let first = DeltaRequest {
             node: Some(Node {
