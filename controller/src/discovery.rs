@@ -71,13 +71,15 @@ enum Role {
         workload: NamespacedName,
         verified: bool,
     },
-    Gateway,
+    Gateway(GatewayInfo),
 }
 
-/// Marks a sidecar's stream closed when the stream task ends, however it ends.
+/// Marks a sidecar's or a gateway's stream closed when the stream task ends, however it
+/// ends.
 struct StreamGuard {
     registry: Registry,
     workload: Option<NamespacedName>,
+    gateway: Option<GatewayInfo>,
     connected: Gauge,
 }
 
@@ -86,6 +88,9 @@ impl Drop for StreamGuard {
         self.connected.dec();
         if let Some(w) = &self.workload {
             self.registry.stream_closed(w);
+        }
+        if let Some(g) = &self.gateway {
+            self.registry.gateway_closed(g);
         }
     }
 }
@@ -136,12 +141,11 @@ impl DiscoveryService {
                         "gateway node must carry tunnel_address and quic_address as ip:port",
                     ));
                 }
-                self.registry.gateway_connected(GatewayInfo {
+                Ok(Role::Gateway(GatewayInfo {
                     tunnel_address: node.tunnel_address.clone(),
                     quic_address: node.quic_address.clone(),
                     identity: peer.to_string(),
-                });
-                Ok(Role::Gateway)
+                }))
             }
             "sidecar" => {
                 let (ns, name) = node.workload.split_once('/').ok_or_else(|| {
@@ -202,24 +206,28 @@ impl Discovery for DiscoveryService {
             } => Some(workload.clone()),
             _ => None,
         };
-        let workload = match role {
+        let (workload, gateway) = match role {
             Role::Sidecar {
                 workload,
                 verified: true,
             } => {
                 self.registry.stream_opened(&workload);
-                Some(workload)
+                (Some(workload), None)
             }
             Role::Sidecar {
                 verified: false, ..
+            } => (None, None),
+            Role::Gateway(info) => {
+                self.registry.gateway_connected(info.clone());
+                (None, Some(info))
             }
-            | Role::Gateway => None,
         };
         let pending = role_pending.map(|w| (w, peer.clone()));
         self.metrics.connected.inc();
         let guard = StreamGuard {
             registry: self.registry.clone(),
             workload,
+            gateway,
             connected: self.metrics.connected.clone(),
         };
         tracing::info!(%peer, role = %node.role, workload = %node.workload, "proxy connected");

@@ -14,6 +14,7 @@
 mod ca;
 mod discovery;
 mod federation;
+mod gateways;
 mod registry;
 mod state;
 

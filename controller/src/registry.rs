@@ -46,12 +46,8 @@ impl Health {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-pub struct GatewayInfo {
-    pub tunnel_address: String,
-    pub quic_address: String,
-    pub identity: String,
-}
+pub use crate::gateways::GatewayInfo;
+use crate::gateways::Gateways;
 
 struct Inner {
     cluster: String,
@@ -60,10 +56,7 @@ struct Inner {
     config: watch::Receiver<Arc<ConfigSet>>,
     global: watch::Receiver<Arc<fed::GlobalRegistry>>,
     health: Mutex<BTreeMap<NamespacedName, Health>>,
-    gateways: Mutex<BTreeSet<GatewayInfo>>,
-    /// Where known gateways are kept, so a restarted controller still routes across
-    /// clusters (and exports its gateways) before its gateways reconnect.
-    gateways_file: std::path::PathBuf,
+    gateways: Mutex<Gateways>,
     poke: Notify,
     snapshot: watch::Sender<Arc<Snapshot>>,
     exports: watch::Sender<Arc<fed::ClusterExports>>,
@@ -129,11 +122,7 @@ impl Registry {
         bundle_pem: String,
         state_dir: &std::path::Path,
     ) -> Self {
-        let gateways_file = state_dir.join(GATEWAYS_FILE);
-        let known: BTreeSet<GatewayInfo> = std::fs::read(&gateways_file)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let gateways = Gateways::load(state_dir.join(GATEWAYS_FILE));
         let inner = Inner {
             cluster: cluster.to_owned(),
             trust_domain: trust_domain.to_owned(),
@@ -141,8 +130,7 @@ impl Registry {
             config,
             global,
             health: Mutex::default(),
-            gateways: Mutex::new(known),
-            gateways_file,
+            gateways: Mutex::new(gateways),
             poke: Notify::new(),
             snapshot: watch::Sender::new(Arc::default()),
             exports: watch::Sender::new(Arc::default()),
@@ -196,15 +184,13 @@ impl Registry {
     }
 
     pub fn gateway_connected(&self, gw: GatewayInfo) {
-        let mut gateways = lock(&self.inner.gateways);
-        if !gateways.insert(gw) {
-            return;
-        }
-        let bytes = serde_json::to_vec(&*gateways).expect("gateway list serializes");
-        drop(gateways);
-        if let Err(e) = isthmus_core::fsutil::write_private(&self.inner.gateways_file, &bytes) {
-            tracing::warn!(error = %e, "cannot persist the gateway list");
-        }
+        lock(&self.inner.gateways).connected(gw);
+        self.inner.poke.notify_one();
+    }
+
+    /// A gateway's stream closed: its registration ends with its last stream.
+    pub fn gateway_closed(&self, gw: &GatewayInfo) {
+        lock(&self.inner.gateways).closed(gw);
         self.inner.poke.notify_one();
     }
 
@@ -229,7 +215,7 @@ impl Registry {
         let config = self.inner.config.borrow().clone();
         let global = self.inner.global.borrow().clone();
         let health = lock(&self.inner.health).clone();
-        let gateways = lock(&self.inner.gateways).clone();
+        let gateways = lock(&self.inner.gateways).serving();
         let snapshot = self.build_snapshot(&config, &global, &health, &gateways);
         self.inner.snapshot.send_if_modified(|s| {
             let changed = **s != snapshot;
@@ -299,7 +285,7 @@ impl Registry {
         config: &ConfigSet,
         global: &fed::GlobalRegistry,
         health: &BTreeMap<NamespacedName, Health>,
-        gateways: &BTreeSet<GatewayInfo>,
+        gateways: &[GatewayInfo],
     ) -> Snapshot {
         let mut services: BTreeMap<NamespacedName, xds::Service> = config
             .services
@@ -356,7 +342,7 @@ impl Registry {
                 encode(&|b| svc.encode(b).expect("vec grows")),
             );
         }
-        let gw = gateways.iter().next();
+        let gw = gateways.first();
         let mesh = xds::Mesh {
             cluster: self.inner.cluster.clone(),
             trust_domain: self.inner.trust_domain.clone(),
@@ -417,7 +403,7 @@ impl Registry {
         &self,
         config: &ConfigSet,
         health: &BTreeMap<NamespacedName, Health>,
-        gateways: &BTreeSet<GatewayInfo>,
+        gateways: &[GatewayInfo],
     ) -> fed::ClusterExports {
         let mut services = Vec::new();
         for key in &config.exports {
@@ -501,7 +487,7 @@ impl Registry {
         serde_json::json!({
             "cluster": self.inner.cluster,
             "services": services,
-            "gateways": lock(&self.inner.gateways).iter().map(|g| serde_json::json!({"tunnel": g.tunnel_address, "quic": g.quic_address})).collect::<Vec<_>>(),
+            "gateways": lock(&self.inner.gateways).serving().iter().map(|g| serde_json::json!({"tunnel": g.tunnel_address, "quic": g.quic_address})).collect::<Vec<_>>(),
             "global_registry_version": global.version,
             "global_conflicts": global.conflicts,
             "config": {

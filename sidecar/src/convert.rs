@@ -115,7 +115,11 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
             cluster: rc.cluster.clone(),
             locality: locality(first.locality.as_ref()),
             identities,
-            health: health.get(&format!("cluster:{}", rc.cluster)),
+            // Judged per service: one service failing in a cluster says nothing of the others.
+            health: health.get(&format!(
+                "cluster:{}/{}/{}",
+                rc.cluster, msg.namespace, msg.name
+            )),
             label_sets: healthy.iter().map(|l| l.labels.clone()).collect(),
         });
     }

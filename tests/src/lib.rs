@@ -244,6 +244,11 @@ impl Mesh {
     }
 
     pub async fn start_gateway(&mut self, name: &str) -> anyhow::Result<()> {
+        self.start_gateway_on(name, 2).await
+    }
+
+    /// Starts `cluster`'s gateway on the pod address `127.B.C.<host>`.
+    pub async fn start_gateway_on(&mut self, name: &str, host: u8) -> anyhow::Result<()> {
         let bundle = self.bundle_pem.clone();
         let c = self.cluster(name);
         let token = isthmus_controller::mint_workload_token(
@@ -253,7 +258,7 @@ impl Mesh {
             isthmus_core::identity::GATEWAY_SERVICE_ACCOUNT,
             TOKEN_TTL,
         )?;
-        let gw_ip = IpAddr::V4(ip(c.block, c.index, 2));
+        let gw_ip = IpAddr::V4(ip(c.block, c.index, host));
         wait_port_free(SocketAddr::new(gw_ip, 15008)).await?;
         let bound = isthmus_gateway::build(isthmus_gateway::Config {
             cluster: c.name.clone(),

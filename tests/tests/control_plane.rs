@@ -511,3 +511,39 @@ async fn a_rejected_resource_stays_out_until_fixed_while_the_rest_of_its_push_ap
     task.abort();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_goes_away_is_replaced_by_the_one_that_connects() -> anyhow::Result<()> {
+    let (mut mesh, _, traffic) = Mesh::with_traffic_from_east(&["east", "west"], &["west"]).await?;
+    mesh.kill_gateway("east");
+    // The replacement comes up on another address (a new pod).
+    mesh.start_gateway_on("east", 3).await?;
+    let new_tunnel = mesh
+        .cluster("east")
+        .gateway
+        .as_ref()
+        .expect("gateway")
+        .tunnel_address
+        .to_string();
+    let admin = mesh.controller_admin("east");
+    eventually(
+        "the controller to know only the new gateway",
+        Duration::from_secs(10),
+        || async {
+            let dump = config_dump(admin).await?;
+            let tunnels: Vec<&str> = dump["gateways"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|g| g["tunnel"].as_str())
+                .collect();
+            anyhow::ensure!(tunnels == [new_tunnel.as_str()], "gateways: {tunnels:?}");
+            Ok(())
+        },
+    )
+    .await?;
+    let recovered = Instant::now();
+    settles_in(&traffic, "west", 20, Duration::from_secs(10)).await?;
+    assert!(traffic.since(recovered).iter().all(|e| e.landed.is_ok()));
+    Ok(())
+}

@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use isthmus_tests::{eventually, metric_sum, settles_in, traffic, Mesh, Traffic};
+use isthmus_tests::{
+    config_dump, eventually, metric_sum, settles_in, traffic, AppClient, Mesh, Traffic,
+};
 
 const HOST: &str = "echo.demo.svc.cluster.local";
 
@@ -148,5 +150,47 @@ async fn a_destination_rule_locality_failover_order_wins_over_the_mesh_order() -
         Vec::<String>::new(),
         "no request may fail"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_service_in_a_cluster_does_not_eject_that_cluster_for_other_services(
+) -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east", "west"]).await?;
+    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("west", "other-west", Some("other"), "other")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    let other = "other.demo.svc.cluster.local";
+    isthmus_tests::reachable(outbound, HOST).await?;
+    isthmus_tests::reachable(outbound, other).await?;
+    // echo's app in west goes away: its sidecar answers "app unavailable", which ejects
+    // west for echo at once.
+    mesh.kill_app("west", "echo-west");
+    let client = AppClient::new();
+    for _ in 0..3 {
+        let _ = client.get(outbound, HOST, "/").await?;
+    }
+    let admin = std::net::SocketAddr::new(outbound.ip(), 15000);
+    let dump = config_dump(admin).await?;
+    let ejected = |service: &str| {
+        dump["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["service"] == service)
+            .and_then(|s| s["remote"][0]["ejected"].as_bool())
+    };
+    assert_eq!(ejected(HOST), Some(true), "{dump}");
+    assert_eq!(
+        ejected(other),
+        Some(false),
+        "west stays in use for other: {dump}"
+    );
+    let r = client.get(outbound, other, "/").await?;
+    assert_eq!(r.answer()?.cluster, "west");
     Ok(())
 }
