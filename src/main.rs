@@ -41,9 +41,10 @@ enum Command {
     /// Check a folder of config YAML the way the controller does; exit 1 with every fault
     /// (file, document, field) when any is found.
     Validate {
-        /// Folder of YAML documents (searched recursively for *.yaml and *.yml).
-        #[arg(short = 'f', long = "filename")]
-        dir: PathBuf,
+        /// A file, a folder (searched recursively for *.yaml and *.yml) or `-` for standard
+        /// input; repeat to validate several together, as one config.
+        #[arg(short = 'f', long = "filename", required = true)]
+        paths: Vec<PathBuf>,
     },
     /// Run the federation controller: the shared root CA and the global registry.
     Federation(FederationArgs),
@@ -329,6 +330,52 @@ macro_rules! serve {
     }};
 }
 
+/// `isthmus validate`: every document of every path, validated as one config.
+fn validate(paths: &[PathBuf]) -> anyhow::Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+    let mut files = Vec::new();
+    for path in paths {
+        if path.as_os_str() == "-" {
+            let mut contents = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut contents)
+                .context("reading standard input")?;
+            files.push(isthmus_core::config::SourceFile {
+                name: "<stdin>".into(),
+                contents,
+            });
+            continue;
+        }
+        match isthmus_core::config::read_path(path) {
+            Ok(read) => files.extend(read),
+            Err(errors) => {
+                eprintln!("{errors}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    match isthmus_core::config::load_files(&files) {
+        Ok(set) => {
+            for note in &set.notes {
+                println!("note: {note}");
+            }
+            println!(
+                "{}: valid ({} services, {} workload entries, {} exports)",
+                shown.join(", "),
+                set.services.len(),
+                set.workloads.len(),
+                set.exports.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{} error(s)", errors.0.len());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
 /// Durations on the command line read as in Istio's config: `500ms`, `1.5s`, `10m`, `24h`.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     isthmus_core::config::parse_duration_ms(s)
@@ -388,23 +435,7 @@ async fn run(
 ) -> anyhow::Result<std::process::ExitCode> {
     use std::process::ExitCode;
     match command {
-        Command::Validate { dir } => match isthmus_core::config::load_dir(&dir) {
-            Ok(set) => {
-                println!(
-                    "{}: valid ({} services, {} workload entries, {} exports)",
-                    dir.display(),
-                    set.services.len(),
-                    set.workloads.len(),
-                    set.exports.len()
-                );
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(errors) => {
-                eprintln!("{errors}");
-                eprintln!("{} error(s)", errors.0.len());
-                Ok(ExitCode::FAILURE)
-            }
-        },
+        Command::Validate { paths } => validate(&paths),
         Command::Token(TokenCommand::Join {
             state_dir,
             cluster,

@@ -272,3 +272,73 @@ fn a_role_that_cannot_bind_names_the_address_and_the_likely_cause() {
         "says why: {err}"
     );
 }
+
+#[test]
+fn validate_takes_files_folders_and_stdin_and_passes_over_non_mesh_kinds() {
+    let demo = |cluster: &str| format!("{}/deploy/demo/{cluster}", env!("CARGO_MANIFEST_DIR"));
+    // A file, and several -f validated together.
+    let out = isthmus()
+        .args(["validate", "-f", &format!("{}/echo.yaml", demo("east"))])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = dir.path().join("app.yaml");
+    std::fs::write(
+        &app,
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: demo}\nspec: {replicas: 2}\n---\n\
+         apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: demo}\n---\n\
+         apiVersion: networking.istio.io/v1alpha3\nkind: WorkloadEntry\nmetadata: {name: vm, namespace: demo}\nspec: {address: 10.0.0.9, labels: {app: web}}\n",
+    )
+    .expect("write");
+    let out = isthmus()
+        .args(["validate", "-f", &demo("east"), "-f"])
+        .arg(&app)
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "document 1 (Deployment web): Deployment (apps/v1) is not mesh config; skipped"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ServiceAccount (v1) is not mesh config"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("2 workload entries"),
+        "the v1alpha3 WorkloadEntry counts: {stdout}"
+    );
+    // Standard input.
+    let mut child = isthmus()
+        .args(["validate", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs");
+    std::io::Write::write_all(
+        &mut child.stdin.take().expect("stdin"),
+        b"apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: x}\n",
+    )
+    .expect("write");
+    let out = child.wait_with_output().expect("exits");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an unknown Istio kind is still an error"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("<stdin>: document 1: kind: Gateway"), "{err}");
+}

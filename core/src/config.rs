@@ -17,7 +17,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 pub use istio::{grpc_code, parse_duration_ms};
-pub use load::{load_dir, load_files, parse_documents, SourceFile};
+pub use load::{load_dir, load_files, parse_documents, read_path, SourceFile};
 pub use validate::resolve_host;
 
 use crate::locality::Locality;
@@ -118,6 +118,9 @@ pub struct ConfigSet {
     pub exports: BTreeSet<NamespacedName>,
     /// VirtualService and DestinationRule settings, by the service they apply to.
     pub routing: BTreeMap<NamespacedName, crate::routing::ServiceRouting>,
+    /// Documents passed over, and why (`file: document N (Kind ns/name): ...`): kinds that
+    /// are not mesh config, such as a Deployment in an application's manifest.
+    pub notes: Vec<String>,
 }
 
 impl ConfigSet {

@@ -157,8 +157,12 @@ async fn invalid_config_is_rejected_with_its_location_and_traffic_keeps_flowing(
             "spec.ports[0].port",
         ),
         (
-            "unsupported kind",
-            &good.replacen("kind: Service", "kind: Ingress", 1),
+            "an Istio kind not read yet",
+            &good.replacen(
+                "apiVersion: v1\nkind: Service",
+                "apiVersion: networking.istio.io/v1\nkind: Gateway",
+                1,
+            ),
             "IST0002",
             "kind",
         ),

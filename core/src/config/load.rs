@@ -21,9 +21,12 @@ pub struct SourceFile {
 fn kind_of(api_version: &str, kind: &str) -> Option<&'static str> {
     match (api_version, kind) {
         ("v1", "Service") => Some("Service"),
-        ("networking.istio.io/v1" | "networking.istio.io/v1beta1", "WorkloadEntry") => {
-            Some("WorkloadEntry")
-        }
+        (
+            "networking.istio.io/v1"
+            | "networking.istio.io/v1beta1"
+            | "networking.istio.io/v1alpha3",
+            "WorkloadEntry",
+        ) => Some("WorkloadEntry"),
         ("multicluster.x-k8s.io/v1alpha1", "ServiceExport") => Some("ServiceExport"),
         ("isthmus.io/v1alpha1", "LocalRateLimit") => Some("LocalRateLimit"),
         (
@@ -40,6 +43,32 @@ fn kind_of(api_version: &str, kind: &str) -> Option<&'static str> {
         ) => Some("DestinationRule"),
         _ => None,
     }
+}
+
+/// API groups whose kinds are mesh config: an unknown kind there is an error (it would not
+/// act as its author expects); kinds of other groups (Deployment, ConfigMap, ...) are
+/// passed over with a note, so a whole application manifest validates.
+fn mesh_group(api_version: &str) -> bool {
+    let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
+    matches!(
+        group,
+        "networking.istio.io"
+            | "security.istio.io"
+            | "telemetry.istio.io"
+            | "extensions.istio.io"
+            | "isthmus.io"
+            | "multicluster.x-k8s.io"
+            | "gateway.networking.k8s.io"
+    )
+}
+
+/// What one document is.
+enum Parsed {
+    Document(Box<Document>),
+    /// Not mesh config: the note says what was passed over.
+    Skipped(String),
+    /// An empty document (`---` with nothing after it).
+    Empty,
 }
 
 fn decode<T: DeserializeOwned>(
@@ -61,7 +90,7 @@ fn parse_document(
     file: &str,
     index: usize,
     value: serde_yaml_ng::Value,
-) -> Result<Option<Document>, ConfigError> {
+) -> Result<Parsed, ConfigError> {
     let mut err = ConfigError {
         file: file.to_owned(),
         document: index,
@@ -71,7 +100,7 @@ fn parse_document(
         message: String::new(),
     };
     if value.is_null() {
-        return Ok(None);
+        return Ok(Parsed::Empty);
     }
     let head: Head = match decode(value.clone(), "") {
         Ok(h) => h,
@@ -92,6 +121,12 @@ fn parse_document(
         });
     };
     let Some(kind) = kind_of(api_version, kind) else {
+        if !mesh_group(api_version) {
+            let name = head.metadata.name.as_str();
+            return Ok(Parsed::Skipped(format!(
+                "{file}: document {index} ({kind} {name}): {kind} ({api_version}) is not mesh config; skipped"
+            )));
+        }
         return Err(ConfigError {
             code: Code::UnknownKind,
             field: "kind".into(),
@@ -139,12 +174,12 @@ fn parse_document(
         _ => decode::<ServiceExportSpec>(spec, "spec").map(|_| DocumentBody::ServiceExport),
     };
     match body {
-        Ok(body) => Ok(Some(Document {
+        Ok(body) => Ok(Parsed::Document(Box::new(Document {
             file: file.to_owned(),
             index,
             metadata,
             body,
-        })),
+        }))),
         Err((field, message)) => Err(ConfigError {
             field,
             message,
@@ -154,9 +189,10 @@ fn parse_document(
 }
 
 /// Parses every document of every file, collecting all faults.
-pub fn parse_documents(files: &[SourceFile]) -> (Vec<Document>, Vec<ConfigError>) {
+pub fn parse_documents(files: &[SourceFile]) -> (Vec<Document>, Vec<ConfigError>, Vec<String>) {
     let mut docs = Vec::new();
     let mut errors = Vec::new();
+    let mut notes = Vec::new();
     for file in files {
         for (i, de) in serde_yaml_ng::Deserializer::from_str(&file.contents).enumerate() {
             let index = i + 1;
@@ -175,20 +211,21 @@ pub fn parse_documents(files: &[SourceFile]) -> (Vec<Document>, Vec<ConfigError>
                 }
             };
             match parse_document(&file.name, index, value) {
-                Ok(Some(doc)) => docs.push(doc),
-                Ok(None) => {}
+                Ok(Parsed::Document(doc)) => docs.push(*doc),
+                Ok(Parsed::Skipped(note)) => notes.push(note),
+                Ok(Parsed::Empty) => {}
                 Err(e) => errors.push(e),
             }
         }
     }
-    (docs, errors)
+    (docs, errors, notes)
 }
 
 /// Validates a set of files as one config.
 pub fn load_files(files: &[SourceFile]) -> Result<ConfigSet, ConfigErrors> {
-    let (docs, mut errors) = parse_documents(files);
+    let (docs, mut errors, notes) = parse_documents(files);
     match validate::build(docs) {
-        Ok(set) if errors.is_empty() => Ok(set),
+        Ok(set) if errors.is_empty() => Ok(ConfigSet { notes, ..set }),
         Ok(_) => Err(ConfigErrors(errors)),
         Err(more) => {
             errors.extend(more);
@@ -241,6 +278,27 @@ pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, ConfigErrors> {
             })
         })
         .collect()
+}
+
+/// Reads a file, or every `*.yaml`/`*.yml` file under a folder.
+pub fn read_path(path: &Path) -> Result<Vec<SourceFile>, ConfigErrors> {
+    if path.is_dir() {
+        return read_dir(path);
+    }
+    let contents = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.display().to_string(),
+            document: 0,
+            object: None,
+            field: String::new(),
+            code: Code::Io,
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    Ok(vec![SourceFile {
+        name: path.display().to_string(),
+        contents,
+    }])
 }
 
 /// Reads and validates every document under `dir`.
