@@ -181,6 +181,10 @@ struct ControllerArgs {
     /// Lifetime of the workload certificates this cluster's CA issues.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     workload_cert_ttl: Duration,
+    /// Config and health changes within this window go out to proxies in one push
+    /// (Istio's PILOT_DEBOUNCE_AFTER).
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    push_debounce: Duration,
 }
 
 #[derive(Args)]
@@ -523,6 +527,7 @@ async fn run(
                 federation_bundle_pem: read_pem(&a.federation_root)?,
                 join_token: a.join_token,
                 workload_cert_ttl: a.workload_cert_ttl,
+                push_debounce: a.push_debounce,
             };
             tracing::info!(cluster = %config.cluster, config_dir = %config.config_dir.display(), "starting controller");
             serve!(isthmus_controller::build(config).await?, exit_with_stdin)

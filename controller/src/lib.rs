@@ -18,6 +18,9 @@ mod gateways;
 mod registry;
 mod state;
 
+/// The default push debounce (Istio's 100 ms).
+pub use registry::DEBOUNCE as PUSH_DEBOUNCE;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,6 +63,8 @@ pub struct Config {
     pub federation_bundle_pem: String,
     /// Lifetime of workload certificates.
     pub workload_cert_ttl: Duration,
+    /// Config and health changes within this window go out in one push.
+    pub push_debounce: Duration,
 }
 
 /// A running controller.
@@ -155,7 +160,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         status_tx,
     ));
     running.spawn(admin.run(drain.clone()));
-    running.spawn(registry.clone().run());
+    running.spawn(registry.clone().run(config.push_debounce));
     let link = federation::Link {
         address: config.federation_addr,
         cluster: config.cluster.clone(),

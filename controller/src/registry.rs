@@ -17,8 +17,8 @@ use isthmus_proto::type_url;
 use prost::Message;
 use tokio::sync::{watch, Notify};
 
-/// Changes within this window are pushed together.
-const DEBOUNCE: Duration = Duration::from_millis(50);
+/// Changes within this window are pushed together, unless configured (Istio's default).
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
 const GATEWAYS_FILE: &str = "gateways.json";
 /// The sidecar tunnel port on every workload address.
 pub const TUNNEL_PORT: u16 = 15008;
@@ -194,8 +194,9 @@ impl Registry {
         self.inner.poke.notify_one();
     }
 
-    /// Rebuilds on every change, debounced, until the process ends.
-    pub async fn run(self) {
+    /// Rebuilds on every change, coalescing the changes of each `debounce` window, until
+    /// the process ends.
+    pub async fn run(self, debounce: Duration) {
         let mut config = self.inner.config.clone();
         let mut global = self.inner.global.clone();
         loop {
@@ -204,7 +205,7 @@ impl Registry {
                 r = global.changed() => if r.is_err() { return },
                 _ = self.inner.poke.notified() => {}
             }
-            tokio::time::sleep(DEBOUNCE).await;
+            tokio::time::sleep(debounce).await;
             config.borrow_and_update();
             global.borrow_and_update();
             self.rebuild();

@@ -230,6 +230,7 @@ impl Mesh {
             join_token: Some(token),
             federation_bundle_pem: bundle,
             workload_cert_ttl: cert_ttl,
+            push_debounce: isthmus_controller::PUSH_DEBOUNCE,
         })
         .await
         .with_context(|| format!("starting controller of {name}"))?;
