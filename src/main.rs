@@ -363,6 +363,9 @@ fn validate(paths: &[PathBuf]) -> anyhow::Result<std::process::ExitCode> {
             for note in &set.notes {
                 println!("note: {note}");
             }
+            for warning in &set.warnings {
+                println!("warning: {warning}");
+            }
             println!(
                 "{}: valid ({} services, {} workload entries, {} exports)",
                 shown.join(", "),

@@ -98,18 +98,19 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let grpc = TcpListener::bind(config.grpc_addr)
         .await
         .with_context(|| format!("binding controller gRPC on {}", config.grpc_addr))?;
-    let initial = isthmus_core::config::watch::initial(&config.config_dir).map_err(|e| {
-        anyhow::anyhow!("config in {} is invalid:\n{e}", config.config_dir.display())
-    })?;
+    let (initial, initial_status, last_good) =
+        isthmus_core::config::watch::initial(&config.config_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "config in {} is unreadable:\n{e}",
+                config.config_dir.display()
+            )
+        })?;
     let state = state::ClusterState::load_or_join(&config).await?;
     tracing::info!(cluster = %config.cluster, trust_domain = %state.trust_domain, "cluster CA ready");
 
     let mut metrics = Registry::with_prefix("isthmus_controller");
     let (config_tx, config_rx) = watch::channel(Arc::new(initial));
-    let (status_tx, status_rx) = watch::channel(LoadStatus {
-        accepted: 1,
-        ..Default::default()
-    });
+    let (status_tx, status_rx) = watch::channel(initial_status);
     let global = federation::GlobalState::load(&config.state_dir);
     let registry = registry::Registry::new(
         &config.cluster,
@@ -156,6 +157,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         .server_config(auth, &[isthmus_core::tls::ALPN_H2]);
     running.spawn(isthmus_core::config::watch::run(
         config.config_dir.clone(),
+        last_good,
         config_tx,
         status_tx,
     ));

@@ -495,6 +495,7 @@ impl Registry {
                 "accepted": status.accepted,
                 "rejected": status.rejected,
                 "last_errors": status.last_errors.as_ref().map(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>()),
+                "warnings": status.warnings.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
             },
         })
     }

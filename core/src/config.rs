@@ -17,7 +17,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 pub use istio::{grpc_code, parse_duration_ms};
-pub use load::{load_dir, load_files, parse_documents, read_path, SourceFile};
+pub use load::{admit, load_dir, load_files, parse_documents, read_path, LastGood, SourceFile};
 pub use validate::resolve_host;
 
 use crate::locality::Locality;
@@ -121,6 +121,9 @@ pub struct ConfigSet {
     /// Documents passed over, and why (`file: document N (Kind ns/name): ...`): kinds that
     /// are not mesh config, such as a Deployment in an application's manifest.
     pub notes: Vec<String>,
+    /// References to objects that do not exist (yet): a VirtualService naming an unknown
+    /// host or subset, a ServiceExport with no Service. Requests they route get 503.
+    pub warnings: Vec<ConfigError>,
 }
 
 impl ConfigSet {

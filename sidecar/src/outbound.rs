@@ -490,10 +490,15 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
                     },
                     service.clone(),
                 ))?;
+                // A destination whose Service (or subset) does not exist (yet): 503, as
+                // Istio answers a route to a cluster it does not have.
                 let no_dest = || {
                     (
-                        ProxyError::NoRoute {
-                            host: d.service.clone(),
+                        ProxyError::NoHealthyUpstream {
+                            service: match &d.subset {
+                                Some(sub) => format!("{} subset {sub}", d.service),
+                                None => d.service.clone(),
+                            },
                         },
                         service.clone(),
                     )
@@ -505,6 +510,16 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
                     .or_else(|| plan.svc.port(None))
                     .ok_or_else(no_dest)?
                     .clone();
+                if let Some(sub) = &d.subset {
+                    let defined = plan
+                        .svc
+                        .routing
+                        .as_deref()
+                        .is_some_and(|r| r.subset(sub).is_some());
+                    if !defined {
+                        return Err(no_dest());
+                    }
+                }
                 plan.subset = d.subset.clone();
             }
         }

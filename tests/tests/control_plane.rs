@@ -550,3 +550,67 @@ async fn a_gateway_that_goes_away_is_replaced_by_the_one_that_connects() -> anyh
     settles_in(&traffic, "west", 20, Duration::from_secs(10)).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_object_is_admitted_on_its_own_and_references_wait_for_their_targets(
+) -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east"]).await?;
+    mesh.add_workload_labeled("east", "echo-1", Some("echo"), "echo", &[("version", "v2")])
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    isthmus_tests::reachable(outbound, HOST).await?;
+    let dir = mesh.cluster("east").config_dir.clone();
+    // A VirtualService naming a subset no DestinationRule defines yet, next to a broken
+    // object: the route applies (503 until the subset exists), the broken one is named.
+    std::fs::write(
+        dir.join("echo-vs.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: echo, namespace: demo}\nspec:\n  hosts: [echo]\n  http:\n  - route: [{destination: {host: echo, subset: v2}}]\n",
+    )?;
+    std::fs::write(
+        dir.join("broken.yaml"),
+        plain_service("broken", "http").replace("port: 80,", "port: 80000,"),
+    )?;
+    let admin = mesh.controller_admin("east");
+    let client = AppClient::new();
+    eventually(
+        "the route to apply and answer 503",
+        Duration::from_secs(5),
+        || async {
+            let r = client.get(outbound, HOST, "/").await?;
+            anyhow::ensure!(r.status == 503, "status {}", r.status);
+            anyhow::ensure!(
+                r.headers.get("x-isthmus-error").map(|v| v.as_bytes())
+                    == Some(b"no-healthy-upstream"),
+                "{:?}",
+                r.headers
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    let dump = config_dump(admin).await?;
+    let errors = dump["config"]["last_errors"].to_string();
+    assert!(
+        errors.contains("broken.yaml") && errors.contains("spec.ports[0].port"),
+        "{errors}"
+    );
+    let warnings = dump["config"]["warnings"].to_string();
+    assert!(
+        warnings.contains("echo-vs.yaml") && warnings.contains("subset `v2`"),
+        "{warnings}"
+    );
+    // The DestinationRule arrives: the route serves.
+    std::fs::write(
+        dir.join("echo-dr.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: demo}\nspec:\n  host: echo\n  subsets: [{name: v2, labels: {version: v2}}]\n",
+    )?;
+    eventually("the subset to serve", Duration::from_secs(5), || async {
+        let r = client.get(outbound, HOST, "/").await?;
+        anyhow::ensure!(r.status == 200, "status {}", r.status);
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}

@@ -1,5 +1,6 @@
 //! Reading documents from files: YAML parsing, the kind dispatch and per-document schema.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -221,17 +222,84 @@ pub fn parse_documents(files: &[SourceFile]) -> (Vec<Document>, Vec<ConfigError>
     (docs, errors, notes)
 }
 
-/// Validates a set of files as one config.
+/// Validates a set of files as one config, strictly: any rejected object is an error (as
+/// `isthmus validate` reports it); references to missing objects are warnings, kept in the
+/// set.
 pub fn load_files(files: &[SourceFile]) -> Result<ConfigSet, ConfigErrors> {
     let (docs, mut errors, notes) = parse_documents(files);
-    match validate::build(docs) {
-        Ok(set) if errors.is_empty() => Ok(ConfigSet { notes, ..set }),
-        Ok(_) => Err(ConfigErrors(errors)),
-        Err(more) => {
-            errors.extend(more);
-            Err(ConfigErrors(errors))
+    let admission = validate::build(docs);
+    errors.extend(admission.rejected);
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    Ok(ConfigSet {
+        notes,
+        warnings: admission.warnings,
+        ..admission.set
+    })
+}
+
+/// The last admitted version of every object, by `Kind namespace/name`, with the file it
+/// came from: what keeps serving when a new version of an object is rejected.
+#[derive(Debug, Default)]
+pub struct LastGood(BTreeMap<String, Document>);
+
+/// Admits each object of `files` on its own, as the controller does: a rejected object
+/// (bad schema, bad value, a duplicate) keeps its last admitted version, or is absent if it
+/// never had one; a file that is not YAML at all keeps the last admitted versions of its
+/// objects; every other object applies. Returns the set and the faults of what was
+/// rejected.
+pub fn admit(files: &[SourceFile], last: &mut LastGood) -> (ConfigSet, Vec<ConfigError>) {
+    let (docs, mut errors, notes) = parse_documents(files);
+    let mut first = validate::build(docs.clone());
+    errors.append(&mut first.rejected);
+    let rejected: BTreeSet<String> = errors.iter().filter_map(|e| e.object.clone()).collect();
+    // Faults that name no object (not YAML, no kind, an unknown mesh kind): the objects
+    // last admitted from that place keep serving; a YAML syntax error stops the whole file.
+    let unreadable: BTreeSet<&str> = errors
+        .iter()
+        .filter(|e| e.code == Code::Syntax)
+        .map(|e| e.file.as_str())
+        .collect();
+    let unnamed: BTreeSet<(&str, usize)> = errors
+        .iter()
+        .filter(|e| e.object.is_none())
+        .map(|e| (e.file.as_str(), e.document))
+        .collect();
+    let mut kept: Vec<Document> = docs
+        .into_iter()
+        .filter(|d| !rejected.contains(&d.object()))
+        .collect();
+    let present: BTreeSet<String> = kept.iter().map(Document::object).collect();
+    for (object, doc) in &last.0 {
+        let fell_back = rejected.contains(object)
+            || unreadable.contains(doc.file.as_str())
+            || unnamed.contains(&(doc.file.as_str(), doc.index));
+        if fell_back && !present.contains(object) {
+            kept.push(doc.clone());
         }
     }
+    let admission = if errors.is_empty() {
+        first
+    } else {
+        validate::build(kept.clone())
+    };
+    let failed: BTreeSet<String> = admission
+        .rejected
+        .iter()
+        .filter_map(|e| e.object.clone())
+        .collect();
+    last.0 = kept
+        .into_iter()
+        .filter(|d| !failed.contains(&d.object()))
+        .map(|d| (d.object(), d))
+        .collect();
+    let set = ConfigSet {
+        notes,
+        warnings: admission.warnings,
+        ..admission.set
+    };
+    (set, errors)
 }
 
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::locality::Locality;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Document {
     pub file: String,
     pub index: usize,
@@ -20,7 +20,7 @@ pub struct Document {
     pub body: DocumentBody,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum DocumentBody {
     Service(ServiceSpec),
     WorkloadEntry(WorkloadEntrySpec),
@@ -28,6 +28,18 @@ pub enum DocumentBody {
     VirtualService(Box<VirtualServiceSpec>),
     DestinationRule(Box<DestinationRuleSpec>),
     LocalRateLimit(LocalRateLimitSpec),
+}
+
+impl Document {
+    /// `Kind namespace/name`, as faults name the object.
+    pub fn object(&self) -> String {
+        let ns = self
+            .metadata
+            .namespace
+            .as_deref()
+            .unwrap_or(DEFAULT_NAMESPACE);
+        format!("{} {ns}/{}", self.body.kind(), self.metadata.name)
+    }
 }
 
 impl DocumentBody {
@@ -430,7 +442,11 @@ fn routing(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<ConfigError>
             key: NamespacedName::new(&ns, &doc.metadata.name),
             errors,
         };
+        let before = c.errors.len();
         let (host, subsets, lb) = istio::destination_rule(&mut c, spec);
+        if c.errors[before..].iter().any(|e| e.code != Code::Reference) {
+            continue; // rejected: applies nothing
+        }
         let Some(target) = resolve_host(&host, &ns).filter(|k| set.services.contains_key(k)) else {
             c.fail(
                 Code::Reference,
@@ -461,10 +477,14 @@ fn routing(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<ConfigError>
             key: NamespacedName::new(&ns, &doc.metadata.name),
             errors,
         };
+        let before = c.errors.len();
         let Some(mut vs) = istio::virtual_service(&mut c, spec) else {
             continue;
         };
         resolve_destinations(&mut c, &ns, &mut vs, set);
+        if c.errors[before..].iter().any(|e| e.code != Code::Reference) {
+            continue; // rejected: applies nothing
+        }
         for (i, host) in vs.hosts.iter().enumerate() {
             let Some(target) = resolve_host(host, &ns).filter(|k| set.services.contains_key(k))
             else {
@@ -563,14 +583,25 @@ fn resolve_destination(
     d: &mut crate::routing::Destination,
     set: &ConfigSet,
 ) {
-    let Some(key) = resolve_host(&d.service, ns).filter(|k| set.services.contains_key(k)) else {
+    let Some(key) = resolve_host(&d.service, ns) else {
+        c.fail(
+            Code::InvalidValue,
+            format!("{field}.host"),
+            format!("`{}` is not a service host", d.service),
+        );
+        return;
+    };
+    if !set.services.contains_key(&key) {
+        // A reference, not a fault of this object: objects arrive in any order. Until the
+        // Service exists, requests routed here get 503.
         c.fail(
             Code::Reference,
             format!("{field}.host"),
             format!("no Service named `{}`", d.service),
         );
+        d.service = key.to_string();
         return;
-    };
+    }
     if let Some(subset) = &d.subset {
         let known = set
             .routing
@@ -596,8 +627,18 @@ fn resolve_destination(
     d.service = key.to_string();
 }
 
-/// Builds the config set from parsed documents, or every fault found.
-pub fn build(docs: Vec<Document>) -> Result<ConfigSet, Vec<ConfigError>> {
+/// What admission made of a set of documents: the config of every object that passed, the
+/// faults of the objects rejected (they apply nothing), and warnings: references to objects
+/// that do not exist (yet), which Istio too accepts, since objects arrive in any order.
+#[derive(Debug)]
+pub struct Admission {
+    pub set: ConfigSet,
+    pub rejected: Vec<ConfigError>,
+    pub warnings: Vec<ConfigError>,
+}
+
+/// Admits each object on its own.
+pub fn build(docs: Vec<Document>) -> Admission {
     let mut errors = Vec::new();
     let mut set = ConfigSet::default();
     let mut locations: BTreeMap<(&'static str, NamespacedName), (String, usize)> = BTreeMap::new();
@@ -653,10 +694,11 @@ pub fn build(docs: Vec<Document>) -> Result<ConfigSet, Vec<ConfigError>> {
     }
     check_targets(&set, &locations, &mut errors);
     routing(&docs, &mut set, &mut errors);
-    if errors.is_empty() {
-        Ok(set)
-    } else {
-        Err(errors)
+    let (warnings, rejected) = errors.into_iter().partition(|e| e.code == Code::Reference);
+    Admission {
+        set,
+        rejected,
+        warnings,
     }
 }
 
@@ -703,8 +745,12 @@ metadata: {name: echo, namespace: demo}
         assert!(set.exports.contains(&NamespacedName::new("demo", "echo")));
     }
 
+    /// The first fault of a rejected object, or else the first warning.
     fn first_error(yaml: &str) -> ConfigError {
-        load(yaml).expect_err("invalid").0.remove(0)
+        match load(yaml) {
+            Err(mut e) => e.0.remove(0),
+            Ok(set) => set.warnings.first().cloned().expect("a fault or a warning"),
+        }
     }
 
     #[test]
@@ -801,8 +847,12 @@ spec:
         assert_eq!(d[0].service, "demo/reviews");
     }
 
+    /// The first fault of a rejected object, or else the first warning.
     fn first(http: &str) -> ConfigError {
-        with_vs(http).expect_err("invalid").remove(0)
+        match with_vs(http) {
+            Err(mut e) => e.remove(0),
+            Ok(set) => set.warnings.first().cloned().expect("a fault or a warning"),
+        }
     }
 
     #[test]
@@ -897,10 +947,87 @@ mod rate_limit_tests {
 
     #[test]
     fn bad_rate_limits_name_their_field() {
-        let field = |spec: &str| load(spec).expect_err("invalid").remove(0).field;
+        let field = |spec: &str| match load(spec) {
+            Err(mut e) => e.remove(0).field,
+            Ok(set) => set.warnings.first().cloned().expect("a warning").field,
+        };
         assert_eq!(field("  targetRef: {kind: Service, name: nope}\n  tokensPerInterval: 1\n  interval: 1s\n"), "spec.targetRef.name");
         assert_eq!(field("  targetRef: {kind: Service, name: reviews}\n  tokensPerInterval: 0\n  interval: 1s\n"), "spec.tokensPerInterval");
         assert_eq!(field("  targetRef: {kind: Service, name: reviews}\n  tokensPerInterval: 1\n  interval: often\n"), "spec.interval");
         assert_eq!(field("  targetRef: {kind: Service, name: reviews}\n  route: missing\n  tokensPerInterval: 1\n  interval: 1s\n"), "spec.route");
+    }
+}
+
+#[cfg(test)]
+mod admission_tests {
+    use super::super::{load::admit, load::LastGood, SourceFile};
+    use super::*;
+
+    fn file(name: &str, contents: &str) -> SourceFile {
+        SourceFile {
+            name: name.into(),
+            contents: contents.into(),
+        }
+    }
+
+    const ECHO: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: demo}\nspec:\n  selector: {app: echo}\n  ports: [{name: http, port: 80}]\n";
+    const OTHER: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: demo}\nspec:\n  selector: {app: other}\n  ports: [{name: http, port: 80}]\n";
+
+    #[test]
+    fn a_rejected_object_keeps_its_last_version_and_the_others_apply() {
+        let mut last = LastGood::default();
+        let (set, rejected) = admit(&[file("echo.yaml", ECHO)], &mut last);
+        assert!(rejected.is_empty());
+        assert_eq!(set.services.len(), 1);
+        // echo breaks, other arrives: other applies, echo's last version stays.
+        let broken = ECHO.replace("port: 80", "port: 80000");
+        let (set, rejected) = admit(
+            &[file("echo.yaml", &broken), file("other.yaml", OTHER)],
+            &mut last,
+        );
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert_eq!(rejected[0].object.as_deref(), Some("Service demo/echo"));
+        let echo = &set.services[&NamespacedName::new("demo", "echo")];
+        assert_eq!(echo.ports[0].port, 80, "the last admitted version serves");
+        assert!(set
+            .services
+            .contains_key(&NamespacedName::new("demo", "other")));
+        // A file that is not YAML keeps what it held; a fixed file replaces it.
+        let (set, rejected) = admit(
+            &[file("echo.yaml", "{not yaml"), file("other.yaml", OTHER)],
+            &mut last,
+        );
+        assert_eq!(rejected[0].code, Code::Syntax);
+        assert_eq!(set.services.len(), 2);
+        let (set, rejected) = admit(&[file("other.yaml", OTHER)], &mut last);
+        assert!(rejected.is_empty());
+        assert_eq!(set.services.len(), 1, "a deleted file's objects are gone");
+    }
+
+    #[test]
+    fn a_virtual_service_before_its_destination_rule_is_a_warning_and_applies_later() {
+        let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: echo, namespace: demo}\nspec:\n  hosts: [echo]\n  http:\n  - route: [{destination: {host: echo, subset: v2}}]\n";
+        let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: demo}\nspec:\n  host: echo\n  subsets: [{name: v2, labels: {version: v2}}]\n";
+        let mut last = LastGood::default();
+        let (set, rejected) = admit(&[file("echo.yaml", ECHO), file("vs.yaml", vs)], &mut last);
+        assert!(rejected.is_empty(), "{rejected:?}");
+        assert_eq!(set.warnings.len(), 1, "{:?}", set.warnings);
+        assert_eq!(set.warnings[0].code, Code::Reference);
+        let key = NamespacedName::new("demo", "echo");
+        assert_eq!(
+            set.routing[&key].http.len(),
+            1,
+            "the route applies meanwhile"
+        );
+        let (set, _) = admit(
+            &[
+                file("echo.yaml", ECHO),
+                file("vs.yaml", vs),
+                file("dr.yaml", dr),
+            ],
+            &mut last,
+        );
+        assert!(set.warnings.is_empty(), "{:?}", set.warnings);
+        assert_eq!(set.routing[&key].subsets.len(), 1);
     }
 }

@@ -1,5 +1,6 @@
-//! Watches a config folder and publishes each valid set. A change that fails validation is
-//! logged with every fault and counted; the set that is serving stays.
+//! Watches a config folder and publishes what it admits. Each object is admitted on its
+//! own: a rejected object is logged with its faults and counted, and its last admitted
+//! version keeps serving; every other change applies.
 //!
 //! The folder is polled (its file contents hashed) rather than watched with inotify: it is
 //! a handful of small files, polling works the same on every filesystem, and it sees
@@ -11,8 +12,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::load::{load_files, read_dir, SourceFile};
-use super::{ConfigErrors, ConfigSet};
+use super::load::{admit, read_dir, LastGood, SourceFile};
+use super::{ConfigError, ConfigErrors, ConfigSet};
 
 /// How often the folder is read.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -24,8 +25,21 @@ pub struct LoadStatus {
     pub accepted: u64,
     /// Changes rejected since start.
     pub rejected: u64,
-    /// Faults of the latest rejected change, cleared when a good set is accepted.
+    /// Faults of the objects rejected now (each keeps its last admitted version); `None`
+    /// when every object was admitted.
     pub last_errors: Option<ConfigErrors>,
+    /// References to missing objects in the serving config.
+    pub warnings: Vec<ConfigError>,
+}
+
+impl LoadStatus {
+    /// The status after admitting `set` with `rejected` objects.
+    fn record(&mut self, set: &ConfigSet, rejected: Vec<ConfigError>, changed: bool) {
+        self.accepted += u64::from(changed);
+        self.rejected += u64::from(!rejected.is_empty());
+        self.last_errors = (!rejected.is_empty()).then_some(ConfigErrors(rejected));
+        self.warnings = set.warnings.clone();
+    }
 }
 
 fn fingerprint(files: &[SourceFile]) -> u64 {
@@ -42,14 +56,23 @@ impl std::hash::Hash for SourceFile {
     }
 }
 
-/// Loads the folder once; the first set must be valid.
-pub fn initial(dir: &std::path::Path) -> Result<ConfigSet, ConfigErrors> {
-    load_files(&read_dir(dir)?)
+/// Loads the folder once: what it admits, the status, and the versions to fall back on.
+/// Fails only when the folder cannot be read.
+pub fn initial(dir: &std::path::Path) -> Result<(ConfigSet, LoadStatus, LastGood), ConfigErrors> {
+    let mut last = LastGood::default();
+    let (set, rejected) = admit(&read_dir(dir)?, &mut last);
+    for e in &rejected {
+        tracing::warn!(error = %e, "config object rejected");
+    }
+    let mut status = LoadStatus::default();
+    status.record(&set, rejected, true);
+    Ok((set, status, last))
 }
 
 /// Polls `dir` until every receiver is gone, publishing valid sets on `config`.
 pub async fn run(
     dir: PathBuf,
+    mut last_good: LastGood,
     config: watch::Sender<Arc<ConfigSet>>,
     status: watch::Sender<LoadStatus>,
 ) {
@@ -78,29 +101,22 @@ pub async fn run(
             continue;
         }
         last = Some(fp);
-        match load_files(&files) {
-            Ok(set) => {
-                let changed = **config.borrow() != set;
-                if changed {
-                    tracing::info!(
-                        services = set.services.len(),
-                        workloads = set.workloads.len(),
-                        "config accepted"
-                    );
-                    config.send_replace(Arc::new(set));
-                }
-                status.send_modify(|s| {
-                    s.accepted += u64::from(changed);
-                    s.last_errors = None;
-                });
-            }
-            Err(errors) => {
-                tracing::warn!(%errors, "config change rejected; keeping the serving config");
-                status.send_modify(|s| {
-                    s.rejected += 1;
-                    s.last_errors = Some(errors);
-                });
-            }
+        let (set, rejected) = admit(&files, &mut last_good);
+        for e in &rejected {
+            tracing::warn!(error = %e, "config object rejected; its last admitted version stays");
+        }
+        let changed = **config.borrow() != set;
+        if changed {
+            tracing::info!(
+                services = set.services.len(),
+                workloads = set.workloads.len(),
+                rejected = rejected.len(),
+                "config accepted"
+            );
+            status.send_modify(|s| s.record(&set, rejected, true));
+            config.send_replace(Arc::new(set));
+        } else {
+            status.send_modify(|s| s.record(&set, rejected, false));
         }
     }
 }
