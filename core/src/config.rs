@@ -155,13 +155,21 @@ pub enum Code {
     Missing,
     /// Two documents define the same object.
     Duplicate,
-    /// A document refers to something that does not exist.
+    /// A document refers to something that does not exist (yet): a warning.
     Reference,
     /// The file cannot be read.
     Io,
+    /// A deprecated field Istio still accepts: accepted and mapped as Istio maps it (a
+    /// warning).
+    Deprecated,
 }
 
 impl Code {
+    /// Warnings leave their object admitted; every other code rejects it.
+    pub fn is_warning(self) -> bool {
+        matches!(self, Code::Reference | Code::Deprecated)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Code::Syntax => "IST0001",
@@ -172,6 +180,7 @@ impl Code {
             Code::Duplicate => "IST0006",
             Code::Reference => "IST0007",
             Code::Io => "IST0008",
+            Code::Deprecated => "IST0009",
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct HttpRouteSpec {
     pub headers: Option<HeadersSpec>,
     pub mirror: Option<DestinationSpec>,
     pub mirror_percentage: Option<PercentSpec>,
+    /// Deprecated integer form of `mirrorPercentage`.
+    pub mirror_percent: Option<i64>,
     pub mirrors: Unsupported,
     pub cors_policy: Unsupported,
     pub delegate: Unsupported,
@@ -330,7 +332,8 @@ pub struct OutlierDetectionSpec {
     pub min_health_percent: Option<i64>,
     pub split_external_local_origin_errors: Unsupported,
     pub consecutive_local_origin_failures: Unsupported,
-    pub consecutive_errors: Unsupported,
+    /// Deprecated: Istio maps it to consecutive gateway errors, with 5xx ejection off.
+    pub consecutive_errors: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -387,7 +390,6 @@ fn outlier(c: &mut Checker<'_>, field: &str, o: &OutlierDetectionSpec) -> Outlie
             "consecutiveLocalOriginFailures",
             &o.consecutive_local_origin_failures,
         ),
-        ("consecutiveErrors", &o.consecutive_errors),
     ] {
         unsupported(c, &format!("{field}.{name}"), v);
     }
@@ -397,42 +399,64 @@ fn outlier(c: &mut Checker<'_>, field: &str, o: &OutlierDetectionSpec) -> Outlie
         duration(c, &format!("{field}.interval"), i);
     }
     let max = i64::from(u32::MAX);
+    let base_ejection_ms = o
+        .base_ejection_time
+        .as_deref()
+        .and_then(|t| duration(c, &format!("{field}.baseEjectionTime"), t))
+        .unwrap_or(30_000);
+    let max_ejection_percent = count(
+        c,
+        &format!("{field}.maxEjectionPercent"),
+        o.max_ejection_percent,
+        100,
+    )
+    .unwrap_or(10);
+    let min_health_percent = count(
+        c,
+        &format!("{field}.minHealthPercent"),
+        o.min_health_percent,
+        100,
+    )
+    .unwrap_or(0);
+    let consecutive_gateway = count(
+        c,
+        &format!("{field}.consecutiveGatewayErrors"),
+        o.consecutive_gateway_errors,
+        max,
+    );
+    let consecutive_5xx = count(
+        c,
+        &format!("{field}.consecutive5xxErrors"),
+        o.consecutive_5xx_errors,
+        max,
+    );
+    // The deprecated `consecutiveErrors`, mapped as Istio maps it: gateway errors only,
+    // with 5xx ejection off, unless the current fields are set.
+    let legacy = count(
+        c,
+        &format!("{field}.consecutiveErrors"),
+        o.consecutive_errors,
+        max,
+    );
+    if legacy.is_some() {
+        c.fail(
+            Code::Deprecated,
+            format!("{field}.consecutiveErrors"),
+            "deprecated: counts 502/503/504 as consecutiveGatewayErrors does (use that)",
+        );
+    }
+    let (consecutive_5xx, consecutive_gateway) =
+        match (legacy, consecutive_5xx, consecutive_gateway) {
+            (Some(n), None, None) => (None, Some(n)),
+            // Istio's defaults: 5 consecutive 5xx, 30 s base ejection, at most 10% ejected.
+            (_, c5, cg) => (c5.or(Some(5)), cg),
+        };
     OutlierDetection {
-        // Istio's defaults: 5 consecutive 5xx, 30 s base ejection, at most 10% ejected.
-        consecutive_5xx: count(
-            c,
-            &format!("{field}.consecutive5xxErrors"),
-            o.consecutive_5xx_errors,
-            max,
-        )
-        .or(Some(5))
-        .filter(|n| *n > 0),
-        consecutive_gateway: count(
-            c,
-            &format!("{field}.consecutiveGatewayErrors"),
-            o.consecutive_gateway_errors,
-            max,
-        )
-        .filter(|n| *n > 0),
-        base_ejection_ms: o
-            .base_ejection_time
-            .as_deref()
-            .and_then(|t| duration(c, &format!("{field}.baseEjectionTime"), t))
-            .unwrap_or(30_000),
-        max_ejection_percent: count(
-            c,
-            &format!("{field}.maxEjectionPercent"),
-            o.max_ejection_percent,
-            100,
-        )
-        .unwrap_or(10),
-        min_health_percent: count(
-            c,
-            &format!("{field}.minHealthPercent"),
-            o.min_health_percent,
-            100,
-        )
-        .unwrap_or(0),
+        consecutive_5xx: consecutive_5xx.filter(|n| *n > 0),
+        consecutive_gateway: consecutive_gateway.filter(|n| *n > 0),
+        base_ejection_ms,
+        max_ejection_percent,
+        min_health_percent,
     }
 }
 
@@ -793,6 +817,29 @@ fn route_match(c: &mut Checker<'_>, field: &str, m: &MatchSpec) -> RouteMatch {
     }
 }
 
+/// `mirrorPercentage`, or the deprecated `mirrorPercent` mapped as Istio maps it.
+fn mirror_share(c: &mut Checker<'_>, field: &str, h: &HttpRouteSpec) -> f64 {
+    let (Some(legacy), None) = (h.mirror_percent, &h.mirror_percentage) else {
+        return percentage(c, &format!("{field}.mirror"), &h.mirror_percentage);
+    };
+    let at = format!("{field}.mirrorPercent");
+    c.fail(
+        Code::Deprecated,
+        &at,
+        "deprecated: read as mirrorPercentage.value (use that)",
+    );
+    if (0..=100).contains(&legacy) {
+        legacy as f64
+    } else {
+        c.fail(
+            Code::InvalidValue,
+            at,
+            format!("{legacy} is not a percentage (0-100)"),
+        );
+        0.0
+    }
+}
+
 fn percentage(c: &mut Checker<'_>, field: &str, p: &Option<PercentSpec>) -> f64 {
     match p {
         None => 100.0,
@@ -1101,7 +1148,7 @@ fn http_route(c: &mut Checker<'_>, field: &str, h: &HttpRouteSpec) -> Option<Htt
                     .and_then(|p| c.port(&format!("{field}.mirror.port.number"), p.number)),
                 weight: 100,
             },
-            percentage: percentage(c, &format!("{field}.mirror"), &h.mirror_percentage),
+            percentage: mirror_share(c, field, h),
         }),
     })
 }

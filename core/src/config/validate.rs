@@ -444,7 +444,7 @@ fn routing(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<ConfigError>
         };
         let before = c.errors.len();
         let (host, subsets, lb) = istio::destination_rule(&mut c, spec);
-        if c.errors[before..].iter().any(|e| e.code != Code::Reference) {
+        if c.errors[before..].iter().any(|e| !e.code.is_warning()) {
             continue; // rejected: applies nothing
         }
         let Some(target) = resolve_host(&host, &ns).filter(|k| set.services.contains_key(k)) else {
@@ -482,7 +482,7 @@ fn routing(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<ConfigError>
             continue;
         };
         resolve_destinations(&mut c, &ns, &mut vs, set);
-        if c.errors[before..].iter().any(|e| e.code != Code::Reference) {
+        if c.errors[before..].iter().any(|e| !e.code.is_warning()) {
             continue; // rejected: applies nothing
         }
         for (i, host) in vs.hosts.iter().enumerate() {
@@ -694,7 +694,7 @@ pub fn build(docs: Vec<Document>) -> Admission {
     }
     check_targets(&set, &locations, &mut errors);
     routing(&docs, &mut set, &mut errors);
-    let (warnings, rejected) = errors.into_iter().partition(|e| e.code == Code::Reference);
+    let (warnings, rejected) = errors.into_iter().partition(|e| e.code.is_warning());
     Admission {
         set,
         rejected,
@@ -894,6 +894,43 @@ spec:
             "  - fault: {abort: {grpcStatus: NOPE}}\n    route: [{destination: {host: reviews}}]\n",
         );
         assert_eq!(e.field, "spec.http[0].fault.abort.grpcStatus");
+    }
+
+    #[test]
+    fn deprecated_fields_istio_still_accepts_are_mapped_with_a_warning() {
+        let base = BASE.replace(
+            "trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}",
+            "trafficPolicy: {outlierDetection: {consecutiveErrors: 3}}",
+        );
+        let vs = "---\napiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata: {name: reviews, namespace: demo}\nspec:\n  hosts: [reviews]\n  http:\n  - route: [{destination: {host: reviews, subset: v1}}]\n    mirror: {host: reviews, subset: v2}\n    mirrorPercent: 40\n";
+        let set = load_files(&[SourceFile {
+            name: "r.yaml".into(),
+            contents: format!("{base}{vs}"),
+        }])
+        .expect("accepted");
+        let r = &set.routing[&NamespacedName::new("demo", "reviews")];
+        let outlier = r.policy.outlier.as_ref().expect("outlier detection");
+        assert_eq!(
+            (outlier.consecutive_gateway, outlier.consecutive_5xx),
+            (Some(3), None),
+            "gateway errors only, as Istio maps it"
+        );
+        assert_eq!(r.http[0].mirror.as_ref().map(|m| m.percentage), Some(40.0));
+        let fields: Vec<(&str, Code)> = set
+            .warnings
+            .iter()
+            .map(|w| (w.field.as_str(), w.code))
+            .collect();
+        assert_eq!(
+            fields,
+            vec![
+                (
+                    "spec.trafficPolicy.outlierDetection.consecutiveErrors",
+                    Code::Deprecated
+                ),
+                ("spec.http[0].mirrorPercent", Code::Deprecated),
+            ]
+        );
     }
 
     #[test]
