@@ -46,6 +46,22 @@ enum Command {
         #[arg(short = 'f', long = "filename", required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Report every finding about a set of config objects, with its severity, as
+    /// `istioctl analyze` does: errors reject an object, warnings are references to objects
+    /// that do not exist (yet), infos are deprecated fields and documents that are not mesh
+    /// config. Exits 79 when a finding reaches the failure threshold.
+    Analyze {
+        /// A file, a folder (searched recursively for *.yaml and *.yml) or `-` for standard
+        /// input; repeat to analyze several together.
+        #[arg(short = 'f', long = "filename", required = true)]
+        paths: Vec<PathBuf>,
+        /// The least severe finding that fails the command: Info, Warning or Error.
+        #[arg(long, default_value = "Error")]
+        failure_threshold: isthmus_core::config::analyze::Severity,
+        /// The least severe finding printed: Info, Warning or Error.
+        #[arg(long, default_value = "Info")]
+        output_threshold: isthmus_core::config::analyze::Severity,
+    },
     /// Run the federation controller: the shared root CA and the global registry.
     Federation(FederationArgs),
     /// Run a cluster's controller: config from a folder, config push, the cluster CA.
@@ -334,9 +350,11 @@ macro_rules! serve {
     }};
 }
 
-/// `isthmus validate`: every document of every path, validated as one config.
-fn validate(paths: &[PathBuf]) -> anyhow::Result<std::process::ExitCode> {
-    use std::process::ExitCode;
+/// The documents of every path: files, folders and `-` (standard input).
+fn read_sources(
+    paths: &[PathBuf],
+) -> anyhow::Result<Result<Vec<isthmus_core::config::SourceFile>, isthmus_core::config::ConfigErrors>>
+{
     let mut files = Vec::new();
     for path in paths {
         if path.as_os_str() == "-" {
@@ -351,12 +369,48 @@ fn validate(paths: &[PathBuf]) -> anyhow::Result<std::process::ExitCode> {
         }
         match isthmus_core::config::read_path(path) {
             Ok(read) => files.extend(read),
-            Err(errors) => {
-                eprintln!("{errors}");
-                return Ok(ExitCode::FAILURE);
-            }
+            Err(errors) => return Ok(Err(errors)),
         }
     }
+    Ok(Ok(files))
+}
+
+/// `isthmus analyze`: exit 79 (as istioctl) when a finding reaches `fail_at`.
+fn analyze(
+    paths: &[PathBuf],
+    fail_at: isthmus_core::config::analyze::Severity,
+    show_from: isthmus_core::config::analyze::Severity,
+) -> anyhow::Result<std::process::ExitCode> {
+    let files = match read_sources(paths)? {
+        Ok(files) => files,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(std::process::ExitCode::FAILURE);
+        }
+    };
+    let findings = isthmus_core::config::analyze::analyze(&files);
+    for f in findings.iter().filter(|f| f.severity >= show_from) {
+        println!("{f}");
+    }
+    if findings.is_empty() {
+        println!("no findings");
+    }
+    if findings.iter().any(|f| f.severity >= fail_at) {
+        return Ok(std::process::ExitCode::from(79));
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// `isthmus validate`: every document of every path, validated as one config.
+fn validate(paths: &[PathBuf]) -> anyhow::Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+    let files = match read_sources(paths)? {
+        Ok(files) => files,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
     let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     match isthmus_core::config::load_files(&files) {
         Ok(set) => {
@@ -420,7 +474,10 @@ fn init_logging() -> isthmus_core::admin::LogControl {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let log_control = match &cli.command {
-        Command::Validate { .. } | Command::Token(_) | Command::Demo(_) => None,
+        Command::Validate { .. }
+        | Command::Analyze { .. }
+        | Command::Token(_)
+        | Command::Demo(_) => None,
         _ => Some(init_logging()),
     };
     match run(cli.command, log_control, cli.exit_with_stdin).await {
@@ -443,6 +500,11 @@ async fn run(
     use std::process::ExitCode;
     match command {
         Command::Validate { paths } => validate(&paths),
+        Command::Analyze {
+            paths,
+            failure_threshold,
+            output_threshold,
+        } => analyze(&paths, failure_threshold, output_threshold),
         Command::Token(TokenCommand::Join {
             state_dir,
             cluster,

@@ -342,3 +342,31 @@ fn validate_takes_files_folders_and_stdin_and_passes_over_non_mesh_kinds() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("<stdin>: document 1: kind: Gateway"), "{err}");
 }
+
+#[test]
+fn analyze_reports_findings_by_severity_and_fails_at_the_threshold() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("vs.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: demo}\nspec:\n  hosts: [reviews]\n  http:\n  - route: [{destination: {host: reviews}}]\n",
+    )
+    .expect("write");
+    let run = |threshold: &str| {
+        isthmus()
+            .args(["analyze", "--failure-threshold", threshold, "-f"])
+            .arg(dir.path())
+            .output()
+            .expect("runs")
+    };
+    // Only warnings: fine at the default threshold (Error), a failure at Warning.
+    let out = run("Error");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("Warning")
+            && stdout.contains("no Service named `reviews`")
+            && stdout.contains("[IST0007]"),
+        "{stdout}"
+    );
+    assert_eq!(run("Warning").status.code(), Some(79));
+}

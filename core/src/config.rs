@@ -6,6 +6,7 @@
 //! adapter. Every fault names its file, document and field, with a stable code; a set with
 //! any fault is rejected whole, so the set that is serving is never replaced by a bad one.
 
+pub mod analyze;
 mod istio;
 pub mod kinds;
 mod load;
