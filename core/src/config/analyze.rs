@@ -79,7 +79,7 @@ pub fn analyze(files: &[SourceFile]) -> Vec<Finding> {
             message,
         }))
         .collect();
-    findings.sort_by(|a, b| b.severity.cmp(&a.severity));
+    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     findings
 }
 
