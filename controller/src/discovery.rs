@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::registry::{GatewayInfo, Registry, Snapshot};
+use crate::snapshot::{GatewayInfo, Registry, Snapshot};
 
 /// Responses queued per stream before the sender waits for the proxy.
 const RESPONSE_QUEUE: usize = 16;

@@ -11,15 +11,15 @@
 //! token key, the last global registry) lives in the state folder, so a controller that
 //! restarts while the federation is down still serves.
 
-mod ca;
 mod discovery;
 mod federation;
 mod gateways;
-mod registry;
-mod state;
+mod signing;
+mod snapshot;
+mod trust;
 
 /// The default push debounce (Istio's 100 ms).
-pub use registry::DEBOUNCE as PUSH_DEBOUNCE;
+pub use snapshot::DEBOUNCE as PUSH_DEBOUNCE;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,7 +35,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use state::mint_workload_token;
+pub use trust::mint_workload_token;
 
 /// Static config of a controller.
 #[derive(Debug, Clone)]
@@ -105,14 +105,14 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
                 config.config_dir.display()
             )
         })?;
-    let state = state::ClusterState::load_or_join(&config).await?;
+    let state = trust::ClusterState::load_or_join(&config).await?;
     tracing::info!(cluster = %config.cluster, trust_domain = %state.trust_domain, "cluster CA ready");
 
     let mut metrics = Registry::with_prefix("isthmus_controller");
     let (config_tx, config_rx) = watch::channel(Arc::new(initial));
     let (status_tx, status_rx) = watch::channel(initial_status);
     let global = federation::GlobalState::load(&config.state_dir);
-    let registry = registry::Registry::new(
+    let registry = snapshot::Registry::new(
         &config.cluster,
         &state.trust_domain,
         config_rx,
@@ -128,7 +128,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         drain.clone(),
         metrics.sub_registry_with_prefix("xds"),
     );
-    let ca = ca::CaService::new(&config, &state)?;
+    let ca = signing::CaService::new(&config, &state)?;
     ca.register_metrics(metrics.sub_registry_with_prefix("ca"));
     config_metrics(&mut metrics, status_rx.clone());
 

@@ -22,7 +22,7 @@ use crate::lb::{pick, EndpointHealth, Failure, Selection, Target, Thresholds};
 use crate::metrics::ReasonLabels;
 use crate::outbound::OutboundCtx;
 use crate::pool::{Pool, ProxyBody, H2};
-use crate::route::PolicyState;
+use crate::routing_table::PolicyState;
 use crate::state::{MeshState, Service};
 
 /// Attempts per request, the first included.

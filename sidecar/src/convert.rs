@@ -78,7 +78,7 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
                     reason: e.to_string(),
                 }
             })?;
-            let compiled = crate::route::CompiledRouting::compile(r).map_err(|reason| {
+            let compiled = crate::routing_table::CompiledRouting::compile(r).map_err(|reason| {
                 ConvertError::Routing {
                     name: name.to_owned(),
                     reason,

@@ -20,7 +20,7 @@ mod lb;
 mod metrics;
 mod outbound;
 mod pool;
-mod route;
+mod routing_table;
 mod state;
 mod store;
 mod upgrade;

@@ -23,7 +23,7 @@ use crate::errors::{is_grpc, ProxyError};
 use crate::ingress::Limits;
 use crate::metrics::{Metrics, RequestLabels};
 use crate::pool::{Pool, ProxyBody};
-use crate::route::{apply_header_op, pick_weighted, rewrite_path, sampled, RequestView};
+use crate::routing_table::{apply_header_op, pick_weighted, rewrite_path, sampled, RequestView};
 use crate::state::MeshState;
 use crate::upgrade::Upgrade;
 
@@ -309,7 +309,7 @@ fn hash_key(on: &HashOn, parts: &http::request::Parts) -> (Option<u64>, Option<S
             parts
                 .uri
                 .query()
-                .and_then(|q| crate::route::query_param(q, name))
+                .and_then(|q| crate::routing_table::query_param(q, name))
                 .map(hash_str),
             None,
         ),

@@ -53,7 +53,7 @@ pub struct Service {
     /// Round-robin cursor.
     pub cursor: std::sync::atomic::AtomicUsize,
     /// VirtualService routes and DestinationRule subsets, compiled.
-    pub routing: Option<Arc<crate::route::CompiledRouting>>,
+    pub routing: Option<Arc<crate::routing_table::CompiledRouting>>,
 }
 
 impl Service {

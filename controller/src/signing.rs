@@ -14,7 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tonic::{Request, Response, Status};
 
-use crate::state::{token_audience, ClusterState};
+use crate::trust::{token_audience, ClusterState};
 use crate::Config;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
