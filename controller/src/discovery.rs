@@ -391,18 +391,34 @@ impl ProxyStream {
     async fn push(&mut self, type_url: &str, snapshot: &Snapshot) -> Result<(), ()> {
         let empty = BTreeMap::new();
         let all = snapshot.resources.get(type_url).unwrap_or(&empty);
-        // A sidecar gets only its own WorkloadEntry.
+        // A sidecar gets only its own WorkloadEntry, and the services its namespace may
+        // see (Istio's exportTo); gateways get every service.
         let scoped: BTreeMap<String, (String, bytes::Bytes)>;
-        let current = if type_url == isthmus_proto::type_url::WORKLOAD {
-            let own = self.scope.as_deref().unwrap_or_default();
-            scoped = all
-                .iter()
-                .filter(|(name, _)| name.as_str() == own)
-                .map(|(n, v)| (n.clone(), v.clone()))
-                .collect();
-            &scoped
-        } else {
-            all
+        let current = match (type_url, self.scope.as_deref()) {
+            (isthmus_proto::type_url::WORKLOAD, own) => {
+                let own = own.unwrap_or_default();
+                scoped = all
+                    .iter()
+                    .filter(|(name, _)| name.as_str() == own)
+                    .map(|(n, v)| (n.clone(), v.clone()))
+                    .collect();
+                &scoped
+            }
+            (isthmus_proto::type_url::SERVICE, Some(own)) if !snapshot.export_to.is_empty() => {
+                let ns = own.split_once('/').map(|(ns, _)| ns).unwrap_or_default();
+                scoped = all
+                    .iter()
+                    .filter(|(name, _)| {
+                        snapshot.export_to.get(*name).is_none_or(|to| {
+                            let owner = name.split_once('/').map(|(o, _)| o).unwrap_or_default();
+                            isthmus_core::config::visible(to, owner, ns)
+                        })
+                    })
+                    .map(|(n, v)| (n.clone(), v.clone()))
+                    .collect();
+                &scoped
+            }
+            _ => all,
         };
         let known = self.known.entry(type_url.to_owned()).or_default();
         let rejected = self.rejected.entry(type_url.to_owned()).or_default();

@@ -27,6 +27,8 @@ pub const TUNNEL_PORT: u16 = 15008;
 #[derive(Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub resources: BTreeMap<&'static str, BTreeMap<String, (String, Bytes)>>,
+    /// Services not visible to every namespace (Istio's exportTo): name → exportTo.
+    pub export_to: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -278,6 +280,7 @@ impl Registry {
             endpoints: selected.iter().map(|w| self.endpoint(w, health)).collect(),
             remote: Vec::new(),
             routing: config.routing.get(&svc.key).map(Into::into),
+            export_to: svc.export_to.clone(),
         }
     }
 
@@ -308,6 +311,7 @@ impl Registry {
                         target_port: p.port,
                     })
                     .collect(),
+                export_to: gs.export_to.clone(),
                 ..Default::default()
             });
             for c in gs
@@ -342,6 +346,11 @@ impl Registry {
                 key.to_string(),
                 encode(&|b| svc.encode(b).expect("vec grows")),
             );
+            if !svc.export_to.is_empty() {
+                snapshot
+                    .export_to
+                    .insert(key.to_string(), svc.export_to.clone());
+            }
         }
         let gw = gateways.first();
         let mesh = xds::Mesh {
@@ -425,6 +434,7 @@ impl Registry {
                 identities.insert(ep.identity.clone());
             }
             services.push(fed::ExportedService {
+                export_to: local.export_to.clone(),
                 namespace: key.namespace.clone(),
                 name: key.name.clone(),
                 ports: local
@@ -608,6 +618,7 @@ metadata: {name: echo, namespace: demo}
                     localities: vec![],
                     identities: vec![],
                 }],
+                export_to: vec![],
             }],
             ..Default::default()
         };

@@ -99,6 +99,23 @@ pub struct Service {
     pub key: NamespacedName,
     pub ports: Vec<ServicePort>,
     pub selector: BTreeMap<String, String>,
+    /// Istio's `networking.istio.io/exportTo` annotation: the namespaces whose workloads
+    /// see the service (`.` its own, `*` all, `~` none); empty means all.
+    pub export_to: Vec<String>,
+}
+
+/// The annotation that scopes a Service's visibility, as Istio reads it.
+pub const EXPORT_TO_ANNOTATION: &str = "networking.istio.io/exportTo";
+
+/// Whether a workload of `namespace` may see a service of `owner` exported to `export_to`.
+pub fn visible(export_to: &[String], owner: &str, namespace: &str) -> bool {
+    export_to.is_empty()
+        || export_to.iter().any(|e| match e.as_str() {
+            "*" => true,
+            "." => owner == namespace,
+            "~" => false,
+            ns => ns == namespace,
+        })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

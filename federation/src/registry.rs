@@ -92,6 +92,7 @@ pub fn merge(
                 name: svc.name.clone(),
                 ports: svc.ports.clone(),
                 clusters: Vec::new(),
+                export_to: svc.export_to.clone(),
             });
             if port_signature(&global.ports) != port_signature(&svc.ports) {
                 let first = global

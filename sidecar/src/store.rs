@@ -157,6 +157,7 @@ mod tests {
             }],
             remote: vec![],
             routing: None,
+            export_to: vec![],
         };
         Resource {
             name: format!("demo/{name}"),

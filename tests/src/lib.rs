@@ -833,11 +833,33 @@ impl Mesh {
         cluster: &str,
         sa: &str,
     ) -> anyhow::Result<tonic::transport::Channel> {
-        let identity = isthmus_core::tls::TlsIdentity::new(
-            self.ca_client(cluster, cluster, sa, sa)?
-                .fetch(None)
-                .await?,
-        );
+        self.controller_channel_in(cluster, NAMESPACE, sa).await
+    }
+
+    /// Like [`Mesh::controller_channel`], for a workload of namespace `namespace`.
+    pub async fn controller_channel_in(
+        &mut self,
+        cluster: &str,
+        namespace: &str,
+        sa: &str,
+    ) -> anyhow::Result<tonic::transport::Channel> {
+        let bundle = self.bundle_pem.clone();
+        let c = self.cluster(cluster);
+        let token = isthmus_controller::mint_workload_token(
+            &c.state_dir,
+            &c.name,
+            namespace,
+            sa,
+            TOKEN_TTL,
+        )?;
+        let ca = isthmus_core::ca_client::CaClient {
+            address: c.controller_addr,
+            controller: isthmus_core::identity::SpiffeId::controller(TRUST_DOMAIN, &c.name),
+            bootstrap_bundle_pem: bundle,
+            token: Some(token),
+            identity: isthmus_core::identity::SpiffeId::new(TRUST_DOMAIN, namespace, sa),
+        };
+        let identity = isthmus_core::tls::TlsIdentity::new(ca.fetch(None).await?);
         let controller = self
             .cluster(cluster)
             .controller

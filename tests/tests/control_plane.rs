@@ -614,3 +614,95 @@ async fn each_object_is_admitted_on_its_own_and_references_wait_for_their_target
     .await?;
     Ok(())
 }
+
+/// Records the services a proxy is pushed.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<std::collections::BTreeSet<String>>);
+
+impl isthmus_core::xds::XdsHandler for Recorder {
+    fn apply(
+        &self,
+        _type_url: &str,
+        updated: &[isthmus_proto::discovery::Resource],
+        removed: &[String],
+    ) -> Vec<isthmus_core::xds::Rejected> {
+        let mut held = self.0.lock().expect("lock");
+        held.extend(updated.iter().map(|r| r.name.clone()));
+        for r in removed {
+            held.remove(r);
+        }
+        Vec::new()
+    }
+}
+
+/// The services a proxy of workload `namespace/name` in `cluster` is pushed.
+async fn pushed_services(
+    mesh: &mut Mesh,
+    cluster: &str,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<(std::sync::Arc<Recorder>, tokio::task::JoinHandle<()>)> {
+    let channel = mesh.controller_channel_in(cluster, namespace, name).await?;
+    let recorder = std::sync::Arc::new(Recorder::default());
+    let client = isthmus_core::xds::XdsClient {
+        channel,
+        node: isthmus_proto::discovery::Node {
+            cluster: cluster.into(),
+            role: "sidecar".into(),
+            workload: format!("{namespace}/{name}"),
+            ..Default::default()
+        },
+        types: vec![isthmus_proto::type_url::SERVICE],
+        handler: recorder.clone(),
+        health: None,
+        first_config: None,
+    };
+    Ok((recorder, tokio::spawn(client.run())))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_to_dot_hides_a_service_from_other_namespaces_in_every_cluster() -> anyhow::Result<()>
+{
+    let mut mesh = Mesh::start(&["east", "west"]).await?;
+    let private = "apiVersion: v1\nkind: Service\nmetadata:\n  name: private\n  namespace: demo\n  annotations: {networking.istio.io/exportTo: .}\nspec:\n  selector: {app: private}\n  ports: [{name: http, port: 80}]\n---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: private, namespace: demo}\n";
+    mesh.apply("east", "private.yaml", private).await?;
+    mesh.apply(
+        "east",
+        "public.yaml",
+        &isthmus_tests::service_yaml("public"),
+    )
+    .await?;
+    let mut watchers = Vec::new();
+    let mut tasks = Vec::new();
+    for (cluster, ns) in [
+        ("east", "demo"),
+        ("east", "other"),
+        ("west", "demo"),
+        ("west", "other"),
+    ] {
+        let (rec, task) = pushed_services(&mut mesh, cluster, ns, "watcher").await?;
+        watchers.push((cluster, ns, rec));
+        tasks.push(task);
+    }
+    for (cluster, ns, rec) in &watchers {
+        eventually(
+            &format!("{ns} in {cluster} to see what it may"),
+            Duration::from_secs(10),
+            || async {
+                let held = rec.0.lock().expect("lock").clone();
+                anyhow::ensure!(held.contains("demo/public"), "{cluster}/{ns}: {held:?}");
+                let sees_private = held.contains("demo/private");
+                anyhow::ensure!(
+                    sees_private == (*ns == "demo"),
+                    "{cluster}/{ns} sees private: {sees_private}"
+                );
+                Ok(())
+            },
+        )
+        .await?;
+    }
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}

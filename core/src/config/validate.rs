@@ -210,10 +210,32 @@ fn service(c: &mut Checker<'_>, spec: &ServiceSpec) -> Option<Service> {
             );
         }
     }
+    let export_to: Vec<String> = c
+        .doc
+        .metadata
+        .annotations
+        .get(super::EXPORT_TO_ANNOTATION)
+        .map(|v| v.split(',').map(|e| e.trim().to_owned()).collect())
+        .unwrap_or_default();
+    for e in &export_to {
+        let ok = matches!(e.as_str(), "." | "*" | "~")
+            || (!e.is_empty()
+                && e.len() <= 63
+                && e.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+        if !ok {
+            c.fail(
+                Code::InvalidValue,
+                format!("metadata.annotations.{}", super::EXPORT_TO_ANNOTATION),
+                format!("`{e}` is not `.`, `*`, `~` or a namespace"),
+            );
+        }
+    }
     Some(Service {
         key: c.key.clone(),
         ports,
         selector: spec.selector.clone(),
+        export_to,
     })
 }
 
