@@ -25,6 +25,7 @@ fn help_explains_every_role() {
     for cmd in [
         "demo",
         "validate",
+        "analyze",
         "federation",
         "controller",
         "gateway",

@@ -404,15 +404,34 @@ impl ProxyStream {
                     .collect();
                 &scoped
             }
-            (isthmus_proto::type_url::SERVICE, Some(own)) if !snapshot.export_to.is_empty() => {
-                let ns = own.split_once('/').map(|(ns, _)| ns).unwrap_or_default();
+            (isthmus_proto::type_url::SERVICE, Some(own)) => {
+                let workload = own
+                    .split_once('/')
+                    .map(|(ns, name)| NamespacedName::new(ns, name))
+                    .unwrap_or_else(|| NamespacedName::new("", own));
+                let no_labels = BTreeMap::new();
+                let labels = snapshot.labels.get(&workload).unwrap_or(&no_labels);
+                let scope = isthmus_core::config::sidecar::scope_for(
+                    &snapshot.sidecars,
+                    &workload.namespace,
+                    labels,
+                );
                 scoped = all
                     .iter()
                     .filter(|(name, _)| {
-                        snapshot.export_to.get(*name).is_none_or(|to| {
-                            let owner = name.split_once('/').map(|(o, _)| o).unwrap_or_default();
-                            isthmus_core::config::visible(to, owner, ns)
-                        })
+                        let Some((owner, svc)) = name.split_once('/') else {
+                            return true;
+                        };
+                        let exported = snapshot.export_to.get(*name).is_none_or(|to| {
+                            isthmus_core::config::visible(to, owner, &workload.namespace)
+                        });
+                        let serves = snapshot
+                            .serves
+                            .get(&workload)
+                            .is_some_and(|own| own.contains(*name));
+                        exported
+                            && (serves
+                                || scope.is_none_or(|s| s.allows(&NamespacedName::new(owner, svc))))
                     })
                     .map(|(n, v)| (n.clone(), v.clone()))
                     .collect();

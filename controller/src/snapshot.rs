@@ -29,6 +29,13 @@ pub struct Snapshot {
     pub resources: BTreeMap<&'static str, BTreeMap<String, (String, Bytes)>>,
     /// Services not visible to every namespace (Istio's exportTo): name → exportTo.
     pub export_to: BTreeMap<String, Vec<String>>,
+    /// Istio `Sidecar`s, which narrow what the proxies they select are pushed.
+    pub sidecars: BTreeMap<NamespacedName, isthmus_core::config::sidecar::SidecarScope>,
+    /// Labels of each WorkloadEntry, to find the Sidecar that selects its proxy.
+    pub labels: BTreeMap<NamespacedName, BTreeMap<String, String>>,
+    /// The services each workload serves: its proxy is always pushed them (a Sidecar's
+    /// egress narrows what it calls, not what it serves).
+    pub serves: BTreeMap<NamespacedName, std::collections::BTreeSet<String>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -340,6 +347,23 @@ impl Registry {
             m(&mut buf);
             (version_of(&buf), Bytes::from(buf))
         };
+        snapshot.sidecars = config.sidecars.clone();
+        if !config.sidecars.is_empty() {
+            snapshot.labels = config
+                .workloads
+                .values()
+                .map(|w| (w.key.clone(), w.labels.clone()))
+                .collect();
+            for svc in config.services.values() {
+                for w in config.selected(svc) {
+                    snapshot
+                        .serves
+                        .entry(w.key.clone())
+                        .or_default()
+                        .insert(svc.key.to_string());
+                }
+            }
+        }
         let svc_map = snapshot.resources.entry(type_url::SERVICE).or_default();
         for (key, svc) in &services {
             svc_map.insert(

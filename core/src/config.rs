@@ -10,6 +10,7 @@ pub mod analyze;
 mod istio;
 pub mod kinds;
 mod load;
+pub mod sidecar;
 mod validate;
 pub mod watch;
 
@@ -139,6 +140,8 @@ pub struct ConfigSet {
     /// Documents passed over, and why (`file: document N (Kind ns/name): ...`): kinds that
     /// are not mesh config, such as a Deployment in an application's manifest.
     pub notes: Vec<String>,
+    /// Istio `Sidecar`s: what the proxies they select are pushed.
+    pub sidecars: BTreeMap<NamespacedName, sidecar::SidecarScope>,
     /// References to objects that do not exist (yet): a VirtualService naming an unknown
     /// host or subset, a ServiceExport with no Service. Requests they route get 503.
     pub warnings: Vec<ConfigError>,

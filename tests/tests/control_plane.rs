@@ -706,3 +706,52 @@ async fn export_to_dot_hides_a_service_from_other_namespaces_in_every_cluster() 
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_resource_limits_what_its_proxies_are_pushed() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east"]).await?;
+    mesh.apply(
+        "east",
+        "public.yaml",
+        &isthmus_tests::service_yaml("public"),
+    )
+    .await?;
+    mesh.apply(
+        "east",
+        "internal.yaml",
+        &isthmus_tests::service_yaml("internal"),
+    )
+    .await?;
+    let sidecar = "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: demo}\nspec:\n  egress:\n  - hosts: [./public.demo.svc.cluster.local]\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n";
+    mesh.apply("east", "sidecar.yaml", sidecar).await?;
+    let (demo, t1) = pushed_services(&mut mesh, "east", "demo", "watcher").await?;
+    let (other, t2) = pushed_services(&mut mesh, "east", "other", "watcher").await?;
+    let holds = |rec: &Recorder| rec.0.lock().expect("lock").clone();
+    eventually(
+        "each proxy to get its scope",
+        Duration::from_secs(5),
+        || async {
+            let (d, o) = (holds(&demo), holds(&other));
+            anyhow::ensure!(
+                d.contains("demo/public") && !d.contains("demo/internal"),
+                "demo: {d:?}"
+            );
+            anyhow::ensure!(
+                o.contains("demo/public") && o.contains("demo/internal"),
+                "other (no Sidecar): {o:?}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    // The Sidecar goes: its proxies are pushed everything again.
+    std::fs::remove_file(mesh.cluster("east").config_dir.join("sidecar.yaml"))?;
+    eventually("the scope to lift", Duration::from_secs(5), || async {
+        anyhow::ensure!(holds(&demo).contains("demo/internal"));
+        Ok(())
+    })
+    .await?;
+    t1.abort();
+    t2.abort();
+    Ok(())
+}

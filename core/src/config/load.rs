@@ -42,6 +42,12 @@ fn kind_of(api_version: &str, kind: &str) -> Option<&'static str> {
             | "networking.istio.io/v1alpha3",
             "DestinationRule",
         ) => Some("DestinationRule"),
+        (
+            "networking.istio.io/v1"
+            | "networking.istio.io/v1beta1"
+            | "networking.istio.io/v1alpha3",
+            "Sidecar",
+        ) => Some("Sidecar"),
         _ => None,
     }
 }
@@ -131,7 +137,7 @@ fn parse_document(
         return Err(ConfigError {
             code: Code::UnknownKind,
             field: "kind".into(),
-            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, multicluster.x-k8s.io/v1alpha1/ServiceExport, isthmus.io/v1alpha1/LocalRateLimit"),
+            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, Sidecar, multicluster.x-k8s.io/v1alpha1/ServiceExport, isthmus.io/v1alpha1/LocalRateLimit"),
             ..err
         });
     };
@@ -172,6 +178,8 @@ fn parse_document(
         }
         "DestinationRule" => decode::<DestinationRuleSpec>(spec, "spec")
             .map(|s| DocumentBody::DestinationRule(Box::new(s))),
+        "Sidecar" => decode::<super::sidecar::SidecarSpec>(spec, "spec")
+            .map(|s| DocumentBody::Sidecar(Box::new(s))),
         _ => decode::<ServiceExportSpec>(spec, "spec").map(|_| DocumentBody::ServiceExport),
     };
     match body {

@@ -28,6 +28,7 @@ pub enum DocumentBody {
     VirtualService(Box<VirtualServiceSpec>),
     DestinationRule(Box<DestinationRuleSpec>),
     LocalRateLimit(LocalRateLimitSpec),
+    Sidecar(Box<super::sidecar::SidecarSpec>),
 }
 
 impl Document {
@@ -51,6 +52,7 @@ impl DocumentBody {
             DocumentBody::VirtualService(_) => "VirtualService",
             DocumentBody::DestinationRule(_) => "DestinationRule",
             DocumentBody::LocalRateLimit(_) => "LocalRateLimit",
+            DocumentBody::Sidecar(_) => "Sidecar",
         }
     }
 }
@@ -708,6 +710,10 @@ pub fn build(docs: Vec<Document>) -> Admission {
             }
             DocumentBody::ServiceExport => {
                 set.exports.insert(key);
+            }
+            DocumentBody::Sidecar(spec) => {
+                let scope = super::sidecar::sidecar(&mut c, &key, spec);
+                set.sidecars.insert(key, scope);
             }
             DocumentBody::VirtualService(_)
             | DocumentBody::DestinationRule(_)

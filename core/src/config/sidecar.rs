@@ -1,0 +1,228 @@
+//! Istio's `Sidecar` kind as Isthmus reads it: which services a workload's proxy is pushed
+//! (`egress[].hosts`), for the workloads a `workloadSelector` picks, else the whole
+//! namespace, else (in the root namespace) the whole mesh. Ports, listeners and capture
+//! modes of egress and ingress are parsed so the error can name them ("not supported yet").
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::validate::Checker;
+use super::{Code, NamespacedName};
+
+type Unsupported = Option<serde_yaml_ng::Value>;
+
+/// Istio's root namespace: a Sidecar there without a selector applies mesh-wide.
+pub const ROOT_NAMESPACE: &str = "istio-system";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SidecarSpec {
+    pub workload_selector: Option<WorkloadSelectorSpec>,
+    #[serde(default)]
+    pub egress: Vec<EgressSpec>,
+    pub ingress: Unsupported,
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicySpec>,
+    pub inbound_connection_pool: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSelectorSpec {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EgressSpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub port: Unsupported,
+    pub bind: Unsupported,
+    pub capture_mode: Unsupported,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutboundTrafficPolicySpec {
+    pub mode: Option<String>,
+    pub egress_proxy: Unsupported,
+}
+
+/// One `namespace/host` egress pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern {
+    /// `*`, `~` or a namespace (`.` is resolved to the Sidecar's own).
+    pub namespace: String,
+    /// `*`, `*.suffix` or a full host name.
+    pub host: String,
+}
+
+/// A Sidecar's scope: whose proxies it applies to and what they are pushed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SidecarScope {
+    pub key: NamespacedName,
+    /// Empty: every workload of its namespace (or, in the root namespace, of the mesh).
+    pub selector: BTreeMap<String, String>,
+    pub egress: Vec<HostPattern>,
+}
+
+impl SidecarScope {
+    /// Whether a proxy under this scope is pushed `service`.
+    pub fn allows(&self, service: &NamespacedName) -> bool {
+        let fqdn = format!("{}.{}.svc.cluster.local", service.name, service.namespace);
+        self.egress.iter().any(|p| {
+            let ns = match p.namespace.as_str() {
+                "*" => true,
+                "~" => false,
+                ns => ns == service.namespace,
+            };
+            let host = match p.host.as_str() {
+                "*" => true,
+                h => match h.strip_prefix("*.") {
+                    Some(suffix) => fqdn.ends_with(&format!(".{suffix}")),
+                    None => h == fqdn,
+                },
+            };
+            ns && host
+        })
+    }
+}
+
+/// The scope that applies to a workload of `namespace` with `labels`: a Sidecar of its
+/// namespace whose selector picks it, else one of its namespace without selector, else one
+/// of the root namespace without selector. `None`: no Sidecar, every service.
+pub fn scope_for<'a>(
+    sidecars: &'a BTreeMap<NamespacedName, SidecarScope>,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> Option<&'a SidecarScope> {
+    let in_ns = |ns: &str, pick: &dyn Fn(&SidecarScope) -> bool| {
+        sidecars.values().find(|s| s.key.namespace == ns && pick(s))
+    };
+    let selects = |s: &SidecarScope| {
+        !s.selector.is_empty() && s.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    };
+    let everyone = |s: &SidecarScope| s.selector.is_empty();
+    in_ns(namespace, &selects)
+        .or_else(|| in_ns(namespace, &everyone))
+        .or_else(|| in_ns(ROOT_NAMESPACE, &everyone))
+}
+
+fn unsupported(c: &mut Checker<'_>, field: &str, value: &Unsupported) {
+    if value.is_some() {
+        c.fail(
+            Code::Schema,
+            field,
+            format!(
+                "`{}` is not supported yet",
+                field.rsplit('.').next().unwrap_or(field)
+            ),
+        );
+    }
+}
+
+/// Checks a Sidecar and turns it into its scope.
+pub(super) fn sidecar(
+    c: &mut Checker<'_>,
+    key: &NamespacedName,
+    spec: &SidecarSpec,
+) -> SidecarScope {
+    unsupported(c, "spec.ingress", &spec.ingress);
+    unsupported(
+        c,
+        "spec.inboundConnectionPool",
+        &spec.inbound_connection_pool,
+    );
+    if let Some(p) = &spec.outbound_traffic_policy {
+        unsupported(c, "spec.outboundTrafficPolicy.egressProxy", &p.egress_proxy);
+        match p.mode.as_deref() {
+            None | Some("REGISTRY_ONLY") => {}
+            Some("ALLOW_ANY") => c.fail(
+                Code::Schema,
+                "spec.outboundTrafficPolicy.mode",
+                "ALLOW_ANY is not supported yet: hosts outside the registry are refused, as under REGISTRY_ONLY",
+            ),
+            Some(other) => c.fail(
+                Code::InvalidValue,
+                "spec.outboundTrafficPolicy.mode",
+                format!("`{other}` is not REGISTRY_ONLY or ALLOW_ANY"),
+            ),
+        }
+    }
+    let mut egress = Vec::new();
+    if spec.egress.is_empty() {
+        c.fail(
+            Code::Missing,
+            "spec.egress",
+            "a Sidecar needs at least one egress listener",
+        );
+    }
+    for (i, e) in spec.egress.iter().enumerate() {
+        let field = format!("spec.egress[{i}]");
+        unsupported(c, &format!("{field}.port"), &e.port);
+        unsupported(c, &format!("{field}.bind"), &e.bind);
+        unsupported(c, &format!("{field}.captureMode"), &e.capture_mode);
+        for (j, h) in e.hosts.iter().enumerate() {
+            let Some((ns, host)) = h.split_once('/') else {
+                c.fail(
+                    Code::InvalidValue,
+                    format!("{field}.hosts[{j}]"),
+                    format!("`{h}` is not namespace/host"),
+                );
+                continue;
+            };
+            let namespace = if ns == "." {
+                key.namespace.clone()
+            } else {
+                ns.to_owned()
+            };
+            egress.push(HostPattern {
+                namespace,
+                host: host.to_owned(),
+            });
+        }
+    }
+    SidecarScope {
+        key: key.clone(),
+        selector: spec
+            .workload_selector
+            .as_ref()
+            .map(|s| s.labels.clone())
+            .unwrap_or_default(),
+        egress,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(patterns: &[(&str, &str)]) -> SidecarScope {
+        SidecarScope {
+            key: NamespacedName::new("demo", "default"),
+            selector: BTreeMap::new(),
+            egress: patterns
+                .iter()
+                .map(|(n, h)| HostPattern {
+                    namespace: (*n).into(),
+                    host: (*h).into(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn egress_hosts_match_as_istio_writes_them() {
+        let reviews = NamespacedName::new("demo", "reviews");
+        let ratings = NamespacedName::new("other", "ratings");
+        let own = scope(&[("demo", "*")]);
+        assert!(own.allows(&reviews) && !own.allows(&ratings));
+        let exact = scope(&[("*", "ratings.other.svc.cluster.local")]);
+        assert!(exact.allows(&ratings) && !exact.allows(&reviews));
+        let suffix = scope(&[("other", "*.other.svc.cluster.local")]);
+        assert!(suffix.allows(&ratings) && !suffix.allows(&reviews));
+        assert!(!scope(&[("~", "*")]).allows(&reviews));
+    }
+}
