@@ -51,6 +51,8 @@ struct TypeLabel {
 struct Metrics {
     connected: Gauge,
     pushes: Family<TypeLabel, Counter>,
+    /// Bytes of resources pushed, to see what scoping (exportTo, Sidecar) saves.
+    pushed_bytes: Family<TypeLabel, Counter>,
     nacks: Family<TypeLabel, Counter>,
 }
 
@@ -111,6 +113,11 @@ impl DiscoveryService {
         );
         metrics.register("pushes", "responses pushed to proxies", m.pushes.clone());
         metrics.register("nacks", "responses proxies rejected", m.nacks.clone());
+        metrics.register(
+            "pushed_bytes",
+            "bytes of resources pushed to proxies",
+            m.pushed_bytes.clone(),
+        );
         Self {
             cluster,
             registry,
@@ -489,13 +496,16 @@ impl ProxyStream {
             removed_resources: removed,
             nonce: self.nonce.to_string(),
         };
+        let label = TypeLabel {
+            type_url: type_url.to_owned(),
+        };
+        self.svc.metrics.pushes.get_or_create(&label).inc();
+        let bytes: usize = resp.resources.iter().map(|r| r.body.len()).sum();
         self.svc
             .metrics
-            .pushes
-            .get_or_create(&TypeLabel {
-                type_url: type_url.to_owned(),
-            })
-            .inc();
+            .pushed_bytes
+            .get_or_create(&label)
+            .inc_by(bytes as u64);
         self.tx.send(Ok(resp)).await.map_err(|_| ())
     }
 }
