@@ -7,6 +7,7 @@
 //! any fault is rejected whole, so the set that is serving is never replaced by a bad one.
 
 pub mod analyze;
+mod assemble;
 mod istio;
 pub mod kinds;
 mod load;
