@@ -9,6 +9,15 @@ use std::time::{Duration, Instant};
 /// The demo binds the topology's fixed addresses: one demo at a time in this binary.
 static DEMO: Mutex<()> = Mutex::new(());
 
+/// Sends SIGTERM, as a process manager stops a process.
+fn sigterm(child: &std::process::Child) {
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+}
+
 fn one_demo_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     DEMO.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -146,11 +155,7 @@ fn sigterm_drains_and_exits_zero() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     std::thread::sleep(std::time::Duration::from_millis(200));
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(killed.success());
+    sigterm(&child);
     let out = child.wait_with_output().expect("exits");
     let log = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "exit {:?}\n{log}", out.status.code());
@@ -231,11 +236,7 @@ fn a_demo_stopped_with_sigterm_stops_its_children_and_a_second_demo_names_the_bu
         err.contains("is not free") && err.contains("earlier `isthmus demo` still running"),
         "{err}"
     );
-    let killed = Command::new("kill")
-        .args(["-TERM", &demo.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(killed.success());
+    sigterm(&demo);
     let out = demo.wait_with_output().expect("exits");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -411,7 +411,10 @@ impl ProxyStream {
                     .collect();
                 &scoped
             }
-            (isthmus_proto::type_url::SERVICE, Some(own)) => {
+            // Without exportTo or Sidecars every service is for everyone: nothing to copy.
+            (isthmus_proto::type_url::SERVICE, Some(own))
+                if !snapshot.export_to.is_empty() || !snapshot.sidecars.is_empty() =>
+            {
                 let workload = own
                     .split_once('/')
                     .map(|(ns, name)| NamespacedName::new(ns, name))

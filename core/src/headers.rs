@@ -30,10 +30,16 @@ pub const PEER_MAX_PENDING_RESETS: usize = 4096;
 
 /// Removes headers an app must not be able to set.
 pub fn strip_untrusted(headers: &mut http::HeaderMap) {
+    strip_untrusted_keeping(headers, &[]);
+}
+
+/// Like [`strip_untrusted`], keeping the internal headers named in `keep`: the signals a
+/// peer proxy (which stripped its own app's) passes on.
+pub fn strip_untrusted_keeping(headers: &mut http::HeaderMap, keep: &[&str]) {
     headers.remove(XFCC);
     let internal: Vec<http::HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with(INTERNAL_PREFIX))
+        .filter(|k| k.as_str().starts_with(INTERNAL_PREFIX) && !keep.contains(&k.as_str()))
         .cloned()
         .collect();
     for k in internal {

@@ -44,6 +44,23 @@ impl Rejected {
     pub fn all(updated: &[Resource], reason: &str) -> Vec<Self> {
         updated.iter().map(|r| Self::new(&r.name, reason)).collect()
     }
+
+    /// Converts each resource on its own: those that convert, and those that did not, with
+    /// why. What every handler does with a response.
+    pub fn sort<T>(
+        updated: &[Resource],
+        convert: impl Fn(&Resource) -> Result<T, String>,
+    ) -> (Vec<T>, Vec<Self>) {
+        let mut good = Vec::with_capacity(updated.len());
+        let mut rejected = Vec::new();
+        for r in updated {
+            match convert(r) {
+                Ok(t) => good.push(t),
+                Err(reason) => rejected.push(Self::new(&r.name, reason)),
+            }
+        }
+        (good, rejected)
+    }
 }
 
 /// Applies pushed resources to a proxy's state.

@@ -86,46 +86,34 @@ impl Store {
     }
 }
 
-/// The converted resource, or `None` with the reason recorded.
-fn keep<T>(rejected: &mut Vec<Rejected>, name: &str, converted: Result<T, String>) -> Option<T> {
-    converted
-        .map_err(|reason| rejected.push(Rejected::new(name, reason)))
-        .ok()
-}
-
 impl XdsHandler for Store {
     fn apply(&self, type_url: &str, updated: &[Resource], removed: &[String]) -> Vec<Rejected> {
-        let mut rejected = Vec::new();
         let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.current();
         let mut next = GatewayState {
             services: old.services.clone(),
             peers: old.peers.clone(),
         };
-        match type_url {
+        let rejected = match type_url {
             type_url::SERVICE => {
-                let converted: Vec<_> = updated
-                    .iter()
-                    .filter_map(|r| keep(&mut rejected, &r.name, service(r)))
-                    .collect();
+                let (converted, rejected) = Rejected::sort(updated, service);
                 for name in removed {
                     next.services.remove(name);
                 }
                 next.services.extend(converted);
+                rejected
             }
             type_url::PEER => {
-                let converted: Vec<_> = updated
-                    .iter()
-                    .filter_map(|r| keep(&mut rejected, &r.name, peer(r)))
-                    .collect();
+                let (converted, rejected) = Rejected::sort(updated, peer);
                 for name in removed {
                     next.peers.remove(name);
                 }
                 next.peers.extend(converted);
+                rejected
             }
-            type_url::MESH => return rejected,
+            type_url::MESH => return Vec::new(),
             other => return Rejected::all(updated, &format!("unexpected resource type {other}")),
-        }
+        };
         self.state.send_replace(Arc::new(next));
         rejected
     }

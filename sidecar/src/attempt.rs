@@ -41,17 +41,16 @@ pub enum ReqBody {
 
 impl ReqBody {
     pub async fn new(body: Incoming, idle: Duration) -> Result<Self, ProxyError> {
-        let exact = body.size_hint().exact();
-        let fault = FaultCell::default();
-        let body = Watched::new(body, idle, fault.clone());
-        if exact.is_some_and(|n| n <= REPLAY_LIMIT) {
-            let bytes = body
+        if body.size_hint().exact().is_some_and(|n| n <= REPLAY_LIMIT) {
+            let bytes = Watched::new(body, idle)
                 .collect()
                 .await
                 .map_err(|e| downstream_error(&e.0))?
                 .to_bytes();
             return Ok(ReqBody::Replayable(bytes));
         }
+        let fault = FaultCell::default();
+        let body = Watched::recording(body, idle, fault.clone());
         Ok(ReqBody::Once(Some(crate::body::boxed(body)), fault))
     }
 
@@ -349,22 +348,18 @@ pub async fn attempts(
                 let (mut rparts, rbody) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut rparts.headers);
                 // The far sidecar strips what its app sets; of its own signals only the
-                // error reason goes on to the app.
-                let reason = rparts.headers.remove(ERROR_REASON);
-                let upgraded = rparts.headers.remove(crate::upgrade::UPGRADE);
-                headers::strip_untrusted(&mut rparts.headers);
-                if let Some(r) = reason {
-                    rparts.headers.insert(ERROR_REASON, r);
-                }
-                // The mark of an upgrade the far app accepted, for `upgrade_through`.
-                if let Some(u) = upgraded.filter(|_| parts.method == http::Method::CONNECT) {
-                    rparts.headers.insert(crate::upgrade::UPGRADE, u);
-                }
+                // error reason goes on to the app, and to `upgrade_through` the mark of an
+                // upgrade the far app accepted.
+                let keep: &[&str] = if parts.method == http::Method::CONNECT {
+                    &[ERROR_REASON, crate::upgrade::UPGRADE]
+                } else {
+                    &[ERROR_REASON]
+                };
+                headers::strip_untrusted_keeping(&mut rparts.headers, keep);
                 if let Ok(v) = HeaderValue::from_str(&cluster) {
                     rparts.headers.insert(UPSTREAM_CLUSTER, v);
                 }
-                let rbody =
-                    Watched::new(rbody, ctx.limits.stream_idle_timeout, FaultCell::default());
+                let rbody = Watched::new(rbody, ctx.limits.stream_idle_timeout);
                 return Ok((
                     Response::from_parts(rparts, crate::body::boxed(rbody)),
                     cluster,
@@ -507,6 +502,9 @@ fn proven(
     tried: &[Arc<EndpointHealth>],
     first: Target,
 ) -> Target {
+    if !first.health().unproven() {
+        return first; // the request path's usual case: nothing to copy
+    }
     let mut skip = tried.to_vec();
     let mut target = first.clone();
     while target.health().unproven() {

@@ -52,30 +52,41 @@ impl std::fmt::Display for BodyFault {
 pub type FaultCell = Arc<OnceLock<BodyFault>>;
 
 /// A body whose sender may stay silent at most `idle` between frames. A fault (an error of
-/// the inner body, or the silence) is recorded in the cell before it is returned. The timer
-/// exists only while the body waits, so a body that never waits costs no timer.
+/// the inner body, or the silence) is returned as the body's error, and recorded in the
+/// cell first when there is one. The timer exists only while the body waits, so a body
+/// that never waits costs no timer.
 pub struct Watched<B> {
     inner: B,
     idle: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Whether the timer runs for the current wait.
     armed: bool,
-    fault: FaultCell,
+    fault: Option<FaultCell>,
 }
 
 impl<B> Watched<B> {
-    pub fn new(inner: B, idle: Duration, fault: FaultCell) -> Self {
+    pub fn new(inner: B, idle: Duration) -> Self {
         Self {
             inner,
             idle,
             timer: None,
             armed: false,
-            fault,
+            fault: None,
+        }
+    }
+
+    /// Also records the fault in `fault`, for whoever must tell later whose it was.
+    pub fn recording(inner: B, idle: Duration, fault: FaultCell) -> Self {
+        Self {
+            fault: Some(fault),
+            ..Self::new(inner, idle)
         }
     }
 
     fn record(&self, fault: BodyFault) -> WatchedError {
-        let _ = self.fault.set(fault.clone());
+        if let Some(cell) = &self.fault {
+            let _ = cell.set(fault.clone());
+        }
         WatchedError(fault)
     }
 }
@@ -144,7 +155,7 @@ mod tests {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
         let body = StreamBody::new(tokio_stream_from(rx));
         let fault = FaultCell::default();
-        let mut watched = Watched::new(body, Duration::from_secs(5), fault.clone());
+        let mut watched = Watched::recording(body, Duration::from_secs(5), fault.clone());
         tx.send(Ok(Frame::data(Bytes::from_static(b"a"))))
             .await
             .expect("open");
@@ -161,7 +172,7 @@ mod tests {
     async fn a_broken_body_records_its_fault() {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
         let fault = FaultCell::default();
-        let mut watched = Watched::new(
+        let mut watched = Watched::recording(
             StreamBody::new(tokio_stream_from(rx)),
             Duration::from_secs(5),
             fault.clone(),

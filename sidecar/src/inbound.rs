@@ -290,11 +290,7 @@ async fn forward(
             ctx.limits
                 .check_headers(&rparts.headers)
                 .map_err(|e| ProxyError::ResponseHeadersTooLarge(e.to_string()))?;
-            let rbody = crate::body::Watched::new(
-                rbody,
-                ctx.limits.stream_idle_timeout,
-                crate::body::FaultCell::default(),
-            );
+            let rbody = crate::body::Watched::new(rbody, ctx.limits.stream_idle_timeout);
             Ok(Response::from_parts(rparts, crate::body::boxed(rbody)))
         }
         // Refused is proof the app is not there; a connect that timed out may be an app (or

@@ -41,22 +41,6 @@ impl Store {
     }
 }
 
-/// Converts each resource on its own: the good ones, and the rejected ones with why.
-fn each<T>(
-    updated: &[Resource],
-    convert: impl Fn(&Resource) -> Result<T, String>,
-) -> (Vec<T>, Vec<Rejected>) {
-    let mut good = Vec::with_capacity(updated.len());
-    let mut rejected = Vec::new();
-    for r in updated {
-        match convert(r) {
-            Ok(t) => good.push(t),
-            Err(reason) => rejected.push(Rejected::new(&r.name, reason)),
-        }
-    }
-    (good, rejected)
-}
-
 impl Store {
     /// Publishes the state `change` makes of the current one.
     fn update(&self, change: impl FnOnce(&MeshState) -> MeshState) {
@@ -70,7 +54,7 @@ impl XdsHandler for Store {
     fn apply(&self, type_url: &str, updated: &[Resource], removed: &[String]) -> Vec<Rejected> {
         match type_url {
             type_url::SERVICE => {
-                let (converted, rejected) = each(updated, |r| {
+                let (converted, rejected) = Rejected::sort(updated, |r| {
                     convert::service(&r.name, &r.body, &self.health)
                         .map(|s| (r.name.clone(), Arc::new(s)))
                         .map_err(|e| e.to_string())
@@ -94,7 +78,7 @@ impl XdsHandler for Store {
                 rejected
             }
             type_url::MESH => {
-                let (mut meshes, rejected) = each(updated, |r| {
+                let (mut meshes, rejected) = Rejected::sort(updated, |r| {
                     convert::mesh(&r.name, &r.body)
                         .map(|(mesh, _bundle)| mesh)
                         .map_err(|e| e.to_string())
@@ -110,7 +94,7 @@ impl XdsHandler for Store {
                 rejected
             }
             type_url::WORKLOAD => {
-                let (mut workloads, rejected) = each(updated, |r| {
+                let (mut workloads, rejected) = Rejected::sort(updated, |r| {
                     isthmus_proto::discovery::Workload::decode(r.body.as_slice())
                         .map(|w| w.labels)
                         .map_err(|e| format!("cannot decode: {e}"))

@@ -597,12 +597,24 @@ impl Mesh {
         token_sa: &str,
         asked_sa: &str,
     ) -> anyhow::Result<isthmus_core::ca_client::CaClient> {
+        self.ca_client_in(cluster, token_cluster, NAMESPACE, token_sa, asked_sa)
+    }
+
+    /// Like [`Mesh::ca_client`], for a workload of namespace `namespace`.
+    pub fn ca_client_in(
+        &mut self,
+        cluster: &str,
+        token_cluster: &str,
+        namespace: &str,
+        token_sa: &str,
+        asked_sa: &str,
+    ) -> anyhow::Result<isthmus_core::ca_client::CaClient> {
         let bundle = self.bundle_pem.clone();
         let token_state = self.cluster(token_cluster).state_dir.clone();
         let token = isthmus_controller::mint_workload_token(
             &token_state,
             cluster,
-            NAMESPACE,
+            namespace,
             token_sa,
             TOKEN_TTL,
         )?;
@@ -612,7 +624,7 @@ impl Mesh {
             controller: isthmus_core::identity::SpiffeId::controller(TRUST_DOMAIN, &c.name),
             bootstrap_bundle_pem: bundle,
             token: Some(token),
-            identity: isthmus_core::identity::SpiffeId::new(TRUST_DOMAIN, NAMESPACE, asked_sa),
+            identity: isthmus_core::identity::SpiffeId::new(TRUST_DOMAIN, namespace, asked_sa),
         })
     }
 
@@ -843,22 +855,7 @@ impl Mesh {
         namespace: &str,
         sa: &str,
     ) -> anyhow::Result<tonic::transport::Channel> {
-        let bundle = self.bundle_pem.clone();
-        let c = self.cluster(cluster);
-        let token = isthmus_controller::mint_workload_token(
-            &c.state_dir,
-            &c.name,
-            namespace,
-            sa,
-            TOKEN_TTL,
-        )?;
-        let ca = isthmus_core::ca_client::CaClient {
-            address: c.controller_addr,
-            controller: isthmus_core::identity::SpiffeId::controller(TRUST_DOMAIN, &c.name),
-            bootstrap_bundle_pem: bundle,
-            token: Some(token),
-            identity: isthmus_core::identity::SpiffeId::new(TRUST_DOMAIN, namespace, sa),
-        };
+        let ca = self.ca_client_in(cluster, cluster, namespace, sa, sa)?;
         let identity = isthmus_core::tls::TlsIdentity::new(ca.fetch(None).await?);
         let controller = self
             .cluster(cluster)

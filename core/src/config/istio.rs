@@ -15,7 +15,9 @@ mod virtual_service;
 pub use destination_rule::{destination_rule, DestinationRuleSpec};
 pub use virtual_service::{virtual_service, ParsedVirtualService, VirtualServiceSpec};
 
-type Unsupported = Option<serde_yaml_ng::Value>;
+/// A field Istio defines that Isthmus does not implement yet: parsed, so that its error can
+/// name it.
+pub(super) type Unsupported = Option<serde_yaml_ng::Value>;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -43,7 +45,8 @@ fn count(c: &mut Checker<'_>, field: &str, v: Option<i64>, max: i64) -> Option<u
     }
 }
 
-fn unsupported(c: &mut Checker<'_>, field: &str, value: &Unsupported) {
+/// Refuses a field that is set but not implemented yet, naming it.
+pub(super) fn unsupported(c: &mut Checker<'_>, field: &str, value: &Unsupported) {
     if value.is_some() {
         c.fail(
             Code::Schema,

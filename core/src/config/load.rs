@@ -329,18 +329,20 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A file or folder that cannot be read.
+fn io_err(file: &Path, e: std::io::Error) -> ConfigErrors {
+    ConfigErrors(vec![ConfigError {
+        file: file.display().to_string(),
+        document: 0,
+        object: None,
+        field: String::new(),
+        code: Code::Io,
+        message: format!("cannot read: {e}"),
+    }])
+}
+
 /// Reads every `*.yaml`/`*.yml` file under `dir` (recursively, sorted by path).
 pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, ConfigErrors> {
-    let io_err = |file: &Path, e: std::io::Error| {
-        ConfigErrors(vec![ConfigError {
-            file: file.display().to_string(),
-            document: 0,
-            object: None,
-            field: String::new(),
-            code: Code::Io,
-            message: format!("cannot read: {e}"),
-        }])
-    };
     let mut paths = Vec::new();
     collect(dir, &mut paths).map_err(|e| io_err(dir, e))?;
     paths.sort();
@@ -361,16 +363,7 @@ pub fn read_path(path: &Path) -> Result<Vec<SourceFile>, ConfigErrors> {
     if path.is_dir() {
         return read_dir(path);
     }
-    let contents = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            file: path.display().to_string(),
-            document: 0,
-            object: None,
-            field: String::new(),
-            code: Code::Io,
-            message: format!("cannot read: {e}"),
-        }])
-    })?;
+    let contents = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
     Ok(vec![SourceFile {
         name: path.display().to_string(),
         contents,

@@ -7,10 +7,9 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use super::istio::{unsupported, Unsupported};
 use super::validate::Checker;
 use super::{Code, NamespacedName};
-
-type Unsupported = Option<serde_yaml_ng::Value>;
 
 /// Istio's root namespace: a Sidecar there without a selector applies mesh-wide.
 pub const ROOT_NAMESPACE: &str = "istio-system";
@@ -108,19 +107,6 @@ pub fn scope_for<'a>(
     in_ns(namespace, &selects)
         .or_else(|| in_ns(namespace, &everyone))
         .or_else(|| in_ns(ROOT_NAMESPACE, &everyone))
-}
-
-fn unsupported(c: &mut Checker<'_>, field: &str, value: &Unsupported) {
-    if value.is_some() {
-        c.fail(
-            Code::Schema,
-            field,
-            format!(
-                "`{}` is not supported yet",
-                field.rsplit('.').next().unwrap_or(field)
-            ),
-        );
-    }
 }
 
 /// Checks a Sidecar and turns it into its scope.
