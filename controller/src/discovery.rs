@@ -472,43 +472,51 @@ impl ProxyStream {
         if resources.is_empty() && removed.is_empty() && !first_push {
             return Ok(());
         }
-        let mut flight = InFlight {
-            type_url: type_url.to_owned(),
-            previous: BTreeMap::new(),
-            sent: BTreeMap::new(),
-        };
-        for r in &resources {
-            flight.previous.insert(
-                r.name.clone(),
-                known.insert(r.name.clone(), r.version.clone()),
-            );
-            flight.sent.insert(r.name.clone(), r.version.clone());
+        let runs = isthmus_core::grpc::chunk_by_size(resources, isthmus_core::grpc::CHUNK_BYTES);
+        let last = runs.len() - 1;
+        let mut removed = Some(removed);
+        for (i, resources) in runs.into_iter().enumerate() {
+            let removed = removed.take().unwrap_or_default();
+            let mut flight = InFlight {
+                type_url: type_url.to_owned(),
+                previous: BTreeMap::new(),
+                sent: BTreeMap::new(),
+            };
+            for r in &resources {
+                flight.previous.insert(
+                    r.name.clone(),
+                    known.insert(r.name.clone(), r.version.clone()),
+                );
+                flight.sent.insert(r.name.clone(), r.version.clone());
+            }
+            for name in &removed {
+                flight.previous.insert(name.clone(), known.remove(name));
+            }
+            self.nonce += 1;
+            self.in_flight.insert(self.nonce, flight);
+            while self.in_flight.len() > MAX_IN_FLIGHT {
+                self.in_flight.pop_first();
+            }
+            let resp = DeltaResponse {
+                system_version_info: String::new(),
+                type_url: type_url.to_owned(),
+                resources,
+                removed_resources: removed,
+                nonce: self.nonce.to_string(),
+                more: i < last,
+            };
+            let label = TypeLabel {
+                type_url: type_url.to_owned(),
+            };
+            self.svc.metrics.pushes.get_or_create(&label).inc();
+            let bytes: usize = resp.resources.iter().map(|r| r.body.len()).sum();
+            self.svc
+                .metrics
+                .pushed_bytes
+                .get_or_create(&label)
+                .inc_by(bytes as u64);
+            self.tx.send(Ok(resp)).await.map_err(|_| ())?;
         }
-        for name in &removed {
-            flight.previous.insert(name.clone(), known.remove(name));
-        }
-        self.nonce += 1;
-        self.in_flight.insert(self.nonce, flight);
-        while self.in_flight.len() > MAX_IN_FLIGHT {
-            self.in_flight.pop_first();
-        }
-        let resp = DeltaResponse {
-            system_version_info: String::new(),
-            type_url: type_url.to_owned(),
-            resources,
-            removed_resources: removed,
-            nonce: self.nonce.to_string(),
-        };
-        let label = TypeLabel {
-            type_url: type_url.to_owned(),
-        };
-        self.svc.metrics.pushes.get_or_create(&label).inc();
-        let bytes: usize = resp.resources.iter().map(|r| r.body.len()).sum();
-        self.svc
-            .metrics
-            .pushed_bytes
-            .get_or_create(&label)
-            .inc_by(bytes as u64);
-        self.tx.send(Ok(resp)).await.map_err(|_| ())
+        Ok(())
     }
 }

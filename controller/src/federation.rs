@@ -1,28 +1,94 @@
 //! The controller's link to the federation: one mTLS stream that sends this cluster's
-//! exports whenever they change and receives the merged global registry. The last registry
-//! is kept on disk, so a controller restarted while the federation is down still routes
-//! across clusters.
+//! exports and receives the merged global registry, both as the whole state first and then
+//! as deltas (only the services that changed), in messages of bounded size. The last
+//! registry is kept on disk, so a controller restarted while the federation is down still
+//! routes across clusters.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use isthmus_core::backoff::Backoff;
+use isthmus_core::grpc::{chunk_by_size, CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use isthmus_core::tls::{PeerPolicy, TlsIdentity, ALPN_H2};
 use isthmus_proto::federation::federation_client::FederationClient;
-use isthmus_proto::federation::{ClusterExports, GlobalRegistry};
+use isthmus_proto::federation::{
+    ClusterExports, ExportUpdate, ExportedService, Gateway, GatewaySet, GlobalRegistry,
+    GlobalService, RegistryMeta, RegistryUpdate,
+};
 use prost::Message;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 
 const REGISTRY_FILE: &str = "global-registry.pb";
-const EXPORT_QUEUE: usize = 4;
+const EXPORT_QUEUE: usize = 16;
+/// Registry changes within this window cost one write of the state file.
+const PERSIST_INTERVAL: Duration = Duration::from_millis(500);
+/// Services one registry batch may carry (a bound on what the federation makes us buffer).
+const MAX_BATCH_SERVICES: usize = 200_000;
 
-/// The latest global registry, persisted.
+/// The merged registry as this cluster sees it: every other cluster's exports.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Global {
+    pub version: u64,
+    /// By `namespace/name`.
+    pub services: BTreeMap<String, Arc<GlobalService>>,
+    pub meta: Arc<RegistryMeta>,
+}
+
+impl Global {
+    fn encode(&self) -> Vec<u8> {
+        GlobalRegistry {
+            version: self.version,
+            services: self.services.values().map(|s| (**s).clone()).collect(),
+            meta: Some((*self.meta).clone()),
+        }
+        .encode_to_vec()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let r = GlobalRegistry::decode(bytes).ok()?;
+        Some(Self {
+            version: r.version,
+            services: r
+                .services
+                .into_iter()
+                .map(|s| (format!("{}/{}", s.namespace, s.name), Arc::new(s)))
+                .collect(),
+            meta: Arc::new(r.meta.unwrap_or_default()),
+        })
+    }
+
+    /// Applies one whole batch from the federation.
+    fn apply(&mut self, batch: Vec<RegistryUpdate>) {
+        for update in batch {
+            if update.reset {
+                self.services.clear();
+                self.meta = Arc::default();
+            }
+            self.version = update.version;
+            for key in update.withdrawn {
+                self.services.remove(&key);
+            }
+            for s in update.upserted {
+                self.services
+                    .insert(format!("{}/{}", s.namespace, s.name), Arc::new(s));
+            }
+            if let Some(meta) = update.meta {
+                self.meta = Arc::new(meta);
+            }
+        }
+    }
+}
+
+/// The latest global registry, kept on disk.
 pub struct GlobalState {
-    tx: watch::Sender<Arc<GlobalRegistry>>,
+    tx: watch::Sender<Arc<Global>>,
     path: PathBuf,
+    dirty: Arc<Notify>,
 }
 
 impl GlobalState {
@@ -30,29 +96,122 @@ impl GlobalState {
         let path = state_dir.join(REGISTRY_FILE);
         let initial = std::fs::read(&path)
             .ok()
-            .and_then(|b| GlobalRegistry::decode(b.as_slice()).ok())
+            .and_then(|b| Global::decode(&b))
             .unwrap_or_default();
         if initial.version > 0 {
             tracing::info!(
                 version = initial.version,
+                services = initial.services.len(),
                 "loaded the last global registry from disk"
             );
         }
         Self {
             tx: watch::Sender::new(Arc::new(initial)),
             path,
+            dirty: Arc::default(),
         }
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Arc<GlobalRegistry>> {
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Global>> {
         self.tx.subscribe()
     }
 
-    fn store(&self, registry: GlobalRegistry) {
-        if let Err(e) = isthmus_core::fsutil::write_private(&self.path, &registry.encode_to_vec()) {
-            tracing::warn!(error = %e, path = %self.path.display(), "cannot persist the global registry");
+    fn apply(&self, batch: Vec<RegistryUpdate>) {
+        self.tx.send_modify(|g| Arc::make_mut(g).apply(batch));
+        self.dirty.notify_one();
+    }
+
+    /// Keeps the registry on disk, written behind changes; runs until dropped.
+    pub async fn persist(self: Arc<Self>) {
+        let (path, dirty) = (self.path.clone(), self.dirty.clone());
+        isthmus_core::fsutil::write_behind(path, PERSIST_INTERVAL, dirty, move || {
+            self.tx.borrow().encode()
+        })
+        .await
+    }
+}
+
+/// One batch of export messages: `upserted` in chunks, the rest in the first message.
+fn export_batch(
+    cluster: &str,
+    reset: bool,
+    upserted: Vec<ExportedService>,
+    withdrawn: Vec<String>,
+    gateways: Option<Vec<Gateway>>,
+) -> Vec<ExportUpdate> {
+    let runs = chunk_by_size(upserted, CHUNK_BYTES);
+    let last = runs.len() - 1;
+    let (mut withdrawn, mut gateways) = (Some(withdrawn), gateways);
+    runs.into_iter()
+        .enumerate()
+        .map(|(i, run)| ExportUpdate {
+            cluster: cluster.to_owned(),
+            reset,
+            upserted: run,
+            withdrawn: withdrawn.take().unwrap_or_default(),
+            gateways: gateways.take().map(|gateways| GatewaySet { gateways }),
+            more: i < last,
+        })
+        .collect()
+}
+
+/// What the federation has been sent on this stream, to send only what changes.
+#[derive(Default)]
+struct Sent {
+    services: BTreeMap<String, ExportedService>,
+    gateways: Vec<Gateway>,
+}
+
+impl Sent {
+    /// The whole export, as the first batch of a stream.
+    fn reset(&mut self, cluster: &str, exports: &ClusterExports) -> Vec<ExportUpdate> {
+        self.services = exports
+            .services
+            .iter()
+            .map(|s| (format!("{}/{}", s.namespace, s.name), s.clone()))
+            .collect();
+        self.gateways = exports.gateways.clone();
+        export_batch(
+            cluster,
+            true,
+            exports.services.clone(),
+            Vec::new(),
+            Some(exports.gateways.clone()),
+        )
+    }
+
+    /// What changed since the last batch; `None` when nothing did.
+    fn delta(&mut self, cluster: &str, exports: &ClusterExports) -> Option<Vec<ExportUpdate>> {
+        let mut current: BTreeMap<String, &ExportedService> = BTreeMap::new();
+        for s in &exports.services {
+            current.insert(format!("{}/{}", s.namespace, s.name), s);
         }
-        self.tx.send_replace(Arc::new(registry));
+        let upserted: Vec<ExportedService> = current
+            .iter()
+            .filter(|(k, s)| self.services.get(*k) != Some(**s))
+            .map(|(_, s)| (*s).clone())
+            .collect();
+        let withdrawn: Vec<String> = self
+            .services
+            .keys()
+            .filter(|k| !current.contains_key(*k))
+            .cloned()
+            .collect();
+        let gateways = (exports.gateways != self.gateways).then(|| exports.gateways.clone());
+        if upserted.is_empty() && withdrawn.is_empty() && gateways.is_none() {
+            return None;
+        }
+        for k in &withdrawn {
+            self.services.remove(k);
+        }
+        for s in &upserted {
+            self.services
+                .insert(format!("{}/{}", s.namespace, s.name), s.clone());
+        }
+        if let Some(g) = &gateways {
+            self.gateways = g.clone();
+        }
+        Some(export_batch(cluster, false, upserted, withdrawn, gateways))
     }
 }
 
@@ -64,7 +223,11 @@ pub struct Link {
 }
 
 impl Link {
-    pub async fn run(self, exports: watch::Receiver<Arc<ClusterExports>>, global: GlobalState) {
+    pub async fn run(
+        self,
+        exports: watch::Receiver<Arc<ClusterExports>>,
+        global: Arc<GlobalState>,
+    ) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
         loop {
             let started = Instant::now();
@@ -87,38 +250,71 @@ impl Link {
             self.identity
                 .client_config(self.federation.clone(), &[ALPN_H2]),
         );
-        let mut client = FederationClient::new(channel);
+        let mut client = FederationClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let (tx, rx) = mpsc::channel(EXPORT_QUEUE);
-        let current = (**exports.borrow_and_update()).clone();
-        let _ = tx.try_send(current);
-        let mut inbound = match client.exchange(ReceiverStream::new(rx)).await {
+        let mut sent = Sent::default();
+        let first = sent.reset(&self.cluster, &exports.borrow_and_update());
+        let outbound = tokio_stream::iter(first).chain(ReceiverStream::new(rx));
+        let mut inbound = match client.exchange(outbound).await {
             Ok(r) => r.into_inner(),
             Err(s) => return s,
         };
         tracing::info!(federation = %self.address, cluster = %self.cluster, "connected to the federation");
-        loop {
-            tokio::select! {
-                msg = inbound.message() => match msg {
-                    Ok(Some(registry)) => {
-                        tracing::debug!(version = registry.version, services = registry.services.len(), "global registry received");
-                        for c in &registry.conflicts {
-                            tracing::warn!(conflict = %c, "global registry conflict");
-                        }
-                        global.store(registry);
-                    }
-                    Ok(None) => return tonic::Status::unavailable("federation closed the stream"),
-                    Err(s) => return s,
-                },
-                changed = exports.changed() => {
-                    if changed.is_err() {
-                        return tonic::Status::cancelled("controller shutting down");
-                    }
-                    let current = (**exports.borrow_and_update()).clone();
-                    if tx.send(current).await.is_err() {
+        // Exports go out from their own task, so a large batch either way never leaves both
+        // ends waiting for the other to read.
+        let cluster = self.cluster.clone();
+        let mut exporting = tokio::spawn(async move {
+            while exports.changed().await.is_ok() {
+                let current = exports.borrow_and_update().clone();
+                for m in sent.delta(&cluster, &current).into_iter().flatten() {
+                    if tx.send(m).await.is_err() {
                         return tonic::Status::unavailable("export stream closed");
                     }
                 }
             }
+            tonic::Status::cancelled("controller shutting down")
+        });
+        let _abort = AbortOnDrop(exporting.abort_handle());
+        let mut batch: Vec<RegistryUpdate> = Vec::new();
+        loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(update)) => {
+                        let more = update.more;
+                        batch.push(update);
+                        if more {
+                            if batch.iter().map(|u| u.upserted.len()).sum::<usize>() > MAX_BATCH_SERVICES {
+                                return tonic::Status::resource_exhausted("registry batch too large");
+                            }
+                            continue;
+                        }
+                        let batch = std::mem::take(&mut batch);
+                        tracing::debug!(version = batch[0].version, messages = batch.len(), reset = batch[0].reset, "global registry update");
+                        if let Some(meta) = batch.iter().find_map(|u| u.meta.as_ref()) {
+                            for c in &meta.conflicts {
+                                tracing::warn!(conflict = %c, "global registry conflict");
+                            }
+                        }
+                        global.apply(batch);
+                    }
+                    Ok(None) => return tonic::Status::unavailable("federation closed the stream"),
+                    Err(s) => return s,
+                },
+                ended = &mut exporting => {
+                    return ended.unwrap_or_else(|e| tonic::Status::internal(format!("export task: {e}")));
+                }
+            }
         }
+    }
+}
+
+/// Stops a task when its owner ends.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -111,7 +111,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let mut metrics = Registry::with_prefix("isthmus_controller");
     let (config_tx, config_rx) = watch::channel(Arc::new(initial));
     let (status_tx, status_rx) = watch::channel(initial_status);
-    let global = federation::GlobalState::load(&config.state_dir);
+    let global = Arc::new(federation::GlobalState::load(&config.state_dir));
     let registry = snapshot::Registry::new(
         &config.cluster,
         &state.trust_domain,
@@ -173,6 +173,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             "isthmus-federation",
         )]),
     };
+    running.spawn(global.clone().persist());
     running.spawn(link.run(registry.exports(), global));
     running.spawn(async move {
         let incoming = isthmus_core::grpc::tls_incoming(grpc, tls, drain.clone());
@@ -180,7 +181,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(
-                isthmus_proto::discovery::discovery_server::DiscoveryServer::new(discovery),
+                isthmus_proto::discovery::discovery_server::DiscoveryServer::new(discovery)
+                    .max_encoding_message_size(isthmus_core::grpc::MAX_MESSAGE_BYTES),
             )
             .add_service(
                 isthmus_proto::ca::certificate_authority_server::CertificateAuthorityServer::new(

@@ -56,6 +56,7 @@ impl Health {
 }
 
 pub use crate::gateways::GatewayInfo;
+use crate::federation::Global;
 use crate::gateways::Gateways;
 
 struct Inner {
@@ -63,7 +64,7 @@ struct Inner {
     trust_domain: String,
     bundle_pem: String,
     config: watch::Receiver<Arc<ConfigSet>>,
-    global: watch::Receiver<Arc<fed::GlobalRegistry>>,
+    global: watch::Receiver<Arc<Global>>,
     health: Mutex<BTreeMap<NamespacedName, Health>>,
     gateways: Mutex<Gateways>,
     poke: Notify,
@@ -127,7 +128,7 @@ impl Registry {
         cluster: &str,
         trust_domain: &str,
         config: watch::Receiver<Arc<ConfigSet>>,
-        global: watch::Receiver<Arc<fed::GlobalRegistry>>,
+        global: watch::Receiver<Arc<Global>>,
         bundle_pem: String,
         state_dir: &std::path::Path,
     ) -> Self {
@@ -294,7 +295,7 @@ impl Registry {
     fn build_snapshot(
         &self,
         config: &ConfigSet,
-        global: &fed::GlobalRegistry,
+        global: &Global,
         health: &BTreeMap<NamespacedName, Health>,
         gateways: &[GatewayInfo],
     ) -> Snapshot {
@@ -303,7 +304,7 @@ impl Registry {
             .values()
             .map(|svc| (svc.key.clone(), self.local_service(config, svc, health)))
             .collect();
-        for gs in &global.services {
+        for gs in global.services.values() {
             let key = NamespacedName::new(&gs.namespace, &gs.name);
             let entry = services.entry(key).or_insert_with(|| xds::Service {
                 namespace: gs.namespace.clone(),
@@ -384,6 +385,7 @@ impl Registry {
             gateway_identity: gw.map(|g| g.identity.clone()).unwrap_or_default(),
             trust_bundle_pem: self.inner.bundle_pem.clone(),
             failover: global
+                .meta
                 .failover
                 .iter()
                 .map(|f| xds::Failover {
@@ -414,6 +416,7 @@ impl Registry {
         }
         let peers = snapshot.resources.entry(type_url::PEER).or_default();
         for cg in global
+            .meta
             .gateways
             .iter()
             .filter(|g| g.cluster != self.inner.cluster)
@@ -524,7 +527,7 @@ impl Registry {
             "services": services,
             "gateways": lock(&self.inner.gateways).serving().iter().map(|g| serde_json::json!({"tunnel": g.tunnel_address, "quic": g.quic_address})).collect::<Vec<_>>(),
             "global_registry_version": global.version,
-            "global_conflicts": global.conflicts,
+            "global_conflicts": global.meta.conflicts,
             "config": {
                 "accepted": status.accepted,
                 "rejected": status.rejected,
@@ -565,8 +568,8 @@ metadata: {name: echo, namespace: demo}
 
     fn registry(
         dir: &std::path::Path,
-        global: fed::GlobalRegistry,
-    ) -> (Registry, watch::Sender<Arc<fed::GlobalRegistry>>) {
+        global: Global,
+    ) -> (Registry, watch::Sender<Arc<Global>>) {
         let set = load_files(&[SourceFile {
             name: "c.yaml".into(),
             contents: CONFIG.into(),
@@ -589,7 +592,7 @@ metadata: {name: echo, namespace: demo}
     #[test]
     fn exports_count_healthy_endpoints_per_locality_and_drop_disconnected_ones() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (reg, _g) = registry(dir.path(), fed::GlobalRegistry::default());
+        let (reg, _g) = registry(dir.path(), Global::default());
         let exports = reg.exports().borrow().clone();
         let svc = &exports.services[0];
         assert_eq!(
@@ -627,9 +630,11 @@ metadata: {name: echo, namespace: demo}
     #[test]
     fn remote_clusters_come_from_the_global_registry_and_versions_are_stable() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let global = fed::GlobalRegistry {
+        let global = Global {
             version: 3,
-            services: vec![fed::GlobalService {
+            services: [(
+                "demo/only-west".to_string(),
+                Arc::new(fed::GlobalService {
                 namespace: "demo".into(),
                 name: "only-west".into(),
                 ports: vec![fed::ExportedPort {
@@ -643,7 +648,9 @@ metadata: {name: echo, namespace: demo}
                     identities: vec![],
                 }],
                 export_to: vec![],
-            }],
+                }),
+            )]
+            .into(),
             ..Default::default()
         };
         let (reg, _g) = registry(dir.path(), global);
@@ -651,7 +658,7 @@ metadata: {name: echo, namespace: demo}
         let remote = decode_service(&snap, "demo/only-west");
         assert_eq!(remote.remote[0].cluster, "west");
         assert!(remote.endpoints.is_empty());
-        let (reg2, _g2) = registry(dir.path(), fed::GlobalRegistry::default());
+        let (reg2, _g2) = registry(dir.path(), Global::default());
         let v1 = &snap.resources[type_url::SERVICE]["demo/echo"].0;
         let snap2 = reg2.snapshots().borrow().clone();
         let v2 = &snap2.resources[type_url::SERVICE]["demo/echo"].0;

@@ -157,3 +157,49 @@ pub fn bearer_token<T>(req: &tonic::Request<T>) -> Option<&str> {
         .ok()?
         .strip_prefix("Bearer ")
 }
+
+/// What one streamed control-plane message aims to stay under: large states go out as
+/// several messages, so no state depends on one message's size.
+pub const CHUNK_BYTES: usize = 1 << 20;
+/// The largest control-plane message a peer accepts (gRPC's default is 4 MiB). Messages are
+/// chunked at [`CHUNK_BYTES`]; only a single resource larger than that (a service with tens
+/// of thousands of endpoints) needs more, and this bounds what a peer can make us buffer.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Splits `items` into runs whose encoded size stays under `limit` (an item larger than
+/// `limit` travels alone). Always returns at least one run, possibly empty.
+pub fn chunk_by_size<T: prost::Message>(items: Vec<T>, limit: usize) -> Vec<Vec<T>> {
+    let mut runs = vec![Vec::new()];
+    let mut size = 0;
+    for item in items {
+        let len = item.encoded_len() + 8;
+        let last = runs.last_mut().expect("never empty");
+        if !last.is_empty() && size + len > limit {
+            runs.push(Vec::new());
+            size = 0;
+        }
+        size += len;
+        runs.last_mut().expect("never empty").push(item);
+    }
+    runs
+}
+
+#[cfg(test)]
+mod chunk_tests {
+    use super::*;
+
+    #[test]
+    fn chunks_stay_under_the_limit_and_keep_order() {
+        let items: Vec<String> = (0..100).map(|i| format!("{i:0>100}")).collect();
+        let runs = chunk_by_size(items.clone(), 1000);
+        assert!(runs.len() >= 10, "{} runs", runs.len());
+        for run in &runs {
+            let size: usize = run.iter().map(|s| prost::Message::encoded_len(s) + 8).sum();
+            assert!(size <= 1000, "{size}");
+        }
+        assert_eq!(runs.concat(), items);
+        assert_eq!(chunk_by_size(Vec::<String>::new(), 10), vec![Vec::<String>::new()]);
+        let big = vec!["x".repeat(5000), "y".into()];
+        assert_eq!(chunk_by_size(big.clone(), 1000).len(), 2, "an oversized item travels alone");
+    }
+}

@@ -2,7 +2,8 @@
 //! resources arrive as deltas, each response is handed to an [`XdsHandler`] that applies
 //! every resource that converts and names those that do not, and the client answers with an
 //! ACK, or a NACK naming the rejected resources. The proxy is ready once it has ACKed a
-//! first response of every type it subscribes to.
+//! first push of every type it subscribes to (all of its responses, when a large push comes
+//! in several).
 //!
 //! The client remembers the versions it accepted and offers them on reconnect, so a restarted
 //! controller sends only what differs. While the controller is away the handler's state, the
@@ -136,13 +137,16 @@ impl<H: XdsHandler> XdsClient<H> {
             let healthy = *h.borrow();
             let _ = tx.try_send(self.health_request(healthy));
         }
-        let mut client = DiscoveryClient::new(self.channel.clone());
+        let mut client = DiscoveryClient::new(self.channel.clone())
+            .max_decoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
         let mut responses = match client.delta_resources(ReceiverStream::new(rx)).await {
             Ok(r) => r.into_inner(),
             Err(status) => return status.into(),
         };
         tracing::info!("connected to controller");
         let mut acked_types = std::collections::HashSet::new();
+        // Per type: a response of the batch in progress was NACKed.
+        let mut batch_failed: HashMap<String, bool> = HashMap::new();
         let mut health = self.health.clone();
         loop {
             tokio::select! {
@@ -153,8 +157,13 @@ impl<H: XdsHandler> XdsClient<H> {
                         Err(status) => return status.into(),
                     };
                     let reply = self.on_response(&resp, versions);
-                    if reply.error_detail.is_empty() {
-                        acked_types.insert(resp.type_url.clone());
+                    let failed = batch_failed.entry(resp.type_url.clone()).or_default();
+                    *failed |= !reply.error_detail.is_empty();
+                    if !resp.more {
+                        if !*failed {
+                            acked_types.insert(resp.type_url.clone());
+                        }
+                        *failed = false;
                     }
                     if acked_types.len() >= self.types.len() {
                         self.first_config.take();

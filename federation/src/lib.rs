@@ -52,6 +52,7 @@ pub struct Bound {
     /// PEM roots the clusters trust, for handing to controllers on first start.
     pub bundle_pem: String,
     running: isthmus_core::drain::Running,
+    registry: registry::GlobalRegistry,
 }
 
 impl Bound {
@@ -68,6 +69,9 @@ impl Bound {
     /// Stops accepting, lets open connections finish until `deadline`, then stops.
     pub async fn shutdown(self, deadline: std::time::Duration) {
         let cut = self.running.shutdown(deadline).await;
+        if let Err(e) = self.registry.flush() {
+            tracing::warn!(error = %e, "cannot keep the exports on disk; a restart starts from an older copy");
+        }
         tracing::info!(cut_off = cut, "drained");
     }
 }
@@ -95,6 +99,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         metrics.sub_registry_with_prefix("registry"),
     );
     let (mut running, drain) = isthmus_core::drain::Running::new();
+    let (persisted, kept) = (merged.clone(), merged.clone());
     let svc = service::FederationService::new(Arc::new(root), merged.clone(), drain.clone());
     let admin = Admin {
         registry: Arc::new(metrics),
@@ -113,11 +118,16 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     ));
     let tls = identity.server_config(auth, &[isthmus_core::tls::ALPN_H2]);
     running.spawn(admin.run(drain.clone()));
+    running.spawn(persisted.persist());
     running.spawn(async move {
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-            .add_service(isthmus_proto::federation::federation_server::FederationServer::new(svc))
+            .add_service(
+                isthmus_proto::federation::federation_server::FederationServer::new(svc)
+                    .max_decoding_message_size(isthmus_core::grpc::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(isthmus_core::grpc::MAX_MESSAGE_BYTES),
+            )
             .serve_with_incoming_shutdown(
                 isthmus_core::grpc::tls_incoming(grpc, tls, drain.clone()),
                 async move { drain.signaled().await },
@@ -131,5 +141,6 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         admin_address,
         bundle_pem,
         running,
+        registry: kept,
     })
 }

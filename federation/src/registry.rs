@@ -3,73 +3,119 @@
 //! of the Multi-Cluster Services API); a cluster whose ports disagree with the first
 //! exporter's is left out of that service and the conflict is reported, never merged.
 //!
-//! Every cluster's last exports are kept on disk, so a restarted federation publishes the
-//! whole registry at once: a cluster that has not reported since the restart keeps its
-//! entries, marked stale, instead of vanishing until its controller reconnects.
+//! Work follows the change, not the mesh: a cluster's update names the services that
+//! changed, only those are merged again, and each controller's stream is sent only the
+//! services whose view changed for it since it last heard (a cluster is never sent its own
+//! entries: it knows its own endpoints). A change log (service → version of its last
+//! change) finds them without scanning the registry.
+//!
+//! Every cluster's last exports are kept on disk (written behind, at most every
+//! [`PERSIST_INTERVAL`]), so a restarted federation publishes the whole registry at once: a
+//! cluster that has not reported since the restart keeps its entries, marked stale, instead
+//! of vanishing until its controller reconnects.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use isthmus_proto::federation::{
-    ClusterExports, ClusterGateways, ClusterService, ExportedPort, Failover, FederationState,
-    GlobalRegistry as Msg, GlobalService,
+    ClusterExports, ClusterGateways, ClusterService, ExportUpdate, ExportedPort, ExportedService,
+    Failover, FederationState, Gateway, GlobalService, RegistryMeta, RegistryUpdate,
 };
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prost::Message;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 /// Where the exports are kept, in the federation's state folder.
 const STATE_FILE: &str = "registry.pb";
+/// Changes within this window cost one write of the state file.
+pub const PERSIST_INTERVAL: Duration = Duration::from_millis(200);
+/// Removed services remembered in the change log beyond the live ones, before the log is
+/// compacted (streams that heard nothing since then get the whole registry again).
+const TOMBSTONE_SLACK: usize = 1024;
+/// Services one export batch may carry (a bound on what a peer makes us buffer).
+pub const MAX_BATCH_SERVICES: usize = 200_000;
+
+/// A service's key in every map here: `namespace/name`.
+pub fn key_of(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
 
 #[derive(Clone)]
 pub struct GlobalRegistry {
     inner: Arc<Mutex<Inner>>,
-    merged: watch::Sender<Arc<Msg>>,
+    changes: watch::Sender<u64>,
     bundle_pem: String,
     failover: Vec<Failover>,
     path: PathBuf,
+    dirty: Arc<Notify>,
+    metrics: Metrics,
+}
+
+#[derive(Clone, Default)]
+struct Metrics {
     clusters: Gauge,
     conflicts: Gauge,
     stale: Gauge,
+    services: Gauge,
+    sent_bytes: Counter,
+    sent_updates: Counter,
+}
+
+#[derive(Default, Clone, PartialEq)]
+struct ClusterState {
+    services: BTreeMap<String, ExportedService>,
+    gateways: Vec<Gateway>,
+}
+
+/// One batch of a cluster's export stream: the messages up to one with `more` false,
+/// applied whole.
+#[derive(Default, Debug)]
+pub struct ExportBatch {
+    pub reset: bool,
+    pub upserted: Vec<ExportedService>,
+    pub withdrawn: Vec<String>,
+    pub gateways: Option<Vec<Gateway>>,
+}
+
+impl ExportBatch {
+    /// Adds one message; true when it ends the batch.
+    pub fn add(&mut self, msg: ExportUpdate) -> bool {
+        self.reset |= msg.reset;
+        self.upserted.extend(msg.upserted);
+        self.withdrawn.extend(msg.withdrawn);
+        if let Some(g) = msg.gateways {
+            self.gateways = Some(g.gateways);
+        }
+        !msg.more
+    }
+
+    /// Services the batch names so far.
+    pub fn services(&self) -> usize {
+        self.upserted.len() + self.withdrawn.len()
+    }
 }
 
 #[derive(Default)]
 struct Inner {
-    exports: BTreeMap<String, ClusterExports>,
+    clusters: BTreeMap<String, ClusterState>,
     /// Clusters loaded from disk that have not reported since this process started.
     stale: BTreeSet<String>,
+    merged: BTreeMap<String, Arc<GlobalService>>,
+    /// Per service, the exports left out of it.
+    conflicts: BTreeMap<String, Vec<String>>,
+    /// Version at which each service last changed (removed ones too), and the same as an
+    /// ordered log.
+    changed_at: HashMap<String, u64>,
+    log: BTreeSet<(u64, String)>,
+    meta: Arc<RegistryMeta>,
+    meta_version: u64,
     version: u64,
-}
-
-/// The exports kept by an earlier run, if any could be read.
-fn load(path: &Path) -> Inner {
-    let Ok(bytes) = std::fs::read(path) else {
-        return Inner::default();
-    };
-    match FederationState::decode(bytes.as_slice()) {
-        Ok(state) => {
-            let exports: BTreeMap<String, ClusterExports> = state
-                .clusters
-                .into_iter()
-                .map(|c| (c.cluster.clone(), c))
-                .collect();
-            tracing::info!(
-                clusters = exports.len(),
-                version = state.version,
-                "loaded the last exports of every cluster; stale until each reports"
-            );
-            Inner {
-                stale: exports.keys().cloned().collect(),
-                exports,
-                version: state.version,
-            }
-        }
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable registry state");
-            Inner::default()
-        }
-    }
+    /// Streams that last heard before this version are sent the whole registry: the log
+    /// no longer holds the removals before it.
+    floor: u64,
 }
 
 fn port_signature(ports: &[ExportedPort]) -> Vec<(u32, String)> {
@@ -78,50 +124,159 @@ fn port_signature(ports: &[ExportedPort]) -> Vec<(u32, String)> {
     sig
 }
 
-/// Merges exports (ordered by cluster name, so the result is deterministic).
-pub fn merge(
-    exports: &BTreeMap<String, ClusterExports>,
-) -> (Vec<GlobalService>, Vec<ClusterGateways>, Vec<String>) {
-    let mut services: BTreeMap<(String, String), GlobalService> = BTreeMap::new();
+/// Merges one service across clusters (in cluster-name order, so the result is
+/// deterministic): the service, if anyone exports it, and the conflicts left out.
+fn merge_one(
+    clusters: &BTreeMap<String, ClusterState>,
+    key: &str,
+) -> (Option<GlobalService>, Vec<String>) {
+    let mut global: Option<GlobalService> = None;
     let mut conflicts = Vec::new();
-    for (cluster, ex) in exports {
-        for svc in &ex.services {
-            let key = (svc.namespace.clone(), svc.name.clone());
-            let global = services.entry(key).or_insert_with(|| GlobalService {
-                namespace: svc.namespace.clone(),
-                name: svc.name.clone(),
-                ports: svc.ports.clone(),
-                clusters: Vec::new(),
-                export_to: svc.export_to.clone(),
-            });
-            if port_signature(&global.ports) != port_signature(&svc.ports) {
-                let first = global
-                    .clusters
-                    .first()
-                    .map(|c| c.cluster.as_str())
-                    .unwrap_or("?");
-                conflicts.push(format!(
-                    "service {}/{} exported by {cluster} with ports {:?}, but by {first} with {:?}; {cluster} is left out",
-                    svc.namespace, svc.name, port_signature(&svc.ports), port_signature(&global.ports)
-                ));
-                continue;
+    for (cluster, state) in clusters {
+        let Some(svc) = state.services.get(key) else {
+            continue;
+        };
+        let entry = ClusterService {
+            cluster: cluster.clone(),
+            localities: svc.localities.clone(),
+            identities: svc.identities.clone(),
+        };
+        match &mut global {
+            None => {
+                global = Some(GlobalService {
+                    namespace: svc.namespace.clone(),
+                    name: svc.name.clone(),
+                    ports: svc.ports.clone(),
+                    clusters: vec![entry],
+                    export_to: svc.export_to.clone(),
+                })
             }
-            global.clusters.push(ClusterService {
-                cluster: cluster.clone(),
-                localities: svc.localities.clone(),
-                identities: svc.identities.clone(),
-            });
+            Some(g) if port_signature(&g.ports) != port_signature(&svc.ports) => {
+                let first = g.clusters.first().map(|c| c.cluster.as_str()).unwrap_or("?");
+                conflicts.push(format!(
+                    "service {key} exported by {cluster} with ports {:?}, but by {first} with {:?}; {cluster} is left out",
+                    port_signature(&svc.ports), port_signature(&g.ports)
+                ));
+            }
+            Some(g) => g.clusters.push(entry),
         }
     }
-    let gateways = exports
+    (global, conflicts)
+}
+
+/// A service as `cluster` is sent it: without its own entry; `None` when no other cluster
+/// exports it.
+fn view_for(svc: &GlobalService, cluster: &str) -> Option<GlobalService> {
+    let clusters: Vec<ClusterService> = svc
+        .clusters
         .iter()
-        .filter(|(_, ex)| !ex.gateways.is_empty())
-        .map(|(cluster, ex)| ClusterGateways {
-            cluster: cluster.clone(),
-            gateways: ex.gateways.clone(),
-        })
+        .filter(|c| c.cluster != cluster)
+        .cloned()
         .collect();
-    (services.into_values().collect(), gateways, conflicts)
+    (!clusters.is_empty()).then(|| GlobalService {
+        namespace: svc.namespace.clone(),
+        name: svc.name.clone(),
+        ports: svc.ports.clone(),
+        clusters,
+        export_to: svc.export_to.clone(),
+    })
+}
+
+fn fingerprint(svc: &GlobalService) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    svc.encode_to_vec().hash(&mut h);
+    h.finish()
+}
+
+impl Inner {
+    /// The exports kept by an earlier run, if any could be read.
+    fn load(path: &Path) -> Self {
+        let Ok(bytes) = std::fs::read(path) else {
+            return Self::default();
+        };
+        let state = match FederationState::decode(bytes.as_slice()) {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable registry state");
+                return Self::default();
+            }
+        };
+        let mut inner = Self {
+            version: state.version,
+            ..Self::default()
+        };
+        for c in state.clusters {
+            inner.stale.insert(c.cluster.clone());
+            let services = c
+                .services
+                .into_iter()
+                .map(|s| (key_of(&s.namespace, &s.name), s))
+                .collect();
+            inner.clusters.insert(
+                c.cluster,
+                ClusterState {
+                    services,
+                    gateways: c.gateways,
+                },
+            );
+        }
+        tracing::info!(
+            clusters = inner.clusters.len(),
+            version = inner.version,
+            "loaded the last exports of every cluster; stale until each reports"
+        );
+        inner
+    }
+
+    /// Merges `keys` again at `version`; returns whether any service or conflict changed.
+    fn remerge(&mut self, keys: impl IntoIterator<Item = String>, version: u64) -> (bool, bool) {
+        let (mut services_changed, mut conflicts_changed) = (false, false);
+        for key in keys {
+            let (merged, conflicts) = merge_one(&self.clusters, &key);
+            let known = self.conflicts.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+            if known != conflicts.as_slice() {
+                for c in &conflicts {
+                    tracing::warn!(conflict = %c, "export conflict");
+                }
+                conflicts_changed = true;
+                if conflicts.is_empty() {
+                    self.conflicts.remove(&key);
+                } else {
+                    self.conflicts.insert(key.clone(), conflicts);
+                }
+            }
+            let same = match (self.merged.get(&key), &merged) {
+                (Some(old), Some(new)) => **old == *new,
+                (None, None) => true,
+                _ => false,
+            };
+            if same {
+                continue;
+            }
+            match merged {
+                Some(s) => self.merged.insert(key.clone(), Arc::new(s)),
+                None => self.merged.remove(&key),
+            };
+            if let Some(old) = self.changed_at.insert(key.clone(), version) {
+                self.log.remove(&(old, key.clone()));
+            }
+            self.log.insert((version, key));
+            services_changed = true;
+        }
+        (services_changed, conflicts_changed)
+    }
+
+    /// Forgets removed services once there are many; streams behind get a full resync.
+    fn compact(&mut self) {
+        if self.log.len() <= 2 * self.merged.len() + TOMBSTONE_SLACK {
+            return;
+        }
+        let merged = &self.merged;
+        self.log.retain(|(_, key)| merged.contains_key(key));
+        self.changed_at.retain(|key, _| merged.contains_key(key));
+        self.floor = self.version;
+    }
 }
 
 impl GlobalRegistry {
@@ -130,49 +285,64 @@ impl GlobalRegistry {
         bundle_pem: String,
         failover: Vec<Failover>,
         state_dir: &Path,
-        metrics: &mut prometheus_client::registry::Registry,
+        registry: &mut prometheus_client::registry::Registry,
     ) -> Self {
-        let clusters = Gauge::default();
-        let conflicts = Gauge::default();
-        let stale = Gauge::default();
-        metrics.register(
+        let metrics = Metrics::default();
+        registry.register(
             "stale_clusters",
             "clusters whose exports are kept from before a restart and not confirmed since",
-            stale.clone(),
+            metrics.stale.clone(),
         );
-        metrics.register(
+        registry.register(
             "clusters",
             "clusters whose exports are merged",
-            clusters.clone(),
+            metrics.clusters.clone(),
         );
-        metrics.register(
+        registry.register(
+            "services",
+            "services in the merged registry",
+            metrics.services.clone(),
+        );
+        registry.register(
             "conflicts",
             "exports left out of the merge because of conflicts",
-            conflicts.clone(),
+            metrics.conflicts.clone(),
+        );
+        registry.register(
+            "sent_bytes",
+            "bytes of registry updates sent to controllers",
+            metrics.sent_bytes.clone(),
+        );
+        registry.register(
+            "sent_updates",
+            "registry update messages sent to controllers",
+            metrics.sent_updates.clone(),
         );
         let path = state_dir.join(STATE_FILE);
-        let initial = Msg {
-            version: 0,
-            trust_bundle_pem: bundle_pem.clone(),
-            failover: failover.clone(),
-            ..Default::default()
-        };
+        let mut inner = Inner::load(&path);
         let registry = Self {
-            inner: Arc::new(Mutex::new(load(&path))),
-            merged: watch::Sender::new(Arc::new(initial)),
+            changes: watch::Sender::new(inner.version),
+            inner: Arc::new(Mutex::new(Inner::default())),
             bundle_pem,
             failover,
             path,
-            clusters,
-            conflicts,
-            stale,
+            dirty: Arc::default(),
+            metrics,
         };
-        {
-            let inner = registry.lock();
-            if !inner.exports.is_empty() {
-                registry.publish(inner);
-            }
-        }
+        let keys: BTreeSet<String> = inner
+            .clusters
+            .values()
+            .flat_map(|c| c.services.keys().cloned())
+            .collect();
+        let version = inner.version + 1;
+        inner.remerge(keys, version);
+        inner.version = version;
+        inner.floor = version;
+        inner.meta_version = version;
+        inner.meta = Arc::new(registry.meta_of(&inner));
+        registry.observe(&inner);
+        *registry.lock() = inner;
+        registry.changes.send_replace(version);
         registry
     }
 
@@ -180,161 +350,441 @@ impl GlobalRegistry {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Msg>> {
-        self.merged.subscribe()
-    }
-
-    /// Replaces a cluster's exports (confirming them if they were stale) and republishes
-    /// the merge if anything changed.
-    pub fn update(&self, exports: ClusterExports) {
-        let mut inner = self.lock();
-        let confirmed = inner.stale.remove(&exports.cluster);
-        if !confirmed && inner.exports.get(&exports.cluster) == Some(&exports) {
-            return;
-        }
-        inner.exports.insert(exports.cluster.clone(), exports);
-        self.publish(inner);
-    }
-
-    /// Merges, keeps the exports on disk, and publishes the next version.
-    fn publish(&self, mut inner: std::sync::MutexGuard<'_, Inner>) {
-        let (services, gateways, conflicts) = merge(&inner.exports);
-        inner.version += 1;
-        let state = FederationState {
-            version: inner.version,
-            clusters: inner.exports.values().cloned().collect(),
-        };
-        if let Err(e) = isthmus_core::fsutil::write_private(&self.path, &state.encode_to_vec()) {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot keep the exports on disk; a restart would start empty");
-        }
-        self.clusters.set(inner.exports.len() as i64);
-        self.stale.set(inner.stale.len() as i64);
-        self.conflicts.set(conflicts.len() as i64);
-        for c in &conflicts {
-            tracing::warn!(conflict = %c, "export conflict");
-        }
-        let next = Msg {
-            version: inner.version,
-            services,
-            gateways,
-            conflicts,
+    fn meta_of(&self, inner: &Inner) -> RegistryMeta {
+        RegistryMeta {
+            gateways: inner
+                .clusters
+                .iter()
+                .filter(|(_, c)| !c.gateways.is_empty())
+                .map(|(cluster, c)| ClusterGateways {
+                    cluster: cluster.clone(),
+                    gateways: c.gateways.clone(),
+                })
+                .collect(),
+            conflicts: inner.conflicts.values().flatten().cloned().collect(),
             trust_bundle_pem: self.bundle_pem.clone(),
             failover: self.failover.clone(),
             stale_clusters: inner.stale.iter().cloned().collect(),
+        }
+    }
+
+    fn observe(&self, inner: &Inner) {
+        let m = &self.metrics;
+        m.clusters.set(inner.clusters.len() as i64);
+        m.stale.set(inner.stale.len() as i64);
+        m.services.set(inner.merged.len() as i64);
+        m.conflicts
+            .set(inner.conflicts.values().map(Vec::len).sum::<usize>() as i64);
+    }
+
+    /// A stream of what changes for `cluster`, starting with the whole registry.
+    pub fn subscribe(&self, cluster: &str) -> Subscription {
+        Subscription {
+            registry: self.clone(),
+            cluster: cluster.to_owned(),
+            sent: None,
+            views: HashMap::new(),
+            changes: self.changes.subscribe(),
+        }
+    }
+
+    /// Applies one batch of `cluster`'s exports (confirming them if they were stale) and
+    /// publishes a new version if anything changed.
+    pub fn apply(&self, cluster: &str, batch: ExportBatch) {
+        let mut inner = self.lock();
+        let confirmed = inner.stale.remove(cluster);
+        let state = inner.clusters.entry(cluster.to_owned()).or_default();
+        let mut incoming: BTreeMap<String, Option<ExportedService>> = BTreeMap::new();
+        if batch.reset {
+            incoming.extend(state.services.keys().map(|k| (k.clone(), None)));
+        }
+        incoming.extend(batch.withdrawn.into_iter().map(|k| (k, None)));
+        incoming.extend(
+            batch
+                .upserted
+                .into_iter()
+                .map(|s| (key_of(&s.namespace, &s.name), Some(s))),
+        );
+        let mut touched = Vec::new();
+        for (key, new) in incoming {
+            if state.services.get(&key) == new.as_ref() {
+                continue;
+            }
+            match new {
+                Some(s) => state.services.insert(key.clone(), s),
+                None => state.services.remove(&key),
+            };
+            touched.push(key);
+        }
+        let gateways_changed = match batch.gateways {
+            Some(g) if g != state.gateways => {
+                state.gateways = g;
+                true
+            }
+            _ => false,
         };
+        let version = inner.version + 1;
+        let (services_changed, conflicts_changed) = inner.remerge(touched, version);
+        let meta_changed = gateways_changed || conflicts_changed || confirmed;
+        if !services_changed && !meta_changed {
+            return;
+        }
+        inner.version = version;
+        if meta_changed {
+            inner.meta = Arc::new(self.meta_of(&inner));
+            inner.meta_version = version;
+        }
+        inner.compact();
+        self.observe(&inner);
+        self.dirty.notify_one();
         // Sent under the lock, so versions go out in order.
-        self.merged.send_replace(Arc::new(next));
+        self.changes.send_replace(version);
+    }
+
+    /// Encodes every cluster's exports, as kept on disk.
+    fn encode_state(&self) -> Vec<u8> {
+        let inner = self.lock();
+        FederationState {
+            version: inner.version,
+            clusters: inner
+                .clusters
+                .iter()
+                .map(|(cluster, c)| ClusterExports {
+                    cluster: cluster.clone(),
+                    services: c.services.values().cloned().collect(),
+                    gateways: c.gateways.clone(),
+                })
+                .collect(),
+        }
+        .encode_to_vec()
+    }
+
+    /// Keeps the exports on disk, written behind changes; runs until dropped.
+    pub async fn persist(self) {
+        let (path, dirty) = (self.path.clone(), self.dirty.clone());
+        isthmus_core::fsutil::write_behind(path, PERSIST_INTERVAL, dirty, move || {
+            self.encode_state()
+        })
+        .await
+    }
+
+    /// Writes the exports to disk now.
+    pub fn flush(&self) -> std::io::Result<()> {
+        isthmus_core::fsutil::write_private(&self.path, &self.encode_state())
     }
 
     pub fn dump(&self) -> serde_json::Value {
-        let m = self.merged.borrow().clone();
-        let services: Vec<serde_json::Value> = m
-            .services
-            .iter()
+        let inner = self.lock();
+        let services: Vec<serde_json::Value> = inner
+            .merged
+            .values()
             .map(|s| {
                 let clusters: Vec<serde_json::Value> = s
                     .clusters
                     .iter()
                     .map(|c| serde_json::json!({"cluster": c.cluster, "healthy": c.localities.iter().map(|l| l.healthy).sum::<u32>()}))
                     .collect();
-                serde_json::json!({"service": format!("{}/{}", s.namespace, s.name), "clusters": clusters})
+                serde_json::json!({"service": key_of(&s.namespace, &s.name), "clusters": clusters})
             })
             .collect();
-        serde_json::json!({"version": m.version, "services": services, "conflicts": m.conflicts, "stale_clusters": m.stale_clusters,
-            "gateways": m.gateways.iter().map(|g| serde_json::json!({"cluster": g.cluster, "addresses": g.gateways.iter().map(|x| x.address.clone()).collect::<Vec<_>>()})).collect::<Vec<_>>()})
+        let meta = &inner.meta;
+        serde_json::json!({"version": inner.version, "services": services, "conflicts": meta.conflicts, "stale_clusters": meta.stale_clusters,
+            "gateways": meta.gateways.iter().map(|g| serde_json::json!({"cluster": g.cluster, "addresses": g.gateways.iter().map(|x| x.address.clone()).collect::<Vec<_>>()})).collect::<Vec<_>>()})
+    }
+}
+
+/// One controller's view of the registry as it changes.
+pub struct Subscription {
+    registry: GlobalRegistry,
+    cluster: String,
+    /// The version this stream was last brought to; `None` before the first batch.
+    sent: Option<u64>,
+    /// Fingerprint of each service as last sent, so an unchanged view is not sent again.
+    views: HashMap<String, u64>,
+    changes: watch::Receiver<u64>,
+}
+
+impl Subscription {
+    /// The next batch for this cluster (the whole registry first), as messages of about
+    /// [`isthmus_core::grpc::CHUNK_BYTES`]; waits until there is one. `None` when the
+    /// registry is gone. Cancel-safe.
+    pub async fn next(&mut self) -> Option<Vec<RegistryUpdate>> {
+        loop {
+            if let Some(batch) = self.pending() {
+                let m = &self.registry.metrics;
+                m.sent_updates.inc_by(batch.len() as u64);
+                m.sent_bytes
+                    .inc_by(batch.iter().map(|u| u.encoded_len() as u64).sum());
+                return Some(batch);
+            }
+            self.changes.changed().await.ok()?;
+        }
+    }
+
+    fn pending(&mut self) -> Option<Vec<RegistryUpdate>> {
+        let registry = self.registry.clone();
+        let inner = registry.lock();
+        let after = match self.sent {
+            Some(sent) if sent >= inner.version => return None,
+            Some(sent) if sent >= inner.floor => Some(sent),
+            _ => None,
+        };
+        let mut upserted = Vec::new();
+        let mut withdrawn = Vec::new();
+        match after {
+            None => {
+                self.views.clear();
+                for (key, svc) in &inner.merged {
+                    if let Some(v) = view_for(svc, &self.cluster) {
+                        self.views.insert(key.clone(), fingerprint(&v));
+                        upserted.push(v);
+                    }
+                }
+            }
+            Some(after) => {
+                for (_, key) in inner.log.range((after + 1, String::new())..) {
+                    match inner.merged.get(key).and_then(|s| view_for(s, &self.cluster)) {
+                        Some(v) => {
+                            let f = fingerprint(&v);
+                            if self.views.insert(key.clone(), f) != Some(f) {
+                                upserted.push(v);
+                            }
+                        }
+                        None => {
+                            if self.views.remove(key).is_some() {
+                                withdrawn.push(key.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let meta = after
+            .is_none_or(|a| inner.meta_version > a)
+            .then(|| (*inner.meta).clone());
+        let version = inner.version;
+        self.sent = Some(version);
+        drop(inner);
+        let reset = after.is_none();
+        if !reset && upserted.is_empty() && withdrawn.is_empty() && meta.is_none() {
+            return None;
+        }
+        let runs = isthmus_core::grpc::chunk_by_size(upserted, isthmus_core::grpc::CHUNK_BYTES);
+        let last = runs.len() - 1;
+        let mut meta = meta;
+        let mut withdrawn = Some(withdrawn);
+        Some(
+            runs.into_iter()
+                .enumerate()
+                .map(|(i, run)| RegistryUpdate {
+                    version,
+                    reset,
+                    upserted: run,
+                    withdrawn: withdrawn.take().unwrap_or_default(),
+                    meta: meta.take(),
+                    more: i < last,
+                })
+                .collect(),
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use isthmus_proto::federation::ExportedService;
+    use isthmus_proto::federation::LocalityCount;
 
-    fn export(cluster: &str, port: u32) -> ClusterExports {
-        ClusterExports {
-            cluster: cluster.into(),
-            services: vec![ExportedService {
-                namespace: "demo".into(),
-                name: "echo".into(),
-                ports: vec![ExportedPort {
-                    name: "http".into(),
-                    port,
-                    protocol: "http".into(),
-                }],
+    fn service(name: &str, port: u32, healthy: u32) -> ExportedService {
+        ExportedService {
+            namespace: "demo".into(),
+            name: name.into(),
+            ports: vec![ExportedPort {
+                name: "http".into(),
+                port,
+                protocol: "http".into(),
+            }],
+            localities: vec![LocalityCount {
+                healthy,
                 ..Default::default()
             }],
-            gateways: vec![],
+            ..Default::default()
         }
     }
 
-    #[test]
-    fn same_name_in_several_clusters_is_one_service() {
-        let all: BTreeMap<_, _> = [
-            ("east".to_string(), export("east", 80)),
-            ("west".to_string(), export("west", 80)),
-        ]
-        .into();
-        let (services, _, conflicts) = merge(&all);
-        assert_eq!(services.len(), 1);
-        assert_eq!(services[0].clusters.len(), 2);
-        assert!(conflicts.is_empty());
+    fn reset(services: Vec<ExportedService>) -> ExportBatch {
+        ExportBatch {
+            reset: true,
+            upserted: services,
+            gateways: Some(vec![]),
+            ..Default::default()
+        }
+    }
+
+    fn registry(dir: &Path) -> GlobalRegistry {
+        let mut metrics = prometheus_client::registry::Registry::default();
+        GlobalRegistry::new(String::new(), vec![], dir, &mut metrics)
+    }
+
+    /// Everything a subscription has pending, as one batch.
+    fn take(sub: &mut Subscription) -> Option<Heard> {
+        let msgs = sub.pending()?;
+        let mut b = Heard::default();
+        for m in msgs {
+            b.reset |= m.reset;
+            b.upserted.extend(m.upserted);
+            b.withdrawn.extend(m.withdrawn);
+            b.meta = b.meta.or(m.meta);
+        }
+        Some(b)
+    }
+
+    #[derive(Default)]
+    struct Heard {
+        reset: bool,
+        upserted: Vec<GlobalService>,
+        withdrawn: Vec<String>,
+        meta: Option<RegistryMeta>,
     }
 
     #[test]
-    fn conflicting_ports_are_reported_not_merged() {
-        let all: BTreeMap<_, _> = [
-            ("east".to_string(), export("east", 80)),
-            ("west".to_string(), export("west", 81)),
-        ]
-        .into();
-        let (services, _, conflicts) = merge(&all);
-        assert_eq!(services[0].clusters.len(), 1);
+    fn same_name_in_several_clusters_is_one_service_and_conflicts_are_left_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = registry(dir.path());
+        reg.apply("east", reset(vec![service("echo", 80, 1)]));
+        reg.apply("west", reset(vec![service("echo", 80, 1)]));
+        reg.apply("north", reset(vec![service("echo", 81, 1)]));
+        let mut south = reg.subscribe("south");
+        let batch = take(&mut south).expect("first batch");
+        assert!(batch.reset);
+        let clusters: Vec<&str> = batch.upserted[0]
+            .clusters
+            .iter()
+            .map(|c| c.cluster.as_str())
+            .collect();
+        assert_eq!(clusters, ["east", "west"]);
+        let conflicts = batch.meta.expect("meta").conflicts;
         assert_eq!(conflicts.len(), 1);
-        assert!(
-            conflicts[0].contains("west is left out"),
-            "{}",
-            conflicts[0]
-        );
+        assert!(conflicts[0].contains("north is left out"), "{conflicts:?}");
     }
-}
 
-#[cfg(test)]
-mod restart_tests {
-    use super::*;
-    use isthmus_proto::federation::ExportedService;
+    #[test]
+    fn a_change_reaches_only_the_clusters_whose_view_it_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = registry(dir.path());
+        let many: Vec<ExportedService> = (0..100).map(|i| service(&format!("s{i}"), 80, 1)).collect();
+        reg.apply("east", reset(many.clone()));
+        reg.apply("west", reset(many));
+        let mut east = reg.subscribe("east");
+        let mut north = reg.subscribe("north");
+        assert_eq!(take(&mut east).expect("first").upserted.len(), 100, "west's entries");
+        assert_eq!(take(&mut north).expect("first").upserted.len(), 100);
 
-    fn exports(cluster: &str) -> ClusterExports {
-        ClusterExports {
-            cluster: cluster.into(),
-            services: vec![ExportedService {
-                namespace: "demo".into(),
-                name: "echo".into(),
+        // One endpoint of one service in east changes.
+        reg.apply(
+            "east",
+            ExportBatch {
+                upserted: vec![service("s7", 80, 2)],
                 ..Default::default()
-            }],
-            gateways: vec![],
-        }
+            },
+        );
+        assert!(take(&mut east).is_none(), "east is not sent its own change");
+        let delta = take(&mut north).expect("north sees it");
+        assert!(!delta.reset);
+        assert_eq!(delta.upserted.len(), 1, "only the changed service");
+        assert_eq!(delta.upserted[0].name, "s7");
+        assert!(delta.meta.is_none(), "nothing mesh-wide changed");
+
+        // A withdrawal: east still sees west's s9; north sees s9 lose east.
+        reg.apply(
+            "west",
+            ExportBatch {
+                withdrawn: vec!["demo/s9".into()],
+                ..Default::default()
+            },
+        );
+        let delta = take(&mut east).expect("east loses west's s9");
+        assert_eq!(delta.withdrawn, ["demo/s9"]);
+        let delta = take(&mut north).expect("north sees s9 shrink");
+        assert_eq!(delta.upserted[0].clusters.len(), 1);
+
+        // The same batch again changes nothing and sends nothing.
+        reg.apply(
+            "west",
+            ExportBatch {
+                withdrawn: vec!["demo/s9".into()],
+                ..Default::default()
+            },
+        );
+        assert!(take(&mut north).is_none());
+    }
+
+    #[test]
+    fn a_large_registry_travels_in_messages_of_bounded_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = registry(dir.path());
+        let mut big = service("big", 80, 1);
+        big.localities = (0..200_000)
+            .map(|i| LocalityCount {
+                healthy: 1,
+                labels: [("pod".to_string(), format!("big-{i}"))].into(),
+                ..Default::default()
+            })
+            .collect();
+        let services: Vec<ExportedService> = (0..3000).map(|i| service(&format!("s{i}"), 80, 1)).chain([big]).collect();
+        reg.apply("east", reset(services));
+        let mut west = reg.subscribe("west");
+        let msgs = west.pending().expect("first batch");
+        let total: usize = msgs.iter().map(Message::encoded_len).sum();
+        assert!(total > 4 << 20, "{total} bytes: more than gRPC's default limit");
+        let largest_small = msgs
+            .iter()
+            .filter(|m| m.upserted.iter().all(|s| s.name != "big"))
+            .map(Message::encoded_len)
+            .max()
+            .expect("some");
+        assert!(largest_small <= isthmus_core::grpc::CHUNK_BYTES + 1024, "{largest_small}");
+        assert!(msgs[..msgs.len() - 1].iter().all(|m| m.more));
+        assert!(!msgs[msgs.len() - 1].more);
+        assert_eq!(msgs.iter().map(|m| m.upserted.len()).sum::<usize>(), 3001);
     }
 
     #[test]
     fn a_restarted_registry_keeps_every_cluster_stale_until_it_reports() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut metrics = prometheus_client::registry::Registry::default();
-        let first = GlobalRegistry::new(String::new(), vec![], dir.path(), &mut metrics);
-        first.update(exports("east"));
-        first.update(exports("west"));
-        let before = first.subscribe().borrow().clone();
-        assert_eq!(before.services[0].clusters.len(), 2);
-        assert!(before.stale_clusters.is_empty());
+        let first = registry(dir.path());
+        first.apply("east", reset(vec![service("echo", 80, 1)]));
+        first.apply("west", reset(vec![service("echo", 80, 1)]));
+        let before = take(&mut first.subscribe("north")).expect("batch");
+        assert_eq!(before.upserted[0].clusters.len(), 2);
+        assert!(before.meta.expect("meta").stale_clusters.is_empty());
+        first.flush().expect("flush");
 
-        let mut metrics = prometheus_client::registry::Registry::default();
-        let second = GlobalRegistry::new(String::new(), vec![], dir.path(), &mut metrics);
-        let after = second.subscribe().borrow().clone();
-        assert_eq!(after.services, before.services, "nothing vanished");
-        assert!(after.version > before.version, "versions keep growing");
-        assert_eq!(after.stale_clusters, vec!["east", "west"]);
-        second.update(exports("east"));
-        let confirmed = second.subscribe().borrow().clone();
-        assert_eq!(confirmed.stale_clusters, vec!["west"]);
-        assert_eq!(confirmed.services[0].clusters.len(), 2);
+        let second = registry(dir.path());
+        let mut north = second.subscribe("north");
+        let after = take(&mut north).expect("batch");
+        assert_eq!(after.upserted, before.upserted, "nothing vanished");
+        assert_eq!(after.meta.expect("meta").stale_clusters, ["east", "west"]);
+        second.apply("east", reset(vec![service("echo", 80, 1)]));
+        let confirmed = take(&mut north).expect("east confirmed");
+        assert!(confirmed.upserted.is_empty(), "east's exports did not change");
+        assert_eq!(confirmed.meta.expect("meta").stale_clusters, ["west"]);
+    }
+
+    #[test]
+    fn a_stream_far_behind_a_compacted_log_gets_the_whole_registry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = registry(dir.path());
+        reg.apply("east", reset(vec![service("keep", 80, 1)]));
+        let mut west = reg.subscribe("west");
+        take(&mut west).expect("first");
+        for i in 0..(TOMBSTONE_SLACK + 10) {
+            let name = format!("tmp{i}");
+            reg.apply("east", ExportBatch { upserted: vec![service(&name, 80, 1)], ..Default::default() });
+            reg.apply("east", ExportBatch { withdrawn: vec![key_of("demo", &name)], ..Default::default() });
+        }
+        let batch = take(&mut west).expect("catch up");
+        assert!(batch.reset, "past the compaction the stream resyncs");
+        assert_eq!(batch.upserted.len(), 1);
+        assert!(reg.lock().log.len() <= 2 + TOMBSTONE_SLACK + 1);
     }
 }

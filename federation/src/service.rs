@@ -1,18 +1,16 @@
 //! The federation's gRPC face: `Join` signs a cluster's CA and controller certificate;
-//! `Exchange` takes a cluster's exports and streams the merged registry back.
+//! `Exchange` takes a cluster's export updates and streams registry updates back.
 
 use std::sync::Arc;
 
 use isthmus_core::identity::SpiffeId;
 use isthmus_proto::federation::federation_server::Federation;
-use isthmus_proto::federation::{
-    ClusterExports, GlobalRegistry as GlobalRegistryMsg, JoinRequest, JoinResponse,
-};
+use isthmus_proto::federation::{ExportUpdate, JoinRequest, JoinResponse, RegistryUpdate};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::registry::GlobalRegistry;
+use crate::registry::{ExportBatch, GlobalRegistry, MAX_BATCH_SERVICES};
 use crate::root::{Root, CONTROLLER_TTL, JOIN_AUDIENCE};
 
 const REGISTRY_QUEUE: usize = 4;
@@ -100,11 +98,11 @@ impl Federation for FederationService {
         }))
     }
 
-    type ExchangeStream = ReceiverStream<Result<GlobalRegistryMsg, Status>>;
+    type ExchangeStream = ReceiverStream<Result<RegistryUpdate, Status>>;
 
     async fn exchange(
         &self,
-        req: Request<Streaming<ClusterExports>>,
+        req: Request<Streaming<ExportUpdate>>,
     ) -> Result<Response<Self::ExchangeStream>, Status> {
         let cluster = isthmus_core::grpc::peer_of(&req)
             .and_then(|p| p.identity.as_ref())
@@ -119,29 +117,32 @@ impl Federation for FederationService {
         let (registry, drain) = (self.registry.clone(), self.drain.clone());
         tracing::info!(%cluster, "cluster controller connected");
         self.drain.spawn(async move {
-            let mut merged = registry.subscribe();
-            let current = (**merged.borrow_and_update()).clone();
-            if tx.send(Ok(current)).await.is_err() {
-                return;
-            }
+            let mut changes = registry.subscribe(&cluster);
+            let mut batch = ExportBatch::default();
             loop {
                 tokio::select! {
                     _ = drain.draining() => return,
                     msg = inbound.message() => match msg {
-                        Ok(Some(exports)) => {
-                            if exports.cluster != cluster {
-                                tracing::warn!(%cluster, claimed = %exports.cluster, "refused exports for another cluster");
-                                let _ = tx.send(Err(Status::permission_denied(format!("connection is authenticated as cluster {cluster}, exports claim {}", exports.cluster)))).await;
+                        Ok(Some(update)) => {
+                            if update.cluster != cluster {
+                                tracing::warn!(%cluster, claimed = %update.cluster, "refused exports for another cluster");
+                                let _ = tx.send(Err(Status::permission_denied(format!("connection is authenticated as cluster {cluster}, exports claim {}", update.cluster)))).await;
                                 return;
                             }
-                            registry.update(exports);
+                            if batch.add(update) {
+                                registry.apply(&cluster, std::mem::take(&mut batch));
+                            } else if batch.services() > MAX_BATCH_SERVICES {
+                                let _ = tx.send(Err(Status::resource_exhausted(format!("an export batch may carry at most {MAX_BATCH_SERVICES} services")))).await;
+                                return;
+                            }
                         }
                         Ok(None) | Err(_) => break,
                     },
-                    changed = merged.changed() => {
-                        if changed.is_err() { return }
-                        let current = (**merged.borrow_and_update()).clone();
-                        if tx.send(Ok(current)).await.is_err() { return }
+                    next = changes.next() => {
+                        let Some(messages) = next else { return };
+                        for m in messages {
+                            if tx.send(Ok(m)).await.is_err() { return }
+                        }
                     }
                 }
             }

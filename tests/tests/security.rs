@@ -176,7 +176,7 @@ async fn a_proxy_may_only_subscribe_as_the_workload_its_certificate_names() -> a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_federation_accepts_exports_only_for_the_cluster_a_controller_proved(
 ) -> anyhow::Result<()> {
-    use isthmus_proto::federation::{federation_client::FederationClient, ClusterExports};
+    use isthmus_proto::federation::{federation_client::FederationClient, ExportUpdate};
     let mut mesh = Mesh::start(&["east", "west"]).await?;
     let state = mesh.cluster("east").state_dir.clone();
     let key = rcgen_key_der(&std::fs::read_to_string(state.join("controller-key.pem"))?)?;
@@ -196,8 +196,9 @@ async fn the_federation_accepts_exports_only_for_the_cluster_a_controller_proved
         federation,
         east.client_config(policy, &[isthmus_core::tls::ALPN_H2]),
     );
-    let spoof = ClusterExports {
+    let spoof = ExportUpdate {
         cluster: "west".into(),
+        reset: true,
         ..Default::default()
     };
     let mut replies = FederationClient::new(channel)
@@ -233,7 +234,7 @@ async fn the_federation_accepts_exports_only_for_the_cluster_a_controller_proved
         frontend.client_config(policy, &[isthmus_core::tls::ALPN_H2]),
     );
     let refused = FederationClient::new(channel)
-        .exchange(tokio_stream::iter(Vec::<ClusterExports>::new()))
+        .exchange(tokio_stream::iter(Vec::<ExportUpdate>::new()))
         .await;
     assert!(
         refused.is_err(),
