@@ -98,7 +98,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let grpc = TcpListener::bind(config.grpc_addr)
         .await
         .with_context(|| format!("binding controller gRPC on {}", config.grpc_addr))?;
-    let (initial, initial_status, last_good) =
+    let (folder, initial, initial_status, last_good) =
         isthmus_core::config::watch::initial(&config.config_dir).map_err(|e| {
             anyhow::anyhow!(
                 "config in {} is unreadable:\n{e}",
@@ -156,7 +156,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         .identity
         .server_config(auth, &[isthmus_core::tls::ALPN_H2]);
     running.spawn(isthmus_core::config::watch::run(
-        config.config_dir.clone(),
+        folder,
         last_good,
         config_tx,
         status_tx,

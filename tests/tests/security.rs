@@ -148,7 +148,7 @@ async fn a_proxy_may_only_subscribe_as_the_workload_its_certificate_names() -> a
         tokio_stream::iter(vec![first])
     };
     for (role, workload) in [("sidecar", "demo/echo-east"), ("gateway", "")] {
-        // Once the controller has the WorkloadEntry (it polls its folder), the claim fails.
+        // Once the controller has the WorkloadEntry (it watches its folder), the claim fails.
         isthmus_tests::eventually(
             "the claim to be refused",
             std::time::Duration::from_secs(5),

@@ -64,8 +64,9 @@ fn severity(e: &ConfigError) -> Severity {
 
 /// Every finding about `files` taken as one config, most severe first.
 pub fn analyze(files: &[SourceFile]) -> Vec<Finding> {
-    let (docs, errors, notes) = parse_documents(files);
-    let admission = validate::build(docs);
+    let parsed = parse_documents(files);
+    let (errors, notes) = (parsed.errors, parsed.notes);
+    let admission = validate::build(parsed.documents);
     let mut findings: Vec<Finding> = errors
         .iter()
         .chain(&admission.rejected)

@@ -197,44 +197,74 @@ fn parse_document(
     }
 }
 
-/// Parses every document of every file, collecting all faults.
-pub fn parse_documents(files: &[SourceFile]) -> (Vec<Document>, Vec<ConfigError>, Vec<String>) {
-    let mut docs = Vec::new();
-    let mut errors = Vec::new();
-    let mut notes = Vec::new();
-    for file in files {
-        for (i, de) in serde_yaml_ng::Deserializer::from_str(&file.contents).enumerate() {
-            let index = i + 1;
-            let value = match <serde_yaml_ng::Value as serde::Deserialize>::deserialize(de) {
-                Ok(v) => v,
-                Err(e) => {
-                    errors.push(ConfigError {
-                        file: file.name.clone(),
-                        document: index,
-                        object: None,
-                        field: String::new(),
-                        code: Code::Syntax,
-                        message: format!("invalid YAML: {e}"),
-                    });
-                    break;
-                }
-            };
-            match parse_document(&file.name, index, value) {
-                Ok(Parsed::Document(doc)) => docs.push(*doc),
-                Ok(Parsed::Skipped(note)) => notes.push(note),
-                Ok(Parsed::Empty) => {}
-                Err(e) => errors.push(e),
+/// What parsing files gave: their documents, the faults of those that did not parse, and
+/// notes on what was passed over.
+#[derive(Debug, Clone, Default)]
+pub struct ParsedFiles {
+    pub documents: Vec<Document>,
+    pub errors: Vec<ConfigError>,
+    pub notes: Vec<String>,
+}
+
+impl ParsedFiles {
+    /// Appends another file's results.
+    pub fn extend(&mut self, other: &ParsedFiles) {
+        self.documents.extend(other.documents.iter().cloned());
+        self.errors.extend(other.errors.iter().cloned());
+        self.notes.extend(other.notes.iter().cloned());
+    }
+}
+
+/// Parses every document of one file, collecting all faults.
+pub fn parse_file(file: &SourceFile) -> ParsedFiles {
+    let mut out = ParsedFiles::default();
+    for (i, de) in serde_yaml_ng::Deserializer::from_str(&file.contents).enumerate() {
+        let index = i + 1;
+        let value = match <serde_yaml_ng::Value as serde::Deserialize>::deserialize(de) {
+            Ok(v) => v,
+            Err(e) => {
+                out.errors.push(ConfigError {
+                    file: file.name.clone(),
+                    document: index,
+                    object: None,
+                    field: String::new(),
+                    code: Code::Syntax,
+                    message: format!("invalid YAML: {e}"),
+                });
+                break;
             }
+        };
+        match parse_document(&file.name, index, value) {
+            Ok(Parsed::Document(doc)) => out.documents.push(*doc),
+            Ok(Parsed::Skipped(note)) => out.notes.push(note),
+            Ok(Parsed::Empty) => {}
+            Err(e) => out.errors.push(e),
         }
     }
-    (docs, errors, notes)
+    out
+}
+
+/// Parses every document of every file, collecting all faults.
+pub fn parse_documents(files: &[SourceFile]) -> ParsedFiles {
+    let mut all = ParsedFiles::default();
+    for file in files {
+        let one = parse_file(file);
+        all.documents.extend(one.documents);
+        all.errors.extend(one.errors);
+        all.notes.extend(one.notes);
+    }
+    all
 }
 
 /// Validates a set of files as one config, strictly: any rejected object is an error (as
 /// `isthmus validate` reports it); references to missing objects are warnings, kept in the
 /// set.
 pub fn load_files(files: &[SourceFile]) -> Result<ConfigSet, ConfigErrors> {
-    let (docs, mut errors, notes) = parse_documents(files);
+    let ParsedFiles {
+        documents: docs,
+        mut errors,
+        notes,
+    } = parse_documents(files);
     let admission = validate::build(docs);
     errors.extend(admission.rejected);
     if !errors.is_empty() {
@@ -258,7 +288,16 @@ pub struct LastGood(BTreeMap<String, Document>);
 /// objects; every other object applies. Returns the set and the faults of what was
 /// rejected.
 pub fn admit(files: &[SourceFile], last: &mut LastGood) -> (ConfigSet, Vec<ConfigError>) {
-    let (docs, mut errors, notes) = parse_documents(files);
+    admit_parsed(parse_documents(files), last)
+}
+
+/// [`admit`] for files already parsed (the watcher re-parses only the files that changed).
+pub fn admit_parsed(parsed: ParsedFiles, last: &mut LastGood) -> (ConfigSet, Vec<ConfigError>) {
+    let ParsedFiles {
+        documents: docs,
+        mut errors,
+        notes,
+    } = parsed;
     let mut first = validate::build(docs.clone());
     errors.append(&mut first.rejected);
     let rejected: BTreeSet<String> = errors.iter().filter_map(|e| e.object.clone()).collect();
@@ -310,6 +349,15 @@ pub fn admit(files: &[SourceFile], last: &mut LastGood) -> (ConfigSet, Vec<Confi
     (set, errors)
 }
 
+/// Every `*.yaml`/`*.yml` file under `dir`, recursively, skipping dot-files and
+/// dot-folders (editor swap files, Kubernetes ConfigMap `..data` links).
+pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigErrors> {
+    let mut paths = Vec::new();
+    collect(dir, &mut paths).map_err(|e| io_err(dir, e))?;
+    paths.sort();
+    Ok(paths)
+}
+
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -330,7 +378,7 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 }
 
 /// A file or folder that cannot be read.
-fn io_err(file: &Path, e: std::io::Error) -> ConfigErrors {
+pub fn io_err(file: &Path, e: std::io::Error) -> ConfigErrors {
     ConfigErrors(vec![ConfigError {
         file: file.display().to_string(),
         document: 0,
@@ -343,10 +391,7 @@ fn io_err(file: &Path, e: std::io::Error) -> ConfigErrors {
 
 /// Reads every `*.yaml`/`*.yml` file under `dir` (recursively, sorted by path).
 pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, ConfigErrors> {
-    let mut paths = Vec::new();
-    collect(dir, &mut paths).map_err(|e| io_err(dir, e))?;
-    paths.sort();
-    paths
+    yaml_files(dir)?
         .into_iter()
         .map(|p| {
             let contents = std::fs::read_to_string(&p).map_err(|e| io_err(&p, e))?;

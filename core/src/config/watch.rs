@@ -2,21 +2,37 @@
 //! own: a rejected object is logged with its faults and counted, and its last admitted
 //! version keeps serving; every other change applies.
 //!
-//! The folder is polled (its file contents hashed) rather than watched with inotify: it is
-//! a handful of small files, polling works the same on every filesystem, and it sees
-//! Kubernetes ConfigMap symlink swaps without special cases.
+//! The folder is watched by events (inotify through the `notify` crate). An event starts a
+//! scan that stats every file and reads and parses only those whose size, modification
+//! time or inode changed (a Kubernetes ConfigMap's symlink swap changes the inode the link
+//! resolves to), so an edit costs one file's parse, not the folder's. Admission itself
+//! (cross-object checks, routing assembly) still runs over the whole set. A slow scan runs
+//! every [`RESCAN_INTERVAL`] as well, for events lost to a full inotify queue; where the
+//! folder cannot be watched at all (no inotify, out of watches) it is polled every
+//! [`POLL_INTERVAL`].
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
-use super::load::{admit, read_dir, LastGood, SourceFile};
+use super::load::{
+    admit_parsed, io_err, parse_file, yaml_files, LastGood, ParsedFiles, SourceFile,
+};
 use super::{ConfigError, ConfigErrors, ConfigSet};
 
-/// How often the folder is read.
+/// How often the folder is scanned when it cannot be watched.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the folder is scanned anyway while it is watched.
+pub const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
+/// After an event, further events within this window join the same scan (an editor's or
+/// `kubectl cp`'s write, rename and chmod are one change).
+const SETTLE: Duration = Duration::from_millis(20);
+/// A file modified this recently is read again on every scan even if its stamp looks
+/// unchanged: two writes within one timestamp tick can leave size and time equal.
+const RACY: Duration = Duration::from_secs(2);
 
 /// Outcome of the latest attempt to load the folder, for status and metrics.
 #[derive(Debug, Clone, Default)]
@@ -42,66 +58,218 @@ impl LoadStatus {
     }
 }
 
-fn fingerprint(files: &[SourceFile]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    files.hash(&mut h);
-    h.finish()
+/// What identifies a file's contents without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: SystemTime,
+    inode: u64,
 }
 
-impl std::hash::Hash for SourceFile {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.name.hash(state);
-        self.contents.hash(state);
+impl Stamp {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(Self {
+            len: m.len(),
+            modified: m.modified()?,
+            inode: m.ino(),
+        })
+    }
+
+    fn recent(&self) -> bool {
+        SystemTime::now()
+            .duration_since(self.modified)
+            .is_ok_and(|age| age < RACY)
     }
 }
 
-/// Loads the folder once: what it admits, the status, and the versions to fall back on.
-/// Fails only when the folder cannot be read.
-pub fn initial(dir: &std::path::Path) -> Result<(ConfigSet, LoadStatus, LastGood), ConfigErrors> {
+struct CachedFile {
+    stamp: Stamp,
+    contents: String,
+    parsed: ParsedFiles,
+}
+
+/// The folder as last scanned: each file's stamp, contents and parse.
+pub struct Folder {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, CachedFile>,
+    /// Files read (and parsed) by the last scan, for tests and logs.
+    pub last_parsed: usize,
+}
+
+impl Folder {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            files: BTreeMap::new(),
+            last_parsed: 0,
+        }
+    }
+
+    /// Reads what changed since the last scan. True when any file's contents changed, a
+    /// file appeared or one went away. Fails when the folder or a file cannot be read; the
+    /// cache is then left as it was.
+    pub fn scan(&mut self) -> Result<bool, ConfigErrors> {
+        let paths = yaml_files(&self.dir)?;
+        let mut changed = self.files.len() != paths.len()
+            || self.files.keys().zip(&paths).any(|(a, b)| a != b);
+        let mut old = std::mem::take(&mut self.files);
+        let mut next = BTreeMap::new();
+        self.last_parsed = 0;
+        for path in paths {
+            match self.read(&path, old.remove(&path)) {
+                Ok((file, parsed)) => {
+                    changed |= parsed;
+                    next.insert(path, file);
+                }
+                Err(e) => {
+                    old.append(&mut next);
+                    self.files = old;
+                    return Err(e);
+                }
+            }
+        }
+        self.files = next;
+        Ok(changed)
+    }
+
+    /// One file, from the cache when its stamp says it is unchanged; true when it was
+    /// parsed anew.
+    fn read(
+        &mut self,
+        path: &Path,
+        cached: Option<CachedFile>,
+    ) -> Result<(CachedFile, bool), ConfigErrors> {
+        let stamp = Stamp::of(path).map_err(|e| io_err(path, e))?;
+        let cached = match cached {
+            Some(c) if c.stamp == stamp && !stamp.recent() => return Ok((c, false)),
+            other => other,
+        };
+        let contents = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+        if let Some(c) = cached.filter(|c| c.contents == contents) {
+            return Ok((CachedFile { stamp, ..c }, false));
+        }
+        self.last_parsed += 1;
+        let parsed = parse_file(&SourceFile {
+            name: path.display().to_string(),
+            contents: contents.clone(),
+        });
+        Ok((
+            CachedFile {
+                stamp,
+                contents,
+                parsed,
+            },
+            true,
+        ))
+    }
+
+    /// Every file's parse, in path order.
+    pub fn parsed(&self) -> ParsedFiles {
+        let mut all = ParsedFiles::default();
+        for f in self.files.values() {
+            all.extend(&f.parsed);
+        }
+        all
+    }
+}
+
+/// Loads the folder once: the folder's scan, what it admits, the status, and the versions
+/// to fall back on. Fails only when the folder cannot be read.
+pub fn initial(dir: &Path) -> Result<(Folder, ConfigSet, LoadStatus, LastGood), ConfigErrors> {
+    let mut folder = Folder::new(dir);
+    folder.scan()?;
     let mut last = LastGood::default();
-    let (set, rejected) = admit(&read_dir(dir)?, &mut last);
+    let (set, rejected) = admit_parsed(folder.parsed(), &mut last);
     for e in &rejected {
         tracing::warn!(error = %e, "config object rejected");
     }
     let mut status = LoadStatus::default();
     status.record(&set, rejected, true);
-    Ok((set, status, last))
+    Ok((folder, set, status, last))
 }
 
-/// Polls `dir` until every receiver is gone, publishing valid sets on `config`.
+/// Starts watching `dir`; every event pokes `tx`. `None` when the folder cannot be watched.
+fn watch_events(dir: &Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
+        // A full channel already holds a poke: the coming scan sees this change too.
+        let _ = tx.try_send(());
+    });
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch config folders; polling instead");
+            return None;
+        }
+    };
+    match watcher.watch(dir, notify::RecursiveMode::Recursive) {
+        Ok(()) => Some(watcher),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config folder; polling instead");
+            None
+        }
+    }
+}
+
+/// Watches the folder until every receiver is gone, publishing what it admits on `config`.
 pub async fn run(
-    dir: PathBuf,
-    mut last_good: LastGood,
+    folder: Folder,
+    last_good: LastGood,
     config: watch::Sender<Arc<ConfigSet>>,
     status: watch::Sender<LoadStatus>,
 ) {
-    let mut last = None;
-    let mut tick = tokio::time::interval(POLL_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    watch_folder(folder, last_good, config, status, RESCAN_INTERVAL, POLL_INTERVAL).await
+}
+
+/// [`run`], scanning every `rescan` while watched and every `poll` when not.
+async fn watch_folder(
+    mut folder: Folder,
+    mut last_good: LastGood,
+    config: watch::Sender<Arc<ConfigSet>>,
+    status: watch::Sender<LoadStatus>,
+    rescan: Duration,
+    poll: Duration,
+) {
+    let (tx, mut events) = mpsc::channel(1);
+    let watcher = watch_events(&folder.dir, tx);
+    let every = if watcher.is_some() { rescan } else { poll };
+    let dir = folder.dir.clone();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = events.recv() => tokio::time::sleep(SETTLE).await,
+            _ = tokio::time::sleep(every) => {}
+        }
+        while events.try_recv().is_ok() {}
         if config.is_closed() {
             return;
         }
-        let read = {
-            let dir = dir.clone();
-            tokio::task::spawn_blocking(move || read_dir(&dir)).await
+        let scanned = tokio::task::spawn_blocking(move || {
+            let changed = folder.scan();
+            (folder, changed)
+        })
+        .await;
+        let changed = match scanned {
+            Ok((back, changed)) => {
+                folder = back;
+                changed
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "config scan failed; no longer watching");
+                return;
+            }
         };
-        let files = match read {
-            Ok(Ok(files)) => files,
-            Ok(Err(errors)) => {
+        match changed {
+            Ok(false) => continue,
+            Ok(true) => {}
+            Err(errors) => {
                 tracing::warn!(dir = %dir.display(), %errors, "config folder unreadable; keeping the serving config");
                 continue;
             }
-            Err(_) => continue,
-        };
-        let fp = fingerprint(&files);
-        if last == Some(fp) {
-            continue;
         }
-        last = Some(fp);
-        let (set, rejected) = admit(&files, &mut last_good);
+        tracing::debug!(parsed = folder.last_parsed, "config files changed");
+        let (set, rejected) = admit_parsed(folder.parsed(), &mut last_good);
         for e in &rejected {
             tracing::warn!(error = %e, "config object rejected; its last admitted version stays");
         }
@@ -117,6 +285,68 @@ pub async fn run(
             config.send_replace(Arc::new(set));
         } else {
             status.send_modify(|s| s.record(&set, rejected, false));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: NAME, namespace: demo}\nspec:\n  ports: [{name: http, port: 80}]\n";
+
+    #[test]
+    fn a_scan_parses_only_the_files_that_changed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for i in 0..20 {
+            std::fs::write(
+                dir.path().join(format!("s{i}.yaml")),
+                SERVICE.replace("NAME", &format!("s{i}")),
+            )
+            .expect("write");
+        }
+        let mut folder = Folder::new(dir.path());
+        assert!(folder.scan().expect("scan"));
+        assert_eq!(folder.last_parsed, 20);
+        assert!(!folder.scan().expect("scan"), "nothing changed");
+        assert_eq!(folder.last_parsed, 0);
+
+        std::fs::write(dir.path().join("s3.yaml"), SERVICE.replace("NAME", "renamed"))
+            .expect("write");
+        assert!(folder.scan().expect("scan"));
+        assert_eq!(folder.last_parsed, 1, "one file changed, one parsed");
+        let names: Vec<String> = folder
+            .parsed()
+            .documents
+            .iter()
+            .map(|d| d.metadata.name.clone())
+            .collect();
+        assert!(names.contains(&"renamed".to_string()));
+        assert_eq!(names.len(), 20);
+
+        std::fs::remove_file(dir.path().join("s4.yaml")).expect("remove");
+        assert!(folder.scan().expect("scan"), "a removed file is a change");
+        assert_eq!(folder.parsed().documents.len(), 19);
+    }
+
+    #[tokio::test]
+    async fn an_edit_is_seen_by_its_event_with_no_scan_timer_running() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.yaml"), SERVICE.replace("NAME", "a")).expect("write");
+        let (folder, set, status, last) = initial(dir.path()).expect("initial");
+        let (config_tx, mut config_rx) = watch::channel(Arc::new(set));
+        let (status_tx, _status_rx) = watch::channel(status);
+        let hour = Duration::from_secs(3600);
+        tokio::spawn(watch_folder(folder, last, config_tx, status_tx, hour, hour));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for (i, name) in ["b", "c", "d"].into_iter().enumerate() {
+            std::fs::write(dir.path().join(format!("{name}.yaml")), SERVICE.replace("NAME", name))
+                .expect("write");
+            tokio::time::timeout(Duration::from_secs(5), config_rx.changed())
+                .await
+                .expect("seen by its event: no timer would scan within the hour")
+                .expect("watcher alive");
+            assert_eq!(config_rx.borrow_and_update().services.len(), i + 2);
         }
     }
 }
