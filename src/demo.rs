@@ -17,13 +17,12 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Deserialize;
-use tokio::process::{Child, Command};
 
+use crate::children::Procs;
 use crate::client::AppClient;
 use crate::traffic::{Event, Traffic};
 
@@ -94,102 +93,6 @@ pub struct Options {
 
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(ip), port)
-}
-
-/// One child process of the demo, restartable with the same arguments. The demo holds the
-/// write end of its standard input: the child runs with `--exit-with-stdin`, so when the
-/// demo ends, however it ends (SIGKILL included), the kernel closes the pipe and the child
-/// drains and exits.
-struct Proc {
-    args: Vec<String>,
-    log: PathBuf,
-    child: Option<Child>,
-    stdin: Option<tokio::process::ChildStdin>,
-}
-
-struct Procs {
-    exe: PathBuf,
-    procs: BTreeMap<String, Proc>,
-}
-
-impl Procs {
-    fn spawn(&mut self, name: &str, args: Vec<String>, logs: &Path) -> anyhow::Result<()> {
-        let mut p = Proc {
-            args,
-            log: logs.join(format!("{name}.log")),
-            child: None,
-            stdin: None,
-        };
-        self.start(&mut p)
-            .with_context(|| format!("starting {name}"))?;
-        self.procs.insert(name.to_owned(), p);
-        Ok(())
-    }
-
-    fn start(&self, p: &mut Proc) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&p.log)?;
-        let mut child = Command::new(&self.exe)
-            .args(&p.args)
-            .arg("--exit-with-stdin")
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::piped())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()?;
-        p.stdin = child.stdin.take();
-        p.child = Some(child);
-        Ok(())
-    }
-
-    /// Fails with the end of a child's log if it has exited.
-    fn check_alive(&mut self, name: &str) -> anyhow::Result<()> {
-        let Some(p) = self.procs.get_mut(name) else {
-            return Ok(());
-        };
-        let Some(status) = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) else {
-            return Ok(());
-        };
-        let log = std::fs::read_to_string(&p.log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(5).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        anyhow::bail!(
-            "{name} exited ({status}); the end of {}:\n{}",
-            p.log.display(),
-            tail.join("\n")
-        )
-    }
-
-    /// Sends `signal` (`STOP`, `CONT`) to a child, as `kill -STOP` does.
-    async fn signal(&self, name: &str, signal: &str) -> anyhow::Result<()> {
-        let pid = self
-            .procs
-            .get(name)
-            .and_then(|p| p.child.as_ref())
-            .and_then(Child::id)
-            .with_context(|| format!("{name} is not running"))?;
-        let status = Command::new("kill")
-            .args([format!("-{signal}"), pid.to_string()])
-            .status()
-            .await
-            .context("running kill")?;
-        anyhow::ensure!(status.success(), "kill -{signal} {name} failed");
-        Ok(())
-    }
-
-    async fn kill_all(&mut self) {
-        for p in self.procs.values_mut() {
-            if let Some(c) = p.child.as_mut() {
-                let _ = c.kill().await;
-            }
-        }
-    }
 }
 
 async fn wait_until<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
@@ -573,10 +476,7 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
     check_addresses_free(&topo).await?;
     let tmp = tempfile::tempdir()?;
     let dir = opts.dir.clone().unwrap_or_else(|| tmp.path().to_owned());
-    let mut procs = Procs {
-        exe: std::env::current_exe()?,
-        procs: BTreeMap::new(),
-    };
+    let mut procs = Procs::new()?;
     println!(
         "isthmus demo: federation + {} clusters on loopback; state and logs in {}",
         topo.clusters.len(),

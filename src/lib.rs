@@ -2,6 +2,8 @@
 //! helpers the CLI and the integration tests share. Every component itself lives in its own
 //! crate (`isthmus-sidecar`, `-gateway`, `-controller`, `-federation`).
 
+pub mod bench;
+pub mod children;
 pub mod client;
 pub mod demo;
 pub mod echo;

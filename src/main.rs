@@ -87,6 +87,41 @@ enum Command {
     /// Mint bootstrap tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Measure parts of the product on this machine and print the figures.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// The control plane at scale: federates many clusters on this machine (federation
+    /// and controllers as processes, lightweight xDS clients in this one), grows the
+    /// endpoints through the given totals, and prints convergence time and memory at each,
+    /// then the time from one endpoint change to every client that sees it (p50/p99), the
+    /// bytes each change costs, and the resync time after a controller restart. Each
+    /// controller takes a loopback address 127.0.(100+N).1; the federation 127.0.99.1.
+    Registry {
+        /// Clusters (each its own controller process).
+        #[arg(long, default_value_t = 20)]
+        clusters: usize,
+        /// Services per cluster; every cluster runs the same ones, so each is one global
+        /// service exported by every cluster.
+        #[arg(long, default_value_t = 50)]
+        services: usize,
+        /// Endpoint totals (all clusters) to grow through, comma-separated; changes are
+        /// timed at the largest.
+        #[arg(long, value_delimiter = ',', default_value = "10000,50000,100000")]
+        endpoints: Vec<usize>,
+        /// Lightweight xDS clients per cluster, standing in for sidecars.
+        #[arg(long, default_value_t = 2)]
+        proxies: usize,
+        /// Endpoint changes to time.
+        #[arg(long, default_value_t = 40)]
+        changes: usize,
+        /// Folder for state, config and logs (default: a temporary folder).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -470,14 +505,29 @@ fn init_logging() -> isthmus_core::admin::LogControl {
     })
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(main_async());
+    // Not waiting for blocking threads: with --exit-with-stdin one sits in a read of
+    // standard input that cannot be cancelled, and would hold a drained process forever.
+    runtime.shutdown_background();
+    code
+}
+
+async fn main_async() -> std::process::ExitCode {
     let cli = Cli::parse();
     let log_control = match &cli.command {
         Command::Validate { .. }
         | Command::Analyze { .. }
         | Command::Token(_)
-        | Command::Demo(_) => None,
+        | Command::Demo(_)
+        | Command::Bench(_) => None,
         _ => Some(init_logging()),
     };
     match run(cli.command, log_control, cli.exit_with_stdin).await {
@@ -533,6 +583,25 @@ async fn run(
                     ttl
                 )?
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Registry {
+            clusters,
+            services,
+            endpoints,
+            proxies,
+            changes,
+            dir,
+        }) => {
+            isthmus::bench::run(isthmus::bench::Options {
+                clusters,
+                services,
+                endpoints,
+                proxies,
+                changes,
+                dir,
+            })
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(a) => {

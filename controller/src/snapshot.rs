@@ -2,7 +2,7 @@
 //! gateways, and the federation's global registry, turned into (a) the resources pushed to
 //! proxies and (b) the exports sent to the federation. Rebuilt (debounced) on any change.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -66,10 +66,45 @@ struct Inner {
     config: watch::Receiver<Arc<ConfigSet>>,
     global: watch::Receiver<Arc<Global>>,
     health: Mutex<BTreeMap<NamespacedName, Health>>,
+    /// Bumped whenever a workload's health changes, so the local part is rebuilt.
+    health_gen: std::sync::atomic::AtomicU64,
     gateways: Mutex<Gateways>,
+    cache: Mutex<Cache>,
     poke: Notify,
     snapshot: watch::Sender<Arc<Snapshot>>,
     exports: watch::Sender<Arc<fed::ClusterExports>>,
+}
+
+/// What depends only on this cluster's config and its proxies' health: rebuilt when
+/// either changes, reused when only the global registry or the gateways change.
+struct Local {
+    config: Arc<ConfigSet>,
+    health_gen: u64,
+    /// Distinguishes one rebuild of the local part from the next.
+    generation: u64,
+    /// Local services by `namespace/name`, without remote clusters.
+    services: BTreeMap<String, xds::Service>,
+    workloads: BTreeMap<String, (String, Bytes)>,
+    exports: Vec<fed::ExportedService>,
+    labels: BTreeMap<NamespacedName, BTreeMap<String, String>>,
+    serves: BTreeMap<NamespacedName, BTreeSet<String>>,
+}
+
+/// A service's encoding and what it was encoded from: the local part's generation and
+/// the global entry (unchanged entries keep their `Arc`).
+struct Encoded {
+    generation: u64,
+    global: Option<Arc<fed::GlobalService>>,
+    resource: (String, Bytes),
+}
+
+/// Work kept between rebuilds, so a change costs what it touches: a change in another
+/// cluster re-encodes only the services it changed.
+#[derive(Default)]
+struct Cache {
+    local: Option<Arc<Local>>,
+    generation: u64,
+    encoded: HashMap<String, Encoded>,
 }
 
 #[derive(Clone)]
@@ -87,19 +122,60 @@ fn version_of(bytes: &[u8]) -> String {
     format!("{:016x}", h.finish())
 }
 
+/// A resource's version (a hash of its bytes, so it survives a restart) and bytes.
+fn encode(msg: &impl Message) -> (String, Bytes) {
+    let buf = msg.encode_to_vec();
+    (version_of(&buf), Bytes::from(buf))
+}
+
+/// What the federation is told of a local service: healthy endpoints per locality and
+/// label set, and the identities that serve it.
+fn export_of(local: &xds::Service) -> fed::ExportedService {
+    type Key = (String, String, String, BTreeMap<String, String>);
+    let mut counts: BTreeMap<Key, u32> = BTreeMap::new();
+    let mut identities = BTreeSet::new();
+    for ep in &local.endpoints {
+        let l = ep.locality.clone().unwrap_or_default();
+        let count = counts
+            .entry((l.region, l.zone, l.subzone, ep.labels.clone()))
+            .or_default();
+        *count += u32::from(ep.healthy);
+        identities.insert(ep.identity.clone());
+    }
+    fed::ExportedService {
+        export_to: local.export_to.clone(),
+        namespace: local.namespace.clone(),
+        name: local.name.clone(),
+        ports: local
+            .ports
+            .iter()
+            .map(|p| fed::ExportedPort {
+                name: p.name.clone(),
+                port: p.port,
+                protocol: p.protocol.clone(),
+            })
+            .collect(),
+        localities: counts
+            .into_iter()
+            .map(|((region, zone, subzone, labels), healthy)| fed::LocalityCount {
+                locality: Some(fed::Locality {
+                    region,
+                    zone,
+                    subzone,
+                }),
+                healthy,
+                labels,
+            })
+            .collect(),
+        identities: identities.into_iter().collect(),
+    }
+}
+
 fn locality(w: &WorkloadEntry) -> xds::Locality {
     xds::Locality {
         region: w.locality.region.clone(),
         zone: w.locality.zone.clone(),
         subzone: w.locality.subzone.clone(),
-    }
-}
-
-fn fed_locality(l: &xds::Locality) -> fed::Locality {
-    fed::Locality {
-        region: l.region.clone(),
-        zone: l.zone.clone(),
-        subzone: l.subzone.clone(),
     }
 }
 
@@ -140,7 +216,9 @@ impl Registry {
             config,
             global,
             health: Mutex::default(),
+            health_gen: Default::default(),
             gateways: Mutex::new(gateways),
+            cache: Mutex::default(),
             poke: Notify::new(),
             snapshot: watch::Sender::new(Arc::default()),
             exports: watch::Sender::new(Arc::default()),
@@ -171,25 +249,33 @@ impl Registry {
         h.streams += 1;
         h.seen = true;
         drop(health);
-        self.inner.poke.notify_one();
+        self.health_changed();
     }
 
     pub fn stream_closed(&self, workload: &NamespacedName) {
         if let Some(h) = lock(&self.inner.health).get_mut(workload) {
             h.streams = h.streams.saturating_sub(1);
         }
-        self.inner.poke.notify_one();
+        self.health_changed();
     }
 
     pub fn report_health(&self, workload: &NamespacedName, healthy: bool) {
         let mut health = lock(&self.inner.health);
         let h = health.entry(workload.clone()).or_default();
-        if h.healthy != healthy {
-            tracing::info!(%workload, healthy, "workload health changed");
+        if h.healthy == healthy && h.seen {
+            return;
         }
+        tracing::info!(%workload, healthy, "workload health changed");
         h.healthy = healthy;
         h.seen = true;
         drop(health);
+        self.health_changed();
+    }
+
+    fn health_changed(&self) {
+        self.inner
+            .health_gen
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.poke.notify_one();
     }
 
@@ -225,9 +311,24 @@ impl Registry {
     fn rebuild(&self) {
         let config = self.inner.config.borrow().clone();
         let global = self.inner.global.borrow().clone();
-        let health = lock(&self.inner.health).clone();
         let gateways = lock(&self.inner.gateways).serving();
-        let snapshot = self.build_snapshot(&config, &global, &health, &gateways);
+        let health_gen = self
+            .inner
+            .health_gen
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut cache = lock(&self.inner.cache);
+        let local = match &cache.local {
+            Some(l) if Arc::ptr_eq(&l.config, &config) && l.health_gen == health_gen => l.clone(),
+            _ => {
+                let health = lock(&self.inner.health).clone();
+                cache.generation += 1;
+                let local = Arc::new(self.build_local(config, &health, health_gen, cache.generation));
+                cache.local = Some(local.clone());
+                local
+            }
+        };
+        let snapshot = self.build_snapshot(&local, &global, &gateways, &mut cache.encoded);
+        drop(cache);
         self.inner.snapshot.send_if_modified(|s| {
             let changed = **s != snapshot;
             if changed {
@@ -235,7 +336,17 @@ impl Registry {
             }
             changed
         });
-        let exports = self.build_exports(&config, &health, &gateways);
+        let exports = fed::ClusterExports {
+            cluster: self.inner.cluster.clone(),
+            services: local.exports.clone(),
+            gateways: gateways
+                .iter()
+                .map(|g| fed::Gateway {
+                    address: g.quic_address.clone(),
+                    identity: g.identity.clone(),
+                })
+                .collect(),
+        };
         self.inner.exports.send_if_modified(|e| {
             let changed = **e != exports;
             if changed {
@@ -269,9 +380,9 @@ impl Registry {
         &self,
         config: &ConfigSet,
         svc: &Service,
+        selected: &[&WorkloadEntry],
         health: &BTreeMap<NamespacedName, Health>,
     ) -> xds::Service {
-        let selected: Vec<&WorkloadEntry> = config.selected(svc).collect();
         xds::Service {
             namespace: svc.key.namespace.clone(),
             name: svc.key.name.clone(),
@@ -292,21 +403,75 @@ impl Registry {
         }
     }
 
-    fn build_snapshot(
+    fn build_local(
         &self,
-        config: &ConfigSet,
-        global: &Global,
+        config: Arc<ConfigSet>,
         health: &BTreeMap<NamespacedName, Health>,
-        gateways: &[GatewayInfo],
-    ) -> Snapshot {
-        let mut services: BTreeMap<NamespacedName, xds::Service> = config
-            .services
+        health_gen: u64,
+        generation: u64,
+    ) -> Local {
+        let mut services = BTreeMap::new();
+        let mut exports = Vec::new();
+        let mut serves: BTreeMap<NamespacedName, BTreeSet<String>> = BTreeMap::new();
+        for svc in config.services.values() {
+            let selected: Vec<&WorkloadEntry> = config.selected(svc).collect();
+            let local = self.local_service(&config, svc, &selected, health);
+            if config.exports.contains(&svc.key) {
+                exports.push(export_of(&local));
+            }
+            if !config.sidecars.is_empty() {
+                for w in &selected {
+                    serves
+                        .entry(w.key.clone())
+                        .or_default()
+                        .insert(svc.key.to_string());
+                }
+            }
+            services.insert(svc.key.to_string(), local);
+        }
+        let workloads = config
+            .workloads
             .values()
-            .map(|svc| (svc.key.clone(), self.local_service(config, svc, health)))
+            .map(|w| {
+                let msg = xds::Workload {
+                    name: w.key.to_string(),
+                    labels: w.labels.clone(),
+                    locality: Some(locality(w)),
+                };
+                (w.key.to_string(), encode(&msg))
+            })
             .collect();
-        for gs in global.services.values() {
-            let key = NamespacedName::new(&gs.namespace, &gs.name);
-            let entry = services.entry(key).or_insert_with(|| xds::Service {
+        let labels = if config.sidecars.is_empty() {
+            BTreeMap::new()
+        } else {
+            config
+                .workloads
+                .values()
+                .map(|w| (w.key.clone(), w.labels.clone()))
+                .collect()
+        };
+        Local {
+            config,
+            health_gen,
+            generation,
+            services,
+            workloads,
+            exports,
+            labels,
+            serves,
+        }
+    }
+
+    /// A service as proxies here see it: its local part, if any, and every other cluster
+    /// that exports it.
+    fn merged_service(
+        &self,
+        local: Option<&xds::Service>,
+        global: Option<&fed::GlobalService>,
+    ) -> xds::Service {
+        let mut svc = match (local, global) {
+            (Some(l), _) => l.clone(),
+            (None, Some(gs)) => xds::Service {
                 namespace: gs.namespace.clone(),
                 name: gs.name.clone(),
                 ports: gs
@@ -321,62 +486,77 @@ impl Registry {
                     .collect(),
                 export_to: gs.export_to.clone(),
                 ..Default::default()
-            });
-            for c in gs
-                .clusters
-                .iter()
-                .filter(|c| c.cluster != self.inner.cluster)
-            {
-                entry.remote.push(xds::RemoteCluster {
-                    cluster: c.cluster.clone(),
-                    localities: c
-                        .localities
-                        .iter()
-                        .map(|l| xds::LocalityCount {
-                            locality: l.locality.as_ref().map(xds_locality),
-                            healthy: l.healthy,
-                            labels: l.labels.clone(),
-                        })
-                        .collect(),
-                    identities: c.identities.clone(),
-                });
-            }
-        }
-        let mut snapshot = Snapshot::default();
-        let encode = |m: &dyn Fn(&mut Vec<u8>)| {
-            let mut buf = Vec::new();
-            m(&mut buf);
-            (version_of(&buf), Bytes::from(buf))
+            },
+            (None, None) => xds::Service::default(),
         };
-        snapshot.sidecars = config.sidecars.clone();
-        if !config.sidecars.is_empty() {
-            snapshot.labels = config
-                .workloads
-                .values()
-                .map(|w| (w.key.clone(), w.labels.clone()))
-                .collect();
-            for svc in config.services.values() {
-                for w in config.selected(svc) {
-                    snapshot
-                        .serves
-                        .entry(w.key.clone())
-                        .or_default()
-                        .insert(svc.key.to_string());
-                }
-            }
+        for c in global
+            .iter()
+            .flat_map(|g| &g.clusters)
+            .filter(|c| c.cluster != self.inner.cluster)
+        {
+            svc.remote.push(xds::RemoteCluster {
+                cluster: c.cluster.clone(),
+                localities: c
+                    .localities
+                    .iter()
+                    .map(|l| xds::LocalityCount {
+                        locality: l.locality.as_ref().map(xds_locality),
+                        healthy: l.healthy,
+                        labels: l.labels.clone(),
+                    })
+                    .collect(),
+                identities: c.identities.clone(),
+            });
         }
+        svc
+    }
+
+    fn build_snapshot(
+        &self,
+        local: &Local,
+        global: &Global,
+        gateways: &[GatewayInfo],
+        encoded: &mut HashMap<String, Encoded>,
+    ) -> Snapshot {
+        let mut snapshot = Snapshot {
+            sidecars: local.config.sidecars.clone(),
+            labels: local.labels.clone(),
+            serves: local.serves.clone(),
+            ..Default::default()
+        };
+        let names: BTreeSet<&String> = local
+            .services
+            .keys()
+            .chain(global.services.keys())
+            .collect();
+        let mut kept = HashMap::with_capacity(names.len());
         let svc_map = snapshot.resources.entry(type_url::SERVICE).or_default();
-        for (key, svc) in &services {
-            svc_map.insert(
-                key.to_string(),
-                encode(&|b| svc.encode(b).expect("vec grows")),
-            );
-            if !svc.export_to.is_empty() {
-                snapshot
-                    .export_to
-                    .insert(key.to_string(), svc.export_to.clone());
+        for name in names {
+            let (l, g) = (local.services.get(name), global.services.get(name));
+            let reusable = encoded.remove(name).filter(|e| {
+                e.generation == local.generation
+                    && match (&e.global, g) {
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        (None, None) => true,
+                        _ => false,
+                    }
+            });
+            let entry = reusable.unwrap_or_else(|| Encoded {
+                generation: local.generation,
+                global: g.cloned(),
+                resource: encode(&self.merged_service(l, g.map(|g| &**g))),
+            });
+            let export_to = l
+                .map(|l| &l.export_to)
+                .or(g.map(|g| &g.export_to))
+                .filter(|to| !to.is_empty());
+            if let Some(to) = export_to {
+                snapshot.export_to.insert(name.clone(), to.clone());
             }
+            svc_map.insert(name.clone(), entry.resource.clone());
+            kept.insert(name.clone(), entry);
         }
+        *encoded = kept;
         let gw = gateways.first();
         let mesh = xds::Mesh {
             cluster: self.inner.cluster.clone(),
@@ -398,22 +578,10 @@ impl Registry {
             .resources
             .entry(type_url::MESH)
             .or_default()
-            .insert(
-                "mesh".into(),
-                encode(&|b| mesh.encode(b).expect("vec grows")),
-            );
-        let workloads = snapshot.resources.entry(type_url::WORKLOAD).or_default();
-        for w in config.workloads.values() {
-            let msg = xds::Workload {
-                name: w.key.to_string(),
-                labels: w.labels.clone(),
-                locality: Some(locality(w)),
-            };
-            workloads.insert(
-                w.key.to_string(),
-                encode(&|b| msg.encode(b).expect("vec grows")),
-            );
-        }
+            .insert("mesh".into(), encode(&mesh));
+        snapshot
+            .resources
+            .insert(type_url::WORKLOAD, local.workloads.clone());
         let peers = snapshot.resources.entry(type_url::PEER).or_default();
         for cg in global
             .meta
@@ -427,80 +595,10 @@ impl Registry {
                     address: g.address.clone(),
                     identity: g.identity.clone(),
                 };
-                peers.insert(
-                    cg.cluster.clone(),
-                    encode(&|b| peer.encode(b).expect("vec grows")),
-                );
+                peers.insert(cg.cluster.clone(), encode(&peer));
             }
         }
         snapshot
-    }
-
-    fn build_exports(
-        &self,
-        config: &ConfigSet,
-        health: &BTreeMap<NamespacedName, Health>,
-        gateways: &[GatewayInfo],
-    ) -> fed::ClusterExports {
-        let mut services = Vec::new();
-        for key in &config.exports {
-            let Some(svc) = config.services.get(key) else {
-                continue;
-            };
-            let local = self.local_service(config, svc, health);
-            // Healthy counts per (locality, label set).
-            type Key = (String, String, String, BTreeMap<String, String>);
-            let mut counts: BTreeMap<Key, u32> = BTreeMap::new();
-            let mut identities = BTreeSet::new();
-            for ep in &local.endpoints {
-                let l = ep.locality.clone().unwrap_or_default();
-                let count = counts
-                    .entry((l.region, l.zone, l.subzone, ep.labels.clone()))
-                    .or_default();
-                *count += u32::from(ep.healthy);
-                identities.insert(ep.identity.clone());
-            }
-            services.push(fed::ExportedService {
-                export_to: local.export_to.clone(),
-                namespace: key.namespace.clone(),
-                name: key.name.clone(),
-                ports: local
-                    .ports
-                    .iter()
-                    .map(|p| fed::ExportedPort {
-                        name: p.name.clone(),
-                        port: p.port,
-                        protocol: p.protocol.clone(),
-                    })
-                    .collect(),
-                localities: counts
-                    .into_iter()
-                    .map(
-                        |((region, zone, subzone, labels), healthy)| fed::LocalityCount {
-                            locality: Some(fed_locality(&xds::Locality {
-                                region,
-                                zone,
-                                subzone,
-                            })),
-                            healthy,
-                            labels,
-                        },
-                    )
-                    .collect(),
-                identities: identities.into_iter().collect(),
-            });
-        }
-        fed::ClusterExports {
-            cluster: self.inner.cluster.clone(),
-            services,
-            gateways: gateways
-                .iter()
-                .map(|g| fed::Gateway {
-                    address: g.quic_address.clone(),
-                    identity: g.identity.clone(),
-                })
-                .collect(),
-        }
     }
 
     /// The controller's `/config_dump`.

@@ -13,7 +13,10 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::registry::{ExportBatch, GlobalRegistry, MAX_BATCH_SERVICES};
 use crate::root::{Root, CONTROLLER_TTL, JOIN_AUDIENCE};
 
-const REGISTRY_QUEUE: usize = 4;
+/// Registry messages queued per controller stream. One: a stream whose controller reads
+/// slowly does not pile up batches; the next batch is computed when the last was taken, and
+/// covers every change since (see `registry::Subscription`).
+const REGISTRY_QUEUE: usize = 1;
 
 #[derive(Clone)]
 pub struct FederationService {
