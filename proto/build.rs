@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // BTreeMap keeps encodings deterministic, so resource versions are content hashes.
     tonic_prost_build::configure()
         .btree_map(".")
+        // Sent as cut from bytes the federation keeps encoded (see federation/src/registry.rs).
+        .bytes(".isthmus.federation.v1.RegistryUpdate.upserted")
         .extern_path(".isthmus.routing.v1", "crate::routing")
         .compile_fds(protox::compile(rest, ["proto"])?)?;
     Ok(())

@@ -99,9 +99,9 @@ enum BenchCommand {
     /// endpoints through the given totals, and prints convergence time and memory at each,
     /// then the time from one endpoint change to every client that sees it (p50/p99), the
     /// bytes each change costs, and the resync time after a controller restart. Each
-    /// controller takes a loopback address 127.0.(100+N).1; the federation 127.0.99.1.
+    /// controller takes a loopback address 127.0.(200+N).1; the federation 127.0.199.1.
     Registry {
-        /// Clusters (each its own controller process).
+        /// Clusters (each its own controller process), 1 to 50.
         #[arg(long, default_value_t = 20)]
         clusters: usize,
         /// Services per cluster; every cluster runs the same ones, so each is one global
@@ -506,7 +506,10 @@ fn init_logging() -> isthmus_core::admin::LogControl {
 }
 
 fn main() -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -131,9 +131,13 @@ fn demo_fails_over_from_hung_and_dead_peers_within_a_second_and_exits_zero() {
 
 #[test]
 fn sigterm_drains_and_exits_zero() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let child = isthmus()
-        .args([
+    // With --exit-with-stdin too, while standard input stays open: the reader blocked on
+    // it must not hold the drained process.
+    for exit_with_stdin in [false, true] {
+        use std::io::Read;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cmd = isthmus();
+        cmd.args([
             "federation",
             "--listen",
             "127.0.0.1:0",
@@ -141,25 +145,48 @@ fn sigterm_drains_and_exits_zero() {
             "127.0.0.1:0",
             "--state-dir",
         ])
-        .arg(dir.path())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("starts");
-    let root = dir.path().join("root-cert.pem");
-    let started = std::time::Instant::now();
-    while !root.exists() {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(10),
-            "federation did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        .arg(dir.path());
+        if exit_with_stdin {
+            cmd.arg("--exit-with-stdin");
+        }
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("starts");
+        let _held_open = child.stdin.take();
+        let root = dir.path().join("root-cert.pem");
+        let started = Instant::now();
+        while !root.exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "federation did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        sigterm(&child);
+        let stopped = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if stopped.elapsed() > Duration::from_secs(15) {
+                let _ = child.kill();
+                panic!("still running 15 s after SIGTERM (--exit-with-stdin: {exit_with_stdin})");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut log = String::new();
+        child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut log)
+            .expect("log");
+        assert!(status.success(), "exit {:?}\n{log}", status.code());
+        assert!(log.contains("draining") && log.contains("SIGTERM"), "{log}");
     }
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    sigterm(&child);
-    let out = child.wait_with_output().expect("exits");
-    let log = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "exit {:?}\n{log}", out.status.code());
-    assert!(log.contains("draining") && log.contains("SIGTERM"), "{log}");
 }
 
 /// Processes whose command line mentions `needle` (the demo passes its folder to every
@@ -371,4 +398,36 @@ fn analyze_reports_findings_by_severity_and_fails_at_the_threshold() {
         "{stdout}"
     );
     assert_eq!(run("Warning").status.code(), Some(79));
+}
+
+#[test]
+fn the_registry_benchmark_runs_end_to_end_and_prints_its_figures() {
+    let out = isthmus()
+        .args([
+            "bench",
+            "registry",
+            "--clusters",
+            "3",
+            "--services",
+            "2",
+            "--endpoints",
+            "12,60",
+            "--changes",
+            "4",
+        ])
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for figure in [
+        "memory with no config",
+        "       12 |",
+        "       60 |",
+        "to every client that sees it: p50",
+        "bytes per change",
+        "every client current in",
+    ] {
+        assert!(stdout.contains(figure), "no `{figure}` in:\n{stdout}");
+    }
 }

@@ -25,8 +25,8 @@ use tokio_stream::StreamExt;
 
 const REGISTRY_FILE: &str = "global-registry.pb";
 const EXPORT_QUEUE: usize = 16;
-/// Registry changes within this window cost one write of the state file.
-const PERSIST_INTERVAL: Duration = Duration::from_millis(500);
+/// At most one write of the state file per this interval (a quiet change is written at once).
+const PERSIST_INTERVAL: Duration = Duration::from_millis(100);
 /// Services one registry batch may carry (a bound on what the federation makes us buffer).
 const MAX_BATCH_SERVICES: usize = 200_000;
 
@@ -73,9 +73,16 @@ impl Global {
             for key in update.withdrawn {
                 self.services.remove(&key);
             }
-            for s in update.upserted {
-                self.services
-                    .insert(format!("{}/{}", s.namespace, s.name), Arc::new(s));
+            for bytes in update.upserted {
+                match GlobalService::decode(bytes) {
+                    Ok(s) => {
+                        self.services
+                            .insert(format!("{}/{}", s.namespace, s.name), Arc::new(s));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a service from the federation does not decode; skipped")
+                    }
+                }
             }
             if let Some(meta) = update.meta {
                 self.meta = Arc::new(meta);

@@ -156,10 +156,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         .identity
         .server_config(auth, &[isthmus_core::tls::ALPN_H2]);
     running.spawn(isthmus_core::config::watch::run(
-        folder,
-        last_good,
-        config_tx,
-        status_tx,
+        folder, last_good, config_tx, status_tx,
     ));
     running.spawn(admin.run(drain.clone()));
     running.spawn(registry.clone().run(config.push_debounce));

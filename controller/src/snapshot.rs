@@ -55,8 +55,8 @@ impl Health {
     }
 }
 
-pub use crate::gateways::GatewayInfo;
 use crate::federation::Global;
+pub use crate::gateways::GatewayInfo;
 use crate::gateways::Gateways;
 
 struct Inner {
@@ -157,15 +157,17 @@ fn export_of(local: &xds::Service) -> fed::ExportedService {
             .collect(),
         localities: counts
             .into_iter()
-            .map(|((region, zone, subzone, labels), healthy)| fed::LocalityCount {
-                locality: Some(fed::Locality {
-                    region,
-                    zone,
-                    subzone,
-                }),
-                healthy,
-                labels,
-            })
+            .map(
+                |((region, zone, subzone, labels), healthy)| fed::LocalityCount {
+                    locality: Some(fed::Locality {
+                        region,
+                        zone,
+                        subzone,
+                    }),
+                    healthy,
+                    labels,
+                },
+            )
             .collect(),
         identities: identities.into_iter().collect(),
     }
@@ -322,7 +324,8 @@ impl Registry {
             _ => {
                 let health = lock(&self.inner.health).clone();
                 cache.generation += 1;
-                let local = Arc::new(self.build_local(config, &health, health_gen, cache.generation));
+                let local =
+                    Arc::new(self.build_local(config, &health, health_gen, cache.generation));
                 cache.local = Some(local.clone());
                 local
             }
@@ -664,10 +667,7 @@ kind: ServiceExport
 metadata: {name: echo, namespace: demo}
 "#;
 
-    fn registry(
-        dir: &std::path::Path,
-        global: Global,
-    ) -> (Registry, watch::Sender<Arc<Global>>) {
+    fn registry(dir: &std::path::Path, global: Global) -> (Registry, watch::Sender<Arc<Global>>) {
         let set = load_files(&[SourceFile {
             name: "c.yaml".into(),
             contents: CONFIG.into(),
@@ -733,19 +733,19 @@ metadata: {name: echo, namespace: demo}
             services: [(
                 "demo/only-west".to_string(),
                 Arc::new(fed::GlobalService {
-                namespace: "demo".into(),
-                name: "only-west".into(),
-                ports: vec![fed::ExportedPort {
-                    name: "http".into(),
-                    port: 80,
-                    protocol: "http".into(),
-                }],
-                clusters: vec![fed::ClusterService {
-                    cluster: "west".into(),
-                    localities: vec![],
-                    identities: vec![],
-                }],
-                export_to: vec![],
+                    namespace: "demo".into(),
+                    name: "only-west".into(),
+                    ports: vec![fed::ExportedPort {
+                        name: "http".into(),
+                        port: 80,
+                        protocol: "http".into(),
+                    }],
+                    clusters: vec![fed::ClusterService {
+                        cluster: "west".into(),
+                        localities: vec![],
+                        identities: vec![],
+                    }],
+                    export_to: vec![],
                 }),
             )]
             .into(),

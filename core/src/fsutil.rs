@@ -21,10 +21,11 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Keeps a state file current without writing on every change: after each `dirty`
-/// notification it waits `interval` (so a burst of changes costs one write), then writes
-/// what `encode` returns at that moment. Runs until the task is dropped; a crash loses at
-/// most the last `interval` of changes, which the peers that made them send again.
+/// Keeps a state file current without writing on every change: after a `dirty`
+/// notification it writes what `encode` returns at that moment, then waits `interval`
+/// before the next write, so a quiet change is on disk at once and a burst of changes costs
+/// one write per `interval`. Runs until the task is dropped; a crash loses at most the
+/// changes of the last `interval`, which the peers that made them send again.
 pub async fn write_behind(
     path: std::path::PathBuf,
     interval: std::time::Duration,
@@ -33,12 +34,12 @@ pub async fn write_behind(
 ) {
     loop {
         dirty.notified().await;
-        tokio::time::sleep(interval).await;
         let bytes = encode();
         let target = path.clone();
         let written = tokio::task::spawn_blocking(move || write_private(&target, &bytes)).await;
         if let Ok(Err(e)) = written {
             tracing::warn!(path = %path.display(), error = %e, "cannot keep state on disk; a restart would start from an older copy");
         }
+        tokio::time::sleep(interval).await;
     }
 }

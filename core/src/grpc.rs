@@ -198,8 +198,15 @@ mod chunk_tests {
             assert!(size <= 1000, "{size}");
         }
         assert_eq!(runs.concat(), items);
-        assert_eq!(chunk_by_size(Vec::<String>::new(), 10), vec![Vec::<String>::new()]);
+        assert_eq!(
+            chunk_by_size(Vec::<String>::new(), 10),
+            vec![Vec::<String>::new()]
+        );
         let big = vec!["x".repeat(5000), "y".into()];
-        assert_eq!(chunk_by_size(big.clone(), 1000).len(), 2, "an oversized item travels alone");
+        assert_eq!(
+            chunk_by_size(big.clone(), 1000).len(),
+            2,
+            "an oversized item travels alone"
+        );
     }
 }

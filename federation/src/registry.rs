@@ -9,6 +9,11 @@
 //! entries: it knows its own endpoints). A change log (service → version of its last
 //! change) finds them without scanning the registry.
 //!
+//! A merged service is kept encoded, as its fields without `clusters` and one encoding per
+//! exporting cluster's entry: protobuf encodings concatenate into the merged message, so a
+//! cluster's view is those bytes without its own entry, cut once per change and stream with
+//! no copy of the service's structure.
+//!
 //! Every cluster's last exports are kept on disk (written behind, at most every
 //! [`PERSIST_INTERVAL`]), so a restarted federation publishes the whole registry at once: a
 //! cluster that has not reported since the restart keeps its entries, marked stale, instead
@@ -19,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use isthmus_proto::federation::{
     ClusterExports, ClusterGateways, ClusterService, ExportUpdate, ExportedPort, ExportedService,
     Failover, FederationState, Gateway, GlobalService, RegistryMeta, RegistryUpdate,
@@ -30,8 +36,8 @@ use tokio::sync::{watch, Notify};
 
 /// Where the exports are kept, in the federation's state folder.
 const STATE_FILE: &str = "registry.pb";
-/// Changes within this window cost one write of the state file.
-pub const PERSIST_INTERVAL: Duration = Duration::from_millis(200);
+/// At most one write of the state file per this interval (a quiet change is written at once).
+pub const PERSIST_INTERVAL: Duration = Duration::from_millis(100);
 /// Removed services remembered in the change log beyond the live ones, before the log is
 /// compacted (streams that heard nothing since then get the whole registry again).
 const TOMBSTONE_SLACK: usize = 1024;
@@ -103,7 +109,7 @@ struct Inner {
     clusters: BTreeMap<String, ClusterState>,
     /// Clusters loaded from disk that have not reported since this process started.
     stale: BTreeSet<String>,
-    merged: BTreeMap<String, Arc<GlobalService>>,
+    merged: BTreeMap<String, Merged>,
     /// Per service, the exports left out of it.
     conflicts: BTreeMap<String, Vec<String>>,
     /// Version at which each service last changed (removed ones too), and the same as an
@@ -124,68 +130,92 @@ fn port_signature(ports: &[ExportedPort]) -> Vec<(u32, String)> {
     sig
 }
 
+/// One merged service, encoded.
+#[derive(Debug, Clone, PartialEq)]
+struct Merged {
+    /// The GlobalService's fields but `clusters`, encoded (from the first exporter).
+    head: Bytes,
+    /// Per exporting cluster, in name order: its name, its `clusters` entry encoded as a
+    /// GlobalService holding only that entry, and its healthy endpoints (for the dump).
+    clusters: Vec<(String, Bytes, u32)>,
+}
+
+impl Merged {
+    /// The service as `cluster` is sent it (without its own entry); `None` when no other
+    /// cluster exports it.
+    fn view_for(&self, cluster: &str) -> Option<Bytes> {
+        let others = self.clusters.iter().filter(|(c, _, _)| c != cluster);
+        let len: usize = others.clone().map(|(_, b, _)| b.len()).sum();
+        if len == 0 {
+            return None;
+        }
+        let mut buf = BytesMut::with_capacity(self.head.len() + len);
+        buf.extend_from_slice(&self.head);
+        for (_, b, _) in others {
+            buf.extend_from_slice(b);
+        }
+        Some(buf.freeze())
+    }
+}
+
 /// Merges one service across clusters (in cluster-name order, so the result is
 /// deterministic): the service, if anyone exports it, and the conflicts left out.
 fn merge_one(
     clusters: &BTreeMap<String, ClusterState>,
     key: &str,
-) -> (Option<GlobalService>, Vec<String>) {
-    let mut global: Option<GlobalService> = None;
+) -> (Option<Merged>, Vec<String>) {
+    let mut merged: Option<(Merged, &ExportedService)> = None;
     let mut conflicts = Vec::new();
     for (cluster, state) in clusters {
         let Some(svc) = state.services.get(key) else {
             continue;
         };
-        let entry = ClusterService {
-            cluster: cluster.clone(),
-            localities: svc.localities.clone(),
-            identities: svc.identities.clone(),
-        };
-        match &mut global {
+        match &mut merged {
+            Some((m, first)) if port_signature(&first.ports) != port_signature(&svc.ports) => {
+                let by = m.clusters.first().map(|c| c.0.as_str()).unwrap_or("?");
+                conflicts.push(format!(
+                    "service {key} exported by {cluster} with ports {:?}, but by {by} with {:?}; {cluster} is left out",
+                    port_signature(&svc.ports), port_signature(&first.ports)
+                ));
+                continue;
+            }
+            _ => {}
+        }
+        let entry = GlobalService {
+            clusters: vec![ClusterService {
+                cluster: cluster.clone(),
+                localities: svc.localities.clone(),
+                identities: svc.identities.clone(),
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let healthy = svc.localities.iter().map(|l| l.healthy).sum();
+        match &mut merged {
+            Some((m, _)) => m.clusters.push((cluster.clone(), entry.into(), healthy)),
             None => {
-                global = Some(GlobalService {
+                let head = GlobalService {
                     namespace: svc.namespace.clone(),
                     name: svc.name.clone(),
                     ports: svc.ports.clone(),
-                    clusters: vec![entry],
+                    clusters: Vec::new(),
                     export_to: svc.export_to.clone(),
-                })
+                };
+                let m = Merged {
+                    head: head.encode_to_vec().into(),
+                    clusters: vec![(cluster.clone(), entry.into(), healthy)],
+                };
+                merged = Some((m, svc));
             }
-            Some(g) if port_signature(&g.ports) != port_signature(&svc.ports) => {
-                let first = g.clusters.first().map(|c| c.cluster.as_str()).unwrap_or("?");
-                conflicts.push(format!(
-                    "service {key} exported by {cluster} with ports {:?}, but by {first} with {:?}; {cluster} is left out",
-                    port_signature(&svc.ports), port_signature(&g.ports)
-                ));
-            }
-            Some(g) => g.clusters.push(entry),
         }
     }
-    (global, conflicts)
+    (merged.map(|(m, _)| m), conflicts)
 }
 
-/// A service as `cluster` is sent it: without its own entry; `None` when no other cluster
-/// exports it.
-fn view_for(svc: &GlobalService, cluster: &str) -> Option<GlobalService> {
-    let clusters: Vec<ClusterService> = svc
-        .clusters
-        .iter()
-        .filter(|c| c.cluster != cluster)
-        .cloned()
-        .collect();
-    (!clusters.is_empty()).then(|| GlobalService {
-        namespace: svc.namespace.clone(),
-        name: svc.name.clone(),
-        ports: svc.ports.clone(),
-        clusters,
-        export_to: svc.export_to.clone(),
-    })
-}
-
-fn fingerprint(svc: &GlobalService) -> u64 {
+fn fingerprint(bytes: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    svc.encode_to_vec().hash(&mut h);
+    bytes.hash(&mut h);
     h.finish()
 }
 
@@ -246,16 +276,11 @@ impl Inner {
                     self.conflicts.insert(key.clone(), conflicts);
                 }
             }
-            let same = match (self.merged.get(&key), &merged) {
-                (Some(old), Some(new)) => **old == *new,
-                (None, None) => true,
-                _ => false,
-            };
-            if same {
+            if self.merged.get(&key) == merged.as_ref() {
                 continue;
             }
             match merged {
-                Some(s) => self.merged.insert(key.clone(), Arc::new(s)),
+                Some(m) => self.merged.insert(key.clone(), m),
                 None => self.merged.remove(&key),
             };
             if let Some(old) = self.changed_at.insert(key.clone(), version) {
@@ -477,14 +502,14 @@ impl GlobalRegistry {
         let inner = self.lock();
         let services: Vec<serde_json::Value> = inner
             .merged
-            .values()
-            .map(|s| {
-                let clusters: Vec<serde_json::Value> = s
+            .iter()
+            .map(|(key, m)| {
+                let clusters: Vec<serde_json::Value> = m
                     .clusters
                     .iter()
-                    .map(|c| serde_json::json!({"cluster": c.cluster, "healthy": c.localities.iter().map(|l| l.healthy).sum::<u32>()}))
+                    .map(|(cluster, _, healthy)| serde_json::json!({"cluster": cluster, "healthy": healthy}))
                     .collect();
-                serde_json::json!({"service": key_of(&s.namespace, &s.name), "clusters": clusters})
+                serde_json::json!({"service": key, "clusters": clusters})
             })
             .collect();
         let meta = &inner.meta;
@@ -534,8 +559,8 @@ impl Subscription {
         match after {
             None => {
                 self.views.clear();
-                for (key, svc) in &inner.merged {
-                    if let Some(v) = view_for(svc, &self.cluster) {
+                for (key, m) in &inner.merged {
+                    if let Some(v) = m.view_for(&self.cluster) {
                         self.views.insert(key.clone(), fingerprint(&v));
                         upserted.push(v);
                     }
@@ -543,7 +568,11 @@ impl Subscription {
             }
             Some(after) => {
                 for (_, key) in inner.log.range((after + 1, String::new())..) {
-                    match inner.merged.get(key).and_then(|s| view_for(s, &self.cluster)) {
+                    match inner
+                        .merged
+                        .get(key)
+                        .and_then(|m| m.view_for(&self.cluster))
+                    {
                         Some(v) => {
                             let f = fingerprint(&v);
                             if self.views.insert(key.clone(), f) != Some(f) {
@@ -631,7 +660,11 @@ mod tests {
         let mut b = Heard::default();
         for m in msgs {
             b.reset |= m.reset;
-            b.upserted.extend(m.upserted);
+            b.upserted.extend(
+                m.upserted
+                    .iter()
+                    .map(|u| GlobalService::decode(u.as_ref()).expect("decodes")),
+            );
             b.withdrawn.extend(m.withdrawn);
             b.meta = b.meta.or(m.meta);
         }
@@ -671,12 +704,17 @@ mod tests {
     fn a_change_reaches_only_the_clusters_whose_view_it_changes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let reg = registry(dir.path());
-        let many: Vec<ExportedService> = (0..100).map(|i| service(&format!("s{i}"), 80, 1)).collect();
+        let many: Vec<ExportedService> =
+            (0..100).map(|i| service(&format!("s{i}"), 80, 1)).collect();
         reg.apply("east", reset(many.clone()));
         reg.apply("west", reset(many));
         let mut east = reg.subscribe("east");
         let mut north = reg.subscribe("north");
-        assert_eq!(take(&mut east).expect("first").upserted.len(), 100, "west's entries");
+        assert_eq!(
+            take(&mut east).expect("first").upserted.len(),
+            100,
+            "west's entries"
+        );
         assert_eq!(take(&mut north).expect("first").upserted.len(), 100);
 
         // One endpoint of one service in east changes.
@@ -730,22 +768,40 @@ mod tests {
                 ..Default::default()
             })
             .collect();
-        let services: Vec<ExportedService> = (0..3000).map(|i| service(&format!("s{i}"), 80, 1)).chain([big]).collect();
+        let services: Vec<ExportedService> = (0..3000)
+            .map(|i| service(&format!("s{i}"), 80, 1))
+            .chain([big])
+            .collect();
         reg.apply("east", reset(services));
         let mut west = reg.subscribe("west");
         let msgs = west.pending().expect("first batch");
         let total: usize = msgs.iter().map(Message::encoded_len).sum();
-        assert!(total > 4 << 20, "{total} bytes: more than gRPC's default limit");
+        assert!(
+            total > 4 << 20,
+            "{total} bytes: more than gRPC's default limit"
+        );
         let largest_small = msgs
             .iter()
-            .filter(|m| m.upserted.iter().all(|s| s.name != "big"))
+            .filter(|m| m.upserted.iter().all(|s| s.len() < 1 << 20))
             .map(Message::encoded_len)
             .max()
             .expect("some");
-        assert!(largest_small <= isthmus_core::grpc::CHUNK_BYTES + 1024, "{largest_small}");
+        assert!(
+            largest_small <= isthmus_core::grpc::CHUNK_BYTES + 1024,
+            "{largest_small}"
+        );
         assert!(msgs[..msgs.len() - 1].iter().all(|m| m.more));
         assert!(!msgs[msgs.len() - 1].more);
         assert_eq!(msgs.iter().map(|m| m.upserted.len()).sum::<usize>(), 3001);
+        let decoded: Vec<GlobalService> = msgs
+            .iter()
+            .flat_map(|m| &m.upserted)
+            .map(|u| GlobalService::decode(u.as_ref()).expect("each part decodes"))
+            .collect();
+        let big = decoded.iter().find(|s| s.name == "big").expect("big");
+        assert_eq!(big.clusters.len(), 1);
+        assert_eq!(big.clusters[0].cluster, "east");
+        assert_eq!(big.clusters[0].localities.len(), 200_000);
     }
 
     #[test]
@@ -766,7 +822,10 @@ mod tests {
         assert_eq!(after.meta.expect("meta").stale_clusters, ["east", "west"]);
         second.apply("east", reset(vec![service("echo", 80, 1)]));
         let confirmed = take(&mut north).expect("east confirmed");
-        assert!(confirmed.upserted.is_empty(), "east's exports did not change");
+        assert!(
+            confirmed.upserted.is_empty(),
+            "east's exports did not change"
+        );
         assert_eq!(confirmed.meta.expect("meta").stale_clusters, ["west"]);
     }
 
@@ -779,8 +838,20 @@ mod tests {
         take(&mut west).expect("first");
         for i in 0..(TOMBSTONE_SLACK + 10) {
             let name = format!("tmp{i}");
-            reg.apply("east", ExportBatch { upserted: vec![service(&name, 80, 1)], ..Default::default() });
-            reg.apply("east", ExportBatch { withdrawn: vec![key_of("demo", &name)], ..Default::default() });
+            reg.apply(
+                "east",
+                ExportBatch {
+                    upserted: vec![service(&name, 80, 1)],
+                    ..Default::default()
+                },
+            );
+            reg.apply(
+                "east",
+                ExportBatch {
+                    withdrawn: vec![key_of("demo", &name)],
+                    ..Default::default()
+                },
+            );
         }
         let batch = take(&mut west).expect("catch up");
         assert!(batch.reset, "past the compaction the stream resyncs");

@@ -88,7 +88,12 @@ impl isthmus_core::xds::XdsHandler for Held {
                     let remote = svc
                         .remote
                         .iter()
-                        .map(|c| (c.cluster.clone(), c.localities.iter().map(|l| l.healthy).sum()))
+                        .map(|c| {
+                            (
+                                c.cluster.clone(),
+                                c.localities.iter().map(|l| l.healthy).sum(),
+                            )
+                        })
                         .collect();
                     held.insert(r.name.clone(), (remote, r.body.len()));
                 }
@@ -185,15 +190,26 @@ async fn a_registry_and_a_proxy_config_over_16_mib_converge_and_one_change_sends
     eventually(
         "every service, whole, at the proxy in west",
         Duration::from_secs(60),
-        || async { held.complete(PODS as u32).then_some(()) },
+        || async {
+            anyhow::ensure!(held.complete(PODS as u32), "{} bytes so far", held.bytes());
+            Ok(())
+        },
     )
     .await?;
     let proxy_bytes = held.bytes();
-    assert!(proxy_bytes > 16 << 20, "the proxy holds {proxy_bytes} bytes");
+    assert!(
+        proxy_bytes > 16 << 20,
+        "the proxy holds {proxy_bytes} bytes"
+    );
 
     // One service changes: every pod of big-7 turns unhealthy.
     let west_admin = mesh.controller_admin("west");
-    let fed_before = metric_sum(fed_admin, "isthmus_federation_registry_sent_bytes_total", &[]).await?;
+    let fed_before = metric_sum(
+        fed_admin,
+        "isthmus_federation_registry_sent_bytes_total",
+        &[],
+    )
+    .await?;
     let xds_before =
         metric_sum(west_admin, "isthmus_controller_xds_pushed_bytes_total", &[]).await?;
     let one = service(7, 0);
@@ -201,26 +217,38 @@ async fn a_registry_and_a_proxy_config_over_16_mib_converge_and_one_change_sends
     for m in batch(false, vec![one]) {
         tx.send(m).await?;
     }
-    eventually("the change at the proxy", Duration::from_secs(10), || async {
-        (held.east_healthy("big-7") == Some(0)).then_some(())
-    })
+    eventually(
+        "the change at the proxy",
+        Duration::from_secs(10),
+        || async {
+            anyhow::ensure!(held.east_healthy("big-7") == Some(0), "not yet");
+            Ok(())
+        },
+    )
     .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let fed_sent =
-        metric_sum(fed_admin, "isthmus_federation_registry_sent_bytes_total", &[]).await? - fed_before;
-    let xds_sent =
-        metric_sum(west_admin, "isthmus_controller_xds_pushed_bytes_total", &[]).await? - xds_before;
+    let fed_sent = metric_sum(
+        fed_admin,
+        "isthmus_federation_registry_sent_bytes_total",
+        &[],
+    )
+    .await?
+        - fed_before;
+    let xds_sent = metric_sum(west_admin, "isthmus_controller_xds_pushed_bytes_total", &[]).await?
+        - xds_before;
     println!(
-        "whole export {total} B, proxy config {proxy_bytes} B; one change: {fed_sent} B from the federation, {xds_sent} B to the proxy (the service is {one_size} B)"
+        "whole export {total} B, proxy config {proxy_bytes} B; one change: {fed_sent} B from the federation, {xds_sent} B pushed in west (the service is {one_size} B)"
     );
-    // West is the only other controller; the proxy the only one in west.
+    // West is the only other controller; its proxies are this one and its gateway.
+    let proxies = metric_sum(west_admin, "isthmus_controller_xds_connected_proxies", &[]).await?;
+    assert_eq!(proxies, 2.0, "the gateway and the test's proxy");
     assert!(
         fed_sent > 0.5 * one_size && fed_sent < 1.5 * one_size,
         "the federation sent {fed_sent} B for a {one_size} B service"
     );
     assert!(
-        xds_sent > 0.5 * one_size && xds_sent < 1.5 * one_size,
-        "west's controller pushed {xds_sent} B for a {one_size} B service"
+        xds_sent > 0.5 * proxies * one_size && xds_sent < 1.5 * proxies * one_size,
+        "west's controller pushed {xds_sent} B to {proxies} proxies for a {one_size} B service"
     );
     assert!(held.complete_except(7), "the other services are untouched");
     proxy.abort();

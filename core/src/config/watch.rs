@@ -112,8 +112,8 @@ impl Folder {
     /// cache is then left as it was.
     pub fn scan(&mut self) -> Result<bool, ConfigErrors> {
         let paths = yaml_files(&self.dir)?;
-        let mut changed = self.files.len() != paths.len()
-            || self.files.keys().zip(&paths).any(|(a, b)| a != b);
+        let mut changed =
+            self.files.len() != paths.len() || self.files.keys().zip(&paths).any(|(a, b)| a != b);
         let mut old = std::mem::take(&mut self.files);
         let mut next = BTreeMap::new();
         self.last_parsed = 0;
@@ -220,7 +220,15 @@ pub async fn run(
     config: watch::Sender<Arc<ConfigSet>>,
     status: watch::Sender<LoadStatus>,
 ) {
-    watch_folder(folder, last_good, config, status, RESCAN_INTERVAL, POLL_INTERVAL).await
+    watch_folder(
+        folder,
+        last_good,
+        config,
+        status,
+        RESCAN_INTERVAL,
+        POLL_INTERVAL,
+    )
+    .await
 }
 
 /// [`run`], scanning every `rescan` while watched and every `poll` when not.
@@ -236,10 +244,15 @@ async fn watch_folder(
     let watcher = watch_events(&folder.dir, tx);
     let every = if watcher.is_some() { rescan } else { poll };
     let dir = folder.dir.clone();
+    // The first scan runs at once: a change made after `initial` read the folder and before
+    // the watch above began raised no event.
+    let mut first = true;
     loop {
-        tokio::select! {
-            _ = events.recv() => tokio::time::sleep(SETTLE).await,
-            _ = tokio::time::sleep(every) => {}
+        if !std::mem::take(&mut first) {
+            tokio::select! {
+                _ = events.recv() => tokio::time::sleep(SETTLE).await,
+                _ = tokio::time::sleep(every) => {}
+            }
         }
         while events.try_recv().is_ok() {}
         if config.is_closed() {
@@ -311,8 +324,11 @@ mod tests {
         assert!(!folder.scan().expect("scan"), "nothing changed");
         assert_eq!(folder.last_parsed, 0);
 
-        std::fs::write(dir.path().join("s3.yaml"), SERVICE.replace("NAME", "renamed"))
-            .expect("write");
+        std::fs::write(
+            dir.path().join("s3.yaml"),
+            SERVICE.replace("NAME", "renamed"),
+        )
+        .expect("write");
         assert!(folder.scan().expect("scan"));
         assert_eq!(folder.last_parsed, 1, "one file changed, one parsed");
         let names: Vec<String> = folder
@@ -340,13 +356,32 @@ mod tests {
         tokio::spawn(watch_folder(folder, last, config_tx, status_tx, hour, hour));
         tokio::time::sleep(Duration::from_millis(100)).await;
         for (i, name) in ["b", "c", "d"].into_iter().enumerate() {
-            std::fs::write(dir.path().join(format!("{name}.yaml")), SERVICE.replace("NAME", name))
-                .expect("write");
+            std::fs::write(
+                dir.path().join(format!("{name}.yaml")),
+                SERVICE.replace("NAME", name),
+            )
+            .expect("write");
             tokio::time::timeout(Duration::from_secs(5), config_rx.changed())
                 .await
                 .expect("seen by its event: no timer would scan within the hour")
                 .expect("watcher alive");
             assert_eq!(config_rx.borrow_and_update().services.len(), i + 2);
         }
+    }
+
+    #[tokio::test]
+    async fn a_change_between_the_first_read_and_the_watch_is_not_missed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (folder, set, status, last) = initial(dir.path()).expect("initial");
+        std::fs::write(dir.path().join("a.yaml"), SERVICE.replace("NAME", "a")).expect("write");
+        let (config_tx, mut config_rx) = watch::channel(Arc::new(set));
+        let (status_tx, _status_rx) = watch::channel(status);
+        let hour = Duration::from_secs(3600);
+        tokio::spawn(watch_folder(folder, last, config_tx, status_tx, hour, hour));
+        tokio::time::timeout(Duration::from_secs(5), config_rx.changed())
+            .await
+            .expect("seen at once, not at the next rescan")
+            .expect("watcher alive");
+        assert_eq!(config_rx.borrow().services.len(), 1);
     }
 }
