@@ -403,6 +403,23 @@ impl Registry {
             remote: Vec::new(),
             routing: config.routing.get(&svc.key).map(Into::into),
             export_to: svc.export_to.clone(),
+            hosts: svc.hosts.clone(),
+            addresses: svc.addresses.clone(),
+            external: svc.external.as_ref().map(|e| xds::ExternalService {
+                resolution: e.resolution.as_str().to_owned(),
+                endpoints: e
+                    .endpoints
+                    .iter()
+                    .map(|ep| xds::ExternalEndpoint {
+                        address: ep.address.clone(),
+                        ports: ep
+                            .ports
+                            .iter()
+                            .map(|(n, p)| (n.clone(), u32::from(*p)))
+                            .collect(),
+                    })
+                    .collect(),
+            }),
         }
     }
 
@@ -419,7 +436,8 @@ impl Registry {
         for svc in config.services.values() {
             let selected: Vec<&WorkloadEntry> = config.selected(svc).collect();
             let local = self.local_service(&config, svc, &selected, health);
-            if config.exports.contains(&svc.key) {
+            // A service outside the mesh is reached from each cluster directly.
+            if config.exports.contains(&svc.key) && svc.external.is_none() {
                 exports.push(export_of(&local));
             }
             if !config.sidecars.is_empty() {

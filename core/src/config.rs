@@ -104,6 +104,61 @@ pub struct Service {
     /// Istio's `networking.istio.io/exportTo` annotation: the namespaces whose workloads
     /// see the service (`.` its own, `*` all, `~` none); empty means all.
     pub export_to: Vec<String>,
+    /// A ServiceEntry's hosts: further names of the service (exact, or `*.suffix`).
+    pub hosts: Vec<String>,
+    /// A ServiceEntry's addresses: IPs or CIDRs a caller may name the service by.
+    pub addresses: Vec<String>,
+    /// Set for a `MESH_EXTERNAL` ServiceEntry: outside the mesh, reached directly.
+    pub external: Option<External>,
+}
+
+/// How a `MESH_EXTERNAL` service's addresses are found (Istio's `resolution`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// The address the caller asked for.
+    None,
+    /// The endpoints' IP addresses.
+    Static,
+    /// The endpoints' names (or the host itself) resolved by DNS when connecting.
+    Dns,
+    /// As `Dns`, one name.
+    DnsRoundRobin,
+}
+
+impl Resolution {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "NONE" => Some(Resolution::None),
+            "STATIC" => Some(Resolution::Static),
+            "DNS" => Some(Resolution::Dns),
+            "DNS_ROUND_ROBIN" => Some(Resolution::DnsRoundRobin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resolution::None => "NONE",
+            Resolution::Static => "STATIC",
+            Resolution::Dns => "DNS",
+            Resolution::DnsRoundRobin => "DNS_ROUND_ROBIN",
+        }
+    }
+}
+
+/// A service outside the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct External {
+    pub resolution: Resolution,
+    pub endpoints: Vec<ExternalEndpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalEndpoint {
+    /// An IP address or a DNS name.
+    pub address: String,
+    /// Port name → the endpoint's own port number, when it differs.
+    pub ports: BTreeMap<String, u16>,
 }
 
 /// The annotation that scopes a Service's visibility, as Istio reads it.
@@ -149,6 +204,34 @@ pub struct ConfigSet {
 }
 
 impl ConfigSet {
+    /// The service `host` names, seen from `namespace`: a Kubernetes-style name of a
+    /// Service, else a ServiceEntry host (exact first, then the longest `*.` suffix).
+    pub fn service_for_host(&self, host: &str, namespace: &str) -> Option<NamespacedName> {
+        if let Some(k) = resolve_host(host, namespace).filter(|k| self.services.contains_key(k)) {
+            return Some(k);
+        }
+        let mut best: Option<(usize, &NamespacedName)> = None;
+        for svc in self.services.values() {
+            for h in &svc.hosts {
+                let score = if h == host {
+                    usize::MAX
+                } else if let Some(suffix) = h.strip_prefix('*') {
+                    if host.ends_with(suffix) && host.len() > suffix.len() {
+                        suffix.len()
+                    } else {
+                        continue;
+                    }
+                } else {
+                    continue;
+                };
+                if best.is_none_or(|(s, _)| score > s) {
+                    best = Some((score, &svc.key));
+                }
+            }
+        }
+        best.map(|(_, k)| k.clone())
+    }
+
     /// Workloads a service selects: every label of the selector must match.
     pub fn selected<'a>(
         &'a self,

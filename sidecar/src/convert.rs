@@ -123,7 +123,50 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
             label_sets: healthy.iter().map(|l| l.labels.clone()).collect(),
         });
     }
+    let addresses = msg
+        .addresses
+        .iter()
+        .map(|a| network(name, a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let external = match &msg.external {
+        None => None,
+        Some(e) => Some(isthmus_core::config::External {
+            resolution: isthmus_core::config::Resolution::parse(&e.resolution).ok_or_else(
+                || ConvertError::Field {
+                    name: name.to_owned(),
+                    field: "external.resolution",
+                    value: e.resolution.clone(),
+                },
+            )?,
+            endpoints: e
+                .endpoints
+                .iter()
+                .map(|ep| {
+                    let ports = ep
+                        .ports
+                        .iter()
+                        .map(|(n, p)| {
+                            u16::try_from(*p).map(|p| (n.clone(), p)).map_err(|_| {
+                                ConvertError::Field {
+                                    name: name.to_owned(),
+                                    field: "external.endpoints.ports",
+                                    value: p.to_string(),
+                                }
+                            })
+                        })
+                        .collect::<Result<_, _>>()?;
+                    Ok(isthmus_core::config::ExternalEndpoint {
+                        address: ep.address.clone(),
+                        ports,
+                    })
+                })
+                .collect::<Result<_, ConvertError>>()?,
+        }),
+    };
     Ok(Service {
+        hosts: msg.hosts.clone(),
+        addresses,
+        external,
         namespace: msg.namespace.clone(),
         name: msg.name.clone(),
         ports: msg
@@ -136,6 +179,26 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
         cursor: Default::default(),
         routing,
     })
+}
+
+/// An IP address or CIDR, as (network, prefix length).
+fn network(name: &str, value: &str) -> Result<(std::net::IpAddr, u8), ConvertError> {
+    let bad = || ConvertError::Field {
+        name: name.to_owned(),
+        field: "addresses",
+        value: value.to_owned(),
+    };
+    let (ip, bits) = match value.split_once('/') {
+        Some((ip, bits)) => (ip, Some(bits)),
+        None => (value, None),
+    };
+    let ip: std::net::IpAddr = ip.parse().map_err(|_| bad())?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let bits = match bits {
+        Some(b) => b.parse::<u8>().ok().filter(|b| *b <= max).ok_or_else(bad)?,
+        None => max,
+    };
+    Ok((ip, bits))
 }
 
 pub fn mesh(name: &str, body: &[u8]) -> Result<(MeshInfo, String), ConvertError> {

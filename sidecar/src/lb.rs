@@ -506,6 +506,9 @@ mod tests {
             remote: vec![rc("eu", "eu-central/a"), rc("west", "us-west/a")],
             cursor: Default::default(),
             routing: None,
+            hosts: vec![],
+            addresses: vec![],
+            external: None,
         }
     }
 

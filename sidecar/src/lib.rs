@@ -13,6 +13,7 @@ mod attempt;
 mod body;
 mod breaker;
 mod convert;
+mod egress;
 mod errors;
 mod inbound;
 pub mod ingress;

@@ -556,6 +556,18 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
     parts
         .headers
         .insert(APP_PROTOCOL, HeaderValue::from_static(app_protocol));
+    if plan.svc.external.is_some() {
+        if let Some((proto, _)) = upgrade {
+            return Err((ProxyError::UpgradeRefused(proto), service));
+        }
+        let authority = authority_rewrite.as_deref().unwrap_or(&host);
+        let resp = to_external(
+            ctx, &plan, &dest_port, authority, &path, parts, body, deadline,
+        )
+        .await
+        .map_err(|e| (e, service.clone()))?;
+        return Ok((resp, service, EXTERNAL.to_owned()));
+    }
     let uri_authority = authority_rewrite.as_deref().unwrap_or(&plan.authority);
     parts.uri = Uri::try_from(format!("http://{uri_authority}{path}"))
         .map_err(|_| (ProxyError::NoHost, service.clone()))?;
@@ -602,6 +614,63 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
     Ok((resp, service, cluster))
 }
 
+/// What responses and metrics name as the cluster of a service outside the mesh.
+const EXTERNAL: &str = "external";
+
+/// A request to a service outside the mesh (see `egress.rs`), after routing: plain HTTP
+/// with the caller's (or the route's) authority, no internal headers.
+#[allow(clippy::too_many_arguments)]
+async fn to_external(
+    ctx: &Arc<OutboundCtx>,
+    plan: &Plan,
+    port: &crate::state::Port,
+    authority: &str,
+    path: &str,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let service = plan.svc.hostname();
+    let (asked, asked_port) = split_host(authority);
+    let addrs =
+        crate::egress::addresses(&plan.svc, port, asked, asked_port.unwrap_or(port.port)).await?;
+    headers::strip_untrusted(&mut parts.headers);
+    let h2 = port.protocol == "http2" || port.protocol == "grpc";
+    let invalid = |_| ProxyError::InvalidRequest(format!("`{authority}{path}` is not a valid URI"));
+    if h2 {
+        parts.uri = Uri::try_from(format!("http://{authority}{path}")).map_err(invalid)?;
+        parts.version = Version::HTTP_2;
+    } else {
+        parts.uri = Uri::try_from(path).map_err(invalid)?;
+        parts.version = Version::HTTP_11;
+        let host = HeaderValue::from_str(authority).map_err(|_| {
+            ProxyError::InvalidRequest(format!("`{authority}` is not a valid host"))
+        })?;
+        parts.headers.insert(http::header::HOST, host);
+    }
+    let body = crate::body::boxed(crate::body::Watched::new(
+        body,
+        ctx.limits.stream_idle_timeout,
+    ));
+    let sent = crate::egress::send(
+        &service,
+        &addrs,
+        h2,
+        Request::from_parts(parts, body),
+        &ctx.drain,
+    );
+    let resp = match deadline {
+        Some(d) => tokio::time::timeout_at(d, sent)
+            .await
+            .unwrap_or(Err(ProxyError::Timeout { service }))?,
+        None => sent.await?,
+    };
+    let (mut rparts, rbody) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut rparts.headers);
+    headers::strip_untrusted(&mut rparts.headers);
+    Ok(Response::from_parts(rparts, crate::body::boxed(rbody)))
+}
+
 /// An app's `CONNECT host:port`: an opaque TCP tunnel to a port of a mesh service.
 async fn tcp_tunnel(
     ctx: &Arc<OutboundCtx>,
@@ -616,10 +685,22 @@ async fn tcp_tunnel(
     let (name, port) = split_host(&host);
     let no_route = || (ProxyError::NoRoute { host: host.clone() }, String::new());
     let mut svc = state.resolve(name).ok_or_else(no_route)?.clone();
+    let asked_port = port;
     let mut port = port
         .and_then(|p| svc.port(Some(p)))
         .ok_or_else(no_route)?
         .clone();
+    if svc.external.is_some() {
+        // Outside the mesh: TLS (or any TCP) passes through as bytes, by the host asked for.
+        let service = svc.hostname();
+        let addrs = crate::egress::addresses(&svc, &port, name, asked_port.unwrap_or(port.port))
+            .await
+            .map_err(|e| (e, service.clone()))?;
+        let resp = crate::egress::tunnel(&service, &addrs, req, &ctx.drain)
+            .await
+            .map_err(|e| (e, service.clone()))?;
+        return Ok((resp, service, EXTERNAL.to_owned()));
+    }
     // The VirtualService's `tcp[]` routes: first one for this port, weighted destination.
     let mut subset = None;
     let chosen = svc

@@ -71,6 +71,12 @@ pub enum ConnectError {
         #[source]
         source: hyper::Error,
     },
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("timed out reaching {peer}")]
     Timeout { peer: String },
     #[error("no gateway in this cluster to reach {cluster}")]

@@ -54,6 +54,12 @@ pub struct Service {
     pub cursor: std::sync::atomic::AtomicUsize,
     /// VirtualService routes and DestinationRule subsets, compiled.
     pub routing: Option<Arc<crate::routing_table::CompiledRouting>>,
+    /// A ServiceEntry's hosts (exact, or `*.suffix`); empty for a Kubernetes Service.
+    pub hosts: Vec<String>,
+    /// A ServiceEntry's addresses, as (network, prefix length).
+    pub addresses: Vec<(std::net::IpAddr, u8)>,
+    /// Set for a service outside the mesh, reached directly (see `egress.rs`).
+    pub external: Option<isthmus_core::config::External>,
 }
 
 impl Service {
@@ -69,8 +75,13 @@ impl Service {
         }
     }
 
+    /// The name the service goes by in responses and metrics: a ServiceEntry's first host,
+    /// else its Kubernetes name.
     pub fn hostname(&self) -> String {
-        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+        match self.hosts.first() {
+            Some(h) => h.clone(),
+            None => format!("{}.{}.svc.cluster.local", self.name, self.namespace),
+        }
     }
 }
 
@@ -84,11 +95,15 @@ pub struct MeshInfo {
 }
 
 /// Everything requests read.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct MeshState {
     pub services: BTreeMap<String, Arc<Service>>,
     /// Every name an app may use, to the service key.
     pub hosts: HashMap<String, String>,
+    /// ServiceEntry wildcard hosts, as (`.suffix`, service key), longest suffix first.
+    pub wildcards: Vec<(String, String)>,
+    /// ServiceEntry addresses, as (network, prefix length, service key).
+    pub networks: Vec<(std::net::IpAddr, u8, String)>,
     pub mesh: MeshInfo,
     /// Labels of this sidecar's own WorkloadEntry (for `sourceLabels`, `failoverPriority`).
     pub own_labels: Arc<BTreeMap<String, String>>,
@@ -97,15 +112,53 @@ pub struct MeshState {
 impl MeshState {
     /// Finds the service a Host header names (`name`, `name.ns`, `name.ns.svc`,
     /// `name.ns.svc.cluster.local`, `name.ns.svc.clusterset.local`).
+    /// A ServiceEntry's hosts answer too: exact, then the longest `*.` suffix, then an IP
+    /// within one of its addresses.
     pub fn resolve(&self, host: &str) -> Option<&Arc<Service>> {
-        let key = self.hosts.get(host)?;
+        if let Some(key) = self.hosts.get(host) {
+            return self.services.get(key);
+        }
+        let key = self
+            .wildcards
+            .iter()
+            .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+            .map(|(_, k)| k)
+            .or_else(|| {
+                let ip = host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .ok()?;
+                self.networks
+                    .iter()
+                    .filter(|(net, bits, _)| within(ip, *net, *bits))
+                    .max_by_key(|(_, bits, _)| *bits)
+                    .map(|(_, _, k)| k)
+            })?;
         self.services.get(key)
     }
 
     /// Rebuilds the host index.
     pub fn index(&mut self, own_namespace: &str) {
         self.hosts.clear();
+        self.wildcards.clear();
+        self.networks.clear();
         for (key, svc) in &self.services {
+            if !svc.hosts.is_empty() {
+                // A ServiceEntry answers to its hosts and addresses only, as in Istio.
+                for h in &svc.hosts {
+                    match h.strip_prefix('*') {
+                        Some(suffix) => self.wildcards.push((suffix.to_owned(), key.clone())),
+                        None => {
+                            self.hosts.insert(h.clone(), key.clone());
+                        }
+                    }
+                }
+                for (net, bits) in &svc.addresses {
+                    self.networks.push((*net, *bits, key.clone()));
+                }
+                continue;
+            }
             let (n, ns) = (&svc.name, &svc.namespace);
             for host in [
                 format!("{n}.{ns}"),
@@ -119,6 +172,9 @@ impl MeshState {
                 self.hosts.insert(n.clone(), key.clone());
             }
         }
+        // The most specific wildcard wins.
+        self.wildcards
+            .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
     }
 
     /// Reattaches outlier state to endpoints that survive a config change.
@@ -129,5 +185,25 @@ impl MeshState {
             live.extend(svc.remote.iter().map(|r| r.health.clone()));
         }
         table.retain(&live);
+    }
+}
+
+/// Whether `ip` lies in `net/bits`.
+fn within(ip: std::net::IpAddr, net: std::net::IpAddr, bits: u8) -> bool {
+    use std::net::IpAddr;
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(bits.min(32)))
+                .unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(bits.min(128)))
+                .unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
     }
 }

@@ -67,9 +67,9 @@ impl XdsHandler for Store {
                     services.extend(converted);
                     let mut next = MeshState {
                         services,
-                        hosts: Default::default(),
                         mesh: old.mesh.clone(),
                         own_labels: old.own_labels.clone(),
+                        ..Default::default()
                     };
                     next.index(&self.own_namespace);
                     next.attach_health(&self.health);
@@ -85,10 +85,8 @@ impl XdsHandler for Store {
                 });
                 if let Some(mesh) = meshes.pop() {
                     self.update(|old| MeshState {
-                        services: old.services.clone(),
-                        hosts: old.hosts.clone(),
                         mesh,
-                        own_labels: old.own_labels.clone(),
+                        ..old.clone()
                     });
                 }
                 rejected
@@ -105,10 +103,8 @@ impl XdsHandler for Store {
                     None => return rejected,
                 };
                 self.update(|old| MeshState {
-                    services: old.services.clone(),
-                    hosts: old.hosts.clone(),
-                    mesh: old.mesh.clone(),
                     own_labels: Arc::new(labels),
+                    ..old.clone()
                 });
                 rejected
             }
@@ -142,6 +138,7 @@ mod tests {
             remote: vec![],
             routing: None,
             export_to: vec![],
+            ..Default::default()
         };
         Resource {
             name: format!("demo/{name}"),

@@ -69,9 +69,12 @@ fn batch(reset: bool, services: Vec<ExportedService>) -> Vec<ExportUpdate> {
         .collect()
 }
 
-/// Per service a proxy holds: healthy endpoints per remote cluster, and resource bytes.
+/// Healthy endpoints per remote cluster, and the resource's bytes.
+type Seen = (BTreeMap<String, u32>, usize);
+
+/// Per service, what a proxy holds.
 #[derive(Default)]
-struct Held(Mutex<BTreeMap<String, (BTreeMap<String, u32>, usize)>>);
+struct Held(Mutex<BTreeMap<String, Seen>>);
 
 impl isthmus_core::xds::XdsHandler for Held {
     fn apply(

@@ -109,7 +109,7 @@ pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<Co
         if c.rejected_since(before) {
             continue; // rejected: applies nothing
         }
-        let Some(target) = resolve_host(&host, &ns).filter(|k| set.services.contains_key(k)) else {
+        let Some(target) = set.service_for_host(&host, &ns) else {
             c.fail(
                 Code::Reference,
                 "spec.host",
@@ -144,8 +144,7 @@ pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<Co
             continue; // rejected: applies nothing
         }
         for (i, host) in vs.hosts.iter().enumerate() {
-            let Some(target) = resolve_host(host, &ns).filter(|k| set.services.contains_key(k))
-            else {
+            let Some(target) = set.service_for_host(host, &ns) else {
                 c.fail(
                     Code::Reference,
                     format!("spec.hosts[{i}]"),
@@ -237,7 +236,10 @@ fn resolve_destination(
     d: &mut crate::routing::Destination,
     set: &ConfigSet,
 ) {
-    let Some(key) = resolve_host(&d.service, ns) else {
+    let Some(key) = set
+        .service_for_host(&d.service, ns)
+        .or_else(|| resolve_host(&d.service, ns))
+    else {
         c.fail(
             Code::InvalidValue,
             format!("{field}.host"),

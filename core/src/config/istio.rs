@@ -1,6 +1,6 @@
 //! Istio's networking kinds as users write them, and their conversion into
 //! [`crate::routing`]: `VirtualService` in `istio/virtual_service.rs`, `DestinationRule` in
-//! `istio/destination_rule.rs`, and here what both share (durations, percentages, counts,
+//! `istio/destination_rule.rs`, `ServiceEntry` in `istio/service_entry.rs`, and here what both share (durations, percentages, counts,
 //! gRPC status names). Fields Istio defines that Isthmus does not implement yet are parsed
 //! so that the error can name them ("not supported yet"), never silently dropped.
 
@@ -10,9 +10,11 @@ use super::validate::Checker;
 use super::Code;
 
 mod destination_rule;
+mod service_entry;
 mod virtual_service;
 
 pub use destination_rule::{destination_rule, DestinationRuleSpec};
+pub use service_entry::{service_entry, ServiceEntrySpec};
 pub use virtual_service::{virtual_service, ParsedVirtualService, VirtualServiceSpec};
 
 /// A field Istio defines that Isthmus does not implement yet: parsed, so that its error can

@@ -48,6 +48,12 @@ fn kind_of(api_version: &str, kind: &str) -> Option<&'static str> {
             | "networking.istio.io/v1alpha3",
             "Sidecar",
         ) => Some("Sidecar"),
+        (
+            "networking.istio.io/v1"
+            | "networking.istio.io/v1beta1"
+            | "networking.istio.io/v1alpha3",
+            "ServiceEntry",
+        ) => Some("ServiceEntry"),
         _ => None,
     }
 }
@@ -137,7 +143,7 @@ fn parse_document(
         return Err(ConfigError {
             code: Code::UnknownKind,
             field: "kind".into(),
-            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, Sidecar, multicluster.x-k8s.io/v1alpha1/ServiceExport, isthmus.io/v1alpha1/LocalRateLimit"),
+            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, Sidecar, ServiceEntry, multicluster.x-k8s.io/v1alpha1/ServiceExport, isthmus.io/v1alpha1/LocalRateLimit"),
             ..err
         });
     };
@@ -180,6 +186,8 @@ fn parse_document(
             .map(|s| DocumentBody::DestinationRule(Box::new(s))),
         "Sidecar" => decode::<super::sidecar::SidecarSpec>(spec, "spec")
             .map(|s| DocumentBody::Sidecar(Box::new(s))),
+        "ServiceEntry" => decode::<super::istio::ServiceEntrySpec>(spec, "spec")
+            .map(|s| DocumentBody::ServiceEntry(Box::new(s))),
         _ => decode::<ServiceExportSpec>(spec, "spec").map(|_| DocumentBody::ServiceExport),
     };
     match body {

@@ -30,6 +30,7 @@ pub enum DocumentBody {
     DestinationRule(Box<DestinationRuleSpec>),
     LocalRateLimit(LocalRateLimitSpec),
     Sidecar(Box<super::sidecar::SidecarSpec>),
+    ServiceEntry(Box<super::istio::ServiceEntrySpec>),
 }
 
 impl Document {
@@ -54,6 +55,7 @@ impl DocumentBody {
             DocumentBody::DestinationRule(_) => "DestinationRule",
             DocumentBody::LocalRateLimit(_) => "LocalRateLimit",
             DocumentBody::Sidecar(_) => "Sidecar",
+            DocumentBody::ServiceEntry(_) => "ServiceEntry",
         }
     }
 }
@@ -238,7 +240,25 @@ fn service(c: &mut Checker<'_>, spec: &ServiceSpec) -> Option<Service> {
         .get(super::EXPORT_TO_ANNOTATION)
         .map(|v| v.split(',').map(|e| e.trim().to_owned()).collect())
         .unwrap_or_default();
-    for e in &export_to {
+    let export_to = export_to_list(
+        c,
+        &format!("metadata.annotations.{}", super::EXPORT_TO_ANNOTATION),
+        &export_to,
+    );
+    Some(Service {
+        key: c.key.clone(),
+        ports,
+        selector: spec.selector.clone(),
+        export_to,
+        hosts: Vec::new(),
+        addresses: Vec::new(),
+        external: None,
+    })
+}
+
+/// Checks Istio's `exportTo` values: `.`, `*`, `~` or a namespace.
+pub(super) fn export_to_list(c: &mut Checker<'_>, field: &str, values: &[String]) -> Vec<String> {
+    for e in values {
         let ok = matches!(e.as_str(), "." | "*" | "~")
             || (!e.is_empty()
                 && e.len() <= 63
@@ -247,17 +267,12 @@ fn service(c: &mut Checker<'_>, spec: &ServiceSpec) -> Option<Service> {
         if !ok {
             c.fail(
                 Code::InvalidValue,
-                format!("metadata.annotations.{}", super::EXPORT_TO_ANNOTATION),
+                field,
                 format!("`{e}` is not `.`, `*`, `~` or a namespace"),
             );
         }
     }
-    Some(Service {
-        key: c.key.clone(),
-        ports,
-        selector: spec.selector.clone(),
-        export_to,
-    })
+    values.to_vec()
 }
 
 fn workload(c: &mut Checker<'_>, spec: &WorkloadEntrySpec) -> Option<WorkloadEntry> {
@@ -450,8 +465,57 @@ pub fn build(docs: Vec<Document>) -> Admission {
             }
             DocumentBody::VirtualService(_)
             | DocumentBody::DestinationRule(_)
-            | DocumentBody::LocalRateLimit(_) => {}
+            | DocumentBody::LocalRateLimit(_)
+            | DocumentBody::ServiceEntry(_) => {}
         }
+    }
+    // ServiceEntries after every Service, so a name clash always rejects the entry.
+    for doc in &docs {
+        let DocumentBody::ServiceEntry(spec) = &doc.body else {
+            continue;
+        };
+        let ns = doc
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        let key = NamespacedName::new(&ns, &doc.metadata.name);
+        if locations.get(&("ServiceEntry", key.clone())) != Some(&(doc.file.clone(), doc.index)) {
+            continue; // unnamed or a duplicate: already reported
+        }
+        let mut c = Checker {
+            doc,
+            key: key.clone(),
+            errors: &mut errors,
+        };
+        if let Some((file, index)) = locations.get(&("Service", key.clone())) {
+            c.fail(
+                Code::Duplicate,
+                "metadata.name",
+                format!("Service {key} ({file} document {index}) has this name; a ServiceEntry and a Service of one namespace need different names"),
+            );
+            continue;
+        }
+        let Some(admitted) = super::istio::service_entry(&mut c, &key, spec, |c, v| {
+            export_to_list(c, "spec.exportTo", v)
+        }) else {
+            continue;
+        };
+        for w in admitted.workloads {
+            if set.workloads.contains_key(&w.key) {
+                c.fail(
+                    Code::Duplicate,
+                    "spec.endpoints",
+                    format!(
+                        "WorkloadEntry {} exists; an inline endpoint would take its name",
+                        w.key
+                    ),
+                );
+                continue;
+            }
+            set.workloads.insert(w.key.clone(), w);
+        }
+        set.services.insert(key, admitted.service);
     }
     check_targets(&set, &locations, &mut errors);
     super::assemble::attach(&docs, &mut set, &mut errors);

@@ -1,0 +1,165 @@
+//! Calls to services outside the mesh (`MESH_EXTERNAL` ServiceEntries): the sidecar connects
+//! to them itself, without mTLS or tunnel, at the addresses the entry's resolution gives:
+//! its `STATIC` endpoints, its `DNS` names (or the host itself) resolved when connecting,
+//! or with `NONE` the host and port the caller asked for. HTTP goes out as HTTP/1.1 (or
+//! HTTP/2 with prior knowledge on `http2`/`grpc` ports) after VirtualService routing;
+//! `CONNECT host:port` (TLS passed through, or any TCP) is spliced as bytes.
+//!
+//! Each request opens its own connection: there is no pool for external hosts yet.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use isthmus_core::config::Resolution;
+use tokio::net::TcpStream;
+
+use crate::errors::ProxyError;
+use crate::pool::{ConnectError, ProxyBody, CONNECT_TIMEOUT};
+use crate::state::{Port, Service};
+
+/// The addresses to try for `port` of an external service, in round-robin order; `asked`
+/// is the host (without port) and `asked_port` the port the caller named.
+pub async fn addresses(
+    svc: &Service,
+    port: &Port,
+    asked: &str,
+    asked_port: u16,
+) -> Result<Vec<SocketAddr>, ProxyError> {
+    let ext = svc.external.as_ref().ok_or_else(|| ProxyError::NoRoute {
+        host: asked.to_owned(),
+    })?;
+    let service = asked.to_owned();
+    let port_of = |ep: &isthmus_core::config::ExternalEndpoint| {
+        ep.ports
+            .get(&port.name)
+            .copied()
+            .unwrap_or(port.target_port)
+    };
+    let names: Vec<(String, u16)> = match ext.resolution {
+        Resolution::None => vec![(asked.to_owned(), asked_port)],
+        _ if ext.endpoints.is_empty() => vec![(asked.to_owned(), port.target_port)],
+        _ => ext
+            .endpoints
+            .iter()
+            .map(|ep| (ep.address.clone(), port_of(ep)))
+            .collect(),
+    };
+    let mut out = Vec::new();
+    let mut last_error = None;
+    for (name, port) in names {
+        if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+            out.push(SocketAddr::new(ip, port));
+            continue;
+        }
+        match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::lookup_host((name.as_str(), port)),
+        )
+        .await
+        {
+            Ok(Ok(found)) => out.extend(found),
+            Ok(Err(e)) => last_error = Some(e),
+            Err(_) => {
+                last_error = Some(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("resolving {name} timed out"),
+                ))
+            }
+        }
+    }
+    if out.is_empty() {
+        let source = last_error.unwrap_or_else(|| std::io::Error::other("no address"));
+        return Err(ProxyError::UpstreamConnect {
+            service,
+            source: ConnectError::Resolve {
+                host: asked.to_owned(),
+                source,
+            },
+        });
+    }
+    let start = svc.cursor.fetch_add(1, Ordering::Relaxed) % out.len();
+    out.rotate_left(start);
+    Ok(out)
+}
+
+/// The first of `addrs` that accepts a connection within the connect timeout.
+pub async fn connect(service: &str, addrs: &[SocketAddr]) -> Result<TcpStream, ProxyError> {
+    let mut last = None;
+    for addr in addrs {
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                return Ok(tcp);
+            }
+            Ok(Err(source)) => {
+                last = Some(ConnectError::Tcp {
+                    addr: *addr,
+                    source,
+                })
+            }
+            Err(_) => {
+                last = Some(ConnectError::Timeout {
+                    peer: addr.to_string(),
+                })
+            }
+        }
+    }
+    Err(ProxyError::UpstreamConnect {
+        service: service.to_owned(),
+        source: last.unwrap_or(ConnectError::Timeout {
+            peer: service.to_owned(),
+        }),
+    })
+}
+
+/// Sends one request over a new connection to the first address that answers.
+pub async fn send(
+    service: &str,
+    addrs: &[SocketAddr],
+    h2: bool,
+    req: Request<ProxyBody>,
+    drain: &isthmus_core::drain::Drain,
+) -> Result<Response<Incoming>, ProxyError> {
+    let tcp = connect(service, addrs).await?;
+    let reset = |source| ProxyError::UpstreamReset {
+        service: service.to_owned(),
+        source,
+    };
+    if h2 {
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .map_err(reset)?;
+        drain.spawn(async move {
+            let _ = conn.await;
+        });
+        send.send_request(req).await.map_err(reset)
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(reset)?;
+        drain.spawn(async move {
+            let _ = conn.await;
+        });
+        send.send_request(req).await.map_err(reset)
+    }
+}
+
+/// An app's `CONNECT` to an external service: connects, answers 200, splices the bytes.
+pub async fn tunnel(
+    service: &str,
+    addrs: &[SocketAddr],
+    mut req: Request<Incoming>,
+    drain: &isthmus_core::drain::Drain,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let mut tcp = connect(service, addrs).await?;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    drain.spawn(async move {
+        let Ok(up) = on_upgrade.await else { return };
+        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(up), &mut tcp).await;
+    });
+    Ok(Response::new(crate::pool::empty_body()))
+}

@@ -1,0 +1,185 @@
+//! Istio's ServiceEntry with real sidecars: mesh-internal entries (by workloadSelector and
+//! by inline endpoints) route like Services, with mTLS to the workload's sidecar; a
+//! MESH_EXTERNAL host is reached through the calling sidecar, plain, at the address its
+//! resolution gives (a local stand-in server plays the external API), with its
+//! VirtualService applied; TLS passes through by CONNECT; unknown hosts stay refused.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use isthmus::client::AppClient;
+use isthmus_tests::{eventually, Mesh, NAMESPACE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn entry(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n{spec}"
+    )
+}
+
+/// A plain HTTP server outside the mesh, standing in for an external API.
+async fn external_api(ip: Ipv4Addr) -> anyhow::Result<isthmus::echo::Bound> {
+    isthmus::echo::build(isthmus::echo::Config {
+        listen: SocketAddr::new(IpAddr::V4(ip), 0),
+        cluster: "outside".into(),
+        workload: "external-api".into(),
+        tcp_listen: None,
+    })
+    .await
+}
+
+/// A TCP echo server outside the mesh, standing in for a TLS endpoint (bytes are bytes).
+async fn external_tcp() -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn get(
+    outbound: SocketAddr,
+    host: &str,
+    path: &str,
+) -> anyhow::Result<isthmus::client::Reply> {
+    AppClient::new().get(outbound, host, path).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_internal_service_entries_route_like_services() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east"]).await?;
+    mesh.add_workload("east", "echo-east", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    let echo_ip = mesh.workload("east", "echo-east").ip;
+    mesh.apply(
+        "east",
+        "entries.yaml",
+        &format!(
+            "{}---\n{}",
+            entry(
+                "legacy",
+                "  hosts: [legacy.corp.internal]\n  location: MESH_INTERNAL\n  resolution: STATIC\n  ports: [{number: 80, name: http, targetPort: 8080}]\n  workloadSelector: {labels: {app: echo}}\n"
+            ),
+            entry(
+                "vm",
+                &format!("  hosts: [vm.corp.internal]\n  location: MESH_INTERNAL\n  resolution: STATIC\n  ports: [{{number: 80, name: http, targetPort: 8080}}]\n  endpoints: [{{address: {echo_ip}, serviceAccount: echo}}]\n")
+            )
+        ),
+    )
+    .await?;
+    for host in ["legacy.corp.internal", "vm.corp.internal"] {
+        let answer = eventually(host, Duration::from_secs(10), || async {
+            let reply = get(outbound, host, "/hello").await?;
+            anyhow::ensure!(reply.status == 200, "status {}", reply.status);
+            reply.answer()
+        })
+        .await?;
+        assert_eq!(answer.workload, "echo-east", "{host}");
+        assert!(
+            answer.caller.ends_with("/ns/demo/sa/frontend"),
+            "mTLS from the calling sidecar: {answer:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_external_host_is_reached_through_the_sidecar_with_its_routes() -> anyhow::Result<()>
+{
+    let mut mesh = Mesh::start(&["east"]).await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    let api = external_api(Ipv4Addr::LOCALHOST).await?;
+    let tls = external_tcp().await?;
+    mesh.apply(
+        "east",
+        "external.yaml",
+        &format!(
+            "{}---\n{}---\n{}---\n{}",
+            entry(
+                "api",
+                &format!("  hosts: [api.partner.example]\n  location: MESH_EXTERNAL\n  resolution: STATIC\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  endpoints: [{{address: 127.0.0.1, ports: {{http: {}}}}}]\n", api.address.port())
+            ),
+            entry(
+                "by-dns",
+                &format!("  hosts: [dns.partner.example]\n  resolution: DNS\n  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {}}}]\n  endpoints: [{{address: localhost}}]\n", api.address.port())
+            ),
+            entry(
+                "tls",
+                &format!("  hosts: ['*.secure.example']\n  resolution: STATIC\n  ports: [{{number: 443, name: tls, protocol: TLS}}]\n  endpoints: [{{address: 127.0.0.1, ports: {{tls: {}}}}}]\n", tls.port())
+            ),
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: api, namespace: demo}\nspec:\n  hosts: [api.partner.example]\n  http:\n  - match: [{uri: {prefix: /teapot}}]\n    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}\n    route: [{destination: {host: api.partner.example}}]\n  - route: [{destination: {host: api.partner.example}}]\n    headers: {request: {set: {x-partner-key: abc}}}\n",
+        ),
+    )
+    .await?;
+
+    let answer = eventually("the external API", Duration::from_secs(10), || async {
+        let reply = get(outbound, "api.partner.example", "/v1/items?page=2").await?;
+        anyhow::ensure!(reply.status == 200, "status {}", reply.status);
+        reply.answer()
+    })
+    .await?;
+    assert_eq!(answer.workload, "external-api");
+    assert_eq!(answer.path, "/v1/items?page=2");
+    assert_eq!(
+        answer.authority, "api.partner.example",
+        "the Host the app used"
+    );
+    assert_eq!(answer.caller, "", "no mesh identity leaves the mesh");
+    assert_eq!(
+        answer.headers.get("x-partner-key").map(String::as_str),
+        Some("abc"),
+        "route headers apply"
+    );
+    assert!(
+        answer
+            .headers
+            .keys()
+            .all(|h| !h.starts_with("x-isthmus-") && h != "x-forwarded-client-cert"),
+        "internal headers stay inside: {:?}",
+        answer.headers
+    );
+    let teapot = get(outbound, "api.partner.example", "/teapot").await?;
+    assert_eq!(teapot.status, 418, "the VirtualService's fault applies");
+
+    let answer = get(outbound, "dns.partner.example", "/").await?.answer()?;
+    assert_eq!(
+        answer.workload, "external-api",
+        "resolved by DNS (localhost)"
+    );
+
+    // TLS passes through: CONNECT by name, bytes both ways.
+    let mut s = tokio::net::TcpStream::connect(outbound).await?;
+    s.write_all(
+        b"CONNECT billing.secure.example:443 HTTP/1.1\r\nHost: billing.secure.example:443\r\n\r\n",
+    )
+    .await?;
+    let mut head = [0u8; 64];
+    let n = s.read(&mut head).await?;
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s.write_all(b"\x16\x03\x01 client hello bytes").await?;
+    let mut back = [0u8; 22];
+    s.read_exact(&mut back).await?;
+    assert_eq!(&back, b"\x16\x03\x01 client hello bytes");
+
+    // A host no ServiceEntry names stays refused.
+    let unknown = get(outbound, "evil.example", "/").await?;
+    assert_eq!(
+        unknown.status,
+        404,
+        "{:?}",
+        String::from_utf8_lossy(&unknown.body)
+    );
+    Ok(())
+}
