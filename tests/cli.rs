@@ -92,7 +92,7 @@ fn validate_names_file_document_and_field_of_every_fault() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("a.yaml: document 2 (WorkloadEntry demo/echo-east): spec.address: `127.0.1.300` is not an IP address [IST0004]"), "{err}");
+    assert!(err.contains("a.yaml: document 2 (WorkloadEntry demo/echo-east): spec.address: `127.0.1.300` is not an IP address [IST0106]"), "{err}");
     assert!(err.contains("b.yaml: document 1: kind: Gateway (networking.istio.io/v1) is not a kind Isthmus reads"), "{err}");
     assert!(err.contains("2 error(s)"), "{err}");
 }
@@ -394,7 +394,7 @@ fn analyze_reports_findings_by_severity_and_fails_at_the_threshold() {
     assert!(
         stdout.contains("Warning")
             && stdout.contains("no Service named `reviews`")
-            && stdout.contains("[IST0007]"),
+            && stdout.contains("[IST0101]"),
         "{stdout}"
     );
     assert_eq!(run("Warning").status.code(), Some(79));

@@ -275,17 +275,19 @@ impl Code {
         matches!(self, Code::Reference | Code::Deprecated)
     }
 
+    /// The code as printed: Istio's analyzer code where Istio has one (`IST0101`
+    /// ReferencedResourceNotFound, `IST0106` SchemaValidationError, `IST0002` Deprecated),
+    /// so scripts written for `istioctl analyze` read these too; Isthmus's own codes for
+    /// the rest, from `IST1001`, clear of Istio's range.
     pub fn as_str(self) -> &'static str {
         match self {
-            Code::Syntax => "IST0001",
-            Code::UnknownKind => "IST0002",
-            Code::Schema => "IST0003",
-            Code::InvalidValue => "IST0004",
-            Code::Missing => "IST0005",
-            Code::Duplicate => "IST0006",
-            Code::Reference => "IST0007",
-            Code::Io => "IST0008",
-            Code::Deprecated => "IST0009",
+            Code::Schema | Code::InvalidValue | Code::Missing => "IST0106",
+            Code::Reference => "IST0101",
+            Code::Deprecated => "IST0002",
+            Code::Syntax => "IST1001",
+            Code::UnknownKind => "IST1002",
+            Code::Duplicate => "IST1003",
+            Code::Io => "IST1004",
         }
     }
 }

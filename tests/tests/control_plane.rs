@@ -141,19 +141,19 @@ async fn invalid_config_is_rejected_with_its_location_and_traffic_keeps_flowing(
         (
             "syntax",
             "apiVersion: v1\nkind: Service\nmetadata: {name: echo\n",
-            "IST0001",
+            "IST1001",
             "",
         ),
         (
             "unknown field",
             &good.replacen("selector:", "selectr:", 1),
-            "IST0003",
+            "IST0106",
             "spec.selectr",
         ),
         (
             "port out of range",
             &good.replacen("port: 80,", "port: 80000,", 1),
-            "IST0004",
+            "IST0106",
             "spec.ports[0].port",
         ),
         (
@@ -163,7 +163,7 @@ async fn invalid_config_is_rejected_with_its_location_and_traffic_keeps_flowing(
                 "apiVersion: networking.istio.io/v1\nkind: Gateway",
                 1,
             ),
-            "IST0002",
+            "IST1002",
             "kind",
         ),
     ];
