@@ -404,11 +404,12 @@ impl ProxyStream {
         let current = match (type_url, self.scope.as_deref()) {
             (isthmus_proto::type_url::WORKLOAD, own) => {
                 let own = own.unwrap_or_default();
-                scoped = all
-                    .iter()
-                    .filter(|(name, _)| name.as_str() == own)
-                    .map(|(n, v)| (n.clone(), v.clone()))
-                    .collect();
+                scoped = match all.get(own) {
+                    Some(w) => [(own.to_owned(), w.clone())].into(),
+                    // A proxy with no WorkloadEntry still learns what the Sidecar of its
+                    // namespace says about hosts outside the registry.
+                    None => unlisted_workload(snapshot, own).into_iter().collect(),
+                };
                 &scoped
             }
             // Without exportTo or Sidecars every service is for everyone: nothing to copy.
@@ -441,7 +442,11 @@ impl ProxyStream {
                             .is_some_and(|own| own.contains(*name));
                         exported
                             && (serves
-                                || scope.is_none_or(|s| s.allows(&NamespacedName::new(owner, svc))))
+                                || scope.is_none_or(|s| {
+                                    let hosts =
+                                        snapshot.hosts.get(*name).map(Vec::as_slice).unwrap_or(&[]);
+                                    s.allows(&NamespacedName::new(owner, svc), hosts)
+                                }))
                     })
                     .map(|(n, v)| (n.clone(), v.clone()))
                     .collect();
@@ -519,4 +524,24 @@ impl ProxyStream {
         }
         Ok(())
     }
+}
+
+/// The Workload resource of a sidecar whose workload has no WorkloadEntry, when there is
+/// something to tell it: `ALLOW_ANY` from the Sidecar of its namespace (it has no labels for
+/// a selector to pick).
+fn unlisted_workload(snapshot: &Snapshot, own: &str) -> Option<(String, (String, bytes::Bytes))> {
+    let (namespace, _) = own.split_once('/')?;
+    let scope =
+        isthmus_core::config::sidecar::scope_for(&snapshot.sidecars, namespace, &BTreeMap::new())?;
+    if !scope.allow_any {
+        return None;
+    }
+    let msg = isthmus_proto::discovery::Workload {
+        name: own.to_owned(),
+        allow_any: true,
+        ..Default::default()
+    };
+    let body = prost::Message::encode_to_vec(&msg);
+    let version = format!("unlisted-{}", scope.key);
+    Some((own.to_owned(), (version, bytes::Bytes::from(body))))
 }

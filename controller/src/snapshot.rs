@@ -36,6 +36,8 @@ pub struct Snapshot {
     /// The services each workload serves: its proxy is always pushed them (a Sidecar's
     /// egress narrows what it calls, not what it serves).
     pub serves: BTreeMap<NamespacedName, std::collections::BTreeSet<String>>,
+    /// ServiceEntries' hosts, which a Sidecar's egress hosts match instead of the name.
+    pub hosts: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -458,6 +460,12 @@ impl Registry {
                     name: w.key.to_string(),
                     labels: w.labels.clone(),
                     locality: Some(locality(w)),
+                    allow_any: isthmus_core::config::sidecar::scope_for(
+                        &config.sidecars,
+                        &w.key.namespace,
+                        &w.labels,
+                    )
+                    .is_some_and(|s| s.allow_any),
                 };
                 (w.key.to_string(), encode(&msg))
             })
@@ -573,6 +581,9 @@ impl Registry {
                 .filter(|to| !to.is_empty());
             if let Some(to) = export_to {
                 snapshot.export_to.insert(name.clone(), to.clone());
+            }
+            if let Some(l) = l.filter(|l| !l.hosts.is_empty()) {
+                snapshot.hosts.insert(name.clone(), l.hosts.clone());
             }
             svc_map.insert(name.clone(), entry.resource.clone());
             kept.insert(name.clone(), entry);

@@ -392,7 +392,10 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
     req.headers_mut().remove("http2-settings");
     let (name, port) = split_host(&host);
     let no_route = || (ProxyError::NoRoute { host: host.clone() }, String::new());
-    let svc = state.resolve(name).ok_or_else(no_route)?.clone();
+    let svc = match state.resolve(name) {
+        Some(svc) => svc.clone(),
+        None => state.passthrough(port, false).ok_or_else(no_route)?,
+    };
     let port = svc.port(port).ok_or_else(no_route)?.clone();
     let (mut parts, body) = req.into_parts();
     headers::strip_untrusted(&mut parts.headers);
@@ -684,7 +687,10 @@ async fn tcp_tunnel(
         .ok_or((ProxyError::NoHost, String::new()))?;
     let (name, port) = split_host(&host);
     let no_route = || (ProxyError::NoRoute { host: host.clone() }, String::new());
-    let mut svc = state.resolve(name).ok_or_else(no_route)?.clone();
+    let mut svc = match state.resolve(name) {
+        Some(svc) => svc.clone(),
+        None => state.passthrough(port, true).ok_or_else(no_route)?,
+    };
     let asked_port = port;
     let mut port = port
         .and_then(|p| svc.port(Some(p)))

@@ -85,6 +85,9 @@ impl Service {
     }
 }
 
+/// How responses and metrics name a host passed through under `ALLOW_ANY`, as Istio does.
+pub const PASSTHROUGH: &str = "PassthroughCluster";
+
 /// Facts about this sidecar's cluster.
 #[derive(Debug, Clone, Default)]
 pub struct MeshInfo {
@@ -107,6 +110,9 @@ pub struct MeshState {
     pub mesh: MeshInfo,
     /// Labels of this sidecar's own WorkloadEntry (for `sourceLabels`, `failoverPriority`).
     pub own_labels: Arc<BTreeMap<String, String>>,
+    /// Istio's `ALLOW_ANY`: a host outside the registry passes through (see
+    /// [`MeshState::passthrough`]); otherwise it is refused.
+    pub allow_any: bool,
 }
 
 impl MeshState {
@@ -136,6 +142,36 @@ impl MeshState {
                     .map(|(_, _, k)| k)
             })?;
         self.services.get(key)
+    }
+
+    /// Under `ALLOW_ANY`, what a host outside the registry is: a service outside the mesh
+    /// reached at the address asked for (Istio's `PassthroughCluster`, by which name it
+    /// shows in metrics, so unknown hosts never become labels).
+    pub fn passthrough(&self, port: Option<u16>, connect: bool) -> Option<Arc<Service>> {
+        if !self.allow_any {
+            return None;
+        }
+        let port = port.unwrap_or(80);
+        Some(Arc::new(Service {
+            namespace: String::new(),
+            name: PASSTHROUGH.to_owned(),
+            ports: vec![Port {
+                name: "passthrough".into(),
+                port,
+                protocol: if connect { "tcp" } else { "http" }.into(),
+                target_port: port,
+            }],
+            endpoints: Vec::new(),
+            remote: Vec::new(),
+            cursor: Default::default(),
+            routing: None,
+            hosts: vec![PASSTHROUGH.to_owned()],
+            addresses: Vec::new(),
+            external: Some(isthmus_core::config::External {
+                resolution: isthmus_core::config::Resolution::None,
+                endpoints: Vec::new(),
+            }),
+        }))
     }
 
     /// Rebuilds the host index.

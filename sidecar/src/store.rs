@@ -94,16 +94,17 @@ impl XdsHandler for Store {
             type_url::WORKLOAD => {
                 let (mut workloads, rejected) = Rejected::sort(updated, |r| {
                     isthmus_proto::discovery::Workload::decode(r.body.as_slice())
-                        .map(|w| w.labels)
+                        .map(|w| (w.labels, w.allow_any))
                         .map_err(|e| format!("cannot decode: {e}"))
                 });
-                let labels = match workloads.pop() {
-                    Some(labels) => labels,
-                    None if !removed.is_empty() => BTreeMap::new(),
+                let (labels, allow_any) = match workloads.pop() {
+                    Some(own) => own,
+                    None if !removed.is_empty() => (BTreeMap::new(), false),
                     None => return rejected,
                 };
                 self.update(|old| MeshState {
                     own_labels: Arc::new(labels),
+                    allow_any,
                     ..old.clone()
                 });
                 rejected

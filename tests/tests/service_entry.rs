@@ -183,3 +183,67 @@ async fn a_mesh_external_host_is_reached_through_the_sidecar_with_its_routes() -
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_any_passes_unknown_hosts_through_for_the_workloads_its_sidecar_selects(
+) -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east"]).await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    mesh.add_workload("east", "locked", None, "frontend")
+        .await?;
+    let open = mesh.workload("east", "client").outbound();
+    let locked = mesh.workload("east", "locked").outbound();
+    let api = external_api(Ipv4Addr::LOCALHOST).await?;
+    let tcp = external_tcp().await?;
+    let unknown = format!("localhost:{}", api.address.port());
+    assert_eq!(
+        get(open, &unknown, "/").await?.status,
+        404,
+        "REGISTRY_ONLY by default"
+    );
+
+    // A namespace-wide Sidecar allows any host; `locked` has a WorkloadEntry that a Sidecar
+    // of its own selects, which keeps REGISTRY_ONLY.
+    let locked_ip = mesh.workload("east", "locked").ip;
+    mesh.apply(
+        "east",
+        "sidecars.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: {NAMESPACE}}}\nspec:\n  egress: [{{hosts: ['./*']}}]\n  outboundTrafficPolicy: {{mode: ALLOW_ANY}}\n---\n\
+apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: locked, namespace: {NAMESPACE}}}\nspec:\n  workloadSelector: {{labels: {{app: locked}}}}\n  egress: [{{hosts: ['./*']}}]\n  outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}\n---\n\
+apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: locked, namespace: {NAMESPACE}}}\nspec: {{address: {locked_ip}, labels: {{app: locked}}, serviceAccount: frontend}}\n"
+        ),
+    )
+    .await?;
+    let answer = eventually("passthrough", Duration::from_secs(10), || async {
+        let reply = get(open, &unknown, "/anything").await?;
+        anyhow::ensure!(reply.status == 200, "status {}", reply.status);
+        reply.answer()
+    })
+    .await?;
+    assert_eq!(answer.workload, "external-api");
+    assert_eq!(answer.authority, unknown, "the host asked for, untouched");
+    let mut s = tokio::net::TcpStream::connect(open).await?;
+    s.write_all(
+        format!(
+            "CONNECT 127.0.0.1:{0} HTTP/1.1\r\nHost: 127.0.0.1:{0}\r\n\r\n",
+            tcp.port()
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut head = [0u8; 64];
+    let n = s.read(&mut head).await?;
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    s.write_all(b"ping").await?;
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).await?;
+    assert_eq!(&back, b"ping");
+    assert_eq!(
+        get(locked, &unknown, "/").await?.status,
+        404,
+        "not selected: still refused"
+    );
+    Ok(())
+}

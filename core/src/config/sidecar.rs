@@ -65,23 +65,39 @@ pub struct SidecarScope {
     /// Empty: every workload of its namespace (or, in the root namespace, of the mesh).
     pub selector: BTreeMap<String, String>,
     pub egress: Vec<HostPattern>,
+    /// `outboundTrafficPolicy.mode: ALLOW_ANY`: hosts outside the registry pass through.
+    pub allow_any: bool,
 }
 
 impl SidecarScope {
-    /// Whether a proxy under this scope is pushed `service`.
-    pub fn allows(&self, service: &NamespacedName) -> bool {
-        let fqdn = format!("{}.{}.svc.cluster.local", service.name, service.namespace);
+    /// Whether a proxy under this scope is pushed `service`, known by `hosts` if it is a
+    /// ServiceEntry, else by its Kubernetes name.
+    pub fn allows(&self, service: &NamespacedName, hosts: &[String]) -> bool {
+        if hosts.is_empty() {
+            let fqdn = format!("{}.{}.svc.cluster.local", service.name, service.namespace);
+            return self.allows_host(&service.namespace, &fqdn);
+        }
+        hosts
+            .iter()
+            .any(|h| self.allows_host(&service.namespace, h))
+    }
+
+    fn allows_host(&self, namespace: &str, fqdn: &str) -> bool {
         self.egress.iter().any(|p| {
             let ns = match p.namespace.as_str() {
                 "*" => true,
                 "~" => false,
-                ns => ns == service.namespace,
+                ns => ns == namespace,
             };
             let host = match p.host.as_str() {
                 "*" => true,
-                h => match h.strip_prefix("*.") {
-                    Some(suffix) => fqdn.ends_with(&format!(".{suffix}")),
-                    None => h == fqdn,
+                h => match (h.strip_prefix("*."), fqdn.strip_prefix("*.")) {
+                    // A wildcard entry is allowed by a pattern that covers all of it.
+                    (Some(suffix), Some(entry)) => {
+                        entry == suffix || entry.ends_with(&format!(".{suffix}"))
+                    }
+                    (Some(suffix), None) => fqdn.ends_with(&format!(".{suffix}")),
+                    (None, _) => h == fqdn,
                 },
             };
             ns && host
@@ -124,12 +140,7 @@ pub(super) fn sidecar(
     if let Some(p) = &spec.outbound_traffic_policy {
         unsupported(c, "spec.outboundTrafficPolicy.egressProxy", &p.egress_proxy);
         match p.mode.as_deref() {
-            None | Some("REGISTRY_ONLY") => {}
-            Some("ALLOW_ANY") => c.fail(
-                Code::Schema,
-                "spec.outboundTrafficPolicy.mode",
-                "ALLOW_ANY is not supported yet: hosts outside the registry are refused, as under REGISTRY_ONLY",
-            ),
+            None | Some("REGISTRY_ONLY") | Some("ALLOW_ANY") => {}
             Some(other) => c.fail(
                 Code::InvalidValue,
                 "spec.outboundTrafficPolicy.mode",
@@ -178,6 +189,10 @@ pub(super) fn sidecar(
             .map(|s| s.labels.clone())
             .unwrap_or_default(),
         egress,
+        allow_any: spec
+            .outbound_traffic_policy
+            .as_ref()
+            .is_some_and(|p| p.mode.as_deref() == Some("ALLOW_ANY")),
     }
 }
 
@@ -196,6 +211,7 @@ mod tests {
                     host: (*h).into(),
                 })
                 .collect(),
+            allow_any: false,
         }
     }
 
@@ -204,11 +220,26 @@ mod tests {
         let reviews = NamespacedName::new("demo", "reviews");
         let ratings = NamespacedName::new("other", "ratings");
         let own = scope(&[("demo", "*")]);
-        assert!(own.allows(&reviews) && !own.allows(&ratings));
+        assert!(own.allows(&reviews, &[]) && !own.allows(&ratings, &[]));
         let exact = scope(&[("*", "ratings.other.svc.cluster.local")]);
-        assert!(exact.allows(&ratings) && !exact.allows(&reviews));
+        assert!(exact.allows(&ratings, &[]) && !exact.allows(&reviews, &[]));
         let suffix = scope(&[("other", "*.other.svc.cluster.local")]);
-        assert!(suffix.allows(&ratings) && !suffix.allows(&reviews));
-        assert!(!scope(&[("~", "*")]).allows(&reviews));
+        assert!(suffix.allows(&ratings, &[]) && !suffix.allows(&reviews, &[]));
+        assert!(!scope(&[("~", "*")]).allows(&reviews, &[]));
+    }
+
+    #[test]
+    fn egress_hosts_match_a_service_entry_by_its_hosts() {
+        let api = NamespacedName::new("demo", "partner-api");
+        let hosts = ["api.partner.example".to_string()];
+        assert!(scope(&[("demo", "api.partner.example")]).allows(&api, &hosts));
+        assert!(scope(&[("*", "*.partner.example")]).allows(&api, &hosts));
+        assert!(
+            !scope(&[("demo", "partner-api.demo.svc.cluster.local")]).allows(&api, &hosts),
+            "an entry is known by its hosts, not a Kubernetes name"
+        );
+        let wildcard = ["*.secure.example".to_string()];
+        assert!(scope(&[("demo", "*.example")]).allows(&api, &wildcard));
+        assert!(!scope(&[("demo", "billing.secure.example")]).allows(&api, &wildcard));
     }
 }
