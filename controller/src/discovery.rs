@@ -414,7 +414,9 @@ impl ProxyStream {
             }
             // Without exportTo or Sidecars every service is for everyone: nothing to copy.
             (isthmus_proto::type_url::SERVICE, Some(own))
-                if !snapshot.export_to.is_empty() || !snapshot.sidecars.is_empty() =>
+                if !snapshot.export_to.is_empty()
+                    || !snapshot.sidecars.is_empty()
+                    || !snapshot.views.is_empty() =>
             {
                 let workload = own
                     .split_once('/')
@@ -448,7 +450,15 @@ impl ProxyStream {
                                     s.allows(&NamespacedName::new(owner, svc), hosts)
                                 }))
                     })
-                    .map(|(n, v)| (n.clone(), v.clone()))
+                    .map(|(n, v)| {
+                        // A VirtualService or DestinationRule exported to some namespaces
+                        // only: this namespace's view.
+                        let view = snapshot
+                            .views
+                            .get(n)
+                            .and_then(|views| views.for_namespace(&workload.namespace));
+                        (n.clone(), view.unwrap_or(v).clone())
+                    })
                     .collect();
                 &scoped
             }

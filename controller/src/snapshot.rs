@@ -38,6 +38,30 @@ pub struct Snapshot {
     pub serves: BTreeMap<NamespacedName, std::collections::BTreeSet<String>>,
     /// ServiceEntries' hosts, which a Sidecar's egress hosts match instead of the name.
     pub hosts: BTreeMap<String, Vec<String>>,
+    /// Services whose VirtualService or DestinationRule is exported to some namespaces
+    /// only: each view of the service, for the proxies of the namespaces that have it.
+    pub views: BTreeMap<String, Arc<ScopedViews>>,
+}
+
+/// The encodings of a service as namespaces see it, when its VirtualService or
+/// DestinationRule has an `exportTo`.
+#[derive(Debug, PartialEq)]
+pub struct ScopedViews {
+    pub virtual_service: Option<isthmus_core::routing::Scope>,
+    pub destination_rule: Option<isthmus_core::routing::Scope>,
+    /// By (VirtualService visible, DestinationRule visible).
+    pub encoded: BTreeMap<(bool, bool), (String, Bytes)>,
+}
+
+impl ScopedViews {
+    /// The encoding a proxy of `namespace` is pushed.
+    pub fn for_namespace(&self, namespace: &str) -> Option<&(String, Bytes)> {
+        let sees = |s: &Option<isthmus_core::routing::Scope>| {
+            s.as_ref().is_none_or(|s| s.visible_from(namespace))
+        };
+        self.encoded
+            .get(&(sees(&self.virtual_service), sees(&self.destination_rule)))
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -98,6 +122,7 @@ struct Encoded {
     generation: u64,
     global: Option<Arc<fed::GlobalService>>,
     resource: (String, Bytes),
+    views: Option<Arc<ScopedViews>>,
 }
 
 /// Work kept between rebuilds, so a change costs what it touches: a change in another
@@ -128,6 +153,35 @@ fn version_of(bytes: &[u8]) -> String {
 fn encode(msg: &impl Message) -> (String, Bytes) {
     let buf = msg.encode_to_vec();
     (version_of(&buf), Bytes::from(buf))
+}
+
+/// Every view of a service whose routing is exported to some namespaces only.
+fn scoped_views(
+    merged: &xds::Service,
+    routing: &isthmus_core::routing::ServiceRouting,
+) -> ScopedViews {
+    let mut encoded = BTreeMap::new();
+    for vs in [true, false] {
+        for dr in [true, false] {
+            let mut view = routing.clone();
+            if !vs {
+                view.http.clear();
+                view.tcp.clear();
+            }
+            if !dr {
+                view.subsets.clear();
+                view.policy = Default::default();
+            }
+            let mut svc = merged.clone();
+            svc.routing = Some((&view).into());
+            encoded.insert((vs, dr), encode(&svc));
+        }
+    }
+    ScopedViews {
+        virtual_service: routing.virtual_service_scope.clone(),
+        destination_rule: routing.destination_rule_scope.clone(),
+        encoded,
+    }
 }
 
 /// What the federation is told of a local service: healthy endpoints per locality and
@@ -570,11 +624,22 @@ impl Registry {
                         _ => false,
                     }
             });
-            let entry = reusable.unwrap_or_else(|| Encoded {
-                generation: local.generation,
-                global: g.cloned(),
-                resource: encode(&self.merged_service(l, g.map(|g| &**g))),
+            let entry = reusable.unwrap_or_else(|| {
+                let merged = self.merged_service(l, g.map(|g| &**g));
+                let routing = name
+                    .split_once('/')
+                    .and_then(|(ns, n)| local.config.routing.get(&NamespacedName::new(ns, n)))
+                    .filter(|r| l.is_some() && r.is_scoped());
+                Encoded {
+                    generation: local.generation,
+                    global: g.cloned(),
+                    resource: encode(&merged),
+                    views: routing.map(|r| Arc::new(scoped_views(&merged, r))),
+                }
             });
+            if let Some(v) = &entry.views {
+                snapshot.views.insert(name.clone(), v.clone());
+            }
             let export_to = l
                 .map(|l| &l.export_to)
                 .or(g.map(|g| &g.export_to))

@@ -299,9 +299,58 @@ pub struct ServiceRouting {
     /// `tcp[]` routes of the VirtualService; first match wins.
     #[serde(default)]
     pub tcp: Vec<TcpRoute>,
+    /// The VirtualService's `exportTo`, when it narrows who sees its routes. Not pushed:
+    /// the controller pushes each proxy the view of its namespace.
+    #[serde(skip)]
+    pub virtual_service_scope: Option<Scope>,
+    /// The DestinationRule's `exportTo`, likewise.
+    #[serde(skip)]
+    pub destination_rule_scope: Option<Scope>,
+}
+
+/// Who sees a VirtualService or DestinationRule: Istio's `exportTo`, read from the
+/// namespace the object lives in (`.` is that namespace).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    pub namespace: String,
+    pub export_to: Vec<String>,
+}
+
+impl Scope {
+    pub fn visible_from(&self, namespace: &str) -> bool {
+        crate::config::visible(&self.export_to, &self.namespace, namespace)
+    }
 }
 
 impl ServiceRouting {
+    /// What a caller in `namespace` sees: without the routes of a VirtualService, or the
+    /// subsets and policy of a DestinationRule, that is not exported to it.
+    pub fn seen_from(&self, namespace: &str) -> ServiceRouting {
+        let mut view = self.clone();
+        if self
+            .virtual_service_scope
+            .as_ref()
+            .is_some_and(|s| !s.visible_from(namespace))
+        {
+            view.http.clear();
+            view.tcp.clear();
+        }
+        if self
+            .destination_rule_scope
+            .as_ref()
+            .is_some_and(|s| !s.visible_from(namespace))
+        {
+            view.subsets.clear();
+            view.policy = TrafficPolicy::default();
+        }
+        view
+    }
+
+    /// Whether what callers see depends on their namespace.
+    pub fn is_scoped(&self) -> bool {
+        self.virtual_service_scope.is_some() || self.destination_rule_scope.is_some()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.http.is_empty()
             && self.subsets.is_empty()

@@ -755,3 +755,84 @@ async fn a_sidecar_resource_limits_what_its_proxies_are_pushed() -> anyhow::Resu
     t2.abort();
     Ok(())
 }
+
+/// Per service a proxy is pushed: (HTTP routes, subsets) of its routing.
+#[derive(Default)]
+struct Routes(std::sync::Mutex<std::collections::BTreeMap<String, (usize, usize)>>);
+
+impl isthmus_core::xds::XdsHandler for Routes {
+    fn apply(
+        &self,
+        _type_url: &str,
+        updated: &[isthmus_proto::discovery::Resource],
+        removed: &[String],
+    ) -> Vec<isthmus_core::xds::Rejected> {
+        use prost::Message;
+        let mut held = self.0.lock().expect("lock");
+        for r in updated {
+            if let Ok(svc) = isthmus_proto::discovery::Service::decode(r.body.as_slice()) {
+                let routing = svc.routing.unwrap_or_default();
+                held.insert(r.name.clone(), (routing.http.len(), routing.subsets.len()));
+            }
+        }
+        for r in removed {
+            held.remove(r);
+        }
+        Vec::new()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtual_services_and_destination_rules_reach_only_the_namespaces_they_are_exported_to(
+) -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east"]).await?;
+    mesh.apply("east", "echo.yaml", &isthmus_tests::service_yaml("echo"))
+        .await?;
+    // The VirtualService stays in its own namespace; the DestinationRule is for `other`.
+    mesh.apply(
+        "east",
+        "routing.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: echo, namespace: demo}\nspec:\n  hosts: [echo]\n  exportTo: [.]\n  http:\n  - fault: {abort: {httpStatus: 418, percentage: {value: 100}}}\n    route: [{destination: {host: echo}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: demo}\nspec:\n  host: echo\n  exportTo: [other]\n  subsets: [{name: v1, labels: {version: v1}}]\n",
+    )
+    .await?;
+    let mut tasks = Vec::new();
+    for (ns, expected) in [("demo", (1, 0)), ("other", (0, 1)), ("third", (0, 0))] {
+        let channel = mesh.controller_channel_in("east", ns, "watcher").await?;
+        let routes = std::sync::Arc::new(Routes::default());
+        let client = isthmus_core::xds::XdsClient {
+            channel,
+            node: isthmus_proto::discovery::Node {
+                cluster: "east".into(),
+                role: "sidecar".into(),
+                workload: format!("{ns}/watcher"),
+                ..Default::default()
+            },
+            types: vec![isthmus_proto::type_url::SERVICE],
+            handler: routes.clone(),
+            health: None,
+            first_config: None,
+        };
+        tasks.push(tokio::spawn(client.run()));
+        eventually(
+            &format!("{ns}'s view of demo/echo"),
+            Duration::from_secs(10),
+            || async {
+                let seen = routes.0.lock().expect("lock").get("demo/echo").copied();
+                anyhow::ensure!(seen == Some(expected), "{ns} sees {seen:?}");
+                Ok(())
+            },
+        )
+        .await?;
+    }
+    // A bad exportTo rejects the object, named.
+    let err = isthmus_core::config::load_files(&[isthmus_core::config::SourceFile {
+        name: "bad.yaml".into(),
+        contents: "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: echo, namespace: demo}\nspec:\n  hosts: [echo]\n  exportTo: [Not_A_Namespace]\n  http: [{route: [{destination: {host: echo}}]}]\n".into(),
+    }])
+    .expect_err("invalid");
+    assert!(err.to_string().contains("spec.exportTo"), "{err}");
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}

@@ -106,6 +106,7 @@ pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<Co
         let mut c = Checker::new(doc, NamespacedName::new(&ns, &doc.metadata.name), errors);
         let before = c.mark();
         let (host, subsets, lb) = istio::destination_rule(&mut c, spec);
+        let export_to = super::validate::export_to_list(&mut c, "spec.exportTo", &spec.export_to);
         if c.rejected_since(before) {
             continue; // rejected: applies nothing
         }
@@ -128,6 +129,12 @@ pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<Co
         }
         r.subsets = subsets;
         r.policy = lb;
+        if !export_to.is_empty() {
+            r.destination_rule_scope = Some(crate::routing::Scope {
+                namespace: ns.clone(),
+                export_to,
+            });
+        }
     }
     for doc in docs {
         let DocumentBody::VirtualService(spec) = &doc.body else {
@@ -140,6 +147,7 @@ pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<Co
             continue;
         };
         resolve_destinations(&mut c, &ns, &mut vs, set);
+        super::validate::export_to_list(&mut c, "spec.exportTo", &spec.export_to);
         if c.rejected_since(before) {
             continue; // rejected: applies nothing
         }
@@ -163,6 +171,12 @@ pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<Co
             }
             r.http = vs.http.clone();
             r.tcp = vs.tcp.clone();
+            if !spec.export_to.is_empty() {
+                r.virtual_service_scope = Some(crate::routing::Scope {
+                    namespace: ns.clone(),
+                    export_to: spec.export_to.clone(),
+                });
+            }
         }
     }
     for doc in docs {

@@ -5,7 +5,9 @@
 //! The folder is watched by events (inotify through the `notify` crate). An event starts a
 //! scan that stats every file and reads and parses only those whose size, modification
 //! time or inode changed (a Kubernetes ConfigMap's symlink swap changes the inode the link
-//! resolves to), so an edit costs one file's parse, not the folder's. Admission itself
+//! resolves to), so an edit costs one file's parse, not the folder's. A file changed less
+//! than [`STABLE`] ago is read again until it has been left alone that long, so a file
+//! caught between its truncation and its write never applies empty. Admission itself
 //! (cross-object checks, routing assembly) still runs over the whole set. A slow scan runs
 //! every [`RESCAN_INTERVAL`] as well, for events lost to a full inotify queue; where the
 //! folder cannot be watched at all (no inotify, out of watches) it is polled every
@@ -27,9 +29,15 @@ use super::{ConfigError, ConfigErrors, ConfigSet};
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the folder is scanned anyway while it is watched.
 pub const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
-/// After an event, further events within this window join the same scan (an editor's or
+/// After an event, the scan waits until no event came for this long (an editor's or
 /// `kubectl cp`'s write, rename and chmod are one change).
 const SETTLE: Duration = Duration::from_millis(20);
+/// A changed file is applied only once its content has been left alone this long: a file
+/// caught between its truncation and its write would otherwise apply as empty, taking its
+/// objects away for a moment. Bounded by [`STABLE_WAIT`].
+const STABLE: Duration = Duration::from_millis(50);
+/// Longest wait for changed files to settle; past it they apply as they are.
+const STABLE_WAIT: Duration = Duration::from_secs(1);
 /// A file modified this recently is read again on every scan even if its stamp looks
 /// unchanged: two writes within one timestamp tick can leave size and time equal.
 const RACY: Duration = Duration::from_secs(2);
@@ -96,6 +104,8 @@ pub struct Folder {
     files: BTreeMap<PathBuf, CachedFile>,
     /// Files read (and parsed) by the last scan, for tests and logs.
     pub last_parsed: usize,
+    /// The latest modification time among the files the last scan read anew.
+    newest: Option<SystemTime>,
 }
 
 impl Folder {
@@ -104,6 +114,7 @@ impl Folder {
             dir: dir.to_owned(),
             files: BTreeMap::new(),
             last_parsed: 0,
+            newest: None,
         }
     }
 
@@ -117,6 +128,7 @@ impl Folder {
         let mut old = std::mem::take(&mut self.files);
         let mut next = BTreeMap::new();
         self.last_parsed = 0;
+        self.newest = None;
         for path in paths {
             match self.read(&path, old.remove(&path)) {
                 Ok((file, parsed)) => {
@@ -131,6 +143,23 @@ impl Folder {
             }
         }
         self.files = next;
+        Ok(changed)
+    }
+
+    /// Scans until the files it read anew have been left alone for [`STABLE`] (at most
+    /// [`STABLE_WAIT`]); blocks the calling thread while it waits. True when anything
+    /// changed since the scan before.
+    fn scan_until_stable(&mut self) -> Result<bool, ConfigErrors> {
+        let started = std::time::Instant::now();
+        let mut changed = self.scan()?;
+        while let Some(age) = self
+            .newest
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .filter(|age| *age < STABLE && started.elapsed() < STABLE_WAIT)
+        {
+            std::thread::sleep(STABLE - age);
+            changed |= self.scan()?;
+        }
         Ok(changed)
     }
 
@@ -151,6 +180,7 @@ impl Folder {
             return Ok((CachedFile { stamp, ..c }, false));
         }
         self.last_parsed += 1;
+        self.newest = self.newest.max(Some(stamp.modified));
         let parsed = parse_file(&SourceFile {
             name: path.display().to_string(),
             contents: contents.clone(),
@@ -250,7 +280,16 @@ async fn watch_folder(
     loop {
         if !std::mem::take(&mut first) {
             tokio::select! {
-                _ = events.recv() => tokio::time::sleep(SETTLE).await,
+                _ = events.recv() => {
+                    // Until the events stop: a burst of writes is one change.
+                    let quiet = tokio::time::Instant::now() + STABLE_WAIT;
+                    loop {
+                        tokio::time::sleep(SETTLE).await;
+                        if events.try_recv().is_err() || tokio::time::Instant::now() > quiet {
+                            break;
+                        }
+                    }
+                }
                 _ = tokio::time::sleep(every) => {}
             }
         }
@@ -259,7 +298,7 @@ async fn watch_folder(
             return;
         }
         let scanned = tokio::task::spawn_blocking(move || {
-            let changed = folder.scan();
+            let changed = folder.scan_until_stable();
             (folder, changed)
         })
         .await;
@@ -383,5 +422,32 @@ mod tests {
             .expect("seen at once, not at the next rescan")
             .expect("watcher alive");
         assert_eq!(config_rx.borrow().services.len(), 1);
+    }
+
+    #[test]
+    fn a_file_caught_between_truncation_and_write_is_read_once_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.yaml");
+        std::fs::write(&path, SERVICE.replace("NAME", "a")).expect("write");
+        let mut folder = Folder::new(dir.path());
+        folder.scan().expect("scan");
+        // A writer that truncates, is held up for 30 ms, then writes.
+        std::fs::write(&path, "").expect("truncate");
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(30));
+                std::fs::write(&path, SERVICE.replace("NAME", "b")).expect("write");
+            })
+        };
+        folder.scan_until_stable().expect("scan");
+        writer.join().expect("writer");
+        let names: Vec<String> = folder
+            .parsed()
+            .documents
+            .iter()
+            .map(|d| d.metadata.name.clone())
+            .collect();
+        assert_eq!(names, ["b"], "the empty moment never applied");
     }
 }

@@ -632,6 +632,8 @@ impl TryFrom<pb::ServiceRouting> for ServiceRouting {
             })
             .collect::<Result<_, WireError>>()?;
         Ok(ServiceRouting {
+            virtual_service_scope: None,
+            destination_rule_scope: None,
             http,
             subsets,
             policy: traffic_policy("policy", r.policy, false)?,
@@ -791,6 +793,8 @@ mod tests {
                 ports: vec![7000],
                 destinations: vec![dest("demo/tcp", None, 100)],
             }],
+            virtual_service_scope: None,
+            destination_rule_scope: None,
         }
     }
 

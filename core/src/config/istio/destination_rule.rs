@@ -20,7 +20,8 @@ pub struct DestinationRuleSpec {
     pub traffic_policy: Option<TrafficPolicySpec>,
     #[serde(default)]
     pub subsets: Vec<SubsetSpec>,
-    pub export_to: Unsupported,
+    #[serde(default)]
+    pub export_to: Vec<String>,
     pub workload_selector: Unsupported,
 }
 
@@ -495,7 +496,6 @@ pub fn destination_rule(
     c: &mut Checker<'_>,
     spec: &DestinationRuleSpec,
 ) -> (String, Vec<Subset>, TrafficPolicy) {
-    unsupported(c, "spec.exportTo", &spec.export_to);
     unsupported(c, "spec.workloadSelector", &spec.workload_selector);
     let lb = traffic_policy(c, "spec.trafficPolicy", &spec.traffic_policy);
     let mut names = std::collections::BTreeSet::new();

@@ -44,7 +44,8 @@ pub struct VirtualServiceSpec {
     #[serde(default)]
     pub tcp: Vec<TcpRouteSpec>,
     pub tls: Unsupported,
-    pub export_to: Unsupported,
+    #[serde(default)]
+    pub export_to: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -666,7 +667,6 @@ pub fn virtual_service(
         .map(|(i, t)| tcp_route(c, &format!("spec.tcp[{i}]"), t))
         .collect();
     unsupported(c, "spec.tls", &spec.tls);
-    unsupported(c, "spec.exportTo", &spec.export_to);
     if spec.hosts.is_empty() {
         c.fail(
             Code::Missing,
