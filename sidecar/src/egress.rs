@@ -10,15 +10,21 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use isthmus_core::config::Resolution;
 use tokio::net::TcpStream;
 
+use crate::attempt::Plan;
 use crate::errors::ProxyError;
+use crate::outbound::OutboundCtx;
 use crate::pool::{ConnectError, ProxyBody, CONNECT_TIMEOUT};
 use crate::state::{Port, Service};
+use isthmus_core::headers;
+
+/// What responses and metrics name as the cluster of a service outside the mesh.
+pub const CLUSTER: &str = "external";
 
 /// The addresses to try for `port` of an external service, in round-robin order; `asked`
 /// is the host (without port) and `asked_port` the port the caller named.
@@ -162,4 +168,58 @@ pub async fn tunnel(
         let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(up), &mut tcp).await;
     });
     Ok(Response::new(crate::pool::empty_body()))
+}
+
+/// A request to a service outside the mesh (see `egress.rs`), after routing: plain HTTP
+/// with the caller's (or the route's) authority, no internal headers.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn to_external(
+    ctx: &OutboundCtx,
+    plan: &Plan,
+    port: &crate::state::Port,
+    authority: &str,
+    path: &str,
+    mut parts: http::request::Parts,
+    body: hyper::body::Incoming,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let service = plan.svc.hostname();
+    let (asked, asked_port) = crate::outbound::split_host(authority);
+    let addrs =
+        crate::egress::addresses(&plan.svc, port, asked, asked_port.unwrap_or(port.port)).await?;
+    headers::strip_untrusted(&mut parts.headers);
+    let h2 = port.protocol == "http2" || port.protocol == "grpc";
+    let invalid = |_| ProxyError::InvalidRequest(format!("`{authority}{path}` is not a valid URI"));
+    if h2 {
+        parts.uri = Uri::try_from(format!("http://{authority}{path}")).map_err(invalid)?;
+        parts.version = Version::HTTP_2;
+    } else {
+        parts.uri = Uri::try_from(path).map_err(invalid)?;
+        parts.version = Version::HTTP_11;
+        let host = HeaderValue::from_str(authority).map_err(|_| {
+            ProxyError::InvalidRequest(format!("`{authority}` is not a valid host"))
+        })?;
+        parts.headers.insert(http::header::HOST, host);
+    }
+    let body = crate::body::boxed(crate::body::Watched::new(
+        body,
+        ctx.limits.stream_idle_timeout,
+    ));
+    let sent = crate::egress::send(
+        &service,
+        &addrs,
+        h2,
+        Request::from_parts(parts, body),
+        &ctx.drain,
+    );
+    let resp = match deadline {
+        Some(d) => tokio::time::timeout_at(d, sent)
+            .await
+            .unwrap_or(Err(ProxyError::Timeout { service }))?,
+        None => sent.await?,
+    };
+    let (mut rparts, rbody) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut rparts.headers);
+    headers::strip_untrusted(&mut rparts.headers);
+    Ok(Response::from_parts(rparts, crate::body::boxed(rbody)))
 }

@@ -164,7 +164,7 @@ fn server(limits: &Limits) -> hyper_util::server::conn::auto::Builder<TokioExecu
     builder
 }
 
-fn split_host(host: &str) -> (&str, Option<u16>) {
+pub(crate) fn split_host(host: &str) -> (&str, Option<u16>) {
     match host.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse() {
             Ok(port) => (h, Some(port)),
@@ -564,7 +564,7 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
             return Err((ProxyError::UpgradeRefused(proto), service));
         }
         let authority = authority_rewrite.as_deref().unwrap_or(&host);
-        let resp = to_external(
+        let resp = crate::egress::to_external(
             ctx, &plan, &dest_port, authority, &path, parts, body, deadline,
         )
         .await
@@ -576,7 +576,7 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
         .map_err(|_| (ProxyError::NoHost, service.clone()))?;
     parts.version = Version::HTTP_2;
     if let Some((proto, client)) = upgrade {
-        let resp = upgrade_through(ctx, state, &plan, parts, &path, &proto, client)
+        let resp = crate::upgrade::through(ctx, state, &plan, parts, &path, &proto, client)
             .await
             .map_err(|e| (e, service.clone()))?;
         return Ok((resp, service, String::new()));
@@ -618,61 +618,7 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
 }
 
 /// What responses and metrics name as the cluster of a service outside the mesh.
-const EXTERNAL: &str = "external";
-
-/// A request to a service outside the mesh (see `egress.rs`), after routing: plain HTTP
-/// with the caller's (or the route's) authority, no internal headers.
-#[allow(clippy::too_many_arguments)]
-async fn to_external(
-    ctx: &Arc<OutboundCtx>,
-    plan: &Plan,
-    port: &crate::state::Port,
-    authority: &str,
-    path: &str,
-    mut parts: http::request::Parts,
-    body: Incoming,
-    deadline: Option<tokio::time::Instant>,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let service = plan.svc.hostname();
-    let (asked, asked_port) = split_host(authority);
-    let addrs =
-        crate::egress::addresses(&plan.svc, port, asked, asked_port.unwrap_or(port.port)).await?;
-    headers::strip_untrusted(&mut parts.headers);
-    let h2 = port.protocol == "http2" || port.protocol == "grpc";
-    let invalid = |_| ProxyError::InvalidRequest(format!("`{authority}{path}` is not a valid URI"));
-    if h2 {
-        parts.uri = Uri::try_from(format!("http://{authority}{path}")).map_err(invalid)?;
-        parts.version = Version::HTTP_2;
-    } else {
-        parts.uri = Uri::try_from(path).map_err(invalid)?;
-        parts.version = Version::HTTP_11;
-        let host = HeaderValue::from_str(authority).map_err(|_| {
-            ProxyError::InvalidRequest(format!("`{authority}` is not a valid host"))
-        })?;
-        parts.headers.insert(http::header::HOST, host);
-    }
-    let body = crate::body::boxed(crate::body::Watched::new(
-        body,
-        ctx.limits.stream_idle_timeout,
-    ));
-    let sent = crate::egress::send(
-        &service,
-        &addrs,
-        h2,
-        Request::from_parts(parts, body),
-        &ctx.drain,
-    );
-    let resp = match deadline {
-        Some(d) => tokio::time::timeout_at(d, sent)
-            .await
-            .unwrap_or(Err(ProxyError::Timeout { service }))?,
-        None => sent.await?,
-    };
-    let (mut rparts, rbody) = resp.into_parts();
-    headers::strip_hop_by_hop(&mut rparts.headers);
-    headers::strip_untrusted(&mut rparts.headers);
-    Ok(Response::from_parts(rparts, crate::body::boxed(rbody)))
-}
+const EXTERNAL: &str = crate::egress::CLUSTER;
 
 /// An app's `CONNECT host:port`: an opaque TCP tunnel to a port of a mesh service.
 async fn tcp_tunnel(
@@ -763,60 +709,6 @@ async fn tcp_tunnel(
     }
     crate::upgrade::splice(client, hyper::upgrade::on(&mut resp), &ctx.drain);
     Ok((Response::new(crate::pool::empty_body()), service, cluster))
-}
-
-/// Carries an upgrade to the chosen endpoint as a CONNECT; on success answers the app `101`
-/// and splices the two upgraded connections.
-async fn upgrade_through(
-    ctx: &Arc<OutboundCtx>,
-    state: &Arc<MeshState>,
-    plan: &Plan,
-    mut parts: http::request::Parts,
-    path: &str,
-    proto: &str,
-    client: hyper::upgrade::OnUpgrade,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    parts.method = http::Method::CONNECT;
-    parts.uri = Uri::try_from(plan.authority.as_str()).map_err(|_| ProxyError::NoHost)?;
-    let invalid = |_| ProxyError::NoHost;
-    parts.headers.insert(
-        crate::upgrade::UPGRADE,
-        HeaderValue::from_str(proto).map_err(invalid)?,
-    );
-    parts.headers.insert(
-        crate::upgrade::PATH,
-        HeaderValue::from_str(path).map_err(invalid)?,
-    );
-    let (mut resp, _) = attempts(
-        ctx,
-        state,
-        plan,
-        parts,
-        ReqBody::Replayable(bytes::Bytes::new()),
-    )
-    .await?;
-    // The far sidecar marks a CONNECT its app upgraded; anything else is the app's answer
-    // to the upgrade request (a 426, a plain 200), returned as it is.
-    if resp.status() != http::StatusCode::OK
-        || !resp.headers().contains_key(crate::upgrade::UPGRADE)
-    {
-        resp.headers_mut().remove(crate::upgrade::UPGRADE);
-        return Ok(resp);
-    }
-    let mut answer = Response::new(crate::pool::empty_body());
-    *answer.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
-    *answer.headers_mut() = crate::upgrade::end_to_end(resp.headers());
-    headers::strip_untrusted(answer.headers_mut());
-    answer.headers_mut().insert(
-        http::header::CONNECTION,
-        HeaderValue::from_static("upgrade"),
-    );
-    answer.headers_mut().insert(
-        http::header::UPGRADE,
-        HeaderValue::from_str(proto).map_err(invalid)?,
-    );
-    crate::upgrade::splice(client, hyper::upgrade::on(&mut resp), &ctx.drain);
-    Ok(answer)
 }
 
 /// Sends a copy of the request to the mirror destination, once, and drops the answer.

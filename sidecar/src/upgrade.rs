@@ -8,11 +8,12 @@
 //! (HTTP proxy style), the sidecars carry it as an HTTP/2 CONNECT naming the target port in
 //! `x-isthmus-target-port`, and the receiving sidecar connects that port of its workload.
 
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use isthmus_core::headers::{self, XFCC};
 
+use crate::attempt::{attempts, Plan, ReqBody};
 use crate::errors::ProxyError;
 use crate::pool::{empty_body, ProxyBody};
 
@@ -195,4 +196,58 @@ pub async fn tcp_to_app(
         let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(up), &mut tcp).await;
     });
     Ok(Response::new(empty_body()))
+}
+
+/// Carries an upgrade to the chosen endpoint as a CONNECT; on success answers the app `101`
+/// and splices the two upgraded connections.
+pub(crate) async fn through(
+    ctx: &crate::outbound::OutboundCtx,
+    state: &crate::state::MeshState,
+    plan: &Plan,
+    mut parts: http::request::Parts,
+    path: &str,
+    proto: &str,
+    client: hyper::upgrade::OnUpgrade,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    parts.method = http::Method::CONNECT;
+    parts.uri = Uri::try_from(plan.authority.as_str()).map_err(|_| ProxyError::NoHost)?;
+    let invalid = |_| ProxyError::NoHost;
+    parts.headers.insert(
+        crate::upgrade::UPGRADE,
+        HeaderValue::from_str(proto).map_err(invalid)?,
+    );
+    parts.headers.insert(
+        crate::upgrade::PATH,
+        HeaderValue::from_str(path).map_err(invalid)?,
+    );
+    let (mut resp, _) = attempts(
+        ctx,
+        state,
+        plan,
+        parts,
+        ReqBody::Replayable(bytes::Bytes::new()),
+    )
+    .await?;
+    // The far sidecar marks a CONNECT its app upgraded; anything else is the app's answer
+    // to the upgrade request (a 426, a plain 200), returned as it is.
+    if resp.status() != http::StatusCode::OK
+        || !resp.headers().contains_key(crate::upgrade::UPGRADE)
+    {
+        resp.headers_mut().remove(crate::upgrade::UPGRADE);
+        return Ok(resp);
+    }
+    let mut answer = Response::new(crate::pool::empty_body());
+    *answer.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+    *answer.headers_mut() = crate::upgrade::end_to_end(resp.headers());
+    headers::strip_untrusted(answer.headers_mut());
+    answer.headers_mut().insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
+    answer.headers_mut().insert(
+        http::header::UPGRADE,
+        HeaderValue::from_str(proto).map_err(invalid)?,
+    );
+    crate::upgrade::splice(client, hyper::upgrade::on(&mut resp), &ctx.drain);
+    Ok(answer)
 }
