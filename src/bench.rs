@@ -15,7 +15,8 @@
 //! rewritten in one cluster) and prints how long each change takes to reach every client
 //! that can see it (that cluster's clients through its controller, the others through the
 //! federation and their controllers), and the bytes each change costs on the federation's
-//! streams and on the discovery streams. Last, it kills one controller, changes its config
+//! streams and on the discovery streams; then changes at a steady rate for 10 s, and how
+//! far behind the clients are when they stop. Last, it kills one controller, changes its config
 //! while it is down, restarts it and times the resync.
 
 use std::collections::{BTreeMap, HashMap};
@@ -38,6 +39,8 @@ const TRUST_DOMAIN: &str = "cluster.local";
 const NAMESPACE: &str = "bench";
 const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the sustained phase writes changes.
+const SUSTAINED_FOR: Duration = Duration::from_secs(10);
 /// How long one endpoint change may take to reach every client before the bench gives up.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -52,6 +55,8 @@ pub struct Options {
     pub proxies: usize,
     /// Endpoint changes to time.
     pub changes: usize,
+    /// Endpoint changes per second in the sustained phase (0: skip it).
+    pub rate: u32,
     /// Where state, config and logs go; a temporary folder when `None`.
     pub dir: Option<PathBuf>,
 }
@@ -513,6 +518,38 @@ impl Bench {
         Ok(())
     }
 
+    /// Changes at a steady rate, each to a different service and cluster, for a while: does
+    /// the mesh keep up? Printed: how far behind every client is when the writes stop.
+    async fn sustained(&mut self) -> anyhow::Result<()> {
+        let (n, s) = (self.opts.clusters, self.opts.services);
+        let rate = self.opts.rate;
+        let total = (rate as f64 * SUSTAINED_FOR.as_secs_f64()) as usize;
+        let gap = Duration::from_secs_f64(1.0 / rate as f64);
+        let started = Instant::now();
+        let mut next_at = tokio::time::Instant::now();
+        let mut touched = std::collections::BTreeSet::new();
+        for i in 0..total {
+            tokio::time::sleep_until(next_at).await;
+            next_at += gap;
+            let (c, svc) = ((i * 3) % n, (i * 11) % s);
+            let now = self.counts[c][svc];
+            let next = if now % 2 == 0 { now - 1 } else { now + 1 };
+            self.write(c, svc, next)?;
+            touched.insert(svc);
+        }
+        let writing = started.elapsed();
+        let last = Instant::now();
+        let which: Vec<usize> = touched.into_iter().collect();
+        let done = self.converged(&which, STARTUP_TIMEOUT).await?;
+        println!(
+            "
+{total} changes at {rate}/s for {:.1} s (each one endpoint, round the clusters and services): every client current {} after the last",
+            writing.as_secs_f64(),
+            ms(done - last)
+        );
+        Ok(())
+    }
+
     async fn resync(&mut self) -> anyhow::Result<()> {
         let name = format!("{}-controller", cluster_name(0));
         self.procs.kill(&name).await?;
@@ -594,6 +631,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
         if opts.changes > 0 {
             bench.changes().await?;
+            if opts.rate > 0 {
+                bench.sustained().await?;
+            }
         }
         bench.resync().await
     };

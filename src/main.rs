@@ -98,7 +98,8 @@ enum BenchCommand {
     /// and controllers as processes, lightweight xDS clients in this one), grows the
     /// endpoints through the given totals, and prints convergence time and memory at each,
     /// then the time from one endpoint change to every client that sees it (p50/p99), the
-    /// bytes each change costs, and the resync time after a controller restart. Each
+    /// bytes each change costs, how far behind changes at a steady rate for 10 s leave the
+    /// clients, and the resync time after a controller restart. Each
     /// controller takes a loopback address 127.0.(200+N).1; the federation 127.0.199.1.
     Registry {
         /// Clusters (each its own controller process), 1 to 50.
@@ -118,6 +119,9 @@ enum BenchCommand {
         /// Endpoint changes to time.
         #[arg(long, default_value_t = 40)]
         changes: usize,
+        /// Endpoint changes per second for the 10 s sustained phase (0 skips it).
+        #[arg(long, default_value_t = 10)]
+        rate: u32,
         /// Folder for state, config and logs (default: a temporary folder).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -594,6 +598,7 @@ async fn run(
             endpoints,
             proxies,
             changes,
+            rate,
             dir,
         }) => {
             isthmus::bench::run(isthmus::bench::Options {
@@ -602,6 +607,7 @@ async fn run(
                 endpoints,
                 proxies,
                 changes,
+                rate,
                 dir,
             })
             .await?;

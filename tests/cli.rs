@@ -414,6 +414,8 @@ fn the_registry_benchmark_runs_end_to_end_and_prints_its_figures() {
             "12,60",
             "--changes",
             "4",
+            "--rate",
+            "5",
         ])
         .output()
         .expect("runs");
@@ -426,6 +428,7 @@ fn the_registry_benchmark_runs_end_to_end_and_prints_its_figures() {
         "       60 |",
         "to every client that sees it: p50",
         "bytes per change",
+        "changes at 5/s",
         "every client current in",
     ] {
         assert!(stdout.contains(figure), "no `{figure}` in:\n{stdout}");
