@@ -533,7 +533,11 @@ impl Bench {
             next_at += gap;
             let (c, svc) = ((i * 3) % n, (i * 11) % s);
             let now = self.counts[c][svc];
-            let next = if now.is_multiple_of(2) { now - 1 } else { now + 1 };
+            let next = if now.is_multiple_of(2) {
+                now - 1
+            } else {
+                now + 1
+            };
             self.write(c, svc, next)?;
             touched.insert(svc);
         }
