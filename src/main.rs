@@ -31,6 +31,10 @@ struct Cli {
     /// killed. `isthmus demo` starts every child this way.
     #[arg(long, global = true)]
     exit_with_stdin: bool,
+    /// Worker threads of this process (Envoy's and ztunnel's `--concurrency`); default one
+    /// per CPU. A sidecar next to a busy app usually wants 1 or 2.
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    concurrency: Option<u16>,
 }
 
 #[derive(Subcommand)]
@@ -510,25 +514,26 @@ fn init_logging() -> isthmus_core::admin::LogControl {
 }
 
 fn main() -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let cli = Cli::parse();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.concurrency {
+        builder.worker_threads(usize::from(n));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
-    let code = runtime.block_on(main_async());
+    let code = runtime.block_on(main_async(cli));
     // Not waiting for blocking threads: with --exit-with-stdin one sits in a read of
     // standard input that cannot be cancelled, and would hold a drained process forever.
     runtime.shutdown_background();
     code
 }
 
-async fn main_async() -> std::process::ExitCode {
-    let cli = Cli::parse();
+async fn main_async(cli: Cli) -> std::process::ExitCode {
     let log_control = match &cli.command {
         Command::Validate { .. }
         | Command::Analyze { .. }

@@ -41,9 +41,47 @@ fn help_explains_every_role() {
         "sidecar",
         "echo",
         "token",
+        "bench",
+        "--concurrency",
     ] {
         assert!(text.contains(cmd), "--help lists {cmd}:\n{text}");
     }
+}
+
+#[test]
+fn concurrency_sets_the_worker_threads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = isthmus()
+        .args([
+            "--concurrency",
+            "1",
+            "federation",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("starts");
+    let started = Instant::now();
+    while !dir.path().join("root-cert.pem").exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "federation did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let workers = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+        .expect("tasks")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "tokio-rt-worker")
+        .count();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(workers, 1, "one worker thread");
 }
 
 #[test]

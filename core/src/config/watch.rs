@@ -131,10 +131,12 @@ impl Folder {
         self.newest = None;
         for path in paths {
             match self.read(&path, old.remove(&path)) {
-                Ok((file, parsed)) => {
+                Ok(Some((file, parsed))) => {
                     changed |= parsed;
                     next.insert(path, file);
                 }
+                // Removed between the listing and the read: gone, like any removal.
+                Ok(None) => changed = true,
                 Err(e) => {
                     old.append(&mut next);
                     self.files = old;
@@ -169,15 +171,24 @@ impl Folder {
         &mut self,
         path: &Path,
         cached: Option<CachedFile>,
-    ) -> Result<(CachedFile, bool), ConfigErrors> {
-        let stamp = Stamp::of(path).map_err(|e| io_err(path, e))?;
+    ) -> Result<Option<(CachedFile, bool)>, ConfigErrors> {
+        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+        let stamp = match Stamp::of(path) {
+            Ok(s) => s,
+            Err(e) if gone(&e) => return Ok(None),
+            Err(e) => return Err(io_err(path, e)),
+        };
         let cached = match cached {
-            Some(c) if c.stamp == stamp && !stamp.recent() => return Ok((c, false)),
+            Some(c) if c.stamp == stamp && !stamp.recent() => return Ok(Some((c, false))),
             other => other,
         };
-        let contents = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+        let contents = match std::fs::read_to_string(path) {
+            Ok(c) => c,
+            Err(e) if gone(&e) => return Ok(None),
+            Err(e) => return Err(io_err(path, e)),
+        };
         if let Some(c) = cached.filter(|c| c.contents == contents) {
-            return Ok((CachedFile { stamp, ..c }, false));
+            return Ok(Some((CachedFile { stamp, ..c }, false)));
         }
         self.last_parsed += 1;
         self.newest = self.newest.max(Some(stamp.modified));
@@ -185,14 +196,14 @@ impl Folder {
             name: path.display().to_string(),
             contents: contents.clone(),
         });
-        Ok((
+        Ok(Some((
             CachedFile {
                 stamp,
                 contents,
                 parsed,
             },
             true,
-        ))
+        )))
     }
 
     /// Every file's parse, in path order.
@@ -273,6 +284,8 @@ async fn watch_folder(
     let (tx, mut events) = mpsc::channel(1);
     let watcher = watch_events(&folder.dir, tx);
     let every = if watcher.is_some() { rescan } else { poll };
+    // After a failed scan the next one comes soon, event or not.
+    let mut retry = false;
     let dir = folder.dir.clone();
     // The first scan runs at once: a change made after `initial` read the folder and before
     // the watch above began raised no event.
@@ -290,7 +303,7 @@ async fn watch_folder(
                         }
                     }
                 }
-                _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep(if retry { POLL_INTERVAL } else { every }) => {}
             }
         }
         while events.try_recv().is_ok() {}
@@ -312,6 +325,7 @@ async fn watch_folder(
                 return;
             }
         };
+        retry = changed.is_err();
         match changed {
             Ok(false) => continue,
             Ok(true) => {}
@@ -449,5 +463,19 @@ mod tests {
             .map(|d| d.metadata.name.clone())
             .collect();
         assert_eq!(names, ["b"], "the empty moment never applied");
+    }
+
+    #[test]
+    fn a_file_removed_between_listing_and_reading_is_a_removal_not_a_failure() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.yaml");
+        std::fs::write(&path, SERVICE.replace("NAME", "a")).expect("write");
+        let mut folder = Folder::new(dir.path());
+        folder.scan().expect("scan");
+        std::fs::remove_file(&path).expect("remove");
+        let vanished = folder.read(&path, None).expect("not an error");
+        assert!(vanished.is_none());
+        assert!(folder.scan().expect("scan"), "the removal is a change");
+        assert!(folder.parsed().documents.is_empty());
     }
 }
