@@ -489,8 +489,9 @@ impl Registry {
         let mut services = BTreeMap::new();
         let mut exports = Vec::new();
         let mut serves: BTreeMap<NamespacedName, BTreeSet<String>> = BTreeMap::new();
+        let selection = config.selection();
         for svc in config.services.values() {
-            let selected: Vec<&WorkloadEntry> = config.selected(svc).collect();
+            let selected = selection.selected(svc);
             let local = self.local_service(&config, svc, &selected, health);
             // A service outside the mesh is reached from each cluster directly.
             if config.exports.contains(&svc.key) && svc.external.is_none() {

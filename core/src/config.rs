@@ -203,7 +203,47 @@ pub struct ConfigSet {
     pub warnings: Vec<ConfigError>,
 }
 
+/// Workloads by (namespace, label key, label value): what a selector's first label picks,
+/// so that selecting for every service costs the workloads selected, not all of them each
+/// time. Build it once per config set with [`ConfigSet::selection`].
+pub struct Selection<'a> {
+    by_label: std::collections::HashMap<(&'a str, &'a str, &'a str), Vec<&'a WorkloadEntry>>,
+}
+
+impl<'a> Selection<'a> {
+    /// Workloads `svc` selects, as [`ConfigSet::selected`] finds them.
+    pub fn selected(&self, svc: &'a Service) -> Vec<&'a WorkloadEntry> {
+        let Some((k, v)) = svc.selector.iter().next() else {
+            return Vec::new();
+        };
+        self.by_label
+            .get(&(svc.key.namespace.as_str(), k.as_str(), v.as_str()))
+            .map(|ws| {
+                ws.iter()
+                    .copied()
+                    .filter(|w| svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
 impl ConfigSet {
+    /// An index for selecting workloads of many services (see [`Selection`]).
+    pub fn selection(&self) -> Selection<'_> {
+        let mut by_label: std::collections::HashMap<_, Vec<&WorkloadEntry>> =
+            std::collections::HashMap::new();
+        for w in self.workloads.values() {
+            for (k, v) in &w.labels {
+                by_label
+                    .entry((w.key.namespace.as_str(), k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(w);
+            }
+        }
+        Selection { by_label }
+    }
+
     /// The service `host` names, seen from `namespace`: a Kubernetes-style name of a
     /// Service, else a ServiceEntry host (exact first, then the longest `*.` suffix).
     pub fn service_for_host(&self, host: &str, namespace: &str) -> Option<NamespacedName> {

@@ -346,8 +346,9 @@ fn check_targets(
     locations: &BTreeMap<(&'static str, NamespacedName), (String, usize)>,
     errors: &mut Vec<ConfigError>,
 ) {
+    let selection = set.selection();
     for svc in set.services.values() {
-        for w in set.selected(svc) {
+        for w in selection.selected(svc) {
             for (i, p) in svc.ports.iter().enumerate() {
                 if let TargetPort::Named(name) = &p.target_port {
                     if !w.ports.contains_key(name) {
@@ -568,6 +569,43 @@ metadata: {name: echo, namespace: demo}
         assert_eq!(svc.ports[0].target_port, TargetPort::Number(8080));
         assert_eq!(set.selected(svc).count(), 1);
         assert!(set.exports.contains(&NamespacedName::new("demo", "echo")));
+    }
+
+    #[test]
+    fn the_selection_index_picks_what_a_scan_of_every_workload_picks() {
+        let mut yaml = String::new();
+        for (svc, selector) in [
+            ("a", "{app: a}"),
+            ("a-v2", "{app: a, version: v2}"),
+            ("none", "{}"),
+            ("b", "{app: b}"),
+        ] {
+            yaml.push_str(&format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: demo}}\nspec: {{selector: {selector}, ports: [{{port: 80}}]}}\n"));
+        }
+        for (i, (ns, labels)) in [
+            ("demo", "{app: a, version: v1}"),
+            ("demo", "{app: a, version: v2}"),
+            ("other", "{app: a, version: v2}"),
+            ("demo", "{app: b}"),
+            ("demo", "{}"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            yaml.push_str(&format!("---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: w{i}, namespace: {ns}}}\nspec: {{address: 127.0.0.{i}, labels: {labels}}}\n"));
+        }
+        let set = load(&yaml).expect("valid");
+        let selection = set.selection();
+        for svc in set.services.values() {
+            let scanned: Vec<&WorkloadEntry> = set.selected(svc).collect();
+            assert_eq!(selection.selected(svc), scanned, "{}", svc.key);
+        }
+        let a = &set.services[&NamespacedName::new("demo", "a")];
+        assert_eq!(
+            selection.selected(a).len(),
+            2,
+            "both versions in demo, not other's"
+        );
     }
 
     /// The first fault of a rejected object, or else the first warning.
