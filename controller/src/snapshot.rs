@@ -626,11 +626,15 @@ impl Registry {
                     }
             });
             let entry = reusable.unwrap_or_else(|| {
-                let merged = self.merged_service(l, g.map(|g| &**g));
                 let routing = name
                     .split_once('/')
-                    .and_then(|(ns, n)| local.config.routing.get(&NamespacedName::new(ns, n)))
-                    .filter(|r| l.is_some() && r.is_scoped());
+                    .and_then(|(ns, n)| local.config.routing.get(&NamespacedName::new(ns, n)));
+                let mut merged = self.merged_service(l, g.map(|g| &**g));
+                if l.is_none() {
+                    // A service only other clusters run, routed by this cluster's config.
+                    merged.routing = routing.map(Into::into);
+                }
+                let routing = routing.filter(|r| r.is_scoped());
                 Encoded {
                     generation: local.generation,
                     global: g.cloned(),

@@ -388,3 +388,64 @@ async fn expect_continue_and_chunked_bodies_pass_through() -> anyhow::Result<()>
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_virtual_service_routes_a_service_that_only_another_cluster_runs() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east", "west"]).await?;
+    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    let client = AppClient::new();
+    let host = "echo.demo.svc.cluster.local";
+    eventually(
+        "echo in west from east",
+        Duration::from_secs(10),
+        || async {
+            let r = client.get(outbound, host, "/").await?;
+            anyhow::ensure!(r.status == 200, "status {}", r.status);
+            anyhow::ensure!(r.answer()?.cluster == "west");
+            Ok(())
+        },
+    )
+    .await?;
+    // East has no Service `echo` of its own; its VirtualService still routes its callers.
+    let admin = mesh.controller_admin("east");
+    std::fs::write(
+        mesh.cluster("east").config_dir.join("echo-routes.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: echo, namespace: demo}\nspec:\n  hosts: [echo]\n  http:\n  - match: [{uri: {prefix: /teapot}}]\n    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}\n    route: [{destination: {host: echo}}]\n  - route: [{destination: {host: echo}}]\n",
+    )?;
+    let warning = eventually("the routing warning", Duration::from_secs(5), || async {
+        let dump = isthmus_tests::config_dump(admin).await?;
+        let w = dump["config"]["warnings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|w| w.as_str())
+            .find(|w| w.contains("spec.hosts[0]"))
+            .unwrap_or_default()
+            .to_owned();
+        anyhow::ensure!(!w.is_empty(), "no warning yet: {dump}");
+        Ok(w)
+    })
+    .await?;
+    assert!(
+        warning.contains("another cluster exports it") && warning.contains("IST0101"),
+        "{warning}"
+    );
+    eventually(
+        "the fault from east's routes",
+        Duration::from_secs(10),
+        || async {
+            let r = client.get(outbound, host, "/teapot").await?;
+            anyhow::ensure!(r.status == 418, "status {}", r.status);
+            Ok(())
+        },
+    )
+    .await?;
+    let r = client.get(outbound, host, "/hello").await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.answer()?.cluster, "west");
+    Ok(())
+}

@@ -110,12 +110,7 @@ pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<Co
         if c.rejected_since(before) {
             continue; // rejected: applies nothing
         }
-        let Some(target) = set.service_for_host(&host, &ns) else {
-            c.fail(
-                Code::Reference,
-                "spec.host",
-                format!("no Service named `{host}`"),
-            );
+        let Some(target) = routed_service(&mut c, set, &host, &ns, "spec.host") else {
             continue;
         };
         let r = set.routing.entry(target.clone()).or_default();
@@ -152,12 +147,8 @@ pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<Co
             continue; // rejected: applies nothing
         }
         for (i, host) in vs.hosts.iter().enumerate() {
-            let Some(target) = set.service_for_host(host, &ns) else {
-                c.fail(
-                    Code::Reference,
-                    format!("spec.hosts[{i}]"),
-                    format!("no Service named `{host}`"),
-                );
+            let Some(target) = routed_service(&mut c, set, host, &ns, &format!("spec.hosts[{i}]"))
+            else {
                 continue;
             };
             let r = set.routing.entry(target.clone()).or_default();
@@ -199,6 +190,31 @@ pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<Co
             );
         }
     }
+}
+
+/// The service a VirtualService or DestinationRule host names. A Kubernetes name with no
+/// Service in this cluster's config is a warning, and the routing is kept: the service may
+/// run only in other clusters, and this cluster's callers route to it all the same.
+fn routed_service(
+    c: &mut Checker<'_>,
+    set: &ConfigSet,
+    host: &str,
+    ns: &str,
+    field: &str,
+) -> Option<NamespacedName> {
+    if let Some(target) = set.service_for_host(host, ns) {
+        return Some(target);
+    }
+    let remote = resolve_host(host, ns);
+    c.fail(
+        Code::Reference,
+        field,
+        match &remote {
+            Some(_) => format!("no Service named `{host}` in this cluster's config; the routing applies if another cluster exports it"),
+            None => format!("no Service named `{host}`"),
+        },
+    );
+    remote
 }
 
 fn resolve_destinations(
@@ -267,7 +283,7 @@ fn resolve_destination(
         c.fail(
             Code::Reference,
             format!("{field}.host"),
-            format!("no Service named `{}`", d.service),
+            format!("no Service named `{}` in this cluster's config; requests routed to it get 503 unless another cluster exports it", d.service),
         );
         d.service = key.to_string();
         return;
