@@ -44,20 +44,31 @@ const SUSTAINED_FOR: Duration = Duration::from_secs(10);
 /// How long one endpoint change may take to reach every client before the bench gives up.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone)]
+/// What `isthmus bench registry` runs; its flags.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Options {
+    /// Clusters (each its own controller process), 1 to 50.
+    #[arg(long, default_value_t = 20)]
     pub clusters: usize,
-    /// Services per cluster (the same names in every cluster).
+    /// Services per cluster; every cluster runs the same ones, so each is one global
+    /// service exported by every cluster.
+    #[arg(long, default_value_t = 50)]
     pub services: usize,
-    /// Endpoint totals to grow through, ascending; changes are timed at the last.
+    /// Endpoint totals (all clusters) to grow through, comma-separated; changes are timed
+    /// at the largest.
+    #[arg(long, value_delimiter = ',', default_value = "10000,50000,100000")]
     pub endpoints: Vec<usize>,
-    /// Lightweight xDS clients per cluster.
+    /// Lightweight xDS clients per cluster, standing in for sidecars.
+    #[arg(long, default_value_t = 2)]
     pub proxies: usize,
     /// Endpoint changes to time.
+    #[arg(long, default_value_t = 40)]
     pub changes: usize,
-    /// Endpoint changes per second in the sustained phase (0: skip it).
+    /// Endpoint changes per second for the 10 s sustained phase (0 skips it).
+    #[arg(long, default_value_t = 10)]
     pub rate: u32,
-    /// Where state, config and logs go; a temporary folder when `None`.
+    /// Folder for state, config and logs (default: a temporary folder).
+    #[arg(long)]
     pub dir: Option<PathBuf>,
 }
 

@@ -105,31 +105,7 @@ enum BenchCommand {
     /// bytes each change costs, how far behind changes at a steady rate for 10 s leave the
     /// clients, and the resync time after a controller restart. Each
     /// controller takes a loopback address 127.0.(200+N).1; the federation 127.0.199.1.
-    Registry {
-        /// Clusters (each its own controller process), 1 to 50.
-        #[arg(long, default_value_t = 20)]
-        clusters: usize,
-        /// Services per cluster; every cluster runs the same ones, so each is one global
-        /// service exported by every cluster.
-        #[arg(long, default_value_t = 50)]
-        services: usize,
-        /// Endpoint totals (all clusters) to grow through, comma-separated; changes are
-        /// timed at the largest.
-        #[arg(long, value_delimiter = ',', default_value = "10000,50000,100000")]
-        endpoints: Vec<usize>,
-        /// Lightweight xDS clients per cluster, standing in for sidecars.
-        #[arg(long, default_value_t = 2)]
-        proxies: usize,
-        /// Endpoint changes to time.
-        #[arg(long, default_value_t = 40)]
-        changes: usize,
-        /// Endpoint changes per second for the 10 s sustained phase (0 skips it).
-        #[arg(long, default_value_t = 10)]
-        rate: u32,
-        /// Folder for state, config and logs (default: a temporary folder).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-    },
+    Registry(isthmus::bench::Options),
 }
 
 #[derive(Args)]
@@ -597,25 +573,8 @@ async fn run(
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(BenchCommand::Registry {
-            clusters,
-            services,
-            endpoints,
-            proxies,
-            changes,
-            rate,
-            dir,
-        }) => {
-            isthmus::bench::run(isthmus::bench::Options {
-                clusters,
-                services,
-                endpoints,
-                proxies,
-                changes,
-                rate,
-                dir,
-            })
-            .await?;
+        Command::Bench(BenchCommand::Registry(options)) => {
+            isthmus::bench::run(options).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(a) => {

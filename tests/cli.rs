@@ -26,6 +26,33 @@ fn isthmus() -> Command {
     Command::new(env!("CARGO_BIN_EXE_isthmus"))
 }
 
+/// A federation on ephemeral loopback ports, its state in `dir`.
+fn federation(dir: &std::path::Path) -> Command {
+    let mut cmd = isthmus();
+    cmd.args([
+        "federation",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--state-dir",
+    ])
+    .arg(dir);
+    cmd
+}
+
+/// Waits until a federation started with [`federation`] has written its root CA.
+fn wait_for_root(dir: &std::path::Path) {
+    let started = Instant::now();
+    while !dir.join("root-cert.pem").exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "federation did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn help_explains_every_role() {
     let out = isthmus().arg("--help").output().expect("runs");
@@ -51,29 +78,12 @@ fn help_explains_every_role() {
 #[test]
 fn concurrency_sets_the_worker_threads() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut child = isthmus()
-        .args([
-            "--concurrency",
-            "1",
-            "federation",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--state-dir",
-        ])
-        .arg(dir.path())
+    let mut child = federation(dir.path())
+        .args(["--concurrency", "1"])
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("starts");
-    let started = Instant::now();
-    while !dir.path().join("root-cert.pem").exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "federation did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_root(dir.path());
     let workers = std::fs::read_dir(format!("/proc/{}/task", child.id()))
         .expect("tasks")
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
@@ -174,16 +184,7 @@ fn sigterm_drains_and_exits_zero() {
     for exit_with_stdin in [false, true] {
         use std::io::Read;
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut cmd = isthmus();
-        cmd.args([
-            "federation",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--state-dir",
-        ])
-        .arg(dir.path());
+        let mut cmd = federation(dir.path());
         if exit_with_stdin {
             cmd.arg("--exit-with-stdin");
         }
@@ -193,15 +194,7 @@ fn sigterm_drains_and_exits_zero() {
             .spawn()
             .expect("starts");
         let _held_open = child.stdin.take();
-        let root = dir.path().join("root-cert.pem");
-        let started = Instant::now();
-        while !root.exists() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "federation did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_root(dir.path());
         std::thread::sleep(Duration::from_millis(200));
         sigterm(&child);
         let stopped = Instant::now();

@@ -30,6 +30,11 @@ const PERSIST_INTERVAL: Duration = Duration::from_millis(100);
 /// Services one registry batch may carry (a bound on what the federation makes us buffer).
 const MAX_BATCH_SERVICES: usize = 200_000;
 
+/// A service's key in the registry maps: `namespace/name`.
+fn service_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
 /// The merged registry as this cluster sees it: every other cluster's exports.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Global {
@@ -56,7 +61,7 @@ impl Global {
             services: r
                 .services
                 .into_iter()
-                .map(|s| (format!("{}/{}", s.namespace, s.name), Arc::new(s)))
+                .map(|s| (service_key(&s.namespace, &s.name), Arc::new(s)))
                 .collect(),
             meta: Arc::new(r.meta.unwrap_or_default()),
         })
@@ -77,7 +82,7 @@ impl Global {
                 match GlobalService::decode(bytes) {
                     Ok(s) => {
                         self.services
-                            .insert(format!("{}/{}", s.namespace, s.name), Arc::new(s));
+                            .insert(service_key(&s.namespace, &s.name), Arc::new(s));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "a service from the federation does not decode; skipped")
@@ -175,7 +180,7 @@ impl Sent {
         self.services = exports
             .services
             .iter()
-            .map(|s| (format!("{}/{}", s.namespace, s.name), s.clone()))
+            .map(|s| (service_key(&s.namespace, &s.name), s.clone()))
             .collect();
         self.gateways = exports.gateways.clone();
         export_batch(
@@ -191,7 +196,7 @@ impl Sent {
     fn delta(&mut self, cluster: &str, exports: &ClusterExports) -> Option<Vec<ExportUpdate>> {
         let mut current: BTreeMap<String, &ExportedService> = BTreeMap::new();
         for s in &exports.services {
-            current.insert(format!("{}/{}", s.namespace, s.name), s);
+            current.insert(service_key(&s.namespace, &s.name), s);
         }
         let upserted: Vec<ExportedService> = current
             .iter()
@@ -213,7 +218,7 @@ impl Sent {
         }
         for s in &upserted {
             self.services
-                .insert(format!("{}/{}", s.namespace, s.name), s.clone());
+                .insert(service_key(&s.namespace, &s.name), s.clone());
         }
         if let Some(g) = &gateways {
             self.gateways = g.clone();

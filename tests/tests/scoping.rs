@@ -33,8 +33,19 @@ async fn pushed_services(
     namespace: &str,
     name: &str,
 ) -> anyhow::Result<(std::sync::Arc<Recorder>, tokio::task::JoinHandle<()>)> {
+    watch_services(mesh, cluster, namespace, name).await
+}
+
+/// A proxy of workload `namespace/name` in `cluster`, subscribed to services, whose pushes
+/// `H` records.
+async fn watch_services<H: isthmus_core::xds::XdsHandler + Default>(
+    mesh: &mut Mesh,
+    cluster: &str,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<(std::sync::Arc<H>, tokio::task::JoinHandle<()>)> {
     let channel = mesh.controller_channel_in(cluster, namespace, name).await?;
-    let recorder = std::sync::Arc::new(Recorder::default());
+    let recorder = std::sync::Arc::new(H::default());
     let client = isthmus_core::xds::XdsClient {
         channel,
         node: isthmus_proto::discovery::Node {
@@ -188,22 +199,8 @@ async fn virtual_services_and_destination_rules_reach_only_the_namespaces_they_a
     .await?;
     let mut tasks = Vec::new();
     for (ns, expected) in [("demo", (1, 0)), ("other", (0, 1)), ("third", (0, 0))] {
-        let channel = mesh.controller_channel_in("east", ns, "watcher").await?;
-        let routes = std::sync::Arc::new(Routes::default());
-        let client = isthmus_core::xds::XdsClient {
-            channel,
-            node: isthmus_proto::discovery::Node {
-                cluster: "east".into(),
-                role: "sidecar".into(),
-                workload: format!("{ns}/watcher"),
-                ..Default::default()
-            },
-            types: vec![isthmus_proto::type_url::SERVICE],
-            handler: routes.clone(),
-            health: None,
-            first_config: None,
-        };
-        tasks.push(tokio::spawn(client.run()));
+        let (routes, task) = watch_services::<Routes>(&mut mesh, "east", ns, "watcher").await?;
+        tasks.push(task);
         eventually(
             &format!("{ns}'s view of demo/echo"),
             Duration::from_secs(10),

@@ -7,14 +7,7 @@
 use super::istio;
 use super::kinds::LocalRateLimitSpec;
 use super::validate::{resolve_host, Checker, Document, DocumentBody};
-use super::{Code, ConfigError, ConfigSet, NamespacedName, DEFAULT_NAMESPACE};
-
-fn doc_namespace(doc: &Document) -> String {
-    doc.metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned())
-}
+use super::{Code, ConfigError, ConfigSet, NamespacedName};
 
 fn rate_limit(c: &mut Checker<'_>, spec: &LocalRateLimitSpec) -> Option<crate::routing::RateLimit> {
     if spec.target_ref.kind != "Service" {
@@ -79,7 +72,7 @@ pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<Co
         let DocumentBody::LocalRateLimit(spec) = &doc.body else {
             continue;
         };
-        let ns = doc_namespace(doc);
+        let ns = doc.namespace();
         let mut c = Checker::new(doc, NamespacedName::new(&ns, &doc.metadata.name), errors);
         let target = NamespacedName::new(&ns, &spec.target_ref.name);
         if !set.services.contains_key(&target) {
@@ -102,7 +95,7 @@ pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<Co
         let DocumentBody::DestinationRule(spec) = &doc.body else {
             continue;
         };
-        let ns = doc_namespace(doc);
+        let ns = doc.namespace();
         let mut c = Checker::new(doc, NamespacedName::new(&ns, &doc.metadata.name), errors);
         let before = c.mark();
         let (host, subsets, lb) = istio::destination_rule(&mut c, spec);
@@ -135,7 +128,7 @@ pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<Co
         let DocumentBody::VirtualService(spec) = &doc.body else {
             continue;
         };
-        let ns = doc_namespace(doc);
+        let ns = doc.namespace();
         let mut c = Checker::new(doc, NamespacedName::new(&ns, &doc.metadata.name), errors);
         let before = c.mark();
         let Some(mut vs) = istio::virtual_service(&mut c, spec) else {
@@ -175,7 +168,7 @@ pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<Co
             continue;
         };
         let Some(route) = &spec.route else { continue };
-        let ns = doc_namespace(doc);
+        let ns = doc.namespace();
         let target = NamespacedName::new(&ns, &spec.target_ref.name);
         let known = set
             .routing

@@ -36,12 +36,20 @@ pub enum DocumentBody {
 impl Document {
     /// `Kind namespace/name`, as faults name the object.
     pub fn object(&self) -> String {
-        let ns = self
-            .metadata
+        format!("{} {}", self.body.kind(), self.key())
+    }
+
+    /// The object's namespace (the default one when it names none).
+    pub fn namespace(&self) -> String {
+        self.metadata
             .namespace
-            .as_deref()
-            .unwrap_or(DEFAULT_NAMESPACE);
-        format!("{} {ns}/{}", self.body.kind(), self.metadata.name)
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned())
+    }
+
+    /// `namespace/name` of the object.
+    pub fn key(&self) -> NamespacedName {
+        NamespacedName::new(&self.namespace(), &self.metadata.name)
     }
 }
 
@@ -416,12 +424,8 @@ pub fn build(docs: Vec<Document>) -> Admission {
     let mut set = ConfigSet::default();
     let mut locations: BTreeMap<(&'static str, NamespacedName), (String, usize)> = BTreeMap::new();
     for doc in &docs {
-        let ns = doc
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
-        let key = NamespacedName::new(&ns, &doc.metadata.name);
+        let ns = doc.namespace();
+        let key = doc.key();
         let mut c = Checker {
             doc,
             key: key.clone(),
@@ -475,12 +479,7 @@ pub fn build(docs: Vec<Document>) -> Admission {
         let DocumentBody::ServiceEntry(spec) = &doc.body else {
             continue;
         };
-        let ns = doc
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
-        let key = NamespacedName::new(&ns, &doc.metadata.name);
+        let key = doc.key();
         if locations.get(&("ServiceEntry", key.clone())) != Some(&(doc.file.clone(), doc.index)) {
             continue; // unnamed or a duplicate: already reported
         }

@@ -398,15 +398,26 @@ mod tests {
         assert_eq!(folder.parsed().documents.len(), 19);
     }
 
+    /// Watches with scan timers of an hour: only events can bring a change in time.
+    fn watch_by_events_only(
+        folder: Folder,
+        set: ConfigSet,
+        status: LoadStatus,
+        last: LastGood,
+    ) -> watch::Receiver<Arc<ConfigSet>> {
+        let (config_tx, config_rx) = watch::channel(Arc::new(set));
+        let (status_tx, _status_rx) = watch::channel(status);
+        let hour = Duration::from_secs(3600);
+        tokio::spawn(watch_folder(folder, last, config_tx, status_tx, hour, hour));
+        config_rx
+    }
+
     #[tokio::test]
     async fn an_edit_is_seen_by_its_event_with_no_scan_timer_running() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("a.yaml"), SERVICE.replace("NAME", "a")).expect("write");
         let (folder, set, status, last) = initial(dir.path()).expect("initial");
-        let (config_tx, mut config_rx) = watch::channel(Arc::new(set));
-        let (status_tx, _status_rx) = watch::channel(status);
-        let hour = Duration::from_secs(3600);
-        tokio::spawn(watch_folder(folder, last, config_tx, status_tx, hour, hour));
+        let mut config_rx = watch_by_events_only(folder, set, status, last);
         tokio::time::sleep(Duration::from_millis(100)).await;
         for (i, name) in ["b", "c", "d"].into_iter().enumerate() {
             std::fs::write(
@@ -427,10 +438,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (folder, set, status, last) = initial(dir.path()).expect("initial");
         std::fs::write(dir.path().join("a.yaml"), SERVICE.replace("NAME", "a")).expect("write");
-        let (config_tx, mut config_rx) = watch::channel(Arc::new(set));
-        let (status_tx, _status_rx) = watch::channel(status);
-        let hour = Duration::from_secs(3600);
-        tokio::spawn(watch_folder(folder, last, config_tx, status_tx, hour, hour));
+        let mut config_rx = watch_by_events_only(folder, set, status, last);
         tokio::time::timeout(Duration::from_secs(5), config_rx.changed())
             .await
             .expect("seen at once, not at the next rescan")
