@@ -465,3 +465,46 @@ fn the_registry_benchmark_runs_end_to_end_and_prints_its_figures() {
         assert!(stdout.contains(figure), "no `{figure}` in:\n{stdout}");
     }
 }
+
+/// The sidecar-pair benchmark runner (`bench/run.sh`) starts all three setups, drives them
+/// and prints its table; short runs of the debug binary, no figure is judged.
+#[test]
+fn the_pair_benchmark_runs_every_setup_and_prints_its_table() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join("bench/run.sh"))
+        .env("ISTHMUS_BIN", env!("CARGO_BIN_EXE_isthmus"))
+        .env("SETUPS", "direct haproxy isthmus")
+        .env("DURATION", "1")
+        .env("RATE", "100")
+        .output()
+        .expect("bench/run.sh runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for setup in ["direct", "haproxy", "isthmus"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {setup} | 1 |")))
+            .unwrap_or_else(|| panic!("no row for {setup} in:\n{stdout}\n{stderr}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        // | setup | run | h1 | /direct | h2 | /direct | p50 | p99 | added | cpu1 | cpu2 | rss | errors |
+        for (i, what) in [(3, "HTTP/1.1 req/s"), (5, "HTTP/2 req/s"), (8, "p99")] {
+            let v: f64 = cells[i]
+                .parse()
+                .unwrap_or_else(|_| panic!("{setup}: {what} is `{}` in {row}", cells[i]));
+            assert!(v > 0.0, "{setup}: {what} is {v} in {row}");
+        }
+        assert_eq!(cells[13], "0/0", "{setup} had errors: {row}");
+        if setup != "direct" {
+            assert!(
+                cells[10].parse::<f64>().is_ok(),
+                "{setup}: no CPU figure in {row}"
+            );
+            assert!(
+                cells[12].contains('/'),
+                "{setup}: no RSS per proxy in {row}"
+            );
+        }
+    }
+    assert!(stdout.contains("Isthmus pair / haproxy pair"), "{stdout}");
+}

@@ -20,20 +20,20 @@ pub enum IdentityError {
     TrustDomain(String),
 }
 
-/// A workload identity.
+/// A workload identity. Cheap to clone (shared strings): every request's target carries one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    trust_domain: String,
-    namespace: String,
-    service_account: String,
+    trust_domain: std::sync::Arc<str>,
+    namespace: std::sync::Arc<str>,
+    service_account: std::sync::Arc<str>,
 }
 
 impl SpiffeId {
     pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
         Self {
-            trust_domain: trust_domain.to_owned(),
-            namespace: namespace.to_owned(),
-            service_account: service_account.to_owned(),
+            trust_domain: trust_domain.into(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
         }
     }
 
@@ -66,7 +66,7 @@ impl SpiffeId {
 
     /// The cluster a controller identity speaks for, `None` for other identities.
     pub fn controller_cluster(&self) -> Option<&str> {
-        if self.namespace != SYSTEM_NAMESPACE {
+        if &*self.namespace != SYSTEM_NAMESPACE {
             return None;
         }
         self.service_account.strip_prefix("isthmus-controller.")

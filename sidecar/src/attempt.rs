@@ -139,7 +139,7 @@ impl RetryPolicy {
         let s = resp.status().as_u16();
         let grpc = resp
             .headers()
-            .get("grpc-status")
+            .get(headers::GRPC_STATUS)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u8>().ok());
         (self.on_5xx && s >= 500)
@@ -152,7 +152,8 @@ impl RetryPolicy {
 /// Where and how a request goes once its route is chosen.
 pub struct Plan {
     pub svc: Arc<Service>,
-    pub authority: String,
+    /// `<service host>:<port>` of the destination.
+    pub authority: http::uri::Authority,
     pub subset: Option<String>,
     pub retry: RetryPolicy,
     /// Consistent-hash key of the request, when the destination hashes.
@@ -213,7 +214,7 @@ pub async fn attempts(
     plan: &Plan,
     parts: http::request::Parts,
     mut body: ReqBody,
-) -> Result<(Response<ProxyBody>, String), ProxyError> {
+) -> Result<(Response<ProxyBody>, Arc<str>), ProxyError> {
     let authority = plan.authority.as_str();
     let mut tried: Vec<Arc<EndpointHealth>> = Vec::new();
     let mut last: Option<ProxyError> = None;
@@ -350,7 +351,7 @@ pub async fn attempts(
                 // The far sidecar strips what its app sets; of its own signals only the
                 // error reason goes on to the app, and to `upgrade_through` the mark of an
                 // upgrade the far app accepted.
-                let keep: &[&str] = if parts.method == http::Method::CONNECT {
+                let keep: &[http::HeaderName] = if parts.method == http::Method::CONNECT {
                     &[ERROR_REASON, crate::upgrade::UPGRADE]
                 } else {
                     &[ERROR_REASON]
@@ -436,7 +437,7 @@ async fn connect(
 ) -> Result<H2, ProxyError> {
     connect_with(
         &ctx.pool,
-        state.mesh.gateway.clone(),
+        state.mesh.gateway.as_ref(),
         target,
         authority,
         opts,
@@ -451,7 +452,7 @@ async fn connect(
 /// A connection to `target`: direct to a sidecar of this cluster, or through `gateway`.
 async fn connect_with(
     pool: &Pool,
-    gateway: Option<(std::net::SocketAddr, isthmus_core::identity::SpiffeId)>,
+    gateway: Option<&(std::net::SocketAddr, isthmus_core::identity::SpiffeId)>,
     target: &Target,
     authority: &str,
     opts: crate::pool::ConnectOptions,
@@ -467,7 +468,7 @@ async fn connect_with(
             ..
         } => {
             let gateway = gateway.ok_or_else(|| crate::pool::ConnectError::NoGateway {
-                cluster: cluster.clone(),
+                cluster: cluster.to_string(),
             })?;
             pool.remote(gateway, cluster, authority, subset, identities, opts)
                 .await
@@ -486,7 +487,7 @@ fn probe(ctx: &OutboundCtx, state: &MeshState, plan: &Plan, target: Target) {
     let (pool, gateway) = (ctx.pool.clone(), state.mesh.gateway.clone());
     let (authority, opts) = (plan.authority.clone(), plan.connect_options());
     ctx.drain.spawn(async move {
-        let up = connect_with(&pool, gateway, &target, &authority, opts)
+        let up = connect_with(&pool, gateway.as_ref(), &target, authority.as_str(), opts)
             .await
             .is_ok();
         target.health().probed(up, &thresholds);

@@ -48,7 +48,7 @@ fn field<T: std::str::FromStr>(
     })
 }
 
-fn port(name: &str, p: &xds::ServicePort) -> Result<Port, ConvertError> {
+fn port(name: &str, host: &str, p: &xds::ServicePort) -> Result<Port, ConvertError> {
     let num = |v: u32, f: &'static str| {
         u16::try_from(v).map_err(|_| ConvertError::Field {
             name: name.to_owned(),
@@ -56,11 +56,13 @@ fn port(name: &str, p: &xds::ServicePort) -> Result<Port, ConvertError> {
             value: v.to_string(),
         })
     };
+    let port = num(p.port, "port")?;
     Ok(Port {
-        name: p.name.clone(),
-        port: num(p.port, "port")?,
-        protocol: p.protocol.clone(),
+        name: p.name.as_str().into(),
+        port,
+        protocol: p.protocol.as_str().into(),
         target_port: num(p.target_port, "target_port")?,
+        authority: Port::authority_of(host, port),
     })
 }
 
@@ -112,7 +114,7 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
             .map(|i| field(name, "remote.identities", i))
             .collect::<Result<Vec<SpiffeId>, _>>()?;
         remote.push(RemoteCluster {
-            cluster: rc.cluster.clone(),
+            cluster: rc.cluster.as_str().into(),
             locality: locality(first.locality.as_ref()),
             identities,
             // Judged per service: one service failing in a cluster says nothing of the others.
@@ -163,6 +165,7 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
                 .collect::<Result<_, ConvertError>>()?,
         }),
     };
+    let host = Service::name_of(&msg.hosts, &msg.name, &msg.namespace);
     Ok(Service {
         hosts: msg.hosts.clone(),
         addresses,
@@ -172,12 +175,13 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
         ports: msg
             .ports
             .iter()
-            .map(|p| port(name, p))
+            .map(|p| port(name, &host, p))
             .collect::<Result<_, _>>()?,
         endpoints,
         remote,
         cursor: Default::default(),
         routing,
+        host,
     })
 }
 
@@ -223,7 +227,7 @@ pub fn mesh(name: &str, body: &[u8]) -> Result<(MeshInfo, String), ConvertError>
     }
     Ok((
         MeshInfo {
-            cluster: msg.cluster,
+            cluster: msg.cluster.into(),
             gateway,
             failover,
         },

@@ -40,7 +40,7 @@ pub async fn addresses(
     let service = asked.to_owned();
     let port_of = |ep: &isthmus_core::config::ExternalEndpoint| {
         ep.ports
-            .get(&port.name)
+            .get(&*port.name)
             .copied()
             .unwrap_or(port.target_port)
     };
@@ -188,7 +188,7 @@ pub(crate) async fn to_external(
     let addrs =
         crate::egress::addresses(&plan.svc, port, asked, asked_port.unwrap_or(port.port)).await?;
     headers::strip_untrusted(&mut parts.headers);
-    let h2 = port.protocol == "http2" || port.protocol == "grpc";
+    let h2 = &*port.protocol == "http2" || &*port.protocol == "grpc";
     let invalid = |_| ProxyError::InvalidRequest(format!("`{authority}{path}` is not a valid URI"));
     if h2 {
         parts.uri = Uri::try_from(format!("http://{authority}{path}")).map_err(invalid)?;
@@ -215,7 +215,9 @@ pub(crate) async fn to_external(
     let resp = match deadline {
         Some(d) => tokio::time::timeout_at(d, sent)
             .await
-            .unwrap_or(Err(ProxyError::Timeout { service }))?,
+            .unwrap_or(Err(ProxyError::Timeout {
+                service: service.to_string(),
+            }))?,
         None => sent.await?,
     };
     let (mut rparts, rbody) = resp.into_parts();

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -29,7 +30,7 @@ pub struct InboundCtx {
     pub identity: TlsIdentity,
     /// Where the app listens; `None` for a sidecar with no app (a pure client).
     pub app: Option<SocketAddr>,
-    pub cluster: String,
+    pub cluster: Arc<str>,
     pub metrics: Metrics,
     /// The mesh as pushed, for this service's rate limits.
     pub state: tokio::sync::watch::Receiver<Arc<crate::state::MeshState>>,
@@ -38,6 +39,8 @@ pub struct InboundCtx {
     /// This workload, `namespace/name`.
     pub workload: String,
     pub limits: crate::ingress::Limits,
+    /// The app's address as a URI authority, for the requests handed to it.
+    app_authority: Option<http::uri::Authority>,
     app_h1: Client<HttpConnector, ProxyBody>,
     app_h2: Client<HttpConnector, ProxyBody>,
 }
@@ -65,12 +68,15 @@ impl InboundCtx {
         Self {
             identity,
             app: config.app_addr,
-            cluster: config.cluster.clone(),
+            cluster: config.cluster.as_str().into(),
             metrics,
             state,
             drain,
             workload: config.workload.to_string(),
             limits: config.limits.clone(),
+            app_authority: config
+                .app_addr
+                .and_then(|a| http::uri::Authority::try_from(a.to_string()).ok()),
             app_h1,
             app_h2,
         }
@@ -121,10 +127,10 @@ impl Inbound {
                 let Some(peer) = isthmus_core::tls::peer_identity(tls.get_ref().1) else {
                     return;
                 };
-                let peer = Arc::new(peer);
+                let caller = Arc::new(Caller::new(&ctx, peer));
                 let svc = hyper::service::service_fn(move |req| {
-                    let (ctx, peer) = (ctx.clone(), peer.clone());
-                    async move { Ok::<_, std::convert::Infallible>(handle(&ctx, &peer, req).await) }
+                    let (ctx, caller) = (ctx.clone(), caller.clone());
+                    async move { Ok::<_, std::convert::Infallible>(handle(&ctx, &caller, req).await) }
                 });
                 let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
@@ -148,21 +154,49 @@ impl Inbound {
     }
 }
 
-async fn handle(ctx: &InboundCtx, peer: &SpiffeId, req: Request<Incoming>) -> Response<ProxyBody> {
+/// The proxy at the other end of an inbound connection: its identity is fixed for the
+/// connection's life, and so is what the app is told about it.
+struct Caller {
+    id: SpiffeId,
+    /// `x-forwarded-client-cert` for every request of the connection.
+    xfcc: HeaderValue,
+}
+
+impl Caller {
+    fn new(ctx: &InboundCtx, id: SpiffeId) -> Self {
+        let xfcc = format!("By={};URI={id}", ctx.identity.id());
+        let xfcc = HeaderValue::from_str(&xfcc).expect("SPIFFE IDs are valid header text");
+        Self { id, xfcc }
+    }
+}
+
+async fn handle(ctx: &InboundCtx, caller: &Caller, req: Request<Incoming>) -> Response<ProxyBody> {
     let started = std::time::Instant::now();
     let grpc = is_grpc(req.headers());
-    let service = req.uri().host().unwrap_or_default().to_owned();
-    let resp = match forward(ctx, peer, req).await {
+    // The service asked for, as the registry names it (a name the registry does not know
+    // is never copied from the request into a metric label).
+    // A mirrored copy names `<host>-shadow` (Istio's convention), and is counted so.
+    let state = ctx.state.borrow().clone();
+    let host = req.uri().host().unwrap_or_default();
+    let (svc, service) = match host.strip_suffix("-shadow").map(|h| state.resolve(h)) {
+        Some(Some(s)) => (None, Arc::from(format!("{}-shadow", s.host))),
+        Some(None) => (None, unknown()),
+        None => {
+            let svc = state.resolve(host);
+            (svc, svc.map_or_else(unknown, |s| s.hostname()))
+        }
+    };
+    let resp = match forward(ctx, caller, svc.map(|s| &**s), req).await {
         Ok(r) => r,
         Err(e) => {
-            tracing::debug!(%peer, error = %e, "inbound request failed");
+            tracing::debug!(peer = %caller.id, error = %e, "inbound request failed");
             e.respond(grpc)
         }
     };
     ctx.metrics.record(
         RequestLabels {
             reporter: "destination",
-            source_cluster: String::new(),
+            source_cluster: unknown(),
             destination_service: service,
             destination_cluster: ctx.cluster.clone(),
             response_code: resp.status().as_u16(),
@@ -177,19 +211,19 @@ async fn handle(ctx: &InboundCtx, peer: &SpiffeId, req: Request<Incoming>) -> Re
     resp
 }
 
+/// What metrics say of a value not known (Istio's convention).
+fn unknown() -> Arc<str> {
+    static UNKNOWN: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "unknown".into());
+    UNKNOWN.clone()
+}
+
 /// Applies the LocalRateLimits of the service a request is for.
 fn check_rate_limits(
-    ctx: &InboundCtx,
+    svc: Option<&crate::state::Service>,
     peer: &SpiffeId,
-    uri: &http::Uri,
     headers: &http::HeaderMap,
 ) -> Result<(), ProxyError> {
-    let state = ctx.state.borrow().clone();
-    let Some(routing) = uri
-        .host()
-        .and_then(|h| state.resolve(h))
-        .and_then(|s| s.routing.clone())
-    else {
+    let Some(routing) = svc.and_then(|s| s.routing.as_ref()) else {
         return Ok(());
     };
     let route = headers
@@ -209,14 +243,18 @@ fn check_rate_limits(
 
 async fn forward(
     ctx: &InboundCtx,
-    peer: &SpiffeId,
+    caller: &Caller,
+    svc: Option<&crate::state::Service>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let app = ctx.app.ok_or_else(|| {
-        ProxyError::AppUnavailable("this workload has no application port".into())
-    })?;
+    let (Some(app), Some(app_authority)) = (ctx.app, &ctx.app_authority) else {
+        return Err(ProxyError::AppUnavailable(
+            "this workload has no application port".into(),
+        ));
+    };
+    let peer = &caller.id;
     if req.method() == http::Method::CONNECT {
-        check_rate_limits(ctx, peer, req.uri(), req.headers())?;
+        check_rate_limits(svc, peer, req.headers())?;
         if !req.headers().contains_key(crate::upgrade::UPGRADE) {
             // Opaque TCP only reaches ports a service of this workload declares.
             let port = req
@@ -235,29 +273,19 @@ async fn forward(
             }
             return crate::upgrade::tcp_to_app(app, req, &ctx.drain).await;
         }
-        let xfcc = format!("By={};URI={peer}", ctx.identity.id());
-        let xfcc = HeaderValue::from_str(&xfcc).expect("SPIFFE IDs are valid header text");
-        return crate::upgrade::to_app(app, xfcc, req, &ctx.drain).await;
+        return crate::upgrade::to_app(app, caller.xfcc.clone(), req, &ctx.drain).await;
     }
     let (mut parts, body) = req.into_parts();
-    check_rate_limits(ctx, peer, &parts.uri, &parts.headers)?;
+    check_rate_limits(svc, peer, &parts.headers)?;
 
     let h2 = parts
         .headers
         .get(APP_PROTOCOL)
         .is_some_and(|v| v == "http2");
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .unwrap_or_default();
+    let authority = parts.uri.authority().cloned();
     headers::strip_untrusted(&mut parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
-    let xfcc = format!("By={};URI={peer}", ctx.identity.id());
-    parts.headers.insert(
-        XFCC,
-        HeaderValue::from_str(&xfcc).expect("SPIFFE IDs are valid header text"),
-    );
+    parts.headers.insert(XFCC, caller.xfcc.clone());
     let path = parts
         .uri
         .path_and_query()
@@ -265,17 +293,28 @@ async fn forward(
         .unwrap_or("/");
     // The calling sidecar normalized the path already; doing it again costs nothing when
     // there is nothing to do, and keeps what the app sees independent of the caller.
-    let normalized = isthmus_core::path::normalize_target(path, ctx.limits.path_normalization)
-        .map_err(|e| ProxyError::InvalidRequest(format!("path `{path}`: {e}")))?;
-    let path = normalized.as_deref().unwrap_or(path);
-    parts.uri = Uri::try_from(format!("http://{app}{path}"))
-        .map_err(|e| ProxyError::AppUnavailable(e.to_string()))?;
+    let path_and_query =
+        match isthmus_core::path::normalize_target(path, ctx.limits.path_normalization) {
+            Ok(None) => parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            Ok(Some(normalized)) => PathAndQuery::try_from(normalized)
+                .map_err(|e| ProxyError::InvalidRequest(format!("path `{path}`: {e}")))?,
+            Err(e) => return Err(ProxyError::InvalidRequest(format!("path `{path}`: {e}"))),
+        };
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(app_authority.clone());
+    uri.path_and_query = Some(path_and_query);
+    parts.uri = Uri::from_parts(uri).map_err(|e| ProxyError::AppUnavailable(e.to_string()))?;
     let client = if h2 {
         parts.version = Version::HTTP_2;
         &ctx.app_h2
     } else {
         parts.version = Version::HTTP_11;
-        if let Ok(v) = HeaderValue::from_str(&authority) {
+        if let Some(v) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
             parts.headers.insert(http::header::HOST, v);
         }
         &ctx.app_h1

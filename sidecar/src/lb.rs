@@ -13,7 +13,7 @@ use isthmus_core::identity::SpiffeId;
 use isthmus_core::locality::Locality;
 use isthmus_core::routing::{locality_matches, LoadBalancer, LocalityLb};
 
-use crate::state::{MeshInfo, Service};
+use crate::state::{LocalEndpoint, MeshInfo, RemoteCluster, Service};
 
 /// What went wrong with an attempt, for passive health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,7 +227,7 @@ pub enum Target {
         health: Arc<EndpointHealth>,
     },
     Remote {
-        cluster: String,
+        cluster: Arc<str>,
         identities: Vec<SpiffeId>,
         health: Arc<EndpointHealth>,
         /// The subset labels the remote gateway must match, encoded (`k=v,k2=v2`).
@@ -315,9 +315,9 @@ pub fn encode_labels(labels: &BTreeMap<String, String>) -> String {
 
 /// Rendezvous hashing: the endpoint whose (key, endpoint) hash is highest. Stable as
 /// endpoints come and go: only the keys of a removed endpoint move.
-fn rendezvous(tier: &[Target], key: u64) -> usize {
+fn rendezvous(tier: &[Candidate<'_>], key: u64) -> usize {
     use std::hash::{Hash, Hasher};
-    let score = |t: &Target| {
+    let score = |t: &Candidate<'_>| {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);
         t.health().key.hash(&mut h);
@@ -326,6 +326,22 @@ fn rendezvous(tier: &[Target], key: u64) -> usize {
     (0..tier.len())
         .max_by_key(|i| score(&tier[*i]))
         .unwrap_or(0)
+}
+
+/// An endpoint or remote cluster considered by [`pick`], borrowed: only the one chosen is
+/// made into a [`Target`].
+enum Candidate<'a> {
+    Local(&'a LocalEndpoint),
+    Remote(&'a RemoteCluster),
+}
+
+impl Candidate<'_> {
+    fn health(&self) -> &Arc<EndpointHealth> {
+        match self {
+            Candidate::Local(ep) => &ep.health,
+            Candidate::Remote(rc) => &rc.health,
+        }
+    }
 }
 
 /// Picks the next target, skipping `tried`. Ejected endpoints are used only when nothing
@@ -337,7 +353,7 @@ pub fn pick(
     tried: &[Arc<EndpointHealth>],
     sel: Selection<'_>,
 ) -> Option<Target> {
-    let mut candidates: Vec<(u32, bool, Target)> = Vec::new();
+    let mut candidates: Vec<(u32, bool, Candidate<'_>)> = Vec::new();
     let share = distribution(sel.locality, from);
     // With `distribute`, endpoints in the chosen locality form the first tier.
     let order = sel
@@ -366,31 +382,19 @@ pub fn pick(
             .is_none_or(|want| want.iter().all(|(k, v)| labels.get(k) == Some(v)))
     };
     for ep in svc.endpoints.iter().filter(|ep| in_subset(&ep.labels)) {
-        let t = Target::Local {
-            address: ep.tunnel_address,
-            identity: ep.identity.clone(),
-            health: ep.health.clone(),
-        };
         let r = if order.is_empty() {
             rank(&ep.locality)
         } else {
             label_rank(&ep.locality, &ep.labels)
         };
-        candidates.push((r, ep.health.is_ejected(), t));
+        candidates.push((r, ep.health.is_ejected(), Candidate::Local(ep)));
     }
     if mesh.gateway.is_some() {
-        let subset = sel.labels.map(encode_labels).unwrap_or_default();
         for rc in svc
             .remote
             .iter()
             .filter(|rc| sel.labels.is_none() || rc.label_sets.iter().any(&in_subset))
         {
-            let t = Target::Remote {
-                cluster: rc.cluster.clone(),
-                identities: rc.identities.clone(),
-                health: rc.health.clone(),
-                subset: subset.clone(),
-            };
             let r = if order.is_empty() {
                 rank(&rc.locality)
             } else {
@@ -400,7 +404,7 @@ pub fn pick(
                     .min()
                     .unwrap_or(order.len() as u32)
             };
-            candidates.push((r, rc.health.is_ejected(), t));
+            candidates.push((r, rc.health.is_ejected(), Candidate::Remote(rc)));
         }
     }
     candidates.retain(|(_, _, t)| !tried.iter().any(|h| Arc::ptr_eq(h, t.health())));
@@ -415,7 +419,7 @@ pub fn pick(
     let usable = candidates.iter().any(|(_, ejected, _)| !ejected);
     candidates.retain(|(_, ejected, _)| !usable || !ejected);
     let best = candidates.iter().map(|(p, _, _)| *p).min()?;
-    let mut tier: Vec<Target> = candidates
+    let mut tier: Vec<Candidate<'_>> = candidates
         .into_iter()
         .filter(|(p, _, _)| *p == best)
         .map(|(_, _, t)| t)
@@ -442,7 +446,19 @@ pub fn pick(
             }
         }
     };
-    Some(tier.swap_remove(i))
+    Some(match tier.swap_remove(i) {
+        Candidate::Local(ep) => Target::Local {
+            address: ep.tunnel_address,
+            identity: ep.identity.clone(),
+            health: ep.health.clone(),
+        },
+        Candidate::Remote(rc) => Target::Remote {
+            cluster: rc.cluster.clone(),
+            identities: rc.identities.clone(),
+            health: rc.health.clone(),
+            subset: sel.labels.map(encode_labels).unwrap_or_default(),
+        },
+    })
 }
 
 #[cfg(test)]
@@ -509,6 +525,7 @@ mod tests {
             hosts: vec![],
             addresses: vec![],
             external: None,
+            host: "s.ns.svc.cluster.local".into(),
         }
     }
 
@@ -527,7 +544,7 @@ mod tests {
     fn name(t: &Target) -> String {
         match t {
             Target::Local { address, .. } => address.to_string(),
-            Target::Remote { cluster, .. } => cluster.clone(),
+            Target::Remote { cluster, .. } => cluster.to_string(),
         }
     }
 

@@ -248,12 +248,12 @@ fn dump(
         .values()
         .map(|s| {
             serde_json::json!({
-                "service": s.hostname(),
+                "service": &*s.host,
                 "routes": s.routing.as_ref().map(|r| r.routes.len()).unwrap_or(0),
                 "policy": s.routing.as_ref().map(|r| serde_json::to_value(&r.state.policy).unwrap_or_default()),
-                "ports": s.ports.iter().map(|p| serde_json::json!({"port": p.port, "protocol": p.protocol})).collect::<Vec<_>>(),
+                "ports": s.ports.iter().map(|p| serde_json::json!({"port": p.port, "protocol": &*p.protocol})).collect::<Vec<_>>(),
                 "endpoints": s.endpoints.iter().map(|e| serde_json::json!({"workload": e.workload, "address": e.tunnel_address.to_string(), "locality": e.locality.to_string(), "ejected": e.health.is_ejected()})).collect::<Vec<_>>(),
-                "remote": s.remote.iter().map(|r| serde_json::json!({"cluster": r.cluster, "locality": r.locality.to_string(), "ejected": r.health.is_ejected()})).collect::<Vec<_>>(),
+                "remote": s.remote.iter().map(|r| serde_json::json!({"cluster": &*r.cluster, "locality": r.locality.to_string(), "ejected": r.health.is_ejected()})).collect::<Vec<_>>(),
             })
         })
         .collect();

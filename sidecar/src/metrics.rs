@@ -1,5 +1,7 @@
 //! Sidecar metrics, with Istio's standard names and labels so existing dashboards work.
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -10,9 +12,9 @@ use prometheus_client::registry::Registry;
 pub struct RequestLabels {
     /// `source` (outbound side) or `destination` (inbound side).
     pub reporter: &'static str,
-    pub source_cluster: String,
-    pub destination_service: String,
-    pub destination_cluster: String,
+    pub source_cluster: Arc<str>,
+    pub destination_service: Arc<str>,
+    pub destination_cluster: Arc<str>,
     pub response_code: u16,
     /// Reason of a proxy-made error, `-` otherwise (Envoy's response flags).
     pub response_flags: &'static str,

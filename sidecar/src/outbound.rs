@@ -5,11 +5,13 @@
 //! the gateway for another cluster) and retries on another endpoint when one fails.
 //! Upgrades and opaque TCP leave here as HTTP/2 CONNECT.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use isthmus_core::routing::{HashOn, LoadBalancer, Mirror, RouteAction};
 
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -71,10 +73,15 @@ impl Outbound {
                 let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                     let (ctx, activity) = (ctx.clone(), activity.clone());
                     req.extensions_mut().insert(ClientAddr(remote));
-                    async move {
+                    let f = async move {
                         let _busy = activity.begin();
                         Ok::<_, std::convert::Infallible>(handle(&ctx, req).await)
-                    }
+                    };
+                    static ONCE: std::sync::Once = std::sync::Once::new();
+                    ONCE.call_once(|| {
+                        eprintln!("SIZE outbound handle future {}", std::mem::size_of_val(&f))
+                    });
+                    f
                 });
                 let builder = server(&limits);
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
@@ -205,7 +212,7 @@ pub async fn handle(ctx: &Arc<OutboundCtx>, req: Request<Incoming>) -> Response<
                 resp.headers_mut()
                     .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             }
-            (resp, service, String::new())
+            (resp, service, unnamed())
         }
     };
     if resp.headers().get(ERROR_REASON).is_none() {
@@ -271,7 +278,15 @@ fn reason_label(r: &str) -> &'static str {
     }
 }
 
-type Routed = Result<(Response<ProxyBody>, String, String), (ProxyError, String)>;
+/// The service or cluster name of a request that names none.
+fn unnamed() -> Arc<str> {
+    static NONE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "".into());
+    NONE.clone()
+}
+
+/// A response, or the error to answer with; with the service (and the cluster that
+/// answered) named in metrics and logs.
+type Routed = Result<(Response<ProxyBody>, Arc<str>, Arc<str>), (ProxyError, Arc<str>)>;
 
 /// The app's address on the outbound listener, for `useSourceIp` hashing.
 #[derive(Debug, Clone, Copy)]
@@ -374,24 +389,24 @@ fn direct_response(status: u16, body: &str) -> Response<ProxyBody> {
 
 async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Incoming>) -> Routed {
     let (mut parts, body) = req.into_parts();
-    ctx.limits
-        .admit(&mut parts)
-        .map_err(|e| (e, String::new()))?;
+    ctx.limits.admit(&mut parts).map_err(|e| (e, unnamed()))?;
     let mut req = Request::from_parts(parts, body);
+    // The rarer kinds of request (CONNECT, external hosts, upgrades) run boxed, so their
+    // state does not enlarge every request's future.
     if req.method() == http::Method::CONNECT {
-        return tcp_tunnel(ctx, state, req).await;
+        return Box::pin(tcp_tunnel(ctx, state, req)).await;
     }
-    let host = request_host(&req).ok_or((ProxyError::NoHost, String::new()))?;
+    let host = request_host(&req).ok_or((ProxyError::NoHost, unnamed()))?;
     // An HTTP/1.1 upgrade (WebSocket): the app's side of it, taken before the request is
     // dismantled. `h2c` is dropped (the hop-by-hop headers go below); others are refused.
     let upgrade = match crate::upgrade::classify(req.headers(), &ctx.limits.upgrades) {
         Upgrade::None | Upgrade::Drop => None,
         Upgrade::Carry(proto) => Some((proto, hyper::upgrade::on(&mut req))),
-        Upgrade::Refuse(proto) => return Err((ProxyError::UpgradeRefused(proto), String::new())),
+        Upgrade::Refuse(proto) => return Err((ProxyError::UpgradeRefused(proto), unnamed())),
     };
-    req.headers_mut().remove("http2-settings");
+    req.headers_mut().remove(headers::HTTP2_SETTINGS);
     let (name, port) = split_host(&host);
-    let no_route = || (ProxyError::NoRoute { host: host.clone() }, String::new());
+    let no_route = || (ProxyError::NoRoute { host: host.clone() }, unnamed());
     let svc = match state.resolve(name) {
         Some(svc) => svc.clone(),
         None => state.passthrough(port, false).ok_or_else(no_route)?,
@@ -401,15 +416,16 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
     headers::strip_untrusted(&mut parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
-    let mut path = parts
+    // The path as received (already normalized by `admit`); a rewrite makes a new one.
+    let original_path = parts
         .uri
         .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_owned();
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut path: Cow<'_, str> = Cow::Borrowed(original_path.as_str());
     let mut plan = Plan {
         svc: svc.clone(),
-        authority: String::new(),
+        authority: port.authority.clone(),
         subset: None,
         retry: RetryPolicy::default_policy(),
         hash: None,
@@ -420,7 +436,7 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
     // A gRPC caller's own deadline (`grpc-timeout`) bounds the request, like a route timeout.
     let grpc_deadline = parts
         .headers
-        .get("grpc-timeout")
+        .get(headers::GRPC_TIMEOUT)
         .and_then(|v| v.to_str().ok())
         .and_then(grpc_timeout)
         .map(|t| tokio::time::Instant::now() + t);
@@ -457,7 +473,7 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
                         tokio::time::sleep_until(deadline.unwrap_or(until)).await;
                         return Err((
                             ProxyError::Timeout {
-                                service: service.clone(),
+                                service: service.to_string(),
                             },
                             service,
                         ));
@@ -473,7 +489,7 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
         }
         match &spec.action {
             RouteAction::DirectResponse { status, body } => {
-                return Ok((direct_response(*status, body), service, String::new()))
+                return Ok((direct_response(*status, body), service, unnamed()))
             }
             RouteAction::Redirect {
                 uri,
@@ -483,13 +499,13 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
                 return Ok((
                     redirect(uri, authority, *code, &host, &path),
                     service,
-                    String::new(),
+                    unnamed(),
                 ))
             }
             RouteAction::Route(dests) => {
                 let d = pick_weighted(dests).ok_or((
                     ProxyError::NoHealthyUpstream {
-                        service: service.clone(),
+                        service: service.to_string(),
                     },
                     service.clone(),
                 ))?;
@@ -528,7 +544,7 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
         }
         if let Some(rw) = &spec.rewrite {
             if let Some(uri) = &rw.uri {
-                path = rewrite_path(&path, prefix, uri);
+                path = Cow::Owned(rewrite_path(&path, prefix, uri));
             }
             authority_rewrite = rw.authority.clone();
         }
@@ -545,13 +561,13 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
         mirror = spec.mirror.clone().filter(|m| sampled(m.percentage));
     }
     let service = plan.svc.hostname();
-    plan.authority = format!("{service}:{}", dest_port.port);
+    plan.authority = dest_port.authority.clone();
     plan.port = dest_port.port;
     let mut set_cookie = None;
     if let Some(LoadBalancer::ConsistentHash(on)) = plan.selection().load_balancer.cloned() {
         (plan.hash, set_cookie) = hash_key(&on, &parts);
     }
-    let app_protocol = if dest_port.protocol == "http2" || dest_port.protocol == "grpc" {
+    let app_protocol = if &*dest_port.protocol == "http2" || &*dest_port.protocol == "grpc" {
         "http2"
     } else {
         "http"
@@ -564,22 +580,36 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
             return Err((ProxyError::UpgradeRefused(proto), service));
         }
         let authority = authority_rewrite.as_deref().unwrap_or(&host);
-        let resp = crate::egress::to_external(
+        let resp = Box::pin(crate::egress::to_external(
             ctx, &plan, &dest_port, authority, &path, parts, body, deadline,
-        )
+        ))
         .await
         .map_err(|e| (e, service.clone()))?;
-        return Ok((resp, service, EXTERNAL.to_owned()));
+        return Ok((resp, service, external()));
     }
-    let uri_authority = authority_rewrite.as_deref().unwrap_or(&plan.authority);
-    parts.uri = Uri::try_from(format!("http://{uri_authority}{path}"))
-        .map_err(|_| (ProxyError::NoHost, service.clone()))?;
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(match authority_rewrite.as_deref() {
+        Some(a) => a
+            .parse()
+            .map_err(|_| (ProxyError::NoHost, service.clone()))?,
+        None => plan.authority.clone(),
+    });
+    uri.path_and_query = Some(match path {
+        Cow::Borrowed(_) => original_path.clone(),
+        Cow::Owned(ref p) => p
+            .parse()
+            .map_err(|_| (ProxyError::NoHost, service.clone()))?,
+    });
+    parts.uri = Uri::from_parts(uri).map_err(|_| (ProxyError::NoHost, service.clone()))?;
     parts.version = Version::HTTP_2;
     if let Some((proto, client)) = upgrade {
-        let resp = crate::upgrade::through(ctx, state, &plan, parts, &path, &proto, client)
-            .await
-            .map_err(|e| (e, service.clone()))?;
-        return Ok((resp, service, String::new()));
+        let resp = Box::pin(crate::upgrade::through(
+            ctx, state, &plan, parts, &path, &proto, client,
+        ))
+        .await
+        .map_err(|e| (e, service.clone()))?;
+        return Ok((resp, service, unnamed()));
     }
     let body = ReqBody::new(body, ctx.limits.stream_idle_timeout)
         .await
@@ -591,7 +621,7 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
         Some(st) => Some(st.breaker.admit().await.ok_or_else(|| {
             (
                 ProxyError::Overflow {
-                    service: service.clone(),
+                    service: service.to_string(),
                 },
                 service.clone(),
             )
@@ -603,7 +633,7 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
         Some(d) => tokio::time::timeout_at(d, sent)
             .await
             .unwrap_or(Err(ProxyError::Timeout {
-                service: service.clone(),
+                service: service.to_string(),
             })),
         None => sent.await,
     };
@@ -618,7 +648,11 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
 }
 
 /// What responses and metrics name as the cluster of a service outside the mesh.
-const EXTERNAL: &str = crate::egress::CLUSTER;
+fn external() -> Arc<str> {
+    static NAME: std::sync::LazyLock<Arc<str>> =
+        std::sync::LazyLock::new(|| crate::egress::CLUSTER.into());
+    NAME.clone()
+}
 
 /// An app's `CONNECT host:port`: an opaque TCP tunnel to a port of a mesh service.
 async fn tcp_tunnel(
@@ -630,9 +664,9 @@ async fn tcp_tunnel(
         .uri()
         .authority()
         .map(|a| a.as_str().to_owned())
-        .ok_or((ProxyError::NoHost, String::new()))?;
+        .ok_or((ProxyError::NoHost, unnamed()))?;
     let (name, port) = split_host(&host);
-    let no_route = || (ProxyError::NoRoute { host: host.clone() }, String::new());
+    let no_route = || (ProxyError::NoRoute { host: host.clone() }, unnamed());
     let mut svc = match state.resolve(name) {
         Some(svc) => svc.clone(),
         None => state.passthrough(port, true).ok_or_else(no_route)?,
@@ -651,7 +685,7 @@ async fn tcp_tunnel(
         let resp = crate::egress::tunnel(&service, &addrs, req, &ctx.drain)
             .await
             .map_err(|e| (e, service.clone()))?;
-        return Ok((resp, service, EXTERNAL.to_owned()));
+        return Ok((resp, service, external()));
     }
     // The VirtualService's `tcp[]` routes: first one for this port, weighted destination.
     let mut subset = None;
@@ -684,7 +718,7 @@ async fn tcp_tunnel(
         HeaderValue::from(port.target_port),
     );
     let plan = Plan {
-        authority: format!("{service}:{}", port.port),
+        authority: port.authority.clone(),
         svc,
         subset,
         retry: RetryPolicy::default_policy(),
@@ -692,8 +726,7 @@ async fn tcp_tunnel(
         own_labels: state.own_labels.clone(),
         port: port.port,
     };
-    parts.uri = Uri::try_from(plan.authority.as_str())
-        .map_err(|_| (ProxyError::NoHost, service.clone()))?;
+    parts.uri = Uri::from(plan.authority.clone());
     parts.version = Version::HTTP_2;
     let (mut resp, cluster) = attempts(
         ctx,
@@ -731,7 +764,7 @@ fn spawn_mirror(
     else {
         return;
     };
-    let authority = format!("{}:{}", svc.hostname(), port.port);
+    let authority = port.authority.clone();
     let path = parts
         .uri
         .path_and_query()

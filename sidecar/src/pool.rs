@@ -99,6 +99,15 @@ struct Pooled {
     idle: Option<Duration>,
 }
 
+impl Pooled {
+    /// Open, not worn out (`maxRequestsPerConnection`) and not idle past `idle`.
+    fn usable(&self, max_uses: Option<u32>, idle: Option<Duration>) -> bool {
+        let worn = max_uses.is_some_and(|m| self.uses >= m);
+        let stale = idle.is_some_and(|i| self.last_used.elapsed() > i);
+        !self.h2.is_closed() && !worn && !stale
+    }
+}
+
 type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
 
 /// How a destination wants its connections: connect timeout, and when to retire one
@@ -224,6 +233,28 @@ impl Pool {
         slots.entry(key).or_default().clone()
     }
 
+    /// The pooled connection for `key` if it is open and may take another request: the
+    /// path of nearly every request, with no future and no allocation. `None` when a
+    /// connection must be made (or another caller is making one).
+    fn pooled(&self, key: &PoolKey, opts: &ConnectOptions) -> Option<H2> {
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)?
+            .clone();
+        let mut guard = slot.try_lock().ok()?;
+        let p = guard.as_mut()?;
+        let idle = Some(opts.idle.unwrap_or(self.idle_default));
+        if !p.usable(opts.max_uses, idle) {
+            return None;
+        }
+        p.uses += 1;
+        p.last_used = std::time::Instant::now();
+        p.idle = idle;
+        Some(p.h2.clone())
+    }
+
     /// Returns the open connection for `key`, or makes one. Concurrent callers share one
     /// connect.
     async fn get_or_connect<F>(
@@ -247,9 +278,7 @@ impl Pool {
         let slot = self.slot(key);
         let mut guard = slot.lock().await;
         if let Some(p) = guard.as_mut() {
-            let worn = opts.max_uses.is_some_and(|m| p.uses >= m);
-            let stale = opts.idle.is_some_and(|i| p.last_used.elapsed() > i);
-            if !p.h2.is_closed() && !worn && !stale {
+            if p.usable(opts.max_uses, opts.idle) {
                 p.uses += 1;
                 p.last_used = std::time::Instant::now();
                 p.idle = opts.idle;
@@ -299,13 +328,17 @@ impl Pool {
         identity: &SpiffeId,
         opts: ConnectOptions,
     ) -> Result<H2, ConnectError> {
-        let policy = PeerPolicy::OneOf(vec![identity.clone()]);
-        self.get_or_connect(
-            PoolKey::Direct(addr),
-            &addr.to_string(),
-            opts,
-            self.tls_h2(addr, policy),
-        )
+        let key = PoolKey::Direct(addr);
+        if let Some(h2) = self.pooled(&key, &opts) {
+            return Ok(h2);
+        }
+        // Boxed: the handshakes' state lives on the heap only while a connection is being
+        // made, not in every request's future.
+        Box::pin(async move {
+            let policy = PeerPolicy::OneOf(vec![identity.clone()]);
+            self.get_or_connect(key, &addr.to_string(), opts, self.tls_h2(addr, policy))
+                .await
+        })
         .await
     }
 
@@ -314,7 +347,7 @@ impl Pool {
     /// `identities` (any identity of the trust domain when the list is empty).
     pub async fn remote(
         &self,
-        gateway: (SocketAddr, SpiffeId),
+        gateway: &(SocketAddr, SpiffeId),
         cluster: &str,
         authority: &str,
         subset: &str,
@@ -322,33 +355,28 @@ impl Pool {
         opts: ConnectOptions,
     ) -> Result<H2, ConnectError> {
         let key = PoolKey::Remote(cluster.to_owned(), authority.to_owned(), subset.to_owned());
-        let peer = format!("{authority} in {cluster}");
-        self.get_or_connect(
-            key,
-            &peer,
-            opts,
-            self.tunnel(
-                gateway,
-                cluster,
-                authority,
-                subset,
-                identities,
-                opts.timeout.unwrap_or(TUNNEL_CONNECT_TIMEOUT),
-            ),
-        )
+        if let Some(h2) = self.pooled(&key, &opts) {
+            return Ok(h2);
+        }
+        Box::pin(async move {
+            let peer = format!("{authority} in {cluster}");
+            let timeout = opts.timeout.unwrap_or(TUNNEL_CONNECT_TIMEOUT);
+            let tunnel = self.tunnel(gateway, cluster, authority, subset, identities, timeout);
+            self.get_or_connect(key, &peer, opts, tunnel).await
+        })
         .await
     }
 
     async fn tunnel(
         &self,
-        gateway: (SocketAddr, SpiffeId),
+        gateway: &(SocketAddr, SpiffeId),
         cluster: &str,
         authority: &str,
         subset: &str,
         identities: &[SpiffeId],
         timeout: Duration,
     ) -> Result<H2, ConnectError> {
-        let (gw_addr, gw_id) = gateway;
+        let (gw_addr, gw_id) = (gateway.0, gateway.1.clone());
         let mut gw = self
             .get_or_connect(
                 PoolKey::Direct(gw_addr),

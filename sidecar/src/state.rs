@@ -25,7 +25,7 @@ pub struct LocalEndpoint {
 /// Another cluster that serves the service, reached through the gateways.
 #[derive(Debug)]
 pub struct RemoteCluster {
-    pub cluster: String,
+    pub cluster: Arc<str>,
     /// Nearest locality of the cluster with a healthy endpoint.
     pub locality: Locality,
     pub identities: Vec<SpiffeId>,
@@ -36,10 +36,21 @@ pub struct RemoteCluster {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Port {
-    pub name: String,
+    pub name: Arc<str>,
     pub port: u16,
-    pub protocol: String,
+    pub protocol: Arc<str>,
     pub target_port: u16,
+    /// `<service host>:<port>`, the authority of requests sent to it.
+    pub authority: http::uri::Authority,
+}
+
+impl Port {
+    /// The authority of requests to `port` of the service named `host` (the host is a
+    /// registry name: a valid authority, else the service's own name is not reachable).
+    pub fn authority_of(host: &str, port: u16) -> http::uri::Authority {
+        http::uri::Authority::from_maybe_shared(bytes::Bytes::from(format!("{host}:{port}")))
+            .unwrap_or_else(|_| http::uri::Authority::from_static("invalid.host"))
+    }
 }
 
 #[derive(Debug)]
@@ -60,6 +71,8 @@ pub struct Service {
     pub addresses: Vec<(std::net::IpAddr, u8)>,
     /// Set for a service outside the mesh, reached directly (see `egress.rs`).
     pub external: Option<isthmus_core::config::External>,
+    /// What metrics, logs and errors call it (see [`Service::name_of`]), made once.
+    pub host: Arc<str>,
 }
 
 impl Service {
@@ -70,17 +83,23 @@ impl Service {
             None => self
                 .ports
                 .iter()
-                .find(|x| x.protocol != "tcp")
+                .find(|x| &*x.protocol != "tcp")
                 .or(self.ports.first()),
         }
     }
 
     /// The name the service goes by in responses and metrics: a ServiceEntry's first host,
     /// else its Kubernetes name.
-    pub fn hostname(&self) -> String {
-        match self.hosts.first() {
-            Some(h) => h.clone(),
-            None => format!("{}.{}.svc.cluster.local", self.name, self.namespace),
+    pub fn hostname(&self) -> Arc<str> {
+        self.host.clone()
+    }
+
+    /// A service's name in metrics, logs and errors: a ServiceEntry's first host, or a
+    /// Kubernetes Service's cluster-local DNS name.
+    pub fn name_of(hosts: &[String], name: &str, namespace: &str) -> Arc<str> {
+        match hosts.first() {
+            Some(h) => h.as_str().into(),
+            None => format!("{name}.{namespace}.svc.cluster.local").into(),
         }
     }
 }
@@ -91,7 +110,7 @@ pub const PASSTHROUGH: &str = "PassthroughCluster";
 /// Facts about this sidecar's cluster.
 #[derive(Debug, Clone, Default)]
 pub struct MeshInfo {
-    pub cluster: String,
+    pub cluster: Arc<str>,
     pub gateway: Option<(SocketAddr, SpiffeId)>,
     /// Region failover order: from region → regions to prefer next, in order.
     pub failover: BTreeMap<String, Vec<String>>,
@@ -160,12 +179,14 @@ impl MeshState {
                 port,
                 protocol: if connect { "tcp" } else { "http" }.into(),
                 target_port: port,
+                authority: Port::authority_of(PASSTHROUGH, port),
             }],
             endpoints: Vec::new(),
             remote: Vec::new(),
             cursor: Default::default(),
             routing: None,
             hosts: vec![PASSTHROUGH.to_owned()],
+            host: PASSTHROUGH.into(),
             addresses: Vec::new(),
             external: Some(isthmus_core::config::External {
                 resolution: isthmus_core::config::Resolution::None,

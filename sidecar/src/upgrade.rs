@@ -18,11 +18,11 @@ use crate::errors::ProxyError;
 use crate::pool::{empty_body, ProxyBody};
 
 /// The upgrade token a CONNECT between proxies carries.
-pub const UPGRADE: &str = "x-isthmus-upgrade";
+pub const UPGRADE: http::HeaderName = http::HeaderName::from_static("x-isthmus-upgrade");
 /// The original request path of an upgrade.
 pub const PATH: &str = "x-isthmus-path";
 /// The workload port an opaque TCP tunnel goes to.
-pub const TARGET_PORT: &str = "x-isthmus-target-port";
+pub const TARGET_PORT: http::HeaderName = http::HeaderName::from_static("x-isthmus-target-port");
 
 /// What to do with an HTTP/1.1 request's `Upgrade`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,7 +210,7 @@ pub(crate) async fn through(
     client: hyper::upgrade::OnUpgrade,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     parts.method = http::Method::CONNECT;
-    parts.uri = Uri::try_from(plan.authority.as_str()).map_err(|_| ProxyError::NoHost)?;
+    parts.uri = Uri::from(plan.authority.clone());
     let invalid = |_| ProxyError::NoHost;
     parts.headers.insert(
         crate::upgrade::UPGRADE,
