@@ -60,7 +60,7 @@ pub fn strip_untrusted_keeping(headers: &mut http::HeaderMap, keep: &[HeaderName
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded. `te` is kept when it is only
 /// `trailers` (gRPC needs it).
 const HOP_BY_HOP: [HeaderName; 7] = [
-    http::header::CONNECTION,
+    http::header::CONNECTION, // first: `present & 1` below
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     http::header::TRANSFER_ENCODING,
@@ -72,26 +72,35 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Removes hop-by-hop headers before a request or response is forwarded: those of
 /// [`HOP_BY_HOP`], any `te` but `te: trailers`, and every header `connection` names.
 pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    // Most messages carry none: one pass over the names finds out.
-    let any = headers
-        .keys()
-        .any(|k| *k == http::header::TE || HOP_BY_HOP.contains(k));
-    if !any {
-        return;
+    // One pass over the names finds which are present (most messages carry none).
+    let (mut present, mut te) = (0u8, false);
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present |= 1 << i;
+        }
+        te |= *k == http::header::TE;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
-    for name in named.into_iter().chain(HOP_BY_HOP) {
-        headers.remove(name);
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    if headers
-        .get(http::header::TE)
-        .is_some_and(|v| v != "trailers")
+    for (i, name) in HOP_BY_HOP.into_iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    if te
+        && headers
+            .get(http::header::TE)
+            .is_some_and(|v| v != "trailers")
     {
         headers.remove(http::header::TE);
     }

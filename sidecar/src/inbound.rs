@@ -17,6 +17,7 @@ use isthmus_core::identity::SpiffeId;
 use isthmus_core::tls::{ClientAuth, PeerPolicy, TlsIdentity, ALPN_H2};
 use tokio::net::TcpListener;
 
+use crate::app::{AppError, AppPool};
 use crate::errors::{is_grpc, ProxyError};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::pool::ProxyBody;
@@ -41,7 +42,8 @@ pub struct InboundCtx {
     pub limits: crate::ingress::Limits,
     /// The app's address as a URI authority, for the requests handed to it.
     app_authority: Option<http::uri::Authority>,
-    app_h1: Client<HttpConnector, ProxyBody>,
+    /// HTTP/1.1 to the app (its own pool); HTTP/2 apps through hyper's pooling client.
+    app_h1: Arc<AppPool>,
     app_h2: Client<HttpConnector, ProxyBody>,
 }
 
@@ -57,9 +59,11 @@ impl InboundCtx {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
-        let app_h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(APP_POOL_IDLE)
-            .build(connector.clone());
+        // With no app, requests are refused before they reach the pool.
+        let app_addr = config
+            .app_addr
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let app_h1 = AppPool::new(app_addr, APP_POOL_IDLE);
         let app_h2 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(APP_POOL_IDLE)
             .pool_timer(TokioTimer::new())
@@ -309,18 +313,39 @@ async fn forward(
     uri.authority = Some(app_authority.clone());
     uri.path_and_query = Some(path_and_query);
     parts.uri = Uri::from_parts(uri).map_err(|e| ProxyError::AppUnavailable(e.to_string()))?;
-    let client = if h2 {
+    let sent = if h2 {
         parts.version = Version::HTTP_2;
-        &ctx.app_h2
+        let req = Request::from_parts(parts, crate::body::boxed(body));
+        ctx.app_h2
+            .request(req)
+            .await
+            .map(|r| r.map(crate::body::boxed))
+            .map_err(|e| match e {
+                // Refused is proof the app is not there; a connect that timed out may be an
+                // app (or a machine) under load, and is judged like a 5xx, one of several.
+                e if e.is_connect() && refused(&e) => {
+                    ProxyError::AppUnavailable(format!("{app}: {e}"))
+                }
+                e if e.is_connect() => ProxyError::AppConnectTimeout(format!("{app}: {e}")),
+                e => ProxyError::AppReset(format!("{app}: {e}")),
+            })
     } else {
         parts.version = Version::HTTP_11;
         if let Some(v) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
             parts.headers.insert(http::header::HOST, v);
         }
-        &ctx.app_h1
+        let req = Request::from_parts(parts, crate::body::boxed(body));
+        ctx.app_h1
+            .send(req)
+            .await
+            .map(|r| r.map(crate::body::boxed))
+            .map_err(|e| match e {
+                AppError::Refused { .. } => ProxyError::AppUnavailable(e.to_string()),
+                AppError::Connect { .. } => ProxyError::AppConnectTimeout(e.to_string()),
+                AppError::Reset { .. } => ProxyError::AppReset(e.to_string()),
+            })
     };
-    let req = Request::from_parts(parts, crate::body::boxed(body));
-    match client.request(req).await {
+    match sent {
         Ok(resp) => {
             let (mut rparts, rbody) = resp.into_parts();
             headers::strip_hop_by_hop(&mut rparts.headers);
@@ -332,13 +357,7 @@ async fn forward(
             let rbody = crate::body::Watched::new(rbody, ctx.limits.stream_idle_timeout);
             Ok(Response::from_parts(rparts, crate::body::boxed(rbody)))
         }
-        // Refused is proof the app is not there; a connect that timed out may be an app (or
-        // a machine) under load, and is judged like a 5xx, one of several in a row.
-        Err(e) if e.is_connect() && refused(&e) => {
-            Err(ProxyError::AppUnavailable(format!("{app}: {e}")))
-        }
-        Err(e) if e.is_connect() => Err(ProxyError::AppConnectTimeout(format!("{app}: {e}"))),
-        Err(e) => Err(ProxyError::AppReset(format!("{app}: {e}"))),
+        Err(e) => Err(e),
     }
 }
 

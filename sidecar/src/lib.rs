@@ -9,6 +9,7 @@
 //! inbound requests to the local app with the caller's SPIFFE ID; the app's health to the
 //! controller; metrics and config on the admin port (15000).
 
+mod app;
 mod attempt;
 mod body;
 mod breaker;
