@@ -73,15 +73,10 @@ impl Outbound {
                 let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                     let (ctx, activity) = (ctx.clone(), activity.clone());
                     req.extensions_mut().insert(ClientAddr(remote));
-                    let f = async move {
+                    async move {
                         let _busy = activity.begin();
                         Ok::<_, std::convert::Infallible>(handle(&ctx, req).await)
-                    };
-                    static ONCE: std::sync::Once = std::sync::Once::new();
-                    ONCE.call_once(|| {
-                        eprintln!("SIZE outbound handle future {}", std::mem::size_of_val(&f))
-                    });
-                    f
+                    }
                 });
                 let builder = server(&limits);
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
