@@ -2,19 +2,25 @@
 # The sidecar-pair benchmark: the Isthmus pair beside the closest L7 peer and beside no proxy,
 # driven with the same load in one run, so the ratios hold on a noisy machine.
 #
-#   direct    client -> nginx backend
-#   haproxy   client -> haproxy A --(HTTP/2 over mTLS 1.3, one pooled connection)--> haproxy B -> backend
-#   isthmus   client -> sidecar A --(HTTP/2 over mTLS 1.3, SPIFFE IDs checked)--> sidecar B -> backend
+#   direct      client -> nginx backend
+#   haproxy     client -> haproxy A --(HTTP/2 over mTLS 1.3, one pooled connection)--> haproxy B -> backend
+#   isthmus     client -> sidecar A --(HTTP/2 over mTLS 1.3, SPIFFE IDs checked)--> sidecar B -> backend
+#   isthmus-xc  client -> sidecar A (cluster east) -> east's gateway --QUIC--> west's gateway
+#               -> sidecar B (cluster west) -> backend; the TLS between the sidecars is end to end
 #
 # Every proxy runs one worker thread. Per setup and run: HTTP/1.1 throughput (wrk, keep-alive),
 # HTTP/2 throughput (h2load, h2c, many streams per connection), latency at a fixed request rate
 # (h2load --rps, percentiles from its per-request log), CPU time per request of the proxies
-# (from /proc/<pid>/stat over the throughput runs) and each proxy's peak RSS (VmHWM).
+# (from /proc/<pid>/stat over the throughput runs; for isthmus-xc also the gateways' share) and
+# each proxy's peak RSS (VmHWM). Then, as root with nft, a loss phase: LOSS% of the packets
+# between haproxy A and B (TCP), and between the two gateways (QUIC), dropped while HTTP/2
+# requests run at RATE req/s on LOSS_CONNS connections of LOSS_STREAMS concurrent streams.
 #
-# Usage (as any user; tools from Debian: apt-get install wrk nghttp2-client nginx-light haproxy):
+# Usage (tools from Debian: apt-get install wrk nghttp2-client nginx-light haproxy nftables):
 #   cargo build --release && bench/run.sh
-# Env: SETUPS="direct haproxy isthmus" RUNS=1 DURATION=10 CONNS=64 H2_CONNS=64 H2_STREAMS=10
-#      RATE=1000 RATE_CONNS=10 ISTHMUS_BIN=target/release/isthmus KEEP=<dir for raw outputs>
+# Env: SETUPS="direct haproxy isthmus isthmus-xc" RUNS=1 DURATION=10 CONNS=64 H2_CONNS=64
+#      H2_STREAMS=10 RATE=1000 RATE_CONNS=10 LOSS=1 (percent; 0: no loss phase) LOSS_CONNS=4
+#      LOSS_STREAMS=64 ISTHMUS_BIN=target/release/isthmus KEEP=<dir for raw outputs and logs>
 #      HOLD=1 (start the setups, print their addresses, wait for Ctrl-C: for profiling)
 # Addresses: 127.0.210.0/24 only, so nothing collides with the demo or the tests.
 set -euo pipefail
@@ -392,7 +398,7 @@ start_backend
 if [ "${HOLD:-}" = 1 ]; then
   for s in $SETUPS; do "setup_$s"; say "$s: $URL (proxies: ${PROXIES:-none})"; done
   say "holding; Ctrl-C stops everything"
-  while true; do sleep 3600; done
+  while true; do sleep 3600 & wait $!; done   # `wait` lets a signal through at once
 fi
 for n in $(seq "$RUNS"); do
   for s in $SETUPS; do

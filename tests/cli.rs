@@ -466,14 +466,15 @@ fn the_registry_benchmark_runs_end_to_end_and_prints_its_figures() {
     }
 }
 
-/// The sidecar-pair benchmark runner (`bench/run.sh`) starts all three setups, drives them
-/// and prints its table; short runs of the debug binary, no figure is judged.
+/// The sidecar-pair benchmark runner (`bench/run.sh`) starts every setup (across clusters
+/// too), drives them, injects loss with nft (CI runs as root) and prints its tables; short
+/// runs of the debug binary, no figure is judged.
 #[test]
-fn the_pair_benchmark_runs_every_setup_and_prints_its_table() {
+fn the_pair_benchmark_runs_every_setup_and_prints_its_tables() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(root.join("bench/run.sh"))
         .env("ISTHMUS_BIN", env!("CARGO_BIN_EXE_isthmus"))
-        .env("SETUPS", "direct haproxy isthmus")
+        .env("SETUPS", "direct haproxy isthmus isthmus-xc")
         .env("DURATION", "1")
         .env("RATE", "100")
         .output()
@@ -481,30 +482,62 @@ fn the_pair_benchmark_runs_every_setup_and_prints_its_table() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    for setup in ["direct", "haproxy", "isthmus"] {
-        let row = stdout
+    let row = |prefix: &str| -> Vec<String> {
+        let line = stdout
             .lines()
-            .find(|l| l.starts_with(&format!("| {setup} | 1 |")))
-            .unwrap_or_else(|| panic!("no row for {setup} in:\n{stdout}\n{stderr}"));
-        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no row `{prefix}` in:\n{stdout}\n{stderr}"));
+        line.split('|').map(|c| c.trim().to_owned()).collect()
+    };
+    let number = |cells: &[String], i: usize, what: &str| -> f64 {
+        cells[i]
+            .parse()
+            .unwrap_or_else(|_| panic!("{what} is `{}` in {cells:?}", cells[i]))
+    };
+    for setup in ["direct", "haproxy", "isthmus", "isthmus-xc"] {
         // | setup | run | h1 | /direct | h2 | /direct | p50 | p99 | added | cpu1 | cpu2 | rss | errors |
+        let cells = row(&format!("| {setup} | 1 |"));
         for (i, what) in [(3, "HTTP/1.1 req/s"), (5, "HTTP/2 req/s"), (8, "p99")] {
-            let v: f64 = cells[i]
-                .parse()
-                .unwrap_or_else(|_| panic!("{setup}: {what} is `{}` in {row}", cells[i]));
-            assert!(v > 0.0, "{setup}: {what} is {v} in {row}");
-        }
-        assert_eq!(cells[13], "0/0", "{setup} had errors: {row}");
-        if setup != "direct" {
             assert!(
-                cells[10].parse::<f64>().is_ok(),
-                "{setup}: no CPU figure in {row}"
+                number(&cells, i, what) > 0.0,
+                "{setup}: {what} in {cells:?}"
             );
-            assert!(
-                cells[12].contains('/'),
-                "{setup}: no RSS per proxy in {row}"
+        }
+        assert_eq!(cells[13], "0/0", "{setup} had errors: {cells:?}");
+        if setup != "direct" {
+            number(&cells, 10, "CPU per request");
+            let proxies = if setup == "isthmus-xc" { 4 } else { 2 };
+            assert_eq!(
+                cells[12].split('/').count(),
+                proxies,
+                "RSS per proxy: {cells:?}"
             );
         }
     }
     assert!(stdout.contains("Isthmus pair / haproxy pair"), "{stdout}");
+    // The gateway pair's share of the cross-cluster path: the first row under its header.
+    let lines: Vec<&str> = stdout.lines().collect();
+    let header = lines
+        .iter()
+        .position(|l| l.contains("gateway pair CPU"))
+        .unwrap_or_else(|| panic!("no cross-cluster table in:\n{stdout}"));
+    let xc: Vec<String> = lines[header + 2]
+        .split('|')
+        .map(|c| c.trim().to_owned())
+        .collect();
+    number(&xc, 2, "gateway pair CPU per request");
+    for setup in ["haproxy", "isthmus-xc"] {
+        for loss in ["0%", "1%"] {
+            // | setup | between the proxies | loss | p50 | p99 | p99.9 | failed |
+            let cells = lines
+                .iter()
+                .map(|l| l.split('|').map(str::trim).collect::<Vec<_>>())
+                .find(|c| c.len() == 9 && c[1] == setup && c[3] == loss)
+                .unwrap_or_else(|| panic!("no {loss} loss row for {setup} in:\n{stdout}"));
+            assert!(
+                cells[5].parse::<f64>().is_ok(),
+                "{setup} at {loss}: {cells:?}"
+            );
+        }
+    }
 }
