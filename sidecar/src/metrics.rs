@@ -1,5 +1,6 @@
 //! Sidecar metrics, with Istio's standard names and labels so existing dashboards work.
 
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -34,11 +35,43 @@ fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS_MS)
 }
 
+/// FNV-1a: the label sets hashed per request are short and come from the registry (never
+/// from request text), so a cheap hash serves; std's SipHash cost more than the counting.
+#[derive(Default)]
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// The counter and histogram of one label set, shared with the families that export them.
+type Handles = (Counter, Histogram);
+
 #[derive(Clone)]
 pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     /// Time to the response headers, in milliseconds.
     durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    /// Each label set's handles, found with one cheap lookup per request.
+    seen: Arc<
+        std::sync::RwLock<
+            std::collections::HashMap<RequestLabels, Handles, BuildHasherDefault<Fnv>>,
+        >,
+    >,
     pub retries: Counter,
     pub ejections: Counter,
     /// mTLS connections the pool opened to peers (sidecars, gateways, tunnels).
@@ -51,6 +84,7 @@ impl Default for Metrics {
         Self {
             requests: Family::default(),
             durations: Family::new_with_constructor(duration_histogram),
+            seen: Arc::default(),
             retries: Counter::default(),
             ejections: Counter::default(),
             upstream_connections: Counter::default(),
@@ -63,8 +97,23 @@ impl Metrics {
     /// Counts one request and its duration.
     pub fn record(&self, labels: RequestLabels, started: std::time::Instant) {
         let ms = started.elapsed().as_secs_f64() * 1000.0;
-        self.durations.get_or_create(&labels).observe(ms);
-        self.requests.get_or_create(&labels).inc();
+        let seen = self.seen.read().unwrap_or_else(|p| p.into_inner());
+        if let Some((count, duration)) = seen.get(&labels) {
+            count.inc();
+            duration.observe(ms);
+            return;
+        }
+        drop(seen);
+        // First request with these labels: the families make the series, the cache keeps
+        // their handles (clones share the same values).
+        let count = self.requests.get_or_create(&labels).clone();
+        let duration = self.durations.get_or_create(&labels).clone();
+        count.inc();
+        duration.observe(ms);
+        self.seen
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(labels, (count, duration));
     }
 
     pub fn register(&self, registry: &mut Registry) {
@@ -99,5 +148,65 @@ impl Metrics {
             "failed attempts by reason",
             self.upstream_failures.clone(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(service: &str, code: u16) -> RequestLabels {
+        RequestLabels {
+            reporter: "source",
+            source_cluster: "east".into(),
+            destination_service: service.into(),
+            destination_cluster: "west".into(),
+            response_code: code,
+            response_flags: "-",
+        }
+    }
+
+    #[test]
+    fn every_request_is_counted_once_in_its_own_series() {
+        let metrics = Metrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let started = std::time::Instant::now();
+        for _ in 0..3 {
+            metrics.record(labels("a.ns.svc.cluster.local", 200), started);
+        }
+        metrics.record(labels("a.ns.svc.cluster.local", 503), started);
+        // A clone (as each listener holds) counts into the same series.
+        metrics
+            .clone()
+            .record(labels("b.ns.svc.cluster.local", 200), started);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        let value = |metric: &str, service: &str, code: &str| -> String {
+            text.lines()
+                .find(|l| {
+                    l.starts_with(metric)
+                        && l.contains(&format!("destination_service=\"{service}\""))
+                        && l.contains(&format!("response_code=\"{code}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .unwrap_or_else(|| panic!("no {metric} for {service} {code} in:\n{text}"))
+                .to_owned()
+        };
+        assert_eq!(
+            value("istio_requests_total", "a.ns.svc.cluster.local", "200"),
+            "3"
+        );
+        assert_eq!(
+            value("istio_requests_total", "a.ns.svc.cluster.local", "503"),
+            "1"
+        );
+        assert_eq!(
+            value("istio_requests_total", "b.ns.svc.cluster.local", "200"),
+            "1"
+        );
+        let count = "istio_request_duration_milliseconds_count";
+        assert_eq!(value(count, "a.ns.svc.cluster.local", "200"), "3");
+        assert_eq!(value(count, "b.ns.svc.cluster.local", "200"), "1");
     }
 }
