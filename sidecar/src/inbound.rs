@@ -275,9 +275,16 @@ async fn forward(
             if !declared {
                 return Err(ProxyError::TunnelUnsupported);
             }
-            return crate::upgrade::tcp_to_app(app, req, &ctx.drain).await;
+            // Boxed, as the upgrade below: rare, and not to enlarge every request's future.
+            return Box::pin(crate::upgrade::tcp_to_app(app, req, &ctx.drain)).await;
         }
-        return crate::upgrade::to_app(app, caller.xfcc.clone(), req, &ctx.drain).await;
+        return Box::pin(crate::upgrade::to_app(
+            app,
+            caller.xfcc.clone(),
+            req,
+            &ctx.drain,
+        ))
+        .await;
     }
     let (mut parts, body) = req.into_parts();
     check_rate_limits(svc, peer, &parts.headers)?;
