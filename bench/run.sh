@@ -315,34 +315,38 @@ per_request() { # ticks requests [pids] -> CPU microseconds per request ("-" wit
   awk -v t="$1" -v r="${2:-0}" -v u=$TICK_US 'BEGIN{ if (r + 0 > 0) printf "%.1f", t * u / r; else print "-" }'
 }
 declare -A R
+timed() { # OUT CMD...: runs CMD (output in OUT); sets TICKS and GW_TICKS, the CPU the proxies
+  # and the gateways among them spent meanwhile
+  local out=$1 t0 g0
+  shift
+  t0=$(cpu_ticks $PROXIES) g0=$(cpu_ticks $GATEWAYS)
+  timeout $((DURATION + 30)) "$@" >"$out" 2>&1 || true
+  TICKS=$(($(cpu_ticks $PROXIES) - t0)) GW_TICKS=$(($(cpu_ticks $GATEWAYS) - g0))
+}
 
 measure() { # $1 setup, $2 run: fills R[$1.$2.*]
-  local s=$1 n=$2 k="$1.$2" host=() authority=() t0 t1 g0 g1 reqs out limit=$((DURATION + 30))
+  local s=$1 n=$2 k="$1.$2" host=() authority=() reqs out limit=$((DURATION + 30))
   [[ $s == isthmus* ]] && host=(-H "Host: $HOST") authority=(-H ":authority: $HOST")
   # warm up every path (connections, pools, certificates)
   timeout 30 wrk -t2 -c"$CONNS" -d2s "${host[@]}" "$URL" >/dev/null 2>&1 || true
 
-  t0=$(cpu_ticks $PROXIES) g0=$(cpu_ticks $GATEWAYS)
   out=$RAW/$k.wrk
-  timeout $limit wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "${host[@]}" "$URL" >"$out" 2>&1 || true
-  t1=$(cpu_ticks $PROXIES) g1=$(cpu_ticks $GATEWAYS)
+  timed "$out" wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "${host[@]}" "$URL"
   reqs=$(awk '/ requests in /{print $1}' "$out")
   R[$k.h1]=$(awk '/^Requests\/sec:/{printf "%.0f", $2}' "$out")
   R[$k.h1]=${R[$k.h1]:--}
   R[$k.h1err]=$(awk '/^Non-2xx/{s += $NF} /Socket errors/{gsub(",", ""); s += $4 + $6 + $8 + $10} END {print s + 0}' "$out")
-  R[$k.cpu1]=$(per_request $((t1 - t0)) "$reqs")
-  R[$k.gw1]=$(per_request $((g1 - g0)) "$reqs" "$GATEWAYS")
+  R[$k.cpu1]=$(per_request "$TICKS" "$reqs")
+  R[$k.gw1]=$(per_request "$GW_TICKS" "$reqs" "$GATEWAYS")
 
-  t0=$(cpu_ticks $PROXIES) g0=$(cpu_ticks $GATEWAYS)
   out=$RAW/$k.h2load
-  timeout $limit h2load -c"$H2_CONNS" -m"$H2_STREAMS" -t2 -D "$DURATION" "${authority[@]}" "$URL_H2" >"$out" 2>&1 || true
-  t1=$(cpu_ticks $PROXIES) g1=$(cpu_ticks $GATEWAYS)
+  timed "$out" h2load -c"$H2_CONNS" -m"$H2_STREAMS" -t2 -D "$DURATION" "${authority[@]}" "$URL_H2"
   reqs=$(awk '/^requests:/{print $8}' "$out")
   R[$k.h2]=$(awk '/^finished in/{gsub(",", ""); printf "%.0f", $4}' "$out")
   R[$k.h2]=${R[$k.h2]:--}
   R[$k.h2err]=$(awk '/^requests:/{print $10 + $12}' "$out")
-  R[$k.cpu2]=$(per_request $((t1 - t0)) "$reqs")
-  R[$k.gw2]=$(per_request $((g1 - g0)) "$reqs" "$GATEWAYS")
+  R[$k.cpu2]=$(per_request "$TICKS" "$reqs")
+  R[$k.gw2]=$(per_request "$GW_TICKS" "$reqs" "$GATEWAYS")
 
   out=$RAW/$k.rate
   rm -f "$out".log*
