@@ -24,6 +24,10 @@
 #      HOLD=1 (start the setups, print their addresses, wait for Ctrl-C: for profiling)
 # Addresses: 127.0.210.0/24 only, so nothing collides with the demo or the tests.
 set -euo pipefail
+if [ $# -gt 0 ]; then   # no arguments: everything is set through the environment
+  sed -n '2,/^# Addresses/s/^# \{0,1\}//p' "$0"
+  case $1 in -h | --help) exit 0 ;; *) echo "bench/run.sh takes no arguments: $1" >&2; exit 2 ;; esac
+fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SETUPS="${SETUPS:-direct haproxy isthmus isthmus-xc}"
