@@ -19,6 +19,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::errors::ProxyError;
 use crate::pool::ProxyBody;
 
 /// Time to connect to the app; longer is an app (or a machine) under load.
@@ -44,6 +45,18 @@ pub enum AppError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+}
+
+impl From<AppError> for ProxyError {
+    /// Refused is proof the app is not there; any other failed connect may be an app (or a
+    /// machine) under load, and is judged like a 5xx, one of several.
+    fn from(e: AppError) -> Self {
+        match e {
+            AppError::Refused { .. } => ProxyError::AppUnavailable(e.to_string()),
+            AppError::Connect { .. } => ProxyError::AppConnectTimeout(e.to_string()),
+            AppError::Reset { .. } => ProxyError::AppReset(e.to_string()),
+        }
+    }
 }
 
 type Conn = SendRequest<ProxyBody>;

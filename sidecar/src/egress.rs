@@ -170,7 +170,7 @@ pub async fn tunnel(
     Ok(Response::new(crate::pool::empty_body()))
 }
 
-/// A request to a service outside the mesh (see `egress.rs`), after routing: plain HTTP
+/// A request to a service outside the mesh, after routing: plain HTTP
 /// with the caller's (or the route's) authority, no internal headers.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn to_external(
@@ -185,10 +185,9 @@ pub(crate) async fn to_external(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let service = plan.svc.hostname();
     let (asked, asked_port) = crate::outbound::split_host(authority);
-    let addrs =
-        crate::egress::addresses(&plan.svc, port, asked, asked_port.unwrap_or(port.port)).await?;
+    let addrs = addresses(&plan.svc, port, asked, asked_port.unwrap_or(port.port)).await?;
     headers::strip_untrusted(&mut parts.headers);
-    let h2 = &*port.protocol == "http2" || &*port.protocol == "grpc";
+    let h2 = port.speaks_h2();
     let invalid = |_| ProxyError::InvalidRequest(format!("`{authority}{path}` is not a valid URI"));
     if h2 {
         parts.uri = Uri::try_from(format!("http://{authority}{path}")).map_err(invalid)?;
@@ -205,7 +204,7 @@ pub(crate) async fn to_external(
         body,
         ctx.limits.stream_idle_timeout,
     ));
-    let sent = crate::egress::send(
+    let sent = send(
         &service,
         &addrs,
         h2,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -17,8 +17,9 @@ use isthmus_core::identity::SpiffeId;
 use isthmus_core::tls::{ClientAuth, PeerPolicy, TlsIdentity, ALPN_H2};
 use tokio::net::TcpListener;
 
-use crate::app::{AppError, AppPool};
+use crate::app::AppPool;
 use crate::errors::{is_grpc, ProxyError};
+use crate::metrics::fixed::unknown;
 use crate::metrics::{Metrics, RequestLabels};
 use crate::pool::ProxyBody;
 use isthmus_core::headers::{PEER_MAX_HEADER_LIST, PEER_MAX_PENDING_RESETS};
@@ -215,12 +216,6 @@ async fn handle(ctx: &InboundCtx, caller: &Caller, req: Request<Incoming>) -> Re
     resp
 }
 
-/// What metrics say of a value not known (Istio's convention).
-fn unknown() -> Arc<str> {
-    static UNKNOWN: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "unknown".into());
-    UNKNOWN.clone()
-}
-
 /// Applies the LocalRateLimits of the service a request is for.
 fn check_rate_limits(
     svc: Option<&crate::state::Service>,
@@ -297,29 +292,24 @@ async fn forward(
     headers::strip_untrusted(&mut parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(XFCC, caller.xfcc.clone());
-    let path = parts
+    let received = parts
         .uri
         .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let path = received.as_str();
     // The calling sidecar normalized the path already; doing it again costs nothing when
     // there is nothing to do, and keeps what the app sees independent of the caller.
+    let invalid =
+        |e: &dyn std::fmt::Display| ProxyError::InvalidRequest(format!("path `{path}`: {e}"));
     let path_and_query =
         match isthmus_core::path::normalize_target(path, ctx.limits.path_normalization) {
-            Ok(None) => parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-            Ok(Some(normalized)) => PathAndQuery::try_from(normalized)
-                .map_err(|e| ProxyError::InvalidRequest(format!("path `{path}`: {e}")))?,
-            Err(e) => return Err(ProxyError::InvalidRequest(format!("path `{path}`: {e}"))),
+            Ok(None) => received.clone(),
+            Ok(Some(normalized)) => PathAndQuery::try_from(normalized).map_err(|e| invalid(&e))?,
+            Err(e) => return Err(invalid(&e)),
         };
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(http::uri::Scheme::HTTP);
-    uri.authority = Some(app_authority.clone());
-    uri.path_and_query = Some(path_and_query);
-    parts.uri = Uri::from_parts(uri).map_err(|e| ProxyError::AppUnavailable(e.to_string()))?;
+    parts.uri = crate::outbound::http_uri(app_authority.clone(), path_and_query)
+        .map_err(|e| ProxyError::AppUnavailable(e.to_string()))?;
     let sent = if h2 {
         parts.version = Version::HTTP_2;
         let req = Request::from_parts(parts, crate::body::boxed(body));
@@ -346,26 +336,17 @@ async fn forward(
             .send(req)
             .await
             .map(|r| r.map(crate::body::boxed))
-            .map_err(|e| match e {
-                AppError::Refused { .. } => ProxyError::AppUnavailable(e.to_string()),
-                AppError::Connect { .. } => ProxyError::AppConnectTimeout(e.to_string()),
-                AppError::Reset { .. } => ProxyError::AppReset(e.to_string()),
-            })
+            .map_err(ProxyError::from)
     };
-    match sent {
-        Ok(resp) => {
-            let (mut rparts, rbody) = resp.into_parts();
-            headers::strip_hop_by_hop(&mut rparts.headers);
-            // Nothing the app sets may pass for a proxy's signal.
-            headers::strip_untrusted(&mut rparts.headers);
-            ctx.limits
-                .check_headers(&rparts.headers)
-                .map_err(|e| ProxyError::ResponseHeadersTooLarge(e.to_string()))?;
-            let rbody = crate::body::Watched::new(rbody, ctx.limits.stream_idle_timeout);
-            Ok(Response::from_parts(rparts, crate::body::boxed(rbody)))
-        }
-        Err(e) => Err(e),
-    }
+    let (mut rparts, rbody) = sent?.into_parts();
+    headers::strip_hop_by_hop(&mut rparts.headers);
+    // Nothing the app sets may pass for a proxy's signal.
+    headers::strip_untrusted(&mut rparts.headers);
+    ctx.limits
+        .check_headers(&rparts.headers)
+        .map_err(|e| ProxyError::ResponseHeadersTooLarge(e.to_string()))?;
+    let rbody = crate::body::Watched::new(rbody, ctx.limits.stream_idle_timeout);
+    Ok(Response::from_parts(rparts, crate::body::boxed(rbody)))
 }
 
 /// Whether a connect error says the app refused the connection.

@@ -35,18 +35,44 @@ fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS_MS)
 }
 
+/// Label values that do not come from the registry, made once: a clone costs a count.
+pub(crate) mod fixed {
+    use std::sync::{Arc, LazyLock};
+
+    static UNNAMED: LazyLock<Arc<str>> = LazyLock::new(|| "".into());
+    static UNKNOWN: LazyLock<Arc<str>> = LazyLock::new(|| "unknown".into());
+    static EXTERNAL: LazyLock<Arc<str>> = LazyLock::new(|| crate::egress::CLUSTER.into());
+
+    /// The service or cluster of a request that names none (refused before routing, or
+    /// answered by the route itself).
+    pub fn unnamed() -> Arc<str> {
+        UNNAMED.clone()
+    }
+
+    /// A value not known (Istio's convention).
+    pub fn unknown() -> Arc<str> {
+        UNKNOWN.clone()
+    }
+
+    /// The cluster of a service outside the mesh.
+    pub fn external() -> Arc<str> {
+        EXTERNAL.clone()
+    }
+}
+
 /// FNV-1a: the label sets hashed per request are short and come from the registry (never
 /// from request text), so a cheap hash serves; std's SipHash cost more than the counting.
-#[derive(Default)]
 struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
 
 impl std::hash::Hasher for Fnv {
     fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 {
-            0xcbf2_9ce4_8422_2325
-        } else {
-            self.0
-        };
+        let mut h = self.0;
         for b in bytes {
             h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
         }

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use crate::attempt::{attempts, Plan, ReqBody, RetryPolicy};
 use crate::errors::{is_grpc, ProxyError};
 use crate::ingress::Limits;
+use crate::metrics::fixed::{external, unnamed};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::pool::{Pool, ProxyBody};
 use crate::routing_table::{apply_header_op, pick_weighted, rewrite_path, sampled, RequestView};
@@ -166,6 +167,18 @@ fn server(limits: &Limits) -> hyper_util::server::conn::auto::Builder<TokioExecu
     builder
 }
 
+/// `http://<authority><path>` put together from parts: nothing formatted or parsed again.
+pub(crate) fn http_uri(
+    authority: http::uri::Authority,
+    path_and_query: PathAndQuery,
+) -> Result<Uri, http::uri::InvalidUriParts> {
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(authority);
+    uri.path_and_query = Some(path_and_query);
+    Uri::from_parts(uri)
+}
+
 pub(crate) fn split_host(host: &str) -> (&str, Option<u16>) {
     match host.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse() {
@@ -271,12 +284,6 @@ fn reason_label(r: &str) -> &'static str {
         "response-headers-too-large" => "response-headers-too-large",
         _ => "other",
     }
-}
-
-/// The service or cluster name of a request that names none.
-fn unnamed() -> Arc<str> {
-    static NONE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "".into());
-    NONE.clone()
 }
 
 /// A response, or the error to answer with; with the service (and the cluster that
@@ -562,7 +569,7 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
     if let Some(LoadBalancer::ConsistentHash(on)) = plan.selection().load_balancer.cloned() {
         (plan.hash, set_cookie) = hash_key(&on, &parts);
     }
-    let app_protocol = if &*dest_port.protocol == "http2" || &*dest_port.protocol == "grpc" {
+    let app_protocol = if dest_port.speaks_h2() {
         "http2"
     } else {
         "http"
@@ -582,21 +589,16 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
         .map_err(|e| (e, service.clone()))?;
         return Ok((resp, service, external()));
     }
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(http::uri::Scheme::HTTP);
-    uri.authority = Some(match authority_rewrite.as_deref() {
-        Some(a) => a
-            .parse()
-            .map_err(|_| (ProxyError::NoHost, service.clone()))?,
+    let no_host = || (ProxyError::NoHost, service.clone());
+    let authority = match authority_rewrite.as_deref() {
+        Some(a) => a.parse().map_err(|_| no_host())?,
         None => plan.authority.clone(),
-    });
-    uri.path_and_query = Some(match path {
+    };
+    let path_and_query = match path {
         Cow::Borrowed(_) => original_path.clone(),
-        Cow::Owned(ref p) => p
-            .parse()
-            .map_err(|_| (ProxyError::NoHost, service.clone()))?,
-    });
-    parts.uri = Uri::from_parts(uri).map_err(|_| (ProxyError::NoHost, service.clone()))?;
+        Cow::Owned(ref p) => p.parse().map_err(|_| no_host())?,
+    };
+    parts.uri = http_uri(authority, path_and_query).map_err(|_| no_host())?;
     parts.version = Version::HTTP_2;
     if let Some((proto, client)) = upgrade {
         let resp = Box::pin(crate::upgrade::through(
@@ -640,13 +642,6 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
         resp.headers_mut().append(http::header::SET_COOKIE, c);
     }
     Ok((resp, service, cluster))
-}
-
-/// What responses and metrics name as the cluster of a service outside the mesh.
-fn external() -> Arc<str> {
-    static NAME: std::sync::LazyLock<Arc<str>> =
-        std::sync::LazyLock::new(|| crate::egress::CLUSTER.into());
-    NAME.clone()
 }
 
 /// An app's `CONNECT host:port`: an opaque TCP tunnel to a port of a mesh service.

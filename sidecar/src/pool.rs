@@ -100,11 +100,18 @@ struct Pooled {
 }
 
 impl Pooled {
-    /// Open, not worn out (`maxRequestsPerConnection`) and not idle past `idle`.
-    fn usable(&self, max_uses: Option<u32>, idle: Option<Duration>) -> bool {
+    /// The connection for one more request, if it is open, not worn out
+    /// (`maxRequestsPerConnection`) and not idle past `idle`; counts the use.
+    fn take(&mut self, max_uses: Option<u32>, idle: Option<Duration>) -> Option<H2> {
         let worn = max_uses.is_some_and(|m| self.uses >= m);
         let stale = idle.is_some_and(|i| self.last_used.elapsed() > i);
-        !self.h2.is_closed() && !worn && !stale
+        if self.h2.is_closed() || worn || stale {
+            return None;
+        }
+        self.uses += 1;
+        self.last_used = std::time::Instant::now();
+        self.idle = idle;
+        Some(self.h2.clone())
     }
 }
 
@@ -244,15 +251,8 @@ impl Pool {
             .get(key)?
             .clone();
         let mut guard = slot.try_lock().ok()?;
-        let p = guard.as_mut()?;
         let idle = Some(opts.idle.unwrap_or(self.idle_default));
-        if !p.usable(opts.max_uses, idle) {
-            return None;
-        }
-        p.uses += 1;
-        p.last_used = std::time::Instant::now();
-        p.idle = idle;
-        Some(p.h2.clone())
+        guard.as_mut()?.take(opts.max_uses, idle)
     }
 
     /// Returns the open connection for `key`, or makes one. Concurrent callers share one
@@ -277,13 +277,11 @@ impl Pool {
         };
         let slot = self.slot(key);
         let mut guard = slot.lock().await;
-        if let Some(p) = guard.as_mut() {
-            if p.usable(opts.max_uses, opts.idle) {
-                p.uses += 1;
-                p.last_used = std::time::Instant::now();
-                p.idle = opts.idle;
-                return Ok(p.h2.clone());
-            }
+        if let Some(h2) = guard
+            .as_mut()
+            .and_then(|p| p.take(opts.max_uses, opts.idle))
+        {
+            return Ok(h2);
         }
         // A retired connection closes by itself once its requests in flight finish.
         *guard = None;

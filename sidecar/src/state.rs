@@ -45,6 +45,11 @@ pub struct Port {
 }
 
 impl Port {
+    /// Whether the service speaks HTTP/2 on this port (`http2` or `grpc`).
+    pub fn speaks_h2(&self) -> bool {
+        matches!(&*self.protocol, "http2" | "grpc")
+    }
+
     /// The authority of requests to `port` of the service named `host` (the host is a
     /// registry name: a valid authority, else the service's own name is not reachable).
     pub fn authority_of(host: &str, port: u16) -> http::uri::Authority {

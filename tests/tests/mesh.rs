@@ -5,6 +5,17 @@ use std::time::Duration;
 
 use isthmus_tests::{eventually, metric_sum, AppClient, Mesh};
 
+/// Two clusters: `echo` served only in west, a client in east; the client's outbound address.
+async fn echo_in_west_client_in_east() -> anyhow::Result<(Mesh, std::net::SocketAddr)> {
+    let mut mesh = Mesh::start(&["east", "west"]).await?;
+    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    Ok((mesh, outbound))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_in_one_cluster_carries_the_callers_spiffe_id() -> anyhow::Result<()> {
     let mut mesh = Mesh::start(&["east"]).await?;
@@ -63,12 +74,7 @@ async fn request_in_one_cluster_carries_the_callers_spiffe_id() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_from_east_reaches_a_service_only_in_west_through_both_gateways(
 ) -> anyhow::Result<()> {
-    let mut mesh = Mesh::start(&["east", "west"]).await?;
-    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
-        .await?;
-    mesh.add_workload("east", "client", None, "frontend")
-        .await?;
-    let outbound = mesh.workload("east", "client").outbound();
+    let (mut mesh, outbound) = echo_in_west_client_in_east().await?;
     let client = AppClient::new();
     let reply = eventually(
         "echo in west reachable from east",
@@ -166,12 +172,7 @@ async fn an_app_cannot_forge_the_caller_identity() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_and_grpc_clients_work_across_clusters() -> anyhow::Result<()> {
-    let mut mesh = Mesh::start(&["east", "west"]).await?;
-    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
-        .await?;
-    mesh.add_workload("east", "client", None, "frontend")
-        .await?;
-    let outbound = mesh.workload("east", "client").outbound();
+    let (_mesh, outbound) = echo_in_west_client_in_east().await?;
     let reply = eventually(
         "echo reachable over HTTP/2",
         Duration::from_secs(10),
@@ -278,12 +279,7 @@ async fn websocket_echo(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_work_across_clusters() -> anyhow::Result<()> {
-    let mut mesh = Mesh::start(&["east", "west"]).await?;
-    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
-        .await?;
-    mesh.add_workload("east", "client", None, "frontend")
-        .await?;
-    let outbound = mesh.workload("east", "client").outbound();
+    let (_mesh, outbound) = echo_in_west_client_in_east().await?;
     let (head, sent, back) = eventually("a WebSocket to west", Duration::from_secs(10), || {
         websocket_echo(outbound, "echo.demo.svc.cluster.local")
     })
@@ -321,12 +317,7 @@ async fn tcp_echo(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opaque_tcp_works_across_clusters() -> anyhow::Result<()> {
-    let mut mesh = Mesh::start(&["east", "west"]).await?;
-    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
-        .await?;
-    mesh.add_workload("east", "client", None, "frontend")
-        .await?;
-    let outbound = mesh.workload("east", "client").outbound();
+    let (_mesh, outbound) = echo_in_west_client_in_east().await?;
     let target = format!(
         "echo.demo.svc.cluster.local:{}",
         isthmus_tests::TCP_ECHO_PORT
@@ -391,12 +382,7 @@ async fn expect_continue_and_chunked_bodies_pass_through() -> anyhow::Result<()>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_virtual_service_routes_a_service_that_only_another_cluster_runs() -> anyhow::Result<()> {
-    let mut mesh = Mesh::start(&["east", "west"]).await?;
-    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
-        .await?;
-    mesh.add_workload("east", "client", None, "frontend")
-        .await?;
-    let outbound = mesh.workload("east", "client").outbound();
+    let (mut mesh, outbound) = echo_in_west_client_in_east().await?;
     let client = AppClient::new();
     let host = "echo.demo.svc.cluster.local";
     eventually(
