@@ -187,9 +187,23 @@ struct ControllerArgs {
     /// Trust domain of every SPIFFE ID in the mesh.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
-    /// Folder of YAML documents: Services, WorkloadEntries, ServiceExports.
+    /// Folder of YAML documents: Services, WorkloadEntries, ServiceExports and Istio's
+    /// traffic kinds, watched for changes (the file adapter).
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    config_dir: Option<PathBuf>,
+    /// Read the cluster from the Kubernetes API server instead of a folder: Services,
+    /// EndpointSlices, Pods, Nodes, and the mesh config as custom resources.
     #[arg(long)]
-    config_dir: PathBuf,
+    kubernetes: bool,
+    /// The kubeconfig to reach the API server with (its current context). Without it, as
+    /// kubectl finds one ($KUBECONFIG, ~/.kube/config), or the pod's service account when
+    /// running in a cluster.
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
     /// Folder for the cluster CA, keys and the last global registry.
     #[arg(long)]
     state_dir: PathBuf,
@@ -625,7 +639,12 @@ async fn run(
             let config = isthmus_controller::Config {
                 cluster: a.cluster,
                 trust_domain: a.trust_domain,
-                config_dir: a.config_dir,
+                source: match a.config_dir {
+                    Some(dir) => isthmus_controller::ConfigSource::Files(dir),
+                    None => isthmus_controller::ConfigSource::Kubernetes {
+                        kubeconfig: a.kubeconfig,
+                    },
+                },
                 state_dir: a.state_dir,
                 grpc_addr: a.listen,
                 admin_addr: a.admin,
@@ -636,7 +655,7 @@ async fn run(
                 workload_cert_ttl: a.workload_cert_ttl,
                 push_debounce: a.push_debounce,
             };
-            tracing::info!(cluster = %config.cluster, config_dir = %config.config_dir.display(), "starting controller");
+            tracing::info!(cluster = %config.cluster, source = %config.source, "starting controller");
             serve!(isthmus_controller::build(config).await?, exit_with_stdin)
         }
         Command::Gateway(a) => {

@@ -1,7 +1,7 @@
 //! The cluster controller: one per cluster.
 //!
-//! In: the cluster's config folder (Services, WorkloadEntries, ServiceExports; the embedded
-//! file adapter), health reports and gateway addresses from its proxies' discovery streams,
+//! In: the cluster's services, workloads and mesh config from its platform adapter (a
+//! folder of YAML, the embedded default, or the Kubernetes API server), health reports and gateway addresses from its proxies' discovery streams,
 //! and the merged global registry from the federation.
 //! Out: per-proxy config pushed over xDS-style delta streams (`discovery`), workload
 //! certificates signed by the cluster's intermediate CA (`ca`), and the cluster's exports
@@ -44,8 +44,8 @@ pub struct Config {
     pub cluster: String,
     /// Trust domain of the mesh; must match the federation's.
     pub trust_domain: String,
-    /// Folder of YAML documents (the file adapter).
-    pub config_dir: PathBuf,
+    /// Where the cluster's services, workloads and mesh config come from.
+    pub source: ConfigSource,
     /// Where the CA, keys and last global registry are kept.
     pub state_dir: PathBuf,
     /// gRPC listener for config streams and the CA (15012).
@@ -65,6 +65,80 @@ pub struct Config {
     pub workload_cert_ttl: Duration,
     /// Config and health changes within this window go out in one push.
     pub push_debounce: Duration,
+}
+
+/// The platform adapter a controller reads its cluster from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// A folder of YAML documents, watched (the embedded default).
+    Files(PathBuf),
+    /// The Kubernetes API server: Services, EndpointSlices, Pods and Nodes, and the mesh
+    /// config as custom resources. `None`: found as kubectl finds it, or the pod's own
+    /// service account in a cluster.
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigSource::Files(dir) => write!(f, "folder {}", dir.display()),
+            ConfigSource::Kubernetes {
+                kubeconfig: Some(k),
+            } => {
+                write!(f, "Kubernetes (kubeconfig {})", k.display())
+            }
+            ConfigSource::Kubernetes { kubeconfig: None } => f.write_str("Kubernetes"),
+        }
+    }
+}
+
+/// The first config set of a source, and the task that keeps it current.
+struct Loaded {
+    initial: isthmus_core::config::ConfigSet,
+    status: LoadStatus,
+    run: Box<
+        dyn FnOnce(
+                watch::Sender<Arc<isthmus_core::config::ConfigSet>>,
+                watch::Sender<LoadStatus>,
+            ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+            + Send,
+    >,
+}
+
+async fn load(source: &ConfigSource) -> anyhow::Result<Loaded> {
+    match source {
+        ConfigSource::Files(dir) => {
+            let (folder, initial, status, last_good) = isthmus_core::config::watch::initial(dir)
+                .map_err(|e| anyhow::anyhow!("config in {} is unreadable:\n{e}", dir.display()))?;
+            Ok(Loaded {
+                initial,
+                status,
+                run: Box::new(move |config, status| {
+                    Box::pin(isthmus_core::config::watch::run(
+                        folder, last_good, config, status,
+                    ))
+                }),
+            })
+        }
+        ConfigSource::Kubernetes { kubeconfig } => {
+            let client = isthmus_kubernetes::client(kubeconfig.as_deref()).await?;
+            let source = isthmus_kubernetes::Source::start(client).await?;
+            let mut last_good = isthmus_core::config::LastGood::default();
+            let (initial, rejected) = source.admit(&mut last_good);
+            for e in &rejected {
+                tracing::warn!(error = %e, "config object rejected");
+            }
+            let mut status = LoadStatus::default();
+            status.record(&initial, rejected, true);
+            Ok(Loaded {
+                initial,
+                status,
+                run: Box::new(move |config, status| {
+                    Box::pin(isthmus_kubernetes::run(source, last_good, config, status))
+                }),
+            })
+        }
+    }
 }
 
 /// A running controller.
@@ -98,13 +172,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let grpc = TcpListener::bind(config.grpc_addr)
         .await
         .with_context(|| format!("binding controller gRPC on {}", config.grpc_addr))?;
-    let (folder, initial, initial_status, last_good) =
-        isthmus_core::config::watch::initial(&config.config_dir).map_err(|e| {
-            anyhow::anyhow!(
-                "config in {} is unreadable:\n{e}",
-                config.config_dir.display()
-            )
-        })?;
+    let Loaded {
+        initial,
+        status: initial_status,
+        run: keep_loading,
+    } = load(&config.source).await?;
     let state = trust::ClusterState::load_or_join(&config).await?;
     tracing::info!(cluster = %config.cluster, trust_domain = %state.trust_domain, "cluster CA ready");
 
@@ -155,9 +227,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let tls = state
         .identity
         .server_config(auth, &[isthmus_core::tls::ALPN_H2]);
-    running.spawn(isthmus_core::config::watch::run(
-        folder, last_good, config_tx, status_tx,
-    ));
+    running.spawn(keep_loading(config_tx, status_tx));
     running.spawn(admin.run(drain.clone()));
     running.spawn(registry.clone().run(config.push_debounce));
     let link = federation::Link {

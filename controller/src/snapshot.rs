@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use isthmus_core::config::watch::LoadStatus;
-use isthmus_core::config::{ConfigSet, NamespacedName, Service, TargetPort, WorkloadEntry};
+use isthmus_core::config::{ConfigSet, Member, NamespacedName, Service, TargetPort, WorkloadEntry};
 use isthmus_core::identity::SpiffeId;
 use isthmus_proto::discovery as xds;
 use isthmus_proto::federation as fed;
@@ -415,11 +415,10 @@ impl Registry {
         });
     }
 
-    fn endpoint(
-        &self,
-        w: &WorkloadEntry,
-        health: &BTreeMap<NamespacedName, Health>,
-    ) -> xds::Endpoint {
+    /// An endpoint as proxies see it: healthy when the platform says it is ready (always,
+    /// outside Kubernetes) and its sidecar reports no fault.
+    fn endpoint(&self, m: Member<'_>, health: &BTreeMap<NamespacedName, Health>) -> xds::Endpoint {
+        let w = m.workload;
         xds::Endpoint {
             workload: w.key.to_string(),
             tunnel_address: std::net::SocketAddr::new(w.address, TUNNEL_PORT).to_string(),
@@ -430,7 +429,7 @@ impl Registry {
                 &w.service_account,
             )
             .to_string(),
-            healthy: health.get(&w.key).copied().unwrap_or_default().is_healthy(),
+            healthy: m.ready && health.get(&w.key).copied().unwrap_or_default().is_healthy(),
             labels: w.labels.clone(),
         }
     }
@@ -439,7 +438,7 @@ impl Registry {
         &self,
         config: &ConfigSet,
         svc: &Service,
-        selected: &[&WorkloadEntry],
+        selected: &[Member<'_>],
         health: &BTreeMap<NamespacedName, Health>,
     ) -> xds::Service {
         xds::Service {
@@ -452,10 +451,10 @@ impl Registry {
                     name: p.name.clone(),
                     port: u32::from(p.port),
                     protocol: p.protocol.as_str().to_owned(),
-                    target_port: target_port(p, selected.first().copied()),
+                    target_port: target_port(p, selected.first().map(|m| m.workload)),
                 })
                 .collect(),
-            endpoints: selected.iter().map(|w| self.endpoint(w, health)).collect(),
+            endpoints: selected.iter().map(|m| self.endpoint(*m, health)).collect(),
             remote: Vec::new(),
             routing: config.routing.get(&svc.key).map(Into::into),
             export_to: svc.export_to.clone(),
@@ -491,16 +490,16 @@ impl Registry {
         let mut serves: BTreeMap<NamespacedName, BTreeSet<String>> = BTreeMap::new();
         let selection = config.selection();
         for svc in config.services.values() {
-            let selected = selection.selected(svc);
+            let selected = selection.members(svc);
             let local = self.local_service(&config, svc, &selected, health);
             // A service outside the mesh is reached from each cluster directly.
             if config.exports.contains(&svc.key) && svc.external.is_none() {
                 exports.push(export_of(&local));
             }
             if !config.sidecars.is_empty() {
-                for w in &selected {
+                for m in &selected {
                     serves
-                        .entry(w.key.clone())
+                        .entry(m.workload.key.clone())
                         .or_default()
                         .insert(svc.key.to_string());
                 }
@@ -708,14 +707,16 @@ impl Registry {
         let config = self.config();
         let health = lock(&self.inner.health).clone();
         let global = self.inner.global.borrow().clone();
+        let selection = config.selection();
         let services: Vec<serde_json::Value> = config
             .services
             .values()
             .map(|svc| {
-                let eps: Vec<serde_json::Value> = config
-                    .selected(svc)
-                    .map(|w| {
-                        let ep = self.endpoint(w, &health);
+                let eps: Vec<serde_json::Value> = selection
+                    .members(svc)
+                    .into_iter()
+                    .map(|m| {
+                        let ep = self.endpoint(m, &health);
                         serde_json::json!({"workload": ep.workload, "address": ep.tunnel_address, "healthy": ep.healthy, "identity": ep.identity})
                     })
                     .collect();

@@ -20,7 +20,10 @@ use std::fmt;
 use std::net::IpAddr;
 
 pub use istio::{grpc_code, parse_duration_ms};
-pub use load::{admit, load_dir, load_files, parse_documents, read_path, LastGood, SourceFile};
+pub use load::{
+    admit, admit_on, load_dir, load_files, parse_documents, parse_object, read_path, LastGood,
+    ParsedFiles, SourceFile,
+};
 pub use validate::resolve_host;
 
 use crate::locality::Locality;
@@ -179,10 +182,37 @@ pub fn visible(export_to: &[String], owner: &str, namespace: &str) -> bool {
 pub struct WorkloadEntry {
     pub key: NamespacedName,
     pub address: IpAddr,
+    /// Named ports (a pod's named container ports), which named target ports resolve to.
     pub ports: BTreeMap<String, u16>,
     pub labels: BTreeMap<String, String>,
     pub locality: Locality,
     pub service_account: String,
+}
+
+/// One endpoint of a service as the platform lists it (an entry of a Kubernetes
+/// EndpointSlice): the workload behind it and whether it may take new requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub workload: NamespacedName,
+    /// Ready and not terminating (`conditions.ready` of the EndpointSlice).
+    pub ready: bool,
+}
+
+/// What a platform adapter reads from the platform itself rather than from config
+/// documents: its services, its workloads (pods), and which workloads each service's
+/// endpoints are. Admission starts from it and adds the config documents.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Platform {
+    pub services: BTreeMap<NamespacedName, Service>,
+    pub workloads: BTreeMap<NamespacedName, WorkloadEntry>,
+    pub endpoints: BTreeMap<NamespacedName, Vec<Endpoint>>,
+}
+
+/// A workload serving a service, and whether it may take new requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Member<'a> {
+    pub workload: &'a WorkloadEntry,
+    pub ready: bool,
 }
 
 /// One validated, consistent set of documents.
@@ -190,6 +220,9 @@ pub struct WorkloadEntry {
 pub struct ConfigSet {
     pub services: BTreeMap<NamespacedName, Service>,
     pub workloads: BTreeMap<NamespacedName, WorkloadEntry>,
+    /// Services whose endpoints the platform lists (Kubernetes EndpointSlices), by service.
+    /// A service not here is served by the workloads its selector picks.
+    pub endpoints: BTreeMap<NamespacedName, Vec<Endpoint>>,
     pub exports: BTreeSet<NamespacedName>,
     /// VirtualService and DestinationRule settings, by the service they apply to.
     pub routing: BTreeMap<NamespacedName, crate::routing::ServiceRouting>,
@@ -208,9 +241,36 @@ pub struct ConfigSet {
 /// time. Build it once per config set with [`ConfigSet::selection`].
 pub struct Selection<'a> {
     by_label: std::collections::HashMap<(&'a str, &'a str, &'a str), Vec<&'a WorkloadEntry>>,
+    workloads: &'a BTreeMap<NamespacedName, WorkloadEntry>,
+    endpoints: &'a BTreeMap<NamespacedName, Vec<Endpoint>>,
 }
 
 impl<'a> Selection<'a> {
+    /// The workloads serving `svc`: its endpoints as the platform lists them, else the
+    /// workloads its selector picks (all ready; their sidecars report their health).
+    pub fn members(&self, svc: &'a Service) -> Vec<Member<'a>> {
+        match self.endpoints.get(&svc.key) {
+            Some(eps) => eps
+                .iter()
+                .filter_map(|ep| {
+                    let workload = self.workloads.get(&ep.workload)?;
+                    Some(Member {
+                        workload,
+                        ready: ep.ready,
+                    })
+                })
+                .collect(),
+            None => self
+                .selected(svc)
+                .into_iter()
+                .map(|workload| Member {
+                    workload,
+                    ready: true,
+                })
+                .collect(),
+        }
+    }
+
     /// Workloads `svc` selects, as [`ConfigSet::selected`] finds them.
     pub fn selected(&self, svc: &'a Service) -> Vec<&'a WorkloadEntry> {
         let Some((k, v)) = svc.selector.iter().next() else {
@@ -241,7 +301,11 @@ impl ConfigSet {
                     .push(w);
             }
         }
-        Selection { by_label }
+        Selection {
+            by_label,
+            workloads: &self.workloads,
+            endpoints: &self.endpoints,
+        }
     }
 
     /// The service `host` names, seen from `namespace`: a Kubernetes-style name of a

@@ -221,7 +221,7 @@ impl Mesh {
         let bound = isthmus_controller::build(isthmus_controller::Config {
             cluster: c.name.clone(),
             trust_domain: TRUST_DOMAIN.into(),
-            config_dir: c.config_dir.clone(),
+            source: isthmus_controller::ConfigSource::Files(c.config_dir.clone()),
             state_dir: c.state_dir.clone(),
             grpc_addr: c.controller_addr,
             admin_addr: SocketAddr::new(IpAddr::V4(ip(c.block, c.index, 1)), 15014),

@@ -252,6 +252,19 @@ pub fn parse_file(file: &SourceFile) -> ParsedFiles {
     out
 }
 
+/// Parses one object read from a platform's API (a Kubernetes custom resource), named in
+/// faults by `source` (where it came from) as a one-document file would be.
+pub fn parse_object(source: &str, value: serde_yaml_ng::Value) -> ParsedFiles {
+    let mut out = ParsedFiles::default();
+    match parse_document(source, 1, value) {
+        Ok(Parsed::Document(doc)) => out.documents.push(*doc),
+        Ok(Parsed::Skipped(note)) => out.notes.push(note),
+        Ok(Parsed::Empty) => {}
+        Err(e) => out.errors.push(e),
+    }
+    out
+}
+
 /// Parses every document of every file, collecting all faults.
 pub fn parse_documents(files: &[SourceFile]) -> ParsedFiles {
     let mut all = ParsedFiles::default();
@@ -301,12 +314,22 @@ pub fn admit(files: &[SourceFile], last: &mut LastGood) -> (ConfigSet, Vec<Confi
 
 /// [`admit`] for files already parsed (the watcher re-parses only the files that changed).
 pub fn admit_parsed(parsed: ParsedFiles, last: &mut LastGood) -> (ConfigSet, Vec<ConfigError>) {
+    admit_on(&super::Platform::default(), parsed, last)
+}
+
+/// [`admit_parsed`] on top of what a platform adapter read from the platform (services,
+/// pods and endpoints), which the documents may refer to but not redefine.
+pub fn admit_on(
+    platform: &super::Platform,
+    parsed: ParsedFiles,
+    last: &mut LastGood,
+) -> (ConfigSet, Vec<ConfigError>) {
     let ParsedFiles {
         documents: docs,
         mut errors,
         notes,
     } = parsed;
-    let mut first = validate::build(docs.clone());
+    let mut first = validate::build_on(platform, docs.clone());
     errors.append(&mut first.rejected);
     let rejected: BTreeSet<String> = errors.iter().filter_map(|e| e.object.clone()).collect();
     // Faults that name no object (not YAML, no kind, an unknown mesh kind): the objects
@@ -337,7 +360,7 @@ pub fn admit_parsed(parsed: ParsedFiles, last: &mut LastGood) -> (ConfigSet, Vec
     let admission = if errors.is_empty() {
         first
     } else {
-        validate::build(kept.clone())
+        validate::build_on(platform, kept.clone())
     };
     let failed: BTreeSet<String> = admission
         .rejected

@@ -356,7 +356,7 @@ fn check_targets(
 ) {
     let selection = set.selection();
     for svc in set.services.values() {
-        for w in selection.selected(svc) {
+        for w in selection.members(svc).into_iter().map(|m| m.workload) {
             for (i, p) in svc.ports.iter().enumerate() {
                 if let TargetPort::Named(name) = &p.target_port {
                     if !w.ports.contains_key(name) {
@@ -420,8 +420,18 @@ pub struct Admission {
 
 /// Admits each object on its own.
 pub fn build(docs: Vec<Document>) -> Admission {
+    build_on(&super::Platform::default(), docs)
+}
+
+/// Admits each object on its own, on top of what the platform lists.
+pub fn build_on(platform: &super::Platform, docs: Vec<Document>) -> Admission {
     let mut errors = Vec::new();
-    let mut set = ConfigSet::default();
+    let mut set = ConfigSet {
+        services: platform.services.clone(),
+        workloads: platform.workloads.clone(),
+        endpoints: platform.endpoints.clone(),
+        ..ConfigSet::default()
+    };
     let mut locations: BTreeMap<(&'static str, NamespacedName), (String, usize)> = BTreeMap::new();
     for doc in &docs {
         let ns = doc.namespace();
@@ -451,6 +461,16 @@ pub fn build(docs: Vec<Document>) -> Admission {
         }
         locations.insert((kind, key.clone()), (doc.file.clone(), doc.index));
         match &doc.body {
+            DocumentBody::Service(_) | DocumentBody::WorkloadEntry(_)
+                if platform.services.contains_key(&key)
+                    || platform.workloads.contains_key(&key) =>
+            {
+                c.fail(
+                    Code::Duplicate,
+                    "metadata.name",
+                    format!("the platform already has {key} (a Kubernetes Service or pod)"),
+                );
+            }
             DocumentBody::Service(spec) => {
                 if let Some(s) = service(&mut c, spec) {
                     set.services.insert(key, s);

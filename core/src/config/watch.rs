@@ -58,7 +58,7 @@ pub struct LoadStatus {
 
 impl LoadStatus {
     /// The status after admitting `set` with `rejected` objects.
-    fn record(&mut self, set: &ConfigSet, rejected: Vec<ConfigError>, changed: bool) {
+    pub fn record(&mut self, set: &ConfigSet, rejected: Vec<ConfigError>, changed: bool) {
         self.accepted += u64::from(changed);
         self.rejected += u64::from(!rejected.is_empty());
         self.last_errors = (!rejected.is_empty()).then_some(ConfigErrors(rejected));

@@ -1,0 +1,264 @@
+//! Watching the cluster and publishing what it admits.
+//!
+//! One kube-rs watcher per kind feeds a reflector store. Each one lists its kind, watches
+//! from the list's `resourceVersion`, and lists again after a 410 Gone or a broken stream,
+//! with backoff while the API server is away. Any event pokes the rebuild loop. The loop
+//! lets a burst settle for [`SETTLE`], then rebuilds the config set from the stores: the
+//! platform model first, then every mesh config object admitted on its own on top of it.
+//! It publishes the set if it changed. A rejected object keeps its last admitted version,
+//! as in the file adapter.
+//!
+//! A mesh kind whose CRD is not installed is not watched, and a warning says so. Install
+//! the CRDs (`isthmus install crds`) before the controller starts, or restart the
+//! controller after installing them.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use isthmus_core::config::watch::LoadStatus;
+use isthmus_core::config::{admit_on, ConfigSet, LastGood, ParsedFiles};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DynamicObject, ListParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+
+use crate::platform::{self, Objects};
+use crate::resources::{self, MeshKind, MESH_KINDS};
+
+/// A burst of events (a Deployment rolling, a namespace applied) is one rebuild.
+pub const SETTLE: Duration = Duration::from_millis(20);
+/// How often the wait for the first lists says what it still waits for.
+const WAIT_REPORT: Duration = Duration::from_secs(10);
+
+/// The cluster as the watchers last saw it.
+pub struct Source {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    pods: Store<Pod>,
+    nodes: Store<Node>,
+    mesh: Vec<(MeshKind, Store<DynamicObject>)>,
+    changed: Arc<Notify>,
+    /// The watchers; they stop when the source is dropped.
+    _tasks: JoinSet<()>,
+}
+
+/// Runs a watcher of `api` into a new store, poking `changed` on every event.
+fn watch_into<K>(
+    tasks: &mut JoinSet<()>,
+    api: Api<K>,
+    dyntype: K::DynamicType,
+    what: String,
+    changed: Arc<Notify>,
+) -> Store<K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync,
+    K: 'static,
+    K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync + 'static,
+{
+    let writer = reflector::store::Writer::new(dyntype);
+    let store = writer.as_reader();
+    let stream = reflector::reflector(
+        writer,
+        watcher::watcher(api, watcher::Config::default()).default_backoff(),
+    );
+    tasks.spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut failing = false;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => {
+                    if failing {
+                        tracing::info!(kind = %what, "watching again");
+                        failing = false;
+                    }
+                    changed.notify_one();
+                }
+                Err(e) if !failing => {
+                    tracing::warn!(kind = %what, error = %e, "watch failed; retrying with backoff");
+                    failing = true;
+                }
+                Err(e) => tracing::debug!(kind = %what, error = %e, "watch failed again"),
+            }
+        }
+    });
+    store
+}
+
+/// Whether the API server serves `kind`: its CRD is installed. Other failures (the
+/// server unreachable) are retried until it answers.
+async fn served(client: &kube::Client, kind: &MeshKind) -> bool {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &kind.api_resource());
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match api.list(&ListParams::default().limit(1)).await {
+            Ok(_) => return true,
+            Err(kube::Error::Api(s)) if s.code == 404 => return false,
+            Err(e) => {
+                tracing::warn!(kind = %kind.resource(), error = %e, "cannot list; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+impl Source {
+    /// Starts the watchers and returns once every watched kind has been listed, so the
+    /// first config set published is the whole cluster, never a part of it.
+    pub async fn start(client: kube::Client) -> anyhow::Result<Self> {
+        let changed = Arc::new(Notify::new());
+        let mut tasks = JoinSet::new();
+        let c = &client;
+        let services = watch_into(
+            &mut tasks,
+            Api::all(c.clone()),
+            (),
+            "Service".into(),
+            changed.clone(),
+        );
+        let slices = watch_into(
+            &mut tasks,
+            Api::all(c.clone()),
+            (),
+            "EndpointSlice".into(),
+            changed.clone(),
+        );
+        let pods = watch_into(
+            &mut tasks,
+            Api::all(c.clone()),
+            (),
+            "Pod".into(),
+            changed.clone(),
+        );
+        let nodes = watch_into(
+            &mut tasks,
+            Api::all(c.clone()),
+            (),
+            "Node".into(),
+            changed.clone(),
+        );
+        let mut mesh = Vec::new();
+        for kind in MESH_KINDS {
+            if !served(c, kind).await {
+                tracing::warn!(
+                    kind = %kind.resource(),
+                    "not served by this cluster (CRD not installed): objects of this kind are not read; install the CRDs with `isthmus install crds` and restart the controller"
+                );
+                continue;
+            }
+            let ar = kind.api_resource();
+            let store = watch_into(
+                &mut tasks,
+                Api::all_with(c.clone(), &ar),
+                ar,
+                kind.resource(),
+                changed.clone(),
+            );
+            mesh.push((*kind, store));
+        }
+        let source = Self {
+            services,
+            slices,
+            pods,
+            nodes,
+            mesh,
+            changed,
+            _tasks: tasks,
+        };
+        source.wait_listed().await;
+        Ok(source)
+    }
+
+    async fn wait_listed(&self) {
+        let all = futures::future::join_all(
+            [
+                self.services.wait_until_ready().boxed(),
+                self.slices.wait_until_ready().boxed(),
+                self.pods.wait_until_ready().boxed(),
+                self.nodes.wait_until_ready().boxed(),
+            ]
+            .into_iter()
+            .chain(self.mesh.iter().map(|(_, s)| s.wait_until_ready().boxed())),
+        );
+        let mut all = std::pin::pin!(all);
+        while tokio::time::timeout(WAIT_REPORT, &mut all).await.is_err() {
+            // The watchers' own warnings say which kind fails and why.
+            tracing::warn!("still waiting for the API server's first lists");
+        }
+    }
+
+    /// The config set the stores hold now: the platform, and the mesh config admitted on
+    /// top of it object by object.
+    pub fn admit(
+        &self,
+        last: &mut LastGood,
+    ) -> (ConfigSet, Vec<isthmus_core::config::ConfigError>) {
+        let (services, slices, pods, nodes) = (
+            self.services.state(),
+            self.slices.state(),
+            self.pods.state(),
+            self.nodes.state(),
+        );
+        let platform = platform::platform(&Objects {
+            services: &services,
+            slices: &slices,
+            pods: &pods,
+            nodes: &nodes,
+        });
+        let mut parsed = ParsedFiles::default();
+        for (kind, store) in &self.mesh {
+            let mut objects = store.state();
+            // Store order is a hash map's; admission reports duplicates against the first.
+            objects.sort_by(|a, b| {
+                (&a.metadata.namespace, &a.metadata.name)
+                    .cmp(&(&b.metadata.namespace, &b.metadata.name))
+            });
+            for obj in objects {
+                parsed.extend(&resources::parse(kind, &obj));
+            }
+        }
+        admit_on(&platform, parsed, last)
+    }
+}
+
+/// Rebuilds and publishes the config set on every change in the cluster, until the
+/// receivers are gone.
+pub async fn run(
+    source: Source,
+    mut last_good: LastGood,
+    config: watch::Sender<Arc<ConfigSet>>,
+    status: watch::Sender<LoadStatus>,
+) {
+    let mut last_rejected: BTreeSet<String> = BTreeSet::new();
+    loop {
+        source.changed.notified().await;
+        tokio::time::sleep(SETTLE).await;
+        if config.is_closed() {
+            return;
+        }
+        let (set, rejected) = source.admit(&mut last_good);
+        let now: BTreeSet<String> = rejected.iter().map(ToString::to_string).collect();
+        for e in now.difference(&last_rejected) {
+            tracing::warn!(error = %e, "config object rejected; its last admitted version stays");
+        }
+        last_rejected = now;
+        let changed = **config.borrow() != set;
+        if changed {
+            tracing::debug!(
+                services = set.services.len(),
+                workloads = set.workloads.len(),
+                rejected = rejected.len(),
+                "cluster changed"
+            );
+            status.send_modify(|s| s.record(&set, rejected, true));
+            config.send_replace(Arc::new(set));
+        } else {
+            status.send_modify(|s| s.record(&set, rejected, false));
+        }
+    }
+}
