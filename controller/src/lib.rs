@@ -92,17 +92,37 @@ impl std::fmt::Display for ConfigSource {
     }
 }
 
-/// The first config set of a source, and the task that keeps it current.
+/// The first config set of a source, and what keeps it current.
 struct Loaded {
     initial: isthmus_core::config::ConfigSet,
     status: LoadStatus,
-    run: Box<
-        dyn FnOnce(
-                watch::Sender<Arc<isthmus_core::config::ConfigSet>>,
-                watch::Sender<LoadStatus>,
-            ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
-            + Send,
-    >,
+    keeper: Keeper,
+}
+
+/// Watches a source after its first load, publishing each set it admits.
+enum Keeper {
+    Files(
+        isthmus_core::config::watch::Folder,
+        isthmus_core::config::LastGood,
+    ),
+    Kubernetes(isthmus_kubernetes::Source, isthmus_core::config::LastGood),
+}
+
+impl Keeper {
+    async fn run(
+        self,
+        config: watch::Sender<Arc<isthmus_core::config::ConfigSet>>,
+        status: watch::Sender<LoadStatus>,
+    ) {
+        match self {
+            Keeper::Files(folder, last) => {
+                isthmus_core::config::watch::run(folder, last, config, status).await
+            }
+            Keeper::Kubernetes(source, last) => {
+                isthmus_kubernetes::run(source, last, config, status).await
+            }
+        }
+    }
 }
 
 async fn load(source: &ConfigSource) -> anyhow::Result<Loaded> {
@@ -113,11 +133,7 @@ async fn load(source: &ConfigSource) -> anyhow::Result<Loaded> {
             Ok(Loaded {
                 initial,
                 status,
-                run: Box::new(move |config, status| {
-                    Box::pin(isthmus_core::config::watch::run(
-                        folder, last_good, config, status,
-                    ))
-                }),
+                keeper: Keeper::Files(folder, last_good),
             })
         }
         ConfigSource::Kubernetes { kubeconfig } => {
@@ -133,9 +149,7 @@ async fn load(source: &ConfigSource) -> anyhow::Result<Loaded> {
             Ok(Loaded {
                 initial,
                 status,
-                run: Box::new(move |config, status| {
-                    Box::pin(isthmus_kubernetes::run(source, last_good, config, status))
-                }),
+                keeper: Keeper::Kubernetes(source, last_good),
             })
         }
     }
@@ -175,7 +189,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let Loaded {
         initial,
         status: initial_status,
-        run: keep_loading,
+        keeper,
     } = load(&config.source).await?;
     let state = trust::ClusterState::load_or_join(&config).await?;
     tracing::info!(cluster = %config.cluster, trust_domain = %state.trust_domain, "cluster CA ready");
@@ -227,7 +241,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let tls = state
         .identity
         .server_config(auth, &[isthmus_core::tls::ALPN_H2]);
-    running.spawn(keep_loading(config_tx, status_tx));
+    running.spawn(keeper.run(config_tx, status_tx));
     running.spawn(admin.run(drain.clone()));
     running.spawn(registry.clone().run(config.push_debounce));
     let link = federation::Link {

@@ -267,14 +267,16 @@ mod tests {
         Arc::new(serde_yaml_ng::from_str(yaml).expect("valid manifest"))
     }
 
+    struct Cluster {
+        services: Vec<Arc<KubeService>>,
+        slices: Vec<Arc<EndpointSlice>>,
+        pods: Vec<Arc<Pod>>,
+        nodes: Vec<Arc<Node>>,
+    }
+
     /// A Service, two pods on two nodes and the EndpointSlice kube-controller-manager
     /// writes for them, one pod ready, the other terminating.
-    fn cluster() -> (
-        Vec<Arc<KubeService>>,
-        Vec<Arc<EndpointSlice>>,
-        Vec<Arc<Pod>>,
-        Vec<Arc<Node>>,
-    ) {
+    fn cluster() -> Cluster {
         let svc = from_yaml(
             r#"
 apiVersion: v1
@@ -337,25 +339,25 @@ endpoints:
                 "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{topology.kubernetes.io/region: us-east-1, topology.kubernetes.io/zone: {zone}}}}}\n"
             ))
         };
-        (
-            vec![svc],
-            vec![slice],
-            vec![
+        Cluster {
+            services: vec![svc],
+            slices: vec![slice],
+            pods: vec![
                 pod("reviews-1", "10.1.0.5", "node-a"),
                 pod("reviews-2", "10.1.1.7", "node-b"),
             ],
-            vec![node("node-a", "us-east-1a"), node("node-b", "us-east-1b")],
-        )
+            nodes: vec![node("node-a", "us-east-1a"), node("node-b", "us-east-1b")],
+        }
     }
 
     #[test]
     fn services_pods_and_slices_become_services_workloads_and_endpoints() {
-        let (services, slices, pods, nodes) = cluster();
+        let c = cluster();
         let p = platform(&Objects {
-            services: &services,
-            slices: &slices,
-            pods: &pods,
-            nodes: &nodes,
+            services: &c.services,
+            slices: &c.slices,
+            pods: &c.pods,
+            nodes: &c.nodes,
         });
         let key = NamespacedName::new("shop", "reviews");
         let svc = &p.services[&key];

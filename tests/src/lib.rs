@@ -7,6 +7,9 @@
 //! mTLS and QUIC; "killing" a component aborts all its tasks, which closes its sockets as a
 //! dead process would.
 
+pub mod apiserver;
+mod on_kubernetes;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -104,6 +107,9 @@ pub struct Cluster {
     next_workload: u8,
     /// Limits and timeouts of the sidecars started from now on.
     pub limits: isthmus_sidecar::ingress::Limits,
+    /// The cluster's stand-in Kubernetes API server, when its controller reads one instead
+    /// of the config folder.
+    pub kube: Option<apiserver::ApiServer>,
 }
 
 pub struct Mesh {
@@ -165,6 +171,24 @@ impl Mesh {
         clusters: &[&str],
         cert_ttl: Duration,
     ) -> anyhow::Result<Self> {
+        Self::start_inner(clusters, &[], cert_ttl).await
+    }
+
+    /// Like [`Mesh::start`], with the clusters named in `on_kubernetes` run on a stand-in
+    /// Kubernetes API server: their controllers read it, and their workloads are Pods with
+    /// EndpointSlices there instead of files.
+    pub async fn start_with_kubernetes(
+        clusters: &[&str],
+        on_kubernetes: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_inner(clusters, on_kubernetes, Duration::from_secs(24 * 3600)).await
+    }
+
+    async fn start_inner(
+        clusters: &[&str],
+        on_kubernetes: &[&str],
+        cert_ttl: Duration,
+    ) -> anyhow::Result<Self> {
         init_tracing();
         let dir = tempfile::tempdir()?;
         let block = next_block();
@@ -200,8 +224,12 @@ impl Mesh {
                 workloads: BTreeMap::new(),
                 next_workload: 10,
                 limits: Default::default(),
+                kube: None,
             };
             mesh.clusters.insert(name.to_string(), cluster);
+            if on_kubernetes.contains(name) {
+                mesh.start_api_server(name).await?;
+            }
             mesh.start_controller(name).await?;
             mesh.start_gateway(name).await?;
         }
@@ -221,7 +249,12 @@ impl Mesh {
         let bound = isthmus_controller::build(isthmus_controller::Config {
             cluster: c.name.clone(),
             trust_domain: TRUST_DOMAIN.into(),
-            source: isthmus_controller::ConfigSource::Files(c.config_dir.clone()),
+            source: match &c.kube {
+                Some(api) => isthmus_controller::ConfigSource::Kubernetes {
+                    kubeconfig: Some(api.kubeconfig().to_owned()),
+                },
+                None => isthmus_controller::ConfigSource::Files(c.config_dir.clone()),
+            },
             state_dir: c.state_dir.clone(),
             grpc_addr: c.controller_addr,
             admin_addr: SocketAddr::new(IpAddr::V4(ip(c.block, c.index, 1)), 15014),
@@ -327,7 +360,10 @@ impl Mesh {
         c.next_workload += 1;
         let addr = ip(c.block, c.index, w);
         let locality = locality_of(cluster);
-        if let Some(svc) = service {
+        if c.kube.is_some() {
+            self.create_pod(cluster, name, service, service_account, labels, addr)
+                .await?;
+        } else if let Some(svc) = service {
             let svc_file = c.config_dir.join(format!("service-{svc}.yaml"));
             if !svc_file.exists() {
                 std::fs::write(&svc_file, service_yaml(svc))?;

@@ -1,0 +1,845 @@
+//! A stand-in Kubernetes API server, for tests: no kube-apiserver runs on these machines.
+//!
+//! What it does, as kube-apiserver does it:
+//! - HTTPS with its own CA, and bearer-token authentication (401 without the token). A
+//!   controller reaches it through a kubeconfig file ([`ApiServer::kubeconfig`]) the way it
+//!   reaches a real cluster.
+//! - The REST paths kube-rs uses: `/api/v1/...` and `/apis/<group>/<version>/...`, all
+//!   namespaces or one, cluster-scoped kinds. Discovery documents list the served kinds.
+//! - Objects are stored as JSON and decoded by clients into real `k8s-openapi` types. The
+//!   server sets `uid`, `resourceVersion`, `creationTimestamp` and `generation`. Create,
+//!   get, replace (a stale `resourceVersion` is 409 Conflict), merge patch, delete, and the
+//!   `status` subresource, which alone changes `status`. Errors are `Status` objects with
+//!   Kubernetes's reasons and codes.
+//! - List carries the collection's `resourceVersion`. `labelSelector` supports equality
+//!   and existence terms.
+//! - Watch, from a `resourceVersion`: ADDED, MODIFIED and DELETED events in order.
+//!   BOOKMARK events come when asked for. `timeoutSeconds` is honoured. A resourceVersion
+//!   older than the kept history gets the `ERROR` event with 410 Expired, after which
+//!   clients list again. [`ApiServer::compact`] drops the history and
+//!   [`ApiServer::break_watches`] cuts every open watch, so tests can force both.
+//! - Kinds not registered answer 404, as an uninstalled CRD does.
+//!
+//! What it does not do: no controllers run in it (tests write EndpointSlices as
+//! kube-controller-manager would), no garbage collection or finalizers, no admission
+//! webhooks yet, no RBAC (one token may do everything), no strategic-merge semantics
+//! (strategic and apply patches are applied as JSON merge patches), no JSON patch, no
+//! field selectors, no pagination (`limit` is ignored and every item comes in one page).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+/// A kind the server serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kind {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+    pub namespaced: bool,
+}
+
+impl Kind {
+    fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_owned()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+}
+
+const fn core(kind: &'static str, plural: &'static str, namespaced: bool) -> Kind {
+    Kind {
+        group: "",
+        version: "v1",
+        kind,
+        plural,
+        namespaced,
+    }
+}
+
+/// The built-in kinds the mesh reads.
+pub const BUILTIN: &[Kind] = &[
+    core("Service", "services", true),
+    core("Pod", "pods", true),
+    core("Node", "nodes", false),
+    core("Namespace", "namespaces", false),
+    Kind {
+        group: "discovery.k8s.io",
+        version: "v1",
+        kind: "EndpointSlice",
+        plural: "endpointslices",
+        namespaced: true,
+    },
+];
+
+/// The mesh's custom resources, as `isthmus install crds` would install them.
+pub fn mesh_crds() -> Vec<Kind> {
+    isthmus_kubernetes::MESH_KINDS
+        .iter()
+        .map(|k| Kind {
+            group: k.group,
+            version: k.version,
+            kind: k.kind,
+            plural: k.plural,
+            namespaced: true,
+        })
+        .collect()
+}
+
+/// How many events each kind keeps for watches that resume.
+const HISTORY: usize = 10_000;
+/// How often a watch that asked for bookmarks gets one.
+const BOOKMARK_EVERY: Duration = Duration::from_secs(1);
+
+struct Collection {
+    kind: Kind,
+    /// By (namespace, name); cluster-scoped objects have an empty namespace.
+    objects: BTreeMap<(String, String), Value>,
+    /// Events after `oldest`, for resuming watches: (resourceVersion, type, object).
+    history: VecDeque<(u64, &'static str, Value)>,
+    /// Watches of resourceVersions below this get 410 Gone.
+    oldest: u64,
+    watchers: Vec<Watcher>,
+}
+
+struct Watcher {
+    namespace: Option<String>,
+    selector: Selector,
+    tx: mpsc::UnboundedSender<Bytes>,
+}
+
+#[derive(Default)]
+struct Store {
+    rv: u64,
+    collections: Vec<Collection>,
+}
+
+struct Shared {
+    store: Mutex<Store>,
+    token: String,
+    /// Watches answered 410 Gone.
+    expired: std::sync::atomic::AtomicUsize,
+}
+
+/// A running stand-in API server.
+pub struct ApiServer {
+    pub address: SocketAddr,
+    kubeconfig: PathBuf,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn line(event: &str, object: &Value) -> Bytes {
+    let mut v = serde_json::to_vec(&json!({"type": event, "object": object})).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+fn status(code: StatusCode, reason: &str, message: impl Into<String>) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message.into(), "reason": reason, "code": code.as_u16(),
+    })
+}
+
+fn respond(code: StatusCode, body: &Value) -> Response<Body> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)).boxed());
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn failure(code: StatusCode, reason: &str, message: impl Into<String>) -> Response<Body> {
+    respond(code, &status(code, reason, message))
+}
+
+/// One term of a label selector.
+#[derive(Clone)]
+enum Term {
+    Equals(String, String),
+    NotEquals(String, String),
+    Exists(String),
+    Absent(String),
+}
+
+/// Label selector terms: `k=v`, `k==v`, `k!=v`, `k`, `!k`.
+#[derive(Default, Clone)]
+struct Selector(Vec<Term>);
+
+impl Selector {
+    fn parse(s: &str) -> Self {
+        let terms = s
+            .split(',')
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                if let Some((k, v)) = t.split_once("!=") {
+                    Term::NotEquals(k.to_owned(), v.to_owned())
+                } else if let Some((k, v)) = t.split_once("==").or_else(|| t.split_once('=')) {
+                    Term::Equals(k.to_owned(), v.to_owned())
+                } else if let Some(k) = t.strip_prefix('!') {
+                    Term::Absent(k.to_owned())
+                } else {
+                    Term::Exists(t.to_owned())
+                }
+            })
+            .collect();
+        Self(terms)
+    }
+
+    fn matches(&self, obj: &Value) -> bool {
+        let labels = &obj["metadata"]["labels"];
+        let get = |k: &str| labels.get(k).and_then(Value::as_str);
+        self.0.iter().all(|t| match t {
+            Term::Equals(k, v) => get(k) == Some(v.as_str()),
+            Term::NotEquals(k, v) => get(k) != Some(v.as_str()),
+            Term::Exists(k) => get(k).is_some(),
+            Term::Absent(k) => get(k).is_none(),
+        })
+    }
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(t), Some(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (_, Some(_)) => {
+            *target = json!({});
+            merge(target, patch);
+        }
+        _ => *target = patch.clone(),
+    }
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            Some((k.to_owned(), percent_decode(v)?))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// What a path names.
+struct Target {
+    group: String,
+    version: String,
+    plural: String,
+    namespace: Option<String>,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+fn parse_path(path: &str) -> Option<Target> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest) = match parts.as_slice() {
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, r @ ..] if !r.is_empty() => (Some(ns.to_string()), r),
+        r => (None, r),
+    };
+    let (plural, name, subresource) = match rest {
+        [p] => (*p, None, None),
+        [p, n] => (*p, Some(n.to_string()), None),
+        [p, n, s] => (*p, Some(n.to_string()), Some(s.to_string())),
+        _ => return None,
+    };
+    Some(Target {
+        group: group.to_owned(),
+        version: version.to_owned(),
+        plural: plural.to_owned(),
+        namespace,
+        name,
+        subresource,
+    })
+}
+
+impl Shared {
+    /// Stores `obj` at a new resourceVersion and tells the watchers.
+    fn commit(
+        store: &mut Store,
+        idx: usize,
+        key: (String, String),
+        event: &'static str,
+        mut obj: Value,
+    ) -> Value {
+        store.rv += 1;
+        let rv = store.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let c = &mut store.collections[idx];
+        if event == "DELETED" {
+            c.objects.remove(&key);
+        } else {
+            c.objects.insert(key.clone(), obj.clone());
+        }
+        c.history.push_back((rv, event, obj.clone()));
+        while c.history.len() > HISTORY {
+            if let Some((old, ..)) = c.history.pop_front() {
+                c.oldest = old + 1;
+            }
+        }
+        let ns = key.0;
+        c.watchers.retain(|w| {
+            if w.namespace.as_ref().is_some_and(|n| *n != ns) || !w.selector.matches(&obj) {
+                return !w.tx.is_closed();
+            }
+            w.tx.send(line(event, &obj)).is_ok()
+        });
+        obj
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let authorized = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == format!("Bearer {}", self.token));
+        if !authorized {
+            return failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+        }
+        let path = req.uri().path().to_owned();
+        if let Some(doc) = self.discovery(&path) {
+            return respond(StatusCode::OK, &doc);
+        }
+        let Some(t) = parse_path(&path) else {
+            return failure(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("{path} not found"),
+            );
+        };
+        let q = query(&req);
+        let method = req.method().clone();
+        let content_type = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return failure(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body"),
+        };
+        let body: Option<Value> = if body.is_empty() {
+            None
+        } else if content_type.contains("yaml") {
+            match serde_yaml_ng::from_slice(&body) {
+                Ok(v) => Some(v),
+                Err(e) => return failure(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+            }
+        } else {
+            match serde_json::from_slice(&body) {
+                Ok(v) => Some(v),
+                Err(e) => return failure(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+            }
+        };
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(idx) = store.collections.iter().position(|c| {
+            c.kind.group == t.group && c.kind.version == t.version && c.kind.plural == t.plural
+        }) else {
+            return failure(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!(
+                    "the server could not find the requested resource ({})",
+                    t.plural
+                ),
+            );
+        };
+        let kind = store.collections[idx].kind.clone();
+        let ns = if kind.namespaced {
+            t.namespace.clone()
+        } else {
+            None
+        };
+        match (&method, &t.name) {
+            (&Method::GET, None) => {
+                let selector =
+                    Selector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""));
+                if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {
+                    return self.watch(&mut store, idx, ns, selector, &q);
+                }
+                let rv = store.rv;
+                let items: Vec<Value> = store.collections[idx]
+                    .objects
+                    .iter()
+                    .filter(|((o_ns, _), _)| ns.as_ref().is_none_or(|n| n == o_ns))
+                    .map(|(_, v)| v)
+                    .filter(|v| selector.matches(v))
+                    .cloned()
+                    .collect();
+                respond(
+                    StatusCode::OK,
+                    &json!({"kind": format!("{}List", kind.kind), "apiVersion": kind.api_version(),
+                            "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
+                )
+            }
+            (&Method::POST, None) => {
+                let Some(mut obj) = body else {
+                    return failure(StatusCode::BAD_REQUEST, "BadRequest", "no object");
+                };
+                let Some(name) = obj["metadata"]["name"].as_str().map(str::to_owned) else {
+                    return failure(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "Invalid",
+                        "metadata.name: Required value",
+                    );
+                };
+                let key = (ns.clone().unwrap_or_default(), name.clone());
+                if store.collections[idx].objects.contains_key(&key) {
+                    return failure(
+                        StatusCode::CONFLICT,
+                        "AlreadyExists",
+                        format!("{} \"{name}\" already exists", kind.plural),
+                    );
+                }
+                obj["apiVersion"] = json!(kind.api_version());
+                obj["kind"] = json!(kind.kind);
+                // Status is written through the status subresource only.
+                if let Some(o) = obj.as_object_mut() {
+                    o.remove("status");
+                }
+                if let Some(n) = &ns {
+                    obj["metadata"]["namespace"] = json!(n);
+                }
+                obj["metadata"]["uid"] = json!(format!("{:032x}", rand::random::<u128>()));
+                obj["metadata"]["creationTimestamp"] = json!("2026-11-26T00:00:00Z");
+                obj["metadata"]["generation"] = json!(1);
+                let obj = Self::commit(&mut store, idx, key, "ADDED", obj);
+                respond(StatusCode::CREATED, &obj)
+            }
+            (_, Some(name)) => {
+                let key = (ns.clone().unwrap_or_default(), name.clone());
+                let Some(current) = store.collections[idx].objects.get(&key).cloned() else {
+                    return failure(
+                        StatusCode::NOT_FOUND,
+                        "NotFound",
+                        format!("{}.{} \"{name}\" not found", kind.plural, kind.group),
+                    );
+                };
+                let on_status = t.subresource.as_deref() == Some("status");
+                match method {
+                    Method::GET => respond(StatusCode::OK, &current),
+                    Method::DELETE => {
+                        let obj = Self::commit(&mut store, idx, key, "DELETED", current);
+                        respond(StatusCode::OK, &obj)
+                    }
+                    Method::PUT | Method::PATCH => {
+                        let Some(body) = body else {
+                            return failure(StatusCode::BAD_REQUEST, "BadRequest", "no object");
+                        };
+                        let mut next = current.clone();
+                        if method == Method::PUT {
+                            let sent_rv = body["metadata"]["resourceVersion"].as_str();
+                            if sent_rv.is_some_and(|rv| {
+                                Some(rv) != current["metadata"]["resourceVersion"].as_str()
+                            }) {
+                                return failure(
+                                    StatusCode::CONFLICT,
+                                    "Conflict",
+                                    format!("Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again", kind.plural),
+                                );
+                            }
+                            next = body;
+                        } else if content_type.contains("json-patch") {
+                            return failure(
+                                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                                "UnsupportedMediaType",
+                                "JSON patch is not supported by this stand-in",
+                            );
+                        } else {
+                            merge(&mut next, &body);
+                        }
+                        // The main resource never changes status; the subresource changes only it.
+                        if on_status {
+                            let status = next["status"].clone();
+                            next = current.clone();
+                            next["status"] = status;
+                        } else {
+                            next["status"] = current["status"].clone();
+                            if next.get("status").is_some_and(Value::is_null) {
+                                if let Some(o) = next.as_object_mut() {
+                                    o.remove("status");
+                                }
+                            }
+                            for f in ["uid", "creationTimestamp", "namespace", "name"] {
+                                next["metadata"][f] = current["metadata"][f].clone();
+                            }
+                            if next["spec"] != current["spec"] {
+                                let g = current["metadata"]["generation"].as_i64().unwrap_or(1);
+                                next["metadata"]["generation"] = json!(g + 1);
+                            }
+                        }
+                        next["apiVersion"] = json!(kind.api_version());
+                        next["kind"] = json!(kind.kind);
+                        let obj = Self::commit(&mut store, idx, key, "MODIFIED", next);
+                        respond(StatusCode::OK, &obj)
+                    }
+                    _ => failure(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "MethodNotAllowed",
+                        "method not allowed",
+                    ),
+                }
+            }
+            _ => failure(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "method not allowed",
+            ),
+        }
+    }
+
+    fn watch(
+        self: &Arc<Self>,
+        store: &mut Store,
+        idx: usize,
+        namespace: Option<String>,
+        selector: Selector,
+        q: &HashMap<String, String>,
+    ) -> Response<Body> {
+        let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+        let c = &mut store.collections[idx];
+        let in_scope = |key: &(String, String), obj: &Value| {
+            namespace.as_ref().is_none_or(|n| *n == key.0) && selector.matches(obj)
+        };
+        let from = q
+            .get("resourceVersion")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        if from == 0 {
+            // "Any": the current state as ADDED events, then what changes.
+            for (key, obj) in &c.objects {
+                if in_scope(key, obj) {
+                    let _ = tx.send(line("ADDED", obj));
+                }
+            }
+        } else if from + 1 < c.oldest {
+            let gone = status(
+                StatusCode::GONE,
+                "Expired",
+                format!("too old resource version: {from} ({})", c.oldest),
+            );
+            let _ = tx.send(line("ERROR", &gone));
+            self.expired
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            drop(tx);
+            return stream_response(rx, None);
+        } else {
+            for (rv, event, obj) in &c.history {
+                let ns = obj["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                let name = obj["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                if *rv > from && in_scope(&(ns, name), obj) {
+                    let _ = tx.send(line(event, obj));
+                }
+            }
+        }
+        c.watchers.push(Watcher {
+            namespace,
+            selector,
+            tx: tx.clone(),
+        });
+        if q.get("allowWatchBookmarks").is_some_and(|v| v == "true") {
+            // Through the channel and under the store's lock, so a bookmark never overtakes
+            // an event it claims to follow.
+            let (kind, shared, tx) = (c.kind.clone(), Arc::downgrade(self), tx.downgrade());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(BOOKMARK_EVERY);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let (Some(shared), Some(tx)) = (shared.upgrade(), tx.upgrade()) else {
+                        return;
+                    };
+                    let store = shared.store.lock().unwrap_or_else(|p| p.into_inner());
+                    let mark = json!({"kind": kind.kind, "apiVersion": kind.api_version(),
+                                      "metadata": {"resourceVersion": store.rv.to_string()}});
+                    if tx.send(line("BOOKMARK", &mark)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let timeout = q
+            .get("timeoutSeconds")
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_secs);
+        drop(tx);
+        stream_response(rx, timeout)
+    }
+
+    fn discovery(&self, path: &str) -> Option<Value> {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let kinds: Vec<&Kind> = store.collections.iter().map(|c| &c.kind).collect();
+        let resources = |g: &str, v: &str| -> Vec<Value> {
+            kinds
+                .iter()
+                .filter(|k| k.group == g && k.version == v)
+                .map(|k| json!({"name": k.plural, "singularName": k.kind.to_lowercase(), "namespaced": k.namespaced, "kind": k.kind,
+                                "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]}))
+                .collect()
+        };
+        match path.trim_end_matches('/') {
+            "/api" => Some(json!({"kind": "APIVersions", "versions": ["v1"]})),
+            "/apis" => {
+                let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+                for k in kinds.iter().filter(|k| !k.group.is_empty()) {
+                    let vs = groups.entry(k.group).or_default();
+                    if !vs.contains(&k.version) {
+                        vs.push(k.version);
+                    }
+                }
+                let groups: Vec<Value> = groups
+                    .into_iter()
+                    .map(|(g, vs)| {
+                        let versions: Vec<Value> = vs
+                            .iter()
+                            .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
+                            .collect();
+                        json!({"name": g, "versions": versions, "preferredVersion": versions[0]})
+                    })
+                    .collect();
+                Some(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
+            }
+            "/api/v1" => Some(
+                json!({"kind": "APIResourceList", "groupVersion": "v1", "resources": resources("", "v1")}),
+            ),
+            p => {
+                let rest = p.strip_prefix("/apis/")?;
+                let (g, v) = rest.split_once('/')?;
+                if v.contains('/') || !kinds.iter().any(|k| k.group == g && k.version == v) {
+                    return None;
+                }
+                Some(
+                    json!({"kind": "APIResourceList", "groupVersion": format!("{g}/{v}"), "resources": resources(g, v)}),
+                )
+            }
+        }
+    }
+}
+
+/// A watch's response: its events as JSON lines, until the watch is cut or `timeout`.
+fn stream_response(
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    timeout: Option<Duration>,
+) -> Response<Body> {
+    let deadline = tokio::time::Instant::now() + timeout.unwrap_or(Duration::from_secs(3600));
+    let stream = futures::stream::unfold(rx, move |mut rx| async move {
+        tokio::select! {
+            b = rx.recv() => b.map(|b| (Ok(Frame::data(b)), rx)),
+            _ = tokio::time::sleep_until(deadline) => None,
+        }
+    });
+    let mut resp = Response::new(StreamBody::new(stream).boxed());
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+impl ApiServer {
+    /// Starts a server on `ip:6443` serving `kinds` and writes its kubeconfig into `dir`.
+    pub async fn start(ip: std::net::IpAddr, kinds: &[Kind], dir: &Path) -> anyhow::Result<Self> {
+        use base64::Engine;
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "stand-in kubernetes CA");
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate()?;
+        let params = rcgen::CertificateParams::new(vec![ip.to_string()])?;
+        let cert = params.signed_by(&key, &issuer)?;
+        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )?;
+        let mut tls = tls;
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 6443))
+            .await
+            .with_context(|| format!("binding the stand-in API server on {ip}:6443"))?;
+        let address = listener.local_addr()?;
+        let token = format!("{:032x}", rand::random::<u128>());
+        let store = Store {
+            rv: 1,
+            collections: kinds
+                .iter()
+                .map(|k| Collection {
+                    kind: k.clone(),
+                    objects: BTreeMap::new(),
+                    history: VecDeque::new(),
+                    oldest: 0,
+                    watchers: Vec::new(),
+                })
+                .collect(),
+        };
+        let shared = Arc::new(Shared {
+            store: Mutex::new(store),
+            token: token.clone(),
+            expired: Default::default(),
+        });
+        let kubeconfig = dir.join("kubeconfig");
+        let ca_data = base64::engine::general_purpose::STANDARD.encode(ca_cert.pem());
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: https://{address}\n    certificate-authority-data: {ca_data}\nusers:\n- name: isthmus\n  user:\n    token: {token}\ncontexts:\n- name: stand-in\n  context: {{cluster: stand-in, user: isthmus}}\ncurrent-context: stand-in\n"
+            ),
+        )?;
+        let serving = shared.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, shared) = (acceptor.clone(), serving.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(move |req| {
+                        let shared = shared.clone();
+                        async move { Ok::<_, std::convert::Infallible>(shared.handle(req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+                });
+            }
+        });
+        Ok(Self {
+            address,
+            kubeconfig,
+            shared,
+            task,
+        })
+    }
+
+    /// The kubeconfig file that reaches this server.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// A client of this server, as a user's kubectl would be.
+    pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        isthmus_kubernetes::client(Some(&self.kubeconfig)).await
+    }
+
+    /// Forgets every event so far: a watch resuming from before now gets 410 Gone.
+    pub fn compact(&self) {
+        let mut store = self.shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        let next = store.rv + 1;
+        for c in &mut store.collections {
+            c.history.clear();
+            c.oldest = next;
+        }
+    }
+
+    /// Cuts every open watch, as an API server restart or a load balancer would.
+    pub fn break_watches(&self) {
+        let mut store = self.shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        for c in &mut store.collections {
+            c.watchers.clear();
+        }
+    }
+
+    /// Watches answered 410 Gone so far.
+    pub fn expired_watches(&self) -> usize {
+        self.shared
+            .expired
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Open watches, for tests that wait for clients to come back.
+    pub fn watches(&self) -> usize {
+        let mut store = self.shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        store
+            .collections
+            .iter_mut()
+            .map(|c| {
+                c.watchers.retain(|w| !w.tx.is_closed());
+                c.watchers.len()
+            })
+            .sum()
+    }
+}

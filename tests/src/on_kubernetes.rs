@@ -1,0 +1,267 @@
+//! Clusters whose controller reads a (stand-in) Kubernetes API server instead of a folder.
+//!
+//! The harness plays the parts of the cluster's own machinery that the stand-in does not
+//! run. As a user's `kubectl apply` it creates the Service and its ServiceExport. As the
+//! kubelet it creates each workload's Pod and reports its status (IP, Running, the `Ready`
+//! condition) through the status subresource. As kube-controller-manager it writes one
+//! EndpointSlice per Service from the pods its selector picks, with their readiness.
+
+use std::net::IpAddr;
+
+use anyhow::Context;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+use crate::apiserver::{self, ApiServer};
+use crate::{locality_of, Mesh, NAMESPACE};
+
+/// The node every pod of a stand-in cluster runs on.
+fn node_name(cluster: &str) -> String {
+    format!("node-{cluster}")
+}
+
+impl Mesh {
+    /// The stand-in API server of `cluster`.
+    pub fn api(&mut self, cluster: &str) -> &ApiServer {
+        self.cluster(cluster)
+            .kube
+            .as_ref()
+            .expect("a cluster on Kubernetes")
+    }
+
+    /// Starts `cluster`'s API server on its pod address `.3`, with the built-in kinds and
+    /// the mesh CRDs installed, and registers its node with the cluster's locality.
+    pub(crate) async fn start_api_server(&mut self, cluster: &str) -> anyhow::Result<()> {
+        let dir = self.dir.path().join(cluster);
+        std::fs::create_dir_all(&dir)?;
+        let c = self.cluster(cluster);
+        let ip = IpAddr::V4(crate::ip(c.block, c.index, 3));
+        let mut kinds = apiserver::BUILTIN.to_vec();
+        kinds.extend(apiserver::mesh_crds());
+        let api = ApiServer::start(ip, &kinds, &dir).await?;
+        let client = api.client().await?;
+        let l = locality_of(cluster);
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": node_name(cluster), "labels": {
+                "topology.kubernetes.io/region": l.region, "topology.kubernetes.io/zone": l.zone}},
+        }))?;
+        Api::<Node>::all(client)
+            .create(&PostParams::default(), &node)
+            .await?;
+        self.cluster(cluster).kube = Some(api);
+        Ok(())
+    }
+
+    /// `kubectl apply` of a manifest of one or more documents to `cluster`'s API server.
+    pub async fn kubectl_apply(&mut self, cluster: &str, yaml: &str) -> anyhow::Result<()> {
+        let client = self.api(cluster).client().await?;
+        for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+            let value: serde_json::Value = serde::Deserialize::deserialize(doc)?;
+            if value.is_null() {
+                continue;
+            }
+            let obj: DynamicObject = serde_json::from_value(value.clone())?;
+            let types = obj.types.clone().context("apiVersion and kind")?;
+            let (group, version) = types
+                .api_version
+                .rsplit_once('/')
+                .unwrap_or(("", types.api_version.as_str()));
+            let gvk = kube::core::GroupVersionKind::gvk(group, version, &types.kind);
+            let plural = isthmus_kubernetes::MESH_KINDS
+                .iter()
+                .find(|k| k.kind == types.kind)
+                .map(|k| k.plural.to_owned())
+                .unwrap_or_else(|| format!("{}s", types.kind.to_lowercase()));
+            let ar = kube::core::ApiResource::from_gvk_with_plural(&gvk, &plural);
+            let ns = obj.metadata.namespace.as_deref().unwrap_or(NAMESPACE);
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+            let name = obj.metadata.name.clone().context("metadata.name")?;
+            match api.get_opt(&name).await? {
+                Some(_) => {
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&value))
+                        .await?;
+                }
+                None => {
+                    api.create(&PostParams::default(), &obj).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The workload's Pod, created and reported running and ready, as the kubelet would.
+    pub(crate) async fn create_pod(
+        &mut self,
+        cluster: &str,
+        name: &str,
+        service: Option<&str>,
+        service_account: &str,
+        labels: &[(&str, &str)],
+        ip: std::net::Ipv4Addr,
+    ) -> anyhow::Result<()> {
+        let client = self.api(cluster).client().await?;
+        let mut pod_labels = serde_json::Map::new();
+        if let Some(svc) = service {
+            pod_labels.insert("app".into(), json!(svc));
+        }
+        for (k, v) in labels {
+            pod_labels.insert((*k).into(), json!(v));
+        }
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": NAMESPACE, "labels": pod_labels},
+            "spec": {"serviceAccountName": service_account, "nodeName": node_name(cluster),
+                     "containers": [{"name": "app", "image": "echo",
+                                     "ports": [{"name": "http", "containerPort": crate::APP_PORT}]}]},
+        }))?;
+        let pods: Api<Pod> = Api::namespaced(client, NAMESPACE);
+        pods.create(&PostParams::default(), &pod).await?;
+        pods.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"phase": "Running", "podIP": ip.to_string(),
+                "podIPs": [{"ip": ip.to_string()}],
+                "conditions": [{"type": "Ready", "status": "True"}]}}),
+            ),
+        )
+        .await?;
+        if let Some(svc) = service {
+            if self.kube_service(cluster, svc).await?.is_none() {
+                let yaml = crate::service_yaml(svc);
+                self.kubectl_apply(cluster, &yaml).await?;
+            }
+            self.sync_endpoint_slice(cluster, svc).await?;
+        }
+        Ok(())
+    }
+
+    async fn kube_service(&mut self, cluster: &str, name: &str) -> anyhow::Result<Option<Service>> {
+        let client = self.api(cluster).client().await?;
+        Ok(Api::<Service>::namespaced(client, NAMESPACE)
+            .get_opt(name)
+            .await?)
+    }
+
+    /// Reports a pod's readiness as the kubelet would, and updates its service's slice.
+    pub async fn set_pod_ready(
+        &mut self,
+        cluster: &str,
+        pod: &str,
+        ready: bool,
+    ) -> anyhow::Result<()> {
+        let client = self.api(cluster).client().await?;
+        let pods: Api<Pod> = Api::namespaced(client, NAMESPACE);
+        let status = if ready { "True" } else { "False" };
+        let p = pods
+            .patch_status(
+                pod,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"status": {"conditions": [{"type": "Ready", "status": status}]}}),
+                ),
+            )
+            .await?;
+        if let Some(svc) = p.metadata.labels.as_ref().and_then(|l| l.get("app")) {
+            self.sync_endpoint_slice(cluster, &svc.clone()).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a pod, and its entry from its service's slice.
+    pub async fn delete_pod(&mut self, cluster: &str, pod: &str) -> anyhow::Result<()> {
+        let client = self.api(cluster).client().await?;
+        let pods: Api<Pod> = Api::namespaced(client, NAMESPACE);
+        let p = pods.get(pod).await?;
+        pods.delete(pod, &DeleteParams::default()).await?;
+        if let Some(svc) = p.metadata.labels.as_ref().and_then(|l| l.get("app")) {
+            self.sync_endpoint_slice(cluster, &svc.clone()).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes `service`'s EndpointSlice as kube-controller-manager's endpointslice
+    /// controller would: the pods its selector picks, each with its address, readiness,
+    /// node and zone, and the service's ports resolved to the pods' port numbers.
+    pub async fn sync_endpoint_slice(
+        &mut self,
+        cluster: &str,
+        service: &str,
+    ) -> anyhow::Result<()> {
+        let client = self.api(cluster).client().await?;
+        let svc = Api::<Service>::namespaced(client.clone(), NAMESPACE)
+            .get(service)
+            .await?;
+        let spec = svc.spec.clone().unwrap_or_default();
+        let selector: Vec<String> = spec
+            .selector
+            .clone()
+            .unwrap_or_default()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let pods = Api::<Pod>::namespaced(client.clone(), NAMESPACE)
+            .list(&kube::api::ListParams::default().labels(&selector.join(",")))
+            .await?;
+        let zone = locality_of(cluster).zone;
+        let endpoints: Vec<serde_json::Value> = pods
+            .items
+            .iter()
+            .filter_map(|p| {
+                let status = p.status.as_ref()?;
+                let ip = status.pod_ip.clone()?;
+                let ready = status
+                    .conditions
+                    .iter()
+                    .flatten()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                let terminating = p.metadata.deletion_timestamp.is_some();
+                Some(json!({
+                    "addresses": [ip],
+                    "conditions": {"ready": ready && !terminating, "serving": ready, "terminating": terminating},
+                    "nodeName": node_name(cluster), "zone": zone,
+                    "targetRef": {"kind": "Pod", "namespace": NAMESPACE, "name": p.metadata.name,
+                                  "uid": p.metadata.uid},
+                }))
+            })
+            .collect();
+        let ports: Vec<serde_json::Value> = spec
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| {
+                let target = match &p.target_port {
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => *n,
+                    _ => p.port,
+                };
+                json!({"name": p.name, "port": target, "protocol": "TCP"})
+            })
+            .collect();
+        let name = format!("{service}-abcde");
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {
+                "name": name, "namespace": NAMESPACE,
+                "labels": {"kubernetes.io/service-name": service,
+                           "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": service,
+                                     "uid": svc.metadata.uid, "controller": true, "blockOwnerDeletion": true}],
+            },
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": ports,
+        }))?;
+        let slices: Api<EndpointSlice> = Api::namespaced(client, NAMESPACE);
+        match slices.get_opt(&name).await? {
+            Some(old) => {
+                let mut next = slice;
+                next.metadata.resource_version = old.metadata.resource_version;
+                slices.replace(&name, &PostParams::default(), &next).await?;
+            }
+            None => {
+                slices.create(&PostParams::default(), &slice).await?;
+            }
+        }
+        Ok(())
+    }
+}
