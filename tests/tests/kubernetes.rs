@@ -139,3 +139,50 @@ async fn a_kubernetes_service_exported_from_west_fails_over_to_eu_when_its_slice
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtual_services_are_read_from_custom_resources_and_a_bad_one_keeps_the_last_good(
+) -> anyhow::Result<()> {
+    let mut mesh = Mesh::start_with_kubernetes(&["west"], &["west"]).await?;
+    mesh.add_workload("west", "echo-0", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("west", "client", None, "client").await?;
+    let outbound = mesh.workload("west", "client").outbound();
+    isthmus_tests::reachable(outbound, HOST).await?;
+    let client = AppClient::new();
+
+    let teapot = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: echo, namespace: demo}\nspec:\n  hosts: [echo]\n  http:\n  - match: [{uri: {prefix: /teapot}}]\n    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}\n    route: [{destination: {host: echo}}]\n  - route: [{destination: {host: echo}}]\n";
+    mesh.kubectl_apply("west", teapot).await?;
+    eventually(
+        "the VirtualService to apply",
+        Duration::from_secs(5),
+        || async {
+            let r = client.get(outbound, HOST, "/teapot").await?;
+            anyhow::ensure!(r.status == 418, "status {}", r.status);
+            Ok(())
+        },
+    )
+    .await?;
+
+    // A change with a fault is refused by name; the admitted version keeps serving.
+    let bad = teapot.replace(
+        "  - route: [{destination: {host: echo}}]\n",
+        "  - route: [{destination: {host: echo}}]\n    retries: {attempts: three}\n",
+    );
+    mesh.kubectl_apply("west", &bad).await?;
+    let admin = mesh.controller_admin("west");
+    let errors = eventually("the rejection to show", Duration::from_secs(5), || async {
+        let dump = config_dump(admin).await?;
+        let errors = dump["config"]["last_errors"].to_string();
+        anyhow::ensure!(errors.contains("retries.attempts"), "{errors}");
+        Ok(errors)
+    })
+    .await?;
+    assert!(
+        errors.contains("virtualservices.networking.istio.io/demo/echo"),
+        "the fault names the resource: {errors}"
+    );
+    assert_eq!(client.get(outbound, HOST, "/teapot").await?.status, 418);
+    assert_eq!(client.get(outbound, HOST, "/").await?.status, 200);
+    Ok(())
+}
