@@ -11,10 +11,13 @@
 //!   `multicluster.x-k8s.io` `ServiceExport`, `isthmus.io` kinds) are watched as custom
 //!   resources and admitted object by object by the same validation as `isthmus validate`.
 //! - `source`: the loop that rebuilds the config set when anything changes and publishes it.
+//! - `status`: each mesh object's admission result written back to it (status condition,
+//!   Istio's validation messages) and an Event for each rejection.
 
 mod platform;
 mod resources;
 mod source;
+mod status;
 
 pub use resources::{MeshKind, MESH_KINDS};
 pub use source::{run, Source};

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use isthmus_core::config::watch::LoadStatus;
+use isthmus_core::config::watch::{publish, LoadStatus};
 use isthmus_core::config::{admit_on, ConfigSet, LastGood, ParsedFiles};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -29,6 +29,7 @@ use tokio::task::JoinSet;
 
 use crate::platform::{self, Objects};
 use crate::resources::{self, MeshKind, MESH_KINDS};
+use crate::status::Outcome;
 
 /// A burst of events (a Deployment rolling, a namespace applied) is one rebuild.
 pub const SETTLE: Duration = Duration::from_millis(20);
@@ -43,6 +44,7 @@ pub struct Source {
     nodes: Store<Node>,
     mesh: Vec<(MeshKind, Store<DynamicObject>)>,
     changed: Arc<Notify>,
+    client: kube::Client,
     /// The watchers; they stop when the source is dropped.
     _tasks: JoinSet<()>,
 }
@@ -168,6 +170,7 @@ impl Source {
             nodes,
             mesh,
             changed,
+            client,
             _tasks: tasks,
         };
         source.wait_listed().await;
@@ -192,6 +195,21 @@ impl Source {
         }
     }
 
+    /// Every mesh config object, in a stable order (admission reports a duplicate against
+    /// the first it saw).
+    fn mesh_objects(&self) -> Vec<(MeshKind, Arc<DynamicObject>)> {
+        let mut all = Vec::new();
+        for (kind, store) in &self.mesh {
+            let mut objects = store.state();
+            objects.sort_by(|a, b| {
+                (&a.metadata.namespace, &a.metadata.name)
+                    .cmp(&(&b.metadata.namespace, &b.metadata.name))
+            });
+            all.extend(objects.into_iter().map(|o| (*kind, o)));
+        }
+        all
+    }
+
     /// The config set the stores hold now: the platform, and the mesh config admitted on
     /// top of it object by object.
     pub fn admit(
@@ -211,33 +229,26 @@ impl Source {
             nodes: &nodes,
         });
         let mut parsed = ParsedFiles::default();
-        for (kind, store) in &self.mesh {
-            let mut objects = store.state();
-            // Store order is a hash map's; admission reports duplicates against the first.
-            objects.sort_by(|a, b| {
-                (&a.metadata.namespace, &a.metadata.name)
-                    .cmp(&(&b.metadata.namespace, &b.metadata.name))
-            });
-            for obj in objects {
-                parsed.extend(&resources::parse(kind, &obj));
-            }
+        for (kind, obj) in self.mesh_objects() {
+            parsed.extend(&resources::parse(&kind, &obj));
         }
         admit_on(&platform, parsed, last)
     }
 }
 
-/// Rebuilds and publishes the config set on every change in the cluster, until the
-/// receivers are gone.
+/// Rebuilds and publishes the config set on every change in the cluster, and writes each
+/// mesh object's admission result back to it, until the receivers are gone.
 pub async fn run(
     source: Source,
     mut last_good: LastGood,
     config: watch::Sender<Arc<ConfigSet>>,
     status: watch::Sender<LoadStatus>,
 ) {
+    let (outcomes, rx) = watch::channel(Arc::new(Outcome::default()));
+    let writer = tokio::spawn(crate::status::run(source.client.clone(), rx));
+    let _writer = AbortOnDrop(writer);
     let mut last_rejected: BTreeSet<String> = BTreeSet::new();
     loop {
-        source.changed.notified().await;
-        tokio::time::sleep(SETTLE).await;
         if config.is_closed() {
             return;
         }
@@ -247,18 +258,26 @@ pub async fn run(
             tracing::warn!(error = %e, "config object rejected; its last admitted version stays");
         }
         last_rejected = now;
-        let changed = **config.borrow() != set;
-        if changed {
-            tracing::debug!(
-                services = set.services.len(),
-                workloads = set.workloads.len(),
-                rejected = rejected.len(),
-                "cluster changed"
-            );
-            status.send_modify(|s| s.record(&set, rejected, true));
-            config.send_replace(Arc::new(set));
-        } else {
-            status.send_modify(|s| s.record(&set, rejected, false));
+        let mut faults = rejected.clone();
+        faults.extend(set.warnings.iter().cloned());
+        let (services, workloads, n) = (set.services.len(), set.workloads.len(), rejected.len());
+        if publish(&config, &status, set, rejected) {
+            tracing::debug!(services, workloads, rejected = n, "cluster changed");
         }
+        outcomes.send_replace(Arc::new(Outcome {
+            objects: source.mesh_objects(),
+            faults,
+        }));
+        source.changed.notified().await;
+        tokio::time::sleep(SETTLE).await;
+    }
+}
+
+/// Stops a task when its owner goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

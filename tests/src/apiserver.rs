@@ -78,6 +78,7 @@ pub const BUILTIN: &[Kind] = &[
     core("Pod", "pods", true),
     core("Node", "nodes", false),
     core("Namespace", "namespaces", false),
+    core("Event", "events", true),
     Kind {
         group: "discovery.k8s.io",
         version: "v1",

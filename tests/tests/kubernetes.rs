@@ -4,6 +4,8 @@
 use std::time::Duration;
 
 use isthmus_tests::{config_dump, eventually, settles_in, traffic, AppClient, Mesh};
+use k8s_openapi::api::core::v1::Event;
+use kube::api::{Api, DynamicObject};
 
 const HOST: &str = "echo.demo.svc.cluster.local";
 
@@ -30,8 +32,9 @@ async fn only(
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pods_and_endpoint_slices_are_what_proxies_route_to() -> anyhow::Result<()> {
+/// West on Kubernetes with pods `echo-0` and `echo-1` behind Service `echo`, and a
+/// `client` pod; returns the mesh and the client's outbound listener once echo answers.
+async fn west_with_two_pods() -> anyhow::Result<(Mesh, std::net::SocketAddr)> {
     let mut mesh = Mesh::start_with_kubernetes(&["west"], &["west"]).await?;
     for pod in ["echo-0", "echo-1"] {
         mesh.add_workload("west", pod, Some("echo"), "echo").await?;
@@ -39,6 +42,12 @@ async fn pods_and_endpoint_slices_are_what_proxies_route_to() -> anyhow::Result<
     mesh.add_workload("west", "client", None, "client").await?;
     let outbound = mesh.workload("west", "client").outbound();
     isthmus_tests::reachable(outbound, HOST).await?;
+    Ok((mesh, outbound))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_and_endpoint_slices_are_what_proxies_route_to() -> anyhow::Result<()> {
+    let (mut mesh, outbound) = west_with_two_pods().await?;
     only(outbound, &["echo-0", "echo-1"], Duration::from_secs(5)).await?;
     // Both pods answer: the slice lists both as ready.
     let mut seen = std::collections::BTreeSet::new();
@@ -76,13 +85,7 @@ async fn pods_and_endpoint_slices_are_what_proxies_route_to() -> anyhow::Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_that_gets_410_gone_lists_again_and_loses_nothing() -> anyhow::Result<()> {
-    let mut mesh = Mesh::start_with_kubernetes(&["west"], &["west"]).await?;
-    for pod in ["echo-0", "echo-1"] {
-        mesh.add_workload("west", pod, Some("echo"), "echo").await?;
-    }
-    mesh.add_workload("west", "client", None, "client").await?;
-    let outbound = mesh.workload("west", "client").outbound();
-    isthmus_tests::reachable(outbound, HOST).await?;
+    let (mut mesh, outbound) = west_with_two_pods().await?;
 
     // The controller's watches are cut and the history they would resume from is gone.
     // The change made meanwhile must still arrive: the watchers get 410 Gone, list again
@@ -184,5 +187,76 @@ async fn virtual_services_are_read_from_custom_resources_and_a_bad_one_keeps_the
     );
     assert_eq!(client.get(outbound, HOST, "/teapot").await?.status, 418);
     assert_eq!(client.get(outbound, HOST, "/").await?.status, 200);
+
+    // Where a Kubernetes user looks: the object's status and an Event.
+    let kube = mesh.api("west").client().await?;
+    let status = eventually("the status to say rejected", Duration::from_secs(5), || {
+        let kube = kube.clone();
+        async move {
+            let vs = virtual_services(kube).get("echo").await?;
+            let status = vs.data["status"].clone();
+            anyhow::ensure!(status["conditions"][0]["status"] == "False", "{status}");
+            Ok(status)
+        }
+    })
+    .await?;
+    let condition = &status["conditions"][0];
+    assert_eq!(condition["reason"], "Rejected");
+    assert!(
+        condition["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.http[1].retries.attempts")),
+        "{condition}"
+    );
+    assert_eq!(status["validationMessages"][0]["type"]["code"], "IST0106");
+    let events = Api::<Event>::namespaced(kube.clone(), "demo")
+        .list(&Default::default())
+        .await?;
+    let rejected: Vec<&Event> = events
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("Rejected"))
+        .collect();
+    assert_eq!(
+        rejected.len(),
+        1,
+        "one Event for the rejection: {rejected:?}"
+    );
+    assert_eq!(
+        rejected[0].involved_object.kind.as_deref(),
+        Some("VirtualService")
+    );
+    assert_eq!(rejected[0].type_.as_deref(), Some("Warning"));
+
+    // Fixed: accepted again, and the new version serves.
+    mesh.kubectl_apply("west", &teapot.replace("/teapot", "/kettle"))
+        .await?;
+    eventually("the fix to apply", Duration::from_secs(5), || async {
+        anyhow::ensure!(client.get(outbound, HOST, "/kettle").await?.status == 418);
+        let vs = virtual_services(kube.clone()).get("echo").await?;
+        anyhow::ensure!(vs.data["status"]["conditions"][0]["status"] == "True");
+        Ok(())
+    })
+    .await?;
+
+    // A bad object that was never admitted does not serve at all.
+    let broken = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: broken, namespace: demo}\nspec:\n  hosts: [echo]\n  http:\n  - route: [{destination: {host: echo}}]\n    timeout: soon\n";
+    mesh.kubectl_apply("west", broken).await?;
+    eventually(
+        "the new object to be rejected",
+        Duration::from_secs(5),
+        || async {
+            let vs = virtual_services(kube.clone()).get("broken").await?;
+            anyhow::ensure!(vs.data["status"]["conditions"][0]["status"] == "False");
+            Ok(())
+        },
+    )
+    .await?;
+    assert_eq!(client.get(outbound, HOST, "/kettle").await?.status, 418);
     Ok(())
+}
+
+fn virtual_services(client: kube::Client) -> Api<DynamicObject> {
+    let kind = isthmus_kubernetes::MESH_KINDS[0];
+    Api::namespaced_with(client, "demo", &kind.api_resource())
 }

@@ -339,20 +339,27 @@ async fn watch_folder(
         for e in &rejected {
             tracing::warn!(error = %e, "config object rejected; its last admitted version stays");
         }
-        let changed = **config.borrow() != set;
-        if changed {
-            tracing::info!(
-                services = set.services.len(),
-                workloads = set.workloads.len(),
-                rejected = rejected.len(),
-                "config accepted"
-            );
-            status.send_modify(|s| s.record(&set, rejected, true));
-            config.send_replace(Arc::new(set));
-        } else {
-            status.send_modify(|s| s.record(&set, rejected, false));
+        let (services, workloads, n) = (set.services.len(), set.workloads.len(), rejected.len());
+        if publish(&config, &status, set, rejected) {
+            tracing::info!(services, workloads, rejected = n, "config accepted");
         }
     }
+}
+
+/// Publishes an admitted set if it differs from the serving one, and records the outcome
+/// in the status either way. Returns whether the set changed.
+pub fn publish(
+    config: &watch::Sender<Arc<ConfigSet>>,
+    status: &watch::Sender<LoadStatus>,
+    set: ConfigSet,
+    rejected: Vec<ConfigError>,
+) -> bool {
+    let changed = **config.borrow() != set;
+    status.send_modify(|s| s.record(&set, rejected, changed));
+    if changed {
+        config.send_replace(Arc::new(set));
+    }
+    changed
 }
 
 #[cfg(test)]
