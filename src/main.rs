@@ -204,6 +204,15 @@ struct ControllerArgs {
     /// running in a cluster.
     #[arg(long, requires = "kubernetes")]
     kubeconfig: Option<PathBuf>,
+    /// With --kubernetes: where the validating admission webhook listens (HTTPS, called by
+    /// the API server through the isthmus-validator ValidatingWebhookConfiguration, whose
+    /// caBundle the controller fills in).
+    #[arg(long, default_value = "0.0.0.0:15017")]
+    webhook_listen: SocketAddr,
+    /// With --kubernetes: run no admission webhook; bad objects are then refused only in
+    /// their status, after they are stored.
+    #[arg(long)]
+    no_webhook: bool,
     /// Folder for the cluster CA, keys and the last global registry.
     #[arg(long)]
     state_dir: PathBuf,
@@ -643,6 +652,7 @@ async fn run(
                     Some(dir) => isthmus_controller::ConfigSource::Files(dir),
                     None => isthmus_controller::ConfigSource::Kubernetes {
                         kubeconfig: a.kubeconfig,
+                        webhook: (!a.no_webhook).then_some(a.webhook_listen),
                     },
                 },
                 state_dir: a.state_dir,

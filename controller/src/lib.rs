@@ -73,10 +73,24 @@ pub enum ConfigSource {
     /// A folder of YAML documents, watched (the embedded default).
     Files(PathBuf),
     /// The Kubernetes API server: Services, EndpointSlices, Pods and Nodes, and the mesh
-    /// config as custom resources. `None`: found as kubectl finds it, or the pod's own
-    /// service account in a cluster.
-    Kubernetes { kubeconfig: Option<PathBuf> },
+    /// config as custom resources.
+    Kubernetes {
+        /// `None`: found as kubectl finds it, or the pod's own service account in a cluster.
+        kubeconfig: Option<PathBuf>,
+        /// Where the validating admission webhook listens (15017), if it runs.
+        webhook: Option<SocketAddr>,
+    },
 }
+
+/// The ValidatingWebhookConfiguration whose `caBundle` the controller keeps current.
+pub const WEBHOOK_CONFIGURATION: &str = "isthmus-validator";
+/// The names the API server calls the webhook by: the controller's Service.
+pub const WEBHOOK_NAMES: &[&str] = &[
+    "isthmus-controller.isthmus-system.svc",
+    "isthmus-controller.isthmus-system.svc.cluster.local",
+];
+/// Lifetime of the webhook's serving certificate; a controller restart issues a new one.
+const WEBHOOK_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl std::fmt::Display for ConfigSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -84,10 +98,9 @@ impl std::fmt::Display for ConfigSource {
             ConfigSource::Files(dir) => write!(f, "folder {}", dir.display()),
             ConfigSource::Kubernetes {
                 kubeconfig: Some(k),
-            } => {
-                write!(f, "Kubernetes (kubeconfig {})", k.display())
-            }
-            ConfigSource::Kubernetes { kubeconfig: None } => f.write_str("Kubernetes"),
+                ..
+            } => write!(f, "Kubernetes (kubeconfig {})", k.display()),
+            ConfigSource::Kubernetes { .. } => f.write_str("Kubernetes"),
         }
     }
 }
@@ -136,7 +149,7 @@ async fn load(source: &ConfigSource) -> anyhow::Result<Loaded> {
                 keeper: Keeper::Files(folder, last_good),
             })
         }
-        ConfigSource::Kubernetes { kubeconfig } => {
+        ConfigSource::Kubernetes { kubeconfig, .. } => {
             let client = isthmus_kubernetes::client(kubeconfig.as_deref()).await?;
             let source = isthmus_kubernetes::Source::start(client).await?;
             let mut last_good = isthmus_core::config::LastGood::default();
@@ -241,6 +254,53 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let tls = state
         .identity
         .server_config(auth, &[isthmus_core::tls::ALPN_H2]);
+    if let (
+        Keeper::Kubernetes(source, _),
+        ConfigSource::Kubernetes {
+            webhook: Some(addr),
+            ..
+        },
+    ) = (&keeper, &config.source)
+    {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the admission webhook on {addr}"))?;
+        let mut ips = Vec::new();
+        if !addr.ip().is_unspecified() {
+            ips.push(addr.ip());
+        }
+        let names: Vec<String> = WEBHOOK_NAMES.iter().map(|n| n.to_string()).collect();
+        let (key, chain) = state
+            .ca
+            .issue_server(&names, &ips, WEBHOOK_CERT_TTL)
+            .context("issuing the webhook's certificate")?;
+        let tls = isthmus_core::tls::plain_server_config(&chain, &key)?;
+        running.spawn(isthmus_kubernetes::webhook::serve(listener, tls));
+        let (client, bundle) = (source.client(), state.bundle_pem.clone());
+        running.spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match isthmus_kubernetes::webhook::publish_ca_bundle(
+                    &client,
+                    WEBHOOK_CONFIGURATION,
+                    &bundle,
+                )
+                .await
+                {
+                    Ok(true) => return tracing::info!("webhook CA bundle published"),
+                    Ok(false) => {
+                        return tracing::warn!(
+                            configuration = WEBHOOK_CONFIGURATION,
+                            "no ValidatingWebhookConfiguration: bad objects are caught only after they are stored"
+                        )
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot publish the webhook CA bundle; retrying"),
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        });
+    }
     running.spawn(keeper.run(config_tx, status_tx));
     running.spawn(admin.run(drain.clone()));
     running.spawn(registry.clone().run(config.push_debounce));

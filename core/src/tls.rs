@@ -71,6 +71,26 @@ pub fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> 
     Ok(certs)
 }
 
+/// A server config for an HTTPS endpoint that clients outside the mesh call by name (the
+/// admission webhook): `chain` (leaf first) and its key, no client certificates, TLS 1.2
+/// and 1.3.
+pub fn plain_server_config(
+    chain: &[String],
+    key_pem: &str,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let certs = parse_certs(&chain.concat())?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+        .map_err(TlsError::Pem)?
+        .ok_or(TlsError::NoCertificate)?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Key)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(TlsError::Key)?;
+    Ok(Arc::new(config))
+}
+
 /// The SPIFFE ID in a certificate's URI SAN.
 pub fn cert_identity(cert: &[u8]) -> Result<SpiffeId, TlsError> {
     let (_, x509) =

@@ -13,11 +13,13 @@
 //! - `source`: the loop that rebuilds the config set when anything changes and publishes it.
 //! - `status`: each mesh object's admission result written back to it (status condition,
 //!   Istio's validation messages) and an Event for each rejection.
+//! - `webhook`: the validating admission webhook, so `kubectl apply` of a bad object fails.
 
 mod platform;
 mod resources;
 mod source;
 mod status;
+pub mod webhook;
 
 pub use resources::{MeshKind, MESH_KINDS};
 pub use source::{run, Source};

@@ -195,6 +195,11 @@ impl Source {
         }
     }
 
+    /// The client the watchers use.
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
     /// Every mesh config object, in a stable order (admission reports a duplicate against
     /// the first it saw).
     fn mesh_objects(&self) -> Vec<(MeshKind, Arc<DynamicObject>)> {

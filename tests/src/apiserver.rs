@@ -18,13 +18,19 @@
 //!   older than the kept history gets the `ERROR` event with 410 Expired, after which
 //!   clients list again. [`ApiServer::compact`] drops the history and
 //!   [`ApiServer::break_watches`] cuts every open watch, so tests can force both.
+//! - Validating admission webhooks (ValidatingWebhookConfiguration) are called on create
+//!   and update, after the object is computed and before it is stored, with an
+//!   AdmissionReview over HTTPS verified against the webhook's `caBundle`. A denial
+//!   answers as kube-apiserver words it: `admission webhook "<name>" denied the request:`.
 //! - Kinds not registered answer 404, as an uninstalled CRD does.
 //!
 //! What it does not do: no controllers run in it (tests write EndpointSlices as
-//! kube-controller-manager would), no garbage collection or finalizers, no admission
-//! webhooks yet, no RBAC (one token may do everything), no strategic-merge semantics
+//! kube-controller-manager would), no garbage collection or finalizers, no
+//! mutating webhooks, no RBAC (one token may do everything), no strategic-merge semantics
 //! (strategic and apply patches are applied as JSON merge patches), no JSON patch, no
 //! field selectors, no pagination (`limit` is ignored and every item comes in one page).
+//! Webhooks are called by `clientConfig.url` only (no service references), and their
+//! namespace and object selectors are not applied.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -80,6 +86,13 @@ pub const BUILTIN: &[Kind] = &[
     core("Namespace", "namespaces", false),
     core("Event", "events", true),
     Kind {
+        group: "admissionregistration.k8s.io",
+        version: "v1",
+        kind: "ValidatingWebhookConfiguration",
+        plural: "validatingwebhookconfigurations",
+        namespaced: false,
+    },
+    Kind {
         group: "discovery.k8s.io",
         version: "v1",
         kind: "EndpointSlice",
@@ -128,6 +141,20 @@ struct Watcher {
 struct Store {
     rv: u64,
     collections: Vec<Collection>,
+}
+
+/// A write checked by the webhooks before it is committed.
+struct Write {
+    idx: usize,
+    key: (String, String),
+    event: &'static str,
+    obj: Value,
+    /// The resourceVersion the write was computed from; `None` for a create.
+    expect: Option<String>,
+    code: StatusCode,
+    old: Option<Value>,
+    /// Whether validating webhooks see it (creates and updates, not status writes).
+    admit: bool,
 }
 
 struct Shared {
@@ -396,18 +423,39 @@ impl Shared {
                 Err(e) => return failure(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
             }
         };
-        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let planned = {
+            let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            self.plan(&mut store, &t, &method, &q, body, &content_type)
+        };
+        match planned {
+            Ok(write) => self.write(write).await,
+            Err(resp) => resp,
+        }
+    }
+
+    /// What a request does: a write to stage (checked by the webhooks, then committed),
+    /// or the response itself (the `Err` side: large, but made once per request).
+    #[allow(clippy::result_large_err)]
+    fn plan(
+        self: &Arc<Self>,
+        store: &mut Store,
+        t: &Target,
+        method: &Method,
+        q: &HashMap<String, String>,
+        body: Option<Value>,
+        content_type: &str,
+    ) -> Result<Write, Response<Body>> {
         let Some(idx) = store.collections.iter().position(|c| {
             c.kind.group == t.group && c.kind.version == t.version && c.kind.plural == t.plural
         }) else {
-            return failure(
+            return Err(failure(
                 StatusCode::NOT_FOUND,
                 "NotFound",
                 format!(
                     "the server could not find the requested resource ({})",
                     t.plural
                 ),
-            );
+            ));
         };
         let kind = store.collections[idx].kind.clone();
         let ns = if kind.namespaced {
@@ -415,12 +463,12 @@ impl Shared {
         } else {
             None
         };
-        match (&method, &t.name) {
+        match (method, &t.name) {
             (&Method::GET, None) => {
                 let selector =
                     Selector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""));
                 if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {
-                    return self.watch(&mut store, idx, ns, selector, &q);
+                    return Err(self.watch(store, idx, ns, selector, q));
                 }
                 let rv = store.rv;
                 let items: Vec<Value> = store.collections[idx]
@@ -431,30 +479,30 @@ impl Shared {
                     .filter(|v| selector.matches(v))
                     .cloned()
                     .collect();
-                respond(
+                Err(respond(
                     StatusCode::OK,
                     &json!({"kind": format!("{}List", kind.kind), "apiVersion": kind.api_version(),
                             "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
-                )
+                ))
             }
             (&Method::POST, None) => {
                 let Some(mut obj) = body else {
-                    return failure(StatusCode::BAD_REQUEST, "BadRequest", "no object");
+                    return Err(failure(StatusCode::BAD_REQUEST, "BadRequest", "no object"));
                 };
                 let Some(name) = obj["metadata"]["name"].as_str().map(str::to_owned) else {
-                    return failure(
+                    return Err(failure(
                         StatusCode::UNPROCESSABLE_ENTITY,
                         "Invalid",
                         "metadata.name: Required value",
-                    );
+                    ));
                 };
                 let key = (ns.clone().unwrap_or_default(), name.clone());
                 if store.collections[idx].objects.contains_key(&key) {
-                    return failure(
+                    return Err(failure(
                         StatusCode::CONFLICT,
                         "AlreadyExists",
                         format!("{} \"{name}\" already exists", kind.plural),
-                    );
+                    ));
                 }
                 obj["apiVersion"] = json!(kind.api_version());
                 obj["kind"] = json!(kind.kind);
@@ -468,28 +516,48 @@ impl Shared {
                 obj["metadata"]["uid"] = json!(format!("{:032x}", rand::random::<u128>()));
                 obj["metadata"]["creationTimestamp"] = json!("2026-11-26T00:00:00Z");
                 obj["metadata"]["generation"] = json!(1);
-                let obj = Self::commit(&mut store, idx, key, "ADDED", obj);
-                respond(StatusCode::CREATED, &obj)
+                Ok(Write {
+                    idx,
+                    key,
+                    event: "ADDED",
+                    obj,
+                    expect: None,
+                    code: StatusCode::CREATED,
+                    old: None,
+                    admit: true,
+                })
             }
             (_, Some(name)) => {
                 let key = (ns.clone().unwrap_or_default(), name.clone());
                 let Some(current) = store.collections[idx].objects.get(&key).cloned() else {
-                    return failure(
+                    return Err(failure(
                         StatusCode::NOT_FOUND,
                         "NotFound",
                         format!("{}.{} \"{name}\" not found", kind.plural, kind.group),
-                    );
+                    ));
                 };
                 let on_status = t.subresource.as_deref() == Some("status");
-                match method {
-                    Method::GET => respond(StatusCode::OK, &current),
-                    Method::DELETE => {
-                        let obj = Self::commit(&mut store, idx, key, "DELETED", current);
-                        respond(StatusCode::OK, &obj)
-                    }
+                match *method {
+                    Method::GET => Err(respond(StatusCode::OK, &current)),
+                    Method::DELETE => Ok(Write {
+                        idx,
+                        key,
+                        event: "DELETED",
+                        expect: current["metadata"]["resourceVersion"]
+                            .as_str()
+                            .map(str::to_owned),
+                        obj: current,
+                        code: StatusCode::OK,
+                        old: None,
+                        admit: false,
+                    }),
                     Method::PUT | Method::PATCH => {
                         let Some(body) = body else {
-                            return failure(StatusCode::BAD_REQUEST, "BadRequest", "no object");
+                            return Err(failure(
+                                StatusCode::BAD_REQUEST,
+                                "BadRequest",
+                                "no object",
+                            ));
                         };
                         let mut next = current.clone();
                         if method == Method::PUT {
@@ -497,19 +565,19 @@ impl Shared {
                             if sent_rv.is_some_and(|rv| {
                                 Some(rv) != current["metadata"]["resourceVersion"].as_str()
                             }) {
-                                return failure(
+                                return Err(failure(
                                     StatusCode::CONFLICT,
                                     "Conflict",
                                     format!("Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again", kind.plural),
-                                );
+                                ));
                             }
                             next = body;
                         } else if content_type.contains("json-patch") {
-                            return failure(
+                            return Err(failure(
                                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                                 "UnsupportedMediaType",
                                 "JSON patch is not supported by this stand-in",
-                            );
+                            ));
                         } else {
                             merge(&mut next, &body);
                         }
@@ -535,22 +603,151 @@ impl Shared {
                         }
                         next["apiVersion"] = json!(kind.api_version());
                         next["kind"] = json!(kind.kind);
-                        let obj = Self::commit(&mut store, idx, key, "MODIFIED", next);
-                        respond(StatusCode::OK, &obj)
+                        Ok(Write {
+                            idx,
+                            key,
+                            event: "MODIFIED",
+                            obj: next,
+                            expect: current["metadata"]["resourceVersion"]
+                                .as_str()
+                                .map(str::to_owned),
+                            code: StatusCode::OK,
+                            old: Some(current),
+                            admit: !on_status,
+                        })
                     }
-                    _ => failure(
+                    _ => Err(failure(
                         StatusCode::METHOD_NOT_ALLOWED,
                         "MethodNotAllowed",
                         "method not allowed",
-                    ),
+                    )),
                 }
             }
-            _ => failure(
+            _ => Err(failure(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "MethodNotAllowed",
                 "method not allowed",
-            ),
+            )),
         }
+    }
+
+    /// Runs the validating webhooks on a staged write, then commits it unless the object
+    /// changed meanwhile (409, as a real server's optimistic concurrency says).
+    async fn write(self: &Arc<Self>, w: Write) -> Response<Body> {
+        if w.admit {
+            if let Err(denied) = self.admit(&w).await {
+                return denied;
+            }
+        }
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let current = store.collections[w.idx].objects.get(&w.key);
+        let now = current.map(|c| c["metadata"]["resourceVersion"].as_str().map(str::to_owned));
+        let unchanged = match (&w.expect, now) {
+            (None, None) => true,
+            (Some(rv), Some(Some(cur))) => *rv == cur,
+            _ => false,
+        };
+        if !unchanged {
+            let reason = if w.expect.is_none() {
+                "AlreadyExists"
+            } else {
+                "Conflict"
+            };
+            return failure(
+                StatusCode::CONFLICT,
+                reason,
+                format!(
+                    "{} {}/{} changed while it was being written",
+                    store.collections[w.idx].kind.plural, w.key.0, w.key.1
+                ),
+            );
+        }
+        let obj = Self::commit(&mut store, w.idx, w.key, w.event, w.obj);
+        respond(w.code, &obj)
+    }
+
+    /// Calls every validating webhook whose rules match the write, as kube-apiserver does:
+    /// an AdmissionReview POSTed over HTTPS to the webhook's URL, verified against its
+    /// `caBundle`. A denial, or a failed call under `failurePolicy: Fail`, refuses the write.
+    async fn admit(self: &Arc<Self>, w: &Write) -> Result<(), Response<Body>> {
+        let (kind, hooks) = {
+            let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            let kind = store.collections[w.idx].kind.clone();
+            let hooks: Vec<Value> = store
+                .collections
+                .iter()
+                .filter(|c| c.kind.kind == "ValidatingWebhookConfiguration")
+                .flat_map(|c| c.objects.values())
+                .flat_map(|cfg| cfg["webhooks"].as_array().cloned().unwrap_or_default())
+                .collect();
+            (kind, hooks)
+        };
+        let operation = if w.expect.is_none() {
+            "CREATE"
+        } else {
+            "UPDATE"
+        };
+        for hook in hooks {
+            let listed = |field: &str, want: &str| {
+                hook["rules"].as_array().is_some_and(|rules| {
+                    rules.iter().any(|r| {
+                        r[field]
+                            .as_array()
+                            .is_some_and(|v| v.iter().any(|x| x == "*" || x == want))
+                    })
+                })
+            };
+            let matches = listed("apiGroups", kind.group)
+                && listed("apiVersions", kind.version)
+                && listed("resources", kind.plural)
+                && listed("operations", operation);
+            if !matches {
+                continue;
+            }
+            let name = hook["name"].as_str().unwrap_or_default().to_owned();
+            let review = json!({
+                "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                "request": {
+                    "uid": format!("{:032x}", rand::random::<u128>()),
+                    "kind": {"group": kind.group, "version": kind.version, "kind": kind.kind},
+                    "resource": {"group": kind.group, "version": kind.version, "resource": kind.plural},
+                    "requestKind": {"group": kind.group, "version": kind.version, "kind": kind.kind},
+                    "requestResource": {"group": kind.group, "version": kind.version, "resource": kind.plural},
+                    "name": w.key.1, "namespace": w.key.0, "operation": operation,
+                    "userInfo": {"username": "stand-in-user"},
+                    "object": w.obj, "oldObject": w.old, "dryRun": false,
+                    "options": {"apiVersion": "meta.k8s.io/v1", "kind": if operation == "CREATE" { "CreateOptions" } else { "UpdateOptions" }},
+                }
+            });
+            let ignore = hook["failurePolicy"] == "Ignore";
+            match call_webhook(&hook, &review).await {
+                Ok(resp) if resp["response"]["allowed"] == true => {}
+                Ok(resp) => {
+                    let status = &resp["response"]["status"];
+                    let code = status["code"]
+                        .as_u64()
+                        .and_then(|c| StatusCode::from_u16(c as u16).ok())
+                        .unwrap_or(StatusCode::BAD_REQUEST);
+                    let message = status["message"].as_str().unwrap_or_default();
+                    return Err(failure(
+                        code,
+                        status["reason"].as_str().unwrap_or("BadRequest"),
+                        format!("admission webhook \"{name}\" denied the request: {message}"),
+                    ));
+                }
+                Err(_) if ignore => {}
+                Err(e) => {
+                    return Err(failure(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "InternalError",
+                        format!(
+                            "Internal error occurred: failed calling webhook \"{name}\": {e:#}"
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 
     fn watch(
@@ -685,6 +882,58 @@ impl Shared {
             }
         }
     }
+}
+
+/// POSTs `review` to the webhook's `clientConfig.url`, trusting only its `caBundle`.
+async fn call_webhook(hook: &Value, review: &Value) -> anyhow::Result<Value> {
+    use base64::Engine;
+    let url: http::Uri = hook["clientConfig"]["url"]
+        .as_str()
+        .context("only webhooks with clientConfig.url are called by this stand-in")?
+        .parse()?;
+    let bundle = base64::engine::general_purpose::STANDARD.decode(
+        hook["clientConfig"]["caBundle"]
+            .as_str()
+            .context("no caBundle")?,
+    )?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut bundle.as_slice()) {
+        roots.add(cert?)?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let host = url.host().context("no host")?.to_owned();
+    let port = url.port_u16().unwrap_or(443);
+    let timeout = Duration::from_secs(hook["timeoutSeconds"].as_u64().unwrap_or(10));
+    let call = async {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+        let name = rustls::pki_types::ServerName::try_from(host.clone())?;
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(name, tcp)
+            .await?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = Request::post(url.clone())
+            .header(http::header::HOST, format!("{host}:{port}"))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(serde_json::to_vec(review)?)))?;
+        let resp = send.send_request(req).await?;
+        anyhow::ensure!(
+            resp.status().is_success(),
+            "webhook answered {}",
+            resp.status()
+        );
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok::<_, anyhow::Error>(serde_json::from_slice(&body)?)
+    };
+    tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out after {timeout:?}"))?
 }
 
 /// A watch's response: its events as JSON lines, until the watch is cut or `timeout`.

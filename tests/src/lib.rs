@@ -252,6 +252,7 @@ impl Mesh {
             source: match &c.kube {
                 Some(api) => isthmus_controller::ConfigSource::Kubernetes {
                     kubeconfig: Some(api.kubeconfig().to_owned()),
+                    webhook: Some(SocketAddr::new(IpAddr::V4(ip(c.block, c.index, 1)), 15017)),
                 },
                 None => isthmus_controller::ConfigSource::Files(c.config_dir.clone()),
             },

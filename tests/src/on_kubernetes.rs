@@ -6,9 +6,10 @@
 //! condition) through the status subresource. As kube-controller-manager it writes one
 //! EndpointSlice per Service from the pods its selector picks, with their readiness.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Context;
+use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
@@ -37,6 +38,7 @@ impl Mesh {
         let dir = self.dir.path().join(cluster);
         std::fs::create_dir_all(&dir)?;
         let c = self.cluster(cluster);
+        let (c_block, c_index) = (c.block, c.index);
         let ip = IpAddr::V4(crate::ip(c.block, c.index, 3));
         let mut kinds = apiserver::BUILTIN.to_vec();
         kinds.extend(apiserver::mesh_crds());
@@ -47,8 +49,27 @@ impl Mesh {
             "metadata": {"name": node_name(cluster), "labels": {
                 "topology.kubernetes.io/region": l.region, "topology.kubernetes.io/zone": l.zone}},
         }))?;
-        Api::<Node>::all(client)
+        Api::<Node>::all(client.clone())
             .create(&PostParams::default(), &node)
+            .await?;
+        // As `isthmus install` registers it; the controller fills in the caBundle.
+        let webhook = SocketAddr::new(IpAddr::V4(crate::ip(c_block, c_index, 1)), 15017);
+        let groups: Vec<&str> = isthmus_kubernetes::MESH_KINDS
+            .iter()
+            .map(|k| k.group)
+            .collect();
+        let config: ValidatingWebhookConfiguration = serde_json::from_value(json!({
+            "metadata": {"name": isthmus_controller::WEBHOOK_CONFIGURATION},
+            "webhooks": [{
+                "name": "validation.isthmus.io",
+                "clientConfig": {"url": format!("https://{webhook}/validate")},
+                "rules": [{"apiGroups": groups, "apiVersions": ["*"], "resources": ["*"],
+                           "operations": ["CREATE", "UPDATE"]}],
+                "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"],
+            }],
+        }))?;
+        Api::<ValidatingWebhookConfiguration>::all(client)
+            .create(&PostParams::default(), &config)
             .await?;
         self.cluster(cluster).kube = Some(api);
         Ok(())

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use isthmus_tests::{config_dump, eventually, settles_in, traffic, AppClient, Mesh};
+use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Event;
 use kube::api::{Api, DynamicObject};
 
@@ -144,7 +145,7 @@ async fn a_kubernetes_service_exported_from_west_fails_over_to_eu_when_its_slice
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn virtual_services_are_read_from_custom_resources_and_a_bad_one_keeps_the_last_good(
+async fn virtual_services_come_from_custom_resources_and_bad_ones_are_refused_where_users_look(
 ) -> anyhow::Result<()> {
     let mut mesh = Mesh::start_with_kubernetes(&["west"], &["west"]).await?;
     mesh.add_workload("west", "echo-0", Some("echo"), "echo")
@@ -167,11 +168,48 @@ async fn virtual_services_are_read_from_custom_resources_and_a_bad_one_keeps_the
     )
     .await?;
 
-    // A change with a fault is refused by name; the admitted version keeps serving.
+    // The webhook refuses a bad change at `kubectl apply`, with the faults `isthmus
+    // validate` prints for the same manifest.
     let bad = teapot.replace(
         "  - route: [{destination: {host: echo}}]\n",
         "  - route: [{destination: {host: echo}}]\n    retries: {attempts: three}\n",
     );
+    let refused = mesh
+        .kubectl_apply("west", &bad)
+        .await
+        .expect_err("the webhook refuses it");
+    let refused = format!("{refused:#}");
+    assert!(
+        refused.contains("admission webhook \"validation.isthmus.io\" denied the request"),
+        "{refused}"
+    );
+    let validated = isthmus_core::config::load_files(&[isthmus_core::config::SourceFile {
+        name: "echo.yaml".into(),
+        contents: bad.clone(),
+    }])
+    .expect_err("isthmus validate refuses it too");
+    for e in &validated.0 {
+        let line = format!(
+            "{}: {}: {} [{}]",
+            e.object.as_deref().unwrap_or_default(),
+            e.field,
+            e.message,
+            e.code.as_str()
+        );
+        assert!(refused.contains(&line), "`{line}` not in {refused}");
+    }
+    assert_eq!(client.get(outbound, HOST, "/teapot").await?.status, 418);
+
+    // Without the webhook (not installed, or the change made while it was down) the bad
+    // change is stored; the controller refuses it by name and the admitted version keeps
+    // serving.
+    let kube = mesh.api("west").client().await?;
+    Api::<ValidatingWebhookConfiguration>::all(kube.clone())
+        .delete(
+            isthmus_controller::WEBHOOK_CONFIGURATION,
+            &Default::default(),
+        )
+        .await?;
     mesh.kubectl_apply("west", &bad).await?;
     let admin = mesh.controller_admin("west");
     let errors = eventually("the rejection to show", Duration::from_secs(5), || async {
@@ -189,7 +227,6 @@ async fn virtual_services_are_read_from_custom_resources_and_a_bad_one_keeps_the
     assert_eq!(client.get(outbound, HOST, "/").await?.status, 200);
 
     // Where a Kubernetes user looks: the object's status and an Event.
-    let kube = mesh.api("west").client().await?;
     let status = eventually("the status to say rejected", Duration::from_secs(5), || {
         let kube = kube.clone();
         async move {

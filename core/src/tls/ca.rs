@@ -214,6 +214,44 @@ impl CertificateAuthority {
     }
 }
 
+impl CertificateAuthority {
+    /// A serving certificate for a component's own HTTPS endpoint reached by name (the
+    /// controller's admission webhook, which the Kubernetes API server calls): a new P-256
+    /// key, and the leaf for `dns_names` and `ips` followed by this CA's chain. The key
+    /// is made here, in the process that serves with it.
+    pub fn issue_server(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+    ) -> Result<(String, Vec<String>), CaError> {
+        let key = KeyPair::generate().map_err(CaError::Sign)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        for name in dns_names {
+            let name = name.clone().try_into().map_err(CaError::Sign)?;
+            params.subject_alt_names.push(SanType::DnsName(name));
+        }
+        for ip in ips {
+            params.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params, ttl);
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(CaError::Sign)?;
+        let mut chain = vec![cert.pem()];
+        chain.extend(self.chain_pem.iter().cloned());
+        Ok((key.serialize_pem(), chain))
+    }
+}
+
 /// A new P-256 key and a CSR for a leaf certificate naming `id`.
 pub fn leaf_csr(id: &SpiffeId) -> Result<(KeyPair, String), CaError> {
     let key = KeyPair::generate().map_err(CaError::Sign)?;
