@@ -292,7 +292,7 @@ impl Bench {
                 address: controller_addr(c, 15012),
                 controller: controller.clone(),
                 bootstrap_bundle_pem: bundle.clone(),
-                token: Some(token),
+                token: Some(isthmus_core::ca_client::Token::Inline(token)),
                 identity: SpiffeId::new(TRUST_DOMAIN, NAMESPACE, "probe"),
             };
             let identity = tokio::time::timeout(STARTUP_TIMEOUT, ca.fetch_until_issued())

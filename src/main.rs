@@ -262,6 +262,22 @@ struct ProxyArgs {
     /// Bootstrap token from `isthmus token workload`.
     #[arg(long, env = "ISTHMUS_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// In Kubernetes: the pod's projected service-account token (audience `isthmus-ca`),
+    /// read at every use so the kubelet's rotations apply. The controller checks it with
+    /// the TokenReview API.
+    #[arg(long, conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+}
+
+impl ProxyArgs {
+    fn token(&self) -> Option<isthmus_core::ca_client::Token> {
+        use isthmus_core::ca_client::Token;
+        match (&self.token, &self.token_file) {
+            (Some(t), _) => Some(Token::Inline(t.clone())),
+            (None, Some(path)) => Some(Token::File(path.clone())),
+            (None, None) => None,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -669,12 +685,13 @@ async fn run(
             serve!(isthmus_controller::build(config).await?, exit_with_stdin)
         }
         Command::Gateway(a) => {
+            let token = a.proxy.token();
             let config = isthmus_gateway::Config {
                 cluster: a.proxy.cluster,
                 trust_domain: a.proxy.trust_domain,
                 controller_addr: a.proxy.controller,
                 bootstrap_bundle_pem: read_pem(&a.proxy.root)?,
-                token: a.proxy.token,
+                token,
                 tunnel_addr: a.tunnel,
                 quic_addr: a.quic,
                 admin_addr: a.admin,
@@ -690,6 +707,7 @@ async fn run(
             let locality = Locality::parse(&a.locality).with_context(|| {
                 format!("--locality `{}` is not region/zone/subzone", a.locality)
             })?;
+            let token = a.proxy.token();
             let config = isthmus_sidecar::Config {
                 cluster: a.proxy.cluster,
                 trust_domain: a.proxy.trust_domain,
@@ -698,7 +716,7 @@ async fn run(
                 locality,
                 controller_addr: a.proxy.controller,
                 bootstrap_bundle_pem: read_pem(&a.proxy.root)?,
-                token: a.proxy.token,
+                token,
                 outbound_addr: a.outbound,
                 inbound_addr: a.inbound,
                 admin_addr: a.admin,

@@ -227,7 +227,13 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         drain.clone(),
         metrics.sub_registry_with_prefix("xds"),
     );
-    let ca = signing::CaService::new(&config, &state)?;
+    let reviewer = match &keeper {
+        Keeper::Kubernetes(source, _) => Some(isthmus_kubernetes::identity::TokenReviewer::new(
+            source.client(),
+        )),
+        Keeper::Files(..) => None,
+    };
+    let ca = signing::CaService::new(&config, &state, reviewer)?;
     ca.register_metrics(metrics.sub_registry_with_prefix("ca"));
     config_metrics(&mut metrics, status_rx.clone());
 

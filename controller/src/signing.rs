@@ -1,5 +1,7 @@
 //! The cluster CA's gRPC face: signs workload certificates for exactly the identity the
-//! caller proved, by bootstrap token (first issue) or by its current certificate (renewal).
+//! caller proved, by token (first issue) or by its current certificate (renewal). A token
+//! is a bootstrap token (`ist1.`), or on Kubernetes a projected service-account token,
+//! which the API server checks (TokenReview).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,11 +32,18 @@ pub struct CaService {
     audience: String,
     ttl: Duration,
     requests: Family<Outcome, Counter>,
+    /// Checks Kubernetes service-account tokens; `None` off Kubernetes.
+    reviewer: Option<isthmus_kubernetes::identity::TokenReviewer>,
 }
 
 impl CaService {
-    pub fn new(config: &Config, state: &ClusterState) -> anyhow::Result<Self> {
+    pub fn new(
+        config: &Config,
+        state: &ClusterState,
+        reviewer: Option<isthmus_kubernetes::identity::TokenReviewer>,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
+            reviewer,
             ca: state.ca.clone(),
             token_key: state.token_key.clone(),
             trust_domain: state.trust_domain.clone(),
@@ -53,13 +62,27 @@ impl CaService {
     }
 
     /// The identity the caller proved: its verified certificate, else its token.
-    fn proved<T>(&self, req: &Request<T>) -> Result<SpiffeId, Status> {
+    async fn proved<T>(&self, req: &Request<T>) -> Result<SpiffeId, Status> {
         if let Some(id) = isthmus_core::grpc::peer_of(req).and_then(|p| p.identity.clone()) {
             return Ok(id);
         }
-        let token = isthmus_core::grpc::bearer_token(req).ok_or_else(|| {
-            Status::unauthenticated("present a bootstrap token or a workload certificate")
-        })?;
+        let token = isthmus_core::grpc::bearer_token(req)
+            .ok_or_else(|| Status::unauthenticated("present a token or a workload certificate"))?;
+        if !isthmus_core::token::is_bootstrap(token) {
+            let Some(reviewer) = &self.reviewer else {
+                return Err(Status::unauthenticated(
+                    "not a bootstrap token, and this cluster's CA reads no Kubernetes tokens",
+                ));
+            };
+            let account = reviewer.review(token).await.map_err(|e| {
+                Status::unauthenticated(format!("service-account token refused: {e}"))
+            })?;
+            return Ok(SpiffeId::new(
+                &self.trust_domain,
+                &account.namespace,
+                &account.name,
+            ));
+        }
         let subject = self
             .token_key
             .verify(token, &self.audience)
@@ -77,7 +100,7 @@ impl CaApi for CaService {
         &self,
         req: Request<CertificateRequest>,
     ) -> Result<Response<CertificateResponse>, Status> {
-        let proved = match self.proved(&req) {
+        let proved = match self.proved(&req).await {
             Ok(id) => id,
             Err(s) => {
                 self.requests

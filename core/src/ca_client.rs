@@ -1,6 +1,8 @@
 //! Getting and renewing a component's certificate from its cluster's CA: the key is made
 //! here and never leaves the process; the CA receives a CSR and the proof of identity (a
-//! bootstrap token the first time, the current certificate afterwards).
+//! token the first time, the current certificate afterwards). The token is a bootstrap
+//! token, or in Kubernetes the pod's projected service-account token, read from its file
+//! at every use so that the kubelet's rotations are picked up.
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
@@ -21,11 +23,33 @@ pub enum CaClientError {
     Tls(#[from] crate::tls::TlsError),
     #[error("cannot make a CSR: {0}")]
     Csr(#[from] crate::tls::ca::CaError),
+    #[error("cannot read the token: {0}")]
+    Token(#[source] std::io::Error),
     #[error("the CA at {addr} refused: {status}")]
     Refused {
         addr: SocketAddr,
         status: tonic::Status,
     },
+}
+
+/// The proof of identity for a first certificate.
+#[derive(Debug, Clone)]
+pub enum Token {
+    /// Given as is (a bootstrap token from `isthmus token workload`).
+    Inline(String),
+    /// Read from a file at every use: a projected service-account token, which the kubelet
+    /// rewrites before it expires.
+    File(std::path::PathBuf),
+}
+
+impl Token {
+    /// The token now.
+    pub fn read(&self) -> std::io::Result<String> {
+        match self {
+            Token::Inline(t) => Ok(t.clone()),
+            Token::File(path) => Ok(std::fs::read_to_string(path)?.trim().to_owned()),
+        }
+    }
 }
 
 /// Where and how to ask for certificates.
@@ -38,7 +62,7 @@ pub struct CaClient {
     /// Roots to trust before the first certificate arrives.
     pub bootstrap_bundle_pem: String,
     /// Proof of identity for the first request.
-    pub token: Option<String>,
+    pub token: Option<Token>,
     /// The identity to ask for.
     pub identity: SpiffeId,
 }
@@ -56,6 +80,7 @@ impl CaClient {
         let mut req = tonic::Request::new(CertificateRequest { csr_pem });
         if current.is_none() {
             if let Some(token) = &self.token {
+                let token = token.read().map_err(CaClientError::Token)?;
                 if let Ok(v) = format!("Bearer {token}").parse() {
                     req.metadata_mut().insert("authorization", v);
                 }

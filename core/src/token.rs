@@ -32,6 +32,14 @@ pub enum TokenError {
     },
 }
 
+/// Whether `token` is a bootstrap token (rather than, say, a Kubernetes service-account
+/// token).
+pub fn is_bootstrap(token: &str) -> bool {
+    token
+        .strip_prefix(PREFIX)
+        .is_some_and(|rest| rest.starts_with('.'))
+}
+
 #[derive(Serialize, Deserialize)]
 struct Claims {
     sub: String,

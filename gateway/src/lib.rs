@@ -32,7 +32,7 @@ pub struct Config {
     pub trust_domain: String,
     pub controller_addr: SocketAddr,
     pub bootstrap_bundle_pem: String,
-    pub token: Option<String>,
+    pub token: Option<isthmus_core::ca_client::Token>,
     /// Tunnel listener for local sidecars (15008).
     pub tunnel_addr: SocketAddr,
     /// QUIC listener for peer gateways (15443/udp).

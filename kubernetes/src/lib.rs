@@ -13,8 +13,10 @@
 //! - `source`: the loop that rebuilds the config set when anything changes and publishes it.
 //! - `status`: each mesh object's admission result written back to it (status condition,
 //!   Istio's validation messages) and an Event for each rejection.
+//! - `identity`: projected service-account tokens checked with TokenReview, for the CA.
 //! - `webhook`: the validating admission webhook, so `kubectl apply` of a bad object fails.
 
+pub mod identity;
 mod platform;
 mod resources;
 mod source;

@@ -61,8 +61,9 @@ pub struct Config {
     pub controller_addr: SocketAddr,
     /// PEM roots to verify the controller before the first certificate.
     pub bootstrap_bundle_pem: String,
-    /// Bootstrap token proving the workload identity on first issue.
-    pub token: Option<String>,
+    /// Proof of the workload's identity on first issue: a bootstrap token, or the pod's
+    /// projected service-account token file.
+    pub token: Option<isthmus_core::ca_client::Token>,
     /// Explicit outbound listener for the app (HTTP proxy style).
     pub outbound_addr: SocketAddr,
     /// mTLS tunnel listener (15008).

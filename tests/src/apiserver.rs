@@ -22,6 +22,9 @@
 //!   and update, after the object is computed and before it is stored, with an
 //!   AdmissionReview over HTTPS verified against the webhook's `caBundle`. A denial
 //!   answers as kube-apiserver words it: `admission webhook "<name>" denied the request:`.
+//! - TokenReview for the service-account tokens it issues ([`ApiServer::service_account_token`],
+//!   JWTs with Kubernetes's claims, signed with the server's own key): signature, expiry
+//!   and audience checked, `system:serviceaccount:<ns>:<name>` answered.
 //! - Kinds not registered answer 404, as an uninstalled CRD does.
 //!
 //! What it does not do: no controllers run in it (tests write EndpointSlices as
@@ -93,6 +96,13 @@ pub const BUILTIN: &[Kind] = &[
         namespaced: false,
     },
     Kind {
+        group: "authentication.k8s.io",
+        version: "v1",
+        kind: "TokenReview",
+        plural: "tokenreviews",
+        namespaced: false,
+    },
+    Kind {
         group: "discovery.k8s.io",
         version: "v1",
         kind: "EndpointSlice",
@@ -160,6 +170,8 @@ struct Write {
 struct Shared {
     store: Mutex<Store>,
     token: String,
+    /// Signs the service-account tokens this server issues.
+    signer: ring::hmac::Key,
     /// Watches answered 410 Gone.
     expired: std::sync::atomic::AtomicUsize,
 }
@@ -458,6 +470,16 @@ impl Shared {
             ));
         };
         let kind = store.collections[idx].kind.clone();
+        if kind.kind == "TokenReview" {
+            return Err(match (method, body) {
+                (&Method::POST, Some(review)) => self.review_token(review),
+                _ => failure(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "MethodNotAllowed",
+                    "create only",
+                ),
+            });
+        }
         let ns = if kind.namespaced {
             t.namespace.clone()
         } else {
@@ -629,6 +651,83 @@ impl Shared {
                 "method not allowed",
             )),
         }
+    }
+
+    /// A TokenReview answered as kube-apiserver answers it for service-account tokens:
+    /// signature and expiry checked, the token's audiences intersected with the asked ones.
+    fn review_token(&self, mut review: Value) -> Response<Body> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let token = review["spec"]["token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let asked: Vec<String> = review["spec"]["audiences"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let verdict = (|| -> Result<Value, String> {
+            let mut parts = token.split('.');
+            let (Some(head), Some(claims), Some(sig), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err("token is not a JWT".into());
+            };
+            let sig = b64.decode(sig).map_err(|_| "bad signature encoding")?;
+            ring::hmac::verify(&self.signer, format!("{head}.{claims}").as_bytes(), &sig)
+                .map_err(|_| "invalid bearer token, token lookup failed")?;
+            let claims: Value =
+                serde_json::from_slice(&b64.decode(claims).map_err(|_| "bad claims")?)
+                    .map_err(|_| "bad claims")?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            if claims["exp"].as_u64().unwrap_or(0) <= now {
+                return Err("invalid bearer token, service account token has expired".into());
+            }
+            let aud: Vec<String> = claims["aud"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let audiences: Vec<&String> = if asked.is_empty() {
+                aud.iter().collect()
+            } else {
+                asked.iter().filter(|a| aud.contains(a)).collect()
+            };
+            if audiences.is_empty() {
+                return Err(format!("invalid bearer token, token audiences {aud:?} is invalid for the target audiences {asked:?}"));
+            }
+            let k = &claims["kubernetes.io"];
+            let ns = k["namespace"].as_str().unwrap_or_default();
+            let sa = k["serviceaccount"]["name"].as_str().unwrap_or_default();
+            Ok(json!({
+                "authenticated": true,
+                "user": {
+                    "username": format!("system:serviceaccount:{ns}:{sa}"),
+                    "uid": k["serviceaccount"]["uid"],
+                    "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}"), "system:authenticated"],
+                    "extra": {"authentication.kubernetes.io/pod-name": [k["pod"]["name"]],
+                              "authentication.kubernetes.io/pod-uid": [k["pod"]["uid"]]},
+                },
+                "audiences": audiences,
+            }))
+        })();
+        review["status"] = match verdict {
+            Ok(status) => status,
+            Err(error) => json!({"authenticated": false, "user": {}, "error": error}),
+        };
+        review["apiVersion"] = json!("authentication.k8s.io/v1");
+        review["kind"] = json!("TokenReview");
+        respond(StatusCode::CREATED, &review)
     }
 
     /// Runs the validating webhooks on a staged write, then commits it unless the object
@@ -1004,6 +1103,7 @@ impl ApiServer {
         let shared = Arc::new(Shared {
             store: Mutex::new(store),
             token: token.clone(),
+            signer: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &rand::random::<[u8; 32]>()),
             expired: Default::default(),
         });
         let kubeconfig = dir.join("kubeconfig");
@@ -1055,6 +1155,24 @@ impl ApiServer {
         isthmus_kubernetes::client(Some(&self.kubeconfig)).await
     }
 
+    /// What issues this server's service-account tokens, for a task playing the kubelet.
+    pub fn token_issuer(&self) -> TokenIssuer {
+        TokenIssuer(self.shared.clone())
+    }
+
+    /// A projected service-account token: see [`TokenIssuer::token`].
+    pub fn service_account_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        pod: &str,
+        audience: &str,
+        ttl: Duration,
+    ) -> String {
+        self.token_issuer()
+            .token(namespace, service_account, pod, audience, ttl)
+    }
+
     /// Forgets every event so far: a watch resuming from before now gets 410 Gone.
     pub fn compact(&self) {
         let mut store = self.shared.store.lock().unwrap_or_else(|p| p.into_inner());
@@ -1091,5 +1209,44 @@ impl ApiServer {
                 c.watchers.len()
             })
             .sum()
+    }
+}
+
+/// Issues service-account tokens as the kubelet projects them into pods.
+#[derive(Clone)]
+pub struct TokenIssuer(Arc<Shared>);
+
+impl TokenIssuer {
+    /// A projected service-account token for `namespace/service_account` of `pod`: a signed
+    /// JWT with Kubernetes's claims, for `audience`, expiring after `ttl` (already expired
+    /// for a zero `ttl`).
+    pub fn token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        pod: &str,
+        audience: &str,
+        ttl: Duration,
+    ) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let head = b64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+        let claims = json!({
+            "iss": "https://kubernetes.default.svc.cluster.local",
+            "sub": format!("system:serviceaccount:{namespace}:{service_account}"),
+            "aud": [audience], "iat": now, "nbf": now, "exp": now + ttl.as_secs(),
+            "kubernetes.io": {
+                "namespace": namespace,
+                "serviceaccount": {"name": service_account, "uid": format!("{:032x}", rand::random::<u128>())},
+                "pod": {"name": pod, "uid": format!("{:032x}", rand::random::<u128>())},
+            },
+        });
+        let claims = b64.encode(serde_json::to_vec(&claims).unwrap_or_default());
+        let sig = ring::hmac::sign(&self.0.signer, format!("{head}.{claims}").as_bytes());
+        format!("{head}.{claims}.{}", b64.encode(sig.as_ref()))
     }
 }

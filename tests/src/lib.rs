@@ -300,7 +300,7 @@ impl Mesh {
             trust_domain: TRUST_DOMAIN.into(),
             controller_addr: c.controller_addr,
             bootstrap_bundle_pem: bundle,
-            token: Some(token),
+            token: Some(isthmus_core::ca_client::Token::Inline(token)),
             tunnel_addr: SocketAddr::new(gw_ip, 15008),
             quic_addr: SocketAddr::new(gw_ip, 15443),
             admin_addr: SocketAddr::new(gw_ip, 15000),
@@ -494,13 +494,32 @@ async fn start_sidecar(
     w: &Workload,
     bundle: &str,
 ) -> anyhow::Result<isthmus_sidecar::Bound> {
-    let token = isthmus_controller::mint_workload_token(
-        &c.state_dir,
-        &c.name,
-        NAMESPACE,
-        &w.service_account,
-        TOKEN_TTL,
-    )?;
+    // On Kubernetes the pod proves itself with its projected service-account token, which
+    // the kubelet keeps in a file; elsewhere with a bootstrap token.
+    let token = match &c.kube {
+        Some(api) => {
+            let path = c.state_dir.join("../pods").join(&w.name).join("token");
+            if !path.exists() {
+                std::fs::create_dir_all(path.parent().expect("a folder"))?;
+                let token = api.service_account_token(
+                    NAMESPACE,
+                    &w.service_account,
+                    &w.name,
+                    isthmus_kubernetes::identity::CA_AUDIENCE,
+                    TOKEN_TTL,
+                );
+                std::fs::write(&path, token)?;
+            }
+            isthmus_core::ca_client::Token::File(path)
+        }
+        None => isthmus_core::ca_client::Token::Inline(isthmus_controller::mint_workload_token(
+            &c.state_dir,
+            &c.name,
+            NAMESPACE,
+            &w.service_account,
+            TOKEN_TTL,
+        )?),
+    };
     let a = IpAddr::V4(w.ip);
     isthmus_sidecar::build(isthmus_sidecar::Config {
         cluster: c.name.clone(),
@@ -660,7 +679,7 @@ impl Mesh {
             address: c.controller_addr,
             controller: isthmus_core::identity::SpiffeId::controller(TRUST_DOMAIN, &c.name),
             bootstrap_bundle_pem: bundle,
-            token: Some(token),
+            token: Some(isthmus_core::ca_client::Token::Inline(token)),
             identity: isthmus_core::identity::SpiffeId::new(TRUST_DOMAIN, namespace, asked_sa),
         })
     }

@@ -24,6 +24,16 @@ fn node_name(cluster: &str) -> String {
 }
 
 impl Mesh {
+    /// Where the kubelet of `cluster` keeps `pod`'s projected service-account token (a
+    /// test that rotates it writes here before the pod's sidecar starts or while it runs).
+    pub fn token_path(&mut self, cluster: &str, pod: &str) -> std::path::PathBuf {
+        self.cluster(cluster)
+            .state_dir
+            .join("../pods")
+            .join(pod)
+            .join("token")
+    }
+
     /// The stand-in API server of `cluster`.
     pub fn api(&mut self, cluster: &str) -> &ApiServer {
         self.cluster(cluster)

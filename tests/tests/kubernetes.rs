@@ -297,3 +297,102 @@ fn virtual_services(client: kube::Client) -> Api<DynamicObject> {
     let kind = isthmus_kubernetes::MESH_KINDS[0];
     Api::namespaced_with(client, "demo", &kind.api_resource())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projected_token_proves_its_own_service_account_and_nothing_else() -> anyhow::Result<()> {
+    use isthmus_core::ca_client::Token;
+    use isthmus_core::identity::SpiffeId;
+    let mut mesh = Mesh::start_with_kubernetes(&["west"], &["west"]).await?;
+    let audience = isthmus_kubernetes::identity::CA_AUDIENCE;
+    let hour = Duration::from_secs(3600);
+    let api = mesh.api("west");
+    let good = api.service_account_token("demo", "reviews", "reviews-0", audience, hour);
+    let expired =
+        api.service_account_token("demo", "reviews", "reviews-0", audience, Duration::ZERO);
+    let elsewhere = api.service_account_token("demo", "reviews", "reviews-0", "vault", hour);
+    let mut forged = good.clone();
+    forged.pop();
+    forged.push(if good.ends_with('A') { 'B' } else { 'A' });
+    // A bootstrap-token client for the same CA, re-pointed at each case.
+    let base = mesh.ca_client("west", "west", "reviews", "reviews")?;
+    let asking = |token: &str, sa: &str| {
+        let mut c = base.clone();
+        c.token = Some(Token::Inline(token.to_owned()));
+        c.identity = SpiffeId::new("cluster.local", "demo", sa);
+        c
+    };
+
+    let creds = asking(&good, "reviews").fetch(None).await?;
+    assert_eq!(
+        creds.id.to_string(),
+        "spiffe://cluster.local/ns/demo/sa/reviews"
+    );
+
+    let refusal = |r: Result<_, isthmus_core::ca_client::CaClientError>| match r {
+        Err(isthmus_core::ca_client::CaClientError::Refused { status, .. }) => {
+            (status.code(), status.message().to_owned())
+        }
+        Err(e) => panic!("not a refusal: {e}"),
+        Ok(_) => panic!("issued"),
+    };
+    let (code, message) = refusal(asking(&good, "admin").fetch(None).await);
+    assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+    assert!(message.contains("sa/reviews"), "{message}");
+    let (code, message) = refusal(asking(&expired, "reviews").fetch(None).await);
+    assert_eq!(code, tonic::Code::Unauthenticated);
+    assert!(message.contains("expired"), "{message}");
+    let (code, message) = refusal(asking(&elsewhere, "reviews").fetch(None).await);
+    assert_eq!(code, tonic::Code::Unauthenticated);
+    assert!(message.contains("audience"), "{message}");
+    let (code, _) = refusal(asking(&forged, "reviews").fetch(None).await);
+    assert_eq!(code, tonic::Code::Unauthenticated);
+
+    // Bootstrap tokens still serve hosts outside Kubernetes.
+    base.fetch(None).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_rereads_its_token_when_the_kubelet_rotates_it() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start_with_kubernetes(&["west"], &["west"]).await?;
+    // The pod starts with a token that has already expired; the kubelet rotates it 1.5 s
+    // later. The sidecar gets its certificate only by reading the file again.
+    let path = mesh.token_path("west", "echo-0");
+    std::fs::create_dir_all(path.parent().expect("a folder"))?;
+    let issuer = mesh.api("west").token_issuer();
+    let audience = isthmus_kubernetes::identity::CA_AUDIENCE;
+    std::fs::write(
+        &path,
+        issuer.token("demo", "echo", "echo-0", audience, Duration::ZERO),
+    )?;
+    let rotate = tokio::spawn({
+        let path = path.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let fresh = issuer.token(
+                "demo",
+                "echo",
+                "echo-0",
+                audience,
+                Duration::from_secs(3600),
+            );
+            std::fs::write(&path, fresh)
+        }
+    });
+    mesh.add_workload("west", "echo-0", Some("echo"), "echo")
+        .await?;
+    rotate.await??;
+    let refused = isthmus_tests::metric_sum(
+        mesh.controller_admin("west"),
+        "isthmus_controller_ca_certificate_requests_total",
+        &[("outcome", "unauthenticated")],
+    )
+    .await?;
+    assert!(
+        refused >= 1.0,
+        "the expired token was tried and refused first"
+    );
+    mesh.add_workload("west", "client", None, "client").await?;
+    isthmus_tests::reachable(mesh.workload("west", "client").outbound(), HOST).await?;
+    Ok(())
+}
