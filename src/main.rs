@@ -213,6 +213,13 @@ struct ControllerArgs {
     /// their status, after they are stored.
     #[arg(long)]
     no_webhook: bool,
+    /// With --kubernetes: the namespace of the Lease replicas elect their leader with (only
+    /// the leader writes statuses, Events and the webhook's CA bundle).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "isthmus-system")]
+    lease_namespace: String,
+    /// With --kubernetes: this replica's name in the Lease; the pod's name in a cluster.
+    #[arg(long, env = "POD_NAME")]
+    replica: Option<String>,
     /// Folder for the cluster CA, keys and the last global registry.
     #[arg(long)]
     state_dir: PathBuf,
@@ -669,6 +676,14 @@ async fn run(
                     None => isthmus_controller::ConfigSource::Kubernetes {
                         kubeconfig: a.kubeconfig,
                         webhook: (!a.no_webhook).then_some(a.webhook_listen),
+                        lease: isthmus_kubernetes::lease::LeaseConfig::new(
+                            &a.lease_namespace,
+                            &a.replica.unwrap_or_else(|| {
+                                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                                    .unwrap_or_default();
+                                format!("{}-{}", host.trim(), std::process::id())
+                            }),
+                        ),
                     },
                 },
                 state_dir: a.state_dir,

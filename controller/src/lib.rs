@@ -79,6 +79,8 @@ pub enum ConfigSource {
         kubeconfig: Option<PathBuf>,
         /// Where the validating admission webhook listens (15017), if it runs.
         webhook: Option<SocketAddr>,
+        /// The Lease replicas elect their leader with.
+        lease: isthmus_kubernetes::lease::LeaseConfig,
     },
 }
 
@@ -122,20 +124,106 @@ enum Keeper {
 }
 
 impl Keeper {
+    /// `leader`: whether this replica leads, on Kubernetes (where only the leader writes).
     async fn run(
         self,
         config: watch::Sender<Arc<isthmus_core::config::ConfigSet>>,
         status: watch::Sender<LoadStatus>,
+        leader: Option<watch::Receiver<bool>>,
     ) {
-        match self {
-            Keeper::Files(folder, last) => {
+        match (self, leader) {
+            (Keeper::Files(folder, last), _) => {
                 isthmus_core::config::watch::run(folder, last, config, status).await
             }
-            Keeper::Kubernetes(source, last) => {
-                isthmus_kubernetes::run(source, last, config, status).await
+            (Keeper::Kubernetes(source, last), Some(leader)) => {
+                isthmus_kubernetes::run(source, last, config, status, leader).await
+            }
+            (Keeper::Kubernetes(..), None) => {
+                tracing::error!("no leader election on Kubernetes; not watching")
             }
         }
     }
+}
+
+/// What a controller on Kubernetes runs besides watching: the leader election, and the
+/// admission webhook with the CA bundle the API server needs to call it. Returns whether
+/// this replica leads.
+async fn start_kubernetes(
+    running: &mut isthmus_core::drain::Running,
+    client: isthmus_kubernetes::Client,
+    webhook: Option<SocketAddr>,
+    lease: isthmus_kubernetes::lease::LeaseConfig,
+    state: &trust::ClusterState,
+    metrics: &mut Registry,
+) -> anyhow::Result<watch::Receiver<bool>> {
+    let (leading, leader) = watch::channel(false);
+    running.spawn(isthmus_kubernetes::lease::run(
+        client.clone(),
+        lease,
+        leading,
+    ));
+    let gauge = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    metrics.register(
+        "leader",
+        "1 while this replica leads (writes statuses, Events and the webhook's CA bundle)",
+        gauge.clone(),
+    );
+    let mut watching = leader.clone();
+    running.spawn(async move {
+        loop {
+            gauge.set(i64::from(*watching.borrow_and_update()));
+            if watching.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let Some(addr) = webhook else {
+        return Ok(leader);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the admission webhook on {addr}"))?;
+    let mut ips = Vec::new();
+    if !addr.ip().is_unspecified() {
+        ips.push(addr.ip());
+    }
+    let names: Vec<String> = WEBHOOK_NAMES.iter().map(|n| n.to_string()).collect();
+    let (key, chain) = state
+        .ca
+        .issue_server(&names, &ips, WEBHOOK_CERT_TTL)
+        .context("issuing the webhook's certificate")?;
+    let tls = isthmus_core::tls::plain_server_config(&chain, &key)?;
+    running.spawn(isthmus_kubernetes::webhook::serve(listener, tls));
+    let (bundle, mut leading) = (state.bundle_pem.clone(), leader.clone());
+    running.spawn(async move {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if leading.wait_for(|l| *l).await.is_err() {
+                return;
+            }
+            match isthmus_kubernetes::webhook::publish_ca_bundle(
+                &client,
+                WEBHOOK_CONFIGURATION,
+                &bundle,
+            )
+            .await
+            {
+                Ok(true) => return tracing::info!("webhook CA bundle published"),
+                Ok(false) => {
+                    return tracing::warn!(
+                        configuration = WEBHOOK_CONFIGURATION,
+                        "no ValidatingWebhookConfiguration: bad objects are caught only after they are stored"
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot publish the webhook CA bundle; retrying")
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    });
+    Ok(leader)
 }
 
 async fn load(source: &ConfigSource) -> anyhow::Result<Loaded> {
@@ -236,6 +324,20 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let ca = signing::CaService::new(&config, &state, reviewer)?;
     ca.register_metrics(metrics.sub_registry_with_prefix("ca"));
     config_metrics(&mut metrics, status_rx.clone());
+    let leader = match (&keeper, &config.source) {
+        (Keeper::Kubernetes(source, _), ConfigSource::Kubernetes { webhook, lease, .. }) => Some(
+            start_kubernetes(
+                &mut running,
+                source.client(),
+                *webhook,
+                lease.clone(),
+                &state,
+                &mut metrics,
+            )
+            .await?,
+        ),
+        _ => None,
+    };
 
     let admin = Admin {
         registry: Arc::new(metrics),
@@ -260,54 +362,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let tls = state
         .identity
         .server_config(auth, &[isthmus_core::tls::ALPN_H2]);
-    if let (
-        Keeper::Kubernetes(source, _),
-        ConfigSource::Kubernetes {
-            webhook: Some(addr),
-            ..
-        },
-    ) = (&keeper, &config.source)
-    {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the admission webhook on {addr}"))?;
-        let mut ips = Vec::new();
-        if !addr.ip().is_unspecified() {
-            ips.push(addr.ip());
-        }
-        let names: Vec<String> = WEBHOOK_NAMES.iter().map(|n| n.to_string()).collect();
-        let (key, chain) = state
-            .ca
-            .issue_server(&names, &ips, WEBHOOK_CERT_TTL)
-            .context("issuing the webhook's certificate")?;
-        let tls = isthmus_core::tls::plain_server_config(&chain, &key)?;
-        running.spawn(isthmus_kubernetes::webhook::serve(listener, tls));
-        let (client, bundle) = (source.client(), state.bundle_pem.clone());
-        running.spawn(async move {
-            let mut backoff = Duration::from_millis(200);
-            loop {
-                match isthmus_kubernetes::webhook::publish_ca_bundle(
-                    &client,
-                    WEBHOOK_CONFIGURATION,
-                    &bundle,
-                )
-                .await
-                {
-                    Ok(true) => return tracing::info!("webhook CA bundle published"),
-                    Ok(false) => {
-                        return tracing::warn!(
-                            configuration = WEBHOOK_CONFIGURATION,
-                            "no ValidatingWebhookConfiguration: bad objects are caught only after they are stored"
-                        )
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot publish the webhook CA bundle; retrying"),
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        });
-    }
-    running.spawn(keeper.run(config_tx, status_tx));
+    running.spawn(keeper.run(config_tx, status_tx, leader));
     running.spawn(admin.run(drain.clone()));
     running.spawn(registry.clone().run(config.push_debounce));
     let link = federation::Link {

@@ -13,17 +13,20 @@
 //! - `source`: the loop that rebuilds the config set when anything changes and publishes it.
 //! - `status`: each mesh object's admission result written back to it (status condition,
 //!   Istio's validation messages) and an Event for each rejection.
+//! - `lease`: leader election among controller replicas; only the leader writes.
 //! - `identity`: projected service-account tokens checked with TokenReview, for the CA.
 //! - `webhook`: the validating admission webhook, so `kubectl apply` of a bad object fails.
 
 pub mod identity;
+pub mod lease;
 mod platform;
 mod resources;
 mod source;
-mod status;
+pub mod status;
 pub mod webhook;
 
-pub use resources::{MeshKind, MESH_KINDS};
+pub use kube::Client;
+pub use resources::{source_of, MeshKind, MESH_KINDS};
 pub use source::{run, Source};
 
 use std::path::Path;

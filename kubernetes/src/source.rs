@@ -242,15 +242,17 @@ impl Source {
 }
 
 /// Rebuilds and publishes the config set on every change in the cluster, and writes each
-/// mesh object's admission result back to it, until the receivers are gone.
+/// mesh object's admission result back to it while `leader` says this replica leads,
+/// until the receivers are gone.
 pub async fn run(
     source: Source,
     mut last_good: LastGood,
     config: watch::Sender<Arc<ConfigSet>>,
     status: watch::Sender<LoadStatus>,
+    leader: watch::Receiver<bool>,
 ) {
     let (outcomes, rx) = watch::channel(Arc::new(Outcome::default()));
-    let writer = tokio::spawn(crate::status::run(source.client.clone(), rx));
+    let writer = tokio::spawn(crate::status::run(source.client.clone(), rx, leader));
     let _writer = AbortOnDrop(writer);
     let mut last_rejected: BTreeSet<String> = BTreeSet::new();
     loop {

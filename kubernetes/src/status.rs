@@ -8,11 +8,12 @@
 //! `isthmus validate` prints. A rejected object keeps its last admitted version serving;
 //! the condition says so.
 //!
-//! Writes are made only when the status would change, so a status write (itself a watch
+//! Only the leader among controller replicas writes (see `lease`). Writes are made only
+//! when the status would change, so a status write (itself a watch
 //! event) settles after one round. They run on their own task: a slow API server delays
 //! statuses, never config pushes. The Event (core/v1, type Warning, reason `Rejected`) is
 //! created when an object becomes rejected, or is rejected with different faults, not on
-//! every rebuild.
+//! every rebuild, and not again by a new leader.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -102,38 +103,54 @@ fn now() -> String {
     k8s_openapi::jiff::Timestamp::now().to_string()
 }
 
-/// Writes statuses and Events for every outcome it is sent, latest first, until the
-/// sender is gone.
-pub async fn run(client: kube::Client, mut outcomes: watch::Receiver<Arc<Outcome>>) {
-    // Rejection messages already reported by an Event, by object.
-    let mut reported: HashMap<String, String> = HashMap::new();
-    while outcomes.changed().await.is_ok() {
-        let outcome = outcomes.borrow_and_update().clone();
-        let mut by_source: HashMap<&str, Vec<&ConfigError>> = HashMap::new();
-        for e in &outcome.faults {
-            by_source.entry(e.file.as_str()).or_default().push(e);
+/// Writes statuses and Events for every outcome it is sent, latest first, while `leader`
+/// says this replica leads, until the sender is gone.
+pub async fn run(
+    client: kube::Client,
+    mut outcomes: watch::Receiver<Arc<Outcome>>,
+    mut leader: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = outcomes.changed() => if r.is_err() { return },
+            r = leader.changed() => if r.is_err() { return },
         }
-        for (kind, obj) in &outcome.objects {
-            let source = source_of(kind, obj);
-            let faults = by_source.get(source.as_str()).cloned().unwrap_or_default();
-            let want = desired(obj, &faults);
-            let have = obj.data.get("status").cloned().unwrap_or(Value::Null);
-            let rejected = want["conditions"][0]["status"] == "False";
-            if without_times(&have) != want {
-                write_status(&client, kind, obj, want.clone(), &have).await;
-            }
-            if rejected {
-                let message = want["conditions"][0]["message"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned();
-                if reported.get(&source) != Some(&message) {
-                    event(&client, kind, obj, &message).await;
-                    reported.insert(source, message);
-                }
-            } else {
-                reported.remove(&source);
-            }
+        if !*leader.borrow_and_update() {
+            continue;
+        }
+        let outcome = outcomes.borrow_and_update().clone();
+        write_all(&client, &outcome).await;
+    }
+}
+
+/// Writes each status that differs from the stored one. An Event goes with a write that
+/// rejects the object anew, or for other reasons than before; the stored status is the
+/// memory, so a new leader does not report again what its predecessor reported.
+async fn write_all(client: &kube::Client, outcome: &Outcome) {
+    let mut by_source: HashMap<&str, Vec<&ConfigError>> = HashMap::new();
+    for e in &outcome.faults {
+        by_source.entry(e.file.as_str()).or_default().push(e);
+    }
+    for (kind, obj) in &outcome.objects {
+        let source = source_of(kind, obj);
+        let faults = by_source.get(source.as_str()).cloned().unwrap_or_default();
+        let want = desired(obj, &faults);
+        let have = obj.data.get("status").cloned().unwrap_or(Value::Null);
+        if without_times(&have) == want {
+            continue;
+        }
+        write_status(client, kind, obj, want.clone(), &have).await;
+        let (now, before) = (&want["conditions"][0], &have["conditions"][0]);
+        if now["status"] == "False"
+            && (before["status"] != "False" || before["message"] != now["message"])
+        {
+            event(
+                client,
+                kind,
+                obj,
+                now["message"].as_str().unwrap_or_default(),
+            )
+            .await;
         }
     }
 }

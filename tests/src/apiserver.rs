@@ -25,6 +25,8 @@
 //! - TokenReview for the service-account tokens it issues ([`ApiServer::service_account_token`],
 //!   JWTs with Kubernetes's claims, signed with the server's own key): signature, expiry
 //!   and audience checked, `system:serviceaccount:<ns>:<name>` answered.
+//! - An audit log of committed writes (user, verb, resource, name, subresource); each
+//!   kubeconfig from [`ApiServer::kubeconfig_for`] authenticates as its own user.
 //! - Kinds not registered answer 404, as an uninstalled CRD does.
 //!
 //! What it does not do: no controllers run in it (tests write EndpointSlices as
@@ -103,6 +105,13 @@ pub const BUILTIN: &[Kind] = &[
         namespaced: false,
     },
     Kind {
+        group: "coordination.k8s.io",
+        version: "v1",
+        kind: "Lease",
+        plural: "leases",
+        namespaced: true,
+    },
+    Kind {
         group: "discovery.k8s.io",
         version: "v1",
         kind: "EndpointSlice",
@@ -167,9 +176,28 @@ struct Write {
     admit: bool,
 }
 
+/// One write as the audit log records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audited {
+    pub user: String,
+    /// `create`, `update`, `patch` or `delete`.
+    pub verb: &'static str,
+    pub resource: String,
+    pub namespace: String,
+    pub name: String,
+    pub subresource: Option<String>,
+}
+
 struct Shared {
     store: Mutex<Store>,
-    token: String,
+    /// Bearer tokens and the users they authenticate.
+    users: Mutex<HashMap<String, String>>,
+    /// Every committed write, in order.
+    audit: Mutex<Vec<Audited>>,
+    /// Where kubeconfig files are written.
+    dir: PathBuf,
+    address: SocketAddr,
+    ca_data: String,
     /// Signs the service-account tokens this server issues.
     signer: ring::hmac::Key,
     /// Watches answered 410 Gone.
@@ -391,14 +419,21 @@ impl Shared {
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let authorized = req
+        let user = req
             .headers()
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v == format!("Bearer {}", self.token));
-        if !authorized {
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|t| {
+                self.users
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(t)
+                    .cloned()
+            });
+        let Some(user) = user else {
             return failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
-        }
+        };
         let path = req.uri().path().to_owned();
         if let Some(doc) = self.discovery(&path) {
             return respond(StatusCode::OK, &doc);
@@ -440,7 +475,30 @@ impl Shared {
             self.plan(&mut store, &t, &method, &q, body, &content_type)
         };
         match planned {
-            Ok(write) => self.write(write).await,
+            Ok(write) => {
+                let verb = match (&method, write.event) {
+                    (_, "ADDED") => "create",
+                    (_, "DELETED") => "delete",
+                    (&Method::PATCH, _) => "patch",
+                    _ => "update",
+                };
+                let entry = Audited {
+                    user,
+                    verb,
+                    resource: t.plural.clone(),
+                    namespace: write.key.0.clone(),
+                    name: write.key.1.clone(),
+                    subresource: t.subresource.clone(),
+                };
+                let resp = self.write(write).await;
+                if resp.status().is_success() {
+                    self.audit
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(entry);
+                }
+                resp
+            }
             Err(resp) => resp,
         }
     }
@@ -728,6 +786,19 @@ impl Shared {
         review["apiVersion"] = json!("authentication.k8s.io/v1");
         review["kind"] = json!("TokenReview");
         respond(StatusCode::CREATED, &review)
+    }
+
+    /// Writes a kubeconfig file named `file` that authenticates with `token`.
+    fn write_kubeconfig(&self, file: &str, token: &str) -> std::io::Result<PathBuf> {
+        let path = self.dir.join(file);
+        let (address, ca_data) = (self.address, &self.ca_data);
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: https://{address}\n    certificate-authority-data: {ca_data}\nusers:\n- name: isthmus\n  user:\n    token: {token}\ncontexts:\n- name: stand-in\n  context: {{cluster: stand-in, user: isthmus}}\ncurrent-context: stand-in\n"
+            ),
+        )?;
+        Ok(path)
     }
 
     /// Runs the validating webhooks on a staged write, then commits it unless the object
@@ -1102,18 +1173,15 @@ impl ApiServer {
         };
         let shared = Arc::new(Shared {
             store: Mutex::new(store),
-            token: token.clone(),
+            users: Mutex::new(HashMap::from([(token.clone(), "admin".to_owned())])),
+            audit: Mutex::default(),
+            dir: dir.to_owned(),
+            address,
+            ca_data: base64::engine::general_purpose::STANDARD.encode(ca_cert.pem()),
             signer: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &rand::random::<[u8; 32]>()),
             expired: Default::default(),
         });
-        let kubeconfig = dir.join("kubeconfig");
-        let ca_data = base64::engine::general_purpose::STANDARD.encode(ca_cert.pem());
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: https://{address}\n    certificate-authority-data: {ca_data}\nusers:\n- name: isthmus\n  user:\n    token: {token}\ncontexts:\n- name: stand-in\n  context: {{cluster: stand-in, user: isthmus}}\ncurrent-context: stand-in\n"
-            ),
-        )?;
+        let kubeconfig = shared.write_kubeconfig("kubeconfig", &token)?;
         let serving = shared.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -1148,6 +1216,29 @@ impl ApiServer {
     /// The kubeconfig file that reaches this server.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// A kubeconfig for a client that authenticates as `user` (a token of its own), so the
+    /// audit log tells its writes apart.
+    pub fn kubeconfig_for(&self, user: &str) -> anyhow::Result<PathBuf> {
+        let token = format!("{:032x}", rand::random::<u128>());
+        self.shared
+            .users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(token.clone(), user.to_owned());
+        Ok(self
+            .shared
+            .write_kubeconfig(&format!("kubeconfig-{user}"), &token)?)
+    }
+
+    /// Every committed write so far, in order.
+    pub fn audit(&self) -> Vec<Audited> {
+        self.shared
+            .audit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// A client of this server, as a user's kubectl would be.

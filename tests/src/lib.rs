@@ -123,6 +123,12 @@ pub struct Mesh {
     pub cert_ttl: Duration,
 }
 
+/// A loopback address of a block no other mesh of this process uses, for a test that
+/// starts a component on its own.
+pub fn fresh_ip(c: u8, w: u8) -> IpAddr {
+    IpAddr::V4(ip(next_block(), c, w))
+}
+
 fn ip(block: u8, c: u8, w: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, block, c, w)
 }
@@ -251,8 +257,9 @@ impl Mesh {
             trust_domain: TRUST_DOMAIN.into(),
             source: match &c.kube {
                 Some(api) => isthmus_controller::ConfigSource::Kubernetes {
-                    kubeconfig: Some(api.kubeconfig().to_owned()),
+                    kubeconfig: Some(api.kubeconfig_for(&format!("{}-controller-0", c.name))?),
                     webhook: Some(SocketAddr::new(IpAddr::V4(ip(c.block, c.index, 1)), 15017)),
+                    lease: test_lease(&format!("{}-controller-0", c.name)),
                 },
                 None => isthmus_controller::ConfigSource::Files(c.config_dir.clone()),
             },
@@ -472,6 +479,17 @@ fn federation_config(state_dir: &std::path::Path, grpc: SocketAddr) -> isthmus_f
             ("us-west".into(), "eu-central".into()),
             ("eu-central".into(), "us-west".into()),
         ],
+    }
+}
+
+/// A Lease held by `identity` with short timings, so that a test sees a takeover in
+/// seconds (a leader that stops renewing is replaced after 2 s).
+pub fn test_lease(identity: &str) -> isthmus_kubernetes::lease::LeaseConfig {
+    isthmus_kubernetes::lease::LeaseConfig {
+        duration: Duration::from_secs(2),
+        renew_deadline: Duration::from_millis(1500),
+        retry: Duration::from_millis(200),
+        ..isthmus_kubernetes::lease::LeaseConfig::new("isthmus-system", identity)
     }
 }
 

@@ -34,6 +34,48 @@ impl Mesh {
             .join("token")
     }
 
+    /// Starts a second controller replica of `cluster` on the pod address `.<host>`, as a
+    /// Deployment's second pod: same cluster CA and keys (a copy of the state folder), its
+    /// own listeners, Lease identity `<cluster>-controller-<host>`, no webhook.
+    pub async fn start_controller_replica(
+        &mut self,
+        cluster: &str,
+        host: u8,
+    ) -> anyhow::Result<isthmus_controller::Bound> {
+        let (fed, bundle, cert_ttl) =
+            (self.federation_addr, self.bundle_pem.clone(), self.cert_ttl);
+        let c = self.cluster(cluster);
+        let state_dir = c.state_dir.with_file_name(format!("state-{host}"));
+        std::fs::create_dir_all(&state_dir)?;
+        for entry in std::fs::read_dir(&c.state_dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                std::fs::copy(entry.path(), state_dir.join(entry.file_name()))?;
+            }
+        }
+        let ip = IpAddr::V4(crate::ip(c.block, c.index, host));
+        let api = c.kube.as_ref().context("a cluster on Kubernetes")?;
+        isthmus_controller::build(isthmus_controller::Config {
+            cluster: c.name.clone(),
+            trust_domain: crate::TRUST_DOMAIN.into(),
+            source: isthmus_controller::ConfigSource::Kubernetes {
+                kubeconfig: Some(api.kubeconfig_for(&format!("{cluster}-controller-{host}"))?),
+                webhook: None,
+                lease: crate::test_lease(&format!("{cluster}-controller-{host}")),
+            },
+            state_dir,
+            grpc_addr: SocketAddr::new(ip, 15012),
+            admin_addr: SocketAddr::new(ip, 15014),
+            metrics_addr: None,
+            federation_addr: fed,
+            join_token: None,
+            federation_bundle_pem: bundle,
+            workload_cert_ttl: cert_ttl,
+            push_debounce: isthmus_controller::PUSH_DEBOUNCE,
+        })
+        .await
+    }
+
     /// The stand-in API server of `cluster`.
     pub fn api(&mut self, cluster: &str) -> &ApiServer {
         self.cluster(cluster)

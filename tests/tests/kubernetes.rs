@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use isthmus_tests::{config_dump, eventually, settles_in, traffic, AppClient, Mesh};
 use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Event;
 use kube::api::{Api, DynamicObject};
 
@@ -394,5 +395,170 @@ async fn a_sidecar_rereads_its_token_when_the_kubelet_rotates_it() -> anyhow::Re
     );
     mesh.add_workload("west", "client", None, "client").await?;
     isthmus_tests::reachable(mesh.workload("west", "client").outbound(), HOST).await?;
+    Ok(())
+}
+
+/// The controllers' Lease holder.
+async fn lease_holder(client: &kube::Client) -> anyhow::Result<String> {
+    let lease = Api::<Lease>::namespaced(client.clone(), "isthmus-system")
+        .get("isthmus-controller")
+        .await?;
+    Ok(lease
+        .spec
+        .and_then(|s| s.holder_identity)
+        .unwrap_or_default())
+}
+
+/// Applies a VirtualService `name` that admission rejects, and waits until a controller
+/// wrote its rejection into its status.
+async fn rejected_in_status(mesh: &mut Mesh, name: &str) -> anyhow::Result<()> {
+    let bad = format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  hosts: [echo]\n  http:\n  - route: [{{destination: {{host: echo}}}}]\n    timeout: soon\n");
+    mesh.kubectl_apply("west", &bad).await?;
+    let kube = mesh.api("west").client().await?;
+    eventually(
+        &format!("{name} to be marked rejected"),
+        Duration::from_secs(5),
+        || async {
+            let vs = virtual_services(kube.clone()).get(name).await?;
+            anyhow::ensure!(vs.data["status"]["conditions"][0]["status"] == "False");
+            Ok(())
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controller_replicas_elect_one_writer_and_the_other_takes_over() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start_with_kubernetes(&["west"], &["west"]).await?;
+    let kube = mesh.api("west").client().await?;
+    eventually("a leader", Duration::from_secs(5), || async {
+        let holder = lease_holder(&kube).await?;
+        anyhow::ensure!(holder == "west-controller-0", "{holder}");
+        Ok(())
+    })
+    .await?;
+    let replica = mesh.start_controller_replica("west", 4).await?;
+    let leader_metric = |admin| async move {
+        isthmus_tests::metric_sum(admin, "isthmus_controller_leader", &[]).await
+    };
+    // The second replica serves, but follows: the Lease stays with the first.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(lease_holder(&kube).await?, "west-controller-0");
+    assert_eq!(leader_metric(replica.admin_address).await?, 0.0);
+    assert_eq!(leader_metric(mesh.controller_admin("west")).await?, 1.0);
+
+    // The webhook would refuse what follows before any controller saw it.
+    Api::<ValidatingWebhookConfiguration>::all(kube.clone())
+        .delete(
+            isthmus_controller::WEBHOOK_CONFIGURATION,
+            &Default::default(),
+        )
+        .await?;
+    rejected_in_status(&mut mesh, "first").await?;
+
+    // The leader dies: the follower takes the Lease once it expires, and writes from then on.
+    mesh.kill_controller("west");
+    let killed = std::time::Instant::now();
+    eventually(
+        "the follower to take over",
+        Duration::from_secs(6),
+        || async {
+            anyhow::ensure!(leader_metric(replica.admin_address).await? == 1.0);
+            Ok(())
+        },
+    )
+    .await?;
+    let took = killed.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500),
+        "not before the Lease expired: {took:?}"
+    );
+    assert_eq!(lease_holder(&kube).await?, "west-controller-4");
+    rejected_in_status(&mut mesh, "second").await?;
+    // Only the leader of the moment wrote statuses (the audit log says who wrote what).
+    let writers = |name: &str| {
+        let mut users: Vec<String> = mesh.clusters["west"]
+            .kube
+            .as_ref()
+            .map(|api| api.audit())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| a.name == name && a.subresource.as_deref() == Some("status"))
+            .map(|a| a.user)
+            .collect();
+        users.dedup();
+        users
+    };
+    assert_eq!(writers("first"), vec!["west-controller-0".to_owned()]);
+    assert_eq!(writers("second"), vec!["west-controller-4".to_owned()]);
+    // One Event per rejection: the new leader does not report `first` again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events = Api::<Event>::namespaced(kube, "demo")
+        .list(&Default::default())
+        .await?;
+    for name in ["first", "second"] {
+        let n = events
+            .items
+            .iter()
+            .filter(|e| e.involved_object.name.as_deref() == Some(name))
+            .count();
+        assert_eq!(n, 1, "Events for {name}");
+    }
+    replica.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_does_not_lead_writes_no_status() -> anyhow::Result<()> {
+    use isthmus_core::config::{Code, ConfigError};
+    use isthmus_kubernetes::status::{run, Outcome};
+    let dir = tempfile::tempdir()?;
+    let mut kinds = isthmus_tests::apiserver::BUILTIN.to_vec();
+    kinds.extend(isthmus_tests::apiserver::mesh_crds());
+    let api = isthmus_tests::apiserver::ApiServer::start(
+        isthmus_tests::fresh_ip(1, 3),
+        &kinds,
+        dir.path(),
+    )
+    .await?;
+    let client = api.client().await?;
+    let kind = isthmus_kubernetes::MESH_KINDS[0];
+    let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "echo", "namespace": "demo"}, "spec": {"hosts": ["echo"]},
+    }))?;
+    let obj = virtual_services(client.clone())
+        .create(&Default::default(), &obj)
+        .await?;
+    let fault = ConfigError {
+        file: isthmus_kubernetes::source_of(&kind, &obj),
+        document: 1,
+        object: Some("VirtualService demo/echo".into()),
+        field: "spec.http".into(),
+        code: Code::Missing,
+        message: "routes are required".into(),
+    };
+    let (outcomes, rx) = tokio::sync::watch::channel(std::sync::Arc::new(Outcome::default()));
+    let (leading, leader) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(run(client.clone(), rx, leader));
+    outcomes.send_replace(std::sync::Arc::new(Outcome {
+        objects: vec![(kind, std::sync::Arc::new(obj))],
+        faults: vec![fault],
+    }));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status_writes = || {
+        api.audit()
+            .into_iter()
+            .filter(|a| a.subresource.as_deref() == Some("status"))
+            .count()
+    };
+    assert_eq!(status_writes(), 0, "a follower writes nothing");
+    leading.send_replace(true);
+    eventually("the leader to write", Duration::from_secs(5), || async {
+        anyhow::ensure!(status_writes() == 1);
+        Ok(())
+    })
+    .await?;
+    writer.abort();
     Ok(())
 }
