@@ -94,6 +94,57 @@ enum Command {
     /// Measure parts of the product on this machine and print the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Print the manifests that put Isthmus on a Kubernetes cluster, for `kubectl apply -f -`.
+    #[command(subcommand)]
+    Install(InstallCommand),
+}
+
+#[derive(Subcommand)]
+enum InstallCommand {
+    /// The CustomResourceDefinitions of the mesh config kinds alone.
+    Crds,
+    /// Everything one cluster needs: namespace, CRDs, the controller (RBAC, StatefulSet,
+    /// Service, admission webhook), the east-west gateway, and optionally the federation.
+    Kubernetes(Box<InstallArgs>),
+}
+
+#[derive(Args)]
+struct InstallArgs {
+    /// This cluster's name, as the federation knows it.
+    #[arg(long)]
+    cluster: String,
+    /// The federation's address, host:port, as this cluster's pods reach it.
+    #[arg(long)]
+    federation: String,
+    /// The mesh's trust anchor: the federation's root-cert.pem.
+    #[arg(long)]
+    trust_anchor: PathBuf,
+    /// A join token from `isthmus token join`. Without it, create the Secret isthmus-join
+    /// (key `token`) in the namespace before the controller starts.
+    #[arg(long, env = "ISTHMUS_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// The namespace Isthmus runs in.
+    #[arg(long, default_value = isthmus_core::identity::SYSTEM_NAMESPACE)]
+    namespace: String,
+    /// The container image with the isthmus binary.
+    #[arg(long, default_value = "ghcr.io/isthmus-mesh/isthmus:latest")]
+    image: String,
+    /// Trust domain of every SPIFFE ID in the mesh.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Controller replicas; they elect a leader, and each serves proxies.
+    #[arg(long, default_value_t = 2)]
+    replicas: u32,
+    /// The address peer gateways reach this cluster's gateway at, host:port (its
+    /// LoadBalancer's). Without it, the gateway pod's IP.
+    #[arg(long)]
+    gateway_address: Option<String>,
+    /// Also run the federation in this cluster, with this root CA certificate (with
+    /// --federation-root-key).
+    #[arg(long, requires = "federation_root_key")]
+    federation_root_cert: Option<PathBuf>,
+    #[arg(long, requires = "federation_root_cert")]
+    federation_root_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -234,8 +285,8 @@ struct ControllerArgs {
     /// e.g. 0.0.0.0:15014 in a pod. Off unless given.
     #[arg(long)]
     metrics: Option<SocketAddr>,
-    /// The federation controller's address.
-    #[arg(long)]
+    /// The federation controller's address, as host:port (a name is resolved at start).
+    #[arg(long, value_parser = resolve_addr)]
     federation: SocketAddr,
     /// PEM root(s) to verify the federation with before joining.
     #[arg(long)]
@@ -260,8 +311,8 @@ struct ProxyArgs {
     /// Trust domain of every SPIFFE ID in the mesh.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
-    /// The cluster controller's gRPC address.
-    #[arg(long)]
+    /// The cluster controller's gRPC address, as host:port (a name is resolved at start).
+    #[arg(long, value_parser = resolve_addr)]
     controller: SocketAddr,
     /// PEM root(s) to verify the controller with before the first certificate.
     #[arg(long)]
@@ -305,6 +356,14 @@ struct GatewayArgs {
     /// e.g. 0.0.0.0:15090 in a pod. Off unless given.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// The tunnel address sidecars are told, when not the --tunnel address (in a pod:
+    /// the pod's IP and 15008).
+    #[arg(long)]
+    advertise_tunnel: Option<SocketAddr>,
+    /// The QUIC address peer gateways are told, when not the --quic address (the
+    /// LoadBalancer's address and 15443).
+    #[arg(long)]
+    advertise_quic: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -503,6 +562,28 @@ fn validate(paths: &[PathBuf]) -> anyhow::Result<std::process::ExitCode> {
 }
 
 /// Durations on the command line read as in Istio's config: `500ms`, `1.5s`, `10m`, `24h`.
+/// Writes `text` to standard output; a reader that went away early (`| head`) is not an
+/// error.
+fn print_out(text: &str) -> anyhow::Result<std::process::ExitCode> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(std::process::ExitCode::SUCCESS),
+    }
+}
+
+/// `host:port`, with a host name resolved now (a Kubernetes Service name keeps its address).
+fn resolve_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .map_err(|e| format!("`{s}` is not host:port or does not resolve: {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{s}` resolves to no address"))
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     isthmus_core::config::parse_duration_ms(s)
         .map(Duration::from_millis)
@@ -560,6 +641,7 @@ async fn main_async(cli: Cli) -> std::process::ExitCode {
         Command::Validate { .. }
         | Command::Analyze { .. }
         | Command::Token(_)
+        | Command::Install(_)
         | Command::Demo(_)
         | Command::Bench(_) => None,
         _ => Some(init_logging()),
@@ -589,6 +671,36 @@ async fn run(
             failure_threshold,
             output_threshold,
         } => analyze(&paths, failure_threshold, output_threshold),
+        Command::Install(InstallCommand::Crds) => {
+            let crds: Vec<serde_json::Value> = isthmus_kubernetes::crds::all()
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<Result<_, _>>()?;
+            print_out(&isthmus_kubernetes::install::to_yaml(&crds))
+        }
+        Command::Install(InstallCommand::Kubernetes(a)) => {
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let federation_root = match (&a.federation_root_cert, &a.federation_root_key) {
+                (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                _ => None,
+            };
+            let options = isthmus_kubernetes::install::Options {
+                cluster: a.cluster,
+                namespace: a.namespace,
+                image: a.image,
+                trust_domain: a.trust_domain,
+                federation: a.federation,
+                trust_anchor_pem: read(&a.trust_anchor)?,
+                join_token: a.join_token,
+                controller_replicas: a.replicas,
+                gateway_address: a.gateway_address,
+                federation_root,
+            };
+            let objects = isthmus_kubernetes::install::manifests(&options);
+            print_out(&isthmus_kubernetes::install::to_yaml(&objects))
+        }
         Command::Token(TokenCommand::Join {
             state_dir,
             cluster,
@@ -709,6 +821,8 @@ async fn run(
                 token,
                 tunnel_addr: a.tunnel,
                 quic_addr: a.quic,
+                advertise_tunnel: a.advertise_tunnel,
+                advertise_quic: a.advertise_quic,
                 admin_addr: a.admin,
                 metrics_addr: a.metrics,
             };

@@ -84,8 +84,7 @@ pub enum ConfigSource {
     },
 }
 
-/// The ValidatingWebhookConfiguration whose `caBundle` the controller keeps current.
-pub const WEBHOOK_CONFIGURATION: &str = "isthmus-validator";
+pub use isthmus_kubernetes::WEBHOOK_CONFIGURATION;
 /// The names the API server calls the webhook by: the controller's Service.
 pub const WEBHOOK_NAMES: &[&str] = &[
     "isthmus-controller.isthmus-system.svc",

@@ -28,6 +28,26 @@ pub use validate::resolve_host;
 
 use crate::locality::Locality;
 
+/// The JSON schema of the `spec` of a mesh config kind read from Kubernetes custom
+/// resources (`VirtualService`, `ServiceExport`, ...), as `generator` makes it; `None` for
+/// a kind that is not a custom resource.
+#[cfg(feature = "schema")]
+pub fn spec_schema(
+    kind: &str,
+    generator: &mut schemars::SchemaGenerator,
+) -> Option<schemars::Schema> {
+    Some(match kind {
+        "VirtualService" => generator.root_schema_for::<istio::VirtualServiceSpec>(),
+        "DestinationRule" => generator.root_schema_for::<istio::DestinationRuleSpec>(),
+        "ServiceEntry" => generator.root_schema_for::<istio::ServiceEntrySpec>(),
+        "Sidecar" => generator.root_schema_for::<sidecar::SidecarSpec>(),
+        "WorkloadEntry" => generator.root_schema_for::<kinds::WorkloadEntrySpec>(),
+        "ServiceExport" => generator.root_schema_for::<kinds::ServiceExportSpec>(),
+        "LocalRateLimit" => generator.root_schema_for::<kinds::LocalRateLimitSpec>(),
+        _ => return None,
+    })
+}
+
 /// Default namespace of documents that name none.
 pub const DEFAULT_NAMESPACE: &str = "default";
 

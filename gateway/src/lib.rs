@@ -41,6 +41,12 @@ pub struct Config {
     /// A listener serving only `/ready` and `/stats/prometheus`, for scrapers on other
     /// hosts (the admin listener itself belongs on loopback).
     pub metrics_addr: Option<SocketAddr>,
+    /// The tunnel address the cluster's sidecars are told, when it is not the bound one
+    /// (`0.0.0.0:15008` in a pod is reached at the pod's IP).
+    pub advertise_tunnel: Option<SocketAddr>,
+    /// The QUIC address peer gateways are told (a LoadBalancer's), when it is not the
+    /// bound one.
+    pub advertise_quic: Option<SocketAddr>,
 }
 
 pub struct Bound {
@@ -116,6 +122,12 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         .with_context(|| format!("binding admin on {}", config.admin_addr))?;
     let tunnel_address = tunnel.local_addr()?;
     let quic_address = udp.local_addr()?;
+    // What the controller tells others: the bound address, unless the gateway is reached
+    // by another (a pod's IP, a LoadBalancer's).
+    let (advertised_tunnel, advertised_quic) = (
+        config.advertise_tunnel.unwrap_or(tunnel_address),
+        config.advertise_quic.unwrap_or(quic_address),
+    );
     let admin_address = admin.address();
     let (mut running, drain) = isthmus_core::drain::Running::new();
     running.spawn(admin.run(drain.clone()));
@@ -148,8 +160,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             cluster: cluster.clone(),
             role: "gateway".into(),
             workload: String::new(),
-            tunnel_address: tunnel_address.to_string(),
-            quic_address: quic_address.to_string(),
+            tunnel_address: advertised_tunnel.to_string(),
+            quic_address: advertised_quic.to_string(),
         };
         let xds = XdsClient {
             channel,

@@ -13,11 +13,15 @@
 //! - `source`: the loop that rebuilds the config set when anything changes and publishes it.
 //! - `status`: each mesh object's admission result written back to it (status condition,
 //!   Istio's validation messages) and an Event for each rejection.
+//! - `crds`: the CustomResourceDefinitions of the mesh kinds, generated from their types.
 //! - `lease`: leader election among controller replicas; only the leader writes.
 //! - `identity`: projected service-account tokens checked with TokenReview, for the CA.
+//! - `install`: the manifests `isthmus install kubernetes` renders.
 //! - `webhook`: the validating admission webhook, so `kubectl apply` of a bad object fails.
 
+pub mod crds;
 pub mod identity;
+pub mod install;
 pub mod lease;
 mod platform;
 mod resources;
@@ -30,6 +34,9 @@ pub use resources::{source_of, MeshKind, MESH_KINDS};
 pub use source::{run, Source};
 
 use std::path::Path;
+
+/// The ValidatingWebhookConfiguration whose `caBundle` the controller keeps current.
+pub const WEBHOOK_CONFIGURATION: &str = "isthmus-validator";
 
 use anyhow::Context;
 

@@ -312,6 +312,8 @@ impl Mesh {
             quic_addr: SocketAddr::new(gw_ip, 15443),
             admin_addr: SocketAddr::new(gw_ip, 15000),
             metrics_addr: None,
+            advertise_tunnel: None,
+            advertise_quic: None,
         })
         .await?;
         c.gateway = Some(bound);

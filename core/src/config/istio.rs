@@ -19,15 +19,33 @@ pub use virtual_service::{virtual_service, ParsedVirtualService, VirtualServiceS
 
 /// A field Istio defines that Isthmus does not implement yet: parsed, so that its error can
 /// name it.
-pub(super) type Unsupported = Option<serde_yaml_ng::Value>;
+pub(super) type Unsupported = Option<AnyValue>;
+
+/// Any value, kept as written; its schema accepts anything.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(transparent)]
+pub struct AnyValue(pub serde_yaml_ng::Value);
+
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for AnyValue {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "AnyValue".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"x-kubernetes-preserve-unknown-fields": true})
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PortSelectorSpec {
     pub number: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PercentSpec {
     pub value: f64,

@@ -9,6 +9,7 @@ use serde::Deserialize;
 /// `metadata` of every document. Server-populated fields (uid, resourceVersion, ...) are
 /// accepted so that documents exported from a cluster load unchanged; they carry no behaviour.
 #[derive(Debug, Clone, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Metadata {
     #[serde(default)]
@@ -22,6 +23,7 @@ pub struct Metadata {
 
 /// `v1/Service`.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceSpec {
     #[serde(default)]
@@ -33,6 +35,7 @@ pub struct ServiceSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServicePortSpec {
     pub name: Option<String>,
@@ -51,6 +54,7 @@ pub enum IntOrString {
 
 /// `networking.istio.io/v1` `WorkloadEntry`.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WorkloadEntrySpec {
     pub address: Option<String>,
@@ -66,11 +70,13 @@ pub struct WorkloadEntrySpec {
 
 /// `multicluster.x-k8s.io/v1alpha1` `ServiceExport`: its spec is empty.
 #[derive(Debug, Clone, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ServiceExportSpec {}
 
 /// The head of every document: enough to know what it is.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Head {
     pub api_version: Option<String>,
@@ -82,6 +88,7 @@ pub struct Head {
 /// `isthmus.io/v1alpha1` `LocalRateLimit`: a token bucket per sidecar of the target service
 /// (Istio has no first-class API for local rate limits, only EnvoyFilter).
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LocalRateLimitSpec {
     pub target_ref: TargetRefSpec,
@@ -97,8 +104,21 @@ pub struct LocalRateLimitSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TargetRefSpec {
     pub kind: String,
     pub name: String,
+}
+
+/// Kubernetes's own schema for a port that is a number or a name.
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for IntOrString {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "IntOrString".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"x-kubernetes-int-or-string": true})
+    }
 }

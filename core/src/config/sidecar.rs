@@ -15,6 +15,7 @@ use super::{Code, NamespacedName};
 pub const ROOT_NAMESPACE: &str = "istio-system";
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SidecarSpec {
     pub workload_selector: Option<WorkloadSelectorSpec>,
@@ -26,6 +27,7 @@ pub struct SidecarSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSelectorSpec {
     #[serde(default)]
@@ -33,6 +35,7 @@ pub struct WorkloadSelectorSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EgressSpec {
     #[serde(default)]
@@ -43,6 +46,7 @@ pub struct EgressSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct OutboundTrafficPolicySpec {
     pub mode: Option<String>,

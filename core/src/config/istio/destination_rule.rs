@@ -14,6 +14,7 @@ use crate::routing::{
 };
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DestinationRuleSpec {
     pub host: String,
@@ -26,6 +27,7 @@ pub struct DestinationRuleSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
     pub load_balancer: Option<LoadBalancerSpec>,
@@ -40,6 +42,7 @@ pub struct TrafficPolicySpec {
 
 /// A `portLevelSettings` entry: a traffic policy for one port of the service.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PortTrafficPolicySpec {
     pub port: PortSelectorSpec,
@@ -50,6 +53,7 @@ pub struct PortTrafficPolicySpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LoadBalancerSpec {
     pub simple: Option<String>,
@@ -59,6 +63,7 @@ pub struct LoadBalancerSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SubsetSpec {
     pub name: String,
@@ -68,6 +73,7 @@ pub struct SubsetSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ConsistentHashSpec {
     pub http_header_name: Option<String>,
@@ -80,6 +86,7 @@ pub struct ConsistentHashSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpCookieSpec {
     pub name: String,
@@ -135,6 +142,7 @@ fn consistent_hash(
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct OutlierDetectionSpec {
     #[serde(rename = "consecutive5xxErrors")]
@@ -151,6 +159,7 @@ pub struct OutlierDetectionSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ConnectionPoolSpec {
     pub tcp: Option<TcpPoolSpec>,
@@ -158,6 +167,7 @@ pub struct ConnectionPoolSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TcpPoolSpec {
     pub max_connections: Option<i64>,
@@ -168,6 +178,7 @@ pub struct TcpPoolSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpPoolSpec {
     pub http1_max_pending_requests: Option<i64>,
@@ -326,6 +337,7 @@ fn connection_pool(c: &mut Checker<'_>, field: &str, p: &ConnectionPoolSpec) -> 
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LocalityLbSpec {
     pub enabled: Option<bool>,
@@ -338,6 +350,7 @@ pub struct LocalityLbSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FailoverSpec {
     pub from: String,
@@ -345,6 +358,7 @@ pub struct FailoverSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DistributeSpec {
     pub from: String,

@@ -27,6 +27,7 @@ use crate::locality::Locality;
 pub const ENTRY_LABEL: &str = "isthmus.io/service-entry";
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceEntrySpec {
     #[serde(default)]
@@ -47,6 +48,7 @@ pub struct ServiceEntrySpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceEntryPortSpec {
     pub number: i64,

@@ -33,6 +33,7 @@ pub const RETRY_ON: [&str; 12] = [
 ];
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct VirtualServiceSpec {
     #[serde(default)]
@@ -49,6 +50,7 @@ pub struct VirtualServiceSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpRouteSpec {
     pub name: Option<String>,
@@ -73,6 +75,7 @@ pub struct HttpRouteSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StringMatchSpec {
     pub exact: Option<String>,
@@ -81,6 +84,7 @@ pub struct StringMatchSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MatchSpec {
     pub name: Option<String>,
@@ -104,6 +108,7 @@ pub struct MatchSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DestinationSpec {
     pub host: String,
@@ -112,6 +117,7 @@ pub struct DestinationSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteDestinationSpec {
     pub destination: DestinationSpec,
@@ -120,6 +126,7 @@ pub struct RouteDestinationSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RedirectSpec {
     pub uri: Option<String>,
@@ -131,6 +138,7 @@ pub struct RedirectSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DirectResponseBodySpec {
     pub string: Option<String>,
@@ -138,6 +146,7 @@ pub struct DirectResponseBodySpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DirectResponseSpec {
     pub status: i64,
@@ -145,6 +154,7 @@ pub struct DirectResponseSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RewriteSpec {
     pub uri: Option<String>,
@@ -153,6 +163,7 @@ pub struct RewriteSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetriesSpec {
     pub attempts: Option<i64>,
@@ -162,6 +173,7 @@ pub struct RetriesSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DelaySpec {
     pub fixed_delay: Option<String>,
@@ -171,6 +183,7 @@ pub struct DelaySpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AbortSpec {
     pub http_status: Option<i64>,
@@ -180,6 +193,7 @@ pub struct AbortSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FaultSpec {
     pub delay: Option<DelaySpec>,
@@ -187,6 +201,7 @@ pub struct FaultSpec {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HeaderOpSpec {
     #[serde(default)]
@@ -198,6 +213,7 @@ pub struct HeaderOpSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HeadersSpec {
     pub request: Option<HeaderOpSpec>,
@@ -213,6 +229,7 @@ pub struct ParsedVirtualService {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TcpRouteSpec {
     #[serde(rename = "match", default)]
@@ -222,6 +239,7 @@ pub struct TcpRouteSpec {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct L4MatchSpec {
     pub port: Option<i64>,
