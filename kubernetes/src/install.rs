@@ -285,6 +285,7 @@ fn controller(o: &Options) -> Vec<Value> {
                     },
                 },
                 "volumeClaimTemplates": [{
+                    "apiVersion": "v1", "kind": "PersistentVolumeClaim",
                     "metadata": {"name": "state"},
                     "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
                 }],
@@ -406,6 +407,7 @@ fn federation(o: &Options, cert: &str, key: &str) -> Vec<Value> {
                     },
                 },
                 "volumeClaimTemplates": [{
+                    "apiVersion": "v1", "kind": "PersistentVolumeClaim",
                     "metadata": {"name": "state"},
                     "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
                 }],
@@ -422,4 +424,85 @@ pub fn to_yaml(objects: &[Value]) -> String {
         out.push_str(&serde_yaml_ng::to_string(o).unwrap_or_default());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+    use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+
+    fn options() -> Options {
+        Options {
+            cluster: "west".into(),
+            namespace: "isthmus-system".into(),
+            image: "isthmus:test".into(),
+            trust_domain: "cluster.local".into(),
+            federation: "federation.example.com:15200".into(),
+            trust_anchor_pem: "-----BEGIN CERTIFICATE-----\n...\n".into(),
+            join_token: Some("ist1.x.y".into()),
+            controller_replicas: 2,
+            gateway_address: Some("203.0.113.7:15443".into()),
+            federation_root: Some(("cert".into(), "key".into())),
+        }
+    }
+
+    /// `value` read as the typed object and written back: a misspelled or misplaced
+    /// field would not survive the round trip.
+    fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(value: &Value) -> Value {
+        let typed: T = serde_json::from_value(value.clone())
+            .unwrap_or_else(|e| panic!("{}: {e}", value["kind"]));
+        serde_json::to_value(typed).expect("json")
+    }
+
+    #[test]
+    fn every_manifest_is_the_typed_object_it_claims_to_be() {
+        let objects = manifests(&options());
+        let mut kinds = std::collections::BTreeSet::new();
+        for o in &objects {
+            let kind = o["kind"].as_str().expect("a kind");
+            kinds.insert(kind.to_owned());
+            let back = match kind {
+                "Namespace" => round_trip::<Namespace>(o),
+                "CustomResourceDefinition" => round_trip::<CustomResourceDefinition>(o),
+                "ConfigMap" => round_trip::<ConfigMap>(o),
+                "Secret" => round_trip::<Secret>(o),
+                "ServiceAccount" => round_trip::<ServiceAccount>(o),
+                "ClusterRole" => round_trip::<ClusterRole>(o),
+                "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(o),
+                "Role" => round_trip::<Role>(o),
+                "RoleBinding" => round_trip::<RoleBinding>(o),
+                "Service" => round_trip::<Service>(o),
+                "StatefulSet" => round_trip::<StatefulSet>(o),
+                "Deployment" => round_trip::<Deployment>(o),
+                "ValidatingWebhookConfiguration" => round_trip::<ValidatingWebhookConfiguration>(o),
+                other => panic!("unexpected kind {other}"),
+            };
+            assert_eq!(&back, o, "{kind} {}", o["metadata"]["name"]);
+        }
+        assert!(kinds.contains("StatefulSet") && kinds.contains("ValidatingWebhookConfiguration"));
+        // The YAML stream reads back as the same objects.
+        let yaml = to_yaml(&objects);
+        let read: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&yaml)
+            .map(|d| <Value as serde::Deserialize>::deserialize(d).expect("yaml"))
+            .collect();
+        assert_eq!(read, objects);
+    }
+
+    #[test]
+    fn the_controller_is_never_granted_secrets_or_wildcards() {
+        for r in controller_rules().iter().chain(lease_rules().iter()) {
+            assert!(
+                !r.resources.iter().any(|x| x == "secrets" || x == "*"),
+                "{r:?}"
+            );
+            assert!(
+                !r.verbs.contains(&"*") && !r.api_groups.iter().any(|g| g == "*"),
+                "{r:?}"
+            );
+        }
+    }
 }

@@ -18,15 +18,19 @@
 //!   older than the kept history gets the `ERROR` event with 410 Expired, after which
 //!   clients list again. [`ApiServer::compact`] drops the history and
 //!   [`ApiServer::break_watches`] cuts every open watch, so tests can force both.
-//! - Validating admission webhooks (ValidatingWebhookConfiguration) are called on create
-//!   and update, after the object is computed and before it is stored, with an
+//! - Validating admission webhooks (ValidatingWebhookConfiguration, by URL or by service
+//!   reference through [`ApiServer::route_service`]) are called on create and update, after the object is computed and before it is stored, with an
 //!   AdmissionReview over HTTPS verified against the webhook's `caBundle`. A denial
 //!   answers as kube-apiserver words it: `admission webhook "<name>" denied the request:`.
 //! - TokenReview for the service-account tokens it issues ([`ApiServer::service_account_token`],
 //!   JWTs with Kubernetes's claims, signed with the server's own key): signature, expiry
 //!   and audience checked, `system:serviceaccount:<ns>:<name>` answered.
-//! - An audit log of committed writes (user, verb, resource, name, subresource); each
-//!   kubeconfig from [`ApiServer::kubeconfig_for`] authenticates as its own user.
+//! - RBAC: ClusterRoles, Roles and their bindings are enforced for every user but
+//!   [`ADMIN`] (a ServiceAccount subject binds `system:serviceaccount:<ns>:<name>`), with
+//!   kube-apiserver's 403 message. An access log records every request (credential, user,
+//!   verb, resource, name, status); [`ApiServer::kubeconfig_for`] makes credentials.
+//! - Creating a CustomResourceDefinition serves its kind at every served version (objects
+//!   stored once, `apiVersion` as asked).
 //! - Kinds not registered answer 404, as an uninstalled CRD does.
 //!
 //! What it does not do: no controllers run in it (tests write EndpointSlices as
@@ -34,8 +38,7 @@
 //! mutating webhooks, no RBAC (one token may do everything), no strategic-merge semantics
 //! (strategic and apply patches are applied as JSON merge patches), no JSON patch, no
 //! field selectors, no pagination (`limit` is ignored and every item comes in one page).
-//! Webhooks are called by `clientConfig.url` only (no service references), and their
-//! namespace and object selectors are not applied.
+//! Webhooks' namespace and object selectors are not applied.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -56,82 +59,135 @@ type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible
 /// A kind the server serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kind {
-    pub group: &'static str,
-    pub version: &'static str,
-    pub kind: &'static str,
-    pub plural: &'static str,
+    pub group: String,
+    /// The versions it is served at; objects are stored at the first.
+    pub versions: Vec<String>,
+    pub kind: String,
+    pub plural: String,
     pub namespaced: bool,
 }
 
 impl Kind {
-    fn api_version(&self) -> String {
-        if self.group.is_empty() {
-            self.version.to_owned()
-        } else {
-            format!("{}/{}", self.group, self.version)
+    pub fn new(group: &str, version: &str, kind: &str, plural: &str, namespaced: bool) -> Self {
+        Self {
+            group: group.to_owned(),
+            versions: vec![version.to_owned()],
+            kind: kind.to_owned(),
+            plural: plural.to_owned(),
+            namespaced,
         }
     }
-}
 
-const fn core(kind: &'static str, plural: &'static str, namespaced: bool) -> Kind {
-    Kind {
-        group: "",
-        version: "v1",
-        kind,
-        plural,
-        namespaced,
+    /// The stored version.
+    fn version(&self) -> &str {
+        &self.versions[0]
+    }
+
+    fn api_version_at(&self, version: &str) -> String {
+        if self.group.is_empty() {
+            version.to_owned()
+        } else {
+            format!("{}/{version}", self.group)
+        }
+    }
+
+    fn api_version(&self) -> String {
+        self.api_version_at(self.version())
+    }
+
+    fn serves(&self, group: &str, version: &str, plural: &str) -> bool {
+        self.group == group && self.plural == plural && self.versions.iter().any(|v| v == version)
+    }
+
+    /// The kind a CustomResourceDefinition defines.
+    fn of_crd(crd: &Value) -> Option<Self> {
+        let spec = &crd["spec"];
+        let mut versions: Vec<(bool, String)> = spec["versions"]
+            .as_array()?
+            .iter()
+            .filter(|v| v["served"] == true)
+            .filter_map(|v| Some((v["storage"] != true, v["name"].as_str()?.to_owned())))
+            .collect();
+        versions.sort_by_key(|(not_stored, _)| *not_stored);
+        Some(Self {
+            group: spec["group"].as_str()?.to_owned(),
+            versions: versions.into_iter().map(|(_, v)| v).collect(),
+            kind: spec["names"]["kind"].as_str()?.to_owned(),
+            plural: spec["names"]["plural"].as_str()?.to_owned(),
+            namespaced: spec["scope"] == "Namespaced",
+        })
+        .filter(|k| !k.versions.is_empty())
     }
 }
 
-/// The built-in kinds the mesh reads.
-pub const BUILTIN: &[Kind] = &[
-    core("Service", "services", true),
-    core("Pod", "pods", true),
-    core("Node", "nodes", false),
-    core("Namespace", "namespaces", false),
-    core("Event", "events", true),
-    Kind {
-        group: "admissionregistration.k8s.io",
-        version: "v1",
-        kind: "ValidatingWebhookConfiguration",
-        plural: "validatingwebhookconfigurations",
-        namespaced: false,
-    },
-    Kind {
-        group: "authentication.k8s.io",
-        version: "v1",
-        kind: "TokenReview",
-        plural: "tokenreviews",
-        namespaced: false,
-    },
-    Kind {
-        group: "coordination.k8s.io",
-        version: "v1",
-        kind: "Lease",
-        plural: "leases",
-        namespaced: true,
-    },
-    Kind {
-        group: "discovery.k8s.io",
-        version: "v1",
-        kind: "EndpointSlice",
-        plural: "endpointslices",
-        namespaced: true,
-    },
-];
-
-/// The mesh's custom resources, as `isthmus install crds` would install them.
-pub fn mesh_crds() -> Vec<Kind> {
-    isthmus_kubernetes::MESH_KINDS
-        .iter()
-        .map(|k| Kind {
-            group: k.group,
-            version: k.version,
-            kind: k.kind,
-            plural: k.plural,
-            namespaced: true,
-        })
-        .collect()
+/// The built-in kinds: what the mesh reads and writes, and what `isthmus install`
+/// renders. Custom resources are served once their CRD is created.
+pub fn builtin() -> Vec<Kind> {
+    let core =
+        |kind: &str, plural: &str, namespaced: bool| Kind::new("", "v1", kind, plural, namespaced);
+    vec![
+        core("Service", "services", true),
+        core("Pod", "pods", true),
+        core("Node", "nodes", false),
+        core("Namespace", "namespaces", false),
+        core("Event", "events", true),
+        core("ConfigMap", "configmaps", true),
+        core("Secret", "secrets", true),
+        core("ServiceAccount", "serviceaccounts", true),
+        Kind::new("apps", "v1", "Deployment", "deployments", true),
+        Kind::new("apps", "v1", "StatefulSet", "statefulsets", true),
+        Kind::new(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "ClusterRole",
+            "clusterroles",
+            false,
+        ),
+        Kind::new(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "ClusterRoleBinding",
+            "clusterrolebindings",
+            false,
+        ),
+        Kind::new("rbac.authorization.k8s.io", "v1", "Role", "roles", true),
+        Kind::new(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "RoleBinding",
+            "rolebindings",
+            true,
+        ),
+        Kind::new(
+            "apiextensions.k8s.io",
+            "v1",
+            "CustomResourceDefinition",
+            "customresourcedefinitions",
+            false,
+        ),
+        Kind::new(
+            "admissionregistration.k8s.io",
+            "v1",
+            "ValidatingWebhookConfiguration",
+            "validatingwebhookconfigurations",
+            false,
+        ),
+        Kind::new(
+            "authentication.k8s.io",
+            "v1",
+            "TokenReview",
+            "tokenreviews",
+            false,
+        ),
+        Kind::new("coordination.k8s.io", "v1", "Lease", "leases", true),
+        Kind::new(
+            "discovery.k8s.io",
+            "v1",
+            "EndpointSlice",
+            "endpointslices",
+            true,
+        ),
+    ]
 }
 
 /// How many events each kind keeps for watches that resume.
@@ -153,6 +209,8 @@ struct Collection {
 struct Watcher {
     namespace: Option<String>,
     selector: Selector,
+    /// The apiVersion the watch asked for.
+    api_version: String,
     tx: mpsc::UnboundedSender<Bytes>,
 }
 
@@ -174,26 +232,38 @@ struct Write {
     old: Option<Value>,
     /// Whether validating webhooks see it (creates and updates, not status writes).
     admit: bool,
+    /// The apiVersion the request was made at, for the response.
+    api_version: String,
 }
 
-/// One write as the audit log records it.
+/// The user every test client and the harness act as: allowed everything.
+pub const ADMIN: &str = "admin";
+
+/// One request as the access log records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Audited {
+pub struct Access {
+    /// Which kubeconfig made it.
+    pub credential: String,
     pub user: String,
-    /// `create`, `update`, `patch` or `delete`.
+    /// As RBAC names it: `get`, `list`, `watch`, `create`, `update`, `patch`, `delete`.
     pub verb: &'static str,
+    pub group: String,
     pub resource: String,
+    pub subresource: Option<String>,
     pub namespace: String,
     pub name: String,
-    pub subresource: Option<String>,
+    /// The HTTP status answered (403 when RBAC refused it).
+    pub code: u16,
 }
 
 struct Shared {
     store: Mutex<Store>,
-    /// Bearer tokens and the users they authenticate.
-    users: Mutex<HashMap<String, String>>,
+    /// Bearer tokens and who they authenticate: (credential, user).
+    users: Mutex<HashMap<String, (String, String)>>,
+    /// Where a Service's port is reached, for webhooks called by service reference.
+    routes: Mutex<HashMap<(String, String, u16), SocketAddr>>,
     /// Every committed write, in order.
-    audit: Mutex<Vec<Audited>>,
+    access: Mutex<Vec<Access>>,
     /// Where kubeconfig files are written.
     dir: PathBuf,
     address: SocketAddr,
@@ -216,6 +286,15 @@ impl Drop for ApiServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// `obj` as served at `api_version` (every version of a kind has one schema here).
+fn at_version(obj: &Value, api_version: &str) -> Value {
+    let mut o = obj.clone();
+    if o.get("apiVersion").is_some() {
+        o["apiVersion"] = json!(api_version);
+    }
+    o
 }
 
 fn line(event: &str, object: &Value) -> Bytes {
@@ -413,9 +492,33 @@ impl Shared {
             if w.namespace.as_ref().is_some_and(|n| *n != ns) || !w.selector.matches(&obj) {
                 return !w.tx.is_closed();
             }
-            w.tx.send(line(event, &obj)).is_ok()
+            w.tx.send(line(event, &at_version(&obj, &w.api_version)))
+                .is_ok()
         });
+        if c.kind.kind == "CustomResourceDefinition" && event != "DELETED" {
+            if let Some(kind) = Kind::of_crd(&obj) {
+                Self::serve_kind(store, kind);
+            }
+        }
         obj
+    }
+
+    /// Serves the kind a CRD defines, or updates the versions it is served at.
+    fn serve_kind(store: &mut Store, kind: Kind) {
+        match store
+            .collections
+            .iter_mut()
+            .find(|c| c.kind.group == kind.group && c.kind.plural == kind.plural)
+        {
+            Some(c) => c.kind.versions = kind.versions,
+            None => store.collections.push(Collection {
+                kind,
+                objects: BTreeMap::new(),
+                history: VecDeque::new(),
+                oldest: 0,
+                watchers: Vec::new(),
+            }),
+        }
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
@@ -431,7 +534,7 @@ impl Shared {
                     .get(t)
                     .cloned()
             });
-        let Some(user) = user else {
+        let Some((credential, user)) = user else {
             return failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
         };
         let path = req.uri().path().to_owned();
@@ -447,6 +550,144 @@ impl Shared {
         };
         let q = query(&req);
         let method = req.method().clone();
+        let watching = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
+        let verb = match (&method, &t.name) {
+            (&Method::GET, Some(_)) => "get",
+            (&Method::GET, None) if watching => "watch",
+            (&Method::GET, None) => "list",
+            (&Method::POST, _) => "create",
+            (&Method::PUT, _) => "update",
+            (&Method::PATCH, _) => "patch",
+            (&Method::DELETE, _) => "delete",
+            _ => "unknown",
+        };
+        let mut access = Access {
+            credential,
+            user,
+            verb,
+            group: t.group.clone(),
+            resource: t.plural.clone(),
+            subresource: t.subresource.clone(),
+            namespace: t.namespace.clone().unwrap_or_default(),
+            name: t.name.clone().unwrap_or_default(),
+            code: 0,
+        };
+        if !self.authorize(&access) {
+            access.code = 403;
+            let message = format!(
+                "{}.{} \"{}\" is forbidden: User \"{}\" cannot {} resource \"{}{}\" in API group \"{}\"{}",
+                access.resource, access.group, access.name, access.user, verb, access.resource,
+                access.subresource.as_deref().map(|s| format!("/{s}")).unwrap_or_default(), access.group,
+                if access.namespace.is_empty() { " at the cluster scope".to_owned() } else { format!(" in the namespace \"{}\"", access.namespace) },
+            );
+            self.log(access);
+            return failure(StatusCode::FORBIDDEN, "Forbidden", message);
+        }
+        let resp = self.serve(req, t, q, method).await;
+        access.code = resp.status().as_u16();
+        self.log(access);
+        resp
+    }
+
+    fn log(&self, access: Access) {
+        self.access
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(access);
+    }
+
+    /// Whether RBAC allows the request, as kube-apiserver's RBAC authorizer decides: a
+    /// ClusterRoleBinding, or a RoleBinding in the request's namespace, binds the user (or
+    /// its service account) to a role with a rule that names the group, resource (with
+    /// its subresource), verb and, if the rule lists names, the object's name.
+    fn authorize(&self, a: &Access) -> bool {
+        if a.user == ADMIN {
+            return true;
+        }
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let objects = |kind: &str| -> Vec<(&(String, String), &Value)> {
+            store
+                .collections
+                .iter()
+                .filter(|c| c.kind.kind == kind && c.kind.group == "rbac.authorization.k8s.io")
+                .flat_map(|c| c.objects.iter())
+                .collect()
+        };
+        let binds = |b: &Value| {
+            b["subjects"].as_array().is_some_and(|subjects| {
+                subjects.iter().any(|s| match s["kind"].as_str() {
+                    Some("User") => s["name"] == a.user.as_str(),
+                    Some("ServiceAccount") => {
+                        format!(
+                            "system:serviceaccount:{}:{}",
+                            s["namespace"].as_str().unwrap_or_default(),
+                            s["name"].as_str().unwrap_or_default()
+                        ) == a.user
+                    }
+                    _ => false,
+                })
+            })
+        };
+        let resource = match &a.subresource {
+            Some(sub) => format!("{}/{sub}", a.resource),
+            None => a.resource.clone(),
+        };
+        let allows = |rule: &Value| {
+            let has = |field: &str, want: &str| {
+                rule[field]
+                    .as_array()
+                    .is_some_and(|v| v.iter().any(|x| x == "*" || x == want))
+            };
+            let named = match rule["resourceNames"].as_array() {
+                Some(names) if !names.is_empty() => {
+                    !a.name.is_empty() && names.iter().any(|n| n == a.name.as_str())
+                }
+                _ => true,
+            };
+            has("apiGroups", &a.group)
+                && has("resources", &resource)
+                && has("verbs", a.verb)
+                && named
+        };
+        let rules_of = |kind: &str, ns: &str, name: &str| -> Vec<Value> {
+            objects(kind)
+                .into_iter()
+                .find(|((n, o), _)| n == ns && o == name)
+                .and_then(|(_, role)| role["rules"].as_array().cloned())
+                .unwrap_or_default()
+        };
+        for (_, b) in objects("ClusterRoleBinding") {
+            if binds(b) && b["roleRef"]["kind"] == "ClusterRole" {
+                let name = b["roleRef"]["name"].as_str().unwrap_or_default();
+                if rules_of("ClusterRole", "", name).iter().any(allows) {
+                    return true;
+                }
+            }
+        }
+        for ((ns, _), b) in objects("RoleBinding") {
+            if *ns != a.namespace || !binds(b) {
+                continue;
+            }
+            let name = b["roleRef"]["name"].as_str().unwrap_or_default();
+            let rules = match b["roleRef"]["kind"].as_str() {
+                Some("Role") => rules_of("Role", ns, name),
+                _ => rules_of("ClusterRole", "", name),
+            };
+            if rules.iter().any(allows) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Serves an authorized request.
+    async fn serve(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        t: Target,
+        q: HashMap<String, String>,
+        method: Method,
+    ) -> Response<Body> {
         let content_type = req
             .headers()
             .get(http::header::CONTENT_TYPE)
@@ -475,30 +716,7 @@ impl Shared {
             self.plan(&mut store, &t, &method, &q, body, &content_type)
         };
         match planned {
-            Ok(write) => {
-                let verb = match (&method, write.event) {
-                    (_, "ADDED") => "create",
-                    (_, "DELETED") => "delete",
-                    (&Method::PATCH, _) => "patch",
-                    _ => "update",
-                };
-                let entry = Audited {
-                    user,
-                    verb,
-                    resource: t.plural.clone(),
-                    namespace: write.key.0.clone(),
-                    name: write.key.1.clone(),
-                    subresource: t.subresource.clone(),
-                };
-                let resp = self.write(write).await;
-                if resp.status().is_success() {
-                    self.audit
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(entry);
-                }
-                resp
-            }
+            Ok(write) => self.write(write).await,
             Err(resp) => resp,
         }
     }
@@ -515,9 +733,11 @@ impl Shared {
         body: Option<Value>,
         content_type: &str,
     ) -> Result<Write, Response<Body>> {
-        let Some(idx) = store.collections.iter().position(|c| {
-            c.kind.group == t.group && c.kind.version == t.version && c.kind.plural == t.plural
-        }) else {
+        let Some(idx) = store
+            .collections
+            .iter()
+            .position(|c| c.kind.serves(&t.group, &t.version, &t.plural))
+        else {
             return Err(failure(
                 StatusCode::NOT_FOUND,
                 "NotFound",
@@ -528,6 +748,7 @@ impl Shared {
             ));
         };
         let kind = store.collections[idx].kind.clone();
+        let api_version = kind.api_version_at(&t.version);
         if kind.kind == "TokenReview" {
             return Err(match (method, body) {
                 (&Method::POST, Some(review)) => self.review_token(review),
@@ -548,7 +769,7 @@ impl Shared {
                 let selector =
                     Selector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""));
                 if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {
-                    return Err(self.watch(store, idx, ns, selector, q));
+                    return Err(self.watch(store, idx, ns, selector, q, api_version));
                 }
                 let rv = store.rv;
                 let items: Vec<Value> = store.collections[idx]
@@ -557,11 +778,11 @@ impl Shared {
                     .filter(|((o_ns, _), _)| ns.as_ref().is_none_or(|n| n == o_ns))
                     .map(|(_, v)| v)
                     .filter(|v| selector.matches(v))
-                    .cloned()
+                    .map(|v| at_version(v, &api_version))
                     .collect();
                 Err(respond(
                     StatusCode::OK,
-                    &json!({"kind": format!("{}List", kind.kind), "apiVersion": kind.api_version(),
+                    &json!({"kind": format!("{}List", kind.kind), "apiVersion": api_version,
                             "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
                 ))
             }
@@ -605,6 +826,7 @@ impl Shared {
                     code: StatusCode::CREATED,
                     old: None,
                     admit: true,
+                    api_version,
                 })
             }
             (_, Some(name)) => {
@@ -618,7 +840,9 @@ impl Shared {
                 };
                 let on_status = t.subresource.as_deref() == Some("status");
                 match *method {
-                    Method::GET => Err(respond(StatusCode::OK, &current)),
+                    Method::GET => {
+                        Err(respond(StatusCode::OK, &at_version(&current, &api_version)))
+                    }
                     Method::DELETE => Ok(Write {
                         idx,
                         key,
@@ -630,6 +854,7 @@ impl Shared {
                         code: StatusCode::OK,
                         old: None,
                         admit: false,
+                        api_version,
                     }),
                     Method::PUT | Method::PATCH => {
                         let Some(body) = body else {
@@ -694,6 +919,7 @@ impl Shared {
                             code: StatusCode::OK,
                             old: Some(current),
                             admit: !on_status,
+                            api_version,
                         })
                     }
                     _ => Err(failure(
@@ -833,7 +1059,7 @@ impl Shared {
             );
         }
         let obj = Self::commit(&mut store, w.idx, w.key, w.event, w.obj);
-        respond(w.code, &obj)
+        respond(w.code, &at_version(&obj, &w.api_version))
     }
 
     /// Calls every validating webhook whose rules match the write, as kube-apiserver does:
@@ -867,9 +1093,9 @@ impl Shared {
                     })
                 })
             };
-            let matches = listed("apiGroups", kind.group)
-                && listed("apiVersions", kind.version)
-                && listed("resources", kind.plural)
+            let matches = listed("apiGroups", &kind.group)
+                && listed("apiVersions", kind.version())
+                && listed("resources", &kind.plural)
                 && listed("operations", operation);
             if !matches {
                 continue;
@@ -879,10 +1105,10 @@ impl Shared {
                 "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
                 "request": {
                     "uid": format!("{:032x}", rand::random::<u128>()),
-                    "kind": {"group": kind.group, "version": kind.version, "kind": kind.kind},
-                    "resource": {"group": kind.group, "version": kind.version, "resource": kind.plural},
-                    "requestKind": {"group": kind.group, "version": kind.version, "kind": kind.kind},
-                    "requestResource": {"group": kind.group, "version": kind.version, "resource": kind.plural},
+                    "kind": {"group": kind.group, "version": kind.version(), "kind": kind.kind},
+                    "resource": {"group": kind.group, "version": kind.version(), "resource": kind.plural},
+                    "requestKind": {"group": kind.group, "version": kind.version(), "kind": kind.kind},
+                    "requestResource": {"group": kind.group, "version": kind.version(), "resource": kind.plural},
                     "name": w.key.1, "namespace": w.key.0, "operation": operation,
                     "userInfo": {"username": "stand-in-user"},
                     "object": w.obj, "oldObject": w.old, "dryRun": false,
@@ -890,7 +1116,7 @@ impl Shared {
                 }
             });
             let ignore = hook["failurePolicy"] == "Ignore";
-            match call_webhook(&hook, &review).await {
+            match call_webhook(self, &hook, &review).await {
                 Ok(resp) if resp["response"]["allowed"] == true => {}
                 Ok(resp) => {
                     let status = &resp["response"]["status"];
@@ -927,6 +1153,7 @@ impl Shared {
         namespace: Option<String>,
         selector: Selector,
         q: &HashMap<String, String>,
+        api_version: String,
     ) -> Response<Body> {
         let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
         let c = &mut store.collections[idx];
@@ -941,7 +1168,7 @@ impl Shared {
             // "Any": the current state as ADDED events, then what changes.
             for (key, obj) in &c.objects {
                 if in_scope(key, obj) {
-                    let _ = tx.send(line("ADDED", obj));
+                    let _ = tx.send(line("ADDED", &at_version(obj, &api_version)));
                 }
             }
         } else if from + 1 < c.oldest {
@@ -966,19 +1193,21 @@ impl Shared {
                     .unwrap_or_default()
                     .to_owned();
                 if *rv > from && in_scope(&(ns, name), obj) {
-                    let _ = tx.send(line(event, obj));
+                    let _ = tx.send(line(event, &at_version(obj, &api_version)));
                 }
             }
         }
         c.watchers.push(Watcher {
             namespace,
             selector,
+            api_version: api_version.clone(),
             tx: tx.clone(),
         });
         if q.get("allowWatchBookmarks").is_some_and(|v| v == "true") {
             // Through the channel and under the store's lock, so a bookmark never overtakes
             // an event it claims to follow.
             let (kind, shared, tx) = (c.kind.clone(), Arc::downgrade(self), tx.downgrade());
+            let api_version = api_version.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(BOOKMARK_EVERY);
                 tick.tick().await;
@@ -988,7 +1217,7 @@ impl Shared {
                         return;
                     };
                     let store = shared.store.lock().unwrap_or_else(|p| p.into_inner());
-                    let mark = json!({"kind": kind.kind, "apiVersion": kind.api_version(),
+                    let mark = json!({"kind": kind.kind, "apiVersion": api_version,
                                       "metadata": {"resourceVersion": store.rv.to_string()}});
                     if tx.send(line("BOOKMARK", &mark)).is_err() {
                         return;
@@ -1010,7 +1239,7 @@ impl Shared {
         let resources = |g: &str, v: &str| -> Vec<Value> {
             kinds
                 .iter()
-                .filter(|k| k.group == g && k.version == v)
+                .filter(|k| k.group == g && k.versions.iter().any(|x| x == v))
                 .map(|k| json!({"name": k.plural, "singularName": k.kind.to_lowercase(), "namespaced": k.namespaced, "kind": k.kind,
                                 "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]}))
                 .collect()
@@ -1020,9 +1249,11 @@ impl Shared {
             "/apis" => {
                 let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
                 for k in kinds.iter().filter(|k| !k.group.is_empty()) {
-                    let vs = groups.entry(k.group).or_default();
-                    if !vs.contains(&k.version) {
-                        vs.push(k.version);
+                    let vs = groups.entry(k.group.as_str()).or_default();
+                    for v in &k.versions {
+                        if !vs.contains(&v.as_str()) {
+                            vs.push(v);
+                        }
                     }
                 }
                 let groups: Vec<Value> = groups
@@ -1043,7 +1274,7 @@ impl Shared {
             p => {
                 let rest = p.strip_prefix("/apis/")?;
                 let (g, v) = rest.split_once('/')?;
-                if v.contains('/') || !kinds.iter().any(|k| k.group == g && k.version == v) {
+                if v.contains('/') || resources(g, v).is_empty() {
                     return None;
                 }
                 Some(
@@ -1055,12 +1286,36 @@ impl Shared {
 }
 
 /// POSTs `review` to the webhook's `clientConfig.url`, trusting only its `caBundle`.
-async fn call_webhook(hook: &Value, review: &Value) -> anyhow::Result<Value> {
+async fn call_webhook(shared: &Shared, hook: &Value, review: &Value) -> anyhow::Result<Value> {
     use base64::Engine;
-    let url: http::Uri = hook["clientConfig"]["url"]
-        .as_str()
-        .context("only webhooks with clientConfig.url are called by this stand-in")?
-        .parse()?;
+    // A service reference is called at `<name>.<namespace>.svc`, reached through the
+    // routes kube-proxy would provide.
+    let service = &hook["clientConfig"]["service"];
+    let (url, route): (http::Uri, Option<SocketAddr>) = match service["name"].as_str() {
+        Some(name) => {
+            let ns = service["namespace"].as_str().unwrap_or_default();
+            let port = service["port"].as_u64().unwrap_or(443) as u16;
+            let path = service["path"].as_str().unwrap_or("/");
+            let to = shared
+                .routes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&(ns.to_owned(), name.to_owned(), port))
+                .copied()
+                .with_context(|| format!("no route to service {ns}/{name}:{port}"))?;
+            (
+                format!("https://{name}.{ns}.svc:{port}{path}").parse()?,
+                Some(to),
+            )
+        }
+        None => (
+            hook["clientConfig"]["url"]
+                .as_str()
+                .context("the webhook has neither a url nor a service")?
+                .parse()?,
+            None,
+        ),
+    };
     let bundle = base64::engine::general_purpose::STANDARD.decode(
         hook["clientConfig"]["caBundle"]
             .as_str()
@@ -1080,7 +1335,10 @@ async fn call_webhook(hook: &Value, review: &Value) -> anyhow::Result<Value> {
     let port = url.port_u16().unwrap_or(443);
     let timeout = Duration::from_secs(hook["timeoutSeconds"].as_u64().unwrap_or(10));
     let call = async {
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+        let tcp = match route {
+            Some(to) => tokio::net::TcpStream::connect(to).await?,
+            None => tokio::net::TcpStream::connect((host.as_str(), port)).await?,
+        };
         let name = rustls::pki_types::ServerName::try_from(host.clone())?;
         let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
             .connect(name, tcp)
@@ -1173,8 +1431,12 @@ impl ApiServer {
         };
         let shared = Arc::new(Shared {
             store: Mutex::new(store),
-            users: Mutex::new(HashMap::from([(token.clone(), "admin".to_owned())])),
-            audit: Mutex::default(),
+            users: Mutex::new(HashMap::from([(
+                token.clone(),
+                (ADMIN.to_owned(), ADMIN.to_owned()),
+            )])),
+            routes: Mutex::default(),
+            access: Mutex::default(),
             dir: dir.to_owned(),
             address,
             ca_data: base64::engine::general_purpose::STANDARD.encode(ca_cert.pem()),
@@ -1218,27 +1480,37 @@ impl ApiServer {
         &self.kubeconfig
     }
 
-    /// A kubeconfig for a client that authenticates as `user` (a token of its own), so the
-    /// audit log tells its writes apart.
-    pub fn kubeconfig_for(&self, user: &str) -> anyhow::Result<PathBuf> {
+    /// A kubeconfig named `credential` for a client that authenticates as `user` (a
+    /// token of its own), so the access log tells its requests apart.
+    pub fn kubeconfig_for(&self, credential: &str, user: &str) -> anyhow::Result<PathBuf> {
         let token = format!("{:032x}", rand::random::<u128>());
         self.shared
             .users
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(token.clone(), user.to_owned());
+            .insert(token.clone(), (credential.to_owned(), user.to_owned()));
         Ok(self
             .shared
-            .write_kubeconfig(&format!("kubeconfig-{user}"), &token)?)
+            .write_kubeconfig(&format!("kubeconfig-{credential}"), &token)?)
     }
 
-    /// Every committed write so far, in order.
-    pub fn audit(&self) -> Vec<Audited> {
+    /// Every request so far, in order.
+    pub fn requests(&self) -> Vec<Access> {
         self.shared
-            .audit
+            .access
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Makes port `port` of Service `namespace/name` reach `to`, as kube-proxy would, for
+    /// webhooks the API server calls by service reference.
+    pub fn route_service(&self, namespace: &str, name: &str, port: u16, to: SocketAddr) {
+        self.shared
+            .routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((namespace.to_owned(), name.to_owned(), port), to);
     }
 
     /// A client of this server, as a user's kubectl would be.

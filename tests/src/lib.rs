@@ -250,14 +250,18 @@ impl Mesh {
         let token = isthmus_federation::mint_join_token(&self.fed_state, name, TOKEN_TTL)?;
         let (fed, bundle, cert_ttl) =
             (self.federation_addr, self.bundle_pem.clone(), self.cert_ttl);
+        let kubeconfig = match self.cluster(name).kube {
+            Some(_) => Some(self.controller_kubeconfig(name, 0)?),
+            None => None,
+        };
         let c = self.cluster(name);
         wait_port_free(c.controller_addr).await?;
         let bound = isthmus_controller::build(isthmus_controller::Config {
             cluster: c.name.clone(),
             trust_domain: TRUST_DOMAIN.into(),
-            source: match &c.kube {
-                Some(api) => isthmus_controller::ConfigSource::Kubernetes {
-                    kubeconfig: Some(api.kubeconfig_for(&format!("{}-controller-0", c.name))?),
+            source: match kubeconfig {
+                Some(kubeconfig) => isthmus_controller::ConfigSource::Kubernetes {
+                    kubeconfig: Some(kubeconfig),
                     webhook: Some(SocketAddr::new(IpAddr::V4(ip(c.block, c.index, 1)), 15017)),
                     lease: test_lease(&format!("{}-controller-0", c.name)),
                 },

@@ -9,7 +9,6 @@
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Context;
-use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
@@ -17,6 +16,28 @@ use serde_json::json;
 
 use crate::apiserver::{self, ApiServer};
 use crate::{locality_of, Mesh, NAMESPACE};
+use isthmus_core::identity::SYSTEM_NAMESPACE;
+use std::path::PathBuf;
+
+/// What the harness installs with: one controller, this mesh's federation and trust.
+fn install_options(
+    cluster: &str,
+    federation: &str,
+    trust_anchor_pem: &str,
+) -> isthmus_kubernetes::install::Options {
+    isthmus_kubernetes::install::Options {
+        cluster: cluster.to_owned(),
+        namespace: SYSTEM_NAMESPACE.to_owned(),
+        image: "isthmus".into(),
+        trust_domain: crate::TRUST_DOMAIN.into(),
+        federation: federation.to_owned(),
+        trust_anchor_pem: trust_anchor_pem.to_owned(),
+        join_token: None,
+        controller_replicas: 1,
+        gateway_address: None,
+        federation_root: None,
+    }
+}
 
 /// The node every pod of a stand-in cluster runs on.
 fn node_name(cluster: &str) -> String {
@@ -54,12 +75,13 @@ impl Mesh {
             }
         }
         let ip = IpAddr::V4(crate::ip(c.block, c.index, host));
-        let api = c.kube.as_ref().context("a cluster on Kubernetes")?;
+        let kubeconfig = self.controller_kubeconfig(cluster, host)?;
+        let c = self.cluster(cluster);
         isthmus_controller::build(isthmus_controller::Config {
             cluster: c.name.clone(),
             trust_domain: crate::TRUST_DOMAIN.into(),
             source: isthmus_controller::ConfigSource::Kubernetes {
-                kubeconfig: Some(api.kubeconfig_for(&format!("{cluster}-controller-{host}"))?),
+                kubeconfig: Some(kubeconfig),
                 webhook: None,
                 lease: crate::test_lease(&format!("{cluster}-controller-{host}")),
             },
@@ -84,47 +106,49 @@ impl Mesh {
             .expect("a cluster on Kubernetes")
     }
 
-    /// Starts `cluster`'s API server on its pod address `.3`, with the built-in kinds and
-    /// the mesh CRDs installed, and registers its node with the cluster's locality.
+    /// Starts `cluster`'s API server on its pod address `.3` with the built-in kinds,
+    /// installs Isthmus on it from the manifests `isthmus install kubernetes` renders
+    /// (CRDs, RBAC, webhook configuration; the workloads run in this process instead of
+    /// the rendered StatefulSet and Deployment), routes the controller's Service to the
+    /// controller's webhook listener, and registers the cluster's node.
     pub(crate) async fn start_api_server(&mut self, cluster: &str) -> anyhow::Result<()> {
         let dir = self.dir.path().join(cluster);
         std::fs::create_dir_all(&dir)?;
+        let (bundle, federation) = (self.bundle_pem.clone(), self.federation_addr);
         let c = self.cluster(cluster);
-        let (c_block, c_index) = (c.block, c.index);
         let ip = IpAddr::V4(crate::ip(c.block, c.index, 3));
-        let mut kinds = apiserver::BUILTIN.to_vec();
-        kinds.extend(apiserver::mesh_crds());
-        let api = ApiServer::start(ip, &kinds, &dir).await?;
-        let client = api.client().await?;
+        let webhook = SocketAddr::new(IpAddr::V4(crate::ip(c.block, c.index, 1)), 15017);
+        let api = ApiServer::start(ip, &apiserver::builtin(), &dir).await?;
+        api.route_service(SYSTEM_NAMESPACE, "isthmus-controller", 443, webhook);
+        self.cluster(cluster).kube = Some(api);
+        let manifests = isthmus_kubernetes::install::manifests(&install_options(
+            cluster,
+            &federation.to_string(),
+            &bundle,
+        ));
+        self.kubectl_apply(cluster, &isthmus_kubernetes::install::to_yaml(&manifests))
+            .await
+            .context("applying the rendered install manifests")?;
         let l = locality_of(cluster);
         let node: Node = serde_json::from_value(json!({
             "metadata": {"name": node_name(cluster), "labels": {
                 "topology.kubernetes.io/region": l.region, "topology.kubernetes.io/zone": l.zone}},
         }))?;
-        Api::<Node>::all(client.clone())
+        let client = self.api(cluster).client().await?;
+        Api::<Node>::all(client)
             .create(&PostParams::default(), &node)
             .await?;
-        // As `isthmus install` registers it; the controller fills in the caBundle.
-        let webhook = SocketAddr::new(IpAddr::V4(crate::ip(c_block, c_index, 1)), 15017);
-        let groups: Vec<&str> = isthmus_kubernetes::MESH_KINDS
-            .iter()
-            .map(|k| k.group)
-            .collect();
-        let config: ValidatingWebhookConfiguration = serde_json::from_value(json!({
-            "metadata": {"name": isthmus_controller::WEBHOOK_CONFIGURATION},
-            "webhooks": [{
-                "name": "validation.isthmus.io",
-                "clientConfig": {"url": format!("https://{webhook}/validate")},
-                "rules": [{"apiGroups": groups, "apiVersions": ["*"], "resources": ["*"],
-                           "operations": ["CREATE", "UPDATE"]}],
-                "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"],
-            }],
-        }))?;
-        Api::<ValidatingWebhookConfiguration>::all(client)
-            .create(&PostParams::default(), &config)
-            .await?;
-        self.cluster(cluster).kube = Some(api);
         Ok(())
+    }
+
+    /// A kubeconfig for a controller replica of `cluster`: the controller's service
+    /// account, as a pod of the rendered StatefulSet authenticates, under its own
+    /// credential name `<cluster>-controller-<n>` in the access log.
+    pub fn controller_kubeconfig(&mut self, cluster: &str, n: u8) -> anyhow::Result<PathBuf> {
+        self.api(cluster).kubeconfig_for(
+            &format!("{cluster}-controller-{n}"),
+            &format!("system:serviceaccount:{SYSTEM_NAMESPACE}:isthmus-controller"),
+        )
     }
 
     /// `kubectl apply` of a manifest of one or more documents to `cluster`'s API server.
@@ -137,19 +161,19 @@ impl Mesh {
             }
             let obj: DynamicObject = serde_json::from_value(value.clone())?;
             let types = obj.types.clone().context("apiVersion and kind")?;
-            let (group, version) = types
-                .api_version
-                .rsplit_once('/')
-                .unwrap_or(("", types.api_version.as_str()));
-            let gvk = kube::core::GroupVersionKind::gvk(group, version, &types.kind);
-            let plural = isthmus_kubernetes::MESH_KINDS
-                .iter()
-                .find(|k| k.kind == types.kind)
-                .map(|k| k.plural.to_owned())
-                .unwrap_or_else(|| format!("{}s", types.kind.to_lowercase()));
-            let ar = kube::core::ApiResource::from_gvk_with_plural(&gvk, &plural);
-            let ns = obj.metadata.namespace.as_deref().unwrap_or(NAMESPACE);
-            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+            let gvk = kube::core::GroupVersionKind::try_from(&types)?;
+            // Discovery says the resource's plural and scope, as kubectl finds them.
+            let (ar, caps) = kube::discovery::pinned_kind(&client, &gvk)
+                .await
+                .with_context(|| format!("{} is not served", types.kind))?;
+            let api: Api<DynamicObject> = match caps.scope {
+                kube::discovery::Scope::Namespaced => Api::namespaced_with(
+                    client.clone(),
+                    obj.metadata.namespace.as_deref().unwrap_or(NAMESPACE),
+                    &ar,
+                ),
+                kube::discovery::Scope::Cluster => Api::all_with(client.clone(), &ar),
+            };
             let name = obj.metadata.name.clone().context("metadata.name")?;
             match api.get_opt(&name).await? {
                 Some(_) => {

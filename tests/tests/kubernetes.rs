@@ -7,6 +7,7 @@ use isthmus_tests::{config_dump, eventually, settles_in, traffic, AppClient, Mes
 use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject};
 
 const HOST: &str = "echo.demo.svc.cluster.local";
@@ -480,11 +481,13 @@ async fn two_controller_replicas_elect_one_writer_and_the_other_takes_over() -> 
         let mut users: Vec<String> = mesh.clusters["west"]
             .kube
             .as_ref()
-            .map(|api| api.audit())
+            .map(|api| api.requests())
             .unwrap_or_default()
             .into_iter()
-            .filter(|a| a.name == name && a.subresource.as_deref() == Some("status"))
-            .map(|a| a.user)
+            .filter(|a| {
+                a.name == name && a.subresource.as_deref() == Some("status") && a.code < 300
+            })
+            .map(|a| a.credential)
             .collect();
         users.dedup();
         users
@@ -513,15 +516,18 @@ async fn a_replica_that_does_not_lead_writes_no_status() -> anyhow::Result<()> {
     use isthmus_core::config::{Code, ConfigError};
     use isthmus_kubernetes::status::{run, Outcome};
     let dir = tempfile::tempdir()?;
-    let mut kinds = isthmus_tests::apiserver::BUILTIN.to_vec();
-    kinds.extend(isthmus_tests::apiserver::mesh_crds());
     let api = isthmus_tests::apiserver::ApiServer::start(
         isthmus_tests::fresh_ip(1, 3),
-        &kinds,
+        &isthmus_tests::apiserver::builtin(),
         dir.path(),
     )
     .await?;
     let client = api.client().await?;
+    for crd in isthmus_kubernetes::crds::all() {
+        Api::<CustomResourceDefinition>::all(client.clone())
+            .create(&Default::default(), &crd)
+            .await?;
+    }
     let kind = isthmus_kubernetes::MESH_KINDS[0];
     let obj: DynamicObject = serde_json::from_value(serde_json::json!({
         "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
@@ -547,9 +553,9 @@ async fn a_replica_that_does_not_lead_writes_no_status() -> anyhow::Result<()> {
     }));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let status_writes = || {
-        api.audit()
+        api.requests()
             .into_iter()
-            .filter(|a| a.subresource.as_deref() == Some("status"))
+            .filter(|a| a.subresource.as_deref() == Some("status") && a.code < 300)
             .count()
     };
     assert_eq!(status_writes(), 0, "a follower writes nothing");
@@ -560,5 +566,96 @@ async fn a_replica_that_does_not_lead_writes_no_status() -> anyhow::Result<()> {
     })
     .await?;
     writer.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rendered_rbac_covers_exactly_what_the_controller_calls() -> anyhow::Result<()> {
+    // The harness installs from `isthmus install kubernetes` and runs the controller as its
+    // service account, under RBAC. One object of every mesh kind, a rejection, and a pod
+    // proving itself with a projected token make it use every permission.
+    let (mut mesh, outbound) = west_with_two_pods().await?;
+    let objects = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: demo}\nspec: {host: echo}\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: demo}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: demo}\nspec:\n  egress: [{hosts: [\"./*\"]}]\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm, namespace: demo}\nspec: {address: 10.0.0.9, labels: {app: vm}}\n---\napiVersion: isthmus.io/v1alpha1\nkind: LocalRateLimit\nmetadata: {name: echo, namespace: demo}\nspec: {targetRef: {kind: Service, name: echo}, tokensPerInterval: 100, interval: 1s}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: echo, namespace: demo}\nspec:\n  hosts: [echo]\n  http:\n  - route: [{destination: {host: echo}}]\n";
+    mesh.kubectl_apply("west", objects).await?;
+    let kube = mesh.api("west").client().await?;
+    Api::<ValidatingWebhookConfiguration>::all(kube.clone())
+        .delete(
+            isthmus_controller::WEBHOOK_CONFIGURATION,
+            &Default::default(),
+        )
+        .await?;
+    rejected_in_status(&mut mesh, "broken").await?;
+    isthmus_tests::reachable(outbound, HOST).await?;
+
+    let controller = |a: &isthmus_tests::apiserver::Access| {
+        a.user == "system:serviceaccount:isthmus-system:isthmus-controller"
+    };
+    let granted = |rules: Vec<isthmus_kubernetes::install::Rule>| {
+        rules
+            .into_iter()
+            .flat_map(|r| {
+                r.api_groups
+                    .iter()
+                    .flat_map(|g| {
+                        r.resources.iter().flat_map(|res| {
+                            r.verbs
+                                .iter()
+                                .map(|v| (g.clone(), res.clone(), v.to_string()))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let mut granted_all = granted(isthmus_kubernetes::install::controller_rules());
+    granted_all.extend(granted(isthmus_kubernetes::install::lease_rules()));
+    let used = eventually(
+        "every permission to be used",
+        Duration::from_secs(10),
+        || async {
+            let requests = mesh.clusters["west"]
+                .kube
+                .as_ref()
+                .map(|api| api.requests())
+                .unwrap_or_default();
+            let refused: Vec<_> = requests
+                .iter()
+                .filter(|a| controller(a) && a.code == 403)
+                .collect();
+            anyhow::ensure!(
+                refused.is_empty(),
+                "the controller was refused: {refused:?}"
+            );
+            let used: std::collections::BTreeSet<(String, String, String)> = requests
+                .iter()
+                .filter(|a| controller(a) && a.code < 300)
+                .map(|a| {
+                    let resource = match &a.subresource {
+                        Some(sub) => format!("{}/{sub}", a.resource),
+                        None => a.resource.clone(),
+                    };
+                    (a.group.clone(), resource, a.verb.to_string())
+                })
+                .collect();
+            let unused: Vec<_> = granted_all.difference(&used).collect();
+            anyhow::ensure!(unused.is_empty(), "granted but never used: {unused:?}");
+            Ok(used)
+        },
+    )
+    .await?;
+    assert_eq!(used, granted_all, "used exactly what it is granted");
+
+    // And nothing else: the controller's account cannot read Secrets.
+    let as_controller =
+        isthmus_kubernetes::client(Some(&mesh.controller_kubeconfig("west", 9)?)).await?;
+    let secrets =
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(as_controller, "isthmus-system")
+            .list(&Default::default())
+            .await;
+    match secrets {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "{e:?}"),
+        other => panic!("reading Secrets must be forbidden: {other:?}"),
+    }
     Ok(())
 }
