@@ -674,6 +674,7 @@ async fn run(
         Command::Install(InstallCommand::Crds) => {
             let crds: Vec<serde_json::Value> = isthmus_kubernetes::crds::all()
                 .iter()
+                .chain(std::iter::once(&isthmus_kubernetes::crds::service_import()))
                 .map(serde_json::to_value)
                 .collect::<Result<_, _>>()?;
             print_out(&isthmus_kubernetes::install::to_yaml(&crds))

@@ -144,27 +144,87 @@ impl Keeper {
     }
 }
 
+/// The services other clusters export, as the global registry says, for ServiceImports;
+/// and the task that keeps them current.
+fn registry_imports(
+    cluster: &str,
+    mut global: watch::Receiver<Arc<federation::Global>>,
+) -> (
+    watch::Receiver<Vec<isthmus_kubernetes::imports::Import>>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let cluster = cluster.to_owned();
+    let of = move |g: &federation::Global| -> Vec<isthmus_kubernetes::imports::Import> {
+        g.services
+            .values()
+            .filter_map(|gs| {
+                let clusters: std::collections::BTreeSet<String> = gs
+                    .clusters
+                    .iter()
+                    .map(|c| c.cluster.clone())
+                    .filter(|c| *c != cluster)
+                    .collect();
+                (!clusters.is_empty()).then(|| isthmus_kubernetes::imports::Import {
+                    namespace: gs.namespace.clone(),
+                    name: gs.name.clone(),
+                    ports: gs
+                        .ports
+                        .iter()
+                        .map(|p| (p.name.clone(), p.port as u16, p.protocol.clone()))
+                        .collect(),
+                    clusters,
+                })
+            })
+            .collect()
+    };
+    let (tx, rx) = watch::channel(of(&global.borrow_and_update()));
+    let follow = async move {
+        while global.changed().await.is_ok() {
+            let next = of(&global.borrow_and_update());
+            tx.send_if_modified(|cur| {
+                let changed = *cur != next;
+                if changed {
+                    *cur = next;
+                }
+                changed
+            });
+        }
+    };
+    (rx, follow)
+}
+
 /// What a controller on Kubernetes runs besides watching: the leader election, and the
 /// admission webhook with the CA bundle the API server needs to call it. Returns whether
 /// this replica leads.
 async fn start_kubernetes(
     running: &mut isthmus_core::drain::Running,
     client: isthmus_kubernetes::Client,
-    webhook: Option<SocketAddr>,
-    lease: isthmus_kubernetes::lease::LeaseConfig,
+    config: &Config,
     state: &trust::ClusterState,
     metrics: &mut Registry,
+    global: watch::Receiver<Arc<federation::Global>>,
 ) -> anyhow::Result<watch::Receiver<bool>> {
+    let ConfigSource::Kubernetes { webhook, lease, .. } = &config.source else {
+        anyhow::bail!("not a Kubernetes source");
+    };
+    let (webhook, lease) = (*webhook, lease.clone());
     let (leading, leader) = watch::channel(false);
     running.spawn(isthmus_kubernetes::lease::run(
         client.clone(),
         lease,
         leading,
     ));
+    let (imports, follow_registry) = registry_imports(&config.cluster, global);
+    running.spawn(follow_registry);
+    running.spawn(isthmus_kubernetes::imports::run(
+        client.clone(),
+        imports,
+        leader.clone(),
+    ));
     let gauge = prometheus_client::metrics::gauge::Gauge::<i64>::default();
     metrics.register(
         "leader",
-        "1 while this replica leads (writes statuses, Events and the webhook's CA bundle)",
+        "1 while this replica leads (writes statuses, Events, ServiceImports and the webhook's CA bundle)",
         gauge.clone(),
     );
     let mut watching = leader.clone();
@@ -324,14 +384,14 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     ca.register_metrics(metrics.sub_registry_with_prefix("ca"));
     config_metrics(&mut metrics, status_rx.clone());
     let leader = match (&keeper, &config.source) {
-        (Keeper::Kubernetes(source, _), ConfigSource::Kubernetes { webhook, lease, .. }) => Some(
+        (Keeper::Kubernetes(source, _), ConfigSource::Kubernetes { .. }) => Some(
             start_kubernetes(
                 &mut running,
                 source.client(),
-                *webhook,
-                lease.clone(),
+                &config,
                 &state,
                 &mut metrics,
+                global.subscribe(),
             )
             .await?,
         ),

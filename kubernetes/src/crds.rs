@@ -123,6 +123,32 @@ pub fn all() -> Vec<CustomResourceDefinition> {
     MESH_KINDS.iter().map(crd).collect()
 }
 
+/// The MCS API's ServiceImport, which the controller writes (see `imports`), as the MCS
+/// project defines it at v1alpha1; its fields are the controller's own output.
+pub fn service_import() -> CustomResourceDefinition {
+    let open = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+    serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "serviceimports.multicluster.x-k8s.io",
+                     "labels": {"app.kubernetes.io/part-of": "isthmus"}},
+        "spec": {
+            "group": "multicluster.x-k8s.io",
+            "scope": "Namespaced",
+            "names": {"kind": "ServiceImport", "listKind": "ServiceImportList",
+                      "plural": "serviceimports", "singular": "serviceimport",
+                      "shortNames": ["svcim"]},
+            "versions": [{
+                "name": "v1alpha1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object",
+                    "properties": {"spec": open, "status": open}}},
+                "subresources": {"status": {}},
+            }],
+        },
+    }))
+    .expect("a CRD built from its own fields")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@
 //! The RBAC is exactly what the controller calls ([`controller_rules`]). It lists and
 //! watches what it reads. It patches only the status of mesh objects. It creates Events
 //! and TokenReviews. It reads and updates only its own webhook configuration and Lease.
-//! It never touches Secrets.
+//! It keeps the ServiceImports of imported services. It never touches Secrets.
 
 use serde_json::{json, Value};
 
@@ -90,6 +90,17 @@ pub fn controller_rules() -> Vec<Rule> {
         rules.push(rule(&[group], &statuses, &["patch"]));
     }
     rules.push(rule(&[""], &["events".into()], &["create"]));
+    rules.push(rule(&[""], &["namespaces".into()], &["list"]));
+    rules.push(rule(
+        &["multicluster.x-k8s.io"],
+        &["serviceimports".into()],
+        &["list", "create", "update", "delete"],
+    ));
+    rules.push(rule(
+        &["multicluster.x-k8s.io"],
+        &["serviceimports/status".into()],
+        &["patch"],
+    ));
     rules.push(rule(
         &["authentication.k8s.io"],
         &["tokenreviews".into()],
@@ -178,6 +189,7 @@ pub fn manifests(o: &Options) -> Vec<Value> {
     out.extend(
         crate::crds::all()
             .iter()
+            .chain(std::iter::once(&crate::crds::service_import()))
             .map(|c| serde_json::to_value(c).unwrap_or_default()),
     );
     out.push(json!({

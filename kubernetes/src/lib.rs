@@ -16,11 +16,13 @@
 //! - `crds`: the CustomResourceDefinitions of the mesh kinds, generated from their types.
 //! - `lease`: leader election among controller replicas; only the leader writes.
 //! - `identity`: projected service-account tokens checked with TokenReview, for the CA.
+//! - `imports`: ServiceImports (MCS API) for the services other clusters export.
 //! - `install`: the manifests `isthmus install kubernetes` renders.
 //! - `webhook`: the validating admission webhook, so `kubectl apply` of a bad object fails.
 
 pub mod crds;
 pub mod identity;
+pub mod imports;
 pub mod install;
 pub mod lease;
 mod platform;

@@ -135,8 +135,13 @@ impl Mesh {
                 "topology.kubernetes.io/region": l.region, "topology.kubernetes.io/zone": l.zone}},
         }))?;
         let client = self.api(cluster).client().await?;
-        Api::<Node>::all(client)
+        Api::<Node>::all(client.clone())
             .create(&PostParams::default(), &node)
+            .await?;
+        let namespace: k8s_openapi::api::core::v1::Namespace =
+            serde_json::from_value(json!({"metadata": {"name": NAMESPACE}}))?;
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(client)
+            .create(&PostParams::default(), &namespace)
             .await?;
         Ok(())
     }

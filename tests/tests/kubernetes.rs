@@ -133,6 +133,30 @@ async fn a_kubernetes_service_exported_from_west_fails_over_to_eu_when_its_slice
     let traffic = traffic(outbound, host);
     settles_in(&traffic, "west", 20, Duration::from_secs(10)).await?;
 
+    // MCS: each cluster on Kubernetes imports what the others export.
+    for (cluster, from) in [("east", vec!["eu", "west"]), ("west", vec!["eu"])] {
+        let kube = mesh.api(cluster).client().await?;
+        eventually(
+            &format!("{cluster} to import echo"),
+            Duration::from_secs(5),
+            || async {
+                let si = service_imports(kube.clone()).get("echo").await?;
+                let clusters: Vec<&str> = si.data["status"]["clusters"]
+                    .as_array()
+                    .map(|c| c.iter().filter_map(|c| c["cluster"].as_str()).collect())
+                    .unwrap_or_default();
+                anyhow::ensure!(clusters == from, "{cluster} imports from {clusters:?}");
+                let ports: Vec<&str> = si.data["spec"]["ports"]
+                    .as_array()
+                    .map(|p| p.iter().filter_map(|p| p["name"].as_str()).collect())
+                    .unwrap_or_default();
+                anyhow::ensure!(ports == ["http", "grpc", "tcp-echo"], "{ports:?}");
+                Ok(())
+            },
+        )
+        .await?;
+    }
+
     // The only west pod stops being ready: west exports zero healthy endpoints.
     mesh.set_pod_ready("west", "echo-west", false).await?;
     settles_in(&traffic, "eu", 20, Duration::from_secs(10)).await?;
@@ -295,6 +319,10 @@ async fn virtual_services_come_from_custom_resources_and_bad_ones_are_refused_wh
     Ok(())
 }
 
+fn service_imports(client: kube::Client) -> Api<DynamicObject> {
+    Api::namespaced_with(client, "demo", &isthmus_kubernetes::imports::api_resource())
+}
+
 fn virtual_services(client: kube::Client) -> Api<DynamicObject> {
     let kind = isthmus_kubernetes::MESH_KINDS[0];
     Api::namespaced_with(client, "demo", &kind.api_resource())
@@ -410,12 +438,17 @@ async fn lease_holder(client: &kube::Client) -> anyhow::Result<String> {
         .unwrap_or_default())
 }
 
-/// Applies a VirtualService `name` that admission rejects, and waits until a controller
-/// wrote its rejection into its status.
+/// Applies a VirtualService `name` that admission rejects to west, and waits until a
+/// controller wrote its rejection into its status.
 async fn rejected_in_status(mesh: &mut Mesh, name: &str) -> anyhow::Result<()> {
+    rejected_in(mesh, "west", name).await
+}
+
+/// [`rejected_in_status`] in `cluster`.
+async fn rejected_in(mesh: &mut Mesh, cluster: &str, name: &str) -> anyhow::Result<()> {
     let bad = format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  hosts: [echo]\n  http:\n  - route: [{{destination: {{host: echo}}}}]\n    timeout: soon\n");
-    mesh.kubectl_apply("west", &bad).await?;
-    let kube = mesh.api("west").client().await?;
+    mesh.kubectl_apply(cluster, &bad).await?;
+    let kube = mesh.api(cluster).client().await?;
     eventually(
         &format!("{name} to be marked rejected"),
         Duration::from_secs(5),
@@ -572,19 +605,52 @@ async fn a_replica_that_does_not_lead_writes_no_status() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rendered_rbac_covers_exactly_what_the_controller_calls() -> anyhow::Result<()> {
     // The harness installs from `isthmus install kubernetes` and runs the controller as its
-    // service account, under RBAC. One object of every mesh kind, a rejection, and a pod
-    // proving itself with a projected token make it use every permission.
-    let (mut mesh, outbound) = west_with_two_pods().await?;
+    // service account, under RBAC. One object of every mesh kind, a rejection, a pod
+    // proving itself with a projected token, and a service of another cluster imported,
+    // changed and withdrawn make it use every permission.
+    let mut mesh = Mesh::start_with_kubernetes(&["east", "west"], &["east"]).await?;
+    for pod in ["echo-0", "echo-1"] {
+        mesh.add_workload("east", pod, Some("echo"), "echo").await?;
+    }
+    mesh.add_workload("east", "client", None, "client").await?;
+    mesh.add_workload("west", "other-0", Some("other"), "other")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    isthmus_tests::reachable(outbound, HOST).await?;
+    let kube = mesh.api("east").client().await?;
+    let imported = |ports: usize| {
+        let kube = kube.clone();
+        async move {
+            let si = service_imports(kube).get_opt("other").await?;
+            let n = si.map(|s| s.data["spec"]["ports"].as_array().map_or(0, Vec::len));
+            anyhow::ensure!(n == Some(ports).filter(|p| *p > 0), "{n:?}");
+            Ok(())
+        }
+    };
+    eventually("east to import other", Duration::from_secs(5), || {
+        imported(3)
+    })
+    .await?;
+    let one_port = "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: demo}\nspec:\n  selector: {app: other}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n";
+    let export = "---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: other, namespace: demo}\n";
+    mesh.apply("west", "service-other.yaml", &format!("{one_port}{export}"))
+        .await?;
+    eventually("the import to follow", Duration::from_secs(5), || {
+        imported(1)
+    })
+    .await?;
+    mesh.apply("west", "service-other.yaml", one_port).await?;
+    eventually("the import to go", Duration::from_secs(5), || imported(0)).await?;
+
     let objects = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: demo}\nspec: {host: echo}\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: demo}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: demo}\nspec:\n  egress: [{hosts: [\"./*\"]}]\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm, namespace: demo}\nspec: {address: 10.0.0.9, labels: {app: vm}}\n---\napiVersion: isthmus.io/v1alpha1\nkind: LocalRateLimit\nmetadata: {name: echo, namespace: demo}\nspec: {targetRef: {kind: Service, name: echo}, tokensPerInterval: 100, interval: 1s}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: echo, namespace: demo}\nspec:\n  hosts: [echo]\n  http:\n  - route: [{destination: {host: echo}}]\n";
-    mesh.kubectl_apply("west", objects).await?;
-    let kube = mesh.api("west").client().await?;
+    mesh.kubectl_apply("east", objects).await?;
     Api::<ValidatingWebhookConfiguration>::all(kube.clone())
         .delete(
             isthmus_controller::WEBHOOK_CONFIGURATION,
             &Default::default(),
         )
         .await?;
-    rejected_in_status(&mut mesh, "broken").await?;
+    rejected_in(&mut mesh, "east", "broken").await?;
     isthmus_tests::reachable(outbound, HOST).await?;
 
     let controller = |a: &isthmus_tests::apiserver::Access| {
@@ -614,7 +680,7 @@ async fn the_rendered_rbac_covers_exactly_what_the_controller_calls() -> anyhow:
         "every permission to be used",
         Duration::from_secs(10),
         || async {
-            let requests = mesh.clusters["west"]
+            let requests = mesh.clusters["east"]
                 .kube
                 .as_ref()
                 .map(|api| api.requests())
@@ -648,7 +714,7 @@ async fn the_rendered_rbac_covers_exactly_what_the_controller_calls() -> anyhow:
 
     // And nothing else: the controller's account cannot read Secrets.
     let as_controller =
-        isthmus_kubernetes::client(Some(&mesh.controller_kubeconfig("west", 9)?)).await?;
+        isthmus_kubernetes::client(Some(&mesh.controller_kubeconfig("east", 9)?)).await?;
     let secrets =
         Api::<k8s_openapi::api::core::v1::Secret>::namespaced(as_controller, "isthmus-system")
             .list(&Default::default())
