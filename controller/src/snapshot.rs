@@ -717,7 +717,7 @@ impl Registry {
                     .into_iter()
                     .map(|m| {
                         let ep = self.endpoint(m, &health);
-                        serde_json::json!({"workload": ep.workload, "address": ep.tunnel_address, "healthy": ep.healthy, "identity": ep.identity})
+                        serde_json::json!({"workload": ep.workload, "owner": m.workload.owner, "address": ep.tunnel_address, "healthy": ep.healthy, "identity": ep.identity})
                     })
                     .collect();
                 serde_json::json!({"service": svc.key.to_string(), "exported": config.exports.contains(&svc.key), "endpoints": eps})

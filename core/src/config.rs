@@ -207,6 +207,9 @@ pub struct WorkloadEntry {
     pub labels: BTreeMap<String, String>,
     pub locality: Locality,
     pub service_account: String,
+    /// The workload a pod belongs to, as Istio's telemetry names it: its Deployment,
+    /// StatefulSet, DaemonSet or Job, else the pod itself. `None` for a WorkloadEntry.
+    pub owner: Option<String>,
 }
 
 /// One endpoint of a service as the platform lists it (an entry of a Kubernetes

@@ -12,8 +12,8 @@
 //!   Endpoints that reference no Pod (hand-written slices of outside addresses) are left
 //!   out, since the mesh reaches endpoints through their sidecars.
 //! - A Pod with an IP is a workload named `namespace/pod-name`, with its labels, service
-//!   account, named container ports (what named target ports resolve to) and the
-//!   locality of its Node (`topology.kubernetes.io/region` and `/zone`,
+//!   account, owner (its Deployment, StatefulSet, DaemonSet or Job), named container
+//!   ports (what named target ports resolve to) and the locality of its Node (`topology.kubernetes.io/region` and `/zone`,
 //!   `topology.istio.io/subzone`), or of its `istio-locality` label.
 
 use std::collections::BTreeMap;
@@ -168,7 +168,37 @@ fn workload(pod: &Pod, localities: &BTreeMap<&str, Locality>) -> Option<Workload
             .clone()
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "default".to_owned()),
+        owner: Some(owner(pod, name)),
     })
+}
+
+/// The workload a pod belongs to, as Istio names it: a ReplicaSet's Deployment (the
+/// ReplicaSet's name without its pod-template hash), a StatefulSet, DaemonSet or Job by
+/// name, else the pod itself.
+fn owner(pod: &Pod, name: &str) -> String {
+    let Some(controller) = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+    else {
+        return name.to_owned();
+    };
+    let hash = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("pod-template-hash"));
+    match (controller.kind.as_str(), hash) {
+        ("ReplicaSet", Some(hash)) => controller
+            .name
+            .strip_suffix(hash.as_str())
+            .and_then(|n| n.strip_suffix('-'))
+            .unwrap_or(&controller.name)
+            .to_owned(),
+        _ => controller.name.clone(),
+    }
 }
 
 /// A port's protocol as Istio picks it: `appProtocol`, else the name's prefix before `-`.
@@ -400,6 +430,37 @@ endpoints:
         assert_eq!(w.ports.get("web"), Some(&8080));
         assert_eq!(w.locality, Locality::new("us-east-1", "us-east-1b", ""));
         assert_eq!(w.address.to_string(), "10.1.1.7");
+        assert_eq!(
+            w.owner.as_deref(),
+            Some("reviews-2"),
+            "a pod with no owner is its own"
+        );
+    }
+
+    #[test]
+    fn a_deployment_s_pod_belongs_to_the_deployment() {
+        let pod: Arc<Pod> = from_yaml(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: reviews-v1-7d9f8c6b5-x2x9q
+  namespace: shop
+  labels: {app: reviews, pod-template-hash: 7d9f8c6b5}
+  ownerReferences:
+  - {apiVersion: apps/v1, kind: ReplicaSet, name: reviews-v1-7d9f8c6b5, uid: u1, controller: true}
+spec: {containers: [{name: app}]}
+status: {phase: Running, podIP: 10.0.0.3}
+"#,
+        );
+        let p = platform(&Objects {
+            services: &[],
+            slices: &[],
+            pods: &[pod],
+            nodes: &[],
+        });
+        let w = &p.workloads[&NamespacedName::new("shop", "reviews-v1-7d9f8c6b5-x2x9q")];
+        assert_eq!(w.owner.as_deref(), Some("reviews-v1"));
     }
 
     #[test]

@@ -181,7 +181,8 @@ async fn virtual_services_come_from_custom_resources_and_bad_ones_are_refused_wh
     isthmus_tests::reachable(outbound, HOST).await?;
     let client = AppClient::new();
 
-    let teapot = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: echo, namespace: demo}\nspec:\n  hosts: [echo]\n  http:\n  - match: [{uri: {prefix: /teapot}}]\n    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}\n    route: [{destination: {host: echo}}]\n  - route: [{destination: {host: echo}}]\n";
+    // Written at v1beta1, as many Istio users still write it; the controller reads v1.
+    let teapot = "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: echo, namespace: demo}\nspec:\n  hosts: [echo]\n  http:\n  - match: [{uri: {prefix: /teapot}}]\n    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}\n    route: [{destination: {host: echo}}]\n  - route: [{destination: {host: echo}}]\n";
     mesh.kubectl_apply("west", teapot).await?;
     eventually(
         "the VirtualService to apply",

@@ -346,6 +346,7 @@ fn workload(c: &mut Checker<'_>, spec: &WorkloadEntrySpec) -> Option<WorkloadEnt
         labels,
         locality,
         service_account: sa,
+        owner: None,
     })
 }
 

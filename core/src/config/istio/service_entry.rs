@@ -379,6 +379,7 @@ pub fn service_entry(
                         .service_account
                         .clone()
                         .unwrap_or_else(|| "default".to_owned()),
+                    owner: None,
                 })
             }
             (false, None) => {}
