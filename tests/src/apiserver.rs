@@ -288,6 +288,25 @@ impl Drop for ApiServer {
     }
 }
 
+/// The strings of a JSON array (none when it is not one).
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Seconds since the Unix epoch, as JWT claims count time.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
 /// `obj` as served at `api_version` (every version of a kind has one schema here).
 fn at_version(obj: &Value, api_version: &str) -> Value {
     let mut o = obj.clone();
@@ -946,14 +965,7 @@ impl Shared {
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        let asked: Vec<String> = review["spec"]["audiences"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let asked = strings(&review["spec"]["audiences"]);
         let verdict = (|| -> Result<Value, String> {
             let mut parts = token.split('.');
             let (Some(head), Some(claims), Some(sig), None) =
@@ -967,21 +979,11 @@ impl Shared {
             let claims: Value =
                 serde_json::from_slice(&b64.decode(claims).map_err(|_| "bad claims")?)
                     .map_err(|_| "bad claims")?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
+            let now = unix_now();
             if claims["exp"].as_u64().unwrap_or(0) <= now {
                 return Err("invalid bearer token, service account token has expired".into());
             }
-            let aud: Vec<String> = claims["aud"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let aud = strings(&claims["aud"]);
             let audiences: Vec<&String> = if asked.is_empty() {
                 aud.iter().collect()
             } else {
@@ -1593,10 +1595,7 @@ impl TokenIssuer {
     ) -> String {
         use base64::Engine;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let now = unix_now();
         let head = b64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
         let claims = json!({
             "iss": "https://kubernetes.default.svc.cluster.local",
