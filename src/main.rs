@@ -97,6 +97,159 @@ enum Command {
     /// Print the manifests that put Isthmus on a Kubernetes cluster, for `kubectl apply -f -`.
     #[command(subcommand)]
     Install(InstallCommand),
+    /// Set up transparent capture in this network namespace (a pod's init step, as Istio's
+    /// istio-iptables): outbound TCP to the sidecar's 15001, inbound TCP to its 15006, the
+    /// proxy's own traffic excepted. nftables where `nft` exists, else iptables. Lists take
+    /// Istio's annotation syntax: comma-separated, `*` for all.
+    Iptables(CaptureArgs),
+}
+
+#[derive(Args)]
+struct CaptureArgs {
+    /// Remove the rules instead.
+    #[arg(long)]
+    cleanup: bool,
+    /// Print the rules instead of applying them.
+    #[arg(long)]
+    dry_run: bool,
+    /// The sidecar's user: its own connections are not captured.
+    #[arg(long, default_value_t = 1337)]
+    proxy_uid: u32,
+    /// The sidecar's group: its own connections are not captured.
+    #[arg(long, default_value_t = 1337)]
+    proxy_gid: u32,
+    /// Where captured outbound connections go.
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// Where captured inbound connections go.
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    /// Outbound destinations captured (includeOutboundIPRanges).
+    #[arg(long, default_value = "*")]
+    include_outbound_cidrs: String,
+    /// Outbound destinations left alone (excludeOutboundIPRanges).
+    #[arg(long, default_value = "")]
+    exclude_outbound_cidrs: String,
+    /// Outbound ports captured (includeOutboundPorts).
+    #[arg(long, default_value = "*")]
+    include_outbound_ports: String,
+    /// Outbound ports left alone (excludeOutboundPorts).
+    #[arg(long, default_value = "")]
+    exclude_outbound_ports: String,
+    /// Inbound ports captured (includeInboundPorts).
+    #[arg(long, default_value = "*")]
+    include_inbound_ports: String,
+    /// Inbound ports left alone (excludeInboundPorts); the sidecar's own are always left.
+    #[arg(long, default_value = "")]
+    exclude_inbound_ports: String,
+}
+
+impl CaptureArgs {
+    fn rules(&self) -> anyhow::Result<isthmus_sidecar::capture::Rules> {
+        use isthmus_sidecar::capture::{parse_list, Cidr, Scope};
+        // An exclusion list of `*` excludes nothing more than an empty one.
+        fn only<T>(s: Scope<T>) -> Vec<T> {
+            match s {
+                Scope::All => Vec::new(),
+                Scope::Only(v) => v,
+            }
+        }
+        let flag = |name: &str, e: String| anyhow::anyhow!("--{name}: {e}");
+        Ok(isthmus_sidecar::capture::Rules {
+            proxy_uid: self.proxy_uid,
+            proxy_gid: self.proxy_gid,
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            include_outbound_cidrs: parse_list::<Cidr>(&self.include_outbound_cidrs, "IP range")
+                .map_err(|e| flag("include-outbound-cidrs", e))?,
+            exclude_outbound_cidrs: only(
+                parse_list::<Cidr>(&self.exclude_outbound_cidrs, "IP range")
+                    .map_err(|e| flag("exclude-outbound-cidrs", e))?,
+            ),
+            include_outbound_ports: parse_list(&self.include_outbound_ports, "port")
+                .map_err(|e| flag("include-outbound-ports", e))?,
+            exclude_outbound_ports: only(
+                parse_list(&self.exclude_outbound_ports, "port")
+                    .map_err(|e| flag("exclude-outbound-ports", e))?,
+            ),
+            include_inbound_ports: parse_list(&self.include_inbound_ports, "port")
+                .map_err(|e| flag("include-inbound-ports", e))?,
+            exclude_inbound_ports: only(
+                parse_list(&self.exclude_inbound_ports, "port")
+                    .map_err(|e| flag("exclude-inbound-ports", e))?,
+            ),
+        })
+    }
+}
+
+/// Feeds `input` to `program args` and fails with its error output.
+fn run_with_input(program: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {program}"))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{program} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Whether `program` can be run here.
+fn present(program: &str) -> bool {
+    std::process::Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok()
+}
+
+fn capture(a: &CaptureArgs) -> anyhow::Result<std::process::ExitCode> {
+    use isthmus_sidecar::capture;
+    let rules = a.rules()?;
+    let nft = present("nft");
+    if a.dry_run {
+        let text = match (nft, a.cleanup) {
+            (true, false) => rules.nft(),
+            (true, true) => capture::nft_cleanup(),
+            (false, false) => rules.iptables(true) + &rules.iptables(false),
+            (false, true) => capture::iptables_cleanup(),
+        };
+        return print_out(&text);
+    }
+    if nft {
+        let script = if a.cleanup {
+            capture::nft_cleanup()
+        } else {
+            rules.nft()
+        };
+        run_with_input("nft", &["-f", "-"], &script)?;
+    } else if present("iptables-restore") {
+        for (program, v4) in [("iptables-restore", true), ("ip6tables-restore", false)] {
+            let script = if a.cleanup {
+                capture::iptables_cleanup()
+            } else {
+                rules.iptables(v4)
+            };
+            if v4 || present(program) {
+                run_with_input(program, &["--noflush"], &script)?;
+            }
+        }
+    } else {
+        anyhow::bail!("neither nft nor iptables-restore is installed; capture cannot be set up");
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 #[derive(Subcommand)]
@@ -642,6 +795,7 @@ async fn main_async(cli: Cli) -> std::process::ExitCode {
         | Command::Analyze { .. }
         | Command::Token(_)
         | Command::Install(_)
+        | Command::Iptables(_)
         | Command::Demo(_)
         | Command::Bench(_) => None,
         _ => Some(init_logging()),
@@ -671,6 +825,7 @@ async fn run(
             failure_threshold,
             output_threshold,
         } => analyze(&paths, failure_threshold, output_threshold),
+        Command::Iptables(a) => capture(&a),
         Command::Install(InstallCommand::Crds) => {
             let crds: Vec<serde_json::Value> = isthmus_kubernetes::crds::all()
                 .iter()

@@ -13,6 +13,7 @@ mod app;
 mod attempt;
 mod body;
 mod breaker;
+pub mod capture;
 mod convert;
 mod egress;
 mod errors;

@@ -1,0 +1,379 @@
+//! Transparent capture, as Istio's `istio-iptables` sets it up in a pod: `isthmus iptables`
+//! (an init container's step) redirects the pod's outbound TCP to the sidecar's outbound
+//! capture port (15001) and its inbound TCP to the inbound capture port (15006). The
+//! sidecar then finds where each connection was going with `SO_ORIGINAL_DST`.
+//!
+//! Rules are nftables, in one table `inet isthmus` (IPv4 and IPv6), applied in one
+//! transaction that replaces any earlier version of the table. Where `nft` is absent they
+//! are iptables rules in chains `ISTHMUS_*` of the nat table, applied with
+//! `iptables-restore`. What is never captured:
+//! - the proxy's own traffic (its UID or GID, 1337 by default, as Istio's), so the sidecar's
+//!   connections leave the pod and never loop back to it;
+//! - loopback destinations;
+//! - outbound ports and CIDRs excluded (Istio's `traffic.sidecar.istio.io/excludeOutbound*`
+//!   annotations), and everything outside the included ones when those are given
+//!   (`includeOutboundIPRanges`, `includeOutboundPorts`);
+//! - the sidecar's own inbound ports (15008 tunnel, 15000 admin, 15001/15006 capture,
+//!   15020/15021/15090 as Istio reserves them), inbound ports excluded
+//!   (`excludeInboundPorts`), and all but the included ones when given
+//!   (`includeInboundPorts`).
+//!
+//! `--cleanup` removes the table (or chains) again. `--dry-run` prints what would be applied.
+
+use std::net::IpAddr;
+
+/// Ports the sidecar itself listens on, never captured inbound.
+pub const PROXY_PORTS: &[u16] = &[15000, 15001, 15006, 15008, 15020, 15021, 15090];
+/// The nftables table (and iptables chain prefix) the rules live in.
+pub const TABLE: &str = "isthmus";
+
+/// An IP range, `addr/len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = s.split_once('/').unwrap_or((s, ""));
+        let addr: IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP range like 10.0.0.0/8"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = if l.is_empty() {
+            max
+        } else {
+            l.trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("`{s}`: prefix length must be 0 to {max}"))?
+        };
+        Ok(Self { addr, len })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// `*` (everything) or a list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope<T> {
+    All,
+    Only(Vec<T>),
+}
+
+/// What to capture, with Istio's defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    pub proxy_uid: u32,
+    pub proxy_gid: u32,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub include_outbound_cidrs: Scope<Cidr>,
+    pub exclude_outbound_cidrs: Vec<Cidr>,
+    pub include_outbound_ports: Scope<u16>,
+    pub exclude_outbound_ports: Vec<u16>,
+    pub include_inbound_ports: Scope<u16>,
+    pub exclude_inbound_ports: Vec<u16>,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self {
+            proxy_uid: 1337,
+            proxy_gid: 1337,
+            outbound_port: 15001,
+            inbound_port: 15006,
+            include_outbound_cidrs: Scope::All,
+            exclude_outbound_cidrs: Vec::new(),
+            include_outbound_ports: Scope::All,
+            exclude_outbound_ports: Vec::new(),
+            include_inbound_ports: Scope::All,
+            exclude_inbound_ports: Vec::new(),
+        }
+    }
+}
+
+/// Parses a comma-separated list as Istio's annotations write it (`*` for all, empty for
+/// none).
+pub fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Scope<T>, String> {
+    if s.trim() == "*" {
+        return Ok(Scope::All);
+    }
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<T>()
+                .map_err(|_| format!("`{p}` is not a valid {what}"))
+        })
+        .collect::<Result<Vec<T>, String>>()
+        .map(Scope::Only)
+}
+
+fn set<T: std::fmt::Display>(items: &[T]) -> String {
+    let items: Vec<String> = items.iter().map(ToString::to_string).collect();
+    format!("{{ {} }}", items.join(", "))
+}
+
+fn family(cidrs: &[Cidr], v4: bool) -> Vec<Cidr> {
+    cidrs
+        .iter()
+        .copied()
+        .filter(|c| c.addr.is_ipv4() == v4)
+        .collect()
+}
+
+impl Rules {
+    /// The nftables ruleset, one transaction: the table is created if absent, deleted, and
+    /// defined again, so applying twice leaves one copy.
+    pub fn nft(&self) -> String {
+        let mut out = vec![
+            format!("        meta l4proto != tcp return"),
+            format!("        meta skuid {} return", self.proxy_uid),
+            format!("        meta skgid {} return", self.proxy_gid),
+            "        ip daddr 127.0.0.0/8 return".into(),
+            "        ip6 daddr ::1 return".into(),
+        ];
+        if !self.exclude_outbound_ports.is_empty() {
+            out.push(format!(
+                "        tcp dport {} return",
+                set(&self.exclude_outbound_ports)
+            ));
+        }
+        for (v4, kw) in [(true, "ip"), (false, "ip6")] {
+            let excluded = family(&self.exclude_outbound_cidrs, v4);
+            if !excluded.is_empty() {
+                out.push(format!("        {kw} daddr {} return", set(&excluded)));
+            }
+        }
+        if let Scope::Only(included) = &self.include_outbound_cidrs {
+            for (v4, kw, nfproto) in [(true, "ip", "ipv4"), (false, "ip6", "ipv6")] {
+                let inc = family(included, v4);
+                if inc.is_empty() {
+                    out.push(format!("        meta nfproto {nfproto} return"));
+                } else {
+                    out.push(format!("        {kw} daddr != {} return", set(&inc)));
+                }
+            }
+        }
+        if let Scope::Only(ports) = &self.include_outbound_ports {
+            if ports.is_empty() {
+                out.push("        return".into());
+            } else {
+                out.push(format!("        tcp dport != {} return", set(ports)));
+            }
+        }
+        out.push(format!(
+            "        meta l4proto tcp redirect to :{}",
+            self.outbound_port
+        ));
+        let mut inbound = vec![
+            "        meta l4proto != tcp return".to_owned(),
+            format!("        tcp dport {} return", set(&self.inbound_skipped())),
+        ];
+        if let Scope::Only(ports) = &self.include_inbound_ports {
+            if ports.is_empty() {
+                inbound.push("        return".into());
+            } else {
+                inbound.push(format!("        tcp dport != {} return", set(ports)));
+            }
+        }
+        inbound.push(format!(
+            "        meta l4proto tcp redirect to :{}",
+            self.inbound_port
+        ));
+        format!(
+            "table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n    chain output {{\n        type nat hook output priority -100; policy accept;\n{}\n    }}\n    chain prerouting {{\n        type nat hook prerouting priority -100; policy accept;\n{}\n    }}\n}}\n",
+            out.join("\n"),
+            inbound.join("\n")
+        )
+    }
+
+    fn inbound_skipped(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = PROXY_PORTS.to_vec();
+        ports.extend(&self.exclude_inbound_ports);
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
+    /// The same rules for `iptables-restore` (IPv4; `ip6tables-restore` takes the same with
+    /// the IPv6 ranges), for hosts without nftables.
+    pub fn iptables(&self, v4: bool) -> String {
+        let out_chain = format!("{}_OUTPUT", TABLE.to_uppercase());
+        let in_chain = format!("{}_INBOUND", TABLE.to_uppercase());
+        let loopback = if v4 { "127.0.0.0/8" } else { "::1/128" };
+        let mut lines = vec![
+            "*nat".to_owned(),
+            format!(":{out_chain} - [0:0]"),
+            format!(":{in_chain} - [0:0]"),
+            format!("-A OUTPUT -p tcp -j {out_chain}"),
+            format!("-A PREROUTING -p tcp -j {in_chain}"),
+            format!(
+                "-A {out_chain} -m owner --uid-owner {} -j RETURN",
+                self.proxy_uid
+            ),
+            format!(
+                "-A {out_chain} -m owner --gid-owner {} -j RETURN",
+                self.proxy_gid
+            ),
+            format!("-A {out_chain} -d {loopback} -j RETURN"),
+        ];
+        for p in &self.exclude_outbound_ports {
+            lines.push(format!("-A {out_chain} -p tcp --dport {p} -j RETURN"));
+        }
+        for c in family(&self.exclude_outbound_cidrs, v4) {
+            lines.push(format!("-A {out_chain} -d {c} -j RETURN"));
+        }
+        let redirect =
+            |chain: &str, port: u16| format!("-A {chain} -p tcp -j REDIRECT --to-ports {port}");
+        let mut outbound_targets: Vec<String> = Vec::new();
+        match (&self.include_outbound_cidrs, &self.include_outbound_ports) {
+            (Scope::All, Scope::All) => {
+                outbound_targets.push(redirect(&out_chain, self.outbound_port))
+            }
+            (cidrs, ports) => {
+                let cidrs: Vec<Option<Cidr>> = match cidrs {
+                    Scope::All => vec![None],
+                    Scope::Only(c) => family(c, v4).into_iter().map(Some).collect(),
+                };
+                let ports: Vec<Option<u16>> = match ports {
+                    Scope::All => vec![None],
+                    Scope::Only(p) => p.iter().copied().map(Some).collect(),
+                };
+                for c in &cidrs {
+                    for p in &ports {
+                        let mut rule = format!("-A {out_chain} -p tcp");
+                        if let Some(c) = c {
+                            rule.push_str(&format!(" -d {c}"));
+                        }
+                        if let Some(p) = p {
+                            rule.push_str(&format!(" --dport {p}"));
+                        }
+                        rule.push_str(&format!(" -j REDIRECT --to-ports {}", self.outbound_port));
+                        outbound_targets.push(rule);
+                    }
+                }
+            }
+        }
+        lines.extend(outbound_targets);
+        for p in self.inbound_skipped() {
+            lines.push(format!("-A {in_chain} -p tcp --dport {p} -j RETURN"));
+        }
+        match &self.include_inbound_ports {
+            Scope::All => lines.push(redirect(&in_chain, self.inbound_port)),
+            Scope::Only(ports) => {
+                for p in ports {
+                    lines.push(format!(
+                        "-A {in_chain} -p tcp --dport {p} -j REDIRECT --to-ports {}",
+                        self.inbound_port
+                    ));
+                }
+            }
+        }
+        lines.push("COMMIT".into());
+        lines.join("\n") + "\n"
+    }
+}
+
+/// What removes the rules: the nftables table, or the iptables chains.
+pub fn nft_cleanup() -> String {
+    format!("table inet {TABLE}\ndelete table inet {TABLE}\n")
+}
+
+pub fn iptables_cleanup() -> String {
+    let (out_chain, in_chain) = (
+        format!("{}_OUTPUT", TABLE.to_uppercase()),
+        format!("{}_INBOUND", TABLE.to_uppercase()),
+    );
+    format!("*nat\n-D OUTPUT -p tcp -j {out_chain}\n-D PREROUTING -p tcp -j {in_chain}\n-F {out_chain}\n-F {in_chain}\n-X {out_chain}\n-X {in_chain}\nCOMMIT\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_rules_redirect_everything_but_the_proxy_and_loopback() {
+        let nft = Rules::default().nft();
+        assert!(nft.starts_with("table inet isthmus\ndelete table inet isthmus\n"));
+        for line in [
+            "meta skuid 1337 return",
+            "meta skgid 1337 return",
+            "ip daddr 127.0.0.0/8 return",
+            "meta l4proto tcp redirect to :15001",
+            "tcp dport { 15000, 15001, 15006, 15008, 15020, 15021, 15090 } return",
+            "meta l4proto tcp redirect to :15006",
+        ] {
+            assert!(nft.contains(line), "{line} missing in\n{nft}");
+        }
+        // The proxy's exclusion comes before the redirect.
+        assert!(
+            nft.find("skuid").expect("uid") < nft.find("redirect to :15001").expect("redirect")
+        );
+    }
+
+    #[test]
+    fn istio_annotations_become_exclusions_and_inclusions() {
+        let rules = Rules {
+            exclude_outbound_ports: vec![3306, 6379],
+            exclude_outbound_cidrs: vec![
+                "10.0.0.0/8".parse().expect("cidr"),
+                "fd00::/8".parse().expect("cidr"),
+            ],
+            include_outbound_cidrs: parse_list("10.96.0.0/12", "IP range").expect("list"),
+            include_inbound_ports: parse_list("8080, 9090", "port").expect("list"),
+            exclude_inbound_ports: vec![9000],
+            ..Rules::default()
+        };
+        let nft = rules.nft();
+        for line in [
+            "tcp dport { 3306, 6379 } return",
+            "ip daddr { 10.0.0.0/8 } return",
+            "ip6 daddr { fd00::/8 } return",
+            "ip daddr != { 10.96.0.0/12 } return",
+            "meta nfproto ipv6 return",
+            "tcp dport { 9000, 15000, 15001, 15006, 15008, 15020, 15021, 15090 } return",
+            "tcp dport != { 8080, 9090 } return",
+        ] {
+            assert!(nft.contains(line), "{line} missing in\n{nft}");
+        }
+        let ipt = rules.iptables(true);
+        for line in [
+            "-A ISTHMUS_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+            "-A ISTHMUS_OUTPUT -p tcp --dport 3306 -j RETURN",
+            "-A ISTHMUS_OUTPUT -d 10.0.0.0/8 -j RETURN",
+            "-A ISTHMUS_OUTPUT -p tcp -d 10.96.0.0/12 -j REDIRECT --to-ports 15001",
+            "-A ISTHMUS_INBOUND -p tcp --dport 8080 -j REDIRECT --to-ports 15006",
+        ] {
+            assert!(ipt.contains(line), "{line} missing in\n{ipt}");
+        }
+        assert!(
+            !ipt.contains("fd00::/8"),
+            "IPv6 ranges stay out of the IPv4 rules"
+        );
+    }
+
+    #[test]
+    fn bad_lists_are_refused_by_value() {
+        assert_eq!(
+            parse_list::<Cidr>("10.0.0.0/33", "IP range"),
+            Err("`10.0.0.0/33` is not a valid IP range".into())
+        );
+        assert_eq!(
+            parse_list::<u16>("80, http", "port"),
+            Err("`http` is not a valid port".into())
+        );
+        assert_eq!(parse_list::<u16>("*", "port"), Ok(Scope::All));
+        assert_eq!(parse_list::<u16>("", "port"), Ok(Scope::Only(Vec::new())));
+    }
+}
