@@ -67,35 +67,135 @@ impl Outbound {
             };
             let _ = tcp.set_nodelay(true);
             let (ctx, d) = (self.ctx.clone(), self.drain.clone());
-            let limits = self.ctx.limits.clone();
-            self.drain.spawn(async move {
-                let activity = Arc::new(Activity::new());
-                let seen = activity.clone();
-                let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                    let (ctx, activity) = (ctx.clone(), activity.clone());
-                    req.extensions_mut().insert(ClientAddr(remote));
-                    async move {
-                        let _busy = activity.begin();
-                        Ok::<_, std::convert::Infallible>(handle(&ctx, req).await)
-                    }
-                });
-                let builder = server(&limits);
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
-                let mut conn = std::pin::pin!(conn);
-                let mut check = tokio::time::interval(
-                    (limits.idle_timeout / 4).max(Duration::from_millis(250)),
-                );
-                loop {
-                    tokio::select! {
-                        _ = conn.as_mut() => return,
-                        _ = d.draining() => break,
-                        _ = check.tick() => if seen.idle_for() >= limits.idle_timeout { break },
-                    }
+            // Redirected here by the capture rules: the app was going elsewhere.
+            if let Some(original) = captured_to(&tcp) {
+                self.drain
+                    .spawn(async move { captured(ctx, tcp, remote, original, d).await });
+                continue;
+            }
+            self.drain
+                .spawn(async move { serve_http(ctx, tcp, remote, d).await });
+        }
+    }
+}
+
+/// Where a connection was going before the capture rules redirected it to this listener
+/// (`SO_ORIGINAL_DST`); `None` for a connection made to the listener itself (an app using
+/// the sidecar as its HTTP proxy).
+fn captured_to(tcp: &tokio::net::TcpStream) -> Option<std::net::SocketAddr> {
+    let sock = socket2::SockRef::from(tcp);
+    let local = tcp.local_addr().ok()?;
+    let original = match local {
+        std::net::SocketAddr::V4(_) => sock.original_dst_v4(),
+        std::net::SocketAddr::V6(_) => sock.original_dst_v6(),
+    }
+    .ok()?
+    .as_socket()?;
+    (original != local).then_some(original)
+}
+
+/// A captured connection, by where it was going:
+/// - a port of a mesh service (its cluster IP): HTTP ports are served as HTTP requests,
+///   routed by their Host as an app's explicit requests are, or by the address when the
+///   Host names nothing; TCP ports become an opaque tunnel to the service;
+/// - anywhere else: passed through to that address under `ALLOW_ANY`, closed under
+///   `REGISTRY_ONLY` (a Sidecar's `outboundTrafficPolicy`).
+async fn captured(
+    ctx: Arc<OutboundCtx>,
+    tcp: tokio::net::TcpStream,
+    remote: std::net::SocketAddr,
+    original: std::net::SocketAddr,
+    drain: isthmus_core::drain::Drain,
+) {
+    let state = ctx.state.borrow().clone();
+    let target = state
+        .resolve(&original.ip().to_string())
+        .filter(|svc| svc.external.is_none())
+        .cloned();
+    let Some(svc) = target else {
+        if !state.allow_any {
+            return tracing::debug!(%original, "captured connection to an unknown destination refused (REGISTRY_ONLY)");
+        }
+        return passthrough(tcp, original).await;
+    };
+    let Some(port) = svc.port(Some(original.port())).cloned() else {
+        return tracing::debug!(%original, service = %svc.hostname(), "captured connection to a port the service does not have");
+    };
+    if port.protocol.as_ref() == "tcp" {
+        let host = format!("{}:{}", svc.hostname(), port.port);
+        let parts = match Request::connect(host.as_str()).body(()) {
+            Ok(r) => r.into_parts().0,
+            Err(_) => return,
+        };
+        match open_tcp(&ctx, &state, svc, port, parts).await {
+            Ok((mut resp, _, _)) if resp.status() == http::StatusCode::OK => {
+                if let Ok(up) = hyper::upgrade::on(&mut resp).await {
+                    let mut tcp = tcp;
+                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut TokioIo::new(up)).await;
                 }
-                // Draining, or idle too long: in-flight exchanges finish, then it closes.
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+            }
+            Ok((resp, service, _)) => {
+                tracing::debug!(%service, status = %resp.status(), "captured TCP refused by the destination")
+            }
+            Err((e, service)) => tracing::debug!(%service, error = %e, "captured TCP not opened"),
+        }
+        return;
+    }
+    serve_http(ctx, tcp, remote, drain).await;
+}
+
+/// An unknown destination under `ALLOW_ANY`: the bytes go where the app sent them.
+async fn passthrough(mut tcp: tokio::net::TcpStream, original: std::net::SocketAddr) {
+    match tokio::time::timeout(
+        crate::pool::CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect(original),
+    )
+    .await
+    {
+        Ok(Ok(mut upstream)) => {
+            let _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
+        }
+        Ok(Err(e)) => tracing::debug!(%original, error = %e, "passthrough connect failed"),
+        Err(_) => tracing::debug!(%original, "passthrough connect timed out"),
+    }
+}
+
+/// Serves one app connection as HTTP/1.1 or HTTP/2 until it closes, idles past the idle
+/// timeout, or the sidecar drains.
+async fn serve_http(
+    ctx: Arc<OutboundCtx>,
+    tcp: tokio::net::TcpStream,
+    remote: std::net::SocketAddr,
+    d: isthmus_core::drain::Drain,
+) {
+    let limits = ctx.limits.clone();
+    {
+        {
+            let activity = Arc::new(Activity::new());
+            let seen = activity.clone();
+            let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let (ctx, activity) = (ctx.clone(), activity.clone());
+                req.extensions_mut().insert(ClientAddr(remote));
+                async move {
+                    let _busy = activity.begin();
+                    Ok::<_, std::convert::Infallible>(handle(&ctx, req).await)
+                }
             });
+            let builder = server(&limits);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+            let mut conn = std::pin::pin!(conn);
+            let mut check =
+                tokio::time::interval((limits.idle_timeout / 4).max(Duration::from_millis(250)));
+            loop {
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = d.draining() => break,
+                    _ = check.tick() => if seen.idle_for() >= limits.idle_timeout { break },
+                }
+            }
+            // Draining, or idle too long: in-flight exchanges finish, then it closes.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
         }
     }
 }
@@ -657,12 +757,12 @@ async fn tcp_tunnel(
         .ok_or((ProxyError::NoHost, unnamed()))?;
     let (name, port) = split_host(&host);
     let no_route = || (ProxyError::NoRoute { host: host.clone() }, unnamed());
-    let mut svc = match state.resolve(name) {
+    let svc = match state.resolve(name) {
         Some(svc) => svc.clone(),
         None => state.passthrough(port, true).ok_or_else(no_route)?,
     };
     let asked_port = port;
-    let mut port = port
+    let port = port
         .and_then(|p| svc.port(Some(p)))
         .ok_or_else(no_route)?
         .clone();
@@ -677,6 +777,35 @@ async fn tcp_tunnel(
             .map_err(|e| (e, service.clone()))?;
         return Ok((resp, service, external()));
     }
+    let client = hyper::upgrade::on(&mut req);
+    let (parts, _body) = req.into_parts();
+    let (mut resp, service, cluster) = open_tcp(ctx, state, svc, port, parts).await?;
+    if resp.status() != http::StatusCode::OK {
+        return Ok((resp, service, cluster));
+    }
+    crate::upgrade::splice(client, hyper::upgrade::on(&mut resp), &ctx.drain);
+    Ok((Response::new(crate::pool::empty_body()), service, cluster))
+}
+
+/// Opens an opaque tunnel to `port` of `svc` (through its VirtualService's `tcp[]`
+/// routes) for an app's CONNECT or a captured TCP connection. The answer is the peer's:
+/// 200 with the tunnel to upgrade into, or its refusal.
+async fn open_tcp(
+    ctx: &Arc<OutboundCtx>,
+    state: &Arc<MeshState>,
+    mut svc: Arc<crate::state::Service>,
+    mut port: crate::state::Port,
+    mut parts: http::request::Parts,
+) -> Result<(Response<ProxyBody>, Arc<str>, Arc<str>), (ProxyError, Arc<str>)> {
+    let host = svc.hostname();
+    let no_route = || {
+        (
+            ProxyError::NoRoute {
+                host: host.to_string(),
+            },
+            unnamed(),
+        )
+    };
     // The VirtualService's `tcp[]` routes: first one for this port, weighted destination.
     let mut subset = None;
     let chosen = svc
@@ -699,8 +828,6 @@ async fn tcp_tunnel(
         subset = d.subset;
     }
     let service = svc.hostname();
-    let client = hyper::upgrade::on(&mut req);
-    let (mut parts, _body) = req.into_parts();
     headers::strip_untrusted(&mut parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(
@@ -718,7 +845,7 @@ async fn tcp_tunnel(
     };
     parts.uri = Uri::from(plan.authority.clone());
     parts.version = Version::HTTP_2;
-    let (mut resp, cluster) = attempts(
+    let (resp, cluster) = attempts(
         ctx,
         state,
         &plan,
@@ -727,11 +854,7 @@ async fn tcp_tunnel(
     )
     .await
     .map_err(|e| (e, service.clone()))?;
-    if resp.status() != http::StatusCode::OK {
-        return Ok((resp, service, cluster));
-    }
-    crate::upgrade::splice(client, hyper::upgrade::on(&mut resp), &ctx.drain);
-    Ok((Response::new(crate::pool::empty_body()), service, cluster))
+    Ok((resp, service, cluster))
 }
 
 /// Sends a copy of the request to the mirror destination, once, and drops the answer.

@@ -221,6 +221,10 @@ impl MeshState {
                 }
                 continue;
             }
+            // A Kubernetes Service's cluster IPs: what captured connections were going to.
+            for (net, bits) in &svc.addresses {
+                self.networks.push((*net, *bits, key.clone()));
+            }
             let (n, ns) = (&svc.name, &svc.namespace);
             for host in [
                 format!("{n}.{ns}"),

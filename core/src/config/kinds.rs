@@ -32,6 +32,12 @@ pub struct ServiceSpec {
     pub selector: BTreeMap<String, String>,
     #[serde(rename = "type")]
     pub service_type: Option<String>,
+    /// The Service's virtual IP (`None` for a headless Service): what transparently
+    /// captured connections to it are going to.
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    #[serde(rename = "clusterIPs", default)]
+    pub cluster_ips: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -253,13 +253,38 @@ fn service(c: &mut Checker<'_>, spec: &ServiceSpec) -> Option<Service> {
         &format!("metadata.annotations.{}", super::EXPORT_TO_ANNOTATION),
         &export_to,
     );
+    let mut addresses: Vec<String> = Vec::new();
+    let ips = spec
+        .cluster_ip
+        .iter()
+        .map(|ip| ("spec.clusterIP".to_owned(), ip));
+    let ips = ips.chain(
+        spec.cluster_ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip)),
+    );
+    for (field, ip) in ips {
+        if ip.is_empty() || ip == "None" {
+            continue;
+        }
+        match ip.parse::<IpAddr>() {
+            Ok(_) if !addresses.contains(ip) => addresses.push(ip.clone()),
+            Ok(_) => {}
+            Err(_) => c.fail(
+                Code::InvalidValue,
+                field,
+                format!("`{ip}` is not an IP address (or None for a headless Service)"),
+            ),
+        }
+    }
     Some(Service {
         key: c.key.clone(),
         ports,
         selector: spec.selector.clone(),
         export_to,
         hosts: Vec::new(),
-        addresses: Vec::new(),
+        addresses,
         external: None,
     })
 }
@@ -634,6 +659,22 @@ metadata: {name: echo, namespace: demo}
             Err(mut e) => e.0.remove(0),
             Ok(set) => set.warnings.first().cloned().expect("a fault or a warning"),
         }
+    }
+
+    #[test]
+    fn a_service_s_cluster_ips_are_its_addresses() {
+        let set = load("apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: demo}\nspec:\n  clusterIP: 10.96.0.20\n  clusterIPs: [10.96.0.20, fd00::20]\n  ports: [{name: http, port: 80}]\n").expect("valid");
+        let svc = &set.services[&NamespacedName::new("demo", "echo")];
+        assert_eq!(
+            svc.addresses,
+            vec!["10.96.0.20".to_owned(), "fd00::20".to_owned()]
+        );
+        let headless = load("apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: demo}\nspec:\n  clusterIP: None\n  ports: [{name: tcp, port: 5432}]\n").expect("valid");
+        assert!(headless.services[&NamespacedName::new("demo", "db")]
+            .addresses
+            .is_empty());
+        let e = first_error("apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: demo}\nspec:\n  clusterIP: 10.96.0.x\n  ports: [{name: http, port: 80}]\n");
+        assert_eq!(e.field, "spec.clusterIP");
     }
 
     #[test]
