@@ -536,6 +536,10 @@ struct SidecarArgs {
     /// Outbound listener the app sends plain HTTP to (Host names the service).
     #[arg(long, default_value = "127.0.0.1:15001")]
     outbound: SocketAddr,
+    /// With capture (`isthmus iptables`): where inbound TCP is redirected (0.0.0.0:15006
+    /// in a pod); connections there go on, in plaintext, to the port they were going to.
+    #[arg(long)]
+    capture_inbound: Option<SocketAddr>,
     /// mTLS tunnel listener for other proxies.
     #[arg(long, default_value = "0.0.0.0:15008")]
     inbound: SocketAddr,
@@ -1003,6 +1007,7 @@ async fn run(
                 bootstrap_bundle_pem: read_pem(&a.proxy.root)?,
                 token,
                 outbound_addr: a.outbound,
+                capture_inbound_addr: a.capture_inbound,
                 inbound_addr: a.inbound,
                 admin_addr: a.admin,
                 metrics_addr: a.metrics,

@@ -98,6 +98,18 @@ impl Pod {
     }
 }
 
+impl Pod {
+    /// A helper process of the test (not an isthmus one), killed with the pod.
+    fn spawn_plain(&mut self, mut cmd: Command) {
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawns");
+        self.children.push(child);
+    }
+}
+
 fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
     while !check() {
@@ -119,7 +131,7 @@ fn an_unmodified_app_reaches_a_service_by_its_cluster_ip_through_capture() {
         .arg(d));
     std::fs::write(
         d.join("cfg/echo.yaml"),
-        "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: demo}\nspec:\n  clusterIP: 10.96.0.20\n  selector: {app: echo}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: echo-0, namespace: demo}\nspec: {address: 127.0.0.11, labels: {app: echo}, serviceAccount: echo}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: client, namespace: demo}\nspec: {address: 127.0.0.12, labels: {app: client}, serviceAccount: client}\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: demo}\nspec:\n  clusterIP: 10.96.0.20\n  selector: {app: echo}\n  ports: [{name: http, port: 80, targetPort: 8080}, {name: tcp-echo, port: 7000, targetPort: 7000}]\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: echo-0, namespace: demo}\nspec: {address: 127.0.0.11, labels: {app: echo}, serviceAccount: echo}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: client, namespace: demo}\nspec: {address: 127.0.0.12, labels: {app: client}, serviceAccount: client}\n",
     )
     .expect("config");
     let mut pod = Pod::new();
@@ -195,6 +207,8 @@ fn an_unmodified_app_reaches_a_service_by_its_cluster_ip_through_capture() {
         "c1",
         "--workload",
         "echo-0",
+        "--tcp",
+        "127.0.0.11:7000",
     ]);
     pod.spawn(app, &logs.join("echo.log"));
     for (name, sa, ip, token, outbound, app) in [
@@ -246,6 +260,10 @@ fn an_unmodified_app_reaches_a_service_by_its_cluster_ip_through_capture() {
         if let Some(app) = app {
             sidecar.args(["--app", app]);
         }
+        if name == "client" {
+            sidecar.args(["--capture-inbound", "0.0.0.0:15006"]);
+        }
+        sidecar.env("RUST_LOG", "info,isthmus_sidecar=debug");
         pod.spawn(sidecar, &logs.join(format!("{name}.log")));
     }
     ok(pod.isthmus(None).arg("iptables"));
@@ -289,4 +307,61 @@ fn an_unmodified_app_reaches_a_service_by_its_cluster_ip_through_capture() {
         json["caller"], "spiffe://cluster.local/ns/demo/sa/client",
         "the app sees the client's identity, proved over mTLS between the sidecars"
     );
+
+    // A TCP port of the service: the bytes go through both sidecars and come back.
+    let tcp = pod.command(None, "python3").args([
+        "-c",
+        "import socket; s = socket.create_connection(('10.96.0.20', 7000), 3); s.sendall(b'ping over tcp'); s.shutdown(socket.SHUT_WR); print(s.recv(100).decode())",
+    ]).output().expect("python runs");
+    assert_eq!(
+        String::from_utf8_lossy(&tcp.stdout).trim(),
+        "ping over tcp",
+        "{}\n{}",
+        String::from_utf8_lossy(&tcp.stderr),
+        logs_text()
+    );
+
+    // A destination outside the registry: refused by default (REGISTRY_ONLY, as
+    // Isthmus defaults), passed through once a Sidecar says ALLOW_ANY. The destination is
+    // a plain server on the pod's own address, reached through the sidecar.
+    let mut plain = pod.command(None, "python3");
+    plain.args(["-m", "http.server", "9999", "--bind", "10.244.0.5"]);
+    pod.spawn_plain(plain);
+    let code = |cmd: &mut Command| {
+        let out = cmd
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "2",
+                "http://10.244.0.5:9999/",
+            ])
+            .output()
+            .expect("curl runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        code(&mut pod.command(None, "curl")),
+        "000",
+        "REGISTRY_ONLY refuses it"
+    );
+    std::fs::write(
+        d.join("cfg/sidecar.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: demo}\nspec:\n  egress: [{hosts: ['./*']}]\n  outboundTrafficPolicy: {mode: ALLOW_ANY}\n",
+    )
+    .expect("sidecar config");
+    wait_for("the passthrough", Duration::from_secs(10), || {
+        code(&mut pod.command(None, "curl")) == "200"
+    });
+
+    // Inbound from outside the pod (the host, as a kubelet probe comes) is captured to
+    // 15006 and handed on to the port it was going to.
+    ok(Command::new("ip").args(["addr", "add", "10.244.0.1/24", "dev", &pod.veth]));
+    wait_for("inbound through capture", Duration::from_secs(10), || {
+        code(&mut Command::new("curl")) == "200"
+    });
 }

@@ -20,7 +20,7 @@
 //!
 //! `--cleanup` removes the table (or chains) again. `--dry-run` prints what would be applied.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 /// Ports the sidecar itself listens on, never captured inbound.
 pub const PROXY_PORTS: &[u16] = &[15000, 15001, 15006, 15008, 15020, 15021, 15090];
@@ -282,6 +282,46 @@ impl Rules {
         }
         lines.push("COMMIT".into());
         lines.join("\n") + "\n"
+    }
+}
+
+/// Where a connection accepted on a capture listener was going (`SO_ORIGINAL_DST`);
+/// `None` when it was made to the listener itself.
+pub fn original_destination(tcp: &tokio::net::TcpStream) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(tcp);
+    let local = tcp.local_addr().ok()?;
+    let original = match local {
+        SocketAddr::V4(_) => sock.original_dst_v4(),
+        SocketAddr::V6(_) => sock.original_dst_v6(),
+    }
+    .ok()?
+    .as_socket()?;
+    (original != local).then_some(original)
+}
+
+/// The inbound capture listener (15006): a plaintext connection from outside the mesh
+/// (a kubelet probe, a caller without a sidecar) goes on to the port it was going to.
+/// Mesh callers come over mTLS on 15008, which capture leaves alone. Until
+/// PeerAuthentication lands this is Istio's PERMISSIVE mode.
+pub async fn inbound(listener: tokio::net::TcpListener, drain: isthmus_core::drain::Drain) {
+    loop {
+        let Ok((mut tcp, remote)) = listener.accept().await else {
+            continue;
+        };
+        let Some(original) = original_destination(&tcp) else {
+            tracing::debug!(%remote, "connection made to the capture port itself; closed");
+            continue;
+        };
+        drain.spawn(async move {
+            // The sidecar's own connection is not captured again: its UID is excluded.
+            match tokio::net::TcpStream::connect(original).await {
+                Ok(mut app) => {
+                    let _ = app.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut app).await;
+                }
+                Err(e) => tracing::debug!(%remote, %original, error = %e, "captured inbound: the app refused"),
+            }
+        });
     }
 }
 

@@ -65,8 +65,12 @@ pub struct Config {
     /// Proof of the workload's identity on first issue: a bootstrap token, or the pod's
     /// projected service-account token file.
     pub token: Option<isthmus_core::ca_client::Token>,
-    /// Explicit outbound listener for the app (HTTP proxy style).
+    /// Outbound listener: the app's HTTP proxy, and where capture redirects the pod's
+    /// outbound TCP (15001; see `capture`).
     pub outbound_addr: SocketAddr,
+    /// Where capture redirects the pod's inbound TCP (15006): plaintext from callers
+    /// outside the mesh, handed to the port it was going to. `None` without capture.
+    pub capture_inbound_addr: Option<SocketAddr>,
     /// mTLS tunnel listener (15008).
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -116,6 +120,14 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let inbound = TcpListener::bind(config.inbound_addr)
         .await
         .with_context(|| format!("binding inbound listener on {}", config.inbound_addr))?;
+    let captured_inbound = match config.capture_inbound_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the inbound capture listener on {addr}"))?,
+        ),
+        None => None,
+    };
     let readiness = Readiness::default();
     let cert_block = readiness.register("workload certificate");
     let config_block = readiness.register("first config");
@@ -202,6 +214,9 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             store.subscribe(),
             drain.clone(),
         ));
+        if let Some(listener) = captured_inbound {
+            tasks.spawn(capture::inbound(listener, drain.clone()));
+        }
         tasks.spawn(inbound::Inbound::new(inbound, in_ctx, drain).run());
         tasks.join_next().await;
     });

@@ -68,7 +68,7 @@ impl Outbound {
             let _ = tcp.set_nodelay(true);
             let (ctx, d) = (self.ctx.clone(), self.drain.clone());
             // Redirected here by the capture rules: the app was going elsewhere.
-            if let Some(original) = captured_to(&tcp) {
+            if let Some(original) = crate::capture::original_destination(&tcp) {
                 self.drain
                     .spawn(async move { captured(ctx, tcp, remote, original, d).await });
                 continue;
@@ -77,21 +77,6 @@ impl Outbound {
                 .spawn(async move { serve_http(ctx, tcp, remote, d).await });
         }
     }
-}
-
-/// Where a connection was going before the capture rules redirected it to this listener
-/// (`SO_ORIGINAL_DST`); `None` for a connection made to the listener itself (an app using
-/// the sidecar as its HTTP proxy).
-fn captured_to(tcp: &tokio::net::TcpStream) -> Option<std::net::SocketAddr> {
-    let sock = socket2::SockRef::from(tcp);
-    let local = tcp.local_addr().ok()?;
-    let original = match local {
-        std::net::SocketAddr::V4(_) => sock.original_dst_v4(),
-        std::net::SocketAddr::V6(_) => sock.original_dst_v6(),
-    }
-    .ok()?
-    .as_socket()?;
-    (original != local).then_some(original)
 }
 
 /// A captured connection, by where it was going:

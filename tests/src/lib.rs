@@ -555,6 +555,7 @@ async fn start_sidecar(
         bootstrap_bundle_pem: bundle.to_owned(),
         token: Some(token),
         outbound_addr: SocketAddr::new(a, 15001),
+        capture_inbound_addr: None,
         inbound_addr: SocketAddr::new(a, 15008),
         admin_addr: SocketAddr::new(a, 15000),
         metrics_addr: None,
