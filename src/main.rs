@@ -424,6 +424,11 @@ struct ControllerArgs {
     /// With --kubernetes: this replica's name in the Lease; the pod's name in a cluster.
     #[arg(long, env = "POD_NAME")]
     replica: Option<String>,
+    /// With --kubernetes: inject sidecars running this image into new pods of namespaces
+    /// labelled istio-injection=enabled or isthmus.io/inject=enabled (through the
+    /// isthmus-injector MutatingWebhookConfiguration). Without it, no injection.
+    #[arg(long)]
+    proxy_image: Option<String>,
     /// Folder for the cluster CA, keys and the last global registry.
     #[arg(long)]
     state_dir: PathBuf,
@@ -468,8 +473,11 @@ struct ProxyArgs {
     #[arg(long, value_parser = resolve_addr)]
     controller: SocketAddr,
     /// PEM root(s) to verify the controller with before the first certificate.
-    #[arg(long)]
-    root: PathBuf,
+    #[arg(long, required_unless_present = "root_pem")]
+    root: Option<PathBuf>,
+    /// The same roots given inline, as injected sidecars get them.
+    #[arg(long, env = "ISTHMUS_ROOT_PEM", hide_env_values = true)]
+    root_pem: Option<String>,
     /// Bootstrap token from `isthmus token workload`.
     #[arg(long, env = "ISTHMUS_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -481,6 +489,15 @@ struct ProxyArgs {
 }
 
 impl ProxyArgs {
+    /// The bootstrap roots, from --root or --root-pem.
+    fn roots(&self) -> anyhow::Result<String> {
+        match (&self.root, &self.root_pem) {
+            (Some(path), _) => read_pem(path),
+            (None, Some(pem)) => Ok(pem.clone()),
+            (None, None) => anyhow::bail!("--root or --root-pem is required"),
+        }
+    }
+
     fn token(&self) -> Option<isthmus_core::ca_client::Token> {
         use isthmus_core::ca_client::Token;
         match (&self.token, &self.token_file) {
@@ -948,6 +965,7 @@ async fn run(
                     None => isthmus_controller::ConfigSource::Kubernetes {
                         kubeconfig: a.kubeconfig,
                         webhook: (!a.no_webhook).then_some(a.webhook_listen),
+                        proxy_image: a.proxy_image,
                         lease: isthmus_kubernetes::lease::LeaseConfig::new(
                             &a.lease_namespace,
                             &a.replica.unwrap_or_else(|| {
@@ -973,11 +991,12 @@ async fn run(
         }
         Command::Gateway(a) => {
             let token = a.proxy.token();
+            let roots = a.proxy.roots()?;
             let config = isthmus_gateway::Config {
                 cluster: a.proxy.cluster,
                 trust_domain: a.proxy.trust_domain,
                 controller_addr: a.proxy.controller,
-                bootstrap_bundle_pem: read_pem(&a.proxy.root)?,
+                bootstrap_bundle_pem: roots,
                 token,
                 tunnel_addr: a.tunnel,
                 quic_addr: a.quic,
@@ -997,6 +1016,7 @@ async fn run(
                 format!("--locality `{}` is not region/zone/subzone", a.locality)
             })?;
             let token = a.proxy.token();
+            let roots = a.proxy.roots()?;
             let config = isthmus_sidecar::Config {
                 cluster: a.proxy.cluster,
                 trust_domain: a.proxy.trust_domain,
@@ -1004,7 +1024,7 @@ async fn run(
                 service_account: a.service_account,
                 locality,
                 controller_addr: a.proxy.controller,
-                bootstrap_bundle_pem: read_pem(&a.proxy.root)?,
+                bootstrap_bundle_pem: roots,
                 token,
                 outbound_addr: a.outbound,
                 capture_inbound_addr: a.capture_inbound,

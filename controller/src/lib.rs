@@ -81,6 +81,9 @@ pub enum ConfigSource {
         webhook: Option<SocketAddr>,
         /// The Lease replicas elect their leader with.
         lease: isthmus_kubernetes::lease::LeaseConfig,
+        /// The image injected sidecars run; `None`: no injection (the webhook serves
+        /// validation only).
+        proxy_image: Option<String>,
     },
 }
 
@@ -204,10 +207,25 @@ async fn start_kubernetes(
     metrics: &mut Registry,
     global: watch::Receiver<Arc<federation::Global>>,
 ) -> anyhow::Result<watch::Receiver<bool>> {
-    let ConfigSource::Kubernetes { webhook, lease, .. } = &config.source else {
+    let ConfigSource::Kubernetes {
+        webhook,
+        lease,
+        proxy_image,
+        ..
+    } = &config.source
+    else {
         anyhow::bail!("not a Kubernetes source");
     };
     let (webhook, lease) = (*webhook, lease.clone());
+    let inject = proxy_image
+        .as_ref()
+        .map(|image| isthmus_kubernetes::inject::Template {
+            cluster: config.cluster.clone(),
+            trust_domain: config.trust_domain.clone(),
+            image: image.clone(),
+            controller: format!("{}:{}", WEBHOOK_NAMES[0], config.grpc_addr.port()),
+            root_pem: state.bundle_pem.clone(),
+        });
     let (leading, leader) = watch::channel(false);
     running.spawn(isthmus_kubernetes::lease::run(
         client.clone(),
@@ -252,13 +270,22 @@ async fn start_kubernetes(
         .issue_server(&names, &ips, WEBHOOK_CERT_TTL)
         .context("issuing the webhook's certificate")?;
     let tls = isthmus_core::tls::plain_server_config(&chain, &key)?;
-    running.spawn(isthmus_kubernetes::webhook::serve(listener, tls));
+    running.spawn(isthmus_kubernetes::webhook::serve(listener, tls, inject));
     let (bundle, mut leading) = (state.bundle_pem.clone(), leader.clone());
     running.spawn(async move {
         let mut backoff = Duration::from_millis(200);
         loop {
             if leading.wait_for(|l| *l).await.is_err() {
                 return;
+            }
+            // The injector's configuration too, where it is installed.
+            if let Err(e) =
+                isthmus_kubernetes::webhook::publish_injector_ca_bundle(&client, &bundle).await
+            {
+                tracing::warn!(error = %e, "cannot publish the injector's CA bundle; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
             }
             match isthmus_kubernetes::webhook::publish_ca_bundle(
                 &client,

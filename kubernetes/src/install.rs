@@ -114,6 +114,14 @@ pub fn controller_rules() -> Vec<Rule> {
             &["get", "update"],
         )
     });
+    rules.push(Rule {
+        resource_names: vec![crate::inject::CONFIGURATION.into()],
+        ..rule(
+            &["admissionregistration.k8s.io"],
+            &["mutatingwebhookconfigurations".into()],
+            &["get", "update"],
+        )
+    });
     rules
 }
 
@@ -228,6 +236,7 @@ fn controller(o: &Options) -> Vec<Value> {
         "--webhook-listen=0.0.0.0:15017".into(),
         format!("--federation={}", o.federation),
         format!("--federation-root={TRUST_MOUNT}/root-cert.pem"),
+        format!("--proxy-image={}", o.image),
     ];
     let mut env = pod_env();
     env.push(
@@ -315,7 +324,34 @@ fn controller(o: &Options) -> Vec<Value> {
                 "admissionReviewVersions": ["v1"], "timeoutSeconds": 10,
             }],
         }),
+        injector(ns, app),
     ]
+}
+
+/// The MutatingWebhookConfiguration that injects sidecars into new pods of namespaces
+/// labelled for it, except pods labelled `sidecar.istio.io/inject: "false"`.
+fn injector(ns: &str, app: &str) -> Value {
+    let webhooks: Vec<Value> = crate::inject::NAMESPACE_LABELS
+        .iter()
+        .map(|(key, value)| {
+            json!({
+                "name": format!("{}.injection.isthmus.io", key.replace(['/', '.'], "-")),
+                "clientConfig": {"service": {"name": app, "namespace": ns, "path": crate::inject::PATH, "port": 443}},
+                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"],
+                           "operations": ["CREATE"], "scope": "Namespaced"}],
+                "namespaceSelector": {"matchLabels": {*key: value}},
+                "objectSelector": {"matchExpressions": [
+                    {"key": "sidecar.istio.io/inject", "operator": "NotIn", "values": ["false"]}]},
+                "failurePolicy": "Fail", "sideEffects": "None", "reinvocationPolicy": "Never",
+                "admissionReviewVersions": ["v1"], "timeoutSeconds": 10,
+            })
+        })
+        .collect();
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": crate::inject::CONFIGURATION, "labels": labels(app)},
+        "webhooks": webhooks,
+    })
 }
 
 fn gateway(o: &Options) -> Vec<Value> {
@@ -491,6 +527,9 @@ mod tests {
                 "StatefulSet" => round_trip::<StatefulSet>(o),
                 "Deployment" => round_trip::<Deployment>(o),
                 "ValidatingWebhookConfiguration" => round_trip::<ValidatingWebhookConfiguration>(o),
+                "MutatingWebhookConfiguration" => round_trip::<
+                    k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
+                >(o),
                 other => panic!("unexpected kind {other}"),
             };
             assert_eq!(&back, o, "{kind} {}", o["metadata"]["name"]);

@@ -17,12 +17,14 @@
 //! - `lease`: leader election among controller replicas; only the leader writes.
 //! - `identity`: projected service-account tokens checked with TokenReview, for the CA.
 //! - `imports`: ServiceImports (MCS API) for the services other clusters export.
+//! - `inject`: the sidecar injection patch (mutating webhook).
 //! - `install`: the manifests `isthmus install kubernetes` renders.
 //! - `webhook`: the validating admission webhook, so `kubectl apply` of a bad object fails.
 
 pub mod crds;
 pub mod identity;
 pub mod imports;
+pub mod inject;
 pub mod install;
 pub mod lease;
 mod platform;

@@ -86,14 +86,53 @@ pub fn review(body: &[u8]) -> Vec<u8> {
     serde_json::to_vec(&resp.into_review()).unwrap_or_default()
 }
 
-/// Serves the webhook on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>) {
+/// Answers one AdmissionReview of a pod being created with the injection patch, if the
+/// pod is to be injected (see `inject`).
+pub fn review_injection(body: &[u8], template: &crate::inject::Template) -> Vec<u8> {
+    use k8s_openapi::api::core::v1::Pod;
+    let review: AdmissionReview<Pod> = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            let resp = AdmissionResponse::invalid(format!("not an AdmissionReview of a Pod: {e}"));
+            return serde_json::to_vec(&resp.into_review()).unwrap_or_default();
+        }
+    };
+    let request: kube::core::admission::AdmissionRequest<Pod> = match review.try_into() {
+        Ok(r) => r,
+        Err(_) => {
+            let resp = AdmissionResponse::invalid("the AdmissionReview has no request");
+            return serde_json::to_vec(&resp.into_review()).unwrap_or_default();
+        }
+    };
+    let mut resp = AdmissionResponse::from(&request);
+    if let (Operation::Create, Some(pod)) = (&request.operation, &request.object) {
+        if let Some(ops) = crate::inject::patch(pod, template) {
+            let patched = serde_json::from_value::<json_patch::Patch>(ops)
+                .ok()
+                .and_then(|p| resp.clone().with_patch(p).ok());
+            resp = match patched {
+                Some(r) => r,
+                None => resp.deny("the injection patch could not be made"),
+            };
+        }
+    }
+    serde_json::to_vec(&resp.into_review()).unwrap_or_default()
+}
+
+/// Serves the webhooks on `listener` until the task is dropped: validation always,
+/// injection when `inject` says how.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    inject: Option<crate::inject::Template>,
+) {
+    let inject = inject.map(Arc::new);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let Ok((tcp, remote)) = listener.accept().await else {
             continue;
         };
-        let acceptor = acceptor.clone();
+        let (acceptor, inject) = (acceptor.clone(), inject.clone());
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
@@ -102,11 +141,13 @@ pub async fn serve(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerCon
                 }
                 Err(_) => return,
             };
-            let svc = hyper::service::service_fn(
-                |req: http::Request<hyper::body::Incoming>| async move {
-                    Ok::<_, std::convert::Infallible>(handle(req).await)
-                },
-            );
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let inject = inject.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(handle(req, inject.as_deref()).await)
+                    }
+                });
             let mut builder =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             builder
@@ -120,7 +161,10 @@ pub async fn serve(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerCon
     }
 }
 
-async fn handle(req: http::Request<hyper::body::Incoming>) -> http::Response<Full<Bytes>> {
+async fn handle(
+    req: http::Request<hyper::body::Incoming>,
+    inject: Option<&crate::inject::Template>,
+) -> http::Response<Full<Bytes>> {
     let reply = |status: http::StatusCode, body: Vec<u8>| {
         let mut resp = http::Response::new(Full::new(Bytes::from(body)));
         *resp.status_mut() = status;
@@ -130,19 +174,57 @@ async fn handle(req: http::Request<hyper::body::Incoming>) -> http::Response<Ful
         );
         resp
     };
-    if req.method() != http::Method::POST || req.uri().path() != PATH {
+    let path = req.uri().path().to_owned();
+    let known = path == PATH || (path == crate::inject::PATH && inject.is_some());
+    if req.method() != http::Method::POST || !known {
         return reply(http::StatusCode::NOT_FOUND, b"{}".to_vec());
     }
     match Limited::new(req.into_body(), MAX_REVIEW_BYTES)
         .collect()
         .await
     {
-        Ok(body) => reply(http::StatusCode::OK, review(&body.to_bytes())),
+        Ok(body) => reply(
+            http::StatusCode::OK,
+            match inject {
+                Some(t) if path == crate::inject::PATH => review_injection(&body.to_bytes(), t),
+                _ => review(&body.to_bytes()),
+            },
+        ),
         Err(e) => reply(
             http::StatusCode::PAYLOAD_TOO_LARGE,
             format!("{{\"error\": \"{e}\"}}").into_bytes(),
         ),
     }
+}
+
+/// Writes `bundle_pem` as the `caBundle` of every webhook of the injector's
+/// MutatingWebhookConfiguration (`inject::CONFIGURATION`). Returns whether it exists.
+pub async fn publish_injector_ca_bundle(
+    client: &kube::Client,
+    bundle_pem: &str,
+) -> anyhow::Result<bool> {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let Some(mut config) = api.get_opt(crate::inject::CONFIGURATION).await? else {
+        return Ok(false);
+    };
+    let bundle = k8s_openapi::ByteString(bundle_pem.as_bytes().to_vec());
+    let mut changed = false;
+    for w in config.webhooks.iter_mut().flatten() {
+        if w.client_config.ca_bundle.as_ref() != Some(&bundle) {
+            w.client_config.ca_bundle = Some(bundle.clone());
+            changed = true;
+        }
+    }
+    if changed {
+        api.replace(
+            crate::inject::CONFIGURATION,
+            &PostParams::default(),
+            &config,
+        )
+        .await?;
+    }
+    Ok(true)
 }
 
 /// Writes `bundle_pem` as the `caBundle` of every webhook of the ValidatingWebhookConfiguration

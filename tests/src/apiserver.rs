@@ -18,8 +18,9 @@
 //!   older than the kept history gets the `ERROR` event with 410 Expired, after which
 //!   clients list again. [`ApiServer::compact`] drops the history and
 //!   [`ApiServer::break_watches`] cuts every open watch, so tests can force both.
-//! - Validating admission webhooks (ValidatingWebhookConfiguration, by URL or by service
-//!   reference through [`ApiServer::route_service`]) are called on create and update, after the object is computed and before it is stored, with an
+//! - Admission webhooks, mutating then validating (by URL or by service reference
+//!   through [`ApiServer::route_service`], with their rules, namespace and object
+//!   selectors; JSON patches applied), are called on create and update, after the object is computed and before it is stored, with an
 //!   AdmissionReview over HTTPS verified against the webhook's `caBundle`. A denial
 //!   answers as kube-apiserver words it: `admission webhook "<name>" denied the request:`.
 //! - TokenReview for the service-account tokens it issues ([`ApiServer::service_account_token`],
@@ -34,11 +35,11 @@
 //! - Kinds not registered answer 404, as an uninstalled CRD does.
 //!
 //! What it does not do: no controllers run in it (tests write EndpointSlices as
-//! kube-controller-manager would), no garbage collection or finalizers, no
-//! mutating webhooks, no RBAC (one token may do everything), no strategic-merge semantics
-//! (strategic and apply patches are applied as JSON merge patches), no JSON patch, no
-//! field selectors, no pagination (`limit` is ignored and every item comes in one page).
-//! Webhooks' namespace and object selectors are not applied.
+//! kube-controller-manager would, and create Pods rather than Deployments), no garbage
+//! collection or finalizers, no strategic-merge semantics (strategic and apply patches
+//! are applied as JSON merge patches), no JSON patch from clients, no field selectors, no
+//! pagination (`limit` is ignored and every item comes in one page). Webhooks'
+//! `matchPolicy`, `matchConditions` and reinvocation are not modelled.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -170,6 +171,13 @@ pub fn builtin() -> Vec<Kind> {
             "v1",
             "ValidatingWebhookConfiguration",
             "validatingwebhookconfigurations",
+            false,
+        ),
+        Kind::new(
+            "admissionregistration.k8s.io",
+            "v1",
+            "MutatingWebhookConfiguration",
+            "mutatingwebhookconfigurations",
             false,
         ),
         Kind::new(
@@ -1031,9 +1039,9 @@ impl Shared {
 
     /// Runs the validating webhooks on a staged write, then commits it unless the object
     /// changed meanwhile (409, as a real server's optimistic concurrency says).
-    async fn write(self: &Arc<Self>, w: Write) -> Response<Body> {
+    async fn write(self: &Arc<Self>, mut w: Write) -> Response<Body> {
         if w.admit {
-            if let Err(denied) = self.admit(&w).await {
+            if let Err(denied) = self.admit(&mut w).await {
                 return denied;
             }
         }
@@ -1067,18 +1075,41 @@ impl Shared {
     /// Calls every validating webhook whose rules match the write, as kube-apiserver does:
     /// an AdmissionReview POSTed over HTTPS to the webhook's URL, verified against its
     /// `caBundle`. A denial, or a failed call under `failurePolicy: Fail`, refuses the write.
-    async fn admit(self: &Arc<Self>, w: &Write) -> Result<(), Response<Body>> {
-        let (kind, hooks) = {
+    async fn admit(self: &Arc<Self>, w: &mut Write) -> Result<(), Response<Body>> {
+        // Mutating webhooks first, each seeing the object as the ones before left it; then
+        // the validating ones see the final object.
+        for config in [
+            "MutatingWebhookConfiguration",
+            "ValidatingWebhookConfiguration",
+        ] {
+            self.admit_phase(w, config).await?;
+        }
+        Ok(())
+    }
+
+    async fn admit_phase(
+        self: &Arc<Self>,
+        w: &mut Write,
+        config: &str,
+    ) -> Result<(), Response<Body>> {
+        let (kind, hooks, namespace_labels) = {
             let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
             let kind = store.collections[w.idx].kind.clone();
             let hooks: Vec<Value> = store
                 .collections
                 .iter()
-                .filter(|c| c.kind.kind == "ValidatingWebhookConfiguration")
+                .filter(|c| c.kind.kind == config)
                 .flat_map(|c| c.objects.values())
                 .flat_map(|cfg| cfg["webhooks"].as_array().cloned().unwrap_or_default())
                 .collect();
-            (kind, hooks)
+            let namespace_labels = store
+                .collections
+                .iter()
+                .filter(|c| c.kind.kind == "Namespace" && c.kind.group.is_empty())
+                .find_map(|c| c.objects.get(&(String::new(), w.key.0.clone())))
+                .map(|n| n["metadata"]["labels"].clone())
+                .unwrap_or(Value::Null);
+            (kind, hooks, namespace_labels)
         };
         let operation = if w.expect.is_none() {
             "CREATE"
@@ -1098,7 +1129,9 @@ impl Shared {
             let matches = listed("apiGroups", &kind.group)
                 && listed("apiVersions", kind.version())
                 && listed("resources", &kind.plural)
-                && listed("operations", operation);
+                && listed("operations", operation)
+                && selects(&hook["namespaceSelector"], &namespace_labels)
+                && selects(&hook["objectSelector"], &w.obj["metadata"]["labels"]);
             if !matches {
                 continue;
             }
@@ -1119,7 +1152,18 @@ impl Shared {
             });
             let ignore = hook["failurePolicy"] == "Ignore";
             match call_webhook(self, &hook, &review).await {
-                Ok(resp) if resp["response"]["allowed"] == true => {}
+                Ok(resp) if resp["response"]["allowed"] == true => {
+                    let patch = &resp["response"]["patch"];
+                    if !patch.is_null() {
+                        apply_patch(&mut w.obj, patch).map_err(|e| {
+                            failure(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "InternalError",
+                                format!("Internal error occurred: webhook \"{name}\" returned a patch that does not apply: {e:#}"),
+                            )
+                        })?;
+                    }
+                }
                 Ok(resp) => {
                     let status = &resp["response"]["status"];
                     let code = status["code"]
@@ -1285,6 +1329,48 @@ impl Shared {
             }
         }
     }
+}
+
+/// Whether a label selector (matchLabels; matchExpressions with In, NotIn, Exists,
+/// DoesNotExist) picks an object with `labels`; an absent selector picks everything.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let get = |k: &str| labels.get(k).and_then(Value::as_str);
+    let by_labels = selector["matchLabels"]
+        .as_object()
+        .is_none_or(|m| m.iter().all(|(k, v)| v.as_str() == get(k)));
+    let by_expressions = selector["matchExpressions"].as_array().is_none_or(|exprs| {
+        exprs.iter().all(|e| {
+            let key = e["key"].as_str().unwrap_or_default();
+            let values = strings(&e["values"]);
+            match e["operator"].as_str() {
+                Some("In") => get(key).is_some_and(|v| values.iter().any(|x| x == v)),
+                Some("NotIn") => get(key).is_none_or(|v| !values.iter().any(|x| x == v)),
+                Some("Exists") => get(key).is_some(),
+                Some("DoesNotExist") => get(key).is_none(),
+                _ => false,
+            }
+        })
+    });
+    by_labels && by_expressions
+}
+
+/// Applies a mutating webhook's answer: a JSON patch (RFC 6902) as bytes, which
+/// kube-apiserver decodes as Go decodes a `[]byte`: a base64 string, or an array of
+/// numbers (as kube-rs writes it).
+fn apply_patch(obj: &mut Value, patch: &Value) -> anyhow::Result<()> {
+    use base64::Engine;
+    let bytes = match patch {
+        Value::String(s) => base64::engine::general_purpose::STANDARD.decode(s)?,
+        Value::Array(items) => items
+            .iter()
+            .map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(|| anyhow::anyhow!("the patch is not an array of bytes"))?,
+        other => anyhow::bail!("the patch is {other}"),
+    };
+    let patch: json_patch::Patch = serde_json::from_slice(&bytes)?;
+    json_patch::patch(obj, &patch)?;
+    Ok(())
 }
 
 /// POSTs `review` to the webhook's `clientConfig.url`, trusting only its `caBundle`.

@@ -264,6 +264,7 @@ impl Mesh {
                     kubeconfig: Some(kubeconfig),
                     webhook: Some(SocketAddr::new(IpAddr::V4(ip(c.block, c.index, 1)), 15017)),
                     lease: test_lease(&format!("{}-controller-0", c.name)),
+                    proxy_image: Some("isthmus".into()),
                 },
                 None => isthmus_controller::ConfigSource::Files(c.config_dir.clone()),
             },

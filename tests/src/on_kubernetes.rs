@@ -84,6 +84,7 @@ impl Mesh {
                 kubeconfig: Some(kubeconfig),
                 webhook: None,
                 lease: crate::test_lease(&format!("{cluster}-controller-{host}")),
+                proxy_image: None,
             },
             state_dir,
             grpc_addr: SocketAddr::new(ip, 15012),

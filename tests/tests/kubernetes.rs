@@ -726,3 +726,92 @@ async fn the_rendered_rbac_covers_exactly_what_the_controller_calls() -> anyhow:
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_pods_of_labelled_namespaces_get_the_sidecar_and_capture_and_others_do_not(
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    let mut mesh = Mesh::start_with_kubernetes(&["west"], &["west"]).await?;
+    mesh.kubectl_apply(
+        "west",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio-injection: enabled}}\n",
+    )
+    .await?;
+    // A Deployment's pod, as kube-controller-manager creates it from the template.
+    let pod = |name: &str, ns: &str, labels: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{app: reviews{labels}}}\n  annotations: {{traffic.sidecar.istio.io/excludeOutboundPorts: \"5432\"}}\nspec:\n  serviceAccountName: reviews\n  containers:\n  - name: app\n    image: reviews:1\n    ports: [{{containerPort: 9080}}]\n")
+    };
+    // The injector answers once the leader has published its CA bundle.
+    let started = std::time::Instant::now();
+    while let Err(e) = mesh
+        .kubectl_apply("west", &pod("reviews-1", "shop", ""))
+        .await
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the injector never answered: {e:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kube = mesh.api("west").client().await?;
+    let get = |ns: &str, name: &str| {
+        let api: Api<Pod> = Api::namespaced(kube.clone(), ns);
+        let name = name.to_owned();
+        async move { api.get(&name).await }
+    };
+    let injected = get("shop", "reviews-1").await?;
+    let spec = injected.spec.clone().unwrap_or_default();
+    let inits: Vec<&str> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(inits, ["isthmus-init", "isthmus-proxy"]);
+    let init = &spec.init_containers.as_ref().expect("inits")[0];
+    assert_eq!(init.args.as_ref().expect("args")[0], "iptables");
+    assert!(init
+        .args
+        .iter()
+        .flatten()
+        .any(|a| a == "--exclude-outbound-ports=5432"));
+    let proxy = &spec.init_containers.as_ref().expect("inits")[1];
+    assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
+    let args = proxy.args.clone().unwrap_or_default();
+    for want in [
+        "--cluster=west",
+        "--service-account=reviews",
+        "--controller=isthmus-controller.isthmus-system.svc:15012",
+        "--app=127.0.0.1:9080",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{want} in {args:?}");
+    }
+    let root = proxy
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "ISTHMUS_ROOT_PEM")
+        .and_then(|e| e.value.clone());
+    assert_eq!(
+        root.as_deref(),
+        Some(mesh.bundle_pem.as_str()),
+        "the mesh root, inline"
+    );
+
+    // Opted out by label, or in a namespace not labelled: left as they were.
+    mesh.kubectl_apply(
+        "west",
+        &pod("reviews-2", "shop", ", sidecar.istio.io/inject: \"false\""),
+    )
+    .await?;
+    mesh.kubectl_apply("west", &pod("reviews-3", "demo", ""))
+        .await?;
+    for (ns, name) in [("shop", "reviews-2"), ("demo", "reviews-3")] {
+        let p = get(ns, name).await?;
+        assert!(
+            p.spec.and_then(|s| s.init_containers).is_none(),
+            "{ns}/{name} was injected"
+        );
+    }
+    Ok(())
+}
