@@ -19,7 +19,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use isthmus_core::config::{admit_on, ConfigError, LastGood, Platform};
-use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
+};
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::core::admission::{AdmissionResponse, AdmissionReview, Operation};
 
@@ -197,53 +199,54 @@ async fn handle(
     }
 }
 
-/// Writes `bundle_pem` as the `caBundle` of every webhook of the injector's
-/// MutatingWebhookConfiguration (`inject::CONFIGURATION`). Returns whether it exists.
-pub async fn publish_injector_ca_bundle(
-    client: &kube::Client,
-    bundle_pem: &str,
-) -> anyhow::Result<bool> {
-    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let Some(mut config) = api.get_opt(crate::inject::CONFIGURATION).await? else {
-        return Ok(false);
-    };
-    let bundle = k8s_openapi::ByteString(bundle_pem.as_bytes().to_vec());
-    let mut changed = false;
-    for w in config.webhooks.iter_mut().flatten() {
-        if w.client_config.ca_bundle.as_ref() != Some(&bundle) {
-            w.client_config.ca_bundle = Some(bundle.clone());
-            changed = true;
-        }
-    }
-    if changed {
-        api.replace(
-            crate::inject::CONFIGURATION,
-            &PostParams::default(),
-            &config,
-        )
-        .await?;
-    }
-    Ok(true)
+/// A webhook configuration, validating or mutating: what its webhooks' client configs are.
+trait WebhookConfiguration:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + std::fmt::Debug
+    + serde::Serialize
+    + serde::de::DeserializeOwned
+{
+    fn client_configs(&mut self) -> Vec<&mut WebhookClientConfig>;
 }
 
-/// Writes `bundle_pem` as the `caBundle` of every webhook of the ValidatingWebhookConfiguration
-/// `name`, so the API server trusts the webhook's certificate. Returns whether the
-/// configuration exists (it is installed by `isthmus install kubernetes`).
-pub async fn publish_ca_bundle(
+impl WebhookConfiguration for ValidatingWebhookConfiguration {
+    fn client_configs(&mut self) -> Vec<&mut WebhookClientConfig> {
+        self.webhooks
+            .iter_mut()
+            .flatten()
+            .map(|w| &mut w.client_config)
+            .collect()
+    }
+}
+
+impl WebhookConfiguration for MutatingWebhookConfiguration {
+    fn client_configs(&mut self) -> Vec<&mut WebhookClientConfig> {
+        self.webhooks
+            .iter_mut()
+            .flatten()
+            .map(|w| &mut w.client_config)
+            .collect()
+    }
+}
+
+/// Writes `bundle_pem` as the `caBundle` of every webhook of configuration `name`, so the
+/// API server trusts the webhook's certificate. Returns whether the configuration exists
+/// (`isthmus install kubernetes` installs it).
+async fn publish<K: WebhookConfiguration>(
     client: &kube::Client,
     name: &str,
     bundle_pem: &str,
 ) -> anyhow::Result<bool> {
-    let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    let api: Api<K> = Api::all(client.clone());
     let Some(mut config) = api.get_opt(name).await? else {
         return Ok(false);
     };
     let bundle = k8s_openapi::ByteString(bundle_pem.as_bytes().to_vec());
     let mut changed = false;
-    for w in config.webhooks.iter_mut().flatten() {
-        if w.client_config.ca_bundle.as_ref() != Some(&bundle) {
-            w.client_config.ca_bundle = Some(bundle.clone());
+    for c in config.client_configs() {
+        if c.ca_bundle.as_ref() != Some(&bundle) {
+            c.ca_bundle = Some(bundle.clone());
             changed = true;
         }
     }
@@ -251,6 +254,23 @@ pub async fn publish_ca_bundle(
         api.replace(name, &PostParams::default(), &config).await?;
     }
     Ok(true)
+}
+
+/// The validation webhook's configuration `name`: see [`publish`].
+pub async fn publish_ca_bundle(
+    client: &kube::Client,
+    name: &str,
+    bundle_pem: &str,
+) -> anyhow::Result<bool> {
+    publish::<ValidatingWebhookConfiguration>(client, name, bundle_pem).await
+}
+
+/// The injector's MutatingWebhookConfiguration (`inject::CONFIGURATION`): see [`publish`].
+pub async fn publish_injector_ca_bundle(
+    client: &kube::Client,
+    bundle_pem: &str,
+) -> anyhow::Result<bool> {
+    publish::<MutatingWebhookConfiguration>(client, crate::inject::CONFIGURATION, bundle_pem).await
 }
 
 #[cfg(test)]
