@@ -296,6 +296,8 @@ struct InstallArgs {
     /// --federation-root-key).
     #[arg(long, requires = "federation_root_key")]
     federation_root_cert: Option<PathBuf>,
+    /// The private key of --federation-root-cert (PEM); it goes into a Secret only the
+    /// federation mounts.
     #[arg(long, requires = "federation_root_cert")]
     federation_root_key: Option<PathBuf>,
 }
