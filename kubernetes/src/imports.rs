@@ -80,12 +80,13 @@ async fn reconcile(client: &kube::Client, imports: &[Import]) -> Result<(), kube
     for i in imports.iter().filter(|i| namespaces.contains(&i.namespace)) {
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &i.namespace, &ar);
         let want = object(i);
-        match existing.remove(&(i.namespace.clone(), i.name.clone())) {
+        let have = existing.remove(&(i.namespace.clone(), i.name.clone()));
+        match &have {
             Some(have) if have.data.get("spec") == Some(&want["spec"]) => {}
             Some(have) => {
                 let mut next: DynamicObject = serde_json::from_value(want.clone())
                     .expect("an object built from its own fields");
-                next.metadata.resource_version = have.metadata.resource_version;
+                next.metadata.resource_version = have.metadata.resource_version.clone();
                 api.replace(&i.name, &PostParams::default(), &next).await?;
             }
             None => {
@@ -96,12 +97,16 @@ async fn reconcile(client: &kube::Client, imports: &[Import]) -> Result<(), kube
         }
         let clusters: Vec<serde_json::Value> =
             i.clusters.iter().map(|c| json!({"cluster": c})).collect();
-        api.patch_status(
-            &i.name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"clusters": clusters}})),
-        )
-        .await?;
+        let status = json!({"clusters": clusters});
+        // Written only when it differs: a resync of an unchanged registry writes nothing.
+        if have.as_ref().and_then(|h| h.data.get("status")) != Some(&status) {
+            api.patch_status(
+                &i.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": status })),
+            )
+            .await?;
+        }
     }
     for ((ns, name), _) in existing {
         Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &ar)

@@ -47,10 +47,6 @@ impl LeaseConfig {
     }
 }
 
-fn micro(t: Timestamp) -> MicroTime {
-    MicroTime(t)
-}
-
 /// What one attempt found.
 enum Attempt {
     Leading,
@@ -72,8 +68,8 @@ async fn attempt(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<Attempt, kube::E
             spec: Some(LeaseSpec {
                 holder_identity: Some(cfg.identity.clone()),
                 lease_duration_seconds: Some(secs),
-                acquire_time: Some(micro(now)),
-                renew_time: Some(micro(now)),
+                acquire_time: Some(MicroTime(now)),
+                renew_time: Some(MicroTime(now)),
                 lease_transitions: Some(0),
                 ..Default::default()
             }),
@@ -96,10 +92,10 @@ async fn attempt(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<Attempt, kube::E
     }
     if holder != cfg.identity {
         spec.holder_identity = Some(cfg.identity.clone());
-        spec.acquire_time = Some(micro(now));
+        spec.acquire_time = Some(MicroTime(now));
         spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
     }
-    spec.renew_time = Some(micro(now));
+    spec.renew_time = Some(MicroTime(now));
     spec.lease_duration_seconds = Some(secs);
     // A replace carries the resourceVersion read above: if another replica wrote the
     // Lease since, this fails with 409 and the other one wins.

@@ -12,7 +12,7 @@
 //! the CRDs (`isthmus install crds`) before the controller starts, or restart the
 //! controller after installing them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,11 +45,31 @@ pub struct Source {
     mesh: Vec<(MeshKind, Store<DynamicObject>)>,
     changed: Arc<Notify>,
     client: kube::Client,
+    /// Each mesh object's parse, by where it lives, with the resourceVersion it was parsed
+    /// at: a rebuild (most often for a pod or slice change) parses only what changed.
+    parsed: std::sync::Mutex<HashMap<String, (Option<String>, ParsedFiles)>>,
     /// The watchers; they stop when the source is dropped.
     _tasks: JoinSet<()>,
 }
 
-/// Runs a watcher of `api` into a new store, poking `changed` on every event.
+/// Starts watchers, each into its own store, poking `changed` on every event.
+struct Watching {
+    tasks: JoinSet<()>,
+    changed: Arc<Notify>,
+}
+
+impl Watching {
+    /// Runs a watcher of `api` into a new store.
+    fn store<K>(&mut self, api: Api<K>, dyntype: K::DynamicType, what: String) -> Store<K>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync,
+        K: 'static,
+        K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync + 'static,
+    {
+        watch_into(&mut self.tasks, api, dyntype, what, self.changed.clone())
+    }
+}
+
 fn watch_into<K>(
     tasks: &mut JoinSet<()>,
     api: Api<K>,
@@ -113,37 +133,15 @@ impl Source {
     /// Starts the watchers and returns once every watched kind has been listed, so the
     /// first config set published is the whole cluster, never a part of it.
     pub async fn start(client: kube::Client) -> anyhow::Result<Self> {
-        let changed = Arc::new(Notify::new());
-        let mut tasks = JoinSet::new();
+        let mut w = Watching {
+            tasks: JoinSet::new(),
+            changed: Arc::new(Notify::new()),
+        };
         let c = &client;
-        let services = watch_into(
-            &mut tasks,
-            Api::all(c.clone()),
-            (),
-            "Service".into(),
-            changed.clone(),
-        );
-        let slices = watch_into(
-            &mut tasks,
-            Api::all(c.clone()),
-            (),
-            "EndpointSlice".into(),
-            changed.clone(),
-        );
-        let pods = watch_into(
-            &mut tasks,
-            Api::all(c.clone()),
-            (),
-            "Pod".into(),
-            changed.clone(),
-        );
-        let nodes = watch_into(
-            &mut tasks,
-            Api::all(c.clone()),
-            (),
-            "Node".into(),
-            changed.clone(),
-        );
+        let services = w.store(Api::all(c.clone()), (), "Service".into());
+        let slices = w.store(Api::all(c.clone()), (), "EndpointSlice".into());
+        let pods = w.store(Api::all(c.clone()), (), "Pod".into());
+        let nodes = w.store(Api::all(c.clone()), (), "Node".into());
         let mut mesh = Vec::new();
         for kind in MESH_KINDS {
             if !served(c, kind).await {
@@ -154,13 +152,7 @@ impl Source {
                 continue;
             }
             let ar = kind.api_resource();
-            let store = watch_into(
-                &mut tasks,
-                Api::all_with(c.clone(), &ar),
-                ar,
-                kind.resource(),
-                changed.clone(),
-            );
+            let store = w.store(Api::all_with(c.clone(), &ar), ar, kind.resource());
             mesh.push((*kind, store));
         }
         let source = Self {
@@ -169,9 +161,10 @@ impl Source {
             pods,
             nodes,
             mesh,
-            changed,
+            changed: w.changed,
             client,
-            _tasks: tasks,
+            parsed: Default::default(),
+            _tasks: w.tasks,
         };
         source.wait_listed().await;
         Ok(source)
@@ -221,6 +214,15 @@ impl Source {
         &self,
         last: &mut LastGood,
     ) -> (ConfigSet, Vec<isthmus_core::config::ConfigError>) {
+        self.admit_objects(&self.mesh_objects(), last)
+    }
+
+    /// [`Source::admit`] with the mesh objects already gathered.
+    fn admit_objects(
+        &self,
+        objects: &[(MeshKind, Arc<DynamicObject>)],
+        last: &mut LastGood,
+    ) -> (ConfigSet, Vec<isthmus_core::config::ConfigError>) {
         let (services, slices, pods, nodes) = (
             self.services.state(),
             self.slices.state(),
@@ -234,9 +236,21 @@ impl Source {
             nodes: &nodes,
         });
         let mut parsed = ParsedFiles::default();
-        for (kind, obj) in self.mesh_objects() {
-            parsed.extend(&resources::parse(&kind, &obj));
+        let mut cache = self.parsed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kept = HashMap::with_capacity(objects.len());
+        for (kind, obj) in objects {
+            let source = resources::source_of(kind, obj);
+            let rv = obj.metadata.resource_version.clone();
+            let one = match cache.remove(&source) {
+                Some((at, one)) if at == rv && rv.is_some() => one,
+                _ => resources::parse(kind, obj),
+            };
+            parsed.extend(&one);
+            kept.insert(source, (rv, one));
         }
+        // Objects gone from the cluster leave the cache with the old map.
+        *cache = kept;
+        drop(cache);
         admit_on(&platform, parsed, last)
     }
 }
@@ -259,7 +273,8 @@ pub async fn run(
         if config.is_closed() {
             return;
         }
-        let (set, rejected) = source.admit(&mut last_good);
+        let objects = source.mesh_objects();
+        let (set, rejected) = source.admit_objects(&objects, &mut last_good);
         let now: BTreeSet<String> = rejected.iter().map(ToString::to_string).collect();
         for e in now.difference(&last_rejected) {
             tracing::warn!(error = %e, "config object rejected; its last admitted version stays");
@@ -271,10 +286,7 @@ pub async fn run(
         if publish(&config, &status, set, rejected) {
             tracing::debug!(services, workloads, rejected = n, "cluster changed");
         }
-        outcomes.send_replace(Arc::new(Outcome {
-            objects: source.mesh_objects(),
-            faults,
-        }));
+        outcomes.send_replace(Arc::new(Outcome { objects, faults }));
         source.changed.notified().await;
         tokio::time::sleep(SETTLE).await;
     }

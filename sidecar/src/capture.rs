@@ -24,8 +24,11 @@ use std::net::{IpAddr, SocketAddr};
 
 /// Ports the sidecar itself listens on, never captured inbound.
 pub const PROXY_PORTS: &[u16] = &[15000, 15001, 15006, 15008, 15020, 15021, 15090];
-/// The nftables table (and iptables chain prefix) the rules live in.
+/// The nftables table the rules live in.
 pub const TABLE: &str = "isthmus";
+/// The iptables chains (nat table) where nftables is absent.
+const OUT_CHAIN: &str = "ISTHMUS_OUTPUT";
+const IN_CHAIN: &str = "ISTHMUS_INBOUND";
 
 /// An IP range, `addr/len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,69 +135,67 @@ fn family(cidrs: &[Cidr], v4: bool) -> Vec<Cidr> {
         .collect()
 }
 
+/// The rule that leaves every port but `ports` alone (nothing when all are taken).
+fn only_ports(ports: &Scope<u16>) -> Option<String> {
+    match ports {
+        Scope::All => None,
+        Scope::Only(p) if p.is_empty() => Some("return".into()),
+        Scope::Only(p) => Some(format!("tcp dport != {} return", set(p))),
+    }
+}
+
 impl Rules {
     /// The nftables ruleset, one transaction: the table is created if absent, deleted, and
     /// defined again, so applying twice leaves one copy.
     pub fn nft(&self) -> String {
         let mut out = vec![
-            format!("        meta l4proto != tcp return"),
-            format!("        meta skuid {} return", self.proxy_uid),
-            format!("        meta skgid {} return", self.proxy_gid),
-            "        ip daddr 127.0.0.0/8 return".into(),
-            "        ip6 daddr ::1 return".into(),
+            "meta l4proto != tcp return".to_owned(),
+            format!("meta skuid {} return", self.proxy_uid),
+            format!("meta skgid {} return", self.proxy_gid),
+            "ip daddr 127.0.0.0/8 return".into(),
+            "ip6 daddr ::1 return".into(),
         ];
         if !self.exclude_outbound_ports.is_empty() {
             out.push(format!(
-                "        tcp dport {} return",
+                "tcp dport {} return",
                 set(&self.exclude_outbound_ports)
             ));
         }
         for (v4, kw) in [(true, "ip"), (false, "ip6")] {
             let excluded = family(&self.exclude_outbound_cidrs, v4);
             if !excluded.is_empty() {
-                out.push(format!("        {kw} daddr {} return", set(&excluded)));
+                out.push(format!("{kw} daddr {} return", set(&excluded)));
             }
         }
         if let Scope::Only(included) = &self.include_outbound_cidrs {
             for (v4, kw, nfproto) in [(true, "ip", "ipv4"), (false, "ip6", "ipv6")] {
                 let inc = family(included, v4);
-                if inc.is_empty() {
-                    out.push(format!("        meta nfproto {nfproto} return"));
+                out.push(if inc.is_empty() {
+                    format!("meta nfproto {nfproto} return")
                 } else {
-                    out.push(format!("        {kw} daddr != {} return", set(&inc)));
-                }
+                    format!("{kw} daddr != {} return", set(&inc))
+                });
             }
         }
-        if let Scope::Only(ports) = &self.include_outbound_ports {
-            if ports.is_empty() {
-                out.push("        return".into());
-            } else {
-                out.push(format!("        tcp dport != {} return", set(ports)));
-            }
-        }
+        out.extend(only_ports(&self.include_outbound_ports));
         out.push(format!(
-            "        meta l4proto tcp redirect to :{}",
+            "meta l4proto tcp redirect to :{}",
             self.outbound_port
         ));
         let mut inbound = vec![
-            "        meta l4proto != tcp return".to_owned(),
-            format!("        tcp dport {} return", set(&self.inbound_skipped())),
+            "meta l4proto != tcp return".to_owned(),
+            format!("tcp dport {} return", set(&self.inbound_skipped())),
         ];
-        if let Scope::Only(ports) = &self.include_inbound_ports {
-            if ports.is_empty() {
-                inbound.push("        return".into());
-            } else {
-                inbound.push(format!("        tcp dport != {} return", set(ports)));
-            }
-        }
+        inbound.extend(only_ports(&self.include_inbound_ports));
         inbound.push(format!(
-            "        meta l4proto tcp redirect to :{}",
+            "meta l4proto tcp redirect to :{}",
             self.inbound_port
         ));
+        let rules = |lines: Vec<String>| format!("        {}", lines.join("\n        "));
         format!(
             "table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n    chain output {{\n        type nat hook output priority -100; policy accept;\n{}\n    }}\n    chain prerouting {{\n        type nat hook prerouting priority -100; policy accept;\n{}\n    }}\n}}\n",
-            out.join("\n"),
-            inbound.join("\n")
+            rules(out),
+            rules(inbound)
         )
     }
 
@@ -209,79 +210,64 @@ impl Rules {
     /// The same rules for `iptables-restore` (IPv4; `ip6tables-restore` takes the same with
     /// the IPv6 ranges), for hosts without nftables.
     pub fn iptables(&self, v4: bool) -> String {
-        let out_chain = format!("{}_OUTPUT", TABLE.to_uppercase());
-        let in_chain = format!("{}_INBOUND", TABLE.to_uppercase());
         let loopback = if v4 { "127.0.0.0/8" } else { "::1/128" };
         let mut lines = vec![
             "*nat".to_owned(),
-            format!(":{out_chain} - [0:0]"),
-            format!(":{in_chain} - [0:0]"),
-            format!("-A OUTPUT -p tcp -j {out_chain}"),
-            format!("-A PREROUTING -p tcp -j {in_chain}"),
+            format!(":{OUT_CHAIN} - [0:0]"),
+            format!(":{IN_CHAIN} - [0:0]"),
+            format!("-A OUTPUT -p tcp -j {OUT_CHAIN}"),
+            format!("-A PREROUTING -p tcp -j {IN_CHAIN}"),
             format!(
-                "-A {out_chain} -m owner --uid-owner {} -j RETURN",
+                "-A {OUT_CHAIN} -m owner --uid-owner {} -j RETURN",
                 self.proxy_uid
             ),
             format!(
-                "-A {out_chain} -m owner --gid-owner {} -j RETURN",
+                "-A {OUT_CHAIN} -m owner --gid-owner {} -j RETURN",
                 self.proxy_gid
             ),
-            format!("-A {out_chain} -d {loopback} -j RETURN"),
+            format!("-A {OUT_CHAIN} -d {loopback} -j RETURN"),
         ];
         for p in &self.exclude_outbound_ports {
-            lines.push(format!("-A {out_chain} -p tcp --dport {p} -j RETURN"));
+            lines.push(format!("-A {OUT_CHAIN} -p tcp --dport {p} -j RETURN"));
         }
         for c in family(&self.exclude_outbound_cidrs, v4) {
-            lines.push(format!("-A {out_chain} -d {c} -j RETURN"));
+            lines.push(format!("-A {OUT_CHAIN} -d {c} -j RETURN"));
         }
-        let redirect =
-            |chain: &str, port: u16| format!("-A {chain} -p tcp -j REDIRECT --to-ports {port}");
-        let mut outbound_targets: Vec<String> = Vec::new();
-        match (&self.include_outbound_cidrs, &self.include_outbound_ports) {
-            (Scope::All, Scope::All) => {
-                outbound_targets.push(redirect(&out_chain, self.outbound_port))
-            }
-            (cidrs, ports) => {
-                let cidrs: Vec<Option<Cidr>> = match cidrs {
-                    Scope::All => vec![None],
-                    Scope::Only(c) => family(c, v4).into_iter().map(Some).collect(),
-                };
-                let ports: Vec<Option<u16>> = match ports {
-                    Scope::All => vec![None],
-                    Scope::Only(p) => p.iter().copied().map(Some).collect(),
-                };
-                for c in &cidrs {
-                    for p in &ports {
-                        let mut rule = format!("-A {out_chain} -p tcp");
-                        if let Some(c) = c {
-                            rule.push_str(&format!(" -d {c}"));
-                        }
-                        if let Some(p) = p {
-                            rule.push_str(&format!(" --dport {p}"));
-                        }
-                        rule.push_str(&format!(" -j REDIRECT --to-ports {}", self.outbound_port));
-                        outbound_targets.push(rule);
-                    }
-                }
+        // iptables has no "not in a set": one REDIRECT per included range and port.
+        let cidrs: Vec<Option<Cidr>> = match &self.include_outbound_cidrs {
+            Scope::All => vec![None],
+            Scope::Only(c) => family(c, v4).into_iter().map(Some).collect(),
+        };
+        for c in &cidrs {
+            for p in scoped(&self.include_outbound_ports) {
+                let d = c.map(|c| format!(" -d {c}")).unwrap_or_default();
+                let dport = p.map(|p| format!(" --dport {p}")).unwrap_or_default();
+                lines.push(format!(
+                    "-A {OUT_CHAIN} -p tcp{d}{dport} -j REDIRECT --to-ports {}",
+                    self.outbound_port
+                ));
             }
         }
-        lines.extend(outbound_targets);
         for p in self.inbound_skipped() {
-            lines.push(format!("-A {in_chain} -p tcp --dport {p} -j RETURN"));
+            lines.push(format!("-A {IN_CHAIN} -p tcp --dport {p} -j RETURN"));
         }
-        match &self.include_inbound_ports {
-            Scope::All => lines.push(redirect(&in_chain, self.inbound_port)),
-            Scope::Only(ports) => {
-                for p in ports {
-                    lines.push(format!(
-                        "-A {in_chain} -p tcp --dport {p} -j REDIRECT --to-ports {}",
-                        self.inbound_port
-                    ));
-                }
-            }
+        for p in scoped(&self.include_inbound_ports) {
+            let dport = p.map(|p| format!(" --dport {p}")).unwrap_or_default();
+            lines.push(format!(
+                "-A {IN_CHAIN} -p tcp{dport} -j REDIRECT --to-ports {}",
+                self.inbound_port
+            ));
         }
         lines.push("COMMIT".into());
         lines.join("\n") + "\n"
+    }
+}
+
+/// Each port of an inclusion list, or one `None` standing for all of them.
+fn scoped(ports: &Scope<u16>) -> Vec<Option<u16>> {
+    match ports {
+        Scope::All => vec![None],
+        Scope::Only(p) => p.iter().copied().map(Some).collect(),
     }
 }
 
@@ -331,11 +317,7 @@ pub fn nft_cleanup() -> String {
 }
 
 pub fn iptables_cleanup() -> String {
-    let (out_chain, in_chain) = (
-        format!("{}_OUTPUT", TABLE.to_uppercase()),
-        format!("{}_INBOUND", TABLE.to_uppercase()),
-    );
-    format!("*nat\n-D OUTPUT -p tcp -j {out_chain}\n-D PREROUTING -p tcp -j {in_chain}\n-F {out_chain}\n-F {in_chain}\n-X {out_chain}\n-X {in_chain}\nCOMMIT\n")
+    format!("*nat\n-D OUTPUT -p tcp -j {OUT_CHAIN}\n-D PREROUTING -p tcp -j {IN_CHAIN}\n-F {OUT_CHAIN}\n-F {IN_CHAIN}\n-X {OUT_CHAIN}\n-X {IN_CHAIN}\nCOMMIT\n")
 }
 
 #[cfg(test)]

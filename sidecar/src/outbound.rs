@@ -94,7 +94,7 @@ async fn captured(
 ) {
     let state = ctx.state.borrow().clone();
     let target = state
-        .resolve(&original.ip().to_string())
+        .resolve_ip(original.ip())
         .filter(|svc| svc.external.is_none())
         .cloned();
     let Some(svc) = target else {
@@ -154,35 +154,31 @@ async fn serve_http(
     d: isthmus_core::drain::Drain,
 ) {
     let limits = ctx.limits.clone();
-    {
-        {
-            let activity = Arc::new(Activity::new());
-            let seen = activity.clone();
-            let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                let (ctx, activity) = (ctx.clone(), activity.clone());
-                req.extensions_mut().insert(ClientAddr(remote));
-                async move {
-                    let _busy = activity.begin();
-                    Ok::<_, std::convert::Infallible>(handle(&ctx, req).await)
-                }
-            });
-            let builder = server(&limits);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
-            let mut conn = std::pin::pin!(conn);
-            let mut check =
-                tokio::time::interval((limits.idle_timeout / 4).max(Duration::from_millis(250)));
-            loop {
-                tokio::select! {
-                    _ = conn.as_mut() => return,
-                    _ = d.draining() => break,
-                    _ = check.tick() => if seen.idle_for() >= limits.idle_timeout { break },
-                }
-            }
-            // Draining, or idle too long: in-flight exchanges finish, then it closes.
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+    let activity = Arc::new(Activity::new());
+    let seen = activity.clone();
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let (ctx, activity) = (ctx.clone(), activity.clone());
+        req.extensions_mut().insert(ClientAddr(remote));
+        async move {
+            let _busy = activity.begin();
+            Ok::<_, std::convert::Infallible>(handle(&ctx, req).await)
+        }
+    });
+    let builder = server(&limits);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+    let mut conn = std::pin::pin!(conn);
+    let mut check =
+        tokio::time::interval((limits.idle_timeout / 4).max(Duration::from_millis(250)));
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = d.draining() => break,
+            _ = check.tick() => if seen.idle_for() >= limits.idle_timeout { break },
         }
     }
+    // Draining, or idle too long: in-flight exchanges finish, then it closes.
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
 }
 
 /// Requests a downstream connection is serving, and when it last started one: a

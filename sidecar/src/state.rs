@@ -152,19 +152,27 @@ impl MeshState {
             .wildcards
             .iter()
             .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
-            .map(|(_, k)| k)
-            .or_else(|| {
-                let ip = host
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<std::net::IpAddr>()
-                    .ok()?;
-                self.networks
-                    .iter()
-                    .filter(|(net, bits, _)| within(ip, *net, *bits))
-                    .max_by_key(|(_, bits, _)| *bits)
-                    .map(|(_, _, k)| k)
-            })?;
+            .map(|(_, k)| k);
+        if let Some(key) = key {
+            return self.services.get(key);
+        }
+        let ip = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .ok()?;
+        self.resolve_ip(ip)
+    }
+
+    /// The service an address belongs to: a ServiceEntry's addresses, a Service's cluster
+    /// IPs (the most specific range wins).
+    pub fn resolve_ip(&self, ip: std::net::IpAddr) -> Option<&Arc<Service>> {
+        let key = self
+            .networks
+            .iter()
+            .filter(|(net, bits, _)| within(ip, *net, *bits))
+            .max_by_key(|(_, bits, _)| *bits)
+            .map(|(_, _, k)| k)?;
         self.services.get(key)
     }
 

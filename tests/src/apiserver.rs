@@ -491,6 +491,11 @@ fn parse_path(path: &str) -> Option<Target> {
 }
 
 impl Shared {
+    /// The stored objects, locked (a panic elsewhere leaves them as they were).
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Stores `obj` at a new resourceVersion and tells the watchers.
     fn commit(
         store: &mut Store,
@@ -631,7 +636,7 @@ impl Shared {
         if a.user == ADMIN {
             return true;
         }
-        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let store = self.store();
         let objects = |kind: &str| -> Vec<(&(String, String), &Value)> {
             store
                 .collections
@@ -739,7 +744,7 @@ impl Shared {
             }
         };
         let planned = {
-            let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            let mut store = self.store();
             self.plan(&mut store, &t, &method, &q, body, &content_type)
         };
         match planned {
@@ -1045,7 +1050,7 @@ impl Shared {
                 return denied;
             }
         }
-        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let mut store = self.store();
         let current = store.collections[w.idx].objects.get(&w.key);
         let now = current.map(|c| c["metadata"]["resourceVersion"].as_str().map(str::to_owned));
         let unchanged = match (&w.expect, now) {
@@ -1093,7 +1098,7 @@ impl Shared {
         config: &str,
     ) -> Result<(), Response<Body>> {
         let (kind, hooks, namespace_labels) = {
-            let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            let store = self.store();
             let kind = store.collections[w.idx].kind.clone();
             let hooks: Vec<Value> = store
                 .collections
@@ -1262,7 +1267,7 @@ impl Shared {
                     let (Some(shared), Some(tx)) = (shared.upgrade(), tx.upgrade()) else {
                         return;
                     };
-                    let store = shared.store.lock().unwrap_or_else(|p| p.into_inner());
+                    let store = shared.store();
                     let mark = json!({"kind": kind.kind, "apiVersion": api_version,
                                       "metadata": {"resourceVersion": store.rv.to_string()}});
                     if tx.send(line("BOOKMARK", &mark)).is_err() {
@@ -1280,7 +1285,7 @@ impl Shared {
     }
 
     fn discovery(&self, path: &str) -> Option<Value> {
-        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let store = self.store();
         let kinds: Vec<&Kind> = store.collections.iter().map(|c| &c.kind).collect();
         let resources = |g: &str, v: &str| -> Vec<Value> {
             kinds
@@ -1611,22 +1616,9 @@ impl ApiServer {
         TokenIssuer(self.shared.clone())
     }
 
-    /// A projected service-account token: see [`TokenIssuer::token`].
-    pub fn service_account_token(
-        &self,
-        namespace: &str,
-        service_account: &str,
-        pod: &str,
-        audience: &str,
-        ttl: Duration,
-    ) -> String {
-        self.token_issuer()
-            .token(namespace, service_account, pod, audience, ttl)
-    }
-
     /// Forgets every event so far: a watch resuming from before now gets 410 Gone.
     pub fn compact(&self) {
-        let mut store = self.shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        let mut store = self.shared.store();
         let next = store.rv + 1;
         for c in &mut store.collections {
             c.history.clear();
@@ -1636,7 +1628,7 @@ impl ApiServer {
 
     /// Cuts every open watch, as an API server restart or a load balancer would.
     pub fn break_watches(&self) {
-        let mut store = self.shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        let mut store = self.shared.store();
         for c in &mut store.collections {
             c.watchers.clear();
         }
@@ -1651,7 +1643,7 @@ impl ApiServer {
 
     /// Open watches, for tests that wait for clients to come back.
     pub fn watches(&self) -> usize {
-        let mut store = self.shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        let mut store = self.shared.store();
         store
             .collections
             .iter_mut()

@@ -526,7 +526,7 @@ async fn start_sidecar(
             let path = c.state_dir.join("../pods").join(&w.name).join("token");
             if !path.exists() {
                 std::fs::create_dir_all(path.parent().expect("a folder"))?;
-                let token = api.service_account_token(
+                let token = api.token_issuer().token(
                     NAMESPACE,
                     &w.service_account,
                     &w.name,

@@ -337,10 +337,15 @@ async fn a_projected_token_proves_its_own_service_account_and_nothing_else() -> 
     let audience = isthmus_kubernetes::identity::CA_AUDIENCE;
     let hour = Duration::from_secs(3600);
     let api = mesh.api("west");
-    let good = api.service_account_token("demo", "reviews", "reviews-0", audience, hour);
+    let good = api
+        .token_issuer()
+        .token("demo", "reviews", "reviews-0", audience, hour);
     let expired =
-        api.service_account_token("demo", "reviews", "reviews-0", audience, Duration::ZERO);
-    let elsewhere = api.service_account_token("demo", "reviews", "reviews-0", "vault", hour);
+        api.token_issuer()
+            .token("demo", "reviews", "reviews-0", audience, Duration::ZERO);
+    let elsewhere = api
+        .token_issuer()
+        .token("demo", "reviews", "reviews-0", "vault", hour);
     let mut forged = good.clone();
     forged.pop();
     forged.push(if good.ends_with('A') { 'B' } else { 'A' });
