@@ -142,6 +142,16 @@ struct CaptureArgs {
     /// Inbound ports left alone (excludeInboundPorts); the sidecar's own are always left.
     #[arg(long, default_value = "")]
     exclude_inbound_ports: String,
+    /// Capture the pod's DNS queries (UDP and TCP port 53) to the resolvers its
+    /// /etc/resolv.conf names, for the sidecar's DNS proxy (Istio's DNS capture).
+    #[arg(long)]
+    redirect_dns: bool,
+    /// With --redirect-dns: capture DNS queries to any server, not only the pod's resolvers.
+    #[arg(long, requires = "redirect_dns")]
+    capture_all_dns: bool,
+    /// Where captured DNS queries go (the sidecar's --dns port).
+    #[arg(long, default_value_t = 15053)]
+    dns_port: u16,
 }
 
 impl CaptureArgs {
@@ -178,8 +188,39 @@ impl CaptureArgs {
                 parse_list(&self.exclude_inbound_ports, "port")
                     .map_err(|e| flag("exclude-inbound-ports", e))?,
             ),
+            redirect_dns: match (self.redirect_dns, self.capture_all_dns) {
+                (false, _) => None,
+                (true, true) => Some(Scope::All),
+                (true, false) => {
+                    let conf = std::fs::read_to_string(RESOLV_CONF)
+                        .with_context(|| format!("--redirect-dns: reading {RESOLV_CONF}"))?;
+                    let servers: Vec<std::net::IpAddr> = isthmus_sidecar::dns::nameservers(&conf)
+                        .into_iter()
+                        .map(|a| a.ip())
+                        .collect();
+                    anyhow::ensure!(
+                        !servers.is_empty(),
+                        "--redirect-dns: {RESOLV_CONF} names no nameserver; add --capture-all-dns to capture DNS to any server"
+                    );
+                    Some(Scope::Only(servers))
+                }
+            },
+            dns_port: self.dns_port,
         })
     }
+}
+
+/// Where a pod's (or host's) resolvers are named.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// A resolver's address: `ip` (port 53) or `ip:port`.
+fn parse_resolver(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| {
+            s.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("`{s}` is not an IP address or IP:port"))
 }
 
 /// Feeds `input` to `program args` and fails with its error output.
@@ -559,6 +600,15 @@ struct SidecarArgs {
     /// in a pod); connections there go on, in plaintext, to the port they were going to.
     #[arg(long)]
     capture_inbound: Option<SocketAddr>,
+    /// The DNS proxy (UDP and TCP), where `isthmus iptables --redirect-dns` sends the
+    /// pod's DNS queries (127.0.0.1:15053 in a pod): mesh names are answered from the
+    /// registry, others forwarded to --dns-upstream. Off unless given.
+    #[arg(long)]
+    dns: Option<SocketAddr>,
+    /// Resolvers the DNS proxy forwards names outside the mesh to (ip or ip:port, repeat
+    /// or comma-separate); by default the nameservers of /etc/resolv.conf.
+    #[arg(long, value_delimiter = ',', value_parser = parse_resolver)]
+    dns_upstream: Vec<SocketAddr>,
     /// mTLS tunnel listener for other proxies.
     #[arg(long, default_value = "0.0.0.0:15008")]
     inbound: SocketAddr,
@@ -1030,6 +1080,13 @@ async fn run(
                 token,
                 outbound_addr: a.outbound,
                 capture_inbound_addr: a.capture_inbound,
+                dns_addr: a.dns,
+                dns_upstream: match (a.dns, a.dns_upstream.is_empty()) {
+                    (Some(_), true) => std::fs::read_to_string(RESOLV_CONF)
+                        .map(|c| isthmus_sidecar::dns::nameservers(&c))
+                        .unwrap_or_default(),
+                    _ => a.dns_upstream,
+                },
                 inbound_addr: a.inbound,
                 admin_addr: a.admin,
                 metrics_addr: a.metrics,

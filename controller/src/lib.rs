@@ -17,6 +17,7 @@ mod gateways;
 mod signing;
 mod snapshot;
 mod trust;
+mod vips;
 
 /// The default push debounce (Istio's 100 ms).
 pub use snapshot::DEBOUNCE as PUSH_DEBOUNCE;

@@ -121,6 +121,8 @@ struct Local {
 struct Encoded {
     generation: u64,
     global: Option<Arc<fed::GlobalService>>,
+    /// The virtual IP it was encoded with.
+    vip: Option<std::net::Ipv4Addr>,
     resource: (String, Bytes),
     views: Option<Arc<ScopedViews>>,
 }
@@ -431,6 +433,7 @@ impl Registry {
             .to_string(),
             healthy: m.ready && health.get(&w.key).copied().unwrap_or_default().is_healthy(),
             labels: w.labels.clone(),
+            hostname: m.hostname.unwrap_or_default().to_owned(),
         }
     }
 
@@ -475,6 +478,7 @@ impl Registry {
                     })
                     .collect(),
             }),
+            headless: svc.headless,
         }
     }
 
@@ -612,12 +616,23 @@ impl Registry {
             .keys()
             .chain(global.services.keys())
             .collect();
+        let vips = crate::vips::allocate(
+            names
+                .iter()
+                .filter(|n| match local.services.get(**n) {
+                    Some(l) => l.addresses.is_empty() && !l.headless && l.external.is_none(),
+                    None => true,
+                })
+                .map(|n| n.as_str()),
+        );
         let mut kept = HashMap::with_capacity(names.len());
         let svc_map = snapshot.resources.entry(type_url::SERVICE).or_default();
         for name in names {
             let (l, g) = (local.services.get(name), global.services.get(name));
+            let vip = vips.get(name.as_str()).copied();
             let reusable = encoded.remove(name).filter(|e| {
                 e.generation == local.generation
+                    && e.vip == vip
                     && match (&e.global, g) {
                         (Some(a), Some(b)) => Arc::ptr_eq(a, b),
                         (None, None) => true,
@@ -629,6 +644,7 @@ impl Registry {
                     .split_once('/')
                     .and_then(|(ns, n)| local.config.routing.get(&NamespacedName::new(ns, n)));
                 let mut merged = self.merged_service(l, g.map(|g| &**g));
+                merged.addresses.extend(vip.map(|v| v.to_string()));
                 if l.is_none() {
                     // A service only other clusters run, routed by this cluster's config.
                     merged.routing = routing.map(Into::into);
@@ -637,6 +653,7 @@ impl Registry {
                 Encoded {
                     generation: local.generation,
                     global: g.cloned(),
+                    vip,
                     resource: encode(&merged),
                     views: routing.map(|r| Arc::new(scoped_views(&merged, r))),
                 }

@@ -133,6 +133,9 @@ pub struct Service {
     pub addresses: Vec<String>,
     /// Set for a `MESH_EXTERNAL` ServiceEntry: outside the mesh, reached directly.
     pub external: Option<External>,
+    /// A headless Service (`clusterIP: None`): its name resolves to its endpoints'
+    /// addresses, and each endpoint has a name of its own under it.
+    pub headless: bool,
 }
 
 /// How a `MESH_EXTERNAL` service's addresses are found (Istio's `resolution`).
@@ -219,6 +222,9 @@ pub struct Endpoint {
     pub workload: NamespacedName,
     /// Ready and not terminating (`conditions.ready` of the EndpointSlice).
     pub ready: bool,
+    /// The endpoint's own DNS label under a headless Service (the EndpointSlice's
+    /// `hostname`: a StatefulSet pod's name, or a pod's `spec.hostname`).
+    pub hostname: Option<String>,
 }
 
 /// What a platform adapter reads from the platform itself rather than from config
@@ -236,6 +242,8 @@ pub struct Platform {
 pub struct Member<'a> {
     pub workload: &'a WorkloadEntry,
     pub ready: bool,
+    /// See [`Endpoint::hostname`].
+    pub hostname: Option<&'a str>,
 }
 
 /// One validated, consistent set of documents.
@@ -280,6 +288,7 @@ impl<'a> Selection<'a> {
                     Some(Member {
                         workload,
                         ready: ep.ready,
+                        hostname: ep.hostname.as_deref(),
                     })
                 })
                 .collect(),
@@ -289,6 +298,7 @@ impl<'a> Selection<'a> {
                 .map(|workload| Member {
                     workload,
                     ready: true,
+                    hostname: None,
                 })
                 .collect(),
         }

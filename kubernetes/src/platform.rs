@@ -107,6 +107,7 @@ pub fn platform(objects: &Objects<'_>) -> Platform {
                 None => list.push(Endpoint {
                     workload: key,
                     ready,
+                    hostname: ep.hostname.clone(),
                 }),
             }
         }
@@ -285,6 +286,7 @@ fn service(svc: &KubeService) -> Option<Service> {
         hosts: Vec::new(),
         addresses,
         external,
+        headless: spec.cluster_ip.as_deref() == Some("None"),
     })
 }
 
@@ -416,11 +418,13 @@ endpoints:
             vec![
                 Endpoint {
                     workload: NamespacedName::new("shop", "reviews-1"),
-                    ready: true
+                    ready: true,
+                    hostname: None,
                 },
                 Endpoint {
                     workload: NamespacedName::new("shop", "reviews-2"),
-                    ready: false
+                    ready: false,
+                    hostname: None,
                 },
             ],
             "the terminating pod is not ready; the address with no pod is left out"

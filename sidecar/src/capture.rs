@@ -18,6 +18,11 @@
 //!   (`excludeInboundPorts`), and all but the included ones when given
 //!   (`includeInboundPorts`).
 //!
+//! With `--redirect-dns`, the pod's DNS queries (UDP and TCP port 53) to its resolvers
+//! (the `nameserver`s of its `resolv.conf`, or any server with `--capture-all-dns`) go to
+//! the sidecar's DNS proxy (15053, see `dns.rs`), before any other rule: a resolver on
+//! loopback is captured too. The proxy's own queries are not.
+//!
 //! `--cleanup` removes the table (or chains) again. `--dry-run` prints what would be applied.
 
 use std::net::{IpAddr, SocketAddr};
@@ -86,6 +91,9 @@ pub struct Rules {
     pub exclude_outbound_ports: Vec<u16>,
     pub include_inbound_ports: Scope<u16>,
     pub exclude_inbound_ports: Vec<u16>,
+    /// DNS capture: `None` for none, else the resolvers whose queries are captured.
+    pub redirect_dns: Option<Scope<IpAddr>>,
+    pub dns_port: u16,
 }
 
 impl Default for Rules {
@@ -101,6 +109,8 @@ impl Default for Rules {
             exclude_outbound_ports: Vec::new(),
             include_inbound_ports: Scope::All,
             exclude_inbound_ports: Vec::new(),
+            redirect_dns: None,
+            dns_port: 15053,
         }
     }
 }
@@ -149,12 +159,34 @@ impl Rules {
     /// defined again, so applying twice leaves one copy.
     pub fn nft(&self) -> String {
         let mut out = vec![
-            "meta l4proto != tcp return".to_owned(),
             format!("meta skuid {} return", self.proxy_uid),
             format!("meta skgid {} return", self.proxy_gid),
+        ];
+        match &self.redirect_dns {
+            None => {}
+            Some(Scope::All) => out.push(format!(
+                "meta l4proto {{ udp, tcp }} th dport 53 redirect to :{}",
+                self.dns_port
+            )),
+            Some(Scope::Only(servers)) => {
+                for (v4, kw) in [(true, "ip"), (false, "ip6")] {
+                    let servers: Vec<&IpAddr> =
+                        servers.iter().filter(|s| s.is_ipv4() == v4).collect();
+                    if !servers.is_empty() {
+                        out.push(format!(
+                            "{kw} daddr {} meta l4proto {{ udp, tcp }} th dport 53 redirect to :{}",
+                            set(&servers),
+                            self.dns_port
+                        ));
+                    }
+                }
+            }
+        }
+        out.extend([
+            "meta l4proto != tcp return".to_owned(),
             "ip daddr 127.0.0.0/8 return".into(),
             "ip6 daddr ::1 return".into(),
-        ];
+        ]);
         if !self.exclude_outbound_ports.is_empty() {
             out.push(format!(
                 "tcp dport {} return",
@@ -215,7 +247,7 @@ impl Rules {
             "*nat".to_owned(),
             format!(":{OUT_CHAIN} - [0:0]"),
             format!(":{IN_CHAIN} - [0:0]"),
-            format!("-A OUTPUT -p tcp -j {OUT_CHAIN}"),
+            format!("-A OUTPUT -j {OUT_CHAIN}"),
             format!("-A PREROUTING -p tcp -j {IN_CHAIN}"),
             format!(
                 "-A {OUT_CHAIN} -m owner --uid-owner {} -j RETURN",
@@ -225,8 +257,28 @@ impl Rules {
                 "-A {OUT_CHAIN} -m owner --gid-owner {} -j RETURN",
                 self.proxy_gid
             ),
-            format!("-A {OUT_CHAIN} -d {loopback} -j RETURN"),
         ];
+        let dns_servers: Vec<Option<IpAddr>> = match &self.redirect_dns {
+            None => Vec::new(),
+            Some(Scope::All) => vec![None],
+            Some(Scope::Only(s)) => s
+                .iter()
+                .filter(|s| s.is_ipv4() == v4)
+                .copied()
+                .map(Some)
+                .collect(),
+        };
+        for server in dns_servers {
+            for proto in ["udp", "tcp"] {
+                let d = server.map(|s| format!(" -d {s}")).unwrap_or_default();
+                lines.push(format!(
+                    "-A {OUT_CHAIN} -p {proto}{d} --dport 53 -j REDIRECT --to-ports {}",
+                    self.dns_port
+                ));
+            }
+        }
+        lines.push(format!("-A {OUT_CHAIN} ! -p tcp -j RETURN"));
+        lines.push(format!("-A {OUT_CHAIN} -d {loopback} -j RETURN"));
         for p in &self.exclude_outbound_ports {
             lines.push(format!("-A {OUT_CHAIN} -p tcp --dport {p} -j RETURN"));
         }
@@ -317,7 +369,7 @@ pub fn nft_cleanup() -> String {
 }
 
 pub fn iptables_cleanup() -> String {
-    format!("*nat\n-D OUTPUT -p tcp -j {OUT_CHAIN}\n-D PREROUTING -p tcp -j {IN_CHAIN}\n-F {OUT_CHAIN}\n-F {IN_CHAIN}\n-X {OUT_CHAIN}\n-X {IN_CHAIN}\nCOMMIT\n")
+    format!("*nat\n-D OUTPUT -j {OUT_CHAIN}\n-D PREROUTING -p tcp -j {IN_CHAIN}\n-F {OUT_CHAIN}\n-F {IN_CHAIN}\n-X {OUT_CHAIN}\n-X {IN_CHAIN}\nCOMMIT\n")
 }
 
 #[cfg(test)]
@@ -382,6 +434,54 @@ mod tests {
         assert!(
             !ipt.contains("fd00::/8"),
             "IPv6 ranges stay out of the IPv4 rules"
+        );
+    }
+
+    #[test]
+    fn dns_to_the_pod_s_resolvers_goes_to_the_dns_proxy_before_anything_is_excluded() {
+        let rules = Rules {
+            redirect_dns: Some(Scope::Only(vec![
+                "10.96.0.10".parse().expect("ip"),
+                "fd00::a".parse().expect("ip"),
+            ])),
+            ..Rules::default()
+        };
+        let nft = rules.nft();
+        let dns =
+            "ip daddr { 10.96.0.10 } meta l4proto { udp, tcp } th dport 53 redirect to :15053";
+        assert!(nft.contains(dns), "{nft}");
+        assert!(nft.contains(
+            "ip6 daddr { fd00::a } meta l4proto { udp, tcp } th dport 53 redirect to :15053"
+        ));
+        // The proxy's own queries leave; the rule comes before the loopback and non-TCP
+        // exclusions, so a resolver on 127.0.0.53 is captured too.
+        let at = |l: &str| {
+            nft.find(l)
+                .unwrap_or_else(|| panic!("{l} missing in\n{nft}"))
+        };
+        assert!(at("meta skuid 1337 return") < at(dns));
+        assert!(at(dns) < at("meta l4proto != tcp return"));
+        assert!(at(dns) < at("ip daddr 127.0.0.0/8 return"));
+        let ipt = rules.iptables(true);
+        for line in [
+            "-A OUTPUT -j ISTHMUS_OUTPUT",
+            "-A ISTHMUS_OUTPUT -p udp -d 10.96.0.10 --dport 53 -j REDIRECT --to-ports 15053",
+            "-A ISTHMUS_OUTPUT -p tcp -d 10.96.0.10 --dport 53 -j REDIRECT --to-ports 15053",
+            "-A ISTHMUS_OUTPUT ! -p tcp -j RETURN",
+        ] {
+            assert!(ipt.contains(line), "{line} missing in\n{ipt}");
+        }
+        assert!(!ipt.contains("fd00::a"));
+        let all = Rules {
+            redirect_dns: Some(Scope::All),
+            ..Rules::default()
+        };
+        assert!(all
+            .nft()
+            .contains("meta l4proto { udp, tcp } th dport 53 redirect to :15053"));
+        assert!(
+            !Rules::default().nft().contains("dport 53"),
+            "off unless asked"
         );
     }
 

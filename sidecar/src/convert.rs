@@ -99,6 +99,8 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
             locality: locality(ep.locality.as_ref()),
             labels: ep.labels.clone(),
             health: health.get(&ep.tunnel_address),
+            // A name that is no DNS label is no name of the endpoint.
+            hostname: is_dns_label(&ep.hostname).then(|| ep.hostname.as_str().into()),
         });
     }
     let mut remote = Vec::new();
@@ -182,7 +184,18 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
         cursor: Default::default(),
         routing,
         host,
+        headless: msg.headless,
     })
+}
+
+/// One label of a DNS name as Kubernetes allows it (RFC 1123: lower-case letters, digits
+/// and inner hyphens, at most 63).
+fn is_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 /// An IP address or CIDR, as (network, prefix length).

@@ -503,6 +503,7 @@ mod tests {
             )]
             .into(),
             health: table.get(addr),
+            hostname: None,
         };
         let rc = |c: &str, loc: &str| RemoteCluster {
             cluster: c.into(),
@@ -526,6 +527,7 @@ mod tests {
             addresses: vec![],
             external: None,
             host: "s.ns.svc.cluster.local".into(),
+            headless: false,
         }
     }
 

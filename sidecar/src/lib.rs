@@ -15,6 +15,7 @@ mod body;
 mod breaker;
 pub mod capture;
 mod convert;
+pub mod dns;
 mod egress;
 mod errors;
 mod inbound;
@@ -71,6 +72,10 @@ pub struct Config {
     /// Where capture redirects the pod's inbound TCP (15006): plaintext from callers
     /// outside the mesh, handed to the port it was going to. `None` without capture.
     pub capture_inbound_addr: Option<SocketAddr>,
+    /// The DNS proxy (15053, UDP and TCP; see `dns`), `None` for none.
+    pub dns_addr: Option<SocketAddr>,
+    /// Where the DNS proxy sends names outside the mesh; empty for none.
+    pub dns_upstream: Vec<SocketAddr>,
     /// mTLS tunnel listener (15008).
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -128,6 +133,17 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         ),
         None => None,
     };
+    let dns_sockets = match config.dns_addr {
+        Some(addr) => Some((
+            tokio::net::UdpSocket::bind(addr)
+                .await
+                .with_context(|| format!("binding the DNS proxy on {addr} (UDP)"))?,
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the DNS proxy on {addr} (TCP)"))?,
+        )),
+        None => None,
+    };
     let readiness = Readiness::default();
     let cert_block = readiness.register("workload certificate");
     let config_block = readiness.register("first config");
@@ -156,6 +172,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     );
     let (mut running, drain) = isthmus_core::drain::Running::new();
     running.spawn(admin.run(drain.clone()));
+    if let Some((udp, tcp)) = dns_sockets {
+        // Names are answered from the first config on; until then, all go upstream.
+        let proxy = dns::DnsProxy::new(store.subscribe(), &config.dns_upstream, metrics.clone());
+        running.spawn(proxy.serve(udp, tcp));
+    }
     let ca = CaClient {
         address: config.controller_addr,
         controller: SpiffeId::controller(&config.trust_domain, &config.cluster),

@@ -26,6 +26,13 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLabels {
+    /// `mesh` (from the registry), `forwarded`, `nxdomain` (a mesh name not known, with
+    /// no upstream), `upstream_failure`, `refused` (not a single query).
+    pub answer: &'static str,
+}
+
 /// Istio's buckets for `istio_request_duration_milliseconds`.
 const DURATION_BUCKETS_MS: [f64; 14] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
@@ -103,6 +110,8 @@ pub struct Metrics {
     /// mTLS connections the pool opened to peers (sidecars, gateways, tunnels).
     pub upstream_connections: Counter,
     pub upstream_failures: Family<ReasonLabels, Counter>,
+    /// DNS queries the DNS proxy answered, by where the answer came from.
+    dns_requests: Family<DnsLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -115,6 +124,7 @@ impl Default for Metrics {
             ejections: Counter::default(),
             upstream_connections: Counter::default(),
             upstream_failures: Family::default(),
+            dns_requests: Family::default(),
         }
     }
 }
@@ -140,6 +150,11 @@ impl Metrics {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(labels, (count, duration));
+    }
+
+    /// Counts one DNS query by where its answer came from.
+    pub fn dns(&self, answer: &'static str) {
+        self.dns_requests.get_or_create(&DnsLabels { answer }).inc();
     }
 
     pub fn register(&self, registry: &mut Registry) {
@@ -173,6 +188,11 @@ impl Metrics {
             "upstream_failures",
             "failed attempts by reason",
             self.upstream_failures.clone(),
+        );
+        own.register(
+            "dns_requests",
+            "DNS queries answered by the DNS proxy, by where the answer came from",
+            self.dns_requests.clone(),
         );
     }
 }

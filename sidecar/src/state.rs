@@ -20,6 +20,8 @@ pub struct LocalEndpoint {
     pub locality: Locality,
     pub labels: BTreeMap<String, String>,
     pub health: Arc<EndpointHealth>,
+    /// Its DNS label under a headless service (see `dns.rs`).
+    pub hostname: Option<Arc<str>>,
 }
 
 /// Another cluster that serves the service, reached through the gateways.
@@ -78,6 +80,8 @@ pub struct Service {
     pub external: Option<isthmus_core::config::External>,
     /// What metrics, logs and errors call it (see [`Service::name_of`]), made once.
     pub host: Arc<str>,
+    /// A headless Service: DNS answers its endpoints' addresses (see `dns.rs`).
+    pub headless: bool,
 }
 
 impl Service {
@@ -205,6 +209,7 @@ impl MeshState {
                 resolution: isthmus_core::config::Resolution::None,
                 endpoints: Vec::new(),
             }),
+            headless: false,
         }))
     }
 

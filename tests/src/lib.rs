@@ -557,6 +557,9 @@ async fn start_sidecar(
         token: Some(token),
         outbound_addr: SocketAddr::new(a, 15001),
         capture_inbound_addr: None,
+        // Every simulated pod answers mesh names (no upstream: others fail).
+        dns_addr: Some(SocketAddr::new(a, 15053)),
+        dns_upstream: Vec::new(),
         inbound_addr: SocketAddr::new(a, 15008),
         admin_addr: SocketAddr::new(a, 15000),
         metrics_addr: None,

@@ -254,6 +254,7 @@ fn service(c: &mut Checker<'_>, spec: &ServiceSpec) -> Option<Service> {
         &export_to,
     );
     let mut addresses: Vec<String> = Vec::new();
+    let headless = spec.cluster_ip.as_deref() == Some("None");
     let ips = spec
         .cluster_ip
         .iter()
@@ -286,6 +287,7 @@ fn service(c: &mut Checker<'_>, spec: &ServiceSpec) -> Option<Service> {
         hosts: Vec::new(),
         addresses,
         external: None,
+        headless,
     })
 }
 

@@ -413,6 +413,7 @@ pub fn service_entry(
                 resolution,
                 endpoints,
             }),
+            headless: false,
         },
         workloads,
     })
