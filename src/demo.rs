@@ -257,6 +257,10 @@ async fn start_mesh(topo: &Topology, dir: &Path, procs: &mut Procs) -> anyhow::R
                 sa(w.address, 15008).to_string(),
                 "--admin".into(),
                 sa(w.address, 15000).to_string(),
+                // The DNS proxy, as capture would reach it in a pod (names outside the
+                // mesh go to this host's resolvers).
+                "--dns".into(),
+                sa(w.address, 15053).to_string(),
             ]);
             if let Some(port) = w.app {
                 args.extend(["--app".into(), sa(w.address, port).to_string()]);
@@ -512,8 +516,13 @@ async fn demo(
         ))
     })?;
     println!(
-        "mesh up in {:.1}s; client in east sends steady traffic to {SERVICE_HOST}\n",
+        "mesh up in {:.1}s; client in east sends steady traffic to {SERVICE_HOST}",
         started.elapsed().as_secs_f64()
+    );
+    let dns = SocketAddr::new(outbound.ip(), 15053);
+    let (vip, cluster) = mesh_dns(dns, outbound).await?;
+    println!(
+        "the client's sidecar DNS ({dns}) answers {SERVICE_HOST} with {vip}, a virtual IP the\ncontroller allocated; a request to {vip} through the sidecar reached {cluster}\n"
     );
     let results = scenario(procs, outbound, opts.phase_secs).await?;
     print_summary(&results);
@@ -522,6 +531,42 @@ async fn demo(
         print_addresses(topo, outbound);
     }
     Ok(passed)
+}
+
+/// The mesh's DNS as an app behind the client's sidecar meets it (with capture, every
+/// query of the pod goes there): the service's name resolves to an address of the mesh,
+/// and a request to that address reaches the service. Returns the address and the cluster
+/// that answered.
+async fn mesh_dns(dns: SocketAddr, outbound: SocketAddr) -> anyhow::Result<(IpAddr, String)> {
+    use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+    let mut server = NameServerConfig::udp(dns.ip());
+    for c in &mut server.connections {
+        c.port = dns.port();
+    }
+    let resolver = hickory_resolver::TokioResolver::builder_with_config(
+        ResolverConfig::from_name_servers(vec![server]),
+        hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
+    )
+    .build()
+    .context("a DNS client")?;
+    let name = format!("{SERVICE_HOST}.");
+    let vip = resolver
+        .lookup_ip(name.as_str())
+        .await
+        .with_context(|| format!("resolving {SERVICE_HOST} through the sidecar's DNS at {dns}"))?
+        .iter()
+        .next()
+        .with_context(|| format!("{SERVICE_HOST} has no address in the sidecar's DNS"))?;
+    let reply = AppClient::new()
+        .get(outbound, &vip.to_string(), "/")
+        .await
+        .with_context(|| format!("a request to {vip} through the client's sidecar"))?;
+    anyhow::ensure!(
+        reply.status == 200,
+        "a request to {vip} through the client's sidecar got status {}",
+        reply.status
+    );
+    Ok((vip, reply.answer()?.cluster))
 }
 
 async fn scenario(
@@ -601,6 +646,10 @@ fn print_addresses(topo: &Topology, outbound: SocketAddr) {
     println!("\nThe mesh stays up until Ctrl-C (or SIGTERM). Try:");
     println!(
         "  curl -H 'Host: {SERVICE_HOST}' http://{outbound}/          # from the client in east"
+    );
+    println!(
+        "  dig @{} -p 15053 {SERVICE_HOST}         # the client's sidecar DNS",
+        outbound.ip()
     );
     for c in &topo.clusters {
         println!("  cluster {:<5} controller metrics http://{}/config_dump   gateway http://{}/stats/prometheus", c.name, sa(c.controller, 15014), sa(c.gateway, 15000));

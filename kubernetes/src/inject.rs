@@ -9,7 +9,10 @@
 //! What the patch adds:
 //! - The capture step, init container `isthmus-init`, running `isthmus iptables` with
 //!   NET_ADMIN. It carries the pod's Istio traffic annotations
-//!   (`traffic.sidecar.istio.io/includeOutboundIPRanges`, ...) as flags.
+//!   (`traffic.sidecar.istio.io/includeOutboundIPRanges`, ...) as flags, and captures the
+//!   pod's DNS queries to its resolvers for the sidecar's DNS proxy (on by default, as
+//!   mesh names of other clusters resolve only there; `isthmus.io/dns-capture: "false"`
+//!   turns it off for a pod).
 //! - The sidecar as a native sidecar, init container `isthmus-proxy` with
 //!   `restartPolicy: Always`. It starts before the app and stops after it, and its
 //!   readiness (`/ready` on 15020) is part of the pod's. It runs as UID 1337, which capture
@@ -51,6 +54,9 @@ pub struct Template {
     /// The mesh root, PEM.
     pub root_pem: String,
 }
+
+/// A pod annotated `"false"` keeps its DNS queries to itself (no DNS capture).
+pub const DNS_CAPTURE_ANNOTATION: &str = "isthmus.io/dns-capture";
 
 /// Istio's traffic annotations and the `isthmus iptables` flags they become.
 const TRAFFIC_ANNOTATIONS: &[(&str, &str)] = &[
@@ -118,6 +124,10 @@ pub fn patch(pod: &Pod, t: &Template) -> Option<Value> {
             init_args.push(format!("{flag}={v}"));
         }
     }
+    let dns = annotations.get(DNS_CAPTURE_ANNOTATION).map(String::as_str) != Some("false");
+    if dns {
+        init_args.push("--redirect-dns".into());
+    }
     let service_account = pod
         .spec
         .as_ref()
@@ -138,6 +148,9 @@ pub fn patch(pod: &Pod, t: &Template) -> Option<Value> {
         "--admin=127.0.0.1:15000".into(),
         "--metrics=0.0.0.0:15020".into(),
     ];
+    if dns {
+        proxy_args.push("--dns=127.0.0.1:15053".into());
+    }
     if let Some(port) = app_port(pod) {
         proxy_args.push(format!("--app=127.0.0.1:{port}"));
     }
@@ -237,6 +250,10 @@ mod tests {
             .iter()
             .flatten()
             .any(|a| a == "--exclude-outbound-ports=3306"));
+        assert!(
+            init.args.iter().flatten().any(|a| a == "--redirect-dns"),
+            "DNS capture is on by default"
+        );
         let proxy = &spec.init_containers.as_ref().expect("inits")[1];
         assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
         let args = proxy.args.clone().unwrap_or_default();
@@ -244,6 +261,7 @@ mod tests {
             "--service-account=reviews",
             "--app=127.0.0.1:9080",
             "--workload=$(POD_NAMESPACE)/$(POD_NAME)",
+            "--dns=127.0.0.1:15053",
         ] {
             assert!(args.iter().any(|a| a == want), "{want} in {args:?}");
         }
@@ -282,6 +300,23 @@ mod tests {
                 .expect("inits")
                 .len(),
             2
+        );
+    }
+
+    #[test]
+    fn a_pod_may_keep_its_dns_to_itself() {
+        let own_dns = POD.replace(
+            "annotations: {",
+            "annotations: {isthmus.io/dns-capture: \"false\", ",
+        );
+        let spec = apply(&own_dns).expect("injected").spec.expect("spec");
+        let inits = spec.init_containers.expect("inits");
+        let args = |i: usize| inits[i].args.clone().unwrap_or_default();
+        assert!(!args(0).iter().any(|a| a == "--redirect-dns"));
+        assert!(!args(1).iter().any(|a| a.starts_with("--dns")));
+        assert!(
+            args(0).iter().any(|a| a == "--exclude-outbound-ports=3306"),
+            "the rest of capture stays"
         );
     }
 }

@@ -180,6 +180,7 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
             .map(|p| port(name, &host, p))
             .collect::<Result<_, _>>()?,
         endpoints,
+        workloads: msg.endpoints.iter().map(|e| e.workload.clone()).collect(),
         remote,
         cursor: Default::default(),
         routing,

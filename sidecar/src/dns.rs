@@ -461,6 +461,7 @@ mod tests {
                 authority: Port::authority_of(&host, 80),
             }],
             endpoints: eps,
+            workloads: Vec::new(),
             remote: Vec::new(),
             cursor: Default::default(),
             routing: None,
@@ -572,6 +573,17 @@ mod tests {
             ask(&state, "db-9.db.demo.svc.cluster.local.", RecordType::A),
             None
         );
+        // A connection to one of those addresses (at the target port) reaches that endpoint
+        // only.
+        let pinned = state
+            .resolve_ip("10.1.0.6".parse().expect("ip"))
+            .expect("the endpoint's address is known");
+        assert_eq!(pinned.endpoints.len(), 1);
+        assert_eq!(
+            pinned.endpoints[0].tunnel_address.to_string(),
+            "10.1.0.6:15008"
+        );
+        assert!(pinned.port(Some(8080)).is_some() && pinned.port(Some(80)).is_none());
         // A name under a service with a cluster IP is no endpoint's.
         assert_eq!(
             ask(&state, "x.echo.demo.svc.cluster.local.", RecordType::A),

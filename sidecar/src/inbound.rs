@@ -265,7 +265,7 @@ async fn forward(
             let declared = state
                 .services
                 .values()
-                .filter(|s| s.endpoints.iter().any(|e| e.workload == ctx.workload))
+                .filter(|s| s.workloads.contains(&ctx.workload))
                 .any(|s| s.ports.iter().any(|p| Some(p.target_port) == port));
             if !declared {
                 return Err(ProxyError::TunnelUnsupported);

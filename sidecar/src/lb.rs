@@ -520,6 +520,7 @@ mod tests {
                 ep("127.0.0.1:1", "us-east/a"),
                 ep("127.0.0.2:1", "us-east/a"),
             ],
+            workloads: vec![],
             remote: vec![rc("eu", "eu-central/a"), rc("west", "us-west/a")],
             cursor: Default::default(),
             routing: None,

@@ -74,7 +74,7 @@ impl Outbound {
                 continue;
             }
             self.drain
-                .spawn(async move { serve_http(ctx, tcp, remote, d).await });
+                .spawn(async move { serve_http(ctx, tcp, remote, None, d).await });
         }
     }
 }
@@ -126,7 +126,7 @@ async fn captured(
         }
         return;
     }
-    serve_http(ctx, tcp, remote, drain).await;
+    serve_http(ctx, tcp, remote, Some(Captured(svc)), drain).await;
 }
 
 /// An unknown destination under `ALLOW_ANY`: the bytes go where the app sent them.
@@ -145,12 +145,18 @@ async fn passthrough(mut tcp: tokio::net::TcpStream, original: std::net::SocketA
     }
 }
 
+/// The service a captured connection was going to (by its original destination): what
+/// its requests go to when their Host names no service.
+#[derive(Clone)]
+struct Captured(Arc<crate::state::Service>);
+
 /// Serves one app connection as HTTP/1.1 or HTTP/2 until it closes, idles past the idle
 /// timeout, or the sidecar drains.
 async fn serve_http(
     ctx: Arc<OutboundCtx>,
     tcp: tokio::net::TcpStream,
     remote: std::net::SocketAddr,
+    captured: Option<Captured>,
     d: isthmus_core::drain::Drain,
 ) {
     let limits = ctx.limits.clone();
@@ -159,6 +165,9 @@ async fn serve_http(
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let (ctx, activity) = (ctx.clone(), activity.clone());
         req.extensions_mut().insert(ClientAddr(remote));
+        if let Some(c) = &captured {
+            req.extensions_mut().insert(c.clone());
+        }
         async move {
             let _busy = activity.begin();
             Ok::<_, std::convert::Infallible>(handle(&ctx, req).await)
@@ -490,9 +499,10 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
     req.headers_mut().remove(headers::HTTP2_SETTINGS);
     let (name, port) = split_host(&host);
     let no_route = || (ProxyError::NoRoute { host: host.clone() }, unnamed());
-    let svc = match state.resolve(name) {
-        Some(svc) => svc.clone(),
-        None => state.passthrough(port, false).ok_or_else(no_route)?,
+    let svc = match (state.resolve(name), req.extensions().get::<Captured>()) {
+        (Some(svc), _) => svc.clone(),
+        (None, Some(Captured(svc))) => svc.clone(),
+        (None, None) => state.passthrough(port, false).ok_or_else(no_route)?,
     };
     let port = svc.port(port).ok_or_else(no_route)?.clone();
     let (mut parts, body) = req.into_parts();

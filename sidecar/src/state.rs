@@ -12,7 +12,7 @@ use isthmus_core::locality::Locality;
 use crate::lb::{EndpointHealth, HealthTable};
 
 /// One endpoint in the sidecar's own cluster.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LocalEndpoint {
     pub workload: String,
     pub tunnel_address: SocketAddr,
@@ -67,6 +67,10 @@ pub struct Service {
     pub ports: Vec<Port>,
     /// Endpoints the controller reports healthy.
     pub endpoints: Vec<LocalEndpoint>,
+    /// Every workload of this cluster the controller lists for it, healthy or not: what
+    /// a workload's own sidecar checks an opaque tunnel's port against (its own health
+    /// has no say in which ports it serves).
+    pub workloads: Vec<String>,
     pub remote: Vec<RemoteCluster>,
     /// Round-robin cursor.
     pub cursor: std::sync::atomic::AtomicUsize,
@@ -135,6 +139,9 @@ pub struct MeshState {
     pub wildcards: Vec<(String, String)>,
     /// ServiceEntry addresses, as (network, prefix length, service key).
     pub networks: Vec<(std::net::IpAddr, u8, String)>,
+    /// The endpoints of headless services by address, each as a service of its own that
+    /// reaches only that endpoint (see [`MeshState::index`]).
+    pub pods: HashMap<std::net::IpAddr, Arc<Service>>,
     pub mesh: MeshInfo,
     /// Labels of this sidecar's own WorkloadEntry (for `sourceLabels`, `failoverPriority`).
     pub own_labels: Arc<BTreeMap<String, String>>,
@@ -169,15 +176,18 @@ impl MeshState {
     }
 
     /// The service an address belongs to: a ServiceEntry's addresses, a Service's cluster
-    /// IPs (the most specific range wins).
+    /// IPs (the most specific range wins), else a headless service's endpoint.
     pub fn resolve_ip(&self, ip: std::net::IpAddr) -> Option<&Arc<Service>> {
         let key = self
             .networks
             .iter()
             .filter(|(net, bits, _)| within(ip, *net, *bits))
             .max_by_key(|(_, bits, _)| *bits)
-            .map(|(_, _, k)| k)?;
-        self.services.get(key)
+            .map(|(_, _, k)| k);
+        match key {
+            Some(key) => self.services.get(key),
+            None => self.pods.get(&ip),
+        }
     }
 
     /// Under `ALLOW_ANY`, what a host outside the registry is: a service outside the mesh
@@ -199,6 +209,7 @@ impl MeshState {
                 authority: Port::authority_of(PASSTHROUGH, port),
             }],
             endpoints: Vec::new(),
+            workloads: Vec::new(),
             remote: Vec::new(),
             cursor: Default::default(),
             routing: None,
@@ -214,10 +225,48 @@ impl MeshState {
     }
 
     /// Rebuilds the host index.
+    ///
+    /// An app that resolves a headless service gets its endpoints' addresses and connects
+    /// to one of them (a StatefulSet's member, say) at its target port: that connection
+    /// must reach that endpoint. So each endpoint's address maps to a service of one
+    /// endpoint, whose ports are the target ports, without routing rules (Istio sends such
+    /// traffic to the original destination).
     pub fn index(&mut self, own_namespace: &str) {
         self.hosts.clear();
         self.wildcards.clear();
         self.networks.clear();
+        self.pods.clear();
+        for svc in self.services.values().filter(|s| s.headless) {
+            for ep in &svc.endpoints {
+                let ip = ep.tunnel_address.ip();
+                if self.pods.contains_key(&ip) {
+                    continue;
+                }
+                let pinned = Service {
+                    namespace: svc.namespace.clone(),
+                    name: svc.name.clone(),
+                    ports: svc
+                        .ports
+                        .iter()
+                        .map(|p| Port {
+                            port: p.target_port,
+                            ..p.clone()
+                        })
+                        .collect(),
+                    endpoints: vec![ep.clone()],
+                    workloads: Vec::new(),
+                    remote: Vec::new(),
+                    cursor: Default::default(),
+                    routing: None,
+                    hosts: svc.hosts.clone(),
+                    addresses: Vec::new(),
+                    external: None,
+                    host: svc.host.clone(),
+                    headless: true,
+                };
+                self.pods.insert(ip, Arc::new(pinned));
+            }
+        }
         for (key, svc) in &self.services {
             if !svc.hosts.is_empty() {
                 // A ServiceEntry answers to its hosts and addresses only, as in Istio.
