@@ -201,13 +201,13 @@ fn unmodified_apps_reach_services_by_name_through_capture_and_the_sidecar_dns() 
     let logs = d.join("logs");
     std::fs::write(
         d.join("cfg1/echo.yaml"),
-        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: demo}}\nspec:\n  clusterIP: {ECHO_IP}\n  selector: {{app: echo}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}, {{name: tcp-echo, port: 7000, targetPort: 7000}}]\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: echo-0, namespace: demo}}\nspec: {{address: 10.244.2.2, labels: {{app: echo}}, serviceAccount: echo}}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: client, namespace: demo}}\nspec: {{address: 10.244.1.2, labels: {{app: client}}, serviceAccount: client}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: echo-pods, namespace: demo}}\nspec:\n  clusterIP: None\n  selector: {{app: echo}}\n  ports: [{{name: http, port: 8080}}]\n"),
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: demo}}\nspec:\n  clusterIP: {ECHO_IP}\n  selector: {{app: echo}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}, {{name: tcp-echo, port: 7000, targetPort: 7000}}, {{name: web, port: 8000, targetPort: 8080}}, {{name: raw, port: 7100, targetPort: 7000}}]\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: echo-0, namespace: demo}}\nspec: {{address: 10.244.2.2, labels: {{app: echo}}, serviceAccount: echo}}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: client, namespace: demo}}\nspec: {{address: 10.244.1.2, labels: {{app: client}}, serviceAccount: client}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: echo-pods, namespace: demo}}\nspec:\n  clusterIP: None\n  selector: {{app: echo}}\n  ports: [{{name: http, port: 8080}}]\n"),
     )
     .expect("config");
     // `hello` runs only in c2, which exports it; it has no cluster IP anywhere.
     std::fs::write(
         d.join("cfg2/hello.yaml"),
-        "apiVersion: v1\nkind: Service\nmetadata: {name: hello, namespace: demo}\nspec:\n  selector: {app: hello}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: hello-0, namespace: demo}\nspec: {address: 10.244.0.13, labels: {app: hello}, serviceAccount: hello}\n---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: hello, namespace: demo}\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: hello, namespace: demo}\nspec:\n  selector: {app: hello}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: hello-pods, namespace: demo}\nspec:\n  clusterIP: None\n  selector: {app: hello}\n  ports: [{name: http, port: 8080}]\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: hello-0, namespace: demo}\nspec: {address: 10.244.0.13, labels: {app: hello}, serviceAccount: hello}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: hello-1, namespace: demo}\nspec: {address: 10.244.0.14, labels: {app: hello}, serviceAccount: hello}\n---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: hello, namespace: demo}\n---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: hello-pods, namespace: demo}\n",
     )
     .expect("config");
 
@@ -221,6 +221,7 @@ fn unmodified_apps_reach_services_by_name_through_capture_and_the_sidecar_dns() 
         "10.244.0.11",
         "10.244.0.12",
         "10.244.0.13",
+        "10.244.0.14",
         KUBE_DNS,
     ] {
         node.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
@@ -317,19 +318,27 @@ fn unmodified_apps_reach_services_by_name_through_capture_and_the_sidecar_dns() 
             .args(["--admin", &format!("{gw}:15000")]);
         procs.isthmus(g, &logs.join(format!("{cluster}-gateway.log")));
     }
-    let mut hello_app = node.isthmus(Some(UID));
-    hello_app.args(["echo", "--listen", "10.244.0.13:8080", "--cluster", "c2"]);
-    hello_app.args(["--workload", "hello-0"]);
-    procs.isthmus(hello_app, &logs.join("hello-app.log"));
+    // c2's two workloads, hello-0 and hello-1: the app and its sidecar each.
     let token = token_for("c2", "demo", "hello");
-    let mut hello = proxy(&node, "sidecar", "c2", "10.244.0.11:15012", &token);
-    hello
-        .args(["--workload", "demo/hello-0", "--service-account", "hello"])
-        .args(["--outbound", "10.244.0.13:15001"])
-        .args(["--inbound", "10.244.0.13:15008"])
-        .args(["--admin", "10.244.0.13:15000"])
-        .args(["--app", "10.244.0.13:8080"]);
-    procs.isthmus(hello, &logs.join("hello-sidecar.log"));
+    for (name, ip) in [("hello-0", "10.244.0.13"), ("hello-1", "10.244.0.14")] {
+        let mut app = node.isthmus(Some(UID));
+        app.args(["echo", "--listen", &format!("{ip}:8080"), "--cluster", "c2"]);
+        app.args(["--workload", name]);
+        procs.isthmus(app, &logs.join(format!("{name}-app.log")));
+        let mut sidecar = proxy(&node, "sidecar", "c2", "10.244.0.11:15012", &token);
+        sidecar
+            .args([
+                "--workload",
+                &format!("demo/{name}"),
+                "--service-account",
+                "hello",
+            ])
+            .args(["--outbound", &format!("{ip}:15001")])
+            .args(["--inbound", &format!("{ip}:15008")])
+            .args(["--admin", &format!("{ip}:15000")])
+            .args(["--app", &format!("{ip}:8080")]);
+        procs.isthmus(sidecar, &logs.join(format!("{name}-sidecar.log")));
+    }
 
     // The pods: the sample app in B, a sidecar in each, capture set up as the init step does.
     let mut echo_app = pod_b.command(None, env!("CARGO_BIN_EXE_isthmus"));
@@ -488,13 +497,33 @@ fn unmodified_apps_reach_services_by_name_through_capture_and_the_sidecar_dns() 
         logs_text(&logs)
     );
 
+    // Ports that declare no protocol (`web`, `raw`: no prefix, no appProtocol) are sniffed:
+    // HTTP is served as HTTP, anything else goes through as opaque TCP.
+    let web = json_of(&curl("http://echo.demo.svc.cluster.local:8000/"))
+        .expect("HTTP on an undeclared port");
+    assert_eq!(web["caller"], "spiffe://cluster.local/ns/demo/sa/client");
+    let raw = pod_a.command(None, "python3").args([
+        "-c",
+        "import socket; s = socket.create_connection(('echo.demo.svc.cluster.local', 7100), 5); s.sendall(b'\\x00\\x01 not http'); s.shutdown(socket.SHUT_WR); print(s.recv(100))",
+    ]).output().expect("python runs");
+    assert_eq!(
+        text(&raw),
+        "b'\\x00\\x01 not http'",
+        "{}\n{}",
+        String::from_utf8_lossy(&raw.stderr),
+        logs_text(&logs)
+    );
+
     // A service only c2 runs: its name resolves, in pod A's sidecar, to the virtual IP the
     // controller gave it, and a connection to that address goes through both gateways.
     let mut hello = None;
     let started = Instant::now();
     while hello.is_none() && started.elapsed() < Duration::from_secs(30) {
-        hello = json_of(&curl("http://hello.demo.svc.cluster.local/"))
-            .filter(|j| j["workload"] == "hello-0");
+        hello = json_of(&curl("http://hello.demo.svc.cluster.local/")).filter(|j| {
+            j["workload"]
+                .as_str()
+                .is_some_and(|w| w.starts_with("hello-"))
+        });
         std::thread::sleep(Duration::from_millis(250));
     }
     let hello =
@@ -503,6 +532,25 @@ fn unmodified_apps_reach_services_by_name_through_capture_and_the_sidecar_dns() 
     assert_eq!(hello["caller"], "spiffe://cluster.local/ns/demo/sa/client");
     let vip = text(&resolve("hello.demo.svc.clusterset.local"));
     assert!(vip.starts_with("['240.240."), "a virtual IP: {vip}");
+
+    // A headless Service of c2: in the clusterset domain each of its endpoints has a name
+    // (`<endpoint>.<cluster>.<service>`), at a virtual IP of its own, and a call to it
+    // reaches that endpoint and no other, through both gateways.
+    let everywhere = text(&resolve("hello-pods.demo.svc.clusterset.local"));
+    assert_eq!(
+        everywhere.matches("'240.240.").count(),
+        2,
+        "one per endpoint: {everywhere}"
+    );
+    for (label, workload) in [("10-244-0-13", "hello-0"), ("10-244-0-14", "hello-1")] {
+        let url = format!("http://{label}.c2.hello-pods.demo.svc.clusterset.local:8080/");
+        for _ in 0..3 {
+            let reply = json_of(&curl(&url))
+                .unwrap_or_else(|| panic!("{url} not reached\n{}", logs_text(&logs)));
+            assert_eq!(reply["workload"], workload, "{url}");
+            assert_eq!(reply["caller"], "spiffe://cluster.local/ns/demo/sa/client");
+        }
+    }
 
     // Names outside the mesh go to the pod's resolver, from the sidecar (not captured
     // again, or it would loop back to itself): an answer, and NXDOMAIN as the resolver
@@ -513,14 +561,20 @@ fn unmodified_apps_reach_services_by_name_through_capture_and_the_sidecar_dns() 
         "error -2",
         "EAI_NONAME: the resolver's NXDOMAIN"
     );
-    let dnsmasq = std::fs::read_to_string(logs.join("dnsmasq.log")).unwrap_or_default();
+    let dnsmasq = || std::fs::read_to_string(logs.join("dnsmasq.log")).unwrap_or_default();
     assert!(
-        dnsmasq.contains("query[A] outside.example from 10.244.1.2"),
-        "dnsmasq answered the sidecar's forwarded query:\n{dnsmasq}"
+        dnsmasq().contains("query[A] outside.example from 10.244.1.2"),
+        "dnsmasq answered the sidecar's forwarded query:\n{}",
+        dnsmasq()
     );
+    // A mesh name the sidecar knows never reaches the cluster DNS (before c2's export
+    // arrived it did, and was NXDOMAIN there, as for any unknown name).
+    let before = dnsmasq().len();
+    assert!(text(&resolve("hello.demo.svc.cluster.local")).starts_with("['240.240."));
+    let since = dnsmasq()[before..].to_owned();
     assert!(
-        !dnsmasq.contains("hello.demo.svc.cluster.local from"),
-        "mesh names never reach the cluster DNS:\n{dnsmasq}"
+        !since.contains("] hello.demo.svc.cluster.local from"),
+        "mesh names are answered by the sidecar:\n{since}"
     );
 
     // An excluded port bypasses the sidecar: reached even under REGISTRY_ONLY, which

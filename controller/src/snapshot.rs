@@ -121,8 +121,8 @@ struct Local {
 struct Encoded {
     generation: u64,
     global: Option<Arc<fed::GlobalService>>,
-    /// The virtual IP it was encoded with.
-    vip: Option<std::net::Ipv4Addr>,
+    /// The virtual IPs it was encoded with: its own, then its remote endpoints'.
+    vips: Vec<std::net::Ipv4Addr>,
     resource: (String, Bytes),
     views: Option<Arc<ScopedViews>>,
 }
@@ -192,7 +192,16 @@ fn export_of(local: &xds::Service) -> fed::ExportedService {
     type Key = (String, String, String, BTreeMap<String, String>);
     let mut counts: BTreeMap<Key, u32> = BTreeMap::new();
     let mut identities = BTreeSet::new();
+    let mut endpoint_names = Vec::new();
     for ep in &local.endpoints {
+        if local.headless && ep.healthy {
+            if let Ok(addr) = ep.tunnel_address.parse::<std::net::SocketAddr>() {
+                endpoint_names.push(isthmus_core::config::endpoint_label(
+                    Some(&ep.hostname),
+                    addr.ip(),
+                ));
+            }
+        }
         let l = ep.locality.clone().unwrap_or_default();
         let count = counts
             .entry((l.region, l.zone, l.subzone, ep.labels.clone()))
@@ -228,6 +237,7 @@ fn export_of(local: &xds::Service) -> fed::ExportedService {
             )
             .collect(),
         identities: identities.into_iter().collect(),
+        endpoint_names,
     }
 }
 
@@ -593,6 +603,12 @@ impl Registry {
                     })
                     .collect(),
                 identities: c.identities.clone(),
+                // Addresses are filled in with the virtual IPs (see `build_snapshot`).
+                endpoints: c
+                    .endpoint_names
+                    .iter()
+                    .map(|ep| (ep.clone(), String::new()))
+                    .collect(),
             });
         }
         svc
@@ -616,6 +632,22 @@ impl Registry {
             .keys()
             .chain(global.services.keys())
             .collect();
+        // Virtual IPs: for each service with no address of its own, and for each endpoint
+        // of a headless service in another cluster (its per-endpoint name resolves to it).
+        let endpoint_keys: Vec<String> = global
+            .services
+            .iter()
+            .flat_map(|(name, g)| {
+                g.clusters
+                    .iter()
+                    .filter(|c| c.cluster != self.inner.cluster)
+                    .flat_map(move |c| {
+                        c.endpoint_names
+                            .iter()
+                            .map(move |ep| crate::vips::endpoint_key(name, &c.cluster, ep))
+                    })
+            })
+            .collect();
         let vips = crate::vips::allocate(
             names
                 .iter()
@@ -623,16 +655,31 @@ impl Registry {
                     Some(l) => l.addresses.is_empty() && !l.headless && l.external.is_none(),
                     None => true,
                 })
-                .map(|n| n.as_str()),
+                .map(|n| n.as_str())
+                .chain(endpoint_keys.iter().map(String::as_str)),
         );
         let mut kept = HashMap::with_capacity(names.len());
         let svc_map = snapshot.resources.entry(type_url::SERVICE).or_default();
         for name in names {
             let (l, g) = (local.services.get(name), global.services.get(name));
             let vip = vips.get(name.as_str()).copied();
+            let endpoint_vips = |cluster: &str, ep: &str| {
+                vips.get(crate::vips::endpoint_key(name, cluster, ep).as_str())
+                    .copied()
+            };
+            let these_vips: Vec<std::net::Ipv4Addr> = vip
+                .into_iter()
+                .chain(g.iter().flat_map(|g| {
+                    g.clusters.iter().flat_map(|c| {
+                        c.endpoint_names
+                            .iter()
+                            .filter_map(|ep| endpoint_vips(&c.cluster, ep))
+                    })
+                }))
+                .collect();
             let reusable = encoded.remove(name).filter(|e| {
                 e.generation == local.generation
-                    && e.vip == vip
+                    && e.vips == these_vips
                     && match (&e.global, g) {
                         (Some(a), Some(b)) => Arc::ptr_eq(a, b),
                         (None, None) => true,
@@ -645,6 +692,14 @@ impl Registry {
                     .and_then(|(ns, n)| local.config.routing.get(&NamespacedName::new(ns, n)));
                 let mut merged = self.merged_service(l, g.map(|g| &**g));
                 merged.addresses.extend(vip.map(|v| v.to_string()));
+                for rc in &mut merged.remote {
+                    for (ep, addr) in &mut rc.endpoints {
+                        if let Some(v) = endpoint_vips(&rc.cluster, ep) {
+                            *addr = v.to_string();
+                        }
+                    }
+                    rc.endpoints.retain(|_, addr| !addr.is_empty());
+                }
                 if l.is_none() {
                     // A service only other clusters run, routed by this cluster's config.
                     merged.routing = routing.map(Into::into);
@@ -653,7 +708,7 @@ impl Registry {
                 Encoded {
                     generation: local.generation,
                     global: g.cloned(),
-                    vip,
+                    vips: these_vips,
                     resource: encode(&merged),
                     views: routing.map(|r| Arc::new(scoped_views(&merged, r))),
                 }

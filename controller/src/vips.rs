@@ -10,7 +10,9 @@
 //! free slot in the order of (slot, name). So an address stays the same for the life of
 //! a service, except that removing one of two colliding services can move the other: a
 //! caller then resolves the name again, as after any DNS change.
-//! Headless Services are left alone: their names resolve to their endpoints.
+//! Headless Services are left alone: their names resolve to their endpoints. The
+//! endpoints of a headless service in other clusters get one each, which their
+//! per-endpoint names (`db-0.west.db.ns.svc.clusterset.local`) resolve to.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -24,6 +26,11 @@ fn fnv1a(s: &str) -> u32 {
     s.bytes().fold(0x811c_9dc5u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     })
+}
+
+/// The allocation key of endpoint `endpoint` of `service` (`namespace/name`) in `cluster`.
+pub fn endpoint_key(service: &str, cluster: &str, endpoint: &str) -> String {
+    format!("{service}/{cluster}/{endpoint}")
 }
 
 /// An address for each name; at most [`SLOTS`] of them (further names get none).

@@ -80,6 +80,10 @@ pub enum Protocol {
     Http2,
     Grpc,
     Tcp,
+    /// Not declared (no `appProtocol`, no protocol prefix on the port's name): an app's
+    /// explicit requests are HTTP, and a captured connection is sniffed, HTTP when its
+    /// first bytes are, opaque TCP otherwise (Istio's protocol detection).
+    Unspecified,
 }
 
 impl Protocol {
@@ -89,6 +93,7 @@ impl Protocol {
             Protocol::Http2 => "http2",
             Protocol::Grpc => "grpc",
             Protocol::Tcp => "tcp",
+            Protocol::Unspecified => "auto",
         }
     }
 
@@ -189,6 +194,15 @@ pub struct ExternalEndpoint {
 
 /// The annotation that scopes a Service's visibility, as Istio reads it.
 pub const EXPORT_TO_ANNOTATION: &str = "networking.istio.io/exportTo";
+
+/// An endpoint's DNS label under a headless service, as Kubernetes DNS names it: its
+/// hostname, else its address with dashes (`10-1-0-5`, `fd00--5`).
+pub fn endpoint_label(hostname: Option<&str>, ip: std::net::IpAddr) -> String {
+    match hostname.filter(|h| !h.is_empty()) {
+        Some(h) => h.to_owned(),
+        None => ip.to_string().replace(['.', ':'], "-"),
+    }
+}
 
 /// Whether a workload of `namespace` may see a service of `owner` exported to `export_to`.
 pub fn visible(export_to: &[String], owner: &str, namespace: &str) -> bool {

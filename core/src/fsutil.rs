@@ -21,6 +21,37 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Creates a secret file with `bytes` unless it exists, and returns what the file holds:
+/// ours, or what another process (a CLI minting a token while the controller starts)
+/// wrote first. The file appears whole or not at all: the bytes go to a file of this
+/// caller's own, which is then linked into place, and a link never replaces a file.
+pub fn create_private_once(path: &Path, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!(
+        "tmp.{}.{:x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(bytes.to_vec()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read(path),
+        Err(e) => Err(e),
+    }
+}
+
 /// Keeps a state file current without writing on every change: after a `dirty`
 /// notification it writes what `encode` returns at that moment, then waits `interval`
 /// before the next write, so a quiet change is on disk at once and a burst of changes costs
@@ -41,5 +72,38 @@ pub async fn write_behind(
             tracing::warn!(path = %path.display(), error = %e, "cannot keep state on disk; a restart would start from an older copy");
         }
         tokio::time::sleep(interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_writer_of_a_secret_wins_and_everyone_reads_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token.key");
+        let threads: Vec<_> = (0u8..8)
+            .map(|i| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    create_private_once(&path, &[i; 32]).expect("created or read")
+                })
+            })
+            .collect();
+        let seen: Vec<Vec<u8>> = threads
+            .into_iter()
+            .map(|t| t.join().expect("joined"))
+            .collect();
+        let on_disk = std::fs::read(&path).expect("the file");
+        assert!(
+            seen.iter().all(|s| *s == on_disk),
+            "every caller got the key on disk"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("dir").count(),
+            1,
+            "no temporary file is left"
+        );
     }
 }

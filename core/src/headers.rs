@@ -11,6 +11,8 @@ pub const ERROR_REASON: HeaderName = HeaderName::from_static("x-isthmus-error");
 pub const UPSTREAM_CLUSTER: HeaderName = HeaderName::from_static("x-isthmus-upstream-cluster");
 /// Subset labels (`k=v,k2=v2`) the destination endpoint of a gateway tunnel must carry.
 pub const SUBSET: HeaderName = HeaderName::from_static("x-isthmus-subset");
+/// The one endpoint (its DNS label under a headless service) a gateway tunnel must reach.
+pub const ENDPOINT: HeaderName = HeaderName::from_static("x-isthmus-endpoint");
 /// Target cluster of a CONNECT to the gateway.
 pub const TARGET_CLUSTER: HeaderName = HeaderName::from_static("x-isthmus-cluster");
 /// Protocol the inbound sidecar must speak to its app (`http` or `http2`).

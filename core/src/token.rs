@@ -82,7 +82,8 @@ impl TokenKey {
             Ok(bytes) => Ok(Self::from_bytes(&bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let bytes: [u8; 32] = rand::random();
-                crate::fsutil::write_private(path, &bytes).map_err(err)?;
+                // Another process may be creating it too: whoever is first, all use its key.
+                let bytes = crate::fsutil::create_private_once(path, &bytes).map_err(err)?;
                 Ok(Self::from_bytes(&bytes))
             }
             Err(e) => Err(err(e)),

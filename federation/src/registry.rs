@@ -186,6 +186,7 @@ fn merge_one(
                 cluster: cluster.clone(),
                 localities: svc.localities.clone(),
                 identities: svc.identities.clone(),
+                endpoint_names: svc.endpoint_names.clone(),
             }],
             ..Default::default()
         }

@@ -111,7 +111,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
                 let s = store.current();
                 serde_json::json!({
                     "peers": s.peers.iter().map(|(c, p)| serde_json::json!({"cluster": c, "address": p.address.to_string()})).collect::<Vec<_>>(),
-                    "services": s.services.iter().map(|(k, e)| serde_json::json!({"service": k, "endpoints": e.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>()})).collect::<Vec<_>>(),
+                    "services": s.services.iter().map(|(k, e)| serde_json::json!({"service": k, "endpoints": e.iter().map(|e| e.address.to_string()).collect::<Vec<_>>()})).collect::<Vec<_>>(),
                 })
             })
         },

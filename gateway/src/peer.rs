@@ -445,11 +445,20 @@ impl PeerLinks {
             .get(&key)
             .into_iter()
             .flat_map(|e| e.iter())
-            .filter(|(_, labels)| header.labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
-            .map(|(addr, _)| *addr)
+            .filter(|e| {
+                header
+                    .labels
+                    .iter()
+                    .all(|(k, v)| e.labels.get(k) == Some(v))
+            })
+            .filter(|e| header.endpoint.is_empty() || e.name == header.endpoint)
+            .map(|e| e.address)
             .collect();
         if endpoints.is_empty() {
-            return Err(format!("no healthy endpoint for {key} in {own}"));
+            return Err(match header.endpoint.as_str() {
+                "" => format!("no healthy endpoint for {key} in {own}"),
+                one => format!("no healthy endpoint {one} of {key} in {own}"),
+            });
         }
         let start = self.cursor.fetch_add(1, Ordering::Relaxed);
         for i in 0..endpoints.len().min(ENDPOINT_ATTEMPTS) {

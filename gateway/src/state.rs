@@ -18,8 +18,17 @@ pub struct Peer {
     pub identity: SpiffeId,
 }
 
-/// A healthy local endpoint: its tunnel address and labels (for subsets).
-pub type LocalEndpoint = (SocketAddr, BTreeMap<String, String>);
+/// A healthy local endpoint.
+#[derive(Debug)]
+pub struct LocalEndpoint {
+    /// Its sidecar's tunnel address.
+    pub address: SocketAddr,
+    /// Its labels, for subsets.
+    pub labels: BTreeMap<String, String>,
+    /// Its DNS label under a headless service (hostname, or dashed address), for streams
+    /// that name one endpoint.
+    pub name: String,
+}
 
 #[derive(Debug, Default)]
 pub struct GatewayState {
@@ -45,11 +54,15 @@ fn service(r: &Resource) -> Result<(String, Arc<Vec<LocalEndpoint>>), String> {
         .iter()
         .filter(|e| e.healthy)
         .map(|e| {
-            let addr = e
+            let address: SocketAddr = e
                 .tunnel_address
                 .parse()
                 .map_err(|_| invalid(&r.name, "tunnel_address", &e.tunnel_address))?;
-            Ok((addr, e.labels.clone()))
+            Ok(LocalEndpoint {
+                address,
+                labels: e.labels.clone(),
+                name: isthmus_core::config::endpoint_label(Some(&e.hostname), address.ip()),
+            })
         })
         .collect::<Result<Vec<LocalEndpoint>, String>>()?;
     Ok((r.name.clone(), Arc::new(eps)))

@@ -132,8 +132,16 @@ async fn handle(ctx: &TunnelCtx, peer: &SpiffeId, mut req: Request<Incoming>) ->
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
+    // One endpoint of a headless service, by its DNS label.
+    let endpoint = req
+        .headers()
+        .get(isthmus_core::headers::ENDPOINT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     let header = StreamHeader {
         labels,
+        endpoint,
         target_cluster: cluster.clone(),
         namespace,
         service,

@@ -46,8 +46,10 @@ fn object(i: &Import) -> serde_json::Value {
     let ports: Vec<serde_json::Value> = i
         .ports
         .iter()
-        .map(|(name, port, protocol)| {
-            json!({"name": name, "port": port, "protocol": "TCP", "appProtocol": protocol})
+        .map(|(name, port, protocol)| match protocol.as_str() {
+            // Not declared where the service runs: not declared here either.
+            "auto" => json!({"name": name, "port": port, "protocol": "TCP"}),
+            _ => json!({"name": name, "port": port, "protocol": "TCP", "appProtocol": protocol}),
         })
         .collect();
     json!({

@@ -3,8 +3,8 @@
 //!
 //! - A Service is a mesh service named by its `namespace/name`. Its TCP ports are its
 //!   ports (UDP and SCTP ports are not proxied and are left out). A port's protocol comes
-//!   from `appProtocol`, else from the prefix of its name (`http-web`, `grpc`), else HTTP,
-//!   as the file adapter decides it. Its cluster IPs are addresses callers may name it by.
+//!   from `appProtocol`, else from the prefix of its name (`http-web`, `grpc`), else it is
+//!   unspecified (sniffed under capture), as the file adapter decides it. Its cluster IPs are addresses callers may name it by.
 //!   An `ExternalName` Service is a service outside the mesh whose one endpoint is that
 //!   DNS name (Istio's treatment).
 //! - Its endpoints are those its EndpointSlices list (label `kubernetes.io/service-name`),
@@ -215,7 +215,7 @@ fn protocol(name: &str, app_protocol: Option<&str>) -> Protocol {
     if let Some(p) = app_protocol.and_then(pick) {
         return p;
     }
-    pick(name.split('-').next().unwrap_or_default()).unwrap_or(Protocol::Http)
+    pick(name.split('-').next().unwrap_or_default()).unwrap_or(Protocol::Unspecified)
 }
 
 fn service(svc: &KubeService) -> Option<Service> {
@@ -354,6 +354,7 @@ ports:
 - {name: http-web, port: 8080, protocol: TCP}
 endpoints:
 - addresses: [10.1.0.5]
+  hostname: reviews-1
   conditions: {ready: true, serving: true, terminating: false}
   nodeName: node-a
   zone: us-east-1a
@@ -419,7 +420,7 @@ endpoints:
                 Endpoint {
                     workload: NamespacedName::new("shop", "reviews-1"),
                     ready: true,
-                    hostname: None,
+                    hostname: Some("reviews-1".into()),
                 },
                 Endpoint {
                     workload: NamespacedName::new("shop", "reviews-2"),
@@ -427,7 +428,8 @@ endpoints:
                     hostname: None,
                 },
             ],
-            "the terminating pod is not ready; the address with no pod is left out"
+            "the terminating pod is not ready; the address with no pod is left out; the \
+             hostname (a StatefulSet pod's) names the endpoint under a headless Service"
         );
         let w = &p.workloads[&NamespacedName::new("shop", "reviews-2")];
         assert_eq!(w.service_account, "reviews");
@@ -483,6 +485,27 @@ status: {phase: Running, podIP: 10.0.0.3}
         assert_eq!(ext.resolution, Resolution::Dns);
         assert_eq!(ext.endpoints[0].address, "db.example.com");
         assert_eq!(s.ports[0].protocol, Protocol::Tcp);
+    }
+
+    #[test]
+    fn a_headless_service_is_marked_and_an_unnamed_port_is_left_to_sniffing() {
+        let svc: Arc<KubeService> = from_yaml(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec:\n  clusterIP: None\n  ports: [{name: pg, port: 5432}, {port: 8080}]\n",
+        );
+        let p = platform(&Objects {
+            services: &[svc],
+            slices: &[],
+            pods: &[],
+            nodes: &[],
+        });
+        let s = &p.services[&NamespacedName::new("shop", "db")];
+        assert!(s.headless && s.addresses.is_empty());
+        assert_eq!(
+            s.ports[0].protocol,
+            Protocol::Unspecified,
+            "`pg` names no protocol"
+        );
+        assert_eq!(s.ports[1].protocol, Protocol::Unspecified);
     }
 
     #[test]

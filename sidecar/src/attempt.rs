@@ -465,13 +465,19 @@ async fn connect_with(
             cluster,
             identities,
             subset,
+            endpoint,
             ..
         } => {
             let gateway = gateway.ok_or_else(|| crate::pool::ConnectError::NoGateway {
                 cluster: cluster.to_string(),
             })?;
-            pool.remote(gateway, cluster, authority, subset, identities, opts)
-                .await
+            let to = crate::pool::Remote {
+                cluster,
+                authority,
+                subset,
+                endpoint: endpoint.as_deref().unwrap_or_default(),
+            };
+            pool.remote(gateway, to, identities, opts).await
         }
     }
 }

@@ -125,6 +125,20 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
                 rc.cluster, msg.namespace, msg.name
             )),
             label_sets: healthy.iter().map(|l| l.labels.clone()).collect(),
+            endpoints: rc
+                .endpoints
+                .iter()
+                .filter(|(ep, _)| is_dns_label(ep))
+                .map(|(ep, vip)| {
+                    let vip = vip.parse().map_err(|_| ConvertError::Field {
+                        name: name.to_owned(),
+                        field: "remote.endpoints",
+                        value: vip.clone(),
+                    })?;
+                    Ok((ep.as_str().into(), vip))
+                })
+                .collect::<Result<_, ConvertError>>()?,
+            endpoint: None,
         });
     }
     let addresses = msg

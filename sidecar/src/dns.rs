@@ -153,28 +153,46 @@ fn child(label: &str, parent: &Name) -> Option<Name> {
     Name::from_ascii(label).ok()?.append_domain(parent).ok()
 }
 
-/// The endpoints of a headless service, each with its DNS label: its hostname, else its
-/// dashed address.
-fn endpoint_labels(svc: &Service) -> impl Iterator<Item = (String, IpAddr)> + '_ {
-    svc.endpoints.iter().map(|e| {
-        let ip = e.tunnel_address.ip();
-        let label = match &e.hostname {
-            Some(h) => h.to_string(),
-            None => ip.to_string().replace(['.', ':'], "-"),
-        };
-        (label, ip)
-    })
+/// Whether `name` is in the clusterset domain, whose headless names span every cluster
+/// (the Multi-Cluster Services DNS spec); `cluster.local` names this cluster's alone.
+fn clusterset(name: &str) -> bool {
+    name.ends_with(".svc.clusterset.local")
 }
 
-/// The addresses a service's name resolves to: its cluster IPs or virtual IP (host
-/// addresses only: a ServiceEntry's CIDR is no answer), or a headless one's endpoints.
-fn service_ips(svc: &Service) -> Vec<IpAddr> {
+/// The endpoints of a headless service, each with its DNS label relative to the
+/// service's name: here `db-0` (its hostname, else its dashed address), and with
+/// `everywhere`, in other clusters `db-0.west` at the virtual IP the controller gave it.
+fn endpoint_labels(svc: &Service, everywhere: bool) -> Vec<(String, IpAddr)> {
+    let mut out: Vec<(String, IpAddr)> = Vec::new();
     if svc.headless {
-        return svc
-            .endpoints
-            .iter()
-            .map(|e| e.tunnel_address.ip())
-            .collect();
+        out.extend(svc.endpoints.iter().map(|e| {
+            let ip = e.tunnel_address.ip();
+            (
+                isthmus_core::config::endpoint_label(e.hostname.as_deref(), ip),
+                ip,
+            )
+        }));
+    }
+    if everywhere {
+        for rc in &svc.remote {
+            out.extend(
+                rc.endpoints
+                    .iter()
+                    .map(|(ep, vip)| (format!("{ep}.{}", rc.cluster), *vip)),
+            );
+        }
+    }
+    out
+}
+
+/// The addresses a service's name resolves to: a headless one's endpoints (with
+/// `everywhere`, those of other clusters too, so a service headless only elsewhere lists
+/// them), else its cluster IPs or virtual IP (host addresses only: a ServiceEntry's CIDR
+/// is no answer).
+fn service_ips(svc: &Service, everywhere: bool) -> Vec<IpAddr> {
+    let endpoints = endpoint_labels(svc, everywhere);
+    if svc.headless || !endpoints.is_empty() {
+        return endpoints.into_iter().map(|(_, ip)| ip).collect();
     }
     svc.addresses
         .iter()
@@ -187,8 +205,13 @@ fn service_ips(svc: &Service) -> Vec<IpAddr> {
 /// with (a service outside the mesh without addresses is the upstream's to answer).
 fn named<'a>(state: &'a MeshState, name: &str) -> Option<&'a Arc<Service>> {
     let svc = state.services.get(state.hosts.get(name)?)?;
-    (svc.headless || !service_ips(svc).is_empty()).then_some(svc)
+    (svc.headless || !service_ips(svc, false).is_empty()).then_some(svc)
 }
+
+const NO_RECORDS: Answer = Answer::Mesh {
+    answers: Vec::new(),
+    additionals: Vec::new(),
+};
 
 /// Answers `qname` (lower case, fully qualified) from the registry.
 fn answer(state: &MeshState, qname: &Name, qtype: RecordType) -> Answer {
@@ -196,7 +219,7 @@ fn answer(state: &MeshState, qname: &Name, qtype: RecordType) -> Answer {
     let text = text.trim_end_matches('.');
     if let Some(svc) = named(state, text) {
         return Answer::Mesh {
-            answers: address_records(qname, &service_ips(svc), qtype),
+            answers: address_records(qname, &service_ips(svc, clusterset(text)), qtype),
             additionals: Vec::new(),
         };
     }
@@ -213,19 +236,10 @@ fn answer(state: &MeshState, qname: &Name, qtype: RecordType) -> Answer {
         };
         let target = qname.base_name().base_name();
         let port = svc.ports.iter().find(|p| &*p.name == port_name);
-        let (Some(port), "_tcp") = (port, proto) else {
-            // The service exists; it has no such port.
-            return Answer::Mesh {
-                answers: Vec::new(),
-                additionals: Vec::new(),
-            };
+        let (Some(port), "_tcp", RecordType::SRV) = (port, proto, qtype) else {
+            // The service exists; it has no such port, or no records of that type.
+            return NO_RECORDS;
         };
-        if qtype != RecordType::SRV {
-            return Answer::Mesh {
-                answers: Vec::new(),
-                additionals: Vec::new(),
-            };
-        }
         let srv = |target: Name, port: u16| {
             Record::from_rdata(
                 qname.clone(),
@@ -233,10 +247,11 @@ fn answer(state: &MeshState, qname: &Name, qtype: RecordType) -> Answer {
                 RData::SRV(SRV::new(0, 100, port, target)),
             )
         };
-        if svc.headless {
-            let mut answers = Vec::new();
-            let mut additionals = Vec::new();
-            for (label, ip) in endpoint_labels(svc) {
+        let mut additionals = Vec::new();
+        let mut answers = Vec::new();
+        let endpoints = endpoint_labels(svc, clusterset(service_name));
+        if svc.headless || !endpoints.is_empty() {
+            for (label, ip) in endpoints {
                 let Some(name) = child(&label, &target) else {
                     continue;
                 };
@@ -245,37 +260,41 @@ fn answer(state: &MeshState, qname: &Name, qtype: RecordType) -> Answer {
                     additionals.extend(address_records(&name, &[ip], t));
                 }
             }
-            return Answer::Mesh {
-                answers,
-                additionals,
-            };
+        } else {
+            let ips = service_ips(svc, false);
+            for t in [RecordType::A, RecordType::AAAA] {
+                additionals.extend(address_records(&target, &ips, t));
+            }
+            answers.push(srv(target, port.port));
         }
-        let ips = service_ips(svc);
-        let mut additionals = address_records(&target, &ips, RecordType::A);
-        additionals.extend(address_records(&target, &ips, RecordType::AAAA));
         return Answer::Mesh {
-            answers: vec![srv(target, port.port)],
+            answers,
             additionals,
         };
     }
-    // `<endpoint>.<headless service>`.
-    match named(state, rest) {
-        Some(svc) if svc.headless => {
-            let ips: Vec<IpAddr> = endpoint_labels(svc)
-                .filter(|(label, _)| label == first)
-                .map(|(_, ip)| ip)
-                .collect();
-            if ips.is_empty() {
-                Answer::Unknown
-            } else {
-                Answer::Mesh {
-                    answers: address_records(qname, &ips, qtype),
-                    additionals: Vec::new(),
-                }
-            }
-        }
-        _ => Answer::Unknown,
+    // `<endpoint>.<headless service>`, or `<endpoint>.<cluster>.<service>` for an
+    // endpoint in another cluster.
+    let mut candidates = vec![(first.to_owned(), rest)];
+    if let Some((cluster, service_name)) = rest.split_once('.') {
+        candidates.push((format!("{first}.{cluster}"), service_name));
     }
+    for (label, service_name) in candidates {
+        let Some(svc) = named(state, service_name) else {
+            continue;
+        };
+        let ips: Vec<IpAddr> = endpoint_labels(svc, clusterset(service_name))
+            .into_iter()
+            .filter(|(l, _)| *l == label)
+            .map(|(_, ip)| ip)
+            .collect();
+        if !ips.is_empty() {
+            return Answer::Mesh {
+                answers: address_records(qname, &ips, qtype),
+                additionals: Vec::new(),
+            };
+        }
+    }
+    Answer::Unknown
 }
 
 /// The SOA that makes an empty or negative answer of ours cacheable for [`TTL`].
@@ -495,6 +514,19 @@ mod tests {
                 ],
             ),
         ] {
+            let mut svc = svc;
+            if svc.name == "db" {
+                // Its endpoint db-1 runs in west, known here by a virtual IP.
+                svc.remote.push(crate::state::RemoteCluster {
+                    cluster: "west".into(),
+                    locality: Default::default(),
+                    identities: Vec::new(),
+                    health: crate::lb::HealthTable::default().get("west"),
+                    label_sets: Vec::new(),
+                    endpoints: vec![("db-1".into(), "240.240.9.9".parse().expect("ip"))],
+                    endpoint: None,
+                });
+            }
             state
                 .services
                 .insert(format!("demo/{}", svc.name), Arc::new(svc));
@@ -584,6 +616,26 @@ mod tests {
             "10.1.0.6:15008"
         );
         assert!(pinned.port(Some(8080)).is_some() && pinned.port(Some(80)).is_none());
+        // Across clusters (the clusterset domain): every cluster's endpoints, and each by
+        // `<endpoint>.<cluster>.<service>`, at the virtual IP that reaches only it.
+        let mut everywhere =
+            ask(&state, "db.demo.svc.clusterset.local.", RecordType::A).expect("known");
+        everywhere.sort();
+        assert_eq!(everywhere, vec!["10.1.0.5", "10.1.0.6", "240.240.9.9"]);
+        assert_eq!(
+            ask(
+                &state,
+                "db-1.west.db.demo.svc.clusterset.local.",
+                RecordType::A
+            ),
+            Some(vec!["240.240.9.9".into()])
+        );
+        let remote = state
+            .resolve_ip("240.240.9.9".parse().expect("ip"))
+            .expect("the virtual IP is known");
+        assert!(remote.endpoints.is_empty());
+        assert_eq!(remote.remote.len(), 1);
+        assert_eq!(remote.remote[0].endpoint.as_deref(), Some("db-1"));
         // A name under a service with a cluster IP is no endpoint's.
         assert_eq!(
             ask(&state, "x.echo.demo.svc.cluster.local.", RecordType::A),

@@ -232,6 +232,8 @@ pub enum Target {
         health: Arc<EndpointHealth>,
         /// The subset labels the remote gateway must match, encoded (`k=v,k2=v2`).
         subset: String,
+        /// The one endpoint the remote gateway must reach (see [`RemoteCluster::endpoint`]).
+        endpoint: Option<Arc<str>>,
     },
 }
 
@@ -457,6 +459,7 @@ pub fn pick(
             identities: rc.identities.clone(),
             health: rc.health.clone(),
             subset: sel.labels.map(encode_labels).unwrap_or_default(),
+            endpoint: rc.endpoint.clone(),
         },
     })
 }
@@ -511,6 +514,8 @@ mod tests {
             identities: vec![],
             health: table.get(c),
             label_sets: vec![],
+            endpoints: vec![],
+            endpoint: None,
         };
         Service {
             namespace: "ns".into(),

@@ -82,7 +82,8 @@ impl Outbound {
 /// A captured connection, by where it was going:
 /// - a port of a mesh service (its cluster IP): HTTP ports are served as HTTP requests,
 ///   routed by their Host as an app's explicit requests are, or by the address when the
-///   Host names nothing; TCP ports become an opaque tunnel to the service;
+///   Host names nothing; TCP ports become an opaque tunnel to the service; a port of no
+///   declared protocol is either, by its first bytes (see [`sniff_http`]);
 /// - anywhere else: passed through to that address under `ALLOW_ANY`, closed under
 ///   `REGISTRY_ONLY` (a Sidecar's `outboundTrafficPolicy`).
 async fn captured(
@@ -106,27 +107,91 @@ async fn captured(
     let Some(port) = svc.port(Some(original.port())).cloned() else {
         return tracing::debug!(%original, service = %svc.hostname(), "captured connection to a port the service does not have");
     };
-    if port.protocol.as_ref() == "tcp" {
-        let host = format!("{}:{}", svc.hostname(), port.port);
-        let parts = match Request::connect(host.as_str()).body(()) {
-            Ok(r) => r.into_parts().0,
-            Err(_) => return,
-        };
-        match open_tcp(&ctx, &state, svc, port, parts).await {
-            Ok((mut resp, _, _)) if resp.status() == http::StatusCode::OK => {
-                if let Ok(up) = hyper::upgrade::on(&mut resp).await {
-                    let mut tcp = tcp;
-                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut TokioIo::new(up)).await;
-                }
-            }
-            Ok((resp, service, _)) => {
-                tracing::debug!(%service, status = %resp.status(), "captured TCP refused by the destination")
-            }
-            Err((e, service)) => tracing::debug!(%service, error = %e, "captured TCP not opened"),
-        }
-        return;
+    let http = match port.protocol.as_ref() {
+        "tcp" => false,
+        "auto" => sniff_http(&tcp).await,
+        _ => true,
+    };
+    if http {
+        return serve_http(ctx, tcp, remote, Some(Captured(svc)), drain).await;
     }
-    serve_http(ctx, tcp, remote, Some(Captured(svc)), drain).await;
+    let host = format!("{}:{}", svc.hostname(), port.port);
+    let parts = match Request::connect(host.as_str()).body(()) {
+        Ok(r) => r.into_parts().0,
+        Err(_) => return,
+    };
+    match open_tcp(&ctx, &state, svc, port, parts).await {
+        Ok((mut resp, _, _)) if resp.status() == http::StatusCode::OK => {
+            if let Ok(up) = hyper::upgrade::on(&mut resp).await {
+                let mut tcp = tcp;
+                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut TokioIo::new(up)).await;
+            }
+        }
+        Ok((resp, service, _)) => {
+            tracing::debug!(%service, status = %resp.status(), "captured TCP refused by the destination")
+        }
+        Err((e, service)) => tracing::debug!(%service, error = %e, "captured TCP not opened"),
+    }
+}
+
+/// How long a captured connection to a port of no declared protocol may take to send the
+/// first bytes of an HTTP request before it is taken for opaque TCP. A protocol where the
+/// server speaks first (MySQL, SMTP) pays this once per connection; declare its port
+/// `tcp` to skip it.
+const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Whether the app opened the connection with an HTTP/1.x request line or the HTTP/2
+/// preface, judged on its first bytes (read without consuming them).
+async fn sniff_http(tcp: &tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 16];
+    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            // Silent until the deadline (the server speaks first), or an error: opaque.
+            _ => return false,
+        };
+        match looks_like_http(&buf[..n]) {
+            Some(verdict) => return verdict,
+            None if n == 0 => return false,
+            // A prefix of a request line: wait for more (peek returns at once while
+            // bytes are queued, so give them time to arrive).
+            None => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// `Some(true)` for the start of an HTTP/1.x request (a method and a space) or of the
+/// HTTP/2 preface, `Some(false)` for bytes that cannot begin one, `None` when too few
+/// bytes have come to say.
+fn looks_like_http(bytes: &[u8]) -> Option<bool> {
+    const STARTS: [&[u8]; 10] = [
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"DELETE ",
+        b"HEAD ",
+        b"OPTIONS ",
+        b"PATCH ",
+        b"CONNECT ",
+        b"TRACE ",
+        b"PRI * HTTP/2.0",
+    ];
+    let mut undecided = false;
+    for start in STARTS {
+        let n = bytes.len().min(start.len());
+        if bytes[..n] == start[..n] {
+            if n == start.len() {
+                return Some(true);
+            }
+            undecided = true;
+        }
+    }
+    if undecided || bytes.is_empty() {
+        None
+    } else {
+        Some(false)
+    }
 }
 
 /// An unknown destination under `ALLOW_ANY`: the bytes go where the app sent them.
@@ -499,10 +564,12 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
     req.headers_mut().remove(headers::HTTP2_SETTINGS);
     let (name, port) = split_host(&host);
     let no_route = || (ProxyError::NoRoute { host: host.clone() }, unnamed());
-    let svc = match (state.resolve(name), req.extensions().get::<Captured>()) {
-        (Some(svc), _) => svc.clone(),
-        (None, Some(Captured(svc))) => svc.clone(),
-        (None, None) => state.passthrough(port, false).ok_or_else(no_route)?,
+    let svc = match state.resolve(name) {
+        Some(svc) => svc.clone(),
+        None => match req.extensions().get::<Captured>() {
+            Some(Captured(svc)) => svc.clone(),
+            None => state.passthrough(port, false).ok_or_else(no_route)?,
+        },
     };
     let port = svc.port(port).ok_or_else(no_route)?.clone();
     let (mut parts, body) = req.into_parts();
@@ -904,7 +971,31 @@ fn spawn_mirror(
 
 #[cfg(test)]
 mod tests {
-    use super::split_host;
+    use super::{looks_like_http, split_host};
+
+    #[test]
+    fn http_is_told_from_other_protocols_by_its_first_bytes() {
+        for http in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"POST ",
+            b"PRI * HTTP/2.0\r\n\r\nSM",
+        ] {
+            assert_eq!(looks_like_http(http), Some(true), "{http:?}");
+        }
+        for undecided in [&b""[..], b"G", b"GE", b"P", b"PRI * HT", b"DELET"] {
+            assert_eq!(looks_like_http(undecided), None, "{undecided:?}");
+        }
+        // TLS, a Postgres startup message, Redis, a lower-case method, no space.
+        for other in [
+            &b"\x16\x03\x01\x02\x00"[..],
+            b"\x00\x00\x00\x08\x04\xd2",
+            b"*1\r\n$4\r\nPING",
+            b"get / ",
+            b"GETX",
+        ] {
+            assert_eq!(looks_like_http(other), Some(false), "{other:?}");
+        }
+    }
 
     #[test]
     fn grpc_timeouts_parse() {

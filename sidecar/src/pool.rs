@@ -86,8 +86,20 @@ pub enum ConnectError {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum PoolKey {
     Direct(SocketAddr),
-    /// Through the gateway to (cluster, host:port, subset labels).
-    Remote(String, String, String),
+    /// Through the gateway to (cluster, host:port, subset labels, endpoint).
+    Remote(String, String, String, String),
+}
+
+/// Where a tunnel through the gateway goes.
+#[derive(Debug, Clone, Copy)]
+pub struct Remote<'a> {
+    pub cluster: &'a str,
+    /// `<service host>:<port>`.
+    pub authority: &'a str,
+    /// Subset labels the endpoint must carry, encoded (`k=v,k2=v2`); empty for any.
+    pub subset: &'a str,
+    /// One endpoint of a headless service by its DNS label; empty for any.
+    pub endpoint: &'a str,
 }
 
 /// A pooled connection and how it has been used.
@@ -346,20 +358,23 @@ impl Pool {
     pub async fn remote(
         &self,
         gateway: &(SocketAddr, SpiffeId),
-        cluster: &str,
-        authority: &str,
-        subset: &str,
+        to: Remote<'_>,
         identities: &[SpiffeId],
         opts: ConnectOptions,
     ) -> Result<H2, ConnectError> {
-        let key = PoolKey::Remote(cluster.to_owned(), authority.to_owned(), subset.to_owned());
+        let key = PoolKey::Remote(
+            to.cluster.to_owned(),
+            to.authority.to_owned(),
+            to.subset.to_owned(),
+            to.endpoint.to_owned(),
+        );
         if let Some(h2) = self.pooled(&key, &opts) {
             return Ok(h2);
         }
         Box::pin(async move {
-            let peer = format!("{authority} in {cluster}");
+            let peer = format!("{} in {}", to.authority, to.cluster);
             let timeout = opts.timeout.unwrap_or(TUNNEL_CONNECT_TIMEOUT);
-            let tunnel = self.tunnel(gateway, cluster, authority, subset, identities, timeout);
+            let tunnel = self.tunnel(gateway, to, identities, timeout);
             self.get_or_connect(key, &peer, opts, tunnel).await
         })
         .await
@@ -368,12 +383,16 @@ impl Pool {
     async fn tunnel(
         &self,
         gateway: &(SocketAddr, SpiffeId),
-        cluster: &str,
-        authority: &str,
-        subset: &str,
+        to: Remote<'_>,
         identities: &[SpiffeId],
         timeout: Duration,
     ) -> Result<H2, ConnectError> {
+        let Remote {
+            cluster,
+            authority,
+            subset,
+            endpoint,
+        } = to;
         let (gw_addr, gw_id) = (gateway.0, gateway.1.clone());
         let mut gw = self
             .get_or_connect(
@@ -389,6 +408,7 @@ impl Pool {
             .uri(authority)
             .header(TARGET_CLUSTER, cluster)
             .header(isthmus_core::headers::SUBSET, subset)
+            .header(isthmus_core::headers::ENDPOINT, endpoint)
             .body(empty_body())
             .map_err(|_| ConnectError::Gateway {
                 cluster: cluster.to_owned(),

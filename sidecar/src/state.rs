@@ -34,6 +34,12 @@ pub struct RemoteCluster {
     pub health: Arc<EndpointHealth>,
     /// The label sets of its healthy endpoints, for DestinationRule subsets.
     pub label_sets: Vec<BTreeMap<String, String>>,
+    /// A headless service's endpoints there, by DNS label, with the virtual IP each one's
+    /// name resolves to here.
+    pub endpoints: Vec<(Arc<str>, std::net::IpAddr)>,
+    /// Set on the one-endpoint services of [`MeshState::pods`]: the gateway there must
+    /// reach this endpoint and no other.
+    pub endpoint: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +111,35 @@ impl Service {
     /// else its Kubernetes name.
     pub fn hostname(&self) -> Arc<str> {
         self.host.clone()
+    }
+
+    /// The service as reached at one endpoint's address: that endpoint only (here, or in
+    /// another cluster), at the target ports (where an app that resolved the endpoint
+    /// connects), without routing rules (Istio sends such traffic to the original
+    /// destination).
+    fn one_endpoint(&self, endpoints: Vec<LocalEndpoint>, remote: Vec<RemoteCluster>) -> Self {
+        Service {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            ports: self
+                .ports
+                .iter()
+                .map(|p| Port {
+                    port: p.target_port,
+                    ..p.clone()
+                })
+                .collect(),
+            endpoints,
+            workloads: Vec::new(),
+            remote,
+            cursor: Default::default(),
+            routing: None,
+            hosts: self.hosts.clone(),
+            addresses: Vec::new(),
+            external: None,
+            host: self.host.clone(),
+            headless: true,
+        }
     }
 
     /// A service's name in metrics, logs and errors: a ServiceEntry's first host, or a
@@ -242,29 +277,28 @@ impl MeshState {
                 if self.pods.contains_key(&ip) {
                     continue;
                 }
-                let pinned = Service {
-                    namespace: svc.namespace.clone(),
-                    name: svc.name.clone(),
-                    ports: svc
-                        .ports
-                        .iter()
-                        .map(|p| Port {
-                            port: p.target_port,
-                            ..p.clone()
-                        })
-                        .collect(),
-                    endpoints: vec![ep.clone()],
-                    workloads: Vec::new(),
-                    remote: Vec::new(),
-                    cursor: Default::default(),
-                    routing: None,
-                    hosts: svc.hosts.clone(),
-                    addresses: Vec::new(),
-                    external: None,
-                    host: svc.host.clone(),
-                    headless: true,
-                };
+                let pinned = svc.one_endpoint(vec![ep.clone()], Vec::new());
                 self.pods.insert(ip, Arc::new(pinned));
+            }
+        }
+        // The same for a headless service's endpoints in other clusters, at their virtual
+        // IPs: the tunnel names the endpoint, and that cluster's gateway reaches only it.
+        for svc in self.services.values() {
+            for rc in &svc.remote {
+                for (name, vip) in &rc.endpoints {
+                    let remote = RemoteCluster {
+                        cluster: rc.cluster.clone(),
+                        locality: rc.locality.clone(),
+                        identities: rc.identities.clone(),
+                        health: rc.health.clone(),
+                        label_sets: Vec::new(),
+                        endpoints: Vec::new(),
+                        endpoint: Some(name.clone()),
+                    };
+                    self.pods
+                        .entry(*vip)
+                        .or_insert_with(|| Arc::new(svc.one_endpoint(Vec::new(), vec![remote])));
+                }
             }
         }
         for (key, svc) in &self.services {

@@ -50,6 +50,7 @@ fn service(i: usize, healthy: u32) -> ExportedService {
             .collect(),
         identities: vec![format!("spiffe://{TRUST_DOMAIN}/ns/demo/sa/big")],
         export_to: vec![],
+        endpoint_names: vec![],
     }
 }
 

@@ -101,6 +101,7 @@ fn remote_clusters_come_from_the_global_registry_and_versions_are_stable() {
                     cluster: "west".into(),
                     localities: vec![],
                     identities: vec![],
+                    endpoint_names: vec![],
                 }],
                 export_to: vec![],
             }),

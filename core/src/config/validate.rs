@@ -166,7 +166,7 @@ fn service_protocol(
     // Istio's convention: the port name's prefix before '-' names the protocol.
     let name = spec.name.as_deref().unwrap_or_default();
     let prefix = name.split('-').next().unwrap_or_default();
-    Protocol::parse(prefix).unwrap_or(Protocol::Http)
+    Protocol::parse(prefix).unwrap_or(Protocol::Unspecified)
 }
 
 fn service(c: &mut Checker<'_>, spec: &ServiceSpec) -> Option<Service> {
