@@ -687,6 +687,92 @@ mod tests {
         );
     }
 
+    /// A resolver asking the proxy at `udp` / `tcp`, over the protocol given.
+    fn client(udp: SocketAddr, tcp: SocketAddr, over_tcp: bool) -> TokioResolver {
+        use hickory_resolver::config::ConnectionConfig;
+        let connection = if over_tcp {
+            let mut c = ConnectionConfig::tcp();
+            c.port = tcp.port();
+            c
+        } else {
+            let mut c = ConnectionConfig::udp();
+            c.port = udp.port();
+            c
+        };
+        let server = NameServerConfig::new(udp.ip(), true, vec![connection]);
+        let mut builder = TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(vec![server]),
+            TokioRuntimeProvider::default(),
+        );
+        builder.options_mut().timeout = Duration::from_secs(2);
+        builder.options_mut().attempts = 1;
+        builder.options_mut().cache_size = 0;
+        builder.build().expect("a resolver")
+    }
+
+    #[tokio::test]
+    async fn garbage_and_silence_harm_no_other_client() {
+        use tokio::io::AsyncWriteExt;
+        let (_tx, rx) = watch::channel(Arc::new(mesh()));
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("udp");
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("tcp");
+        let (udp_addr, tcp_addr) = (
+            udp.local_addr().expect("addr"),
+            tcp.local_addr().expect("addr"),
+        );
+        let metrics = Metrics::default();
+        let server = tokio::spawn(DnsProxy::new(rx, &[], metrics.clone()).serve(udp, tcp));
+
+        // A hostile client: short, oversized and lying packets over UDP; over TCP a length
+        // that promises more than comes, a connection that says nothing, and noise.
+        let bad = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("udp");
+        let mut lying = vec![0u8; 12];
+        lying[5] = 100; // a header claiming 100 questions, with none
+        for packet in [vec![0u8], vec![0xffu8; 4000], lying] {
+            bad.send_to(&packet, udp_addr).await.expect("sent");
+        }
+        let mut promise = tokio::net::TcpStream::connect(tcp_addr).await.expect("tcp");
+        promise
+            .write_all(&[0xff, 0xff, 1, 2, 3])
+            .await
+            .expect("written");
+        let _silent = tokio::net::TcpStream::connect(tcp_addr).await.expect("tcp");
+        let mut noise = tokio::net::TcpStream::connect(tcp_addr).await.expect("tcp");
+        noise
+            .write_all(&[0, 4, 0xde, 0xad, 0xbe, 0xef])
+            .await
+            .expect("written");
+
+        // Everyone else is answered, over both protocols.
+        for over_tcp in [false, true] {
+            let r = client(udp_addr, tcp_addr, over_tcp);
+            let ips: Vec<IpAddr> = r
+                .lookup_ip("echo.demo.svc.cluster.local.")
+                .await
+                .expect("answered")
+                .iter()
+                .collect();
+            assert!(ips.contains(&"10.96.0.20".parse().expect("ip")), "{ips:?}");
+            // A mesh name the registry does not know, with no upstream: NXDOMAIN.
+            let e = r
+                .lookup_ip("nosuch.demo.svc.cluster.local.")
+                .await
+                .expect_err("no such name");
+            assert!(e.is_nx_domain(), "{e}");
+            // Anything else, with no upstream: a failure, not a made-up answer.
+            let e = r.lookup_ip("example.com.").await.expect_err("no upstream");
+            assert!(!e.is_no_records_found(), "SERVFAIL, not an answer: {e}");
+        }
+        assert!(!server.is_finished(), "the proxy still serves");
+        server.abort();
+    }
+
     #[test]
     fn resolv_conf_nameservers_are_read_as_a_resolver_reads_them() {
         let conf = "# generated\nsearch demo.svc.cluster.local svc.cluster.local\nnameserver 10.96.0.10\nnameserver fe80::1%eth0\nnameserver bogus\noptions ndots:5\n";
