@@ -5,20 +5,25 @@ use std::path::Path;
 
 /// Writes a secret file readable only by its owner, atomically (write then rename).
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("tmp");
+    write_owner_only(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Writes `bytes` to `path`, readable only by its owner, and syncs it.
+fn write_owner_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&tmp)?;
+        .open(path)?;
     f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    f.sync_all()
 }
 
 /// Creates a secret file with `bytes` unless it exists, and returns what the file holds:
@@ -26,7 +31,6 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// wrote first. The file appears whole or not at all: the bytes go to a file of this
 /// caller's own, which is then linked into place, and a link never replaces a file.
 pub fn create_private_once(path: &Path, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
-    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -35,14 +39,7 @@ pub fn create_private_once(path: &Path, bytes: &[u8]) -> std::io::Result<Vec<u8>
         std::process::id(),
         rand::random::<u64>()
     ));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
+    write_owner_only(&tmp, bytes)?;
     let linked = std::fs::hard_link(&tmp, path);
     let _ = std::fs::remove_file(&tmp);
     match linked {

@@ -469,17 +469,22 @@ status: {phase: Running, podIP: 10.0.0.3}
         assert_eq!(w.owner.as_deref(), Some("reviews-v1"));
     }
 
+    /// The model of a cluster that holds `svc` and nothing else.
+    fn services_only(svc: Arc<KubeService>) -> Platform {
+        platform(&Objects {
+            services: &[svc],
+            slices: &[],
+            pods: &[],
+            nodes: &[],
+        })
+    }
+
     #[test]
     fn external_name_services_are_outside_the_mesh() {
         let svc: Arc<KubeService> = from_yaml(
             "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec:\n  type: ExternalName\n  externalName: db.example.com\n  ports: [{name: tcp-pg, port: 5432}]\n",
         );
-        let p = platform(&Objects {
-            services: &[svc],
-            slices: &[],
-            pods: &[],
-            nodes: &[],
-        });
+        let p = services_only(svc);
         let s = &p.services[&NamespacedName::new("shop", "db")];
         let ext = s.external.as_ref().expect("external");
         assert_eq!(ext.resolution, Resolution::Dns);
@@ -492,12 +497,7 @@ status: {phase: Running, podIP: 10.0.0.3}
         let svc: Arc<KubeService> = from_yaml(
             "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec:\n  clusterIP: None\n  ports: [{name: pg, port: 5432}, {port: 8080}]\n",
         );
-        let p = platform(&Objects {
-            services: &[svc],
-            slices: &[],
-            pods: &[],
-            nodes: &[],
-        });
+        let p = services_only(svc);
         let s = &p.services[&NamespacedName::new("shop", "db")];
         assert!(s.headless && s.addresses.is_empty());
         assert_eq!(
