@@ -541,17 +541,22 @@ impl ProxyStream {
 /// a selector to pick).
 fn unlisted_workload(snapshot: &Snapshot, own: &str) -> Option<(String, (String, bytes::Bytes))> {
     let (namespace, _) = own.split_once('/')?;
-    let scope =
-        isthmus_core::config::sidecar::scope_for(&snapshot.sidecars, namespace, &BTreeMap::new())?;
-    if !scope.allow_any {
-        return None;
-    }
+    let none = BTreeMap::new();
+    let allow_any = isthmus_core::config::sidecar::scope_for(&snapshot.sidecars, namespace, &none)
+        .is_some_and(|s| s.allow_any);
+    let config = &snapshot.config;
+    let inbound = isthmus_core::config::security::inbound_for(
+        &config.peer_authentications,
+        &config.authorization_policies,
+        namespace,
+        &none,
+        &[],
+    );
     let msg = isthmus_proto::discovery::Workload {
         name: own.to_owned(),
-        allow_any: true,
+        allow_any,
+        inbound: Some(inbound),
         ..Default::default()
     };
-    let body = prost::Message::encode_to_vec(&msg);
-    let version = format!("unlisted-{}", scope.key);
-    Some((own.to_owned(), (version, bytes::Bytes::from(body))))
+    Some((own.to_owned(), crate::snapshot::encode(&msg)))
 }

@@ -41,6 +41,9 @@ pub struct Snapshot {
     /// Services whose VirtualService or DestinationRule is exported to some namespaces
     /// only: each view of the service, for the proxies of the namespaces that have it.
     pub views: BTreeMap<String, Arc<ScopedViews>>,
+    /// The admitted config, for what proxies with no WorkloadEntry are told of their
+    /// namespace's Sidecar and security policy.
+    pub config: Arc<ConfigSet>,
 }
 
 /// The encodings of a service as namespaces see it, when its VirtualService or
@@ -152,7 +155,7 @@ fn version_of(bytes: &[u8]) -> String {
 }
 
 /// A resource's version (a hash of its bytes, so it survives a restart) and bytes.
-fn encode(msg: &impl Message) -> (String, Bytes) {
+pub(crate) fn encode(msg: &impl Message) -> (String, Bytes) {
     let buf = msg.encode_to_vec();
     (version_of(&buf), Bytes::from(buf))
 }
@@ -520,6 +523,22 @@ impl Registry {
             }
             services.insert(svc.key.to_string(), local);
         }
+        // The services each workload serves, for AuthorizationPolicies that name Services.
+        let mut serving: BTreeMap<&NamespacedName, Vec<NamespacedName>> = BTreeMap::new();
+        if config
+            .authorization_policies
+            .values()
+            .any(|a| !a.services.is_empty())
+        {
+            for svc in config.services.values() {
+                for m in selection.members(svc) {
+                    serving
+                        .entry(&m.workload.key)
+                        .or_default()
+                        .push(svc.key.clone());
+                }
+            }
+        }
         let workloads = config
             .workloads
             .values()
@@ -534,6 +553,13 @@ impl Registry {
                         &w.labels,
                     )
                     .is_some_and(|s| s.allow_any),
+                    inbound: Some(isthmus_core::config::security::inbound_for(
+                        &config.peer_authentications,
+                        &config.authorization_policies,
+                        &w.key.namespace,
+                        &w.labels,
+                        serving.get(&w.key).map(Vec::as_slice).unwrap_or_default(),
+                    )),
                 };
                 (w.key.to_string(), encode(&msg))
             })
@@ -622,6 +648,7 @@ impl Registry {
         encoded: &mut HashMap<String, Encoded>,
     ) -> Snapshot {
         let mut snapshot = Snapshot {
+            config: local.config.clone(),
             sidecars: local.config.sidecars.clone(),
             labels: local.labels.clone(),
             serves: local.serves.clone(),

@@ -11,6 +11,7 @@ mod assemble;
 mod istio;
 pub mod kinds;
 mod load;
+pub mod security;
 pub mod sidecar;
 mod validate;
 pub mod watch;
@@ -41,6 +42,8 @@ pub fn spec_schema(
         "DestinationRule" => generator.root_schema_for::<istio::DestinationRuleSpec>(),
         "ServiceEntry" => generator.root_schema_for::<istio::ServiceEntrySpec>(),
         "Sidecar" => generator.root_schema_for::<sidecar::SidecarSpec>(),
+        "PeerAuthentication" => generator.root_schema_for::<security::PeerAuthenticationSpec>(),
+        "AuthorizationPolicy" => generator.root_schema_for::<security::AuthorizationPolicySpec>(),
         "WorkloadEntry" => generator.root_schema_for::<kinds::WorkloadEntrySpec>(),
         "ServiceExport" => generator.root_schema_for::<kinds::ServiceExportSpec>(),
         "LocalRateLimit" => generator.root_schema_for::<kinds::LocalRateLimitSpec>(),
@@ -276,6 +279,10 @@ pub struct ConfigSet {
     pub notes: Vec<String>,
     /// Istio `Sidecar`s: what the proxies they select are pushed.
     pub sidecars: BTreeMap<NamespacedName, sidecar::SidecarScope>,
+    /// `PeerAuthentication`s (see `security.rs`).
+    pub peer_authentications: BTreeMap<NamespacedName, security::PeerAuthn>,
+    /// `AuthorizationPolicy`s (see `security.rs`).
+    pub authorization_policies: BTreeMap<NamespacedName, security::AuthzScope>,
     /// References to objects that do not exist (yet): a VirtualService naming an unknown
     /// host or subset, a ServiceExport with no Service. Requests they route get 503.
     pub warnings: Vec<ConfigError>,

@@ -18,6 +18,7 @@ use crate::resources::{MeshKind, MESH_KINDS};
 fn versions(kind: &MeshKind) -> &'static [&'static str] {
     match kind.group {
         "networking.istio.io" => &["v1", "v1beta1", "v1alpha3"],
+        "security.istio.io" => &["v1", "v1beta1"],
         _ => &["v1alpha1"],
     }
 }
@@ -29,6 +30,8 @@ fn short_names(kind: &MeshKind) -> Vec<&'static str> {
         "DestinationRule" => vec!["dr"],
         "ServiceEntry" => vec!["se"],
         "WorkloadEntry" => vec!["we"],
+        "PeerAuthentication" => vec!["pa"],
+        "AuthorizationPolicy" => vec!["ap"],
         _ => Vec::new(),
     }
 }

@@ -42,6 +42,18 @@ pub const MESH_KINDS: &[MeshKind] = &[
     istio("Sidecar", "sidecars"),
     istio("WorkloadEntry", "workloadentries"),
     MeshKind {
+        group: "security.istio.io",
+        version: "v1",
+        kind: "PeerAuthentication",
+        plural: "peerauthentications",
+    },
+    MeshKind {
+        group: "security.istio.io",
+        version: "v1",
+        kind: "AuthorizationPolicy",
+        plural: "authorizationpolicies",
+    },
+    MeshKind {
         group: "multicluster.x-k8s.io",
         version: "v1alpha1",
         kind: "ServiceExport",

@@ -29,6 +29,12 @@ fn kind_of(api_version: &str, kind: &str) -> Option<&'static str> {
             "WorkloadEntry",
         ) => Some("WorkloadEntry"),
         ("multicluster.x-k8s.io/v1alpha1", "ServiceExport") => Some("ServiceExport"),
+        ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
+            Some("PeerAuthentication")
+        }
+        ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
+            Some("AuthorizationPolicy")
+        }
         ("isthmus.io/v1alpha1", "LocalRateLimit") => Some("LocalRateLimit"),
         (
             "networking.istio.io/v1"
@@ -143,7 +149,7 @@ fn parse_document(
         return Err(ConfigError {
             code: Code::UnknownKind,
             field: "kind".into(),
-            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, Sidecar, ServiceEntry, multicluster.x-k8s.io/v1alpha1/ServiceExport, isthmus.io/v1alpha1/LocalRateLimit"),
+            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, Sidecar, ServiceEntry, security.istio.io/v1 PeerAuthentication, AuthorizationPolicy, multicluster.x-k8s.io/v1alpha1/ServiceExport, isthmus.io/v1alpha1/LocalRateLimit"),
             ..err
         });
     };
@@ -188,6 +194,10 @@ fn parse_document(
             .map(|s| DocumentBody::Sidecar(Box::new(s))),
         "ServiceEntry" => decode::<super::istio::ServiceEntrySpec>(spec, "spec")
             .map(|s| DocumentBody::ServiceEntry(Box::new(s))),
+        "PeerAuthentication" => decode::<super::security::PeerAuthenticationSpec>(spec, "spec")
+            .map(|s| DocumentBody::PeerAuthentication(Box::new(s))),
+        "AuthorizationPolicy" => decode::<super::security::AuthorizationPolicySpec>(spec, "spec")
+            .map(|s| DocumentBody::AuthorizationPolicy(Box::new(s))),
         _ => decode::<ServiceExportSpec>(spec, "spec").map(|_| DocumentBody::ServiceExport),
     };
     match body {

@@ -31,6 +31,8 @@ pub enum DocumentBody {
     LocalRateLimit(LocalRateLimitSpec),
     Sidecar(Box<super::sidecar::SidecarSpec>),
     ServiceEntry(Box<super::istio::ServiceEntrySpec>),
+    PeerAuthentication(Box<super::security::PeerAuthenticationSpec>),
+    AuthorizationPolicy(Box<super::security::AuthorizationPolicySpec>),
 }
 
 impl Document {
@@ -64,6 +66,8 @@ impl DocumentBody {
             DocumentBody::LocalRateLimit(_) => "LocalRateLimit",
             DocumentBody::Sidecar(_) => "Sidecar",
             DocumentBody::ServiceEntry(_) => "ServiceEntry",
+            DocumentBody::PeerAuthentication(_) => "PeerAuthentication",
+            DocumentBody::AuthorizationPolicy(_) => "AuthorizationPolicy",
         }
     }
 }
@@ -515,6 +519,21 @@ pub fn build_on(platform: &super::Platform, docs: Vec<Document>) -> Admission {
             DocumentBody::Sidecar(spec) => {
                 let scope = super::sidecar::sidecar(&mut c, &key, spec);
                 set.sidecars.insert(key, scope);
+            }
+            DocumentBody::PeerAuthentication(spec) => {
+                let mark = c.mark();
+                let p = super::security::peer_authentication(&mut c, &key, spec);
+                if !c.rejected_since(mark) {
+                    set.peer_authentications.insert(key, p);
+                }
+            }
+            DocumentBody::AuthorizationPolicy(spec) => {
+                let mark = c.mark();
+                let annotations = &doc.metadata.annotations;
+                let p = super::security::authorization_policy(&mut c, &key, annotations, spec);
+                if !c.rejected_since(mark) {
+                    set.authorization_policies.insert(key, p);
+                }
             }
             DocumentBody::VirtualService(_)
             | DocumentBody::DestinationRule(_)

@@ -1,0 +1,771 @@
+//! Istio's security kinds (`security.istio.io/v1` and `v1beta1`): `PeerAuthentication` and
+//! `AuthorizationPolicy`, checked with Istio's rules and resolved per workload into the
+//! `InboundPolicy` its sidecar enforces.
+//!
+//! Scope, as Istio's:
+//! - PeerAuthentication: one with a `selector` picking the workload, else its namespace's
+//!   without selector, else the root namespace's without selector (mesh-wide). A mode of
+//!   `UNSET` inherits from the next scope out; with nothing set, `PERMISSIVE`.
+//!   `portLevelMtls` (selector required) overrides the mode per workload port.
+//! - AuthorizationPolicy: every policy of the root namespace (mesh-wide, its selector
+//!   matched against workloads of any namespace) and every policy of the workload's own
+//!   namespace whose selector picks it (none: all of the namespace), or whose `targetRefs`
+//!   name a Service it serves.
+//!
+//! `requestPrincipals` and the `request.auth.*` conditions are admitted: they match only
+//! requests with a validated JWT, which needs RequestAuthentication (not read yet), so an
+//! ALLOW rule that requires one matches nothing, as Istio does for a request without a
+//! token.
+
+use std::collections::BTreeMap;
+
+use isthmus_proto::discovery as xds;
+use serde::Deserialize;
+
+use super::sidecar::ROOT_NAMESPACE;
+use super::validate::Checker;
+use super::{Code, NamespacedName};
+
+/// The annotation that makes a policy report instead of enforce.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
+/// `selector: {matchLabels: ...}`, as the security kinds write it.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SelectorSpec {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PeerAuthenticationSpec {
+    pub selector: Option<SelectorSpec>,
+    pub mtls: Option<MtlsSpec>,
+    #[serde(default)]
+    pub port_level_mtls: BTreeMap<u32, MtlsSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MtlsSpec {
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    pub selector: Option<SelectorSpec>,
+    pub target_ref: Option<TargetRefSpec>,
+    #[serde(default)]
+    pub target_refs: Vec<TargetRefSpec>,
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+    pub action: Option<String>,
+    pub provider: Option<ProviderSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TargetRefSpec {
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProviderSpec {
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RuleSpec {
+    #[serde(default)]
+    pub from: Vec<FromSpec>,
+    #[serde(default)]
+    pub to: Vec<ToSpec>,
+    #[serde(default)]
+    pub when: Vec<ConditionSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FromSpec {
+    pub source: Option<SourceSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ToSpec {
+    pub operation: Option<OperationSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SourceSpec {
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    #[serde(default)]
+    pub request_principals: Vec<String>,
+    #[serde(default)]
+    pub not_request_principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+    #[serde(default)]
+    pub not_service_accounts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OperationSpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub not_hosts: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub not_ports: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConditionSpec {
+    #[serde(default)]
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
+}
+
+/// An admitted PeerAuthentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAuthn {
+    pub key: NamespacedName,
+    /// Empty: every workload of its namespace (or, in the root namespace, the mesh).
+    pub selector: BTreeMap<String, String>,
+    pub mode: xds::MtlsMode,
+    pub ports: BTreeMap<u32, xds::MtlsMode>,
+}
+
+/// An admitted AuthorizationPolicy: whom it applies to, and what the sidecar enforces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthzScope {
+    pub key: NamespacedName,
+    pub selector: BTreeMap<String, String>,
+    /// `targetRefs` to Services of the policy's namespace.
+    pub services: Vec<NamespacedName>,
+    pub policy: xds::AuthorizationPolicy,
+}
+
+fn mtls_mode(c: &mut Checker<'_>, field: &str, spec: Option<&MtlsSpec>) -> xds::MtlsMode {
+    match spec.and_then(|m| m.mode.as_deref()).unwrap_or("UNSET") {
+        "UNSET" => xds::MtlsMode::Unset,
+        "PERMISSIVE" => xds::MtlsMode::Permissive,
+        "STRICT" => xds::MtlsMode::Strict,
+        "DISABLE" => xds::MtlsMode::Disable,
+        other => {
+            c.fail(
+                Code::InvalidValue,
+                field,
+                format!("`{other}` is not one of UNSET, PERMISSIVE, STRICT, DISABLE"),
+            );
+            xds::MtlsMode::Unset
+        }
+    }
+}
+
+fn selector_of(spec: Option<&SelectorSpec>) -> BTreeMap<String, String> {
+    spec.map(|s| s.match_labels.clone()).unwrap_or_default()
+}
+
+/// Checks a PeerAuthentication.
+pub(super) fn peer_authentication(
+    c: &mut Checker<'_>,
+    key: &NamespacedName,
+    spec: &PeerAuthenticationSpec,
+) -> PeerAuthn {
+    let selector = selector_of(spec.selector.as_ref());
+    if !spec.port_level_mtls.is_empty() && selector.is_empty() {
+        c.fail(
+            Code::InvalidValue,
+            "spec.portLevelMtls",
+            "portLevelMtls requires a selector (it names ports of the selected workloads)",
+        );
+    }
+    let mode = mtls_mode(c, "spec.mtls.mode", spec.mtls.as_ref());
+    let mut ports = BTreeMap::new();
+    for (port, m) in &spec.port_level_mtls {
+        let field = format!("spec.portLevelMtls.{port}");
+        if !(1..=65535).contains(port) {
+            c.fail(
+                Code::InvalidValue,
+                &field,
+                format!("{port} is not a port number (1-65535)"),
+            );
+            continue;
+        }
+        let m = mtls_mode(c, &format!("{field}.mode"), Some(m));
+        ports.insert(*port, m);
+    }
+    PeerAuthn {
+        key: key.clone(),
+        selector,
+        mode,
+        ports,
+    }
+}
+
+/// Istio's string match: exact, `prefix*`, `*suffix`, or `*`. A `*` anywhere else is an
+/// error, as Istio's validation says.
+fn check_values(c: &mut Checker<'_>, field: &str, values: &[String]) {
+    for (i, v) in values.iter().enumerate() {
+        let inner = v.trim_start_matches('*').trim_end_matches('*');
+        if v.is_empty() {
+            c.fail(
+                Code::InvalidValue,
+                format!("{field}[{i}]"),
+                "an empty value matches nothing; use `*` for any value",
+            );
+        } else if inner.contains('*') || (v.len() > 1 && v.starts_with('*') && v.ends_with('*')) {
+            c.fail(
+                Code::InvalidValue,
+                format!("{field}[{i}]"),
+                format!("`{v}`: `*` may only start or end a value (prefix*, *suffix, or *)"),
+            );
+        }
+    }
+}
+
+fn check_blocks(c: &mut Checker<'_>, field: &str, values: &[String]) {
+    for (i, v) in values.iter().enumerate() {
+        let (ip, bits) = v.split_once('/').unwrap_or((v, ""));
+        let ok = match ip.parse::<std::net::IpAddr>() {
+            Ok(addr) => {
+                bits.is_empty()
+                    || bits
+                        .parse::<u8>()
+                        .is_ok_and(|b| b <= if addr.is_ipv4() { 32 } else { 128 })
+            }
+            Err(_) => false,
+        };
+        if !ok {
+            c.fail(
+                Code::InvalidValue,
+                format!("{field}[{i}]"),
+                format!("`{v}` is not an IP address or CIDR range"),
+            );
+        }
+    }
+}
+
+fn check_ports(c: &mut Checker<'_>, field: &str, values: &[String]) -> Vec<u32> {
+    values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| match v.parse::<u16>() {
+            Ok(p) if p > 0 => Some(u32::from(p)),
+            _ => {
+                c.fail(
+                    Code::InvalidValue,
+                    format!("{field}[{i}]"),
+                    format!("`{v}` is not a port number (1-65535)"),
+                );
+                None
+            }
+        })
+        .collect()
+}
+
+/// The `when` keys Istio defines, as prefixes for the bracketed ones.
+fn known_key(key: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "source.ip",
+        "remote.ip",
+        "source.namespace",
+        "source.principal",
+        "source.serviceAccount",
+        "request.auth.principal",
+        "request.auth.audiences",
+        "request.auth.presenter",
+        "destination.ip",
+        "destination.port",
+        "connection.sni",
+    ];
+    let bracketed = |prefix: &str| {
+        key.strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix('['))
+            .is_some_and(|r| r.len() > 1 && r.ends_with(']'))
+    };
+    EXACT.contains(&key) || bracketed("request.headers") || bracketed("request.auth.claims")
+}
+
+fn source(c: &mut Checker<'_>, field: &str, s: &SourceSpec) -> xds::AuthzSource {
+    for (name, values) in [
+        ("principals", &s.principals),
+        ("notPrincipals", &s.not_principals),
+        ("requestPrincipals", &s.request_principals),
+        ("notRequestPrincipals", &s.not_request_principals),
+        ("namespaces", &s.namespaces),
+        ("notNamespaces", &s.not_namespaces),
+    ] {
+        check_values(c, &format!("{field}.{name}"), values);
+    }
+    for (name, values) in [
+        ("ipBlocks", &s.ip_blocks),
+        ("notIpBlocks", &s.not_ip_blocks),
+        ("remoteIpBlocks", &s.remote_ip_blocks),
+        ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+    ] {
+        check_blocks(c, &format!("{field}.{name}"), values);
+    }
+    let accounts = !s.service_accounts.is_empty() || !s.not_service_accounts.is_empty();
+    let others = !s.principals.is_empty()
+        || !s.not_principals.is_empty()
+        || !s.namespaces.is_empty()
+        || !s.not_namespaces.is_empty();
+    if accounts && others {
+        c.fail(
+            Code::InvalidValue,
+            format!("{field}.serviceAccounts"),
+            "serviceAccounts cannot be used together with principals or namespaces",
+        );
+    }
+    for (name, values) in [
+        ("serviceAccounts", &s.service_accounts),
+        ("notServiceAccounts", &s.not_service_accounts),
+    ] {
+        for (i, v) in values.iter().enumerate() {
+            let ok = v
+                .split_once('/')
+                .is_some_and(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !v.contains('*'));
+            if !ok {
+                c.fail(
+                    Code::InvalidValue,
+                    format!("{field}.{name}[{i}]"),
+                    format!("`{v}` is not namespace/service-account"),
+                );
+            }
+        }
+    }
+    xds::AuthzSource {
+        principals: s.principals.clone(),
+        not_principals: s.not_principals.clone(),
+        request_principals: s.request_principals.clone(),
+        not_request_principals: s.not_request_principals.clone(),
+        namespaces: s.namespaces.clone(),
+        not_namespaces: s.not_namespaces.clone(),
+        ip_blocks: s.ip_blocks.clone(),
+        not_ip_blocks: s.not_ip_blocks.clone(),
+        remote_ip_blocks: s.remote_ip_blocks.clone(),
+        not_remote_ip_blocks: s.not_remote_ip_blocks.clone(),
+        service_accounts: s.service_accounts.clone(),
+        not_service_accounts: s.not_service_accounts.clone(),
+    }
+}
+
+fn operation(c: &mut Checker<'_>, field: &str, o: &OperationSpec) -> xds::AuthzOperation {
+    for (name, values) in [
+        ("hosts", &o.hosts),
+        ("notHosts", &o.not_hosts),
+        ("methods", &o.methods),
+        ("notMethods", &o.not_methods),
+        ("paths", &o.paths),
+        ("notPaths", &o.not_paths),
+    ] {
+        check_values(c, &format!("{field}.{name}"), values);
+    }
+    for (name, values) in [("paths", &o.paths), ("notPaths", &o.not_paths)] {
+        for (i, v) in values.iter().enumerate() {
+            if v.contains('{') {
+                c.fail(
+                    Code::Schema,
+                    format!("{field}.{name}[{i}]"),
+                    format!("`{v}`: path templates ({{*}}, {{**}}) are not supported yet"),
+                );
+            }
+        }
+    }
+    xds::AuthzOperation {
+        hosts: o.hosts.clone(),
+        not_hosts: o.not_hosts.clone(),
+        ports: check_ports(c, &format!("{field}.ports"), &o.ports),
+        not_ports: check_ports(c, &format!("{field}.notPorts"), &o.not_ports),
+        methods: o.methods.clone(),
+        not_methods: o.not_methods.clone(),
+        paths: o.paths.clone(),
+        not_paths: o.not_paths.clone(),
+    }
+}
+
+/// Checks an AuthorizationPolicy.
+pub(super) fn authorization_policy(
+    c: &mut Checker<'_>,
+    key: &NamespacedName,
+    annotations: &BTreeMap<String, String>,
+    spec: &AuthorizationPolicySpec,
+) -> AuthzScope {
+    let action = match spec.action.as_deref().unwrap_or("ALLOW") {
+        "ALLOW" => xds::AuthzAction::Allow,
+        "DENY" => xds::AuthzAction::Deny,
+        "AUDIT" => xds::AuthzAction::Audit,
+        "CUSTOM" => xds::AuthzAction::Custom,
+        other => {
+            c.fail(
+                Code::InvalidValue,
+                "spec.action",
+                format!("`{other}` is not one of ALLOW, DENY, AUDIT, CUSTOM"),
+            );
+            xds::AuthzAction::Allow
+        }
+    };
+    let provider = spec.provider.as_ref().map(|p| p.name.clone());
+    match (action, &provider) {
+        (xds::AuthzAction::Custom, None) => c.fail(
+            Code::Missing,
+            "spec.provider",
+            "a CUSTOM policy names its extension provider",
+        ),
+        (xds::AuthzAction::Custom, Some(_)) => {}
+        (_, Some(_)) => c.fail(
+            Code::InvalidValue,
+            "spec.provider",
+            "a provider is only for action CUSTOM",
+        ),
+        _ => {}
+    }
+    let selector = selector_of(spec.selector.as_ref());
+    let mut refs = spec.target_refs.clone();
+    refs.extend(spec.target_ref.clone());
+    if !refs.is_empty() && !selector.is_empty() {
+        c.fail(
+            Code::InvalidValue,
+            "spec.targetRefs",
+            "targetRefs and selector cannot both be set",
+        );
+    }
+    let mut services = Vec::new();
+    for (i, r) in refs.iter().enumerate() {
+        let field = format!("spec.targetRefs[{i}]");
+        if r.kind != "Service" || !r.group.is_empty() {
+            c.fail(
+                Code::Schema,
+                &field,
+                format!(
+                    "targetRefs to {} `{}` are not supported yet; only Service (group \"\")",
+                    r.kind, r.group
+                ),
+            );
+            continue;
+        }
+        if r.namespace.as_deref().is_some_and(|ns| ns != key.namespace) {
+            c.fail(
+                Code::InvalidValue,
+                format!("{field}.namespace"),
+                "a targetRef names an object of the policy's own namespace",
+            );
+            continue;
+        }
+        services.push(NamespacedName::new(&key.namespace, &r.name));
+    }
+    let mut rules = Vec::new();
+    for (i, r) in spec.rules.iter().enumerate() {
+        let field = format!("spec.rules[{i}]");
+        let mut from = Vec::new();
+        for (j, f) in r.from.iter().enumerate() {
+            match &f.source {
+                Some(s) => from.push(source(c, &format!("{field}.from[{j}].source"), s)),
+                None => c.fail(
+                    Code::Missing,
+                    format!("{field}.from[{j}].source"),
+                    "`from` needs a source",
+                ),
+            }
+        }
+        let mut to = Vec::new();
+        for (j, t) in r.to.iter().enumerate() {
+            match &t.operation {
+                Some(o) => to.push(operation(c, &format!("{field}.to[{j}].operation"), o)),
+                None => c.fail(
+                    Code::Missing,
+                    format!("{field}.to[{j}].operation"),
+                    "`to` needs an operation",
+                ),
+            }
+        }
+        let mut when = Vec::new();
+        for (j, w) in r.when.iter().enumerate() {
+            let wf = format!("{field}.when[{j}]");
+            if !known_key(&w.key) {
+                c.fail(
+                    Code::InvalidValue,
+                    format!("{wf}.key"),
+                    format!("`{}` is not a condition key Istio defines", w.key),
+                );
+            }
+            if w.values.is_empty() && w.not_values.is_empty() {
+                c.fail(Code::Missing, &wf, "a condition needs values or notValues");
+            }
+            if matches!(w.key.as_str(), "source.ip" | "remote.ip" | "destination.ip") {
+                check_blocks(c, &format!("{wf}.values"), &w.values);
+                check_blocks(c, &format!("{wf}.notValues"), &w.not_values);
+            }
+            if w.key == "destination.port" {
+                check_ports(c, &format!("{wf}.values"), &w.values);
+                check_ports(c, &format!("{wf}.notValues"), &w.not_values);
+            }
+            when.push(xds::AuthzCondition {
+                key: w.key.clone(),
+                values: w.values.clone(),
+                not_values: w.not_values.clone(),
+            });
+        }
+        rules.push(xds::AuthzRule { from, to, when });
+    }
+    let dry_run = annotations
+        .get(DRY_RUN_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    AuthzScope {
+        key: key.clone(),
+        selector,
+        services,
+        policy: xds::AuthorizationPolicy {
+            name: key.to_string(),
+            action: action as i32,
+            dry_run,
+            rules,
+            provider: provider.unwrap_or_default(),
+        },
+    }
+}
+
+fn picks(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// What PeerAuthentication and AuthorizationPolicy say of traffic to a workload of
+/// `namespace` with `labels`, serving `services`.
+pub fn inbound_for(
+    peer: &BTreeMap<NamespacedName, PeerAuthn>,
+    authz: &BTreeMap<NamespacedName, AuthzScope>,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    services: &[NamespacedName],
+) -> xds::InboundPolicy {
+    let find = |ns: &str, selected: bool| {
+        peer.values().find(|p| {
+            p.key.namespace == ns
+                && if selected {
+                    !p.selector.is_empty() && picks(&p.selector, labels)
+                } else {
+                    p.selector.is_empty()
+                }
+        })
+    };
+    let workload = find(namespace, true);
+    let chain = [
+        workload,
+        find(namespace, false),
+        find(ROOT_NAMESPACE, false),
+    ];
+    let inherited = |from: usize| {
+        chain[from..]
+            .iter()
+            .flatten()
+            .map(|p| p.mode)
+            .find(|m| *m != xds::MtlsMode::Unset)
+            .unwrap_or(xds::MtlsMode::Permissive)
+    };
+    let mtls = inherited(0);
+    let port_mtls = workload
+        .map(|p| {
+            p.ports
+                .iter()
+                .map(|(port, m)| {
+                    let m = if *m == xds::MtlsMode::Unset { mtls } else { *m };
+                    (*port, m as i32)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let authorization = authz
+        .values()
+        .filter(|a| {
+            let ns = a.key.namespace.as_str();
+            if !a.services.is_empty() {
+                return ns == namespace && a.services.iter().any(|s| services.contains(s));
+            }
+            (ns == namespace || ns == ROOT_NAMESPACE) && picks(&a.selector, labels)
+        })
+        .map(|a| a.policy.clone())
+        .collect();
+    xds::InboundPolicy {
+        mtls: mtls as i32,
+        port_mtls,
+        authorization,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{load::load_files, SourceFile};
+    use super::*;
+
+    fn load(yaml: &str) -> Result<super::super::ConfigSet, super::super::ConfigErrors> {
+        load_files(&[SourceFile {
+            name: "policy.yaml".into(),
+            contents: yaml.into(),
+        }])
+    }
+
+    fn first_error(yaml: &str) -> super::super::ConfigError {
+        load(yaml).expect_err("invalid").0.remove(0)
+    }
+
+    #[test]
+    fn peer_authentication_inherits_from_workload_to_namespace_to_mesh() {
+        let set = load("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: legacy}\nspec: {mtls: {mode: PERMISSIVE}}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: db, namespace: legacy}\nspec:\n  selector: {matchLabels: {app: db}}\n  mtls: {mode: UNSET}\n  portLevelMtls: {5432: {mode: DISABLE}, 9090: {mode: UNSET}}\n").expect("valid");
+        let at = |ns: &str, app: &str| {
+            inbound_for(
+                &set.peer_authentications,
+                &set.authorization_policies,
+                ns,
+                &[("app".to_owned(), app.to_owned())].into(),
+                &[],
+            )
+        };
+        assert_eq!(
+            at("demo", "web").mtls,
+            xds::MtlsMode::Strict as i32,
+            "mesh-wide"
+        );
+        assert_eq!(
+            at("legacy", "web").mtls,
+            xds::MtlsMode::Permissive as i32,
+            "namespace"
+        );
+        let db = at("legacy", "db");
+        assert_eq!(db.mtls, xds::MtlsMode::Permissive as i32, "UNSET inherits");
+        assert_eq!(db.port_mtls[&5432], xds::MtlsMode::Disable as i32);
+        assert_eq!(db.port_mtls[&9090], xds::MtlsMode::Permissive as i32);
+        let none = inbound_for(
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            "x",
+            &BTreeMap::new(),
+            &[],
+        );
+        assert_eq!(none.mtls, xds::MtlsMode::Permissive as i32, "the default");
+    }
+
+    #[test]
+    fn authorization_policies_apply_by_namespace_selector_root_and_target() {
+        let set = load("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-nothing, namespace: demo}\nspec: {}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: viewer, namespace: demo, annotations: {istio.io/dry-run: \"true\"}}\nspec:\n  selector: {matchLabels: {app: productpage}}\n  action: ALLOW\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: global-deny, namespace: istio-system}\nspec:\n  action: DENY\n  rules: [{from: [{source: {notNamespaces: [demo]}}]}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: by-service, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, group: \"\", name: reviews}]\n  rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/productpage]}}]}]\n").expect("valid");
+        let names = |app: &str, services: &[NamespacedName]| {
+            let mut n: Vec<String> = inbound_for(
+                &set.peer_authentications,
+                &set.authorization_policies,
+                "demo",
+                &[("app".to_owned(), app.to_owned())].into(),
+                services,
+            )
+            .authorization
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(
+            names("productpage", &[]),
+            [
+                "demo/allow-nothing",
+                "demo/viewer",
+                "istio-system/global-deny"
+            ]
+        );
+        assert_eq!(
+            names("reviews", &[NamespacedName::new("demo", "reviews")]),
+            [
+                "demo/allow-nothing",
+                "demo/by-service",
+                "istio-system/global-deny"
+            ]
+        );
+        let viewer = &set.authorization_policies[&NamespacedName::new("demo", "viewer")];
+        assert!(viewer.policy.dry_run);
+    }
+
+    #[test]
+    fn istio_s_validation_rules_are_enforced_by_field() {
+        for (spec, field, says) in [
+            (
+                "spec:\n  portLevelMtls: {8080: {mode: DISABLE}}\n",
+                "spec.portLevelMtls",
+                "selector",
+            ),
+            ("spec: {mtls: {mode: strict}}\n", "spec.mtls.mode", "STRICT"),
+        ] {
+            let e = first_error(&format!("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: p, namespace: demo}}\n{spec}"));
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.message.contains(says), "{e}");
+        }
+        for (spec, field, says) in [
+            ("spec: {action: CUSTOM}\n", "spec.provider", "provider"),
+            ("spec: {action: DENY, provider: {name: x}}\n", "spec.provider", "CUSTOM"),
+            ("spec: {action: MAYBE}\n", "spec.action", "ALLOW"),
+            ("spec:\n  rules: [{from: [{source: {principals: [a], serviceAccounts: [ns/sa]}}]}]\n", "spec.rules[0].from[0].source.serviceAccounts", "principals"),
+            ("spec:\n  rules: [{from: [{source: {ipBlocks: [10.0.0.0/33]}}]}]\n", "spec.rules[0].from[0].source.ipBlocks[0]", "CIDR"),
+            ("spec:\n  rules: [{to: [{operation: {paths: [/a*b]}}]}]\n", "spec.rules[0].to[0].operation.paths[0]", "prefix"),
+            ("spec:\n  rules: [{to: [{operation: {ports: [\"http\"]}}]}]\n", "spec.rules[0].to[0].operation.ports[0]", "port"),
+            ("spec:\n  rules: [{when: [{key: request.colour, values: [red]}]}]\n", "spec.rules[0].when[0].key", "condition key"),
+            ("spec:\n  selector: {matchLabels: {app: a}}\n  targetRefs: [{kind: Service, name: a}]\n", "spec.targetRefs", "both"),
+        ] {
+            let e = first_error(&format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: demo}}\n{spec}"));
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.message.contains(says), "{e}");
+        }
+    }
+}
