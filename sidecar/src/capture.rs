@@ -338,10 +338,16 @@ pub fn original_destination(tcp: &tokio::net::TcpStream) -> Option<SocketAddr> {
 }
 
 /// The inbound capture listener (15006): a plaintext connection from outside the mesh
-/// (a kubelet probe, a caller without a sidecar) goes on to the port it was going to.
-/// Mesh callers come over mTLS on 15008, which capture leaves alone. Until
-/// PeerAuthentication lands this is Istio's PERMISSIVE mode.
-pub async fn inbound(listener: tokio::net::TcpListener, drain: isthmus_core::drain::Drain) {
+/// (a kubelet probe, a caller without a sidecar) goes on to the port it was going to, if
+/// the workload's PeerAuthentication lets plaintext reach that port (not `STRICT`) and its
+/// AuthorizationPolicies allow a caller with no identity from that address. Mesh callers
+/// come over mTLS on 15008, which capture leaves alone.
+pub async fn inbound(
+    listener: tokio::net::TcpListener,
+    state: tokio::sync::watch::Receiver<std::sync::Arc<crate::state::MeshState>>,
+    metrics: crate::metrics::Metrics,
+    drain: isthmus_core::drain::Drain,
+) {
     loop {
         let Ok((mut tcp, remote)) = listener.accept().await else {
             continue;
@@ -350,6 +356,22 @@ pub async fn inbound(listener: tokio::net::TcpListener, drain: isthmus_core::dra
             tracing::debug!(%remote, "connection made to the capture port itself; closed");
             continue;
         };
+        let policy = state.borrow().inbound.clone();
+        if !policy.plaintext_allowed(original.port()) {
+            metrics.denied("PeerAuthentication STRICT");
+            tracing::info!(target: "authz", %remote, port = original.port(), "plaintext refused: PeerAuthentication is STRICT");
+            continue;
+        }
+        let attributes = crate::authz::Attributes {
+            principal: None,
+            source_ip: remote.ip(),
+            destination_ip: Some(original.ip()),
+            destination_port: original.port(),
+            http: None,
+        };
+        if crate::inbound::authorize(&policy, &metrics, &attributes).is_err() {
+            continue;
+        }
         drain.spawn(async move {
             // The sidecar's own connection is not captured again: its UID is excluded.
             match tokio::net::TcpStream::connect(original).await {

@@ -57,6 +57,9 @@ pub enum ProxyError {
     Overflow { service: String },
     #[error("rate limited; retry after {retry_after:?}")]
     RateLimited { retry_after: std::time::Duration },
+    /// An AuthorizationPolicy denied it (Istio's answer, word for word).
+    #[error("RBAC: access denied")]
+    Forbidden,
 }
 
 impl ProxyError {
@@ -80,6 +83,7 @@ impl ProxyError {
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::Overflow { .. } => "overflow",
             ProxyError::RateLimited { .. } => "rate-limited",
+            ProxyError::Forbidden => "rbac-denied",
         }
     }
 
@@ -120,6 +124,7 @@ impl ProxyError {
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Overflow { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Forbidden => StatusCode::FORBIDDEN,
         }
     }
 
@@ -132,7 +137,7 @@ impl ProxyError {
             | ProxyError::InvalidRequest(_)
             | ProxyError::HeadersTooLarge(_) => 3, // INVALID_ARGUMENT
             ProxyError::RequestBodyTimeout(_) => 4, // DEADLINE_EXCEEDED
-            ProxyError::UpgradeRefused(_) => 7, // PERMISSION_DENIED
+            ProxyError::UpgradeRefused(_) | ProxyError::Forbidden => 7, // PERMISSION_DENIED
             ProxyError::TunnelUnsupported => 12,
             ProxyError::FaultAbort(Abort::Grpc(code)) => *code,
             ProxyError::Timeout { .. } => 4,     // DEADLINE_EXCEEDED

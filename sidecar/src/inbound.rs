@@ -18,6 +18,7 @@ use isthmus_core::tls::{ClientAuth, PeerPolicy, TlsIdentity, ALPN_H2};
 use tokio::net::TcpListener;
 
 use crate::app::AppPool;
+use crate::authz;
 use crate::errors::{is_grpc, ProxyError};
 use crate::metrics::fixed::unknown;
 use crate::metrics::{Metrics, RequestLabels};
@@ -132,7 +133,8 @@ impl Inbound {
                 let Some(peer) = isthmus_core::tls::peer_identity(tls.get_ref().1) else {
                     return;
                 };
-                let caller = Arc::new(Caller::new(&ctx, peer));
+                let local = tls.get_ref().0.local_addr().ok();
+                let caller = Arc::new(Caller::new(&ctx, peer, remote, local));
                 let svc = hyper::service::service_fn(move |req| {
                     let (ctx, caller) = (ctx.clone(), caller.clone());
                     async move { Ok::<_, std::convert::Infallible>(handle(&ctx, &caller, req).await) }
@@ -165,13 +167,62 @@ struct Caller {
     id: SpiffeId,
     /// `x-forwarded-client-cert` for every request of the connection.
     xfcc: HeaderValue,
+    /// The identity as AuthorizationPolicies name it: the SPIFFE ID without `spiffe://`.
+    principal: String,
+    /// The connection's source and destination addresses.
+    remote: SocketAddr,
+    local: Option<SocketAddr>,
 }
 
 impl Caller {
-    fn new(ctx: &InboundCtx, id: SpiffeId) -> Self {
+    fn new(ctx: &InboundCtx, id: SpiffeId, remote: SocketAddr, local: Option<SocketAddr>) -> Self {
         let xfcc = format!("By={};URI={id}", ctx.identity.id());
         let xfcc = HeaderValue::from_str(&xfcc).expect("SPIFFE IDs are valid header text");
-        Self { id, xfcc }
+        let principal = id.to_string();
+        let principal = principal
+            .strip_prefix("spiffe://")
+            .unwrap_or(&principal)
+            .to_owned();
+        Self {
+            id,
+            xfcc,
+            principal,
+            remote,
+            local,
+        }
+    }
+
+    /// The attributes AuthorizationPolicies judge a request (or, with no HTTP, a
+    /// connection) of this caller on.
+    fn attributes<'a>(&'a self, port: u16, http: Option<authz::Http<'a>>) -> authz::Attributes<'a> {
+        authz::Attributes {
+            principal: Some(&self.principal),
+            source_ip: self.remote.ip(),
+            destination_ip: self.local.map(|l| l.ip()),
+            destination_port: port,
+            http,
+        }
+    }
+}
+
+/// Applies the workload's AuthorizationPolicies; a denial is counted and logged with the
+/// policy that made it.
+pub(crate) fn authorize(
+    policy: &authz::InboundPolicy,
+    metrics: &Metrics,
+    attributes: &authz::Attributes<'_>,
+) -> Result<(), ProxyError> {
+    if policy.is_empty() {
+        return Ok(());
+    }
+    match policy.check(attributes) {
+        authz::Verdict::Allow => Ok(()),
+        authz::Verdict::Deny(by) => {
+            let by = by.as_deref().unwrap_or("no ALLOW policy matched");
+            metrics.denied(by);
+            tracing::info!(target: "authz", policy = by, principal = attributes.principal.unwrap_or("-"), source = %attributes.source_ip, port = attributes.destination_port, path = attributes.http.as_ref().map(|h| h.path).unwrap_or("-"), "RBAC: access denied");
+            Err(ProxyError::Forbidden)
+        }
     }
 }
 
@@ -252,6 +303,7 @@ async fn forward(
         ));
     };
     let peer = &caller.id;
+    let state = ctx.state.borrow().clone();
     if req.method() == http::Method::CONNECT {
         check_rate_limits(svc, peer, req.headers())?;
         if !req.headers().contains_key(crate::upgrade::UPGRADE) {
@@ -261,7 +313,8 @@ async fn forward(
                 .get(crate::upgrade::TARGET_PORT)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u16>().ok());
-            let state = ctx.state.borrow().clone();
+            let attributes = caller.attributes(port.unwrap_or(app.port()), None);
+            authorize(&state.inbound, &ctx.metrics, &attributes)?;
             let declared = state
                 .services
                 .values()
@@ -273,6 +326,12 @@ async fn forward(
             // Boxed, as the upgrade below: rare, and not to enlarge every request's future.
             return Box::pin(crate::upgrade::tcp_to_app(app, req, &ctx.drain)).await;
         }
+        // An upgraded connection (WebSocket) is judged as a connection to the app's port.
+        authorize(
+            &state.inbound,
+            &ctx.metrics,
+            &caller.attributes(app.port(), None),
+        )?;
         return Box::pin(crate::upgrade::to_app(
             app,
             caller.xfcc.clone(),
@@ -308,6 +367,22 @@ async fn forward(
             Ok(Some(normalized)) => PathAndQuery::try_from(normalized).map_err(|e| invalid(&e))?,
             Err(e) => return Err(invalid(&e)),
         };
+    // Policies judge the path the app will see.
+    if !state.inbound.is_empty() {
+        let lax = authz::lax_path(path_and_query.path());
+        let http = authz::Http {
+            host: authority.as_ref().map_or("", |a| a.as_str()),
+            method: parts.method.as_str(),
+            path: path_and_query.path(),
+            lax_path: &lax,
+            headers: &parts.headers,
+        };
+        authorize(
+            &state.inbound,
+            &ctx.metrics,
+            &caller.attributes(app.port(), Some(http)),
+        )?;
+    }
     parts.uri = crate::outbound::http_uri(app_authority.clone(), path_and_query)
         .map_err(|e| ProxyError::AppUnavailable(e.to_string()))?;
     let sent = if h2 {

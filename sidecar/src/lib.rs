@@ -11,6 +11,7 @@
 
 mod app;
 mod attempt;
+mod authz;
 mod body;
 mod breaker;
 pub mod capture;
@@ -236,7 +237,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             drain.clone(),
         ));
         if let Some(listener) = captured_inbound {
-            tasks.spawn(capture::inbound(listener, drain.clone()));
+            let (state, metrics) = (store.subscribe(), in_ctx.metrics.clone());
+            tasks.spawn(capture::inbound(listener, state, metrics, drain.clone()));
         }
         tasks.spawn(inbound::Inbound::new(inbound, in_ctx, drain).run());
         tasks.join_next().await;

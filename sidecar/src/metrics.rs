@@ -27,6 +27,12 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    /// `namespace/name` of the DENY policy, or `no ALLOW policy matched`.
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DnsLabels {
     /// `mesh` (from the registry), `forwarded`, `nxdomain` (a mesh name not known, with
     /// no upstream), `upstream_failure`, `refused` (not a single query).
@@ -112,6 +118,8 @@ pub struct Metrics {
     pub upstream_failures: Family<ReasonLabels, Counter>,
     /// DNS queries the DNS proxy answered, by where the answer came from.
     dns_requests: Family<DnsLabels, Counter>,
+    /// Requests and connections AuthorizationPolicies denied, by policy.
+    denied: Family<PolicyLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -125,6 +133,7 @@ impl Default for Metrics {
             upstream_connections: Counter::default(),
             upstream_failures: Family::default(),
             dns_requests: Family::default(),
+            denied: Family::default(),
         }
     }
 }
@@ -150,6 +159,15 @@ impl Metrics {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(labels, (count, duration));
+    }
+
+    /// Counts one request or connection an AuthorizationPolicy denied.
+    pub fn denied(&self, policy: &str) {
+        self.denied
+            .get_or_create(&PolicyLabels {
+                policy: policy.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts one DNS query by where its answer came from.
@@ -188,6 +206,11 @@ impl Metrics {
             "upstream_failures",
             "failed attempts by reason",
             self.upstream_failures.clone(),
+        );
+        own.register(
+            "authz_denied",
+            "requests and connections denied by AuthorizationPolicy, by policy",
+            self.denied.clone(),
         );
         own.register(
             "dns_requests",

@@ -437,6 +437,7 @@ fn reason_label(r: &str) -> &'static str {
         "request-headers-too-large" => "request-headers-too-large",
         "upgrade-refused" => "upgrade-refused",
         "response-headers-too-large" => "response-headers-too-large",
+        "rbac-denied" => "rbac-denied",
         _ => "other",
     }
 }

@@ -183,6 +183,8 @@ pub struct MeshState {
     /// Istio's `ALLOW_ANY`: a host outside the registry passes through (see
     /// [`MeshState::passthrough`]); otherwise it is refused.
     pub allow_any: bool,
+    /// What PeerAuthentication and AuthorizationPolicy say of traffic to this workload.
+    pub inbound: Arc<crate::authz::InboundPolicy>,
 }
 
 impl MeshState {
@@ -351,7 +353,7 @@ impl MeshState {
 }
 
 /// Whether `ip` lies in `net/bits`.
-fn within(ip: std::net::IpAddr, net: std::net::IpAddr, bits: u8) -> bool {
+pub(crate) fn within(ip: std::net::IpAddr, net: std::net::IpAddr, bits: u8) -> bool {
     use std::net::IpAddr;
     match (ip, net) {
         (IpAddr::V4(a), IpAddr::V4(n)) => {

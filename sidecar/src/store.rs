@@ -50,6 +50,8 @@ impl Store {
     }
 }
 
+use crate::authz::InboundPolicy;
+
 impl XdsHandler for Store {
     fn apply(&self, type_url: &str, updated: &[Resource], removed: &[String]) -> Vec<Rejected> {
         match type_url {
@@ -69,6 +71,8 @@ impl XdsHandler for Store {
                         services,
                         mesh: old.mesh.clone(),
                         own_labels: old.own_labels.clone(),
+                        allow_any: old.allow_any,
+                        inbound: old.inbound.clone(),
                         ..Default::default()
                     };
                     next.index(&self.own_namespace);
@@ -94,17 +98,23 @@ impl XdsHandler for Store {
             type_url::WORKLOAD => {
                 let (mut workloads, rejected) = Rejected::sort(updated, |r| {
                     isthmus_proto::discovery::Workload::decode(r.body.as_slice())
-                        .map(|w| (w.labels, w.allow_any))
+                        .map(|w| {
+                            let inbound = InboundPolicy::compile(&w.inbound.unwrap_or_default());
+                            (w.labels, w.allow_any, inbound)
+                        })
                         .map_err(|e| format!("cannot decode: {e}"))
                 });
-                let (labels, allow_any) = match workloads.pop() {
+                let (labels, allow_any, inbound) = match workloads.pop() {
                     Some(own) => own,
-                    None if !removed.is_empty() => (BTreeMap::new(), false),
+                    None if !removed.is_empty() => {
+                        (BTreeMap::new(), false, InboundPolicy::default())
+                    }
                     None => return rejected,
                 };
                 self.update(|old| MeshState {
                     own_labels: Arc::new(labels),
                     allow_any,
+                    inbound: Arc::new(inbound),
                     ..old.clone()
                 });
                 rejected
