@@ -602,6 +602,24 @@ fn unmodified_apps_reach_services_by_name_through_capture_and_the_sidecar_dns() 
     // 15006 and handed on to the port it was going to.
     assert_eq!(code(&node, "http://10.244.2.2:8080/"), "200");
 
+    // Istio's mutual TLS migration, last step (deploy/examples/security/mtls-strict.yaml):
+    // with the namespace STRICT, the plaintext caller is refused, while the mesh callers
+    // (mTLS between the sidecars) go on.
+    let strict = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/examples/security/mtls-strict.yaml"
+    ))
+    .expect("example");
+    std::fs::write(d.join("cfg1/mtls-strict.yaml"), strict).expect("policy");
+    wait_for("plaintext refused", Duration::from_secs(10), || {
+        code(&node, "http://10.244.2.2:8080/") == "000"
+    });
+    let by_name = json_of(&curl("http://echo.demo.svc.cluster.local/")).expect("mTLS still works");
+    assert_eq!(
+        by_name["caller"],
+        "spiffe://cluster.local/ns/demo/sa/client"
+    );
+
     // What crossed pod A's link: the mesh traffic was encrypted, while the passthrough
     // request (plaintext by nature) shows the capture would have seen plaintext.
     std::thread::sleep(Duration::from_millis(500));

@@ -28,12 +28,20 @@ spec: {selector: {app: echo}, ports: [{name: http, port: 80, targetPort: 8080}]}
 #[test]
 fn every_example_is_valid_config_in_every_api_version() {
     let dir = format!("{}/../deploy/examples", env!("CARGO_MANIFEST_DIR"));
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .expect("examples folder")
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .collect();
+    let files_in = |sub: &str| -> Vec<String> {
+        std::fs::read_dir(format!("{dir}/{sub}"))
+            .expect("examples folder")
+            .filter_map(|e| {
+                let e = e.ok()?;
+                e.file_type().ok()?.is_file().then_some(())?;
+                Some(format!("{sub}{}", e.file_name().into_string().ok()?))
+            })
+            .collect()
+    };
+    let mut names = files_in("");
+    names.extend(files_in("security/"));
     names.sort();
-    assert!(names.len() >= 10, "{names:?}");
+    assert!(names.len() >= 18, "{names:?}");
     for name in names {
         let mut files = vec![SourceFile {
             name: "services.yaml".into(),
@@ -57,10 +65,20 @@ fn every_example_is_valid_config_in_every_api_version() {
                 .iter()
                 .map(|f| SourceFile {
                     name: f.name.clone(),
-                    contents: f.contents.replace(
-                        "networking.istio.io/v1\n",
-                        &format!("networking.istio.io/{version}\n"),
-                    ),
+                    contents: f
+                        .contents
+                        .replace(
+                            "networking.istio.io/v1\n",
+                            &format!("networking.istio.io/{version}\n"),
+                        )
+                        // The security kinds are served at v1 and v1beta1.
+                        .replace(
+                            "security.istio.io/v1\n",
+                            &format!(
+                                "security.istio.io/{}\n",
+                                if version == "v1alpha3" { "v1" } else { version }
+                            ),
+                        ),
                 })
                 .collect();
             if let Err(e) = load_files(&files) {
