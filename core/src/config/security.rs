@@ -12,6 +12,7 @@
 //!   namespace whose selector picks it (none: all of the namespace), or whose `targetRefs`
 //!   name a Service it serves.
 //!
+//! Action `CUSTOM` (external authorization) is refused by name until it is built.
 //! `requestPrincipals` and the `request.auth.*` conditions are admitted: they match only
 //! requests with a validated JWT, which needs RequestAuthentication (not read yet), so an
 //! ALLOW rule that requires one matches nothing, as Istio does for a request without a
@@ -468,7 +469,11 @@ pub(super) fn authorization_policy(
             "spec.provider",
             "a CUSTOM policy names its extension provider",
         ),
-        (xds::AuthzAction::Custom, Some(_)) => {}
+        (xds::AuthzAction::Custom, Some(_)) => c.fail(
+            Code::Schema,
+            "spec.action",
+            "CUSTOM (external authorization) is not supported yet",
+        ),
         (_, Some(_)) => c.fail(
             Code::InvalidValue,
             "spec.provider",
@@ -754,6 +759,7 @@ mod tests {
         }
         for (spec, field, says) in [
             ("spec: {action: CUSTOM}\n", "spec.provider", "provider"),
+            ("spec: {action: CUSTOM, provider: {name: ext}}\n", "spec.action", "not supported yet"),
             ("spec: {action: DENY, provider: {name: x}}\n", "spec.provider", "CUSTOM"),
             ("spec: {action: MAYBE}\n", "spec.action", "ALLOW"),
             ("spec:\n  rules: [{from: [{source: {principals: [a], serviceAccounts: [ns/sa]}}]}]\n", "spec.rules[0].from[0].source.serviceAccounts", "principals"),
