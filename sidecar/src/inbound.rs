@@ -242,7 +242,7 @@ async fn handle(ctx: &InboundCtx, caller: &Caller, req: Request<Incoming>) -> Re
             (svc, svc.map_or_else(unknown, |s| s.hostname()))
         }
     };
-    let resp = match forward(ctx, caller, svc.map(|s| &**s), req).await {
+    let resp = match forward(ctx, caller, &state, svc.map(|s| &**s), req).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(peer = %caller.id, error = %e, "inbound request failed");
@@ -294,6 +294,7 @@ fn check_rate_limits(
 async fn forward(
     ctx: &InboundCtx,
     caller: &Caller,
+    state: &crate::state::MeshState,
     svc: Option<&crate::state::Service>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -303,7 +304,6 @@ async fn forward(
         ));
     };
     let peer = &caller.id;
-    let state = ctx.state.borrow().clone();
     if req.method() == http::Method::CONNECT {
         check_rate_limits(svc, peer, req.headers())?;
         if !req.headers().contains_key(crate::upgrade::UPGRADE) {
