@@ -441,6 +441,26 @@ fn operation(c: &mut Checker<'_>, field: &str, o: &OperationSpec) -> xds::AuthzO
     }
 }
 
+/// Checks the `what` of each entry of a list (`from[].source`, `to[].operation`), an
+/// entry without one being a fault.
+fn each<'s, S: 's, T>(
+    c: &mut Checker<'_>,
+    field: &str,
+    what: &str,
+    items: impl Iterator<Item = Option<&'s S>>,
+    check: fn(&mut Checker<'_>, &str, &S) -> T,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for (j, item) in items.enumerate() {
+        let at = format!("{field}[{j}].{what}");
+        match item {
+            Some(s) => out.push(check(c, &at, s)),
+            None => c.fail(Code::Missing, at, format!("an entry needs a {what}")),
+        }
+    }
+    out
+}
+
 /// Checks an AuthorizationPolicy.
 pub(super) fn authorization_policy(
     c: &mut Checker<'_>,
@@ -518,28 +538,20 @@ pub(super) fn authorization_policy(
     let mut rules = Vec::new();
     for (i, r) in spec.rules.iter().enumerate() {
         let field = format!("spec.rules[{i}]");
-        let mut from = Vec::new();
-        for (j, f) in r.from.iter().enumerate() {
-            match &f.source {
-                Some(s) => from.push(source(c, &format!("{field}.from[{j}].source"), s)),
-                None => c.fail(
-                    Code::Missing,
-                    format!("{field}.from[{j}].source"),
-                    "`from` needs a source",
-                ),
-            }
-        }
-        let mut to = Vec::new();
-        for (j, t) in r.to.iter().enumerate() {
-            match &t.operation {
-                Some(o) => to.push(operation(c, &format!("{field}.to[{j}].operation"), o)),
-                None => c.fail(
-                    Code::Missing,
-                    format!("{field}.to[{j}].operation"),
-                    "`to` needs an operation",
-                ),
-            }
-        }
+        let from = each(
+            c,
+            &format!("{field}.from"),
+            "source",
+            r.from.iter().map(|f| f.source.as_ref()),
+            source,
+        );
+        let to = each(
+            c,
+            &format!("{field}.to"),
+            "operation",
+            r.to.iter().map(|t| t.operation.as_ref()),
+            operation,
+        );
         let mut when = Vec::new();
         for (j, w) in r.when.iter().enumerate() {
             let wf = format!("{field}.when[{j}]");
@@ -762,6 +774,7 @@ mod tests {
             ("spec: {action: CUSTOM, provider: {name: ext}}\n", "spec.action", "not supported yet"),
             ("spec: {action: DENY, provider: {name: x}}\n", "spec.provider", "CUSTOM"),
             ("spec: {action: MAYBE}\n", "spec.action", "ALLOW"),
+            ("spec:\n  rules: [{from: [{}]}]\n", "spec.rules[0].from[0].source", "needs a source"),
             ("spec:\n  rules: [{from: [{source: {principals: [a], serviceAccounts: [ns/sa]}}]}]\n", "spec.rules[0].from[0].source.serviceAccounts", "principals"),
             ("spec:\n  rules: [{from: [{source: {ipBlocks: [10.0.0.0/33]}}]}]\n", "spec.rules[0].from[0].source.ipBlocks[0]", "CIDR"),
             ("spec:\n  rules: [{to: [{operation: {paths: [/a*b]}}]}]\n", "spec.rules[0].to[0].operation.paths[0]", "prefix"),
