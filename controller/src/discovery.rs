@@ -545,13 +545,7 @@ fn unlisted_workload(snapshot: &Snapshot, own: &str) -> Option<(String, (String,
     let allow_any = isthmus_core::config::sidecar::scope_for(&snapshot.sidecars, namespace, &none)
         .is_some_and(|s| s.allow_any);
     let config = &snapshot.config;
-    let inbound = isthmus_core::config::security::inbound_for(
-        &config.peer_authentications,
-        &config.authorization_policies,
-        namespace,
-        &none,
-        &[],
-    );
+    let inbound = isthmus_core::config::security::inbound_for(config, namespace, &none, &[]);
     let msg = isthmus_proto::discovery::Workload {
         name: own.to_owned(),
         allow_any,

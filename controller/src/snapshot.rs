@@ -554,8 +554,7 @@ impl Registry {
                     )
                     .is_some_and(|s| s.allow_any),
                     inbound: Some(isthmus_core::config::security::inbound_for(
-                        &config.peer_authentications,
-                        &config.authorization_policies,
+                        &config,
                         &w.key.namespace,
                         &w.labels,
                         serving.get(&w.key).map(Vec::as_slice).unwrap_or_default(),

@@ -44,6 +44,9 @@ pub fn spec_schema(
         "Sidecar" => generator.root_schema_for::<sidecar::SidecarSpec>(),
         "PeerAuthentication" => generator.root_schema_for::<security::PeerAuthenticationSpec>(),
         "AuthorizationPolicy" => generator.root_schema_for::<security::AuthorizationPolicySpec>(),
+        "RequestAuthentication" => {
+            generator.root_schema_for::<security::RequestAuthenticationSpec>()
+        }
         "WorkloadEntry" => generator.root_schema_for::<kinds::WorkloadEntrySpec>(),
         "ServiceExport" => generator.root_schema_for::<kinds::ServiceExportSpec>(),
         "LocalRateLimit" => generator.root_schema_for::<kinds::LocalRateLimitSpec>(),
@@ -283,6 +286,8 @@ pub struct ConfigSet {
     pub peer_authentications: BTreeMap<NamespacedName, security::PeerAuthn>,
     /// `AuthorizationPolicy`s (see `security.rs`).
     pub authorization_policies: BTreeMap<NamespacedName, security::AuthzScope>,
+    /// `RequestAuthentication`s (see `security.rs`).
+    pub request_authentications: BTreeMap<NamespacedName, security::AuthnScope>,
     /// References to objects that do not exist (yet): a VirtualService naming an unknown
     /// host or subset, a ServiceExport with no Service. Requests they route get 503.
     pub warnings: Vec<ConfigError>,

@@ -54,6 +54,12 @@ pub const MESH_KINDS: &[MeshKind] = &[
         plural: "authorizationpolicies",
     },
     MeshKind {
+        group: "security.istio.io",
+        version: "v1",
+        kind: "RequestAuthentication",
+        plural: "requestauthentications",
+    },
+    MeshKind {
         group: "multicluster.x-k8s.io",
         version: "v1alpha1",
         kind: "ServiceExport",

@@ -14,9 +14,11 @@
 //! attributes: as Istio does, an ALLOW rule that needs one matches nothing, and a DENY
 //! rule is judged without its HTTP fields (so it denies more, never less).
 //!
-//! JWT (`requestPrincipals`, `request.auth.*`) is not validated yet: such attributes are
-//! absent, so positive matches on them fail and negative ones hold, as for a request
-//! without a token.
+//! RequestAuthentication: a request's token (from the rule's locations) is validated with
+//! the keys of the rule of its issuer (signature, expiry, audience); an invalid one is
+//! refused (401), a valid one gives `requestPrincipals` (`iss/sub`) and `request.auth.*`.
+//! Without a token those attributes are absent: positive matches on them fail and
+//! negative ones hold.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -148,7 +150,11 @@ enum Key {
     SourceServiceAccount,
     DestinationIp,
     DestinationPort,
-    /// `request.auth.*`, `connection.sni`: not known here yet.
+    AuthPrincipal,
+    /// `request.auth.audiences` (`aud`), `request.auth.presenter` (`azp`),
+    /// `request.auth.claims[...]`: a claim by path.
+    AuthClaim(String),
+    /// `connection.sni`: not known here.
     Unknown,
 }
 
@@ -183,6 +189,40 @@ pub struct Attributes<'a> {
     pub destination_ip: Option<IpAddr>,
     pub destination_port: u16,
     pub http: Option<Http<'a>>,
+    /// The request's validated JWT (RequestAuthentication), if it carried one.
+    pub auth: Option<&'a Authenticated>,
+}
+
+/// What a validated JWT proves.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    /// `iss/sub`, as `requestPrincipals` name it.
+    pub principal: String,
+    pub claims: serde_json::Value,
+}
+
+impl Authenticated {
+    /// A claim by path (`groups`, or nested `a][b` as Istio's `claims[a][b]`), as the
+    /// strings it holds: a string, each string of a list, a number or boolean as text.
+    fn claim(&self, path: &str) -> Vec<String> {
+        let mut v = &self.claims;
+        for part in path.split("][") {
+            match v.get(part) {
+                Some(next) => v = next,
+                None => return Vec::new(),
+            }
+        }
+        let text = |v: &serde_json::Value| match v {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            serde_json::Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        };
+        match v {
+            serde_json::Value::Array(items) => items.iter().filter_map(text).collect(),
+            other => text(other).into_iter().collect(),
+        }
+    }
 }
 
 /// The HTTP attributes of a request.
@@ -233,7 +273,11 @@ impl Source {
         let sa = a.service_account().unwrap_or_default();
         self.principals
             .test(|m| m.matches(principal), a.principal.is_some())
-            && (!http || self.request_principals.test(|_| false, false))
+            && (!http
+                || self.request_principals.test(
+                    |m| a.auth.is_some_and(|t| m.matches(&t.principal)),
+                    a.auth.is_some(),
+                ))
             && self
                 .namespaces
                 .test(|m| m.matches(ns), a.principal.is_some())
@@ -308,6 +352,12 @@ impl Condition {
             Key::SourceNamespace => text(a.namespace()),
             Key::SourcePrincipal => text(a.principal),
             Key::SourceServiceAccount => text(a.service_account().as_deref()),
+            Key::AuthPrincipal => text(a.auth.map(|t| t.principal.as_str())),
+            Key::AuthClaim(path) => {
+                let values = a.auth.map(|t| t.claim(path)).unwrap_or_default();
+                self.strings
+                    .test(|m| values.iter().any(|v| m.matches(v)), !values.is_empty())
+            }
             Key::Unknown => text(None),
         }
     }
@@ -320,7 +370,10 @@ impl Rule {
         (self.from.is_empty() || self.from.iter().any(|s| s.matches(a, http)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches(a, http, deny)))
             && self.when.iter().all(|c| {
-                let http_key = matches!(c.key, Key::Header(_));
+                let http_key = matches!(
+                    c.key,
+                    Key::Header(_) | Key::AuthPrincipal | Key::AuthClaim(_)
+                );
                 (http_key && !http) || c.matches(a)
             })
     }
@@ -379,6 +432,12 @@ fn condition(c: &xds::AuthzCondition) -> Condition {
         "source.serviceAccount" => Key::SourceServiceAccount,
         "destination.ip" => Key::DestinationIp,
         "destination.port" => Key::DestinationPort,
+        "request.auth.principal" => Key::AuthPrincipal,
+        "request.auth.audiences" => Key::AuthClaim("aud".into()),
+        "request.auth.presenter" => Key::AuthClaim("azp".into()),
+        _ if c.key.starts_with("request.auth.claims[") => {
+            Key::AuthClaim(bracketed("request.auth.claims").unwrap_or_default())
+        }
         _ => match bracketed("request.headers")
             .and_then(|h| http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok())
         {
@@ -419,13 +478,155 @@ pub enum Verdict {
 }
 
 /// The workload's inbound policy, compiled.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct InboundPolicy {
     mtls: Mode,
     port_mtls: HashMap<u16, Mode>,
     deny: Vec<Policy>,
     allow: Vec<Policy>,
     audit: Vec<Policy>,
+    jwt: Vec<JwtRule>,
+}
+
+impl std::fmt::Debug for InboundPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundPolicy")
+            .field("mtls", &self.mtls)
+            .field("deny", &self.deny.len())
+            .field("allow", &self.allow.len())
+            .field("jwt", &self.jwt.len())
+            .finish()
+    }
+}
+
+/// Where a token may be.
+enum Location {
+    Header(http::HeaderName, String),
+    Param(String),
+    Cookie(String),
+}
+
+/// A RequestAuthentication rule, compiled: the issuer's keys decoded once per push.
+struct JwtRule {
+    issuer: String,
+    audiences: Vec<String>,
+    keys: Vec<(Option<String>, jsonwebtoken::DecodingKey)>,
+    from: Vec<Location>,
+    forward: bool,
+    payload_header: Option<http::HeaderName>,
+    claim_headers: Vec<(http::HeaderName, String)>,
+}
+
+fn jwt_rule(r: &xds::JwtRule) -> JwtRule {
+    let keys = serde_json::from_str::<jsonwebtoken::jwk::JwkSet>(&r.jwks)
+        .map(|set| {
+            set.keys
+                .iter()
+                .filter_map(|k| {
+                    let key = jsonwebtoken::DecodingKey::from_jwk(k).ok()?;
+                    Some((k.common.key_id.clone(), key))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut from: Vec<Location> = r
+        .from_headers
+        .iter()
+        .filter_map(|h| {
+            let name = http::HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes()).ok()?;
+            Some(Location::Header(name, h.prefix.clone()))
+        })
+        .chain(r.from_params.iter().map(|p| Location::Param(p.clone())))
+        .chain(r.from_cookies.iter().map(|c| Location::Cookie(c.clone())))
+        .collect();
+    if from.is_empty() {
+        // Istio's defaults.
+        from.push(Location::Header(
+            http::header::AUTHORIZATION,
+            "Bearer ".into(),
+        ));
+        from.push(Location::Param("access_token".into()));
+    }
+    let header = |h: &str| http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok();
+    JwtRule {
+        issuer: r.issuer.clone(),
+        audiences: r.audiences.clone(),
+        keys,
+        from,
+        forward: r.forward_original_token,
+        payload_header: Some(r.output_payload_to_header.as_str())
+            .filter(|h| !h.is_empty())
+            .and_then(header),
+        claim_headers: r
+            .output_claim_to_headers
+            .iter()
+            .filter_map(|c| Some((header(&c.header)?, c.claim.clone())))
+            .collect(),
+    }
+}
+
+/// A token found in a request: where, and the token.
+fn find_token(loc: &Location, parts: &http::request::Parts) -> Option<String> {
+    match loc {
+        Location::Header(name, prefix) => parts
+            .headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|v| v.strip_prefix(prefix.as_str()))
+            .map(|t| t.trim().to_owned()),
+        Location::Param(p) => parts.uri.query().and_then(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| k == p)
+                .map(|(_, v)| v.to_owned())
+        }),
+        Location::Cookie(c) => parts
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|kv| kv.trim().strip_prefix(c.as_str())?.strip_prefix('='))
+            .map(str::to_owned),
+    }
+}
+
+/// The `iss` a token claims, read before its signature is checked (to pick the rule).
+fn claimed_issuer(token: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(v.get("iss")?.as_str()?.to_owned())
+}
+
+impl JwtRule {
+    fn validate(&self, token: &str) -> Result<serde_json::Value, String> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
+        let mut validation = jsonwebtoken::Validation::new(header.alg);
+        validation.set_issuer(&[&self.issuer]);
+        validation.required_spec_claims.clear();
+        if self.audiences.is_empty() {
+            validation.validate_aud = false;
+        } else {
+            validation.set_audience(&self.audiences);
+        }
+        let candidates = self
+            .keys
+            .iter()
+            .filter(|(kid, _)| header.kid.is_none() || kid.is_none() || *kid == header.kid);
+        let mut last = "no key of the issuer matches the token".to_owned();
+        for (_, key) in candidates {
+            match jsonwebtoken::decode::<serde_json::Value>(token, key, &validation) {
+                Ok(data) => return Ok(data.claims),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(last)
+    }
 }
 
 /// Whether plaintext may come in (PeerAuthentication).
@@ -454,6 +655,7 @@ impl InboundPolicy {
                 .iter()
                 .filter_map(|(port, m)| Some((u16::try_from(*port).ok()?, mode(*m))))
                 .collect(),
+            jwt: p.jwt.iter().map(jwt_rule).collect(),
             ..Default::default()
         };
         for a in &p.authorization {
@@ -476,6 +678,79 @@ impl InboundPolicy {
     /// Whether plaintext may reach `port` of the workload.
     pub fn plaintext_allowed(&self, port: u16) -> bool {
         self.port_mtls.get(&port).copied().unwrap_or(self.mtls) != Mode::Strict
+    }
+
+    /// Whether a RequestAuthentication applies: requests are looked at for a token.
+    pub fn has_jwt(&self) -> bool {
+        !self.jwt.is_empty()
+    }
+
+    /// Finds the request's token and validates it with the rule of its issuer: `Ok(None)`
+    /// when it carries none, an error (401) when it carries one that does not validate.
+    /// The token leaves the request unless the rule forwards it; the rule's payload and
+    /// claim headers are set (and any the app sent are replaced).
+    pub fn authenticate(
+        &self,
+        parts: &mut http::request::Parts,
+    ) -> Result<Option<Authenticated>, String> {
+        let found = self.jwt.iter().find_map(|rule| {
+            rule.from
+                .iter()
+                .find_map(|loc| Some((loc, find_token(loc, parts)?)))
+        });
+        for rule in &self.jwt {
+            for h in rule
+                .payload_header
+                .iter()
+                .chain(rule.claim_headers.iter().map(|(h, _)| h))
+            {
+                parts.headers.remove(h);
+            }
+        }
+        let Some((_, token)) = found else {
+            return Ok(None);
+        };
+        let issuer = claimed_issuer(&token).ok_or("the token is not a JWT")?;
+        let rule = self
+            .jwt
+            .iter()
+            .find(|r| r.issuer == issuer)
+            .ok_or_else(|| format!("issuer `{issuer}` is not configured"))?;
+        let claims = rule.validate(&token)?;
+        if !rule.forward {
+            for loc in &rule.from {
+                if let Location::Header(name, _) = loc {
+                    parts.headers.remove(name);
+                }
+            }
+        }
+        if let Some(h) = &rule.payload_header {
+            if let Some(v) = token
+                .split('.')
+                .nth(1)
+                .and_then(|p| http::HeaderValue::from_str(p).ok())
+            {
+                parts.headers.insert(h.clone(), v);
+            }
+        }
+        let sub = claims
+            .get("sub")
+            .and_then(|s| s.as_str())
+            .unwrap_or_default();
+        let auth = Authenticated {
+            principal: format!("{issuer}/{sub}"),
+            claims,
+        };
+        for (h, claim) in &rule.claim_headers {
+            if let Some(v) = auth
+                .claim(claim)
+                .first()
+                .and_then(|v| http::HeaderValue::from_str(v).ok())
+            {
+                parts.headers.insert(h.clone(), v);
+            }
+        }
+        Ok(Some(auth))
     }
 
     /// Whether any AuthorizationPolicy applies (requests skip the evaluation otherwise).
@@ -543,6 +818,7 @@ mod tests {
             source_ip: "10.1.0.7".parse().expect("ip"),
             destination_ip: None,
             destination_port: 8080,
+            auth: None,
             http: Some(Http {
                 host: "httpbin.demo.svc.cluster.local:8000",
                 method,
@@ -689,6 +965,7 @@ mod tests {
             destination_ip: None,
             destination_port: port,
             http: None,
+            auth: None,
         };
         assert_eq!(p.check(&tcp(9000)), Verdict::Allow);
         assert_eq!(p.check(&tcp(9001)), Verdict::Deny(None));
@@ -767,6 +1044,7 @@ mod tests {
             mtls: xds::MtlsMode::Strict as i32,
             port_mtls: [(8081, xds::MtlsMode::Permissive as i32)].into(),
             authorization: vec![deny, allow],
+            jwt: vec![],
         });
         assert_eq!(p.check(&attrs(SLEEP, "GET", "/", &h)), Verdict::Allow);
         assert!(!p.plaintext_allowed(8080));
@@ -775,5 +1053,140 @@ mod tests {
             InboundPolicy::default().plaintext_allowed(8080),
             "PERMISSIVE by default"
         );
+    }
+
+    /// A P-256 key pair: the issuer's JWKS, and a signer of tokens.
+    fn issuer_keys() -> (String, jsonwebtoken::EncodingKey) {
+        use base64::Engine;
+        use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("a key");
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .expect("a key pair");
+        let public = pair.public_key().as_ref();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", "x": b64(&public[1..33]), "y": b64(&public[33..65])}]});
+        (
+            jwks.to_string(),
+            jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()),
+        )
+    }
+
+    fn token(key: &jsonwebtoken::EncodingKey, claims: serde_json::Value) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("k1".into());
+        jsonwebtoken::encode(&header, &claims, key).expect("signed")
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs()
+    }
+
+    fn request_with(auth: Option<&str>) -> http::request::Parts {
+        let mut b = http::Request::builder().uri("/ip");
+        if let Some(t) = auth {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        b.body(()).expect("request").into_parts().0
+    }
+
+    #[test]
+    fn tokens_are_validated_by_their_issuer_s_keys() {
+        let (jwks, key) = issuer_keys();
+        let p = InboundPolicy::compile(&xds::InboundPolicy {
+            jwt: vec![xds::JwtRule {
+                issuer: "https://issuer.example".into(),
+                audiences: vec!["httpbin".into()],
+                jwks,
+                output_claim_to_headers: vec![xds::JwtClaimHeader {
+                    header: "x-user-group".into(),
+                    claim: "groups".into(),
+                }],
+                ..Default::default()
+            }],
+            authorization: vec![policy(
+                "demo/require-jwt",
+                xds::AuthzAction::Allow,
+                vec![xds::AuthzRule {
+                    from: vec![xds::AuthzSource {
+                        request_principals: vec!["https://issuer.example/*".into()],
+                        ..Default::default()
+                    }],
+                    when: vec![xds::AuthzCondition {
+                        key: "request.auth.claims[groups]".into(),
+                        values: vec!["group1".into()],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            )],
+            ..Default::default()
+        });
+        let good = token(
+            &key,
+            serde_json::json!({"iss": "https://issuer.example", "sub": "alice", "aud": "httpbin", "exp": now() + 600, "groups": ["group1", "group2"]}),
+        );
+        let mut parts = request_with(Some(&good));
+        parts
+            .headers
+            .insert("x-user-group", "forged".parse().expect("value"));
+        let auth = p.authenticate(&mut parts).expect("valid").expect("a token");
+        assert_eq!(auth.principal, "https://issuer.example/alice");
+        assert!(
+            parts.headers.get("authorization").is_none(),
+            "not forwarded by default"
+        );
+        assert_eq!(
+            parts.headers["x-user-group"], "group1",
+            "the claim, never what the app sent"
+        );
+        let h = http::HeaderMap::new();
+        let mut a = attrs(SLEEP, "GET", "/ip", &h);
+        a.auth = Some(&auth);
+        assert_eq!(p.check(&a), Verdict::Allow);
+        // Without a token: let in by authentication, refused by the policy.
+        assert!(p
+            .authenticate(&mut request_with(None))
+            .expect("no token")
+            .is_none());
+        assert_eq!(
+            p.check(&attrs(SLEEP, "GET", "/ip", &h)),
+            Verdict::Deny(None)
+        );
+        // Expired, for another audience, from an unknown issuer, tampered: refused.
+        for (bad, why) in [
+            (
+                token(
+                    &key,
+                    serde_json::json!({"iss": "https://issuer.example", "sub": "a", "aud": "httpbin", "exp": now() - 600}),
+                ),
+                "expired",
+            ),
+            (
+                token(
+                    &key,
+                    serde_json::json!({"iss": "https://issuer.example", "sub": "a", "aud": "other", "exp": now() + 600}),
+                ),
+                "audience",
+            ),
+            (
+                token(
+                    &key,
+                    serde_json::json!({"iss": "https://elsewhere.example", "sub": "a", "exp": now() + 600}),
+                ),
+                "issuer",
+            ),
+            (format!("{}x", &good[..good.len() - 1]), "signature"),
+            ("not-a-jwt".to_owned(), "shape"),
+        ] {
+            assert!(
+                p.authenticate(&mut request_with(Some(&bad))).is_err(),
+                "{why}"
+            );
+        }
     }
 }

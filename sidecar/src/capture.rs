@@ -368,6 +368,7 @@ pub async fn inbound(
             destination_ip: Some(original.ip()),
             destination_port: original.port(),
             http: None,
+            auth: None,
         };
         if crate::inbound::authorize(&policy, &metrics, &attributes).is_err() {
             continue;

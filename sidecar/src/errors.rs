@@ -60,6 +60,9 @@ pub enum ProxyError {
     /// An AuthorizationPolicy denied it (Istio's answer, word for word).
     #[error("RBAC: access denied")]
     Forbidden,
+    /// A RequestAuthentication refused the request's token (Envoy's answer).
+    #[error("Jwt verification fails")]
+    Unauthenticated(String),
 }
 
 impl ProxyError {
@@ -84,6 +87,7 @@ impl ProxyError {
             ProxyError::Overflow { .. } => "overflow",
             ProxyError::RateLimited { .. } => "rate-limited",
             ProxyError::Forbidden => "rbac-denied",
+            ProxyError::Unauthenticated(_) => "jwt-refused",
         }
     }
 
@@ -125,6 +129,7 @@ impl ProxyError {
             ProxyError::Overflow { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Forbidden => StatusCode::FORBIDDEN,
+            ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -142,6 +147,7 @@ impl ProxyError {
             ProxyError::FaultAbort(Abort::Grpc(code)) => *code,
             ProxyError::Timeout { .. } => 4,     // DEADLINE_EXCEEDED
             ProxyError::RateLimited { .. } => 8, // RESOURCE_EXHAUSTED
+            ProxyError::Unauthenticated(_) => 16, // UNAUTHENTICATED
             _ => 14,                             // UNAVAILABLE
         }
     }

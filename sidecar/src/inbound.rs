@@ -194,13 +194,19 @@ impl Caller {
 
     /// The attributes AuthorizationPolicies judge a request (or, with no HTTP, a
     /// connection) of this caller on.
-    fn attributes<'a>(&'a self, port: u16, http: Option<authz::Http<'a>>) -> authz::Attributes<'a> {
+    fn attributes<'a>(
+        &'a self,
+        port: u16,
+        http: Option<authz::Http<'a>>,
+        auth: Option<&'a authz::Authenticated>,
+    ) -> authz::Attributes<'a> {
         authz::Attributes {
             principal: Some(&self.principal),
             source_ip: self.remote.ip(),
             destination_ip: self.local.map(|l| l.ip()),
             destination_port: port,
             http,
+            auth,
         }
     }
 }
@@ -313,7 +319,7 @@ async fn forward(
                 .get(crate::upgrade::TARGET_PORT)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u16>().ok());
-            let attributes = caller.attributes(port.unwrap_or(app.port()), None);
+            let attributes = caller.attributes(port.unwrap_or(app.port()), None, None);
             authorize(&state.inbound, &ctx.metrics, &attributes)?;
             let declared = state
                 .services
@@ -330,7 +336,7 @@ async fn forward(
         authorize(
             &state.inbound,
             &ctx.metrics,
-            &caller.attributes(app.port(), None),
+            &caller.attributes(app.port(), None, None),
         )?;
         return Box::pin(crate::upgrade::to_app(
             app,
@@ -367,7 +373,16 @@ async fn forward(
             Ok(Some(normalized)) => PathAndQuery::try_from(normalized).map_err(|e| invalid(&e))?,
             Err(e) => return Err(invalid(&e)),
         };
-    // Policies judge the path the app will see.
+    // A token is checked first (an invalid one is refused, 401), then the policies judge
+    // the path the app will see.
+    let auth = if state.inbound.has_jwt() {
+        state.inbound.authenticate(&mut parts).map_err(|reason| {
+            tracing::info!(target: "authz", principal = %caller.principal, %reason, "JWT refused");
+            ProxyError::Unauthenticated(reason)
+        })?
+    } else {
+        None
+    };
     if !state.inbound.is_empty() {
         let lax = authz::lax_path(path_and_query.path());
         let http = authz::Http {
@@ -380,7 +395,7 @@ async fn forward(
         authorize(
             &state.inbound,
             &ctx.metrics,
-            &caller.attributes(app.port(), Some(http)),
+            &caller.attributes(app.port(), Some(http), auth.as_ref()),
         )?;
     }
     parts.uri = crate::outbound::http_uri(app_authority.clone(), path_and_query)

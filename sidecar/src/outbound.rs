@@ -438,6 +438,7 @@ fn reason_label(r: &str) -> &'static str {
         "upgrade-refused" => "upgrade-refused",
         "response-headers-too-large" => "response-headers-too-large",
         "rbac-denied" => "rbac-denied",
+        "jwt-refused" => "jwt-refused",
         _ => "other",
     }
 }

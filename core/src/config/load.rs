@@ -35,6 +35,9 @@ fn kind_of(api_version: &str, kind: &str) -> Option<&'static str> {
         ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
             Some("AuthorizationPolicy")
         }
+        ("security.istio.io/v1" | "security.istio.io/v1beta1", "RequestAuthentication") => {
+            Some("RequestAuthentication")
+        }
         ("isthmus.io/v1alpha1", "LocalRateLimit") => Some("LocalRateLimit"),
         (
             "networking.istio.io/v1"
@@ -149,7 +152,7 @@ fn parse_document(
         return Err(ConfigError {
             code: Code::UnknownKind,
             field: "kind".into(),
-            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, Sidecar, ServiceEntry, security.istio.io/v1 PeerAuthentication, AuthorizationPolicy, multicluster.x-k8s.io/v1alpha1/ServiceExport, isthmus.io/v1alpha1/LocalRateLimit"),
+            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, Sidecar, ServiceEntry, security.istio.io/v1 PeerAuthentication, AuthorizationPolicy, RequestAuthentication, multicluster.x-k8s.io/v1alpha1/ServiceExport, isthmus.io/v1alpha1/LocalRateLimit"),
             ..err
         });
     };
@@ -198,6 +201,10 @@ fn parse_document(
             .map(|s| DocumentBody::PeerAuthentication(Box::new(s))),
         "AuthorizationPolicy" => decode::<super::security::AuthorizationPolicySpec>(spec, "spec")
             .map(|s| DocumentBody::AuthorizationPolicy(Box::new(s))),
+        "RequestAuthentication" => {
+            decode::<super::security::RequestAuthenticationSpec>(spec, "spec")
+                .map(|s| DocumentBody::RequestAuthentication(Box::new(s)))
+        }
         _ => decode::<ServiceExportSpec>(spec, "spec").map(|_| DocumentBody::ServiceExport),
     };
     match body {

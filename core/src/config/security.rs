@@ -1,6 +1,6 @@
-//! Istio's security kinds (`security.istio.io/v1` and `v1beta1`): `PeerAuthentication` and
-//! `AuthorizationPolicy`, checked with Istio's rules and resolved per workload into the
-//! `InboundPolicy` its sidecar enforces.
+//! Istio's security kinds (`security.istio.io/v1` and `v1beta1`): `PeerAuthentication`,
+//! `RequestAuthentication` and `AuthorizationPolicy`, checked with Istio's rules and
+//! resolved per workload into the `InboundPolicy` its sidecar enforces.
 //!
 //! Scope, as Istio's:
 //! - PeerAuthentication: one with a `selector` picking the workload, else its namespace's
@@ -13,10 +13,9 @@
 //!   name a Service it serves.
 //!
 //! Action `CUSTOM` (external authorization) is refused by name until it is built.
-//! `requestPrincipals` and the `request.auth.*` conditions are admitted: they match only
-//! requests with a validated JWT, which needs RequestAuthentication (not read yet), so an
-//! ALLOW rule that requires one matches nothing, as Istio does for a request without a
-//! token.
+//! RequestAuthentication applies as AuthorizationPolicy does (root namespace, namespace,
+//! selector or targetRefs); its keys are given inline (`jwks`), a `jwksUri` is refused by
+//! name until the controller fetches keys.
 
 use std::collections::BTreeMap;
 
@@ -179,6 +178,71 @@ pub struct ConditionSpec {
     pub values: Vec<String>,
     #[serde(default)]
     pub not_values: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestAuthenticationSpec {
+    pub selector: Option<SelectorSpec>,
+    pub target_ref: Option<TargetRefSpec>,
+    #[serde(default)]
+    pub target_refs: Vec<TargetRefSpec>,
+    #[serde(default)]
+    pub jwt_rules: Vec<JwtRuleSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtRuleSpec {
+    #[serde(default)]
+    pub issuer: String,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub jwks_uri: Option<String>,
+    pub jwks: Option<String>,
+    #[serde(default)]
+    pub from_headers: Vec<JwtHeaderSpec>,
+    #[serde(default)]
+    pub from_params: Vec<String>,
+    #[serde(default)]
+    pub from_cookies: Vec<String>,
+    pub output_payload_to_header: Option<String>,
+    #[serde(default)]
+    pub forward_original_token: bool,
+    #[serde(default)]
+    pub output_claim_to_headers: Vec<ClaimToHeaderSpec>,
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtHeaderSpec {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClaimToHeaderSpec {
+    #[serde(default)]
+    pub header: String,
+    #[serde(default)]
+    pub claim: String,
+}
+
+/// An admitted RequestAuthentication.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthnScope {
+    pub key: NamespacedName,
+    pub selector: BTreeMap<String, String>,
+    pub services: Vec<NamespacedName>,
+    pub rules: Vec<xds::JwtRule>,
 }
 
 /// An admitted PeerAuthentication.
@@ -461,6 +525,51 @@ fn each<'s, S: 's, T>(
     out
 }
 
+/// The Services `targetRefs` (and the older `targetRef`) name; faults for kinds other
+/// than Service, other namespaces, and a selector given too.
+fn target_services(
+    c: &mut Checker<'_>,
+    key: &NamespacedName,
+    selector: &BTreeMap<String, String>,
+    target_refs: &[TargetRefSpec],
+    target_ref: &Option<TargetRefSpec>,
+) -> Vec<NamespacedName> {
+    let mut refs = target_refs.to_vec();
+    refs.extend(target_ref.clone());
+    if !refs.is_empty() && !selector.is_empty() {
+        c.fail(
+            Code::InvalidValue,
+            "spec.targetRefs",
+            "targetRefs and selector cannot both be set",
+        );
+    }
+    let mut services = Vec::new();
+    for (i, r) in refs.iter().enumerate() {
+        let field = format!("spec.targetRefs[{i}]");
+        if r.kind != "Service" || !r.group.is_empty() {
+            c.fail(
+                Code::Schema,
+                &field,
+                format!(
+                    "targetRefs to {} `{}` are not supported yet; only Service (group \"\")",
+                    r.kind, r.group
+                ),
+            );
+            continue;
+        }
+        if r.namespace.as_deref().is_some_and(|ns| ns != key.namespace) {
+            c.fail(
+                Code::InvalidValue,
+                format!("{field}.namespace"),
+                "a targetRef names an object of the policy's own namespace",
+            );
+            continue;
+        }
+        services.push(NamespacedName::new(&key.namespace, &r.name));
+    }
+    services
+}
+
 /// Checks an AuthorizationPolicy.
 pub(super) fn authorization_policy(
     c: &mut Checker<'_>,
@@ -502,39 +611,7 @@ pub(super) fn authorization_policy(
         _ => {}
     }
     let selector = selector_of(spec.selector.as_ref());
-    let mut refs = spec.target_refs.clone();
-    refs.extend(spec.target_ref.clone());
-    if !refs.is_empty() && !selector.is_empty() {
-        c.fail(
-            Code::InvalidValue,
-            "spec.targetRefs",
-            "targetRefs and selector cannot both be set",
-        );
-    }
-    let mut services = Vec::new();
-    for (i, r) in refs.iter().enumerate() {
-        let field = format!("spec.targetRefs[{i}]");
-        if r.kind != "Service" || !r.group.is_empty() {
-            c.fail(
-                Code::Schema,
-                &field,
-                format!(
-                    "targetRefs to {} `{}` are not supported yet; only Service (group \"\")",
-                    r.kind, r.group
-                ),
-            );
-            continue;
-        }
-        if r.namespace.as_deref().is_some_and(|ns| ns != key.namespace) {
-            c.fail(
-                Code::InvalidValue,
-                format!("{field}.namespace"),
-                "a targetRef names an object of the policy's own namespace",
-            );
-            continue;
-        }
-        services.push(NamespacedName::new(&key.namespace, &r.name));
-    }
+    let services = target_services(c, key, &selector, &spec.target_refs, &spec.target_ref);
     let mut rules = Vec::new();
     for (i, r) in spec.rules.iter().enumerate() {
         let field = format!("spec.rules[{i}]");
@@ -598,19 +675,149 @@ pub(super) fn authorization_policy(
     }
 }
 
+/// Checks a RequestAuthentication. Keys are given inline (`jwks`); a `jwksUri` is refused
+/// by name until the controller fetches them.
+pub(super) fn request_authentication(
+    c: &mut Checker<'_>,
+    key: &NamespacedName,
+    spec: &RequestAuthenticationSpec,
+) -> AuthnScope {
+    let selector = selector_of(spec.selector.as_ref());
+    let services = target_services(c, key, &selector, &spec.target_refs, &spec.target_ref);
+    let mut rules = Vec::new();
+    for (i, r) in spec.jwt_rules.iter().enumerate() {
+        let field = format!("spec.jwtRules[{i}]");
+        if r.issuer.is_empty() {
+            c.fail(
+                Code::Missing,
+                format!("{field}.issuer"),
+                "a JWT rule names its issuer",
+            );
+        }
+        if r.timeout.is_some() {
+            c.fail(
+                Code::Schema,
+                format!("{field}.timeout"),
+                "`timeout` is not supported yet",
+            );
+        }
+        let jwks = match (&r.jwks, &r.jwks_uri) {
+            (Some(_), Some(_)) => {
+                c.fail(
+                    Code::InvalidValue,
+                    format!("{field}.jwksUri"),
+                    "jwks and jwksUri cannot both be set",
+                );
+                continue;
+            }
+            (None, Some(_)) => {
+                c.fail(
+                    Code::Schema,
+                    format!("{field}.jwksUri"),
+                    "`jwksUri` is not supported yet; give the keys inline with `jwks`",
+                );
+                continue;
+            }
+            (None, None) => {
+                c.fail(
+                    Code::Missing,
+                    format!("{field}.jwks"),
+                    "a JWT rule needs the issuer's keys (`jwks`)",
+                );
+                continue;
+            }
+            (Some(jwks), None) => jwks,
+        };
+        let keys = serde_json::from_str::<serde_json::Value>(jwks)
+            .ok()
+            .and_then(|v| v.get("keys").and_then(|k| k.as_array()).map(Vec::len));
+        if keys.is_none_or(|n| n == 0) {
+            c.fail(
+                Code::InvalidValue,
+                format!("{field}.jwks"),
+                "not a JSON Web Key Set with keys (`{\"keys\": [...]}`)",
+            );
+            continue;
+        }
+        for (j, h) in r.from_headers.iter().enumerate() {
+            if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
+                c.fail(
+                    Code::InvalidValue,
+                    format!("{field}.fromHeaders[{j}].name"),
+                    format!("`{}` is not a header name", h.name),
+                );
+            }
+        }
+        let header_fields = r
+            .output_payload_to_header
+            .iter()
+            .map(|h| (format!("{field}.outputPayloadToHeader"), h))
+            .chain(r.output_claim_to_headers.iter().enumerate().map(|(j, h)| {
+                (
+                    format!("{field}.outputClaimToHeaders[{j}].header"),
+                    &h.header,
+                )
+            }));
+        for (f, h) in header_fields {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                c.fail(Code::InvalidValue, f, format!("`{h}` is not a header name"));
+            }
+        }
+        rules.push(xds::JwtRule {
+            issuer: r.issuer.clone(),
+            audiences: r.audiences.clone(),
+            jwks: jwks.clone(),
+            from_headers: r
+                .from_headers
+                .iter()
+                .map(|h| xds::JwtHeader {
+                    name: h.name.clone(),
+                    prefix: h.prefix.clone(),
+                })
+                .collect(),
+            from_params: r.from_params.clone(),
+            from_cookies: r.from_cookies.clone(),
+            forward_original_token: r.forward_original_token,
+            output_payload_to_header: r.output_payload_to_header.clone().unwrap_or_default(),
+            output_claim_to_headers: r
+                .output_claim_to_headers
+                .iter()
+                .map(|h| xds::JwtClaimHeader {
+                    header: h.header.clone(),
+                    claim: h.claim.clone(),
+                })
+                .collect(),
+        });
+    }
+    AuthnScope {
+        key: key.clone(),
+        selector,
+        services,
+        rules,
+    }
+}
+
 fn picks(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-/// What PeerAuthentication and AuthorizationPolicy say of traffic to a workload of
-/// `namespace` with `labels`, serving `services`.
+/// What PeerAuthentication, RequestAuthentication and AuthorizationPolicy say of traffic
+/// to a workload of `namespace` with `labels`, serving `services`.
 pub fn inbound_for(
-    peer: &BTreeMap<NamespacedName, PeerAuthn>,
-    authz: &BTreeMap<NamespacedName, AuthzScope>,
+    set: &super::ConfigSet,
     namespace: &str,
     labels: &BTreeMap<String, String>,
     services: &[NamespacedName],
 ) -> xds::InboundPolicy {
+    let peer = &set.peer_authentications;
+    // Root-namespace objects apply mesh-wide, the namespace's own to its workloads; by
+    // selector, or by the Services they target.
+    let applies = |ns: &str, selector: &BTreeMap<String, String>, targets: &[NamespacedName]| {
+        if !targets.is_empty() {
+            return ns == namespace && targets.iter().any(|s| services.contains(s));
+        }
+        (ns == namespace || ns == ROOT_NAMESPACE) && picks(selector, labels)
+    };
     let find = |ns: &str, selected: bool| {
         peer.values().find(|p| {
             p.key.namespace == ns
@@ -647,21 +854,23 @@ pub fn inbound_for(
                 .collect()
         })
         .unwrap_or_default();
-    let authorization = authz
+    let authorization = set
+        .authorization_policies
         .values()
-        .filter(|a| {
-            let ns = a.key.namespace.as_str();
-            if !a.services.is_empty() {
-                return ns == namespace && a.services.iter().any(|s| services.contains(s));
-            }
-            (ns == namespace || ns == ROOT_NAMESPACE) && picks(&a.selector, labels)
-        })
+        .filter(|a| applies(&a.key.namespace, &a.selector, &a.services))
         .map(|a| a.policy.clone())
+        .collect();
+    let jwt = set
+        .request_authentications
+        .values()
+        .filter(|a| applies(&a.key.namespace, &a.selector, &a.services))
+        .flat_map(|a| a.rules.iter().cloned())
         .collect();
     xds::InboundPolicy {
         mtls: mtls as i32,
         port_mtls,
         authorization,
+        jwt,
     }
 }
 
@@ -685,13 +894,7 @@ mod tests {
     fn peer_authentication_inherits_from_workload_to_namespace_to_mesh() {
         let set = load("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: legacy}\nspec: {mtls: {mode: PERMISSIVE}}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: db, namespace: legacy}\nspec:\n  selector: {matchLabels: {app: db}}\n  mtls: {mode: UNSET}\n  portLevelMtls: {5432: {mode: DISABLE}, 9090: {mode: UNSET}}\n").expect("valid");
         let at = |ns: &str, app: &str| {
-            inbound_for(
-                &set.peer_authentications,
-                &set.authorization_policies,
-                ns,
-                &[("app".to_owned(), app.to_owned())].into(),
-                &[],
-            )
+            inbound_for(&set, ns, &[("app".to_owned(), app.to_owned())].into(), &[])
         };
         assert_eq!(
             at("demo", "web").mtls,
@@ -707,13 +910,7 @@ mod tests {
         assert_eq!(db.mtls, xds::MtlsMode::Permissive as i32, "UNSET inherits");
         assert_eq!(db.port_mtls[&5432], xds::MtlsMode::Disable as i32);
         assert_eq!(db.port_mtls[&9090], xds::MtlsMode::Permissive as i32);
-        let none = inbound_for(
-            &BTreeMap::new(),
-            &BTreeMap::new(),
-            "x",
-            &BTreeMap::new(),
-            &[],
-        );
+        let none = inbound_for(&Default::default(), "x", &BTreeMap::new(), &[]);
         assert_eq!(none.mtls, xds::MtlsMode::Permissive as i32, "the default");
     }
 
@@ -722,8 +919,7 @@ mod tests {
         let set = load("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-nothing, namespace: demo}\nspec: {}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: viewer, namespace: demo, annotations: {istio.io/dry-run: \"true\"}}\nspec:\n  selector: {matchLabels: {app: productpage}}\n  action: ALLOW\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: global-deny, namespace: istio-system}\nspec:\n  action: DENY\n  rules: [{from: [{source: {notNamespaces: [demo]}}]}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: by-service, namespace: demo}\nspec:\n  targetRefs: [{kind: Service, group: \"\", name: reviews}]\n  rules: [{from: [{source: {principals: [cluster.local/ns/demo/sa/productpage]}}]}]\n").expect("valid");
         let names = |app: &str, services: &[NamespacedName]| {
             let mut n: Vec<String> = inbound_for(
-                &set.peer_authentications,
-                &set.authorization_policies,
+                &set,
                 "demo",
                 &[("app".to_owned(), app.to_owned())].into(),
                 services,
@@ -786,5 +982,44 @@ mod tests {
             assert_eq!(e.field, field, "{e}");
             assert!(e.message.contains(says), "{e}");
         }
+        let keys = r#"'{"keys": [{"kty": "EC", "crv": "P-256", "x": "a", "y": "b"}]}'"#;
+        for (rule, field, says) in [
+            (
+                format!("{{jwks: {keys}}}"),
+                "spec.jwtRules[0].issuer",
+                "issuer",
+            ),
+            (
+                "{issuer: a, jwksUri: \"https://example.com/jwks\"}".to_owned(),
+                "spec.jwtRules[0].jwksUri",
+                "not supported yet",
+            ),
+            ("{issuer: a}".to_owned(), "spec.jwtRules[0].jwks", "keys"),
+            (
+                "{issuer: a, jwks: '{}'}".to_owned(),
+                "spec.jwtRules[0].jwks",
+                "JSON Web Key Set",
+            ),
+            (
+                format!("{{issuer: a, jwks: {keys}, fromHeaders: [{{name: \"bad header\"}}]}}"),
+                "spec.jwtRules[0].fromHeaders[0].name",
+                "header name",
+            ),
+        ] {
+            let e = first_error(&format!("apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: r, namespace: demo}}\nspec:\n  jwtRules: [{rule}]\n"));
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.message.contains(says), "{e}");
+        }
+        let ok = load(&format!("apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: r, namespace: demo}}\nspec:\n  selector: {{matchLabels: {{app: a}}}}\n  jwtRules: [{{issuer: a, jwks: {keys}}}]\n")).expect("valid");
+        let inbound = inbound_for(
+            &ok,
+            "demo",
+            &[("app".to_owned(), "a".to_owned())].into(),
+            &[],
+        );
+        assert_eq!(inbound.jwt.len(), 1);
+        assert!(inbound_for(&ok, "demo", &BTreeMap::new(), &[])
+            .jwt
+            .is_empty());
     }
 }

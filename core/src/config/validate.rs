@@ -33,6 +33,7 @@ pub enum DocumentBody {
     ServiceEntry(Box<super::istio::ServiceEntrySpec>),
     PeerAuthentication(Box<super::security::PeerAuthenticationSpec>),
     AuthorizationPolicy(Box<super::security::AuthorizationPolicySpec>),
+    RequestAuthentication(Box<super::security::RequestAuthenticationSpec>),
 }
 
 impl Document {
@@ -68,6 +69,7 @@ impl DocumentBody {
             DocumentBody::ServiceEntry(_) => "ServiceEntry",
             DocumentBody::PeerAuthentication(_) => "PeerAuthentication",
             DocumentBody::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            DocumentBody::RequestAuthentication(_) => "RequestAuthentication",
         }
     }
 }
@@ -533,6 +535,13 @@ pub fn build_on(platform: &super::Platform, docs: Vec<Document>) -> Admission {
                 let p = super::security::authorization_policy(&mut c, &key, annotations, spec);
                 if !c.rejected_since(mark) {
                     set.authorization_policies.insert(key, p);
+                }
+            }
+            DocumentBody::RequestAuthentication(spec) => {
+                let mark = c.mark();
+                let a = super::security::request_authentication(&mut c, &key, spec);
+                if !c.rejected_since(mark) {
+                    set.request_authentications.insert(key, a);
                 }
             }
             DocumentBody::VirtualService(_)
