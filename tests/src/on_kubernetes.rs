@@ -71,7 +71,14 @@ impl Mesh {
         for entry in std::fs::read_dir(&c.state_dir)? {
             let entry = entry?;
             if entry.file_type()?.is_file() {
-                std::fs::copy(entry.path(), state_dir.join(entry.file_name()))?;
+                // The running controller writes its state by temporary file and rename: a
+                // file listed a moment ago may be gone (or renamed) by now.
+                match std::fs::copy(entry.path(), state_dir.join(entry.file_name())) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    other => {
+                        other?;
+                    }
+                }
             }
         }
         let ip = IpAddr::V4(crate::ip(c.block, c.index, host));
