@@ -415,7 +415,7 @@ impl ProxyStream {
             // Without exportTo or Sidecars every service is for everyone: nothing to copy.
             (isthmus_proto::type_url::SERVICE, Some(own))
                 if !snapshot.export_to.is_empty()
-                    || !snapshot.sidecars.is_empty()
+                    || !snapshot.config.sidecars.is_empty()
                     || !snapshot.views.is_empty() =>
             {
                 let workload = own
@@ -425,7 +425,7 @@ impl ProxyStream {
                 let no_labels = BTreeMap::new();
                 let labels = snapshot.labels.get(&workload).unwrap_or(&no_labels);
                 let scope = isthmus_core::config::sidecar::scope_for(
-                    &snapshot.sidecars,
+                    &snapshot.config.sidecars,
                     &workload.namespace,
                     labels,
                 );
@@ -542,8 +542,9 @@ impl ProxyStream {
 fn unlisted_workload(snapshot: &Snapshot, own: &str) -> Option<(String, (String, bytes::Bytes))> {
     let (namespace, _) = own.split_once('/')?;
     let none = BTreeMap::new();
-    let allow_any = isthmus_core::config::sidecar::scope_for(&snapshot.sidecars, namespace, &none)
-        .is_some_and(|s| s.allow_any);
+    let allow_any =
+        isthmus_core::config::sidecar::scope_for(&snapshot.config.sidecars, namespace, &none)
+            .is_some_and(|s| s.allow_any);
     let config = &snapshot.config;
     let inbound = isthmus_core::config::security::inbound_for(config, namespace, &none, &[]);
     let msg = isthmus_proto::discovery::Workload {

@@ -29,8 +29,6 @@ pub struct Snapshot {
     pub resources: BTreeMap<&'static str, BTreeMap<String, (String, Bytes)>>,
     /// Services not visible to every namespace (Istio's exportTo): name → exportTo.
     pub export_to: BTreeMap<String, Vec<String>>,
-    /// Istio `Sidecar`s, which narrow what the proxies they select are pushed.
-    pub sidecars: BTreeMap<NamespacedName, isthmus_core::config::sidecar::SidecarScope>,
     /// Labels of each WorkloadEntry, to find the Sidecar that selects its proxy.
     pub labels: BTreeMap<NamespacedName, BTreeMap<String, String>>,
     /// The services each workload serves: its proxy is always pushed them (a Sidecar's
@@ -41,8 +39,9 @@ pub struct Snapshot {
     /// Services whose VirtualService or DestinationRule is exported to some namespaces
     /// only: each view of the service, for the proxies of the namespaces that have it.
     pub views: BTreeMap<String, Arc<ScopedViews>>,
-    /// The admitted config, for what proxies with no WorkloadEntry are told of their
-    /// namespace's Sidecar and security policy.
+    /// The admitted config: its Sidecars narrow what the proxies they select are pushed,
+    /// and proxies with no WorkloadEntry are told their namespace's Sidecar and security
+    /// policy from it.
     pub config: Arc<ConfigSet>,
 }
 
@@ -505,6 +504,16 @@ impl Registry {
         let mut services = BTreeMap::new();
         let mut exports = Vec::new();
         let mut serves: BTreeMap<NamespacedName, BTreeSet<String>> = BTreeMap::new();
+        // The services each workload serves, for security policies that target Services.
+        let mut serving: BTreeMap<&NamespacedName, Vec<NamespacedName>> = BTreeMap::new();
+        let targeted = config
+            .authorization_policies
+            .values()
+            .any(|a| !a.services.is_empty())
+            || config
+                .request_authentications
+                .values()
+                .any(|a| !a.services.is_empty());
         let selection = config.selection();
         for svc in config.services.values() {
             let selected = selection.members(svc);
@@ -513,31 +522,21 @@ impl Registry {
             if config.exports.contains(&svc.key) && svc.external.is_none() {
                 exports.push(export_of(&local));
             }
-            if !config.sidecars.is_empty() {
-                for m in &selected {
+            for m in &selected {
+                if !config.sidecars.is_empty() {
                     serves
                         .entry(m.workload.key.clone())
                         .or_default()
                         .insert(svc.key.to_string());
                 }
-            }
-            services.insert(svc.key.to_string(), local);
-        }
-        // The services each workload serves, for AuthorizationPolicies that name Services.
-        let mut serving: BTreeMap<&NamespacedName, Vec<NamespacedName>> = BTreeMap::new();
-        if config
-            .authorization_policies
-            .values()
-            .any(|a| !a.services.is_empty())
-        {
-            for svc in config.services.values() {
-                for m in selection.members(svc) {
+                if targeted {
                     serving
                         .entry(&m.workload.key)
                         .or_default()
                         .push(svc.key.clone());
                 }
             }
+            services.insert(svc.key.to_string(), local);
         }
         let workloads = config
             .workloads
@@ -648,7 +647,6 @@ impl Registry {
     ) -> Snapshot {
         let mut snapshot = Snapshot {
             config: local.config.clone(),
-            sidecars: local.config.sidecars.clone(),
             labels: local.labels.clone(),
             serves: local.serves.clone(),
             ..Default::default()

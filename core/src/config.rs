@@ -201,6 +201,16 @@ pub struct ExternalEndpoint {
 /// The annotation that scopes a Service's visibility, as Istio reads it.
 pub const EXPORT_TO_ANNOTATION: &str = "networking.istio.io/exportTo";
 
+/// Whether `s` is one DNS label as Kubernetes allows it (RFC 1123: lower-case letters,
+/// digits and inner hyphens, at most 63).
+pub fn is_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 /// An endpoint's DNS label under a headless service, as Kubernetes DNS names it: its
 /// hostname, else its address with dashes (`10-1-0-5`, `fd00--5`).
 pub fn endpoint_label(hostname: Option<&str>, ip: std::net::IpAddr) -> String {

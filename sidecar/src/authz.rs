@@ -270,7 +270,12 @@ impl Source {
     fn matches(&self, a: &Attributes<'_>, http: bool) -> bool {
         let principal = a.principal.unwrap_or_default();
         let ns = a.namespace().unwrap_or_default();
-        let sa = a.service_account().unwrap_or_default();
+        // Only a rule that names service accounts pays for building `namespace/account`.
+        let sa = if self.service_accounts.given() {
+            a.service_account().unwrap_or_default()
+        } else {
+            String::new()
+        };
         self.principals
             .test(|m| m.matches(principal), a.principal.is_some())
             && (!http

@@ -100,7 +100,8 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
             labels: ep.labels.clone(),
             health: health.get(&ep.tunnel_address),
             // A name that is no DNS label is no name of the endpoint.
-            hostname: is_dns_label(&ep.hostname).then(|| ep.hostname.as_str().into()),
+            hostname: isthmus_core::config::is_dns_label(&ep.hostname)
+                .then(|| ep.hostname.as_str().into()),
         });
     }
     let mut remote = Vec::new();
@@ -128,7 +129,7 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
             endpoints: rc
                 .endpoints
                 .iter()
-                .filter(|(ep, _)| is_dns_label(ep))
+                .filter(|(ep, _)| isthmus_core::config::is_dns_label(ep))
                 .map(|(ep, vip)| {
                     let vip = vip.parse().map_err(|_| ConvertError::Field {
                         name: name.to_owned(),
@@ -201,16 +202,6 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
         host,
         headless: msg.headless,
     })
-}
-
-/// One label of a DNS name as Kubernetes allows it (RFC 1123: lower-case letters, digits
-/// and inner hyphens, at most 63).
-fn is_dns_label(s: &str) -> bool {
-    (1..=63).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 /// An IP address or CIDR, as (network, prefix length).

@@ -196,16 +196,21 @@ fn service_ips(svc: &Service, everywhere: bool) -> Vec<IpAddr> {
     }
     svc.addresses
         .iter()
-        .filter(|(ip, bits)| u32::from(*bits) == if ip.is_ipv4() { 32 } else { 128 })
+        .filter(|a| is_host(a))
         .map(|(ip, _)| *ip)
         .collect()
+}
+
+/// Whether an address range is one address (a ServiceEntry's CIDR is no DNS answer).
+fn is_host((ip, bits): &(IpAddr, u8)) -> bool {
+    u32::from(*bits) == if ip.is_ipv4() { 32 } else { 128 }
 }
 
 /// A service the registry knows by this exact name and that has an address to answer
 /// with (a service outside the mesh without addresses is the upstream's to answer).
 fn named<'a>(state: &'a MeshState, name: &str) -> Option<&'a Arc<Service>> {
     let svc = state.services.get(state.hosts.get(name)?)?;
-    (svc.headless || !service_ips(svc, false).is_empty()).then_some(svc)
+    (svc.headless || svc.addresses.iter().any(is_host)).then_some(svc)
 }
 
 const NO_RECORDS: Answer = Answer::Mesh {

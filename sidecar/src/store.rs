@@ -67,13 +67,30 @@ impl XdsHandler for Store {
                         services.remove(name);
                     }
                     services.extend(converted);
+                    // Every field but the services and what `index` derives from them
+                    // carries over; named one by one, so a field added to MeshState
+                    // cannot be dropped here unnoticed (ALLOW_ANY once was).
+                    let MeshState {
+                        services: _,
+                        hosts: _,
+                        wildcards: _,
+                        networks: _,
+                        pods: _,
+                        mesh,
+                        own_labels,
+                        allow_any,
+                        inbound,
+                    } = old;
                     let mut next = MeshState {
                         services,
-                        mesh: old.mesh.clone(),
-                        own_labels: old.own_labels.clone(),
-                        allow_any: old.allow_any,
-                        inbound: old.inbound.clone(),
-                        ..Default::default()
+                        hosts: Default::default(),
+                        wildcards: Vec::new(),
+                        networks: Vec::new(),
+                        pods: Default::default(),
+                        mesh: mesh.clone(),
+                        own_labels: own_labels.clone(),
+                        allow_any: *allow_any,
+                        inbound: inbound.clone(),
                     };
                     next.index(&self.own_namespace);
                     next.attach_health(&self.health);

@@ -131,13 +131,7 @@ impl<'a> Checker<'a> {
     }
 
     fn dns_label(&mut self, field: &str, value: &str) -> bool {
-        let ok = !value.is_empty()
-            && value.len() <= 63
-            && value
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !value.starts_with('-')
-            && !value.ends_with('-');
+        let ok = super::is_dns_label(value);
         if !ok {
             self.fail(Code::InvalidValue, field, format!("`{value}` is not a DNS-1123 label (lowercase letters, digits, '-', at most 63)"));
         }
