@@ -502,6 +502,16 @@ struct ControllerArgs {
     /// (Istio's PILOT_DEBOUNCE_AFTER).
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     push_debounce: Duration,
+    /// How often the keys of JWT issuers that RequestAuthentications name by URL (jwksUri,
+    /// or the issuer's OpenID discovery) are fetched again, so a key rotation reaches the
+    /// proxies (Istio's PILOT_JWT_PUB_KEY_REFRESH_INTERVAL). A failed fetch keeps the last
+    /// keys and retries sooner.
+    #[arg(long, default_value = "20m", value_parser = parse_duration)]
+    jwks_refresh: Duration,
+    /// PEM file of extra roots to trust when fetching those keys over HTTPS (the system's
+    /// trust store is always used).
+    #[arg(long)]
+    jwks_extra_roots: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -1037,6 +1047,8 @@ async fn run(
                 join_token: a.join_token,
                 workload_cert_ttl: a.workload_cert_ttl,
                 push_debounce: a.push_debounce,
+                jwks_refresh: a.jwks_refresh,
+                jwks_extra_roots_pem: a.jwks_extra_roots.as_ref().map(read_pem).transpose()?,
             };
             tracing::info!(cluster = %config.cluster, source = %config.source, "starting controller");
             serve!(isthmus_controller::build(config).await?, exit_with_stdin)

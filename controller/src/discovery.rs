@@ -546,7 +546,8 @@ fn unlisted_workload(snapshot: &Snapshot, own: &str) -> Option<(String, (String,
         isthmus_core::config::sidecar::scope_for(&snapshot.config.sidecars, namespace, &none)
             .is_some_and(|s| s.allow_any);
     let config = &snapshot.config;
-    let inbound = isthmus_core::config::security::inbound_for(config, namespace, &none, &[]);
+    let mut inbound = isthmus_core::config::security::inbound_for(config, namespace, &none, &[]);
+    crate::jwks::fill(&snapshot.jwks, &mut inbound);
     let msg = isthmus_proto::discovery::Workload {
         name: own.to_owned(),
         allow_any,

@@ -14,11 +14,14 @@
 mod discovery;
 mod federation;
 mod gateways;
+mod jwks;
 mod signing;
 mod snapshot;
 mod trust;
 mod vips;
 
+/// The default refresh of fetched JWT keys (Istio's 20 minutes).
+pub use jwks::DEFAULT_REFRESH as JWKS_REFRESH;
 /// The default push debounce (Istio's 100 ms).
 pub use snapshot::DEBOUNCE as PUSH_DEBOUNCE;
 
@@ -66,6 +69,11 @@ pub struct Config {
     pub workload_cert_ttl: Duration,
     /// Config and health changes within this window go out in one push.
     pub push_debounce: Duration,
+    /// How often the keys of JWT issuers named by URL (`jwksUri`, OpenID discovery) are
+    /// fetched again.
+    pub jwks_refresh: Duration,
+    /// PEM roots trusted for those fetches over HTTPS, besides the system's.
+    pub jwks_extra_roots_pem: Option<String>,
 }
 
 /// The platform adapter a controller reads its cluster from.
@@ -386,6 +394,10 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let (config_tx, config_rx) = watch::channel(Arc::new(initial));
     let (status_tx, status_rx) = watch::channel(initial_status);
     let global = Arc::new(federation::GlobalState::load(&config.state_dir));
+    let getter = isthmus_core::fetch::Getter::new(config.jwks_extra_roots_pem.as_deref())
+        .context("the trust roots for fetching JWT issuers' keys")?;
+    let jwks = jwks::Resolver::new(getter, config.jwks_refresh);
+    jwks.register_metrics(&mut metrics);
     let registry = snapshot::Registry::new(
         &config.cluster,
         &state.trust_domain,
@@ -393,6 +405,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         global.subscribe(),
         state.bundle_pem.clone(),
         &config.state_dir,
+        jwks.clone(),
     );
     let (mut running, drain) = isthmus_core::drain::Running::new();
     let discovery = discovery::DiscoveryService::new(
@@ -452,6 +465,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     running.spawn(keeper.run(config_tx, status_tx, leader));
     running.spawn(admin.run(drain.clone()));
     running.spawn(registry.clone().run(config.push_debounce));
+    running.spawn(jwks.run());
     let link = federation::Link {
         address: config.federation_addr,
         cluster: config.cluster.clone(),

@@ -43,6 +43,8 @@ pub struct Snapshot {
     /// and proxies with no WorkloadEntry are told their namespace's Sidecar and security
     /// policy from it.
     pub config: Arc<ConfigSet>,
+    /// JWT issuers' keys the controller fetched, filled into the policies it pushes.
+    pub jwks: Arc<crate::jwks::Keys>,
 }
 
 /// The encodings of a service as namespaces see it, when its VirtualService or
@@ -97,6 +99,7 @@ struct Inner {
     /// Bumped whenever a workload's health changes, so the local part is rebuilt.
     health_gen: std::sync::atomic::AtomicU64,
     gateways: Mutex<Gateways>,
+    jwks: crate::jwks::Resolver,
     cache: Mutex<Cache>,
     poke: Notify,
     snapshot: watch::Sender<Arc<Snapshot>>,
@@ -108,6 +111,7 @@ struct Inner {
 struct Local {
     config: Arc<ConfigSet>,
     health_gen: u64,
+    jwks: Arc<crate::jwks::Keys>,
     /// Distinguishes one rebuild of the local part from the next.
     generation: u64,
     /// Local services by `namespace/name`, without remote clusters.
@@ -279,6 +283,7 @@ impl Registry {
         global: watch::Receiver<Arc<Global>>,
         bundle_pem: String,
         state_dir: &std::path::Path,
+        jwks: crate::jwks::Resolver,
     ) -> Self {
         let gateways = Gateways::load(state_dir.join(GATEWAYS_FILE));
         let inner = Inner {
@@ -290,6 +295,7 @@ impl Registry {
             health: Mutex::default(),
             health_gen: Default::default(),
             gateways: Mutex::new(gateways),
+            jwks,
             cache: Mutex::default(),
             poke: Notify::new(),
             snapshot: watch::Sender::new(Arc::default()),
@@ -367,15 +373,18 @@ impl Registry {
     pub async fn run(self, debounce: Duration) {
         let mut config = self.inner.config.clone();
         let mut global = self.inner.global.clone();
+        let mut jwks = self.inner.jwks.subscribe();
         loop {
             tokio::select! {
                 r = config.changed() => if r.is_err() { return },
                 r = global.changed() => if r.is_err() { return },
+                r = jwks.changed() => if r.is_err() { return },
                 _ = self.inner.poke.notified() => {}
             }
             tokio::time::sleep(debounce).await;
             config.borrow_and_update();
             global.borrow_and_update();
+            jwks.borrow_and_update();
             self.rebuild();
         }
     }
@@ -388,14 +397,28 @@ impl Registry {
             .inner
             .health_gen
             .load(std::sync::atomic::Ordering::Relaxed);
+        let jwks = self.inner.jwks.current();
         let mut cache = lock(&self.inner.cache);
         let local = match &cache.local {
-            Some(l) if Arc::ptr_eq(&l.config, &config) && l.health_gen == health_gen => l.clone(),
+            Some(l)
+                if Arc::ptr_eq(&l.config, &config)
+                    && l.health_gen == health_gen
+                    && Arc::ptr_eq(&l.jwks, &jwks) =>
+            {
+                l.clone()
+            }
             _ => {
+                if !cache
+                    .local
+                    .as_ref()
+                    .is_some_and(|l| Arc::ptr_eq(&l.config, &config))
+                {
+                    self.inner.jwks.want(crate::jwks::sources(&config));
+                }
                 let health = lock(&self.inner.health).clone();
                 cache.generation += 1;
                 let local =
-                    Arc::new(self.build_local(config, &health, health_gen, cache.generation));
+                    Arc::new(self.build_local(config, &health, health_gen, jwks, cache.generation));
                 cache.local = Some(local.clone());
                 local
             }
@@ -499,6 +522,7 @@ impl Registry {
         config: Arc<ConfigSet>,
         health: &BTreeMap<NamespacedName, Health>,
         health_gen: u64,
+        jwks: Arc<crate::jwks::Keys>,
         generation: u64,
     ) -> Local {
         let mut services = BTreeMap::new();
@@ -542,6 +566,13 @@ impl Registry {
             .workloads
             .values()
             .map(|w| {
+                let mut inbound = isthmus_core::config::security::inbound_for(
+                    &config,
+                    &w.key.namespace,
+                    &w.labels,
+                    serving.get(&w.key).map(Vec::as_slice).unwrap_or_default(),
+                );
+                crate::jwks::fill(&jwks, &mut inbound);
                 let msg = xds::Workload {
                     name: w.key.to_string(),
                     labels: w.labels.clone(),
@@ -552,12 +583,7 @@ impl Registry {
                         &w.labels,
                     )
                     .is_some_and(|s| s.allow_any),
-                    inbound: Some(isthmus_core::config::security::inbound_for(
-                        &config,
-                        &w.key.namespace,
-                        &w.labels,
-                        serving.get(&w.key).map(Vec::as_slice).unwrap_or_default(),
-                    )),
+                    inbound: Some(inbound),
                 };
                 (w.key.to_string(), encode(&msg))
             })
@@ -574,6 +600,7 @@ impl Registry {
         Local {
             config,
             health_gen,
+            jwks,
             generation,
             services,
             workloads,
@@ -647,6 +674,7 @@ impl Registry {
     ) -> Snapshot {
         let mut snapshot = Snapshot {
             config: local.config.clone(),
+            jwks: local.jwks.clone(),
             labels: local.labels.clone(),
             serves: local.serves.clone(),
             ..Default::default()
@@ -825,6 +853,7 @@ impl Registry {
             "gateways": lock(&self.inner.gateways).serving().iter().map(|g| serde_json::json!({"tunnel": g.tunnel_address, "quic": g.quic_address})).collect::<Vec<_>>(),
             "global_registry_version": global.version,
             "global_conflicts": global.meta.conflicts,
+            "jwks": self.inner.jwks.dump(),
             "config": {
                 "accepted": status.accepted,
                 "rejected": status.rejected,

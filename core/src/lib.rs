@@ -11,6 +11,7 @@ pub mod backoff;
 pub mod ca_client;
 pub mod config;
 pub mod drain;
+pub mod fetch;
 pub mod fsutil;
 pub mod grpc;
 pub mod headers;

@@ -121,6 +121,10 @@ pub struct Mesh {
     pub clusters: BTreeMap<String, Cluster>,
     /// Lifetime of workload certificates the controllers issue.
     pub cert_ttl: Duration,
+    /// How often controllers (started from now on) fetch JWT issuers' keys again.
+    pub jwks_refresh: Duration,
+    /// Extra roots controllers (started from now on) trust for HTTPS key fetches.
+    pub jwks_roots_pem: Option<String>,
 }
 
 /// A loopback address of a block no other mesh of this process uses, for a test that
@@ -169,7 +173,7 @@ impl Mesh {
     /// Starts the federation and, for each name, a cluster with its controller and gateway.
     /// `services[cluster]` lists the services whose YAML (Service + export) the cluster has.
     pub async fn start(clusters: &[&str]) -> anyhow::Result<Self> {
-        Self::start_with_cert_ttl(clusters, Duration::from_secs(24 * 3600)).await
+        Self::start_configured(clusters, |_| {}).await
     }
 
     /// Like [`Mesh::start`], with controllers issuing certificates that live `cert_ttl`.
@@ -177,7 +181,16 @@ impl Mesh {
         clusters: &[&str],
         cert_ttl: Duration,
     ) -> anyhow::Result<Self> {
-        Self::start_inner(clusters, &[], cert_ttl).await
+        Self::start_configured(clusters, |mesh| mesh.cert_ttl = cert_ttl).await
+    }
+
+    /// Like [`Mesh::start`], with `configure` applied to the mesh's settings (certificate
+    /// lifetime, JWT key fetching) before any controller starts.
+    pub async fn start_configured(
+        clusters: &[&str],
+        configure: impl FnOnce(&mut Mesh),
+    ) -> anyhow::Result<Self> {
+        Self::start_inner(clusters, &[], configure).await
     }
 
     /// Like [`Mesh::start`], with the clusters named in `on_kubernetes` run on a stand-in
@@ -187,13 +200,13 @@ impl Mesh {
         clusters: &[&str],
         on_kubernetes: &[&str],
     ) -> anyhow::Result<Self> {
-        Self::start_inner(clusters, on_kubernetes, Duration::from_secs(24 * 3600)).await
+        Self::start_inner(clusters, on_kubernetes, |_| {}).await
     }
 
     async fn start_inner(
         clusters: &[&str],
         on_kubernetes: &[&str],
-        cert_ttl: Duration,
+        configure: impl FnOnce(&mut Mesh),
     ) -> anyhow::Result<Self> {
         init_tracing();
         let dir = tempfile::tempdir()?;
@@ -211,8 +224,11 @@ impl Mesh {
             dir,
             fed_state,
             clusters: BTreeMap::new(),
-            cert_ttl,
+            cert_ttl: Duration::from_secs(24 * 3600),
+            jwks_refresh: isthmus_controller::JWKS_REFRESH,
+            jwks_roots_pem: None,
         };
+        configure(&mut mesh);
         for (i, name) in clusters.iter().enumerate() {
             let index = i as u8 + 1;
             let cdir = mesh.dir.path().join(name);
@@ -250,6 +266,7 @@ impl Mesh {
         let token = isthmus_federation::mint_join_token(&self.fed_state, name, TOKEN_TTL)?;
         let (fed, bundle, cert_ttl) =
             (self.federation_addr, self.bundle_pem.clone(), self.cert_ttl);
+        let (jwks_refresh, jwks_extra_roots_pem) = (self.jwks_refresh, self.jwks_roots_pem.clone());
         let kubeconfig = match self.cluster(name).kube {
             Some(_) => Some(self.controller_kubeconfig(name, 0)?),
             None => None,
@@ -277,6 +294,8 @@ impl Mesh {
             federation_bundle_pem: bundle,
             workload_cert_ttl: cert_ttl,
             push_debounce: isthmus_controller::PUSH_DEBOUNCE,
+            jwks_refresh,
+            jwks_extra_roots_pem,
         })
         .await
         .with_context(|| format!("starting controller of {name}"))?;

@@ -102,6 +102,8 @@ impl Mesh {
             federation_bundle_pem: bundle,
             workload_cert_ttl: cert_ttl,
             push_debounce: isthmus_controller::PUSH_DEBOUNCE,
+            jwks_refresh: isthmus_controller::JWKS_REFRESH,
+            jwks_extra_roots_pem: None,
         })
         .await
     }

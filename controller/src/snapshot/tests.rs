@@ -34,7 +34,18 @@ fn registry(dir: &std::path::Path, global: Global) -> (Registry, watch::Sender<A
     let (global_tx, global_rx) = watch::channel(Arc::new(global));
     std::mem::forget(_config_tx);
     (
-        Registry::new("east", "td", config_rx, global_rx, String::new(), dir),
+        Registry::new(
+            "east",
+            "td",
+            config_rx,
+            global_rx,
+            String::new(),
+            dir,
+            crate::jwks::Resolver::new(
+                isthmus_core::fetch::Getter::new(None).expect("getter"),
+                crate::jwks::DEFAULT_REFRESH,
+            ),
+        ),
         global_tx,
     )
 }

@@ -14,8 +14,8 @@
 //!
 //! Action `CUSTOM` (external authorization) is refused by name until it is built.
 //! RequestAuthentication applies as AuthorizationPolicy does (root namespace, namespace,
-//! selector or targetRefs); its keys are given inline (`jwks`), a `jwksUri` is refused by
-//! name until the controller fetches keys.
+//! selector or targetRefs); its keys are given inline (`jwks`), or fetched by the
+//! controller from `jwksUri` or the issuer's OpenID discovery document.
 
 use std::collections::BTreeMap;
 
@@ -675,8 +675,9 @@ pub(super) fn authorization_policy(
     }
 }
 
-/// Checks a RequestAuthentication. Keys are given inline (`jwks`); a `jwksUri` is refused
-/// by name until the controller fetches them.
+/// Checks a RequestAuthentication. Keys given by `jwksUri`, or by neither `jwks` nor
+/// `jwksUri` with an issuer URL (OpenID discovery, as Istio does), are fetched by the
+/// controller, which fills `jwks` in before the push.
 pub(super) fn request_authentication(
     c: &mut Checker<'_>,
     key: &NamespacedName,
@@ -694,14 +695,20 @@ pub(super) fn request_authentication(
                 "a JWT rule names its issuer",
             );
         }
-        if r.timeout.is_some() {
-            c.fail(
-                Code::Schema,
-                format!("{field}.timeout"),
-                "`timeout` is not supported yet",
-            );
-        }
-        let jwks = match (&r.jwks, &r.jwks_uri) {
+        let fetch_timeout_ms = match r.timeout.as_deref().map(super::istio::parse_duration_ms) {
+            None => 0,
+            Some(Some(ms)) if ms > 0 => u32::try_from(ms).unwrap_or(u32::MAX),
+            Some(_) => {
+                c.fail(
+                    Code::InvalidValue,
+                    format!("{field}.timeout"),
+                    "not a positive duration like 5s or 500ms",
+                );
+                0
+            }
+        };
+        // The keys: inline, fetched from jwksUri, or found by the issuer's OpenID discovery.
+        let (jwks, jwks_uri, openid_discovery) = match (&r.jwks, &r.jwks_uri) {
             (Some(_), Some(_)) => {
                 c.fail(
                     Code::InvalidValue,
@@ -710,35 +717,47 @@ pub(super) fn request_authentication(
                 );
                 continue;
             }
-            (None, Some(_)) => {
+            (None, Some(uri)) if !crate::fetch::is_http_url(uri) => {
                 c.fail(
-                    Code::Schema,
+                    Code::InvalidValue,
                     format!("{field}.jwksUri"),
-                    "`jwksUri` is not supported yet; give the keys inline with `jwks`",
+                    format!("`{uri}` is not an http or https URL"),
                 );
                 continue;
             }
+            (None, Some(uri)) => (String::new(), uri.clone(), false),
+            (None, None) if crate::fetch::is_http_url(&r.issuer) => (
+                String::new(),
+                format!(
+                    "{}/.well-known/openid-configuration",
+                    r.issuer.trim_end_matches('/')
+                ),
+                true,
+            ),
             (None, None) => {
                 c.fail(
                     Code::Missing,
                     format!("{field}.jwks"),
-                    "a JWT rule needs the issuer's keys (`jwks`)",
+                    "a JWT rule needs the issuer's keys: `jwks`, `jwksUri`, or an issuer URL \
+                     that serves OpenID discovery",
                 );
                 continue;
             }
-            (Some(jwks), None) => jwks,
+            (Some(jwks), None) => {
+                let keys = serde_json::from_str::<serde_json::Value>(jwks)
+                    .ok()
+                    .and_then(|v| v.get("keys").and_then(|k| k.as_array()).map(Vec::len));
+                if keys.is_none_or(|n| n == 0) {
+                    c.fail(
+                        Code::InvalidValue,
+                        format!("{field}.jwks"),
+                        "not a JSON Web Key Set with keys (`{\"keys\": [...]}`)",
+                    );
+                    continue;
+                }
+                (jwks.clone(), String::new(), false)
+            }
         };
-        let keys = serde_json::from_str::<serde_json::Value>(jwks)
-            .ok()
-            .and_then(|v| v.get("keys").and_then(|k| k.as_array()).map(Vec::len));
-        if keys.is_none_or(|n| n == 0) {
-            c.fail(
-                Code::InvalidValue,
-                format!("{field}.jwks"),
-                "not a JSON Web Key Set with keys (`{\"keys\": [...]}`)",
-            );
-            continue;
-        }
         for (j, h) in r.from_headers.iter().enumerate() {
             if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
                 c.fail(
@@ -766,7 +785,10 @@ pub(super) fn request_authentication(
         rules.push(xds::JwtRule {
             issuer: r.issuer.clone(),
             audiences: r.audiences.clone(),
-            jwks: jwks.clone(),
+            jwks,
+            jwks_uri,
+            openid_discovery,
+            fetch_timeout_ms,
             from_headers: r
                 .from_headers
                 .iter()
@@ -990,11 +1012,25 @@ mod tests {
                 "issuer",
             ),
             (
-                "{issuer: a, jwksUri: \"https://example.com/jwks\"}".to_owned(),
+                "{issuer: a, jwksUri: \"example.com/jwks\"}".to_owned(),
                 "spec.jwtRules[0].jwksUri",
-                "not supported yet",
+                "not an http or https URL",
             ),
-            ("{issuer: a}".to_owned(), "spec.jwtRules[0].jwks", "keys"),
+            (
+                format!("{{issuer: a, jwks: {keys}, jwksUri: \"https://example.com/jwks\"}}"),
+                "spec.jwtRules[0].jwksUri",
+                "cannot both",
+            ),
+            (
+                "{issuer: a, jwksUri: \"https://example.com/jwks\", timeout: 5x}".to_owned(),
+                "spec.jwtRules[0].timeout",
+                "duration",
+            ),
+            (
+                "{issuer: a}".to_owned(),
+                "spec.jwtRules[0].jwks",
+                "OpenID discovery",
+            ),
             (
                 "{issuer: a, jwks: '{}'}".to_owned(),
                 "spec.jwtRules[0].jwks",
@@ -1021,5 +1057,23 @@ mod tests {
         assert!(inbound_for(&ok, "demo", &BTreeMap::new(), &[])
             .jwt
             .is_empty());
+    }
+
+    #[test]
+    fn remote_keys_are_left_for_the_controller_to_fetch() {
+        let set = load("apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: r, namespace: demo}\nspec:\n  jwtRules:\n  - {issuer: a, jwksUri: \"https://keys.example.com/jwks.json\", timeout: 2s}\n  - {issuer: \"https://accounts.example.com/\"}\n").expect("valid");
+        let rules = inbound_for(&set, "demo", &BTreeMap::new(), &[]).jwt;
+        let by_issuer = |i: &str| rules.iter().find(|r| r.issuer == i).expect("rule");
+        let uri = by_issuer("a");
+        assert_eq!(uri.jwks, "");
+        assert_eq!(uri.jwks_uri, "https://keys.example.com/jwks.json");
+        assert!(!uri.openid_discovery);
+        assert_eq!(uri.fetch_timeout_ms, 2000);
+        let discovered = by_issuer("https://accounts.example.com/");
+        assert_eq!(
+            discovered.jwks_uri,
+            "https://accounts.example.com/.well-known/openid-configuration"
+        );
+        assert!(discovered.openid_discovery);
     }
 }

@@ -72,7 +72,14 @@ async fn until(outbound: SocketAddr, method: &str, path: &str, want: u16) -> any
 
 /// The mesh of the tasks: httpbin, sleep and other in west, sleep in east.
 async fn mesh() -> anyhow::Result<(Mesh, SocketAddr, SocketAddr, SocketAddr)> {
-    let mut mesh = Mesh::start(&["east", "west"]).await?;
+    mesh_with(|_| {}).await
+}
+
+/// [`mesh`], with `configure` applied to the mesh's settings first.
+async fn mesh_with(
+    configure: impl FnOnce(&mut Mesh),
+) -> anyhow::Result<(Mesh, SocketAddr, SocketAddr, SocketAddr)> {
+    let mut mesh = Mesh::start_configured(&["east", "west"], configure).await?;
     mesh.add_workload("west", "httpbin", Some("httpbin"), "httpbin")
         .await?;
     mesh.add_workload("west", "sleep", None, "sleep").await?;
@@ -280,12 +287,17 @@ fn jwt(claims: serde_json::Value) -> String {
     let der = base64::engine::general_purpose::STANDARD
         .decode(TEST_KEY)
         .expect("the test key");
+    signed("test-1", &der, &claims)
+}
+
+/// `claims` signed with ES256 by the PKCS#8 key `der`, naming key `kid`.
+fn signed(kid: &str, der: &[u8], claims: &serde_json::Value) -> String {
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-    header.kid = Some("test-1".into());
+    header.kid = Some(kid.into());
     jsonwebtoken::encode(
         &header,
-        &claims,
-        &jsonwebtoken::EncodingKey::from_ec_der(&der),
+        claims,
+        &jsonwebtoken::EncodingKey::from_ec_der(der),
     )
     .expect("signed")
 }
@@ -391,6 +403,235 @@ async fn jwt_tokens_are_validated_and_a_claim_can_be_required() -> anyhow::Resul
             .await?
             .0,
         200
+    );
+    Ok(())
+}
+
+/// An OpenID issuer on loopback, over HTTPS with its own CA: its discovery document names
+/// its key set, which the test swaps (a key rotation) or stops serving.
+struct Issuer {
+    url: String,
+    ca_pem: String,
+    jwks: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// An EC P-256 key: its PKCS#8 DER (to sign with) and its public half as a JWK.
+fn ec_key(kid: &str) -> (Vec<u8>, serde_json::Value) {
+    use base64::Engine;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let point = key.public_key_raw();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "kid": kid,
+        "x": b64(&point[1..33]), "y": b64(&point[33..65])});
+    (key.serialize_der(), jwk)
+}
+
+impl Issuer {
+    async fn start() -> anyhow::Result<Self> {
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key)?;
+        let key = rcgen::KeyPair::generate()?;
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])?
+            .signed_by(&key, &rcgen::Issuer::new(ca_params, ca_key))?;
+        let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("https://{}", listener.local_addr()?);
+        let jwks = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+        let fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let discovery =
+            serde_json::json!({"issuer": url, "jwks_uri": format!("{url}/keys")}).to_string();
+        let (keys, count) = (jwks.clone(), fetches.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, keys, count, discovery) = (
+                    acceptor.clone(),
+                    keys.clone(),
+                    count.clone(),
+                    discovery.clone(),
+                );
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head);
+                    let path = head.split(' ').nth(1).unwrap_or_default();
+                    let body = match path {
+                        "/.well-known/openid-configuration" => Some(discovery),
+                        "/keys" => {
+                            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            keys.lock().expect("keys").clone()
+                        }
+                        _ => None,
+                    };
+                    let answer = match body {
+                        Some(b) => format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{b}",
+                            b.len()
+                        ),
+                        None => "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned(),
+                    };
+                    let _ = tls.write_all(answer.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        Ok(Self {
+            url,
+            ca_pem: ca.pem(),
+            jwks,
+            fetches,
+        })
+    }
+
+    fn serve(&self, keys: &[&serde_json::Value]) {
+        *self.jwks.lock().expect("keys") = Some(serde_json::json!({ "keys": keys }).to_string());
+    }
+
+    fn stop_serving(&self) {
+        *self.jwks.lock().expect("keys") = None;
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetched_issuer_keys_follow_a_rotation_and_outlive_an_outage() -> anyhow::Result<()> {
+    let issuer = Issuer::start().await?;
+    let (old_der, old) = ec_key("old");
+    let (new_der, new) = ec_key("new");
+    issuer.serve(&[&old]);
+    let refresh = Duration::from_secs(1);
+    let ca = issuer.ca_pem.clone();
+    let (mut mesh, sleep, _, east) = mesh_with(move |m| {
+        m.jwks_refresh = refresh;
+        m.jwks_roots_pem = Some(ca);
+    })
+    .await?;
+    // One rule finds its keys by the issuer's OpenID discovery, one by jwksUri; a token is
+    // then required.
+    let policy = format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: remote-keys, namespace: demo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin}}}}\n  jwtRules:\n  - issuer: {url}\n  - {{issuer: by-uri, jwksUri: \"{url}/keys\", timeout: 2s}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: require-token, namespace: demo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin}}}}\n  rules: [{{from: [{{source: {{requestPrincipals: [\"*\"]}}}}]}}]\n",
+        url = issuer.url
+    );
+    mesh.apply("west", "remote-keys.yaml", &policy).await?;
+    let claims = |iss: &str| serde_json::json!({"iss": iss, "sub": "alice", "exp": in_minutes(10)});
+    let old_token = signed("old", &old_der, &claims(&issuer.url));
+    let new_token = signed("new", &new_der, &claims(&issuer.url));
+    let by_uri = signed("old", &old_der, &claims("by-uri"));
+    let code = |from: SocketAddr, token: String| async move {
+        let auth = format!("Bearer {token}");
+        Ok::<u16, anyhow::Error>(
+            request(from, "GET", "/ip", &[("authorization", &auth)])
+                .await?
+                .0,
+        )
+    };
+    let settles = |from: SocketAddr, token: String, want: u16, what: &'static str| {
+        eventually(what, Duration::from_secs(10), move || {
+            let token = token.clone();
+            async move {
+                let got = code(from, token).await?;
+                anyhow::ensure!(got == want, "got {got}");
+                Ok(())
+            }
+        })
+    };
+    until(sleep, "GET", "/ip", 403).await?;
+    settles(
+        sleep,
+        old_token.clone(),
+        200,
+        "the fetched keys accept the token",
+    )
+    .await?;
+    assert_eq!(code(sleep, by_uri.clone()).await?, 200, "keys by jwksUri");
+    assert_eq!(
+        code(east, old_token.clone()).await?,
+        200,
+        "from the other cluster"
+    );
+    assert_eq!(
+        code(sleep, new_token.clone()).await?,
+        401,
+        "not yet a key of the issuer"
+    );
+
+    // The issuer rotates: the next refresh brings the new key and drops the old one.
+    issuer.serve(&[&new]);
+    settles(sleep, new_token.clone(), 200, "the rotated key accepted").await?;
+    assert_eq!(
+        code(sleep, old_token).await?,
+        401,
+        "the retired key refused"
+    );
+
+    // The issuer goes away: refreshes fail, the last keys keep serving.
+    issuer.stop_serving();
+    let admin = mesh.controller_admin("west");
+    eventually(
+        "failed refreshes counted",
+        Duration::from_secs(10),
+        || async move {
+            let failed = isthmus_tests::metric_sum(
+                admin,
+                "isthmus_controller_jwks_fetches_total",
+                &[("result", "error")],
+            )
+            .await?;
+            anyhow::ensure!(failed >= 2.0, "{failed} failed fetches");
+            Ok(())
+        },
+    )
+    .await?;
+    assert_eq!(
+        code(sleep, new_token.clone()).await?,
+        200,
+        "kept through the outage"
+    );
+    let dump = isthmus_tests::config_dump(admin).await?;
+    let errors: Vec<String> = dump["jwks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["error"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("/keys") && e.contains("503")),
+        "the dump names the failing fetch: {dump}"
+    );
+    // Refreshes are periodic, not per request or per proxy.
+    let before = issuer.fetches();
+    for _ in 0..20 {
+        code(sleep, new_token.clone()).await?;
+    }
+    assert!(
+        issuer.fetches() - before <= 8,
+        "{} fetches while 20 requests were served",
+        issuer.fetches() - before
     );
     Ok(())
 }
