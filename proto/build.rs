@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/federation.proto",
         "proto/tunnel.proto",
         "proto/echo.proto",
+        "proto/ext_authz.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -131,7 +131,7 @@ enum Keeper {
         isthmus_core::config::watch::Folder,
         isthmus_core::config::LastGood,
     ),
-    Kubernetes(isthmus_kubernetes::Source, isthmus_core::config::LastGood),
+    Kubernetes(Box<isthmus_kubernetes::Source>, isthmus_core::config::LastGood),
 }
 
 impl Keeper {
@@ -147,7 +147,7 @@ impl Keeper {
                 isthmus_core::config::watch::run(folder, last, config, status).await
             }
             (Keeper::Kubernetes(source, last), Some(leader)) => {
-                isthmus_kubernetes::run(source, last, config, status, leader).await
+                isthmus_kubernetes::run(*source, last, config, status, leader).await
             }
             (Keeper::Kubernetes(..), None) => {
                 tracing::error!("no leader election on Kubernetes; not watching")
@@ -345,7 +345,7 @@ async fn load(source: &ConfigSource) -> anyhow::Result<Loaded> {
             Ok(Loaded {
                 initial,
                 status,
-                keeper: Keeper::Kubernetes(source, last_good),
+                keeper: Keeper::Kubernetes(Box::new(source), last_good),
             })
         }
     }

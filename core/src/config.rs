@@ -11,6 +11,7 @@ mod assemble;
 mod istio;
 pub mod kinds;
 mod load;
+pub mod mesh;
 pub mod security;
 pub mod sidecar;
 mod validate;
@@ -298,6 +299,8 @@ pub struct ConfigSet {
     pub authorization_policies: BTreeMap<NamespacedName, security::AuthzScope>,
     /// `RequestAuthentication`s (see `security.rs`).
     pub request_authentications: BTreeMap<NamespacedName, security::AuthnScope>,
+    /// The mesh config (ConfigMap `istio` of `istio-system`; see `mesh.rs`).
+    pub mesh: mesh::MeshSettings,
     /// References to objects that do not exist (yet): a VirtualService naming an unknown
     /// host or subset, a ServiceExport with no Service. Requests they route get 503.
     pub warnings: Vec<ConfigError>,
@@ -440,12 +443,14 @@ pub enum Code {
     /// A deprecated field Istio still accepts: accepted and mapped as Istio maps it (a
     /// warning).
     Deprecated,
+    /// A field Isthmus accepts but does not act on (a warning).
+    Ignored,
 }
 
 impl Code {
     /// Warnings leave their object admitted; every other code rejects it.
     pub fn is_warning(self) -> bool {
-        matches!(self, Code::Reference | Code::Deprecated)
+        matches!(self, Code::Reference | Code::Deprecated | Code::Ignored)
     }
 
     /// The code as printed: Istio's analyzer code where Istio has one (`IST0101`
@@ -461,6 +466,7 @@ impl Code {
             Code::UnknownKind => "IST1002",
             Code::Duplicate => "IST1003",
             Code::Io => "IST1004",
+            Code::Ignored => "IST1005",
         }
     }
 }

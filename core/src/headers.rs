@@ -71,6 +71,16 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     http::header::PROXY_AUTHORIZATION,
 ];
 
+/// Whether a header is the proxies' own (their signals, `x-forwarded-client-cert`) or
+/// hop-by-hop: what a party outside the proxies (an authorization provider) must neither
+/// see nor set.
+pub fn is_proxy_owned(name: &HeaderName) -> bool {
+    *name == XFCC
+        || name.as_str().starts_with(INTERNAL_PREFIX)
+        || *name == http::header::TE
+        || HOP_BY_HOP.contains(name)
+}
+
 /// Removes hop-by-hop headers before a request or response is forwarded: those of
 /// [`HOP_BY_HOP`], any `te` but `te: trailers`, and every header `connection` names.
 pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {

@@ -76,6 +76,8 @@ pub fn controller_rules() -> Vec<Rule> {
             &["endpointslices".into()],
             &["list", "watch"],
         ),
+        // Istio's mesh config (ConfigMap istio-system/istio); only istio-system is watched.
+        rule(&[""], &["configmaps".into()], &["list", "watch"]),
     ];
     let mut groups: Vec<&str> = MESH_KINDS.iter().map(|k| k.group).collect();
     groups.dedup();

@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use isthmus_core::config::watch::{publish, LoadStatus};
 use isthmus_core::config::{admit_on, ConfigSet, LastGood, ParsedFiles};
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DynamicObject, ListParams};
 use kube::runtime::reflector::{self, Store};
@@ -42,6 +42,8 @@ pub struct Source {
     slices: Store<EndpointSlice>,
     pods: Store<Pod>,
     nodes: Store<Node>,
+    /// ConfigMaps of `istio-system`, for Istio's mesh config (`istio`).
+    mesh_config: Store<ConfigMap>,
     mesh: Vec<(MeshKind, Store<DynamicObject>)>,
     changed: Arc<Notify>,
     client: kube::Client,
@@ -142,6 +144,11 @@ impl Source {
         let slices = w.store(Api::all(c.clone()), (), "EndpointSlice".into());
         let pods = w.store(Api::all(c.clone()), (), "Pod".into());
         let nodes = w.store(Api::all(c.clone()), (), "Node".into());
+        let mesh_config = w.store(
+            Api::namespaced(c.clone(), isthmus_core::config::mesh::NAMESPACE),
+            (),
+            "ConfigMap".into(),
+        );
         let mut mesh = Vec::new();
         for kind in MESH_KINDS {
             if !served(c, kind).await {
@@ -160,6 +167,7 @@ impl Source {
             slices,
             pods,
             nodes,
+            mesh_config,
             mesh,
             changed: w.changed,
             client,
@@ -177,6 +185,7 @@ impl Source {
                 self.slices.wait_until_ready().boxed(),
                 self.pods.wait_until_ready().boxed(),
                 self.nodes.wait_until_ready().boxed(),
+                self.mesh_config.wait_until_ready().boxed(),
             ]
             .into_iter()
             .chain(self.mesh.iter().map(|(_, s)| s.wait_until_ready().boxed())),
@@ -251,6 +260,24 @@ impl Source {
         // Objects gone from the cluster leave the cache with the old map.
         *cache = kept;
         drop(cache);
+        for cm in self.mesh_config.state() {
+            let name = cm.metadata.name.as_deref().unwrap_or_default();
+            if !isthmus_core::config::mesh::is_mesh_config(name, cm.metadata.namespace.as_deref()) {
+                continue;
+            }
+            let source = format!(
+                "configmaps/{}/{name}",
+                isthmus_core::config::mesh::NAMESPACE
+            );
+            let mut cm = (*cm).clone();
+            cm.metadata.managed_fields = None;
+            match serde_json::to_value(&cm)
+                .and_then(|v| serde_yaml_ng::to_value(&v).map_err(serde::ser::Error::custom))
+            {
+                Ok(v) => parsed.extend(&isthmus_core::config::parse_object(&source, v)),
+                Err(e) => parsed.notes.push(format!("{source}: unreadable: {e}")),
+            }
+        }
         admit_on(&platform, parsed, last)
     }
 }

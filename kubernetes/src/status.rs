@@ -46,6 +46,7 @@ fn code_name(code: Code) -> &'static str {
         Code::UnknownKind => "UnknownKind",
         Code::Duplicate => "Conflict",
         Code::Io => "Unreadable",
+        Code::Ignored => "Ignored",
     }
 }
 

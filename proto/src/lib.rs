@@ -6,6 +6,7 @@
 //! - `federation`: cluster controllers ↔ federation controller.
 //! - `tunnel`: the header on each QUIC stream between gateways.
 //! - `echo`: the sample application's gRPC service.
+//! - `ext_authz`: Envoy's external authorization API, which sidecars call providers with.
 
 pub mod discovery {
     tonic::include_proto!("isthmus.discovery.v1");
@@ -24,6 +25,9 @@ pub mod tunnel {
 }
 pub mod echo {
     tonic::include_proto!("isthmus.echo.v1");
+}
+pub mod ext_authz {
+    tonic::include_proto!("envoy.service.auth.v3");
 }
 
 /// Type URLs of the pushed resources.

@@ -490,7 +490,17 @@ pub struct InboundPolicy {
     deny: Vec<Policy>,
     allow: Vec<Policy>,
     audit: Vec<Policy>,
+    /// CUSTOM policies, each with its provider (`None`: the mesh config has none of the
+    /// name, and the policy denies what it matches).
+    custom: Vec<(Policy, Option<Arc<crate::ext_authz::Provider>>)>,
     jwt: Vec<JwtRule>,
+}
+
+/// An external authorization to ask for: the provider, and the CUSTOM policy that asks.
+pub struct CustomCheck {
+    pub policy: Arc<str>,
+    pub dry_run: bool,
+    pub provider: Arc<crate::ext_authz::Provider>,
 }
 
 impl std::fmt::Debug for InboundPolicy {
@@ -672,8 +682,14 @@ impl InboundPolicy {
             match xds::AuthzAction::try_from(a.action) {
                 Ok(xds::AuthzAction::Allow) => out.allow.push(policy),
                 Ok(xds::AuthzAction::Audit) => out.audit.push(policy),
-                // DENY, and CUSTOM (refused at admission until ext_authz lands): a policy
-                // this sidecar cannot evaluate fails closed.
+                Ok(xds::AuthzAction::Custom) => {
+                    let provider = a
+                        .ext_authz
+                        .as_ref()
+                        .map(|p| Arc::new(crate::ext_authz::Provider::compile(p)));
+                    out.custom.push((policy, provider));
+                }
+                // DENY, and an action this sidecar does not know: fails closed.
                 _ => out.deny.push(policy),
             }
         }
@@ -760,7 +776,49 @@ impl InboundPolicy {
 
     /// Whether any AuthorizationPolicy applies (requests skip the evaluation otherwise).
     pub fn is_empty(&self) -> bool {
-        self.deny.is_empty() && self.allow.is_empty() && self.audit.is_empty()
+        self.deny.is_empty()
+            && self.allow.is_empty()
+            && self.audit.is_empty()
+            && self.custom.is_empty()
+    }
+
+    /// Whether a CUSTOM policy applies (requests are then matched against it first).
+    pub fn has_custom(&self) -> bool {
+        !self.custom.is_empty()
+    }
+
+    /// The largest body any CUSTOM provider wants to see (0: none).
+    pub fn custom_body_bytes(&self) -> usize {
+        self.custom
+            .iter()
+            .filter_map(|(_, p)| p.as_ref())
+            .map(|p| p.max_body)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The external authorizations a request (or connection) must pass: one per provider
+    /// whose CUSTOM policy matches it. `Err(policy)`: a matching CUSTOM policy names a
+    /// provider the mesh config lacks, and denies (unless it is a dry run).
+    pub fn custom_checks(&self, a: &Attributes<'_>) -> Result<Vec<CustomCheck>, Arc<str>> {
+        let mut out: Vec<CustomCheck> = Vec::new();
+        for (policy, provider) in self.custom.iter().filter(|(p, _)| p.matches(a, true)) {
+            let Some(provider) = provider else {
+                if policy.dry_run {
+                    tracing::info!(target: "authz", policy = %policy.name, "dry run: would deny (no such extension provider)");
+                    continue;
+                }
+                return Err(policy.name.clone());
+            };
+            if !out.iter().any(|c| c.provider.name == provider.name) {
+                out.push(CustomCheck {
+                    policy: policy.name.clone(),
+                    dry_run: policy.dry_run,
+                    provider: provider.clone(),
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Judges a request or connection; dry-run and AUDIT outcomes are logged here.

@@ -63,6 +63,10 @@ pub enum ProxyError {
     /// A RequestAuthentication refused the request's token (Envoy's answer).
     #[error("Jwt verification fails")]
     Unauthenticated(String),
+    /// An external authorization provider takes the body, and this one is larger than it
+    /// takes (without `allowPartialMessage`).
+    #[error("the request body is larger than the {0} bytes external authorization takes")]
+    PayloadTooLarge(usize),
 }
 
 impl ProxyError {
@@ -88,6 +92,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "rate-limited",
             ProxyError::Forbidden => "rbac-denied",
             ProxyError::Unauthenticated(_) => "jwt-refused",
+            ProxyError::PayloadTooLarge(_) => "payload-too-large",
         }
     }
 
@@ -102,6 +107,7 @@ impl ProxyError {
                 | ProxyError::InvalidRequest(_)
                 | ProxyError::HeadersTooLarge(_)
                 | ProxyError::UpgradeRefused(_)
+                | ProxyError::PayloadTooLarge(_)
         )
     }
 
@@ -130,6 +136,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Forbidden => StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -148,6 +155,7 @@ impl ProxyError {
             ProxyError::Timeout { .. } => 4,     // DEADLINE_EXCEEDED
             ProxyError::RateLimited { .. } => 8, // RESOURCE_EXHAUSTED
             ProxyError::Unauthenticated(_) => 16, // UNAUTHENTICATED
+            ProxyError::PayloadTooLarge(_) => 8, // RESOURCE_EXHAUSTED
             _ => 14,                             // UNAVAILABLE
         }
     }

@@ -47,6 +47,8 @@ pub struct InboundCtx {
     /// HTTP/1.1 to the app (its own pool); HTTP/2 apps through hyper's pooling client.
     app_h1: Arc<AppPool>,
     app_h2: Client<HttpConnector, ProxyBody>,
+    /// Calls to external authorization providers go out as the app's requests do.
+    outbound: Arc<crate::outbound::OutboundCtx>,
 }
 
 impl InboundCtx {
@@ -57,6 +59,7 @@ impl InboundCtx {
         metrics: Metrics,
         state: tokio::sync::watch::Receiver<Arc<crate::state::MeshState>>,
         drain: isthmus_core::drain::Drain,
+        outbound: Arc<crate::outbound::OutboundCtx>,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -85,6 +88,7 @@ impl InboundCtx {
                 .and_then(|a| http::uri::Authority::try_from(a.to_string()).ok()),
             app_h1,
             app_h2,
+            outbound,
         }
     }
 }
@@ -221,6 +225,20 @@ pub(crate) fn authorize(
     if policy.is_empty() {
         return Ok(());
     }
+    // External authorization of connections (Envoy's network ext_authz) is not built: a
+    // CUSTOM policy that matches a connection denies it rather than let it pass unasked.
+    // HTTP requests are asked before they get here.
+    if attributes.http.is_none() && policy.has_custom() {
+        let by = match policy.custom_checks(attributes) {
+            Err(policy) => Some(policy),
+            Ok(checks) => checks.into_iter().find(|c| !c.dry_run).map(|c| c.policy),
+        };
+        if let Some(by) = by {
+            metrics.denied(&by);
+            tracing::info!(target: "authz", policy = %by, principal = attributes.principal.unwrap_or("-"), source = %attributes.source_ip, port = attributes.destination_port, "RBAC: access denied (CUSTOM policies cannot ask a provider about TCP connections yet)");
+            return Err(ProxyError::Forbidden);
+        }
+    }
     match policy.check(attributes) {
         authz::Verdict::Allow => Ok(()),
         authz::Verdict::Deny(by) => {
@@ -300,7 +318,7 @@ fn check_rate_limits(
 async fn forward(
     ctx: &InboundCtx,
     caller: &Caller,
-    state: &crate::state::MeshState,
+    state: &Arc<crate::state::MeshState>,
     svc: Option<&crate::state::Service>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -383,6 +401,61 @@ async fn forward(
     } else {
         None
     };
+    let mut body = crate::body::boxed(body);
+    let mut allowed = Vec::new();
+    if state.inbound.has_custom() {
+        // Which providers to ask, decided before anything is awaited (the views of the
+        // request borrow it).
+        let (checks, check) = {
+            let lax = authz::lax_path(path_and_query.path());
+            let http = authz::Http {
+                host: authority.as_ref().map_or("", |a| a.as_str()),
+                method: parts.method.as_str(),
+                path: path_and_query.path(),
+                lax_path: &lax,
+                headers: &parts.headers,
+            };
+            let attributes = caller.attributes(app.port(), Some(http), auth.as_ref());
+            let checks = state.inbound.custom_checks(&attributes).map_err(|policy| {
+                ctx.metrics.denied(&policy);
+                tracing::info!(target: "authz", %policy, principal = %caller.principal, "CUSTOM policy names no extension provider the mesh config has: denied");
+                ProxyError::Forbidden
+            })?;
+            let check = crate::ext_authz::Check {
+                method: parts.method.clone(),
+                path: path_and_query.as_str().to_owned(),
+                version: parts.version,
+                headers: parts.headers.clone(),
+                host: authority
+                    .as_ref()
+                    .map_or_else(String::new, |a| a.as_str().to_owned()),
+                body: None,
+                source: caller.remote,
+                source_principal: caller.id.to_string(),
+                destination: caller.local,
+                destination_principal: ctx.identity.id().to_string(),
+            };
+            (checks, check)
+        };
+        if !checks.is_empty() {
+            // Boxed as a trait object: rare, kept out of every request's future, and its
+            // Send-ness is settled here rather than inferred through hyper's service.
+            let asked: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
+                Box::pin(external_authorization(
+                    ctx, caller, state, checks, check, body,
+                ));
+            match asked.await? {
+                (Ok(a), rest) => {
+                    for x in &a {
+                        x.apply(&mut parts.headers);
+                    }
+                    allowed = a;
+                    body = rest;
+                }
+                (Err(denial), _) => return Ok(denial),
+            }
+        }
+    }
     if !state.inbound.is_empty() {
         let lax = authz::lax_path(path_and_query.path());
         let http = authz::Http {
@@ -402,7 +475,7 @@ async fn forward(
         .map_err(|e| ProxyError::AppUnavailable(e.to_string()))?;
     let sent = if h2 {
         parts.version = Version::HTTP_2;
-        let req = Request::from_parts(parts, crate::body::boxed(body));
+        let req = Request::from_parts(parts, body);
         ctx.app_h2
             .request(req)
             .await
@@ -421,7 +494,7 @@ async fn forward(
         if let Some(v) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
             parts.headers.insert(http::header::HOST, v);
         }
-        let req = Request::from_parts(parts, crate::body::boxed(body));
+        let req = Request::from_parts(parts, body);
         ctx.app_h1
             .send(req)
             .await
@@ -435,8 +508,121 @@ async fn forward(
     ctx.limits
         .check_headers(&rparts.headers)
         .map_err(|e| ProxyError::ResponseHeadersTooLarge(e.to_string()))?;
+    for a in &allowed {
+        for (name, value) in &a.downstream {
+            rparts.headers.append(name.clone(), value.clone());
+        }
+    }
     let rbody = crate::body::Watched::new(rbody, ctx.limits.stream_idle_timeout);
     Ok(Response::from_parts(rparts, crate::body::boxed(rbody)))
+}
+
+/// Asks the providers of `checks` in turn: what the allowing ones ask to change, and the
+/// body to forward; or the first denial, which is the client's answer.
+#[allow(clippy::type_complexity)]
+async fn external_authorization(
+    ctx: &InboundCtx,
+    caller: &Caller,
+    state: &Arc<crate::state::MeshState>,
+    checks: Vec<authz::CustomCheck>,
+    mut check: crate::ext_authz::Check,
+    body: ProxyBody,
+) -> Result<
+    (
+        Result<Vec<crate::ext_authz::Allowed>, Response<ProxyBody>>,
+        ProxyBody,
+    ),
+    ProxyError,
+> {
+    let (sent, body) = body_for_check(body, &checks, ctx.limits.stream_idle_timeout).await?;
+    check.body = sent;
+    let check = Arc::new(check);
+    let mut allowed = Vec::new();
+    for c in checks {
+        let asked = crate::ext_authz::check(
+            ctx.outbound.clone(),
+            state.clone(),
+            c.provider.clone(),
+            check.clone(),
+        );
+        match asked.await {
+            crate::ext_authz::Decision::Allow(a) => allowed.push(a),
+            crate::ext_authz::Decision::Deny(resp) if c.dry_run => {
+                tracing::info!(target: "authz", policy = %c.policy, provider = %c.provider.name, status = resp.status().as_u16(), "dry run: would deny");
+            }
+            crate::ext_authz::Decision::Deny(resp) => {
+                ctx.metrics.denied(&c.policy);
+                tracing::info!(target: "authz", policy = %c.policy, provider = %c.provider.name, principal = %caller.principal, status = resp.status().as_u16(), "denied by external authorization");
+                return Ok((Err(resp), body));
+            }
+        }
+    }
+    Ok((Ok(allowed), body))
+}
+
+/// The body (or its first bytes) the external authorization providers of `checks` want
+/// to see, and the body to forward: the whole request, read again from what was taken.
+/// A body longer than they take is refused with 413, unless every one of them allows a
+/// partial message.
+async fn body_for_check(
+    body: ProxyBody,
+    checks: &[authz::CustomCheck],
+    idle: Duration,
+) -> Result<(Option<bytes::Bytes>, ProxyBody), ProxyError> {
+    use futures::StreamExt;
+    use http_body_util::BodyExt;
+    let max = checks
+        .iter()
+        .map(|c| c.provider.max_body)
+        .max()
+        .unwrap_or(0);
+    if max == 0 {
+        return Ok((None, body));
+    }
+    let partial = checks
+        .iter()
+        .filter(|c| c.provider.max_body > 0)
+        .all(|c| c.provider.allow_partial);
+    let mut body = crate::body::Watched::new(body, idle);
+    let mut taken = bytes::BytesMut::new();
+    let mut trailers = None;
+    let mut ended = false;
+    while taken.len() <= max {
+        match body.frame().await {
+            None => {
+                ended = true;
+                break;
+            }
+            Some(Err(e)) => return Err(ProxyError::RequestBody(e.to_string())),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => taken.extend_from_slice(&data),
+                Err(frame) => {
+                    trailers = frame.into_trailers().ok();
+                    ended = true;
+                    break;
+                }
+            },
+        }
+    }
+    if !ended && !partial {
+        return Err(ProxyError::PayloadTooLarge(max));
+    }
+    let taken = taken.freeze();
+    let sent = taken.slice(..taken.len().min(max));
+    let head = futures::stream::iter(
+        std::iter::once(Ok::<_, crate::pool::BoxError>(hyper::body::Frame::data(
+            taken,
+        )))
+        .chain(trailers.map(|t| Ok(hyper::body::Frame::trailers(t)))),
+    );
+    let forwarded = if ended {
+        BodyExt::boxed(http_body_util::StreamBody::new(head))
+    } else {
+        let rest = http_body_util::BodyStream::new(body)
+            .map(|f| f.map_err(|e| crate::pool::BoxError::from(e.to_string())));
+        BodyExt::boxed(http_body_util::StreamBody::new(head.chain(rest)))
+    };
+    Ok((Some(sent), forwarded))
 }
 
 /// Whether a connect error says the app refused the connection.

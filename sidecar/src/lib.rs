@@ -19,6 +19,7 @@ mod convert;
 pub mod dns;
 mod egress;
 mod errors;
+mod ext_authz;
 mod inbound;
 pub mod ingress;
 mod lb;
@@ -228,13 +229,14 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             drain: drain.clone(),
             limits: cfg.limits.clone(),
         });
-        tasks.spawn(outbound::Outbound::new(outbound, out_ctx, drain.clone()).run());
+        tasks.spawn(outbound::Outbound::new(outbound, out_ctx.clone(), drain.clone()).run());
         let in_ctx = Arc::new(inbound::InboundCtx::new(
             identity,
             &cfg,
             metrics,
             store.subscribe(),
             drain.clone(),
+            out_ctx,
         ));
         if let Some(listener) = captured_inbound {
             let (state, metrics) = (store.subscribe(), in_ctx.metrics.clone());

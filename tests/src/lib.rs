@@ -25,7 +25,8 @@ use isthmus_core::locality::Locality;
 pub const TRUST_DOMAIN: &str = "cluster.local";
 pub const NAMESPACE: &str = "demo";
 const TOKEN_TTL: Duration = Duration::from_secs(3600);
-const APP_PORT: u16 = 8080;
+/// Where the sample app (or a test's own app) listens on its workload's address.
+pub const APP_PORT: u16 = 8080;
 /// Where the sample app echoes plain TCP, and the service's `tcp-echo` port.
 pub const TCP_ECHO_PORT: u16 = 7000;
 
@@ -80,6 +81,8 @@ pub struct Workload {
     pub name: String,
     pub ip: Ipv4Addr,
     pub app: Option<isthmus::echo::Bound>,
+    /// An app the test runs itself, in place of the sample app.
+    pub own_app: Option<SocketAddr>,
     pub sidecar: Option<isthmus_sidecar::Bound>,
     pub service_account: String,
 }
@@ -388,7 +391,6 @@ impl Mesh {
         service_account: &str,
         labels: &[(&str, &str)],
     ) -> anyhow::Result<()> {
-        let bundle = self.bundle_pem.clone();
         let c = self.cluster(cluster);
         let w = c.next_workload;
         c.next_workload += 1;
@@ -419,13 +421,52 @@ impl Mesh {
             ),
             None => None,
         };
-        let mut wl = Workload {
+        let wl = Workload {
             name: name.to_owned(),
             ip: addr,
             app,
+            own_app: None,
             sidecar: None,
             service_account: service_account.to_owned(),
         };
+        self.start_workload(cluster, wl).await
+    }
+
+    /// The address the next workload of `cluster` gets, taken now: a test binds its own
+    /// app there (at [`APP_PORT`]), writes the workload's YAML, then calls
+    /// [`Mesh::add_own_workload`].
+    pub fn take_address(&mut self, cluster: &str) -> Ipv4Addr {
+        let c = self.cluster(cluster);
+        let w = c.next_workload;
+        c.next_workload += 1;
+        ip(c.block, c.index, w)
+    }
+
+    /// Adds a sidecar in front of an app the test runs at `app` (an address from
+    /// [`Mesh::take_address`]), whose WorkloadEntry and Service the test wrote.
+    pub async fn add_own_workload(
+        &mut self,
+        cluster: &str,
+        name: &str,
+        service_account: &str,
+        app: SocketAddr,
+    ) -> anyhow::Result<()> {
+        let IpAddr::V4(ip) = app.ip() else {
+            anyhow::bail!("workloads have IPv4 loopback addresses");
+        };
+        let wl = Workload {
+            name: name.to_owned(),
+            ip,
+            app: None,
+            own_app: Some(app),
+            sidecar: None,
+            service_account: service_account.to_owned(),
+        };
+        self.start_workload(cluster, wl).await
+    }
+
+    async fn start_workload(&mut self, cluster: &str, mut wl: Workload) -> anyhow::Result<()> {
+        let bundle = self.bundle_pem.clone();
         let c = self.cluster(cluster);
         wl.sidecar = Some(start_sidecar(c, &wl, &bundle).await?);
         let ready = wl.sidecar.as_ref().expect("just started").readiness.clone();
@@ -440,7 +481,7 @@ impl Mesh {
             }
         })
         .await?;
-        self.cluster(cluster).workloads.insert(name.to_owned(), wl);
+        self.cluster(cluster).workloads.insert(wl.name.clone(), wl);
         Ok(())
     }
 
@@ -582,7 +623,7 @@ async fn start_sidecar(
         inbound_addr: SocketAddr::new(a, 15008),
         admin_addr: SocketAddr::new(a, 15000),
         metrics_addr: None,
-        app_addr: w.app.as_ref().map(|app| app.address),
+        app_addr: w.own_app.or(w.app.as_ref().map(|app| app.address)),
         log_control: None,
         limits: c.limits.clone(),
     })

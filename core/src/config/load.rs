@@ -142,7 +142,10 @@ fn parse_document(
             ..err
         });
     };
-    let Some(kind) = kind_of(api_version, kind) else {
+    let mesh_config = api_version == "v1"
+        && kind == "ConfigMap"
+        && super::mesh::is_mesh_config(&head.metadata.name, head.metadata.namespace.as_deref());
+    let Some(kind) = kind_of(api_version, kind).or(mesh_config.then_some("ConfigMap")) else {
         if !mesh_group(api_version) {
             let name = head.metadata.name.as_str();
             return Ok(Parsed::Skipped(format!(
@@ -172,7 +175,15 @@ fn parse_document(
     if let serde_yaml_ng::Value::Mapping(top) = &value {
         for key in top.keys() {
             let k = key.as_str().unwrap_or_default();
-            if !matches!(k, "apiVersion" | "kind" | "metadata" | "spec" | "status") {
+            let allowed = if mesh_config {
+                matches!(
+                    k,
+                    "apiVersion" | "kind" | "metadata" | "data" | "binaryData" | "immutable"
+                )
+            } else {
+                matches!(k, "apiVersion" | "kind" | "metadata" | "spec" | "status")
+            };
+            if !allowed {
                 return Err(ConfigError {
                     field: k.to_owned(),
                     message: format!("unknown top-level field `{k}`"),
@@ -205,6 +216,7 @@ fn parse_document(
             decode::<super::security::RequestAuthenticationSpec>(spec, "spec")
                 .map(|s| DocumentBody::RequestAuthentication(Box::new(s)))
         }
+        "ConfigMap" => mesh_config_of(&value).map(|s| DocumentBody::MeshConfig(Box::new(s))),
         _ => decode::<ServiceExportSpec>(spec, "spec").map(|_| DocumentBody::ServiceExport),
     };
     match body {
@@ -220,6 +232,24 @@ fn parse_document(
             ..err
         }),
     }
+}
+
+/// The mesh config in the `mesh` key of Istio's ConfigMap (empty without one).
+fn mesh_config_of(
+    value: &serde_yaml_ng::Value,
+) -> Result<super::mesh::MeshConfigSpec, (String, String)> {
+    let Some(mesh) = value.get("data").and_then(|d| d.get("mesh")) else {
+        return Ok(Default::default());
+    };
+    let text = mesh
+        .as_str()
+        .ok_or_else(|| ("data.mesh".to_owned(), "not a string of YAML".to_owned()))?;
+    let parsed: serde_yaml_ng::Value = serde_yaml_ng::from_str(text)
+        .map_err(|e| ("data.mesh".to_owned(), format!("not YAML: {e}")))?;
+    if parsed.is_null() {
+        return Ok(Default::default());
+    }
+    decode(parsed, "data.mesh")
 }
 
 /// What parsing files gave: their documents, the faults of those that did not parse, and

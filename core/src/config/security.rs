@@ -12,7 +12,8 @@
 //!   namespace whose selector picks it (none: all of the namespace), or whose `targetRefs`
 //!   name a Service it serves.
 //!
-//! Action `CUSTOM` (external authorization) is refused by name until it is built.
+//! Action `CUSTOM` (external authorization) names an extension provider of the mesh config;
+//! the provider travels with the policy to the sidecar, which calls it.
 //! RequestAuthentication applies as AuthorizationPolicy does (root namespace, namespace,
 //! selector or targetRefs); its keys are given inline (`jwks`), or fetched by the
 //! controller from `jwksUri` or the issuer's OpenID discovery document.
@@ -598,11 +599,7 @@ pub(super) fn authorization_policy(
             "spec.provider",
             "a CUSTOM policy names its extension provider",
         ),
-        (xds::AuthzAction::Custom, Some(_)) => c.fail(
-            Code::Schema,
-            "spec.action",
-            "CUSTOM (external authorization) is not supported yet",
-        ),
+        (xds::AuthzAction::Custom, Some(_)) => {}
         (_, Some(_)) => c.fail(
             Code::InvalidValue,
             "spec.provider",
@@ -671,6 +668,7 @@ pub(super) fn authorization_policy(
             dry_run,
             rules,
             provider: provider.unwrap_or_default(),
+            ext_authz: None,
         },
     }
 }
@@ -880,7 +878,13 @@ pub fn inbound_for(
         .authorization_policies
         .values()
         .filter(|a| applies(&a.key.namespace, &a.selector, &a.services))
-        .map(|a| a.policy.clone())
+        .map(|a| {
+            let mut policy = a.policy.clone();
+            if !policy.provider.is_empty() {
+                policy.ext_authz = set.mesh.ext_authz.get(&policy.provider).cloned();
+            }
+            policy
+        })
         .collect();
     let jwt = set
         .request_authentications
@@ -989,7 +993,6 @@ mod tests {
         }
         for (spec, field, says) in [
             ("spec: {action: CUSTOM}\n", "spec.provider", "provider"),
-            ("spec: {action: CUSTOM, provider: {name: ext}}\n", "spec.action", "not supported yet"),
             ("spec: {action: DENY, provider: {name: x}}\n", "spec.provider", "CUSTOM"),
             ("spec: {action: MAYBE}\n", "spec.action", "ALLOW"),
             ("spec:\n  rules: [{from: [{}]}]\n", "spec.rules[0].from[0].source", "needs a source"),

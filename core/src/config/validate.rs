@@ -34,6 +34,7 @@ pub enum DocumentBody {
     PeerAuthentication(Box<super::security::PeerAuthenticationSpec>),
     AuthorizationPolicy(Box<super::security::AuthorizationPolicySpec>),
     RequestAuthentication(Box<super::security::RequestAuthenticationSpec>),
+    MeshConfig(Box<super::mesh::MeshConfigSpec>),
 }
 
 impl Document {
@@ -70,6 +71,7 @@ impl DocumentBody {
             DocumentBody::PeerAuthentication(_) => "PeerAuthentication",
             DocumentBody::AuthorizationPolicy(_) => "AuthorizationPolicy",
             DocumentBody::RequestAuthentication(_) => "RequestAuthentication",
+            DocumentBody::MeshConfig(_) => "ConfigMap",
         }
     }
 }
@@ -405,6 +407,23 @@ fn check_targets(
             }
         }
     }
+    for a in set.authorization_policies.values() {
+        let provider = &a.policy.provider;
+        if !provider.is_empty() && !set.mesh.ext_authz.contains_key(provider) {
+            let (file, index) = locations
+                .get(&("AuthorizationPolicy", a.key.clone()))
+                .cloned()
+                .unwrap_or_default();
+            errors.push(ConfigError {
+                file,
+                document: index,
+                object: Some(format!("AuthorizationPolicy {}", a.key)),
+                field: "spec.provider.name".into(),
+                code: Code::Reference,
+                message: format!("the mesh config (ConfigMap istio-system/istio) has no extension provider `{provider}`; the policy denies every request it matches until it does"),
+            });
+        }
+    }
     for export in &set.exports {
         if !set.services.contains_key(export) {
             let (file, index) = locations
@@ -536,6 +555,13 @@ pub fn build_on(platform: &super::Platform, docs: Vec<Document>) -> Admission {
                 let a = super::security::request_authentication(&mut c, &key, spec);
                 if !c.rejected_since(mark) {
                     set.request_authentications.insert(key, a);
+                }
+            }
+            DocumentBody::MeshConfig(spec) => {
+                let mark = c.mark();
+                let m = super::mesh::mesh_config(&mut c, &key, spec);
+                if !c.rejected_since(mark) {
+                    set.mesh = m;
                 }
             }
             DocumentBody::VirtualService(_)

@@ -635,3 +635,305 @@ async fn fetched_issuer_keys_follow_a_rotation_and_outlive_an_outage() -> anyhow
     );
     Ok(())
 }
+
+/// An external authorization provider as Istio's sample is: it allows a request that
+/// carries `x-ext-authz: allow` and denies others, as a gRPC `Authorization/Check` server
+/// and as an HTTP server on the same port. It notes what it was asked.
+struct Provider {
+    addr: SocketAddr,
+    /// (path, caller principal or "-") of each check, gRPC checks marked `grpc:`.
+    asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// While set, the provider holds every check unanswered.
+    hang: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Provider {
+    async fn start(addr: SocketAddr) -> anyhow::Result<Self> {
+        use http_body_util::BodyExt;
+        use isthmus_proto::ext_authz as pb;
+        use prost::Message;
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let hang = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (notes, hold) = (asked.clone(), hang.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (notes, hold) = (notes.clone(), hold.clone());
+                let svc = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| {
+                        let (notes, hold) = (notes.clone(), hold.clone());
+                        async move {
+                            while hold.load(std::sync::atomic::Ordering::Relaxed) {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            let grpc =
+                                req.uri().path() == "/envoy.service.auth.v3.Authorization/Check";
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await?.to_bytes();
+                            type Body = http_body_util::combinators::BoxBody<
+                                bytes::Bytes,
+                                std::convert::Infallible,
+                            >;
+                            let full =
+                                |b: bytes::Bytes| -> Body { http_body_util::Full::new(b).boxed() };
+                            let denial = "denied by ext_authz for not found header `x-ext-authz: allow` in the request";
+                            if !grpc {
+                                let allow = parts
+                                    .headers
+                                    .get("x-ext-authz")
+                                    .is_some_and(|v| v == "allow");
+                                notes.lock().expect("notes").push(format!(
+                                    "http:{}",
+                                    parts.uri.path_and_query().map_or("/", |p| p.as_str())
+                                ));
+                                let resp = http::Response::builder()
+                                    .status(if allow { 200 } else { 403 })
+                                    .header(
+                                        "x-ext-authz-check-result",
+                                        if allow { "allowed" } else { "denied" },
+                                    )
+                                    .body(full(if allow {
+                                        bytes::Bytes::new()
+                                    } else {
+                                        bytes::Bytes::from(denial)
+                                    }))
+                                    .expect("response");
+                                return Ok::<_, hyper::Error>(resp);
+                            }
+                            let check =
+                                pb::CheckRequest::decode(body.slice(5..)).expect("a CheckRequest");
+                            let attributes = check.attributes.unwrap_or_default();
+                            let http = attributes.request.and_then(|r| r.http).unwrap_or_default();
+                            let principal =
+                                attributes.source.map(|s| s.principal).unwrap_or_default();
+                            notes
+                                .lock()
+                                .expect("notes")
+                                .push(format!("grpc:{} {principal}", http.path));
+                            let allow = http
+                                .headers
+                                .get("x-ext-authz")
+                                .is_some_and(|v| v == "allow");
+                            let header = |k: &str, v: &str| pb::HeaderValueOption {
+                                header: Some(pb::HeaderValue {
+                                    key: k.into(),
+                                    value: v.into(),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            };
+                            let answer = if allow {
+                                pb::CheckResponse {
+                                    status: Some(pb::RpcStatus::default()),
+                                    http_response: Some(
+                                        pb::check_response::HttpResponse::OkResponse(
+                                            pb::OkHttpResponse {
+                                                headers: vec![header(
+                                                    "x-ext-authz-check-result",
+                                                    "allowed",
+                                                )],
+                                                headers_to_remove: vec!["x-ext-authz".into()],
+                                                response_headers_to_add: vec![header(
+                                                    "x-ext-authz-decided-by",
+                                                    "grpc",
+                                                )],
+                                            },
+                                        ),
+                                    ),
+                                }
+                            } else {
+                                pb::CheckResponse {
+                                    status: Some(pb::RpcStatus {
+                                        code: 7,
+                                        ..Default::default()
+                                    }),
+                                    http_response: Some(
+                                        pb::check_response::HttpResponse::DeniedResponse(
+                                            pb::DeniedHttpResponse {
+                                                status: Some(pb::HttpStatus { code: 403 }),
+                                                headers: vec![header(
+                                                    "x-ext-authz-check-result",
+                                                    "denied",
+                                                )],
+                                                body: denial.into(),
+                                            },
+                                        ),
+                                    ),
+                                }
+                            };
+                            let mut frame = vec![0u8];
+                            frame.extend_from_slice(&(answer.encoded_len() as u32).to_be_bytes());
+                            answer.encode(&mut frame).expect("encode");
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                            let frames = futures::stream::iter([
+                                Ok(hyper::body::Frame::data(bytes::Bytes::from(frame))),
+                                Ok(hyper::body::Frame::trailers(trailers)),
+                            ]);
+                            let resp = http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(http_body_util::StreamBody::new(frames).boxed())
+                                .expect("response");
+                            Ok(resp)
+                        }
+                    },
+                );
+                tokio::spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+                });
+            }
+        });
+        Ok(Self { addr, asked, hang })
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.asked.lock().expect("notes").clone()
+    }
+}
+
+/// The echo app's view of a request: the headers it received.
+fn app_headers(body: &str) -> serde_json::Value {
+    serde_json::from_str::<serde_json::Value>(body)
+        .map_or(serde_json::Value::Null, |v| v["headers"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_authorization_in_another_cluster_decides_over_grpc_and_http() -> anyhow::Result<()>
+{
+    let (mut mesh, sleep, _, east) = mesh().await?;
+    // The provider runs in east, behind its own sidecar; httpbin's sidecar in west asks it
+    // through both gateways.
+    let ip = mesh.take_address("east");
+    let provider = Provider::start(SocketAddr::new(ip.into(), isthmus_tests::APP_PORT)).await?;
+    mesh.apply(
+        "east",
+        "ext-authz-service.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: ext-authz, namespace: demo}}\nspec:\n  selector: {{app: ext-authz}}\n  ports:\n  - {{name: http, port: 8000, targetPort: {app}}}\n  - {{name: grpc, port: 9000, targetPort: {app}}}\n---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: ext-authz, namespace: demo}}\n---\n{}",
+            isthmus_tests::workload_yaml("ext-authz", "ext-authz", ip, &isthmus_tests::locality_of("east"), "ext-authz"),
+            app = isthmus_tests::APP_PORT,
+        ),
+    )
+    .await?;
+    mesh.add_own_workload("east", "ext-authz", "ext-authz", provider.addr)
+        .await?;
+    mesh.apply(
+        "west",
+        "ext-authz-mesh-config.yaml",
+        &example("ext-authz-mesh-config.yaml"),
+    )
+    .await?;
+    mesh.apply("west", "ext-authz.yaml", &example("ext-authz.yaml"))
+        .await?;
+
+    // Over gRPC: /headers is asked about, and refused with the provider's own answer.
+    until(sleep, "GET", "/headers", 403).await?;
+    let (code, body) = request(sleep, "GET", "/headers", &[]).await?;
+    assert_eq!(code, 403);
+    assert!(body.contains("denied by ext_authz"), "{body}");
+    let (code, body) = request(sleep, "GET", "/headers", &[("x-ext-authz", "allow")]).await?;
+    assert_eq!(code, 200, "{body}");
+    let seen = app_headers(&body);
+    assert_eq!(seen["x-ext-authz-check-result"], "allowed", "{body}");
+    assert!(
+        seen.get("x-ext-authz").is_none(),
+        "the provider removed it: {body}"
+    );
+    // Other paths are not asked about; the caller's identity reached the provider.
+    let before = provider.asked().len();
+    assert_eq!(status(sleep, "GET", "/ip").await?, 200);
+    assert_eq!(provider.asked().len(), before, "/ip is not the policy's");
+    assert!(
+        provider
+            .asked()
+            .iter()
+            .any(|a| a == "grpc:/headers spiffe://cluster.local/ns/demo/sa/sleep"),
+        "{:?}",
+        provider.asked()
+    );
+    // From the other cluster too.
+    assert_eq!(request(east, "GET", "/headers", &[]).await?.0, 403);
+    assert_eq!(
+        request(east, "GET", "/headers", &[("x-ext-authz", "allow")])
+            .await?
+            .0,
+        200
+    );
+
+    // Over HTTP, with Istio's header lists.
+    let http = example("ext-authz.yaml").replace("sample-ext-authz-grpc", "sample-ext-authz-http");
+    mesh.apply("west", "ext-authz.yaml", &http).await?;
+    eventually(
+        "the HTTP provider asked",
+        Duration::from_secs(10),
+        || async {
+            request(sleep, "GET", "/headers?via=http", &[]).await?;
+            anyhow::ensure!(
+                provider
+                    .asked()
+                    .iter()
+                    .any(|a| a.starts_with("http:/headers?via=http")),
+                "{:?}",
+                provider.asked()
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    let (code, body) = request(sleep, "GET", "/headers", &[]).await?;
+    assert_eq!(code, 403);
+    assert!(body.contains("denied by ext_authz"), "{body}");
+    let (code, body) = request(sleep, "GET", "/headers", &[("x-ext-authz", "allow")]).await?;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        app_headers(&body)["x-ext-authz-check-result"],
+        "allowed",
+        "{body}"
+    );
+
+    // A provider that does not answer in time: statusOnError, or the request with failOpen.
+    let impatient = example("ext-authz-mesh-config.yaml").replace(
+        "        port: \"8000\"\n",
+        "        port: \"8000\"\n        timeout: 300ms\n",
+    );
+    mesh.apply("west", "ext-authz-mesh-config.yaml", &impatient)
+        .await?;
+    provider
+        .hang
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let started = Instant::now();
+    eventually(
+        "refused while the provider hangs",
+        Duration::from_secs(10),
+        || async {
+            let code = request(sleep, "GET", "/headers", &[("x-ext-authz", "allow")])
+                .await?
+                .0;
+            anyhow::ensure!(code == 403, "got {code}");
+            Ok(())
+        },
+    )
+    .await?;
+    let lenient = impatient.replace(
+        "timeout: 300ms\n",
+        "timeout: 300ms\n        failOpen: true\n",
+    );
+    mesh.apply("west", "ext-authz-mesh-config.yaml", &lenient)
+        .await?;
+    until(sleep, "GET", "/headers", 200).await?;
+    assert!(started.elapsed() < Duration::from_secs(20));
+    provider
+        .hang
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+
+    // A provider the mesh config does not have: the policy denies what it matches.
+    let unknown = example("ext-authz.yaml").replace("sample-ext-authz-grpc", "no-such-provider");
+    mesh.apply("west", "ext-authz.yaml", &unknown).await?;
+    until(sleep, "GET", "/headers", 403).await?;
+    assert_eq!(status(sleep, "GET", "/ip").await?, 200);
+    Ok(())
+}

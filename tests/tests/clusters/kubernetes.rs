@@ -820,3 +820,43 @@ async fn new_pods_of_labelled_namespaces_get_the_sidecar_and_capture_and_others_
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_s_mesh_config_map_names_the_external_authorization_providers() -> anyhow::Result<()>
+{
+    let mut mesh = Mesh::start_with_kubernetes(&["west"], &["west"]).await?;
+    mesh.add_workload("west", "echo-0", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("west", "client", None, "client").await?;
+    let outbound = mesh.workload("west", "client").outbound();
+    isthmus_tests::reachable(outbound, HOST).await?;
+    let client = AppClient::new();
+    let status_of = |path: &'static str, want: u16| {
+        let client = client.clone();
+        eventually(path, Duration::from_secs(10), move || {
+            let client = client.clone();
+            async move {
+                let got = client.get(outbound, HOST, path).await?.status;
+                anyhow::ensure!(got == want, "{path}: got {got}, want {want}");
+                Ok(())
+            }
+        })
+    };
+    // A CUSTOM policy whose provider the mesh config does not have denies what it matches.
+    mesh.kubectl_apply("west", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext, namespace: demo}\nspec:\n  selector: {matchLabels: {app: echo}}\n  action: CUSTOM\n  provider: {name: echo-as-authz}\n  rules: [{to: [{operation: {paths: [/checked]}}]}]\n").await?;
+    status_of("/checked", 403).await?;
+    status_of("/", 200).await?;
+    // Istio's ConfigMap declares it: an HTTP provider (the echo app, which answers 200 to
+    // anything) allows. Its checks go to /authz/..., which the policy does not match (a
+    // provider that a policy sends back to itself would ask itself forever).
+    let mesh_config = |port: u16| {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |-\n    extensionProviders:\n    - name: echo-as-authz\n      envoyExtAuthzHttp:\n        service: echo.demo.svc.cluster.local\n        port: {port}\n        pathPrefix: /authz\n        statusOnError: \"503\"\n")
+    };
+    mesh.kubectl_apply("west", &mesh_config(80)).await?;
+    status_of("/checked", 200).await?;
+    // Changed to a port the provider's service lacks: the check fails, statusOnError.
+    mesh.kubectl_apply("west", &mesh_config(81)).await?;
+    status_of("/checked", 503).await?;
+    status_of("/", 200).await?;
+    Ok(())
+}
