@@ -131,7 +131,10 @@ enum Keeper {
         isthmus_core::config::watch::Folder,
         isthmus_core::config::LastGood,
     ),
-    Kubernetes(Box<isthmus_kubernetes::Source>, isthmus_core::config::LastGood),
+    Kubernetes(
+        Box<isthmus_kubernetes::Source>,
+        isthmus_core::config::LastGood,
+    ),
 }
 
 impl Keeper {

@@ -44,18 +44,12 @@ impl std::fmt::Debug for Getter {
 impl Getter {
     /// Trusts the system's roots and the certificates in `extra_roots_pem`.
     pub fn new(extra_roots_pem: Option<&str>) -> anyhow::Result<Self> {
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for e in &native.errors {
-            tracing::debug!(error = %e, "reading the system's trust store");
-        }
-        let (added, _ignored) = roots.add_parsable_certificates(native.certs);
+        let mut roots = (*crate::tls::system_roots()).clone();
         if let Some(pem) = extra_roots_pem {
             for cert in crate::tls::parse_certs(pem)? {
                 roots.add(cert)?;
             }
         }
-        tracing::debug!(system_roots = added, "HTTPS getter ready");
         let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)

@@ -219,6 +219,35 @@ pub struct TrafficPolicy {
     /// `portLevelSettings`: policies for single ports, over this one.
     #[serde(default)]
     pub ports: Vec<(u16, TrafficPolicy)>,
+    /// `tls`: how connections to the destination are secured. Sidecars always talk to
+    /// each other with mesh mTLS; this decides TLS origination to hosts outside the mesh.
+    #[serde(default)]
+    pub tls: Option<ClientTls>,
+}
+
+/// Istio's `ClientTLSSettings`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientTls {
+    pub mode: TlsMode,
+    /// Files on the proxy's host, PEM.
+    pub client_certificate: String,
+    pub private_key: String,
+    /// Roots the server's certificate is verified with; empty: the system's trust store.
+    pub ca_certificates: String,
+    /// Names one of which the server's certificate must carry; empty: the SNI name.
+    pub subject_alt_names: Vec<String>,
+    /// The name sent in the handshake; empty: the host the request is for.
+    pub sni: String,
+    pub insecure_skip_verify: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TlsMode {
+    #[default]
+    Disable,
+    Simple,
+    Mutual,
+    IstioMutual,
 }
 
 impl TrafficPolicy {
@@ -239,6 +268,7 @@ impl TrafficPolicy {
                 .clone()
                 .or_else(|| base.connection_pool.clone()),
             locality: self.locality.clone().or_else(|| base.locality.clone()),
+            tls: self.tls.clone().or_else(|| base.tls.clone()),
             ports: if self.ports.is_empty() {
                 base.ports.clone()
             } else {

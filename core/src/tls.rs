@@ -71,6 +71,29 @@ pub fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> 
     Ok(certs)
 }
 
+/// The one private key in a PEM string (PKCS#8, PKCS#1 or SEC1).
+pub fn parse_private_key(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    rustls_pemfile::private_key(&mut pem.as_bytes())
+        .map_err(TlsError::Pem)?
+        .ok_or(TlsError::NoCertificate)
+}
+
+/// The system's trust store (the roots a browser on this host trusts), read once.
+pub fn system_roots() -> Arc<RootCertStore> {
+    static ROOTS: std::sync::OnceLock<Arc<RootCertStore>> = std::sync::OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let native = rustls_native_certs::load_native_certs();
+            for e in &native.errors {
+                tracing::debug!(error = %e, "reading the system's trust store");
+            }
+            let mut roots = RootCertStore::empty();
+            roots.add_parsable_certificates(native.certs);
+            Arc::new(roots)
+        })
+        .clone()
+}
+
 /// A server config for an HTTPS endpoint that clients outside the mesh call by name (the
 /// admission webhook): `chain` (leaf first) and its key, no client certificates, TLS 1.2
 /// and 1.3.
@@ -79,9 +102,7 @@ pub fn plain_server_config(
     key_pem: &str,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let certs = parse_certs(&chain.concat())?;
-    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
-        .map_err(TlsError::Pem)?
-        .ok_or(TlsError::NoCertificate)?;
+    let key = parse_private_key(key_pem)?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Key)?

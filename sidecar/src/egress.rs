@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 
 use crate::attempt::Plan;
 use crate::errors::ProxyError;
+use crate::origination::Origination;
 use crate::outbound::OutboundCtx;
 use crate::pool::{ConnectError, ProxyBody, CONNECT_TIMEOUT};
 use crate::state::{Port, Service};
@@ -121,22 +122,40 @@ pub async fn connect(service: &str, addrs: &[SocketAddr]) -> Result<TcpStream, P
     })
 }
 
-/// Sends one request over a new connection to the first address that answers.
+/// Sends one request over a new connection to the first address that answers, with TLS
+/// when `tls` (the DestinationRule's origination, and the host asked for) says so.
 pub async fn send(
     service: &str,
     addrs: &[SocketAddr],
     h2: bool,
     req: Request<ProxyBody>,
     drain: &isthmus_core::drain::Drain,
+    tls: Option<(&Origination, &str)>,
 ) -> Result<Response<Incoming>, ProxyError> {
     let tcp = connect(service, addrs).await?;
+    match tls {
+        Some((o, host)) => exchange(service, o.connect(tcp, host, h2).await?, h2, req, drain).await,
+        None => exchange(service, tcp, h2, req, drain).await,
+    }
+}
+
+async fn exchange<IO>(
+    service: &str,
+    io: IO,
+    h2: bool,
+    req: Request<ProxyBody>,
+    drain: &isthmus_core::drain::Drain,
+) -> Result<Response<Incoming>, ProxyError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let reset = |source| ProxyError::UpstreamReset {
         service: service.to_owned(),
         source,
     };
     if h2 {
         let (mut send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
                 .await
                 .map_err(reset)?;
         drain.spawn(async move {
@@ -144,7 +163,7 @@ pub async fn send(
         });
         send.send_request(req).await.map_err(reset)
     } else {
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(reset)?;
         drain.spawn(async move {
@@ -155,18 +174,32 @@ pub async fn send(
 }
 
 /// An app's `CONNECT` to an external service: connects, answers 200, splices the bytes.
+/// With `tls`, the connection to the service is TLS (the app's bytes go inside it).
 pub async fn tunnel(
     service: &str,
     addrs: &[SocketAddr],
     mut req: Request<Incoming>,
     drain: &isthmus_core::drain::Drain,
+    tls: Option<(&Origination, &str)>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let mut tcp = connect(service, addrs).await?;
+    let tcp = connect(service, addrs).await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
-    drain.spawn(async move {
-        let Ok(up) = on_upgrade.await else { return };
-        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(up), &mut tcp).await;
-    });
+    match tls {
+        Some((o, host)) => {
+            let mut tls = o.connect(tcp, host, false).await?;
+            drain.spawn(async move {
+                let Ok(up) = on_upgrade.await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(up), &mut tls).await;
+            });
+        }
+        None => {
+            let mut tcp = tcp;
+            drain.spawn(async move {
+                let Ok(up) = on_upgrade.await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(up), &mut tcp).await;
+            });
+        }
+    }
     Ok(Response::new(crate::pool::empty_body()))
 }
 
@@ -204,12 +237,14 @@ pub(crate) async fn to_external(
         body,
         ctx.limits.stream_idle_timeout,
     ));
+    let origination = plan.state().and_then(|s| s.tls.clone());
     let sent = send(
         &service,
         &addrs,
         h2,
         Request::from_parts(parts, body),
         &ctx.drain,
+        origination.as_deref().map(|o| (o, asked)),
     );
     let resp = match deadline {
         Some(d) => tokio::time::timeout_at(d, sent)

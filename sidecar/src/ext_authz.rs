@@ -255,7 +255,14 @@ async fn send(
             );
         }
         let req = Request::from_parts(parts, crate::body::full(body));
-        crate::egress::send(&svc.hostname(), &addrs, h2, req, &ctx.drain)
+        // A DestinationRule's TLS origination applies to the provider too.
+        let origination = svc
+            .routing
+            .as_deref()
+            .and_then(|r| r.state_for(None, port.port))
+            .and_then(|s| s.tls.clone());
+        let tls = origination.as_deref().map(|o| (o, provider.host.as_str()));
+        crate::egress::send(&svc.hostname(), &addrs, h2, req, &ctx.drain, tls)
             .await
             .map_err(|e| e.to_string())?
             .map(crate::body::boxed)

@@ -24,6 +24,7 @@ mod inbound;
 pub mod ingress;
 mod lb;
 mod metrics;
+mod origination;
 mod outbound;
 mod pool;
 mod routing_table;

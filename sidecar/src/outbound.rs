@@ -832,7 +832,13 @@ async fn tcp_tunnel(
         let addrs = crate::egress::addresses(&svc, &port, name, asked_port.unwrap_or(port.port))
             .await
             .map_err(|e| (e, service.clone()))?;
-        let resp = crate::egress::tunnel(&service, &addrs, req, &ctx.drain)
+        let origination = svc
+            .routing
+            .as_deref()
+            .and_then(|r| r.state_for(None, port.port))
+            .and_then(|s| s.tls.clone());
+        let tls = origination.as_deref().map(|o| (o, name));
+        let resp = crate::egress::tunnel(&service, &addrs, req, &ctx.drain, tls)
             .await
             .map_err(|e| (e, service.clone()))?;
         return Ok((resp, service, external()));

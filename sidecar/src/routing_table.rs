@@ -171,6 +171,8 @@ pub struct PolicyState {
     pub policy: TrafficPolicy,
     pub thresholds: Thresholds,
     pub breaker: Arc<Breaker>,
+    /// TLS origination to a host outside the mesh (`tls` SIMPLE or MUTUAL).
+    pub tls: Option<Arc<crate::origination::Origination>>,
 }
 
 impl PolicyState {
@@ -191,10 +193,15 @@ impl PolicyState {
             .map(Thresholds::from_outlier)
             .unwrap_or(Thresholds::PASSIVE);
         let breaker = Arc::new(Breaker::new(policy.connection_pool.as_ref()));
+        let tls = policy
+            .tls
+            .as_ref()
+            .and_then(crate::origination::Origination::new);
         Self {
             policy,
             thresholds,
             breaker,
+            tls,
         }
     }
 }

@@ -106,6 +106,22 @@ pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<Co
         let Some(target) = routed_service(&mut c, set, &host, &ns, "spec.host") else {
             continue;
         };
+        let internal = set
+            .services
+            .get(&target)
+            .is_some_and(|s| s.external.is_none());
+        let modes = std::iter::once(&lb)
+            .chain(subsets.iter().map(|s| &s.policy))
+            .flat_map(|p| std::iter::once(p).chain(p.ports.iter().map(|(_, p)| p)))
+            .filter_map(|p| p.tls.as_ref())
+            .any(|t| t.mode != crate::routing::TlsMode::IstioMutual);
+        if internal && modes {
+            c.fail(
+                Code::Ignored,
+                "spec.trafficPolicy.tls",
+                format!("{target} is in the mesh: sidecars always reach it with the mesh's mutual TLS, so `tls` other than ISTIO_MUTUAL changes nothing (it is for MESH_EXTERNAL hosts)"),
+            );
+        }
         let r = set.routing.entry(target.clone()).or_default();
         if !r.subsets.is_empty() || !r.policy.is_empty() {
             c.fail(

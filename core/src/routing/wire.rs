@@ -253,6 +253,20 @@ impl From<&TrafficPolicy> for pb::TrafficPolicy {
                     .collect(),
                 failover_priority: l.failover_priority.clone(),
             }),
+            tls: p.tls.as_ref().map(|t| pb::ClientTls {
+                mode: match t.mode {
+                    TlsMode::Disable => pb::client_tls::Mode::Disable,
+                    TlsMode::Simple => pb::client_tls::Mode::Simple,
+                    TlsMode::Mutual => pb::client_tls::Mode::Mutual,
+                    TlsMode::IstioMutual => pb::client_tls::Mode::IstioMutual,
+                } as i32,
+                client_certificate: t.client_certificate.clone(),
+                private_key: t.private_key.clone(),
+                ca_certificates: t.ca_certificates.clone(),
+                subject_alt_names: t.subject_alt_names.clone(),
+                sni: t.sni.clone(),
+                insecure_skip_verify: t.insecure_skip_verify,
+            }),
             ports: p
                 .ports
                 .iter()
@@ -557,6 +571,27 @@ fn traffic_policy(
         locality: p
             .locality
             .map(|l| locality_lb(&at("locality"), l))
+            .transpose()?,
+        tls: p
+            .tls
+            .map(|t| {
+                let mode = match pb::client_tls::Mode::try_from(t.mode) {
+                    Ok(pb::client_tls::Mode::Disable) => TlsMode::Disable,
+                    Ok(pb::client_tls::Mode::Simple) => TlsMode::Simple,
+                    Ok(pb::client_tls::Mode::Mutual) => TlsMode::Mutual,
+                    Ok(pb::client_tls::Mode::IstioMutual) => TlsMode::IstioMutual,
+                    Err(_) => return Err(err(&at("tls.mode"), "not a TLS mode")),
+                };
+                Ok(ClientTls {
+                    mode,
+                    client_certificate: t.client_certificate,
+                    private_key: t.private_key,
+                    ca_certificates: t.ca_certificates,
+                    subject_alt_names: t.subject_alt_names,
+                    sni: t.sni,
+                    insecure_skip_verify: t.insecure_skip_verify,
+                })
+            })
             .transpose()?,
         ports: p
             .ports

@@ -2,7 +2,8 @@
 //! by inline endpoints) route like Services, with mTLS to the workload's sidecar; a
 //! MESH_EXTERNAL host is reached through the calling sidecar, plain, at the address its
 //! resolution gives (a local stand-in server plays the external API), with its
-//! VirtualService applied; TLS passes through by CONNECT; unknown hosts stay refused.
+//! VirtualService applied; TLS passes through by CONNECT, or is originated by the sidecar
+//! as a DestinationRule's `tls` says; unknown hosts stay refused.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -245,5 +246,250 @@ apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: locke
         404,
         "not selected: still refused"
     );
+    Ok(())
+}
+
+/// A certificate authority of the test's, with a certificate for `names` signed by it.
+struct TestCa {
+    pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    fn new(name: &str) -> anyhow::Result<Self> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let pem = params.self_signed(&key)?.pem();
+        Ok(Self {
+            pem,
+            issuer: rcgen::Issuer::new(params, key),
+        })
+    }
+
+    /// (certificate PEM, key PEM) for `names`.
+    fn issue(&self, names: &[&str]) -> anyhow::Result<(String, String)> {
+        let key = rcgen::KeyPair::generate()?;
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        Ok((
+            params.signed_by(&key, &self.issuer)?.pem(),
+            key.serialize_pem(),
+        ))
+    }
+}
+
+/// An HTTPS server outside the mesh for `api.secure.test`; with `clients`, it requires a
+/// client certificate from that CA. It answers each request with what its TLS saw: the
+/// SNI name and whether a client certificate came.
+async fn https_api(server: &TestCa, clients: Option<&TestCa>) -> anyhow::Result<SocketAddr> {
+    let (cert, key) = server.issue(&["api.secure.test", "alt.secure.test"])?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match clients {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in isthmus_core::tls::parse_certs(&ca.pem)? {
+                roots.add(c)?;
+            }
+            builder.with_client_cert_verifier(
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()?,
+            )
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder.with_single_cert(
+        isthmus_core::tls::parse_certs(&cert)?,
+        isthmus_core::tls::parse_private_key(&key)?,
+    )?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let (_, conn) = tls.get_ref();
+                let said = format!(
+                    "sni={} client-cert={}",
+                    conn.server_name().unwrap_or("-"),
+                    conn.peer_certificates().is_some_and(|c| !c.is_empty())
+                );
+                let mut buf = [0u8; 4096];
+                let _ = tls.read(&mut buf).await;
+                let _ = tls
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{said}",
+                            said.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_rule_originates_tls_and_mutual_tls_to_an_external_host() -> anyhow::Result<()>
+{
+    let mut mesh = Mesh::start(&["east"]).await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    let (server_ca, client_ca) = (TestCa::new("api's CA")?, TestCa::new("clients' CA")?);
+    let simple = https_api(&server_ca, None).await?;
+    let mutual = https_api(&server_ca, Some(&client_ca)).await?;
+    // The files a sidecar's host holds.
+    let dir = mesh.dir.path().join("certs");
+    std::fs::create_dir_all(&dir)?;
+    let (client_cert, client_key) = client_ca.issue(&["frontend.demo"])?;
+    for (name, pem) in [
+        ("ca.pem", &server_ca.pem),
+        ("wrong-ca.pem", &client_ca.pem),
+        ("client.pem", &client_cert),
+        ("client-key.pem", &client_key),
+    ] {
+        std::fs::write(dir.join(name), pem)?;
+    }
+    let file = |name: &str| dir.join(name).display().to_string();
+    // The app calls http://api.secure.test/ (port 80); its sidecar speaks TLS to port 443
+    // of the entry's endpoint.
+    let entries = |port: u16| {
+        entry(
+            "api",
+            &format!("  hosts: [api.secure.test]\n  location: MESH_EXTERNAL\n  resolution: STATIC\n  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {port}}}]\n  endpoints: [{{address: 127.0.0.1}}]\n"),
+        )
+    };
+    let rule = |tls: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: api, namespace: demo}}\nspec:\n  host: api.secure.test\n  trafficPolicy:\n    portLevelSettings:\n    - port: {{number: 80}}\n      tls: {tls}\n")
+    };
+    let answer = |want: u16| async move {
+        eventually(
+            &format!("answered {want}"),
+            Duration::from_secs(10),
+            || async {
+                let reply = get(outbound, "api.secure.test", "/").await?;
+                anyhow::ensure!(
+                    reply.status == want,
+                    "status {}: {}",
+                    reply.status,
+                    String::from_utf8_lossy(&reply.body)
+                );
+                Ok(String::from_utf8_lossy(&reply.body).into_owned())
+            },
+        )
+        .await
+    };
+
+    // SIMPLE: verified with the given CA, SNI from the host.
+    mesh.apply(
+        "east",
+        "api.yaml",
+        &format!(
+            "{}---\n{}",
+            entries(simple.port()),
+            rule(&format!(
+                "{{mode: SIMPLE, caCertificates: {}}}",
+                file("ca.pem")
+            ))
+        ),
+    )
+    .await?;
+    assert_eq!(answer(200).await?, "sni=api.secure.test client-cert=false");
+    // A certificate from a CA the rule does not trust: refused, and the reason says so.
+    mesh.apply(
+        "east",
+        "api.yaml",
+        &format!(
+            "{}---\n{}",
+            entries(simple.port()),
+            rule(&format!(
+                "{{mode: SIMPLE, caCertificates: {}}}",
+                file("wrong-ca.pem")
+            ))
+        ),
+    )
+    .await?;
+    let refused = answer(503).await?;
+    assert!(refused.contains("TLS"), "{refused}");
+    // subjectAltNames the certificate lacks: refused; ones it has, with another SNI: served.
+    mesh.apply(
+        "east",
+        "api.yaml",
+        &format!(
+            "{}---\n{}",
+            entries(simple.port()),
+            rule(&format!(
+                "{{mode: SIMPLE, caCertificates: {}, subjectAltNames: [other.secure.test]}}",
+                file("ca.pem")
+            ))
+        ),
+    )
+    .await?;
+    answer(503).await?;
+    mesh.apply(
+        "east",
+        "api.yaml",
+        &format!("{}---\n{}", entries(simple.port()), rule(&format!("{{mode: SIMPLE, caCertificates: {}, subjectAltNames: [alt.secure.test], sni: alt.secure.test}}", file("ca.pem")))),
+    )
+    .await?;
+    assert_eq!(answer(200).await?, "sni=alt.secure.test client-cert=false");
+    // insecureSkipVerify: no CA needed.
+    mesh.apply(
+        "east",
+        "api.yaml",
+        &format!(
+            "{}---\n{}",
+            entries(simple.port()),
+            rule("{mode: SIMPLE, insecureSkipVerify: true}")
+        ),
+    )
+    .await?;
+    answer(200).await?;
+
+    // MUTUAL: the server requires a client certificate; SIMPLE gets none through (with
+    // TLS 1.3 the server refuses after the client has finished its handshake: a reset, 502).
+    mesh.apply(
+        "east",
+        "api.yaml",
+        &format!(
+            "{}---\n{}",
+            entries(mutual.port()),
+            rule(&format!(
+                "{{mode: SIMPLE, caCertificates: {}}}",
+                file("ca.pem")
+            ))
+        ),
+    )
+    .await?;
+    answer(502).await?;
+    mesh.apply(
+        "east",
+        "api.yaml",
+        &format!(
+            "{}---\n{}",
+            entries(mutual.port()),
+            rule(&format!(
+                "{{mode: MUTUAL, caCertificates: {}, clientCertificate: {}, privateKey: {}}}",
+                file("ca.pem"),
+                file("client.pem"),
+                file("client-key.pem")
+            ))
+        ),
+    )
+    .await?;
+    assert_eq!(answer(200).await?, "sni=api.secure.test client-cert=true");
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! Istio's `DestinationRule`: subsets and traffic policies (load balancer, outlier
-//! detection, connection pool, locality, per port) as users write them, checked and turned
-//! into [`crate::routing::Subset`] and [`crate::routing::TrafficPolicy`].
+//! detection, connection pool, locality, TLS origination, per port) as users write them,
+//! checked and turned into [`crate::routing::Subset`] and [`crate::routing::TrafficPolicy`].
 
 use std::collections::BTreeMap;
 
@@ -10,7 +10,8 @@ use super::super::validate::Checker;
 use super::super::Code;
 use super::{count, duration, unsupported, PortSelectorSpec, Unsupported};
 use crate::routing::{
-    ConnectionPool, HashOn, LoadBalancer, LocalityLb, OutlierDetection, Subset, TrafficPolicy,
+    ClientTls, ConnectionPool, HashOn, LoadBalancer, LocalityLb, OutlierDetection, Subset, TlsMode,
+    TrafficPolicy,
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -33,7 +34,7 @@ pub struct TrafficPolicySpec {
     pub load_balancer: Option<LoadBalancerSpec>,
     pub connection_pool: Option<ConnectionPoolSpec>,
     pub outlier_detection: Option<OutlierDetectionSpec>,
-    pub tls: Unsupported,
+    pub tls: Option<ClientTlsSpec>,
     #[serde(default)]
     pub port_level_settings: Vec<PortTrafficPolicySpec>,
     pub tunnel: Unsupported,
@@ -49,7 +50,24 @@ pub struct PortTrafficPolicySpec {
     pub load_balancer: Option<LoadBalancerSpec>,
     pub connection_pool: Option<ConnectionPoolSpec>,
     pub outlier_detection: Option<OutlierDetectionSpec>,
-    pub tls: Unsupported,
+    pub tls: Option<ClientTlsSpec>,
+}
+
+/// Istio's `ClientTLSSettings`.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClientTlsSpec {
+    pub mode: Option<String>,
+    pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
+    pub ca_certificates: Option<String>,
+    pub credential_name: Option<String>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    pub sni: Option<String>,
+    pub insecure_skip_verify: Option<bool>,
+    pub ca_crl: Unsupported,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -441,20 +459,23 @@ fn traffic_policy(
             .connection_pool
             .as_ref()
             .map(|cp| connection_pool(c, &format!("{field}.connectionPool"), cp)),
+        tls: p
+            .tls
+            .as_ref()
+            .and_then(|t| client_tls(c, &format!("{field}.tls"), t)),
         ports: p
             .port_level_settings
             .iter()
             .enumerate()
             .filter_map(|(i, pl)| {
                 let f = format!("{field}.portLevelSettings[{i}]");
-                unsupported(c, &format!("{f}.tls"), &pl.tls);
                 let port = c.port(&format!("{f}.port.number"), pl.port.number)?;
                 // The same parsing as the service level, for this port's settings.
                 let spec = TrafficPolicySpec {
                     load_balancer: pl.load_balancer.clone(),
                     connection_pool: pl.connection_pool.clone(),
                     outlier_detection: pl.outlier_detection.clone(),
-                    tls: None,
+                    tls: pl.tls.clone(),
                     port_level_settings: Vec::new(),
                     tunnel: None,
                     proxy_protocol: None,
@@ -466,11 +487,7 @@ fn traffic_policy(
 }
 
 fn load_balancer(c: &mut Checker<'_>, field: &str, p: &TrafficPolicySpec) -> Option<LoadBalancer> {
-    for (name, v) in [
-        ("tls", &p.tls),
-        ("tunnel", &p.tunnel),
-        ("proxyProtocol", &p.proxy_protocol),
-    ] {
+    for (name, v) in [("tunnel", &p.tunnel), ("proxyProtocol", &p.proxy_protocol)] {
         unsupported(c, &format!("{field}.{name}"), v);
     }
     let lb = p.load_balancer.as_ref()?;
@@ -502,6 +519,83 @@ fn load_balancer(c: &mut Checker<'_>, field: &str, p: &TrafficPolicySpec) -> Opt
             );
             None
         }
+    }
+}
+
+/// Checks `tls` as Istio does: the certificate files go with `MUTUAL` (or `SIMPLE`, for
+/// the CA), never with `ISTIO_MUTUAL`, and never together with a `credentialName`.
+fn client_tls(c: &mut Checker<'_>, field: &str, t: &ClientTlsSpec) -> Option<ClientTls> {
+    let mark = c.mark();
+    unsupported(c, &format!("{field}.caCrl"), &t.ca_crl);
+    let mode = match t.mode.as_deref().unwrap_or("DISABLE") {
+        "DISABLE" => TlsMode::Disable,
+        "SIMPLE" => TlsMode::Simple,
+        "MUTUAL" => TlsMode::Mutual,
+        "ISTIO_MUTUAL" => TlsMode::IstioMutual,
+        other => {
+            c.fail(
+                Code::InvalidValue,
+                format!("{field}.mode"),
+                format!("`{other}` is not one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL"),
+            );
+            TlsMode::Disable
+        }
+    };
+    let given = |v: &Option<String>| v.as_deref().is_some_and(|s| !s.is_empty());
+    let files = given(&t.client_certificate) || given(&t.private_key) || given(&t.ca_certificates);
+    if t.credential_name.is_some() {
+        c.fail(
+            Code::Schema,
+            format!("{field}.credentialName"),
+            "`credentialName` (a Kubernetes Secret) is not supported yet; give clientCertificate, privateKey and caCertificates as files on the proxy's host",
+        );
+    }
+    match mode {
+        TlsMode::IstioMutual if files => c.fail(
+            Code::InvalidValue,
+            field,
+            "ISTIO_MUTUAL uses the mesh's certificates; clientCertificate, privateKey and caCertificates are for SIMPLE and MUTUAL",
+        ),
+        TlsMode::Mutual if !given(&t.client_certificate) || !given(&t.private_key) => c.fail(
+            Code::Missing,
+            field,
+            "MUTUAL needs clientCertificate and privateKey",
+        ),
+        TlsMode::Simple if given(&t.client_certificate) || given(&t.private_key) => c.fail(
+            Code::InvalidValue,
+            field,
+            "a client certificate is for MUTUAL; SIMPLE sends none",
+        ),
+        _ => {}
+    }
+    if let Some(sni) = t.sni.as_deref() {
+        if rustls_pki_server_name(sni).is_none() {
+            c.fail(
+                Code::InvalidValue,
+                format!("{field}.sni"),
+                format!("`{sni}` is not a server name"),
+            );
+        }
+    }
+    if c.rejected_since(mark) {
+        return None;
+    }
+    Some(ClientTls {
+        mode,
+        client_certificate: t.client_certificate.clone().unwrap_or_default(),
+        private_key: t.private_key.clone().unwrap_or_default(),
+        ca_certificates: t.ca_certificates.clone().unwrap_or_default(),
+        subject_alt_names: t.subject_alt_names.clone(),
+        sni: t.sni.clone().unwrap_or_default(),
+        insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
+    })
+}
+
+/// Whether `s` can be sent as SNI: a DNS name (an IP address is never sent as SNI).
+fn rustls_pki_server_name(s: &str) -> Option<()> {
+    match rustls::pki_types::ServerName::try_from(s) {
+        Ok(rustls::pki_types::ServerName::DnsName(_)) => Some(()),
+        _ => None,
     }
 }
 

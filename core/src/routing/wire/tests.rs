@@ -38,6 +38,15 @@ fn everything() -> ServiceRouting {
             )],
             failover_priority: vec!["topology.kubernetes.io/region".into()],
         }),
+        tls: Some(ClientTls {
+            mode: TlsMode::Mutual,
+            client_certificate: "/etc/certs/client.pem".into(),
+            private_key: "/etc/certs/key.pem".into(),
+            ca_certificates: "/etc/certs/ca.pem".into(),
+            subject_alt_names: vec!["api.example.com".into()],
+            sni: "api.example.com".into(),
+            insecure_skip_verify: false,
+        }),
         ports: vec![(
             9080,
             TrafficPolicy {
