@@ -408,7 +408,9 @@ impl ProxyStream {
                     Some(w) => [(own.to_owned(), w.clone())].into(),
                     // A proxy with no WorkloadEntry still learns what the Sidecar of its
                     // namespace says about hosts outside the registry.
-                    None => unlisted_workload(snapshot, own).into_iter().collect(),
+                    None => unlisted_workload(snapshot, own, &self.svc.trust_domain)
+                        .into_iter()
+                        .collect(),
                 };
                 &scoped
             }
@@ -539,7 +541,11 @@ impl ProxyStream {
 /// The Workload resource of a sidecar whose workload has no WorkloadEntry, when there is
 /// something to tell it: `ALLOW_ANY` from the Sidecar of its namespace (it has no labels for
 /// a selector to pick).
-fn unlisted_workload(snapshot: &Snapshot, own: &str) -> Option<(String, (String, bytes::Bytes))> {
+fn unlisted_workload(
+    snapshot: &Snapshot,
+    own: &str,
+    trust_domain: &str,
+) -> Option<(String, (String, bytes::Bytes))> {
     let (namespace, _) = own.split_once('/')?;
     let none = BTreeMap::new();
     let allow_any =
@@ -548,6 +554,11 @@ fn unlisted_workload(snapshot: &Snapshot, own: &str) -> Option<(String, (String,
     let config = &snapshot.config;
     let mut inbound = isthmus_core::config::security::inbound_for(config, namespace, &none, &[]);
     crate::jwks::fill(&snapshot.jwks, &mut inbound);
+    isthmus_core::config::security::alias_trust_domains(
+        &mut inbound,
+        trust_domain,
+        &config.mesh.trust_domain_aliases,
+    );
     let msg = isthmus_proto::discovery::Workload {
         name: own.to_owned(),
         allow_any,

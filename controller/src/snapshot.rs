@@ -573,6 +573,11 @@ impl Registry {
                     serving.get(&w.key).map(Vec::as_slice).unwrap_or_default(),
                 );
                 crate::jwks::fill(&jwks, &mut inbound);
+                isthmus_core::config::security::alias_trust_domains(
+                    &mut inbound,
+                    &self.inner.trust_domain,
+                    &config.mesh.trust_domain_aliases,
+                );
                 let msg = xds::Workload {
                     name: w.key.to_string(),
                     labels: w.labels.clone(),

@@ -83,6 +83,11 @@ impl fmt::Display for SpiffeId {
     }
 }
 
+/// Whether `s` can be a trust domain (what a SPIFFE ID's authority may be).
+pub fn is_trust_domain(s: &str) -> bool {
+    valid_segment(s)
+}
+
 fn valid_segment(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()

@@ -27,6 +27,9 @@ const DEFAULT_TIMEOUT_MS: u32 = 600_000;
 pub struct MeshConfigSpec {
     #[serde(default)]
     pub extension_providers: Vec<ExtensionProviderSpec>,
+    /// Trust domains that stand for the mesh's own in AuthorizationPolicy principals.
+    #[serde(default)]
+    pub trust_domain_aliases: Vec<String>,
     /// Every other field: accepted, reported as ignored.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
@@ -112,6 +115,9 @@ pub struct BodySpec {
 pub struct MeshSettings {
     /// The external authorization providers, by name.
     pub ext_authz: BTreeMap<String, xds::ExtAuthzProvider>,
+    /// `trustDomainAliases`: a principal naming the mesh's trust domain or one of these
+    /// matches an identity of any of them.
+    pub trust_domain_aliases: Vec<String>,
 }
 
 /// Whether a ConfigMap is the mesh config.
@@ -126,6 +132,19 @@ pub(super) fn mesh_config(
     spec: &MeshConfigSpec,
 ) -> MeshSettings {
     let mut out = MeshSettings::default();
+    for (i, alias) in spec.trust_domain_aliases.iter().enumerate() {
+        if !crate::identity::is_trust_domain(alias) {
+            c.fail(
+                Code::InvalidValue,
+                format!("data.mesh.trustDomainAliases[{i}]"),
+                format!(
+                    "`{alias}` is not a trust domain (lower-case letters, digits, `.`, `-`, `_`)"
+                ),
+            );
+        } else if !out.trust_domain_aliases.contains(alias) {
+            out.trust_domain_aliases.push(alias.clone());
+        }
+    }
     for field in spec.other.keys() {
         c.fail(
             Code::Ignored,

@@ -817,6 +817,58 @@ pub(super) fn request_authentication(
     }
 }
 
+/// Istio's `trustDomainAliases`: every principal of `policy`'s AuthorizationPolicies that
+/// names `trust_domain` or one of `aliases` (`td/ns/x/sa/y`, also as a `prefix*`) is
+/// matched under each of them, so a policy written for an old trust domain keeps matching
+/// callers certified under the new one, and the other way round.
+pub fn alias_trust_domains(
+    policy: &mut xds::InboundPolicy,
+    trust_domain: &str,
+    aliases: &[String],
+) {
+    if aliases.is_empty() {
+        return;
+    }
+    let domains: Vec<&str> = std::iter::once(trust_domain)
+        .chain(aliases.iter().map(String::as_str))
+        .collect();
+    let expand = |values: &mut Vec<String>| {
+        let mut out: Vec<String> = Vec::with_capacity(values.len());
+        for v in values.iter() {
+            let rest = domains
+                .iter()
+                .find_map(|d| v.strip_prefix(d).and_then(|r| r.strip_prefix('/')));
+            match rest {
+                Some(rest) => {
+                    for d in &domains {
+                        let aliased = format!("{d}/{rest}");
+                        if !out.contains(&aliased) {
+                            out.push(aliased);
+                        }
+                    }
+                }
+                None if !out.contains(v) => out.push(v.clone()),
+                None => {}
+            }
+        }
+        *values = out;
+    };
+    for rule in policy
+        .authorization
+        .iter_mut()
+        .flat_map(|a| a.rules.iter_mut())
+    {
+        for source in &mut rule.from {
+            expand(&mut source.principals);
+            expand(&mut source.not_principals);
+        }
+        for c in rule.when.iter_mut().filter(|c| c.key == "source.principal") {
+            expand(&mut c.values);
+            expand(&mut c.not_values);
+        }
+    }
+}
+
 fn picks(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
@@ -1060,6 +1112,27 @@ mod tests {
         assert!(inbound_for(&ok, "demo", &BTreeMap::new(), &[])
             .jwt
             .is_empty());
+    }
+
+    #[test]
+    fn principals_of_a_trust_domain_alias_match_under_every_one() {
+        let set = load("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: demo}\nspec:\n  rules:\n  - from: [{source: {principals: [old.example/ns/demo/sa/sleep, other.example/ns/x/sa/y], notPrincipals: ['cluster.local/ns/bad/*']}}]\n    when: [{key: source.principal, values: [old.example/ns/demo/sa/sleep]}]\n").expect("valid");
+        let mut inbound = inbound_for(&set, "demo", &BTreeMap::new(), &[]);
+        alias_trust_domains(&mut inbound, "cluster.local", &["old.example".to_owned()]);
+        let rule = &inbound.authorization[0].rules[0];
+        assert_eq!(
+            rule.from[0].principals,
+            [
+                "cluster.local/ns/demo/sa/sleep",
+                "old.example/ns/demo/sa/sleep",
+                "other.example/ns/x/sa/y"
+            ]
+        );
+        assert_eq!(
+            rule.from[0].not_principals,
+            ["cluster.local/ns/bad/*", "old.example/ns/bad/*"]
+        );
+        assert_eq!(rule.when[0].values.len(), 2);
     }
 
     #[test]

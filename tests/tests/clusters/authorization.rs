@@ -937,3 +937,22 @@ async fn external_authorization_in_another_cluster_decides_over_grpc_and_http() 
     assert_eq!(status(sleep, "GET", "/ip").await?, 200);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_for_an_aliased_trust_domain_matches_the_mesh_s_callers() -> anyhow::Result<()> {
+    let (mut mesh, sleep, other, east) = mesh().await?;
+    // Written before a migration, for the old trust domain.
+    let viewer = example("httpbin-viewer.yaml").replace("cluster.local/", "old.example/");
+    mesh.apply("west", "httpbin-viewer.yaml", &viewer).await?;
+    until(sleep, "GET", "/ip", 403).await?;
+    mesh.apply(
+        "west",
+        "mesh.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |-\n    trustDomainAliases: [old.example]\n",
+    )
+    .await?;
+    until(sleep, "GET", "/ip", 200).await?;
+    until(east, "GET", "/ip", 200).await?;
+    assert_eq!(status(other, "GET", "/ip").await?, 403, "only sleep");
+    Ok(())
+}
