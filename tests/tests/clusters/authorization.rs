@@ -532,14 +532,19 @@ async fn fetched_issuer_keys_follow_a_rotation_and_outlive_an_outage() -> anyhow
     // One rule finds its keys by the issuer's OpenID discovery, one by jwksUri; a token is
     // then required.
     let policy = format!(
-        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: remote-keys, namespace: demo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin}}}}\n  jwtRules:\n  - issuer: {url}\n  - {{issuer: by-uri, jwksUri: \"{url}/keys\", timeout: 2s}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: require-token, namespace: demo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin}}}}\n  rules: [{{from: [{{source: {{requestPrincipals: [\"*\"]}}}}]}}]\n",
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: remote-keys, namespace: demo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin}}}}\n  jwtRules:\n  - issuer: {url}\n  - {{issuer: by-uri, jwksUri: \"{url}/keys\", timeout: 2s, audiences: [httpbin]}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: require-token, namespace: demo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin}}}}\n  rules: [{{from: [{{source: {{requestPrincipals: [\"*\"]}}}}]}}]\n",
         url = issuer.url
     );
     mesh.apply("west", "remote-keys.yaml", &policy).await?;
     let claims = |iss: &str| serde_json::json!({"iss": iss, "sub": "alice", "exp": in_minutes(10)});
     let old_token = signed("old", &old_der, &claims(&issuer.url));
     let new_token = signed("new", &new_der, &claims(&issuer.url));
-    let by_uri = signed("old", &old_der, &claims("by-uri"));
+    let for_audience = |aud: &str| {
+        let mut c = claims("by-uri");
+        c["aud"] = aud.into();
+        signed("old", &old_der, &c)
+    };
+    let (by_uri, wrong_audience) = (for_audience("httpbin"), for_audience("reviews"));
     let code = |from: SocketAddr, token: String| async move {
         let auth = format!("Bearer {token}");
         Ok::<u16, anyhow::Error>(
@@ -567,6 +572,11 @@ async fn fetched_issuer_keys_follow_a_rotation_and_outlive_an_outage() -> anyhow
     )
     .await?;
     assert_eq!(code(sleep, by_uri.clone()).await?, 200, "keys by jwksUri");
+    assert_eq!(
+        code(sleep, wrong_audience).await?,
+        401,
+        "an audience the rule lacks"
+    );
     assert_eq!(
         code(east, old_token.clone()).await?,
         200,
@@ -683,8 +693,9 @@ impl Provider {
                                     .get("x-ext-authz")
                                     .is_some_and(|v| v == "allow");
                                 notes.lock().expect("notes").push(format!(
-                                    "http:{}",
-                                    parts.uri.path_and_query().map_or("/", |p| p.as_str())
+                                    "http:{} body={}",
+                                    parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+                                    String::from_utf8_lossy(&body)
                                 ));
                                 let resp = http::Response::builder()
                                     .status(if allow { 200 } else { 403 })
@@ -893,6 +904,56 @@ async fn external_authorization_in_another_cluster_decides_over_grpc_and_http() 
         app_headers(&body)["x-ext-authz-check-result"],
         "allowed",
         "{body}"
+    );
+
+    // The body in the check: a longer one is refused (413), or cut with allowPartialMessage;
+    // the app gets it whole either way it passes.
+    let with_body = |partial: bool| {
+        example("ext-authz-mesh-config.yaml").replace(
+            "        port: \"8000\"\n",
+            &format!("        port: \"8000\"\n        includeRequestBodyInCheck: {{maxRequestBytes: 16, allowPartialMessage: {partial}}}\n"),
+        )
+    };
+    let payload = "0123456789abcdef-and-then-some-more-bytes-the-provider-does-not-need";
+    let post = || async {
+        let mut tcp = tokio::net::TcpStream::connect(sleep).await?;
+        tcp.write_all(format!("POST /headers HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\nx-ext-authz: allow\r\nContent-Length: {}\r\n\r\n{payload}", payload.len()).as_bytes()).await?;
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await??;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        Ok::<_, anyhow::Error>((text.split(' ').nth(1).unwrap_or_default().to_owned(), text))
+    };
+    mesh.apply("west", "ext-authz-mesh-config.yaml", &with_body(false))
+        .await?;
+    eventually("a long body refused", Duration::from_secs(10), || async {
+        let (code, text) = post().await?;
+        anyhow::ensure!(code == "413", "{text}");
+        Ok(())
+    })
+    .await?;
+    mesh.apply("west", "ext-authz-mesh-config.yaml", &with_body(true))
+        .await?;
+    eventually(
+        "a long body cut for the check",
+        Duration::from_secs(10),
+        || async {
+            let (code, text) = post().await?;
+            anyhow::ensure!(code == "200", "{text}");
+            anyhow::ensure!(
+                text.contains(&format!("\"content-length\":\"{}\"", payload.len())),
+                "{text}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    assert!(
+        provider
+            .asked()
+            .iter()
+            .any(|a| a == "http:/headers body=0123456789abcdef"),
+        "{:?}",
+        provider.asked()
     );
 
     // A provider that does not answer in time: statusOnError, or the request with failOpen.
