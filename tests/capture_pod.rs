@@ -484,11 +484,21 @@ fn unmodified_apps_reach_services_by_name_through_capture_and_the_sidecar_dns() 
     assert_eq!(pod["caller"], "spiffe://cluster.local/ns/demo/sa/client");
 
     // A TCP port of the service, by name: the bytes go through both sidecars and back.
+    // (The receiving sidecar accepts a tunnel only to a port its pushed services declare
+    // for it, so the first attempts may be refused until that push has landed.)
     let tcp_marker = "tcp-marker-9c2e";
-    let tcp = pod_a.command(None, "python3").args([
-        "-c",
-        &format!("import socket; s = socket.create_connection(('echo.demo.svc.cluster.local', 7000), 5); s.sendall(b'{tcp_marker}'); s.shutdown(socket.SHUT_WR); print(s.recv(100).decode())"),
-    ]).output().expect("python runs");
+    let tcp_echo = || {
+        pod_a.command(None, "python3").args([
+            "-c",
+            &format!("import socket; s = socket.create_connection(('echo.demo.svc.cluster.local', 7000), 5); s.sendall(b'{tcp_marker}'); s.shutdown(socket.SHUT_WR); print(s.recv(100).decode())"),
+        ]).output().expect("python runs")
+    };
+    wait_for(
+        "the TCP port through both sidecars",
+        Duration::from_secs(10),
+        || text(&tcp_echo()) == tcp_marker,
+    );
+    let tcp = tcp_echo();
     assert_eq!(
         text(&tcp),
         tcp_marker,
@@ -601,6 +611,25 @@ fn unmodified_apps_reach_services_by_name_through_capture_and_the_sidecar_dns() 
     // Inbound from outside the pod (the node, as a kubelet probe comes) is captured to
     // 15006 and handed on to the port it was going to.
     assert_eq!(code(&node, "http://10.244.2.2:8080/"), "200");
+    // With an AuthorizationPolicy on paths, the plaintext caller's HTTP is judged request
+    // by request, as Istio judges it: /private is denied, the rest of the app is not.
+    let deny_private = d.join("cfg1/deny-private.yaml");
+    std::fs::write(
+        &deny_private,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-private, namespace: demo}\nspec:\n  action: DENY\n  rules: [{to: [{operation: {paths: [/private]}}]}]\n",
+    )
+    .expect("policy");
+    wait_for("plaintext /private denied", Duration::from_secs(10), || {
+        code(&node, "http://10.244.2.2:8080/private") == "403"
+    });
+    assert_eq!(code(&node, "http://10.244.2.2:8080/"), "200");
+    assert_eq!(code(&node, "http://10.244.2.2:8080/x/../private"), "403");
+    std::fs::remove_file(&deny_private).expect("policy removed");
+    wait_for(
+        "plaintext /private allowed again",
+        Duration::from_secs(10),
+        || code(&node, "http://10.244.2.2:8080/private") == "200",
+    );
 
     // Istio's mutual TLS migration, last step (deploy/examples/security/mtls-strict.yaml):
     // with the namespace STRICT, the plaintext caller is refused, while the mesh callers

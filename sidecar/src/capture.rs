@@ -339,50 +339,65 @@ pub fn original_destination(tcp: &tokio::net::TcpStream) -> Option<SocketAddr> {
 
 /// The inbound capture listener (15006): a plaintext connection from outside the mesh
 /// (a kubelet probe, a caller without a sidecar) goes on to the port it was going to, if
-/// the workload's PeerAuthentication lets plaintext reach that port (not `STRICT`) and its
-/// AuthorizationPolicies allow a caller with no identity from that address. Mesh callers
+/// the workload's PeerAuthentication lets plaintext reach that port (not `STRICT`). With no
+/// policy that applies it is spliced as bytes. Where AuthorizationPolicies (or a
+/// RequestAuthentication) apply, HTTP to the app's port is served request by request and
+/// each request judged on its method, path and headers, as Istio judges plaintext HTTP;
+/// anything else is judged as a connection from a caller with no identity. Mesh callers
 /// come over mTLS on 15008, which capture leaves alone.
 pub async fn inbound(
     listener: tokio::net::TcpListener,
-    state: tokio::sync::watch::Receiver<std::sync::Arc<crate::state::MeshState>>,
-    metrics: crate::metrics::Metrics,
+    ctx: std::sync::Arc<crate::inbound::InboundCtx>,
     drain: isthmus_core::drain::Drain,
 ) {
     loop {
-        let Ok((mut tcp, remote)) = listener.accept().await else {
+        let Ok((tcp, remote)) = listener.accept().await else {
             continue;
         };
         let Some(original) = original_destination(&tcp) else {
             tracing::debug!(%remote, "connection made to the capture port itself; closed");
             continue;
         };
-        let policy = state.borrow().inbound.clone();
+        let policy = ctx.state.borrow().inbound.clone();
         if !policy.plaintext_allowed(original.port()) {
-            metrics.denied("PeerAuthentication STRICT");
+            ctx.metrics.denied("PeerAuthentication STRICT");
             tracing::info!(target: "authz", %remote, port = original.port(), "plaintext refused: PeerAuthentication is STRICT");
             continue;
         }
-        let attributes = crate::authz::Attributes {
-            principal: None,
-            source_ip: remote.ip(),
-            destination_ip: Some(original.ip()),
-            destination_port: original.port(),
-            http: None,
-            auth: None,
-        };
-        if crate::inbound::authorize(&policy, &metrics, &attributes).is_err() {
-            continue;
-        }
+        let judged = !policy.is_empty() || policy.has_jwt();
+        let to_app = ctx.app.is_some_and(|a| a.port() == original.port());
+        let ctx = ctx.clone();
         drain.spawn(async move {
-            // The sidecar's own connection is not captured again: its UID is excluded.
-            match tokio::net::TcpStream::connect(original).await {
-                Ok(mut app) => {
-                    let _ = app.set_nodelay(true);
-                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut app).await;
-                }
-                Err(e) => tracing::debug!(%remote, %original, error = %e, "captured inbound: the app refused"),
+            if judged && to_app && crate::outbound::sniff_http(&tcp).await {
+                return crate::inbound::serve_plaintext(ctx, tcp, remote, original).await;
             }
+            let attributes = crate::authz::Attributes {
+                principal: None,
+                source_ip: remote.ip(),
+                destination_ip: Some(original.ip()),
+                destination_port: original.port(),
+                http: None,
+                auth: None,
+            };
+            if crate::inbound::authorize(&policy, &ctx.metrics, &attributes).is_err() {
+                return;
+            }
+            splice_to(tcp, remote, original).await
         });
+    }
+}
+
+/// Splices a captured connection to where it was going. The sidecar's own connection is
+/// not captured again: its UID is excluded.
+async fn splice_to(mut tcp: tokio::net::TcpStream, remote: SocketAddr, original: SocketAddr) {
+    match tokio::net::TcpStream::connect(original).await {
+        Ok(mut app) => {
+            let _ = app.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional(&mut tcp, &mut app).await;
+        }
+        Err(e) => {
+            tracing::debug!(%remote, %original, error = %e, "captured inbound: the app refused")
+        }
     }
 }
 

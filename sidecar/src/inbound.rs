@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use isthmus_core::headers::{self, APP_PROTOCOL, XFCC};
 use isthmus_core::identity::SpiffeId;
 use isthmus_core::tls::{ClientAuth, PeerPolicy, TlsIdentity, ALPN_H2};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::app::AppPool;
 use crate::authz;
@@ -166,13 +166,14 @@ impl Inbound {
 }
 
 /// The proxy at the other end of an inbound connection: its identity is fixed for the
-/// connection's life, and so is what the app is told about it.
+/// connection's life, and so is what the app is told about it. A plaintext caller from
+/// outside the mesh (captured on 15006, let in by PERMISSIVE) has no identity.
 struct Caller {
-    id: SpiffeId,
+    id: Option<SpiffeId>,
     /// `x-forwarded-client-cert` for every request of the connection.
-    xfcc: HeaderValue,
+    xfcc: Option<HeaderValue>,
     /// The identity as AuthorizationPolicies name it: the SPIFFE ID without `spiffe://`.
-    principal: String,
+    principal: Option<String>,
     /// The connection's source and destination addresses.
     remote: SocketAddr,
     local: Option<SocketAddr>,
@@ -188,11 +189,36 @@ impl Caller {
             .unwrap_or(&principal)
             .to_owned();
         Self {
-            id,
-            xfcc,
-            principal,
+            id: Some(id),
+            xfcc: Some(xfcc),
+            principal: Some(principal),
             remote,
             local,
+        }
+    }
+
+    /// A plaintext caller from outside the mesh, at `remote`, calling `local`.
+    fn plaintext(remote: SocketAddr, local: SocketAddr) -> Self {
+        Self {
+            id: None,
+            xfcc: None,
+            principal: None,
+            remote,
+            local: Some(local),
+        }
+    }
+
+    /// How logs name the caller.
+    fn name(&self) -> &str {
+        self.principal.as_deref().unwrap_or("-")
+    }
+
+    /// Who per-caller rate limits count against: the identity, or the address of a
+    /// caller without one.
+    fn limit_key(&self) -> String {
+        match &self.id {
+            Some(id) => id.to_string(),
+            None => self.remote.ip().to_string(),
         }
     }
 
@@ -205,13 +231,37 @@ impl Caller {
         auth: Option<&'a authz::Authenticated>,
     ) -> authz::Attributes<'a> {
         authz::Attributes {
-            principal: Some(&self.principal),
+            principal: self.principal.as_deref(),
             source_ip: self.remote.ip(),
             destination_ip: self.local.map(|l| l.ip()),
             destination_port: port,
             http,
             auth,
         }
+    }
+}
+
+/// Serves a plaintext HTTP connection from outside the mesh (captured on 15006, let in by
+/// PERMISSIVE) request by request, as mesh requests are served: the AuthorizationPolicies,
+/// RequestAuthentication and external authorization judge each request on its method,
+/// path and headers, with no peer identity. `local` is where the caller was going: the
+/// app's port.
+pub(crate) async fn serve_plaintext(
+    ctx: Arc<InboundCtx>,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    local: SocketAddr,
+) {
+    let caller = Arc::new(Caller::plaintext(remote, local));
+    let svc = hyper::service::service_fn(move |req| {
+        let (ctx, caller) = (ctx.clone(), caller.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle(&ctx, &caller, req).await) }
+    });
+    let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(%remote, error = %e, "plaintext inbound connection ended");
     }
 }
 
@@ -269,7 +319,7 @@ async fn handle(ctx: &InboundCtx, caller: &Caller, req: Request<Incoming>) -> Re
     let resp = match forward(ctx, caller, &state, svc.map(|s| &**s), req).await {
         Ok(r) => r,
         Err(e) => {
-            tracing::debug!(peer = %caller.id, error = %e, "inbound request failed");
+            tracing::debug!(peer = caller.name(), error = %e, "inbound request failed");
             e.respond(grpc)
         }
     };
@@ -294,7 +344,7 @@ async fn handle(ctx: &InboundCtx, caller: &Caller, req: Request<Incoming>) -> Re
 /// Applies the LocalRateLimits of the service a request is for.
 fn check_rate_limits(
     svc: Option<&crate::state::Service>,
-    peer: &SpiffeId,
+    caller: &Caller,
     headers: &http::HeaderMap,
 ) -> Result<(), ProxyError> {
     let Some(routing) = svc.and_then(|s| s.routing.as_ref()) else {
@@ -306,7 +356,7 @@ fn check_rate_limits(
     if routing.limits.is_empty() {
         return Ok(());
     }
-    let caller = peer.to_string();
+    let caller = caller.limit_key();
     for limit in &routing.limits {
         limit
             .check(route, &caller)
@@ -327,9 +377,13 @@ async fn forward(
             "this workload has no application port".into(),
         ));
     };
-    let peer = &caller.id;
     if req.method() == http::Method::CONNECT {
-        check_rate_limits(svc, peer, req.headers())?;
+        if caller.id.is_none() {
+            return Err(ProxyError::InvalidRequest(
+                "CONNECT is for tunnels between sidecars".into(),
+            ));
+        }
+        check_rate_limits(svc, caller, req.headers())?;
         if !req.headers().contains_key(crate::upgrade::UPGRADE) {
             // Opaque TCP only reaches ports a service of this workload declares.
             let port = req
@@ -358,14 +412,35 @@ async fn forward(
         )?;
         return Box::pin(crate::upgrade::to_app(
             app,
-            caller.xfcc.clone(),
+            caller
+                .xfcc
+                .clone()
+                .unwrap_or_else(|| HeaderValue::from_static("")),
             req,
             &ctx.drain,
         ))
         .await;
     }
+    if caller.id.is_none() && req.headers().contains_key(http::header::UPGRADE) {
+        // A plaintext caller's HTTP/1.1 upgrade (WebSocket): judged as a request, then
+        // spliced to the app.
+        let lax = authz::lax_path(req.uri().path());
+        let http = authz::Http {
+            host: req.uri().authority().map_or("", |a| a.as_str()),
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            lax_path: &lax,
+            headers: req.headers(),
+        };
+        authorize(
+            &state.inbound,
+            &ctx.metrics,
+            &caller.attributes(app.port(), Some(http), None),
+        )?;
+        return Box::pin(crate::upgrade::plaintext_to_app(app, req, &ctx.drain)).await;
+    }
     let (mut parts, body) = req.into_parts();
-    check_rate_limits(svc, peer, &parts.headers)?;
+    check_rate_limits(svc, caller, &parts.headers)?;
 
     let h2 = parts
         .headers
@@ -374,7 +449,9 @@ async fn forward(
     let authority = parts.uri.authority().cloned();
     headers::strip_untrusted(&mut parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
-    parts.headers.insert(XFCC, caller.xfcc.clone());
+    if let Some(xfcc) = &caller.xfcc {
+        parts.headers.insert(XFCC, xfcc.clone());
+    }
     let received = parts
         .uri
         .path_and_query()
@@ -395,7 +472,7 @@ async fn forward(
     // the path the app will see.
     let auth = if state.inbound.has_jwt() {
         state.inbound.authenticate(&mut parts).map_err(|reason| {
-            tracing::info!(target: "authz", principal = %caller.principal, %reason, "JWT refused");
+            tracing::info!(target: "authz", principal = caller.name(), %reason, "JWT refused");
             ProxyError::Unauthenticated(reason)
         })?
     } else {
@@ -418,7 +495,7 @@ async fn forward(
             let attributes = caller.attributes(app.port(), Some(http), auth.as_ref());
             let checks = state.inbound.custom_checks(&attributes).map_err(|policy| {
                 ctx.metrics.denied(&policy);
-                tracing::info!(target: "authz", %policy, principal = %caller.principal, "CUSTOM policy names no extension provider the mesh config has: denied");
+                tracing::info!(target: "authz", %policy, principal = caller.name(), "CUSTOM policy names no extension provider the mesh config has: denied");
                 ProxyError::Forbidden
             })?;
             let check = crate::ext_authz::Check {
@@ -431,7 +508,11 @@ async fn forward(
                     .map_or_else(String::new, |a| a.as_str().to_owned()),
                 body: None,
                 source: caller.remote,
-                source_principal: caller.id.to_string(),
+                source_principal: caller
+                    .id
+                    .as_ref()
+                    .map(|id| id.to_string())
+                    .unwrap_or_default(),
                 destination: caller.local,
                 destination_principal: ctx.identity.id().to_string(),
             };
@@ -552,7 +633,7 @@ async fn external_authorization(
             }
             crate::ext_authz::Decision::Deny(resp) => {
                 ctx.metrics.denied(&c.policy);
-                tracing::info!(target: "authz", policy = %c.policy, provider = %c.provider.name, principal = %caller.principal, status = resp.status().as_u16(), "denied by external authorization");
+                tracing::info!(target: "authz", policy = %c.policy, provider = %c.provider.name, principal = caller.name(), status = resp.status().as_u16(), "denied by external authorization");
                 return Ok((Err(resp), body));
             }
         }

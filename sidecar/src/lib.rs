@@ -240,8 +240,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             out_ctx,
         ));
         if let Some(listener) = captured_inbound {
-            let (state, metrics) = (store.subscribe(), in_ctx.metrics.clone());
-            tasks.spawn(capture::inbound(listener, state, metrics, drain.clone()));
+            tasks.spawn(capture::inbound(listener, in_ctx.clone(), drain.clone()));
         }
         tasks.spawn(inbound::Inbound::new(inbound, in_ctx, drain).run());
         tasks.join_next().await;

@@ -142,7 +142,7 @@ const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Whether the app opened the connection with an HTTP/1.x request line or the HTTP/2
 /// preface, judged on its first bytes (read without consuming them).
-async fn sniff_http(tcp: &tokio::net::TcpStream) -> bool {
+pub(crate) async fn sniff_http(tcp: &tokio::net::TcpStream) -> bool {
     let mut buf = [0u8; 16];
     let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
     loop {

@@ -251,3 +251,45 @@ pub(crate) async fn through(
     crate::upgrade::splice(client, hyper::upgrade::on(&mut resp), &ctx.drain);
     Ok(answer)
 }
+
+/// A plaintext caller's HTTP/1.1 upgrade (captured, from outside the mesh), replayed to the
+/// app as it came (its own signals stripped); on `101` both sides are spliced, any other
+/// answer goes back as a plain response.
+pub async fn plaintext_to_app(
+    app: std::net::SocketAddr,
+    mut req: Request<Incoming>,
+    drain: &isthmus_core::drain::Drain,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let on_client = hyper::upgrade::on(&mut req);
+    let (mut parts, _) = req.into_parts();
+    headers::strip_untrusted(&mut parts.headers);
+    let tcp = tokio::net::TcpStream::connect(app)
+        .await
+        .map_err(|e| ProxyError::AppUnavailable(format!("{app}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| ProxyError::AppReset(e.to_string()))?;
+    drain.spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    parts.version = http::Version::HTTP_11;
+    if let Some(pq) = parts.uri.path_and_query().cloned() {
+        parts.uri = Uri::from(pq);
+    }
+    let resp = send
+        .send_request(Request::from_parts(parts, empty_body()))
+        .await
+        .map_err(|e| ProxyError::AppReset(e.to_string()))?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let (mut parts, body) = resp.into_parts();
+        headers::strip_untrusted(&mut parts.headers);
+        return Ok(Response::from_parts(parts, crate::body::boxed(body)));
+    }
+    let mut answer = Response::new(empty_body());
+    *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *answer.headers_mut() = resp.headers().clone();
+    headers::strip_untrusted(answer.headers_mut());
+    splice(on_client, hyper::upgrade::on(resp), drain);
+    Ok(answer)
+}
