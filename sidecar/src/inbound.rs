@@ -241,6 +241,23 @@ impl Caller {
     }
 }
 
+/// What AuthorizationPolicies see of a request: `path` (normalized, no query) and its
+/// `lax` form, the authority the caller asked for, method and headers.
+fn http_view<'a>(
+    parts: &'a http::request::Parts,
+    authority: Option<&'a http::uri::Authority>,
+    path: &'a str,
+    lax: &'a str,
+) -> authz::Http<'a> {
+    authz::Http {
+        host: authority.map_or("", |a| a.as_str()),
+        method: parts.method.as_str(),
+        path,
+        lax_path: lax,
+        headers: &parts.headers,
+    }
+}
+
 /// Serves a plaintext HTTP connection from outside the mesh (captured on 15006, let in by
 /// PERMISSIVE) request by request, as mesh requests are served: the AuthorizationPolicies,
 /// RequestAuthentication and external authorization judge each request on its method,
@@ -424,19 +441,15 @@ async fn forward(
     if caller.id.is_none() && req.headers().contains_key(http::header::UPGRADE) {
         // A plaintext caller's HTTP/1.1 upgrade (WebSocket): judged as a request, then
         // spliced to the app.
-        let lax = authz::lax_path(req.uri().path());
-        let http = authz::Http {
-            host: req.uri().authority().map_or("", |a| a.as_str()),
-            method: req.method().as_str(),
-            path: req.uri().path(),
-            lax_path: &lax,
-            headers: req.headers(),
-        };
+        let (parts, body) = req.into_parts();
+        let lax = authz::lax_path(parts.uri.path());
+        let http = http_view(&parts, parts.uri.authority(), parts.uri.path(), &lax);
         authorize(
             &state.inbound,
             &ctx.metrics,
             &caller.attributes(app.port(), Some(http), None),
         )?;
+        let req = Request::from_parts(parts, body);
         return Box::pin(crate::upgrade::plaintext_to_app(app, req, &ctx.drain)).await;
     }
     let (mut parts, body) = req.into_parts();
@@ -485,13 +498,7 @@ async fn forward(
         // request borrow it).
         let (checks, check) = {
             let lax = authz::lax_path(path_and_query.path());
-            let http = authz::Http {
-                host: authority.as_ref().map_or("", |a| a.as_str()),
-                method: parts.method.as_str(),
-                path: path_and_query.path(),
-                lax_path: &lax,
-                headers: &parts.headers,
-            };
+            let http = http_view(&parts, authority.as_ref(), path_and_query.path(), &lax);
             let attributes = caller.attributes(app.port(), Some(http), auth.as_ref());
             let checks = state.inbound.custom_checks(&attributes).map_err(|policy| {
                 ctx.metrics.denied(&policy);
@@ -539,13 +546,7 @@ async fn forward(
     }
     if !state.inbound.is_empty() {
         let lax = authz::lax_path(path_and_query.path());
-        let http = authz::Http {
-            host: authority.as_ref().map_or("", |a| a.as_str()),
-            method: parts.method.as_str(),
-            path: path_and_query.path(),
-            lax_path: &lax,
-            headers: &parts.headers,
-        };
+        let http = http_view(&parts, authority.as_ref(), path_and_query.path(), &lax);
         authorize(
             &state.inbound,
             &ctx.metrics,

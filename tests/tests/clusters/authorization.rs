@@ -429,21 +429,16 @@ fn ec_key(kid: &str) -> (Vec<u8>, serde_json::Value) {
 
 impl Issuer {
     async fn start() -> anyhow::Result<Self> {
-        let ca_key = rcgen::KeyPair::generate()?;
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key)?;
-        let key = rcgen::KeyPair::generate()?;
-        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])?
-            .signed_by(&key, &rcgen::Issuer::new(ca_params, ca_key))?;
+        let ca = isthmus_tests::TestCa::new("the issuer's CA")?;
+        let (cert, key) = ca.issue(&["127.0.0.1"])?;
         let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            isthmus_core::tls::parse_certs(&cert)?,
+            isthmus_core::tls::parse_private_key(&key)?,
         )?;
         let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -497,7 +492,7 @@ impl Issuer {
         });
         Ok(Self {
             url,
-            ca_pem: ca.pem(),
+            ca_pem: ca.pem,
             jwks,
             fetches,
         })

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use isthmus::client::AppClient;
-use isthmus_tests::{eventually, Mesh, NAMESPACE};
+use isthmus_tests::{eventually, Mesh, TestCa, NAMESPACE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn entry(name: &str, spec: &str) -> String {
@@ -247,39 +247,6 @@ apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: locke
         "not selected: still refused"
     );
     Ok(())
-}
-
-/// A certificate authority of the test's, with a certificate for `names` signed by it.
-struct TestCa {
-    pem: String,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-impl TestCa {
-    fn new(name: &str) -> anyhow::Result<Self> {
-        let key = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let pem = params.self_signed(&key)?.pem();
-        Ok(Self {
-            pem,
-            issuer: rcgen::Issuer::new(params, key),
-        })
-    }
-
-    /// (certificate PEM, key PEM) for `names`.
-    fn issue(&self, names: &[&str]) -> anyhow::Result<(String, String)> {
-        let key = rcgen::KeyPair::generate()?;
-        let params =
-            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
-        Ok((
-            params.signed_by(&key, &self.issuer)?.pem(),
-            key.serialize_pem(),
-        ))
-    }
 }
 
 /// An HTTPS server outside the mesh for `api.secure.test`; with `clients`, it requires a
