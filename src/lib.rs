@@ -8,4 +8,5 @@ pub mod client;
 pub mod demo;
 pub mod echo;
 pub mod process;
+pub mod status;
 pub mod traffic;

@@ -88,6 +88,15 @@ enum Command {
         #[arg(long)]
         tcp: Option<SocketAddr>,
     },
+    /// List the proxies connected to a cluster's controller and whether each holds the
+    /// config last pushed to it, per resource type (SYNCED, STALE: pushed and not yet
+    /// acknowledged, NACK: rejected, with the proxy's reason, NOT SENT), as
+    /// `istioctl proxy-status` does.
+    Status {
+        /// The controller's admin listener (its --admin).
+        #[arg(long, default_value = "127.0.0.1:15014", value_parser = resolve_addr)]
+        controller_admin: SocketAddr,
+    },
     /// Mint bootstrap tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -876,6 +885,7 @@ async fn main_async(cli: Cli) -> std::process::ExitCode {
     let log_control = match &cli.command {
         Command::Validate { .. }
         | Command::Analyze { .. }
+        | Command::Status { .. }
         | Command::Token(_)
         | Command::Install(_)
         | Command::Iptables(_)
@@ -903,6 +913,10 @@ async fn run(
     use std::process::ExitCode;
     match command {
         Command::Validate { paths } => validate(&paths),
+        Command::Status { controller_admin } => {
+            print!("{}", isthmus::status::report(controller_admin).await?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Analyze {
             paths,
             failure_threshold,

@@ -69,10 +69,32 @@ fn help_explains_every_role() {
         "echo",
         "token",
         "bench",
+        "status",
         "--concurrency",
     ] {
         assert!(text.contains(cmd), "--help lists {cmd}:\n{text}");
     }
+}
+
+#[test]
+fn status_names_the_controller_it_cannot_reach() {
+    // A port nothing listens on (bound, then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let out = isthmus()
+        .args(["status", "--controller-admin", &format!("127.0.0.1:{port}")])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "the controller's admin listener at 127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
 }
 
 #[test]

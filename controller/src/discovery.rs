@@ -21,6 +21,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -35,6 +36,7 @@ const MAX_IN_FLIGHT: usize = 256;
 /// A response awaiting its ACK or NACK.
 struct InFlight {
     type_url: String,
+    sent_at: std::time::Instant,
     /// Name → what the proxy held before (its version, `None` if it had none); a rejected
     /// resource goes back to this.
     previous: BTreeMap<String, Option<String>>,
@@ -47,13 +49,32 @@ struct TypeLabel {
     type_url: String,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Metrics {
     connected: Gauge,
     pushes: Family<TypeLabel, Counter>,
     /// Bytes of resources pushed, to see what scoping (exportTo, Sidecar) saves.
     pushed_bytes: Family<TypeLabel, Counter>,
     nacks: Family<TypeLabel, Counter>,
+    /// From a response's send to the proxy's ACK or NACK: how long config takes to land.
+    answer_seconds: Family<TypeLabel, Histogram, fn() -> Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            connected: Gauge::default(),
+            pushes: Family::default(),
+            pushed_bytes: Family::default(),
+            nacks: Family::default(),
+            answer_seconds: Family::new_with_constructor(|| {
+                // 1 ms to 16 s.
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                    0.001, 2.0, 15,
+                ))
+            }),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -63,6 +84,7 @@ pub struct DiscoveryService {
     trust_domain: String,
     drain: isthmus_core::drain::Drain,
     metrics: Metrics,
+    proxies: Arc<crate::syncz::Proxies>,
 }
 
 enum Role {
@@ -118,13 +140,24 @@ impl DiscoveryService {
             "bytes of resources pushed to proxies",
             m.pushed_bytes.clone(),
         );
+        metrics.register(
+            "answer_seconds",
+            "time from a push to the proxy's ACK or NACK, by type",
+            m.answer_seconds.clone(),
+        );
         Self {
             cluster,
             registry,
             trust_domain,
             drain,
             metrics: m,
+            proxies: Arc::default(),
         }
+    }
+
+    /// The connected proxies and their sync state.
+    pub fn proxies(&self) -> Arc<crate::syncz::Proxies> {
+        self.proxies.clone()
     }
 
     fn authorize(&self, node: &Node, peer: &SpiffeId) -> Result<Role, Status> {
@@ -238,6 +271,12 @@ impl Discovery for DiscoveryService {
             connected: self.metrics.connected.clone(),
         };
         tracing::info!(%peer, role = %node.role, workload = %node.workload, "proxy connected");
+        let name = if node.workload.is_empty() {
+            peer.to_string()
+        } else {
+            node.workload.clone()
+        };
+        let sync = self.proxies.connect(&name, &node.role, &peer.to_string());
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let stream = ProxyStream {
             svc: self.clone(),
@@ -251,6 +290,7 @@ impl Discovery for DiscoveryService {
             pending,
             last_health: None,
             scope: (node.role == "sidecar").then(|| node.workload.clone()),
+            sync,
         };
         self.drain.spawn(stream.run(first, inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -278,6 +318,8 @@ struct ProxyStream {
     last_health: Option<bool>,
     /// The sidecar's workload (`namespace/name`), for its own Workload resource.
     scope: Option<String>,
+    /// This stream's sync state, for `isthmus status`.
+    sync: crate::syncz::ProxyHandle,
 }
 
 impl ProxyStream {
@@ -345,9 +387,18 @@ impl ProxyStream {
             return Ok(());
         }
         // A subscription: the proxy tells what it already holds.
+        self.sync.subscribed(&req.type_url);
         self.known
             .insert(req.type_url.clone(), req.initial_resource_versions);
         self.push(&req.type_url, snapshot).await
+    }
+
+    /// Responses of `type_url` awaiting an answer.
+    fn waiting(&self, type_url: &str) -> usize {
+        self.in_flight
+            .values()
+            .filter(|f| f.type_url == type_url)
+            .count()
     }
 
     /// An ACK settles a response; a NACK puts back what the proxy kept of each rejected
@@ -361,9 +412,21 @@ impl ProxyStream {
         else {
             return;
         };
+        let label = TypeLabel {
+            type_url: sent.type_url.clone(),
+        };
+        self.svc
+            .metrics
+            .answer_seconds
+            .get_or_create(&label)
+            .observe(sent.sent_at.elapsed().as_secs_f64());
+        let waiting = self.waiting(&sent.type_url);
         if req.error_detail.is_empty() {
+            self.sync.answered(&sent.type_url, waiting, None);
             return;
         }
+        self.sync
+            .answered(&sent.type_url, waiting, Some(&req.error_detail));
         self.svc
             .metrics
             .nacks
@@ -496,6 +559,7 @@ impl ProxyStream {
             let removed = removed.take().unwrap_or_default();
             let mut flight = InFlight {
                 type_url: type_url.to_owned(),
+                sent_at: std::time::Instant::now(),
                 previous: BTreeMap::new(),
                 sent: BTreeMap::new(),
             };
@@ -526,6 +590,12 @@ impl ProxyStream {
                 type_url: type_url.to_owned(),
             };
             self.svc.metrics.pushes.get_or_create(&label).inc();
+            let waiting = self
+                .in_flight
+                .values()
+                .filter(|f| f.type_url == type_url)
+                .count();
+            self.sync.pushed(type_url, waiting);
             let bytes: usize = resp.resources.iter().map(|r| r.body.len()).sum();
             self.svc
                 .metrics

@@ -17,6 +17,7 @@ mod gateways;
 mod jwks;
 mod signing;
 mod snapshot;
+mod syncz;
 mod trust;
 mod vips;
 
@@ -448,7 +449,12 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         dump: {
             let registry = registry.clone();
             let status = status_rx.clone();
-            Arc::new(move || registry.dump(&status.borrow()))
+            let proxies = discovery.proxies();
+            Arc::new(move || {
+                let mut dump = registry.dump(&status.borrow());
+                dump["proxies"] = proxies.dump();
+                dump
+            })
         },
         logging: None,
     };

@@ -469,6 +469,26 @@ async fn a_rejected_resource_stays_out_until_fixed_while_the_rest_of_its_push_ap
         !readiness.is_ready(),
         "ready although the first push was NACKed"
     );
+    // `isthmus status` shows who holds what: the picky proxy's rejection with its reason,
+    // the real sidecar in sync.
+    let row = |table: &str, name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let table = isthmus::status::report(admin).await?;
+    assert!(row(&table, "demo/picky").contains("NACK"), "{table}");
+    assert!(
+        table.contains("demo/picky rejected isthmus.io/Service:"),
+        "{table}"
+    );
+    let watcher_row = row(&table, "demo/watcher");
+    assert!(
+        watcher_row.contains("SYNCED") && !watcher_row.contains("NACK"),
+        "{table}"
+    );
     // Another change elsewhere is pushed; the rejected version is not sent again.
     mesh.apply("east", "other.yaml", &plain_service("other", "http"))
         .await?;
@@ -512,6 +532,21 @@ async fn a_rejected_resource_stays_out_until_fixed_while_the_rest_of_its_push_ap
     )
     .await?;
     assert_eq!(offered_flaky(&picky), 2, "the fixed version, once");
+    let synced = eventually(
+        "the picky proxy in sync",
+        Duration::from_secs(5),
+        || async {
+            let table = isthmus::status::report(admin).await?;
+            let picky = row(&table, "demo/picky");
+            anyhow::ensure!(
+                picky.contains("SYNCED") && !picky.contains("NACK"),
+                "{table}"
+            );
+            Ok(table)
+        },
+    )
+    .await?;
+    assert!(!synced.contains("demo/picky rejected"), "{synced}");
     task.abort();
     Ok(())
 }

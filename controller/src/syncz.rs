@@ -1,0 +1,178 @@
+//! What each connected proxy holds, as `istioctl proxy-status` shows it for Istio: per
+//! resource type, whether everything pushed is acknowledged (`SYNCED`), still unanswered
+//! (`STALE`), rejected (`NACK`, with the proxy's reason) or nothing was sent yet
+//! (`NOT SENT`). Kept by the discovery streams, read by the controller's `/config_dump`
+//! (`proxies`), which `isthmus status` prints.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+#[derive(Debug, Default)]
+struct TypeSync {
+    pushes: u64,
+    /// Responses of this type not yet ACKed or NACKed.
+    in_flight: usize,
+    last_push: Option<SystemTime>,
+    last_ack: Option<SystemTime>,
+    /// The proxy's reason, while its last answer of this type was a NACK.
+    nack: Option<String>,
+}
+
+#[derive(Debug)]
+struct ProxySync {
+    name: String,
+    role: String,
+    identity: String,
+    connected: SystemTime,
+    types: BTreeMap<String, TypeSync>,
+}
+
+/// Every proxy with an open stream to this controller.
+#[derive(Debug, Default)]
+pub struct Proxies {
+    streams: Mutex<BTreeMap<u64, ProxySync>>,
+    next: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Proxies {
+    /// A stream opened; it is listed until the handle drops.
+    pub fn connect(self: &Arc<Self>, name: &str, role: &str, identity: &str) -> ProxyHandle {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        lock(&self.streams).insert(
+            id,
+            ProxySync {
+                name: name.to_owned(),
+                role: role.to_owned(),
+                identity: identity.to_owned(),
+                connected: SystemTime::now(),
+                types: BTreeMap::new(),
+            },
+        );
+        ProxyHandle {
+            proxies: self.clone(),
+            id,
+        }
+    }
+
+    /// The proxies and their state per type, for `/config_dump`.
+    pub fn dump(&self) -> serde_json::Value {
+        lock(&self.streams)
+            .values()
+            .map(|p| {
+                let types: serde_json::Map<String, serde_json::Value> = p
+                    .types
+                    .iter()
+                    .map(|(t, s)| {
+                        let state = match (&s.nack, s.in_flight, s.pushes) {
+                            (Some(_), _, _) => "NACK",
+                            (None, _, 0) => "NOT SENT",
+                            (None, 0, _) => "SYNCED",
+                            (None, _, _) => "STALE",
+                        };
+                        (
+                            t.clone(),
+                            serde_json::json!({
+                                "state": state,
+                                "pushes": s.pushes,
+                                "last_push_unix": s.last_push.map(unix),
+                                "last_ack_unix": s.last_ack.map(unix),
+                                "nack": s.nack,
+                            }),
+                        )
+                    })
+                    .collect();
+                serde_json::json!({
+                    "name": p.name,
+                    "role": p.role,
+                    "identity": p.identity,
+                    "connected_unix": unix(p.connected),
+                    "types": types,
+                })
+            })
+            .collect()
+    }
+}
+
+/// One stream's entry in [`Proxies`].
+#[derive(Debug)]
+pub struct ProxyHandle {
+    proxies: Arc<Proxies>,
+    id: u64,
+}
+
+impl ProxyHandle {
+    fn with(&self, type_url: &str, f: impl FnOnce(&mut TypeSync)) {
+        if let Some(p) = lock(&self.proxies.streams).get_mut(&self.id) {
+            f(p.types.entry(type_url.to_owned()).or_default());
+        }
+    }
+
+    /// The proxy subscribed to `type_url`.
+    pub fn subscribed(&self, type_url: &str) {
+        self.with(type_url, |_| {});
+    }
+
+    /// A response of `type_url` went out; `in_flight` of its type now await an answer.
+    pub fn pushed(&self, type_url: &str, in_flight: usize) {
+        self.with(type_url, |s| {
+            s.pushes += 1;
+            s.in_flight = in_flight;
+            s.last_push = Some(SystemTime::now());
+        });
+    }
+
+    /// The proxy answered a response of `type_url`: ACK (`nack` None) or NACK.
+    pub fn answered(&self, type_url: &str, in_flight: usize, nack: Option<&str>) {
+        self.with(type_url, |s| {
+            s.in_flight = in_flight;
+            match nack {
+                None => {
+                    s.last_ack = Some(SystemTime::now());
+                    s.nack = None;
+                }
+                Some(reason) => s.nack = Some(reason.to_owned()),
+            }
+        });
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        lock(&self.proxies.streams).remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_type_is_synced_once_every_push_is_answered_and_nack_until_an_ack() {
+        let proxies = Arc::new(Proxies::default());
+        let p = proxies.connect("demo/a", "sidecar", "spiffe://td/ns/demo/sa/a");
+        let state = |t: &str| proxies.dump()[0]["types"][t]["state"].clone();
+        p.subscribed("S");
+        assert_eq!(state("S"), "NOT SENT");
+        p.pushed("S", 1);
+        assert_eq!(state("S"), "STALE");
+        p.answered("S", 0, Some("bad port"));
+        assert_eq!(state("S"), "NACK");
+        assert_eq!(proxies.dump()[0]["types"]["S"]["nack"], "bad port");
+        p.pushed("S", 1);
+        p.answered("S", 0, None);
+        assert_eq!(state("S"), "SYNCED");
+        drop(p);
+        assert_eq!(proxies.dump().as_array().map(Vec::len), Some(0));
+    }
+}
