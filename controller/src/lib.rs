@@ -540,7 +540,28 @@ fn config_metrics(metrics: &mut Registry, status: watch::Receiver<LoadStatus>) {
                 None,
                 accepted.metric_type(),
             )?;
-            accepted.encode(e)
+            accepted.encode(e)?;
+            // The faults of the serving config, by code: what keeps objects out (errors)
+            // and what they refer to that is missing or ignored (warnings).
+            let mut by_code: std::collections::BTreeMap<(&'static str, &'static str), i64> =
+                Default::default();
+            for e in s.last_errors.iter().flat_map(|e| e.0.iter()) {
+                *by_code.entry((e.code.as_str(), "error")).or_default() += 1;
+            }
+            for w in &s.warnings {
+                *by_code.entry((w.code.as_str(), "warning")).or_default() += 1;
+            }
+            let mut family = encoder.encode_descriptor(
+                "config_faults",
+                "faults of the serving config by analyzer code: errors keep an object out, warnings do not",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for ((code, severity), n) in by_code {
+                let labels = [("code", code), ("severity", severity)];
+                ConstGauge::new(n).encode(family.encode_family(&labels)?)?;
+            }
+            Ok(())
         }
     }
     metrics.register_collector(Box::new(ConfigCounters(status)));

@@ -184,6 +184,15 @@ async fn invalid_config_is_rejected_with_its_location_and_traffic_keeps_flowing(
             first.contains("service-echo.yaml") && first.contains(code) && first.contains(field),
             "{what}: {first}"
         );
+        // The same fault, counted by its code for dashboards and alerts.
+        let code = code.trim_matches(|c| c == '[' || c == ']');
+        let faults = metric_sum(
+            admin,
+            "isthmus_controller_config_faults",
+            &[("code", code), ("severity", "error")],
+        )
+        .await?;
+        assert!(faults >= 1.0, "{what}: {faults} faults of {code}");
     }
     let reply = AppClient::new().get(outbound, HOST, "/").await?;
     assert_eq!(reply.status, 200, "the serving config stayed");
@@ -198,6 +207,16 @@ async fn invalid_config_is_rejected_with_its_location_and_traffic_keeps_flowing(
         },
     )
     .await?;
+    assert_eq!(
+        metric_sum(
+            admin,
+            "isthmus_controller_config_faults",
+            &[("severity", "error")]
+        )
+        .await?,
+        0.0,
+        "no fault keeps an object out any more"
+    );
     assert_eq!(traffic.failures(), Vec::<String>::new());
     Ok(())
 }
