@@ -394,14 +394,16 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let state = trust::ClusterState::load_or_join(&config).await?;
     tracing::info!(cluster = %config.cluster, trust_domain = %state.trust_domain, "cluster CA ready");
 
-    let mut metrics = Registry::with_prefix("isthmus_controller");
+    let mut root = Registry::default();
+    isthmus_core::admin::register_build(&mut root, "pilot");
+    let metrics = root.sub_registry_with_prefix("isthmus_controller");
     let (config_tx, config_rx) = watch::channel(Arc::new(initial));
     let (status_tx, status_rx) = watch::channel(initial_status);
     let global = Arc::new(federation::GlobalState::load(&config.state_dir));
     let getter = isthmus_core::fetch::Getter::new(config.jwks_extra_roots_pem.as_deref())
         .context("the trust roots for fetching JWT issuers' keys")?;
     let jwks = jwks::Resolver::new(getter, config.jwks_refresh);
-    jwks.register_metrics(&mut metrics);
+    jwks.register_metrics(metrics);
     let registry = snapshot::Registry::new(
         &config.cluster,
         &state.trust_domain,
@@ -427,7 +429,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     };
     let ca = signing::CaService::new(&config, &state, reviewer)?;
     ca.register_metrics(metrics.sub_registry_with_prefix("ca"));
-    config_metrics(&mut metrics, status_rx.clone());
+    config_metrics(metrics, status_rx.clone());
     let leader = match (&keeper, &config.source) {
         (Keeper::Kubernetes(source, _), ConfigSource::Kubernetes { .. }) => Some(
             start_kubernetes(
@@ -435,7 +437,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
                 source.client(),
                 &config,
                 &state,
-                &mut metrics,
+                metrics,
                 global.subscribe(),
             )
             .await?,
@@ -444,7 +446,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     };
 
     let admin = Admin {
-        registry: Arc::new(metrics),
+        registry: Arc::new(root),
         readiness: Readiness::default(),
         dump: {
             let registry = registry.clone();

@@ -32,6 +32,28 @@ pub struct Admin {
     pub logging: Option<LogControl>,
 }
 
+/// Istio's `istio_build{component, tag} 1`: which version of which component serves,
+/// as Istio's dashboards read it (`proxy` for sidecars and gateways, `pilot` for a
+/// cluster's controller).
+pub fn register_build(registry: &mut Registry, component: &str) {
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+    struct Build {
+        component: String,
+        tag: String,
+    }
+    let family = prometheus_client::metrics::family::Family::<
+        Build,
+        prometheus_client::metrics::gauge::Gauge,
+    >::default();
+    family
+        .get_or_create(&Build {
+            component: component.to_owned(),
+            tag: env!("CARGO_PKG_VERSION").to_owned(),
+        })
+        .set(1);
+    registry.register("istio_build", "the component's build (always 1)", family);
+}
+
 /// What a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scope {

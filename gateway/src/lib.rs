@@ -86,7 +86,9 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let config_block = readiness.register("first config");
     let store = Arc::new(state::Store::new());
     let metrics = peer::Metrics::default();
-    let mut registry = prometheus_client::registry::Registry::with_prefix("isthmus_gateway");
+    let mut root = prometheus_client::registry::Registry::default();
+    isthmus_core::admin::register_build(&mut root, "proxy");
+    let registry = root.sub_registry_with_prefix("isthmus_gateway");
     registry.register(
         "quic_streams",
         "QUIC streams to and from peer gateways",
@@ -103,7 +105,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         metrics.peer_up.clone(),
     );
     let admin = Admin {
-        registry: Arc::new(registry),
+        registry: Arc::new(root),
         readiness: readiness.clone(),
         dump: {
             let store = store.clone();

@@ -151,6 +151,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let cert_block = readiness.register("workload certificate");
     let config_block = readiness.register("first config");
     let mut registry = prometheus_client::registry::Registry::default();
+    isthmus_core::admin::register_build(&mut registry, "proxy");
     let metrics = metrics::Metrics::default();
     metrics.register(&mut registry);
     let health = Arc::new(lb::HealthTable::default());

@@ -68,6 +68,26 @@ async fn request_in_one_cluster_carries_the_callers_spiffe_id() -> anyhow::Resul
     );
     let destination = [("reporter", "destination"), ("response_code", "200")];
     assert!(metric_sum(server_admin, "istio_requests_total", &destination).await? >= 1.0);
+    // Istio's build metric, as its dashboards read versions: proxies and the controller.
+    let gateway_admin = mesh
+        .cluster("east")
+        .gateway
+        .as_ref()
+        .expect("gateway running")
+        .admin_address;
+    let controller_admin = mesh.controller_admin("east");
+    for (admin, component) in [
+        (client_admin, "proxy"),
+        (gateway_admin, "proxy"),
+        (controller_admin, "pilot"),
+    ] {
+        let build = [("component", component), ("tag", env!("CARGO_PKG_VERSION"))];
+        assert_eq!(
+            metric_sum(admin, "istio_build", &build).await?,
+            1.0,
+            "{admin}"
+        );
+    }
     Ok(())
 }
 
