@@ -557,16 +557,25 @@ async fn mesh_dns(dns: SocketAddr, outbound: SocketAddr) -> anyhow::Result<(IpAd
         .iter()
         .next()
         .with_context(|| format!("{SERVICE_HOST} has no address in the sidecar's DNS"))?;
-    let reply = AppClient::new()
-        .get(outbound, &vip.to_string(), "/")
-        .await
-        .with_context(|| format!("a request to {vip} through the client's sidecar"))?;
-    anyhow::ensure!(
-        reply.status == 200,
-        "a request to {vip} through the client's sidecar got status {}",
-        reply.status
-    );
-    Ok((vip, reply.answer()?.cluster))
+    // The mesh has just come up: the first request may race the endpoints' first health
+    // reports, so it gets a moment before it counts as a failure.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let reply = AppClient::new()
+            .get(outbound, &vip.to_string(), "/")
+            .await
+            .with_context(|| format!("a request to {vip} through the client's sidecar"))?;
+        if reply.status == 200 {
+            return Ok((vip, reply.answer()?.cluster));
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "a request to {vip} through the client's sidecar got status {}: {}",
+            reply.status,
+            String::from_utf8_lossy(&reply.body).trim()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn scenario(
