@@ -17,3 +17,4 @@ mod scale;
 mod scoping;
 mod security;
 mod service_entry;
+mod telemetry;

@@ -1,0 +1,222 @@
+//! Telemetry as a user's monitoring sees it: a real Prometheus server (Debian's
+//! `prometheus`, which `.ci/run` installs) scrapes every sidecar, gateway and controller of
+//! a two-cluster mesh, and PromQL in the shape of Istio's dashboards returns the traffic
+//! the test sent.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use isthmus_tests::{eventually, AppClient, Mesh};
+
+const HOST: &str = "echo.demo.svc.cluster.local";
+
+/// A Prometheus server on loopback, stopped on drop.
+struct Prometheus {
+    child: Child,
+    address: SocketAddr,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    /// Starts Prometheus scraping `targets` (job name → admin addresses) every second.
+    fn start(dir: &std::path::Path, targets: &[(&str, Vec<SocketAddr>)]) -> anyhow::Result<Self> {
+        let jobs: String = targets
+            .iter()
+            .map(|(job, addrs)| {
+                let list: Vec<String> = addrs.iter().map(|a| format!("'{a}'")).collect();
+                format!(
+                    "  - job_name: {job}\n    metrics_path: /stats/prometheus\n    static_configs:\n      - targets: [{}]\n",
+                    list.join(", ")
+                )
+            })
+            .collect();
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{jobs}"),
+        )?;
+        let address = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let log = std::fs::File::create(dir.join("prometheus.log"))?;
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={address}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "starting `prometheus` (Debian's package; .ci/run installs it): {e}"
+                )
+            })?;
+        Ok(Self { child, address })
+    }
+
+    /// The result vector of an instant PromQL query.
+    async fn query(&self, promql: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        let encoded: String = promql
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let reply = AppClient::new()
+            .get(
+                self.address,
+                &self.address.to_string(),
+                &format!("/api/v1/query?query={encoded}"),
+            )
+            .await?;
+        let body: serde_json::Value = serde_json::from_slice(&reply.body)?;
+        anyhow::ensure!(body["status"] == "success", "{promql}: {body}");
+        Ok(body["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// The value of each series of `promql`, by the value of `label`.
+    async fn by(&self, promql: &str, label: &str) -> anyhow::Result<Vec<(String, f64)>> {
+        Ok(self
+            .query(promql)
+            .await?
+            .iter()
+            .map(|s| {
+                (
+                    s["metric"][label].as_str().unwrap_or_default().to_owned(),
+                    s["value"][1]
+                        .as_str()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(f64::NAN),
+                )
+            })
+            .collect())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_a_two_cluster_mesh_and_answers_dashboard_queries() -> anyhow::Result<()>
+{
+    let mut mesh = Mesh::start(&["east", "west"]).await?;
+    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    let admin = |w: &isthmus_tests::Workload| w.sidecar.as_ref().expect("sidecar").admin_address;
+    let sidecars = vec![
+        admin(mesh.workload("east", "client")),
+        admin(mesh.workload("west", "echo-west")),
+    ];
+    let gateways: Vec<SocketAddr> = ["east", "west"]
+        .iter()
+        .map(|c| {
+            mesh.cluster(c)
+                .gateway
+                .as_ref()
+                .expect("gateway")
+                .admin_address
+        })
+        .collect();
+    let controllers = vec![mesh.controller_admin("east"), mesh.controller_admin("west")];
+    let prometheus = Prometheus::start(
+        mesh.dir.path(),
+        &[
+            ("sidecars", sidecars),
+            ("gateways", gateways),
+            ("controllers", controllers),
+        ],
+    )?;
+
+    // Every target scraped and up.
+    eventually("every target up", Duration::from_secs(20), || async {
+        let up = prometheus.by("up", "job").await?;
+        anyhow::ensure!(up.len() == 6 && up.iter().all(|(_, v)| *v == 1.0), "{up:?}");
+        Ok(())
+    })
+    .await?;
+    // Requests from east to the service that runs only in west, through both gateways,
+    // spread over a few scrapes so that rates see them.
+    let client = AppClient::new();
+    let sent = 20;
+    for _ in 0..sent {
+        eventually(
+            "a request through both gateways",
+            Duration::from_secs(10),
+            || async {
+                let r = client.get(outbound, HOST, "/").await?;
+                anyhow::ensure!(r.status == 200, "status {}", r.status);
+                Ok(())
+            },
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // Istio's service dashboard: requests by destination service and response code, from
+    // the destination's side and from the source's.
+    for reporter in ["destination", "source"] {
+        let q = format!(
+            "sum by (destination_service, response_code) (istio_requests_total{{reporter=\"{reporter}\", destination_service=\"{HOST}\"}})"
+        );
+        eventually(&q, Duration::from_secs(15), || async {
+            let series = prometheus.query(&q).await?;
+            let ok: f64 = series
+                .iter()
+                .filter(|s| s["metric"]["response_code"] == "200")
+                .filter_map(|s| s["value"][1].as_str()?.parse::<f64>().ok())
+                .sum();
+            anyhow::ensure!(ok >= sent as f64, "{reporter}: {ok} of {sent}: {series:?}");
+            Ok(())
+        })
+        .await?;
+    }
+    // Where traffic went by cluster, and the p50 of request duration from the histogram.
+    let clusters = prometheus
+        .by(
+            &format!("sum by (destination_cluster) (istio_requests_total{{reporter=\"source\", destination_service=\"{HOST}\"}})"),
+            "destination_cluster",
+        )
+        .await?;
+    assert!(
+        clusters
+            .iter()
+            .any(|(c, v)| c == "west" && *v >= sent as f64),
+        "{clusters:?}"
+    );
+    let p50 = "histogram_quantile(0.5, sum by (le) (rate(istio_request_duration_milliseconds_bucket{reporter=\"source\"}[1m])))";
+    eventually(p50, Duration::from_secs(15), || async {
+        let v = prometheus.by(p50, "le").await?;
+        anyhow::ensure!(v.len() == 1 && v[0].1.is_finite() && v[0].1 > 0.0, "{v:?}");
+        Ok(())
+    })
+    .await?;
+    // Versions as Istio's dashboards read them, and the control plane's own view.
+    let builds = prometheus
+        .by("count by (component) (istio_build)", "component")
+        .await?;
+    assert!(
+        builds.contains(&("proxy".to_owned(), 4.0)) && builds.contains(&("pilot".to_owned(), 2.0)),
+        "{builds:?}"
+    );
+    let connected = prometheus
+        .by("sum(isthmus_controller_xds_connected_proxies)", "")
+        .await?;
+    assert!(
+        connected.first().is_some_and(|(_, v)| *v >= 4.0),
+        "two sidecars and two gateways: {connected:?}"
+    );
+    Ok(())
+}
