@@ -318,15 +318,10 @@ impl Resolver {
                     "openid_discovery": s.openid_discovery,
                     "keys_uri": e.keys_uri,
                     "has_keys": e.keys.is_some(),
-                    "fetched_unix": e.fetched.map(unix_seconds),
+                    "fetched_unix": e.fetched.map(crate::syncz::unix),
                     "error": e.error,
                 })
             })
             .collect()
     }
-}
-
-fn unix_seconds(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

@@ -26,9 +26,9 @@ use std::sync::Arc;
 
 use isthmus_proto::discovery as xds;
 
-/// Istio's string match.
+/// Istio's string match (also the header lists of external authorization providers).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Matcher {
+pub(crate) enum Matcher {
     Exact(String),
     Prefix(String),
     Suffix(String),
@@ -37,7 +37,7 @@ enum Matcher {
 }
 
 impl Matcher {
-    fn new(v: &str) -> Self {
+    pub(crate) fn new(v: &str) -> Self {
         if v == "*" {
             Matcher::Present
         } else if let Some(p) = v.strip_suffix('*') {
@@ -53,7 +53,7 @@ impl Matcher {
         Self::new(&v.to_ascii_lowercase())
     }
 
-    fn matches(&self, value: &str) -> bool {
+    pub(crate) fn matches(&self, value: &str) -> bool {
         match self {
             Matcher::Exact(e) => value == e,
             Matcher::Prefix(p) => value.starts_with(p.as_str()),
@@ -785,16 +785,6 @@ impl InboundPolicy {
     /// Whether a CUSTOM policy applies (requests are then matched against it first).
     pub fn has_custom(&self) -> bool {
         !self.custom.is_empty()
-    }
-
-    /// The largest body any CUSTOM provider wants to see (0: none).
-    pub fn custom_body_bytes(&self) -> usize {
-        self.custom
-            .iter()
-            .filter_map(|(_, p)| p.as_ref())
-            .map(|p| p.max_body)
-            .max()
-            .unwrap_or(0)
     }
 
     /// The external authorizations a request (or connection) must pass: one per provider

@@ -41,33 +41,9 @@ use isthmus_core::headers;
 const MAX_ANSWER: usize = 64 * 1024;
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 
-/// A header list of the provider config: exact names, `prefix*` or `*suffix`.
-#[derive(Debug, Clone)]
-enum Pattern {
-    Exact(String),
-    Prefix(String),
-    Suffix(String),
-}
-
-impl Pattern {
-    fn new(p: &str) -> Self {
-        if let Some(prefix) = p.strip_suffix('*') {
-            Pattern::Prefix(prefix.to_owned())
-        } else if let Some(suffix) = p.strip_prefix('*') {
-            Pattern::Suffix(suffix.to_owned())
-        } else {
-            Pattern::Exact(p.to_owned())
-        }
-    }
-
-    fn matches(&self, name: &str) -> bool {
-        match self {
-            Pattern::Exact(e) => name == e,
-            Pattern::Prefix(p) => name.starts_with(p.as_str()),
-            Pattern::Suffix(s) => name.ends_with(s.as_str()),
-        }
-    }
-}
+/// A header list of the provider config: exact names, `prefix*` or `*suffix`, matched as
+/// AuthorizationPolicy values are.
+type Pattern = crate::authz::Matcher;
 
 fn any(patterns: &[Pattern], name: &str) -> bool {
     patterns.iter().any(|p| p.matches(name))
@@ -326,7 +302,7 @@ async fn ask_http(
 ) -> Result<Decision, String> {
     let mut parts = request_parts(request.method.clone());
     for (name, value) in &request.headers {
-        if any(&provider.include, name.as_str()) && !is_proxy_signal(name) {
+        if any(&provider.include, name.as_str()) && !headers::is_proxy_owned(name) {
             parts.headers.append(name.clone(), value.clone());
         }
     }
@@ -350,7 +326,7 @@ async fn ask_http(
         rparts
             .headers
             .iter()
-            .filter(|(n, _)| any(patterns, n.as_str()) && !is_proxy_signal(n))
+            .filter(|(n, _)| any(patterns, n.as_str()) && !headers::is_proxy_owned(n))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect()
     };
@@ -383,11 +359,6 @@ async fn ask_http(
     Ok(Decision::Deny(resp))
 }
 
-/// Headers a provider never sees or sets: the proxies' own signals and hop-by-hop ones.
-fn is_proxy_signal(name: &HeaderName) -> bool {
-    headers::is_proxy_owned(name)
-}
-
 fn peer(addr: Option<std::net::SocketAddr>, principal: &str) -> pb::attribute_context::Peer {
     pb::attribute_context::Peer {
         address: addr.map(|a| pb::Address {
@@ -409,7 +380,7 @@ async fn ask_grpc(
 ) -> Result<Decision, String> {
     let mut headers = std::collections::BTreeMap::new();
     for (name, value) in &request.headers {
-        if is_proxy_signal(name) {
+        if headers::is_proxy_owned(name) {
             continue;
         }
         let v = String::from_utf8_lossy(value.as_bytes()).into_owned();
@@ -517,7 +488,7 @@ async fn ask_grpc(
                 };
                 // In ext_authz answers `append` defaults to false: the value replaces.
                 let append = o.append.as_ref().is_some_and(|a| a.value);
-                (!is_proxy_signal(&name)).then_some((name, value, append))
+                (!headers::is_proxy_owned(&name)).then_some((name, value, append))
             })
             .collect()
     };
@@ -529,7 +500,7 @@ async fn ask_grpc(
                 .headers_to_remove
                 .iter()
                 .filter_map(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok())
-                .filter(|h| *h != http::header::HOST && !is_proxy_signal(h))
+                .filter(|h| *h != http::header::HOST && !headers::is_proxy_owned(h))
                 .collect();
             allowed.downstream = options(&ok.response_headers_to_add)
                 .into_iter()
@@ -613,10 +584,12 @@ mod tests {
 
     #[test]
     fn proxy_signals_never_reach_a_provider() {
-        assert!(is_proxy_signal(&HeaderName::from_static(
+        assert!(headers::is_proxy_owned(&HeaderName::from_static(
             "x-forwarded-client-cert"
         )));
-        assert!(is_proxy_signal(&http::header::CONNECTION));
-        assert!(!is_proxy_signal(&HeaderName::from_static("x-ext-authz")));
+        assert!(headers::is_proxy_owned(&http::header::CONNECTION));
+        assert!(!headers::is_proxy_owned(&HeaderName::from_static(
+            "x-ext-authz"
+        )));
     }
 }

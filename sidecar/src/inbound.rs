@@ -493,18 +493,25 @@ async fn forward(
     };
     let mut body = crate::body::boxed(body);
     let mut allowed = Vec::new();
+    // The path as lax apps read it, for DENY rules: made once for every policy below.
+    let lax = if state.inbound.is_empty() {
+        String::new()
+    } else {
+        authz::lax_path(path_and_query.path())
+    };
     if state.inbound.has_custom() {
         // Which providers to ask, decided before anything is awaited (the views of the
         // request borrow it).
-        let (checks, check) = {
-            let lax = authz::lax_path(path_and_query.path());
+        let checks = {
             let http = http_view(&parts, authority.as_ref(), path_and_query.path(), &lax);
             let attributes = caller.attributes(app.port(), Some(http), auth.as_ref());
-            let checks = state.inbound.custom_checks(&attributes).map_err(|policy| {
+            state.inbound.custom_checks(&attributes).map_err(|policy| {
                 ctx.metrics.denied(&policy);
                 tracing::info!(target: "authz", %policy, principal = caller.name(), "CUSTOM policy names no extension provider the mesh config has: denied");
                 ProxyError::Forbidden
-            })?;
+            })?
+        };
+        if !checks.is_empty() {
             let check = crate::ext_authz::Check {
                 method: parts.method.clone(),
                 path: path_and_query.as_str().to_owned(),
@@ -523,9 +530,6 @@ async fn forward(
                 destination: caller.local,
                 destination_principal: ctx.identity.id().to_string(),
             };
-            (checks, check)
-        };
-        if !checks.is_empty() {
             // Boxed as a trait object: rare, kept out of every request's future, and its
             // Send-ness is settled here rather than inferred through hyper's service.
             let asked: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
@@ -545,7 +549,6 @@ async fn forward(
         }
     }
     if !state.inbound.is_empty() {
-        let lax = authz::lax_path(path_and_query.path());
         let http = http_view(&parts, authority.as_ref(), path_and_query.path(), &lax);
         authorize(
             &state.inbound,

@@ -10,6 +10,7 @@ use isthmus_proto::type_url;
 use prost::Message;
 use tokio::sync::watch;
 
+use crate::authz::InboundPolicy;
 use crate::convert;
 use crate::lb::HealthTable;
 use crate::state::MeshState;
@@ -49,8 +50,6 @@ impl Store {
         self.state.send_replace(Arc::new(next));
     }
 }
-
-use crate::authz::InboundPolicy;
 
 impl XdsHandler for Store {
     fn apply(&self, type_url: &str, updated: &[Resource], removed: &[String]) -> Vec<Rejected> {

@@ -162,10 +162,9 @@ pub(super) fn mesh_config(
             );
             continue;
         }
-        if out.ext_authz.contains_key(&p.name)
-            || spec.extension_providers[..i]
-                .iter()
-                .any(|q| q.name == p.name)
+        if spec.extension_providers[..i]
+            .iter()
+            .any(|q| q.name == p.name)
         {
             c.fail(
                 Code::Duplicate,
