@@ -40,7 +40,11 @@ pub enum ReqBody {
 }
 
 impl ReqBody {
-    pub async fn new(body: Incoming, idle: Duration) -> Result<Self, ProxyError> {
+    pub async fn new<B>(body: B, idle: Duration) -> Result<Self, ProxyError>
+    where
+        B: Body<Data = Bytes> + Send + Sync + Unpin + 'static,
+        B::Error: std::fmt::Display,
+    {
         if body.size_hint().exact().is_some_and(|n| n <= REPLAY_LIMIT) {
             let bytes = Watched::new(body, idle)
                 .collect()
@@ -212,10 +216,14 @@ pub async fn attempts(
     ctx: &OutboundCtx,
     state: &MeshState,
     plan: &Plan,
-    parts: http::request::Parts,
+    mut parts: http::request::Parts,
     mut body: ReqBody,
 ) -> Result<(Response<ProxyBody>, Arc<str>), ProxyError> {
     let authority = plan.authority.as_str();
+    // Who is calling, for the receiving sidecar's telemetry (Istio's metadata exchange).
+    parts
+        .headers
+        .insert(crate::peer::PEER, state.own.header().clone());
     let mut tried: Vec<Arc<EndpointHealth>> = Vec::new();
     let mut last: Option<ProxyError> = None;
     let mut _retry = None;
@@ -348,6 +356,13 @@ pub async fn attempts(
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 headers::strip_hop_by_hop(&mut rparts.headers);
+                // Who answered, as its sidecar describes itself, for this side's telemetry.
+                if let Some(v) = rparts.headers.get(crate::peer::PEER) {
+                    let answered = ctx.metrics.workloads.described(v.as_bytes(), None);
+                    rparts
+                        .extensions
+                        .insert(crate::telemetry::Answered(answered));
+                }
                 // The far sidecar strips what its app sets; of its own signals only the
                 // error reason goes on to the app, and to `upgrade_through` the mark of an
                 // upgrade the far app accepted.

@@ -382,14 +382,18 @@ pub async fn inbound(
             if crate::inbound::authorize(&policy, &ctx.metrics, &attributes).is_err() {
                 return;
             }
-            splice_to(tcp, remote, original).await
+            let meter = ctx.plaintext_meter(original.port());
+            splice_to(meter.io(tcp), remote, original).await
         });
     }
 }
 
 /// Splices a captured connection to where it was going. The sidecar's own connection is
 /// not captured again: its UID is excluded.
-async fn splice_to(mut tcp: tokio::net::TcpStream, remote: SocketAddr, original: SocketAddr) {
+async fn splice_to<S>(mut tcp: S, remote: SocketAddr, original: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     match tokio::net::TcpStream::connect(original).await {
         Ok(mut app) => {
             let _ = app.set_nodelay(true);

@@ -199,6 +199,7 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
         remote,
         cursor: Default::default(),
         routing,
+        named: crate::metrics::DestinationService::new(host.clone(), &msg.name, &msg.namespace),
         host,
         headless: msg.headless,
     })

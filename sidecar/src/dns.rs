@@ -48,7 +48,7 @@ const TCP_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct DnsProxy {
     state: watch::Receiver<Arc<MeshState>>,
     upstream: Option<TokioResolver>,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
 }
 
 impl DnsProxy {
@@ -56,7 +56,7 @@ impl DnsProxy {
     pub fn new(
         state: watch::Receiver<Arc<MeshState>>,
         upstream: &[SocketAddr],
-        metrics: Metrics,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let upstream = (!upstream.is_empty()).then(|| {
             let servers = upstream
@@ -498,6 +498,7 @@ mod tests {
                 })
                 .collect(),
             external: None,
+            named: crate::metrics::DestinationService::new(host.clone(), name, "demo"),
             host,
             headless,
         }
@@ -729,7 +730,7 @@ mod tests {
             udp.local_addr().expect("addr"),
             tcp.local_addr().expect("addr"),
         );
-        let metrics = Metrics::default();
+        let metrics = Arc::new(Metrics::default());
         let server = tokio::spawn(DnsProxy::new(rx, &[], metrics.clone()).serve(udp, tcp));
 
         // A hostile client: short, oversized and lying packets over UDP; over TCP a length

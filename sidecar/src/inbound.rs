@@ -20,9 +20,10 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::app::AppPool;
 use crate::authz;
 use crate::errors::{is_grpc, ProxyError};
-use crate::metrics::fixed::unknown;
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::{DestinationService, Metrics, Reporter, Series};
+use crate::peer::{Workload, Workloads};
 use crate::pool::ProxyBody;
+use crate::telemetry::{header_bytes, CountedBody, Exchange, Meter, RequestBytes};
 use isthmus_core::headers::{PEER_MAX_HEADER_LIST, PEER_MAX_PENDING_RESETS};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,7 +35,7 @@ pub struct InboundCtx {
     /// Where the app listens; `None` for a sidecar with no app (a pure client).
     pub app: Option<SocketAddr>,
     pub cluster: Arc<str>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// The mesh as pushed, for this service's rate limits.
     pub state: tokio::sync::watch::Receiver<Arc<crate::state::MeshState>>,
     /// Spawns the splices of upgraded connections.
@@ -56,7 +57,7 @@ impl InboundCtx {
     pub fn new(
         identity: TlsIdentity,
         config: &crate::Config,
-        metrics: Metrics,
+        metrics: Arc<Metrics>,
         state: tokio::sync::watch::Receiver<Arc<crate::state::MeshState>>,
         drain: isthmus_core::drain::Drain,
         outbound: Arc<crate::outbound::OutboundCtx>,
@@ -209,6 +210,18 @@ impl Caller {
     }
 
     /// How logs name the caller.
+    /// Who is calling, for telemetry: what its sidecar says (`x-isthmus-peer`), with the
+    /// namespace and principal its certificate proves; nothing for a plaintext caller.
+    fn workload(&self, metrics: &Metrics, headers: &http::HeaderMap) -> Arc<Workload> {
+        let Some(id) = &self.id else {
+            return Workloads::unknown();
+        };
+        let told = headers
+            .get(crate::peer::PEER)
+            .map_or(&b""[..], |v| v.as_bytes());
+        metrics.workloads.described(told, Some(id))
+    }
+
     fn name(&self) -> &str {
         self.principal.as_deref().unwrap_or("-")
     }
@@ -317,7 +330,11 @@ pub(crate) fn authorize(
     }
 }
 
-async fn handle(ctx: &InboundCtx, caller: &Caller, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(
+    ctx: &InboundCtx,
+    caller: &Caller,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let started = std::time::Instant::now();
     let grpc = is_grpc(req.headers());
     // The service asked for, as the registry names it (a name the registry does not know
@@ -326,36 +343,88 @@ async fn handle(ctx: &InboundCtx, caller: &Caller, req: Request<Incoming>) -> Re
     let state = ctx.state.borrow().clone();
     let host = req.uri().host().unwrap_or_default();
     let (svc, service) = match host.strip_suffix("-shadow").map(|h| state.resolve(h)) {
-        Some(Some(s)) => (None, Arc::from(format!("{}-shadow", s.host))),
-        Some(None) => (None, unknown()),
+        Some(Some(s)) => (
+            None,
+            DestinationService::new(format!("{}-shadow", s.host).into(), &s.name, &s.namespace),
+        ),
+        Some(None) => (None, DestinationService::unknown()),
         None => {
             let svc = state.resolve(host);
-            (svc, svc.map_or_else(unknown, |s| s.hostname()))
+            (
+                svc,
+                svc.map_or_else(DestinationService::unknown, |s| s.named()),
+            )
         }
     };
-    let resp = match forward(ctx, caller, &state, svc.map(|s| &**s), req).await {
+    let series = Series {
+        reporter: Reporter::Destination,
+        source: caller.workload(&ctx.metrics, req.headers()),
+        destination: state.own.clone(),
+        service,
+        destination_cluster: ctx.cluster.clone(),
+        protocol: if grpc { "grpc" } else { "http" },
+        mutual_tls: Some(caller.id.is_some()),
+    };
+    let request_bytes = RequestBytes::default();
+    let request_headers = header_bytes(req.headers());
+    req.extensions_mut().insert(request_bytes.clone());
+    if req.method() == http::Method::CONNECT {
+        req.extensions_mut().insert(Meter {
+            metrics: ctx.metrics.clone(),
+            series: Series {
+                protocol: "tcp",
+                ..series.clone()
+            },
+        });
+    }
+    let mut resp = match forward(ctx, caller, &state, svc.map(|s| &**s), req).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(peer = caller.name(), error = %e, "inbound request failed");
             e.respond(grpc)
         }
     };
-    ctx.metrics.record(
-        RequestLabels {
-            reporter: "destination",
-            source_cluster: unknown(),
-            destination_service: service,
-            destination_cluster: ctx.cluster.clone(),
-            response_code: resp.status().as_u16(),
-            response_flags: resp
-                .headers()
-                .get(isthmus_core::headers::ERROR_REASON)
-                .map(|_| "proxy-error")
-                .unwrap_or("-"),
-        },
+    if caller.id.is_some() {
+        // Who answered, for the calling sidecar's telemetry.
+        resp.headers_mut()
+            .insert(crate::peer::PEER, state.own.header().clone());
+    }
+    Exchange::new(
+        ctx.metrics.clone(),
+        series,
         started,
-    );
-    resp
+        request_headers,
+        &request_bytes,
+    )
+    .respond(resp)
+}
+
+impl InboundCtx {
+    /// How a plaintext connection to `port` of this workload (captured, from outside the
+    /// mesh) is counted: for the service that declares the port, from a source unknown.
+    pub(crate) fn plaintext_meter(&self, port: u16) -> Meter {
+        let state = self.state.borrow().clone();
+        let service = state
+            .services
+            .values()
+            .find(|s| {
+                s.workloads.contains(&self.workload)
+                    && s.ports.iter().any(|p| p.target_port == port)
+            })
+            .map_or_else(DestinationService::unknown, |s| s.named());
+        Meter {
+            metrics: self.metrics.clone(),
+            series: Series {
+                reporter: Reporter::Destination,
+                source: Workloads::unknown(),
+                destination: state.own.clone(),
+                service,
+                destination_cluster: self.cluster.clone(),
+                protocol: "tcp",
+                mutual_tls: Some(false),
+            },
+        }
+    }
 }
 
 /// Applies the LocalRateLimits of the service a request is for.
@@ -491,7 +560,12 @@ async fn forward(
     } else {
         None
     };
-    let mut body = crate::body::boxed(body);
+    let counted = parts
+        .extensions
+        .get::<RequestBytes>()
+        .cloned()
+        .unwrap_or_default();
+    let mut body = crate::body::boxed(CountedBody::new(body, &counted));
     let mut allowed = Vec::new();
     // The path as lax apps read it, for DENY rules: made once for every policy below.
     let lax = if state.inbound.is_empty() {

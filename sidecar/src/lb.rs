@@ -533,6 +533,11 @@ mod tests {
             addresses: vec![],
             external: None,
             host: "s.ns.svc.cluster.local".into(),
+            named: crate::metrics::DestinationService::new(
+                "s.ns.svc.cluster.local".into(),
+                "s",
+                "ns",
+            ),
             headless: false,
         }
     }

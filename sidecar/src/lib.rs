@@ -26,10 +26,12 @@ mod lb;
 mod metrics;
 mod origination;
 mod outbound;
+mod peer;
 mod pool;
 mod routing_table;
 mod state;
 mod store;
+mod telemetry;
 mod upgrade;
 
 use std::net::SocketAddr;
@@ -152,11 +154,21 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let config_block = readiness.register("first config");
     let mut registry = prometheus_client::registry::Registry::default();
     isthmus_core::admin::register_build(&mut registry, "proxy");
-    let metrics = metrics::Metrics::default();
+    let metrics = Arc::new(metrics::Metrics::default());
     metrics.register(&mut registry);
     let health = Arc::new(lb::HealthTable::default());
     let certificate: Arc<std::sync::OnceLock<isthmus_core::tls::TlsIdentity>> = Arc::default();
-    let store = Arc::new(store::Store::new(&config.workload.namespace, health));
+    let own = store::Own {
+        pod: config.workload.name.clone(),
+        id: SpiffeId::new(
+            &config.trust_domain,
+            &config.workload.namespace,
+            &config.service_account,
+        ),
+        cluster: config.cluster.clone(),
+        workloads: metrics.workloads.clone(),
+    };
+    let store = Arc::new(store::Store::new(own, health));
     let admin = Admin {
         registry: Arc::new(registry),
         readiness: readiness.clone(),

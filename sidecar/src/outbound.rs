@@ -23,11 +23,12 @@ use tokio::sync::watch;
 use crate::attempt::{attempts, Plan, ReqBody, RetryPolicy};
 use crate::errors::{is_grpc, ProxyError};
 use crate::ingress::Limits;
-use crate::metrics::fixed::{external, unnamed};
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::fixed::{external, unknown};
+use crate::metrics::{DestinationService, Metrics, Reporter, Series};
 use crate::pool::{Pool, ProxyBody};
 use crate::routing_table::{apply_header_op, pick_weighted, rewrite_path, sampled, RequestView};
 use crate::state::MeshState;
+use crate::telemetry::{header_bytes, Answered, CountedBody, Exchange, Meter, RequestBytes};
 use crate::upgrade::Upgrade;
 
 /// What every outbound request needs.
@@ -35,7 +36,7 @@ pub struct OutboundCtx {
     pub state: watch::Receiver<Arc<MeshState>>,
     pub pool: Arc<Pool>,
     pub locality: Locality,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// Spawns the splices of upgraded connections.
     pub drain: isthmus_core::drain::Drain,
     pub limits: Limits,
@@ -121,9 +122,10 @@ async fn captured(
         Err(_) => return,
     };
     match open_tcp(&ctx, &state, svc, port, parts).await {
-        Ok((mut resp, _, _)) if resp.status() == http::StatusCode::OK => {
+        Ok((mut resp, service, cluster)) if resp.status() == http::StatusCode::OK => {
+            let meter = tcp_meter(&ctx, &state, &resp, &service, &cluster);
             if let Ok(up) = hyper::upgrade::on(&mut resp).await {
-                let mut tcp = tcp;
+                let mut tcp = meter.io(tcp);
                 let _ = tokio::io::copy_bidirectional(&mut tcp, &mut TokioIo::new(up)).await;
             }
         }
@@ -355,13 +357,16 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
         .map(str::to_owned)
 }
 
-pub async fn handle(ctx: &Arc<OutboundCtx>, req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(ctx: &Arc<OutboundCtx>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let started = std::time::Instant::now();
     let grpc = is_grpc(req.headers());
     let state = ctx.state.borrow().clone();
     // Cheap clones (reference-counted) kept for the access log.
     let (method, uri) = (req.method().clone(), req.uri().clone());
     let h1 = req.version() < Version::HTTP_2;
+    let request_bytes = RequestBytes::default();
+    let request_headers = header_bytes(req.headers());
+    req.extensions_mut().insert(request_bytes.clone());
     let (resp, service, cluster) = match route(ctx, &state, req).await {
         Ok((resp, service, cluster)) => (resp, service, cluster),
         Err((e, service)) => {
@@ -375,30 +380,29 @@ pub async fn handle(ctx: &Arc<OutboundCtx>, req: Request<Incoming>) -> Response<
                 resp.headers_mut()
                     .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             }
-            (resp, service, unnamed())
+            (resp, service, unknown())
         }
     };
     if resp.headers().get(ERROR_REASON).is_none() {
         tracing::debug!(target: "access", %method, path = uri.path(), service = %service, cluster = %cluster, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request");
     }
-    let flags = resp
-        .headers()
-        .get(ERROR_REASON)
-        .and_then(|v| v.to_str().ok())
-        .map(reason_label)
-        .unwrap_or("-");
-    ctx.metrics.record(
-        RequestLabels {
-            reporter: "source",
-            source_cluster: state.mesh.cluster.clone(),
-            destination_service: service,
-            destination_cluster: cluster,
-            response_code: resp.status().as_u16(),
-            response_flags: flags,
-        },
+    let series = Series {
+        reporter: Reporter::Source,
+        source: state.own.clone(),
+        destination: crate::peer::Workloads::unknown(),
+        service,
+        destination_cluster: cluster,
+        protocol: if grpc { "grpc" } else { "http" },
+        mutual_tls: None,
+    };
+    Exchange::new(
+        ctx.metrics.clone(),
+        series,
         started,
-    );
-    resp
+        request_headers,
+        &request_bytes,
+    )
+    .respond(resp)
 }
 
 /// Parses gRPC's `grpc-timeout` (`<digits><unit>`, units H M S m u n).
@@ -416,36 +420,12 @@ fn grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
-/// Interns the reasons the proxies produce, for metric labels.
-fn reason_label(r: &str) -> &'static str {
-    match r {
-        "no-route" => "no-route",
-        "no-healthy-upstream" => "no-healthy-upstream",
-        "upstream-connect-failure" => "upstream-connect-failure",
-        "upstream-reset" => "upstream-reset",
-        "app-unavailable" => "app-unavailable",
-        "app-reset" => "app-reset",
-        "app-connect-timeout" => "app-connect-timeout",
-        "fault-abort" => "fault-abort",
-        "timeout" => "timeout",
-        "overflow" => "overflow",
-        "rate-limited" => "rate-limited",
-        "tunnel-unsupported" => "tunnel-unsupported",
-        "downstream-body" => "downstream-body",
-        "downstream-timeout" => "downstream-timeout",
-        "invalid-request" => "invalid-request",
-        "request-headers-too-large" => "request-headers-too-large",
-        "upgrade-refused" => "upgrade-refused",
-        "response-headers-too-large" => "response-headers-too-large",
-        "rbac-denied" => "rbac-denied",
-        "jwt-refused" => "jwt-refused",
-        _ => "other",
-    }
-}
-
 /// A response, or the error to answer with; with the service (and the cluster that
 /// answered) named in metrics and logs.
-type Routed = Result<(Response<ProxyBody>, Arc<str>, Arc<str>), (ProxyError, Arc<str>)>;
+type Routed = Result<
+    (Response<ProxyBody>, Arc<DestinationService>, Arc<str>),
+    (ProxyError, Arc<DestinationService>),
+>;
 
 /// The app's address on the outbound listener, for `useSourceIp` hashing.
 #[derive(Debug, Clone, Copy)]
@@ -548,24 +528,36 @@ fn direct_response(status: u16, body: &str) -> Response<ProxyBody> {
 
 async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Incoming>) -> Routed {
     let (mut parts, body) = req.into_parts();
-    ctx.limits.admit(&mut parts).map_err(|e| (e, unnamed()))?;
+    ctx.limits
+        .admit(&mut parts)
+        .map_err(|e| (e, DestinationService::unknown()))?;
     let mut req = Request::from_parts(parts, body);
     // The rarer kinds of request (CONNECT, external hosts, upgrades) run boxed, so their
     // state does not enlarge every request's future.
     if req.method() == http::Method::CONNECT {
         return Box::pin(tcp_tunnel(ctx, state, req)).await;
     }
-    let host = request_host(&req).ok_or((ProxyError::NoHost, unnamed()))?;
+    let host = request_host(&req).ok_or((ProxyError::NoHost, DestinationService::unknown()))?;
     // An HTTP/1.1 upgrade (WebSocket): the app's side of it, taken before the request is
     // dismantled. `h2c` is dropped (the hop-by-hop headers go below); others are refused.
     let upgrade = match crate::upgrade::classify(req.headers(), &ctx.limits.upgrades) {
         Upgrade::None | Upgrade::Drop => None,
         Upgrade::Carry(proto) => Some((proto, hyper::upgrade::on(&mut req))),
-        Upgrade::Refuse(proto) => return Err((ProxyError::UpgradeRefused(proto), unnamed())),
+        Upgrade::Refuse(proto) => {
+            return Err((
+                ProxyError::UpgradeRefused(proto),
+                DestinationService::unknown(),
+            ))
+        }
     };
     req.headers_mut().remove(headers::HTTP2_SETTINGS);
     let (name, port) = split_host(&host);
-    let no_route = || (ProxyError::NoRoute { host: host.clone() }, unnamed());
+    let no_route = || {
+        (
+            ProxyError::NoRoute { host: host.clone() },
+            DestinationService::unknown(),
+        )
+    };
     let svc = match state.resolve(name) {
         Some(svc) => svc.clone(),
         None => match req.extensions().get::<Captured>() {
@@ -618,7 +610,7 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
     };
     if let Some((r, prefix)) = routing.as_deref().and_then(|r| r.select(&view)) {
         let spec = &r.spec;
-        let service = svc.hostname();
+        let service = svc.named();
         // The route timeout covers everything from here, injected delays included.
         let route_deadline = spec
             .timeout_ms
@@ -651,7 +643,7 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
         }
         match &spec.action {
             RouteAction::DirectResponse { status, body } => {
-                return Ok((direct_response(*status, body), service, unnamed()))
+                return Ok((direct_response(*status, body), service, unknown()))
             }
             RouteAction::Redirect {
                 uri,
@@ -661,7 +653,7 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
                 return Ok((
                     redirect(uri, authority, *code, &host, &path),
                     service,
-                    unnamed(),
+                    unknown(),
                 ))
             }
             RouteAction::Route(dests) => {
@@ -722,7 +714,7 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
         response_headers = Some(spec.headers.response.clone());
         mirror = spec.mirror.clone().filter(|m| sampled(m.percentage));
     }
-    let service = plan.svc.hostname();
+    let service = plan.svc.named();
     plan.authority = dest_port.authority.clone();
     plan.port = dest_port.port;
     let mut set_cookie = None;
@@ -766,11 +758,20 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
         ))
         .await
         .map_err(|e| (e, service.clone()))?;
-        return Ok((resp, service, unnamed()));
+        return Ok((resp, service, unknown()));
     }
-    let body = ReqBody::new(body, ctx.limits.stream_idle_timeout)
-        .await
-        .map_err(|e| (e, service.clone()))?;
+    // The body's bytes count towards the request's size as they are forwarded.
+    let counted = parts
+        .extensions
+        .get::<RequestBytes>()
+        .cloned()
+        .unwrap_or_default();
+    let body = ReqBody::new(
+        CountedBody::new(body, &counted),
+        ctx.limits.stream_idle_timeout,
+    )
+    .await
+    .map_err(|e| (e, service.clone()))?;
     if let (Some(m), ReqBody::Replayable(bytes)) = (mirror, &body) {
         spawn_mirror(ctx, state, m, parts.clone(), bytes.clone());
     }
@@ -804,6 +805,32 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
     Ok((resp, service, cluster))
 }
 
+/// How the calling side counts an opaque connection the destination accepted with `resp`.
+fn tcp_meter(
+    ctx: &OutboundCtx,
+    state: &MeshState,
+    resp: &Response<ProxyBody>,
+    service: &Arc<DestinationService>,
+    cluster: &Arc<str>,
+) -> Meter {
+    let destination = resp
+        .extensions()
+        .get::<Answered>()
+        .map_or_else(crate::peer::Workloads::unknown, |a| a.0.clone());
+    Meter {
+        metrics: ctx.metrics.clone(),
+        series: Series {
+            reporter: Reporter::Source,
+            source: state.own.clone(),
+            destination,
+            service: service.clone(),
+            destination_cluster: cluster.clone(),
+            protocol: "tcp",
+            mutual_tls: None,
+        },
+    }
+}
+
 /// An app's `CONNECT host:port`: an opaque TCP tunnel to a port of a mesh service.
 async fn tcp_tunnel(
     ctx: &Arc<OutboundCtx>,
@@ -814,9 +841,14 @@ async fn tcp_tunnel(
         .uri()
         .authority()
         .map(|a| a.as_str().to_owned())
-        .ok_or((ProxyError::NoHost, unnamed()))?;
+        .ok_or((ProxyError::NoHost, DestinationService::unknown()))?;
     let (name, port) = split_host(&host);
-    let no_route = || (ProxyError::NoRoute { host: host.clone() }, unnamed());
+    let no_route = || {
+        (
+            ProxyError::NoRoute { host: host.clone() },
+            DestinationService::unknown(),
+        )
+    };
     let svc = match state.resolve(name) {
         Some(svc) => svc.clone(),
         None => state.passthrough(port, true).ok_or_else(no_route)?,
@@ -828,7 +860,7 @@ async fn tcp_tunnel(
         .clone();
     if svc.external.is_some() {
         // Outside the mesh: TLS (or any TCP) passes through as bytes, by the host asked for.
-        let service = svc.hostname();
+        let service = svc.named();
         let addrs = crate::egress::addresses(&svc, &port, name, asked_port.unwrap_or(port.port))
             .await
             .map_err(|e| (e, service.clone()))?;
@@ -838,7 +870,7 @@ async fn tcp_tunnel(
             .and_then(|r| r.state_for(None, port.port))
             .and_then(|s| s.tls.clone());
         let tls = origination.as_deref().map(|o| (o, name));
-        let resp = crate::egress::tunnel(&service, &addrs, req, &ctx.drain, tls)
+        let resp = crate::egress::tunnel(&service.host, &addrs, req, &ctx.drain, tls)
             .await
             .map_err(|e| (e, service.clone()))?;
         return Ok((resp, service, external()));
@@ -849,8 +881,18 @@ async fn tcp_tunnel(
     if resp.status() != http::StatusCode::OK {
         return Ok((resp, service, cluster));
     }
-    crate::upgrade::splice(client, hyper::upgrade::on(&mut resp), &ctx.drain);
-    Ok((Response::new(crate::pool::empty_body()), service, cluster))
+    let meter = tcp_meter(ctx, state, &resp, &service, &cluster);
+    crate::upgrade::splice(
+        client,
+        hyper::upgrade::on(&mut resp),
+        &ctx.drain,
+        Some(meter.clone()),
+    );
+    let mut answer = Response::new(crate::pool::empty_body());
+    answer
+        .extensions_mut()
+        .insert(Answered(meter.series.destination));
+    Ok((answer, service, cluster))
 }
 
 /// Opens an opaque tunnel to `port` of `svc` (through its VirtualService's `tcp[]`
@@ -862,14 +904,14 @@ async fn open_tcp(
     mut svc: Arc<crate::state::Service>,
     mut port: crate::state::Port,
     mut parts: http::request::Parts,
-) -> Result<(Response<ProxyBody>, Arc<str>, Arc<str>), (ProxyError, Arc<str>)> {
+) -> Routed {
     let host = svc.hostname();
     let no_route = || {
         (
             ProxyError::NoRoute {
                 host: host.to_string(),
             },
-            unnamed(),
+            DestinationService::unknown(),
         )
     };
     // The VirtualService's `tcp[]` routes: first one for this port, weighted destination.
@@ -893,7 +935,7 @@ async fn open_tcp(
             .clone();
         subset = d.subset;
     }
-    let service = svc.hostname();
+    let service = svc.named();
     headers::strip_untrusted(&mut parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(

@@ -90,6 +90,8 @@ pub struct Service {
     pub external: Option<isthmus_core::config::External>,
     /// What metrics, logs and errors call it (see [`Service::name_of`]), made once.
     pub host: Arc<str>,
+    /// Its host, name and namespace as metric labels name them.
+    pub named: Arc<crate::metrics::DestinationService>,
     /// A headless Service: DNS answers its endpoints' addresses (see `dns.rs`).
     pub headless: bool,
 }
@@ -111,6 +113,11 @@ impl Service {
     /// else its Kubernetes name.
     pub fn hostname(&self) -> Arc<str> {
         self.host.clone()
+    }
+
+    /// The service as telemetry names it.
+    pub fn named(&self) -> Arc<crate::metrics::DestinationService> {
+        self.named.clone()
     }
 
     /// The service as reached at one endpoint's address: that endpoint only (here, or in
@@ -138,6 +145,7 @@ impl Service {
             addresses: Vec::new(),
             external: None,
             host: self.host.clone(),
+            named: self.named.clone(),
             headless: true,
         }
     }
@@ -180,6 +188,8 @@ pub struct MeshState {
     pub mesh: MeshInfo,
     /// Labels of this sidecar's own WorkloadEntry (for `sourceLabels`, `failoverPriority`).
     pub own_labels: Arc<BTreeMap<String, String>>,
+    /// This workload as telemetry describes it (from its labels), sent to peers.
+    pub own: Arc<crate::peer::Workload>,
     /// Istio's `ALLOW_ANY`: a host outside the registry passes through (see
     /// [`MeshState::passthrough`]); otherwise it is refused.
     pub allow_any: bool,
@@ -252,6 +262,17 @@ impl MeshState {
             routing: None,
             hosts: vec![PASSTHROUGH.to_owned()],
             host: PASSTHROUGH.into(),
+            named: {
+                static NAMED: std::sync::LazyLock<Arc<crate::metrics::DestinationService>> =
+                    std::sync::LazyLock::new(|| {
+                        crate::metrics::DestinationService::new(
+                            PASSTHROUGH.into(),
+                            PASSTHROUGH,
+                            "unknown",
+                        )
+                    });
+                NAMED.clone()
+            },
             addresses: Vec::new(),
             external: Some(isthmus_core::config::External {
                 resolution: isthmus_core::config::Resolution::None,

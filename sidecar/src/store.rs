@@ -19,16 +19,38 @@ pub struct Store {
     state: watch::Sender<Arc<MeshState>>,
     health: Arc<HealthTable>,
     own_namespace: String,
+    own: Own,
     /// Serializes writers; readers never take it.
     write: Mutex<()>,
 }
 
+/// What a sidecar knows of its own workload before any config: telemetry's description of
+/// it is made from this and the labels the controller pushes.
+pub struct Own {
+    pub pod: String,
+    pub id: isthmus_core::identity::SpiffeId,
+    pub cluster: String,
+    pub workloads: Arc<crate::peer::Workloads>,
+}
+
+impl Own {
+    fn describe(&self, labels: &BTreeMap<String, String>) -> Arc<crate::peer::Workload> {
+        let w = crate::peer::Workload::own(&self.pod, &self.id, &self.cluster, labels);
+        self.workloads.own(w)
+    }
+}
+
 impl Store {
-    pub fn new(own_namespace: &str, health: Arc<HealthTable>) -> Self {
+    pub fn new(own: Own, health: Arc<HealthTable>) -> Self {
+        let state = MeshState {
+            own: own.describe(&BTreeMap::new()),
+            ..Default::default()
+        };
         Self {
-            state: watch::Sender::new(Arc::default()),
+            state: watch::Sender::new(Arc::new(state)),
             health,
-            own_namespace: own_namespace.to_owned(),
+            own_namespace: own.id.namespace().to_owned(),
+            own,
             write: Mutex::new(()),
         }
     }
@@ -77,6 +99,7 @@ impl XdsHandler for Store {
                         pods: _,
                         mesh,
                         own_labels,
+                        own,
                         allow_any,
                         inbound,
                     } = old;
@@ -88,6 +111,7 @@ impl XdsHandler for Store {
                         pods: Default::default(),
                         mesh: mesh.clone(),
                         own_labels: own_labels.clone(),
+                        own: own.clone(),
                         allow_any: *allow_any,
                         inbound: inbound.clone(),
                     };
@@ -127,8 +151,10 @@ impl XdsHandler for Store {
                     }
                     None => return rejected,
                 };
+                let own = self.own.describe(&labels);
                 self.update(|old| MeshState {
                     own_labels: Arc::new(labels),
+                    own,
                     allow_any,
                     inbound: Arc::new(inbound),
                     ..old.clone()
@@ -143,6 +169,15 @@ impl XdsHandler for Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn own() -> Own {
+        Own {
+            pod: "client".into(),
+            id: isthmus_core::identity::SpiffeId::new("cluster.local", "demo", "client"),
+            cluster: "east".into(),
+            workloads: Arc::default(),
+        }
+    }
     use isthmus_proto::discovery as xds;
 
     fn service(name: &str, tunnel: &str) -> Resource {
@@ -176,7 +211,7 @@ mod tests {
 
     #[test]
     fn a_bad_resource_is_rejected_alone_and_keeps_its_previous_version() {
-        let store = Store::new("demo", Arc::default());
+        let store = Store::new(own(), Arc::default());
         let none = store.apply(
             type_url::SERVICE,
             &[service("echo", "127.0.0.1:15008")],
@@ -211,7 +246,7 @@ mod tests {
 
     #[test]
     fn services_resolve_by_every_name_an_app_may_use() {
-        let store = Store::new("demo", Arc::default());
+        let store = Store::new(own(), Arc::default());
         store
             .apply(
                 type_url::SERVICE,
@@ -242,7 +277,7 @@ mod tests {
 
     #[test]
     fn undecodable_bytes_are_rejected() {
-        let store = Store::new("demo", Arc::default());
+        let store = Store::new(own(), Arc::default());
         let junk = Resource {
             name: "demo/x".into(),
             version: "1".into(),

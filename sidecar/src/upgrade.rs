@@ -78,17 +78,23 @@ pub fn end_to_end(headers: &HeaderMap) -> HeaderMap {
     h
 }
 
-/// Splices two upgraded connections once both sides are ready.
+/// Splices two upgraded connections once both sides are ready; `meter` counts an opaque
+/// connection's bytes on `a`, the source's side.
 pub fn splice(
     a: hyper::upgrade::OnUpgrade,
     b: hyper::upgrade::OnUpgrade,
     drain: &isthmus_core::drain::Drain,
+    meter: Option<crate::telemetry::Meter>,
 ) {
     drain.spawn(async move {
         let (Ok(a), Ok(b)) = (a.await, b.await) else {
             return;
         };
-        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+        let (a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+        let _ = match meter {
+            Some(m) => tokio::io::copy_bidirectional(&mut m.io(a), &mut b).await,
+            None => tokio::io::copy_bidirectional(&mut { a }, &mut b).await,
+        };
     });
 }
 
@@ -162,6 +168,7 @@ pub async fn to_app(
         hyper::upgrade::on(&mut req),
         hyper::upgrade::on(resp),
         drain,
+        None,
     );
     Ok(answer)
 }
@@ -181,6 +188,7 @@ pub async fn tcp_to_app(
         .filter(|p| *p > 0)
         .ok_or(ProxyError::TunnelUnsupported)?;
     let target = std::net::SocketAddr::new(app.ip(), port);
+    let meter = req.extensions_mut().remove::<crate::telemetry::Meter>();
     let tcp = tokio::time::timeout(
         std::time::Duration::from_secs(2),
         tokio::net::TcpStream::connect(target),
@@ -193,7 +201,11 @@ pub async fn tcp_to_app(
     drain.spawn(async move {
         let Ok(up) = on_upgrade.await else { return };
         let mut tcp = tcp;
-        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(up), &mut tcp).await;
+        let up = TokioIo::new(up);
+        let _ = match meter {
+            Some(m) => tokio::io::copy_bidirectional(&mut m.io(up), &mut tcp).await,
+            None => tokio::io::copy_bidirectional(&mut { up }, &mut tcp).await,
+        };
     });
     Ok(Response::new(empty_body()))
 }
@@ -248,7 +260,7 @@ pub(crate) async fn through(
         http::header::UPGRADE,
         HeaderValue::from_str(proto).map_err(invalid)?,
     );
-    crate::upgrade::splice(client, hyper::upgrade::on(&mut resp), &ctx.drain);
+    crate::upgrade::splice(client, hyper::upgrade::on(&mut resp), &ctx.drain, None);
     Ok(answer)
 }
 
@@ -290,6 +302,6 @@ pub async fn plaintext_to_app(
     *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *answer.headers_mut() = resp.headers().clone();
     headers::strip_untrusted(answer.headers_mut());
-    splice(on_client, hyper::upgrade::on(resp), drain);
+    splice(on_client, hyper::upgrade::on(resp), drain, None);
     Ok(answer)
 }

@@ -319,7 +319,7 @@ async fn websockets_work_across_clusters() -> anyhow::Result<()> {
 
 /// Opens a TCP tunnel with `CONNECT host:port` through the sidecar at `outbound`, writes a
 /// line and reads it back.
-async fn tcp_echo(
+pub(crate) async fn tcp_echo(
     outbound: std::net::SocketAddr,
     target: &str,
 ) -> anyhow::Result<(String, Vec<u8>)> {

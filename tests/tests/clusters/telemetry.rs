@@ -111,8 +111,14 @@ impl Prometheus {
 async fn prometheus_scrapes_a_two_cluster_mesh_and_answers_dashboard_queries() -> anyhow::Result<()>
 {
     let mut mesh = Mesh::start(&["east", "west"]).await?;
-    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
-        .await?;
+    mesh.add_workload_labeled(
+        "west",
+        "echo-west",
+        Some("echo"),
+        "echo",
+        &[("version", "v1")],
+    )
+    .await?;
     mesh.add_workload("east", "client", None, "frontend")
         .await?;
     let outbound = mesh.workload("east", "client").outbound();
@@ -203,6 +209,78 @@ async fn prometheus_scrapes_a_two_cluster_mesh_and_answers_dashboard_queries() -
         Ok(())
     })
     .await?;
+    // gRPC and opaque TCP to the same service, so every metric has series on both sides.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{outbound}"))?
+        .origin(format!("http://{HOST}:9090").parse()?)
+        .connect()
+        .await?;
+    let mut grpc = isthmus_proto::echo::echo_client::EchoClient::new(channel);
+    for _ in 0..5 {
+        grpc.say(isthmus_proto::echo::EchoRequest {
+            message: "hi".into(),
+        })
+        .await?;
+    }
+    let tcp_target = format!("{HOST}:{}", isthmus_tests::TCP_ECHO_PORT);
+    // Spread over scrapes, as the requests above, so that rates see them.
+    for _ in 0..3 {
+        eventually("a TCP tunnel to west", Duration::from_secs(10), || {
+            crate::mesh::tcp_echo(outbound, &tcp_target)
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    // Kiali's graph and Istio's workload dashboard: who called whom, over what security.
+    let edges = "sum by (source_workload, source_cluster, destination_workload, destination_version, destination_cluster, connection_security_policy) (rate(istio_requests_total{reporter=\"destination\"}[1m]))";
+    eventually(edges, Duration::from_secs(15), || async {
+        let series = prometheus.query(edges).await?;
+        let edge = series.iter().find(|s| {
+            let m = &s["metric"];
+            m["source_workload"] == "client"
+                && m["source_cluster"] == "east"
+                && m["destination_workload"] == "echo-west"
+                && m["destination_cluster"] == "west"
+                && m["destination_version"] == "v1"
+                && m["connection_security_policy"] == "mutual_tls"
+        });
+        let rate = edge
+            .and_then(|s| s["value"][1].as_str()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        anyhow::ensure!(rate > 0.0, "{series:?}");
+        Ok(())
+    })
+    .await?;
+    let grpc_status = "sum by (destination_workload, grpc_response_status) (istio_requests_total{reporter=\"source\", request_protocol=\"grpc\"})";
+    eventually(grpc_status, Duration::from_secs(15), || async {
+        let v = prometheus.by(grpc_status, "grpc_response_status").await?;
+        anyhow::ensure!(v.iter().any(|(s, n)| s == "0" && *n >= 5.0), "{v:?}");
+        Ok(())
+    })
+    .await?;
+    // TCP byte rates in both directions, as each reporter saw them (the echo sends back
+    // what it got: both directions carry the same bytes).
+    for reporter in ["source", "destination"] {
+        for metric in [
+            "istio_tcp_sent_bytes_total",
+            "istio_tcp_received_bytes_total",
+        ] {
+            let q = format!("sum by (destination_workload) (rate({metric}{{reporter=\"{reporter}\", destination_service=\"{HOST}\"}}[1m]))");
+            eventually(&q, Duration::from_secs(15), || async {
+                let v = prometheus.by(&q, "destination_workload").await?;
+                anyhow::ensure!(v.iter().any(|(w, r)| w == "echo-west" && *r > 0.0), "{v:?}");
+                Ok(())
+            })
+            .await?;
+        }
+        let closed = format!("sum(istio_tcp_connections_closed_total{{reporter=\"{reporter}\"}})");
+        eventually(&closed, Duration::from_secs(15), || async {
+            let v = prometheus.by(&closed, "").await?;
+            anyhow::ensure!(v.first().is_some_and(|(_, n)| *n >= 3.0), "{v:?}");
+            Ok(())
+        })
+        .await?;
+    }
+    every_label_is_present_on_both_reporters(&prometheus).await?;
     // Versions as Istio's dashboards read them, and the control plane's own view.
     let builds = prometheus
         .by("count by (component) (istio_build)", "component")
@@ -218,5 +296,87 @@ async fn prometheus_scrapes_a_two_cluster_mesh_and_answers_dashboard_queries() -
         connected.first().is_some_and(|(_, v)| *v >= 4.0),
         "two sidecars and two gateways: {connected:?}"
     );
+    Ok(())
+}
+
+/// Istio's documented labels of its standard metrics
+/// (istio.io/latest/docs/reference/config/metrics): all of them on request metrics; TCP
+/// metrics have no response code or gRPC status.
+const ISTIO_LABELS: [&str; 25] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+];
+
+/// Labels a request between two mesh workloads must know (never `unknown`), by reporter:
+/// all but the client's app and version (it has no labels), the gRPC status of plain HTTP,
+/// and the security policy at the source (Istio writes `unknown` there too).
+fn known(reporter: &str, label: &str) -> bool {
+    let unknowable = match label {
+        "source_app" | "source_version" | "grpc_response_status" => true,
+        "connection_security_policy" => reporter == "source",
+        _ => false,
+    };
+    !unknowable
+}
+
+/// Every series of every Istio metric, on both reporters, carries every documented label
+/// with a value; for the client's traffic to echo, the values a mesh knows are not
+/// `unknown`.
+async fn every_label_is_present_on_both_reporters(prometheus: &Prometheus) -> anyhow::Result<()> {
+    let metrics = [
+        ("istio_requests_total", true),
+        ("istio_request_duration_milliseconds_bucket", true),
+        ("istio_request_bytes_bucket", true),
+        ("istio_response_bytes_bucket", true),
+        ("istio_tcp_sent_bytes_total", false),
+        ("istio_tcp_received_bytes_total", false),
+        ("istio_tcp_connections_opened_total", false),
+        ("istio_tcp_connections_closed_total", false),
+    ];
+    for (metric, http) in metrics {
+        for reporter in ["source", "destination"] {
+            let q = format!("{metric}{{reporter=\"{reporter}\", destination_service=\"{HOST}\"}}");
+            let series = prometheus.query(&q).await?;
+            anyhow::ensure!(!series.is_empty(), "no series for {q}");
+            for s in &series {
+                let m = &s["metric"];
+                for label in ISTIO_LABELS {
+                    if !http && matches!(label, "response_code" | "grpc_response_status") {
+                        anyhow::ensure!(m.get(label).is_none(), "{metric} has {label}: {m}");
+                        continue;
+                    }
+                    let value = m[label].as_str().unwrap_or_default();
+                    anyhow::ensure!(!value.is_empty(), "{metric} {reporter}: no {label} in {m}");
+                    anyhow::ensure!(
+                        value != "unknown" || !known(reporter, label),
+                        "{metric} {reporter}: {label} unknown in {s}; all: {series:?}"
+                    );
+                }
+            }
+        }
+    }
     Ok(())
 }

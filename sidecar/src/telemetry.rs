@@ -1,0 +1,332 @@
+//! What a request or connection leaves behind when it ends: Istio's metrics (see
+//! `metrics`), with sizes counted as the bytes flow and the outcome (status, gRPC status,
+//! Envoy's response flags) read from the response.
+//!
+//! A request is measured by [`Exchange`], carried by its response body ([`MeteredBody`])
+//! and completed when that body ends, so the duration and response size are those of the
+//! whole response, as Istio reports them. An opaque connection is measured by
+//! [`MeteredIo`] around the stream that faces the source: its reads are the request
+//! direction (`istio_tcp_received_bytes_total`), its writes the response direction
+//! (`istio_tcp_sent_bytes_total`), counted as they happen, so a long connection's bytes
+//! show before it closes.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::metrics::{Metrics, Series, TcpHandles};
+use crate::peer::Workload;
+use crate::pool::{BoxError, ProxyBody};
+
+/// The workload that answered a request, as its sidecar described itself (a response
+/// extension the attempt sets for the outbound path).
+#[derive(Clone, Debug)]
+pub struct Answered(pub Arc<Workload>);
+
+/// Bytes of a request body, counted as the body is forwarded (a request extension, so the
+/// path that forwards the body finds the counter).
+#[derive(Clone, Debug, Default)]
+pub struct RequestBytes(pub Arc<AtomicU64>);
+
+/// The size a header block takes on the wire, near enough: names, values and separators.
+pub fn header_bytes(headers: &HeaderMap) -> u64 {
+    headers
+        .iter()
+        .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
+        .sum()
+}
+
+/// Envoy's response flag for a reason the proxies give their own answers
+/// (`x-isthmus-error`): UH no healthy upstream, UF upstream connect failure, UR upstream
+/// reset, UT upstream timeout, UO overflow (circuit breaker), NR no route, RL rate limited,
+/// FI fault injected, DC/DPE downstream broke or sent what cannot be served, UPE upstream
+/// protocol error; `-` for answers that carry no flag in Envoy (policy denials).
+pub fn response_flag(reason: &str) -> &'static str {
+    match reason {
+        "no-route" | "tunnel-unsupported" => "NR",
+        "no-healthy-upstream" => "UH",
+        "upstream-connect-failure" | "app-unavailable" | "app-connect-timeout" => "UF",
+        "upstream-reset" | "app-reset" | "peer-unavailable" => "UR",
+        "fault-abort" => "FI",
+        "timeout" | "per-try-timeout" => "UT",
+        "overflow" => "UO",
+        "rate-limited" => "RL",
+        "downstream-body" | "downstream-timeout" => "DC",
+        "invalid-request" | "request-headers-too-large" => "DPE",
+        "response-headers-too-large" => "UPE",
+        _ => "-",
+    }
+}
+
+/// The gRPC status of a trailers (or trailers-only headers) block.
+fn grpc_status(headers: &HeaderMap) -> Option<u16> {
+    headers
+        .get(isthmus_core::headers::GRPC_STATUS)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// One request, measured until its response ends.
+pub struct Exchange {
+    metrics: Arc<Metrics>,
+    series: Series,
+    started: Instant,
+    request_bytes: Arc<AtomicU64>,
+    response_bytes: u64,
+    code: u16,
+    grpc_status: Option<u16>,
+    flags: &'static str,
+}
+
+impl Exchange {
+    /// A request that started at `started`, whose headers took `request_headers` bytes and
+    /// whose body is counted in `body`.
+    pub fn new(
+        metrics: Arc<Metrics>,
+        series: Series,
+        started: Instant,
+        request_headers: u64,
+        body: &RequestBytes,
+    ) -> Self {
+        body.0.fetch_add(request_headers, Ordering::Relaxed);
+        Self {
+            metrics,
+            series,
+            started,
+            request_bytes: body.0.clone(),
+            response_bytes: 0,
+            code: 0,
+            grpc_status: None,
+            flags: "-",
+        }
+    }
+
+    /// Reads the outcome from the response head, and wraps its body to finish the
+    /// measurement when the body ends.
+    pub fn respond(mut self, resp: http::Response<ProxyBody>) -> http::Response<ProxyBody> {
+        self.code = resp.status().as_u16();
+        self.response_bytes = header_bytes(resp.headers());
+        self.grpc_status = grpc_status(resp.headers());
+        if let Some(reason) = resp
+            .headers()
+            .get(isthmus_core::headers::ERROR_REASON)
+            .and_then(|v| v.to_str().ok())
+        {
+            self.flags = response_flag(reason);
+        }
+        if let Some(Answered(w)) = resp.extensions().get::<Answered>() {
+            self.series.destination = w.clone();
+        }
+        resp.map(|body| {
+            crate::body::boxed(MeteredBody {
+                inner: body,
+                exchange: Some(self),
+            })
+        })
+    }
+
+    fn finish(self, flags: Option<&'static str>) {
+        let flags = match (self.flags, flags) {
+            ("-", Some(f)) => f,
+            (f, _) => f,
+        };
+        let key = self.series.key(self.code, self.grpc_status, flags);
+        self.metrics.request(
+            &key,
+            self.started.elapsed(),
+            self.request_bytes.load(Ordering::Relaxed),
+            self.response_bytes,
+        );
+    }
+}
+
+/// A response body that completes its request's measurement when it ends (or is dropped
+/// before its end: the client went away, Envoy's `DC`).
+pub struct MeteredBody {
+    inner: ProxyBody,
+    exchange: Option<Exchange>,
+}
+
+impl Body for MeteredBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(ex) = this.exchange.as_mut() {
+                    if let Some(data) = frame.data_ref() {
+                        ex.response_bytes += data.len() as u64;
+                    } else if let Some(trailers) = frame.trailers_ref() {
+                        ex.response_bytes += header_bytes(trailers);
+                        ex.grpc_status = grpc_status(trailers).or(ex.grpc_status);
+                    }
+                }
+                if this.inner.is_end_stream() {
+                    if let Some(ex) = this.exchange.take() {
+                        ex.finish(None);
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(ex) = this.exchange.take() {
+                    ex.finish(None);
+                }
+            }
+            // The upstream broke the response under way.
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(ex) = this.exchange.take() {
+                    ex.finish(Some("UR"));
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        if let Some(ex) = self.exchange.take() {
+            let gone = (!self.inner.is_end_stream()).then_some("DC");
+            ex.finish(gone);
+        }
+    }
+}
+
+/// Counts a request body's bytes into a [`RequestBytes`] as they are forwarded.
+pub struct CountedBody<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B> CountedBody<B> {
+    pub fn new(inner: B, count: &RequestBytes) -> Self {
+        Self {
+            inner,
+            count: count.0.clone(),
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for CountedBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What an opaque connection is counted as, until its stream is at hand (a request
+/// extension on the receiving side's CONNECT).
+#[derive(Clone)]
+pub struct Meter {
+    pub metrics: Arc<Metrics>,
+    pub series: Series,
+}
+
+impl Meter {
+    /// Counts `stream`, the source's side of the connection, as opened.
+    pub fn io<S>(&self, stream: S) -> MeteredIo<S> {
+        MeteredIo::new(stream, &self.metrics, &self.series)
+    }
+}
+
+/// An opaque connection's stream on the source's side, counting its bytes as they pass and
+/// its close when dropped.
+pub struct MeteredIo<S> {
+    inner: S,
+    handles: TcpHandles,
+}
+
+impl<S> MeteredIo<S> {
+    /// Counts the connection as opened in `series`.
+    pub fn new(inner: S, metrics: &Metrics, series: &Series) -> Self {
+        let handles = metrics.connection(&series.key(0, None, "-"));
+        Self { inner, handles }
+    }
+}
+
+impl<S> Drop for MeteredIo<S> {
+    fn drop(&mut self) {
+        self.handles.closed.inc();
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for MeteredIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.handles.received.inc_by(read as u64);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for MeteredIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.handles.sent.inc_by(n as u64);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
