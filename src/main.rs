@@ -73,7 +73,7 @@ enum Command {
     /// Run a cluster's east-west gateway.
     Gateway(GatewayArgs),
     /// Run a workload's sidecar proxy.
-    Sidecar(SidecarArgs),
+    Sidecar(Box<SidecarArgs>),
     /// Run the sample app (HTTP/1.1, HTTP/2 and gRPC echo).
     Echo {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -596,6 +596,8 @@ struct GatewayArgs {
     /// LoadBalancer's address and 15443).
     #[arg(long)]
     advertise_quic: Option<SocketAddr>,
+    #[command(flatten)]
+    otlp: OtlpArgs,
 }
 
 #[derive(Args)]
@@ -644,6 +646,71 @@ struct SidecarArgs {
     app: Option<SocketAddr>,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    otlp: OtlpArgs,
+    /// Access log lines to standard output: `off`, `text` (Envoy's default format, as
+    /// Istio writes it) or `json` (Istio's field names). With --otlp-endpoint they are also
+    /// exported as OTLP log records, whatever this says.
+    #[arg(long, env = "ISTHMUS_ACCESS_LOG", default_value = "off")]
+    access_log: isthmus_core::otlp::AccessLogFormat,
+}
+
+/// OTLP export of traces, metrics and access logs (OpenTelemetry's environment variables
+/// work as well as the flags).
+#[derive(Args)]
+struct OtlpArgs {
+    /// The OpenTelemetry collector: `http://host:4317` for gRPC, `http://host:4318` for
+    /// HTTP/protobuf (`/v1/traces`, `/v1/metrics`, `/v1/logs` are appended). Off unless
+    /// given.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// `grpc` or `http/protobuf`.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", default_value = "grpc")]
+    otlp_protocol: isthmus_core::otlp::Protocol,
+    /// A header sent with every export, `name=value` (repeat or comma-separate), e.g. a
+    /// tenant or an API key.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_HEADERS", value_delimiter = ',', value_parser = parse_header)]
+    otlp_header: Vec<(String, String)>,
+    /// How often metrics are exported.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    otlp_metrics_interval: Duration,
+    /// Percentage of the requests that start a trace here (no sampled or unsampled
+    /// context from the caller) that are traced; a caller's decision is always kept.
+    /// Istio's default is 1.
+    #[arg(long, default_value_t = 1.0)]
+    trace_sampling: f64,
+}
+
+impl OtlpArgs {
+    fn config(self) -> anyhow::Result<Option<isthmus_core::otlp::Config>> {
+        let Some(endpoint) = self.otlp_endpoint else {
+            return Ok(None);
+        };
+        anyhow::ensure!(
+            (0.0..=100.0).contains(&self.trace_sampling),
+            "--trace-sampling {} is not a percentage (0 to 100)",
+            self.trace_sampling
+        );
+        Ok(Some(isthmus_core::otlp::Config {
+            endpoint,
+            protocol: self.otlp_protocol,
+            headers: self.otlp_header,
+            metrics_interval: self.otlp_metrics_interval,
+            sampling: self.trace_sampling,
+            resource: Vec::new(),
+        }))
+    }
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("header `{s}`: expected name=value"))?;
+    http::HeaderName::try_from(k.trim())
+        .map_err(|_| format!("header `{s}`: `{k}` is not a header name"))?;
+    http::HeaderValue::try_from(v.trim())
+        .map_err(|_| format!("header `{s}`: the value is not header text"))?;
+    Ok((k.trim().to_owned(), v.trim().to_owned()))
 }
 
 /// What a request must be to enter the mesh, and how long the sidecar waits (Envoy's
@@ -1082,6 +1149,7 @@ async fn run(
                 advertise_quic: a.advertise_quic,
                 admin_addr: a.admin,
                 metrics_addr: a.metrics,
+                otlp: a.otlp.config()?,
             };
             serve!(isthmus_gateway::build(config).await?, exit_with_stdin)
         }
@@ -1119,6 +1187,10 @@ async fn run(
                 app_addr: a.app,
                 log_control,
                 limits: a.limits.limits(),
+                telemetry: isthmus_core::otlp::TelemetryConfig {
+                    otlp: a.otlp.config()?,
+                    access_log: a.access_log,
+                },
             };
             serve!(isthmus_sidecar::build(config).await?, exit_with_stdin)
         }

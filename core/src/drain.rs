@@ -92,11 +92,26 @@ impl Drain {
 
 /// The long-lived tasks of a running component and the trigger of its drain: the one
 /// handle a component's `Bound` keeps.
-#[derive(Debug)]
+/// Work to finish when the component stops (flushing telemetry).
+type Finally = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// How long [`Running::shutdown`] waits for the work given to [`Running::finally`].
+const FINALLY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub struct Running {
     tasks: tokio::task::JoinSet<()>,
     trigger: Trigger,
     active: Arc<AtomicUsize>,
+    finally: Vec<Finally>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("tasks", &self.tasks.len())
+            .field("active", &self.active.load(Ordering::Relaxed))
+            .finish()
+    }
 }
 
 impl Running {
@@ -106,6 +121,7 @@ impl Running {
             tasks: tokio::task::JoinSet::new(),
             trigger,
             active: drain.active.clone(),
+            finally: Vec::new(),
         };
         (running, drain)
     }
@@ -115,6 +131,15 @@ impl Running {
         F: Future<Output = ()> + Send + 'static,
     {
         self.tasks.spawn(fut);
+    }
+
+    /// Runs `fut` once connections have drained at [`Running::shutdown`] (bounded by a
+    /// few seconds): telemetry flushing its buffers.
+    pub fn finally<F>(&mut self, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.finally.push(Box::pin(fut));
     }
 
     /// Resolves when any long-lived task ends, which only a fatal error makes happen.
@@ -137,7 +162,10 @@ impl Running {
         while self.active.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < end {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        self.active.load(Ordering::Relaxed)
+        let cut = self.active.load(Ordering::Relaxed);
+        let finally = futures::future::join_all(std::mem::take(&mut self.finally));
+        let _ = tokio::time::timeout(FINALLY_DEADLINE, finally).await;
+        cut
     }
 }
 

@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod headers;
 pub mod identity;
 pub mod locality;
+pub mod otlp;
 pub mod path;
 pub mod readiness;
 pub mod routing;

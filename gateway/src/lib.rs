@@ -9,6 +9,7 @@
 
 pub mod header;
 mod peer;
+mod spans;
 mod state;
 mod tunnel;
 
@@ -47,6 +48,9 @@ pub struct Config {
     /// The QUIC address peer gateways are told (a LoadBalancer's), when it is not the
     /// bound one.
     pub advertise_quic: Option<SocketAddr>,
+    /// Spans of the tunnels this gateway carries, over OTLP; none when `None`. Gateways
+    /// only continue sampled traces, so the sampling percentage does not apply.
+    pub otlp: Option<isthmus_core::otlp::Config>,
 }
 
 pub struct Bound {
@@ -144,12 +148,34 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             GATEWAY_SERVICE_ACCOUNT,
         ),
     };
+    let otlp = match &config.otlp {
+        Some(o) => {
+            let mut o = o.clone();
+            o.resource.extend([
+                (
+                    "service.name".to_owned(),
+                    format!("istio-eastwestgateway.{SYSTEM_NAMESPACE}"),
+                ),
+                ("isthmus.cluster".to_owned(), config.cluster.clone()),
+                ("isthmus.role".to_owned(), "gateway".to_owned()),
+            ]);
+            Some(isthmus_core::otlp::Otlp::start(&o).context("starting OTLP export")?)
+        }
+        None => None,
+    };
+    let tracer = otlp.as_ref().map(|o| {
+        use opentelemetry::trace::TracerProvider as _;
+        o.traces.tracer("isthmus-gateway")
+    });
+    if let Some(o) = otlp {
+        running.finally(o.shutdown());
+    }
     let cluster = config.cluster.clone();
     running.spawn(async move {
         let identity = ca.fetch_until_issued().await;
         drop(cert_block);
         let links = match peer::PeerLinks::new(udp, identity.clone(), drain.clone()) {
-            Ok(l) => Arc::new(l.with_metrics(metrics)),
+            Ok(l) => Arc::new(l.with_metrics(metrics).with_tracer(tracer.clone())),
             Err(e) => return tracing::error!(error = %e, "cannot start the QUIC endpoint"),
         };
         let mut tasks = tokio::task::JoinSet::new();
@@ -184,6 +210,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
                 store,
                 links,
                 drain,
+                tracer,
             }),
         ));
         tasks.join_next().await;

@@ -89,6 +89,8 @@ pub struct PeerLinks {
     pub metrics: Metrics,
     cursor: AtomicUsize,
     drain: isthmus_core::drain::Drain,
+    /// Spans of the streams peers open, when tracing is on.
+    tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
 }
 
 fn transport() -> Arc<quinn::TransportConfig> {
@@ -133,6 +135,7 @@ impl PeerLinks {
             links: Mutex::default(),
             metrics: Metrics::default(),
             cursor: AtomicUsize::new(0),
+            tracer: None,
             drain,
         })
     }
@@ -140,6 +143,11 @@ impl PeerLinks {
     /// Shares counters registered elsewhere.
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    pub fn with_tracer(mut self, tracer: Option<opentelemetry_sdk::trace::SdkTracer>) -> Self {
+        self.tracer = tracer;
         self
     }
 
@@ -390,7 +398,28 @@ impl PeerLinks {
             Err(_) => return,
         };
         let source = header.source_cluster.clone();
+        let span = crate::spans::start(
+            self.tracer.as_ref(),
+            &header.traceparent,
+            format!("tunnel from {source}"),
+            opentelemetry::trace::SpanKind::Server,
+            vec![
+                opentelemetry::KeyValue::new("isthmus.source.cluster", source.clone()),
+                opentelemetry::KeyValue::new(
+                    "isthmus.source.principal",
+                    header.source_identity.clone(),
+                ),
+                opentelemetry::KeyValue::new(
+                    "isthmus.destination.service",
+                    format!("{}.{}:{}", header.service, header.namespace, header.port),
+                ),
+                opentelemetry::KeyValue::new("isthmus.destination.cluster", own.to_owned()),
+            ],
+        );
         let result = self.connect_local(&header, store, own).await;
+        if let Some(span) = span {
+            span.end(result.as_ref().err().map(String::as_str));
+        }
         let outcome = if result.is_ok() { "ok" } else { "failed" };
         self.metrics
             .streams

@@ -27,6 +27,8 @@ pub struct TunnelCtx {
     pub store: Arc<Store>,
     pub links: Arc<PeerLinks>,
     pub drain: isthmus_core::drain::Drain,
+    /// Spans of the tunnels sidecars open, when tracing is on.
+    pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
 }
 
 fn reply(status: StatusCode, reason: &'static str) -> Response<Body> {
@@ -116,12 +118,31 @@ async fn handle(ctx: &TunnelCtx, peer: &SpiffeId, mut req: Request<Incoming>) ->
     let Some(target) = ctx.store.current().peers.get(&cluster).cloned() else {
         return reply(StatusCode::SERVICE_UNAVAILABLE, "no-peer-gateway");
     };
-    let traceparent = req
+    let mut traceparent = req
         .headers()
-        .get("traceparent")
+        .get(isthmus_core::otlp::TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
+    let span = crate::spans::start(
+        ctx.tracer.as_ref(),
+        &traceparent,
+        format!("tunnel to {cluster}"),
+        opentelemetry::trace::SpanKind::Client,
+        vec![
+            opentelemetry::KeyValue::new("isthmus.source.cluster", ctx.cluster.clone()),
+            opentelemetry::KeyValue::new("isthmus.source.principal", peer.to_string()),
+            opentelemetry::KeyValue::new(
+                "isthmus.destination.service",
+                format!("{service}.{namespace}:{port}"),
+            ),
+            opentelemetry::KeyValue::new("isthmus.destination.cluster", cluster.clone()),
+        ],
+    );
+    if let Some(s) = &span {
+        // The remote gateway's span is this one's child.
+        traceparent = s.traceparent.clone();
+    }
     // The subset a sidecar asks for, `k=v,k2=v2`.
     let labels = req
         .headers()
@@ -150,7 +171,11 @@ async fn handle(ctx: &TunnelCtx, peer: &SpiffeId, mut req: Request<Incoming>) ->
         source_cluster: ctx.cluster.clone(),
         traceparent,
     };
-    let (send, recv) = match ctx.links.open(&cluster, &target, &header).await {
+    let opened = ctx.links.open(&cluster, &target, &header).await;
+    if let Some(span) = span {
+        span.end(opened.as_ref().err().map(|e| e.to_string()).as_deref());
+    }
+    let (send, recv) = match opened {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(peer = %cluster, error = %e, "tunnel to peer failed");

@@ -261,7 +261,16 @@ pub async fn attempts(
             Target::Local { .. } => state.mesh.cluster.clone(),
             Target::Remote { cluster, .. } => cluster.clone(),
         };
-        let mut h2 = match connect(ctx, state, &target, authority, plan.connect_options()).await {
+        let trace = parts.headers.get(isthmus_core::otlp::TRACEPARENT);
+        let opened = connect(
+            ctx,
+            state,
+            &target,
+            authority,
+            plan.connect_options(),
+            trace,
+        );
+        let mut h2 = match opened.await {
             Ok(h2) => h2,
             Err(e) => {
                 fail(ctx, plan, &target, Failure::Connect, e.reason());
@@ -449,6 +458,7 @@ async fn connect(
     target: &Target,
     authority: &str,
     opts: crate::pool::ConnectOptions,
+    trace: Option<&HeaderValue>,
 ) -> Result<H2, ProxyError> {
     connect_with(
         &ctx.pool,
@@ -456,6 +466,7 @@ async fn connect(
         target,
         authority,
         opts,
+        trace,
     )
     .await
     .map_err(|source| ProxyError::UpstreamConnect {
@@ -471,6 +482,7 @@ async fn connect_with(
     target: &Target,
     authority: &str,
     opts: crate::pool::ConnectOptions,
+    trace: Option<&HeaderValue>,
 ) -> Result<H2, crate::pool::ConnectError> {
     match target {
         Target::Local {
@@ -491,6 +503,7 @@ async fn connect_with(
                 authority,
                 subset,
                 endpoint: endpoint.as_deref().unwrap_or_default(),
+                traceparent: trace,
             };
             pool.remote(gateway, to, identities, opts).await
         }
@@ -508,9 +521,16 @@ fn probe(ctx: &OutboundCtx, state: &MeshState, plan: &Plan, target: Target) {
     let (pool, gateway) = (ctx.pool.clone(), state.mesh.gateway.clone());
     let (authority, opts) = (plan.authority.clone(), plan.connect_options());
     ctx.drain.spawn(async move {
-        let up = connect_with(&pool, gateway.as_ref(), &target, authority.as_str(), opts)
-            .await
-            .is_ok();
+        let up = connect_with(
+            &pool,
+            gateway.as_ref(),
+            &target,
+            authority.as_str(),
+            opts,
+            None,
+        )
+        .await
+        .is_ok();
         target.health().probed(up, &thresholds);
     });
 }

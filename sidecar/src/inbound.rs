@@ -23,8 +23,9 @@ use crate::errors::{is_grpc, ProxyError};
 use crate::metrics::{DestinationService, Metrics, Reporter, Series};
 use crate::peer::{Workload, Workloads};
 use crate::pool::ProxyBody;
-use crate::telemetry::{header_bytes, CountedBody, Exchange, Meter, RequestBytes};
+use crate::telemetry::{CountedBody, Exchange, Meter, RequestBytes};
 use isthmus_core::headers::{PEER_MAX_HEADER_LIST, PEER_MAX_PENDING_RESETS};
+use opentelemetry::trace::SpanKind;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle connections to the app kept per protocol.
@@ -36,6 +37,8 @@ pub struct InboundCtx {
     pub app: Option<SocketAddr>,
     pub cluster: Arc<str>,
     pub metrics: Arc<Metrics>,
+    /// Request metrics, spans and access logs.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// The mesh as pushed, for this service's rate limits.
     pub state: tokio::sync::watch::Receiver<Arc<crate::state::MeshState>>,
     /// Spawns the splices of upgraded connections.
@@ -57,7 +60,7 @@ impl InboundCtx {
     pub fn new(
         identity: TlsIdentity,
         config: &crate::Config,
-        metrics: Arc<Metrics>,
+        telemetry: Arc<crate::telemetry::Telemetry>,
         state: tokio::sync::watch::Receiver<Arc<crate::state::MeshState>>,
         drain: isthmus_core::drain::Drain,
         outbound: Arc<crate::outbound::OutboundCtx>,
@@ -79,7 +82,8 @@ impl InboundCtx {
             identity,
             app: config.app_addr,
             cluster: config.cluster.as_str().into(),
-            metrics,
+            metrics: telemetry.metrics.clone(),
+            telemetry,
             state,
             drain,
             workload: config.workload.to_string(),
@@ -365,9 +369,7 @@ async fn handle(
         protocol: if grpc { "grpc" } else { "http" },
         mutual_tls: Some(caller.id.is_some()),
     };
-    let request_bytes = RequestBytes::default();
-    let request_headers = header_bytes(req.headers());
-    req.extensions_mut().insert(request_bytes.clone());
+    let exchange = Exchange::start(&ctx.telemetry, started, &mut req, SpanKind::Server);
     if req.method() == http::Method::CONNECT {
         req.extensions_mut().insert(Meter {
             metrics: ctx.metrics.clone(),
@@ -389,14 +391,7 @@ async fn handle(
         resp.headers_mut()
             .insert(crate::peer::PEER, state.own.header().clone());
     }
-    Exchange::new(
-        ctx.metrics.clone(),
-        series,
-        started,
-        request_headers,
-        &request_bytes,
-    )
-    .respond(resp)
+    exchange.respond(resp, series)
 }
 
 impl InboundCtx {

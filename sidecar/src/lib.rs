@@ -9,6 +9,7 @@
 //! inbound requests to the local app with the caller's SPIFFE ID; the app's health to the
 //! controller; metrics and config on the admin port (15000).
 
+mod access_log;
 mod app;
 mod attempt;
 mod authz;
@@ -29,6 +30,7 @@ mod outbound;
 mod peer;
 mod pool;
 mod routing_table;
+mod spans;
 mod state;
 mod store;
 mod telemetry;
@@ -93,6 +95,8 @@ pub struct Config {
     pub log_control: Option<LogControl>,
     /// Header limits, timeouts, path normalization and allowed upgrades.
     pub limits: ingress::Limits,
+    /// OTLP export (traces, metrics, access logs) and access logs to standard output.
+    pub telemetry: isthmus_core::otlp::TelemetryConfig,
 }
 
 pub struct Bound {
@@ -204,6 +208,31 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             &config.service_account,
         ),
     };
+    let otlp = match &config.telemetry.otlp {
+        Some(o) => Some(
+            isthmus_core::otlp::Otlp::start(&with_resource(o, &config))
+                .context("starting OTLP export")?,
+        ),
+        None => None,
+    };
+    if let Some(o) = &otlp {
+        use opentelemetry::metrics::MeterProvider as _;
+        metrics.export_otlp(&o.metrics.meter("isthmus-sidecar"));
+    }
+    let access_log = access_log::AccessLog::new(
+        config.telemetry.access_log,
+        otlp.as_ref(),
+        metrics.access_log_dropped.clone(),
+    );
+    let telemetry = Arc::new(telemetry::Telemetry::new(
+        metrics.clone(),
+        otlp.as_ref(),
+        access_log,
+    ));
+    if let Some(o) = otlp {
+        // Buffered spans, metrics and logs go out before the process ends.
+        running.finally(o.shutdown());
+    }
     let cfg = config.clone();
     running.spawn(async move {
         let identity = ca.fetch_until_issued().await;
@@ -240,6 +269,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             ),
             locality: cfg.locality.clone(),
             metrics: metrics.clone(),
+            telemetry: telemetry.clone(),
             drain: drain.clone(),
             limits: cfg.limits.clone(),
         });
@@ -247,7 +277,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         let in_ctx = Arc::new(inbound::InboundCtx::new(
             identity,
             &cfg,
-            metrics,
+            telemetry,
             store.subscribe(),
             drain.clone(),
             out_ctx,
@@ -266,6 +296,25 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         readiness,
         running,
     })
+}
+
+/// The OTLP config with this sidecar's resource: Istio names a proxy's service
+/// `<workload>.<namespace>`.
+fn with_resource(otlp: &isthmus_core::otlp::Config, config: &Config) -> isthmus_core::otlp::Config {
+    let mut o = otlp.clone();
+    let w = &config.workload;
+    o.resource.extend([
+        (
+            "service.name".to_owned(),
+            format!("{}.{}", w.name, w.namespace),
+        ),
+        ("service.instance.id".to_owned(), w.to_string()),
+        ("k8s.namespace.name".to_owned(), w.namespace.clone()),
+        ("k8s.pod.name".to_owned(), w.name.clone()),
+        ("isthmus.cluster".to_owned(), config.cluster.clone()),
+        ("isthmus.role".to_owned(), "sidecar".to_owned()),
+    ]);
+    o
 }
 
 /// Probes the app's port and publishes whether it accepts connections.

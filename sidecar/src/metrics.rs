@@ -17,6 +17,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::peer::{Workload, Workloads};
+use opentelemetry::KeyValue;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -275,6 +276,56 @@ impl SeriesKey {
         }
     }
 
+    /// The labels as OpenTelemetry attributes (with the response code and gRPC status
+    /// for requests).
+    fn attributes(&self, request: bool) -> Vec<KeyValue> {
+        let t = self.tcp_labels();
+        let text = |k: &'static str, v: &Arc<str>| KeyValue::new(k, v.to_string());
+        let mut a = vec![
+            KeyValue::new("reporter", t.reporter),
+            text("source_workload", &t.source_workload),
+            text("source_workload_namespace", &t.source_workload_namespace),
+            text("source_principal", &t.source_principal),
+            text("source_app", &t.source_app),
+            text("source_version", &t.source_version),
+            text("source_canonical_service", &t.source_canonical_service),
+            text("source_canonical_revision", &t.source_canonical_revision),
+            text("source_cluster", &t.source_cluster),
+            text("destination_workload", &t.destination_workload),
+            text(
+                "destination_workload_namespace",
+                &t.destination_workload_namespace,
+            ),
+            text("destination_principal", &t.destination_principal),
+            text("destination_app", &t.destination_app),
+            text("destination_version", &t.destination_version),
+            text("destination_service", &t.destination_service),
+            text("destination_service_name", &t.destination_service_name),
+            text(
+                "destination_service_namespace",
+                &t.destination_service_namespace,
+            ),
+            text(
+                "destination_canonical_service",
+                &t.destination_canonical_service,
+            ),
+            text(
+                "destination_canonical_revision",
+                &t.destination_canonical_revision,
+            ),
+            text("destination_cluster", &t.destination_cluster),
+            KeyValue::new("request_protocol", t.request_protocol),
+            KeyValue::new("response_flags", t.response_flags),
+            KeyValue::new("connection_security_policy", t.connection_security_policy),
+        ];
+        if request {
+            let r = self.request_labels();
+            a.push(KeyValue::new("response_code", r.response_code.to_string()));
+            a.push(text("grpc_response_status", &r.grpc_response_status));
+        }
+        a
+    }
+
     fn tcp_labels(&self) -> TcpLabels {
         let (s, d, svc) = (&self.source.0, &self.destination.0, &self.service.0);
         // The cluster of a destination that did not describe itself is the one that answered.
@@ -368,17 +419,28 @@ struct RequestHandles {
     duration: Histogram,
     request_size: Histogram,
     response_size: Histogram,
+    /// The labels as OpenTelemetry attributes, for OTLP.
+    attributes: Arc<[KeyValue]>,
 }
 
 /// The series of one opaque connection's label set.
 #[derive(Clone)]
 pub struct TcpHandles {
+    attributes: Arc<[KeyValue]>,
     opened: Counter,
     pub closed: Counter,
     /// Bytes towards the destination (the request direction), Istio's `received`.
     pub received: Counter,
     /// Bytes back towards the source (the response direction), Istio's `sent`.
     pub sent: Counter,
+}
+
+/// The request metrics' OpenTelemetry instruments.
+struct Otel {
+    requests: opentelemetry::metrics::Counter<u64>,
+    duration: opentelemetry::metrics::Histogram<f64>,
+    request_size: opentelemetry::metrics::Histogram<u64>,
+    response_size: opentelemetry::metrics::Histogram<u64>,
 }
 
 type Cache<V> =
@@ -398,6 +460,8 @@ pub struct Metrics {
     /// Each request key's handles, found with one cheap lookup per request.
     seen: Cache<RequestHandles>,
     seen_tcp: Cache<TcpHandles>,
+    /// The same metrics' OpenTelemetry instruments, once OTLP export is on.
+    otel: Arc<std::sync::OnceLock<Otel>>,
     /// Every workload a label names, interned.
     pub workloads: Arc<Workloads>,
     pub retries: Counter,
@@ -407,6 +471,8 @@ pub struct Metrics {
     pub upstream_failures: Family<ReasonLabels, Counter>,
     /// DNS queries the DNS proxy answered, by where the answer came from.
     dns_requests: Family<DnsLabels, Counter>,
+    /// Access log lines dropped because standard output did not keep up.
+    pub access_log_dropped: Counter,
     /// Requests and connections AuthorizationPolicies denied, by policy.
     denied: Family<PolicyLabels, Counter>,
 }
@@ -424,12 +490,14 @@ impl Default for Metrics {
             tcp_sent: Family::default(),
             seen: Arc::default(),
             seen_tcp: Arc::default(),
+            otel: Arc::default(),
             workloads: Arc::default(),
             retries: Counter::default(),
             ejections: Counter::default(),
             upstream_connections: Counter::default(),
             upstream_failures: Family::default(),
             dns_requests: Family::default(),
+            access_log_dropped: Counter::default(),
             denied: Family::default(),
         }
     }
@@ -463,16 +531,73 @@ impl Metrics {
             // keeps their handles (clones share the same values).
             let labels = key.request_labels();
             RequestHandles {
+                attributes: key.attributes(true).into(),
                 count: self.requests.get_or_create(&labels).clone(),
                 duration: self.durations.get_or_create(&labels).clone(),
                 request_size: self.request_sizes.get_or_create(&labels).clone(),
                 response_size: self.response_sizes.get_or_create(&labels).clone(),
             }
         });
+        let ms = duration.as_secs_f64() * 1000.0;
         h.count.inc();
-        h.duration.observe(duration.as_secs_f64() * 1000.0);
+        h.duration.observe(ms);
         h.request_size.observe(request_bytes as f64);
         h.response_size.observe(response_bytes as f64);
+        if let Some(otel) = self.otel.get() {
+            otel.requests.add(1, &h.attributes);
+            otel.duration.record(ms, &h.attributes);
+            otel.request_size.record(request_bytes, &h.attributes);
+            otel.response_size.record(response_bytes, &h.attributes);
+        }
+    }
+
+    /// Also exports the Istio metrics over OTLP through `meter` (from then on): requests
+    /// are recorded into its instruments as they finish; TCP counters are read from the
+    /// Prometheus ones at each export.
+    pub fn export_otlp(&self, meter: &opentelemetry::metrics::Meter) {
+        let histogram = |name: &'static str, unit: &'static str, bounds: &[f64]| {
+            meter
+                .f64_histogram(name)
+                .with_unit(unit)
+                .with_boundaries(bounds.to_vec())
+                .build()
+        };
+        let sizes = |name: &'static str| {
+            meter
+                .u64_histogram(name)
+                .with_unit("By")
+                .with_boundaries(SIZE_BUCKETS.to_vec())
+                .build()
+        };
+        let otel = Otel {
+            requests: meter.u64_counter("istio_requests").build(),
+            duration: histogram(
+                "istio_request_duration_milliseconds",
+                "ms",
+                &DURATION_BUCKETS_MS,
+            ),
+            request_size: sizes("istio_request_bytes"),
+            response_size: sizes("istio_response_bytes"),
+        };
+        let _ = self.otel.set(otel);
+        type Read = fn(&TcpHandles) -> u64;
+        let tcp: [(&'static str, Read); 4] = [
+            ("istio_tcp_connections_opened", |h| h.opened.get()),
+            ("istio_tcp_connections_closed", |h| h.closed.get()),
+            ("istio_tcp_received_bytes", |h| h.received.get()),
+            ("istio_tcp_sent_bytes", |h| h.sent.get()),
+        ];
+        for (name, read) in tcp {
+            let seen = self.seen_tcp.clone();
+            meter
+                .u64_observable_counter(name)
+                .with_callback(move |observer| {
+                    for h in seen.read().unwrap_or_else(|p| p.into_inner()).values() {
+                        observer.observe(read(h), &h.attributes);
+                    }
+                })
+                .build();
+        }
     }
 
     /// Counts one opened connection; the handles count its bytes and its close.
@@ -480,6 +605,7 @@ impl Metrics {
         let h = cached(&self.seen_tcp, key, || {
             let labels = key.tcp_labels();
             TcpHandles {
+                attributes: key.attributes(false).into(),
                 opened: self.tcp_opened.get_or_create(&labels).clone(),
                 closed: self.tcp_closed.get_or_create(&labels).clone(),
                 received: self.tcp_received.get_or_create(&labels).clone(),
@@ -570,6 +696,11 @@ impl Metrics {
             "authz_denied",
             "requests and connections denied by AuthorizationPolicy, by policy",
             self.denied.clone(),
+        );
+        own.register(
+            "access_log_dropped",
+            "access log lines dropped because standard output did not keep up",
+            self.access_log_dropped.clone(),
         );
         own.register(
             "dns_requests",

@@ -28,8 +28,9 @@ use crate::metrics::{DestinationService, Metrics, Reporter, Series};
 use crate::pool::{Pool, ProxyBody};
 use crate::routing_table::{apply_header_op, pick_weighted, rewrite_path, sampled, RequestView};
 use crate::state::MeshState;
-use crate::telemetry::{header_bytes, Answered, CountedBody, Exchange, Meter, RequestBytes};
+use crate::telemetry::{Answered, CountedBody, Exchange, Meter, RequestBytes};
 use crate::upgrade::Upgrade;
+use opentelemetry::trace::SpanKind;
 
 /// What every outbound request needs.
 pub struct OutboundCtx {
@@ -37,6 +38,8 @@ pub struct OutboundCtx {
     pub pool: Arc<Pool>,
     pub locality: Locality,
     pub metrics: Arc<Metrics>,
+    /// Request metrics, spans and access logs.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// Spawns the splices of upgraded connections.
     pub drain: isthmus_core::drain::Drain,
     pub limits: Limits,
@@ -364,9 +367,7 @@ pub async fn handle(ctx: &Arc<OutboundCtx>, mut req: Request<Incoming>) -> Respo
     // Cheap clones (reference-counted) kept for the access log.
     let (method, uri) = (req.method().clone(), req.uri().clone());
     let h1 = req.version() < Version::HTTP_2;
-    let request_bytes = RequestBytes::default();
-    let request_headers = header_bytes(req.headers());
-    req.extensions_mut().insert(request_bytes.clone());
+    let exchange = Exchange::start(&ctx.telemetry, started, &mut req, SpanKind::Client);
     let (resp, service, cluster) = match route(ctx, &state, req).await {
         Ok((resp, service, cluster)) => (resp, service, cluster),
         Err((e, service)) => {
@@ -395,14 +396,7 @@ pub async fn handle(ctx: &Arc<OutboundCtx>, mut req: Request<Incoming>) -> Respo
         protocol: if grpc { "grpc" } else { "http" },
         mutual_tls: None,
     };
-    Exchange::new(
-        ctx.metrics.clone(),
-        series,
-        started,
-        request_headers,
-        &request_bytes,
-    )
-    .respond(resp)
+    exchange.respond(resp, series)
 }
 
 /// Parses gRPC's `grpc-timeout` (`<digits><unit>`, units H M S m u n).

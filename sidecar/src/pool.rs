@@ -100,6 +100,8 @@ pub struct Remote<'a> {
     pub subset: &'a str,
     /// One endpoint of a headless service by its DNS label; empty for any.
     pub endpoint: &'a str,
+    /// The trace context of the request that opens the tunnel, for the gateways' spans.
+    pub traceparent: Option<&'a http::HeaderValue>,
 }
 
 /// A pooled connection and how it has been used.
@@ -392,6 +394,7 @@ impl Pool {
             authority,
             subset,
             endpoint,
+            traceparent,
         } = to;
         let (gw_addr, gw_id) = (gateway.0, gateway.1.clone());
         let mut gw = self
@@ -403,18 +406,20 @@ impl Pool {
                 self.tls_h2(gw_addr, PeerPolicy::OneOf(vec![gw_id])),
             )
             .await?;
-        let req = http::Request::builder()
+        let mut req = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(authority)
             .header(TARGET_CLUSTER, cluster)
             .header(isthmus_core::headers::SUBSET, subset)
-            .header(isthmus_core::headers::ENDPOINT, endpoint)
-            .body(empty_body())
-            .map_err(|_| ConnectError::Gateway {
-                cluster: cluster.to_owned(),
-                status: http::StatusCode::BAD_REQUEST,
-                reason: format!("invalid authority {authority}"),
-            })?;
+            .header(isthmus_core::headers::ENDPOINT, endpoint);
+        if let Some(tp) = traceparent {
+            req = req.header(isthmus_core::otlp::TRACEPARENT, tp);
+        }
+        let req = req.body(empty_body()).map_err(|_| ConnectError::Gateway {
+            cluster: cluster.to_owned(),
+            status: http::StatusCode::BAD_REQUEST,
+            reason: format!("invalid authority {authority}"),
+        })?;
         let tunnel_err = |source| ConnectError::Tunnel {
             cluster: cluster.to_owned(),
             source,

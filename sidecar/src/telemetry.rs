@@ -75,44 +75,97 @@ fn grpc_status(headers: &HeaderMap) -> Option<u16> {
         .ok()
 }
 
+/// What a sidecar does with a finished request beyond its metrics: a span for each
+/// request (when tracing is on) and an access log line (to standard output and OTLP).
+pub struct Telemetry {
+    pub metrics: Arc<Metrics>,
+    tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+    log: Option<crate::access_log::AccessLog>,
+}
+
+impl Telemetry {
+    /// Metrics only.
+    pub fn metrics_only(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            tracer: None,
+            log: None,
+        }
+    }
+
+    pub fn new(
+        metrics: Arc<Metrics>,
+        otlp: Option<&isthmus_core::otlp::Otlp>,
+        log: Option<crate::access_log::AccessLog>,
+    ) -> Self {
+        use opentelemetry::trace::TracerProvider as _;
+        Self {
+            metrics,
+            tracer: otlp.map(|o| o.traces.tracer("isthmus-sidecar")),
+            log,
+        }
+    }
+}
+
 /// One request, measured until its response ends.
 pub struct Exchange {
-    metrics: Arc<Metrics>,
-    series: Series,
+    telemetry: Arc<Telemetry>,
+    series: Option<Series>,
     started: Instant,
     request_bytes: Arc<AtomicU64>,
     response_bytes: u64,
     code: u16,
     grpc_status: Option<u16>,
     flags: &'static str,
+    span: Option<opentelemetry_sdk::trace::Span>,
+    log: Option<Box<crate::access_log::Request>>,
 }
 
 impl Exchange {
-    /// A request that started at `started`, whose headers took `request_headers` bytes and
-    /// whose body is counted in `body`.
-    pub fn new(
-        metrics: Arc<Metrics>,
-        series: Series,
+    /// A request as it arrives: its size starts counting (its body is counted where it is
+    /// forwarded, through the [`RequestBytes`] extension this adds); with tracing on, a
+    /// span of `kind` starts as a child of the caller's context, and the request carries
+    /// the span's context on to the next hop.
+    pub fn start(
+        telemetry: &Arc<Telemetry>,
         started: Instant,
-        request_headers: u64,
-        body: &RequestBytes,
+        req: &mut http::Request<hyper::body::Incoming>,
+        kind: opentelemetry::trace::SpanKind,
     ) -> Self {
-        body.0.fetch_add(request_headers, Ordering::Relaxed);
+        let counted = RequestBytes::default();
+        counted
+            .0
+            .store(header_bytes(req.headers()), Ordering::Relaxed);
+        req.extensions_mut().insert(counted.clone());
+        let log = telemetry
+            .log
+            .as_ref()
+            .map(|_| Box::new(crate::access_log::Request::of(req)));
+        let span = telemetry
+            .tracer
+            .as_ref()
+            .map(|tracer| crate::spans::start(tracer, req, kind));
         Self {
-            metrics,
-            series,
+            telemetry: telemetry.clone(),
+            series: None,
             started,
-            request_bytes: body.0.clone(),
+            request_bytes: counted.0,
             response_bytes: 0,
             code: 0,
             grpc_status: None,
             flags: "-",
+            span,
+            log,
         }
     }
 
     /// Reads the outcome from the response head, and wraps its body to finish the
-    /// measurement when the body ends.
-    pub fn respond(mut self, resp: http::Response<ProxyBody>) -> http::Response<ProxyBody> {
+    /// measurement when the body ends. `series` names who called whom.
+    pub fn respond(
+        mut self,
+        resp: http::Response<ProxyBody>,
+        mut series: Series,
+    ) -> http::Response<ProxyBody> {
         self.code = resp.status().as_u16();
         self.response_bytes = header_bytes(resp.headers());
         self.grpc_status = grpc_status(resp.headers());
@@ -124,8 +177,9 @@ impl Exchange {
             self.flags = response_flag(reason);
         }
         if let Some(Answered(w)) = resp.extensions().get::<Answered>() {
-            self.series.destination = w.clone();
+            series.destination = w.clone();
         }
+        self.series = Some(series);
         resp.map(|body| {
             crate::body::boxed(MeteredBody {
                 inner: body,
@@ -134,19 +188,55 @@ impl Exchange {
         })
     }
 
-    fn finish(self, flags: Option<&'static str>) {
+    fn finish(mut self, flags: Option<&'static str>) {
         let flags = match (self.flags, flags) {
             ("-", Some(f)) => f,
             (f, _) => f,
         };
-        let key = self.series.key(self.code, self.grpc_status, flags);
-        self.metrics.request(
-            &key,
-            self.started.elapsed(),
-            self.request_bytes.load(Ordering::Relaxed),
-            self.response_bytes,
-        );
+        let Some(series) = self.series.take() else {
+            return;
+        };
+        let duration = self.started.elapsed();
+        let received = self.request_bytes.load(Ordering::Relaxed);
+        let key = series.key(self.code, self.grpc_status, flags);
+        self.telemetry
+            .metrics
+            .request(&key, duration, received, self.response_bytes);
+        let trace = self.span.as_ref().map(|s| {
+            use opentelemetry::trace::Span as _;
+            s.span_context().clone()
+        });
+        let outcome = Outcome {
+            trace,
+            series: &series,
+            code: self.code,
+            grpc_status: self.grpc_status,
+            flags,
+            duration,
+            received,
+            sent: self.response_bytes,
+        };
+        if let Some(span) = self.span.take() {
+            crate::spans::end(span, &outcome);
+        }
+        if let (Some(log), Some(request)) = (&self.telemetry.log, self.log.take()) {
+            log.write(&request, &outcome);
+        }
     }
+}
+
+/// How a request ended, for its span and its access log line.
+pub struct Outcome<'a> {
+    /// The request's span at this hop, when traced: access logs name it.
+    pub trace: Option<opentelemetry::trace::SpanContext>,
+    pub series: &'a Series,
+    pub code: u16,
+    pub grpc_status: Option<u16>,
+    pub flags: &'static str,
+    pub duration: std::time::Duration,
+    /// Bytes of the request (headers and body) and of the response.
+    pub received: u64,
+    pub sent: u64,
 }
 
 /// A response body that completes its request's measurement when it ends (or is dropped

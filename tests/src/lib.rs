@@ -9,6 +9,7 @@
 
 pub mod apiserver;
 mod on_kubernetes;
+pub mod otlp;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -128,6 +129,8 @@ pub struct Mesh {
     pub jwks_refresh: Duration,
     /// Extra roots controllers (started from now on) trust for HTTPS key fetches.
     pub jwks_roots_pem: Option<String>,
+    /// OTLP export and access logs of the sidecars and gateways started from now on.
+    pub telemetry: isthmus_core::otlp::TelemetryConfig,
 }
 
 /// A loopback address of a block no other mesh of this process uses, for a test that
@@ -230,6 +233,7 @@ impl Mesh {
             cert_ttl: Duration::from_secs(24 * 3600),
             jwks_refresh: isthmus_controller::JWKS_REFRESH,
             jwks_roots_pem: None,
+            telemetry: Default::default(),
         };
         configure(&mut mesh);
         for (i, name) in clusters.iter().enumerate() {
@@ -319,6 +323,7 @@ impl Mesh {
     /// Starts `cluster`'s gateway on the pod address `127.B.C.<host>`.
     pub async fn start_gateway_on(&mut self, name: &str, host: u8) -> anyhow::Result<()> {
         let bundle = self.bundle_pem.clone();
+        let otlp = self.telemetry.otlp.clone();
         let c = self.cluster(name);
         let token = isthmus_controller::mint_workload_token(
             &c.state_dir,
@@ -341,6 +346,7 @@ impl Mesh {
             metrics_addr: None,
             advertise_tunnel: None,
             advertise_quic: None,
+            otlp: otlp.clone(),
         })
         .await?;
         c.gateway = Some(bound);
@@ -467,8 +473,9 @@ impl Mesh {
 
     async fn start_workload(&mut self, cluster: &str, mut wl: Workload) -> anyhow::Result<()> {
         let bundle = self.bundle_pem.clone();
+        let telemetry = self.telemetry.clone();
         let c = self.cluster(cluster);
-        wl.sidecar = Some(start_sidecar(c, &wl, &bundle).await?);
+        wl.sidecar = Some(start_sidecar(c, &wl, &bundle, telemetry).await?);
         let ready = wl.sidecar.as_ref().expect("just started").readiness.clone();
         eventually("sidecar ready", Duration::from_secs(10), || {
             let ready = ready.clone();
@@ -513,6 +520,7 @@ impl Mesh {
     /// Restarts a killed workload on the same address.
     pub async fn restart_workload(&mut self, cluster: &str, name: &str) -> anyhow::Result<()> {
         let bundle = self.bundle_pem.clone();
+        let telemetry = self.telemetry.clone();
         let c = self.cluster(cluster);
         let mut w = c.workloads.remove(name).context("no such workload")?;
         wait_port_free(SocketAddr::new(IpAddr::V4(w.ip), 15008)).await?;
@@ -525,7 +533,7 @@ impl Mesh {
             })
             .await?,
         );
-        w.sidecar = Some(start_sidecar(c, &w, &bundle).await?);
+        w.sidecar = Some(start_sidecar(c, &w, &bundle, telemetry).await?);
         c.workloads.insert(name.to_owned(), w);
         Ok(())
     }
@@ -578,6 +586,7 @@ async fn start_sidecar(
     c: &Cluster,
     w: &Workload,
     bundle: &str,
+    telemetry: isthmus_core::otlp::TelemetryConfig,
 ) -> anyhow::Result<isthmus_sidecar::Bound> {
     // On Kubernetes the pod proves itself with its projected service-account token, which
     // the kubelet keeps in a file; elsewhere with a bootstrap token.
@@ -626,6 +635,7 @@ async fn start_sidecar(
         app_addr: w.own_app.or(w.app.as_ref().map(|app| app.address)),
         log_control: None,
         limits: c.limits.clone(),
+        telemetry,
     })
     .await
 }

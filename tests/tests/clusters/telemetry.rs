@@ -380,3 +380,192 @@ async fn every_label_is_present_on_both_reporters(prometheus: &Prometheus) -> an
     }
     Ok(())
 }
+
+/// One request from east to west with the caller's trace context: an OTLP receiver (the
+/// OpenTelemetry collector's gRPC services) gets one trace with a span per hop — client
+/// sidecar, east gateway, west gateway, server sidecar — linked parent to child under the
+/// caller's span; the app behind the server sidecar continues that trace; and the same
+/// request's metrics and access-log records arrive, the log records naming the trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_cross_cluster_request_is_one_trace_with_a_span_per_hop_over_otlp() -> anyhow::Result<()>
+{
+    use isthmus_tests::otlp::{attribute, OtlpReceiver};
+    let receiver = OtlpReceiver::start(isthmus_tests::fresh_ip(0, 9)).await?;
+    let endpoint = receiver.endpoint();
+    let mut mesh = Mesh::start_configured(&["east", "west"], |m| {
+        m.telemetry.otlp = Some(isthmus_core::otlp::Config {
+            endpoint,
+            protocol: isthmus_core::otlp::Protocol::Grpc,
+            headers: vec![("x-tenant".into(), "team-a".into())],
+            metrics_interval: Duration::from_secs(1),
+            sampling: 100.0,
+            resource: Vec::new(),
+        });
+    })
+    .await?;
+    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+
+    // The caller's own span, as an instrumented app would send it.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let traceparent = format!("00-{trace}-{caller_span}-01");
+    let answer = eventually(
+        "a traced request to west",
+        Duration::from_secs(10),
+        || async {
+            let r = AppClient::new()
+                .send(
+                    outbound,
+                    HOST,
+                    "/traced",
+                    false,
+                    &[("traceparent", &traceparent)],
+                )
+                .await?;
+            anyhow::ensure!(r.status == 200, "status {}", r.status);
+            r.answer()
+        },
+    )
+    .await?;
+    assert_eq!(answer.cluster, "west");
+
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let spans = eventually(
+        "four spans of the trace",
+        Duration::from_secs(15),
+        || async {
+            let spans: Vec<_> = receiver.read(|r| {
+                r.spans
+                    .iter()
+                    .filter(|(_, s)| hex(&s.trace_id) == trace)
+                    .cloned()
+                    .collect()
+            });
+            let by = |name: &str| {
+                spans
+                    .iter()
+                    .filter(|(res, _)| attribute(res, "isthmus.role") == Some(name))
+                    .count()
+            };
+            anyhow::ensure!(by("sidecar") >= 2 && by("gateway") >= 2, "{spans:#?}");
+            Ok(spans)
+        },
+    )
+    .await?;
+    // The successful request's hops, found by role, cluster and kind.
+    let find = |role: &str, cluster: &str, kind: i32| {
+        spans
+            .iter()
+            .filter(|(res, s)| {
+                attribute(res, "isthmus.role") == Some(role)
+                    && attribute(res, "isthmus.cluster") == Some(cluster)
+                    && s.kind == kind
+                    && s.status.as_ref().is_none_or(|st| st.code != 2)
+            })
+            .map(|(_, s)| s.clone())
+            .next_back()
+            .unwrap_or_else(|| panic!("no {role} span in {cluster} of kind {kind}: {spans:#?}"))
+    };
+    const SERVER: i32 = 2;
+    const CLIENT: i32 = 3;
+    let client = find("sidecar", "east", CLIENT);
+    let east_gw = find("gateway", "east", CLIENT);
+    let west_gw = find("gateway", "west", SERVER);
+    let server = find("sidecar", "west", SERVER);
+    assert_eq!(
+        hex(&client.parent_span_id),
+        caller_span,
+        "the client sidecar continues the caller"
+    );
+    assert_eq!(
+        east_gw.parent_span_id, client.span_id,
+        "east gateway under the client sidecar"
+    );
+    assert_eq!(
+        west_gw.parent_span_id, east_gw.span_id,
+        "west gateway under east's"
+    );
+    assert_eq!(
+        server.parent_span_id, client.span_id,
+        "the server sidecar serves the client's request"
+    );
+    assert_eq!(
+        attribute(&server.attributes, "isthmus.source.workload"),
+        Some("client")
+    );
+    assert_eq!(
+        attribute(&client.attributes, "isthmus.destination.workload"),
+        Some("echo-west")
+    );
+    assert_eq!(
+        attribute(&client.attributes, "isthmus.destination.cluster"),
+        Some("west")
+    );
+    // The app got the server sidecar's context: its own spans continue the trace.
+    assert_eq!(
+        answer.headers.get("traceparent").map(String::as_str),
+        Some(format!("00-{trace}-{}-01", hex(&server.span_id)).as_str())
+    );
+
+    // The same request in the metrics (both reporters) and in access-log records.
+    eventually(
+        "the request's metrics over OTLP",
+        Duration::from_secs(15),
+        || async {
+            let reporters: Vec<String> = receiver.read(|r| {
+                r.metrics
+                    .iter()
+                    .filter(|(_, m)| m.name == "istio_requests")
+                    .flat_map(|(_, m)| match &m.data {
+                        Some(opentelemetry_proto::tonic::metrics::v1::metric::Data::Sum(s)) => {
+                            s.data_points.clone()
+                        }
+                        _ => Vec::new(),
+                    })
+                    .filter(|p| attribute(&p.attributes, "destination_service") == Some(HOST))
+                    .filter(|p| attribute(&p.attributes, "response_code") == Some("200"))
+                    .filter_map(|p| attribute(&p.attributes, "reporter").map(str::to_owned))
+                    .collect()
+            });
+            anyhow::ensure!(
+                reporters.iter().any(|r| r == "source")
+                    && reporters.iter().any(|r| r == "destination"),
+                "{reporters:?}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    eventually(
+        "the request's access logs over OTLP",
+        Duration::from_secs(15),
+        || async {
+            let logged: Vec<String> = receiver.read(|r| {
+                r.logs
+                    .iter()
+                    .filter(|(_, l)| hex(&l.trace_id) == trace)
+                    .filter(|(_, l)| attribute(&l.attributes, "path") == Some("/traced"))
+                    .filter_map(|(res, _)| attribute(res, "isthmus.cluster").map(str::to_owned))
+                    .collect()
+            });
+            anyhow::ensure!(
+                logged.iter().any(|c| c == "east") && logged.iter().any(|c| c == "west"),
+                "{logged:?}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    // Every export carried the configured header.
+    let tenants = receiver.read(|r| {
+        r.headers
+            .iter()
+            .all(|h| h.get("x-tenant").is_some_and(|v| v == "team-a"))
+    });
+    assert!(tenants, "every export carries x-tenant");
+    Ok(())
+}
