@@ -89,6 +89,9 @@ pub struct Options {
     pub dir: Option<PathBuf>,
     /// Seconds of steady traffic in each settled phase.
     pub phase_secs: u64,
+    /// An OpenTelemetry collector every sidecar and gateway exports to (every request
+    /// traced), and its protocol (`grpc` or `http/protobuf`).
+    pub otlp: Option<(String, String)>,
 }
 
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
@@ -113,7 +116,24 @@ async fn ready(client: &AppClient, admin: SocketAddr) -> bool {
 }
 
 /// Starts every component of the topology; returns the client's outbound address.
-async fn start_mesh(topo: &Topology, dir: &Path, procs: &mut Procs) -> anyhow::Result<SocketAddr> {
+async fn start_mesh(
+    topo: &Topology,
+    dir: &Path,
+    procs: &mut Procs,
+    otlp: Option<&(String, String)>,
+) -> anyhow::Result<SocketAddr> {
+    // With a collector: traces of every request, metrics every 5 s, access logs.
+    let export: Vec<String> = match otlp {
+        Some((endpoint, protocol)) => vec![
+            "--otlp-endpoint".into(),
+            endpoint.clone(),
+            "--otlp-protocol".into(),
+            protocol.clone(),
+            "--otlp-metrics-interval".into(),
+            "5s".into(),
+        ],
+        None => Vec::new(),
+    };
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     let client = AppClient::new();
@@ -223,6 +243,7 @@ async fn start_mesh(topo: &Topology, dir: &Path, procs: &mut Procs) -> anyhow::R
             "--admin".into(),
             sa(c.gateway, 15000).to_string(),
         ]);
+        args.extend(export.iter().cloned());
         procs.spawn(&format!("{}-gateway", c.name), args, &logs)?;
         for w in &c.workloads {
             let sa_name = if w.app.is_some() { "echo" } else { "frontend" };
@@ -264,6 +285,10 @@ async fn start_mesh(topo: &Topology, dir: &Path, procs: &mut Procs) -> anyhow::R
             ]);
             if let Some(port) = w.app {
                 args.extend(["--app".into(), sa(w.address, port).to_string()]);
+            }
+            if otlp.is_some() {
+                args.extend(export.iter().cloned());
+                args.extend(["--trace-sampling".into(), "100".into()]);
             }
             procs.spawn(&format!("{}-sidecar", w.name), args, &logs)?;
         }
@@ -509,16 +534,23 @@ async fn demo(
     procs: &mut Procs,
 ) -> anyhow::Result<bool> {
     let started = Instant::now();
-    let outbound = start_mesh(topo, dir, procs).await.map_err(|e| {
-        e.context(format!(
-            "the mesh did not come up; see the logs in {}",
-            dir.join("logs").display()
-        ))
-    })?;
+    let outbound = start_mesh(topo, dir, procs, opts.otlp.as_ref())
+        .await
+        .map_err(|e| {
+            e.context(format!(
+                "the mesh did not come up; see the logs in {}",
+                dir.join("logs").display()
+            ))
+        })?;
     println!(
         "mesh up in {:.1}s; client in east sends steady traffic to {SERVICE_HOST}",
         started.elapsed().as_secs_f64()
     );
+    if let Some((endpoint, protocol)) = &opts.otlp {
+        println!(
+            "every sidecar and gateway exports to {endpoint} ({protocol}): each request is one trace\n(client sidecar, gateways, server sidecar; services `<workload>.demo` and\n`istio-eastwestgateway.isthmus-system`), Istio's metrics every 5 s, and access logs"
+        );
+    }
     let dns = SocketAddr::new(outbound.ip(), 15053);
     let (vip, cluster) = mesh_dns(dns, outbound).await?;
     println!(

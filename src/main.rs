@@ -375,6 +375,13 @@ struct DemoArgs {
     /// Seconds of steady traffic in each phase once it has settled.
     #[arg(long, default_value_t = 3)]
     phase_seconds: u64,
+    /// An OpenTelemetry collector (`http://host:4317` for gRPC) every sidecar and gateway
+    /// exports to: every request traced, Istio's metrics, access logs.
+    #[arg(long)]
+    otlp: Option<String>,
+    /// The collector's protocol: `grpc` or `http/protobuf` (then `http://host:4318`).
+    #[arg(long, default_value = "grpc")]
+    otlp_protocol: isthmus_core::otlp::Protocol,
 }
 
 #[derive(Subcommand)]
@@ -1060,6 +1067,7 @@ async fn run(
                 keep_running: a.keep_running,
                 dir: a.dir,
                 phase_secs: a.phase_seconds,
+                otlp: a.otlp.map(|e| (e, a.otlp_protocol.as_str().to_owned())),
             })
             .await?;
             println!("\ndemo {}", if passed { "passed" } else { "FAILED" });

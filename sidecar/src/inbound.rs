@@ -379,7 +379,8 @@ async fn handle(
             },
         });
     }
-    let mut resp = match forward(ctx, caller, &state, svc.map(|s| &**s), req).await {
+    let counted = exchange.request_bytes();
+    let mut resp = match forward(ctx, caller, &state, svc.map(|s| &**s), req, counted).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(peer = caller.name(), error = %e, "inbound request failed");
@@ -452,6 +453,7 @@ async fn forward(
     state: &Arc<crate::state::MeshState>,
     svc: Option<&crate::state::Service>,
     req: Request<Incoming>,
+    counted: RequestBytes,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (Some(app), Some(app_authority)) = (ctx.app, &ctx.app_authority) else {
         return Err(ProxyError::AppUnavailable(
@@ -555,11 +557,6 @@ async fn forward(
     } else {
         None
     };
-    let counted = parts
-        .extensions
-        .get::<RequestBytes>()
-        .cloned()
-        .unwrap_or_default();
     let mut body = crate::body::boxed(CountedBody::new(body, &counted));
     let mut allowed = Vec::new();
     // The path as lax apps read it, for DENY rules: made once for every policy below.

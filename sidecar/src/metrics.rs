@@ -387,24 +387,35 @@ pub(crate) mod fixed {
     }
 }
 
-/// FNV-1a: the keys hashed per request are short and come from the registry or the intern
-/// table (never straight from request text), so a cheap hash serves; std's SipHash cost more
-/// than the counting.
-pub struct Fnv(u64);
+/// A fast word-at-a-time hash (rustc's Fx): the keys hashed per request are short and
+/// come from the registry, an intern table or a peer sidecar's bounded header, never
+/// straight from request text, so flooding collisions is not a concern; std's SipHash cost
+/// more than the counting.
+#[derive(Default)]
+pub struct Fx(u64);
 
-impl Default for Fnv {
-    fn default() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
+const FX_SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl Fx {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(FX_SEED);
     }
 }
 
-impl std::hash::Hasher for Fnv {
+impl std::hash::Hasher for Fx {
     fn write(&mut self, bytes: &[u8]) {
-        let mut h = self.0;
-        for b in bytes {
-            h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            self.add(u64::from_le_bytes(w.try_into().expect("chunks of 8")));
         }
-        self.0 = h;
+        let mut tail = [0u8; 8];
+        let rest = words.remainder();
+        tail[..rest.len()].copy_from_slice(rest);
+        self.add(u64::from_le_bytes(tail) ^ (rest.len() as u64) << 56);
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
     }
 
     fn finish(&self) -> u64 {
@@ -444,7 +455,7 @@ struct Otel {
 }
 
 type Cache<V> =
-    Arc<std::sync::RwLock<std::collections::HashMap<SeriesKey, V, BuildHasherDefault<Fnv>>>>;
+    Arc<std::sync::RwLock<std::collections::HashMap<SeriesKey, V, BuildHasherDefault<Fx>>>>;
 
 #[derive(Clone)]
 pub struct Metrics {

@@ -368,7 +368,7 @@ pub async fn handle(ctx: &Arc<OutboundCtx>, mut req: Request<Incoming>) -> Respo
     let (method, uri) = (req.method().clone(), req.uri().clone());
     let h1 = req.version() < Version::HTTP_2;
     let exchange = Exchange::start(&ctx.telemetry, started, &mut req, SpanKind::Client);
-    let (resp, service, cluster) = match route(ctx, &state, req).await {
+    let (resp, service, cluster) = match route(ctx, &state, req, exchange.request_bytes()).await {
         Ok((resp, service, cluster)) => (resp, service, cluster),
         Err((e, service)) => {
             // The access log: errors the proxy made itself at info (with their reason),
@@ -520,7 +520,12 @@ fn direct_response(status: u16, body: &str) -> Response<ProxyBody> {
     resp
 }
 
-async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Incoming>) -> Routed {
+async fn route(
+    ctx: &Arc<OutboundCtx>,
+    state: &Arc<MeshState>,
+    req: Request<Incoming>,
+    counted: RequestBytes,
+) -> Routed {
     let (mut parts, body) = req.into_parts();
     ctx.limits
         .admit(&mut parts)
@@ -755,11 +760,6 @@ async fn route(ctx: &Arc<OutboundCtx>, state: &Arc<MeshState>, req: Request<Inco
         return Ok((resp, service, unknown()));
     }
     // The body's bytes count towards the request's size as they are forwarded.
-    let counted = parts
-        .extensions
-        .get::<RequestBytes>()
-        .cloned()
-        .unwrap_or_default();
     let body = ReqBody::new(
         CountedBody::new(body, &counted),
         ctx.limits.stream_idle_timeout,

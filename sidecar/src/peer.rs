@@ -18,7 +18,7 @@ use std::sync::{Arc, LazyLock, RwLock};
 use http::{HeaderName, HeaderValue};
 use isthmus_core::identity::SpiffeId;
 
-use crate::metrics::Fnv;
+use crate::metrics::Fx;
 
 /// The request and response header that carries a sidecar's own workload metadata.
 pub const PEER: HeaderName = HeaderName::from_static("x-isthmus-peer");
@@ -208,15 +208,33 @@ fn workload_name(pod: &str, labels: &BTreeMap<String, String>) -> String {
 }
 
 /// Interned workloads, by the header that described them (and, on the receiving side, the
-/// principal the caller's certificate proved).
+/// identity the caller's certificate proved). Found by a hash of both without copying
+/// either, so a request costs a hash and a comparison; entries are checked against the
+/// bytes, so colliding hashes only cost a comparison more (and the table is bounded).
 #[derive(Default)]
 pub struct Workloads {
-    table: RwLock<HashMap<Told, Arc<Workload>, BuildHasherDefault<Fnv>>>,
+    table: RwLock<HashMap<u64, Vec<Entry>, BuildHasherDefault<Fx>>>,
 }
 
-/// What a workload was interned by: the header that described it, and the principal its
-/// certificate proved (on the receiving side).
-type Told = (Vec<u8>, Option<Arc<str>>);
+struct Entry {
+    header: Box<[u8]>,
+    proven: Option<SpiffeId>,
+    workload: Arc<Workload>,
+}
+
+impl Entry {
+    fn is(&self, header: &[u8], proven: Option<&SpiffeId>) -> bool {
+        &*self.header == header && self.proven.as_ref() == proven
+    }
+}
+
+fn key(header: &[u8], proven: Option<&SpiffeId>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = Fx::default();
+    h.write(header);
+    proven.hash(&mut h);
+    h.finish()
+}
 
 static UNKNOWN: LazyLock<Arc<Workload>> = LazyLock::new(|| Arc::new(Workload::blank()));
 
@@ -226,51 +244,64 @@ impl Workloads {
         UNKNOWN.clone()
     }
 
-    /// A workload whose namespace and principal are known from a certificate and nothing
-    /// else (a caller whose sidecar sent no metadata).
-    pub fn authenticated(&self, id: &SpiffeId) -> Arc<Workload> {
-        self.described(b"", Some(id))
-    }
-
     /// The workload a peer's header describes. `proven`, the peer's certificate identity,
     /// overrides what the header says of namespace and principal.
     pub fn described(&self, header: &[u8], proven: Option<&SpiffeId>) -> Arc<Workload> {
-        let principal: Option<Arc<str>> = proven.map(|id| id.to_string().into());
-        let key = (header.to_vec(), principal);
-        if let Some(w) = self
-            .table
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
-            return w.clone();
+        let k = key(header, proven);
+        if let Some(w) = self.find(k, header, proven) {
+            return w;
         }
         let mut w = Workload::parse(header);
-        if let (Some(id), Some(p)) = (proven, &key.1) {
+        if let Some(id) = proven {
             w.namespace = id.namespace().into();
-            w.principal = p.clone();
+            w.principal = id.to_string().into();
         }
-        self.intern(key, w)
+        self.intern(k, header, proven, w)
     }
 
     /// This sidecar's own workload, interned so that an unchanged push keeps its id.
     pub fn own(&self, w: Workload) -> Arc<Workload> {
-        let key = (w.encode().as_bytes().to_vec(), None);
-        self.intern(key, w)
+        let header = w.encode();
+        let k = key(header.as_bytes(), None);
+        if let Some(w) = self.find(k, header.as_bytes(), None) {
+            return w;
+        }
+        self.intern(k, header.as_bytes(), None, w)
     }
 
-    fn intern(&self, key: Told, mut w: Workload) -> Arc<Workload> {
+    fn find(&self, k: u64, header: &[u8], proven: Option<&SpiffeId>) -> Option<Arc<Workload>> {
+        let table = self.table.read().unwrap_or_else(|p| p.into_inner());
+        let entries = table.get(&k)?;
+        entries
+            .iter()
+            .find(|e| e.is(header, proven))
+            .map(|e| e.workload.clone())
+    }
+
+    fn intern(
+        &self,
+        k: u64,
+        header: &[u8],
+        proven: Option<&SpiffeId>,
+        mut w: Workload,
+    ) -> Arc<Workload> {
         let mut table = self.table.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(w) = table.get(&key) {
-            return w.clone();
+        let count: usize = table.values().map(Vec::len).sum();
+        let entries = table.entry(k).or_default();
+        if let Some(e) = entries.iter().find(|e| e.is(header, proven)) {
+            return e.workload.clone();
         }
-        if table.len() >= MAX_PEERS {
+        if count >= MAX_PEERS {
             return Self::unknown();
         }
-        w.id = table.len() as u64 + 1;
+        w.id = count as u64 + 1;
         w.header = w.encode();
         let w = Arc::new(w);
-        table.insert(key, w.clone());
+        entries.push(Entry {
+            header: header.into(),
+            proven: proven.cloned(),
+            workload: w.clone(),
+        });
         w
     }
 }

@@ -30,8 +30,7 @@ use crate::pool::{BoxError, ProxyBody};
 #[derive(Clone, Debug)]
 pub struct Answered(pub Arc<Workload>);
 
-/// Bytes of a request body, counted as the body is forwarded (a request extension, so the
-/// path that forwards the body finds the counter).
+/// Bytes of a request, counted as its body is forwarded.
 #[derive(Clone, Debug, Default)]
 pub struct RequestBytes(pub Arc<AtomicU64>);
 
@@ -123,7 +122,7 @@ pub struct Exchange {
 
 impl Exchange {
     /// A request as it arrives: its size starts counting (its body is counted where it is
-    /// forwarded, through the [`RequestBytes`] extension this adds); with tracing on, a
+    /// forwarded, into [`Exchange::request_bytes`]); with tracing on, a
     /// span of `kind` starts as a child of the caller's context, and the request carries
     /// the span's context on to the next hop.
     pub fn start(
@@ -136,7 +135,6 @@ impl Exchange {
         counted
             .0
             .store(header_bytes(req.headers()), Ordering::Relaxed);
-        req.extensions_mut().insert(counted.clone());
         let log = telemetry
             .log
             .as_ref()
@@ -157,6 +155,11 @@ impl Exchange {
             span,
             log,
         }
+    }
+
+    /// Where the forwarding path counts the request body's bytes.
+    pub fn request_bytes(&self) -> RequestBytes {
+        RequestBytes(self.request_bytes.clone())
     }
 
     /// Reads the outcome from the response head, and wraps its body to finish the

@@ -47,16 +47,20 @@ impl Store {
     }
 }
 
-/// A running receiver; stops when dropped.
+/// A running receiver: OTLP/gRPC at `address`, OTLP/HTTP (protobuf bodies POSTed to
+/// `/v1/traces`, `/v1/metrics`, `/v1/logs`) at `http_address`; stops when dropped.
 pub struct OtlpReceiver {
     pub address: SocketAddr,
+    pub http_address: SocketAddr,
     store: Store,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for OtlpReceiver {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 
@@ -70,14 +74,23 @@ impl OtlpReceiver {
             .add_service(MetricsServiceServer::new(store.clone()))
             .add_service(LogsServiceServer::new(store.clone()));
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let task = tokio::spawn(async move {
+        let grpc = tokio::spawn(async move {
             let _ = router.serve_with_incoming(incoming).await;
         });
+        let http = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0)).await?;
+        let http_address = http.local_addr()?;
+        let http = tokio::spawn(serve_http(http, store.clone()));
         Ok(Self {
             address,
+            http_address,
             store,
-            task,
+            tasks: vec![grpc, http],
         })
+    }
+
+    /// `http://http_address`, as a proxy's --otlp-endpoint with `http/protobuf`.
+    pub fn http_endpoint(&self) -> String {
+        format!("http://{}", self.http_address)
     }
 
     /// `http://address`, as a proxy's --otlp-endpoint.
@@ -165,4 +178,68 @@ impl LogsService for Store {
         });
         Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
     }
+}
+
+/// OTLP/HTTP: each POST's protobuf body goes to the same handlers as gRPC exports.
+async fn serve_http(listener: tokio::net::TcpListener, store: Store) {
+    use http_body_util::BodyExt;
+    use prost::Message;
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let store = store.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let store = store.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let bytes = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let metadata = tonic::metadata::MetadataMap::from_headers(parts.headers);
+                        let ok = match parts.uri.path() {
+                            "/v1/traces" => match ExportTraceServiceRequest::decode(bytes) {
+                                Ok(m) => TraceService::export(&store, with_metadata(m, &metadata))
+                                    .await
+                                    .is_ok(),
+                                Err(_) => false,
+                            },
+                            "/v1/metrics" => match ExportMetricsServiceRequest::decode(bytes) {
+                                Ok(m) => {
+                                    MetricsService::export(&store, with_metadata(m, &metadata))
+                                        .await
+                                        .is_ok()
+                                }
+                                Err(_) => false,
+                            },
+                            "/v1/logs" => match ExportLogsServiceRequest::decode(bytes) {
+                                Ok(m) => LogsService::export(&store, with_metadata(m, &metadata))
+                                    .await
+                                    .is_ok(),
+                                Err(_) => false,
+                            },
+                            _ => false,
+                        };
+                        let status = if ok { 200 } else { 400 };
+                        http::Response::builder()
+                            .status(status)
+                            .header("content-type", "application/x-protobuf")
+                            .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn with_metadata<T>(message: T, metadata: &tonic::metadata::MetadataMap) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    *r.metadata_mut() = metadata.clone();
+    r
 }
