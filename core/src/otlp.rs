@@ -263,56 +263,47 @@ fn failed<'a>(
     }
 }
 
-fn span_exporter(config: &Config) -> Result<opentelemetry_otlp::SpanExporter, OtlpError> {
-    let b = opentelemetry_otlp::SpanExporter::builder();
-    match config.protocol {
-        Protocol::Grpc => b
-            .with_tonic()
-            .with_endpoint(&config.endpoint)
-            .with_metadata(metadata(config))
-            .build(),
-        Protocol::HttpProtobuf => b
-            .with_http()
-            .with_endpoint(http_url(config, "/v1/traces"))
-            .with_headers(headers(config))
-            .build(),
-    }
-    .map_err(failed("trace", config))
+/// `fn $name(config) -> Result<$exporter, OtlpError>`: the signal's exporter over gRPC,
+/// or over HTTP at `endpoint` + `$path`. (The SDK's three builders share no trait.)
+macro_rules! exporter {
+    ($name:ident, $exporter:ty, $path:literal, $signal:literal) => {
+        fn $name(config: &Config) -> Result<$exporter, OtlpError> {
+            let b = <$exporter>::builder();
+            match config.protocol {
+                Protocol::Grpc => b
+                    .with_tonic()
+                    .with_endpoint(&config.endpoint)
+                    .with_metadata(metadata(config))
+                    .build(),
+                Protocol::HttpProtobuf => b
+                    .with_http()
+                    .with_endpoint(http_url(config, $path))
+                    .with_headers(headers(config))
+                    .build(),
+            }
+            .map_err(failed($signal, config))
+        }
+    };
 }
 
-fn metric_exporter(config: &Config) -> Result<opentelemetry_otlp::MetricExporter, OtlpError> {
-    let b = opentelemetry_otlp::MetricExporter::builder();
-    match config.protocol {
-        Protocol::Grpc => b
-            .with_tonic()
-            .with_endpoint(&config.endpoint)
-            .with_metadata(metadata(config))
-            .build(),
-        Protocol::HttpProtobuf => b
-            .with_http()
-            .with_endpoint(http_url(config, "/v1/metrics"))
-            .with_headers(headers(config))
-            .build(),
-    }
-    .map_err(failed("metric", config))
-}
-
-fn log_exporter(config: &Config) -> Result<opentelemetry_otlp::LogExporter, OtlpError> {
-    let b = opentelemetry_otlp::LogExporter::builder();
-    match config.protocol {
-        Protocol::Grpc => b
-            .with_tonic()
-            .with_endpoint(&config.endpoint)
-            .with_metadata(metadata(config))
-            .build(),
-        Protocol::HttpProtobuf => b
-            .with_http()
-            .with_endpoint(http_url(config, "/v1/logs"))
-            .with_headers(headers(config))
-            .build(),
-    }
-    .map_err(failed("log", config))
-}
+exporter!(
+    span_exporter,
+    opentelemetry_otlp::SpanExporter,
+    "/v1/traces",
+    "trace"
+);
+exporter!(
+    metric_exporter,
+    opentelemetry_otlp::MetricExporter,
+    "/v1/metrics",
+    "metric"
+);
+exporter!(
+    log_exporter,
+    opentelemetry_otlp::LogExporter,
+    "/v1/logs",
+    "log"
+);
 
 /// A caller's trace context, as it came, and in which form.
 #[derive(Clone, Debug, PartialEq)]

@@ -37,38 +37,17 @@ pub struct DnsLabels {
     pub answer: &'static str,
 }
 
-/// Istio's labels of the request metrics, in its names and order.
+/// Istio's labels of the request metrics: those of connections, the response code and
+/// the gRPC status.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    reporter: &'static str,
-    source_workload: Arc<str>,
-    source_workload_namespace: Arc<str>,
-    source_principal: Arc<str>,
-    source_app: Arc<str>,
-    source_version: Arc<str>,
-    source_canonical_service: Arc<str>,
-    source_canonical_revision: Arc<str>,
-    source_cluster: Arc<str>,
-    destination_workload: Arc<str>,
-    destination_workload_namespace: Arc<str>,
-    destination_principal: Arc<str>,
-    destination_app: Arc<str>,
-    destination_version: Arc<str>,
-    destination_service: Arc<str>,
-    destination_service_name: Arc<str>,
-    destination_service_namespace: Arc<str>,
-    destination_canonical_service: Arc<str>,
-    destination_canonical_revision: Arc<str>,
-    destination_cluster: Arc<str>,
-    request_protocol: &'static str,
+    #[prometheus(flatten)]
+    connection: TcpLabels,
     response_code: u16,
     grpc_response_status: Arc<str>,
-    response_flags: &'static str,
-    connection_security_policy: &'static str,
 }
 
-/// Istio's labels of the TCP metrics: those of requests but the response code and gRPC
-/// status.
+/// Istio's labels of the TCP metrics, in its names and order.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     reporter: &'static str,
@@ -244,35 +223,12 @@ impl Series {
 
 impl SeriesKey {
     fn request_labels(&self) -> RequestLabels {
-        let t = self.tcp_labels();
         RequestLabels {
-            reporter: t.reporter,
-            source_workload: t.source_workload,
-            source_workload_namespace: t.source_workload_namespace,
-            source_principal: t.source_principal,
-            source_app: t.source_app,
-            source_version: t.source_version,
-            source_canonical_service: t.source_canonical_service,
-            source_canonical_revision: t.source_canonical_revision,
-            source_cluster: t.source_cluster,
-            destination_workload: t.destination_workload,
-            destination_workload_namespace: t.destination_workload_namespace,
-            destination_principal: t.destination_principal,
-            destination_app: t.destination_app,
-            destination_version: t.destination_version,
-            destination_service: t.destination_service,
-            destination_service_name: t.destination_service_name,
-            destination_service_namespace: t.destination_service_namespace,
-            destination_canonical_service: t.destination_canonical_service,
-            destination_canonical_revision: t.destination_canonical_revision,
-            destination_cluster: t.destination_cluster,
-            request_protocol: t.request_protocol,
+            connection: self.tcp_labels(),
             response_code: self.code,
             grpc_response_status: self
                 .grpc_status
                 .map_or_else(fixed::unknown, |s| s.to_string().into()),
-            response_flags: t.response_flags,
-            connection_security_policy: t.connection_security_policy,
         }
     }
 
