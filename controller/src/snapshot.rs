@@ -589,6 +589,7 @@ impl Registry {
                     )
                     .is_some_and(|s| s.allow_any),
                     inbound: Some(inbound),
+                    owner: w.owner.clone().unwrap_or_default(),
                 };
                 (w.key.to_string(), encode(&msg))
             })

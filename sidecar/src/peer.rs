@@ -134,10 +134,11 @@ impl Workload {
         w
     }
 
-    /// This sidecar's own workload, from its name, service account and the labels the
-    /// controller pushed, as Istio derives them for a pod.
+    /// This sidecar's own workload: its name (the pod's owner, as the controller says, or
+    /// the WorkloadEntry's own name), service account, and the labels the controller
+    /// pushed, with Istio's precedence for app, version and canonical names.
     pub fn own(
-        pod: &str,
+        name: &str,
         id: &SpiffeId,
         cluster: &str,
         labels: &BTreeMap<String, String>,
@@ -147,7 +148,7 @@ impl Workload {
                 .find_map(|k| labels.get(*k).filter(|v| !v.is_empty()))
                 .map(|v| Arc::<str>::from(v.as_str()))
         };
-        let name: Arc<str> = workload_name(pod, labels).into();
+        let name: Arc<str> = name.into();
         let app = label(&["app", "app.kubernetes.io/name"]);
         let version = label(&["version", "app.kubernetes.io/version"]);
         Workload {
@@ -175,36 +176,6 @@ fn plain(v: &str) -> bool {
         && v.len() <= MAX_FIELD
         && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-._:/".contains(&b))
-}
-
-/// The workload (Deployment, StatefulSet, DaemonSet, Job) a pod belongs to, from the name
-/// its controller gave it: `reviews-v1-7f9c8d-x2x4z` with `pod-template-hash: 7f9c8d` is
-/// `reviews-v1`. A name that follows no such pattern is its own workload.
-fn workload_name(pod: &str, labels: &BTreeMap<String, String>) -> String {
-    if let Some(job) = labels
-        .get("batch.kubernetes.io/job-name")
-        .or(labels.get("job-name"))
-    {
-        return job.clone();
-    }
-    if let Some(hash) = labels.get("pod-template-hash") {
-        if let Some((owner, _)) = pod.split_once(&format!("-{hash}-")) {
-            return owner.to_owned();
-        }
-    }
-    if labels.contains_key("statefulset.kubernetes.io/pod-name") {
-        if let Some((owner, ordinal)) = pod.rsplit_once('-') {
-            if ordinal.bytes().all(|b| b.is_ascii_digit()) {
-                return owner.to_owned();
-            }
-        }
-    }
-    if labels.contains_key("controller-revision-hash") {
-        if let Some((owner, _)) = pod.rsplit_once('-') {
-            return owner.to_owned();
-        }
-    }
-    pod.to_owned()
 }
 
 /// Interned workloads, by the header that described them (and, on the receiving side, the
@@ -317,36 +288,13 @@ mod tests {
     }
 
     #[test]
-    fn pods_are_named_by_the_workload_that_made_them() {
-        let deploy = labels(&[("pod-template-hash", "7f9c8d"), ("app", "reviews")]);
-        assert_eq!(
-            workload_name("reviews-v1-7f9c8d-x2x4z", &deploy),
-            "reviews-v1"
-        );
-        let sts = labels(&[
-            ("statefulset.kubernetes.io/pod-name", "db-2"),
-            ("controller-revision-hash", "db-6d4f"),
-        ]);
-        assert_eq!(workload_name("db-2", &sts), "db");
-        let ds = labels(&[("controller-revision-hash", "5d8f")]);
-        assert_eq!(workload_name("node-agent-k2x8p", &ds), "node-agent");
-        let job = labels(&[("batch.kubernetes.io/job-name", "migrate")]);
-        assert_eq!(workload_name("migrate-abcde", &job), "migrate");
-        assert_eq!(workload_name("echo-east-1", &labels(&[])), "echo-east-1");
-    }
-
-    #[test]
     fn own_metadata_follows_istio_label_precedence() {
         let id = SpiffeId::new("cluster.local", "shop", "reviews");
         let w = Workload::own(
-            "reviews-v2-abc-xyz",
+            "reviews-v2",
             &id,
             "east",
-            &labels(&[
-                ("pod-template-hash", "abc"),
-                ("app", "reviews"),
-                ("version", "v2"),
-            ]),
+            &labels(&[("app", "reviews"), ("version", "v2")]),
         );
         assert_eq!(&*w.name, "reviews-v2");
         assert_eq!(&*w.namespace, "shop");

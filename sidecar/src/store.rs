@@ -34,8 +34,15 @@ pub struct Own {
 }
 
 impl Own {
-    fn describe(&self, labels: &BTreeMap<String, String>) -> Arc<crate::peer::Workload> {
-        let w = crate::peer::Workload::own(&self.pod, &self.id, &self.cluster, labels);
+    /// This workload with `labels`, owned by `owner` (the controller's word, from the pod's
+    /// owner references; empty when it has none to give).
+    fn describe(
+        &self,
+        labels: &BTreeMap<String, String>,
+        owner: &str,
+    ) -> Arc<crate::peer::Workload> {
+        let name = if owner.is_empty() { &self.pod } else { owner };
+        let w = crate::peer::Workload::own(name, &self.id, &self.cluster, labels);
         self.workloads.own(w)
     }
 }
@@ -43,7 +50,7 @@ impl Own {
 impl Store {
     pub fn new(own: Own, health: Arc<HealthTable>) -> Self {
         let state = MeshState {
-            own: own.describe(&BTreeMap::new()),
+            own: own.describe(&BTreeMap::new(), ""),
             ..Default::default()
         };
         Self {
@@ -140,18 +147,21 @@ impl XdsHandler for Store {
                     isthmus_proto::discovery::Workload::decode(r.body.as_slice())
                         .map(|w| {
                             let inbound = InboundPolicy::compile(&w.inbound.unwrap_or_default());
-                            (w.labels, w.allow_any, inbound)
+                            (w.labels, w.allow_any, inbound, w.owner)
                         })
                         .map_err(|e| format!("cannot decode: {e}"))
                 });
-                let (labels, allow_any, inbound) = match workloads.pop() {
+                let (labels, allow_any, inbound, owner) = match workloads.pop() {
                     Some(own) => own,
-                    None if !removed.is_empty() => {
-                        (BTreeMap::new(), false, InboundPolicy::default())
-                    }
+                    None if !removed.is_empty() => (
+                        BTreeMap::new(),
+                        false,
+                        InboundPolicy::default(),
+                        String::new(),
+                    ),
                     None => return rejected,
                 };
-                let own = self.own.describe(&labels);
+                let own = self.own.describe(&labels, &owner);
                 self.update(|old| MeshState {
                     own_labels: Arc::new(labels),
                     own,
@@ -290,5 +300,34 @@ mod tests {
             1
         );
         assert_eq!(store.apply("isthmus.io/Unknown", &[junk], &[]).len(), 1);
+    }
+
+    #[test]
+    fn telemetry_names_the_workload_as_the_controller_does() {
+        let store = Store::new(own(), Arc::default());
+        // Before any push: the pod's own name.
+        assert_eq!(&*store.current().own.name, "client");
+        let before = store.current().own.id();
+        let push = |owner: &str| {
+            let w = xds::Workload {
+                name: "demo/client-7f9c8d-x2x4z".into(),
+                labels: [("app".to_owned(), "client".to_owned())].into(),
+                owner: owner.into(),
+                ..Default::default()
+            };
+            let r = Resource {
+                name: w.name.clone(),
+                version: "1".into(),
+                body: w.encode_to_vec(),
+            };
+            assert!(store.apply(type_url::WORKLOAD, &[r], &[]).is_empty());
+        };
+        push("client-v1");
+        let own = store.current().own.clone();
+        assert_eq!((&*own.name, &*own.app), ("client-v1", "client"));
+        assert_ne!(own.id(), before);
+        // The same push again keeps the same interned workload (and so the same series).
+        push("client-v1");
+        assert_eq!(store.current().own.id(), own.id());
     }
 }
