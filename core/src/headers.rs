@@ -71,6 +71,12 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     http::header::PROXY_AUTHORIZATION,
 ];
 
+/// The gRPC status a header block carries (a response's trailers, or the headers of a
+/// trailers-only response).
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
+    headers.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
+}
+
 /// Whether a header is the proxies' own (their signals, `x-forwarded-client-cert`) or
 /// hop-by-hop: what a party outside the proxies (an authorization provider) must neither
 /// see nor set.

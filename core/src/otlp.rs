@@ -80,6 +80,31 @@ pub struct Config {
     pub resource: Vec<(String, String)>,
 }
 
+impl Config {
+    /// This config for one proxy: its `service.name`, its role and cluster, and `more`
+    /// resource attributes.
+    pub fn for_proxy(
+        &self,
+        service: String,
+        role: &str,
+        cluster: &str,
+        more: impl IntoIterator<Item = (&'static str, String)>,
+    ) -> Config {
+        let mut c = self.clone();
+        c.resource.extend(
+            [
+                ("service.name", service),
+                ("isthmus.role", role.to_owned()),
+                ("isthmus.cluster", cluster.to_owned()),
+            ]
+            .into_iter()
+            .chain(more)
+            .map(|(k, v)| (k.to_owned(), v)),
+        );
+        c
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OtlpError {
     #[error("starting the OTLP export thread: {0}")]

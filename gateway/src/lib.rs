@@ -150,15 +150,12 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     };
     let otlp = match &config.otlp {
         Some(o) => {
-            let mut o = o.clone();
-            o.resource.extend([
-                (
-                    "service.name".to_owned(),
-                    format!("istio-eastwestgateway.{SYSTEM_NAMESPACE}"),
-                ),
-                ("isthmus.cluster".to_owned(), config.cluster.clone()),
-                ("isthmus.role".to_owned(), "gateway".to_owned()),
-            ]);
+            let o = o.for_proxy(
+                format!("istio-eastwestgateway.{SYSTEM_NAMESPACE}"),
+                "gateway",
+                &config.cluster,
+                [],
+            );
             Some(isthmus_core::otlp::Otlp::start(&o).context("starting OTLP export")?)
         }
         None => None,

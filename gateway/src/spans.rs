@@ -9,8 +9,6 @@
 //! — and ends once bytes flow: the request that opened the tunnel shows both gateways in
 //! its trace; later requests on the pooled tunnel show only the sidecars.
 
-use std::time::SystemTime;
-
 use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::{SdkTracer, Span};
@@ -39,7 +37,6 @@ pub fn start(
     let span = tracer
         .span_builder(name)
         .with_kind(kind)
-        .with_start_time(SystemTime::now())
         .with_attributes(attributes)
         .start_with_context(tracer, &cx);
     let traceparent = traceparent(span.span_context())

@@ -141,15 +141,11 @@ impl RetryPolicy {
     /// Whether a response (status, grpc-status of a trailers-only response) asks for a retry.
     fn retry_response(&self, resp: &Response<Incoming>) -> bool {
         let s = resp.status().as_u16();
-        let grpc = resp
-            .headers()
-            .get(headers::GRPC_STATUS)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u8>().ok());
+        let grpc = headers::grpc_status(resp.headers());
         (self.on_5xx && s >= 500)
             || (self.on_gateway_error && matches!(s, 502..=504))
             || (self.on_retriable_4xx && s == 409)
-            || grpc.is_some_and(|g| self.grpc.contains(&g))
+            || grpc.is_some_and(|g| u8::try_from(g).is_ok_and(|g| self.grpc.contains(&g)))
     }
 }
 

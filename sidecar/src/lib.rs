@@ -301,20 +301,17 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
 /// The OTLP config with this sidecar's resource: Istio names a proxy's service
 /// `<workload>.<namespace>`.
 fn with_resource(otlp: &isthmus_core::otlp::Config, config: &Config) -> isthmus_core::otlp::Config {
-    let mut o = otlp.clone();
     let w = &config.workload;
-    o.resource.extend([
-        (
-            "service.name".to_owned(),
-            format!("{}.{}", w.name, w.namespace),
-        ),
-        ("service.instance.id".to_owned(), w.to_string()),
-        ("k8s.namespace.name".to_owned(), w.namespace.clone()),
-        ("k8s.pod.name".to_owned(), w.name.clone()),
-        ("isthmus.cluster".to_owned(), config.cluster.clone()),
-        ("isthmus.role".to_owned(), "sidecar".to_owned()),
-    ]);
-    o
+    otlp.for_proxy(
+        format!("{}.{}", w.name, w.namespace),
+        "sidecar",
+        &config.cluster,
+        [
+            ("service.instance.id", w.to_string()),
+            ("k8s.namespace.name", w.namespace.clone()),
+            ("k8s.pod.name", w.name.clone()),
+        ],
+    )
 }
 
 /// Probes the app's port and publishes whether it accepts connections.

@@ -29,8 +29,6 @@ const MAX_PEERS: usize = 4096;
 /// Longest value accepted for one field (a DNS name); longer reads as `unknown`.
 const MAX_FIELD: usize = 253;
 
-static UNKNOWN_TEXT: LazyLock<Arc<str>> = LazyLock::new(|| "unknown".into());
-
 /// A workload as telemetry describes it; `unknown` where a value is not known.
 #[derive(Debug, Clone)]
 pub struct Workload {
@@ -88,7 +86,7 @@ impl Workload {
     }
 
     fn blank() -> Self {
-        let u = UNKNOWN_TEXT.clone();
+        let u = crate::metrics::fixed::unknown();
         Workload {
             id: 0,
             header: HeaderValue::from_static(""),
@@ -163,8 +161,8 @@ impl Workload {
             name,
             namespace: id.namespace().into(),
             principal: id.to_string().into(),
-            app: app.unwrap_or_else(|| UNKNOWN_TEXT.clone()),
-            version: version.unwrap_or_else(|| UNKNOWN_TEXT.clone()),
+            app: app.unwrap_or_else(crate::metrics::fixed::unknown),
+            version: version.unwrap_or_else(crate::metrics::fixed::unknown),
             cluster: cluster.into(),
         }
     }

@@ -7,8 +7,6 @@
 //! Attributes follow OpenTelemetry's HTTP semantic conventions, plus the mesh's own
 //! (`isthmus.*`: source and destination workload and cluster, Envoy's response flags).
 
-use std::time::SystemTime;
-
 use http::Request;
 use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _};
 use opentelemetry::KeyValue;
@@ -59,7 +57,6 @@ pub fn start<B>(tracer: &SdkTracer, req: &mut Request<B>, kind: SpanKind) -> Spa
     let span = tracer
         .span_builder(format!("{host}/*"))
         .with_kind(kind)
-        .with_start_time(SystemTime::now())
         .with_attributes(attributes)
         .start_with_context(tracer, &parent);
     let b3 = caller.is_some_and(|c| c.b3);

@@ -64,16 +64,6 @@ pub fn response_flag(reason: &str) -> &'static str {
     }
 }
 
-/// The gRPC status of a trailers (or trailers-only headers) block.
-fn grpc_status(headers: &HeaderMap) -> Option<u16> {
-    headers
-        .get(isthmus_core::headers::GRPC_STATUS)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
-}
-
 /// What a sidecar does with a finished request beyond its metrics: a span for each
 /// request (when tracing is on) and an access log line (to standard output and OTLP).
 pub struct Telemetry {
@@ -171,7 +161,7 @@ impl Exchange {
     ) -> http::Response<ProxyBody> {
         self.code = resp.status().as_u16();
         self.response_bytes = header_bytes(resp.headers());
-        self.grpc_status = grpc_status(resp.headers());
+        self.grpc_status = isthmus_core::headers::grpc_status(resp.headers());
         if let Some(reason) = resp
             .headers()
             .get(isthmus_core::headers::ERROR_REASON)
@@ -266,7 +256,8 @@ impl Body for MeteredBody {
                         ex.response_bytes += data.len() as u64;
                     } else if let Some(trailers) = frame.trailers_ref() {
                         ex.response_bytes += header_bytes(trailers);
-                        ex.grpc_status = grpc_status(trailers).or(ex.grpc_status);
+                        ex.grpc_status =
+                            isthmus_core::headers::grpc_status(trailers).or(ex.grpc_status);
                     }
                 }
                 if this.inner.is_end_stream() {
@@ -361,7 +352,22 @@ pub struct Meter {
 impl Meter {
     /// Counts `stream`, the source's side of the connection, as opened.
     pub fn io<S>(&self, stream: S) -> MeteredIo<S> {
-        MeteredIo::new(stream, &self.metrics, &self.series)
+        let handles = self.metrics.connection(&self.series.key(0, None, "-"));
+        MeteredIo {
+            inner: stream,
+            handles: Some(handles),
+        }
+    }
+
+    /// `stream` counted by `meter`, or passed through untouched without one.
+    pub fn maybe<S>(meter: Option<&Meter>, stream: S) -> MeteredIo<S> {
+        match meter {
+            Some(m) => m.io(stream),
+            None => MeteredIo {
+                inner: stream,
+                handles: None,
+            },
+        }
     }
 }
 
@@ -369,20 +375,14 @@ impl Meter {
 /// its close when dropped.
 pub struct MeteredIo<S> {
     inner: S,
-    handles: TcpHandles,
-}
-
-impl<S> MeteredIo<S> {
-    /// Counts the connection as opened in `series`.
-    pub fn new(inner: S, metrics: &Metrics, series: &Series) -> Self {
-        let handles = metrics.connection(&series.key(0, None, "-"));
-        Self { inner, handles }
-    }
+    handles: Option<TcpHandles>,
 }
 
 impl<S> Drop for MeteredIo<S> {
     fn drop(&mut self) {
-        self.handles.closed.inc();
+        if let Some(h) = &self.handles {
+            h.closed.inc();
+        }
     }
 }
 
@@ -395,8 +395,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for MeteredIo<S> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         let read = buf.filled().len() - before;
-        if read > 0 {
-            self.handles.received.inc_by(read as u64);
+        if let (Some(h), true) = (&self.handles, read > 0) {
+            h.received.inc_by(read as u64);
         }
         polled
     }
@@ -409,8 +409,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for MeteredIo<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled {
-            self.handles.sent.inc_by(n as u64);
+        if let (Some(h), Poll::Ready(Ok(n))) = (&self.handles, &polled) {
+            h.sent.inc_by(*n as u64);
         }
         polled
     }

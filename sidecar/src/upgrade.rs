@@ -90,11 +90,8 @@ pub fn splice(
         let (Ok(a), Ok(b)) = (a.await, b.await) else {
             return;
         };
-        let (a, mut b) = (TokioIo::new(a), TokioIo::new(b));
-        let _ = match meter {
-            Some(m) => tokio::io::copy_bidirectional(&mut m.io(a), &mut b).await,
-            None => tokio::io::copy_bidirectional(&mut { a }, &mut b).await,
-        };
+        let mut a = crate::telemetry::Meter::maybe(meter.as_ref(), TokioIo::new(a));
+        let _ = tokio::io::copy_bidirectional(&mut a, &mut TokioIo::new(b)).await;
     });
 }
 
@@ -201,11 +198,8 @@ pub async fn tcp_to_app(
     drain.spawn(async move {
         let Ok(up) = on_upgrade.await else { return };
         let mut tcp = tcp;
-        let up = TokioIo::new(up);
-        let _ = match meter {
-            Some(m) => tokio::io::copy_bidirectional(&mut m.io(up), &mut tcp).await,
-            None => tokio::io::copy_bidirectional(&mut { up }, &mut tcp).await,
-        };
+        let mut up = crate::telemetry::Meter::maybe(meter.as_ref(), TokioIo::new(up));
+        let _ = tokio::io::copy_bidirectional(&mut up, &mut tcp).await;
     });
     Ok(Response::new(empty_body()))
 }
