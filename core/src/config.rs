@@ -14,6 +14,7 @@ mod load;
 pub mod mesh;
 pub mod security;
 pub mod sidecar;
+pub mod telemetry;
 mod validate;
 pub mod watch;
 
@@ -48,6 +49,7 @@ pub fn spec_schema(
         "RequestAuthentication" => {
             generator.root_schema_for::<security::RequestAuthenticationSpec>()
         }
+        "Telemetry" => generator.root_schema_for::<telemetry::TelemetrySpec>(),
         "WorkloadEntry" => generator.root_schema_for::<kinds::WorkloadEntrySpec>(),
         "ServiceExport" => generator.root_schema_for::<kinds::ServiceExportSpec>(),
         "LocalRateLimit" => generator.root_schema_for::<kinds::LocalRateLimitSpec>(),
@@ -299,6 +301,8 @@ pub struct ConfigSet {
     pub authorization_policies: BTreeMap<NamespacedName, security::AuthzScope>,
     /// `RequestAuthentication`s (see `security.rs`).
     pub request_authentications: BTreeMap<NamespacedName, security::AuthnScope>,
+    /// `Telemetry`s (see `telemetry.rs`).
+    pub telemetries: BTreeMap<NamespacedName, telemetry::TelemetryScope>,
     /// The mesh config (ConfigMap `istio` of `istio-system`; see `mesh.rs`).
     pub mesh: mesh::MeshSettings,
     /// References to objects that do not exist (yet): a VirtualService naming an unknown

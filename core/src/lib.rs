@@ -6,9 +6,11 @@
 //! component crate (sidecar, gateway, controller, federation) depends on it and nothing else
 //! of the others.
 
+pub mod access_format;
 pub mod admin;
 pub mod backoff;
 pub mod ca_client;
+pub mod cel;
 pub mod config;
 pub mod drain;
 pub mod fetch;

@@ -60,6 +60,12 @@ pub const MESH_KINDS: &[MeshKind] = &[
         plural: "requestauthentications",
     },
     MeshKind {
+        group: "telemetry.istio.io",
+        version: "v1",
+        kind: "Telemetry",
+        plural: "telemetries",
+    },
+    MeshKind {
         group: "multicluster.x-k8s.io",
         version: "v1alpha1",
         kind: "ServiceExport",

@@ -39,6 +39,7 @@ fn kind_of(api_version: &str, kind: &str) -> Option<&'static str> {
             Some("RequestAuthentication")
         }
         ("isthmus.io/v1alpha1", "LocalRateLimit") => Some("LocalRateLimit"),
+        ("telemetry.istio.io/v1" | "telemetry.istio.io/v1alpha1", "Telemetry") => Some("Telemetry"),
         (
             "networking.istio.io/v1"
             | "networking.istio.io/v1beta1"
@@ -155,7 +156,7 @@ fn parse_document(
         return Err(ConfigError {
             code: Code::UnknownKind,
             field: "kind".into(),
-            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, Sidecar, ServiceEntry, security.istio.io/v1 PeerAuthentication, AuthorizationPolicy, RequestAuthentication, multicluster.x-k8s.io/v1alpha1/ServiceExport, isthmus.io/v1alpha1/LocalRateLimit"),
+            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, Sidecar, ServiceEntry, security.istio.io/v1 PeerAuthentication, AuthorizationPolicy, RequestAuthentication, telemetry.istio.io/v1 Telemetry, multicluster.x-k8s.io/v1alpha1/ServiceExport, isthmus.io/v1alpha1/LocalRateLimit"),
             ..err
         });
     };
@@ -216,6 +217,8 @@ fn parse_document(
             decode::<super::security::RequestAuthenticationSpec>(spec, "spec")
                 .map(|s| DocumentBody::RequestAuthentication(Box::new(s)))
         }
+        "Telemetry" => decode::<super::telemetry::TelemetrySpec>(spec, "spec")
+            .map(|s| DocumentBody::Telemetry(Box::new(s))),
         "ConfigMap" => mesh_config_of(&value).map(|s| DocumentBody::MeshConfig(Box::new(s))),
         _ => decode::<ServiceExportSpec>(spec, "spec").map(|_| DocumentBody::ServiceExport),
     };

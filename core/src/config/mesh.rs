@@ -1,10 +1,16 @@
 //! Istio's mesh config, where Istio keeps it: the `mesh` key of the ConfigMap `istio` in
 //! `istio-system` (in a folder of YAML, or watched in the cluster). What Isthmus acts on:
-//! `extensionProviders` of the external authorization kinds (`envoyExtAuthzHttp`,
-//! `envoyExtAuthzGrpc`), which AuthorizationPolicies with action CUSTOM name. The mesh
-//! config has many other fields (proxy defaults, access logs, tracing); they are accepted
-//! and reported as ignored, field by field, so an Istio user's ConfigMap loads unchanged
-//! and says what does not act.
+//! - `extensionProviders` of the external authorization kinds (`envoyExtAuthzHttp`,
+//!   `envoyExtAuthzGrpc`), which AuthorizationPolicies with action CUSTOM name;
+//! - the telemetry providers (`opentelemetry`, `envoyOtelAls`, `envoyFileAccessLog`,
+//!   `prometheus`), `defaultProviders`, `accessLogFile`, `accessLogEncoding` and
+//!   `defaultConfig.tracing.sampling`, which Telemetry resources build on (see
+//!   `telemetry.rs`);
+//! - `trustDomainAliases`.
+//!
+//! The mesh config has many other fields (proxy defaults, ...); they are accepted and
+//! reported as ignored, field by field, so an Istio user's ConfigMap loads unchanged and
+//! says what does not act.
 
 use std::collections::BTreeMap;
 
@@ -30,6 +36,10 @@ pub struct MeshConfigSpec {
     /// Trust domains that stand for the mesh's own in AuthorizationPolicy principals.
     #[serde(default)]
     pub trust_domain_aliases: Vec<String>,
+    pub default_providers: Option<super::telemetry::DefaultProvidersSpec>,
+    pub access_log_file: Option<String>,
+    pub access_log_encoding: Option<String>,
+    pub default_config: Option<ProxyConfigSpec>,
     /// Every other field: accepted, reported as ignored.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
@@ -43,8 +53,30 @@ pub struct ExtensionProviderSpec {
     pub name: String,
     pub envoy_ext_authz_http: Option<ExtAuthzHttpSpec>,
     pub envoy_ext_authz_grpc: Option<ExtAuthzGrpcSpec>,
-    /// Other provider kinds (tracing, access logs, metrics): kept for the telemetry they
-    /// configure, not for authorization.
+    pub opentelemetry: Option<super::telemetry::OpenTelemetrySpec>,
+    pub envoy_otel_als: Option<super::telemetry::OtelAlsSpec>,
+    pub envoy_file_access_log: Option<super::telemetry::FileAccessLogSpec>,
+    pub prometheus: Option<serde_json::Value>,
+    /// Provider kinds Isthmus does not export to (zipkin, datadog, stackdriver, ...).
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// `defaultConfig`: the proxies' defaults. Of these, Isthmus reads `tracing.sampling`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyConfigSpec {
+    pub tracing: Option<ProxyTracingSpec>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyTracingSpec {
+    pub sampling: Option<f64>,
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
 }
@@ -118,6 +150,8 @@ pub struct MeshSettings {
     /// `trustDomainAliases`: a principal naming the mesh's trust domain or one of these
     /// matches an identity of any of them.
     pub trust_domain_aliases: Vec<String>,
+    /// The telemetry providers and defaults.
+    pub telemetry: super::telemetry::MeshTelemetry,
 }
 
 /// Whether a ConfigMap is the mesh config.
@@ -152,6 +186,7 @@ pub(super) fn mesh_config(
             "not acted on by Isthmus; ignored",
         );
     }
+    telemetry_settings(c, spec, &mut out.telemetry);
     for (i, p) in spec.extension_providers.iter().enumerate() {
         let field = format!("data.mesh.extensionProviders[{i}]");
         if p.name.is_empty() {
@@ -175,6 +210,10 @@ pub(super) fn mesh_config(
         }
         let kinds = usize::from(p.envoy_ext_authz_http.is_some())
             + usize::from(p.envoy_ext_authz_grpc.is_some())
+            + usize::from(p.opentelemetry.is_some())
+            + usize::from(p.envoy_otel_als.is_some())
+            + usize::from(p.envoy_file_access_log.is_some())
+            + usize::from(p.prometheus.is_some())
             + p.other.len();
         if kinds != 1 {
             c.fail(
@@ -184,10 +223,14 @@ pub(super) fn mesh_config(
             );
             continue;
         }
+        if let Some(t) = telemetry_provider(c, &field, p) {
+            out.telemetry.providers.insert(p.name.clone(), t);
+            continue;
+        }
         let provider = match (&p.envoy_ext_authz_http, &p.envoy_ext_authz_grpc) {
             (Some(h), None) => http_provider(c, &format!("{field}.envoyExtAuthzHttp"), h),
             (None, Some(g)) => grpc_provider(c, &format!("{field}.envoyExtAuthzGrpc"), g),
-            _ => continue, // a telemetry provider: not for authorization
+            _ => continue, // a telemetry provider that did not check out
         };
         if let Some(mut provider) = provider {
             provider.name = p.name.clone();
@@ -195,6 +238,78 @@ pub(super) fn mesh_config(
         }
     }
     out
+}
+
+/// A telemetry provider, or `None` for an authorization one (or a telemetry one with
+/// faults, reported).
+fn telemetry_provider(
+    c: &mut Checker<'_>,
+    field: &str,
+    p: &ExtensionProviderSpec,
+) -> Option<super::telemetry::Provider> {
+    use super::telemetry as t;
+    if let Some(o) = &p.opentelemetry {
+        return t::opentelemetry(c, &format!("{field}.opentelemetry"), o);
+    }
+    if let Some(a) = &p.envoy_otel_als {
+        return t::otel_als(c, &format!("{field}.envoyOtelAls"), a);
+    }
+    if let Some(f) = &p.envoy_file_access_log {
+        return t::file_access_log(c, &format!("{field}.envoyFileAccessLog"), f);
+    }
+    if p.prometheus.is_some() {
+        return Some(t::Provider::Prometheus);
+    }
+    let kind = p.other.keys().next()?;
+    c.fail(
+        Code::Ignored,
+        format!("{field}.{kind}"),
+        format!("Isthmus does not export to {kind} providers (opentelemetry, envoyOtelAls, envoyFileAccessLog and prometheus work); a Telemetry naming it does nothing"),
+    );
+    Some(t::Provider::Unsupported(kind.clone()))
+}
+
+/// `defaultProviders`, `accessLogFile`/`accessLogEncoding` and
+/// `defaultConfig.tracing.sampling`.
+fn telemetry_settings(
+    c: &mut Checker<'_>,
+    spec: &MeshConfigSpec,
+    out: &mut super::telemetry::MeshTelemetry,
+) {
+    if let Some(d) = &spec.default_providers {
+        out.configured = true;
+        out.default_tracing = d.tracing.clone();
+        out.default_metrics = d.metrics.clone();
+        out.default_access_logging = d.access_logging.clone();
+    }
+    super::telemetry::legacy_access_log(c, out, &spec.access_log_file, &spec.access_log_encoding);
+    let Some(d) = &spec.default_config else {
+        return;
+    };
+    for k in d.other.keys() {
+        c.fail(
+            Code::Ignored,
+            format!("data.mesh.defaultConfig.{k}"),
+            "not acted on by Isthmus; ignored",
+        );
+    }
+    if let Some(t) = &d.tracing {
+        for k in t.other.keys() {
+            c.fail(
+                Code::Ignored,
+                format!("data.mesh.defaultConfig.tracing.{k}"),
+                "Isthmus traces through Telemetry resources and opentelemetry providers; ignored",
+            );
+        }
+        match t.sampling {
+            Some(s) if !(0.0..=100.0).contains(&s) => c.fail(
+                Code::InvalidValue,
+                "data.mesh.defaultConfig.tracing.sampling",
+                format!("{s} is not a percentage (0 to 100)"),
+            ),
+            s => out.sampling = s,
+        }
+    }
 }
 
 /// What both provider kinds share.
@@ -421,7 +536,7 @@ mod tests {
 
     #[test]
     fn istio_s_ext_authz_providers_load_as_istio_writes_them() {
-        let set = load("accessLogFile: /dev/stdout\nextensionProviders:\n- name: sample-ext-authz-grpc\n  envoyExtAuthzGrpc:\n    service: ext-authz.foo.svc.cluster.local\n    port: \"9000\"\n- name: sample-ext-authz-http\n  envoyExtAuthzHttp:\n    service: ext-authz.foo.svc.cluster.local\n    port: \"8000\"\n    timeout: 0.5s\n    includeRequestHeadersInCheck: [\"x-ext-authz\"]\n    headersToUpstreamOnAllow: [\"x-ext-authz-*\"]\n- name: otel\n  opentelemetry: {service: otel.istio-system.svc.cluster.local, port: 4317}\n").expect("valid");
+        let set = load("enablePrometheusMerge: true\nextensionProviders:\n- name: sample-ext-authz-grpc\n  envoyExtAuthzGrpc:\n    service: ext-authz.foo.svc.cluster.local\n    port: \"9000\"\n- name: sample-ext-authz-http\n  envoyExtAuthzHttp:\n    service: ext-authz.foo.svc.cluster.local\n    port: \"8000\"\n    timeout: 0.5s\n    includeRequestHeadersInCheck: [\"x-ext-authz\"]\n    headersToUpstreamOnAllow: [\"x-ext-authz-*\"]\n- name: otel\n  opentelemetry: {service: otel.istio-system.svc.cluster.local, port: 4317}\n").expect("valid");
         let grpc = &set.mesh.ext_authz["sample-ext-authz-grpc"];
         assert!(grpc.grpc);
         assert_eq!(
@@ -438,7 +553,12 @@ mod tests {
         assert!(set
             .warnings
             .iter()
-            .any(|w| w.field == "data.mesh.accessLogFile"));
+            .any(|w| w.field == "data.mesh.enablePrometheusMerge"));
+        // A telemetry provider is kept for Telemetry resources.
+        assert!(matches!(
+            set.mesh.telemetry.providers["otel"],
+            crate::config::telemetry::Provider::Tracing { .. }
+        ));
     }
 
     #[test]

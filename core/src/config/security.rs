@@ -528,7 +528,7 @@ fn each<'s, S: 's, T>(
 
 /// The Services `targetRefs` (and the older `targetRef`) name; faults for kinds other
 /// than Service, other namespaces, and a selector given too.
-fn target_services(
+pub(super) fn target_services(
     c: &mut Checker<'_>,
     key: &NamespacedName,
     selector: &BTreeMap<String, String>,

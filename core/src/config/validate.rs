@@ -34,6 +34,7 @@ pub enum DocumentBody {
     PeerAuthentication(Box<super::security::PeerAuthenticationSpec>),
     AuthorizationPolicy(Box<super::security::AuthorizationPolicySpec>),
     RequestAuthentication(Box<super::security::RequestAuthenticationSpec>),
+    Telemetry(Box<super::telemetry::TelemetrySpec>),
     MeshConfig(Box<super::mesh::MeshConfigSpec>),
 }
 
@@ -71,6 +72,7 @@ impl DocumentBody {
             DocumentBody::PeerAuthentication(_) => "PeerAuthentication",
             DocumentBody::AuthorizationPolicy(_) => "AuthorizationPolicy",
             DocumentBody::RequestAuthentication(_) => "RequestAuthentication",
+            DocumentBody::Telemetry(_) => "Telemetry",
             DocumentBody::MeshConfig(_) => "ConfigMap",
         }
     }
@@ -424,6 +426,20 @@ fn check_targets(
             });
         }
     }
+    super::telemetry::check_set(set, |key, field, message| {
+        let (file, index) = locations
+            .get(&("Telemetry", key.clone()))
+            .cloned()
+            .unwrap_or_default();
+        errors.push(ConfigError {
+            file,
+            document: index,
+            object: Some(format!("Telemetry {key}")),
+            field,
+            code: Code::Reference,
+            message,
+        });
+    });
     for export in &set.exports {
         if !set.services.contains_key(export) {
             let (file, index) = locations
@@ -555,6 +571,13 @@ pub fn build_on(platform: &super::Platform, docs: Vec<Document>) -> Admission {
                 let a = super::security::request_authentication(&mut c, &key, spec);
                 if !c.rejected_since(mark) {
                     set.request_authentications.insert(key, a);
+                }
+            }
+            DocumentBody::Telemetry(spec) => {
+                let mark = c.mark();
+                let t = super::telemetry::telemetry(&mut c, &key, spec);
+                if !c.rejected_since(mark) {
+                    set.telemetries.insert(key, t);
                 }
             }
             DocumentBody::MeshConfig(spec) => {
