@@ -705,6 +705,7 @@ impl OtlpArgs {
             metrics_interval: self.otlp_metrics_interval,
             sampling: self.trace_sampling,
             resource: Vec::new(),
+            ..Default::default()
         }))
     }
 }

@@ -537,7 +537,8 @@ impl Registry {
             || config
                 .request_authentications
                 .values()
-                .any(|a| !a.services.is_empty());
+                .any(|a| !a.services.is_empty())
+            || config.telemetries.values().any(|t| !t.services.is_empty());
         let selection = config.selection();
         for svc in config.services.values() {
             let selected = selection.members(svc);
@@ -566,11 +567,12 @@ impl Registry {
             .workloads
             .values()
             .map(|w| {
+                let serves = serving.get(&w.key).map(Vec::as_slice).unwrap_or_default();
                 let mut inbound = isthmus_core::config::security::inbound_for(
                     &config,
                     &w.key.namespace,
                     &w.labels,
-                    serving.get(&w.key).map(Vec::as_slice).unwrap_or_default(),
+                    serves,
                 );
                 crate::jwks::fill(&jwks, &mut inbound);
                 isthmus_core::config::security::alias_trust_domains(
@@ -590,6 +592,12 @@ impl Registry {
                     .is_some_and(|s| s.allow_any),
                     inbound: Some(inbound),
                     owner: w.owner.clone().unwrap_or_default(),
+                    telemetry: isthmus_core::config::telemetry::policy_for(
+                        &config,
+                        &w.key.namespace,
+                        &w.labels,
+                        serves,
+                    ),
                 };
                 (w.key.to_string(), encode(&msg))
             })

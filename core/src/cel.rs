@@ -4,9 +4,10 @@
 //! `!request.url_path.startsWith('/healthz') && request.duration > duration('1s')`.
 //!
 //! Supported: literals (integers, 'strings' and "strings", `true`/`false`,
-//! `duration('1.5s')`), the attributes of [`Attr`], `request.headers['name']`, `== != < <=
-//! > >=`, `&& || !`, parentheses, `in [a, b]`, the string methods `startsWith`, `endsWith`,
-//! `contains` and `matches`, and `has(request.headers['name'])`. Anything else is refused
+//! `duration('1.5s')`), the attributes of [`Attr`], `request.headers['name']`, the
+//! comparisons `==`, `!=`, `<`, `<=`, `>`, `>=`, the logic `&&`, `||`, `!`, parentheses,
+//! `in [a, b]`, the string methods `startsWith`, `endsWith`, `contains` and `matches`, and
+//! `has(request.headers['name'])`. Anything else is refused
 //! when the filter is checked, naming what is not supported, so a filter never silently
 //! means something else. As in Envoy, an expression that cannot be evaluated (a header
 //! that is absent, a comparison of different types) does not match.
@@ -156,9 +157,32 @@ impl Filter {
         &self.text
     }
 
+    /// The request headers it reads (`request.headers['name']`), lower-case.
+    pub fn headers(&self) -> impl Iterator<Item = &str> {
+        let mut out = Vec::new();
+        collect_headers(&self.expr, &mut out);
+        out.into_iter()
+    }
+
     /// Whether the request `a` describes passes the filter.
     pub fn matches(&self, a: &dyn Attributes) -> bool {
         eval(&self.expr, a) == Value::Bool(true)
+    }
+}
+
+fn collect_headers<'a>(e: &'a Expr, out: &mut Vec<&'a str>) {
+    match e {
+        Expr::Attr(Attr::RequestHeader(h)) | Expr::Has(Attr::RequestHeader(h)) => out.push(h),
+        Expr::Lit(_) | Expr::Attr(_) | Expr::Has(_) => {}
+        Expr::Not(x) => collect_headers(x, out),
+        Expr::And(l, r) | Expr::Or(l, r) | Expr::Cmp(_, l, r) | Expr::Method(_, l, r) => {
+            collect_headers(l, out);
+            collect_headers(r, out);
+        }
+        Expr::In(x, list) => {
+            collect_headers(x, out);
+            list.iter().for_each(|i| collect_headers(i, out));
+        }
     }
 }
 
@@ -408,9 +432,11 @@ impl Parser {
                 "endsWith" => Method::EndsWith,
                 "contains" => Method::Contains,
                 "matches" => Method::Matches(None),
-                other => return Err(format!(
+                other => {
+                    return Err(format!(
                     "method `{other}` is not supported (startsWith, endsWith, contains, matches)"
-                )),
+                ))
+                }
             };
             self.expect("(")?;
             let arg = self.nested(|p| p.or())?;

@@ -78,9 +78,56 @@ pub struct Config {
     pub sampling: f64,
     /// OpenTelemetry resource attributes: `service.name` and the like.
     pub resource: Vec<(String, String)>,
+    /// How long one export may take; the exporter's default (10 s) when `None`.
+    pub timeout: Option<Duration>,
+    /// For OTLP/HTTP: `endpoint` is the signal's whole URL (a provider's `http.path`),
+    /// rather than a base that `/v1/traces` and the like are appended to.
+    pub exact_url: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            protocol: Protocol::Grpc,
+            headers: Vec::new(),
+            metrics_interval: Duration::from_secs(15),
+            sampling: 1.0,
+            resource: Vec::new(),
+            timeout: None,
+            exact_url: false,
+        }
+    }
 }
 
 impl Config {
+    /// The collector a provider of the mesh config names, as a proxy's pushed telemetry
+    /// policy carries it; `resource` names the proxy.
+    pub fn for_collector(
+        c: &isthmus_proto::discovery::OtlpCollector,
+        sampling: f64,
+        resource: &[(String, String)],
+    ) -> Result<Config, OtlpError> {
+        let protocol = c.protocol.parse().map_err(|reason| OtlpError::Endpoint {
+            endpoint: c.endpoint.clone(),
+            reason,
+        })?;
+        Ok(Config {
+            endpoint: c.endpoint.clone(),
+            protocol,
+            headers: c
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            sampling,
+            resource: resource.to_vec(),
+            timeout: (c.timeout_ms > 0).then(|| Duration::from_millis(c.timeout_ms.into())),
+            exact_url: true,
+            ..Config::default()
+        })
+    }
+
     /// This config for one proxy: its `service.name`, its role and cluster, and `more`
     /// resource attributes.
     pub fn for_proxy(
@@ -171,39 +218,11 @@ impl Otlp {
     /// collector that is down costs failed exports (logged by the SDK), never a failed
     /// start.
     pub fn start(config: &Config) -> Result<Self, OtlpError> {
-        validate(&config.endpoint)?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| OtlpError::Runtime(e.to_string()))?;
-        let handle = runtime.handle().clone();
-        std::thread::Builder::new()
-            .name("isthmus-otlp".into())
-            .spawn(move || runtime.block_on(std::future::pending::<()>()))
-            .map_err(|e| OtlpError::Runtime(e.to_string()))?;
-        let _on_it = handle.enter();
-        let resource = Resource::builder()
-            .with_attributes(
-                config
-                    .resource
-                    .iter()
-                    .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
-            )
-            .build();
+        let traces = tracer_provider(config, true)?;
+        let logs = logger_provider(config)?;
+        let _on_it = export_runtime()?.enter();
+        let resource = resource(config);
         use opentelemetry_sdk::runtime::Tokio;
-        let spans = span_exporter(config)?;
-        let traces = SdkTracerProvider::builder()
-            .with_span_processor(
-                opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
-                    spans, Tokio,
-                )
-                .build(),
-            )
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                (config.sampling / 100.0).clamp(0.0, 1.0),
-            ))))
-            .with_resource(resource.clone())
-            .build();
         let reader =
             opentelemetry_sdk::metrics::periodic_reader_with_async_runtime::PeriodicReader::builder(
                 metric_exporter(config)?,
@@ -213,16 +232,6 @@ impl Otlp {
             .build();
         let metrics = SdkMeterProvider::builder()
             .with_reader(reader)
-            .with_resource(resource.clone())
-            .build();
-        let logs = SdkLoggerProvider::builder()
-            .with_log_processor(
-                opentelemetry_sdk::logs::log_processor_with_async_runtime::BatchLogProcessor::builder(
-                    log_exporter(config)?,
-                    Tokio,
-                )
-                .build(),
-            )
             .with_resource(resource)
             .build();
         Ok(Self {
@@ -243,6 +252,80 @@ impl Otlp {
     }
 }
 
+/// The runtime every export of this process runs on: one thread of its own, so exports
+/// never take a worker from the proxy, and the SDK's blocking flush when a provider is
+/// dropped never waits for a worker it is blocking.
+fn export_runtime() -> Result<tokio::runtime::Handle, OtlpError> {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
+    if let Some(h) = RUNTIME.get() {
+        return Ok(h.clone());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| OtlpError::Runtime(e.to_string()))?;
+    let handle = runtime.handle().clone();
+    let mine = handle.clone();
+    if RUNTIME.set(handle).is_err() {
+        // Another thread won the race; this runtime is dropped unused.
+        return Ok(RUNTIME.get().expect("set").clone());
+    }
+    std::thread::Builder::new()
+        .name("isthmus-otlp".into())
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))
+        .map_err(|e| OtlpError::Runtime(e.to_string()))?;
+    Ok(mine)
+}
+
+fn resource(config: &Config) -> Resource {
+    Resource::builder()
+        .with_attributes(
+            config
+                .resource
+                .iter()
+                .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+        )
+        .build()
+}
+
+/// Spans to the collector of `config`, sampled parent-first at its percentage. Without
+/// `report`, spans are made (their context travels on) but not exported.
+pub fn tracer_provider(config: &Config, report: bool) -> Result<SdkTracerProvider, OtlpError> {
+    validate(&config.endpoint)?;
+    let _on_it = export_runtime()?.enter();
+    let mut b = SdkTracerProvider::builder()
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            (config.sampling / 100.0).clamp(0.0, 1.0),
+        ))))
+        .with_resource(resource(config));
+    if report {
+        b = b.with_span_processor(
+            opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
+                span_exporter(config)?,
+                opentelemetry_sdk::runtime::Tokio,
+            )
+            .build(),
+        );
+    }
+    Ok(b.build())
+}
+
+/// Log records to the collector of `config`.
+pub fn logger_provider(config: &Config) -> Result<SdkLoggerProvider, OtlpError> {
+    validate(&config.endpoint)?;
+    let _on_it = export_runtime()?.enter();
+    Ok(SdkLoggerProvider::builder()
+        .with_log_processor(
+            opentelemetry_sdk::logs::log_processor_with_async_runtime::BatchLogProcessor::builder(
+                log_exporter(config)?,
+                opentelemetry_sdk::runtime::Tokio,
+            )
+            .build(),
+        )
+        .with_resource(resource(config))
+        .build())
+}
+
 fn validate(endpoint: &str) -> Result<(), OtlpError> {
     let bad = |reason: &str| OtlpError::Endpoint {
         endpoint: endpoint.to_owned(),
@@ -260,6 +343,9 @@ fn validate(endpoint: &str) -> Result<(), OtlpError> {
 
 /// `endpoint` + the signal's path, for OTLP/HTTP.
 fn http_url(config: &Config, path: &str) -> String {
+    if config.exact_url {
+        return config.endpoint.clone();
+    }
     format!("{}{path}", config.endpoint.trim_end_matches('/'))
 }
 
@@ -295,16 +381,28 @@ macro_rules! exporter {
         fn $name(config: &Config) -> Result<$exporter, OtlpError> {
             let b = <$exporter>::builder();
             match config.protocol {
-                Protocol::Grpc => b
-                    .with_tonic()
-                    .with_endpoint(&config.endpoint)
-                    .with_metadata(metadata(config))
-                    .build(),
-                Protocol::HttpProtobuf => b
-                    .with_http()
-                    .with_endpoint(http_url(config, $path))
-                    .with_headers(headers(config))
-                    .build(),
+                Protocol::Grpc => {
+                    let b = b
+                        .with_tonic()
+                        .with_endpoint(&config.endpoint)
+                        .with_metadata(metadata(config));
+                    match config.timeout {
+                        Some(t) => b.with_timeout(t),
+                        None => b,
+                    }
+                    .build()
+                }
+                Protocol::HttpProtobuf => {
+                    let b = b
+                        .with_http()
+                        .with_endpoint(http_url(config, $path))
+                        .with_headers(headers(config));
+                    match config.timeout {
+                        Some(t) => b.with_timeout(t),
+                        None => b,
+                    }
+                    .build()
+                }
             }
             .map_err(failed($signal, config))
         }

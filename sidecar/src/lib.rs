@@ -34,6 +34,7 @@ mod spans;
 mod state;
 mod store;
 mod telemetry;
+mod telemetry_policy;
 mod upgrade;
 
 use std::net::SocketAddr;
@@ -210,7 +211,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     };
     let otlp = match &config.telemetry.otlp {
         Some(o) => Some(
-            isthmus_core::otlp::Otlp::start(&with_resource(o, &config))
+            isthmus_core::otlp::Otlp::start(&resource(o, &config))
                 .context("starting OTLP export")?,
         ),
         None => None,
@@ -219,15 +220,20 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         use opentelemetry::metrics::MeterProvider as _;
         metrics.export_otlp(&o.metrics.meter("isthmus-sidecar"));
     }
-    let access_log = access_log::AccessLog::new(
+    let flags = Arc::new(telemetry_policy::from_flags(
         config.telemetry.access_log,
         otlp.as_ref(),
-        metrics.access_log_dropped.clone(),
-    );
-    let telemetry = Arc::new(telemetry::Telemetry::new(
-        metrics.clone(),
-        otlp.as_ref(),
-        access_log,
+        &metrics.access_log_dropped,
+    )?);
+    let telemetry = Arc::new(telemetry::Telemetry::new(metrics.clone(), flags.clone()));
+    running.spawn(telemetry_policy::follow(
+        store.subscribe(),
+        telemetry.clone(),
+        telemetry_policy::Builder::new(
+            resource(&isthmus_core::otlp::Config::default(), &config).resource,
+            flags,
+            metrics.access_log_dropped.clone(),
+        ),
     ));
     if let Some(o) = otlp {
         // Buffered spans, metrics and logs go out before the process ends.
@@ -300,7 +306,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
 
 /// The OTLP config with this sidecar's resource: Istio names a proxy's service
 /// `<workload>.<namespace>`.
-fn with_resource(otlp: &isthmus_core::otlp::Config, config: &Config) -> isthmus_core::otlp::Config {
+fn resource(otlp: &isthmus_core::otlp::Config, config: &Config) -> isthmus_core::otlp::Config {
     let w = &config.workload;
     otlp.for_proxy(
         format!("{}.{}", w.name, w.namespace),

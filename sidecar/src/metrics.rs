@@ -37,42 +37,138 @@ pub struct DnsLabels {
     pub answer: &'static str,
 }
 
-/// Istio's labels of the request metrics: those of connections, the response code and
-/// the gRPC status.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    #[prometheus(flatten)]
-    connection: TcpLabels,
-    response_code: u16,
-    grpc_response_status: Arc<str>,
+/// Istio's labels of its metrics, in its names and order: the TCP metrics have the first
+/// 23, the request metrics all 25.
+pub const LABELS: [&str; 25] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+    "response_code",
+    "grpc_response_status",
+];
+const TCP_LABEL_COUNT: usize = 23;
+
+/// One series' label values, in the order of [`LABELS`]; those a Telemetry override
+/// removes are blank and left out of the exposition (bit `i` of `removed` for label `i`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Labels {
+    values: Box<[Arc<str>]>,
+    removed: u32,
 }
 
-/// Istio's labels of the TCP metrics, in its names and order.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    reporter: &'static str,
-    source_workload: Arc<str>,
-    source_workload_namespace: Arc<str>,
-    source_principal: Arc<str>,
-    source_app: Arc<str>,
-    source_version: Arc<str>,
-    source_canonical_service: Arc<str>,
-    source_canonical_revision: Arc<str>,
-    source_cluster: Arc<str>,
-    destination_workload: Arc<str>,
-    destination_workload_namespace: Arc<str>,
-    destination_principal: Arc<str>,
-    destination_app: Arc<str>,
-    destination_version: Arc<str>,
-    destination_service: Arc<str>,
-    destination_service_name: Arc<str>,
-    destination_service_namespace: Arc<str>,
-    destination_canonical_service: Arc<str>,
-    destination_canonical_revision: Arc<str>,
-    destination_cluster: Arc<str>,
-    request_protocol: &'static str,
-    response_flags: &'static str,
-    connection_security_policy: &'static str,
+impl EncodeLabelSet for Labels {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelSetEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeLabel;
+        for (i, v) in self.values.iter().enumerate() {
+            if self.removed & (1 << i) == 0 {
+                (LABELS[i], &**v).encode(encoder.encode_label())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Labels {
+    fn with_removed(mut self, removed: u32) -> Self {
+        let blank = fixed::blank();
+        for (i, v) in self.values.iter_mut().enumerate() {
+            if removed & (1 << i) != 0 {
+                *v = blank.clone();
+            }
+        }
+        self.removed = removed;
+        self
+    }
+
+    /// As OpenTelemetry attributes.
+    fn attributes(&self) -> Vec<KeyValue> {
+        self.values
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.removed & (1 << i) == 0)
+            .map(|(i, v)| KeyValue::new(LABELS[i], v.to_string()))
+            .collect()
+    }
+}
+
+/// The metrics a Telemetry override names (`match.metric`), in this order.
+const METRIC_NAMES: [&str; 8] = [
+    "REQUEST_COUNT",
+    "REQUEST_DURATION",
+    "REQUEST_SIZE",
+    "RESPONSE_SIZE",
+    "TCP_OPENED_CONNECTIONS",
+    "TCP_CLOSED_CONNECTIONS",
+    "TCP_SENT_BYTES",
+    "TCP_RECEIVED_BYTES",
+];
+
+/// What one reporter reports: metrics off (bit per [`METRIC_NAMES`]) and labels removed
+/// per metric.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Shape {
+    disabled: u8,
+    removed: [u32; 8],
+}
+
+impl Shape {
+    fn of(policy: Option<&isthmus_proto::discovery::MetricsPolicy>) -> Self {
+        let mut shape = Shape::default();
+        let Some(p) = policy else {
+            return shape;
+        };
+        let which = |name: &str| -> u8 {
+            match name {
+                "ALL_METRICS" => u8::MAX,
+                n => METRIC_NAMES
+                    .iter()
+                    .position(|m| *m == n)
+                    .map_or(0, |i| 1 << i),
+            }
+        };
+        for d in &p.disabled {
+            shape.disabled |= which(d);
+        }
+        for r in &p.removed_tags {
+            let Some(label) = LABELS.iter().position(|l| *l == r.tag) else {
+                continue;
+            };
+            let metrics = which(&r.metric);
+            for (i, removed) in shape.removed.iter_mut().enumerate() {
+                if metrics & (1 << i) != 0 {
+                    *removed |= 1 << label;
+                }
+            }
+        }
+        shape
+    }
+
+    fn on(&self, metric: usize) -> bool {
+        self.disabled & (1 << metric) == 0
+    }
 }
 
 /// Istio's buckets for `istio_request_duration_milliseconds`.
@@ -222,67 +318,8 @@ impl Series {
 }
 
 impl SeriesKey {
-    fn request_labels(&self) -> RequestLabels {
-        RequestLabels {
-            connection: self.tcp_labels(),
-            response_code: self.code,
-            grpc_response_status: self
-                .grpc_status
-                .map_or_else(fixed::unknown, |s| s.to_string().into()),
-        }
-    }
-
-    /// The labels as OpenTelemetry attributes (with the response code and gRPC status
-    /// for requests).
-    fn attributes(&self, request: bool) -> Vec<KeyValue> {
-        let t = self.tcp_labels();
-        let text = |k: &'static str, v: &Arc<str>| KeyValue::new(k, v.to_string());
-        let mut a = vec![
-            KeyValue::new("reporter", t.reporter),
-            text("source_workload", &t.source_workload),
-            text("source_workload_namespace", &t.source_workload_namespace),
-            text("source_principal", &t.source_principal),
-            text("source_app", &t.source_app),
-            text("source_version", &t.source_version),
-            text("source_canonical_service", &t.source_canonical_service),
-            text("source_canonical_revision", &t.source_canonical_revision),
-            text("source_cluster", &t.source_cluster),
-            text("destination_workload", &t.destination_workload),
-            text(
-                "destination_workload_namespace",
-                &t.destination_workload_namespace,
-            ),
-            text("destination_principal", &t.destination_principal),
-            text("destination_app", &t.destination_app),
-            text("destination_version", &t.destination_version),
-            text("destination_service", &t.destination_service),
-            text("destination_service_name", &t.destination_service_name),
-            text(
-                "destination_service_namespace",
-                &t.destination_service_namespace,
-            ),
-            text(
-                "destination_canonical_service",
-                &t.destination_canonical_service,
-            ),
-            text(
-                "destination_canonical_revision",
-                &t.destination_canonical_revision,
-            ),
-            text("destination_cluster", &t.destination_cluster),
-            KeyValue::new("request_protocol", t.request_protocol),
-            KeyValue::new("response_flags", t.response_flags),
-            KeyValue::new("connection_security_policy", t.connection_security_policy),
-        ];
-        if request {
-            let r = self.request_labels();
-            a.push(KeyValue::new("response_code", r.response_code.to_string()));
-            a.push(text("grpc_response_status", &r.grpc_response_status));
-        }
-        a
-    }
-
-    fn tcp_labels(&self) -> TcpLabels {
+    /// Every label's value: the first 23 for a connection, all 25 for a request.
+    fn labels(&self, request: bool) -> Labels {
         let (s, d, svc) = (&self.source.0, &self.destination.0, &self.service.0);
         // The cluster of a destination that did not describe itself is the one that answered.
         let destination_cluster = if d.id() == 0 {
@@ -290,37 +327,49 @@ impl SeriesKey {
         } else {
             d.cluster.clone()
         };
-        TcpLabels {
-            reporter: match self.reporter {
-                Reporter::Source => "source",
-                Reporter::Destination => "destination",
+        let mut values: Vec<Arc<str>> = vec![
+            match self.reporter {
+                Reporter::Source => "source".into(),
+                Reporter::Destination => "destination".into(),
             },
-            source_workload: s.name.clone(),
-            source_workload_namespace: s.namespace.clone(),
-            source_principal: s.principal.clone(),
-            source_app: s.app.clone(),
-            source_version: s.version.clone(),
-            source_canonical_service: s.canonical_service.clone(),
-            source_canonical_revision: s.canonical_revision.clone(),
-            source_cluster: s.cluster.clone(),
-            destination_workload: d.name.clone(),
-            destination_workload_namespace: d.namespace.clone(),
-            destination_principal: d.principal.clone(),
-            destination_app: d.app.clone(),
-            destination_version: d.version.clone(),
-            destination_service: svc.host.clone(),
-            destination_service_name: svc.name.clone(),
-            destination_service_namespace: svc.namespace.clone(),
-            destination_canonical_service: d.canonical_service.clone(),
-            destination_canonical_revision: d.canonical_revision.clone(),
+            s.name.clone(),
+            s.namespace.clone(),
+            s.principal.clone(),
+            s.app.clone(),
+            s.version.clone(),
+            s.canonical_service.clone(),
+            s.canonical_revision.clone(),
+            s.cluster.clone(),
+            d.name.clone(),
+            d.namespace.clone(),
+            d.principal.clone(),
+            d.app.clone(),
+            d.version.clone(),
+            svc.host.clone(),
+            svc.name.clone(),
+            svc.namespace.clone(),
+            d.canonical_service.clone(),
+            d.canonical_revision.clone(),
             destination_cluster,
-            request_protocol: self.protocol,
-            response_flags: self.flags,
-            connection_security_policy: match self.mutual_tls {
-                Some(true) => "mutual_tls",
-                Some(false) => "none",
-                None => "unknown",
+            self.protocol.into(),
+            self.flags.into(),
+            match self.mutual_tls {
+                Some(true) => "mutual_tls".into(),
+                Some(false) => "none".into(),
+                None => fixed::unknown(),
             },
+        ];
+        debug_assert_eq!(values.len(), TCP_LABEL_COUNT);
+        if request {
+            values.push(self.code.to_string().into());
+            values.push(
+                self.grpc_status
+                    .map_or_else(fixed::unknown, |s| s.to_string().into()),
+            );
+        }
+        Labels {
+            values: values.into(),
+            removed: 0,
         }
     }
 }
@@ -330,7 +379,13 @@ pub(crate) mod fixed {
     use std::sync::{Arc, LazyLock};
 
     static UNKNOWN: LazyLock<Arc<str>> = LazyLock::new(|| "unknown".into());
+    static BLANK: LazyLock<Arc<str>> = LazyLock::new(|| "".into());
     static EXTERNAL: LazyLock<Arc<str>> = LazyLock::new(|| crate::egress::CLUSTER.into());
+
+    /// A label a Telemetry override removed.
+    pub fn blank() -> Arc<str> {
+        BLANK.clone()
+    }
 
     /// A value not known (Istio's convention).
     pub fn unknown() -> Arc<str> {
@@ -386,14 +441,16 @@ struct RequestHandles {
     duration: Histogram,
     request_size: Histogram,
     response_size: Histogram,
-    /// The labels as OpenTelemetry attributes, for OTLP.
-    attributes: Arc<[KeyValue]>,
+    /// Each metric's labels as OpenTelemetry attributes, for OTLP; `None` when the
+    /// metric is off.
+    attributes: [Option<Arc<[KeyValue]>>; 4],
 }
 
 /// The series of one opaque connection's label set.
 #[derive(Clone)]
 pub struct TcpHandles {
-    attributes: Arc<[KeyValue]>,
+    /// As for requests: opened, closed, sent, received.
+    attributes: [Option<Arc<[KeyValue]>>; 4],
     opened: Counter,
     pub closed: Counter,
     /// Bytes towards the destination (the request direction), Istio's `received`.
@@ -415,15 +472,17 @@ type Cache<V> =
 
 #[derive(Clone)]
 pub struct Metrics {
-    requests: Family<RequestLabels, Counter>,
+    requests: Family<Labels, Counter>,
     /// From the request's start to the end of its response, in milliseconds.
-    durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
-    request_sizes: Family<RequestLabels, Histogram, fn() -> Histogram>,
-    response_sizes: Family<RequestLabels, Histogram, fn() -> Histogram>,
-    tcp_opened: Family<TcpLabels, Counter>,
-    tcp_closed: Family<TcpLabels, Counter>,
-    tcp_received: Family<TcpLabels, Counter>,
-    tcp_sent: Family<TcpLabels, Counter>,
+    durations: Family<Labels, Histogram, fn() -> Histogram>,
+    request_sizes: Family<Labels, Histogram, fn() -> Histogram>,
+    response_sizes: Family<Labels, Histogram, fn() -> Histogram>,
+    tcp_opened: Family<Labels, Counter>,
+    tcp_closed: Family<Labels, Counter>,
+    tcp_received: Family<Labels, Counter>,
+    tcp_sent: Family<Labels, Counter>,
+    /// What each reporter reports (Telemetry's metrics overrides): source, destination.
+    shapes: Arc<std::sync::RwLock<[Shape; 2]>>,
     /// Each request key's handles, found with one cheap lookup per request.
     seen: Cache<RequestHandles>,
     seen_tcp: Cache<TcpHandles>,
@@ -455,6 +514,7 @@ impl Default for Metrics {
             tcp_closed: Family::default(),
             tcp_received: Family::default(),
             tcp_sent: Family::default(),
+            shapes: Arc::default(),
             seen: Arc::default(),
             seen_tcp: Arc::default(),
             otel: Arc::default(),
@@ -495,14 +555,30 @@ impl Metrics {
     ) {
         let h = cached(&self.seen, key, || {
             // First request with these labels: the families make the series, the cache
-            // keeps their handles (clones share the same values).
-            let labels = key.request_labels();
+            // keeps their handles (clones share the same values). A metric that is off
+            // gets a series of its own that nothing exports.
+            let shape = self.shape_of(key.reporter);
+            let labels = key.labels(true);
+            let series = |i: usize| {
+                shape
+                    .on(i)
+                    .then(|| labels.clone().with_removed(shape.removed[i]))
+            };
+            let attributes = std::array::from_fn(|i| series(i).map(|l| l.attributes().into()));
             RequestHandles {
-                attributes: key.attributes(true).into(),
-                count: self.requests.get_or_create(&labels).clone(),
-                duration: self.durations.get_or_create(&labels).clone(),
-                request_size: self.request_sizes.get_or_create(&labels).clone(),
-                response_size: self.response_sizes.get_or_create(&labels).clone(),
+                attributes,
+                count: series(0).map_or_else(Counter::default, |l| {
+                    self.requests.get_or_create(&l).clone()
+                }),
+                duration: series(1).map_or_else(duration_histogram, |l| {
+                    self.durations.get_or_create(&l).clone()
+                }),
+                request_size: series(2).map_or_else(size_histogram, |l| {
+                    self.request_sizes.get_or_create(&l).clone()
+                }),
+                response_size: series(3).map_or_else(size_histogram, |l| {
+                    self.response_sizes.get_or_create(&l).clone()
+                }),
             }
         });
         let ms = duration.as_secs_f64() * 1000.0;
@@ -511,10 +587,48 @@ impl Metrics {
         h.request_size.observe(request_bytes as f64);
         h.response_size.observe(response_bytes as f64);
         if let Some(otel) = self.otel.get() {
-            otel.requests.add(1, &h.attributes);
-            otel.duration.record(ms, &h.attributes);
-            otel.request_size.record(request_bytes, &h.attributes);
-            otel.response_size.record(response_bytes, &h.attributes);
+            let [count, time, req, resp] = &h.attributes;
+            if let Some(a) = count {
+                otel.requests.add(1, a);
+            }
+            if let Some(a) = time {
+                otel.duration.record(ms, a);
+            }
+            if let Some(a) = req {
+                otel.request_size.record(request_bytes, a);
+            }
+            if let Some(a) = resp {
+                otel.response_size.record(response_bytes, a);
+            }
+        }
+    }
+
+    fn shape_of(&self, reporter: Reporter) -> Shape {
+        let shapes = self.shapes.read().unwrap_or_else(|p| p.into_inner());
+        shapes[usize::from(reporter == Reporter::Destination)]
+    }
+
+    /// Puts Telemetry's metrics overrides in force: for the client side (`source`
+    /// reporter) and the server side (`destination`); `None`: every metric, every label.
+    /// Series made before keep their labels; new ones take the new shape.
+    pub fn shape(
+        &self,
+        policy: Option<(
+            Option<&isthmus_proto::discovery::MetricsPolicy>,
+            Option<&isthmus_proto::discovery::MetricsPolicy>,
+        )>,
+    ) {
+        let (client, server) = policy.unwrap_or_default();
+        let next = [Shape::of(client), Shape::of(server)];
+        let mut shapes = self.shapes.write().unwrap_or_else(|p| p.into_inner());
+        if *shapes != next {
+            *shapes = next;
+            // Handles were made for the old shape.
+            self.seen.write().unwrap_or_else(|p| p.into_inner()).clear();
+            self.seen_tcp
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
         }
     }
 
@@ -551,16 +665,18 @@ impl Metrics {
         let tcp: [(&'static str, Read); 4] = [
             ("istio_tcp_connections_opened", |h| h.opened.get()),
             ("istio_tcp_connections_closed", |h| h.closed.get()),
-            ("istio_tcp_received_bytes", |h| h.received.get()),
             ("istio_tcp_sent_bytes", |h| h.sent.get()),
+            ("istio_tcp_received_bytes", |h| h.received.get()),
         ];
-        for (name, read) in tcp {
+        for (i, (name, read)) in tcp.into_iter().enumerate() {
             let seen = self.seen_tcp.clone();
             meter
                 .u64_observable_counter(name)
                 .with_callback(move |observer| {
                     for h in seen.read().unwrap_or_else(|p| p.into_inner()).values() {
-                        observer.observe(read(h), &h.attributes);
+                        if let Some(a) = &h.attributes[i] {
+                            observer.observe(read(h), a);
+                        }
                     }
                 })
                 .build();
@@ -570,13 +686,23 @@ impl Metrics {
     /// Counts one opened connection; the handles count its bytes and its close.
     pub fn connection(&self, key: &SeriesKey) -> TcpHandles {
         let h = cached(&self.seen_tcp, key, || {
-            let labels = key.tcp_labels();
+            let shape = self.shape_of(key.reporter);
+            let labels = key.labels(false);
+            // Metrics 4 to 7 of the shape: opened, closed, sent, received.
+            let series = |i: usize| {
+                shape
+                    .on(4 + i)
+                    .then(|| labels.clone().with_removed(shape.removed[4 + i]))
+            };
+            let family = |i: usize, f: &Family<Labels, Counter>| {
+                series(i).map_or_else(Counter::default, |l| f.get_or_create(&l).clone())
+            };
             TcpHandles {
-                attributes: key.attributes(false).into(),
-                opened: self.tcp_opened.get_or_create(&labels).clone(),
-                closed: self.tcp_closed.get_or_create(&labels).clone(),
-                received: self.tcp_received.get_or_create(&labels).clone(),
-                sent: self.tcp_sent.get_or_create(&labels).clone(),
+                attributes: std::array::from_fn(|i| series(i).map(|l| l.attributes().into())),
+                opened: family(0, &self.tcp_opened),
+                closed: family(1, &self.tcp_closed),
+                sent: family(2, &self.tcp_sent),
+                received: family(3, &self.tcp_received),
             }
         });
         h.opened.inc();

@@ -10,18 +10,19 @@
 use http::Request;
 use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _};
 use opentelemetry::KeyValue;
-use opentelemetry_sdk::trace::{SdkTracer, Span};
+use opentelemetry_sdk::trace::Span;
 
 use isthmus_core::otlp::TraceContext;
 
-use crate::telemetry::Outcome;
+use crate::telemetry::{Outcome, Tag, Tracing};
 
 /// Longest host kept in a span name; the rest is cut (the name is the caller's text).
 const MAX_NAME_HOST: usize = 128;
 
-/// Starts the span of `req` as a child of the context it carries, and rewrites that
-/// context in `req` to this span's for the next hop.
-pub fn start<B>(tracer: &SdkTracer, req: &mut Request<B>, kind: SpanKind) -> Span {
+/// Starts the span of `req` as a child of the context it carries, with the custom tags of
+/// `tracing`, and rewrites that context in `req` to this span's for the next hop.
+pub fn start<B>(tracing: &Tracing, req: &mut Request<B>, kind: SpanKind) -> Span {
+    let tracer = &tracing.tracer;
     let caller = TraceContext::extract(req.headers());
     let parent = match &caller {
         Some(c) => opentelemetry::Context::new().with_remote_span_context(c.span.clone()),
@@ -53,6 +54,27 @@ pub fn start<B>(tracer: &SdkTracer, req: &mut Request<B>, kind: SpanKind) -> Spa
         .and_then(|v| v.to_str().ok())
     {
         attributes.push(KeyValue::new("user_agent.original", ua.to_owned()));
+    }
+    let cut = |v: &str| match v.char_indices().nth(tracing.max_tag_length) {
+        Some((at, _)) => v[..at].to_owned(),
+        None => v.to_owned(),
+    };
+    for tag in &tracing.tags {
+        attributes.push(match tag {
+            Tag::Fixed(k, v) => KeyValue::new(k.clone(), cut(v)),
+            Tag::Header {
+                key,
+                header,
+                default,
+            } => {
+                let v = req
+                    .headers()
+                    .get(header)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(default);
+                KeyValue::new(key.clone(), cut(v))
+            }
+        });
     }
     let span = tracer
         .span_builder(format!("{host}/*"))

@@ -195,6 +195,9 @@ pub struct MeshState {
     pub allow_any: bool,
     /// What PeerAuthentication and AuthorizationPolicy say of traffic to this workload.
     pub inbound: Arc<crate::authz::InboundPolicy>,
+    /// What Telemetry resources and the mesh config say of this workload's telemetry;
+    /// `None`: the sidecar's flags decide.
+    pub telemetry: Option<Arc<isthmus_proto::discovery::TelemetryPolicy>>,
 }
 
 impl MeshState {

@@ -109,6 +109,7 @@ impl XdsHandler for Store {
                         own,
                         allow_any,
                         inbound,
+                        telemetry,
                     } = old;
                     let mut next = MeshState {
                         services,
@@ -121,6 +122,7 @@ impl XdsHandler for Store {
                         own: own.clone(),
                         allow_any: *allow_any,
                         inbound: inbound.clone(),
+                        telemetry: telemetry.clone(),
                     };
                     next.index(&self.own_namespace);
                     next.attach_health(&self.health);
@@ -147,17 +149,19 @@ impl XdsHandler for Store {
                     isthmus_proto::discovery::Workload::decode(r.body.as_slice())
                         .map(|w| {
                             let inbound = InboundPolicy::compile(&w.inbound.unwrap_or_default());
-                            (w.labels, w.allow_any, inbound, w.owner)
+                            let telemetry = w.telemetry.map(Arc::new);
+                            (w.labels, w.allow_any, inbound, w.owner, telemetry)
                         })
                         .map_err(|e| format!("cannot decode: {e}"))
                 });
-                let (labels, allow_any, inbound, owner) = match workloads.pop() {
+                let (labels, allow_any, inbound, owner, telemetry) = match workloads.pop() {
                     Some(own) => own,
                     None if !removed.is_empty() => (
                         BTreeMap::new(),
                         false,
                         InboundPolicy::default(),
                         String::new(),
+                        None,
                     ),
                     None => return rejected,
                 };
@@ -167,6 +171,7 @@ impl XdsHandler for Store {
                     own,
                     allow_any,
                     inbound: Arc::new(inbound),
+                    telemetry,
                     ..old.clone()
                 });
                 rejected

@@ -64,41 +64,92 @@ pub fn response_flag(reason: &str) -> &'static str {
     }
 }
 
-/// What a sidecar does with a finished request beyond its metrics: a span for each
-/// request (when tracing is on) and an access log line (to standard output and OTLP).
+/// What a sidecar does with a finished request beyond its metrics: a span (when tracing
+/// is on) and access log lines, as the telemetry in force says for each side of its
+/// traffic. The telemetry in force is swapped whole when the workload's policy changes;
+/// a request keeps the one it started with.
 pub struct Telemetry {
     pub metrics: Arc<Metrics>,
-    tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
-    log: Option<crate::access_log::AccessLog>,
+    active: std::sync::RwLock<Arc<Active>>,
+}
+
+/// The telemetry in force: for requests the app makes (client) and those it answers
+/// (server).
+#[derive(Default)]
+pub struct Active {
+    pub client: Side,
+    pub server: Side,
+}
+
+impl Active {
+    fn side(&self, kind: &opentelemetry::trace::SpanKind) -> &Side {
+        match kind {
+            opentelemetry::trace::SpanKind::Client => &self.client,
+            _ => &self.server,
+        }
+    }
+}
+
+/// Telemetry for one side of a workload's traffic.
+#[derive(Default)]
+pub struct Side {
+    pub tracing: Option<Tracing>,
+    pub logs: Vec<crate::access_log::Sink>,
+    /// Request headers the logs read (formats and filters), kept as a request arrives.
+    pub log_headers: Vec<String>,
+}
+
+/// Spans of one side: where they go, and the tags each carries.
+pub struct Tracing {
+    pub tracer: opentelemetry_sdk::trace::SdkTracer,
+    pub tags: Vec<Tag>,
+    /// Longest tag value kept.
+    pub max_tag_length: usize,
+}
+
+/// A custom tag: a value known when the policy is applied (a literal, an environment
+/// variable), or a request header's.
+pub enum Tag {
+    Fixed(opentelemetry::Key, String),
+    Header {
+        key: opentelemetry::Key,
+        header: http::HeaderName,
+        default: String,
+    },
 }
 
 impl Telemetry {
     /// Metrics only.
     pub fn metrics_only(metrics: Arc<Metrics>) -> Self {
+        Self::new(metrics, Arc::default())
+    }
+
+    pub fn new(metrics: Arc<Metrics>, active: Arc<Active>) -> Self {
         Self {
             metrics,
-            tracer: None,
-            log: None,
+            active: std::sync::RwLock::new(active),
         }
     }
 
-    pub fn new(
-        metrics: Arc<Metrics>,
-        otlp: Option<&isthmus_core::otlp::Otlp>,
-        log: Option<crate::access_log::AccessLog>,
-    ) -> Self {
-        use opentelemetry::trace::TracerProvider as _;
-        Self {
-            metrics,
-            tracer: otlp.map(|o| o.traces.tracer("isthmus-sidecar")),
-            log,
-        }
+    /// The telemetry in force now.
+    pub fn active(&self) -> Arc<Active> {
+        self.active
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts `active` in force for requests that start from now on.
+    pub fn replace(&self, active: Arc<Active>) {
+        *self.active.write().unwrap_or_else(|p| p.into_inner()) = active;
     }
 }
 
 /// One request, measured until its response ends.
 pub struct Exchange {
     telemetry: Arc<Telemetry>,
+    active: Arc<Active>,
+    kind: opentelemetry::trace::SpanKind,
     series: Option<Series>,
     started: Instant,
     request_bytes: Arc<AtomicU64>,
@@ -125,16 +176,18 @@ impl Exchange {
         counted
             .0
             .store(header_bytes(req.headers()), Ordering::Relaxed);
-        let log = telemetry
-            .log
+        let active = telemetry.active();
+        let side = active.side(&kind);
+        let log = (!side.logs.is_empty())
+            .then(|| Box::new(crate::access_log::Request::of(req, &side.log_headers)));
+        let span = side
+            .tracing
             .as_ref()
-            .map(|_| Box::new(crate::access_log::Request::of(req)));
-        let span = telemetry
-            .tracer
-            .as_ref()
-            .map(|tracer| crate::spans::start(tracer, req, kind));
+            .map(|tracing| crate::spans::start(tracing, req, kind.clone()));
         Self {
             telemetry: telemetry.clone(),
+            active,
+            kind,
             series: None,
             started,
             request_bytes: counted.0,
@@ -212,8 +265,8 @@ impl Exchange {
         if let Some(span) = self.span.take() {
             crate::spans::end(span, &outcome);
         }
-        if let (Some(log), Some(request)) = (&self.telemetry.log, self.log.take()) {
-            log.write(&request, &outcome);
+        if let Some(request) = self.log.take() {
+            crate::access_log::write(&self.active.side(&self.kind).logs, &request, &outcome);
         }
     }
 }

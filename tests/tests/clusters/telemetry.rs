@@ -399,7 +399,7 @@ async fn one_cross_cluster_request_is_one_trace_with_a_span_per_hop_over_otlp() 
             headers: vec![("x-tenant".into(), "team-a".into())],
             metrics_interval: Duration::from_secs(1),
             sampling: 100.0,
-            resource: Vec::new(),
+            ..Default::default()
         });
     })
     .await?;
@@ -586,7 +586,7 @@ async fn otlp_over_http_protobuf_carries_spans_metrics_and_logs() -> anyhow::Res
                 headers: Vec::new(),
                 metrics_interval: Duration::from_secs(1),
                 sampling: 100.0,
-                resource: Vec::new(),
+                ..Default::default()
             }),
             access_log: isthmus_core::otlp::AccessLogFormat::Json,
         };
