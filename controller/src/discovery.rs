@@ -470,7 +470,8 @@ impl ProxyStream {
                 scoped = match all.get(own) {
                     Some(w) => [(own.to_owned(), w.clone())].into(),
                     // A proxy with no WorkloadEntry still learns what the Sidecar of its
-                    // namespace says about hosts outside the registry.
+                    // namespace says about hosts outside the registry, and the policies
+                    // and telemetry of its namespace and the mesh.
                     None => unlisted_workload(snapshot, own, &self.svc.trust_domain)
                         .into_iter()
                         .collect(),
@@ -633,6 +634,7 @@ fn unlisted_workload(
         name: own.to_owned(),
         allow_any,
         inbound: Some(inbound),
+        telemetry: isthmus_core::config::telemetry::policy_for(config, namespace, &none, &[]),
         ..Default::default()
     };
     Some((own.to_owned(), crate::snapshot::encode(&msg)))

@@ -96,6 +96,14 @@ impl Workload {
             .expect("sidecar running")
             .outbound_address
     }
+
+    /// The sidecar's admin listener (`/stats/prometheus`, `/config_dump`).
+    pub fn admin(&self) -> SocketAddr {
+        self.sidecar
+            .as_ref()
+            .expect("sidecar running")
+            .admin_address
+    }
 }
 
 pub struct Cluster {

@@ -646,3 +646,241 @@ async fn otlp_over_http_protobuf_carries_spans_metrics_and_logs() -> anyhow::Res
     .await?;
     Ok(())
 }
+
+/// The mesh config's providers for the Telemetry test: traces and access logs to the
+/// test's OTLP receiver, and a JSON file log in a format of the provider's own.
+fn telemetry_mesh_config(otlp: SocketAddr, file: &std::path::Path) -> String {
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |-\n    defaultConfig:\n      tracing: {{sampling: 100}}\n    extensionProviders:\n    - name: otel\n      opentelemetry: {{service: \"{ip}\", port: {port}, grpc: {{initialMetadata: [{{name: x-tenant, value: mesh-config}}]}}}}\n    - name: otel-logs\n      envoyOtelAls: {{service: \"{ip}\", port: {port}}}\n    - name: errors-file\n      envoyFileAccessLog:\n        path: {path}\n        logFormat:\n          labels: {{code: \"%RESPONSE_CODE%\", path: \"%REQ(:PATH)%\", user: \"%REQ(X-USER)%\", flags: \"%RESPONSE_FLAGS%\"}}\n",
+        ip = otlp.ip(),
+        port = otlp.port(),
+        path = file.display(),
+    )
+}
+
+/// Mesh-wide: every request traced to `otel` with a literal and a header tag; error
+/// responses logged to OTLP and, for the echo service, to the file. For echo's own
+/// workloads: no request count on the server side, and no `request_protocol` label.
+fn telemetry_objects(team: &str, echo_override: bool) -> String {
+    let mut yaml = format!(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: mesh-default, namespace: istio-system}}\nspec:\n  tracing:\n  - providers: [{{name: otel}}]\n    customTags:\n      team: {{literal: {{value: {team}}}}}\n      user: {{header: {{name: x-user, defaultValue: anonymous}}}}\n  accessLogging:\n  - providers: [{{name: otel-logs}}]\n    filter: {{expression: \"response.code >= 400\"}}\n  - match: {{mode: CLIENT}}\n    providers: [{{name: errors-file}}]\n    filter: {{expression: \"response.code >= 500 && request.headers['x-user'] == 'alice'\"}}\n"
+    );
+    if echo_override {
+        yaml.push_str("---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: echo, namespace: demo}\nspec:\n  selector: {matchLabels: {app: echo}}\n  metrics:\n  - overrides:\n    - match: {metric: REQUEST_COUNT, mode: SERVER}\n      disabled: true\n    - tagOverrides: {request_protocol: {operation: REMOVE}}\n");
+    }
+    yaml
+}
+
+/// The lines of a sidecar's Prometheus page for `metric` with `reporter`.
+async fn series_lines(
+    admin: SocketAddr,
+    metric: &str,
+    reporter: &str,
+) -> anyhow::Result<Vec<String>> {
+    let reply = AppClient::new()
+        .get(admin, &admin.to_string(), "/stats/prometheus")
+        .await?;
+    Ok(String::from_utf8_lossy(&reply.body)
+        .lines()
+        .filter(|l| {
+            l.starts_with(&format!("{metric}{{")) && l.contains(&format!("reporter=\"{reporter}\""))
+        })
+        .map(str::to_owned)
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_telemetry_resources_choose_traces_logs_and_metrics_per_workload_live(
+) -> anyhow::Result<()> {
+    use isthmus_tests::otlp::{attribute, OtlpReceiver};
+    let receiver = OtlpReceiver::start(isthmus_tests::fresh_ip(0, 9)).await?;
+    let otlp: SocketAddr = receiver.endpoint().trim_start_matches("http://").parse()?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("errors.log");
+    // No telemetry flags: the mesh config and Telemetry resources decide everything.
+    let mut mesh = Mesh::start(&["east"]).await?;
+    mesh.add_workload("east", "echo-east", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    mesh.apply("east", "mesh.yaml", &telemetry_mesh_config(otlp, &file))
+        .await?;
+    mesh.apply("east", "telemetry.yaml", &telemetry_objects("core", true))
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    let client = AppClient::new();
+    let alice = [("x-user", "alice")];
+    eventually(
+        "a traced request with the Telemetry's tags",
+        Duration::from_secs(20),
+        || async {
+            let r = client
+                .send(outbound, HOST, "/traced", false, &alice)
+                .await?;
+            anyhow::ensure!(r.status == 200, "status {}", r.status);
+            let spans = receiver.read(|r| r.spans.clone());
+            let tagged = |kind: i32| {
+                spans.iter().any(|(_, s)| {
+                    s.kind == kind
+                        && attribute(&s.attributes, "url.path") == Some("/traced")
+                        && attribute(&s.attributes, "team") == Some("core")
+                        && attribute(&s.attributes, "user") == Some("alice")
+                })
+            };
+            anyhow::ensure!(
+                tagged(3) && tagged(2),
+                "client and server spans: {spans:#?}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    // From here on both sidecars run the Telemetry's config (their spans carry its tags).
+    let echo_admin = mesh.workload("east", "echo-east").admin();
+    let client_admin = mesh.workload("east", "client").admin();
+    let destination = [("reporter", "destination")];
+    let counted_before =
+        isthmus_tests::metric_sum(echo_admin, "istio_requests_total", &destination).await?;
+    // The provider's initialMetadata went with the exports.
+    assert!(receiver.read(|r| r
+        .headers
+        .iter()
+        .any(|h| h.get("x-tenant").is_some_and(|v| v == "mesh-config"))));
+
+    // A failing request and a good one: only the failure is logged, by both filters.
+    for (path, user) in [
+        ("/status/503", "alice"),
+        ("/fine", "alice"),
+        ("/status/503", "bob"),
+    ] {
+        let r = client
+            .send(outbound, HOST, path, false, &[("x-user", user)])
+            .await?;
+        assert_eq!(r.status, if path == "/fine" { 200 } else { 503 });
+    }
+    eventually(
+        "OTLP access logs of failures only",
+        Duration::from_secs(15),
+        || async {
+            let logs = receiver.read(|r| r.logs.clone());
+            let paths: Vec<&str> = logs
+                .iter()
+                .filter_map(|(_, l)| attribute(&l.attributes, "path"))
+                .collect();
+            // Two 503s, each logged by the client and the server sidecar.
+            let failures = paths.iter().filter(|p| **p == "/status/503").count();
+            anyhow::ensure!(failures == 4, "503 records {failures}: {paths:?}");
+            anyhow::ensure!(
+                !paths.iter().any(|p| *p == "/fine" || *p == "/traced"),
+                "a successful request was logged: {paths:?}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    // The file provider's own JSON fields, for alice's failure only, from the client side.
+    eventually("the file log", Duration::from_secs(5), || async {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        anyhow::ensure!(lines.len() == 1, "file lines: {text}");
+        let l = &lines[0];
+        anyhow::ensure!(
+            l["code"] == "503" && l["path"] == "/status/503" && l["user"] == "alice",
+            "line: {l}"
+        );
+        anyhow::ensure!(l.as_object().map(|o| o.len()) == Some(4), "fields: {l}");
+        Ok(())
+    })
+    .await?;
+
+    // Metrics: echo's sidecar counts no more requests as the server (series from before
+    // the Telemetry applied stay as they were), and its new series have no
+    // request_protocol; the client's sidecar keeps every metric and label.
+    let counted =
+        isthmus_tests::metric_sum(echo_admin, "istio_requests_total", &destination).await?;
+    assert_eq!(
+        counted, counted_before,
+        "REQUEST_COUNT is off on the server side"
+    );
+    let durations = series_lines(
+        echo_admin,
+        "istio_request_duration_milliseconds_count",
+        "destination",
+    )
+    .await?;
+    let reshaped: Vec<&String> = durations
+        .iter()
+        .filter(|l| !l.contains("request_protocol="))
+        .collect();
+    assert!(
+        reshaped.iter().any(|l| l.contains("response_code=\"503\"")
+            && l.contains("destination_workload=\"echo-east\"")),
+        "durations without request_protocol: {durations:?}"
+    );
+    let source = series_lines(client_admin, "istio_requests_total", "source").await?;
+    assert!(
+        source
+            .iter()
+            .any(|l| l.contains("request_protocol=\"http\"") && l.contains("response_code=\"503\"")),
+        "the client's metrics keep every label: {source:?}"
+    );
+
+    // A Telemetry the controller cannot act on is refused by name, and the one in force
+    // stays.
+    let bad = telemetry_objects("core", true).replace(
+        "response.code >= 400",
+        "xds.cluster_name == 'BlackHoleCluster'",
+    );
+    let refused = mesh.apply("east", "telemetry.yaml", &bad).await;
+    let e = format!(
+        "{:#}",
+        refused.expect_err("an unsupported filter is refused")
+    );
+    assert!(
+        e.contains("spec.accessLogging[0].filter.expression") && e.contains("xds.cluster_name"),
+        "{e}"
+    );
+
+    // A live change: new tags, and echo's override gone. Requests under way are not
+    // disturbed, and new ones follow the new config.
+    mesh.apply("east", "telemetry.yaml", &telemetry_objects("edge", false))
+        .await?;
+    eventually(
+        "the new tag on new spans",
+        Duration::from_secs(20),
+        || async {
+            let r = client
+                .send(outbound, HOST, "/retagged", false, &alice)
+                .await?;
+            anyhow::ensure!(r.status == 200, "status {}", r.status);
+            let spans = receiver.read(|r| r.spans.clone());
+            anyhow::ensure!(
+                spans
+                    .iter()
+                    .any(
+                        |(_, s)| attribute(&s.attributes, "url.path") == Some("/retagged")
+                            && attribute(&s.attributes, "team") == Some("edge")
+                    ),
+                "no retagged span yet"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    eventually(
+        "echo's requests counted again",
+        Duration::from_secs(5),
+        || async {
+            let _ = client.get(outbound, HOST, "/count-me").await?;
+            let counted =
+                isthmus_tests::metric_sum(echo_admin, "istio_requests_total", &destination).await?;
+            anyhow::ensure!(counted > counted_before, "{counted} requests counted");
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(())
+}
