@@ -657,13 +657,17 @@ struct SidecarArgs {
     otlp: OtlpArgs,
     /// Access log lines to standard output: `off`, `text` (Envoy's default format, as
     /// Istio writes it) or `json` (Istio's field names). With --otlp-endpoint they are also
-    /// exported as OTLP log records, whatever this says.
+    /// exported as OTLP log records, whatever this says. Once the mesh config or a
+    /// Telemetry resource configures telemetry, they choose the sidecar's access logs and
+    /// tracing instead of this flag and the OTLP ones (metrics still go to
+    /// --otlp-endpoint).
     #[arg(long, env = "ISTHMUS_ACCESS_LOG", default_value = "off")]
     access_log: isthmus_core::otlp::AccessLogFormat,
 }
 
 /// OTLP export of traces, metrics and access logs (OpenTelemetry's environment variables
-/// work as well as the flags).
+/// work as well as the flags). For sidecars, Istio's Telemetry resources and the mesh
+/// config's providers take over traces and access logs when they configure any.
 #[derive(Args)]
 struct OtlpArgs {
     /// The OpenTelemetry collector: `http://host:4317` for gRPC, `http://host:4318` for

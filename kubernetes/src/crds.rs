@@ -2,7 +2,7 @@
 //! controller parses them into (schemars, made structural as kube-rs makes its own).
 //!
 //! Each kind is served at the versions Istio serves it (`v1`, `v1beta1` and `v1alpha3`
-//! for `networking.istio.io`, `v1` stored), with a `status` subresource and Istio's short
+//! for `networking.istio.io`, `v1` and `v1alpha1` for `telemetry.istio.io`, `v1` stored), with a `status` subresource and Istio's short
 //! names. The schemas check the types of the fields Isthmus reads. Every object node also
 //! keeps unknown fields (`x-kubernetes-preserve-unknown-fields`), because the API server
 //! would otherwise prune them silently: a field Isthmus does not support must reach the
@@ -19,6 +19,7 @@ fn versions(kind: &MeshKind) -> &'static [&'static str] {
     match kind.group {
         "networking.istio.io" => &["v1", "v1beta1", "v1alpha3"],
         "security.istio.io" => &["v1", "v1beta1"],
+        "telemetry.istio.io" => &["v1", "v1alpha1"],
         _ => &["v1alpha1"],
     }
 }

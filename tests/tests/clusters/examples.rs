@@ -40,8 +40,9 @@ fn every_example_is_valid_config_in_every_api_version() {
     };
     let mut names = files_in("");
     names.extend(files_in("security/"));
+    names.extend(files_in("telemetry/"));
     names.sort();
-    assert!(names.len() >= 18, "{names:?}");
+    assert!(names.len() >= 22, "{names:?}");
     for name in names {
         let mut files = vec![SourceFile {
             name: "services.yaml".into(),
@@ -52,6 +53,13 @@ fn every_example_is_valid_config_in_every_api_version() {
             files.push(SourceFile {
                 name: "destination-rule-reviews.yaml".into(),
                 contents: example("destination-rule-reviews.yaml"),
+            });
+        }
+        // Telemetry resources name the providers of the telemetry mesh config.
+        if name.starts_with("telemetry/") && !name.contains("mesh-config") {
+            files.push(SourceFile {
+                name: "mesh-config.yaml".into(),
+                contents: example("telemetry/mesh-config-opentelemetry.yaml"),
             });
         }
         files.push(SourceFile {
@@ -78,11 +86,25 @@ fn every_example_is_valid_config_in_every_api_version() {
                                 "security.istio.io/{}\n",
                                 if version == "v1alpha3" { "v1" } else { version }
                             ),
+                        )
+                        // Telemetry is served at v1 and v1alpha1.
+                        .replace(
+                            "telemetry.istio.io/v1\n",
+                            &format!(
+                                "telemetry.istio.io/{}\n",
+                                if version == "v1" { "v1" } else { "v1alpha1" }
+                            ),
                         ),
                 })
                 .collect();
-            if let Err(e) = load_files(&files) {
-                panic!("{name} ({version}) is not valid:\n{e}");
+            match load_files(&files) {
+                Err(e) => panic!("{name} ({version}) is not valid:\n{e}"),
+                // Every provider a Telemetry names exists.
+                Ok(set) => assert!(
+                    !set.warnings.iter().any(|w| w.field.contains("providers")),
+                    "{name}: {:?}",
+                    set.warnings
+                ),
             }
         }
     }
