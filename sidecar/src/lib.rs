@@ -372,5 +372,6 @@ fn dump(
         "gateway": state.mesh.gateway.as_ref().map(|g| g.0.to_string()),
         "certificate": certificate,
         "services": services,
+        "telemetry": telemetry_policy::dump(state.telemetry.as_deref()),
     })
 }

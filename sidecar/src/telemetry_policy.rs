@@ -349,3 +349,50 @@ pub async fn follow(
         }
     }
 }
+
+/// The telemetry in force, for `/config_dump`: from the mesh's config (its providers per
+/// side), or the flags.
+pub fn dump(policy: Option<&xds::TelemetryPolicy>) -> serde_json::Value {
+    let Some(p) = policy else {
+        return serde_json::json!({"from": "flags"});
+    };
+    let tracing = |t: Option<&xds::TracingPolicy>| {
+        t.and_then(|t| {
+            let c = t.collector.as_ref()?;
+            Some(serde_json::json!({
+                "provider": c.provider,
+                "endpoint": c.endpoint,
+                "sampling_percent": t.sampling_percent,
+                "reporting": !t.disable_reporting,
+                "custom_tags": t.custom_tags.iter().map(|t| &t.name).collect::<Vec<_>>(),
+            }))
+        })
+    };
+    let logs = |sinks: &[xds::AccessLogSink]| {
+        sinks
+            .iter()
+            .map(|s| serde_json::json!({"provider": s.provider, "filter": s.filter}))
+            .collect::<Vec<_>>()
+    };
+    let metrics = |m: Option<&xds::MetricsPolicy>| {
+        m.map(|m| {
+            serde_json::json!({
+                "disabled": m.disabled,
+                "removed_tags": m.removed_tags.iter().map(|r| format!("{}:{}", r.metric, r.tag)).collect::<Vec<_>>(),
+            })
+        })
+    };
+    serde_json::json!({
+        "from": "mesh config",
+        "client": {
+            "tracing": tracing(p.client_tracing.as_ref()),
+            "access_logs": logs(&p.client_access_logs),
+            "metrics": metrics(p.client_metrics.as_ref()),
+        },
+        "server": {
+            "tracing": tracing(p.server_tracing.as_ref()),
+            "access_logs": logs(&p.server_access_logs),
+            "metrics": metrics(p.server_metrics.as_ref()),
+        },
+    })
+}

@@ -268,6 +268,9 @@ impl Mesh {
                 mesh.start_api_server(name).await?;
             }
             mesh.start_controller(name).await?;
+            if on_kubernetes.contains(name) {
+                mesh.wait_webhook_ready(name).await?;
+            }
             mesh.start_gateway(name).await?;
         }
         Ok(mesh)

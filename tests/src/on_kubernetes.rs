@@ -156,6 +156,31 @@ impl Mesh {
         Ok(())
     }
 
+    /// Waits until the controller has published its webhook's CA bundle, as an operator
+    /// waits for a rollout: until then the API server cannot call the webhook, and every
+    /// write it validates fails (the webhook fails closed).
+    pub(crate) async fn wait_webhook_ready(&mut self, cluster: &str) -> anyhow::Result<()> {
+        use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+        let client = self.api(cluster).client().await?;
+        let api = Api::<ValidatingWebhookConfiguration>::all(client);
+        crate::eventually(
+            "the webhook's CA bundle",
+            std::time::Duration::from_secs(10),
+            || async {
+                let c = api.get(isthmus_kubernetes::WEBHOOK_CONFIGURATION).await?;
+                let published = c
+                    .webhooks
+                    .unwrap_or_default()
+                    .iter()
+                    .all(|w| w.client_config.ca_bundle.is_some());
+                anyhow::ensure!(published, "no caBundle yet");
+                Ok(())
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// A kubeconfig for a controller replica of `cluster`: the controller's service
     /// account, as a pod of the rendered StatefulSet authenticates, under its own
     /// credential name `<cluster>-controller-<n>` in the access log.

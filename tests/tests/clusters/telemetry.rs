@@ -741,6 +741,16 @@ async fn istio_telemetry_resources_choose_traces_logs_and_metrics_per_workload_l
     let destination = [("reporter", "destination")];
     let counted_before =
         isthmus_tests::metric_sum(echo_admin, "istio_requests_total", &destination).await?;
+    // The config dump says what is in force, and where it came from.
+    let dump = isthmus_tests::config_dump(client_admin).await?;
+    let t = &dump["telemetry"];
+    assert_eq!(t["from"], "mesh config", "{t}");
+    assert_eq!(t["client"]["tracing"]["provider"], "otel", "{t}");
+    assert_eq!(t["client"]["tracing"]["sampling_percent"], 100.0, "{t}");
+    assert_eq!(
+        t["client"]["access_logs"][1]["filter"], "response.code >= 400",
+        "{t}"
+    );
     // The provider's initialMetadata went with the exports.
     assert!(receiver.read(|r| r
         .headers
