@@ -17,6 +17,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::peer::{Workload, Workloads};
+use isthmus_core::config::telemetry::LABELS;
 use opentelemetry::KeyValue;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,35 +38,7 @@ pub struct DnsLabels {
     pub answer: &'static str,
 }
 
-/// Istio's labels of its metrics, in its names and order: the TCP metrics have the first
-/// 23, the request metrics all 25.
-pub const LABELS: [&str; 25] = [
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "source_version",
-    "source_canonical_service",
-    "source_canonical_revision",
-    "source_cluster",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_version",
-    "destination_service",
-    "destination_service_name",
-    "destination_service_namespace",
-    "destination_canonical_service",
-    "destination_canonical_revision",
-    "destination_cluster",
-    "request_protocol",
-    "response_flags",
-    "connection_security_policy",
-    "response_code",
-    "grpc_response_status",
-];
+/// How many of [`LABELS`] the TCP metrics have.
 const TCP_LABEL_COUNT: usize = 23;
 
 /// One series' label values, in the order of [`LABELS`]; those a Telemetry override
@@ -114,19 +87,13 @@ impl Labels {
     }
 }
 
-/// The metrics a Telemetry override names (`match.metric`), in this order.
-const METRIC_NAMES: [&str; 8] = [
-    "REQUEST_COUNT",
-    "REQUEST_DURATION",
-    "REQUEST_SIZE",
-    "RESPONSE_SIZE",
-    "TCP_OPENED_CONNECTIONS",
-    "TCP_CLOSED_CONNECTIONS",
-    "TCP_SENT_BYTES",
-    "TCP_RECEIVED_BYTES",
-];
+/// The metrics a Telemetry override names (`match.metric`), in this order: Istio's
+/// standard ones, after `ALL_METRICS`.
+fn metric_names() -> &'static [&'static str] {
+    &isthmus_core::config::telemetry::METRICS[1..9]
+}
 
-/// What one reporter reports: metrics off (bit per [`METRIC_NAMES`]) and labels removed
+/// What one reporter reports: metrics off (bit per [`metric_names`]) and labels removed
 /// per metric.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Shape {
@@ -143,7 +110,7 @@ impl Shape {
         let which = |name: &str| -> u8 {
             match name {
                 "ALL_METRICS" => u8::MAX,
-                n => METRIC_NAMES
+                n => metric_names()
                     .iter()
                     .position(|m| *m == n)
                     .map_or(0, |i| 1 << i),

@@ -47,6 +47,35 @@ pub const METRICS: [&str; 11] = [
     "GRPC_RESPONSE_MESSAGES",
 ];
 
+/// Istio's labels of its standard metrics, in its names and order: the TCP metrics have
+/// the first 23, the request metrics all 25 (what `tagOverrides` can name).
+pub const LABELS: [&str; 25] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+    "response_code",
+    "grpc_response_status",
+];
 // ---- The Telemetry kind, as users write it.
 
 #[derive(Debug, Clone, Deserialize)]
@@ -855,6 +884,11 @@ pub(super) fn telemetry(
             let mut remove_tags = Vec::new();
             for (tag, t) in &o.tag_overrides {
                 match t.operation.as_deref().unwrap_or("UPSERT") {
+                    "REMOVE" if !LABELS.contains(&tag.as_str()) => c.fail(
+                        Code::Ignored,
+                        format!("{f}.tagOverrides.{tag}"),
+                        format!("`{tag}` is not a label of Istio's metrics; nothing to remove"),
+                    ),
                     "REMOVE" => remove_tags.push(tag.clone()),
                     "UPSERT" => c.fail(
                         Code::Ignored,
@@ -1303,7 +1337,7 @@ mod tests {
 
     #[test]
     fn providers_that_do_not_act_are_warned_of() {
-        let set = load("apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: shop}\nspec:\n  tracing: [{providers: [{name: zipkin}]}]\n  accessLogging: [{providers: [{name: nowhere}]}]\n---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: u, namespace: shop}\nspec: {}\n").expect("warnings only");
+        let set = load("apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: shop}\nspec:\n  tracing: [{providers: [{name: zipkin}]}]\n  accessLogging: [{providers: [{name: nowhere}]}]\n  metrics: [{overrides: [{tagOverrides: {bogus: {operation: REMOVE}, source_app: {operation: UPSERT, value: x}}}]}]\n---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: u, namespace: shop}\nspec: {}\n").expect("warnings only");
         let said = |field: &str, what: &str| {
             set.warnings
                 .iter()
@@ -1315,6 +1349,14 @@ mod tests {
             "no extension provider `nowhere`"
         ));
         assert!(said("metadata.name", "Telemetry shop/t already applies"));
+        assert!(said(
+            "spec.metrics[0].overrides[0].tagOverrides.bogus",
+            "not a label"
+        ));
+        assert!(said(
+            "spec.metrics[0].overrides[0].tagOverrides.source_app",
+            "only REMOVE acts"
+        ));
         assert!(set
             .warnings
             .iter()
