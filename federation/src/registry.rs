@@ -30,6 +30,7 @@ use isthmus_proto::federation::{
     Failover, FederationState, Gateway, GlobalService, RegistryMeta, RegistryUpdate,
 };
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prost::Message;
 use tokio::sync::{watch, Notify};
@@ -60,8 +61,21 @@ pub struct GlobalRegistry {
     metrics: Metrics,
 }
 
+/// The `cluster` label of the per-cluster metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ClusterLabel {
+    cluster: String,
+}
+
 #[derive(Clone, Default)]
 struct Metrics {
+    /// Per cluster: whether its controller's stream is open now.
+    connected: Family<ClusterLabel, Gauge>,
+    /// Per cluster: when its controller was last heard from (a message, or its stream
+    /// opening or closing), in seconds since the Unix epoch.
+    last_seen: Family<ClusterLabel, Gauge>,
+    /// Per cluster: 1 while its exports are kept from before a restart, unconfirmed.
+    cluster_stale: Family<ClusterLabel, Gauge>,
     clusters: Gauge,
     conflicts: Gauge,
     stale: Gauge,
@@ -109,6 +123,9 @@ struct Inner {
     clusters: BTreeMap<String, ClusterState>,
     /// Clusters loaded from disk that have not reported since this process started.
     stale: BTreeSet<String>,
+    /// Per cluster that reported since this process started: whether its controller is
+    /// connected, and when it was last heard from.
+    liveness: BTreeMap<String, Liveness>,
     merged: BTreeMap<String, Merged>,
     /// Per service, the exports left out of it.
     conflicts: BTreeMap<String, Vec<String>>,
@@ -122,6 +139,12 @@ struct Inner {
     /// Streams that last heard before this version are sent the whole registry: the log
     /// no longer holds the removals before it.
     floor: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Liveness {
+    connected: bool,
+    last_seen: std::time::SystemTime,
 }
 
 fn port_signature(ports: &[ExportedPort]) -> Vec<(u32, String)> {
@@ -315,6 +338,21 @@ impl GlobalRegistry {
     ) -> Self {
         let metrics = Metrics::default();
         registry.register(
+            "cluster_connected",
+            "1 while the cluster's controller is connected, by cluster",
+            metrics.connected.clone(),
+        );
+        registry.register(
+            "cluster_last_seen_timestamp_seconds",
+            "when the cluster's controller was last heard from (a message, or its stream opening or closing), by cluster",
+            metrics.last_seen.clone(),
+        );
+        registry.register(
+            "cluster_stale",
+            "1 while the cluster's exports are kept from before a restart and not confirmed, by cluster",
+            metrics.cluster_stale.clone(),
+        );
+        registry.register(
             "stale_clusters",
             "clusters whose exports are kept from before a restart and not confirmed since",
             metrics.stale.clone(),
@@ -398,6 +436,13 @@ impl GlobalRegistry {
         let m = &self.metrics;
         m.clusters.set(inner.clusters.len() as i64);
         m.stale.set(inner.stale.len() as i64);
+        for cluster in inner.clusters.keys() {
+            m.cluster_stale
+                .get_or_create(&ClusterLabel {
+                    cluster: cluster.clone(),
+                })
+                .set(i64::from(inner.stale.contains(cluster)));
+        }
         m.services.set(inner.merged.len() as i64);
         m.conflicts
             .set(inner.conflicts.values().map(Vec::len).sum::<usize>() as i64);
@@ -412,6 +457,35 @@ impl GlobalRegistry {
             views: HashMap::new(),
             changes: self.changes.subscribe(),
         }
+    }
+
+    /// Records that `cluster`'s controller was heard from: its stream opened
+    /// (`Some(true)`), closed (`Some(false)`), or carried a message (`None`).
+    pub fn heard(&self, cluster: &str, connected: Option<bool>) {
+        let now = std::time::SystemTime::now();
+        let mut inner = self.lock();
+        let l = inner
+            .liveness
+            .entry(cluster.to_owned())
+            .or_insert(Liveness {
+                connected: false,
+                last_seen: now,
+            });
+        l.last_seen = now;
+        if let Some(c) = connected {
+            l.connected = c;
+        }
+        let label = ClusterLabel {
+            cluster: cluster.to_owned(),
+        };
+        self.metrics
+            .connected
+            .get_or_create(&label)
+            .set(i64::from(l.connected));
+        self.metrics
+            .last_seen
+            .get_or_create(&label)
+            .set(unix_seconds(now));
     }
 
     /// Applies one batch of `cluster`'s exports (confirming them if they were stale) and
@@ -514,9 +588,28 @@ impl GlobalRegistry {
             })
             .collect();
         let meta = &inner.meta;
-        serde_json::json!({"version": inner.version, "services": services, "conflicts": meta.conflicts, "stale_clusters": meta.stale_clusters,
+        // Every cluster with exports, and whether and when its controller was heard from.
+        let clusters: Vec<serde_json::Value> = inner
+            .clusters
+            .keys()
+            .map(|c| {
+                let l = inner.liveness.get(c);
+                serde_json::json!({
+                    "cluster": c,
+                    "connected": l.is_some_and(|l| l.connected),
+                    "last_seen": l.map(|l| unix_seconds(l.last_seen)),
+                    "stale": inner.stale.contains(c),
+                })
+            })
+            .collect();
+        serde_json::json!({"version": inner.version, "clusters": clusters, "services": services, "conflicts": meta.conflicts, "stale_clusters": meta.stale_clusters,
             "gateways": meta.gateways.iter().map(|g| serde_json::json!({"cluster": g.cluster, "addresses": g.gateways.iter().map(|x| x.address.clone()).collect::<Vec<_>>()})).collect::<Vec<_>>()})
     }
+}
+
+fn unix_seconds(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// One controller's view of the registry as it changes.

@@ -119,7 +119,10 @@ impl Federation for FederationService {
         let (tx, rx) = mpsc::channel(REGISTRY_QUEUE);
         let (registry, drain) = (self.registry.clone(), self.drain.clone());
         tracing::info!(%cluster, "cluster controller connected");
+        self.registry.heard(&cluster, Some(true));
         self.drain.spawn(async move {
+            // However the stream ends, the cluster shows as disconnected from then on.
+            let _gone = Disconnected(registry.clone(), cluster.clone());
             let mut changes = registry.subscribe(&cluster);
             let mut batch = ExportBatch::default();
             loop {
@@ -127,6 +130,7 @@ impl Federation for FederationService {
                     _ = drain.draining() => return,
                     msg = inbound.message() => match msg {
                         Ok(Some(update)) => {
+                            registry.heard(&cluster, None);
                             if update.cluster != cluster {
                                 tracing::warn!(%cluster, claimed = %update.cluster, "refused exports for another cluster");
                                 let _ = tx.send(Err(Status::permission_denied(format!("connection is authenticated as cluster {cluster}, exports claim {}", update.cluster)))).await;
@@ -152,5 +156,14 @@ impl Federation for FederationService {
             tracing::info!(%cluster, "cluster controller disconnected; keeping its last exports");
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Marks a cluster's controller disconnected when its stream's task ends.
+struct Disconnected(GlobalRegistry, String);
+
+impl Drop for Disconnected {
+    fn drop(&mut self) {
+        self.0.heard(&self.1, Some(false));
     }
 }

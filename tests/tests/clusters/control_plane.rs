@@ -41,7 +41,54 @@ async fn traffic_flows_while_the_controller_is_down_and_proxies_resync_when_it_r
         during.len()
     );
 
+    // The federation says the cluster's controller is gone, and since when.
+    let federation = mesh.federation.as_ref().expect("federation").admin_address;
+    let east = [("cluster", "east")];
+    eventually(
+        "the federation to see east go",
+        Duration::from_secs(5),
+        || async {
+            let connected = metric_sum(
+                federation,
+                "isthmus_federation_registry_cluster_connected",
+                &east,
+            )
+            .await?;
+            anyhow::ensure!(connected == 0.0, "east connected: {connected}");
+            Ok(())
+        },
+    )
+    .await?;
+    let last_seen = metric_sum(
+        federation,
+        "isthmus_federation_registry_cluster_last_seen_timestamp_seconds",
+        &east,
+    )
+    .await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    assert!(
+        (now - 10.0..=now + 1.0).contains(&last_seen),
+        "last seen {last_seen}, now {now}"
+    );
+
     mesh.start_controller("east").await?;
+    eventually(
+        "the federation to see east back",
+        Duration::from_secs(10),
+        || async {
+            let connected = metric_sum(
+                federation,
+                "isthmus_federation_registry_cluster_connected",
+                &east,
+            )
+            .await?;
+            anyhow::ensure!(connected == 1.0, "east connected: {connected}");
+            Ok(())
+        },
+    )
+    .await?;
     let admin = mesh.controller_admin("east");
     eventually("proxies to reconnect", Duration::from_secs(10), || async {
         anyhow::ensure!(
@@ -346,6 +393,43 @@ async fn a_restarted_federation_loses_no_cluster_and_marks_silent_ones_stale() -
     let stale =
         isthmus_tests::metric_sum(admin, "isthmus_federation_registry_stale_clusters", &[]).await?;
     assert_eq!(stale, 1.0);
+    // Per cluster: west is stale and not connected, east connected and confirmed.
+    let of = |metric: &'static str, cluster: &'static str| async move {
+        isthmus_tests::metric_sum(admin, metric, &[("cluster", cluster)]).await
+    };
+    assert_eq!(
+        of("isthmus_federation_registry_cluster_stale", "west").await?,
+        1.0
+    );
+    assert_eq!(
+        of("isthmus_federation_registry_cluster_stale", "east").await?,
+        0.0
+    );
+    assert_eq!(
+        of("isthmus_federation_registry_cluster_connected", "east").await?,
+        1.0
+    );
+    assert_eq!(
+        of("isthmus_federation_registry_cluster_connected", "west").await?,
+        0.0
+    );
+    let clusters = config_dump(admin).await?["clusters"].clone();
+    let west = clusters
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["cluster"] == "west")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (&west["stale"], &west["connected"], &west["last_seen"]),
+        (
+            &serde_json::json!(true),
+            &serde_json::json!(false),
+            &serde_json::Value::Null
+        ),
+        "west was not heard from since the restart: {clusters}"
+    );
     // East has had the restarted federation's registry for a while: traffic to west never
     // stopped.
     let watched = std::time::Instant::now();
@@ -359,6 +443,10 @@ async fn a_restarted_federation_loses_no_cluster_and_marks_silent_ones_stale() -
     eventually("west to report again", Duration::from_secs(10), || async {
         let dump = config_dump(admin).await?;
         anyhow::ensure!(dump["stale_clusters"] == serde_json::json!([]));
+        anyhow::ensure!(
+            of("isthmus_federation_registry_cluster_stale", "west").await? == 0.0
+                && of("isthmus_federation_registry_cluster_connected", "west").await? == 1.0
+        );
         Ok(())
     })
     .await?;
