@@ -671,10 +671,14 @@ struct SidecarArgs {
 #[derive(Args)]
 struct OtlpArgs {
     /// The OpenTelemetry collector: `http://host:4317` for gRPC, `http://host:4318` for
-    /// HTTP/protobuf (`/v1/traces`, `/v1/metrics`, `/v1/logs` are appended). Off unless
-    /// given.
+    /// HTTP/protobuf (`/v1/traces`, `/v1/metrics`, `/v1/logs` are appended); `https://`
+    /// for a collector behind TLS. Off unless given.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// For an `https://` collector: a PEM file of the CA certificates its certificate
+    /// must chain to; the system's trust store by default.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_CERTIFICATE")]
+    otlp_certificate: Option<std::path::PathBuf>,
     /// `grpc` or `http/protobuf`.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", default_value = "grpc")]
     otlp_protocol: isthmus_core::otlp::Protocol,
@@ -702,7 +706,15 @@ impl OtlpArgs {
             "--trace-sampling {} is not a percentage (0 to 100)",
             self.trace_sampling
         );
+        let ca_pem = match &self.otlp_certificate {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --otlp-certificate {}", path.display()))?,
+            ),
+            None => None,
+        };
         Ok(Some(isthmus_core::otlp::Config {
+            ca_pem,
             endpoint,
             protocol: self.otlp_protocol,
             headers: self.otlp_header,

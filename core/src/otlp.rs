@@ -66,8 +66,8 @@ impl std::str::FromStr for Protocol {
 /// Where and how to export, and what this process is called there.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// `http://collector:4317` (gRPC) or `http://collector:4318` (HTTP). Plain HTTP: the
-    /// collector is expected next to the proxy (a node agent or a cluster service).
+    /// `http://collector:4317` (gRPC) or `http://collector:4318` (HTTP); `https://` for a
+    /// collector behind TLS, whose certificate is checked against `ca_pem`.
     pub endpoint: String,
     pub protocol: Protocol,
     /// Sent with every export (an API key, a tenant).
@@ -83,6 +83,9 @@ pub struct Config {
     /// For OTLP/HTTP: `endpoint` is the signal's whole URL (a provider's `http.path`),
     /// rather than a base that `/v1/traces` and the like are appended to.
     pub exact_url: bool,
+    /// For an `https://` endpoint: the PEM roots its certificate must chain to
+    /// (`OTEL_EXPORTER_OTLP_CERTIFICATE`); the system's trust store when `None`.
+    pub ca_pem: Option<String>,
 }
 
 impl Default for Config {
@@ -96,6 +99,7 @@ impl Default for Config {
             resource: Vec::new(),
             timeout: None,
             exact_url: false,
+            ca_pem: None,
         }
     }
 }
@@ -158,6 +162,8 @@ pub enum OtlpError {
     Runtime(String),
     #[error("OTLP endpoint `{endpoint}`: {reason}")]
     Endpoint { endpoint: String, reason: String },
+    #[error("the OTLP collector's CA certificate: {0}")]
+    Certificate(String),
     #[error("building the OTLP {signal} exporter for {endpoint}: {source}")]
     Exporter {
         signal: &'static str,
@@ -333,12 +339,62 @@ fn validate(endpoint: &str) -> Result<(), OtlpError> {
     };
     let uri: http::Uri = endpoint.parse().map_err(|_| bad("not a URL"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err(bad("only plain `http://` collectors are supported")),
-        _ => return Err(bad("expected `http://host:port`")),
+        Some("http" | "https") => {}
+        _ => return Err(bad("expected `http://host:port` or `https://host:port`")),
     }
     uri.host().ok_or_else(|| bad("no host"))?;
     Ok(())
+}
+
+fn is_https(config: &Config) -> bool {
+    config.endpoint.starts_with("https://")
+}
+
+/// The roots a collector's certificate must chain to: the configured ones, else the
+/// system's.
+fn collector_roots(config: &Config) -> Result<rustls::RootCertStore, OtlpError> {
+    match &config.ca_pem {
+        Some(pem) => crate::tls::root_store(pem).map_err(|e| OtlpError::Certificate(e.to_string())),
+        None => Ok((*crate::tls::system_roots()).clone()),
+    }
+}
+
+/// TLS for OTLP/gRPC to an `https://` collector.
+fn grpc_tls(config: &Config) -> Result<tonic::transport::ClientTlsConfig, OtlpError> {
+    let tls = tonic::transport::ClientTlsConfig::new();
+    Ok(match &config.ca_pem {
+        Some(pem) => {
+            // Checked here so that a bad file is named at start, not at the first export.
+            collector_roots(config)?;
+            tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
+        }
+        None => tls.with_native_roots(),
+    })
+}
+
+type HttpsConnector =
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// An HTTP client for OTLP/HTTP to an `https://` collector: HTTP/1.1 over TLS 1.2 or 1.3
+/// (ring, as every TLS connection of the mesh), checked against [`collector_roots`].
+fn https_client(
+    config: &Config,
+) -> Result<opentelemetry_http::hyper::HyperClient<HttpsConnector>, OtlpError> {
+    let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| OtlpError::Certificate(e.to_string()))?
+        .with_root_certificates(collector_roots(config)?)
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    Ok(opentelemetry_http::hyper::HyperClient::new(
+        connector,
+        config.timeout.unwrap_or(Duration::from_secs(10)),
+        None,
+    ))
 }
 
 /// `endpoint` + the signal's path, for OTLP/HTTP.
@@ -382,10 +438,13 @@ macro_rules! exporter {
             let b = <$exporter>::builder();
             match config.protocol {
                 Protocol::Grpc => {
-                    let b = b
+                    let mut b = b
                         .with_tonic()
                         .with_endpoint(&config.endpoint)
                         .with_metadata(metadata(config));
+                    if is_https(config) {
+                        b = b.with_tls_config(grpc_tls(config)?);
+                    }
                     match config.timeout {
                         Some(t) => b.with_timeout(t),
                         None => b,
@@ -393,10 +452,13 @@ macro_rules! exporter {
                     .build()
                 }
                 Protocol::HttpProtobuf => {
-                    let b = b
+                    let mut b = b
                         .with_http()
                         .with_endpoint(http_url(config, $path))
                         .with_headers(headers(config));
+                    if is_https(config) {
+                        b = b.with_http_client(https_client(config)?);
+                    }
                     match config.timeout {
                         Some(t) => b.with_timeout(t),
                         None => b,
@@ -655,14 +717,27 @@ mod tests {
 
     #[test]
     fn endpoints_are_checked_before_anything_starts() {
-        for bad in [
-            "collector:4317",
-            "https://collector:4317",
-            "http://",
-            "ftp://x",
-        ] {
+        for bad in ["collector:4317", "http://", "ftp://x"] {
             assert!(validate(bad).is_err(), "{bad}");
         }
         assert!(validate("http://127.0.0.1:4317").is_ok());
+        assert!(validate("https://collector.example:4317").is_ok());
+    }
+
+    #[test]
+    fn a_collector_ca_file_that_is_not_pem_is_named_at_start() {
+        let config = Config {
+            endpoint: "https://collector.example:4318".into(),
+            protocol: Protocol::HttpProtobuf,
+            ca_pem: Some("not a certificate".into()),
+            ..Config::default()
+        };
+        let e = tracer_provider(&config, true).expect_err("a bad CA file");
+        assert!(e.to_string().contains("CA certificate"), "{e}");
+        let grpc = Config {
+            protocol: Protocol::Grpc,
+            ..config
+        };
+        assert!(tracer_provider(&grpc, true).is_err());
     }
 }

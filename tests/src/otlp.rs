@@ -52,6 +52,8 @@ impl Store {
 pub struct OtlpReceiver {
     pub address: SocketAddr,
     pub http_address: SocketAddr,
+    /// `https` when both listeners speak TLS (see [`OtlpReceiver::start_tls`]).
+    scheme: &'static str,
     store: Store,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -66,6 +68,34 @@ impl Drop for OtlpReceiver {
 
 impl OtlpReceiver {
     pub async fn start(ip: std::net::IpAddr) -> anyhow::Result<Self> {
+        Self::start_inner(ip, None).await
+    }
+
+    /// Like [`OtlpReceiver::start`], with both listeners behind TLS with the certificate
+    /// `cert_pem` (a chain, leaf first) and its key.
+    pub async fn start_tls(
+        ip: std::net::IpAddr,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> anyhow::Result<Self> {
+        let certs =
+            rustls_pemfile::certs(&mut cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+        let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())?
+            .ok_or_else(|| anyhow::anyhow!("no private key"))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Self::start_inner(ip, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn start_inner(
+        ip: std::net::IpAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0)).await?;
         let address = listener.local_addr()?;
         let store = Store::default();
@@ -73,16 +103,40 @@ impl OtlpReceiver {
             .add_service(TraceServiceServer::new(store.clone()))
             .add_service(MetricsServiceServer::new(store.clone()))
             .add_service(LogsServiceServer::new(store.clone()));
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let grpc = tokio::spawn(async move {
-            let _ = router.serve_with_incoming(incoming).await;
-        });
+        let grpc = match tls.clone() {
+            None => {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                tokio::spawn(async move {
+                    let _ = router.serve_with_incoming(incoming).await;
+                })
+            }
+            Some(acceptor) => {
+                // Handshakes on tasks of their own; finished ones go to the server.
+                let (tx, rx) = tokio::sync::mpsc::channel(16);
+                tokio::spawn(async move {
+                    while let Ok((tcp, _)) = listener.accept().await {
+                        let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                        tokio::spawn(async move {
+                            if let Ok(tls) = acceptor.accept(tcp).await {
+                                let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                            }
+                        });
+                    }
+                });
+                let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
+                tokio::spawn(async move {
+                    let _ = router.serve_with_incoming(incoming).await;
+                })
+            }
+        };
         let http = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0)).await?;
         let http_address = http.local_addr()?;
-        let http = tokio::spawn(serve_http(http, store.clone()));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let http = tokio::spawn(serve_http(http, store.clone(), tls));
         Ok(Self {
             address,
             http_address,
+            scheme,
             store,
             tasks: vec![grpc, http],
         })
@@ -90,12 +144,12 @@ impl OtlpReceiver {
 
     /// `http://http_address`, as a proxy's --otlp-endpoint with `http/protobuf`.
     pub fn http_endpoint(&self) -> String {
-        format!("http://{}", self.http_address)
+        format!("{}://{}", self.scheme, self.http_address)
     }
 
     /// `http://address`, as a proxy's --otlp-endpoint.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.address)
+        format!("{}://{}", self.scheme, self.address)
     }
 
     /// Reads what was received so far.
@@ -181,14 +235,18 @@ impl LogsService for Store {
 }
 
 /// OTLP/HTTP: each POST's protobuf body goes to the same handlers as gRPC exports.
-async fn serve_http(listener: tokio::net::TcpListener, store: Store) {
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    store: Store,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     use http_body_util::BodyExt;
     use prost::Message;
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
         };
-        let store = store.clone();
+        let (store, tls) = (store.clone(), tls.clone());
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -231,9 +289,21 @@ async fn serve_http(listener: tokio::net::TcpListener, store: Store) {
                             .body(http_body_util::Full::new(bytes::Bytes::new()))
                     }
                 });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                .await;
+            let http1 = hyper::server::conn::http1::Builder::new();
+            match tls {
+                None => {
+                    let _ = http1
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                }
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(tcp).await {
+                        let _ = http1
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                            .await;
+                    }
+                }
+            }
         });
     }
 }
