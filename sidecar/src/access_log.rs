@@ -120,6 +120,9 @@ pub fn writer(path: &str) -> std::io::Result<mpsc::Sender<String>> {
         )),
     };
     let (tx, mut rx) = mpsc::channel::<String>(QUEUE);
+    // Not under the sidecar's drain: requests that finish while it drains are logged
+    // too, and a task under the drain would hold its end until the deadline. It owns
+    // nothing but its queue, and ends when the last sender is dropped.
     tokio::spawn(async move {
         let mut out = out;
         while let Some(line) = rx.recv().await {

@@ -233,6 +233,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             resource(&isthmus_core::otlp::Config::default(), &config).resource,
             flags,
             metrics.access_log_dropped.clone(),
+            drain.clone(),
         ),
     ));
     if let Some(o) = otlp {

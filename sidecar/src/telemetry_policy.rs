@@ -33,17 +33,25 @@ pub struct Builder {
     /// What the flags configure, in force while no policy is pushed.
     flags: Arc<Active>,
     dropped: Counter,
+    /// Owns the flushes of exporters no longer used.
+    drain: isthmus_core::drain::Drain,
     tracers: HashMap<String, SdkTracerProvider>,
     loggers: HashMap<String, SdkLoggerProvider>,
     writers: HashMap<String, mpsc::Sender<String>>,
 }
 
 impl Builder {
-    pub fn new(resource: Vec<(String, String)>, flags: Arc<Active>, dropped: Counter) -> Self {
+    pub fn new(
+        resource: Vec<(String, String)>,
+        flags: Arc<Active>,
+        dropped: Counter,
+        drain: isthmus_core::drain::Drain,
+    ) -> Self {
         Self {
             resource,
             flags,
             dropped,
+            drain,
             tracers: HashMap::new(),
             loggers: HashMap::new(),
             writers: HashMap::new(),
@@ -225,13 +233,17 @@ impl Builder {
         if tracers.is_empty() && loggers.is_empty() {
             return;
         }
-        tokio::task::spawn_blocking(move || {
-            for t in tracers {
-                let _ = t.shutdown();
-            }
-            for l in loggers {
-                let _ = l.shutdown();
-            }
+        // The SDK's shutdown blocks until the exporters have flushed.
+        self.drain.spawn(async move {
+            let _ = tokio::task::spawn_blocking(move || {
+                for t in tracers {
+                    let _ = t.shutdown();
+                }
+                for l in loggers {
+                    let _ = l.shutdown();
+                }
+            })
+            .await;
         });
     }
 }

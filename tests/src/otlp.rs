@@ -36,6 +36,9 @@ pub struct Received {
     pub metrics: Vec<(Vec<KeyValue>, Metric)>,
     pub logs: Vec<(Vec<KeyValue>, LogRecord)>,
     pub headers: Vec<tonic::metadata::MetadataMap>,
+    /// TLS handshakes that failed (a client that does not trust the receiver's
+    /// certificate ends its handshake with an alert).
+    pub tls_failures: usize,
 }
 
 #[derive(Clone, Default)]
@@ -113,12 +116,17 @@ impl OtlpReceiver {
             Some(acceptor) => {
                 // Handshakes on tasks of their own; finished ones go to the server.
                 let (tx, rx) = tokio::sync::mpsc::channel(16);
+                let failures = store.clone();
                 tokio::spawn(async move {
                     while let Ok((tcp, _)) = listener.accept().await {
                         let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                        let failures = failures.clone();
                         tokio::spawn(async move {
-                            if let Ok(tls) = acceptor.accept(tcp).await {
-                                let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                            match acceptor.accept(tcp).await {
+                                Ok(tls) => {
+                                    let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                                }
+                                Err(_) => failures.with(|r| r.tls_failures += 1),
                             }
                         });
                     }
@@ -247,6 +255,7 @@ async fn serve_http(
             continue;
         };
         let (store, tls) = (store.clone(), tls.clone());
+        let failures = store.clone();
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -296,13 +305,14 @@ async fn serve_http(
                         .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
                         .await;
                 }
-                Some(acceptor) => {
-                    if let Ok(stream) = acceptor.accept(tcp).await {
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(stream) => {
                         let _ = http1
                             .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                             .await;
                     }
-                }
+                    Err(_) => failures.with(|r| r.tls_failures += 1),
+                },
             }
         });
     }
