@@ -57,6 +57,26 @@ pub fn render(dump: &serde_json::Value, now: SystemTime) -> String {
         config["accepted"],
         config["rejected"],
     );
+    // How fresh the cross-cluster entries are.
+    let fed = &dump["federation"];
+    match fed["connected"].as_bool() {
+        Some(true) => {
+            let _ = writeln!(
+                out,
+                "federation: connected for {}; last registry update {} ago",
+                ago(fed["since_unix"].as_u64(), now),
+                ago(fed["last_update_unix"].as_u64(), now),
+            );
+        }
+        Some(false) => {
+            let _ = writeln!(
+                out,
+                "federation: unreachable; other clusters' entries stale since {} ago (serving the last global registry)",
+                ago(fed["stale_since_unix"].as_u64(), now),
+            );
+        }
+        None => {}
+    }
     let mut rows = vec![{
         let mut h = vec!["NAME".to_owned(), "ROLE".into(), "CONNECTED".into()];
         h.extend(TYPES.iter().map(|(_, c)| (*c).to_owned()));
@@ -141,6 +161,25 @@ mod tests {
         );
         assert!(
             table.contains("demo/echo-0 rejected isthmus.io/Mesh: port 0"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn the_federation_line_says_since_when_other_clusters_are_stale() {
+        let now = UNIX_EPOCH + std::time::Duration::from_secs(1_000);
+        let down = serde_json::json!({"cluster": "east", "config": {}, "proxies": [],
+            "federation": {"connected": false, "since_unix": 925, "stale_since_unix": 925}});
+        let table = render(&down, now);
+        assert!(
+            table.contains("federation: unreachable; other clusters' entries stale since 75s ago"),
+            "{table}"
+        );
+        let up = serde_json::json!({"cluster": "east", "config": {}, "proxies": [],
+            "federation": {"connected": true, "since_unix": 400, "last_update_unix": 998}});
+        let table = render(&up, now);
+        assert!(
+            table.contains("federation: connected for 10m; last registry update 2s ago"),
             "{table}"
         );
     }

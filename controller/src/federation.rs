@@ -101,6 +101,32 @@ pub struct GlobalState {
     tx: watch::Sender<Arc<Global>>,
     path: PathBuf,
     dirty: Arc<Notify>,
+    link: std::sync::Mutex<LinkStatus>,
+    metrics: LinkMetrics,
+}
+
+/// Whether the federation is reachable, since when, and when its registry last came: what
+/// `isthmus status`, the config dump and the metrics say of how fresh the cross-cluster
+/// entries are.
+#[derive(Clone, Copy, Debug)]
+pub struct LinkStatus {
+    pub connected: bool,
+    /// When `connected` last changed (the controller's start, before the first attempt).
+    pub since: std::time::SystemTime,
+    /// When the last registry update was applied; `None` before any in this process.
+    pub last_update: Option<std::time::SystemTime>,
+}
+
+#[derive(Clone, Default)]
+struct LinkMetrics {
+    connected: prometheus_client::metrics::gauge::Gauge,
+    since: prometheus_client::metrics::gauge::Gauge,
+    last_update: prometheus_client::metrics::gauge::Gauge,
+}
+
+fn unix_seconds(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl GlobalState {
@@ -117,10 +143,66 @@ impl GlobalState {
                 "loaded the last global registry from disk"
             );
         }
+        let now = std::time::SystemTime::now();
+        let metrics = LinkMetrics::default();
+        metrics.since.set(unix_seconds(now) as i64);
         Self {
             tx: watch::Sender::new(Arc::new(initial)),
             path,
             dirty: Arc::default(),
+            link: std::sync::Mutex::new(LinkStatus {
+                connected: false,
+                since: now,
+                last_update: None,
+            }),
+            metrics,
+        }
+    }
+
+    /// Registers the link's metrics (`federation_connected`, `federation_since_...`,
+    /// `federation_last_update_...`) in the controller's registry.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        let m = &self.metrics;
+        registry.register(
+            "federation_connected",
+            "1 while the stream to the federation is up",
+            m.connected.clone(),
+        );
+        registry.register(
+            "federation_state_since_timestamp_seconds",
+            "when the stream to the federation last went up or down",
+            m.since.clone(),
+        );
+        registry.register(
+            "federation_last_update_timestamp_seconds",
+            "when the last global registry update came from the federation",
+            m.last_update.clone(),
+        );
+    }
+
+    pub fn link(&self) -> LinkStatus {
+        *self.link.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The link, for `/config_dump`: `stale_since` names when cross-cluster entries
+    /// stopped being kept current.
+    pub fn dump(&self) -> serde_json::Value {
+        let l = self.link();
+        serde_json::json!({
+            "connected": l.connected,
+            "since_unix": unix_seconds(l.since),
+            "last_update_unix": l.last_update.map(unix_seconds),
+            "stale_since_unix": (!l.connected).then(|| unix_seconds(l.since)),
+        })
+    }
+
+    fn set_connected(&self, connected: bool) {
+        let mut l = self.link.lock().unwrap_or_else(|p| p.into_inner());
+        if l.connected != connected {
+            l.connected = connected;
+            l.since = std::time::SystemTime::now();
+            self.metrics.connected.set(i64::from(connected));
+            self.metrics.since.set(unix_seconds(l.since) as i64);
         }
     }
 
@@ -131,6 +213,12 @@ impl GlobalState {
     fn apply(&self, batch: Vec<RegistryUpdate>) {
         self.tx.send_modify(|g| Arc::make_mut(g).apply(batch));
         self.dirty.notify_one();
+        let now = std::time::SystemTime::now();
+        self.link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_update = Some(now);
+        self.metrics.last_update.set(unix_seconds(now) as i64);
     }
 
     /// Keeps the registry on disk, written behind changes; runs until dropped.
@@ -244,6 +332,7 @@ impl Link {
         loop {
             let started = Instant::now();
             let err = self.session(exports.clone(), &global).await;
+            global.set_connected(false);
             if started.elapsed() > Duration::from_secs(10) {
                 backoff.reset();
             }
@@ -274,6 +363,7 @@ impl Link {
             Err(s) => return s,
         };
         tracing::info!(federation = %self.address, cluster = %self.cluster, "connected to the federation");
+        global.set_connected(true);
         // Exports go out from their own task, so a large batch either way never leaves both
         // ends waiting for the other to read.
         let cluster = self.cluster.clone();

@@ -400,6 +400,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let (config_tx, config_rx) = watch::channel(Arc::new(initial));
     let (status_tx, status_rx) = watch::channel(initial_status);
     let global = Arc::new(federation::GlobalState::load(&config.state_dir));
+    global.register_metrics(metrics);
     let getter = isthmus_core::fetch::Getter::new(config.jwks_extra_roots_pem.as_deref())
         .context("the trust roots for fetching JWT issuers' keys")?;
     let jwks = jwks::Resolver::new(getter, config.jwks_refresh);
@@ -452,9 +453,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             let registry = registry.clone();
             let status = status_rx.clone();
             let proxies = discovery.proxies();
+            let link = global.clone();
             Arc::new(move || {
                 let mut dump = registry.dump(&status.borrow());
                 dump["proxies"] = proxies.dump();
+                dump["federation"] = link.dump();
                 dump
             })
         },

@@ -154,10 +154,40 @@ async fn cross_cluster_traffic_and_failover_work_while_the_federation_is_down() 
     let traffic = traffic(outbound, HOST);
     settles_in(&traffic, "east", 10, Duration::from_secs(5)).await?;
 
+    let west = mesh.controller_admin("west");
+    assert_eq!(
+        metric_sum(west, "isthmus_controller_federation_connected", &[]).await?,
+        1.0
+    );
     mesh.kill_federation();
-    // Even a controller restarted while the federation is away serves the last registry.
+    let lost = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    // Every controller says its cross-cluster entries are stale, and since when.
+    eventually(
+        "west to see the federation gone",
+        Duration::from_secs(5),
+        || async {
+            let fed = config_dump(west).await?["federation"].clone();
+            anyhow::ensure!(fed["connected"] == false, "{fed}");
+            let since = fed["stale_since_unix"].as_u64().unwrap_or(0);
+            anyhow::ensure!(since + 1 >= lost.as_secs(), "stale since {since}: {fed}");
+            anyhow::ensure!(fed["last_update_unix"].as_u64().is_some(), "{fed}");
+            Ok(())
+        },
+    )
+    .await?;
+    assert_eq!(
+        metric_sum(west, "isthmus_controller_federation_connected", &[]).await?,
+        0.0
+    );
+    // Even a controller restarted while the federation is away serves the last registry;
+    // it says it has had no update since it started.
     mesh.kill_controller("east");
     mesh.start_controller("east").await?;
+    let fed = config_dump(mesh.controller_admin("east")).await?["federation"].clone();
+    assert!(
+        fed["connected"] == false && fed["last_update_unix"].is_null(),
+        "{fed}"
+    );
     mesh.kill_workload("east", "echo-east");
     settles_in(&traffic, "west", 30, Duration::from_secs(10)).await?;
     assert_eq!(traffic.failures(), Vec::<String>::new());
