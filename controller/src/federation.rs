@@ -124,10 +124,7 @@ struct LinkMetrics {
     last_update: prometheus_client::metrics::gauge::Gauge,
 }
 
-fn unix_seconds(t: std::time::SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+use isthmus_core::admin::unix_seconds;
 
 impl GlobalState {
     pub fn load(state_dir: &Path) -> Self {

@@ -40,11 +40,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Seconds since the Unix epoch, as the dumps write times.
-pub(crate) fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub(crate) use isthmus_core::admin::unix_seconds as unix;
 
 impl Proxies {
     /// A stream opened; it is listed until the handle drops.

@@ -32,6 +32,13 @@ pub struct Admin {
     pub logging: Option<LogControl>,
 }
 
+/// Seconds since the Unix epoch, as every `/config_dump` writes times (`*_unix`) and the
+/// `*_timestamp_seconds` gauges hold them.
+pub fn unix_seconds(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Istio's `istio_build{component, tag} 1`: which version of which component serves,
 /// as Istio's dashboards read it (`proxy` for sidecars and gateways, `pilot` for a
 /// cluster's controller).

@@ -223,6 +223,12 @@ pub fn endpoint_label(hostname: Option<&str>, ip: std::net::IpAddr) -> String {
     }
 }
 
+/// Whether a label selector picks a workload with `labels`: every key, with its value (an
+/// empty selector picks all; callers that read empty as "none" say so).
+pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 /// Whether a workload of `namespace` may see a service of `owner` exported to `export_to`.
 pub fn visible(export_to: &[String], owner: &str, namespace: &str) -> bool {
     export_to.is_empty()
@@ -357,7 +363,7 @@ impl<'a> Selection<'a> {
             .map(|ws| {
                 ws.iter()
                     .copied()
-                    .filter(|w| svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                    .filter(|w| selects(&svc.selector, &w.labels))
                     .collect()
             })
             .unwrap_or_default()
@@ -420,7 +426,7 @@ impl ConfigSet {
         self.workloads.values().filter(move |w| {
             w.key.namespace == svc.key.namespace
                 && !svc.selector.is_empty()
-                && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                && selects(&svc.selector, &w.labels)
         })
     }
 }

@@ -607,9 +607,9 @@ impl GlobalRegistry {
     }
 }
 
+/// For a gauge.
 fn unix_seconds(t: std::time::SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    i64::try_from(isthmus_core::admin::unix_seconds(t)).unwrap_or(i64::MAX)
 }
 
 /// One controller's view of the registry as it changes.

@@ -349,7 +349,7 @@ fn dump(
 ) -> serde_json::Value {
     let certificate = identity.map(|i| {
         let c = i.current();
-        let secs = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let secs = isthmus_core::admin::unix_seconds;
         serde_json::json!({"id": c.id.to_string(), "not_after": secs(c.not_after), "renew_at": secs(c.renew_at())})
     });
     let services: Vec<serde_json::Value> = state

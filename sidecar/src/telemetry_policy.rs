@@ -212,23 +212,13 @@ impl Builder {
     fn close_unused(&mut self, used: &Used) {
         let tracers: Vec<_> = self
             .tracers
-            .keys()
-            .filter(|k| !used.tracers.contains(k))
-            .cloned()
+            .extract_if(|k, _| !used.tracers.contains(k))
+            .map(|(_, p)| p)
             .collect();
         let loggers: Vec<_> = self
             .loggers
-            .keys()
-            .filter(|k| !used.loggers.contains(k))
-            .cloned()
-            .collect();
-        let tracers: Vec<_> = tracers
-            .iter()
-            .filter_map(|k| self.tracers.remove(k))
-            .collect();
-        let loggers: Vec<_> = loggers
-            .iter()
-            .filter_map(|k| self.loggers.remove(k))
+            .extract_if(|k, _| !used.loggers.contains(k))
+            .map(|(_, p)| p)
             .collect();
         if tracers.is_empty() && loggers.is_empty() {
             return;

@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 use isthmus_proto::discovery as xds;
 use serde::Deserialize;
 
+use super::selects as picks;
 use super::sidecar::ROOT_NAMESPACE;
 use super::validate::Checker;
 use super::{Code, NamespacedName};
@@ -867,10 +868,6 @@ pub fn alias_trust_domains(
             expand(&mut c.not_values);
         }
     }
-}
-
-fn picks(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 /// What PeerAuthentication, RequestAuthentication and AuthorizationPolicy say of traffic

@@ -120,9 +120,7 @@ pub fn scope_for<'a>(
     let in_ns = |ns: &str, pick: &dyn Fn(&SidecarScope) -> bool| {
         sidecars.values().find(|s| s.key.namespace == ns && pick(s))
     };
-    let selects = |s: &SidecarScope| {
-        !s.selector.is_empty() && s.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-    };
+    let selects = |s: &SidecarScope| !s.selector.is_empty() && super::selects(&s.selector, labels);
     let everyone = |s: &SidecarScope| s.selector.is_empty();
     in_ns(namespace, &selects)
         .or_else(|| in_ns(namespace, &everyone))

@@ -591,7 +591,7 @@ fn chain<'a>(
             && if !t.services.is_empty() {
                 t.services.iter().any(|s| services.contains(s))
             } else {
-                !t.selector.is_empty() && t.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+                !t.selector.is_empty() && super::selects(&t.selector, labels)
             }
     });
     let mut out: Vec<&TelemetryScope> = Vec::new();
