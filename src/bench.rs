@@ -322,6 +322,7 @@ impl Bench {
                     types: vec![isthmus_proto::type_url::SERVICE],
                     handler: probe.clone(),
                     health: None,
+                    certificate: None,
                     first_config: None,
                 };
                 tokio::spawn(client.run());

@@ -8,5 +8,6 @@ pub mod client;
 pub mod demo;
 pub mod echo;
 pub mod process;
+pub mod root;
 pub mod status;
 pub mod traffic;

@@ -100,6 +100,10 @@ enum Command {
     /// Mint bootstrap tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Rotate the mesh's root CA with no outage, or show how a rotation stands (run where
+    /// the federation's state folder is).
+    #[command(subcommand)]
+    Root(RootCommand),
     /// Measure parts of the product on this machine and print the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -410,6 +414,64 @@ enum TokenCommand {
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: Duration,
     },
+}
+
+#[derive(Subcommand)]
+enum RootCommand {
+    /// Start a root rotation, or resume the one in progress, and follow it to the end:
+    /// the new root joins every trust bundle, then every cluster CA and every certificate
+    /// is reissued under it, then the old root leaves every bundle. Each phase waits until
+    /// every cluster and every proxy has done its part; progress is printed per cluster
+    /// and lagging proxy. The federation drives it and keeps it in its state folder, so
+    /// it survives this command stopping and the federation restarting.
+    Rotate {
+        #[command(flatten)]
+        at: FederationOperator,
+        /// The new root, when you bring your own (as Istio's cacerts): a self-signed CA
+        /// certificate (PEM). Without it the federation creates one.
+        #[arg(long, requires = "new_root_key")]
+        new_root_cert: Option<PathBuf>,
+        /// The private key of --new-root-cert (PEM).
+        #[arg(long, requires = "new_root_cert")]
+        new_root_key: Option<PathBuf>,
+        /// Hold the rotation where it is instead; `isthmus root rotate` resumes it.
+        #[arg(long, conflicts_with_all = ["new_root_cert", "no_wait"])]
+        pause: bool,
+        /// Start or resume, print the status, and return without following.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up following after this long (the rotation itself goes on).
+        #[arg(long, default_value = "30m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Where a root rotation stands: its phase, and per cluster what it waits for.
+    Status {
+        #[command(flatten)]
+        at: FederationOperator,
+    },
+}
+
+#[derive(Args)]
+struct FederationOperator {
+    /// The federation's state folder: its operator token is minted from the key there.
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// The federation's gRPC listener.
+    #[arg(long, default_value = "127.0.0.1:15200", value_parser = resolve_addr)]
+    federation: SocketAddr,
+    /// Trust domain of the mesh.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+}
+
+impl FederationOperator {
+    fn operator(self) -> isthmus::root::Operator {
+        isthmus::root::Operator {
+            federation: self.federation,
+            state_dir: self.state_dir,
+            trust_domain: self.trust_domain,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -978,6 +1040,7 @@ async fn main_async(cli: Cli) -> std::process::ExitCode {
         | Command::Analyze { .. }
         | Command::Status { .. }
         | Command::Token(_)
+        | Command::Root(_)
         | Command::Install(_)
         | Command::Iptables(_)
         | Command::Demo(_)
@@ -1044,6 +1107,29 @@ async fn run(
             };
             let objects = isthmus_kubernetes::install::manifests(&options);
             print_out(&isthmus_kubernetes::install::to_yaml(&objects))
+        }
+        Command::Root(RootCommand::Rotate {
+            at,
+            new_root_cert,
+            new_root_key,
+            pause,
+            no_wait,
+            timeout,
+        }) => {
+            use isthmus::root::Ask;
+            let ask = if pause {
+                Ask::Pause
+            } else {
+                Ask::Start(new_root_cert.zip(new_root_key))
+            };
+            at.operator().rotate(ask, !no_wait, timeout).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Root(RootCommand::Status { at }) => {
+            at.operator()
+                .rotate(isthmus::root::Ask::Status, false, Duration::ZERO)
+                .await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Token(TokenCommand::Join {
             state_dir,

@@ -371,13 +371,20 @@ impl ProxyStream {
         tracing::info!(workload = ?self.guard.workload, "proxy disconnected");
     }
 
-    async fn on_request(&mut self, req: DeltaRequest, snapshot: &Arc<Snapshot>) -> Result<(), ()> {
+    async fn on_request(
+        &mut self,
+        mut req: DeltaRequest,
+        snapshot: &Arc<Snapshot>,
+    ) -> Result<(), ()> {
         if let Some(health) = req.health {
             self.last_health = Some(health.healthy);
             match &self.guard.workload {
                 Some(w) => self.svc.registry.report_health(w, health.healthy),
                 None => self.try_verify(),
             }
+        }
+        if let Some(c) = req.certificate.take() {
+            self.sync.certificate(c);
         }
         if req.type_url.is_empty() {
             return Ok(());

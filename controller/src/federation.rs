@@ -16,7 +16,7 @@ use isthmus_core::tls::{PeerPolicy, TlsIdentity, ALPN_H2};
 use isthmus_proto::federation::federation_client::FederationClient;
 use isthmus_proto::federation::{
     ClusterExports, ExportUpdate, ExportedService, Gateway, GatewaySet, GlobalRegistry,
-    GlobalService, RegistryMeta, RegistryUpdate,
+    GlobalService, RegistryMeta, RegistryUpdate, TrustReport,
 };
 use prost::Message;
 use tokio::sync::{mpsc, watch, Notify};
@@ -235,6 +235,7 @@ fn export_batch(
     upserted: Vec<ExportedService>,
     withdrawn: Vec<String>,
     gateways: Option<Vec<Gateway>>,
+    mut trust: Option<TrustReport>,
 ) -> Vec<ExportUpdate> {
     let runs = chunk_by_size(upserted, CHUNK_BYTES);
     let last = runs.len() - 1;
@@ -247,6 +248,7 @@ fn export_batch(
             upserted: run,
             withdrawn: withdrawn.take().unwrap_or_default(),
             gateways: gateways.take().map(|gateways| GatewaySet { gateways }),
+            trust: trust.take(),
             more: i < last,
         })
         .collect()
@@ -257,11 +259,18 @@ fn export_batch(
 struct Sent {
     services: BTreeMap<String, ExportedService>,
     gateways: Vec<Gateway>,
+    trust: TrustReport,
 }
 
 impl Sent {
     /// The whole export, as the first batch of a stream.
-    fn reset(&mut self, cluster: &str, exports: &ClusterExports) -> Vec<ExportUpdate> {
+    fn reset(
+        &mut self,
+        cluster: &str,
+        exports: &ClusterExports,
+        trust: &TrustReport,
+    ) -> Vec<ExportUpdate> {
+        self.trust = trust.clone();
         self.services = exports
             .services
             .iter()
@@ -274,7 +283,25 @@ impl Sent {
             exports.services.clone(),
             Vec::new(),
             Some(exports.gateways.clone()),
+            Some(trust.clone()),
         )
+    }
+
+    /// The trust report, when it changed since the last one sent.
+    fn trust(&mut self, cluster: &str, trust: &TrustReport) -> Option<ExportUpdate> {
+        if *trust == self.trust {
+            return None;
+        }
+        self.trust = trust.clone();
+        export_batch(
+            cluster,
+            false,
+            Vec::new(),
+            Vec::new(),
+            None,
+            Some(trust.clone()),
+        )
+        .pop()
     }
 
     /// What changed since the last batch; `None` when nothing did.
@@ -308,7 +335,9 @@ impl Sent {
         if let Some(g) = &gateways {
             self.gateways = g.clone();
         }
-        Some(export_batch(cluster, false, upserted, withdrawn, gateways))
+        Some(export_batch(
+            cluster, false, upserted, withdrawn, gateways, None,
+        ))
     }
 }
 
@@ -323,12 +352,13 @@ impl Link {
     pub async fn run(
         self,
         exports: watch::Receiver<Arc<ClusterExports>>,
+        trust: watch::Receiver<TrustReport>,
         global: Arc<GlobalState>,
     ) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
         loop {
             let started = Instant::now();
-            let err = self.session(exports.clone(), &global).await;
+            let err = self.session(exports.clone(), trust.clone(), &global).await;
             global.set_connected(false);
             if started.elapsed() > Duration::from_secs(10) {
                 backoff.reset();
@@ -341,6 +371,7 @@ impl Link {
     async fn session(
         &self,
         mut exports: watch::Receiver<Arc<ClusterExports>>,
+        mut trust: watch::Receiver<TrustReport>,
         global: &GlobalState,
     ) -> tonic::Status {
         let channel = isthmus_core::grpc::tls_channel(
@@ -353,7 +384,11 @@ impl Link {
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let (tx, rx) = mpsc::channel(EXPORT_QUEUE);
         let mut sent = Sent::default();
-        let first = sent.reset(&self.cluster, &exports.borrow_and_update());
+        let first = sent.reset(
+            &self.cluster,
+            &exports.borrow_and_update(),
+            &trust.borrow_and_update(),
+        );
         let outbound = tokio_stream::iter(first).chain(ReceiverStream::new(rx));
         let mut inbound = match client.exchange(outbound).await {
             Ok(r) => r.into_inner(),
@@ -365,9 +400,20 @@ impl Link {
         // ends waiting for the other to read.
         let cluster = self.cluster.clone();
         let mut exporting = tokio::spawn(async move {
-            while exports.changed().await.is_ok() {
-                let current = exports.borrow_and_update().clone();
-                for m in sent.delta(&cluster, &current).into_iter().flatten() {
+            loop {
+                let batch = tokio::select! {
+                    changed = exports.changed() => {
+                        if changed.is_err() { break }
+                        let current = exports.borrow_and_update().clone();
+                        sent.delta(&cluster, &current).unwrap_or_default()
+                    }
+                    changed = trust.changed() => {
+                        if changed.is_err() { break }
+                        let current = trust.borrow_and_update().clone();
+                        sent.trust(&cluster, &current).into_iter().collect()
+                    }
+                };
+                for m in batch {
                     if tx.send(m).await.is_err() {
                         return tonic::Status::unavailable("export stream closed");
                     }
@@ -406,6 +452,32 @@ impl Link {
                 }
             }
         }
+    }
+}
+
+/// The cluster's trust report, kept current as proxies report their certificates and the
+/// controller's trust changes (coalesced over a short window); runs until the controller
+/// stops.
+pub async fn report_trust(
+    proxies: Arc<crate::syncz::Proxies>,
+    trust: crate::trust::Trust,
+    tx: watch::Sender<TrustReport>,
+) {
+    let (mut changes, mut issuing) = (proxies.changes(), trust.subscribe());
+    loop {
+        let next = proxies.trust_report(&trust.current());
+        tx.send_if_modified(|cur| {
+            let changed = *cur != next;
+            *cur = next;
+            changed
+        });
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            r = issuing.changed() => if r.is_err() { return },
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        changes.borrow_and_update();
+        issuing.borrow_and_update();
     }
 }
 

@@ -237,7 +237,9 @@ async fn start_kubernetes(
             trust_domain: config.trust_domain.clone(),
             image: image.clone(),
             controller: format!("{}:{}", WEBHOOK_NAMES[0], config.grpc_addr.port()),
-            root_pem: state.bundle_pem.clone(),
+            // The bundle at start: an injected pod needs it only for its first
+            // certificate; from then on the controller pushes the current one.
+            root_pem: state.trust.current().bundle_pem.clone(),
         });
     let (leading, leader) = watch::channel(false);
     running.spawn(isthmus_kubernetes::lease::run(
@@ -279,12 +281,14 @@ async fn start_kubernetes(
     }
     let names: Vec<String> = WEBHOOK_NAMES.iter().map(|n| n.to_string()).collect();
     let (key, chain) = state
+        .trust
+        .current()
         .ca
         .issue_server(&names, &ips, WEBHOOK_CERT_TTL)
         .context("issuing the webhook's certificate")?;
     let tls = isthmus_core::tls::plain_server_config(&chain, &key)?;
     running.spawn(isthmus_kubernetes::webhook::serve(listener, tls, inject));
-    let (bundle, mut leading) = (state.bundle_pem.clone(), leader.clone());
+    let (bundle, mut leading) = (state.trust.current().bundle_pem.clone(), leader.clone());
     running.spawn(async move {
         let mut backoff = Duration::from_millis(200);
         loop {
@@ -410,7 +414,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         &state.trust_domain,
         config_rx,
         global.subscribe(),
-        state.bundle_pem.clone(),
+        state.trust.subscribe(),
         &config.state_dir,
         jwks.clone(),
     );
@@ -490,8 +494,20 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             "isthmus-federation",
         )]),
     };
+    running.spawn(trust::follow(
+        config.clone(),
+        state.trust.clone(),
+        state.identity.clone(),
+        global.subscribe(),
+    ));
     running.spawn(global.clone().persist());
-    running.spawn(link.run(registry.exports(), global));
+    let (trust_tx, trust_rx) = watch::channel(Default::default());
+    running.spawn(federation::report_trust(
+        discovery.proxies(),
+        state.trust.clone(),
+        trust_tx,
+    ));
+    running.spawn(link.run(registry.exports(), trust_rx, global));
     running.spawn(async move {
         let incoming = isthmus_core::grpc::tls_incoming(grpc, tls, drain.clone());
         let result = tonic::transport::Server::builder()

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use isthmus_core::identity::SpiffeId;
-use isthmus_core::tls::ca::CertificateAuthority;
 use isthmus_core::token::TokenKey;
 use isthmus_proto::ca::certificate_authority_server::CertificateAuthority as CaApi;
 use isthmus_proto::ca::{CertificateRequest, CertificateResponse};
@@ -26,7 +25,7 @@ struct Outcome {
 
 #[derive(Clone)]
 pub struct CaService {
-    ca: Arc<CertificateAuthority>,
+    trust: crate::trust::Trust,
     token_key: Arc<TokenKey>,
     trust_domain: String,
     audience: String,
@@ -44,7 +43,7 @@ impl CaService {
     ) -> anyhow::Result<Self> {
         Ok(Self {
             reviewer,
-            ca: state.ca.clone(),
+            trust: state.trust.clone(),
             token_key: state.token_key.clone(),
             trust_domain: state.trust_domain.clone(),
             audience: token_audience(&config.cluster),
@@ -111,7 +110,11 @@ impl CaApi for CaService {
                 return Err(s);
             }
         };
-        match self.ca.sign_leaf(&req.get_ref().csr_pem, &proved, self.ttl) {
+        let issuing = self.trust.current();
+        match issuing
+            .ca
+            .sign_leaf(&req.get_ref().csr_pem, &proved, self.ttl)
+        {
             Ok(chain) => {
                 self.requests
                     .get_or_create(&Outcome { outcome: "issued" })
@@ -119,7 +122,7 @@ impl CaApi for CaService {
                 tracing::debug!(id = %proved, "workload certificate issued");
                 Ok(Response::new(CertificateResponse {
                     cert_chain_pem: chain,
-                    trust_bundle_pem: self.ca.bundle_pem().to_owned(),
+                    trust_bundle_pem: issuing.bundle_pem.clone(),
                 }))
             }
             Err(e) => {

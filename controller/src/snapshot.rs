@@ -92,7 +92,7 @@ use crate::gateways::Gateways;
 struct Inner {
     cluster: String,
     trust_domain: String,
-    bundle_pem: String,
+    trust: watch::Receiver<Arc<crate::trust::Issuing>>,
     config: watch::Receiver<Arc<ConfigSet>>,
     global: watch::Receiver<Arc<Global>>,
     health: Mutex<BTreeMap<NamespacedName, Health>>,
@@ -281,7 +281,7 @@ impl Registry {
         trust_domain: &str,
         config: watch::Receiver<Arc<ConfigSet>>,
         global: watch::Receiver<Arc<Global>>,
-        bundle_pem: String,
+        trust: watch::Receiver<Arc<crate::trust::Issuing>>,
         state_dir: &std::path::Path,
         jwks: crate::jwks::Resolver,
     ) -> Self {
@@ -289,7 +289,7 @@ impl Registry {
         let inner = Inner {
             cluster: cluster.to_owned(),
             trust_domain: trust_domain.to_owned(),
-            bundle_pem,
+            trust,
             config,
             global,
             health: Mutex::default(),
@@ -373,17 +373,20 @@ impl Registry {
     pub async fn run(self, debounce: Duration) {
         let mut config = self.inner.config.clone();
         let mut global = self.inner.global.clone();
+        let mut trust = self.inner.trust.clone();
         let mut jwks = self.inner.jwks.subscribe();
         loop {
             tokio::select! {
                 r = config.changed() => if r.is_err() { return },
                 r = global.changed() => if r.is_err() { return },
+                r = trust.changed() => if r.is_err() { return },
                 r = jwks.changed() => if r.is_err() { return },
                 _ = self.inner.poke.notified() => {}
             }
             tokio::time::sleep(debounce).await;
             config.borrow_and_update();
             global.borrow_and_update();
+            trust.borrow_and_update();
             jwks.borrow_and_update();
             self.rebuild();
         }
@@ -797,12 +800,14 @@ impl Registry {
         }
         *encoded = kept;
         let gw = gateways.first();
+        let issuing = self.inner.trust.borrow().clone();
         let mesh = xds::Mesh {
             cluster: self.inner.cluster.clone(),
             trust_domain: self.inner.trust_domain.clone(),
             gateway_address: gw.map(|g| g.tunnel_address.clone()).unwrap_or_default(),
             gateway_identity: gw.map(|g| g.identity.clone()).unwrap_or_default(),
-            trust_bundle_pem: self.inner.bundle_pem.clone(),
+            trust_bundle_pem: issuing.bundle_pem.clone(),
+            ca_fingerprint: issuing.ca_fingerprint.clone(),
             failover: global
                 .meta
                 .failover

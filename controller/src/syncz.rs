@@ -9,6 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use isthmus_core::tls::bundle::short;
+use isthmus_proto::discovery::CertificateReport;
+use isthmus_proto::federation::TrustReport;
+use tokio::sync::watch;
+
 #[derive(Debug, Default)]
 struct TypeSync {
     pushes: u64,
@@ -27,6 +32,8 @@ struct ProxySync {
     identity: String,
     connected: SystemTime,
     types: BTreeMap<String, TypeSync>,
+    /// What the proxy last reported of its certificate and trust.
+    certificate: Option<CertificateReport>,
 }
 
 /// Every proxy with an open stream to this controller.
@@ -34,7 +41,12 @@ struct ProxySync {
 pub struct Proxies {
     streams: Mutex<BTreeMap<u64, ProxySync>>,
     next: AtomicU64,
+    /// Bumped when a proxy connects, leaves or reports its certificate.
+    changes: watch::Sender<u64>,
 }
+
+/// Proxies named in a trust report as lagging, at most.
+const LAGGING_NAMED: usize = 20;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -54,8 +66,10 @@ impl Proxies {
                 identity: identity.to_owned(),
                 connected: SystemTime::now(),
                 types: BTreeMap::new(),
+                certificate: None,
             },
         );
+        self.changes.send_modify(|v| *v += 1);
         ProxyHandle {
             proxies: self.clone(),
             id,
@@ -89,15 +103,68 @@ impl Proxies {
                         )
                     })
                     .collect();
+                let certificate = p.certificate.as_ref().map(|c| {
+                    serde_json::json!({
+                        "trusted_roots": c.trusted_roots.iter().map(|r| short(r)).collect::<Vec<_>>(),
+                        "issuer": short(&c.issuer),
+                        "not_after_unix": c.not_after_unix,
+                    })
+                });
                 serde_json::json!({
                     "name": p.name,
                     "role": p.role,
                     "identity": p.identity,
                     "connected_unix": unix(p.connected),
                     "types": types,
+                    "certificate": certificate,
                 })
             })
             .collect()
+    }
+}
+
+impl Proxies {
+    /// Changes to the proxies' certificates (and to who is connected).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// How far the proxies have followed the cluster's trust: which roots they accept,
+    /// and whether the current CA issued their certificate. Proxies that have not
+    /// reported yet are not counted.
+    pub fn trust_report(&self, issuing: &crate::trust::Issuing) -> TrustReport {
+        let streams = lock(&self.streams);
+        let mut report = TrustReport {
+            ca_fingerprint: issuing.ca_fingerprint.clone(),
+            ca_root: issuing.ca_root.clone().unwrap_or_default(),
+            controller_roots: issuing.roots.clone(),
+            ..Default::default()
+        };
+        for p in streams.values() {
+            let Some(c) = &p.certificate else { continue };
+            report.proxies += 1;
+            for root in &c.trusted_roots {
+                *report.trusting.entry(root.clone()).or_default() += 1;
+            }
+            let current = c.issuer == issuing.ca_fingerprint;
+            report.current_certificates += u32::from(current);
+            let mut what = Vec::new();
+            if c.trusted_roots != issuing.roots {
+                what.push(format!(
+                    "trusts {:?}",
+                    c.trusted_roots.iter().map(|r| short(r)).collect::<Vec<_>>()
+                ));
+            }
+            if !current {
+                what.push(format!("certificate from CA {}", short(&c.issuer)));
+            }
+            if !what.is_empty() && report.lagging.len() < LAGGING_NAMED {
+                report
+                    .lagging
+                    .push(format!("{} ({}): {}", p.name, p.role, what.join(", ")));
+            }
+        }
+        report
     }
 }
 
@@ -129,6 +196,14 @@ impl ProxyHandle {
         });
     }
 
+    /// The proxy reported its certificate and what it trusts.
+    pub fn certificate(&self, report: CertificateReport) {
+        if let Some(p) = lock(&self.proxies.streams).get_mut(&self.id) {
+            p.certificate = Some(report);
+        }
+        self.proxies.changes.send_modify(|v| *v += 1);
+    }
+
     /// The proxy answered a response of `type_url`: ACK (`nack` None) or NACK.
     pub fn answered(&self, type_url: &str, in_flight: usize, nack: Option<&str>) {
         self.with(type_url, |s| {
@@ -147,6 +222,7 @@ impl ProxyHandle {
 impl Drop for ProxyHandle {
     fn drop(&mut self) {
         lock(&self.proxies.streams).remove(&self.id);
+        self.proxies.changes.send_modify(|v| *v += 1);
     }
 }
 

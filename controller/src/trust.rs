@@ -1,6 +1,8 @@
 //! The cluster's durable identity: its intermediate CA, the controller's own certificate,
 //! the trust bundle and the bootstrap-token key, kept in the state folder. The first start
-//! joins the federation (CSR + join token); later starts reload from disk.
+//! joins the federation (CSR + join token); later starts reload from disk. While running,
+//! the controller follows the federation's trust (see [`follow`]): new bundles, a new CA
+//! under a rotated root, and renewal of its certificates before they expire.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,11 +13,13 @@ use isthmus_core::backoff::Backoff;
 use isthmus_core::identity::{SpiffeId, SYSTEM_NAMESPACE};
 use isthmus_core::tls::ca::{ca_csr, leaf_csr, CertificateAuthority};
 use isthmus_core::tls::{
-    anonymous_client_config, cert_not_after, parse_certs, Credentials, PeerPolicy, TlsIdentity,
+    anonymous_client_config, bundle, cert_not_after, parse_certs, Credentials, PeerPolicy,
+    TlsIdentity, ALPN_H2,
 };
 use isthmus_core::token::TokenKey;
 use isthmus_proto::federation::federation_client::FederationClient;
 use isthmus_proto::federation::JoinRequest;
+use tokio::sync::watch;
 
 use crate::Config;
 
@@ -30,8 +34,7 @@ const MIN_REMAINING: Duration = Duration::from_secs(3600);
 
 pub struct ClusterState {
     pub trust_domain: String,
-    pub bundle_pem: String,
-    pub ca: Arc<CertificateAuthority>,
+    pub trust: Trust,
     pub identity: TlsIdentity,
     pub token_key: Arc<TokenKey>,
 }
@@ -107,16 +110,20 @@ impl Stored {
     }
 }
 
-async fn join(config: &Config) -> anyhow::Result<Stored> {
-    let token = config
-        .join_token
-        .as_deref()
-        .context("this cluster has not joined the federation yet and no join token was given")?;
+/// How a join proves the cluster: its join token (first start), or its controller
+/// certificate (a new CA under a rotated root, or a renewal before expiry).
+enum Proof<'a> {
+    Token(&'a str),
+    Certificate(&'a TlsIdentity),
+}
+
+async fn join(config: &Config, proof: Proof<'_>) -> anyhow::Result<Stored> {
     let federation = SpiffeId::new(&config.trust_domain, SYSTEM_NAMESPACE, "isthmus-federation");
-    let tls = anonymous_client_config(
-        &config.federation_bundle_pem,
-        PeerPolicy::OneOf(vec![federation]),
-    )?;
+    let policy = PeerPolicy::OneOf(vec![federation]);
+    let tls = match proof {
+        Proof::Token(_) => anonymous_client_config(&config.federation_bundle_pem, policy)?,
+        Proof::Certificate(identity) => identity.client_config(policy, &[ALPN_H2]),
+    };
     let (ca_key, ca_csr_pem) = ca_csr()?;
     let (key, controller_csr_pem) =
         leaf_csr(&SpiffeId::controller(&config.trust_domain, &config.cluster))?;
@@ -131,12 +138,14 @@ async fn join(config: &Config) -> anyhow::Result<Stored> {
             ca_csr_pem: ca_csr_pem.clone(),
             controller_csr_pem: controller_csr_pem.clone(),
         });
-        req.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {token}")
-                .parse()
-                .context("join token is not a valid header value")?,
-        );
+        if let Proof::Token(token) = proof {
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {token}")
+                    .parse()
+                    .context("join token is not a valid header value")?,
+            );
+        }
         req.set_timeout(Duration::from_secs(5));
         match client.join(req).await {
             Ok(r) => break r.into_inner(),
@@ -149,6 +158,9 @@ async fn join(config: &Config) -> anyhow::Result<Stored> {
                     config.cluster,
                     s.message()
                 )
+            }
+            Err(s) if matches!(proof, Proof::Certificate(_)) => {
+                anyhow::bail!("the federation did not answer: {}", s.message())
             }
             Err(s) => {
                 tracing::warn!(federation = %config.federation_addr, error = %s, "joining the federation failed; retrying");
@@ -177,6 +189,99 @@ fn pkcs8_der(pem: &str) -> anyhow::Result<Vec<u8>> {
     Ok(key.serialize_der())
 }
 
+impl Stored {
+    /// The live identity these files make: the controller's credentials and the CA.
+    fn issuing(&self, config: &Config) -> anyhow::Result<(Credentials, Issuing)> {
+        let creds = Credentials::from_pem(
+            pkcs8_der(&self.key)?,
+            std::slice::from_ref(&self.cert),
+            &self.bundle,
+        )?;
+        anyhow::ensure!(
+            creds.id == SpiffeId::controller(&config.trust_domain, &config.cluster),
+            "stored controller certificate is for {}, not cluster {}",
+            creds.id,
+            config.cluster
+        );
+        let ca = CertificateAuthority::from_pem(
+            &self.ca_cert,
+            &self.ca_key,
+            vec![self.ca_cert.clone()],
+            self.bundle.clone(),
+        )?;
+        let ca_der = parse_certs(&self.ca_cert)?
+            .into_iter()
+            .next()
+            .context("no CA certificate")?;
+        Ok((
+            creds,
+            Issuing {
+                ca: Arc::new(ca),
+                ca_fingerprint: bundle::fingerprint(&ca_der),
+                ca_root: bundle::issuing_root(&ca_der, &self.bundle),
+                roots: bundle::fingerprints(&self.bundle),
+                bundle_pem: self.bundle.clone(),
+                ca_der: ca_der.to_vec(),
+            },
+        ))
+    }
+}
+
+/// The CA this cluster issues with and the roots it trusts, as of now.
+pub struct Issuing {
+    pub ca: Arc<CertificateAuthority>,
+    /// SHA-256 of the CA's certificate.
+    pub ca_fingerprint: String,
+    /// The root of `bundle_pem` that signed the CA; `None` if none did.
+    pub ca_root: Option<String>,
+    /// Fingerprints of the roots of `bundle_pem`.
+    pub roots: Vec<String>,
+    pub bundle_pem: String,
+    ca_der: Vec<u8>,
+}
+
+#[cfg(test)]
+impl Issuing {
+    /// A cluster CA under a fresh root, for tests of what reads it.
+    pub fn for_tests() -> Self {
+        let (root, _) = CertificateAuthority::new_root("td").expect("root");
+        let (key, csr) = isthmus_core::tls::ca::ca_csr().expect("csr");
+        let cert = root.sign_intermediate(&csr, "east", "td").expect("sign");
+        let bundle_pem = root.bundle_pem().to_owned();
+        let ca = CertificateAuthority::from_pem(
+            &cert,
+            &key.serialize_pem(),
+            vec![cert.clone()],
+            bundle_pem.clone(),
+        )
+        .expect("ca");
+        let der = parse_certs(&cert).expect("pem")[0].to_vec();
+        Self {
+            ca: Arc::new(ca),
+            ca_fingerprint: bundle::fingerprint(&der),
+            ca_root: bundle::issuing_root(&der, &bundle_pem),
+            roots: bundle::fingerprints(&bundle_pem),
+            bundle_pem,
+            ca_der: der,
+        }
+    }
+}
+
+/// The live [`Issuing`]: read by the CA service, the snapshot builder and the trust
+/// report; replaced when the federation's bundle or signing root changes.
+#[derive(Clone)]
+pub struct Trust(Arc<watch::Sender<Arc<Issuing>>>);
+
+impl Trust {
+    pub fn current(&self) -> Arc<Issuing> {
+        self.0.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Issuing>> {
+        self.0.subscribe()
+    }
+}
+
 impl ClusterState {
     pub async fn load_or_join(config: &Config) -> anyhow::Result<Self> {
         let dir: PathBuf = config.state_dir.clone();
@@ -188,36 +293,142 @@ impl ClusterState {
                 s
             }
             None => {
-                let s = join(config).await?;
+                let token = config.join_token.as_deref().context(
+                    "this cluster has not joined the federation yet and no join token was given",
+                )?;
+                let s = join(config, Proof::Token(token)).await?;
                 s.save(&dir)
                     .with_context(|| format!("saving cluster CA to {}", dir.display()))?;
                 s
             }
         };
-        let ca = CertificateAuthority::from_pem(
-            &stored.ca_cert,
-            &stored.ca_key,
-            vec![stored.ca_cert.clone()],
-            stored.bundle.clone(),
-        )?;
-        let creds = Credentials::from_pem(
-            pkcs8_der(&stored.key)?,
-            std::slice::from_ref(&stored.cert),
-            &stored.bundle,
-        )?;
-        anyhow::ensure!(
-            creds.id == SpiffeId::controller(&config.trust_domain, &config.cluster),
-            "stored controller certificate is for {}, not cluster {}",
-            creds.id,
-            config.cluster
-        );
+        let (creds, issuing) = stored.issuing(config)?;
         let token_key = TokenKey::load_or_create(&dir.join(TOKEN_KEY))?;
         Ok(Self {
             trust_domain: config.trust_domain.clone(),
-            bundle_pem: stored.bundle,
-            ca: Arc::new(ca),
+            trust: Trust(Arc::new(watch::Sender::new(Arc::new(issuing)))),
             identity: TlsIdentity::new(creds),
             token_key: Arc::new(token_key),
         })
     }
+}
+
+/// Follows the federation's trust for as long as the controller runs:
+/// - a signing root other than the one that signed this cluster's CA (a rotation is
+///   reissuing): join again with the controller's certificate, for a new CA and
+///   controller certificate under that root;
+/// - the controller's certificate or the CA past half its life: the same, so neither
+///   needs a join token again (renewal in place);
+/// - a new trust bundle: taken (kept on disk, pushed to the proxies) once it holds the
+///   root of this cluster's CA, so the cluster never trusts less than its own chain.
+pub async fn follow(
+    config: Config,
+    trust: Trust,
+    identity: TlsIdentity,
+    mut global: watch::Receiver<Arc<crate::federation::Global>>,
+) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    loop {
+        let meta = global.borrow_and_update().meta.clone();
+        let now = trust.current();
+        let mut renew_at = identity.current().renew_at();
+        if let Some(ca_half_life) = half_life(&now.ca_der) {
+            renew_at = renew_at.min(ca_half_life);
+        }
+        let reissue = !meta.signing_root.is_empty()
+            && now.ca_root.as_deref() != Some(meta.signing_root.as_str());
+        let due = SystemTime::now() >= renew_at;
+        if (reissue || due) && retry_at.is_none_or(|t| tokio::time::Instant::now() >= t) {
+            let why = if reissue {
+                "a new signing root"
+            } else {
+                "renewal at half-life"
+            };
+            match rejoin(&config, &trust, &identity).await {
+                Ok(()) => {
+                    tracing::info!(cluster = %config.cluster, why, "cluster CA and controller certificate reissued");
+                    backoff.reset();
+                    retry_at = None;
+                }
+                Err(e) => {
+                    tracing::warn!(cluster = %config.cluster, why, error = %e, "cannot reissue the cluster CA; retrying");
+                    retry_at = Some(tokio::time::Instant::now() + backoff.next_delay());
+                }
+            }
+            continue;
+        }
+        if !meta.trust_bundle_pem.is_empty() && meta.trust_bundle_pem != now.bundle_pem {
+            if let Err(e) = adopt_bundle(&config, &trust, &identity, &meta.trust_bundle_pem) {
+                tracing::warn!(error = %e, "keeping the current trust bundle");
+            }
+        }
+        let wake = match retry_at {
+            Some(t) => t,
+            None => {
+                let wait = renew_at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default()
+                    .min(Duration::from_secs(24 * 3600));
+                tokio::time::Instant::now() + wait
+            }
+        };
+        tokio::select! {
+            changed = global.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep_until(wake) => retry_at = None,
+        }
+    }
+}
+
+/// When a CA certificate reaches half of its lifetime.
+fn half_life(der: &[u8]) -> Option<SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let from = cert.validity().not_before.timestamp().max(0) as u64;
+    let to = cert.validity().not_after.timestamp().max(0) as u64;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(from + (to.saturating_sub(from)) / 2))
+}
+
+async fn rejoin(config: &Config, trust: &Trust, identity: &TlsIdentity) -> anyhow::Result<()> {
+    let stored = join(config, Proof::Certificate(identity)).await?;
+    let (creds, issuing) = stored.issuing(config)?;
+    anyhow::ensure!(
+        issuing.ca_root.is_some(),
+        "the new cluster CA does not chain to the federation's bundle"
+    );
+    stored
+        .save(&config.state_dir)
+        .with_context(|| format!("saving cluster CA to {}", config.state_dir.display()))?;
+    identity.update(creds);
+    trust.0.send_replace(Arc::new(issuing));
+    Ok(())
+}
+
+fn adopt_bundle(
+    config: &Config,
+    trust: &Trust,
+    identity: &TlsIdentity,
+    bundle_pem: &str,
+) -> anyhow::Result<()> {
+    bundle::parse_bundle(bundle_pem).context("the federation's trust bundle")?;
+    let now = trust.current();
+    let Some(ca_root) = bundle::issuing_root(&now.ca_der, bundle_pem) else {
+        anyhow::bail!(
+            "the federation's trust bundle lacks the root of this cluster's CA ({}); waiting for a new CA",
+            bundle::short(&now.ca_fingerprint)
+        );
+    };
+    isthmus_core::fsutil::write_private(&config.state_dir.join(BUNDLE), bundle_pem.as_bytes())
+        .context("saving the trust bundle")?;
+    identity.update(identity.current().with_bundle(bundle_pem)?);
+    let roots = bundle::fingerprints(bundle_pem);
+    tracing::info!(roots = ?roots.iter().map(|r| bundle::short(r)).collect::<Vec<_>>(), "trust bundle updated");
+    trust.0.send_replace(Arc::new(Issuing {
+        ca: now.ca.clone(),
+        ca_fingerprint: now.ca_fingerprint.clone(),
+        ca_root: Some(ca_root),
+        roots,
+        bundle_pem: bundle_pem.to_owned(),
+        ca_der: now.ca_der.clone(),
+    }));
+    Ok(())
 }

@@ -120,14 +120,24 @@ impl CaClient {
         }
     }
 
-    /// Renews at half-life forever. Open connections keep their certificate; new ones use
-    /// the renewed one.
-    pub async fn renew_forever(self, identity: TlsIdentity) {
+    /// Renews at half-life forever, or at once when `now` is notified (the cluster's CA
+    /// changed). Open connections keep their certificate; new ones use the renewed one.
+    pub async fn renew_forever(
+        self,
+        identity: TlsIdentity,
+        now: std::sync::Arc<tokio::sync::Notify>,
+    ) {
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         loop {
             let at = identity.current().renew_at();
             let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = now.notified() => {
+                    // Spread the proxies of a cluster over a second, not all at one instant.
+                    tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 1000)).await;
+                }
+            }
             match self.fetch(Some(&identity)).await {
                 Ok(creds) => {
                     tracing::info!(id = %creds.id, "workload certificate renewed");

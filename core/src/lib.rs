@@ -21,6 +21,7 @@ pub mod identity;
 pub mod locality;
 pub mod otlp;
 pub mod path;
+pub mod proxy_trust;
 pub mod readiness;
 pub mod routing;
 pub mod tls;

@@ -6,6 +6,7 @@
 //! renewed certificate or a new trust bundle takes effect for new connections while open ones
 //! keep running.
 
+pub mod bundle;
 pub mod ca;
 pub mod verify;
 
@@ -199,6 +200,32 @@ impl Credentials {
             bundle_pem: bundle_pem.to_owned(),
             client_verifier,
         })
+    }
+
+    /// The same key and chain, trusting `bundle_pem` instead: how a proxy takes a new trust
+    /// bundle without a new certificate.
+    pub fn with_bundle(&self, bundle_pem: &str) -> Result<Self, TlsError> {
+        bundle::parse_bundle(bundle_pem)?;
+        let roots = Arc::new(root_store(bundle_pem)?);
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .build()
+                .map_err(|e| TlsError::Bundle(e.to_string()))?;
+        Ok(Self {
+            id: self.id.clone(),
+            certified: self.certified.clone(),
+            not_after: self.not_after,
+            issued_at: self.issued_at,
+            roots,
+            bundle_pem: bundle_pem.to_owned(),
+            client_verifier,
+        })
+    }
+
+    /// The fingerprint of the CA that issued this certificate (the chain's second
+    /// certificate), if the chain carries it.
+    pub fn issuer_fingerprint(&self) -> Option<String> {
+        self.certified.cert.get(1).map(|c| bundle::fingerprint(c))
     }
 
     /// The moment to renew: half of the remaining lifetime at issue.

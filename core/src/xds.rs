@@ -85,6 +85,9 @@ pub struct XdsClient<H> {
     pub handler: H,
     /// App health reported by sidecars; `None` for proxies with no app.
     pub health: Option<watch::Receiver<bool>>,
+    /// The proxy's credentials, reported at each stream's start and whenever they change
+    /// (see `proxy_trust`); `None` reports nothing.
+    pub certificate: Option<watch::Receiver<std::sync::Arc<crate::tls::Credentials>>>,
     /// Dropped once a first response of every type has been applied whole (ACKed).
     pub first_config: Option<BlockReady>,
 }
@@ -137,6 +140,10 @@ impl<H: XdsHandler> XdsClient<H> {
             let healthy = *h.borrow();
             let _ = tx.try_send(self.health_request(healthy));
         }
+        let mut certificate = self.certificate.clone();
+        if let Some(c) = &mut certificate {
+            let _ = tx.try_send(certificate_request(&c.borrow_and_update()));
+        }
         let mut client = DiscoveryClient::new(self.channel.clone())
             .max_decoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
         let mut responses = match client.delta_resources(ReceiverStream::new(rx)).await {
@@ -174,6 +181,11 @@ impl<H: XdsHandler> XdsClient<H> {
                 }
                 Some(healthy) = next_health(&mut health) => {
                     if tx.send(self.health_request(healthy)).await.is_err() {
+                        return SessionError::Closed;
+                    }
+                }
+                Some(req) = next_certificate(&mut certificate) => {
+                    if tx.send(req).await.is_err() {
                         return SessionError::Closed;
                     }
                 }
@@ -215,6 +227,26 @@ impl<H: XdsHandler> XdsClient<H> {
         tracing::warn!(type_url = %resp.type_url, rejected = %reply.error_detail, applied = resp.resources.len() - rejected.len(), "config partly rejected (NACK)");
         reply.rejected_resources = rejected.into_iter().map(|r| r.name).collect();
         reply
+    }
+}
+
+fn certificate_request(creds: &crate::tls::Credentials) -> DeltaRequest {
+    DeltaRequest {
+        certificate: Some(crate::proxy_trust::report(creds)),
+        ..Default::default()
+    }
+}
+
+/// The report of the next credentials, or pending forever when there are none to watch.
+async fn next_certificate(
+    rx: &mut Option<watch::Receiver<std::sync::Arc<crate::tls::Credentials>>>,
+) -> Option<DeltaRequest> {
+    match rx {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(certificate_request(&rx.borrow_and_update())),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 

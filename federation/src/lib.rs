@@ -11,6 +11,7 @@
 
 mod registry;
 mod root;
+mod rotation;
 mod service;
 
 use std::net::SocketAddr;
@@ -24,7 +25,7 @@ use isthmus_core::readiness::Readiness;
 use isthmus_core::tls::{ClientAuth, PeerPolicy};
 use tokio::net::TcpListener;
 
-pub use root::mint_join_token;
+pub use root::{mint_join_token, mint_operator_token};
 
 /// Static config of the federation controller.
 #[derive(Debug, Clone)]
@@ -80,9 +81,9 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let grpc = TcpListener::bind(config.grpc_addr)
         .await
         .with_context(|| format!("binding federation gRPC on {}", config.grpc_addr))?;
-    let root = root::Root::load_or_create(&config)?;
-    let bundle_pem = root.ca.bundle_pem().to_owned();
-    let identity = root.self_identity()?;
+    let root = Arc::new(root::Root::load_or_create(&config)?);
+    let bundle_pem = root.active().cert_pem.clone();
+    let identity = root.identity.clone();
     let mut metrics = prometheus_client::registry::Registry::with_prefix("isthmus_federation");
     let failover = config
         .failover
@@ -92,19 +93,27 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             to: to.clone(),
         })
         .collect();
+    let trust = root.trust();
     let merged = registry::GlobalRegistry::new(
-        bundle_pem.clone(),
+        (trust.bundle_pem.clone(), trust.signing.fingerprint.clone()),
         failover,
         &config.state_dir,
         metrics.sub_registry_with_prefix("registry"),
     );
     let (mut running, drain) = isthmus_core::drain::Running::new();
     let (persisted, kept) = (merged.clone(), merged.clone());
-    let svc = service::FederationService::new(Arc::new(root), merged.clone(), drain.clone());
+    let rotation = rotation::Rotation::load(root.clone(), merged.clone(), &config.state_dir)?;
+    let svc =
+        service::FederationService::new(root, merged.clone(), rotation.clone(), drain.clone());
+    let status = rotation.clone();
     let admin = Admin {
         registry: Arc::new(metrics),
         readiness: Readiness::default(),
-        dump: Arc::new(move || merged.dump()),
+        dump: Arc::new(move || {
+            let mut dump = merged.dump();
+            dump["rotation"] = rotation::dump(&status.status());
+            dump
+        }),
         logging: None,
     };
     let admin = AdminServer::bind(config.admin_addr, config.metrics_addr, admin)
@@ -119,6 +128,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let tls = identity.server_config(auth, &[isthmus_core::tls::ALPN_H2]);
     running.spawn(admin.run(drain.clone()));
     running.spawn(persisted.persist());
+    running.spawn(rotation.run());
     running.spawn(async move {
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))

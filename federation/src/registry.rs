@@ -27,7 +27,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use isthmus_proto::federation::{
     ClusterExports, ClusterGateways, ClusterService, ExportUpdate, ExportedPort, ExportedService,
-    Failover, FederationState, Gateway, GlobalService, RegistryMeta, RegistryUpdate,
+    Failover, FederationState, Gateway, GlobalService, RegistryMeta, RegistryUpdate, TrustReport,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -54,7 +54,9 @@ pub fn key_of(namespace: &str, name: &str) -> String {
 pub struct GlobalRegistry {
     inner: Arc<Mutex<Inner>>,
     changes: watch::Sender<u64>,
-    bundle_pem: String,
+    /// Woken when a cluster's trust report or connection changes (the root rotation
+    /// waits on these).
+    trust_changed: Arc<Notify>,
     failover: Vec<Failover>,
     path: PathBuf,
     dirty: Arc<Notify>,
@@ -98,6 +100,7 @@ pub struct ExportBatch {
     pub upserted: Vec<ExportedService>,
     pub withdrawn: Vec<String>,
     pub gateways: Option<Vec<Gateway>>,
+    pub trust: Option<TrustReport>,
 }
 
 impl ExportBatch {
@@ -108,6 +111,9 @@ impl ExportBatch {
         self.withdrawn.extend(msg.withdrawn);
         if let Some(g) = msg.gateways {
             self.gateways = Some(g.gateways);
+        }
+        if let Some(t) = msg.trust {
+            self.trust = Some(t);
         }
         !msg.more
     }
@@ -126,6 +132,11 @@ struct Inner {
     /// Per cluster that reported since this process started: whether its controller is
     /// connected, and when it was last heard from.
     liveness: BTreeMap<String, Liveness>,
+    /// Per cluster, its controller's last trust report (this process's run only).
+    trust: BTreeMap<String, TrustReport>,
+    /// The bundle and signing root every cluster is told of.
+    bundle_pem: String,
+    signing_root: String,
     merged: BTreeMap<String, Merged>,
     /// Per service, the exports left out of it.
     conflicts: BTreeMap<String, Vec<String>>,
@@ -331,7 +342,7 @@ impl Inner {
 impl GlobalRegistry {
     /// Starts from the exports kept in `state_dir`, if an earlier run left any.
     pub fn new(
-        bundle_pem: String,
+        (bundle_pem, signing_root): (String, String),
         failover: Vec<Failover>,
         state_dir: &Path,
         registry: &mut prometheus_client::registry::Registry,
@@ -387,7 +398,7 @@ impl GlobalRegistry {
         let registry = Self {
             changes: watch::Sender::new(inner.version),
             inner: Arc::new(Mutex::new(Inner::default())),
-            bundle_pem,
+            trust_changed: Arc::default(),
             failover,
             path,
             dirty: Arc::default(),
@@ -398,6 +409,7 @@ impl GlobalRegistry {
             .values()
             .flat_map(|c| c.services.keys().cloned())
             .collect();
+        (inner.bundle_pem, inner.signing_root) = (bundle_pem, signing_root);
         let version = inner.version + 1;
         inner.remerge(keys, version);
         inner.version = version;
@@ -426,7 +438,8 @@ impl GlobalRegistry {
                 })
                 .collect(),
             conflicts: inner.conflicts.values().flatten().cloned().collect(),
-            trust_bundle_pem: self.bundle_pem.clone(),
+            trust_bundle_pem: inner.bundle_pem.clone(),
+            signing_root: inner.signing_root.clone(),
             failover: self.failover.clone(),
             stale_clusters: inner.stale.iter().cloned().collect(),
         }
@@ -459,6 +472,42 @@ impl GlobalRegistry {
         }
     }
 
+    /// Tells every cluster a new trust bundle and signing root.
+    pub fn set_trust(&self, bundle_pem: &str, signing_root: &str) {
+        let mut inner = self.lock();
+        if inner.bundle_pem == bundle_pem && inner.signing_root == signing_root {
+            return;
+        }
+        (inner.bundle_pem, inner.signing_root) = (bundle_pem.to_owned(), signing_root.to_owned());
+        let version = inner.version + 1;
+        inner.version = version;
+        inner.meta = Arc::new(self.meta_of(&inner));
+        inner.meta_version = version;
+        self.changes.send_replace(version);
+    }
+
+    /// Every cluster the federation knows (with exports kept, or heard from in this run):
+    /// whether its controller is connected, and its last trust report.
+    pub fn trust_reports(&self) -> Vec<(String, bool, Option<TrustReport>)> {
+        let inner = self.lock();
+        let names: BTreeSet<&String> = inner.clusters.keys().chain(inner.liveness.keys()).collect();
+        names
+            .into_iter()
+            .map(|c| {
+                (
+                    c.clone(),
+                    inner.liveness.get(c).is_some_and(|l| l.connected),
+                    inner.trust.get(c).cloned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Woken when a trust report or a cluster's connection changes.
+    pub fn trust_changed(&self) -> Arc<Notify> {
+        self.trust_changed.clone()
+    }
+
     /// Records that `cluster`'s controller was heard from: its stream opened
     /// (`Some(true)`), closed (`Some(false)`), or carried a message (`None`).
     pub fn heard(&self, cluster: &str, connected: Option<bool>) {
@@ -474,6 +523,7 @@ impl GlobalRegistry {
         l.last_seen = now;
         if let Some(c) = connected {
             l.connected = c;
+            self.trust_changed.notify_one();
         }
         let label = ClusterLabel {
             cluster: cluster.to_owned(),
@@ -492,6 +542,10 @@ impl GlobalRegistry {
     /// publishes a new version if anything changed.
     pub fn apply(&self, cluster: &str, batch: ExportBatch) {
         let mut inner = self.lock();
+        if let Some(t) = batch.trust {
+            inner.trust.insert(cluster.to_owned(), t);
+            self.trust_changed.notify_one();
+        }
         let confirmed = inner.stale.remove(cluster);
         let state = inner.clusters.entry(cluster.to_owned()).or_default();
         let mut incoming: BTreeMap<String, Option<ExportedService>> = BTreeMap::new();

@@ -5,13 +5,17 @@ use std::sync::Arc;
 
 use isthmus_core::identity::SpiffeId;
 use isthmus_proto::federation::federation_server::Federation;
-use isthmus_proto::federation::{ExportUpdate, JoinRequest, JoinResponse, RegistryUpdate};
+use isthmus_proto::federation::rotate_request::Action;
+use isthmus_proto::federation::{
+    ExportUpdate, JoinRequest, JoinResponse, RegistryUpdate, RotateRequest, RotationStatus,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::registry::{ExportBatch, GlobalRegistry, MAX_BATCH_SERVICES};
-use crate::root::{Root, CONTROLLER_TTL, JOIN_AUDIENCE};
+use crate::root::{Root, CONTROLLER_TTL, JOIN_AUDIENCE, OPERATOR_AUDIENCE};
+use crate::rotation::Rotation;
 
 /// Registry messages queued per controller stream. One: a stream whose controller reads
 /// slowly does not pile up batches; the next batch is computed when the last was taken, and
@@ -22,6 +26,7 @@ const REGISTRY_QUEUE: usize = 1;
 pub struct FederationService {
     root: Arc<Root>,
     registry: GlobalRegistry,
+    rotation: Arc<Rotation>,
     drain: isthmus_core::drain::Drain,
 }
 
@@ -29,11 +34,13 @@ impl FederationService {
     pub fn new(
         root: Arc<Root>,
         registry: GlobalRegistry,
+        rotation: Arc<Rotation>,
         drain: isthmus_core::drain::Drain,
     ) -> Self {
         Self {
             root,
             registry,
+            rotation,
             drain,
         }
     }
@@ -81,14 +88,15 @@ impl Federation for FederationService {
             )));
         }
         let td = &self.root.trust_domain;
-        let ca_cert_pem = self
-            .root
+        let trust = self.root.trust();
+        let ca_cert_pem = trust
+            .signing
             .ca
             .sign_intermediate(&body.ca_csr_pem, &cluster, td)
             .map_err(|e| Status::invalid_argument(format!("CA request: {e}")))?;
         let controller = SpiffeId::controller(td, &cluster);
-        let mut chain = self
-            .root
+        let mut chain = trust
+            .signing
             .ca
             .sign_leaf(&body.controller_csr_pem, &controller, CONTROLLER_TTL)
             .map_err(|e| Status::invalid_argument(format!("controller request: {e}")))?;
@@ -96,9 +104,43 @@ impl Federation for FederationService {
         Ok(Response::new(JoinResponse {
             ca_cert_pem,
             controller_cert_pem: chain.remove(0),
-            trust_bundle_pem: self.root.ca.bundle_pem().to_owned(),
+            trust_bundle_pem: trust.bundle_pem.clone(),
             trust_domain: td.clone(),
         }))
+    }
+
+    async fn rotate(
+        &self,
+        req: Request<RotateRequest>,
+    ) -> Result<Response<RotationStatus>, Status> {
+        let token = isthmus_core::grpc::bearer_token(&req)
+            .ok_or_else(|| Status::unauthenticated("present an operator token"))?;
+        self.root
+            .token_key
+            .verify(token, OPERATOR_AUDIENCE)
+            .map_err(|e| Status::unauthenticated(format!("operator token refused: {e}")))?;
+        let body = req.into_inner();
+        let done = match body.action() {
+            Action::Status => Ok(()),
+            Action::Pause => self.rotation.pause(),
+            Action::Start => {
+                let new = match (
+                    body.new_root_cert_pem.is_empty(),
+                    body.new_root_key_pem.is_empty(),
+                ) {
+                    (true, true) => None,
+                    (false, false) => Some((body.new_root_cert_pem, body.new_root_key_pem)),
+                    _ => {
+                        return Err(Status::invalid_argument(
+                            "a new root needs both its certificate and its key",
+                        ))
+                    }
+                };
+                self.rotation.start(new)
+            }
+        };
+        done.map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+        Ok(Response::new(self.rotation.status()))
     }
 
     type ExchangeStream = ReceiverStream<Result<RegistryUpdate, Status>>;

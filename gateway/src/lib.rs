@@ -176,7 +176,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             Err(e) => return tracing::error!(error = %e, "cannot start the QUIC endpoint"),
         };
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(ca.clone().renew_forever(identity.clone()));
+        let renew_now = Arc::new(tokio::sync::Notify::new());
+        tasks.spawn(
+            ca.clone()
+                .renew_forever(identity.clone(), renew_now.clone()),
+        );
         let channel = isthmus_core::grpc::tls_channel(
             ca.address,
             identity.client_config(PeerPolicy::OneOf(vec![ca.controller.clone()]), &[ALPN_H2]),
@@ -192,8 +196,13 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             channel,
             node,
             types: vec![type_url::MESH, type_url::SERVICE, type_url::PEER],
-            handler: store.clone(),
+            handler: isthmus_core::proxy_trust::FollowTrust {
+                inner: store.clone(),
+                identity: identity.clone(),
+                renew_now,
+            },
             health: None,
+            certificate: Some(identity.subscribe()),
             first_config: Some(config_block),
         };
         tasks.spawn(xds.run());

@@ -225,7 +225,7 @@ fn network(name: &str, value: &str) -> Result<(std::net::IpAddr, u8), ConvertErr
     Ok((ip, bits))
 }
 
-pub fn mesh(name: &str, body: &[u8]) -> Result<(MeshInfo, String), ConvertError> {
+pub fn mesh(name: &str, body: &[u8]) -> Result<MeshInfo, ConvertError> {
     let msg = xds::Mesh::decode(body).map_err(|source| ConvertError::Decode {
         name: name.to_owned(),
         source,
@@ -245,12 +245,10 @@ pub fn mesh(name: &str, body: &[u8]) -> Result<(MeshInfo, String), ConvertError>
             .or_default()
             .push(f.to.clone());
     }
-    Ok((
-        MeshInfo {
-            cluster: msg.cluster.into(),
-            gateway,
-            failover,
-        },
-        msg.trust_bundle_pem,
-    ))
+    // The trust bundle and CA fingerprint are taken by `proxy_trust::FollowTrust`.
+    Ok(MeshInfo {
+        cluster: msg.cluster.into(),
+        gateway,
+        failover,
+    })
 }

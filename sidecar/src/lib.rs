@@ -246,7 +246,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         let _ = certificate.set(identity.clone());
         drop(cert_block);
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(ca.clone().renew_forever(identity.clone()));
+        let renew_now = Arc::new(tokio::sync::Notify::new());
+        tasks.spawn(
+            ca.clone()
+                .renew_forever(identity.clone(), renew_now.clone()),
+        );
         let app_health = probe_app(&mut tasks, cfg.app_addr);
         let channel = isthmus_core::grpc::tls_channel(
             cfg.controller_addr,
@@ -261,8 +265,13 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
                 ..Default::default()
             },
             types: vec![type_url::MESH, type_url::SERVICE, type_url::WORKLOAD],
-            handler: store.clone(),
+            handler: isthmus_core::proxy_trust::FollowTrust {
+                inner: store.clone(),
+                identity: identity.clone(),
+                renew_now,
+            },
             health: app_health,
+            certificate: Some(identity.subscribe()),
             first_config: Some(config_block),
         };
         tasks.spawn(xds.run());

@@ -132,9 +132,7 @@ impl XdsHandler for Store {
             }
             type_url::MESH => {
                 let (mut meshes, rejected) = Rejected::sort(updated, |r| {
-                    convert::mesh(&r.name, &r.body)
-                        .map(|(mesh, _bundle)| mesh)
-                        .map_err(|e| e.to_string())
+                    convert::mesh(&r.name, &r.body).map_err(|e| e.to_string())
                 });
                 if let Some(mesh) = meshes.pop() {
                     self.update(|old| MeshState {

@@ -127,9 +127,9 @@ pub struct Cluster {
 pub struct Mesh {
     pub dir: tempfile::TempDir,
     pub federation: Option<isthmus_federation::Bound>,
-    federation_addr: SocketAddr,
+    pub federation_addr: SocketAddr,
     pub bundle_pem: String,
-    fed_state: PathBuf,
+    pub fed_state: PathBuf,
     pub clusters: BTreeMap<String, Cluster>,
     /// Lifetime of workload certificates the controllers issue.
     pub cert_ttl: Duration,

@@ -39,7 +39,11 @@ fn registry(dir: &std::path::Path, global: Global) -> (Registry, watch::Sender<A
             "td",
             config_rx,
             global_rx,
-            String::new(),
+            {
+                let (tx, rx) = watch::channel(Arc::new(crate::trust::Issuing::for_tests()));
+                std::mem::forget(tx);
+                rx
+            },
             dir,
             crate::jwks::Resolver::new(
                 isthmus_core::fetch::Getter::new(None).expect("getter"),

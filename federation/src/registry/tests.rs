@@ -29,7 +29,7 @@ fn reset(services: Vec<ExportedService>) -> ExportBatch {
 
 fn registry(dir: &Path) -> GlobalRegistry {
     let mut metrics = prometheus_client::registry::Registry::default();
-    GlobalRegistry::new(String::new(), vec![], dir, &mut metrics)
+    GlobalRegistry::new(Default::default(), vec![], dir, &mut metrics)
 }
 
 /// Everything a subscription has pending, as one batch.

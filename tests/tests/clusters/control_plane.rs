@@ -567,6 +567,7 @@ async fn a_rejected_resource_stays_out_until_fixed_while_the_rest_of_its_push_ap
         types: vec![isthmus_proto::type_url::SERVICE],
         handler: picky.clone(),
         health: None,
+        certificate: None,
         first_config: Some(readiness.register("first config")),
     };
     let task = tokio::spawn(client.run());

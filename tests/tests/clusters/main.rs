@@ -12,6 +12,7 @@ mod failover;
 mod faults;
 mod kubernetes;
 mod mesh;
+mod rotation;
 mod routing;
 mod scale;
 mod scoping;

@@ -188,6 +188,7 @@ async fn a_registry_and_a_proxy_config_over_16_mib_converge_and_one_change_sends
         types: vec![isthmus_proto::type_url::SERVICE],
         handler: held.clone(),
         health: None,
+        certificate: None,
         first_config: None,
     };
     let proxy = tokio::spawn(client.run());

@@ -57,6 +57,7 @@ async fn watch_services<H: isthmus_core::xds::XdsHandler + Default>(
         types: vec![isthmus_proto::type_url::SERVICE],
         handler: recorder.clone(),
         health: None,
+        certificate: None,
         first_config: None,
     };
     Ok((recorder, tokio::spawn(client.run())))
