@@ -208,14 +208,15 @@ impl GlobalState {
     }
 
     fn apply(&self, batch: Vec<RegistryUpdate>) {
-        self.tx.send_modify(|g| Arc::make_mut(g).apply(batch));
-        self.dirty.notify_one();
+        // Marked first: whoever wakes on the new registry sees it as heard in this run.
         let now = std::time::SystemTime::now();
         self.link
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .last_update = Some(now);
         self.metrics.last_update.set(unix_seconds(now) as i64);
+        self.tx.send_modify(|g| Arc::make_mut(g).apply(batch));
+        self.dirty.notify_one();
     }
 
     /// Keeps the registry on disk, written behind changes; runs until dropped.

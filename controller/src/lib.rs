@@ -498,7 +498,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         config.clone(),
         state.trust.clone(),
         state.identity.clone(),
-        global.subscribe(),
+        global.clone(),
     ));
     running.spawn(global.clone().persist());
     let (trust_tx, trust_rx) = watch::channel(Default::default());

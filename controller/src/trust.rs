@@ -321,16 +321,26 @@ impl ClusterState {
 ///   needs a join token again (renewal in place);
 /// - a new trust bundle: taken (kept on disk, pushed to the proxies) once it holds the
 ///   root of this cluster's CA, so the cluster never trusts less than its own chain.
+///
+/// Only a registry heard from the federation in this run counts: the copy kept on disk
+/// may predate a rotation this cluster already followed.
 pub async fn follow(
     config: Config,
     trust: Trust,
     identity: TlsIdentity,
-    mut global: watch::Receiver<Arc<crate::federation::Global>>,
+    link: Arc<crate::federation::GlobalState>,
 ) {
+    let mut global = link.subscribe();
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
-        let meta = global.borrow_and_update().meta.clone();
+        let heard = link.link().last_update.is_some();
+        let meta = if heard {
+            global.borrow_and_update().meta.clone()
+        } else {
+            global.borrow_and_update();
+            Default::default()
+        };
         let now = trust.current();
         let mut renew_at = identity.current().renew_at();
         if let Some(ca_half_life) = half_life(&now.ca_der) {
