@@ -7,7 +7,7 @@ pub mod children;
 pub mod client;
 pub mod demo;
 pub mod echo;
+pub mod operator;
 pub mod process;
-pub mod root;
 pub mod status;
 pub mod traffic;

@@ -104,6 +104,10 @@ enum Command {
     /// the federation's state folder is).
     #[command(subcommand)]
     Root(RootCommand),
+    /// Manage the clusters of the federation (run where the federation's state folder is;
+    /// a cluster joins with `isthmus token join` and its controller).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Measure parts of the product on this machine and print the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -451,6 +455,25 @@ enum RootCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Remove a cluster from the federation, with no restart anywhere: its controller is
+    /// cut off and refused from then on, its services and gateways leave every other
+    /// cluster's registry at once (traffic moves away), and after --drain every proxy and
+    /// gateway refuses the certificates its CA issued (open links to it are closed). The
+    /// name cannot join again.
+    Remove {
+        /// The cluster to remove.
+        cluster: String,
+        #[command(flatten)]
+        at: FederationOperator,
+        /// How long connections already open to the cluster may go on before its
+        /// certificates are refused.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        drain: Duration,
+    },
+}
+
 #[derive(Args)]
 struct FederationOperator {
     /// The federation's state folder: its operator token is minted from the key there.
@@ -465,8 +488,8 @@ struct FederationOperator {
 }
 
 impl FederationOperator {
-    fn operator(self) -> isthmus::root::Operator {
-        isthmus::root::Operator {
+    fn operator(self) -> isthmus::operator::Operator {
+        isthmus::operator::Operator {
             federation: self.federation,
             state_dir: self.state_dir,
             trust_domain: self.trust_domain,
@@ -1041,6 +1064,7 @@ async fn main_async(cli: Cli) -> std::process::ExitCode {
         | Command::Status { .. }
         | Command::Token(_)
         | Command::Root(_)
+        | Command::Cluster(_)
         | Command::Install(_)
         | Command::Iptables(_)
         | Command::Demo(_)
@@ -1116,7 +1140,7 @@ async fn run(
             no_wait,
             timeout,
         }) => {
-            use isthmus::root::Ask;
+            use isthmus::operator::Ask;
             let ask = if pause {
                 Ask::Pause
             } else {
@@ -1125,9 +1149,18 @@ async fn run(
             at.operator().rotate(ask, !no_wait, timeout).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Cluster(ClusterCommand::Remove { cluster, at, drain }) => {
+            let removed = at.operator().remove_cluster(&cluster, drain).await?;
+            println!(
+                "cluster {cluster} removed: {} services withdrawn; its certificates are refused after {drain:?} (from Unix time {})",
+                removed.withdrawn_services,
+                removed.refused_from_unix
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Root(RootCommand::Status { at }) => {
             at.operator()
-                .rotate(isthmus::root::Ask::Status, false, Duration::ZERO)
+                .rotate(isthmus::operator::Ask::Status, false, Duration::ZERO)
                 .await?;
             Ok(ExitCode::SUCCESS)
         }

@@ -160,7 +160,12 @@ impl DiscoveryService {
         self.proxies.clone()
     }
 
-    fn authorize(&self, node: &Node, peer: &SpiffeId) -> Result<Role, Status> {
+    fn authorize(
+        &self,
+        node: &Node,
+        peer: &SpiffeId,
+        issuer: Option<&str>,
+    ) -> Result<Role, Status> {
         if node.cluster != self.cluster {
             return Err(Status::permission_denied(format!(
                 "proxy of cluster {} connected to the controller of {}",
@@ -172,6 +177,15 @@ impl DiscoveryService {
                 if *peer != SpiffeId::gateway(&self.trust_domain) {
                     return Err(Status::permission_denied(format!(
                         "{peer} is not a gateway identity"
+                    )));
+                }
+                // Only this cluster's CA makes this cluster's gateways: another cluster's
+                // gateway certificate cannot register here and draw its traffic.
+                if issuer != Some(self.cluster.as_str()) {
+                    return Err(Status::permission_denied(format!(
+                        "a gateway of cluster {} needs a certificate from its CA; this one was issued by {}",
+                        self.cluster,
+                        issuer.map_or("no cluster CA".to_owned(), |c| format!("cluster {c}'s CA"))
                     )));
                 }
                 let ok = node.tunnel_address.parse::<std::net::SocketAddr>().is_ok()
@@ -226,7 +240,9 @@ impl Discovery for DiscoveryService {
         &self,
         req: Request<Streaming<DeltaRequest>>,
     ) -> Result<Response<Self::DeltaResourcesStream>, Status> {
-        let peer = isthmus_core::grpc::peer_of(&req)
+        let info = isthmus_core::grpc::peer_of(&req);
+        let issuer = info.and_then(|p| p.issuer_cluster.clone());
+        let peer = info
             .and_then(|p| p.identity.clone())
             .ok_or_else(|| Status::unauthenticated("discovery requires a workload certificate"))?;
         let mut inbound = req.into_inner();
@@ -238,7 +254,7 @@ impl Discovery for DiscoveryService {
             .node
             .clone()
             .ok_or_else(|| Status::invalid_argument("the first request must carry the node"))?;
-        let role = self.authorize(&node, &peer)?;
+        let role = self.authorize(&node, &peer, issuer.as_deref())?;
         let role_pending = match &role {
             Role::Sidecar {
                 workload,

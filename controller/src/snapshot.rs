@@ -808,6 +808,7 @@ impl Registry {
             gateway_identity: gw.map(|g| g.identity.clone()).unwrap_or_default(),
             trust_bundle_pem: issuing.bundle_pem.clone(),
             ca_fingerprint: issuing.ca_fingerprint.clone(),
+            removed_clusters: global.meta.removed_clusters.clone(),
             failover: global
                 .meta
                 .failover

@@ -29,6 +29,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct PeerInfo {
     /// Verified SPIFFE ID, `None` when the client presented no certificate.
     pub identity: Option<SpiffeId>,
+    /// The cluster whose CA issued the client's certificate (see
+    /// `tls::ca::issuing_cluster`); `None` without one, or for one the root issued.
+    pub issuer_cluster: Option<String>,
     pub remote: SocketAddr,
 }
 
@@ -110,11 +113,19 @@ pub fn tls_incoming(
             tasks.spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let identity = crate::tls::peer_identity(stream.get_ref().1);
+                        let state = stream.get_ref().1;
+                        let identity = crate::tls::peer_identity(state);
+                        let issuer_cluster = state
+                            .peer_certificates()
+                            .and_then(|c| crate::tls::ca::issuing_cluster(c.get(1..)?));
                         let _ = tx
                             .send(Ok(TlsConn {
                                 stream,
-                                info: PeerInfo { identity, remote },
+                                info: PeerInfo {
+                                    identity,
+                                    issuer_cluster,
+                                    remote,
+                                },
                             }))
                             .await;
                     }

@@ -2,8 +2,10 @@
 //! trust bundle and the fingerprint of the CA that issues now: a new bundle replaces the
 //! roots of every new handshake (open connections keep theirs), and a CA other than the
 //! one that issued the proxy's certificate makes the proxy renew at once, which is how a
-//! root rotation reaches every certificate without waiting for half-life. The proxy
-//! reports what it trusts and who issued its certificate on its discovery stream.
+//! root rotation reaches every certificate without waiting for half-life. Certificates
+//! issued in clusters removed from the federation are refused from the moment the `Mesh`
+//! names them. The proxy reports what it trusts and who issued its certificate on its
+//! discovery stream.
 
 use std::sync::Arc;
 
@@ -36,6 +38,12 @@ impl<H: XdsHandler> FollowTrust<H> {
                 "trust bundle updated"
             );
             self.identity.update(next);
+        }
+        let removed: std::collections::BTreeSet<String> =
+            mesh.removed_clusters.iter().cloned().collect();
+        if *self.identity.removed_clusters() != removed {
+            tracing::info!(clusters = ?removed, "certificates of removed clusters are refused");
+            self.identity.set_removed_clusters(removed);
         }
         let issuer = creds.issuer_fingerprint();
         if !mesh.ca_fingerprint.is_empty() && issuer.as_deref() != Some(&mesh.ca_fingerprint) {

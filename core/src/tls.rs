@@ -242,6 +242,9 @@ impl Credentials {
 #[derive(Clone)]
 pub struct TlsIdentity {
     current: watch::Sender<Arc<Credentials>>,
+    /// Clusters removed from the federation: chains through their CAs are refused. Kept
+    /// beside the credentials, which renewals replace.
+    removed: watch::Sender<Arc<std::collections::BTreeSet<String>>>,
 }
 
 impl std::fmt::Debug for TlsIdentity {
@@ -254,7 +257,22 @@ impl TlsIdentity {
     pub fn new(creds: Credentials) -> Self {
         Self {
             current: watch::Sender::new(Arc::new(creds)),
+            removed: watch::Sender::new(Arc::default()),
         }
+    }
+
+    /// Clusters whose certificates are refused from now on (new handshakes; holders of
+    /// open connections may watch [`TlsIdentity::watch_removed`] to close theirs).
+    pub fn set_removed_clusters(&self, clusters: std::collections::BTreeSet<String>) {
+        self.removed.send_replace(Arc::new(clusters));
+    }
+
+    pub fn removed_clusters(&self) -> Arc<std::collections::BTreeSet<String>> {
+        self.removed.borrow().clone()
+    }
+
+    pub fn watch_removed(&self) -> watch::Receiver<Arc<std::collections::BTreeSet<String>>> {
+        self.removed.subscribe()
     }
 
     pub fn current(&self) -> Arc<Credentials> {

@@ -129,6 +129,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     running.spawn(admin.run(drain.clone()));
     running.spawn(persisted.persist());
     running.spawn(rotation.run());
+    running.spawn(kept.clone().refuse_removed());
     running.spawn(async move {
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))

@@ -57,6 +57,8 @@ pub struct GlobalRegistry {
     /// Woken when a cluster's trust report or connection changes (the root rotation
     /// waits on these).
     trust_changed: Arc<Notify>,
+    /// Bumped when a cluster is removed (its open stream ends; the refusal timer rearms).
+    removals: watch::Sender<u64>,
     failover: Vec<Failover>,
     path: PathBuf,
     dirty: Arc<Notify>,
@@ -137,6 +139,9 @@ struct Inner {
     /// The bundle and signing root every cluster is told of.
     bundle_pem: String,
     signing_root: String,
+    /// Clusters removed from the federation -> when their certificates stop being
+    /// accepted (Unix seconds); see `membership.rs`.
+    removed: BTreeMap<String, u64>,
     merged: BTreeMap<String, Merged>,
     /// Per service, the exports left out of it.
     conflicts: BTreeMap<String, Vec<String>>,
@@ -269,6 +274,7 @@ impl Inner {
         };
         let mut inner = Self {
             version: state.version,
+            removed: state.removed,
             ..Self::default()
         };
         for c in state.clusters {
@@ -399,6 +405,7 @@ impl GlobalRegistry {
             changes: watch::Sender::new(inner.version),
             inner: Arc::new(Mutex::new(Inner::default())),
             trust_changed: Arc::default(),
+            removals: watch::Sender::new(0),
             failover,
             path,
             dirty: Arc::default(),
@@ -440,6 +447,7 @@ impl GlobalRegistry {
             conflicts: inner.conflicts.values().flatten().cloned().collect(),
             trust_bundle_pem: inner.bundle_pem.clone(),
             signing_root: inner.signing_root.clone(),
+            removed_clusters: inner.refused_now(),
             failover: self.failover.clone(),
             stale_clusters: inner.stale.iter().cloned().collect(),
         }
@@ -513,6 +521,9 @@ impl GlobalRegistry {
     pub fn heard(&self, cluster: &str, connected: Option<bool>) {
         let now = std::time::SystemTime::now();
         let mut inner = self.lock();
+        if inner.removed.contains_key(cluster) {
+            return;
+        }
         let l = inner
             .liveness
             .entry(cluster.to_owned())
@@ -542,6 +553,9 @@ impl GlobalRegistry {
     /// publishes a new version if anything changed.
     pub fn apply(&self, cluster: &str, batch: ExportBatch) {
         let mut inner = self.lock();
+        if inner.removed.contains_key(cluster) {
+            return;
+        }
         if let Some(t) = batch.trust {
             inner.trust.insert(cluster.to_owned(), t);
             self.trust_changed.notify_one();
@@ -609,6 +623,7 @@ impl GlobalRegistry {
                     gateways: c.gateways.clone(),
                 })
                 .collect(),
+            removed: inner.removed.clone(),
         }
         .encode_to_vec()
     }
@@ -766,5 +781,6 @@ impl Subscription {
     }
 }
 
+mod membership;
 #[cfg(test)]
 mod tests;

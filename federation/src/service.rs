@@ -7,7 +7,8 @@ use isthmus_core::identity::SpiffeId;
 use isthmus_proto::federation::federation_server::Federation;
 use isthmus_proto::federation::rotate_request::Action;
 use isthmus_proto::federation::{
-    ExportUpdate, JoinRequest, JoinResponse, RegistryUpdate, RotateRequest, RotationStatus,
+    ExportUpdate, JoinRequest, JoinResponse, RegistryUpdate, RemoveClusterRequest,
+    RemoveClusterResponse, RotateRequest, RotationStatus,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -63,6 +64,30 @@ impl FederationService {
     }
 }
 
+impl FederationService {
+    /// The caller holds an operator token (minted from the state folder's key).
+    fn operator<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let token = isthmus_core::grpc::bearer_token(req)
+            .ok_or_else(|| Status::unauthenticated("present an operator token"))?;
+        self.root
+            .token_key
+            .verify(token, OPERATOR_AUDIENCE)
+            .map(|_| ())
+            .map_err(|e| Status::unauthenticated(format!("operator token refused: {e}")))
+    }
+
+    fn refuse_removed(&self, cluster: &str) -> Result<(), Status> {
+        if self.registry.is_removed(cluster) {
+            return Err(removed_status(cluster));
+        }
+        Ok(())
+    }
+}
+
+fn removed_status(cluster: &str) -> Status {
+    Status::permission_denied(format!("cluster {cluster} was removed from the federation"))
+}
+
 fn valid_cluster_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
@@ -75,6 +100,7 @@ fn valid_cluster_name(name: &str) -> bool {
 impl Federation for FederationService {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let cluster = self.proved_cluster(&req)?;
+        self.refuse_removed(&cluster)?;
         let body = req.into_inner();
         if body.cluster != cluster {
             return Err(Status::permission_denied(format!(
@@ -109,16 +135,28 @@ impl Federation for FederationService {
         }))
     }
 
+    async fn remove_cluster(
+        &self,
+        req: Request<RemoveClusterRequest>,
+    ) -> Result<Response<RemoveClusterResponse>, Status> {
+        self.operator(&req)?;
+        let body = req.into_inner();
+        let drain = std::time::Duration::from_secs(u64::from(body.drain_seconds));
+        let removed = self
+            .registry
+            .remove_cluster(&body.cluster, drain)
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(RemoveClusterResponse {
+            refused_from_unix: removed.refused_from_unix,
+            withdrawn_services: removed.withdrawn_services as u32,
+        }))
+    }
+
     async fn rotate(
         &self,
         req: Request<RotateRequest>,
     ) -> Result<Response<RotationStatus>, Status> {
-        let token = isthmus_core::grpc::bearer_token(&req)
-            .ok_or_else(|| Status::unauthenticated("present an operator token"))?;
-        self.root
-            .token_key
-            .verify(token, OPERATOR_AUDIENCE)
-            .map_err(|e| Status::unauthenticated(format!("operator token refused: {e}")))?;
+        self.operator(&req)?;
         let body = req.into_inner();
         let done = match body.action() {
             Action::Status => Ok(()),
@@ -157,9 +195,11 @@ impl Federation for FederationService {
                     "exports are accepted only from a cluster controller's certificate",
                 )
             })?;
+        self.refuse_removed(&cluster)?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(REGISTRY_QUEUE);
         let (registry, drain) = (self.registry.clone(), self.drain.clone());
+        let mut removals = self.registry.removals();
         tracing::info!(%cluster, "cluster controller connected");
         self.registry.heard(&cluster, Some(true));
         self.drain.spawn(async move {
@@ -170,6 +210,10 @@ impl Federation for FederationService {
             loop {
                 tokio::select! {
                     _ = drain.draining() => return,
+                    _ = removals.changed() => if registry.is_removed(&cluster) {
+                        let _ = tx.send(Err(removed_status(&cluster))).await;
+                        return;
+                    },
                     msg = inbound.message() => match msg {
                         Ok(Some(update)) => {
                             registry.heard(&cluster, None);

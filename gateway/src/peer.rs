@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use isthmus_core::backoff::Backoff;
-use isthmus_core::identity::SpiffeId;
 use isthmus_core::tls::{ClientAuth, PeerPolicy, TlsIdentity};
 use isthmus_proto::tunnel::{StreamHeader, StreamReply};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -115,9 +114,13 @@ impl PeerLinks {
         identity: TlsIdentity,
         drain: isthmus_core::drain::Drain,
     ) -> anyhow::Result<Self> {
-        let gateway = SpiffeId::gateway(identity.id().trust_domain());
+        // Any cluster's gateway may connect; which cluster it is comes from its chain, and
+        // its streams may only speak for that cluster (see `serve`).
         let tls = identity.server_config(
-            ClientAuth::Required(PeerPolicy::OneOf(vec![gateway])),
+            ClientAuth::Required(PeerPolicy::GatewayOf {
+                trust_domain: identity.id().trust_domain().to_owned(),
+                cluster: None,
+            }),
             &[ALPN_PEER],
         );
         let mut server =
@@ -151,12 +154,16 @@ impl PeerLinks {
         self
     }
 
-    async fn dial(&self, peer: &Peer) -> Result<quinn::Connection, LinkError> {
+    /// Dials `cluster`'s gateway: its certificate must be the gateway identity, issued by
+    /// that cluster's CA.
+    async fn dial(&self, cluster: &str, peer: &Peer) -> Result<quinn::Connection, LinkError> {
         let addr = peer.address;
         let err = |reason: String| LinkError::Connect { addr, reason };
-        let tls = self
-            .identity
-            .client_config(PeerPolicy::OneOf(vec![peer.identity.clone()]), &[ALPN_PEER]);
+        let policy = PeerPolicy::GatewayOf {
+            trust_domain: peer.identity.trust_domain().to_owned(),
+            cluster: Some(cluster.to_owned()),
+        };
+        let tls = self.identity.client_config(policy, &[ALPN_PEER]);
         let mut config = quinn::ClientConfig::new(Arc::new(
             QuicClientConfig::try_from(tls).map_err(|e| err(e.to_string()))?,
         ));
@@ -190,15 +197,21 @@ impl PeerLinks {
             })
             .clone();
         loop {
-            match self.dial(&peer).await {
+            match self.dial(&cluster, &peer).await {
                 Ok(conn) => {
                     tracing::info!(peer = %cluster, addr = %peer.address, "gateway peer connected");
                     self.metrics.connections.inc();
-                    backoff.reset();
+                    let since = std::time::Instant::now();
                     link.send_replace(LinkState::Up(conn.clone()));
                     up.set(1);
                     let reason = conn.closed().await;
                     up.set(0);
+                    // A link that held resets the backoff; one the peer closes at once (it
+                    // refuses this gateway's certificate) does not, so it is not redialed
+                    // in a tight loop.
+                    if since.elapsed() > Duration::from_secs(5) {
+                        backoff.reset();
+                    }
                     tracing::warn!(peer = %cluster, %reason, "gateway peer connection lost");
                 }
                 Err(e) => tracing::debug!(peer = %cluster, error = %e, "gateway peer unreachable"),
@@ -365,16 +378,35 @@ impl PeerLinks {
                         return tracing::info!(%remote, error = %e, "peer gateway handshake refused")
                     }
                 };
-                tracing::info!(%remote, "peer gateway accepted");
+                // Verified in the handshake: the chain names the peer's cluster.
+                let Some(proven) = peer_cluster(&conn) else {
+                    return conn.close(1u32.into(), b"no cluster CA in the certificate chain");
+                };
+                tracing::info!(%remote, cluster = %proven, "peer gateway accepted");
+                let mut removed = links.identity.watch_removed();
                 loop {
+                    if removed.borrow_and_update().contains(&proven) {
+                        // The cluster left the federation: its link, and every stream
+                        // spliced on it, ends here.
+                        tracing::info!(cluster = %proven, "closing the link of a removed cluster");
+                        conn.close(2u32.into(), b"cluster removed from the federation");
+                        break;
+                    }
                     let accepted = tokio::select! {
                         a = conn.accept_bi() => a,
                         _ = links.drain.draining() => break,
+                        changed = removed.changed() => {
+                            if changed.is_err() { break }
+                            continue;
+                        }
                     };
                     let Ok((send, recv)) = accepted else { break };
-                    let (links, store, own) = (links.clone(), store.clone(), own.clone());
+                    let (links, store, own, proven) =
+                        (links.clone(), store.clone(), own.clone(), proven.clone());
                     let drain = links.drain.clone();
-                    drain.spawn(async move { links.serve_stream(send, recv, &store, &own).await });
+                    drain.spawn(async move {
+                        links.serve_stream(send, recv, &store, &own, &proven).await
+                    });
                 }
             });
         }
@@ -386,6 +418,7 @@ impl PeerLinks {
         mut recv: quinn::RecvStream,
         store: &Store,
         own: &str,
+        proven: &str,
     ) {
         let header = match tokio::time::timeout(
             STREAM_SETUP_TIMEOUT,
@@ -397,7 +430,8 @@ impl PeerLinks {
             Ok(Err(e)) => return tracing::info!(error = %e, "bad stream header from peer gateway"),
             Err(_) => return,
         };
-        let source = header.source_cluster.clone();
+        // The cluster the peer proved, never the one its header claims.
+        let source = proven.to_owned();
         let span = crate::spans::start(
             self.tracer.as_ref(),
             &header.traceparent,
@@ -416,7 +450,15 @@ impl PeerLinks {
                 opentelemetry::KeyValue::new("isthmus.destination.cluster", own.to_owned()),
             ],
         );
-        let result = self.connect_local(&header, store, own).await;
+        let result = if header.source_cluster != proven {
+            tracing::warn!(claimed = %header.source_cluster, %proven, "peer gateway spoke for another cluster; stream refused");
+            Err(format!(
+                "this connection is authenticated as the gateway of {proven}, not of {}",
+                header.source_cluster
+            ))
+        } else {
+            self.connect_local(&header, store, own).await
+        };
         if let Some(span) = span {
             span.end(result.as_ref().err().map(String::as_str));
         }
@@ -504,4 +546,13 @@ impl PeerLinks {
             "no endpoint of {key} in {own} accepted a connection"
         ))
     }
+}
+
+/// The cluster whose CA issued a connected peer gateway's certificate.
+fn peer_cluster(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    isthmus_core::tls::ca::issuing_cluster(certs.get(1..)?)
 }

@@ -131,6 +131,8 @@ pub struct Mesh {
     pub bundle_pem: String,
     pub fed_state: PathBuf,
     pub clusters: BTreeMap<String, Cluster>,
+    /// This mesh's block of loopback addresses (`127.B.C.W`-style, see `ip`).
+    block: u8,
     /// Lifetime of workload certificates the controllers issue.
     pub cert_ttl: Duration,
     /// How often controllers (started from now on) fetch JWT issuers' keys again.
@@ -238,14 +240,31 @@ impl Mesh {
             dir,
             fed_state,
             clusters: BTreeMap::new(),
+            block,
             cert_ttl: Duration::from_secs(24 * 3600),
             jwks_refresh: isthmus_controller::JWKS_REFRESH,
             jwks_roots_pem: None,
             telemetry: Default::default(),
         };
         configure(&mut mesh);
-        for (i, name) in clusters.iter().enumerate() {
-            let index = i as u8 + 1;
+        for name in clusters {
+            mesh.add_cluster_inner(name, on_kubernetes.contains(name))
+                .await?;
+        }
+        Ok(mesh)
+    }
+
+    /// Adds a cluster to the running mesh: it joins the federation with a token, and its
+    /// controller and gateway start.
+    pub async fn add_cluster(&mut self, name: &str) -> anyhow::Result<()> {
+        self.add_cluster_inner(name, false).await
+    }
+
+    async fn add_cluster_inner(&mut self, name: &str, on_kubernetes: bool) -> anyhow::Result<()> {
+        let mesh = self;
+        let block = mesh.block;
+        {
+            let index = mesh.clusters.len() as u8 + 1;
             let cdir = mesh.dir.path().join(name);
             let config_dir = cdir.join("config");
             std::fs::create_dir_all(&config_dir)?;
@@ -264,16 +283,16 @@ impl Mesh {
                 kube: None,
             };
             mesh.clusters.insert(name.to_string(), cluster);
-            if on_kubernetes.contains(name) {
+            if on_kubernetes {
                 mesh.start_api_server(name).await?;
             }
             mesh.start_controller(name).await?;
-            if on_kubernetes.contains(name) {
+            if on_kubernetes {
                 mesh.wait_webhook_ready(name).await?;
             }
             mesh.start_gateway(name).await?;
         }
-        Ok(mesh)
+        Ok(())
     }
 
     pub fn cluster(&mut self, name: &str) -> &mut Cluster {
@@ -739,6 +758,52 @@ pub async fn mtls_request(
     tokio::spawn(conn);
     let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req)).await??;
     Ok(resp.status())
+}
+
+/// A QUIC connection to a gateway's peer listener, presenting `identity` as a peer
+/// gateway would, and expecting the gateway of `cluster` on the other end.
+pub async fn quic_to_gateway(
+    gateway: SocketAddr,
+    identity: &isthmus_core::tls::TlsIdentity,
+    cluster: &str,
+) -> anyhow::Result<quinn::Connection> {
+    let tls = identity.client_config(
+        isthmus_core::tls::PeerPolicy::GatewayOf {
+            trust_domain: TRUST_DOMAIN.into(),
+            cluster: Some(cluster.into()),
+        },
+        &[b"isthmus-peer/1"],
+    );
+    let config = quinn::ClientConfig::new(std::sync::Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+    ));
+    let endpoint = quinn::Endpoint::client(SocketAddr::new(gateway.ip(), 0))?;
+    Ok(endpoint
+        .connect_with(config, gateway, "isthmus.mesh")?
+        .await?)
+}
+
+/// Whether `cluster`'s gateway at `gateway` refuses a link from `identity`. In TLS 1.3 the
+/// client finishes its handshake before the server has judged its certificate, so a
+/// refusal shows on the connection's first stream when not at once.
+pub async fn gateway_refuses(
+    gateway: SocketAddr,
+    identity: &isthmus_core::tls::TlsIdentity,
+    cluster: &str,
+) -> bool {
+    let Ok(conn) = quic_to_gateway(gateway, identity, cluster).await else {
+        return true;
+    };
+    let probe = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        isthmus_gateway::header::write(&mut send, &isthmus_proto::tunnel::StreamHeader::default())
+            .await?;
+        isthmus_gateway::header::read_reply(&mut recv).await?;
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), probe)
+        .await
+        .map_or(true, |r| r.is_err())
 }
 
 /// Credentials with a leaf for `id` signed by `issuer`, trusting `bundle_pem`.

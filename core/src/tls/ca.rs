@@ -106,6 +106,22 @@ fn leaf_params(id: &SpiffeId, ttl: Duration) -> Result<CertificateParams, CaErro
     Ok(params)
 }
 
+/// The common name the federation gives the CA of `cluster`. Only the root signs cluster
+/// CAs, it sets this name itself from the cluster the caller proved, and a cluster CA
+/// cannot sign another CA (path length 0): so a certificate whose chain passes through a
+/// CA of this name was issued in that cluster.
+pub fn cluster_ca_name(cluster: &str) -> String {
+    format!("isthmus cluster {cluster}")
+}
+
+/// The cluster whose CA issued a leaf, from the chain above it (`intermediates`, as the
+/// peer sent them; only meaningful once the chain is verified to a root).
+pub fn issuing_cluster<C: AsRef<[u8]>>(intermediates: &[C]) -> Option<String> {
+    let (_, ca) = x509_parser::parse_x509_certificate(intermediates.first()?.as_ref()).ok()?;
+    let cn = ca.subject().iter_common_name().next()?.as_str().ok()?;
+    cn.strip_prefix("isthmus cluster ").map(str::to_owned)
+}
+
 /// The SPIFFE ID a CSR asks for.
 pub fn csr_identity(csr: &CertificateSigningRequestParams) -> Result<String, CaError> {
     let uris: Vec<String> = csr
@@ -177,12 +193,7 @@ impl CertificateAuthority {
         trust_domain: &str,
     ) -> Result<String, CaError> {
         let csr = parse_csr(csr_pem)?;
-        let params = ca_params(
-            &format!("isthmus cluster {cluster}"),
-            trust_domain,
-            INTERMEDIATE_TTL,
-            0,
-        );
+        let params = ca_params(&cluster_ca_name(cluster), trust_domain, INTERMEDIATE_TTL, 0);
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(CaError::Sign)?;

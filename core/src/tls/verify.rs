@@ -26,6 +26,13 @@ pub enum PeerPolicy {
     /// A controller of any cluster whose certificate the root signed directly (the
     /// federation's view of its clients: a cluster CA cannot mint controller identities).
     RootIssuedController(String),
+    /// The east-west gateway of a cluster: the gateway identity of the trust domain, in a
+    /// certificate issued by the CA of `cluster` (any cluster's CA when `None`). A valid
+    /// gateway certificate of one cluster does not pass for another's.
+    GatewayOf {
+        trust_domain: String,
+        cluster: Option<String>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +43,10 @@ pub enum PeerError {
     NoIdentity,
     #[error("peer controller certificate {0} was not issued by the root")]
     NotRootIssued(String),
+    #[error("peer gateway certificate was issued in cluster {issued}, not {expected}")]
+    WrongCluster { issued: String, expected: String },
+    #[error("peer certificate was issued in cluster {0}, which was removed from the federation")]
+    RemovedCluster(String),
 }
 
 impl PeerPolicy {
@@ -55,6 +66,27 @@ impl PeerPolicy {
                     return Err(PeerError::NotRootIssued(id.to_string()));
                 } else {
                     true
+                }
+            }
+            PeerPolicy::GatewayOf {
+                trust_domain,
+                cluster,
+            } => {
+                if id != SpiffeId::gateway(trust_domain) {
+                    false
+                } else {
+                    let issued = super::ca::issuing_cluster(intermediates).ok_or_else(|| {
+                        PeerError::NotAllowed(format!("{id} (no cluster CA in its chain)"))
+                    })?;
+                    match cluster {
+                        Some(expected) if *expected != issued => {
+                            return Err(PeerError::WrongCluster {
+                                issued,
+                                expected: expected.clone(),
+                            })
+                        }
+                        _ => true,
+                    }
                 }
             }
         };
@@ -97,6 +129,21 @@ fn supported_schemes() -> Vec<SignatureScheme> {
     provider()
         .signature_verification_algorithms
         .supported_schemes()
+}
+
+/// Refuses a chain issued in a cluster removed from the federation.
+fn not_removed(
+    identity: &TlsIdentity,
+    intermediates: &[CertificateDer<'_>],
+) -> Result<(), rustls::Error> {
+    let removed = identity.removed_clusters();
+    if removed.is_empty() {
+        return Ok(());
+    }
+    match super::ca::issuing_cluster(intermediates) {
+        Some(c) if removed.contains(&c) => Err(cert_error(PeerError::RemovedCluster(c))),
+        _ => Ok(()),
+    }
 }
 
 fn cert_error(e: PeerError) -> rustls::Error {
@@ -159,6 +206,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         creds
             .client_verifier
             .verify_client_cert(end_entity, intermediates, now)?;
+        not_removed(&self.identity, intermediates)?;
         let (ClientAuth::Required(policy) | ClientAuth::Optional(policy)) = &self.auth;
         policy
             .check(end_entity, intermediates)
@@ -281,6 +329,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             provider().signature_verification_algorithms.all,
         )?;
+        if let Roots::Live(identity) = &self.roots {
+            not_removed(identity, intermediates)?;
+        }
         self.policy
             .check(end_entity, intermediates)
             .map_err(cert_error)?;
@@ -375,5 +426,63 @@ mod tests {
         let td = PeerPolicy::TrustDomain("td".into());
         let err = handshake(a, b, td, only_c).await.expect_err("refused");
         assert!(err.contains("NotAllowed"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_gateway_passes_only_as_the_gateway_of_the_cluster_whose_ca_issued_it() {
+        let (root, _) = CertificateAuthority::new_root("td").expect("root");
+        let cluster_ca = |name: &str| {
+            let (key, csr) = crate::tls::ca::ca_csr().expect("csr");
+            let cert = root.sign_intermediate(&csr, name, "td").expect("sign");
+            CertificateAuthority::from_pem(
+                &cert,
+                &key.serialize_pem(),
+                vec![cert.clone()],
+                root.bundle_pem().to_owned(),
+            )
+            .expect("ca")
+        };
+        let (east, west) = (cluster_ca("east"), cluster_ca("west"));
+        let gateway = SpiffeId::gateway("td");
+        let east_gw = TlsIdentity::new(issue(&east, &gateway));
+        let west_gw = TlsIdentity::new(issue(&west, &gateway));
+        let of = |c: Option<&str>| PeerPolicy::GatewayOf {
+            trust_domain: "td".into(),
+            cluster: c.map(str::to_owned),
+        };
+        // East dials west's gateway and gets it; any cluster's gateway may dial in.
+        let seen = handshake(west_gw.clone(), east_gw.clone(), of(None), of(Some("west")))
+            .await
+            .expect("west's gateway is west's");
+        assert_eq!(seen, gateway);
+        // West's valid gateway certificate does not pass for north's.
+        let err = handshake(
+            west_gw.clone(),
+            east_gw.clone(),
+            of(None),
+            of(Some("north")),
+        )
+        .await
+        .expect_err("refused");
+        assert!(
+            err.contains(r#"WrongCluster { issued: "west", expected: "north" }"#),
+            "{err}"
+        );
+        // A workload certificate of the right cluster is no gateway; a gateway issued
+        // straight by the root names no cluster.
+        let workload = TlsIdentity::new(issue(&west, &SpiffeId::new("td", "ns", "a")));
+        assert!(
+            handshake(workload, east_gw.clone(), of(None), of(Some("west")))
+                .await
+                .is_err()
+        );
+        let rootless = TlsIdentity::new(issue(&root, &gateway));
+        assert!(handshake(rootless, east_gw, of(None), of(None))
+            .await
+            .is_err());
+        assert_eq!(
+            crate::tls::ca::issuing_cluster(&west_gw.current().certified.cert[1..]),
+            Some("west".into())
+        );
     }
 }

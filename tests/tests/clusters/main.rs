@@ -11,6 +11,7 @@ mod examples;
 mod failover;
 mod faults;
 mod kubernetes;
+mod membership;
 mod mesh;
 mod rotation;
 mod routing;

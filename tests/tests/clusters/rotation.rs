@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use isthmus::root::{Ask, Operator};
+use isthmus::operator::{Ask, Operator};
 use isthmus_core::identity::SpiffeId;
 use isthmus_core::tls::bundle::fingerprint;
 use isthmus_core::tls::ca::{ca_csr, CertificateAuthority};

@@ -3,7 +3,9 @@
 
 use isthmus_core::identity::SpiffeId;
 use isthmus_core::tls::ca::CertificateAuthority;
-use isthmus_tests::{credentials_from, mtls_request, Mesh, NAMESPACE, TRUST_DOMAIN};
+use isthmus_tests::{
+    credentials_from, mtls_request, quic_to_gateway, Mesh, NAMESPACE, TRUST_DOMAIN,
+};
 
 fn get(authority: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
     http::Request::builder()
@@ -334,5 +336,126 @@ async fn expired_and_self_signed_certificates_are_refused() -> anyhow::Result<()
         )?);
     let refused = mtls_request(sidecar, &self_signed, get("echo.demo.svc.cluster.local:80")).await;
     assert!(refused.is_err(), "a self-signed certificate was accepted");
+    Ok(())
+}
+
+/// Opens a stream that claims to come from `source_cluster`; the gateway's reply.
+async fn stream_from(
+    conn: &quinn::Connection,
+    source_cluster: &str,
+) -> anyhow::Result<isthmus_proto::tunnel::StreamReply> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let header = isthmus_proto::tunnel::StreamHeader {
+        target_cluster: "east".into(),
+        namespace: NAMESPACE.into(),
+        service: "echo".into(),
+        port: 80,
+        source_identity: SpiffeId::new(TRUST_DOMAIN, NAMESPACE, "frontend").to_string(),
+        source_cluster: source_cluster.into(),
+        ..Default::default()
+    };
+    isthmus_gateway::header::write(&mut send, &header).await?;
+    Ok(isthmus_gateway::header::read_reply(&mut recv).await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_certificate_proves_one_cluster_and_cannot_speak_or_register_for_another(
+) -> anyhow::Result<()> {
+    use isthmus_core::identity::{GATEWAY_SERVICE_ACCOUNT, SYSTEM_NAMESPACE};
+    let mut mesh = Mesh::start(&["east", "west"]).await?;
+    mesh.add_workload("east", "echo-east", Some("echo"), "echo")
+        .await?;
+    // A real, valid gateway certificate, issued by west's CA.
+    let west_gateway = isthmus_core::tls::TlsIdentity::new(
+        mesh.ca_client_in(
+            "west",
+            "west",
+            SYSTEM_NAMESPACE,
+            GATEWAY_SERVICE_ACCOUNT,
+            GATEWAY_SERVICE_ACCOUNT,
+        )?
+        .fetch(None)
+        .await?,
+    );
+    let east_quic = mesh
+        .cluster("east")
+        .gateway
+        .as_ref()
+        .expect("gateway")
+        .quic_address;
+
+    // East's gateway takes it as west's gateway, and serves streams west speaks for...
+    let conn = quic_to_gateway(east_quic, &west_gateway, "east").await?;
+    isthmus_tests::eventually(
+        "west's gateway to reach echo in east",
+        std::time::Duration::from_secs(10),
+        || async {
+            let own = stream_from(&conn, "west").await?;
+            anyhow::ensure!(own.ok, "west's gateway speaking for west: {own:?}");
+            Ok(())
+        },
+    )
+    .await?;
+    // ...but not a stream that claims another cluster.
+    let spoofed = stream_from(&conn, "north").await?;
+    assert!(!spoofed.ok);
+    assert!(
+        spoofed
+            .error
+            .contains("authenticated as the gateway of west, not of north"),
+        "{spoofed:?}"
+    );
+    // A valid workload certificate is no gateway at all.
+    let workload = isthmus_core::tls::TlsIdentity::new(
+        mesh.ca_client("west", "west", "frontend", "frontend")?
+            .fetch(None)
+            .await?,
+    );
+    assert!(
+        isthmus_tests::gateway_refuses(east_quic, &workload, "east").await,
+        "a workload certificate opened a gateway link"
+    );
+
+    // West's gateway certificate cannot register as a gateway of east with east's controller.
+    let east = mesh
+        .cluster("east")
+        .controller
+        .as_ref()
+        .expect("controller")
+        .grpc_address;
+    let channel = isthmus_core::grpc::tls_channel(
+        east,
+        west_gateway.client_config(
+            isthmus_core::tls::PeerPolicy::OneOf(vec![SpiffeId::controller(TRUST_DOMAIN, "east")]),
+            &[isthmus_core::tls::ALPN_H2],
+        ),
+    );
+    let first = isthmus_proto::discovery::DeltaRequest {
+        node: Some(isthmus_proto::discovery::Node {
+            cluster: "east".into(),
+            role: "gateway".into(),
+            tunnel_address: "127.0.9.9:15008".into(),
+            quic_address: "127.0.9.9:15443".into(),
+            ..Default::default()
+        }),
+        type_url: isthmus_proto::type_url::PEER.into(),
+        ..Default::default()
+    };
+    let mut client = isthmus_proto::discovery::discovery_client::DiscoveryClient::new(channel);
+    let refused = match client
+        .delta_resources(tokio_stream::iter(vec![first]))
+        .await
+    {
+        Err(status) => status,
+        Ok(resp) => match resp.into_inner().message().await {
+            Err(status) => status,
+            Ok(m) => anyhow::bail!("east's controller took west's gateway: {m:?}"),
+        },
+    };
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("issued by cluster west's CA"),
+        "{refused:?}"
+    );
     Ok(())
 }

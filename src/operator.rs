@@ -1,8 +1,9 @@
-//! `isthmus root rotate` and `isthmus root status`: the operator's side of a root
-//! rotation. The federation drives the rotation and keeps it in its state folder (see the
-//! federation's `rotation` module); this starts, pauses or resumes it over the federation's
-//! gRPC listener, with an operator token minted from that state folder, and follows its
-//! progress cluster by cluster.
+//! The operator's commands against the federation, over its gRPC listener with an
+//! operator token minted from its state folder:
+//! - `isthmus root rotate` / `root status`: the federation drives the rotation and keeps it
+//!   in its state folder (see the federation's `rotation` module); this starts, pauses or
+//!   resumes it and follows its progress cluster by cluster;
+//! - `isthmus cluster remove`: a cluster leaves the federation.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,9 @@ use isthmus_core::tls::bundle::short;
 use isthmus_core::tls::{anonymous_client_config, PeerPolicy};
 use isthmus_proto::federation::federation_client::FederationClient;
 use isthmus_proto::federation::rotate_request::Action;
-use isthmus_proto::federation::{RotateRequest, RotationStatus};
+use isthmus_proto::federation::{
+    RemoveClusterRequest, RemoveClusterResponse, RotateRequest, RotationStatus,
+};
 
 /// Where the federation is and how to prove the right to operate it.
 pub struct Operator {
@@ -47,11 +50,37 @@ impl Operator {
         Ok(pem)
     }
 
-    /// Sends one request and returns the rotation's status.
-    pub async fn ask(&self, ask: &Ask) -> anyhow::Result<RotationStatus> {
+    /// A client of the federation, and the operator token for a request.
+    fn client(&self) -> anyhow::Result<(FederationClient<tonic::transport::Channel>, String)> {
         let token = isthmus_federation::mint_operator_token(&self.state_dir)?;
         let federation = SpiffeId::new(&self.trust_domain, SYSTEM_NAMESPACE, "isthmus-federation");
         let tls = anonymous_client_config(&self.roots()?, PeerPolicy::OneOf(vec![federation]))?;
+        let channel = isthmus_core::grpc::tls_channel(self.federation, tls);
+        Ok((FederationClient::new(channel), format!("Bearer {token}")))
+    }
+
+    /// Removes `cluster` from the federation; its certificates are refused after `drain`.
+    pub async fn remove_cluster(
+        &self,
+        cluster: &str,
+        drain: Duration,
+    ) -> anyhow::Result<RemoveClusterResponse> {
+        let (mut client, bearer) = self.client()?;
+        let mut req = tonic::Request::new(RemoveClusterRequest {
+            cluster: cluster.to_owned(),
+            drain_seconds: u32::try_from(drain.as_secs()).context("drain too long")?,
+        });
+        req.metadata_mut().insert("authorization", bearer.parse()?);
+        req.set_timeout(Duration::from_secs(10));
+        let resp = client.remove_cluster(req).await.map_err(|s| {
+            anyhow::anyhow!("the federation at {}: {}", self.federation, s.message())
+        })?;
+        Ok(resp.into_inner())
+    }
+
+    /// Sends one request and returns the rotation's status.
+    pub async fn ask(&self, ask: &Ask) -> anyhow::Result<RotationStatus> {
+        let (mut client, bearer) = self.client()?;
         let mut body = RotateRequest::default();
         match ask {
             Ask::Status => body.set_action(Action::Status),
@@ -65,11 +94,8 @@ impl Operator {
             }
         }
         let mut req = tonic::Request::new(body);
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse()?);
+        req.metadata_mut().insert("authorization", bearer.parse()?);
         req.set_timeout(Duration::from_secs(10));
-        let mut client =
-            FederationClient::new(isthmus_core::grpc::tls_channel(self.federation, tls));
         let status = client.rotate(req).await.map_err(|s| {
             anyhow::anyhow!("the federation at {}: {}", self.federation, s.message())
         })?;

@@ -1,0 +1,123 @@
+//! Clusters leaving the federation. Removing a cluster withdraws its exports and gateways
+//! from every registry at once (so clients move away before anything is refused), cuts
+//! off and refuses its controller, and after a drain period names it in every cluster's
+//! `removed_clusters`, from which point every proxy refuses certificates its CA issued.
+//! Removals are kept with the exports on disk.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime};
+
+use super::{GlobalRegistry, Inner};
+
+fn now_unix() -> u64 {
+    isthmus_core::admin::unix_seconds(SystemTime::now())
+}
+
+impl Inner {
+    /// Removed clusters whose drain period is over.
+    pub(super) fn refused_now(&self) -> Vec<String> {
+        let now = now_unix();
+        self.removed
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(c, _)| c.clone())
+            .collect()
+    }
+}
+
+/// What removing a cluster did.
+#[derive(Debug)]
+pub struct Removed {
+    pub refused_from_unix: u64,
+    pub withdrawn_services: usize,
+}
+
+impl GlobalRegistry {
+    /// Removes `cluster` from the federation, refusing its certificates after `drain`.
+    pub fn remove_cluster(&self, cluster: &str, drain: Duration) -> Result<Removed, String> {
+        let mut inner = self.lock();
+        if inner.removed.contains_key(cluster) {
+            return Err(format!("cluster {cluster} was already removed"));
+        }
+        if !inner.clusters.contains_key(cluster) && !inner.liveness.contains_key(cluster) {
+            return Err(format!("the federation knows no cluster {cluster}"));
+        }
+        let refused_from_unix = now_unix() + drain.as_secs();
+        inner.removed.insert(cluster.to_owned(), refused_from_unix);
+        let keys: Vec<String> = inner
+            .clusters
+            .remove(cluster)
+            .map(|c| c.services.into_keys().collect())
+            .unwrap_or_default();
+        inner.stale.remove(cluster);
+        inner.liveness.remove(cluster);
+        inner.trust.remove(cluster);
+        let version = inner.version + 1;
+        inner.remerge(keys.iter().cloned(), version);
+        inner.version = version;
+        inner.meta = std::sync::Arc::new(self.meta_of(&inner));
+        inner.meta_version = version;
+        inner.compact();
+        self.observe(&inner);
+        self.changes.send_replace(version);
+        drop(inner);
+        if let Err(e) = self.flush() {
+            tracing::warn!(error = %e, "cannot keep the removal on disk; it is written again with the next change");
+        }
+        self.removals.send_modify(|n| *n += 1);
+        self.trust_changed.notify_one();
+        tracing::info!(%cluster, withdrawn = keys.len(), refused_from_unix, "cluster removed from the federation");
+        Ok(Removed {
+            refused_from_unix,
+            withdrawn_services: keys.len(),
+        })
+    }
+
+    pub fn is_removed(&self, cluster: &str) -> bool {
+        self.lock().removed.contains_key(cluster)
+    }
+
+    /// Bumped at every removal.
+    pub fn removals(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.removals.subscribe()
+    }
+
+    /// Tells every cluster of removed clusters as their drain periods end; runs until the
+    /// process stops.
+    pub async fn refuse_removed(self) {
+        let mut removals = self.removals();
+        let mut told: BTreeSet<String> = BTreeSet::new();
+        loop {
+            let (next, now_refused) = {
+                let mut inner = self.lock();
+                let refused: BTreeSet<String> = inner.refused_now().into_iter().collect();
+                if refused != told {
+                    let version = inner.version + 1;
+                    inner.version = version;
+                    inner.meta = std::sync::Arc::new(self.meta_of(&inner));
+                    inner.meta_version = version;
+                    self.changes.send_replace(version);
+                }
+                let now = now_unix();
+                let next = inner
+                    .removed
+                    .values()
+                    .filter(|at| **at > now)
+                    .min()
+                    .copied();
+                (next, refused)
+            };
+            for c in now_refused.difference(&told) {
+                tracing::info!(cluster = %c, "drain over: certificates of the removed cluster are refused everywhere");
+            }
+            told = now_refused;
+            let wait = next.map_or(Duration::from_secs(3600), |at| {
+                Duration::from_secs(at.saturating_sub(now_unix())).max(Duration::from_millis(200))
+            });
+            tokio::select! {
+                changed = removals.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}

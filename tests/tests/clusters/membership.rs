@@ -1,0 +1,190 @@
+//! Clusters joining and leaving a running federation, with no restart anywhere.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use isthmus::client::AppClient;
+use isthmus::operator::Operator;
+use isthmus_core::identity::{GATEWAY_SERVICE_ACCOUNT, SYSTEM_NAMESPACE};
+use isthmus_core::tls::TlsIdentity;
+use isthmus_tests::{
+    config_dump, eventually, gateway_refuses, mtls_request, reachable, traffic, Mesh, TRUST_DOMAIN,
+};
+
+const ECHO: &str = "echo.demo.svc.cluster.local";
+const SOLO: &str = "solo.demo.svc.cluster.local";
+
+/// Where a request to `host` from `outbound` lands: the answering cluster, or why not.
+async fn lands(outbound: SocketAddr, host: &str) -> Result<String, String> {
+    match AppClient::new().get(outbound, host, "/").await {
+        Ok(r) if r.status == 200 => r.answer().map(|a| a.cluster).map_err(|e| e.to_string()),
+        Ok(r) => Err(format!("status {}", r.status)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn get(authority: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    http::Request::builder()
+        .uri(format!("http://{authority}/"))
+        .header("x-isthmus-app-protocol", "http")
+        .body(Default::default())
+        .expect("valid request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_cluster_joins_serves_and_leaves_with_its_certificates_refused(
+) -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east", "west", "north"]).await?;
+    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let east = mesh.workload("east", "client").outbound();
+    reachable(east, ECHO).await?;
+    // East's traffic to west goes on through the join and the removal.
+    let steady = traffic(east, ECHO);
+
+    // A fourth cluster joins the running mesh: a join token, its controller, its gateway.
+    mesh.add_cluster("south").await?;
+    mesh.add_workload("south", "solo-south", Some("solo"), "solo")
+        .await?;
+    mesh.add_workload("south", "client-south", None, "frontend")
+        .await?;
+    let south = mesh.workload("south", "client-south").outbound();
+    eventually(
+        "east reaches solo in south",
+        Duration::from_secs(15),
+        || async {
+            let landed = lands(east, SOLO).await;
+            anyhow::ensure!(landed == Ok("south".into()), "{landed:?}");
+            Ok(())
+        },
+    )
+    .await?;
+    eventually(
+        "south reaches echo in west",
+        Duration::from_secs(15),
+        || async {
+            let landed = lands(south, ECHO).await;
+            anyhow::ensure!(landed == Ok("west".into()), "{landed:?}");
+            Ok(())
+        },
+    )
+    .await?;
+
+    // Certificates south's CA issued, taken while it is a member, are accepted now.
+    let south_gateway = TlsIdentity::new(
+        mesh.ca_client_in(
+            "south",
+            "south",
+            SYSTEM_NAMESPACE,
+            GATEWAY_SERVICE_ACCOUNT,
+            GATEWAY_SERVICE_ACCOUNT,
+        )?
+        .fetch(None)
+        .await?,
+    );
+    let south_workload = TlsIdentity::new(
+        mesh.ca_client("south", "south", "frontend", "frontend")?
+            .fetch(None)
+            .await?,
+    );
+    let west_sidecar = SocketAddr::new(mesh.workload("west", "echo-west").ip.into(), 15008);
+    let east_quic = mesh
+        .cluster("east")
+        .gateway
+        .as_ref()
+        .expect("gateway")
+        .quic_address;
+    assert_eq!(
+        mtls_request(west_sidecar, &south_workload, get(&format!("{ECHO}:80"))).await?,
+        200
+    );
+    assert!(!gateway_refuses(east_quic, &south_gateway, "east").await);
+
+    // South leaves.
+    let operator = Operator {
+        federation: mesh.federation_addr,
+        state_dir: mesh.fed_state.clone(),
+        trust_domain: TRUST_DOMAIN.into(),
+    };
+    let removed = operator
+        .remove_cluster("south", Duration::from_secs(1))
+        .await?;
+    assert_eq!(removed.withdrawn_services, 1, "{removed:?}");
+    // Its services vanish from the others' registries...
+    eventually("solo to leave east", Duration::from_secs(10), || async {
+        let landed = lands(east, SOLO).await;
+        anyhow::ensure!(landed.is_err(), "{landed:?}");
+        Ok(())
+    })
+    .await?;
+    let fed = config_dump(mesh.federation.as_ref().expect("federation").admin_address).await?;
+    let clusters = fed["clusters"].to_string();
+    assert!(!clusters.contains("south"), "{clusters}");
+    assert!(!fed["services"].to_string().contains("south"), "{fed}");
+    // ...and once the drain is over its certificates are refused everywhere.
+    eventually(
+        "south's certificates to be refused",
+        Duration::from_secs(10),
+        || async {
+            anyhow::ensure!(
+                mtls_request(west_sidecar, &south_workload, get(&format!("{ECHO}:80")))
+                    .await
+                    .is_err(),
+                "west's sidecar still accepts south's workload certificate"
+            );
+            anyhow::ensure!(
+                gateway_refuses(east_quic, &south_gateway, "east").await,
+                "east's gateway still accepts south's gateway"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    // A certificate of a member cluster still passes: the refusal is about south.
+    let east_workload = TlsIdentity::new(
+        mesh.ca_client("east", "east", "frontend", "frontend")?
+            .fetch(None)
+            .await?,
+    );
+    assert_eq!(
+        mtls_request(west_sidecar, &east_workload, get(&format!("{ECHO}:80"))).await?,
+        200
+    );
+
+    // South's controller is refused by the federation; south still serves its own traffic.
+    eventually(
+        "south to lose the federation",
+        Duration::from_secs(10),
+        || async {
+            let dump = config_dump(mesh_controller_admin(&mesh, "south")).await?;
+            anyhow::ensure!(
+                dump["federation"]["connected"] == false,
+                "{}",
+                dump["federation"]
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    assert_eq!(lands(south, SOLO).await, Ok("south".into()));
+    // The federation remembers the removal.
+    let again = operator.remove_cluster("south", Duration::ZERO).await;
+    assert!(again.is_err_and(|e| e.to_string().contains("already removed")));
+
+    assert_eq!(
+        steady.failures(),
+        Vec::<String>::new(),
+        "east -> west traffic"
+    );
+    Ok(())
+}
+
+fn mesh_controller_admin(mesh: &Mesh, cluster: &str) -> SocketAddr {
+    mesh.clusters[cluster]
+        .controller
+        .as_ref()
+        .expect("controller")
+        .admin_address
+}
