@@ -77,6 +77,16 @@ pub fn render(dump: &serde_json::Value, now: SystemTime) -> String {
         }
         None => {}
     }
+    // Clusters the federation keeps but no longer hears from.
+    if let Some(stale) = fed["clusters_stale_since_unix"].as_object() {
+        for (cluster, since) in stale {
+            let _ = writeln!(
+                out,
+                "cluster {cluster}: not reporting to the federation; its entries stale since {} ago",
+                ago(since.as_u64(), now),
+            );
+        }
+    }
     let mut rows = vec![{
         let mut h = vec!["NAME".to_owned(), "ROLE".into(), "CONNECTED".into()];
         h.extend(TYPES.iter().map(|(_, c)| (*c).to_owned()));
@@ -176,10 +186,17 @@ mod tests {
             "{table}"
         );
         let up = serde_json::json!({"cluster": "east", "config": {}, "proxies": [],
-            "federation": {"connected": true, "since_unix": 400, "last_update_unix": 998}});
+            "federation": {"connected": true, "since_unix": 400, "last_update_unix": 998,
+                "clusters_stale_since_unix": {"west": 990}}});
         let table = render(&up, now);
         assert!(
             table.contains("federation: connected for 10m; last registry update 2s ago"),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "cluster west: not reporting to the federation; its entries stale since 10s ago"
+            ),
             "{table}"
         );
     }

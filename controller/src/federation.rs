@@ -42,6 +42,9 @@ pub struct Global {
     /// By `namespace/name`.
     pub services: BTreeMap<String, Arc<GlobalService>>,
     pub meta: Arc<RegistryMeta>,
+    /// Since when (Unix seconds) the federation is unreachable, so that every entry of
+    /// other clusters is as of then; `None` while linked. Not kept on disk.
+    pub federation_down_since: Option<u64>,
 }
 
 impl Global {
@@ -64,6 +67,7 @@ impl Global {
                 .map(|s| (service_key(&s.namespace, &s.name), Arc::new(s)))
                 .collect(),
             meta: Arc::new(r.meta.unwrap_or_default()),
+            federation_down_since: None,
         })
     }
 
@@ -143,6 +147,10 @@ impl GlobalState {
         let now = std::time::SystemTime::now();
         let metrics = LinkMetrics::default();
         metrics.since.set(unix_seconds(now) as i64);
+        let initial = Global {
+            federation_down_since: Some(unix_seconds(now)),
+            ..initial
+        };
         Self {
             tx: watch::Sender::new(Arc::new(initial)),
             path,
@@ -190,6 +198,7 @@ impl GlobalState {
             "since_unix": unix_seconds(l.since),
             "last_update_unix": l.last_update.map(unix_seconds),
             "stale_since_unix": (!l.connected).then(|| unix_seconds(l.since)),
+            "clusters_stale_since_unix": self.tx.borrow().meta.stale_since_unix,
         })
     }
 
@@ -200,6 +209,9 @@ impl GlobalState {
             l.since = std::time::SystemTime::now();
             self.metrics.connected.set(i64::from(connected));
             self.metrics.since.set(unix_seconds(l.since) as i64);
+            let down = (!connected).then(|| unix_seconds(l.since));
+            self.tx
+                .send_modify(|g| Arc::make_mut(g).federation_down_since = down);
         }
     }
 

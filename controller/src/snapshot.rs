@@ -809,6 +809,8 @@ impl Registry {
             trust_bundle_pem: issuing.bundle_pem.clone(),
             ca_fingerprint: issuing.ca_fingerprint.clone(),
             removed_clusters: global.meta.removed_clusters.clone(),
+            federation_stale_since_unix: global.federation_down_since.unwrap_or(0),
+            cluster_stale_since_unix: global.meta.stale_since_unix.clone(),
             failover: global
                 .meta
                 .failover

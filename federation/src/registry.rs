@@ -131,6 +131,8 @@ struct Inner {
     clusters: BTreeMap<String, ClusterState>,
     /// Clusters loaded from disk that have not reported since this process started.
     stale: BTreeSet<String>,
+    /// When this process loaded them.
+    loaded_at: u64,
     /// Per cluster that reported since this process started: whether its controller is
     /// connected, and when it was last heard from.
     liveness: BTreeMap<String, Liveness>,
@@ -275,6 +277,7 @@ impl Inner {
         let mut inner = Self {
             version: state.version,
             removed: state.removed,
+            loaded_at: unix_seconds(std::time::SystemTime::now()) as u64,
             ..Self::default()
         };
         for c in state.clusters {
@@ -334,6 +337,21 @@ impl Inner {
     }
 
     /// Forgets removed services once there are many; streams behind get a full resync.
+    /// Clusters with exports whose controller is not reporting, and since when.
+    fn stale_since(&self) -> BTreeMap<String, u64> {
+        self.clusters
+            .keys()
+            .filter_map(|c| {
+                let since = match self.liveness.get(c) {
+                    Some(l) if l.connected => return None,
+                    Some(l) => unix_seconds(l.last_seen) as u64,
+                    None => self.loaded_at,
+                };
+                Some((c.clone(), since))
+            })
+            .collect()
+    }
+
     fn compact(&mut self) {
         if self.log.len() <= 2 * self.merged.len() + TOMBSTONE_SLACK {
             return;
@@ -448,6 +466,7 @@ impl GlobalRegistry {
             trust_bundle_pem: inner.bundle_pem.clone(),
             signing_root: inner.signing_root.clone(),
             removed_clusters: inner.refused_now(),
+            stale_since_unix: inner.stale_since(),
             failover: self.failover.clone(),
             stale_clusters: inner.stale.iter().cloned().collect(),
         }
@@ -532,9 +551,19 @@ impl GlobalRegistry {
                 last_seen: now,
             });
         l.last_seen = now;
+        let changed = connected.is_some_and(|c| c != l.connected);
         if let Some(c) = connected {
             l.connected = c;
             self.trust_changed.notify_one();
+        }
+        let l = *l;
+        if changed {
+            // Every cluster hears which entries are stale, and since when.
+            let version = inner.version + 1;
+            inner.version = version;
+            inner.meta = Arc::new(self.meta_of(&inner));
+            inner.meta_version = version;
+            self.changes.send_replace(version);
         }
         let label = ClusterLabel {
             cluster: cluster.to_owned(),

@@ -250,5 +250,8 @@ pub fn mesh(name: &str, body: &[u8]) -> Result<MeshInfo, ConvertError> {
         cluster: msg.cluster.into(),
         gateway,
         failover,
+        federation_stale_since: (msg.federation_stale_since_unix > 0)
+            .then_some(msg.federation_stale_since_unix),
+        cluster_stale_since: msg.cluster_stale_since_unix.into_iter().collect(),
     })
 }

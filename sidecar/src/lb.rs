@@ -551,6 +551,7 @@ mod tests {
             cluster: "east".into(),
             gateway: Some(gw),
             failover: [("us-east".to_string(), vec!["us-west".to_string()])].into(),
+            ..Default::default()
         }
     }
 

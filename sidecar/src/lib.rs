@@ -371,7 +371,7 @@ fn dump(
                 "policy": s.routing.as_ref().map(|r| serde_json::to_value(&r.state.policy).unwrap_or_default()),
                 "ports": s.ports.iter().map(|p| serde_json::json!({"port": p.port, "protocol": &*p.protocol})).collect::<Vec<_>>(),
                 "endpoints": s.endpoints.iter().map(|e| serde_json::json!({"workload": e.workload, "address": e.tunnel_address.to_string(), "locality": e.locality.to_string(), "ejected": e.health.is_ejected()})).collect::<Vec<_>>(),
-                "remote": s.remote.iter().map(|r| serde_json::json!({"cluster": &*r.cluster, "locality": r.locality.to_string(), "ejected": r.health.is_ejected()})).collect::<Vec<_>>(),
+                "remote": s.remote.iter().map(|r| serde_json::json!({"cluster": &*r.cluster, "locality": r.locality.to_string(), "ejected": r.health.is_ejected(), "stale_since_unix": state.mesh.stale_since(&r.cluster)})).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -380,6 +380,11 @@ fn dump(
         "cluster": config.cluster,
         "locality": config.locality.to_string(),
         "gateway": state.mesh.gateway.as_ref().map(|g| g.0.to_string()),
+        // Entries of other clusters kept but not kept current, and since when.
+        "stale": {
+            "federation_since_unix": state.mesh.federation_stale_since,
+            "clusters_since_unix": state.mesh.cluster_stale_since,
+        },
         "certificate": certificate,
         "services": services,
         "telemetry": telemetry_policy::dump(state.telemetry.as_deref()),

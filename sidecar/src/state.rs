@@ -170,6 +170,22 @@ pub struct MeshInfo {
     pub gateway: Option<(SocketAddr, SpiffeId)>,
     /// Region failover order: from region → regions to prefer next, in order.
     pub failover: BTreeMap<String, Vec<String>>,
+    /// Since when (Unix seconds) this cluster's controller cannot reach the federation:
+    /// every other cluster's entries are as of then.
+    pub federation_stale_since: Option<u64>,
+    /// Other clusters the federation keeps but no longer hears from, and since when.
+    pub cluster_stale_since: BTreeMap<String, u64>,
+}
+
+impl MeshInfo {
+    /// Since when `cluster`'s entries are not kept current, if they are not.
+    pub fn stale_since(&self, cluster: &str) -> Option<u64> {
+        let own = self.cluster_stale_since.get(cluster).copied();
+        match (own, self.federation_stale_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// Everything requests read.

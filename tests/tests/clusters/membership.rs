@@ -188,3 +188,119 @@ fn mesh_controller_admin(mesh: &Mesh, cluster: &str) -> SocketAddr {
         .expect("controller")
         .admin_address
 }
+
+/// The client's view of `host`'s entry from `cluster`: its `stale_since_unix`.
+async fn remote_stale_since(
+    admin: SocketAddr,
+    host: &str,
+    cluster: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let dump = config_dump(admin).await?;
+    let remote = dump["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["service"] == host)
+        .and_then(|s| s["remote"].as_array())
+        .and_then(|r| r.iter().find(|r| r["cluster"] == cluster).cloned())
+        .ok_or_else(|| anyhow::anyhow!("no {cluster} entry for {host}: {dump}"))?;
+    Ok(remote["stale_since_unix"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_stops_reporting_is_stale_everywhere_a_user_looks_and_keeps_serving(
+) -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east", "west", "north"]).await?;
+    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let east = mesh.workload("east", "client").outbound();
+    let client_admin = mesh.workload("east", "client").admin();
+    reachable(east, ECHO).await?;
+    let steady = traffic(east, ECHO);
+    assert!(remote_stale_since(client_admin, ECHO, "west")
+        .await?
+        .is_null());
+
+    // West's controller stops; its gateway and workloads go on.
+    mesh.kill_controller("west");
+    let stopped = isthmus_core::admin::unix_seconds(std::time::SystemTime::now());
+    let fed_admin = mesh.federation.as_ref().expect("federation").admin_address;
+    // The federation, east's controller, `isthmus status`, and east's sidecar all say so.
+    eventually(
+        "west to be stale in east's sidecar",
+        Duration::from_secs(10),
+        || async {
+            let since = remote_stale_since(client_admin, ECHO, "west").await?;
+            let since = since
+                .as_u64()
+                .ok_or_else(|| anyhow::anyhow!("not stale: {since}"))?;
+            anyhow::ensure!(
+                since + 1 >= stopped,
+                "stale since {since}, stopped at {stopped}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    assert_eq!(
+        isthmus_tests::metric_sum(
+            fed_admin,
+            "isthmus_federation_registry_cluster_connected",
+            &[("cluster", "west")]
+        )
+        .await?,
+        0.0
+    );
+    let east_admin = mesh.controller_admin("east");
+    let fed = config_dump(east_admin).await?["federation"].clone();
+    assert!(fed["clusters_stale_since_unix"]["west"].is_u64(), "{fed}");
+    assert!(
+        fed["clusters_stale_since_unix"].get("north").is_none(),
+        "{fed}"
+    );
+    let status = isthmus::status::report(east_admin).await?;
+    assert!(
+        status.contains("cluster west: not reporting to the federation; its entries stale since"),
+        "{status}"
+    );
+    // Nothing was dropped: east's traffic still lands in west.
+    isthmus_tests::settles_in(&steady, "west", 20, Duration::from_secs(5)).await?;
+
+    // West reports again: nothing is stale any more.
+    mesh.start_controller("west").await?;
+    eventually(
+        "west to be fresh again",
+        Duration::from_secs(10),
+        || async {
+            let since = remote_stale_since(client_admin, ECHO, "west").await?;
+            anyhow::ensure!(since.is_null(), "still stale since {since}");
+            Ok(())
+        },
+    )
+    .await?;
+
+    // The federation goes away: every other cluster's entries are stale in east's proxies.
+    mesh.kill_federation();
+    eventually(
+        "east's sidecar to see the federation gone",
+        Duration::from_secs(10),
+        || async {
+            let dump = config_dump(client_admin).await?;
+            anyhow::ensure!(
+                dump["stale"]["federation_since_unix"].is_u64(),
+                "{}",
+                dump["stale"]
+            );
+            anyhow::ensure!(remote_stale_since(client_admin, ECHO, "west")
+                .await?
+                .is_u64());
+            Ok(())
+        },
+    )
+    .await?;
+    isthmus_tests::settles_in(&steady, "west", 20, Duration::from_secs(5)).await?;
+    assert_eq!(steady.failures(), Vec::<String>::new());
+    Ok(())
+}
