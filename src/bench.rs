@@ -323,6 +323,7 @@ impl Bench {
                     handler: probe.clone(),
                     health: None,
                     certificate: None,
+                    peer_links: None,
                     first_config: None,
                 };
                 tokio::spawn(client.run());

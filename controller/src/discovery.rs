@@ -402,6 +402,9 @@ impl ProxyStream {
         if let Some(c) = req.certificate.take() {
             self.sync.certificate(c);
         }
+        if let (Some(links), Some(gw)) = (req.peer_links.take(), &self.guard.gateway) {
+            self.svc.registry.gateway_links(gw, &links.down);
+        }
         if req.type_url.is_empty() {
             return Ok(());
         }

@@ -5,6 +5,7 @@
 //! its gateways reconnect; those entries, and the last gateway of a cluster whose gateway
 //! went away, stay as a fallback only until a gateway connects.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
@@ -21,6 +22,8 @@ struct Entry {
     streams: u32,
     /// Order of its latest connection; the newest serves.
     seq: u64,
+    /// Peer clusters it cannot reach now, and since when (Unix seconds).
+    down: BTreeMap<String, u64>,
 }
 
 #[derive(Debug)]
@@ -44,6 +47,7 @@ impl Gateways {
                 info,
                 streams: 0,
                 seq: i as u64,
+                down: BTreeMap::new(),
             })
             .collect::<Vec<_>>();
         Self {
@@ -66,6 +70,7 @@ impl Gateways {
                 info,
                 streams: 1,
                 seq: self.next_seq,
+                down: BTreeMap::new(),
             }),
         }
         self.save();
@@ -74,12 +79,42 @@ impl Gateways {
     pub fn closed(&mut self, info: &GatewayInfo) {
         if let Some(e) = self.entries.iter_mut().find(|e| e.info == *info) {
             e.streams = e.streams.saturating_sub(1);
+            if e.streams == 0 {
+                // What it could not reach is unknown from now on; nothing is avoided on
+                // the word of a gateway that is gone.
+                e.down.clear();
+            }
         }
         let any_live = self.entries.iter().any(|e| e.streams > 0);
         if any_live {
             self.entries.retain(|e| e.streams > 0);
         }
         self.save();
+    }
+
+    /// Records the peer clusters `gw` cannot reach now; returns whether that changed.
+    pub fn links(&mut self, gw: &GatewayInfo, down: &[String]) -> bool {
+        let Some(e) = self.entries.iter_mut().find(|e| e.info == *gw) else {
+            return false;
+        };
+        let now = isthmus_core::admin::unix_seconds(std::time::SystemTime::now());
+        let next: BTreeMap<String, u64> = down
+            .iter()
+            .map(|c| (c.clone(), e.down.get(c).copied().unwrap_or(now)))
+            .collect();
+        let changed = next != e.down;
+        e.down = next;
+        changed
+    }
+
+    /// The clusters the serving gateway cannot reach, and since when.
+    pub fn unreachable(&self) -> BTreeMap<String, u64> {
+        let serving = self.serving();
+        serving
+            .first()
+            .and_then(|gw| self.entries.iter().find(|e| e.info == *gw))
+            .map(|e| e.down.clone())
+            .unwrap_or_default()
     }
 
     /// The gateways to use, preferred first: connected ones newest first, else the
@@ -138,5 +173,20 @@ mod tests {
         assert_eq!(again.serving(), vec![gw(9)]);
         again.connected(gw(3));
         assert_eq!(again.serving(), vec![gw(3)]);
+    }
+
+    #[test]
+    fn the_serving_gateways_unreachable_peers_keep_their_first_time_and_end_with_its_stream() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut g = Gateways::load(dir.path().join("gateways.json"));
+        g.connected(gw(2));
+        assert!(g.links(&gw(2), &["west".into()]));
+        let since = g.unreachable()["west"];
+        assert!(!g.links(&gw(2), &["west".into()]), "no change");
+        assert!(g.links(&gw(2), &["west".into(), "eu".into()]));
+        assert_eq!(g.unreachable()["west"], since, "still down since the first report");
+        assert!(!g.links(&gw(9), &["north".into()]), "an unknown gateway is ignored");
+        g.closed(&gw(2));
+        assert!(g.unreachable().is_empty(), "a gone gateway's view is dropped");
     }
 }

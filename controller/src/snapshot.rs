@@ -362,6 +362,14 @@ impl Registry {
         self.inner.poke.notify_one();
     }
 
+    /// A gateway reported the peer clusters it cannot reach now.
+    pub fn gateway_links(&self, gw: &GatewayInfo, down: &[String]) {
+        if lock(&self.inner.gateways).links(gw, down) {
+            tracing::info!(gateway = %gw.tunnel_address, ?down, "gateway peer links changed");
+            self.inner.poke.notify_one();
+        }
+    }
+
     /// A gateway's stream closed: its registration ends with its last stream.
     pub fn gateway_closed(&self, gw: &GatewayInfo) {
         lock(&self.inner.gateways).closed(gw);
@@ -811,6 +819,7 @@ impl Registry {
             removed_clusters: global.meta.removed_clusters.clone(),
             federation_stale_since_unix: global.federation_down_since.unwrap_or(0),
             cluster_stale_since_unix: global.meta.stale_since_unix.clone(),
+            unreachable_since_unix: lock(&self.inner.gateways).unreachable(),
             failover: global
                 .meta
                 .failover
@@ -873,6 +882,7 @@ impl Registry {
             "cluster": self.inner.cluster,
             "services": services,
             "gateways": lock(&self.inner.gateways).serving().iter().map(|g| serde_json::json!({"tunnel": g.tunnel_address, "quic": g.quic_address})).collect::<Vec<_>>(),
+            "unreachable_since_unix": lock(&self.inner.gateways).unreachable(),
             "global_registry_version": global.version,
             "global_conflicts": global.meta.conflicts,
             "jwks": self.inner.jwks.dump(),

@@ -88,6 +88,8 @@ pub struct XdsClient<H> {
     /// The proxy's credentials, reported at each stream's start and whenever they change
     /// (see `proxy_trust`); `None` reports nothing.
     pub certificate: Option<watch::Receiver<std::sync::Arc<crate::tls::Credentials>>>,
+    /// Gateways: the peer clusters whose link is down, reported as it changes.
+    pub peer_links: Option<watch::Receiver<std::collections::BTreeSet<String>>>,
     /// Dropped once a first response of every type has been applied whole (ACKed).
     pub first_config: Option<BlockReady>,
 }
@@ -115,13 +117,6 @@ impl<H: XdsHandler> XdsClient<H> {
         }
     }
 
-    fn health_request(&self, healthy: bool) -> DeltaRequest {
-        DeltaRequest {
-            health: Some(HealthReport { healthy }),
-            ..Default::default()
-        }
-    }
-
     async fn session(
         &mut self,
         versions: &mut HashMap<String, BTreeMap<String, String>>,
@@ -138,11 +133,15 @@ impl<H: XdsHandler> XdsClient<H> {
         }
         if let Some(h) = &self.health {
             let healthy = *h.borrow();
-            let _ = tx.try_send(self.health_request(healthy));
+            let _ = tx.try_send(health_request(healthy));
         }
         let mut certificate = self.certificate.clone();
         if let Some(c) = &mut certificate {
             let _ = tx.try_send(certificate_request(&c.borrow_and_update()));
+        }
+        let mut peer_links = self.peer_links.clone();
+        if let Some(p) = &mut peer_links {
+            let _ = tx.try_send(peer_links_request(&p.borrow_and_update()));
         }
         let mut client = DiscoveryClient::new(self.channel.clone())
             .max_decoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
@@ -179,12 +178,17 @@ impl<H: XdsHandler> XdsClient<H> {
                         return SessionError::Closed;
                     }
                 }
-                Some(healthy) = next_health(&mut health) => {
-                    if tx.send(self.health_request(healthy)).await.is_err() {
+                Some(req) = next_report(&mut health, |h| health_request(*h)) => {
+                    if tx.send(req).await.is_err() {
                         return SessionError::Closed;
                     }
                 }
-                Some(req) = next_certificate(&mut certificate) => {
+                Some(req) = next_report(&mut certificate, |c| certificate_request(c)) => {
+                    if tx.send(req).await.is_err() {
+                        return SessionError::Closed;
+                    }
+                }
+                Some(req) = next_report(&mut peer_links, peer_links_request) => {
                     if tx.send(req).await.is_err() {
                         return SessionError::Closed;
                     }
@@ -237,26 +241,32 @@ fn certificate_request(creds: &crate::tls::Credentials) -> DeltaRequest {
     }
 }
 
-/// The report of the next credentials, or pending forever when there are none to watch.
-async fn next_certificate(
-    rx: &mut Option<watch::Receiver<std::sync::Arc<crate::tls::Credentials>>>,
+fn peer_links_request(down: &std::collections::BTreeSet<String>) -> DeltaRequest {
+    DeltaRequest {
+        peer_links: Some(isthmus_proto::discovery::PeerLinksReport {
+            down: down.iter().cloned().collect(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The report of the next value of `rx`, or pending forever when there is none to watch.
+async fn next_report<T>(
+    rx: &mut Option<watch::Receiver<T>>,
+    report: impl Fn(&T) -> DeltaRequest,
 ) -> Option<DeltaRequest> {
     match rx {
         Some(rx) => match rx.changed().await {
-            Ok(()) => Some(certificate_request(&rx.borrow_and_update())),
+            Ok(()) => Some(report(&rx.borrow_and_update())),
             Err(_) => std::future::pending().await,
         },
         None => std::future::pending().await,
     }
 }
 
-/// The next health value, or pending forever when there is none to watch.
-async fn next_health(rx: &mut Option<watch::Receiver<bool>>) -> Option<bool> {
-    match rx {
-        Some(rx) => match rx.changed().await {
-            Ok(()) => Some(*rx.borrow_and_update()),
-            Err(_) => std::future::pending().await,
-        },
-        None => std::future::pending().await,
+fn health_request(healthy: bool) -> DeltaRequest {
+    DeltaRequest {
+        health: Some(HealthReport { healthy }),
+        ..Default::default()
     }
 }

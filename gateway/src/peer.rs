@@ -29,11 +29,13 @@ use crate::header;
 use crate::state::{Peer, Store};
 
 pub const ALPN_PEER: &[u8] = b"isthmus-peer/1";
-/// QUIC keep-alive between gateways: with a packet every 200 ms each way, a peer that
-/// stops answering (hung, killed, partitioned) closes the connection at the idle timeout,
-/// within a second, and new tunnels to it fail at once instead of waiting.
-const KEEPALIVE: Duration = Duration::from_millis(200);
-const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// QUIC keep-alive between gateways: with a packet every 100 ms each way, a peer that
+/// stops answering (hung, killed, partitioned) closes the connection at the idle timeout
+/// (seven silent keep-alives), new tunnels to it fail at once instead of waiting, and the
+/// controller hears the link is down and tells the cluster's sidecars: traffic leaves a
+/// silent peer within a second.
+const KEEPALIVE: Duration = Duration::from_millis(100);
+const IDLE_TIMEOUT: Duration = Duration::from_millis(750);
 /// Time for a peer to connect a stream to an endpoint and reply.
 pub const STREAM_SETUP_TIMEOUT: Duration = Duration::from_millis(1500);
 const ENDPOINT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -85,6 +87,9 @@ pub struct PeerLinks {
     identity: TlsIdentity,
     /// Per peer cluster, the state of its connection, kept by a maintainer task.
     links: Mutex<HashMap<String, watch::Receiver<LinkState>>>,
+    /// Peer clusters whose link is down now: reported to the controller, which tells the
+    /// cluster's sidecars to send nothing there while another cluster can serve.
+    down: watch::Sender<std::collections::BTreeSet<String>>,
     pub metrics: Metrics,
     cursor: AtomicUsize,
     drain: isthmus_core::drain::Drain,
@@ -136,6 +141,7 @@ impl PeerLinks {
             endpoint,
             identity,
             links: Mutex::default(),
+            down: watch::Sender::new(Default::default()),
             metrics: Metrics::default(),
             cursor: AtomicUsize::new(0),
             tracer: None,
@@ -203,6 +209,7 @@ impl PeerLinks {
                     self.metrics.connections.inc();
                     let since = std::time::Instant::now();
                     link.send_replace(LinkState::Up(conn.clone()));
+                    self.mark(&cluster, true);
                     up.set(1);
                     let reason = conn.closed().await;
                     up.set(0);
@@ -217,8 +224,24 @@ impl PeerLinks {
                 Err(e) => tracing::debug!(peer = %cluster, error = %e, "gateway peer unreachable"),
             }
             link.send_replace(LinkState::Down);
+            self.mark(&cluster, false);
             tokio::time::sleep(backoff.next_delay()).await;
         }
+    }
+
+    fn mark(&self, cluster: &str, up: bool) {
+        self.down.send_if_modified(|down| {
+            if up {
+                down.remove(cluster)
+            } else {
+                down.insert(cluster.to_owned())
+            }
+        });
+    }
+
+    /// The peer clusters whose link is down, as it changes.
+    pub fn down(&self) -> watch::Receiver<std::collections::BTreeSet<String>> {
+        self.down.subscribe()
     }
 
     /// Starts or stops maintainers as peers come and go in config.
@@ -233,6 +256,7 @@ impl PeerLinks {
                     .is_some_and(|n| n.address == p.address && n.identity == p.identity);
                 if !keep {
                     task.abort();
+                    self.down.send_if_modified(|down| down.remove(cluster));
                 }
                 keep
             });

@@ -253,5 +253,6 @@ pub fn mesh(name: &str, body: &[u8]) -> Result<MeshInfo, ConvertError> {
         federation_stale_since: (msg.federation_stale_since_unix > 0)
             .then_some(msg.federation_stale_since_unix),
         cluster_stale_since: msg.cluster_stale_since_unix.into_iter().collect(),
+        unreachable: msg.unreachable_since_unix.into_iter().collect(),
     })
 }

@@ -406,7 +406,10 @@ pub fn pick(
                     .min()
                     .unwrap_or(order.len() as u32)
             };
-            candidates.push((r, rc.health.is_ejected(), Candidate::Remote(rc)));
+            // A cluster the gateway cannot reach counts as ejected: used only when nothing
+            // else is left.
+            let out = rc.health.is_ejected() || mesh.unreachable.contains_key(&*rc.cluster);
+            candidates.push((r, out, Candidate::Remote(rc)));
         }
     }
     candidates.retain(|(_, _, t)| !tried.iter().any(|h| Arc::ptr_eq(h, t.health())));

@@ -272,6 +272,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             },
             health: app_health,
             certificate: Some(identity.subscribe()),
+            peer_links: None,
             first_config: Some(config_block),
         };
         tasks.spawn(xds.run());
@@ -371,7 +372,7 @@ fn dump(
                 "policy": s.routing.as_ref().map(|r| serde_json::to_value(&r.state.policy).unwrap_or_default()),
                 "ports": s.ports.iter().map(|p| serde_json::json!({"port": p.port, "protocol": &*p.protocol})).collect::<Vec<_>>(),
                 "endpoints": s.endpoints.iter().map(|e| serde_json::json!({"workload": e.workload, "address": e.tunnel_address.to_string(), "locality": e.locality.to_string(), "ejected": e.health.is_ejected()})).collect::<Vec<_>>(),
-                "remote": s.remote.iter().map(|r| serde_json::json!({"cluster": &*r.cluster, "locality": r.locality.to_string(), "ejected": r.health.is_ejected(), "stale_since_unix": state.mesh.stale_since(&r.cluster)})).collect::<Vec<_>>(),
+                "remote": s.remote.iter().map(|r| serde_json::json!({"cluster": &*r.cluster, "locality": r.locality.to_string(), "ejected": r.health.is_ejected(), "stale_since_unix": state.mesh.stale_since(&r.cluster), "unreachable_since_unix": state.mesh.unreachable.get(&*r.cluster)})).collect::<Vec<_>>(),
             })
         })
         .collect();

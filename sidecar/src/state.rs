@@ -175,6 +175,9 @@ pub struct MeshInfo {
     pub federation_stale_since: Option<u64>,
     /// Other clusters the federation keeps but no longer hears from, and since when.
     pub cluster_stale_since: BTreeMap<String, u64>,
+    /// Clusters this cluster's gateway cannot reach now, and since when: nothing is sent
+    /// there while another cluster can serve.
+    pub unreachable: BTreeMap<String, u64>,
 }
 
 impl MeshInfo {

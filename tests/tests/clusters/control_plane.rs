@@ -568,6 +568,7 @@ async fn a_rejected_resource_stays_out_until_fixed_while_the_rest_of_its_push_ap
         handler: picky.clone(),
         health: None,
         certificate: None,
+        peer_links: None,
         first_config: Some(readiness.register("first config")),
     };
     let task = tokio::spawn(client.run());

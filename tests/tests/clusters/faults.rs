@@ -85,3 +85,114 @@ async fn ten_percent_loss_between_gateways_fails_no_request() -> anyhow::Result<
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_partitioned_gateway_loses_its_traffic_within_a_second_everywhere(
+) -> anyhow::Result<()> {
+    use isthmus_tests::{config_dump, reachable, traffic};
+    const HOST: &str = "echo.demo.svc.cluster.local";
+    // East and eu both prefer west (their failover region); north is the way out.
+    let mut mesh = Mesh::start(&["east", "west", "eu", "north"]).await?;
+    for c in ["west", "north"] {
+        mesh.add_workload(c, &format!("echo-{c}"), Some("echo"), "echo")
+            .await?;
+    }
+    for c in ["east", "eu", "west"] {
+        mesh.add_workload(c, &format!("client-{c}"), None, "frontend")
+            .await?;
+    }
+    let mut flows = Vec::new();
+    for c in ["east", "eu", "west"] {
+        let out = mesh.workload(c, &format!("client-{c}")).outbound();
+        reachable(out, HOST).await?;
+        let t = traffic(out, HOST);
+        settles_in(&t, "west", 20, Duration::from_secs(10)).await?;
+        flows.push((c, t));
+    }
+    let west_quic = mesh
+        .cluster("west")
+        .gateway
+        .as_ref()
+        .expect("gateway")
+        .quic_address;
+
+    let cut = std::time::Instant::now();
+    let partition = NetFault::drop_udp(west_quic, 100)?;
+    // Give every flow two seconds past the deadline to show where it goes.
+    eventually(
+        "two seconds of traffic after the cut",
+        Duration::from_secs(10),
+        || async {
+            for (_, t) in &flows {
+                anyhow::ensure!(
+                    t.since(cut + Duration::from_secs(3)).len() >= 5,
+                    "still waiting"
+                );
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    let deadline = cut + Duration::from_secs(1);
+    for (c, t) in &flows {
+        // No caller waits a second: the request caught by the cut is retried elsewhere as
+        // soon as the link is known dead.
+        let slowest = t
+            .since(cut)
+            .iter()
+            .map(|e| e.took)
+            .max()
+            .unwrap_or_default();
+        eprintln!("{c}: slowest request after the cut took {slowest:?}");
+        assert!(
+            slowest < Duration::from_secs(1),
+            "{c}: a request took {slowest:?}"
+        );
+        let after: Vec<_> = t.since(deadline).into_iter().map(|e| e.landed).collect();
+        assert!(!after.is_empty());
+        let expected = if *c == "west" { "west" } else { "north" };
+        assert!(
+            after.iter().all(|l| l.as_deref() == Ok(expected)),
+            "{c}: requests finished a second after the cut must land in {expected}: {after:?}"
+        );
+        assert_eq!(
+            t.failures(),
+            Vec::<String>::new(),
+            "{c}: no request may fail"
+        );
+    }
+    // Every cluster's sidecars see west as unreachable (and west sees the others so).
+    let east_dump = config_dump(mesh.workload("east", "client-east").admin()).await?;
+    let west_entry = east_dump["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["service"] == HOST)
+        .and_then(|s| s["remote"].as_array())
+        .and_then(|r| r.iter().find(|r| r["cluster"] == "west").cloned())
+        .expect("west's entry");
+    assert!(
+        west_entry["unreachable_since_unix"].is_u64(),
+        "{west_entry}"
+    );
+    let west_ctl = config_dump(mesh.controller_admin("west")).await?;
+    assert!(
+        west_ctl["unreachable_since_unix"]["north"].is_u64(),
+        "west's gateway cannot reach north either: {}",
+        west_ctl["unreachable_since_unix"]
+    );
+
+    // Healed, traffic comes back to west.
+    partition.heal();
+    for (_, t) in &flows {
+        settles_in(t, "west", 20, Duration::from_secs(40)).await?;
+    }
+    for (c, t) in &flows {
+        assert_eq!(
+            t.failures(),
+            Vec::<String>::new(),
+            "{c}: no request may fail"
+        );
+    }
+    Ok(())
+}

@@ -58,6 +58,7 @@ async fn watch_services<H: isthmus_core::xds::XdsHandler + Default>(
         handler: recorder.clone(),
         health: None,
         certificate: None,
+        peer_links: None,
         first_config: None,
     };
     Ok((recorder, tokio::spawn(client.run())))
