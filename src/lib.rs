@@ -7,6 +7,7 @@ pub mod children;
 pub mod client;
 pub mod demo;
 pub mod echo;
+pub mod explain;
 pub mod operator;
 pub mod process;
 pub mod status;

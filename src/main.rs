@@ -97,6 +97,31 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:15014", value_parser = resolve_addr)]
         controller_admin: SocketAddr,
     },
+    /// Explain how a workload's sidecar would route a request, step by step with each
+    /// reason, from its live config and health: the name's resolution, the registry entry
+    /// (this cluster's endpoints, the clusters that export it and how current each is),
+    /// the route and policy, the candidates by locality tier with why any is out (ejected,
+    /// cluster unreachable), and the choice. Nothing is sent.
+    Explain {
+        /// The host the app calls, with its port if not the service's first: e.g.
+        /// echo.demo.svc.cluster.local or reviews:9080.
+        host: String,
+        /// The source workload's sidecar admin listener (its --admin).
+        #[arg(long, default_value = "127.0.0.1:15000", value_parser = resolve_addr)]
+        proxy_admin: SocketAddr,
+        /// The request's path (with its query), for route matching.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// The request's method, for route matching.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// A request header, `name:value`, for route matching; repeatable.
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// Print the sidecar's answer as JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Mint bootstrap tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -1064,6 +1089,7 @@ async fn main_async(cli: Cli) -> std::process::ExitCode {
         | Command::Status { .. }
         | Command::Token(_)
         | Command::Root(_)
+        | Command::Explain { .. }
         | Command::Cluster(_)
         | Command::Install(_)
         | Command::Iptables(_)
@@ -1156,6 +1182,28 @@ async fn run(
                 removed.withdrawn_services,
                 removed.refused_from_unix
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Explain {
+            host,
+            proxy_admin,
+            path,
+            method,
+            headers,
+            json,
+        } => {
+            let req = isthmus::explain::Request {
+                host: &host,
+                path: &path,
+                method: &method,
+                headers: &headers,
+            };
+            let answer = isthmus::explain::fetch(proxy_admin, &req).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                print!("{}", isthmus::explain::render(&answer));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Root(RootCommand::Status { at }) => {

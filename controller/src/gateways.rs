@@ -184,9 +184,19 @@ mod tests {
         let since = g.unreachable()["west"];
         assert!(!g.links(&gw(2), &["west".into()]), "no change");
         assert!(g.links(&gw(2), &["west".into(), "eu".into()]));
-        assert_eq!(g.unreachable()["west"], since, "still down since the first report");
-        assert!(!g.links(&gw(9), &["north".into()]), "an unknown gateway is ignored");
+        assert_eq!(
+            g.unreachable()["west"],
+            since,
+            "still down since the first report"
+        );
+        assert!(
+            !g.links(&gw(9), &["north".into()]),
+            "an unknown gateway is ignored"
+        );
         g.closed(&gw(2));
-        assert!(g.unreachable().is_empty(), "a gone gateway's view is dropped");
+        assert!(
+            g.unreachable().is_empty(),
+            "a gone gateway's view is dropped"
+        );
     }
 }

@@ -21,6 +21,9 @@ use crate::readiness::Readiness;
 
 /// Produces the JSON served on `/config_dump`.
 pub type ConfigDump = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+/// Answers `/explain?<query>` (sidecars: how a request would be routed), or says what is
+/// wrong with the query.
+pub type Explain = Arc<dyn Fn(&str) -> Result<serde_json::Value, String> + Send + Sync>;
 /// Changes the log filter (`/logging?level=...`); returns the filter now in force.
 pub type LogControl = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
 
@@ -30,6 +33,8 @@ pub struct Admin {
     pub readiness: Readiness,
     pub dump: ConfigDump,
     pub logging: Option<LogControl>,
+    /// `/explain`, where the component has one.
+    pub explain: Option<Explain>,
 }
 
 /// Seconds since the Unix epoch, as every `/config_dump` writes times (`*_unix`) and the
@@ -211,6 +216,16 @@ async fn handle(
             let body = serde_json::to_vec_pretty(&(admin.dump)()).unwrap_or_default();
             text(StatusCode::OK, body)
         }
+        (&Method::GET, "/explain") if admin.explain.is_some() => {
+            let explain = admin.explain.as_ref().expect("checked");
+            match explain(req.uri().query().unwrap_or_default()) {
+                Ok(v) => text(
+                    StatusCode::OK,
+                    serde_json::to_vec_pretty(&v).unwrap_or_default(),
+                ),
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        }
         (&Method::POST, "/logging") => {
             let Some(control) = &admin.logging else {
                 return text(StatusCode::NOT_FOUND, "log control not available\n");
@@ -260,6 +275,7 @@ mod tests {
             readiness: Readiness::default(),
             dump: Arc::new(|| serde_json::json!({"secret": "config"})),
             logging: None,
+            explain: None,
         };
         let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let server = AdminServer::bind(local, Some(local), admin)

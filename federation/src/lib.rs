@@ -115,6 +115,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             dump
         }),
         logging: None,
+        explain: None,
     };
     let admin = AdminServer::bind(config.admin_addr, config.metrics_addr, admin)
         .await

@@ -122,6 +122,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             })
         },
         logging: None,
+        explain: None,
     };
     let admin = AdminServer::bind(config.admin_addr, config.metrics_addr, admin)
         .await

@@ -104,6 +104,15 @@ impl EndpointHealth {
         self.ejected_until.load(Ordering::Relaxed) > self.now_ms()
     }
 
+    /// How long the ejection still lasts; zero when not ejected.
+    pub fn ejected_for(&self) -> std::time::Duration {
+        let left = self
+            .ejected_until
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.now_ms());
+        std::time::Duration::from_millis(left)
+    }
+
     /// Whether the endpoint came back from an ejection and has not been probed since.
     /// Requests go elsewhere while one is left, so a peer that is still hung costs a
     /// background connect, not a request's wait.
@@ -355,6 +364,137 @@ pub fn pick(
     tried: &[Arc<EndpointHealth>],
     sel: Selection<'_>,
 ) -> Option<Target> {
+    let mut candidates = candidates(svc, from, mesh, &sel);
+    candidates.retain(|(_, _, t)| !tried.iter().any(|h| Arc::ptr_eq(h, t.health())));
+    let healthy = candidates.iter().filter(|(_, ejected, _)| !ejected).count();
+    if sel.min_health_percent > 0
+        && (healthy * 100) < candidates.len() * sel.min_health_percent as usize
+    {
+        for c in &mut candidates {
+            c.1 = false;
+        }
+    }
+    let usable = candidates.iter().any(|(_, ejected, _)| !ejected);
+    candidates.retain(|(_, ejected, _)| !usable || !ejected);
+    let best = candidates.iter().map(|(p, _, _)| *p).min()?;
+    let mut tier: Vec<Candidate<'_>> = candidates
+        .into_iter()
+        .filter(|(p, _, _)| *p == best)
+        .map(|(_, _, t)| t)
+        .collect();
+    let i = match sel.load_balancer.unwrap_or(&LoadBalancer::RoundRobin) {
+        LoadBalancer::ConsistentHash(_) if sel.hash.is_some() => {
+            rendezvous(&tier, sel.hash.unwrap_or(0))
+        }
+        LoadBalancer::RoundRobin | LoadBalancer::ConsistentHash(_) => {
+            svc.cursor.fetch_add(1, Ordering::Relaxed) % tier.len()
+        }
+        LoadBalancer::Random => rand::random_range(0..tier.len()),
+        LoadBalancer::LeastRequest => {
+            // Power of two choices: the less busy of two random endpoints.
+            let (a, b) = (
+                rand::random_range(0..tier.len()),
+                rand::random_range(0..tier.len()),
+            );
+            let load = |i: usize| tier[i].health().active.load(Ordering::Relaxed);
+            if load(b) < load(a) {
+                b
+            } else {
+                a
+            }
+        }
+    };
+    Some(match tier.swap_remove(i) {
+        Candidate::Local(ep) => Target::Local {
+            address: ep.tunnel_address,
+            identity: ep.identity.clone(),
+            health: ep.health.clone(),
+        },
+        Candidate::Remote(rc) => Target::Remote {
+            cluster: rc.cluster.clone(),
+            identities: rc.identities.clone(),
+            health: rc.health.clone(),
+            subset: sel.labels.map(encode_labels).unwrap_or_default(),
+            endpoint: rc.endpoint.clone(),
+        },
+    })
+}
+
+/// One candidate as `isthmus explain` shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct CandidateView {
+    /// Lower tiers are used first; a tier is used only when every lower one has nothing
+    /// usable left.
+    pub tier: u32,
+    /// `endpoint` (in this cluster) or `cluster` (through the gateways).
+    pub kind: &'static str,
+    pub name: String,
+    pub locality: String,
+    /// Why it is out (used only when nothing else is left), if it is.
+    pub out: Option<String>,
+}
+
+/// The candidates [`pick`] weighs for `sel`, with their tiers and why any is out.
+pub fn explain(
+    svc: &Service,
+    from: &Locality,
+    mesh: &MeshInfo,
+    sel: Selection<'_>,
+) -> Vec<CandidateView> {
+    let now = isthmus_core::admin::unix_seconds(std::time::SystemTime::now());
+    let mut views: Vec<CandidateView> = candidates(svc, from, mesh, &sel)
+        .into_iter()
+        .map(|(tier, _, c)| {
+            let ejected = c.health().is_ejected().then(|| {
+                format!(
+                    "ejected by outlier detection for {} ms more (it failed requests)",
+                    c.health().ejected_for().as_millis()
+                )
+            });
+            match c {
+                Candidate::Local(ep) => CandidateView {
+                    tier,
+                    kind: "endpoint",
+                    name: format!("{} at {}", ep.workload, ep.tunnel_address),
+                    locality: ep.locality.to_string(),
+                    out: ejected,
+                },
+                Candidate::Remote(rc) => {
+                    let unreachable = mesh.unreachable.get(&*rc.cluster).map(|since| {
+                        format!(
+                            "unreachable for {}s: this cluster's gateway has no live link to {}'s gateway",
+                            now.saturating_sub(*since),
+                            rc.cluster
+                        )
+                    });
+                    CandidateView {
+                        tier,
+                        kind: "cluster",
+                        name: rc.cluster.to_string(),
+                        locality: rc.locality.to_string(),
+                        out: unreachable.or(ejected),
+                    }
+                }
+            }
+        })
+        .collect();
+    // Tiers as people count them: 0, 1, 2... in the order they are tried.
+    let ranks: std::collections::BTreeSet<u32> = views.iter().map(|v| v.tier).collect();
+    for v in &mut views {
+        v.tier = ranks.iter().position(|r| *r == v.tier).unwrap_or(0) as u32;
+    }
+    views.sort_by_key(|v| v.tier);
+    views
+}
+
+/// Every endpoint and remote cluster a request may use, with its tier (lower first) and
+/// whether it is out (ejected, or its cluster unreachable).
+fn candidates<'a>(
+    svc: &'a Service,
+    from: &Locality,
+    mesh: &MeshInfo,
+    sel: &Selection<'_>,
+) -> Vec<(u32, bool, Candidate<'a>)> {
     let mut candidates: Vec<(u32, bool, Candidate<'_>)> = Vec::new();
     let share = distribution(sel.locality, from);
     // With `distribute`, endpoints in the chosen locality form the first tier.
@@ -412,59 +552,7 @@ pub fn pick(
             candidates.push((r, out, Candidate::Remote(rc)));
         }
     }
-    candidates.retain(|(_, _, t)| !tried.iter().any(|h| Arc::ptr_eq(h, t.health())));
-    let healthy = candidates.iter().filter(|(_, ejected, _)| !ejected).count();
-    if sel.min_health_percent > 0
-        && (healthy * 100) < candidates.len() * sel.min_health_percent as usize
-    {
-        for c in &mut candidates {
-            c.1 = false;
-        }
-    }
-    let usable = candidates.iter().any(|(_, ejected, _)| !ejected);
-    candidates.retain(|(_, ejected, _)| !usable || !ejected);
-    let best = candidates.iter().map(|(p, _, _)| *p).min()?;
-    let mut tier: Vec<Candidate<'_>> = candidates
-        .into_iter()
-        .filter(|(p, _, _)| *p == best)
-        .map(|(_, _, t)| t)
-        .collect();
-    let i = match sel.load_balancer.unwrap_or(&LoadBalancer::RoundRobin) {
-        LoadBalancer::ConsistentHash(_) if sel.hash.is_some() => {
-            rendezvous(&tier, sel.hash.unwrap_or(0))
-        }
-        LoadBalancer::RoundRobin | LoadBalancer::ConsistentHash(_) => {
-            svc.cursor.fetch_add(1, Ordering::Relaxed) % tier.len()
-        }
-        LoadBalancer::Random => rand::random_range(0..tier.len()),
-        LoadBalancer::LeastRequest => {
-            // Power of two choices: the less busy of two random endpoints.
-            let (a, b) = (
-                rand::random_range(0..tier.len()),
-                rand::random_range(0..tier.len()),
-            );
-            let load = |i: usize| tier[i].health().active.load(Ordering::Relaxed);
-            if load(b) < load(a) {
-                b
-            } else {
-                a
-            }
-        }
-    };
-    Some(match tier.swap_remove(i) {
-        Candidate::Local(ep) => Target::Local {
-            address: ep.tunnel_address,
-            identity: ep.identity.clone(),
-            health: ep.health.clone(),
-        },
-        Candidate::Remote(rc) => Target::Remote {
-            cluster: rc.cluster.clone(),
-            identities: rc.identities.clone(),
-            health: rc.health.clone(),
-            subset: sel.labels.map(encode_labels).unwrap_or_default(),
-            endpoint: rc.endpoint.clone(),
-        },
-    })
+    candidates
 }
 
 #[cfg(test)]

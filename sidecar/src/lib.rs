@@ -20,6 +20,7 @@ mod convert;
 pub mod dns;
 mod egress;
 mod errors;
+mod explain;
 mod ext_authz;
 mod inbound;
 pub mod ingress;
@@ -182,6 +183,10 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             Arc::new(move || dump(&cfg, &store.current(), cert.get()))
         },
         logging: config.log_control.clone(),
+        explain: Some({
+            let (store, cfg) = (store.clone(), config.clone());
+            Arc::new(move |query: &str| explain::explain(&cfg, &store.current(), query))
+        }),
     };
     let admin = AdminServer::bind(config.admin_addr, config.metrics_addr, admin)
         .await

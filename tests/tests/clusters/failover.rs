@@ -59,6 +59,47 @@ async fn failover_to_eu_when_west_gateway_dies_too_and_back_to_west_when_it_retu
 
     mesh.kill_gateway("west");
     settles_in(&traffic, "eu", 30, Duration::from_secs(15)).await?;
+    // `isthmus explain` from the client's sidecar names the cluster that failed, and why.
+    let admin = mesh.workload("east", "client").admin();
+    let req = isthmus::explain::Request {
+        host: HOST,
+        path: "/",
+        method: "GET",
+        headers: &[],
+    };
+    let text = eventually(
+        "explain to see west unreachable",
+        Duration::from_secs(5),
+        || async {
+            let text = isthmus::explain::render(&isthmus::explain::fetch(admin, &req).await?);
+            anyhow::ensure!(text.contains("OUT, unreachable"), "{text}");
+            Ok(text)
+        },
+    )
+    .await?;
+    eprintln!("{text}");
+    assert!(
+        text.contains("1. name: echo.demo.svc.cluster.local is service demo/echo"),
+        "{text}"
+    );
+    assert!(
+        text.contains("exported by west (us-west/zone-a): entry current"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cluster west (us-west/zone-a): OUT, unreachable for")
+            && text.contains("this cluster's gateway has no live link to west's gateway"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cluster eu (eu-central/zone-a): usable"),
+        "{text}"
+    );
+    assert!(
+        text.contains("choice: cluster eu through the gateway at"),
+        "{text}"
+    );
+    assert!(text.contains("cluster west is out (unreachable"), "{text}");
 
     mesh.start_gateway("west").await?;
     let east_gw = mesh
