@@ -291,7 +291,7 @@ impl Bench {
             let ca = isthmus_core::ca_client::CaClient {
                 address: controller_addr(c, 15012),
                 controller: controller.clone(),
-                bootstrap_bundle_pem: bundle.clone(),
+                bootstrap: isthmus_core::ca_client::Roots::Inline(bundle.clone()),
                 token: Some(isthmus_core::ca_client::Token::Inline(token)),
                 identity: SpiffeId::new(TRUST_DOMAIN, NAMESPACE, "probe"),
             };

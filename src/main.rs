@@ -651,7 +651,11 @@ struct ProxyArgs {
     /// The cluster controller's gRPC address, as host:port (a name is resolved at start).
     #[arg(long, value_parser = resolve_addr)]
     controller: SocketAddr,
-    /// PEM root(s) to verify the controller with before the first certificate.
+    /// PEM root(s) to verify the controller with before the first certificate. Read again
+    /// at every first request, so a file replaced after a root rotation (the federation's
+    /// new root-cert.pem) is what a proxy starting later trusts. With --root-pem too, those
+    /// roots serve until the file exists (an injected sidecar, before the controller has
+    /// written its namespace's isthmus-ca-root-cert ConfigMap).
     #[arg(long, required_unless_present = "root_pem")]
     root: Option<PathBuf>,
     /// The same roots given inline, as injected sidecars get them.
@@ -668,11 +672,25 @@ struct ProxyArgs {
 }
 
 impl ProxyArgs {
-    /// The bootstrap roots, from --root or --root-pem.
-    fn roots(&self) -> anyhow::Result<String> {
+    /// The bootstrap roots, from --root (checked now, read again at each first request)
+    /// or --root-pem.
+    fn roots(&self) -> anyhow::Result<isthmus_core::ca_client::Roots> {
+        use isthmus_core::ca_client::Roots;
         match (&self.root, &self.root_pem) {
-            (Some(path), _) => read_pem(path),
-            (None, Some(pem)) => Ok(pem.clone()),
+            // Injected sidecars: the mounted ConfigMap, and the roots at injection until
+            // it appears.
+            (Some(path), Some(pem)) => Ok(Roots::File {
+                path: path.clone(),
+                fallback: Some(pem.clone()),
+            }),
+            (Some(path), None) => {
+                read_pem(path)?;
+                Ok(Roots::File {
+                    path: path.clone(),
+                    fallback: None,
+                })
+            }
+            (None, Some(pem)) => Ok(Roots::Inline(pem.clone())),
             (None, None) => anyhow::bail!("--root or --root-pem is required"),
         }
     }
@@ -1333,7 +1351,7 @@ async fn run(
                 cluster: a.proxy.cluster,
                 trust_domain: a.proxy.trust_domain,
                 controller_addr: a.proxy.controller,
-                bootstrap_bundle_pem: roots,
+                bootstrap: roots,
                 token,
                 tunnel_addr: a.tunnel,
                 quic_addr: a.quic,
@@ -1362,7 +1380,7 @@ async fn run(
                 service_account: a.service_account,
                 locality,
                 controller_addr: a.proxy.controller,
-                bootstrap_bundle_pem: roots,
+                bootstrap: roots,
                 token,
                 outbound_addr: a.outbound,
                 capture_inbound_addr: a.capture_inbound,

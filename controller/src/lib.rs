@@ -247,6 +247,12 @@ async fn start_kubernetes(
         lease,
         leading,
     ));
+    running.spawn(isthmus_kubernetes::root_cert::run(
+        client.clone(),
+        state.trust.subscribe(),
+        |t: &Arc<trust::Issuing>| t.bundle_pem.clone(),
+        leader.clone(),
+    ));
     let (imports, follow_registry) = registry_imports(&config.cluster, global);
     running.spawn(follow_registry);
     running.spawn(isthmus_kubernetes::imports::run(

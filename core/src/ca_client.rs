@@ -25,6 +25,8 @@ pub enum CaClientError {
     Csr(#[from] crate::tls::ca::CaError),
     #[error("cannot read the token: {0}")]
     Token(#[source] std::io::Error),
+    #[error("cannot read the bootstrap roots: {0}")]
+    Roots(#[source] std::io::Error),
     #[error("the CA at {addr} refused: {status}")]
     Refused {
         addr: SocketAddr,
@@ -52,6 +54,35 @@ impl Token {
     }
 }
 
+/// The roots that verify the controller before the first certificate.
+#[derive(Debug, Clone)]
+pub enum Roots {
+    /// Given as is.
+    Inline(String),
+    /// Read from a file at every first request: the trust anchor file an operator (or a
+    /// mounted ConfigMap) replaces after a root rotation, so a proxy that starts, or
+    /// restarts, later still trusts the controller's certificate. While the file does
+    /// not exist (a ConfigMap not written yet), `fallback` is used if given.
+    File {
+        path: std::path::PathBuf,
+        fallback: Option<String>,
+    },
+}
+
+impl Roots {
+    pub fn read(&self) -> std::io::Result<String> {
+        match self {
+            Roots::Inline(pem) => Ok(pem.clone()),
+            Roots::File { path, fallback } => match std::fs::read_to_string(path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && fallback.is_some() => {
+                    Ok(fallback.clone().unwrap_or_default())
+                }
+                other => other,
+            },
+        }
+    }
+}
+
 /// Where and how to ask for certificates.
 #[derive(Debug, Clone)]
 pub struct CaClient {
@@ -60,7 +91,7 @@ pub struct CaClient {
     /// The identity the controller must present.
     pub controller: SpiffeId,
     /// Roots to trust before the first certificate arrives.
-    pub bootstrap_bundle_pem: String,
+    pub bootstrap: Roots,
     /// Proof of identity for the first request.
     pub token: Option<Token>,
     /// The identity to ask for.
@@ -74,7 +105,10 @@ impl CaClient {
         let policy = PeerPolicy::OneOf(vec![self.controller.clone()]);
         let config = match current {
             Some(id) => id.client_config(policy, &[ALPN_H2]),
-            None => anonymous_client_config(&self.bootstrap_bundle_pem, policy)?,
+            None => {
+                let roots = self.bootstrap.read().map_err(CaClientError::Roots)?;
+                anonymous_client_config(&roots, policy)?
+            }
         };
         let (key, csr_pem) = leaf_csr(&self.identity)?;
         let mut req = tonic::Request::new(CertificateRequest { csr_pem });

@@ -32,7 +32,7 @@ pub struct Config {
     pub cluster: String,
     pub trust_domain: String,
     pub controller_addr: SocketAddr,
-    pub bootstrap_bundle_pem: String,
+    pub bootstrap: isthmus_core::ca_client::Roots,
     pub token: Option<isthmus_core::ca_client::Token>,
     /// Tunnel listener for local sidecars (15008).
     pub tunnel_addr: SocketAddr,
@@ -141,7 +141,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let ca = CaClient {
         address: config.controller_addr,
         controller: SpiffeId::controller(&config.trust_domain, &config.cluster),
-        bootstrap_bundle_pem: config.bootstrap_bundle_pem.clone(),
+        bootstrap: config.bootstrap.clone(),
         token: config.token.clone(),
         identity: SpiffeId::new(
             &config.trust_domain,

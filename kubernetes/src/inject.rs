@@ -42,6 +42,8 @@ pub const NAMESPACE_LABELS: &[(&str, &str)] = &[
     ("isthmus.io/inject", "enabled"),
 ];
 const TOKEN_MOUNT: &str = "/var/run/secrets/isthmus";
+/// Where the namespace's `isthmus-ca-root-cert` ConfigMap is mounted (see `root_cert`).
+const ROOT_MOUNT: &str = "/var/run/isthmus/root";
 
 /// What every injected sidecar is told.
 #[derive(Debug, Clone)]
@@ -142,6 +144,9 @@ pub fn patch(pod: &Pod, t: &Template) -> Option<Value> {
         format!("--service-account={service_account}"),
         format!("--controller={}", t.controller),
         format!("--token-file={TOKEN_MOUNT}/token"),
+        // The current roots, kept by the controller; ISTHMUS_ROOT_PEM (the roots at
+        // injection) serves until the ConfigMap appears.
+        format!("--root={ROOT_MOUNT}/{}", crate::root_cert::KEY),
         "--outbound=0.0.0.0:15001".into(),
         "--capture-inbound=0.0.0.0:15006".into(),
         "--inbound=0.0.0.0:15008".into(),
@@ -173,10 +178,13 @@ pub fn patch(pod: &Pod, t: &Template) -> Option<Value> {
         "securityContext": {"runAsUser": 1337, "runAsGroup": 1337, "runAsNonRoot": true,
                             "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
                             "capabilities": {"drop": ["ALL"]}},
-        "volumeMounts": [{"name": "isthmus-token", "mountPath": TOKEN_MOUNT, "readOnly": true}],
+        "volumeMounts": [{"name": "isthmus-token", "mountPath": TOKEN_MOUNT, "readOnly": true},
+                         {"name": "isthmus-ca-root-cert", "mountPath": ROOT_MOUNT, "readOnly": true}],
     });
     let volume = json!({"name": "isthmus-token", "projected": {"sources": [
         {"serviceAccountToken": {"audience": CA_AUDIENCE, "expirationSeconds": 43200, "path": "token"}}]}});
+    let root_volume = json!({"name": "isthmus-ca-root-cert",
+        "configMap": {"name": crate::root_cert::CONFIGMAP, "optional": true}});
     let spec = pod.spec.as_ref();
     let mut ops = Vec::new();
     // The capture step and the sidecar go first among the init containers, in that order.
@@ -188,12 +196,13 @@ pub fn patch(pod: &Pod, t: &Template) -> Option<Value> {
     }
     if spec.is_some_and(|s| s.volumes.as_ref().is_some_and(|v| !v.is_empty())) {
         ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
+        ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": root_volume}));
     } else {
-        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]}));
+        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume, root_volume]}));
     }
     let status = "sidecar.istio.io/status";
     let injected =
-        json!({"initContainers": [INIT, PROXY], "volumes": ["isthmus-token"]}).to_string();
+        json!({"initContainers": [INIT, PROXY], "volumes": ["isthmus-token", "isthmus-ca-root-cert"]}).to_string();
     if annotations.is_empty() {
         ops.push(
             json!({"op": "add", "path": "/metadata/annotations", "value": {status: injected}}),
@@ -271,7 +280,7 @@ mod tests {
             .flatten()
             .map(|v| v.name.as_str())
             .collect();
-        assert_eq!(volumes, ["data", "isthmus-token"]);
+        assert_eq!(volumes, ["data", "isthmus-token", "isthmus-ca-root-cert"]);
         let status = injected
             .metadata
             .annotations

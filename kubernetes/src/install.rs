@@ -77,7 +77,12 @@ pub fn controller_rules() -> Vec<Rule> {
             &["list", "watch"],
         ),
         // Istio's mesh config (ConfigMap istio-system/istio); only istio-system is watched.
-        rule(&[""], &["configmaps".into()], &["list", "watch"]),
+        // The trust bundle's ConfigMap in every namespace (`root_cert`) is read and written.
+        rule(
+            &[""],
+            &["configmaps".into()],
+            &["list", "watch", "create", "update"],
+        ),
     ];
     let mut groups: Vec<&str> = MESH_KINDS.iter().map(|k| k.group).collect();
     groups.dedup();

@@ -29,6 +29,7 @@ pub mod install;
 pub mod lease;
 mod platform;
 mod resources;
+pub mod root_cert;
 mod source;
 pub mod status;
 pub mod webhook;

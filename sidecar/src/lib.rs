@@ -71,7 +71,7 @@ pub struct Config {
     pub locality: Locality,
     pub controller_addr: SocketAddr,
     /// PEM roots to verify the controller before the first certificate.
-    pub bootstrap_bundle_pem: String,
+    pub bootstrap: isthmus_core::ca_client::Roots,
     /// Proof of the workload's identity on first issue: a bootstrap token, or the pod's
     /// projected service-account token file.
     pub token: Option<isthmus_core::ca_client::Token>,
@@ -206,7 +206,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let ca = CaClient {
         address: config.controller_addr,
         controller: SpiffeId::controller(&config.trust_domain, &config.cluster),
-        bootstrap_bundle_pem: config.bootstrap_bundle_pem.clone(),
+        bootstrap: config.bootstrap.clone(),
         token: config.token.clone(),
         identity: SpiffeId::new(
             &config.trust_domain,

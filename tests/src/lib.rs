@@ -368,7 +368,7 @@ impl Mesh {
             cluster: c.name.clone(),
             trust_domain: TRUST_DOMAIN.into(),
             controller_addr: c.controller_addr,
-            bootstrap_bundle_pem: bundle,
+            bootstrap: isthmus_core::ca_client::Roots::Inline(bundle),
             token: Some(isthmus_core::ca_client::Token::Inline(token)),
             tunnel_addr: SocketAddr::new(gw_ip, 15008),
             quic_addr: SocketAddr::new(gw_ip, 15443),
@@ -652,7 +652,7 @@ async fn start_sidecar(
         service_account: w.service_account.clone(),
         locality: locality_of(&c.name),
         controller_addr: c.controller_addr,
-        bootstrap_bundle_pem: bundle.to_owned(),
+        bootstrap: isthmus_core::ca_client::Roots::Inline(bundle.to_owned()),
         token: Some(token),
         outbound_addr: SocketAddr::new(a, 15001),
         capture_inbound_addr: None,
@@ -853,7 +853,7 @@ impl Mesh {
         Ok(isthmus_core::ca_client::CaClient {
             address: c.controller_addr,
             controller: isthmus_core::identity::SpiffeId::controller(TRUST_DOMAIN, &c.name),
-            bootstrap_bundle_pem: bundle,
+            bootstrap: isthmus_core::ca_client::Roots::Inline(bundle),
             token: Some(isthmus_core::ca_client::Token::Inline(token)),
             identity: isthmus_core::identity::SpiffeId::new(TRUST_DOMAIN, namespace, asked_sa),
         })

@@ -658,6 +658,15 @@ async fn the_rendered_rbac_covers_exactly_what_the_controller_calls() -> anyhow:
         .await?;
     rejected_in(&mut mesh, "east", "broken").await?;
     isthmus_tests::reachable(outbound, HOST).await?;
+    // A root rotation changes the trust bundle, which the controller rewrites in every
+    // namespace's isthmus-ca-root-cert.
+    isthmus::operator::Operator {
+        federation: mesh.federation_addr,
+        state_dir: mesh.fed_state.clone(),
+        trust_domain: isthmus_tests::TRUST_DOMAIN.into(),
+    }
+    .ask(&isthmus::operator::Ask::Start(None))
+    .await?;
 
     let controller = |a: &isthmus_tests::apiserver::Access| {
         a.user == "system:serviceaccount:isthmus-system:isthmus-controller"
@@ -788,6 +797,7 @@ async fn new_pods_of_labelled_namespaces_get_the_sidecar_and_capture_and_others_
         "--service-account=reviews",
         "--controller=isthmus-controller.isthmus-system.svc:15012",
         "--app=127.0.0.1:9080",
+        "--root=/var/run/isthmus/root/root-cert.pem",
     ] {
         assert!(args.iter().any(|a| a == want), "{want} in {args:?}");
     }
@@ -858,5 +868,76 @@ async fn istio_s_mesh_config_map_names_the_external_authorization_providers() ->
     mesh.kubectl_apply("west", &mesh_config(81)).await?;
     status_of("/checked", 503).await?;
     status_of("/", 200).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_namespace_holds_the_current_trust_bundle_through_a_root_rotation(
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let mut mesh = Mesh::start_with_kubernetes(&["east"], &["east"]).await?;
+    mesh.kubectl_apply(
+        "east",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n",
+    )
+    .await?;
+    let kube = mesh.api("east").client().await?;
+    let bundle_in = |ns: &'static str| {
+        let kube = kube.clone();
+        async move {
+            let cm = Api::<ConfigMap>::namespaced(kube, ns)
+                .get_opt(isthmus_kubernetes::root_cert::CONFIGMAP)
+                .await?;
+            let pem = cm
+                .and_then(|c| c.data)
+                .and_then(|d| d.get(isthmus_kubernetes::root_cert::KEY).cloned())
+                .unwrap_or_default();
+            anyhow::Ok(isthmus_core::tls::bundle::fingerprints(&pem))
+        }
+    };
+    let old = isthmus_core::tls::bundle::fingerprints(&mesh.bundle_pem);
+    // A namespace created after the controller started gets it at the next resync; the
+    // controller's own namespace at once.
+    eventually(
+        "the bundle in isthmus-system",
+        Duration::from_secs(10),
+        || async {
+            anyhow::ensure!(bundle_in("isthmus-system").await? == old);
+            Ok(())
+        },
+    )
+    .await?;
+    let operator = isthmus::operator::Operator {
+        federation: mesh.federation_addr,
+        state_dir: mesh.fed_state.clone(),
+        trust_domain: isthmus_tests::TRUST_DOMAIN.into(),
+    };
+    let started = operator.ask(&isthmus::operator::Ask::Start(None)).await?;
+    let both = vec![old[0].clone(), started.to_root.clone()];
+    eventually(
+        "both roots in every namespace",
+        Duration::from_secs(40),
+        || async {
+            for ns in ["isthmus-system", "shop"] {
+                anyhow::ensure!(bundle_in(ns).await? == both, "{ns}");
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    operator
+        .rotate(
+            isthmus::operator::Ask::Start(None),
+            true,
+            Duration::from_secs(60),
+        )
+        .await?;
+    eventually("only the new root", Duration::from_secs(10), || async {
+        for ns in ["isthmus-system", "shop"] {
+            anyhow::ensure!(bundle_in(ns).await? == [started.to_root.clone()], "{ns}");
+        }
+        Ok(())
+    })
+    .await?;
     Ok(())
 }
