@@ -550,6 +550,14 @@ struct FederationArgs {
     /// endpoint, traffic goes to TO before other regions.
     #[arg(long, value_parser = parse_failover)]
     failover: Vec<(String, String)>,
+    /// Lifetime of each cluster's CA. It bounds how long a cluster keeps issuing
+    /// certificates while the federation is away (no certificate outlives its CA);
+    /// controllers renew their CA in place at half-life while the federation is reachable.
+    #[arg(long, default_value = "8760h", value_parser = parse_duration)]
+    cluster_ca_ttl: Duration,
+    /// Lifetime of each controller's own certificate, renewed in place at half-life.
+    #[arg(long, default_value = "720h", value_parser = parse_duration)]
+    controller_cert_ttl: Duration,
 }
 
 #[derive(Args)]
@@ -1305,6 +1313,8 @@ async fn run(
                 root_cert: a.root_cert,
                 root_key: a.root_key,
                 failover: a.failover,
+                cluster_ca_ttl: a.cluster_ca_ttl,
+                controller_cert_ttl: a.controller_cert_ttl,
             };
             tracing::info!(?config, "starting federation");
             serve!(isthmus_federation::build(config).await?, exit_with_stdin)

@@ -36,7 +36,19 @@ fn ago(unix: Option<u64>, now: SystemTime) -> String {
         return "-".into();
     };
     let now = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let secs = now.saturating_sub(then);
+    span(now.saturating_sub(then))
+}
+
+/// How far ahead `unix` is.
+fn ahead(unix: Option<u64>, now: SystemTime) -> String {
+    let Some(then) = unix else {
+        return "-".into();
+    };
+    let now = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    span(then.saturating_sub(now))
+}
+
+fn span(secs: u64) -> String {
     match secs {
         0..=119 => format!("{secs}s"),
         120..=7199 => format!("{}m", secs / 60),
@@ -76,6 +88,17 @@ pub fn render(dump: &serde_json::Value, now: SystemTime) -> String {
             );
         }
         None => {}
+    }
+    // How long this cluster issues certificates, with or without the federation.
+    let ca = &dump["ca"];
+    if ca.is_object() {
+        let _ = writeln!(
+            out,
+            "cluster CA {}: issues for {} more (until it expires, even without the federation); renewed in place in {}",
+            ca["fingerprint"].as_str().unwrap_or("?"),
+            ahead(ca["issues_until_unix"].as_u64(), now),
+            ahead(ca["renew_at_unix"].as_u64(), now),
+        );
     }
     // Clusters the federation keeps but no longer hears from.
     if let Some(stale) = fed["clusters_stale_since_unix"].as_object() {
@@ -187,7 +210,8 @@ mod tests {
         );
         let up = serde_json::json!({"cluster": "east", "config": {}, "proxies": [],
             "federation": {"connected": true, "since_unix": 400, "last_update_unix": 998,
-                "clusters_stale_since_unix": {"west": 990}}});
+                "clusters_stale_since_unix": {"west": 990}},
+            "ca": {"fingerprint": "0123456789ab", "issues_until_unix": 8200, "renew_at_unix": 4600}});
         let table = render(&up, now);
         assert!(
             table.contains("federation: connected for 10m; last registry update 2s ago"),
@@ -197,6 +221,10 @@ mod tests {
             table.contains(
                 "cluster west: not reporting to the federation; its entries stale since 10s ago"
             ),
+            "{table}"
+        );
+        assert!(
+            table.contains("cluster CA 0123456789ab: issues for 2h more (until it expires, even without the federation); renewed in place in 60m"),
             "{table}"
         );
     }

@@ -411,6 +411,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let (status_tx, status_rx) = watch::channel(initial_status);
     let global = Arc::new(federation::GlobalState::load(&config.state_dir));
     global.register_metrics(metrics);
+    let trust_metrics = trust::TrustMetrics::default();
+    trust_metrics.register(metrics);
     let getter = isthmus_core::fetch::Getter::new(config.jwks_extra_roots_pem.as_deref())
         .context("the trust roots for fetching JWT issuers' keys")?;
     let jwks = jwks::Resolver::new(getter, config.jwks_refresh);
@@ -464,10 +466,12 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             let status = status_rx.clone();
             let proxies = discovery.proxies();
             let link = global.clone();
+            let (trust, identity) = (state.trust.clone(), state.identity.clone());
             Arc::new(move || {
                 let mut dump = registry.dump(&status.borrow());
                 dump["proxies"] = proxies.dump();
                 dump["federation"] = link.dump();
+                dump["ca"] = trust.dump(&identity);
                 dump
             })
         },
@@ -506,6 +510,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         state.trust.clone(),
         state.identity.clone(),
         global.clone(),
+        trust_metrics,
     ));
     running.spawn(global.clone().persist());
     let (trust_tx, trust_rx) = watch::channel(Default::default());

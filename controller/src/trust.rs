@@ -246,7 +246,9 @@ impl Issuing {
     pub fn for_tests() -> Self {
         let (root, _) = CertificateAuthority::new_root("td").expect("root");
         let (key, csr) = isthmus_core::tls::ca::ca_csr().expect("csr");
-        let cert = root.sign_intermediate(&csr, "east", "td").expect("sign");
+        let cert = root
+            .sign_intermediate(&csr, "east", "td", isthmus_core::tls::ca::INTERMEDIATE_TTL)
+            .expect("sign");
         let bundle_pem = root.bundle_pem().to_owned();
         let ca = CertificateAuthority::from_pem(
             &cert,
@@ -329,11 +331,13 @@ pub async fn follow(
     trust: Trust,
     identity: TlsIdentity,
     link: Arc<crate::federation::GlobalState>,
+    metrics: TrustMetrics,
 ) {
     let mut global = link.subscribe();
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
+        metrics.observe(&trust, &identity);
         let heard = link.link().last_update.is_some();
         let meta = if heard {
             global.borrow_and_update().meta.clone()
@@ -359,7 +363,8 @@ pub async fn follow(
                 Ok(()) => {
                     tracing::info!(cluster = %config.cluster, why, "cluster CA and controller certificate reissued");
                     backoff.reset();
-                    retry_at = None;
+                    // Not again within a second, whatever lifetimes the federation gives.
+                    retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
                 }
                 Err(e) => {
                     tracing::warn!(cluster = %config.cluster, why, error = %e, "cannot reissue the cluster CA; retrying");
@@ -390,12 +395,64 @@ pub async fn follow(
     }
 }
 
-/// When a CA certificate reaches half of its lifetime.
+/// When a CA certificate reaches half of its lifetime (counted from its issue, not from
+/// its backdated start).
 fn half_life(der: &[u8]) -> Option<SystemTime> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let from = cert.validity().not_before.timestamp().max(0) as u64;
+    let backdate = isthmus_core::tls::ca::BACKDATE.as_secs();
+    let from = cert.validity().not_before.timestamp().max(0) as u64 + backdate;
     let to = cert.validity().not_after.timestamp().max(0) as u64;
     Some(SystemTime::UNIX_EPOCH + Duration::from_secs(from + (to.saturating_sub(from)) / 2))
+}
+
+impl Trust {
+    /// The cluster CA for `/config_dump`: what it is, where it chains, until when it
+    /// issues (nothing it signs outlives it), and when it is renewed in place.
+    pub fn dump(&self, identity: &TlsIdentity) -> serde_json::Value {
+        let now = self.current();
+        let unix = |t: SystemTime| isthmus_core::admin::unix_seconds(t);
+        let controller = identity.current();
+        serde_json::json!({
+            "fingerprint": bundle::short(&now.ca_fingerprint),
+            "root": now.ca_root.as_deref().map(bundle::short),
+            "trusted_roots": now.roots.iter().map(|r| bundle::short(r)).collect::<Vec<_>>(),
+            "issues_until_unix": now.ca.not_after().map(unix),
+            "renew_at_unix": half_life(&now.ca_der).map(unix),
+            "controller_certificate_not_after_unix": unix(controller.not_after),
+            "controller_certificate_renew_at_unix": unix(controller.renew_at()),
+        })
+    }
+}
+
+/// Expiry gauges of the cluster CA and the controller's certificate.
+#[derive(Clone, Default)]
+pub struct TrustMetrics {
+    ca_expiry: prometheus_client::metrics::gauge::Gauge,
+    certificate_expiry: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl TrustMetrics {
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "ca_expiry_timestamp_seconds",
+            "when the cluster CA expires: the cluster issues certificates until then, with or without the federation",
+            self.ca_expiry.clone(),
+        );
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "when the controller's own certificate expires",
+            self.certificate_expiry.clone(),
+        );
+    }
+
+    fn observe(&self, trust: &Trust, identity: &TlsIdentity) {
+        let unix = |t: SystemTime| isthmus_core::admin::unix_seconds(t) as i64;
+        if let Some(t) = trust.current().ca.not_after() {
+            self.ca_expiry.set(unix(t));
+        }
+        self.certificate_expiry
+            .set(unix(identity.current().not_after));
+    }
 }
 
 async fn rejoin(config: &Config, trust: &Trust, identity: &TlsIdentity) -> anyhow::Result<()> {

@@ -45,6 +45,11 @@ pub struct Config {
     pub root_key: Option<PathBuf>,
     /// Mesh-wide region failover order: (from region, to region), in preference order.
     pub failover: Vec<(String, String)>,
+    /// Lifetime of each cluster's CA: how long a cluster keeps issuing certificates while
+    /// the federation is away. Controllers renew it in place at half-life.
+    pub cluster_ca_ttl: Duration,
+    /// Lifetime of each controller's own certificate, renewed in place at half-life.
+    pub controller_cert_ttl: Duration,
 }
 
 pub struct Bound {

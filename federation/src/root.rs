@@ -26,8 +26,6 @@ const TOKEN_KEY: &str = "join-token.key";
 pub const JOIN_AUDIENCE: &str = "federation";
 /// Audience of operator tokens (`isthmus root rotate`).
 pub const OPERATOR_AUDIENCE: &str = "federation-operator";
-/// Lifetime of controller certificates; controllers renew them in place at half-life.
-pub const CONTROLLER_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Lifetime of the federation's own serving certificate (re-issued at each start).
 const SELF_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -92,6 +90,9 @@ pub struct Trust {
 pub struct Root {
     pub trust_domain: String,
     pub token_key: TokenKey,
+    /// Lifetime of the cluster CAs and controller certificates the root signs.
+    pub cluster_ca_ttl: Duration,
+    pub controller_ttl: Duration,
     dir: PathBuf,
     /// The root in force outside a rotation (the old one during it).
     active: RwLock<Arc<RootCa>>,
@@ -194,6 +195,8 @@ impl Root {
         Ok(Self {
             trust_domain: config.trust_domain.clone(),
             token_key,
+            cluster_ca_ttl: config.cluster_ca_ttl,
+            controller_ttl: config.controller_cert_ttl,
             dir: dir.clone(),
             active: RwLock::new(active),
             next: RwLock::new(next),

@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::registry::{ExportBatch, GlobalRegistry, MAX_BATCH_SERVICES};
-use crate::root::{Root, CONTROLLER_TTL, JOIN_AUDIENCE, OPERATOR_AUDIENCE};
+use crate::root::{Root, JOIN_AUDIENCE, OPERATOR_AUDIENCE};
 use crate::rotation::Rotation;
 
 /// Registry messages queued per controller stream. One: a stream whose controller reads
@@ -118,13 +118,17 @@ impl Federation for FederationService {
         let ca_cert_pem = trust
             .signing
             .ca
-            .sign_intermediate(&body.ca_csr_pem, &cluster, td)
+            .sign_intermediate(&body.ca_csr_pem, &cluster, td, self.root.cluster_ca_ttl)
             .map_err(|e| Status::invalid_argument(format!("CA request: {e}")))?;
         let controller = SpiffeId::controller(td, &cluster);
         let mut chain = trust
             .signing
             .ca
-            .sign_leaf(&body.controller_csr_pem, &controller, CONTROLLER_TTL)
+            .sign_leaf(
+                &body.controller_csr_pem,
+                &controller,
+                self.root.controller_ttl,
+            )
             .map_err(|e| Status::invalid_argument(format!("controller request: {e}")))?;
         tracing::info!(%cluster, "cluster joined");
         Ok(Response::new(JoinResponse {

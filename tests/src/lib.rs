@@ -135,6 +135,10 @@ pub struct Mesh {
     block: u8,
     /// Lifetime of workload certificates the controllers issue.
     pub cert_ttl: Duration,
+    /// Lifetime of the cluster CAs and controller certificates the federation signs
+    /// (set before it starts, with `start_configured`).
+    pub cluster_ca_ttl: Duration,
+    pub controller_cert_ttl: Duration,
     /// How often controllers (started from now on) fetch JWT issuers' keys again.
     pub jwks_refresh: Duration,
     /// Extra roots controllers (started from now on) trust for HTTPS key fetches.
@@ -228,25 +232,31 @@ impl Mesh {
         let dir = tempfile::tempdir()?;
         let block = next_block();
         let fed_state = dir.path().join("federation");
-        let federation = isthmus_federation::build(federation_config(
-            &fed_state,
-            SocketAddr::new(IpAddr::V4(ip(block, 0, 1)), 0),
-        ))
-        .await?;
         let mut mesh = Mesh {
-            federation_addr: federation.grpc_address,
-            bundle_pem: federation.bundle_pem.clone(),
-            federation: Some(federation),
+            federation_addr: SocketAddr::new(IpAddr::V4(ip(block, 0, 1)), 0),
+            bundle_pem: String::new(),
+            federation: None,
             dir,
             fed_state,
             clusters: BTreeMap::new(),
             block,
             cert_ttl: Duration::from_secs(24 * 3600),
+            cluster_ca_ttl: isthmus_core::tls::ca::INTERMEDIATE_TTL,
+            controller_cert_ttl: Duration::from_secs(30 * 24 * 3600),
             jwks_refresh: isthmus_controller::JWKS_REFRESH,
             jwks_roots_pem: None,
             telemetry: Default::default(),
         };
         configure(&mut mesh);
+        let federation = isthmus_federation::build(federation_config(
+            &mesh.fed_state,
+            mesh.federation_addr,
+            (mesh.cluster_ca_ttl, mesh.controller_cert_ttl),
+        ))
+        .await?;
+        mesh.federation_addr = federation.grpc_address;
+        mesh.bundle_pem = federation.bundle_pem.clone();
+        mesh.federation = Some(federation);
         for name in clusters {
             mesh.add_cluster_inner(name, on_kubernetes.contains(name))
                 .await?;
@@ -398,9 +408,13 @@ impl Mesh {
     /// Starts the federation again on its address, with the state it kept.
     pub async fn start_federation(&mut self) -> anyhow::Result<()> {
         wait_port_free(self.federation_addr).await?;
-        let f = isthmus_federation::build(federation_config(&self.fed_state, self.federation_addr))
-            .await
-            .context("restarting the federation")?;
+        let f = isthmus_federation::build(federation_config(
+            &self.fed_state,
+            self.federation_addr,
+            (self.cluster_ca_ttl, self.controller_cert_ttl),
+        ))
+        .await
+        .context("restarting the federation")?;
         self.federation = Some(f);
         Ok(())
     }
@@ -570,8 +584,14 @@ impl Mesh {
 }
 
 /// The federation of a test mesh: the mesh's failover order, admin on a free port.
-fn federation_config(state_dir: &std::path::Path, grpc: SocketAddr) -> isthmus_federation::Config {
+fn federation_config(
+    state_dir: &std::path::Path,
+    grpc: SocketAddr,
+    (cluster_ca_ttl, controller_cert_ttl): (Duration, Duration),
+) -> isthmus_federation::Config {
     isthmus_federation::Config {
+        cluster_ca_ttl,
+        controller_cert_ttl,
         trust_domain: TRUST_DOMAIN.into(),
         state_dir: state_dir.to_owned(),
         grpc_addr: grpc,

@@ -122,7 +122,9 @@ mod tests {
         assert_eq!(fingerprints(&bundle).len(), 2);
         assert_eq!(parse_bundle(&bundle).expect("bundle").len(), 2);
         let (_, csr) = ca_csr().expect("csr");
-        let cluster = new.sign_intermediate(&csr, "east", "td").expect("sign");
+        let cluster = new
+            .sign_intermediate(&csr, "east", "td", crate::tls::ca::INTERMEDIATE_TTL)
+            .expect("sign");
         assert_eq!(
             issuing_root(&der(&cluster), &bundle),
             Some(fingerprint(&der(new.bundle_pem())))

@@ -18,7 +18,7 @@ pub const INTERMEDIATE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Default lifetime of workload certificates.
 pub const WORKLOAD_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Certificates start this long in the past to absorb clock skew between hosts.
-const BACKDATE: Duration = Duration::from_secs(300);
+pub const BACKDATE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -32,6 +32,8 @@ pub enum CaError {
     Sign(#[source] rcgen::Error),
     #[error("CA certificate or key is unusable: {0}")]
     Load(#[source] rcgen::Error),
+    #[error("this CA expired {0} s ago; it signs nothing until it is renewed")]
+    Expired(u64),
 }
 
 /// A CA that can sign certificates: its key, its certificate, and the chain above it.
@@ -41,6 +43,8 @@ pub struct CertificateAuthority {
     chain_pem: Vec<String>,
     /// The roots every certificate is verified against.
     bundle_pem: String,
+    /// When this CA's certificate expires: nothing it signs outlives it.
+    not_after: Option<OffsetDateTime>,
 }
 
 impl std::fmt::Debug for CertificateAuthority {
@@ -156,6 +160,7 @@ impl CertificateAuthority {
         let cert = params.self_signed(&key).map_err(CaError::Sign)?;
         let key_pem = key.serialize_pem();
         let ca = Self {
+            not_after: Some(params.not_after),
             issuer: Issuer::new(params, key),
             chain_pem: Vec::new(),
             bundle_pem: cert.pem(),
@@ -173,11 +178,36 @@ impl CertificateAuthority {
     ) -> Result<Self, CaError> {
         let key = KeyPair::from_pem(key_pem).map_err(CaError::Load)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(CaError::Load)?;
+        let not_after = super::parse_certs(cert_pem)
+            .ok()
+            .and_then(|c| c.into_iter().next())
+            .and_then(|der| {
+                let (_, x) = x509_parser::parse_x509_certificate(&der).ok()?;
+                Some(x.validity().not_after.to_datetime())
+            });
         Ok(Self {
             issuer,
             chain_pem,
             bundle_pem,
+            not_after,
         })
+    }
+
+    /// When this CA's certificate expires.
+    pub fn not_after(&self) -> Option<std::time::SystemTime> {
+        self.not_after.map(std::time::SystemTime::from)
+    }
+
+    /// Caps a certificate's validity at this CA's own.
+    fn within_lifetime(&self, params: &mut CertificateParams) -> Result<(), CaError> {
+        if let Some(end) = self.not_after {
+            let now = OffsetDateTime::now_utc();
+            if end <= now {
+                return Err(CaError::Expired((now - end).whole_seconds().max(0) as u64));
+            }
+            params.not_after = params.not_after.min(end);
+        }
+        Ok(())
     }
 
     pub fn bundle_pem(&self) -> &str {
@@ -191,9 +221,11 @@ impl CertificateAuthority {
         csr_pem: &str,
         cluster: &str,
         trust_domain: &str,
+        ttl: Duration,
     ) -> Result<String, CaError> {
         let csr = parse_csr(csr_pem)?;
-        let params = ca_params(&cluster_ca_name(cluster), trust_domain, INTERMEDIATE_TTL, 0);
+        let mut params = ca_params(&cluster_ca_name(cluster), trust_domain, ttl, 0);
+        self.within_lifetime(&mut params)?;
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(CaError::Sign)?;
@@ -216,7 +248,9 @@ impl CertificateAuthority {
                 proved: proved.to_string(),
             });
         }
-        let cert = leaf_params(proved, ttl)?
+        let mut params = leaf_params(proved, ttl)?;
+        self.within_lifetime(&mut params)?;
+        let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(CaError::Sign)?;
         let mut chain = vec![cert.pem()];

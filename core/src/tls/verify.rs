@@ -433,7 +433,9 @@ mod tests {
         let (root, _) = CertificateAuthority::new_root("td").expect("root");
         let cluster_ca = |name: &str| {
             let (key, csr) = crate::tls::ca::ca_csr().expect("csr");
-            let cert = root.sign_intermediate(&csr, name, "td").expect("sign");
+            let cert = root
+                .sign_intermediate(&csr, name, "td", crate::tls::ca::INTERMEDIATE_TTL)
+                .expect("sign");
             CertificateAuthority::from_pem(
                 &cert,
                 &key.serialize_pem(),

@@ -1,6 +1,7 @@
-//! Root rotation across the federation: `isthmus root rotate` under steady cross-cluster
-//! traffic, paused half-way and resumed across a federation restart, and what the old
-//! root's certificates get afterwards.
+//! Trust over time: `isthmus root rotate` under steady cross-cluster traffic, paused
+//! half-way and resumed across a federation restart, and what the old root's certificates
+//! get afterwards; controllers renewing their CA in place, and how long a cluster issues
+//! without the federation.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -26,7 +27,12 @@ fn get(authority: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
 /// A cluster CA under `root` (as a rogue or retired cluster would have), trusting `bundle`.
 fn cluster_ca(root: &CertificateAuthority, bundle: &str) -> anyhow::Result<CertificateAuthority> {
     let (key, csr) = ca_csr()?;
-    let cert = root.sign_intermediate(&csr, "east", TRUST_DOMAIN)?;
+    let cert = root.sign_intermediate(
+        &csr,
+        "east",
+        TRUST_DOMAIN,
+        isthmus_core::tls::ca::INTERMEDIATE_TTL,
+    )?;
     Ok(CertificateAuthority::from_pem(
         &cert,
         &key.serialize_pem(),
@@ -238,5 +244,99 @@ async fn a_root_rotation_under_cross_cluster_traffic_fails_no_request_even_pause
         "cross-cluster traffic"
     );
     assert_eq!(local.failures(), Vec::<String>::new(), "local traffic");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controllers_renew_in_place_and_a_cluster_issues_only_until_its_ca_expires_without_the_federation(
+) -> anyhow::Result<()> {
+    // Lifetimes short enough to watch: cluster CA and controller certificate 12 s.
+    let mut mesh = Mesh::start_configured(&["east", "west"], |m| {
+        m.cluster_ca_ttl = Duration::from_secs(12);
+        m.controller_cert_ttl = Duration::from_secs(12);
+    })
+    .await?;
+    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let east = mesh.workload("east", "client").outbound();
+    reachable(east, "echo.demo.svc.cluster.local").await?;
+    let steady = traffic(east, "echo.demo.svc.cluster.local");
+    let admin = mesh.controller_admin("east");
+    let first = config_dump(admin).await?["ca"].clone();
+
+    // Renewed in place at half-life, with no token, while traffic flows.
+    let renewed = eventually(
+        "east's CA to be renewed in place",
+        Duration::from_secs(15),
+        || async {
+            let ca = config_dump(admin).await?["ca"].clone();
+            anyhow::ensure!(ca["fingerprint"] != first["fingerprint"], "{ca}");
+            anyhow::ensure!(
+                ca["controller_certificate_not_after_unix"]
+                    != first["controller_certificate_not_after_unix"],
+                "{ca}"
+            );
+            Ok(ca)
+        },
+    )
+    .await?;
+    assert_eq!(
+        config_dump(admin).await?["federation"]["connected"],
+        true,
+        "the link stayed up across the renewal"
+    );
+    // Traffic goes on with the renewed CA's certificates.
+    let since = std::time::Instant::now();
+    eventually(
+        "more traffic after the renewal",
+        Duration::from_secs(10),
+        || async {
+            anyhow::ensure!(steady.since(since).len() >= 20);
+            Ok(())
+        },
+    )
+    .await?;
+    assert_eq!(steady.failures(), Vec::<String>::new());
+    drop(steady);
+
+    // Without the federation the CA is not renewed: it issues until it expires, and no
+    // certificate it signs outlives it.
+    mesh.kill_federation();
+    let until = renewed["issues_until_unix"].as_u64().expect("issues until");
+    let cert = mesh
+        .ca_client("east", "east", "frontend", "frontend")?
+        .fetch(None)
+        .await?;
+    let not_after = isthmus_core::admin::unix_seconds(cert.not_after);
+    assert!(
+        not_after <= until,
+        "a certificate until {not_after} outlives its CA ({until})"
+    );
+    let client = mesh.ca_client("east", "east", "frontend", "frontend")?;
+    eventually("east's CA to expire", Duration::from_secs(20), || async {
+        let refused = client
+            .fetch(None)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        anyhow::ensure!(
+            refused.as_ref().is_err_and(|e| e.contains("expired")),
+            "{refused:?}"
+        );
+        Ok(())
+    })
+    .await?;
+    let now = isthmus_core::admin::unix_seconds(std::time::SystemTime::now());
+    assert!(
+        now + 1 >= until,
+        "refused at {now}, before the CA's end {until}"
+    );
+    let ca = config_dump(admin).await?["ca"].clone();
+    assert_eq!(
+        ca["issues_until_unix"], renewed["issues_until_unix"],
+        "{ca}"
+    );
     Ok(())
 }
