@@ -83,13 +83,21 @@ impl Rotation {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        if state.is_some() && root.next().is_none() {
-            anyhow::bail!(
+        let state = match state {
+            // Stopped between promoting the new root and clearing the state: it is done.
+            Some(s) if s.phase == Phase::Retire && root.next().is_none() => {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+                tracing::info!("the root rotation had completed; its state is cleared");
+                None
+            }
+            Some(_) if root.next().is_none() => anyhow::bail!(
                 "{} says a rotation is in progress, but its new root is missing from {}",
                 path.display(),
                 dir.display()
-            );
-        }
+            ),
+            other => other,
+        };
         let rotation = Arc::new(Self {
             root,
             registry,
@@ -473,5 +481,53 @@ mod tests {
             )
             .done
         );
+    }
+
+    #[test]
+    fn a_rotation_stopped_after_promoting_its_root_loads_as_complete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = crate::Config {
+            trust_domain: "td".into(),
+            state_dir: dir.path().to_owned(),
+            grpc_addr: "127.0.0.1:0".parse().expect("addr"),
+            admin_addr: "127.0.0.1:0".parse().expect("addr"),
+            metrics_addr: None,
+            root_cert: None,
+            root_key: None,
+            failover: Vec::new(),
+            cluster_ca_ttl: Duration::from_secs(3600),
+            controller_cert_ttl: Duration::from_secs(3600),
+        };
+        let root = Arc::new(Root::load_or_create(&config).expect("root"));
+        let mut metrics = prometheus_client::registry::Registry::default();
+        let registry = GlobalRegistry::new(Default::default(), vec![], dir.path(), &mut metrics);
+        let state = State {
+            phase: Phase::Retire,
+            paused: false,
+            started_unix: 1,
+            phase_since_unix: 2,
+        };
+        std::fs::write(
+            dir.path().join(STATE_FILE),
+            serde_json::to_vec(&state).expect("json"),
+        )
+        .expect("write");
+        let rotation = Rotation::load(root.clone(), registry.clone(), dir.path()).expect("loads");
+        assert!(!rotation.status().in_progress);
+        assert!(!dir.path().join(STATE_FILE).exists());
+        // In any other phase, a missing new root is an error that names the file.
+        std::fs::write(
+            dir.path().join(STATE_FILE),
+            serde_json::to_vec(&State {
+                phase: Phase::Reissue,
+                ..state
+            })
+            .expect("json"),
+        )
+        .expect("write");
+        let err = Rotation::load(root, registry, dir.path())
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("its new root is missing"), "{err}");
     }
 }
