@@ -170,6 +170,17 @@ pub fn root_store(bundle_pem: &str) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// The root store of `bundle_pem`, and the client-certificate verifier on it.
+fn trusting(
+    bundle_pem: &str,
+) -> Result<(Arc<RootCertStore>, Arc<dyn ClientCertVerifier>), TlsError> {
+    let roots = Arc::new(root_store(bundle_pem)?);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| TlsError::Bundle(e.to_string()))?;
+    Ok((roots, verifier))
+}
+
 impl Credentials {
     /// Builds credentials from a PKCS#8 key, a PEM chain (leaf first) and PEM roots.
     pub fn from_pem(
@@ -186,11 +197,7 @@ impl Credentials {
         let not_after = cert_not_after(leaf)?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8_der));
         let signer = rustls::crypto::ring::sign::any_supported_type(&key).map_err(TlsError::Key)?;
-        let roots = Arc::new(root_store(bundle_pem)?);
-        let client_verifier =
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-                .build()
-                .map_err(|e| TlsError::Bundle(e.to_string()))?;
+        let (roots, client_verifier) = trusting(bundle_pem)?;
         Ok(Self {
             id,
             certified: Arc::new(CertifiedKey::new(chain, signer)),
@@ -206,11 +213,7 @@ impl Credentials {
     /// bundle without a new certificate.
     pub fn with_bundle(&self, bundle_pem: &str) -> Result<Self, TlsError> {
         bundle::parse_bundle(bundle_pem)?;
-        let roots = Arc::new(root_store(bundle_pem)?);
-        let client_verifier =
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-                .build()
-                .map_err(|e| TlsError::Bundle(e.to_string()))?;
+        let (roots, client_verifier) = trusting(bundle_pem)?;
         Ok(Self {
             id: self.id.clone(),
             certified: self.certified.clone(),

@@ -60,16 +60,21 @@ fn object(i: &Import) -> serde_json::Value {
     })
 }
 
-/// Makes the ServiceImports match `imports` once.
-async fn reconcile(client: &kube::Client, imports: &[Import]) -> Result<(), kube::Error> {
-    let ar = api_resource();
-    let namespaces: BTreeSet<String> = Api::<Namespace>::all(client.clone())
+/// The namespaces of the cluster, by name.
+pub(crate) async fn namespaces(client: &kube::Client) -> Result<BTreeSet<String>, kube::Error> {
+    Ok(Api::<Namespace>::all(client.clone())
         .list(&ListParams::default())
         .await?
         .items
         .into_iter()
         .filter_map(|n| n.metadata.name)
-        .collect();
+        .collect())
+}
+
+/// Makes the ServiceImports match `imports` once.
+async fn reconcile(client: &kube::Client, imports: &[Import]) -> Result<(), kube::Error> {
+    let ar = api_resource();
+    let namespaces = namespaces(client).await?;
     let all: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
     let selector = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     let mut existing: BTreeMap<(String, String), DynamicObject> = all
@@ -121,22 +126,12 @@ async fn reconcile(client: &kube::Client, imports: &[Import]) -> Result<(), kube
 /// Keeps the ServiceImports matching `imports` while `leader` says this replica leads.
 pub async fn run(
     client: kube::Client,
-    mut imports: watch::Receiver<Vec<Import>>,
-    mut leader: watch::Receiver<bool>,
+    imports: watch::Receiver<Vec<Import>>,
+    leader: watch::Receiver<bool>,
 ) {
-    loop {
-        if *leader.borrow_and_update() {
-            let current = imports.borrow_and_update().clone();
-            if let Err(e) = reconcile(&client, &current).await {
-                tracing::warn!(error = %e, "cannot update ServiceImports; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        }
-        tokio::select! {
-            r = imports.changed() => if r.is_err() { return },
-            r = leader.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(RESYNC) => {}
-        }
-    }
+    crate::lease::reconcile_while_leading(imports, leader, RESYNC, "ServiceImports", |i| {
+        let client = client.clone();
+        async move { reconcile(&client, &i).await }
+    })
+    .await
 }

@@ -148,3 +148,35 @@ pub async fn run(client: kube::Client, cfg: LeaseConfig, leader: watch::Sender<b
         tokio::time::sleep(cfg.retry).await;
     }
 }
+
+/// Keeps something in the API server matching `wanted` while this replica leads:
+/// `reconcile` runs with the latest value when it changes, when this replica becomes the
+/// leader, and every `resync` (for what someone else edited or deleted); a failure is
+/// logged with `what` and retried after a second.
+pub async fn reconcile_while_leading<T, F, Fut>(
+    mut wanted: watch::Receiver<T>,
+    mut leader: watch::Receiver<bool>,
+    resync: Duration,
+    what: &str,
+    mut reconcile: F,
+) where
+    T: Clone,
+    F: FnMut(T) -> Fut,
+    Fut: std::future::Future<Output = Result<(), kube::Error>>,
+{
+    loop {
+        if *leader.borrow_and_update() {
+            let current = wanted.borrow_and_update().clone();
+            if let Err(e) = reconcile(current).await {
+                tracing::warn!(error = %e, "cannot update {what}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        }
+        tokio::select! {
+            r = wanted.changed() => if r.is_err() { return },
+            r = leader.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(resync) => {}
+        }
+    }
+}

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, PostParams};
 use tokio::sync::watch;
 
@@ -39,13 +39,7 @@ fn wanted(namespace: &str, bundle: &str) -> ConfigMap {
 
 /// Writes `bundle` into every namespace's ConfigMap where it differs.
 async fn reconcile(client: &kube::Client, bundle: &str) -> Result<usize, kube::Error> {
-    let namespaces: Vec<String> = Api::<Namespace>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|n| n.metadata.name)
-        .collect();
+    let namespaces = crate::imports::namespaces(client).await?;
     let selector = format!(
         "{}={}",
         crate::imports::MANAGED_BY.0,
@@ -93,29 +87,21 @@ async fn reconcile(client: &kube::Client, bundle: &str) -> Result<usize, kube::E
 
 /// Keeps every namespace's ConfigMap holding the current bundle while `leader` says this
 /// replica leads. `bundle` reads the bundle out of what `changes` carries.
-pub async fn run<T: Send + Sync + 'static>(
+pub async fn run<T: Clone>(
     client: kube::Client,
-    mut changes: watch::Receiver<T>,
-    bundle: impl Fn(&T) -> String + Send,
-    mut leader: watch::Receiver<bool>,
+    changes: watch::Receiver<T>,
+    bundle: impl Fn(&T) -> String,
+    leader: watch::Receiver<bool>,
 ) {
-    loop {
-        if *leader.borrow_and_update() {
-            let current = bundle(&changes.borrow_and_update());
-            match reconcile(&client, &current).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(namespaces = n, "trust bundle published in {CONFIGMAP}"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot publish the trust bundle in {CONFIGMAP}; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
+    crate::lease::reconcile_while_leading(changes, leader, RESYNC, CONFIGMAP, |t| {
+        let (client, pem) = (client.clone(), bundle(&t));
+        async move {
+            let n = reconcile(&client, &pem).await?;
+            if n > 0 {
+                tracing::info!(namespaces = n, "trust bundle published in {CONFIGMAP}");
             }
+            Ok(())
         }
-        tokio::select! {
-            r = changes.changed() => if r.is_err() { return },
-            r = leader.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(RESYNC) => {}
-        }
-    }
+    })
+    .await
 }

@@ -754,6 +754,15 @@ pub async fn config_dump(admin: SocketAddr) -> anyhow::Result<serde_json::Value>
     Ok(serde_json::from_slice(&r.body)?)
 }
 
+/// A GET of `authority` as one proxy sends it to another's tunnel port.
+pub fn proxy_get(authority: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    http::Request::builder()
+        .uri(format!("http://{authority}/"))
+        .header("x-isthmus-app-protocol", "http")
+        .body(Default::default())
+        .expect("valid request")
+}
+
 /// Sends one HTTP/2 request over mTLS to a proxy's tunnel port, presenting `identity`,
 /// as another proxy would; returns the response status.
 pub async fn mtls_request(
@@ -877,6 +886,22 @@ impl Mesh {
             token: Some(isthmus_core::ca_client::Token::Inline(token)),
             identity: isthmus_core::identity::SpiffeId::new(TRUST_DOMAIN, namespace, asked_sa),
         })
+    }
+
+    /// A valid gateway certificate issued by `cluster`'s CA, as that cluster's gateway has.
+    pub async fn gateway_certificate(
+        &mut self,
+        cluster: &str,
+    ) -> anyhow::Result<isthmus_core::tls::TlsIdentity> {
+        use isthmus_core::identity::{GATEWAY_SERVICE_ACCOUNT, SYSTEM_NAMESPACE};
+        let ca = self.ca_client_in(
+            cluster,
+            cluster,
+            SYSTEM_NAMESPACE,
+            GATEWAY_SERVICE_ACCOUNT,
+            GATEWAY_SERVICE_ACCOUNT,
+        )?;
+        Ok(isthmus_core::tls::TlsIdentity::new(ca.fetch(None).await?))
     }
 
     /// Writes a config file into a cluster's config folder and waits until the controller

@@ -1,11 +1,11 @@
 //! Clusters joining and leaving a running federation, with no restart anywhere.
 
+use isthmus_tests::proxy_get as get;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use isthmus::client::AppClient;
 use isthmus::operator::Operator;
-use isthmus_core::identity::{GATEWAY_SERVICE_ACCOUNT, SYSTEM_NAMESPACE};
 use isthmus_core::tls::TlsIdentity;
 use isthmus_tests::{
     config_dump, eventually, gateway_refuses, mtls_request, reachable, traffic, Mesh, TRUST_DOMAIN,
@@ -23,12 +23,18 @@ async fn lands(outbound: SocketAddr, host: &str) -> Result<String, String> {
     }
 }
 
-fn get(authority: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
-    http::Request::builder()
-        .uri(format!("http://{authority}/"))
-        .header("x-isthmus-app-protocol", "http")
-        .body(Default::default())
-        .expect("valid request")
+/// Waits until requests to `host` from `outbound` land in `cluster`.
+async fn lands_in(outbound: SocketAddr, host: &str, cluster: &str) -> anyhow::Result<()> {
+    eventually(
+        &format!("{host} to land in {cluster}"),
+        Duration::from_secs(15),
+        || async {
+            let landed = lands(outbound, host).await;
+            anyhow::ensure!(landed.as_deref() == Ok(cluster), "{landed:?}");
+            Ok(())
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,39 +57,11 @@ async fn a_fourth_cluster_joins_serves_and_leaves_with_its_certificates_refused(
     mesh.add_workload("south", "client-south", None, "frontend")
         .await?;
     let south = mesh.workload("south", "client-south").outbound();
-    eventually(
-        "east reaches solo in south",
-        Duration::from_secs(15),
-        || async {
-            let landed = lands(east, SOLO).await;
-            anyhow::ensure!(landed == Ok("south".into()), "{landed:?}");
-            Ok(())
-        },
-    )
-    .await?;
-    eventually(
-        "south reaches echo in west",
-        Duration::from_secs(15),
-        || async {
-            let landed = lands(south, ECHO).await;
-            anyhow::ensure!(landed == Ok("west".into()), "{landed:?}");
-            Ok(())
-        },
-    )
-    .await?;
+    lands_in(east, SOLO, "south").await?;
+    lands_in(south, ECHO, "west").await?;
 
     // Certificates south's CA issued, taken while it is a member, are accepted now.
-    let south_gateway = TlsIdentity::new(
-        mesh.ca_client_in(
-            "south",
-            "south",
-            SYSTEM_NAMESPACE,
-            GATEWAY_SERVICE_ACCOUNT,
-            GATEWAY_SERVICE_ACCOUNT,
-        )?
-        .fetch(None)
-        .await?,
-    );
+    let south_gateway = mesh.gateway_certificate("south").await?;
     let south_workload = TlsIdentity::new(
         mesh.ca_client("south", "south", "frontend", "frontend")?
             .fetch(None)

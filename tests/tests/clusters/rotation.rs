@@ -3,6 +3,7 @@
 //! get afterwards; controllers renewing their CA in place, and how long a cluster issues
 //! without the federation.
 
+use isthmus_tests::proxy_get as get;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -15,14 +16,6 @@ use isthmus_tests::{
     config_dump, credentials_from, eventually, mtls_request, reachable, settles_in, traffic, Mesh,
     NAMESPACE, TRUST_DOMAIN,
 };
-
-fn get(authority: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
-    http::Request::builder()
-        .uri(format!("http://{authority}/"))
-        .header("x-isthmus-app-protocol", "http")
-        .body(Default::default())
-        .expect("valid request")
-}
 
 /// A cluster CA under `root` (as a rogue or retired cluster would have), trusting `bundle`.
 fn cluster_ca(root: &CertificateAuthority, bundle: &str) -> anyhow::Result<CertificateAuthority> {

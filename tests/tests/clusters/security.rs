@@ -3,17 +3,10 @@
 
 use isthmus_core::identity::SpiffeId;
 use isthmus_core::tls::ca::CertificateAuthority;
+use isthmus_tests::proxy_get as get;
 use isthmus_tests::{
     credentials_from, mtls_request, quic_to_gateway, Mesh, NAMESPACE, TRUST_DOMAIN,
 };
-
-fn get(authority: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
-    http::Request::builder()
-        .uri(format!("http://{authority}/"))
-        .header("x-isthmus-app-protocol", "http")
-        .body(Default::default())
-        .expect("valid request")
-}
 
 fn connect(authority: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
     http::Request::builder()
@@ -361,22 +354,11 @@ async fn stream_from(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_certificate_proves_one_cluster_and_cannot_speak_or_register_for_another(
 ) -> anyhow::Result<()> {
-    use isthmus_core::identity::{GATEWAY_SERVICE_ACCOUNT, SYSTEM_NAMESPACE};
     let mut mesh = Mesh::start(&["east", "west"]).await?;
     mesh.add_workload("east", "echo-east", Some("echo"), "echo")
         .await?;
     // A real, valid gateway certificate, issued by west's CA.
-    let west_gateway = isthmus_core::tls::TlsIdentity::new(
-        mesh.ca_client_in(
-            "west",
-            "west",
-            SYSTEM_NAMESPACE,
-            GATEWAY_SERVICE_ACCOUNT,
-            GATEWAY_SERVICE_ACCOUNT,
-        )?
-        .fetch(None)
-        .await?,
-    );
+    let west_gateway = mesh.gateway_certificate("west").await?;
     let east_quic = mesh
         .cluster("east")
         .gateway
