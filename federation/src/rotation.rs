@@ -151,7 +151,7 @@ impl Rotation {
         if let Some(state) = guard.as_mut() {
             anyhow::ensure!(
                 new.is_none(),
-                "a rotation to root {} is in progress ({}); resume it before starting another",
+                "a rotation to root {} is in progress (phase {}); finish it (`isthmus root rotate` without a new root resumes it) before starting another",
                 self.root
                     .next()
                     .map(|n| short(&n.fingerprint).to_owned())
