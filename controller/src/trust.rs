@@ -336,6 +336,8 @@ pub async fn follow(
     let mut global = link.subscribe();
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let mut retry_at: Option<tokio::time::Instant> = None;
+    // A bundle refused once is not tried (and logged) again at every registry update.
+    let mut refused = String::new();
     loop {
         metrics.observe(&trust, &identity);
         let heard = link.link().last_update.is_some();
@@ -363,6 +365,8 @@ pub async fn follow(
                 Ok(()) => {
                     tracing::info!(cluster = %config.cluster, why, "cluster CA and controller certificate reissued");
                     backoff.reset();
+                    // The new CA may be under the root a refused bundle holds.
+                    refused.clear();
                     // Not again within a second, whatever lifetimes the federation gives.
                     retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
                 }
@@ -373,9 +377,13 @@ pub async fn follow(
             }
             continue;
         }
-        if !meta.trust_bundle_pem.is_empty() && meta.trust_bundle_pem != now.bundle_pem {
+        if !meta.trust_bundle_pem.is_empty()
+            && meta.trust_bundle_pem != now.bundle_pem
+            && meta.trust_bundle_pem != refused
+        {
             if let Err(e) = adopt_bundle(&config, &trust, &identity, &meta.trust_bundle_pem) {
                 tracing::warn!(error = %e, "keeping the current trust bundle");
+                refused = meta.trust_bundle_pem.clone();
             }
         }
         let wake = match retry_at {

@@ -162,14 +162,20 @@ impl CaClient {
         now: std::sync::Arc<tokio::sync::Notify>,
     ) {
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        // Asked to renew now and not yet renewed: failures retry after the backoff, not at
+        // half-life.
+        let mut urgent = false;
         loop {
-            let at = identity.current().renew_at();
-            let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = now.notified() => {
-                    // Spread the proxies of a cluster over a second, not all at one instant.
-                    tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 1000)).await;
+            if !urgent {
+                let at = identity.current().renew_at();
+                let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = now.notified() => {
+                        urgent = true;
+                        // Spread the proxies of a cluster over a second, not all at once.
+                        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 1000)).await;
+                    }
                 }
             }
             match self.fetch(Some(&identity)).await {
@@ -177,6 +183,7 @@ impl CaClient {
                     tracing::info!(id = %creds.id, "workload certificate renewed");
                     identity.update(creds);
                     backoff.reset();
+                    urgent = false;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "certificate renewal failed; retrying");

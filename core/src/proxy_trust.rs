@@ -20,13 +20,25 @@ use crate::xds::{Rejected, XdsHandler};
 /// resource to the proxy's own handler. A `Mesh` whose bundle is unusable is rejected
 /// whole (NACK), so the proxy keeps the previous one and the controller hears why.
 pub struct FollowTrust<H> {
-    pub inner: H,
-    pub identity: TlsIdentity,
+    inner: H,
+    identity: TlsIdentity,
     /// Wakes the renewal task (see `CaClient::renew_forever`).
-    pub renew_now: Arc<Notify>,
+    renew_now: Arc<Notify>,
+    /// The CA a renewal was last asked for, so that every push while it is under way
+    /// does not ask again.
+    asked_for: std::sync::Mutex<String>,
 }
 
 impl<H: XdsHandler> FollowTrust<H> {
+    pub fn new(inner: H, identity: TlsIdentity, renew_now: Arc<Notify>) -> Self {
+        Self {
+            inner,
+            identity,
+            renew_now,
+            asked_for: Default::default(),
+        }
+    }
+
     fn take(&self, mesh: &Mesh) -> Result<(), String> {
         let creds = self.identity.current();
         if !mesh.trust_bundle_pem.is_empty() && mesh.trust_bundle_pem != creds.bundle_pem {
@@ -47,11 +59,15 @@ impl<H: XdsHandler> FollowTrust<H> {
         }
         let issuer = creds.issuer_fingerprint();
         if !mesh.ca_fingerprint.is_empty() && issuer.as_deref() != Some(&mesh.ca_fingerprint) {
-            tracing::info!(
-                ca = bundle::short(&mesh.ca_fingerprint),
-                "the cluster's CA changed; renewing the certificate now"
-            );
-            self.renew_now.notify_one();
+            let mut asked = self.asked_for.lock().unwrap_or_else(|p| p.into_inner());
+            if *asked != mesh.ca_fingerprint {
+                tracing::info!(
+                    ca = bundle::short(&mesh.ca_fingerprint),
+                    "the cluster's CA changed; renewing the certificate now"
+                );
+                asked.clone_from(&mesh.ca_fingerprint);
+                self.renew_now.notify_one();
+            }
         }
         Ok(())
     }

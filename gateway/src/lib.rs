@@ -197,11 +197,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             channel,
             node,
             types: vec![type_url::MESH, type_url::SERVICE, type_url::PEER],
-            handler: isthmus_core::proxy_trust::FollowTrust {
-                inner: store.clone(),
-                identity: identity.clone(),
+            handler: isthmus_core::proxy_trust::FollowTrust::new(
+                store.clone(),
+                identity.clone(),
                 renew_now,
-            },
+            ),
             health: None,
             certificate: Some(identity.subscribe()),
             peer_links: Some(links.down()),

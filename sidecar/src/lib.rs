@@ -270,11 +270,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
                 ..Default::default()
             },
             types: vec![type_url::MESH, type_url::SERVICE, type_url::WORKLOAD],
-            handler: isthmus_core::proxy_trust::FollowTrust {
-                inner: store.clone(),
-                identity: identity.clone(),
+            handler: isthmus_core::proxy_trust::FollowTrust::new(
+                store.clone(),
+                identity.clone(),
                 renew_now,
-            },
+            ),
             health: app_health,
             certificate: Some(identity.subscribe()),
             peer_links: None,
