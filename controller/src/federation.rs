@@ -15,8 +15,8 @@ use isthmus_core::grpc::{chunk_by_size, CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use isthmus_core::tls::{PeerPolicy, TlsIdentity, ALPN_H2};
 use isthmus_proto::federation::federation_client::FederationClient;
 use isthmus_proto::federation::{
-    ClusterExports, ExportUpdate, ExportedService, Gateway, GatewaySet, GlobalRegistry,
-    GlobalService, RegistryMeta, RegistryUpdate, TrustReport,
+    ClusterExports, ExportUpdate, ExportedService, Gateway, GatewayLinks, GatewaySet,
+    GlobalRegistry, GlobalService, RegistryMeta, RegistryUpdate, TrustReport,
 };
 use prost::Message;
 use tokio::sync::{mpsc, watch, Notify};
@@ -248,7 +248,7 @@ fn export_batch(
     upserted: Vec<ExportedService>,
     withdrawn: Vec<String>,
     gateways: Option<Vec<Gateway>>,
-    mut trust: Option<TrustReport>,
+    (mut trust, mut links): (Option<TrustReport>, Option<GatewayLinks>),
 ) -> Vec<ExportUpdate> {
     let runs = chunk_by_size(upserted, CHUNK_BYTES);
     let last = runs.len() - 1;
@@ -262,6 +262,7 @@ fn export_batch(
             withdrawn: withdrawn.take().unwrap_or_default(),
             gateways: gateways.take().map(|gateways| GatewaySet { gateways }),
             trust: trust.take(),
+            links: links.take(),
             more: i < last,
         })
         .collect()
@@ -273,6 +274,14 @@ struct Sent {
     services: BTreeMap<String, ExportedService>,
     gateways: Vec<Gateway>,
     trust: TrustReport,
+    links: BTreeMap<String, u64>,
+}
+
+/// What the controller reports besides its exports, each as it changes.
+#[derive(Clone)]
+pub struct Reports {
+    pub trust: watch::Receiver<TrustReport>,
+    pub links: watch::Receiver<BTreeMap<String, u64>>,
 }
 
 impl Sent {
@@ -282,8 +291,10 @@ impl Sent {
         cluster: &str,
         exports: &ClusterExports,
         trust: &TrustReport,
+        links: &BTreeMap<String, u64>,
     ) -> Vec<ExportUpdate> {
         self.trust = trust.clone();
+        self.links = links.clone();
         self.services = exports
             .services
             .iter()
@@ -296,7 +307,12 @@ impl Sent {
             exports.services.clone(),
             Vec::new(),
             Some(exports.gateways.clone()),
-            Some(trust.clone()),
+            (
+                Some(trust.clone()),
+                Some(GatewayLinks {
+                    unreachable_since_unix: links.clone().into_iter().collect(),
+                }),
+            ),
         )
     }
 
@@ -312,7 +328,27 @@ impl Sent {
             Vec::new(),
             Vec::new(),
             None,
-            Some(trust.clone()),
+            (Some(trust.clone()), None),
+        )
+        .pop()
+    }
+
+    /// The gateway's dead links, when they changed since the last sent.
+    fn links(&mut self, cluster: &str, links: &BTreeMap<String, u64>) -> Option<ExportUpdate> {
+        if *links == self.links {
+            return None;
+        }
+        self.links = links.clone();
+        let report = GatewayLinks {
+            unreachable_since_unix: links.clone().into_iter().collect(),
+        };
+        export_batch(
+            cluster,
+            false,
+            Vec::new(),
+            Vec::new(),
+            None,
+            (None, Some(report)),
         )
         .pop()
     }
@@ -349,7 +385,12 @@ impl Sent {
             self.gateways = g.clone();
         }
         Some(export_batch(
-            cluster, false, upserted, withdrawn, gateways, None,
+            cluster,
+            false,
+            upserted,
+            withdrawn,
+            gateways,
+            (None, None),
         ))
     }
 }
@@ -365,13 +406,15 @@ impl Link {
     pub async fn run(
         self,
         exports: watch::Receiver<Arc<ClusterExports>>,
-        trust: watch::Receiver<TrustReport>,
+        reports: Reports,
         global: Arc<GlobalState>,
     ) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
         loop {
             let started = Instant::now();
-            let err = self.session(exports.clone(), trust.clone(), &global).await;
+            let err = self
+                .session(exports.clone(), reports.clone(), &global)
+                .await;
             global.set_connected(false);
             if started.elapsed() > Duration::from_secs(10) {
                 backoff.reset();
@@ -384,9 +427,13 @@ impl Link {
     async fn session(
         &self,
         mut exports: watch::Receiver<Arc<ClusterExports>>,
-        mut trust: watch::Receiver<TrustReport>,
+        reports: Reports,
         global: &GlobalState,
     ) -> tonic::Status {
+        let Reports {
+            mut trust,
+            mut links,
+        } = reports;
         let channel = isthmus_core::grpc::tls_channel(
             self.address,
             self.identity
@@ -401,6 +448,7 @@ impl Link {
             &self.cluster,
             &exports.borrow_and_update(),
             &trust.borrow_and_update(),
+            &links.borrow_and_update(),
         );
         let outbound = tokio_stream::iter(first).chain(ReceiverStream::new(rx));
         let mut inbound = match client.exchange(outbound).await {
@@ -424,6 +472,11 @@ impl Link {
                         if changed.is_err() { break }
                         let current = trust.borrow_and_update().clone();
                         sent.trust(&cluster, &current).into_iter().collect()
+                    }
+                    changed = links.changed() => {
+                        if changed.is_err() { break }
+                        let current = links.borrow_and_update().clone();
+                        sent.links(&cluster, &current).into_iter().collect()
                     }
                 };
                 for m in batch {

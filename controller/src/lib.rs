@@ -519,7 +519,11 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         state.trust.clone(),
         trust_tx,
     ));
-    running.spawn(link.run(registry.exports(), trust_rx, global));
+    let reports = federation::Reports {
+        trust: trust_rx,
+        links: registry.unreachable(),
+    };
+    running.spawn(link.run(registry.exports(), reports, global));
     running.spawn(async move {
         let incoming = isthmus_core::grpc::tls_incoming(grpc, tls, drain.clone());
         let result = tonic::transport::Server::builder()

@@ -104,6 +104,8 @@ struct Inner {
     poke: Notify,
     snapshot: watch::Sender<Arc<Snapshot>>,
     exports: watch::Sender<Arc<fed::ClusterExports>>,
+    /// The clusters the serving gateway cannot reach, for the federation.
+    links: watch::Sender<BTreeMap<String, u64>>,
 }
 
 /// What depends only on this cluster's config and its proxies' health: rebuilt when
@@ -300,6 +302,7 @@ impl Registry {
             poke: Notify::new(),
             snapshot: watch::Sender::new(Arc::default()),
             exports: watch::Sender::new(Arc::default()),
+            links: watch::Sender::new(BTreeMap::new()),
         };
         let registry = Self {
             inner: Arc::new(inner),
@@ -314,6 +317,11 @@ impl Registry {
 
     pub fn exports(&self) -> watch::Receiver<Arc<fed::ClusterExports>> {
         self.inner.exports.subscribe()
+    }
+
+    /// The clusters the serving gateway cannot reach, as it changes.
+    pub fn unreachable(&self) -> watch::Receiver<BTreeMap<String, u64>> {
+        self.inner.links.subscribe()
     }
 
     pub fn config(&self) -> Arc<ConfigSet> {
@@ -459,6 +467,12 @@ impl Registry {
             if changed {
                 *e = Arc::new(exports);
             }
+            changed
+        });
+        let links = lock(&self.inner.gateways).unreachable();
+        self.inner.links.send_if_modified(|l| {
+            let changed = *l != links;
+            *l = links;
             changed
         });
     }
@@ -819,7 +833,17 @@ impl Registry {
             removed_clusters: global.meta.removed_clusters.clone(),
             federation_stale_since_unix: global.federation_down_since.unwrap_or(0),
             cluster_stale_since_unix: global.meta.stale_since_unix.clone(),
-            unreachable_since_unix: lock(&self.inner.gateways).unreachable(),
+            // This cluster's gateway's view, and the clusters no gateway can reach.
+            unreachable_since_unix: {
+                let mut down = global.meta.down_since_unix.clone();
+                for (c, since) in lock(&self.inner.gateways).unreachable() {
+                    down.entry(c)
+                        .and_modify(|s| *s = (*s).min(since))
+                        .or_insert(since);
+                }
+                down.remove(&self.inner.cluster);
+                down
+            },
             failover: global
                 .meta
                 .failover

@@ -103,6 +103,8 @@ pub struct ExportBatch {
     pub withdrawn: Vec<String>,
     pub gateways: Option<Vec<Gateway>>,
     pub trust: Option<TrustReport>,
+    /// The clusters the sender's gateway cannot reach, and since when.
+    pub links: Option<BTreeMap<String, u64>>,
 }
 
 impl ExportBatch {
@@ -116,6 +118,9 @@ impl ExportBatch {
         }
         if let Some(t) = msg.trust {
             self.trust = Some(t);
+        }
+        if let Some(l) = msg.links {
+            self.links = Some(l.unreachable_since_unix.into_iter().collect());
         }
         !msg.more
     }
@@ -138,6 +143,8 @@ struct Inner {
     liveness: BTreeMap<String, Liveness>,
     /// Per cluster, its controller's last trust report (this process's run only).
     trust: BTreeMap<String, TrustReport>,
+    /// Per cluster, the clusters its gateway cannot reach, and since when (this run only).
+    links: BTreeMap<String, BTreeMap<String, u64>>,
     /// The bundle and signing root every cluster is told of.
     bundle_pem: String,
     signing_root: String,
@@ -467,6 +474,7 @@ impl GlobalRegistry {
             signing_root: inner.signing_root.clone(),
             removed_clusters: inner.refused_now(),
             stale_since_unix: inner.stale_since(),
+            down_since_unix: inner.down_since(),
             failover: self.failover.clone(),
             stale_clusters: inner.stale.iter().cloned().collect(),
         }
@@ -589,6 +597,11 @@ impl GlobalRegistry {
             inner.trust.insert(cluster.to_owned(), t);
             self.trust_changed.notify_one();
         }
+        let down_before = inner.meta.down_since_unix.clone();
+        if let Some(l) = batch.links {
+            inner.links.insert(cluster.to_owned(), l);
+        }
+        let links_changed = inner.down_since() != down_before;
         let confirmed = inner.stale.remove(cluster);
         let state = inner.clusters.entry(cluster.to_owned()).or_default();
         let mut incoming: BTreeMap<String, Option<ExportedService>> = BTreeMap::new();
@@ -622,7 +635,7 @@ impl GlobalRegistry {
         };
         let version = inner.version + 1;
         let (services_changed, conflicts_changed) = inner.remerge(touched, version);
-        let meta_changed = gateways_changed || conflicts_changed || confirmed;
+        let meta_changed = gateways_changed || conflicts_changed || confirmed || links_changed;
         if !services_changed && !meta_changed {
             return;
         }
@@ -697,6 +710,8 @@ impl GlobalRegistry {
                     "connected": l.is_some_and(|l| l.connected),
                     "last_seen": l.map(|l| unix_seconds(l.last_seen)),
                     "stale": inner.stale.contains(c),
+                    "unreachable_from": inner.unreachable_from(c),
+                    "down_since_unix": inner.meta.down_since_unix.get(c),
                 })
             })
             .collect();

@@ -3,8 +3,12 @@
 //! off and refuses its controller, and after a drain period names it in every cluster's
 //! `removed_clusters`, from which point every proxy refuses certificates its CA issued.
 //! Removals are kept with the exports on disk.
+//!
+//! Also the federation's view of which clusters are down: one that no other connected
+//! cluster's gateway can reach (every one reporting its links says the link to it is
+//! down) is down for every proxy.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
 use super::{GlobalRegistry, Inner};
@@ -14,6 +18,40 @@ fn now_unix() -> u64 {
 }
 
 impl Inner {
+    /// Clusters no other connected cluster's gateway can reach, and since when (the
+    /// latest of the reports that agree). A cluster with no reporter is not judged.
+    pub(super) fn down_since(&self) -> BTreeMap<String, u64> {
+        let reporters: Vec<(&String, &BTreeMap<String, u64>)> = self
+            .links
+            .iter()
+            .filter(|(c, _)| self.liveness.get(*c).is_some_and(|l| l.connected))
+            .collect();
+        let mut down = BTreeMap::new();
+        for cluster in self.clusters.keys() {
+            let judges: Vec<_> = reporters.iter().filter(|(r, _)| *r != cluster).collect();
+            if judges.is_empty() {
+                continue;
+            }
+            let since: Option<Vec<u64>> = judges
+                .iter()
+                .map(|(_, l)| l.get(cluster).copied())
+                .collect();
+            if let Some(since) = since {
+                down.insert(cluster.clone(), since.into_iter().max().unwrap_or(0));
+            }
+        }
+        down
+    }
+
+    /// The clusters whose gateway reports it cannot reach `cluster`.
+    pub(super) fn unreachable_from(&self, cluster: &str) -> Vec<String> {
+        self.links
+            .iter()
+            .filter(|(_, l)| l.contains_key(cluster))
+            .map(|(c, _)| c.clone())
+            .collect()
+    }
+
     /// Removed clusters whose drain period is over.
     pub(super) fn refused_now(&self) -> Vec<String> {
         let now = now_unix();
@@ -52,6 +90,7 @@ impl GlobalRegistry {
         inner.stale.remove(cluster);
         inner.liveness.remove(cluster);
         inner.trust.remove(cluster);
+        inner.links.remove(cluster);
         let version = inner.version + 1;
         inner.remerge(keys.iter().cloned(), version);
         inner.version = version;

@@ -182,11 +182,44 @@ async fn a_silently_partitioned_gateway_loses_its_traffic_within_a_second_everyw
         west_ctl["unreachable_since_unix"]
     );
 
+    // The federation's view: no other cluster's gateway reaches west, so west is down for
+    // every proxy; the others are not.
+    let fed = mesh.federation.as_ref().expect("federation").admin_address;
+    eventually(
+        "the federation to see west down",
+        Duration::from_secs(5),
+        || async {
+            let dump = config_dump(fed).await?;
+            let clusters = dump["clusters"].as_array().cloned().unwrap_or_default();
+            let of = |name: &str| clusters.iter().find(|c| c["cluster"] == name).cloned();
+            let west = of("west").ok_or_else(|| anyhow::anyhow!("no west"))?;
+            anyhow::ensure!(west["down_since_unix"].is_u64(), "{west}");
+            anyhow::ensure!(
+                west["unreachable_from"] == serde_json::json!(["east", "eu", "north"]),
+                "{west}"
+            );
+            for other in ["east", "eu", "north"] {
+                let c = of(other).ok_or_else(|| anyhow::anyhow!("no {other}"))?;
+                anyhow::ensure!(c["down_since_unix"].is_null(), "{c}");
+            }
+            Ok(())
+        },
+    )
+    .await?;
+
     // Healed, traffic comes back to west.
     partition.heal();
     for (_, t) in &flows {
         settles_in(t, "west", 20, Duration::from_secs(40)).await?;
     }
+    let dump = config_dump(fed).await?;
+    let down: Vec<_> = dump["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| !c["down_since_unix"].is_null())
+        .collect();
+    assert!(down.is_empty(), "nothing is down once healed: {down:?}");
     for (c, t) in &flows {
         assert_eq!(
             t.failures(),
