@@ -558,6 +558,10 @@ struct FederationArgs {
     /// Lifetime of each controller's own certificate, renewed in place at half-life.
     #[arg(long, default_value = "720h", value_parser = parse_duration)]
     controller_cert_ttl: Duration,
+    /// Withdraw the exports of a cluster that has not reported for this long, until it
+    /// reports again. Unset, they keep serving (marked stale everywhere) until then.
+    #[arg(long, value_parser = parse_duration)]
+    forget_silent_after: Option<Duration>,
 }
 
 #[derive(Args)]
@@ -1315,6 +1319,7 @@ async fn run(
                 failover: a.failover,
                 cluster_ca_ttl: a.cluster_ca_ttl,
                 controller_cert_ttl: a.controller_cert_ttl,
+                forget_silent_after: a.forget_silent_after,
             };
             tracing::info!(?config, "starting federation");
             serve!(isthmus_federation::build(config).await?, exit_with_stdin)

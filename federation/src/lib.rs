@@ -50,6 +50,9 @@ pub struct Config {
     pub cluster_ca_ttl: Duration,
     /// Lifetime of each controller's own certificate, renewed in place at half-life.
     pub controller_cert_ttl: Duration,
+    /// A cluster that has not reported for this long has its exports withdrawn until it
+    /// reports again; `None` keeps them (stale, and said so) until then.
+    pub forget_silent_after: Option<Duration>,
 }
 
 pub struct Bound {
@@ -135,7 +138,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     running.spawn(admin.run(drain.clone()));
     running.spawn(persisted.persist());
     running.spawn(rotation.run());
-    running.spawn(kept.clone().refuse_removed());
+    running.spawn(kept.clone().run_timers(config.forget_silent_after));
     running.spawn(async move {
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))

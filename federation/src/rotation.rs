@@ -497,6 +497,7 @@ mod tests {
             failover: Vec::new(),
             cluster_ca_ttl: Duration::from_secs(3600),
             controller_cert_ttl: Duration::from_secs(3600),
+            forget_silent_after: None,
         };
         let root = Arc::new(Root::load_or_create(&config).expect("root"));
         let mut metrics = prometheus_client::registry::Registry::default();

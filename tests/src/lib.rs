@@ -139,6 +139,8 @@ pub struct Mesh {
     /// (set before it starts, with `start_configured`).
     pub cluster_ca_ttl: Duration,
     pub controller_cert_ttl: Duration,
+    /// The federation's `--forget-silent-after`.
+    pub forget_silent_after: Option<Duration>,
     /// How often controllers (started from now on) fetch JWT issuers' keys again.
     pub jwks_refresh: Duration,
     /// Extra roots controllers (started from now on) trust for HTTPS key fetches.
@@ -243,6 +245,7 @@ impl Mesh {
             cert_ttl: Duration::from_secs(24 * 3600),
             cluster_ca_ttl: isthmus_core::tls::ca::INTERMEDIATE_TTL,
             controller_cert_ttl: Duration::from_secs(30 * 24 * 3600),
+            forget_silent_after: None,
             jwks_refresh: isthmus_controller::JWKS_REFRESH,
             jwks_roots_pem: None,
             telemetry: Default::default(),
@@ -251,7 +254,11 @@ impl Mesh {
         let federation = isthmus_federation::build(federation_config(
             &mesh.fed_state,
             mesh.federation_addr,
-            (mesh.cluster_ca_ttl, mesh.controller_cert_ttl),
+            (
+                mesh.cluster_ca_ttl,
+                mesh.controller_cert_ttl,
+                mesh.forget_silent_after,
+            ),
         ))
         .await?;
         mesh.federation_addr = federation.grpc_address;
@@ -411,7 +418,11 @@ impl Mesh {
         let f = isthmus_federation::build(federation_config(
             &self.fed_state,
             self.federation_addr,
-            (self.cluster_ca_ttl, self.controller_cert_ttl),
+            (
+                self.cluster_ca_ttl,
+                self.controller_cert_ttl,
+                self.forget_silent_after,
+            ),
         ))
         .await
         .context("restarting the federation")?;
@@ -587,11 +598,16 @@ impl Mesh {
 fn federation_config(
     state_dir: &std::path::Path,
     grpc: SocketAddr,
-    (cluster_ca_ttl, controller_cert_ttl): (Duration, Duration),
+    (cluster_ca_ttl, controller_cert_ttl, forget_silent_after): (
+        Duration,
+        Duration,
+        Option<Duration>,
+    ),
 ) -> isthmus_federation::Config {
     isthmus_federation::Config {
         cluster_ca_ttl,
         controller_cert_ttl,
+        forget_silent_after,
         trust_domain: TRUST_DOMAIN.into(),
         state_dir: state_dir.to_owned(),
         grpc_addr: grpc,

@@ -82,23 +82,10 @@ impl GlobalRegistry {
         }
         let refused_from_unix = now_unix() + drain.as_secs();
         inner.removed.insert(cluster.to_owned(), refused_from_unix);
-        let keys: Vec<String> = inner
-            .clusters
-            .remove(cluster)
-            .map(|c| c.services.into_keys().collect())
-            .unwrap_or_default();
-        inner.stale.remove(cluster);
         inner.liveness.remove(cluster);
         inner.trust.remove(cluster);
         inner.links.remove(cluster);
-        let version = inner.version + 1;
-        inner.remerge(keys.iter().cloned(), version);
-        inner.version = version;
-        inner.meta = std::sync::Arc::new(self.meta_of(&inner));
-        inner.meta_version = version;
-        inner.compact();
-        self.observe(&inner);
-        self.changes.send_replace(version);
+        let keys = self.withdraw(&mut inner, cluster);
         drop(inner);
         if let Err(e) = self.flush() {
             tracing::warn!(error = %e, "cannot keep the removal on disk; it is written again with the next change");
@@ -112,6 +99,27 @@ impl GlobalRegistry {
         })
     }
 
+    /// Takes `cluster`'s exports and gateways out of the registry and publishes the
+    /// result; returns the services withdrawn.
+    fn withdraw(&self, inner: &mut Inner, cluster: &str) -> Vec<String> {
+        let keys: Vec<String> = inner
+            .clusters
+            .remove(cluster)
+            .map(|c| c.services.into_keys().collect())
+            .unwrap_or_default();
+        inner.stale.remove(cluster);
+        let version = inner.version + 1;
+        inner.remerge(keys.iter().cloned(), version);
+        inner.version = version;
+        inner.meta = std::sync::Arc::new(self.meta_of(inner));
+        inner.meta_version = version;
+        inner.compact();
+        self.observe(inner);
+        self.dirty.notify_one();
+        self.changes.send_replace(version);
+        keys
+    }
+
     pub fn is_removed(&self, cluster: &str) -> bool {
         self.lock().removed.contains_key(cluster)
     }
@@ -121,14 +129,29 @@ impl GlobalRegistry {
         self.removals.subscribe()
     }
 
-    /// Tells every cluster of removed clusters as their drain periods end; runs until the
-    /// process stops.
-    pub async fn refuse_removed(self) {
+    /// Tells every cluster of removed clusters as their drain periods end, and, with
+    /// `forget_after`, withdraws the exports of a cluster silent for that long (until it
+    /// reports again); runs until the process stops.
+    pub async fn run_timers(self, forget_after: Option<Duration>) {
         let mut removals = self.removals();
+        let mut changes = self.changes.subscribe();
         let mut told: BTreeSet<String> = BTreeSet::new();
         loop {
             let (next, now_refused) = {
                 let mut inner = self.lock();
+                let mut next_expiry = None;
+                if let Some(ttl) = forget_after {
+                    let now = now_unix();
+                    for (cluster, since) in inner.stale_since() {
+                        let at = since + ttl.as_secs();
+                        if at <= now {
+                            let gone = self.withdraw(&mut inner, &cluster);
+                            tracing::warn!(%cluster, silent_s = now - since, withdrawn = gone.len(), "cluster silent too long: its exports are withdrawn until it reports again");
+                        } else {
+                            next_expiry = Some(next_expiry.map_or(at, |n: u64| n.min(at)));
+                        }
+                    }
+                }
                 let refused: BTreeSet<String> = inner.refused_now().into_iter().collect();
                 if refused != told {
                     let version = inner.version + 1;
@@ -142,8 +165,9 @@ impl GlobalRegistry {
                     .removed
                     .values()
                     .filter(|at| **at > now)
-                    .min()
-                    .copied();
+                    .copied()
+                    .chain(next_expiry)
+                    .min();
                 (next, refused)
             };
             for c in now_refused.difference(&told) {
@@ -155,6 +179,8 @@ impl GlobalRegistry {
             });
             tokio::select! {
                 changed = removals.changed() => if changed.is_err() { return },
+                // A cluster went silent (or came back): its expiry moves.
+                changed = changes.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(wait) => {}
             }
         }

@@ -282,3 +282,71 @@ async fn a_cluster_that_stops_reporting_is_stale_everywhere_a_user_looks_and_kee
     assert_eq!(steady.failures(), Vec::<String>::new());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_silent_longer_than_the_set_time_is_withdrawn_until_it_reports_again(
+) -> anyhow::Result<()> {
+    let mut mesh = Mesh::start_configured(&["east", "west", "eu"], |m| {
+        m.forget_silent_after = Some(Duration::from_secs(2));
+    })
+    .await?;
+    for c in ["west", "eu"] {
+        mesh.add_workload(c, &format!("echo-{c}"), Some("echo"), "echo")
+            .await?;
+    }
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let east = mesh.workload("east", "client").outbound();
+    reachable(east, ECHO).await?;
+    let steady = traffic(east, ECHO);
+    isthmus_tests::settles_in(&steady, "west", 20, Duration::from_secs(10)).await?;
+    let fed = mesh.federation.as_ref().expect("federation").admin_address;
+    let exported_by = |dump: &serde_json::Value| -> Vec<String> {
+        dump["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["service"] == "demo/echo")
+            .flat_map(|s| s["clusters"].as_array().cloned().unwrap_or_default())
+            .filter_map(|c| c["cluster"].as_str().map(str::to_owned))
+            .collect()
+    };
+
+    // West's controller goes silent: stale at once, withdrawn after two seconds, and
+    // traffic moves to eu with no failure (west's endpoints were alive all along).
+    mesh.kill_controller("west");
+    let silent = std::time::Instant::now();
+    eventually(
+        "west's exports to be withdrawn",
+        Duration::from_secs(10),
+        || async {
+            let by = exported_by(&config_dump(fed).await?);
+            anyhow::ensure!(by == ["eu"], "{by:?}");
+            Ok(())
+        },
+    )
+    .await?;
+    assert!(
+        silent.elapsed() >= Duration::from_secs(1),
+        "withdrawn after {:?}, before the silence lasted",
+        silent.elapsed()
+    );
+    isthmus_tests::settles_in(&steady, "eu", 20, Duration::from_secs(10)).await?;
+
+    // West reports again: its exports are back, and so is the traffic.
+    mesh.start_controller("west").await?;
+    eventually(
+        "west's exports to be back",
+        Duration::from_secs(10),
+        || async {
+            let mut by = exported_by(&config_dump(fed).await?);
+            by.sort();
+            anyhow::ensure!(by == ["eu", "west"], "{by:?}");
+            Ok(())
+        },
+    )
+    .await?;
+    isthmus_tests::settles_in(&steady, "west", 20, Duration::from_secs(15)).await?;
+    assert_eq!(steady.failures(), Vec::<String>::new());
+    Ok(())
+}
