@@ -625,8 +625,10 @@ struct ControllerArgs {
     #[arg(long)]
     metrics: Option<SocketAddr>,
     /// The federation controller's address, as host:port (a name is resolved at start).
-    #[arg(long, value_parser = resolve_addr)]
-    federation: SocketAddr,
+    /// Repeat it, or separate with commas, for several: the controller uses the first that
+    /// answers and moves to the next when it stops.
+    #[arg(long, value_parser = resolve_addr, value_delimiter = ',', required = true)]
+    federation: Vec<SocketAddr>,
     /// PEM root(s) to verify the federation with before joining.
     #[arg(long)]
     federation_root: PathBuf,
@@ -1348,7 +1350,7 @@ async fn run(
                 grpc_addr: a.listen,
                 admin_addr: a.admin,
                 metrics_addr: a.metrics,
-                federation_addr: a.federation,
+                federation_addrs: a.federation,
                 federation_bundle_pem: read_pem(&a.federation_root)?,
                 join_token: a.join_token,
                 workload_cert_ttl: a.workload_cert_ttl,

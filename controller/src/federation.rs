@@ -119,6 +119,8 @@ pub struct LinkStatus {
     pub since: std::time::SystemTime,
     /// When the last registry update was applied; `None` before any in this process.
     pub last_update: Option<std::time::SystemTime>,
+    /// The federation address of the open (or last) stream.
+    pub address: Option<SocketAddr>,
 }
 
 #[derive(Clone, Default)]
@@ -159,6 +161,7 @@ impl GlobalState {
                 connected: false,
                 since: now,
                 last_update: None,
+                address: None,
             }),
             metrics,
         }
@@ -198,6 +201,7 @@ impl GlobalState {
             "since_unix": unix_seconds(l.since),
             "last_update_unix": l.last_update.map(unix_seconds),
             "stale_since_unix": (!l.connected).then(|| unix_seconds(l.since)),
+            "address": l.address.map(|a| a.to_string()),
             "clusters_stale_since_unix": self.tx.borrow().meta.stale_since_unix,
         })
     }
@@ -396,7 +400,8 @@ impl Sent {
 }
 
 pub struct Link {
-    pub address: SocketAddr,
+    /// The federation's addresses, tried in turn (see `Config::federation_addrs`).
+    pub addresses: Vec<SocketAddr>,
     pub cluster: String,
     pub identity: TlsIdentity,
     pub federation: PeerPolicy,
@@ -410,22 +415,30 @@ impl Link {
         global: Arc<GlobalState>,
     ) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
+        // The address in use: kept while it works, the next one's turn when it fails.
+        let mut turn = 0usize;
         loop {
+            let address = self.addresses[turn % self.addresses.len()];
             let started = Instant::now();
             let err = self
-                .session(exports.clone(), reports.clone(), &global)
+                .session(address, exports.clone(), reports.clone(), &global)
                 .await;
             global.set_connected(false);
             if started.elapsed() > Duration::from_secs(10) {
                 backoff.reset();
             }
-            tracing::warn!(federation = %self.address, error = %err, "federation stream lost; serving the last global registry");
-            tokio::time::sleep(backoff.next_delay()).await;
+            tracing::warn!(federation = %address, error = %err, "federation stream lost; serving the last global registry");
+            turn += 1;
+            // A round of every address, then the backoff.
+            if turn.is_multiple_of(self.addresses.len()) {
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
         }
     }
 
     async fn session(
         &self,
+        address: SocketAddr,
         mut exports: watch::Receiver<Arc<ClusterExports>>,
         reports: Reports,
         global: &GlobalState,
@@ -435,7 +448,7 @@ impl Link {
             mut links,
         } = reports;
         let channel = isthmus_core::grpc::tls_channel(
-            self.address,
+            address,
             self.identity
                 .client_config(self.federation.clone(), &[ALPN_H2]),
         );
@@ -455,7 +468,12 @@ impl Link {
             Ok(r) => r.into_inner(),
             Err(s) => return s,
         };
-        tracing::info!(federation = %self.address, cluster = %self.cluster, "connected to the federation");
+        tracing::info!(federation = %address, cluster = %self.cluster, "connected to the federation");
+        global
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .address = Some(address);
         global.set_connected(true);
         // Exports go out from their own task, so a large batch either way never leaves both
         // ends waiting for the other to read.

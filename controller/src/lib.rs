@@ -60,8 +60,9 @@ pub struct Config {
     /// A listener serving only `/ready` and `/stats/prometheus`, for scrapers on other
     /// hosts (the admin listener itself belongs on loopback).
     pub metrics_addr: Option<SocketAddr>,
-    /// The federation controller's gRPC address.
-    pub federation_addr: SocketAddr,
+    /// The federation controller's gRPC addresses: the first that answers is used, and the
+    /// next when it stops (never empty).
+    pub federation_addrs: Vec<SocketAddr>,
     /// Join token minted by the federation for this cluster; needed on first start only.
     pub join_token: Option<String>,
     /// PEM roots used to verify the federation before the cluster has joined.
@@ -496,7 +497,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     running.spawn(registry.clone().run(config.push_debounce));
     running.spawn(jwks.run());
     let link = federation::Link {
-        address: config.federation_addr,
+        addresses: config.federation_addrs.clone(),
         cluster: config.cluster.clone(),
         identity: state.identity.clone(),
         federation: PeerPolicy::OneOf(vec![isthmus_core::identity::SpiffeId::new(

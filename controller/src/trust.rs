@@ -128,11 +128,14 @@ async fn join(config: &Config, proof: Proof<'_>) -> anyhow::Result<Stored> {
     let (key, controller_csr_pem) =
         leaf_csr(&SpiffeId::controller(&config.trust_domain, &config.cluster))?;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    anyhow::ensure!(!config.federation_addrs.is_empty(), "no federation address");
+    // Each address in turn; with a certificate, one round of them.
+    let mut tried = 0usize;
     let resp = loop {
-        let mut client = FederationClient::new(isthmus_core::grpc::tls_channel(
-            config.federation_addr,
-            tls.clone(),
-        ));
+        let address = config.federation_addrs[tried % config.federation_addrs.len()];
+        tried += 1;
+        let mut client =
+            FederationClient::new(isthmus_core::grpc::tls_channel(address, tls.clone()));
         let mut req = tonic::Request::new(JoinRequest {
             cluster: config.cluster.clone(),
             ca_csr_pem: ca_csr_pem.clone(),
@@ -159,12 +162,17 @@ async fn join(config: &Config, proof: Proof<'_>) -> anyhow::Result<Stored> {
                     s.message()
                 )
             }
-            Err(s) if matches!(proof, Proof::Certificate(_)) => {
+            Err(s)
+                if matches!(proof, Proof::Certificate(_))
+                    && tried >= config.federation_addrs.len() =>
+            {
                 anyhow::bail!("the federation did not answer: {}", s.message())
             }
             Err(s) => {
-                tracing::warn!(federation = %config.federation_addr, error = %s, "joining the federation failed; retrying");
-                tokio::time::sleep(backoff.next_delay()).await;
+                tracing::warn!(federation = %address, error = %s, "joining the federation failed; trying again");
+                if tried.is_multiple_of(config.federation_addrs.len()) {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
             }
         }
     };

@@ -141,6 +141,9 @@ pub struct Mesh {
     pub controller_cert_ttl: Duration,
     /// The federation's `--forget-silent-after`.
     pub forget_silent_after: Option<Duration>,
+    /// Addresses every controller is given before the federation's own (to test a
+    /// controller given several, some of them dead).
+    pub federation_addrs_before: Vec<SocketAddr>,
     /// How often controllers (started from now on) fetch JWT issuers' keys again.
     pub jwks_refresh: Duration,
     /// Extra roots controllers (started from now on) trust for HTTPS key fetches.
@@ -246,6 +249,7 @@ impl Mesh {
             cluster_ca_ttl: isthmus_core::tls::ca::INTERMEDIATE_TTL,
             controller_cert_ttl: Duration::from_secs(30 * 24 * 3600),
             forget_silent_after: None,
+            federation_addrs_before: Vec::new(),
             jwks_refresh: isthmus_controller::JWKS_REFRESH,
             jwks_roots_pem: None,
             telemetry: Default::default(),
@@ -318,8 +322,13 @@ impl Mesh {
 
     pub async fn start_controller(&mut self, name: &str) -> anyhow::Result<()> {
         let token = isthmus_federation::mint_join_token(&self.fed_state, name, TOKEN_TTL)?;
-        let (fed, bundle, cert_ttl) =
-            (self.federation_addr, self.bundle_pem.clone(), self.cert_ttl);
+        let fed: Vec<SocketAddr> = self
+            .federation_addrs_before
+            .iter()
+            .copied()
+            .chain([self.federation_addr])
+            .collect();
+        let (bundle, cert_ttl) = (self.bundle_pem.clone(), self.cert_ttl);
         let (jwks_refresh, jwks_extra_roots_pem) = (self.jwks_refresh, self.jwks_roots_pem.clone());
         let kubeconfig = match self.cluster(name).kube {
             Some(_) => Some(self.controller_kubeconfig(name, 0)?),
@@ -343,7 +352,7 @@ impl Mesh {
             grpc_addr: c.controller_addr,
             admin_addr: SocketAddr::new(IpAddr::V4(ip(c.block, c.index, 1)), 15014),
             metrics_addr: None,
-            federation_addr: fed,
+            federation_addrs: fed,
             join_token: Some(token),
             federation_bundle_pem: bundle,
             workload_cert_ttl: cert_ttl,

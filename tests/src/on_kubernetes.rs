@@ -97,7 +97,7 @@ impl Mesh {
             grpc_addr: SocketAddr::new(ip, 15012),
             admin_addr: SocketAddr::new(ip, 15014),
             metrics_addr: None,
-            federation_addr: fed,
+            federation_addrs: vec![fed],
             join_token: None,
             federation_bundle_pem: bundle,
             workload_cert_ttl: cert_ttl,

@@ -785,3 +785,75 @@ async fn each_object_is_admitted_on_its_own_and_references_wait_for_their_target
     .await?;
     Ok(())
 }
+
+/// Forwards every connection to the address in `target` (refusing while there is none);
+/// everything it carries ends when the task is aborted.
+async fn relay(
+    listener: tokio::net::TcpListener,
+    target: std::sync::Arc<std::sync::Mutex<Option<std::net::SocketAddr>>>,
+) {
+    let mut carried = tokio::task::JoinSet::new();
+    while let Ok((mut inbound, _)) = listener.accept().await {
+        let Some(to) = *target.lock().unwrap_or_else(|p| p.into_inner()) else {
+            continue;
+        };
+        carried.spawn(async move {
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_given_several_federation_addresses_uses_one_that_answers_and_moves_when_it_stops(
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let relay_addr = listener.local_addr()?;
+    let target = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let relaying = tokio::spawn(relay(listener, target.clone()));
+    // The relay first (it refuses for now), then the federation itself.
+    let mut mesh = Mesh::start_configured(&["east", "west"], |m| {
+        m.federation_addrs_before = vec![relay_addr];
+    })
+    .await?;
+    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    isthmus_tests::reachable(outbound, HOST).await?;
+    let steady = traffic(outbound, HOST);
+    let admin = mesh.controller_admin("east");
+    let federation = mesh.federation_addr.to_string();
+    let linked_through = |want: String| async move {
+        eventually(
+            &format!("east linked through {want}"),
+            Duration::from_secs(15),
+            || async {
+                let fed = config_dump(admin).await?["federation"].clone();
+                anyhow::ensure!(
+                    fed["connected"] == true && fed["address"] == want.as_str(),
+                    "{fed}"
+                );
+                Ok(())
+            },
+        )
+        .await
+    };
+    // Joined and linked through the address that answers.
+    linked_through(federation.clone()).await?;
+
+    // The relay now leads to the federation, which restarts: east moves on to the relay.
+    *target.lock().unwrap_or_else(|p| p.into_inner()) = Some(mesh.federation_addr);
+    mesh.kill_federation();
+    mesh.start_federation().await?;
+    linked_through(relay_addr.to_string()).await?;
+
+    // The relay stops: east moves back to the federation's own address.
+    relaying.abort();
+    linked_through(federation).await?;
+    isthmus_tests::settles_in(&steady, "west", 20, Duration::from_secs(10)).await?;
+    assert_eq!(steady.failures(), Vec::<String>::new());
+    Ok(())
+}
