@@ -320,41 +320,29 @@ impl Sent {
         )
     }
 
-    /// The trust report, when it changed since the last one sent.
-    fn trust(&mut self, cluster: &str, trust: &TrustReport) -> Option<ExportUpdate> {
-        if *trust == self.trust {
+    /// The trust report and the gateway's dead links, those that changed since last sent,
+    /// in one message; `None` when neither did.
+    fn reports(
+        &mut self,
+        cluster: &str,
+        trust: &TrustReport,
+        links: &BTreeMap<String, u64>,
+    ) -> Option<ExportUpdate> {
+        let trust = (*trust != self.trust).then(|| trust.clone());
+        let links = (*links != self.links).then(|| links.clone());
+        if trust.is_none() && links.is_none() {
             return None;
         }
-        self.trust = trust.clone();
-        export_batch(
-            cluster,
-            false,
-            Vec::new(),
-            Vec::new(),
-            None,
-            (Some(trust.clone()), None),
-        )
-        .pop()
-    }
-
-    /// The gateway's dead links, when they changed since the last sent.
-    fn links(&mut self, cluster: &str, links: &BTreeMap<String, u64>) -> Option<ExportUpdate> {
-        if *links == self.links {
-            return None;
+        if let Some(t) = &trust {
+            self.trust = t.clone();
         }
-        self.links = links.clone();
-        let report = GatewayLinks {
-            unreachable_since_unix: links.clone().into_iter().collect(),
-        };
-        export_batch(
-            cluster,
-            false,
-            Vec::new(),
-            Vec::new(),
-            None,
-            (None, Some(report)),
-        )
-        .pop()
+        if let Some(l) = &links {
+            self.links = l.clone();
+        }
+        let links = links.map(|l| GatewayLinks {
+            unreachable_since_unix: l.into_iter().collect(),
+        });
+        export_batch(cluster, false, Vec::new(), Vec::new(), None, (trust, links)).pop()
     }
 
     /// What changed since the last batch; `None` when nothing did.
@@ -488,13 +476,11 @@ impl Link {
                     }
                     changed = trust.changed() => {
                         if changed.is_err() { break }
-                        let current = trust.borrow_and_update().clone();
-                        sent.trust(&cluster, &current).into_iter().collect()
+                        sent.reports(&cluster, &trust.borrow_and_update().clone(), &links.borrow().clone()).into_iter().collect()
                     }
                     changed = links.changed() => {
                         if changed.is_err() { break }
-                        let current = links.borrow_and_update().clone();
-                        sent.links(&cluster, &current).into_iter().collect()
+                        sent.reports(&cluster, &trust.borrow().clone(), &links.borrow_and_update().clone()).into_iter().collect()
                     }
                 };
                 for m in batch {

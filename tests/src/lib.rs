@@ -1121,7 +1121,17 @@ impl Mesh {
         clusters: &[&str],
         echo_in: &[&str],
     ) -> anyhow::Result<(Mesh, SocketAddr, Traffic)> {
-        let mut mesh = Mesh::start(clusters).await?;
+        Self::with_traffic_from_east_configured(clusters, echo_in, |_| {}).await
+    }
+
+    /// Like [`Mesh::with_traffic_from_east`], with the mesh's settings changed first (see
+    /// [`Mesh::start_configured`]).
+    pub async fn with_traffic_from_east_configured(
+        clusters: &[&str],
+        echo_in: &[&str],
+        configure: impl FnOnce(&mut Mesh),
+    ) -> anyhow::Result<(Mesh, SocketAddr, Traffic)> {
+        let mut mesh = Mesh::start_configured(clusters, configure).await?;
         for c in echo_in {
             mesh.add_workload(c, &format!("echo-{c}"), Some("echo"), "echo")
                 .await?;

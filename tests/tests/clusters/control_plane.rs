@@ -813,17 +813,11 @@ async fn a_controller_given_several_federation_addresses_uses_one_that_answers_a
     let target = std::sync::Arc::new(std::sync::Mutex::new(None));
     let relaying = tokio::spawn(relay(listener, target.clone()));
     // The relay first (it refuses for now), then the federation itself.
-    let mut mesh = Mesh::start_configured(&["east", "west"], |m| {
-        m.federation_addrs_before = vec![relay_addr];
-    })
-    .await?;
-    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
+    let (mut mesh, _, steady) =
+        Mesh::with_traffic_from_east_configured(&["east", "west"], &["west"], |m| {
+            m.federation_addrs_before = vec![relay_addr];
+        })
         .await?;
-    mesh.add_workload("east", "client", None, "frontend")
-        .await?;
-    let outbound = mesh.workload("east", "client").outbound();
-    isthmus_tests::reachable(outbound, HOST).await?;
-    let steady = traffic(outbound, HOST);
     let admin = mesh.controller_admin("east");
     let federation = mesh.federation_addr.to_string();
     let linked_through = |want: String| async move {

@@ -7,9 +7,7 @@ use std::time::Duration;
 use isthmus::client::AppClient;
 use isthmus::operator::Operator;
 use isthmus_core::tls::TlsIdentity;
-use isthmus_tests::{
-    config_dump, eventually, gateway_refuses, mtls_request, reachable, traffic, Mesh, TRUST_DOMAIN,
-};
+use isthmus_tests::{config_dump, eventually, gateway_refuses, mtls_request, Mesh, TRUST_DOMAIN};
 
 const ECHO: &str = "echo.demo.svc.cluster.local";
 const SOLO: &str = "solo.demo.svc.cluster.local";
@@ -40,15 +38,9 @@ async fn lands_in(outbound: SocketAddr, host: &str, cluster: &str) -> anyhow::Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fourth_cluster_joins_serves_and_leaves_with_its_certificates_refused(
 ) -> anyhow::Result<()> {
-    let mut mesh = Mesh::start(&["east", "west", "north"]).await?;
-    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
-        .await?;
-    mesh.add_workload("east", "client", None, "frontend")
-        .await?;
-    let east = mesh.workload("east", "client").outbound();
-    reachable(east, ECHO).await?;
     // East's traffic to west goes on through the join and the removal.
-    let steady = traffic(east, ECHO);
+    let (mut mesh, east, steady) =
+        Mesh::with_traffic_from_east(&["east", "west", "north"], &["west"]).await?;
 
     // A fourth cluster joins the running mesh: a join token, its controller, its gateway.
     mesh.add_cluster("south").await?;
@@ -188,15 +180,9 @@ async fn remote_stale_since(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_that_stops_reporting_is_stale_everywhere_a_user_looks_and_keeps_serving(
 ) -> anyhow::Result<()> {
-    let mut mesh = Mesh::start(&["east", "west", "north"]).await?;
-    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
-        .await?;
-    mesh.add_workload("east", "client", None, "frontend")
-        .await?;
-    let east = mesh.workload("east", "client").outbound();
+    let (mut mesh, _, steady) =
+        Mesh::with_traffic_from_east(&["east", "west", "north"], &["west"]).await?;
     let client_admin = mesh.workload("east", "client").admin();
-    reachable(east, ECHO).await?;
-    let steady = traffic(east, ECHO);
     assert!(remote_stale_since(client_admin, ECHO, "west")
         .await?
         .is_null());
@@ -286,20 +272,11 @@ async fn a_cluster_that_stops_reporting_is_stale_everywhere_a_user_looks_and_kee
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_silent_longer_than_the_set_time_is_withdrawn_until_it_reports_again(
 ) -> anyhow::Result<()> {
-    let mut mesh = Mesh::start_configured(&["east", "west", "eu"], |m| {
-        m.forget_silent_after = Some(Duration::from_secs(2));
-    })
-    .await?;
-    for c in ["west", "eu"] {
-        mesh.add_workload(c, &format!("echo-{c}"), Some("echo"), "echo")
-            .await?;
-    }
-    mesh.add_workload("east", "client", None, "frontend")
+    let (mut mesh, _, steady) =
+        Mesh::with_traffic_from_east_configured(&["east", "west", "eu"], &["west", "eu"], |m| {
+            m.forget_silent_after = Some(Duration::from_secs(2));
+        })
         .await?;
-    let east = mesh.workload("east", "client").outbound();
-    reachable(east, ECHO).await?;
-    let steady = traffic(east, ECHO);
-    isthmus_tests::settles_in(&steady, "west", 20, Duration::from_secs(10)).await?;
     let fed = mesh.federation.as_ref().expect("federation").admin_address;
     let exported_by = |dump: &serde_json::Value| -> Vec<String> {
         dump["services"]

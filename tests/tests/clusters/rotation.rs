@@ -244,18 +244,12 @@ async fn a_root_rotation_under_cross_cluster_traffic_fails_no_request_even_pause
 async fn controllers_renew_in_place_and_a_cluster_issues_only_until_its_ca_expires_without_the_federation(
 ) -> anyhow::Result<()> {
     // Lifetimes short enough to watch: cluster CA and controller certificate 12 s.
-    let mut mesh = Mesh::start_configured(&["east", "west"], |m| {
-        m.cluster_ca_ttl = Duration::from_secs(12);
-        m.controller_cert_ttl = Duration::from_secs(12);
-    })
-    .await?;
-    mesh.add_workload("west", "echo-west", Some("echo"), "echo")
+    let (mut mesh, _, steady) =
+        Mesh::with_traffic_from_east_configured(&["east", "west"], &["west"], |m| {
+            m.cluster_ca_ttl = Duration::from_secs(12);
+            m.controller_cert_ttl = Duration::from_secs(12);
+        })
         .await?;
-    mesh.add_workload("east", "client", None, "frontend")
-        .await?;
-    let east = mesh.workload("east", "client").outbound();
-    reachable(east, "echo.demo.svc.cluster.local").await?;
-    let steady = traffic(east, "echo.demo.svc.cluster.local");
     let admin = mesh.controller_admin("east");
     let first = config_dump(admin).await?["ca"].clone();
 
