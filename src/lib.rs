@@ -10,5 +10,6 @@ pub mod echo;
 pub mod explain;
 pub mod operator;
 pub mod process;
+pub mod replicas;
 pub mod status;
 pub mod traffic;

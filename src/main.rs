@@ -383,6 +383,11 @@ struct InstallArgs {
     /// federation mounts.
     #[arg(long, requires = "federation_root_cert")]
     federation_root_key: Option<PathBuf>,
+    /// Replicas of the federation (with --federation-root-cert). They elect a leader with
+    /// a Lease; the leader keeps the federation's state in a Secret, and another replica
+    /// takes over from it within seconds when the leader's pod or node is lost.
+    #[arg(long, default_value_t = 2)]
+    federation_replicas: u32,
 }
 
 #[derive(Subcommand)]
@@ -562,6 +567,25 @@ struct FederationArgs {
     /// reports again. Unset, they keep serving (marked stale everywhere) until then.
     #[arg(long, value_parser = parse_duration)]
     forget_silent_after: Option<Duration>,
+    /// Run as one of several replicas, with the Kubernetes API server as the shared store:
+    /// the replicas elect a leader with the Lease isthmus-federation; only the leader
+    /// listens for controllers, and it keeps the state folder (root CA, join-token key,
+    /// rotation, every cluster's last exports) in the Secret isthmus-federation-state. A
+    /// replica that takes over restores the folder from that Secret and serves the last
+    /// registry at once. Give controllers every replica's address, or a Service whose
+    /// endpoints are the ready pods (a standby's /ready answers 503).
+    #[arg(long)]
+    kubernetes: bool,
+    /// With --kubernetes: the kubeconfig to reach the API server with (its current
+    /// context). Without it, as kubectl finds one, or the pod's service account.
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// With --kubernetes: the namespace of the Lease and the Secret.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "isthmus-system")]
+    namespace: String,
+    /// With --kubernetes: this replica's name in the Lease; the pod's name in a cluster.
+    #[arg(long, env = "POD_NAME")]
+    replica: Option<String>,
 }
 
 #[derive(Args)]
@@ -952,6 +976,12 @@ macro_rules! serve {
     }};
 }
 
+/// A replica's name in its Lease when none is given: the host's name and the process id.
+fn replica_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
 /// The documents of every path: files, folders and `-` (standard input).
 fn read_sources(
     paths: &[PathBuf],
@@ -1186,6 +1216,7 @@ async fn run(
                 controller_replicas: a.replicas,
                 gateway_address: a.gateway_address,
                 federation_root,
+                federation_replicas: a.federation_replicas,
             };
             let objects = isthmus_kubernetes::install::manifests(&options);
             print_out(&isthmus_kubernetes::install::to_yaml(&objects))
@@ -1322,9 +1353,32 @@ async fn run(
                 cluster_ca_ttl: a.cluster_ca_ttl,
                 controller_cert_ttl: a.controller_cert_ttl,
                 forget_silent_after: a.forget_silent_after,
+                replica: None,
             };
             tracing::info!(?config, "starting federation");
-            serve!(isthmus_federation::build(config).await?, exit_with_stdin)
+            if !a.kubernetes {
+                serve!(isthmus_federation::build(config).await?, exit_with_stdin)
+            } else {
+                let client = isthmus_kubernetes::client(a.kubeconfig.as_deref()).await?;
+                let lease = isthmus_kubernetes::lease::LeaseConfig::named(
+                    isthmus::replicas::LEASE,
+                    &a.namespace,
+                    &a.replica.unwrap_or_else(replica_name),
+                );
+                let replicated = isthmus::replicas::Replicated::start(config, client, lease);
+                let mut role = replicated.role();
+                tokio::select! {
+                    _ = async { while role.changed().await.is_ok() {} } => {
+                        tracing::error!("the replica stopped");
+                        Ok(std::process::ExitCode::FAILURE)
+                    }
+                    signal = isthmus::process::shutdown_signal(exit_with_stdin) => {
+                        tracing::info!(signal, deadline_secs = DRAIN_DEADLINE.as_secs(), "draining");
+                        replicated.shutdown(DRAIN_DEADLINE).await;
+                        Ok(std::process::ExitCode::SUCCESS)
+                    }
+                }
+            }
         }
         Command::Controller(a) => {
             let config = isthmus_controller::Config {
@@ -1338,11 +1392,7 @@ async fn run(
                         proxy_image: a.proxy_image,
                         lease: isthmus_kubernetes::lease::LeaseConfig::new(
                             &a.lease_namespace,
-                            &a.replica.unwrap_or_else(|| {
-                                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                                    .unwrap_or_default();
-                                format!("{}-{}", host.trim(), std::process::id())
-                            }),
+                            &a.replica.unwrap_or_else(replica_name),
                         ),
                     },
                 },

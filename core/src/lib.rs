@@ -24,6 +24,7 @@ pub mod path;
 pub mod proxy_trust;
 pub mod readiness;
 pub mod routing;
+pub mod state_store;
 pub mod tls;
 pub mod token;
 pub mod xds;

@@ -10,6 +10,7 @@
 //! merged registry and cross-cluster traffic and failover keep working.
 
 mod registry;
+mod replica;
 mod root;
 mod rotation;
 mod service;
@@ -25,6 +26,7 @@ use isthmus_core::readiness::Readiness;
 use isthmus_core::tls::{ClientAuth, PeerPolicy};
 use tokio::net::TcpListener;
 
+pub use replica::{Replica, ReplicaView, Role, MIRROR_INTERVAL};
 pub use root::{mint_join_token, mint_operator_token};
 
 /// Static config of the federation controller.
@@ -53,6 +55,9 @@ pub struct Config {
     /// A cluster that has not reported for this long has its exports withdrawn until it
     /// reports again; `None` keeps them (stale, and said so) until then.
     pub forget_silent_after: Option<Duration>,
+    /// Set when this federation runs as one of several replicas ([`Replica`]): its role
+    /// and state saves, shown in the dump and metrics.
+    pub replica: Option<Arc<ReplicaView>>,
 }
 
 pub struct Bound {
@@ -114,12 +119,19 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let svc =
         service::FederationService::new(root, merged.clone(), rotation.clone(), drain.clone());
     let status = rotation.clone();
+    let replica = config.replica.clone();
+    if let Some(r) = &replica {
+        r.register(metrics.sub_registry_with_prefix("replica"));
+    }
     let admin = Admin {
         registry: Arc::new(metrics),
         readiness: Readiness::default(),
         dump: Arc::new(move || {
             let mut dump = merged.dump();
             dump["rotation"] = rotation::dump(&status.status());
+            if let Some(r) = &replica {
+                dump["replica"] = r.dump();
+            }
             dump
         }),
         logging: None,
@@ -163,4 +175,23 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         running,
         registry: kept,
     })
+}
+
+/// A federation on loopback ports of the system's choosing, keeping its state in `dir`.
+#[cfg(test)]
+fn test_config(dir: &std::path::Path) -> Config {
+    Config {
+        trust_domain: "td".into(),
+        state_dir: dir.to_owned(),
+        grpc_addr: "127.0.0.1:0".parse().expect("addr"),
+        admin_addr: "127.0.0.1:0".parse().expect("addr"),
+        metrics_addr: None,
+        root_cert: None,
+        root_key: None,
+        failover: Vec::new(),
+        cluster_ca_ttl: Duration::from_secs(3600),
+        controller_cert_ttl: Duration::from_secs(3600),
+        forget_silent_after: None,
+        replica: None,
+    }
 }

@@ -36,7 +36,7 @@ use prost::Message;
 use tokio::sync::{watch, Notify};
 
 /// Where the exports are kept, in the federation's state folder.
-const STATE_FILE: &str = "registry.pb";
+pub const STATE_FILE: &str = "registry.pb";
 /// At most one write of the state file per this interval (a quiet change is written at once).
 pub const PERSIST_INTERVAL: Duration = Duration::from_millis(100);
 /// Removed services remembered in the change log beyond the live ones, before the log is

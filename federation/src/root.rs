@@ -17,11 +17,11 @@ use isthmus_core::token::TokenKey;
 use crate::Config;
 
 pub const ROOT_CERT: &str = "root-cert.pem";
-const ROOT_KEY: &str = "root-key.pem";
+pub const ROOT_KEY: &str = "root-key.pem";
 /// The root a rotation moves to, until it completes.
 pub const NEXT_CERT: &str = "root-next-cert.pem";
-const NEXT_KEY: &str = "root-next-key.pem";
-const TOKEN_KEY: &str = "join-token.key";
+pub const NEXT_KEY: &str = "root-next-key.pem";
+pub const TOKEN_KEY: &str = "join-token.key";
 /// Audience of join tokens.
 pub const JOIN_AUDIENCE: &str = "federation";
 /// Audience of operator tokens (`isthmus root rotate`).

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::registry::GlobalRegistry;
 use crate::root::{Root, RootCa};
 
-const STATE_FILE: &str = "rotation.json";
+pub const STATE_FILE: &str = "rotation.json";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -486,19 +486,7 @@ mod tests {
     #[test]
     fn a_rotation_stopped_after_promoting_its_root_loads_as_complete() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = crate::Config {
-            trust_domain: "td".into(),
-            state_dir: dir.path().to_owned(),
-            grpc_addr: "127.0.0.1:0".parse().expect("addr"),
-            admin_addr: "127.0.0.1:0".parse().expect("addr"),
-            metrics_addr: None,
-            root_cert: None,
-            root_key: None,
-            failover: Vec::new(),
-            cluster_ca_ttl: Duration::from_secs(3600),
-            controller_cert_ttl: Duration::from_secs(3600),
-            forget_silent_after: None,
-        };
+        let config = crate::test_config(dir.path());
         let root = Arc::new(Root::load_or_create(&config).expect("root"));
         let mut metrics = prometheus_client::registry::Registry::default();
         let registry = GlobalRegistry::new(Default::default(), vec![], dir.path(), &mut metrics);

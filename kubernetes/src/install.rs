@@ -11,7 +11,9 @@
 //!   ValidatingWebhookConfiguration, whose caBundle the controller fills in;
 //! - the east-west gateway: a ServiceAccount, a Deployment that proves itself with a
 //!   projected token, and a LoadBalancer Service for 15443/udp;
-//! - optionally the federation, with a root CA the user provides.
+//! - optionally the federation, with a root CA the user provides: replicas that elect a
+//!   leader with a Lease, the leader keeping its state in a Secret (its only Secret
+//!   access: that one Secret, in its own namespace).
 //!
 //! The RBAC is exactly what the controller calls ([`controller_rules`]). It lists and
 //! watches what it reads. It patches only the status of mesh objects. It creates Events
@@ -43,6 +45,8 @@ pub struct Options {
     pub gateway_address: Option<String>,
     /// Also run the federation here, with this root CA (certificate, key; PEM).
     pub federation_root: Option<(String, String)>,
+    /// Replicas of the federation, when it runs here (one leads; the others stand by).
+    pub federation_replicas: u32,
 }
 
 /// One RBAC rule.
@@ -419,14 +423,55 @@ fn gateway(o: &Options) -> Vec<Value> {
     ]
 }
 
+/// The Lease and Secret the federation's replicas share, and what they may do with them.
+pub const FEDERATION_LEASE: &str = "isthmus-federation";
+pub const FEDERATION_STATE_SECRET: &str = "isthmus-federation-state";
+
+/// The federation's Role, in its namespace: its Lease and the Secret holding its state.
+/// (RBAC cannot restrict `create` by name; a replica creates each only when absent.)
+pub fn federation_rules() -> Vec<Rule> {
+    vec![
+        rule(&["coordination.k8s.io"], &["leases".into()], &["create"]),
+        Rule {
+            resource_names: vec![FEDERATION_LEASE.into()],
+            ..rule(
+                &["coordination.k8s.io"],
+                &["leases".into()],
+                &["get", "update"],
+            )
+        },
+        rule(&[""], &["secrets".into()], &["create"]),
+        Rule {
+            resource_names: vec![FEDERATION_STATE_SECRET.into()],
+            ..rule(&[""], &["secrets".into()], &["get", "update"])
+        },
+    ]
+}
+
+/// The federation: two replicas electing a leader, the leader keeping its state in the
+/// Secret [`FEDERATION_STATE_SECRET`] (so a pod's own folder is only a cache, and any node
+/// can run a replica). A standby is not ready, so the Service sends controllers to the
+/// leader.
 fn federation(o: &Options, cert: &str, key: &str) -> Vec<Value> {
     let ns = o.namespace.as_str();
     let app = "isthmus-federation";
+    let subject = json!([{"kind": "ServiceAccount", "name": app, "namespace": ns}]);
     vec![
         json!({
             "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": meta("isthmus-root-ca", ns, app),
             "stringData": {"root-cert.pem": cert, "root-key.pem": key},
+        }),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(app, ns, app)}),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": meta(app, ns, app), "rules": rules_json(&federation_rules()),
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": meta(app, ns, app),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": app},
+            "subjects": subject,
         }),
         json!({
             "apiVersion": "v1", "kind": "Service",
@@ -438,34 +483,33 @@ fn federation(o: &Options, cert: &str, key: &str) -> Vec<Value> {
             "apiVersion": "apps/v1", "kind": "StatefulSet",
             "metadata": meta(app, ns, app),
             "spec": {
-                "replicas": 1,
+                "replicas": o.federation_replicas,
                 "serviceName": app,
                 "selector": {"matchLabels": {"app": app}},
                 "template": {
                     "metadata": {"labels": labels(app)},
                     "spec": {
-                        "automountServiceAccountToken": false,
+                        "serviceAccountName": app,
                         "containers": [{
                             "name": "federation", "image": o.image,
                             "args": ["federation", format!("--trust-domain={}", o.trust_domain),
                                      format!("--state-dir={STATE_MOUNT}"), "--listen=0.0.0.0:15200",
                                      "--metrics=0.0.0.0:15014", "--admin=127.0.0.1:15000",
+                                     "--kubernetes",
                                      "--root-cert=/etc/isthmus/root/root-cert.pem",
                                      "--root-key=/etc/isthmus/root/root-key.pem"],
+                            "env": pod_env(),
                             "ports": [{"name": "grpc-federation", "containerPort": 15200}],
-                            "readinessProbe": {"httpGet": {"path": "/ready", "port": 15014}},
+                            "readinessProbe": {"httpGet": {"path": "/ready", "port": 15014},
+                                               "periodSeconds": 2},
                             "securityContext": security_context(),
                             "volumeMounts": [{"name": "state", "mountPath": STATE_MOUNT},
                                              {"name": "root", "mountPath": "/etc/isthmus/root", "readOnly": true}],
                         }],
-                        "volumes": [{"name": "root", "secret": {"secretName": "isthmus-root-ca"}}],
+                        "volumes": [{"name": "root", "secret": {"secretName": "isthmus-root-ca"}},
+                                    {"name": "state", "emptyDir": {}}],
                     },
                 },
-                "volumeClaimTemplates": [{
-                    "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                    "metadata": {"name": "state"},
-                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
-                }],
             },
         }),
     ]
@@ -502,6 +546,7 @@ mod tests {
             controller_replicas: 2,
             gateway_address: Some("203.0.113.7:15443".into()),
             federation_root: Some(("cert".into(), "key".into())),
+            federation_replicas: 2,
         }
     }
 
@@ -548,6 +593,19 @@ mod tests {
             .map(|d| <Value as serde::Deserialize>::deserialize(d).expect("yaml"))
             .collect();
         assert_eq!(read, objects);
+    }
+
+    #[test]
+    fn the_federation_may_touch_only_its_lease_and_state_secret() {
+        for r in federation_rules() {
+            let named = r.resource_names == [FEDERATION_LEASE]
+                || r.resource_names == [FEDERATION_STATE_SECRET];
+            assert!(named || r.verbs == ["create"], "{r:?}");
+            assert!(
+                !r.verbs.contains(&"*") && !r.verbs.contains(&"list"),
+                "{r:?}"
+            );
+        }
     }
 
     #[test]

@@ -36,9 +36,14 @@ pub struct LeaseConfig {
 impl LeaseConfig {
     /// The controller's Lease in `namespace`, held by `identity` with client-go's timings.
     pub fn new(namespace: &str, identity: &str) -> Self {
+        Self::named("isthmus-controller", namespace, identity)
+    }
+
+    /// The Lease `name` in `namespace`, held by `identity` with client-go's timings.
+    pub fn named(name: &str, namespace: &str, identity: &str) -> Self {
         Self {
             namespace: namespace.to_owned(),
-            name: "isthmus-controller".to_owned(),
+            name: name.to_owned(),
             identity: identity.to_owned(),
             duration: Duration::from_secs(15),
             renew_deadline: Duration::from_secs(10),
@@ -147,6 +152,25 @@ pub async fn run(client: kube::Client, cfg: LeaseConfig, leader: watch::Sender<b
         }
         tokio::time::sleep(cfg.retry).await;
     }
+}
+
+/// Gives the Lease up if this replica holds it, as client-go's `ReleaseOnCancel` does, so
+/// that another replica takes over at its next try instead of after `duration`.
+pub async fn release(client: kube::Client, cfg: &LeaseConfig) -> Result<(), kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
+    let Some(mut lease) = api.get_opt(&cfg.name).await? else {
+        return Ok(());
+    };
+    let spec = lease.spec.get_or_insert_with(Default::default);
+    if spec.holder_identity.as_deref() != Some(cfg.identity.as_str()) {
+        return Ok(());
+    }
+    spec.holder_identity = None;
+    spec.lease_duration_seconds = Some(1);
+    api.replace(&cfg.name, &PostParams::default(), &lease)
+        .await?;
+    tracing::info!(lease = %cfg.name, identity = %cfg.identity, "lease released");
+    Ok(())
 }
 
 /// Keeps something in the API server matching `wanted` while this replica leads:

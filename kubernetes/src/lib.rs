@@ -14,7 +14,9 @@
 //! - `status`: each mesh object's admission result written back to it (status condition,
 //!   Istio's validation messages) and an Event for each rejection.
 //! - `crds`: the CustomResourceDefinitions of the mesh kinds, generated from their types.
-//! - `lease`: leader election among controller replicas; only the leader writes.
+//! - `lease`: leader election among controller (and federation) replicas; only the leader
+//!   writes.
+//! - `state_secret`: the federation's state kept in a Secret, for the replica that takes over.
 //! - `identity`: projected service-account tokens checked with TokenReview, for the CA.
 //! - `imports`: ServiceImports (MCS API) for the services other clusters export.
 //! - `inject`: the sidecar injection patch (mutating webhook).
@@ -31,6 +33,7 @@ mod platform;
 mod resources;
 pub mod root_cert;
 mod source;
+pub mod state_secret;
 pub mod status;
 pub mod webhook;
 

@@ -617,6 +617,7 @@ fn federation_config(
         cluster_ca_ttl,
         controller_cert_ttl,
         forget_silent_after,
+        replica: None,
         trust_domain: TRUST_DOMAIN.into(),
         state_dir: state_dir.to_owned(),
         grpc_addr: grpc,

@@ -36,6 +36,7 @@ fn install_options(
         controller_replicas: 1,
         gateway_address: None,
         federation_root: None,
+        federation_replicas: 2,
     }
 }
 
