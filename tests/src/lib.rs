@@ -8,6 +8,7 @@
 //! dead process would.
 
 pub mod apiserver;
+mod federation_replicas;
 mod on_kubernetes;
 pub mod otlp;
 
@@ -144,6 +145,13 @@ pub struct Mesh {
     /// Addresses every controller is given before the federation's own (to test a
     /// controller given several, some of them dead).
     pub federation_addrs_before: Vec<SocketAddr>,
+    /// Run the federation as this many replicas electing a leader (0: one federation, no
+    /// election), set before it starts.
+    pub federation_replicas: usize,
+    /// The replicas, when the federation runs as such; `None` for one stopped.
+    pub replicas: Vec<Option<isthmus::replicas::Replicated>>,
+    /// The API server of the federation's host cluster, with replicas.
+    pub federation_kube: Option<apiserver::ApiServer>,
     /// How often controllers (started from now on) fetch JWT issuers' keys again.
     pub jwks_refresh: Duration,
     /// Extra roots controllers (started from now on) trust for HTTPS key fetches.
@@ -250,11 +258,22 @@ impl Mesh {
             controller_cert_ttl: Duration::from_secs(30 * 24 * 3600),
             forget_silent_after: None,
             federation_addrs_before: Vec::new(),
+            federation_replicas: 0,
+            replicas: Vec::new(),
+            federation_kube: None,
             jwks_refresh: isthmus_controller::JWKS_REFRESH,
             jwks_roots_pem: None,
             telemetry: Default::default(),
         };
         configure(&mut mesh);
+        if mesh.federation_replicas > 0 {
+            mesh.start_federation_replicas().await?;
+            for name in clusters {
+                mesh.add_cluster_inner(name, on_kubernetes.contains(name))
+                    .await?;
+            }
+            return Ok(mesh);
+        }
         let federation = isthmus_federation::build(federation_config(
             &mesh.fed_state,
             mesh.federation_addr,
@@ -322,11 +341,18 @@ impl Mesh {
 
     pub async fn start_controller(&mut self, name: &str) -> anyhow::Result<()> {
         let token = isthmus_federation::mint_join_token(&self.fed_state, name, TOKEN_TTL)?;
+        let replicas: Vec<SocketAddr> = (0..self.replicas.len())
+            .map(|n| self.federation_replica_addr(n))
+            .collect();
+        let fed: Vec<SocketAddr> = match replicas.is_empty() {
+            true => vec![self.federation_addr],
+            false => replicas,
+        };
         let fed: Vec<SocketAddr> = self
             .federation_addrs_before
             .iter()
             .copied()
-            .chain([self.federation_addr])
+            .chain(fed)
             .collect();
         let (bundle, cert_ttl) = (self.bundle_pem.clone(), self.cert_ttl);
         let (jwks_refresh, jwks_extra_roots_pem) = (self.jwks_refresh, self.jwks_roots_pem.clone());
@@ -604,7 +630,7 @@ impl Mesh {
 }
 
 /// The federation of a test mesh: the mesh's failover order, admin on a free port.
-fn federation_config(
+pub(crate) fn federation_config(
     state_dir: &std::path::Path,
     grpc: SocketAddr,
     (cluster_ca_ttl, controller_cert_ttl, forget_silent_after): (
@@ -646,7 +672,7 @@ pub fn test_lease(identity: &str) -> isthmus_kubernetes::lease::LeaseConfig {
 
 /// A stopped component's tasks release their sockets asynchronously; wait until the
 /// address can be bound again, as a restarted process would find it.
-async fn wait_port_free(addr: SocketAddr) -> anyhow::Result<()> {
+pub(crate) async fn wait_port_free(addr: SocketAddr) -> anyhow::Result<()> {
     eventually(
         &format!("{addr} to be free"),
         Duration::from_secs(5),

@@ -20,7 +20,7 @@ use isthmus_core::identity::SYSTEM_NAMESPACE;
 use std::path::PathBuf;
 
 /// What the harness installs with: one controller, this mesh's federation and trust.
-fn install_options(
+pub(crate) fn install_options(
     cluster: &str,
     federation: &str,
     trust_anchor_pem: &str,
@@ -195,38 +195,7 @@ impl Mesh {
     /// `kubectl apply` of a manifest of one or more documents to `cluster`'s API server.
     pub async fn kubectl_apply(&mut self, cluster: &str, yaml: &str) -> anyhow::Result<()> {
         let client = self.api(cluster).client().await?;
-        for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
-            let value: serde_json::Value = serde::Deserialize::deserialize(doc)?;
-            if value.is_null() {
-                continue;
-            }
-            let obj: DynamicObject = serde_json::from_value(value.clone())?;
-            let types = obj.types.clone().context("apiVersion and kind")?;
-            let gvk = kube::core::GroupVersionKind::try_from(&types)?;
-            // Discovery says the resource's plural and scope, as kubectl finds them.
-            let (ar, caps) = kube::discovery::pinned_kind(&client, &gvk)
-                .await
-                .with_context(|| format!("{} is not served", types.kind))?;
-            let api: Api<DynamicObject> = match caps.scope {
-                kube::discovery::Scope::Namespaced => Api::namespaced_with(
-                    client.clone(),
-                    obj.metadata.namespace.as_deref().unwrap_or(NAMESPACE),
-                    &ar,
-                ),
-                kube::discovery::Scope::Cluster => Api::all_with(client.clone(), &ar),
-            };
-            let name = obj.metadata.name.clone().context("metadata.name")?;
-            match api.get_opt(&name).await? {
-                Some(_) => {
-                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&value))
-                        .await?;
-                }
-                None => {
-                    api.create(&PostParams::default(), &obj).await?;
-                }
-            }
-        }
-        Ok(())
+        kubectl_apply(&client, yaml).await
     }
 
     /// The workload's Pod, created and reported running and ready, as the kubelet would.
@@ -402,4 +371,41 @@ impl Mesh {
         }
         Ok(())
     }
+}
+
+/// `kubectl apply` of a manifest of one or more documents through `client`: each object
+/// created, or merge-patched if it exists.
+pub(crate) async fn kubectl_apply(client: &kube::Client, yaml: &str) -> anyhow::Result<()> {
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let value: serde_json::Value = serde::Deserialize::deserialize(doc)?;
+        if value.is_null() {
+            continue;
+        }
+        let obj: DynamicObject = serde_json::from_value(value.clone())?;
+        let types = obj.types.clone().context("apiVersion and kind")?;
+        let gvk = kube::core::GroupVersionKind::try_from(&types)?;
+        // Discovery says the resource's plural and scope, as kubectl finds them.
+        let (ar, caps) = kube::discovery::pinned_kind(client, &gvk)
+            .await
+            .with_context(|| format!("{} is not served", types.kind))?;
+        let api: Api<DynamicObject> = match caps.scope {
+            kube::discovery::Scope::Namespaced => Api::namespaced_with(
+                client.clone(),
+                obj.metadata.namespace.as_deref().unwrap_or(NAMESPACE),
+                &ar,
+            ),
+            kube::discovery::Scope::Cluster => Api::all_with(client.clone(), &ar),
+        };
+        let name = obj.metadata.name.clone().context("metadata.name")?;
+        match api.get_opt(&name).await? {
+            Some(_) => {
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&value))
+                    .await?;
+            }
+            None => {
+                api.create(&PostParams::default(), &obj).await?;
+            }
+        }
+    }
+    Ok(())
 }

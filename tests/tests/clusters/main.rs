@@ -10,6 +10,7 @@ mod control_plane;
 mod examples;
 mod failover;
 mod faults;
+mod federation_ha;
 mod kubernetes;
 mod membership;
 mod mesh;
