@@ -433,7 +433,7 @@ impl<'a, S: StateStore> Mirror<'a, S> {
                 Err(e @ SaveError::Conflict { .. }) => return e,
                 Err(e @ SaveError::TooLarge { .. }) => {
                     if !too_large_said {
-                        tracing::error!(error = %e, "cannot save the state for the other replicas; a replica that takes over starts from the last state saved");
+                        tracing::error!(error = %e, "the exports are saved for the other replicas only as they last fitted; a replica that takes over gets the rest when each controller reports");
                         too_large_said = true;
                     }
                 }
@@ -467,21 +467,46 @@ impl<'a, S: StateStore> Mirror<'a, S> {
             .await
             .map_err(|e| SaveError::Failed(e.into()))?
             .map_err(|e| SaveError::Failed(e.into()))?;
-        if files != self.saved {
-            let bytes = files.values().map(Vec::len).sum();
-            if let Err(e) = self.store.save(&files).await {
-                self.view.failed(&e);
-                if matches!(e, SaveError::TooLarge { .. }) {
-                    // Tried again when a file changes, not at every look.
-                    self.seen = seen;
+        if files == self.saved {
+            self.seen = seen;
+            return Ok(());
+        }
+        let (files, too_large) = match self.store.save(&files).await {
+            Ok(()) => (files, None),
+            Err(e @ SaveError::TooLarge { .. }) => {
+                // The root, the keys and the rotation must reach the store whatever the
+                // exports weigh: save them with the last exports that fit. A replica
+                // taking over starts from those, and controllers fill in the rest.
+                let mut kept = files;
+                let exports = crate::registry::STATE_FILE;
+                match self.saved.get(exports) {
+                    Some(old) => kept.insert(exports.to_owned(), old.clone()),
+                    None => kept.remove(exports),
+                };
+                if kept != self.saved {
+                    if let Err(e) = self.store.save(&kept).await {
+                        self.view.failed(&e);
+                        return Err(e);
+                    }
                 }
+                (kept, Some(e))
+            }
+            Err(e) => {
+                self.view.failed(&e);
                 return Err(e);
             }
-            self.view.saved(bytes);
-            self.saved = files;
-        }
+        };
+        self.view.saved(files.values().map(Vec::len).sum());
+        self.saved = files;
+        // A state too large is tried again when a file changes, not at every look.
         self.seen = seen;
-        Ok(())
+        match too_large {
+            Some(e) => {
+                self.view.failed(&e);
+                Err(e)
+            }
+            None => Ok(()),
+        }
     }
 }
 
@@ -510,6 +535,8 @@ mod tests {
     struct Shared {
         state: Arc<Mutex<(u64, Option<Files>)>>,
         seen: Arc<Mutex<u64>>,
+        /// Bytes it holds at most, when limited.
+        limit: Option<usize>,
     }
 
     impl Shared {
@@ -518,6 +545,7 @@ mod tests {
             Self {
                 state: self.state.clone(),
                 seen: Arc::default(),
+                limit: self.limit,
             }
         }
 
@@ -538,6 +566,14 @@ mod tests {
         }
 
         async fn save(&self, files: &Files) -> Result<(), SaveError> {
+            let size = files.values().map(Vec::len).sum();
+            if let Some(limit) = self.limit.filter(|l| size > *l) {
+                return Err(SaveError::TooLarge {
+                    size,
+                    limit,
+                    store: self.describe(),
+                });
+            }
             let mut state = self.state.lock().expect("lock");
             let mut seen = self.seen.lock().expect("lock");
             if state.0 != *seen {
@@ -674,5 +710,71 @@ mod tests {
         assert_eq!(*a.role().borrow(), Role::Standby);
         assert!(!dir.path().join(root::ROOT_CERT).exists(), "no new root");
         a.abort();
+    }
+
+    #[tokio::test]
+    async fn exports_too_large_for_the_store_never_hold_back_the_keys_and_rotation() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Shared {
+            limit: Some(16 * 1024),
+            ..Shared::default()
+        };
+        let (_lead, leading_rx) = watch::channel(true);
+        let a = Replica::start(
+            crate::test_config(dir.path()),
+            "a",
+            store.handle(),
+            leading_rx,
+        );
+        let Role::Leading { admin_address, .. } = leading(&a).await else {
+            unreachable!()
+        };
+        let saved = |name: &'static str, want: Option<Vec<u8>>| {
+            let store = store.clone();
+            async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                while store.files().and_then(|f| f.get(name).cloned()) != want {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{name} saved as expected"
+                    );
+                    tokio::time::sleep(MIRROR_INTERVAL).await;
+                }
+            }
+        };
+        saved(
+            root::TOKEN_KEY,
+            std::fs::read(dir.path().join(root::TOKEN_KEY)).ok(),
+        )
+        .await;
+        let registry = crate::registry::STATE_FILE;
+        std::fs::write(dir.path().join(registry), b"small").expect("write");
+        saved(registry, Some(b"small".to_vec())).await;
+        // Exports grow past what the store holds; then the rotation's state changes.
+        std::fs::write(dir.path().join(registry), vec![7u8; 32 * 1024]).expect("write");
+        tokio::time::sleep(4 * MIRROR_INTERVAL).await;
+        std::fs::write(dir.path().join(rotation::STATE_FILE), b"{}").expect("write");
+        saved(rotation::STATE_FILE, Some(b"{}".to_vec())).await;
+        // Saved with the last exports that fitted, and the dump says why.
+        saved(registry, Some(b"small".to_vec())).await;
+        let dump = a.role().borrow().clone();
+        assert!(matches!(dump, Role::Leading { .. }), "still leading");
+        let body = admin_dump(admin_address).await;
+        assert!(body.contains("holds at most 16384"), "{body}");
+        a.abort();
+    }
+
+    /// The admin listener's `/config_dump`, as text.
+    async fn admin_dump(admin: std::net::SocketAddr) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(admin)
+            .await
+            .expect("connect");
+        tcp.write_all(b"GET /config_dump HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await.expect("read");
+        out
     }
 }
