@@ -402,6 +402,19 @@ impl ProxyStream {
         if let Some(c) = req.certificate.take() {
             self.sync.certificate(c);
         }
+        // Demand counts only from sidecars proven to be a workload of this cluster, and
+        // only in bounds: it moves budget between clusters.
+        if let (Some(d), Some(_)) = (req.demand.take(), &self.guard.workload) {
+            if d.offered_rps.len() <= MAX_DEMAND_KEYS {
+                let offered = d
+                    .offered_rps
+                    .into_iter()
+                    .filter(|(k, rps)| k.len() <= 512 && rps.is_finite() && *rps >= 0.0)
+                    .map(|(k, rps)| (k, rps.min(MAX_DEMAND_RPS)))
+                    .collect();
+                self.sync.demand(offered);
+            }
+        }
         if let (Some(links), Some(gw)) = (req.peer_links.take(), &self.guard.gateway) {
             self.svc.registry.gateway_links(gw, &links.down);
         }
@@ -634,6 +647,11 @@ impl ProxyStream {
         Ok(())
     }
 }
+
+/// Global rate limits one sidecar may report demand for, at most.
+const MAX_DEMAND_KEYS: usize = 64;
+/// The demand one sidecar may report for a limit, at most (requests per second).
+const MAX_DEMAND_RPS: f64 = 1e7;
 
 /// The Workload resource of a sidecar whose workload has no WorkloadEntry, when there is
 /// something to tell it: `ALLOW_ANY` from the Sidecar of its namespace (it has no labels for

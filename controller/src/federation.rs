@@ -14,7 +14,7 @@ use isthmus_core::backoff::Backoff;
 use isthmus_core::grpc::{chunk_by_size, CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use isthmus_core::tls::{PeerPolicy, TlsIdentity, ALPN_H2};
 use isthmus_proto::federation::federation_client::FederationClient;
-use isthmus_proto::federation::{
+use isthmus_proto::federation::{LimitDemand, LimitDemands, 
     ClusterExports, ExportUpdate, ExportedService, Gateway, GatewayLinks, GatewaySet,
     GlobalRegistry, GlobalService, RegistryMeta, RegistryUpdate, TrustReport,
 };
@@ -252,7 +252,11 @@ fn export_batch(
     upserted: Vec<ExportedService>,
     withdrawn: Vec<String>,
     gateways: Option<Vec<Gateway>>,
-    (mut trust, mut links): (Option<TrustReport>, Option<GatewayLinks>),
+    (mut trust, mut links, mut limits): (
+        Option<TrustReport>,
+        Option<GatewayLinks>,
+        Option<LimitDemands>,
+    ),
 ) -> Vec<ExportUpdate> {
     let runs = chunk_by_size(upserted, CHUNK_BYTES);
     let last = runs.len() - 1;
@@ -267,6 +271,7 @@ fn export_batch(
             gateways: gateways.take().map(|gateways| GatewaySet { gateways }),
             trust: trust.take(),
             links: links.take(),
+            limits: limits.take(),
             more: i < last,
         })
         .collect()
@@ -279,13 +284,25 @@ struct Sent {
     gateways: Vec<Gateway>,
     trust: TrustReport,
     links: BTreeMap<String, u64>,
+    limits: Limits,
 }
+
+/// Each global rate limit's budget and demand in this cluster, by key.
+pub type Limits = BTreeMap<String, LimitDemand>;
 
 /// What the controller reports besides its exports, each as it changes.
 #[derive(Clone)]
 pub struct Reports {
     pub trust: watch::Receiver<TrustReport>,
     pub links: watch::Receiver<BTreeMap<String, u64>>,
+    pub limits: watch::Receiver<Limits>,
+}
+
+/// The reports as they stand now.
+struct Current<'a> {
+    trust: &'a TrustReport,
+    links: &'a BTreeMap<String, u64>,
+    limits: &'a Limits,
 }
 
 impl Sent {
@@ -294,11 +311,16 @@ impl Sent {
         &mut self,
         cluster: &str,
         exports: &ClusterExports,
-        trust: &TrustReport,
-        links: &BTreeMap<String, u64>,
+        now: Current<'_>,
     ) -> Vec<ExportUpdate> {
+        let Current {
+            trust,
+            links,
+            limits,
+        } = now;
         self.trust = trust.clone();
         self.links = links.clone();
+        self.limits = limits.clone();
         self.services = exports
             .services
             .iter()
@@ -316,21 +338,19 @@ impl Sent {
                 Some(GatewayLinks {
                     unreachable_since_unix: links.clone().into_iter().collect(),
                 }),
+                Some(LimitDemands {
+                    by_key: limits.clone().into_iter().collect(),
+                }),
             ),
         )
     }
 
-    /// The trust report and the gateway's dead links, those that changed since last sent,
-    /// in one message; `None` when neither did.
-    fn reports(
-        &mut self,
-        cluster: &str,
-        trust: &TrustReport,
-        links: &BTreeMap<String, u64>,
-    ) -> Option<ExportUpdate> {
-        let trust = (*trust != self.trust).then(|| trust.clone());
-        let links = (*links != self.links).then(|| links.clone());
-        if trust.is_none() && links.is_none() {
+    /// The reports that changed since last sent, in one message; `None` when none did.
+    fn reports(&mut self, cluster: &str, now: Current<'_>) -> Option<ExportUpdate> {
+        let trust = (*now.trust != self.trust).then(|| now.trust.clone());
+        let links = (*now.links != self.links).then(|| now.links.clone());
+        let limits = (*now.limits != self.limits).then(|| now.limits.clone());
+        if trust.is_none() && links.is_none() && limits.is_none() {
             return None;
         }
         if let Some(t) = &trust {
@@ -339,10 +359,24 @@ impl Sent {
         if let Some(l) = &links {
             self.links = l.clone();
         }
+        if let Some(l) = &limits {
+            self.limits = l.clone();
+        }
         let links = links.map(|l| GatewayLinks {
             unreachable_since_unix: l.into_iter().collect(),
         });
-        export_batch(cluster, false, Vec::new(), Vec::new(), None, (trust, links)).pop()
+        let limits = limits.map(|l| LimitDemands {
+            by_key: l.into_iter().collect(),
+        });
+        export_batch(
+            cluster,
+            false,
+            Vec::new(),
+            Vec::new(),
+            None,
+            (trust, links, limits),
+        )
+        .pop()
     }
 
     /// What changed since the last batch; `None` when nothing did.
@@ -382,7 +416,7 @@ impl Sent {
             upserted,
             withdrawn,
             gateways,
-            (None, None),
+            (None, None, None),
         ))
     }
 }
@@ -434,6 +468,7 @@ impl Link {
         let Reports {
             mut trust,
             mut links,
+            mut limits,
         } = reports;
         let channel = isthmus_core::grpc::tls_channel(
             address,
@@ -448,8 +483,11 @@ impl Link {
         let first = sent.reset(
             &self.cluster,
             &exports.borrow_and_update(),
-            &trust.borrow_and_update(),
-            &links.borrow_and_update(),
+            Current {
+                trust: &trust.borrow_and_update(),
+                links: &links.borrow_and_update(),
+                limits: &limits.borrow_and_update(),
+            },
         );
         let outbound = tokio_stream::iter(first).chain(ReceiverStream::new(rx));
         let mut inbound = match client.exchange(outbound).await {
@@ -476,14 +514,31 @@ impl Link {
                     }
                     changed = trust.changed() => {
                         if changed.is_err() { break }
-                        sent.reports(&cluster, &trust.borrow_and_update().clone(), &links.borrow().clone()).into_iter().collect()
+                        Vec::new()
                     }
                     changed = links.changed() => {
                         if changed.is_err() { break }
-                        sent.reports(&cluster, &trust.borrow().clone(), &links.borrow_and_update().clone()).into_iter().collect()
+                        Vec::new()
+                    }
+                    changed = limits.changed() => {
+                        if changed.is_err() { break }
+                        Vec::new()
                     }
                 };
-                for m in batch {
+                let (t, l, d) = (
+                    trust.borrow_and_update().clone(),
+                    links.borrow_and_update().clone(),
+                    limits.borrow_and_update().clone(),
+                );
+                let report = sent.reports(
+                    &cluster,
+                    Current {
+                        trust: &t,
+                        links: &l,
+                        limits: &d,
+                    },
+                );
+                for m in batch.into_iter().chain(report) {
                     if tx.send(m).await.is_err() {
                         return tonic::Status::unavailable("export stream closed");
                     }
@@ -548,6 +603,58 @@ pub async fn report_trust(
         tokio::time::sleep(Duration::from_millis(100)).await;
         changes.borrow_and_update();
         issuing.borrow_and_update();
+    }
+}
+
+/// How long a proxy's demand report counts: three of its one-second reports.
+const DEMAND_FRESH: Duration = Duration::from_secs(3);
+
+/// Keeps `tx` holding this cluster's budget and demand for each global rate limit its
+/// proxies enforce, summed from their reports every second. Demand is rounded to a tenth
+/// of a request per second, so that a steady load sends nothing new.
+pub async fn report_limits(
+    proxies: Arc<crate::syncz::Proxies>,
+    snapshots: watch::Receiver<Arc<crate::snapshot::Snapshot>>,
+    tx: watch::Sender<Limits>,
+) {
+    loop {
+        let budgets: BTreeMap<String, u32> = snapshots
+            .borrow()
+            .config
+            .routing
+            .iter()
+            .flat_map(|(svc, r)| {
+                r.global_rate_limits.iter().map(move |l| {
+                    (
+                        format!("{}/{}/{}", svc.namespace, svc.name, l.name),
+                        l.requests_per_second,
+                    )
+                })
+            })
+            .collect();
+        let next: Limits = proxies
+            .demand(DEMAND_FRESH)
+            .into_iter()
+            .filter_map(|(key, rps)| {
+                let budget = *budgets.get(&key)?;
+                Some((
+                    key,
+                    LimitDemand {
+                        budget_rps: budget,
+                        demand_rps: (rps * 10.0).round() / 10.0,
+                    },
+                ))
+            })
+            .collect();
+        tx.send_if_modified(|cur| {
+            let changed = *cur != next;
+            *cur = next;
+            changed
+        });
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -520,9 +520,16 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         state.trust.clone(),
         trust_tx,
     ));
+    let (limits_tx, limits_rx) = watch::channel(Default::default());
+    running.spawn(federation::report_limits(
+        discovery.proxies(),
+        registry.snapshots(),
+        limits_tx,
+    ));
     let reports = federation::Reports {
         trust: trust_rx,
         links: registry.unreachable(),
+        limits: limits_rx,
     };
     running.spawn(link.run(registry.exports(), reports, global));
     running.spawn(async move {

@@ -844,6 +844,12 @@ impl Registry {
                 down.remove(&self.inner.cluster);
                 down
             },
+            limit_shares: global
+                .meta
+                .limit_shares
+                .iter()
+                .filter_map(|(key, s)| Some((key.clone(), *s.by_cluster.get(&self.inner.cluster)?)))
+                .collect(),
             failover: global
                 .meta
                 .failover

@@ -34,6 +34,8 @@ struct ProxySync {
     types: BTreeMap<String, TypeSync>,
     /// What the proxy last reported of its certificate and trust.
     certificate: Option<CertificateReport>,
+    /// The requests per second its global rate limits were last offered, and when.
+    demand: Option<(std::time::Instant, BTreeMap<String, f64>)>,
 }
 
 /// Every proxy with an open stream to this controller.
@@ -55,6 +57,25 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) use isthmus_core::admin::unix_seconds as unix;
 
 impl Proxies {
+    /// Each global rate limit's demand in this cluster: the sum of what its proxies
+    /// reported within `fresh`, by `namespace/service/limit`. A limit a proxy reports
+    /// (even at no demand) is one this cluster enforces.
+    pub fn demand(&self, fresh: std::time::Duration) -> BTreeMap<String, f64> {
+        let mut sum: BTreeMap<String, f64> = BTreeMap::new();
+        for p in lock(&self.streams).values() {
+            let Some((at, offered)) = &p.demand else {
+                continue;
+            };
+            if at.elapsed() > fresh {
+                continue;
+            }
+            for (key, rps) in offered {
+                *sum.entry(key.clone()).or_default() += rps;
+            }
+        }
+        sum
+    }
+
     /// A stream opened; it is listed until the handle drops.
     pub fn connect(self: &Arc<Self>, name: &str, role: &str, identity: &str) -> ProxyHandle {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
@@ -67,6 +88,7 @@ impl Proxies {
                 connected: SystemTime::now(),
                 types: BTreeMap::new(),
                 certificate: None,
+                demand: None,
             },
         );
         self.changes.send_modify(|v| *v += 1);
@@ -194,6 +216,13 @@ impl ProxyHandle {
             s.in_flight = in_flight;
             s.last_push = Some(SystemTime::now());
         });
+    }
+
+    /// The proxy reported the demand on the global rate limits it enforces.
+    pub fn demand(&self, offered_rps: BTreeMap<String, f64>) {
+        if let Some(p) = lock(&self.proxies.streams).get_mut(&self.id) {
+            p.demand = Some((std::time::Instant::now(), offered_rps));
+        }
     }
 
     /// The proxy reported its certificate and what it trusts.

@@ -53,6 +53,7 @@ pub fn spec_schema(
         "WorkloadEntry" => generator.root_schema_for::<kinds::WorkloadEntrySpec>(),
         "ServiceExport" => generator.root_schema_for::<kinds::ServiceExportSpec>(),
         "LocalRateLimit" => generator.root_schema_for::<kinds::LocalRateLimitSpec>(),
+        "GlobalRateLimit" => generator.root_schema_for::<kinds::GlobalRateLimitSpec>(),
         _ => return None,
     })
 }

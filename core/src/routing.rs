@@ -315,6 +315,17 @@ pub struct RateLimit {
     pub per_caller: bool,
 }
 
+/// A global rate limit: one budget for the service's sidecars in every cluster, split by
+/// the federation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GlobalRateLimit {
+    /// The GlobalRateLimit's name; `namespace/service/name` is its key mesh-wide.
+    pub name: String,
+    /// Only requests that matched this VirtualService route; all when `None`.
+    pub route: Option<String>,
+    pub requests_per_second: u32,
+}
+
 /// Everything routing-related for one service.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServiceRouting {
@@ -326,6 +337,9 @@ pub struct ServiceRouting {
     /// From LocalRateLimits targeting this service; enforced by its own sidecars.
     #[serde(default)]
     pub rate_limits: Vec<RateLimit>,
+    /// From GlobalRateLimits targeting this service.
+    #[serde(default)]
+    pub global_rate_limits: Vec<GlobalRateLimit>,
     /// `tcp[]` routes of the VirtualService; first match wins.
     #[serde(default)]
     pub tcp: Vec<TcpRoute>,
@@ -386,5 +400,6 @@ impl ServiceRouting {
             && self.subsets.is_empty()
             && self.policy.is_empty()
             && self.rate_limits.is_empty()
+            && self.global_rate_limits.is_empty()
     }
 }

@@ -27,7 +27,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use isthmus_proto::federation::{
     ClusterExports, ClusterGateways, ClusterService, ExportUpdate, ExportedPort, ExportedService,
-    Failover, FederationState, Gateway, GlobalService, RegistryMeta, RegistryUpdate, TrustReport,
+    Failover, FederationState, Gateway, GlobalService, LimitDemand, LimitShares, RegistryMeta,
+    RegistryUpdate, TrustReport,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -105,6 +106,8 @@ pub struct ExportBatch {
     pub trust: Option<TrustReport>,
     /// The clusters the sender's gateway cannot reach, and since when.
     pub links: Option<BTreeMap<String, u64>>,
+    /// The sender's budget and demand for each global rate limit.
+    pub limits: Option<BTreeMap<String, LimitDemand>>,
 }
 
 impl ExportBatch {
@@ -121,6 +124,9 @@ impl ExportBatch {
         }
         if let Some(l) = msg.links {
             self.links = Some(l.unreachable_since_unix.into_iter().collect());
+        }
+        if let Some(l) = msg.limits {
+            self.limits = Some(l.by_key);
         }
         !msg.more
     }
@@ -145,6 +151,10 @@ struct Inner {
     trust: BTreeMap<String, TrustReport>,
     /// Per cluster, the clusters its gateway cannot reach, and since when (this run only).
     links: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Per cluster, its budget and demand for each global rate limit (this run only).
+    limits: BTreeMap<String, BTreeMap<String, LimitDemand>>,
+    /// Each global rate limit's split, as last published.
+    limit_shares: BTreeMap<String, LimitShares>,
     /// The bundle and signing root every cluster is told of.
     bundle_pem: String,
     signing_root: String,
@@ -477,6 +487,7 @@ impl GlobalRegistry {
             down_since_unix: inner.down_since(),
             failover: self.failover.clone(),
             stale_clusters: inner.stale.iter().cloned().collect(),
+            limit_shares: inner.limit_shares.clone(),
         }
     }
 
@@ -602,6 +613,15 @@ impl GlobalRegistry {
             inner.links.insert(cluster.to_owned(), l);
         }
         let links_changed = inner.down_since() != down_before;
+        let mut limits_changed = false;
+        if let Some(l) = batch.limits {
+            inner.limits.insert(cluster.to_owned(), l);
+            let next = limits::shares(&inner.limits);
+            if limits::moved(&inner.limit_shares, &next) {
+                inner.limit_shares = next;
+                limits_changed = true;
+            }
+        }
         let confirmed = inner.stale.remove(cluster);
         let state = inner.clusters.entry(cluster.to_owned()).or_default();
         let mut incoming: BTreeMap<String, Option<ExportedService>> = BTreeMap::new();
@@ -635,7 +655,8 @@ impl GlobalRegistry {
         };
         let version = inner.version + 1;
         let (services_changed, conflicts_changed) = inner.remerge(touched, version);
-        let meta_changed = gateways_changed || conflicts_changed || confirmed || links_changed;
+        let meta_changed =
+            gateways_changed || conflicts_changed || confirmed || links_changed || limits_changed;
         if !services_changed && !meta_changed {
             return;
         }
@@ -715,7 +736,27 @@ impl GlobalRegistry {
                 })
             })
             .collect();
-        serde_json::json!({"version": inner.version, "clusters": clusters, "services": services, "conflicts": meta.conflicts, "stale_clusters": meta.stale_clusters,
+        // Each global rate limit: per cluster, its demand and its published share.
+        let limits: serde_json::Map<String, serde_json::Value> = inner
+            .limit_shares
+            .iter()
+            .map(|(key, shares)| {
+                let per_cluster: serde_json::Map<String, serde_json::Value> = shares
+                    .by_cluster
+                    .iter()
+                    .map(|(c, share)| {
+                        let demand = inner.limits.get(c).and_then(|l| l.get(key));
+                        (c.clone(), serde_json::json!({
+                            "share_rps": (share * 10.0).round() / 10.0,
+                            "demand_rps": demand.map(|d| d.demand_rps),
+                            "budget_rps": demand.map(|d| d.budget_rps),
+                        }))
+                    })
+                    .collect();
+                (key.clone(), serde_json::Value::Object(per_cluster))
+            })
+            .collect();
+        serde_json::json!({"version": inner.version, "clusters": clusters, "services": services, "conflicts": meta.conflicts, "stale_clusters": meta.stale_clusters, "global_rate_limits": limits,
             "gateways": meta.gateways.iter().map(|g| serde_json::json!({"cluster": g.cluster, "addresses": g.gateways.iter().map(|x| x.address.clone()).collect::<Vec<_>>()})).collect::<Vec<_>>()})
     }
 }
@@ -825,6 +866,7 @@ impl Subscription {
     }
 }
 
+mod limits;
 mod membership;
 #[cfg(test)]
 mod tests;

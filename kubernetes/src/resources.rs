@@ -77,6 +77,12 @@ pub const MESH_KINDS: &[MeshKind] = &[
         kind: "LocalRateLimit",
         plural: "localratelimits",
     },
+    MeshKind {
+        group: "isthmus.io",
+        version: "v1alpha1",
+        kind: "GlobalRateLimit",
+        plural: "globalratelimits",
+    },
 ];
 
 const fn istio(kind: &'static str, plural: &'static str) -> MeshKind {

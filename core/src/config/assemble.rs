@@ -69,6 +69,56 @@ fn rate_limit(c: &mut Checker<'_>, spec: &LocalRateLimitSpec) -> Option<crate::r
 /// names and attaches it there.
 pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<ConfigError>) {
     for doc in docs {
+        let DocumentBody::GlobalRateLimit(spec) = &doc.body else {
+            continue;
+        };
+        let ns = doc.namespace();
+        let mut c = Checker::new(doc, NamespacedName::new(&ns, &doc.metadata.name), errors);
+        if spec.target_ref.kind != "Service" {
+            c.fail(
+                Code::InvalidValue,
+                "spec.targetRef.kind",
+                format!(
+                    "`{}` cannot be rate limited; only Service",
+                    spec.target_ref.kind
+                ),
+            );
+            continue;
+        }
+        let Some(budget) = u32::try_from(spec.requests_per_second)
+            .ok()
+            .filter(|b| *b > 0)
+        else {
+            c.fail(
+                Code::InvalidValue,
+                "spec.requestsPerSecond",
+                format!(
+                    "{} is not a positive request rate",
+                    spec.requests_per_second
+                ),
+            );
+            continue;
+        };
+        let target = NamespacedName::new(&ns, &spec.target_ref.name);
+        if !set.services.contains_key(&target) {
+            c.fail(
+                Code::Reference,
+                "spec.targetRef.name",
+                format!("no Service {target}"),
+            );
+            continue;
+        }
+        set.routing
+            .entry(target)
+            .or_default()
+            .global_rate_limits
+            .push(crate::routing::GlobalRateLimit {
+                name: doc.metadata.name.clone(),
+                route: spec.route.clone(),
+                requests_per_second: budget,
+            });
+    }
+    for doc in docs {
         let DocumentBody::LocalRateLimit(spec) = &doc.body else {
             continue;
         };
@@ -180,12 +230,14 @@ pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<Co
         }
     }
     for doc in docs {
-        let DocumentBody::LocalRateLimit(spec) = &doc.body else {
-            continue;
+        let (route, target) = match &doc.body {
+            DocumentBody::LocalRateLimit(spec) => (&spec.route, &spec.target_ref),
+            DocumentBody::GlobalRateLimit(spec) => (&spec.route, &spec.target_ref),
+            _ => continue,
         };
-        let Some(route) = &spec.route else { continue };
+        let Some(route) = route else { continue };
         let ns = doc.namespace();
-        let target = NamespacedName::new(&ns, &spec.target_ref.name);
+        let target = NamespacedName::new(&ns, &target.name);
         let known = set
             .routing
             .get(&target)
@@ -517,5 +569,35 @@ mod rate_limit_tests {
         assert_eq!(field("  targetRef: {kind: Service, name: reviews}\n  tokensPerInterval: 0\n  interval: 1s\n"), "spec.tokensPerInterval");
         assert_eq!(field("  targetRef: {kind: Service, name: reviews}\n  tokensPerInterval: 1\n  interval: often\n"), "spec.interval");
         assert_eq!(field("  targetRef: {kind: Service, name: reviews}\n  route: missing\n  tokensPerInterval: 1\n  interval: 1s\n"), "spec.route");
+    }
+
+    fn load_global(spec: &str) -> Result<ConfigSet, Vec<ConfigError>> {
+        let yaml = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: demo}}\nspec: {{selector: {{app: reviews}}, ports: [{{port: 80}}]}}\n---\napiVersion: isthmus.io/v1alpha1\nkind: GlobalRateLimit\nmetadata: {{name: g, namespace: demo}}\nspec:\n{spec}");
+        load_files(&[SourceFile {
+            name: "g.yaml".into(),
+            contents: yaml,
+        }])
+        .map_err(|e| e.0)
+    }
+
+    #[test]
+    fn a_global_rate_limit_attaches_to_its_service_under_its_name() {
+        let set = load_global("  targetRef: {kind: Service, name: reviews}\n  requestsPerSecond: 300\n")
+            .expect("valid");
+        let limit = &set.routing[&NamespacedName::new("demo", "reviews")].global_rate_limits[0];
+        assert_eq!((limit.name.as_str(), limit.requests_per_second), ("g", 300));
+    }
+
+    #[test]
+    fn bad_global_rate_limits_name_their_field() {
+        let field = |spec: &str| match load_global(spec) {
+            Err(mut e) => e.remove(0).field,
+            Ok(set) => set.warnings.first().cloned().expect("a warning").field,
+        };
+        assert_eq!(field("  targetRef: {kind: Service, name: nope}\n  requestsPerSecond: 1\n"), "spec.targetRef.name");
+        assert_eq!(field("  targetRef: {kind: Service, name: reviews}\n  requestsPerSecond: 0\n"), "spec.requestsPerSecond");
+        assert_eq!(field("  targetRef: {kind: Pod, name: reviews}\n  requestsPerSecond: 5\n"), "spec.targetRef.kind");
+        assert_eq!(field("  targetRef: {kind: Service, name: reviews}\n  route: missing\n  requestsPerSecond: 5\n"), "spec.route");
+        assert_eq!(field("  targetRef: {kind: Service, name: reviews}\n  requestsPerSecnd: 5\n"), "spec.requestsPerSecnd");
     }
 }

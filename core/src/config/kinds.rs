@@ -109,6 +109,20 @@ pub struct LocalRateLimitSpec {
     pub per_caller: bool,
 }
 
+/// `isthmus.io/v1alpha1` `GlobalRateLimit`: one budget for the target service's sidecars
+/// in every cluster. The federation splits it between clusters by their demand; no
+/// central service is on the request path.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GlobalRateLimitSpec {
+    pub target_ref: TargetRefSpec,
+    /// Name of a VirtualService route (`http[].name`); all requests when absent.
+    pub route: Option<String>,
+    /// The budget for the whole mesh, in requests per second.
+    pub requests_per_second: i64,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

@@ -39,6 +39,7 @@ fn kind_of(api_version: &str, kind: &str) -> Option<&'static str> {
             Some("RequestAuthentication")
         }
         ("isthmus.io/v1alpha1", "LocalRateLimit") => Some("LocalRateLimit"),
+        ("isthmus.io/v1alpha1", "GlobalRateLimit") => Some("GlobalRateLimit"),
         ("telemetry.istio.io/v1" | "telemetry.istio.io/v1alpha1", "Telemetry") => Some("Telemetry"),
         (
             "networking.istio.io/v1"
@@ -156,7 +157,7 @@ fn parse_document(
         return Err(ConfigError {
             code: Code::UnknownKind,
             field: "kind".into(),
-            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, Sidecar, ServiceEntry, security.istio.io/v1 PeerAuthentication, AuthorizationPolicy, RequestAuthentication, telemetry.istio.io/v1 Telemetry, multicluster.x-k8s.io/v1alpha1/ServiceExport, isthmus.io/v1alpha1/LocalRateLimit"),
+            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, Sidecar, ServiceEntry, security.istio.io/v1 PeerAuthentication, AuthorizationPolicy, RequestAuthentication, telemetry.istio.io/v1 Telemetry, multicluster.x-k8s.io/v1alpha1/ServiceExport, isthmus.io/v1alpha1/LocalRateLimit, GlobalRateLimit"),
             ..err
         });
     };
@@ -203,6 +204,8 @@ fn parse_document(
         "LocalRateLimit" => {
             decode::<LocalRateLimitSpec>(spec, "spec").map(DocumentBody::LocalRateLimit)
         }
+        "GlobalRateLimit" => decode::<super::kinds::GlobalRateLimitSpec>(spec, "spec")
+            .map(DocumentBody::GlobalRateLimit),
         "DestinationRule" => decode::<DestinationRuleSpec>(spec, "spec")
             .map(|s| DocumentBody::DestinationRule(Box::new(s))),
         "Sidecar" => decode::<super::sidecar::SidecarSpec>(spec, "spec")

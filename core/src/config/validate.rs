@@ -29,6 +29,7 @@ pub enum DocumentBody {
     VirtualService(Box<VirtualServiceSpec>),
     DestinationRule(Box<DestinationRuleSpec>),
     LocalRateLimit(LocalRateLimitSpec),
+    GlobalRateLimit(super::kinds::GlobalRateLimitSpec),
     Sidecar(Box<super::sidecar::SidecarSpec>),
     ServiceEntry(Box<super::istio::ServiceEntrySpec>),
     PeerAuthentication(Box<super::security::PeerAuthenticationSpec>),
@@ -67,6 +68,7 @@ impl DocumentBody {
             DocumentBody::VirtualService(_) => "VirtualService",
             DocumentBody::DestinationRule(_) => "DestinationRule",
             DocumentBody::LocalRateLimit(_) => "LocalRateLimit",
+            DocumentBody::GlobalRateLimit(_) => "GlobalRateLimit",
             DocumentBody::Sidecar(_) => "Sidecar",
             DocumentBody::ServiceEntry(_) => "ServiceEntry",
             DocumentBody::PeerAuthentication(_) => "PeerAuthentication",
@@ -590,6 +592,7 @@ pub fn build_on(platform: &super::Platform, docs: Vec<Document>) -> Admission {
             DocumentBody::VirtualService(_)
             | DocumentBody::DestinationRule(_)
             | DocumentBody::LocalRateLimit(_)
+            | DocumentBody::GlobalRateLimit(_)
             | DocumentBody::ServiceEntry(_) => {}
         }
     }

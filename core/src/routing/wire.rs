@@ -304,6 +304,15 @@ impl From<&ServiceRouting> for pb::ServiceRouting {
                     per_caller: l.per_caller,
                 })
                 .collect(),
+            global_rate_limits: r
+                .global_rate_limits
+                .iter()
+                .map(|l| pb::GlobalRateLimit {
+                    name: l.name.clone(),
+                    route: l.route.clone(),
+                    requests_per_second: l.requests_per_second,
+                })
+                .collect(),
             tcp: r
                 .tcp
                 .iter()
@@ -650,6 +659,24 @@ impl TryFrom<pb::ServiceRouting> for ServiceRouting {
                 })
             })
             .collect::<Result<_, _>>()?;
+        let global_rate_limits = r
+            .global_rate_limits
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                if l.requests_per_second == 0 || l.name.is_empty() || l.name.contains('/') {
+                    return Err(err(
+                        &format!("global_rate_limits[{i}]"),
+                        "needs a name without `/` and a positive budget",
+                    ));
+                }
+                Ok(crate::routing::GlobalRateLimit {
+                    name: l.name,
+                    route: l.route,
+                    requests_per_second: l.requests_per_second,
+                })
+            })
+            .collect::<Result<_, _>>()?;
         let tcp = r
             .tcp
             .into_iter()
@@ -673,6 +700,7 @@ impl TryFrom<pb::ServiceRouting> for ServiceRouting {
             subsets,
             policy: traffic_policy("policy", r.policy, false)?,
             rate_limits,
+            global_rate_limits,
             tcp,
         })
     }

@@ -108,6 +108,9 @@ impl GlobalRegistry {
             .map(|c| c.services.into_keys().collect())
             .unwrap_or_default();
         inner.stale.remove(cluster);
+        // Its share of each global rate limit goes to the clusters still serving.
+        inner.limits.remove(cluster);
+        inner.limit_shares = super::limits::shares(&inner.limits);
         let version = inner.version + 1;
         inner.remerge(keys.iter().cloned(), version);
         inner.version = version;

@@ -150,6 +150,11 @@ fn everything() -> ServiceRouting {
             burst: 5,
             per_caller: true,
         }],
+        global_rate_limits: vec![crate::routing::GlobalRateLimit {
+            name: "shared".into(),
+            route: None,
+            requests_per_second: 300,
+        }],
         tcp: vec![TcpRoute {
             ports: vec![7000],
             destinations: vec![dest("demo/tcp", None, 100)],
