@@ -324,6 +324,7 @@ impl Bench {
                     health: None,
                     certificate: None,
                     peer_links: None,
+                    demand: None,
                     first_config: None,
                 };
                 tokio::spawn(client.run());

@@ -14,9 +14,10 @@ use isthmus_core::backoff::Backoff;
 use isthmus_core::grpc::{chunk_by_size, CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use isthmus_core::tls::{PeerPolicy, TlsIdentity, ALPN_H2};
 use isthmus_proto::federation::federation_client::FederationClient;
-use isthmus_proto::federation::{LimitDemand, LimitDemands, 
+use isthmus_proto::federation::{
     ClusterExports, ExportUpdate, ExportedService, Gateway, GatewayLinks, GatewaySet,
-    GlobalRegistry, GlobalService, RegistryMeta, RegistryUpdate, TrustReport,
+    GlobalRegistry, GlobalService, LimitDemand, LimitDemands, RegistryMeta, RegistryUpdate,
+    TrustReport,
 };
 use prost::Message;
 use tokio::sync::{mpsc, watch, Notify};

@@ -90,6 +90,9 @@ pub struct XdsClient<H> {
     pub certificate: Option<watch::Receiver<std::sync::Arc<crate::tls::Credentials>>>,
     /// Gateways: the peer clusters whose link is down, reported as it changes.
     pub peer_links: Option<watch::Receiver<std::collections::BTreeSet<String>>>,
+    /// Sidecars: the requests per second offered to each global rate limit, reported at
+    /// each update.
+    pub demand: Option<watch::Receiver<std::collections::BTreeMap<String, f64>>>,
     /// Dropped once a first response of every type has been applied whole (ACKed).
     pub first_config: Option<BlockReady>,
 }
@@ -154,6 +157,10 @@ impl<H: XdsHandler> XdsClient<H> {
         // Per type: a response of the batch in progress was NACKed.
         let mut batch_failed: HashMap<String, bool> = HashMap::new();
         let mut health = self.health.clone();
+        let mut demand = self.demand.clone();
+        if let Some(d) = &mut demand {
+            d.borrow_and_update();
+        }
         loop {
             tokio::select! {
                 msg = responses.message() => {
@@ -189,6 +196,11 @@ impl<H: XdsHandler> XdsClient<H> {
                     }
                 }
                 Some(req) = next_report(&mut peer_links, peer_links_request) => {
+                    if tx.send(req).await.is_err() {
+                        return SessionError::Closed;
+                    }
+                }
+                Some(req) = next_report(&mut demand, demand_request) => {
                     if tx.send(req).await.is_err() {
                         return SessionError::Closed;
                     }
@@ -237,6 +249,15 @@ impl<H: XdsHandler> XdsClient<H> {
 fn certificate_request(creds: &crate::tls::Credentials) -> DeltaRequest {
     DeltaRequest {
         certificate: Some(crate::proxy_trust::report(creds)),
+        ..Default::default()
+    }
+}
+
+fn demand_request(offered: &std::collections::BTreeMap<String, f64>) -> DeltaRequest {
+    DeltaRequest {
+        demand: Some(isthmus_proto::discovery::DemandReport {
+            offered_rps: offered.clone(),
+        }),
         ..Default::default()
     }
 }

@@ -746,11 +746,14 @@ impl GlobalRegistry {
                     .iter()
                     .map(|(c, share)| {
                         let demand = inner.limits.get(c).and_then(|l| l.get(key));
-                        (c.clone(), serde_json::json!({
-                            "share_rps": (share * 10.0).round() / 10.0,
-                            "demand_rps": demand.map(|d| d.demand_rps),
-                            "budget_rps": demand.map(|d| d.budget_rps),
-                        }))
+                        (
+                            c.clone(),
+                            serde_json::json!({
+                                "share_rps": (share * 10.0).round() / 10.0,
+                                "demand_rps": demand.map(|d| d.demand_rps),
+                                "budget_rps": demand.map(|d| d.budget_rps),
+                            }),
+                        )
                     })
                     .collect();
                 (key.clone(), serde_json::Value::Object(per_cluster))

@@ -205,6 +205,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             health: None,
             certificate: Some(identity.subscribe()),
             peer_links: Some(links.down()),
+            demand: None,
             first_config: Some(config_block),
         };
         tasks.spawn(xds.run());

@@ -254,5 +254,10 @@ pub fn mesh(name: &str, body: &[u8]) -> Result<MeshInfo, ConvertError> {
             .then_some(msg.federation_stale_since_unix),
         cluster_stale_since: msg.cluster_stale_since_unix.into_iter().collect(),
         unreachable: msg.unreachable_since_unix.into_iter().collect(),
+        limit_shares: msg
+            .limit_shares
+            .into_iter()
+            .filter(|(_, rps)| rps.is_finite() && *rps >= 0.0)
+            .collect(),
     })
 }

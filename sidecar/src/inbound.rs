@@ -53,6 +53,8 @@ pub struct InboundCtx {
     app_h2: Client<HttpConnector, ProxyBody>,
     /// Calls to external authorization providers go out as the app's requests do.
     outbound: Arc<crate::outbound::OutboundCtx>,
+    /// The buckets of the global rate limits this sidecar enforces.
+    global_limits: Arc<crate::global_limit::GlobalLimits>,
 }
 
 impl InboundCtx {
@@ -64,6 +66,7 @@ impl InboundCtx {
         state: tokio::sync::watch::Receiver<Arc<crate::state::MeshState>>,
         drain: isthmus_core::drain::Drain,
         outbound: Arc<crate::outbound::OutboundCtx>,
+        global_limits: Arc<crate::global_limit::GlobalLimits>,
     ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -94,6 +97,7 @@ impl InboundCtx {
             app_h1,
             app_h2,
             outbound,
+            global_limits,
         }
     }
 }
@@ -447,6 +451,24 @@ fn check_rate_limits(
     Ok(())
 }
 
+/// Applies the GlobalRateLimits of the service a request is for.
+fn check_global_limits(
+    ctx: &InboundCtx,
+    state: &crate::state::MeshState,
+    svc: Option<&crate::state::Service>,
+    headers: &http::HeaderMap,
+) -> Result<(), ProxyError> {
+    let Some(svc) = svc.filter(|s| s.routing.as_ref().is_some_and(|r| !r.global.is_empty())) else {
+        return Ok(());
+    };
+    let route = headers
+        .get(isthmus_core::headers::ROUTE)
+        .and_then(|v| v.to_str().ok());
+    ctx.global_limits
+        .check(&state.mesh, svc, route)
+        .map_err(|wait| ProxyError::RateLimited { retry_after: wait })
+}
+
 async fn forward(
     ctx: &InboundCtx,
     caller: &Caller,
@@ -467,6 +489,7 @@ async fn forward(
             ));
         }
         check_rate_limits(svc, caller, req.headers())?;
+        check_global_limits(ctx, state, svc, req.headers())?;
         if !req.headers().contains_key(crate::upgrade::UPGRADE) {
             // Opaque TCP only reaches ports a service of this workload declares.
             let port = req
@@ -520,6 +543,7 @@ async fn forward(
     }
     let (mut parts, body) = req.into_parts();
     check_rate_limits(svc, caller, &parts.headers)?;
+    check_global_limits(ctx, state, svc, &parts.headers)?;
 
     let h2 = parts
         .headers

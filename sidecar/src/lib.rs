@@ -22,6 +22,7 @@ mod egress;
 mod errors;
 mod explain;
 mod ext_authz;
+mod global_limit;
 mod inbound;
 pub mod ingress;
 mod lb;
@@ -257,6 +258,8 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
                 .renew_forever(identity.clone(), renew_now.clone()),
         );
         let app_health = probe_app(&mut tasks, cfg.app_addr);
+        let global_limits = Arc::new(global_limit::GlobalLimits::default());
+        let (demand_tx, demand_rx) = tokio::sync::watch::channel(Default::default());
         let channel = isthmus_core::grpc::tls_channel(
             cfg.controller_addr,
             identity.client_config(PeerPolicy::OneOf(vec![ca.controller.clone()]), &[ALPN_H2]),
@@ -278,9 +281,16 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             health: app_health,
             certificate: Some(identity.subscribe()),
             peer_links: None,
+            demand: Some(demand_rx),
             first_config: Some(config_block),
         };
         tasks.spawn(xds.run());
+        tasks.spawn(global_limit::report(
+            global_limits.clone(),
+            store.subscribe(),
+            cfg.workload.to_string(),
+            demand_tx,
+        ));
         let out_ctx = Arc::new(outbound::OutboundCtx {
             state: store.subscribe(),
             pool: pool::Pool::new(
@@ -303,6 +313,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             store.subscribe(),
             drain.clone(),
             out_ctx,
+            global_limits,
         ));
         if let Some(listener) = captured_inbound {
             tasks.spawn(capture::inbound(listener, in_ctx.clone(), drain.clone()));

@@ -222,6 +222,8 @@ pub struct CompiledRouting {
     port_states: BTreeMap<u16, PolicyState>,
     /// Local rate limits this service's own sidecars enforce on inbound requests.
     pub limits: Vec<Limit>,
+    /// Global rate limits, enforced likewise (see `global_limit.rs`).
+    pub global: Vec<isthmus_core::routing::GlobalRateLimit>,
     /// `tcp[]` routes for CONNECT tunnels.
     pub tcp: Vec<isthmus_core::routing::TcpRoute>,
 }
@@ -311,6 +313,7 @@ impl CompiledRouting {
             state: service_state.0,
             port_states: service_state.1,
             limits,
+            global: r.global_rate_limits,
             tcp,
         })
     }

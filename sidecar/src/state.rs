@@ -178,6 +178,9 @@ pub struct MeshInfo {
     /// Clusters this cluster's gateway cannot reach now, and since when: nothing is sent
     /// there while another cluster can serve.
     pub unreachable: BTreeMap<String, u64>,
+    /// This cluster's share of each global rate limit (requests per second), by
+    /// `namespace/service/limit`.
+    pub limit_shares: BTreeMap<String, f64>,
 }
 
 impl MeshInfo {

@@ -582,8 +582,9 @@ mod rate_limit_tests {
 
     #[test]
     fn a_global_rate_limit_attaches_to_its_service_under_its_name() {
-        let set = load_global("  targetRef: {kind: Service, name: reviews}\n  requestsPerSecond: 300\n")
-            .expect("valid");
+        let set =
+            load_global("  targetRef: {kind: Service, name: reviews}\n  requestsPerSecond: 300\n")
+                .expect("valid");
         let limit = &set.routing[&NamespacedName::new("demo", "reviews")].global_rate_limits[0];
         assert_eq!((limit.name.as_str(), limit.requests_per_second), ("g", 300));
     }
@@ -594,10 +595,22 @@ mod rate_limit_tests {
             Err(mut e) => e.remove(0).field,
             Ok(set) => set.warnings.first().cloned().expect("a warning").field,
         };
-        assert_eq!(field("  targetRef: {kind: Service, name: nope}\n  requestsPerSecond: 1\n"), "spec.targetRef.name");
-        assert_eq!(field("  targetRef: {kind: Service, name: reviews}\n  requestsPerSecond: 0\n"), "spec.requestsPerSecond");
-        assert_eq!(field("  targetRef: {kind: Pod, name: reviews}\n  requestsPerSecond: 5\n"), "spec.targetRef.kind");
+        assert_eq!(
+            field("  targetRef: {kind: Service, name: nope}\n  requestsPerSecond: 1\n"),
+            "spec.targetRef.name"
+        );
+        assert_eq!(
+            field("  targetRef: {kind: Service, name: reviews}\n  requestsPerSecond: 0\n"),
+            "spec.requestsPerSecond"
+        );
+        assert_eq!(
+            field("  targetRef: {kind: Pod, name: reviews}\n  requestsPerSecond: 5\n"),
+            "spec.targetRef.kind"
+        );
         assert_eq!(field("  targetRef: {kind: Service, name: reviews}\n  route: missing\n  requestsPerSecond: 5\n"), "spec.route");
-        assert_eq!(field("  targetRef: {kind: Service, name: reviews}\n  requestsPerSecnd: 5\n"), "spec.requestsPerSecnd");
+        assert_eq!(
+            field("  targetRef: {kind: Service, name: reviews}\n  requestsPerSecnd: 5\n"),
+            "spec.requestsPerSecnd"
+        );
     }
 }

@@ -111,7 +111,10 @@ mod tests {
 
     #[test]
     fn shares_add_up_to_the_budget_and_follow_demand() {
-        let s = split(30.0, &demand(&[("east", 40.0), ("west", 10.0), ("north", 0.0)]));
+        let s = split(
+            30.0,
+            &demand(&[("east", 40.0), ("west", 10.0), ("north", 0.0)]),
+        );
         assert!((s.values().sum::<f64>() - 30.0).abs() < 1e-9, "{s:?}");
         // North keeps its floor; west gets what it asks; east the rest.
         assert!((s["north"] - 1.0).abs() < 1e-9, "{s:?}");

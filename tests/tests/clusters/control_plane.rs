@@ -569,6 +569,7 @@ async fn a_rejected_resource_stays_out_until_fixed_while_the_rest_of_its_push_ap
         health: None,
         certificate: None,
         peer_links: None,
+        demand: None,
         first_config: Some(readiness.register("first config")),
     };
     let task = tokio::spawn(client.run());

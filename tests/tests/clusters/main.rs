@@ -11,6 +11,7 @@ mod examples;
 mod failover;
 mod faults;
 mod federation_ha;
+mod global_rate_limit;
 mod kubernetes;
 mod membership;
 mod mesh;

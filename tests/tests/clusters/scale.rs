@@ -190,6 +190,7 @@ async fn a_registry_and_a_proxy_config_over_16_mib_converge_and_one_change_sends
         health: None,
         certificate: None,
         peer_links: None,
+        demand: None,
         first_config: None,
     };
     let proxy = tokio::spawn(client.run());

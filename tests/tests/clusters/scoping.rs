@@ -59,6 +59,7 @@ async fn watch_services<H: isthmus_core::xds::XdsHandler + Default>(
         health: None,
         certificate: None,
         peer_links: None,
+        demand: None,
         first_config: None,
     };
     Ok((recorder, tokio::spawn(client.run())))

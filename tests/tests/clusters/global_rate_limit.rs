@@ -1,0 +1,176 @@
+//! A GlobalRateLimit: one budget for a service's sidecars in three clusters, split by the
+//! federation from the demand each cluster's sidecars see, under uneven load that then
+//! moves. The mesh must hold within the published bound (README, "Global rate limits"):
+//! over a window of T seconds at most N·(T + 1) requests pass, and the limit must not
+//! starve a cluster that has demand.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use isthmus::client::AppClient;
+use isthmus_tests::{config_dump, eventually, Mesh};
+
+const HOST: &str = "echo.demo.svc.cluster.local";
+/// The budget for the whole mesh, requests per second.
+const BUDGET: f64 = 40.0;
+
+fn limit_yaml() -> String {
+    format!("apiVersion: isthmus.io/v1alpha1\nkind: GlobalRateLimit\nmetadata: {{name: echo-budget, namespace: demo}}\nspec:\n  targetRef: {{kind: Service, name: echo}}\n  requestsPerSecond: {BUDGET}\n")
+}
+
+/// Answers as they come: (when, status, answering cluster).
+type Log = Arc<Mutex<Vec<(Instant, u16, String)>>>;
+
+/// Sends requests from `outbound` at `rate` per second (open loop: one every 1/rate s,
+/// whatever the answers take) until `rate` is set to 0.
+fn load(outbound: SocketAddr, rate: Arc<Mutex<f64>>, log: Log) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = AppClient::new();
+        loop {
+            let r = *rate.lock().expect("rate");
+            if r <= 0.0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            let (client, log) = (client.clone(), log.clone());
+            tokio::spawn(async move {
+                let (status, cluster) = match client.get(outbound, HOST, "/").await {
+                    Ok(resp) => (
+                        resp.status.as_u16(),
+                        resp.answer().map(|a| a.cluster).unwrap_or_default(),
+                    ),
+                    Err(_) => (0, String::new()),
+                };
+                log.lock()
+                    .expect("log")
+                    .push((Instant::now(), status, cluster));
+            });
+            tokio::time::sleep(Duration::from_secs_f64(1.0 / r)).await;
+        }
+    })
+}
+
+/// Requests that passed in `[from, to)`, in all and by answering cluster; and every
+/// status other than 200 and 429.
+fn passed(logs: &[&Log], from: Instant, to: Instant) -> (usize, Vec<(String, usize)>, Vec<u16>) {
+    let mut by_cluster: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut odd = Vec::new();
+    for log in logs {
+        for (at, status, cluster) in log.lock().expect("log").iter() {
+            if *at < from || *at >= to {
+                continue;
+            }
+            match status {
+                200 => *by_cluster.entry(cluster.clone()).or_default() += 1,
+                429 => {}
+                s => odd.push(*s),
+            }
+        }
+    }
+    let total = by_cluster.values().sum();
+    (total, by_cluster.into_iter().collect(), odd)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_global_rate_limit_holds_its_bound_across_clusters_under_uneven_moving_load(
+) -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east", "west", "north"]).await?;
+    for c in ["east", "west", "north"] {
+        mesh.add_workload(c, &format!("echo-{c}"), Some("echo"), "echo")
+            .await?;
+        mesh.apply(c, "echo-budget.yaml", &limit_yaml()).await?;
+    }
+    mesh.add_workload("east", "client-east", None, "frontend")
+        .await?;
+    mesh.add_workload("west", "client-west", None, "frontend")
+        .await?;
+    let (east, west) = (
+        mesh.workload("east", "client-east").outbound(),
+        mesh.workload("west", "client-west").outbound(),
+    );
+    isthmus_tests::reachable(east, HOST).await?;
+    isthmus_tests::reachable(west, HOST).await?;
+
+    // Uneven load: 55 req/s in east, 12 in west, none in north; 67 offered for 40.
+    let (east_rate, west_rate) = (Arc::new(Mutex::new(55.0)), Arc::new(Mutex::new(12.0)));
+    let (east_log, west_log): (Log, Log) = Default::default();
+    let tasks = [
+        load(east, east_rate.clone(), east_log.clone()),
+        load(west, west_rate.clone(), west_log.clone()),
+    ];
+    // The federation splits the budget by demand: east most, north its floor.
+    let fed = mesh.federation.as_ref().expect("federation").admin_address;
+    let key = "demo/echo/echo-budget";
+    eventually(
+        "shares to follow demand",
+        Duration::from_secs(15),
+        || async {
+            let dump = config_dump(fed).await?;
+            let s = &dump["global_rate_limits"][key];
+            let share = |c: &str| s[c]["share_rps"].as_f64().unwrap_or(0.0);
+            anyhow::ensure!(
+                share("east") > share("west") + 5.0 && share("west") > share("north"),
+                "{s}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let window = Duration::from_secs(10);
+    let from = Instant::now();
+    tokio::time::sleep(window + Duration::from_secs(2)).await;
+    let (total, by_cluster, odd) = passed(&[&east_log, &west_log], from, from + window);
+    eprintln!("steady: {total} passed in {window:?} (budget {BUDGET}/s): {by_cluster:?}");
+    let t = window.as_secs_f64();
+    assert!(odd.is_empty(), "only 200 and 429: {odd:?}");
+    assert!(
+        (total as f64) <= BUDGET * (t + 1.0),
+        "{total} passed in {t} s: over the bound {}",
+        BUDGET * (t + 1.0)
+    );
+    // West's 12 req/s fit its share; east gets the rest of the budget.
+    assert!(
+        (total as f64) >= 0.8 * BUDGET * t,
+        "{total} passed in {t} s: the limit starves demand ({by_cluster:?})"
+    );
+    let west_passed = by_cluster
+        .iter()
+        .find(|(c, _)| c == "west")
+        .map_or(0, |(_, n)| *n);
+    assert!(
+        west_passed as f64 >= 0.9 * 12.0 * t,
+        "west's demand fits its share: {by_cluster:?}"
+    );
+
+    // The load moves: east drops to 12, west climbs to 55. Shares follow.
+    *east_rate.lock().expect("rate") = 12.0;
+    *west_rate.lock().expect("rate") = 55.0;
+    let moved = Instant::now();
+    eventually("shares to move west", Duration::from_secs(15), || async {
+        let dump = config_dump(fed).await?;
+        let s = &dump["global_rate_limits"][key];
+        let share = |c: &str| s[c]["share_rps"].as_f64().unwrap_or(0.0);
+        anyhow::ensure!(share("west") > share("east") + 5.0, "{s}");
+        Ok(())
+    })
+    .await?;
+    let settled = moved.elapsed();
+    // Through the move and after: the bound holds over the whole window.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let to = Instant::now() - Duration::from_secs(1);
+    let (total, by_cluster, odd) = passed(&[&east_log, &west_log], moved, to);
+    let t = (to - moved).as_secs_f64();
+    eprintln!("moving: {total} passed in {t:.1} s, shares moved in {settled:?}: {by_cluster:?}");
+    assert!(odd.is_empty(), "only 200 and 429: {odd:?}");
+    assert!(
+        (total as f64) <= BUDGET * (t + 1.0),
+        "{total} passed in {t} s while shares moved: over the bound {}",
+        BUDGET * (t + 1.0)
+    );
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}
