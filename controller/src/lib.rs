@@ -459,10 +459,12 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         _ => None,
     };
 
+    let (limits_tx, limits_rx) = watch::channel(federation::Limits::default());
     let admin = Admin {
         registry: Arc::new(root),
         readiness: Readiness::default(),
         dump: {
+            let limits = limits_rx.clone();
             let registry = registry.clone();
             let status = status_rx.clone();
             let proxies = discovery.proxies();
@@ -473,6 +475,18 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
                 dump["proxies"] = proxies.dump();
                 dump["federation"] = link.dump();
                 dump["ca"] = trust.dump(&identity);
+                // This cluster's budget and demand per global rate limit, as reported.
+                dump["global_rate_limits"] = limits
+                    .borrow()
+                    .iter()
+                    .map(|(key, d)| {
+                        (
+                            key.clone(),
+                            serde_json::json!({"budget_rps": d.budget_rps, "demand_rps": d.demand_rps}),
+                        )
+                    })
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
                 dump
             })
         },
@@ -520,7 +534,6 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         state.trust.clone(),
         trust_tx,
     ));
-    let (limits_tx, limits_rx) = watch::channel(Default::default());
     running.spawn(federation::report_limits(
         discovery.proxies(),
         registry.snapshots(),

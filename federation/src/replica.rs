@@ -588,7 +588,16 @@ mod tests {
         }
     }
 
-    async fn leading(replica: &Replica) -> Role {
+    /// Starts a replica named `name` on `dir` that the election says leads, and waits
+    /// until it does; returns it, its role, and the election's side (dropping it ends
+    /// the replica's term).
+    async fn leader(
+        dir: &std::path::Path,
+        name: &str,
+        store: &Shared,
+    ) -> (Replica, Role, watch::Sender<bool>) {
+        let (lead, leading) = watch::channel(true);
+        let replica = Replica::start(crate::test_config(dir), name, store.handle(), leading);
         let mut role = replica.role();
         let r = tokio::time::timeout(
             Duration::from_secs(10),
@@ -598,7 +607,16 @@ mod tests {
         .expect("leads within 10 s")
         .expect("replica running")
         .clone();
-        r
+        (replica, r, lead)
+    }
+
+    /// Waits up to 5 s for `done`.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(MIRROR_INTERVAL).await;
+        }
     }
 
     #[tokio::test]
@@ -608,38 +626,27 @@ mod tests {
             tempfile::tempdir().expect("dir"),
         );
         let store = Shared::default();
-        let (a_lead, a_leading) = watch::channel(true);
-        let a = Replica::start(
-            crate::test_config(a_dir.path()),
-            "a",
-            store.handle(),
-            a_leading,
-        );
-        let Role::Leading { bundle_pem, .. } = leading(&a).await else {
+        let (a, Role::Leading { bundle_pem, .. }, a_lead) = leader(a_dir.path(), "a", &store).await
+        else {
             unreachable!()
         };
         // The first leader ever created the root; the store holds it once mirrored.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while store
-            .files()
-            .is_none_or(|f| !f.contains_key(root::TOKEN_KEY))
-        {
-            assert!(tokio::time::Instant::now() < deadline, "state saved");
-            tokio::time::sleep(MIRROR_INTERVAL).await;
-        }
+        until("state saved", || {
+            store
+                .files()
+                .is_some_and(|f| f.contains_key(root::TOKEN_KEY))
+        })
+        .await;
         a.abort();
         drop(a_lead);
-        let (_b_lead, b_leading) = watch::channel(true);
-        let b = Replica::start(
-            crate::test_config(b_dir.path()),
-            "b",
-            store.handle(),
-            b_leading,
-        );
-        let Role::Leading {
-            bundle_pem: b_bundle,
-            ..
-        } = leading(&b).await
+        let (
+            b,
+            Role::Leading {
+                bundle_pem: b_bundle,
+                ..
+            },
+            _b_lead,
+        ) = leader(b_dir.path(), "b", &store).await
         else {
             unreachable!()
         };
@@ -658,14 +665,8 @@ mod tests {
     async fn a_leader_that_finds_another_replicas_save_stops_serving() {
         let dir = tempfile::tempdir().expect("dir");
         let store = Shared::default();
-        let (_lead, leading_rx) = watch::channel(true);
-        let a = Replica::start(
-            crate::test_config(dir.path()),
-            "a",
-            store.handle(),
-            leading_rx,
-        );
-        let Role::Leading { grpc_address, .. } = leading(&a).await else {
+        let (a, Role::Leading { grpc_address, .. }, _lead) = leader(dir.path(), "a", &store).await
+        else {
             unreachable!()
         };
         // Another replica saves (it believes it leads), then a file of this one changes.
@@ -719,27 +720,17 @@ mod tests {
             limit: Some(16 * 1024),
             ..Shared::default()
         };
-        let (_lead, leading_rx) = watch::channel(true);
-        let a = Replica::start(
-            crate::test_config(dir.path()),
-            "a",
-            store.handle(),
-            leading_rx,
-        );
-        let Role::Leading { admin_address, .. } = leading(&a).await else {
+        let (a, Role::Leading { admin_address, .. }, _lead) = leader(dir.path(), "a", &store).await
+        else {
             unreachable!()
         };
         let saved = |name: &'static str, want: Option<Vec<u8>>| {
             let store = store.clone();
             async move {
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-                while store.files().and_then(|f| f.get(name).cloned()) != want {
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "{name} saved as expected"
-                    );
-                    tokio::time::sleep(MIRROR_INTERVAL).await;
-                }
+                until(&format!("{name} saved as expected"), || {
+                    store.files().and_then(|f| f.get(name).cloned()) == want
+                })
+                .await
             }
         };
         saved(

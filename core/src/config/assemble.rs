@@ -9,17 +9,21 @@ use super::kinds::LocalRateLimitSpec;
 use super::validate::{resolve_host, Checker, Document, DocumentBody};
 use super::{Code, ConfigError, ConfigSet, NamespacedName};
 
-fn rate_limit(c: &mut Checker<'_>, spec: &LocalRateLimitSpec) -> Option<crate::routing::RateLimit> {
-    if spec.target_ref.kind != "Service" {
-        c.fail(
-            Code::InvalidValue,
-            "spec.targetRef.kind",
-            format!(
-                "`{}` cannot be rate limited; only Service",
-                spec.target_ref.kind
-            ),
-        );
+/// Whether a rate limit's `targetRef` names a Service (faulted by name if not).
+fn targets_service(c: &mut Checker<'_>, target: &super::kinds::TargetRefSpec) -> bool {
+    if target.kind == "Service" {
+        return true;
     }
+    c.fail(
+        Code::InvalidValue,
+        "spec.targetRef.kind",
+        format!("`{}` cannot be rate limited; only Service", target.kind),
+    );
+    false
+}
+
+fn rate_limit(c: &mut Checker<'_>, spec: &LocalRateLimitSpec) -> Option<crate::routing::RateLimit> {
+    targets_service(c, &spec.target_ref);
     let tokens = u32::try_from(spec.tokens_per_interval)
         .ok()
         .filter(|t| *t > 0);
@@ -74,15 +78,7 @@ pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<Co
         };
         let ns = doc.namespace();
         let mut c = Checker::new(doc, NamespacedName::new(&ns, &doc.metadata.name), errors);
-        if spec.target_ref.kind != "Service" {
-            c.fail(
-                Code::InvalidValue,
-                "spec.targetRef.kind",
-                format!(
-                    "`{}` cannot be rate limited; only Service",
-                    spec.target_ref.kind
-                ),
-            );
+        if !targets_service(&mut c, &spec.target_ref) {
             continue;
         }
         let Some(budget) = u32::try_from(spec.requests_per_second)
@@ -535,13 +531,26 @@ mod rate_limit_tests {
     use super::super::{load::load_files, SourceFile};
     use super::super::{ConfigError, ConfigSet, NamespacedName};
 
-    fn load(spec: &str) -> Result<ConfigSet, Vec<ConfigError>> {
-        let yaml = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: demo}}\nspec: {{selector: {{app: reviews}}, ports: [{{port: 80}}]}}\n---\napiVersion: isthmus.io/v1alpha1\nkind: LocalRateLimit\nmetadata: {{name: l, namespace: demo}}\nspec:\n{spec}");
+    /// A Service `demo/reviews` and an object of `kind` named `l` with `spec`.
+    fn load_as(kind: &str, spec: &str) -> Result<ConfigSet, Vec<ConfigError>> {
+        let yaml = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: demo}}\nspec: {{selector: {{app: reviews}}, ports: [{{port: 80}}]}}\n---\napiVersion: isthmus.io/v1alpha1\nkind: {kind}\nmetadata: {{name: l, namespace: demo}}\nspec:\n{spec}");
         load_files(&[SourceFile {
             name: "l.yaml".into(),
             contents: yaml,
         }])
         .map_err(|e| e.0)
+    }
+
+    fn load(spec: &str) -> Result<ConfigSet, Vec<ConfigError>> {
+        load_as("LocalRateLimit", spec)
+    }
+
+    /// The field of the first fault (or warning) of `spec` as a `kind`.
+    fn field_of(kind: &str, spec: &str) -> String {
+        match load_as(kind, spec) {
+            Err(mut e) => e.remove(0).field,
+            Ok(set) => set.warnings.first().cloned().expect("a warning").field,
+        }
     }
 
     #[test]
@@ -561,40 +570,27 @@ mod rate_limit_tests {
 
     #[test]
     fn bad_rate_limits_name_their_field() {
-        let field = |spec: &str| match load(spec) {
-            Err(mut e) => e.remove(0).field,
-            Ok(set) => set.warnings.first().cloned().expect("a warning").field,
-        };
+        let field = |spec: &str| field_of("LocalRateLimit", spec);
         assert_eq!(field("  targetRef: {kind: Service, name: nope}\n  tokensPerInterval: 1\n  interval: 1s\n"), "spec.targetRef.name");
         assert_eq!(field("  targetRef: {kind: Service, name: reviews}\n  tokensPerInterval: 0\n  interval: 1s\n"), "spec.tokensPerInterval");
         assert_eq!(field("  targetRef: {kind: Service, name: reviews}\n  tokensPerInterval: 1\n  interval: often\n"), "spec.interval");
         assert_eq!(field("  targetRef: {kind: Service, name: reviews}\n  route: missing\n  tokensPerInterval: 1\n  interval: 1s\n"), "spec.route");
     }
 
-    fn load_global(spec: &str) -> Result<ConfigSet, Vec<ConfigError>> {
-        let yaml = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: demo}}\nspec: {{selector: {{app: reviews}}, ports: [{{port: 80}}]}}\n---\napiVersion: isthmus.io/v1alpha1\nkind: GlobalRateLimit\nmetadata: {{name: g, namespace: demo}}\nspec:\n{spec}");
-        load_files(&[SourceFile {
-            name: "g.yaml".into(),
-            contents: yaml,
-        }])
-        .map_err(|e| e.0)
-    }
-
     #[test]
     fn a_global_rate_limit_attaches_to_its_service_under_its_name() {
-        let set =
-            load_global("  targetRef: {kind: Service, name: reviews}\n  requestsPerSecond: 300\n")
-                .expect("valid");
+        let set = load_as(
+            "GlobalRateLimit",
+            "  targetRef: {kind: Service, name: reviews}\n  requestsPerSecond: 300\n",
+        )
+        .expect("valid");
         let limit = &set.routing[&NamespacedName::new("demo", "reviews")].global_rate_limits[0];
-        assert_eq!((limit.name.as_str(), limit.requests_per_second), ("g", 300));
+        assert_eq!((limit.name.as_str(), limit.requests_per_second), ("l", 300));
     }
 
     #[test]
     fn bad_global_rate_limits_name_their_field() {
-        let field = |spec: &str| match load_global(spec) {
-            Err(mut e) => e.remove(0).field,
-            Ok(set) => set.warnings.first().cloned().expect("a warning").field,
-        };
+        let field = |spec: &str| field_of("GlobalRateLimit", spec);
         assert_eq!(
             field("  targetRef: {kind: Service, name: nope}\n  requestsPerSecond: 1\n"),
             "spec.targetRef.name"

@@ -117,6 +117,13 @@ async fn a_global_rate_limit_holds_its_bound_across_clusters_under_uneven_moving
         },
     )
     .await?;
+    // East's controller shows what it reported: its budget and its sidecars' demand.
+    let east_report = &config_dump(mesh.controller_admin("east")).await?["global_rate_limits"][key];
+    assert_eq!(east_report["budget_rps"], 40, "{east_report}");
+    assert!(
+        east_report["demand_rps"].as_f64().unwrap_or(0.0) > 40.0,
+        "{east_report}"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let window = Duration::from_secs(10);
     let from = Instant::now();
