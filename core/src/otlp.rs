@@ -262,25 +262,39 @@ impl Otlp {
 /// never take a worker from the proxy, and the SDK's blocking flush when a provider is
 /// dropped never waits for a worker it is blocking.
 fn export_runtime() -> Result<tokio::runtime::Handle, OtlpError> {
-    static RUNTIME: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
-    if let Some(h) = RUNTIME.get() {
+    // One for the process, made under a lock: two proxies of one process (tests, the
+    // demo) configuring telemetry at once must not both make one, since dropping the
+    // spare inside an async task panics. The runtime is built on its own thread and never
+    // leaves it, so no path drops one here.
+    static RUNTIME: std::sync::Mutex<Option<tokio::runtime::Handle>> = std::sync::Mutex::new(None);
+    let mut slot = RUNTIME.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(h) = slot.as_ref() {
         return Ok(h.clone());
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| OtlpError::Runtime(e.to_string()))?;
-    let handle = runtime.handle().clone();
-    let mine = handle.clone();
-    if RUNTIME.set(handle).is_err() {
-        // Another thread won the race; this runtime is dropped unused.
-        return Ok(RUNTIME.get().expect("set").clone());
-    }
+    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("isthmus-otlp".into())
-        .spawn(move || runtime.block_on(std::future::pending::<()>()))
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => {
+                    let _ = tx.send(Ok(runtime.handle().clone()));
+                    runtime.block_on(std::future::pending::<()>());
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                }
+            }
+        })
         .map_err(|e| OtlpError::Runtime(e.to_string()))?;
-    Ok(mine)
+    let handle = rx
+        .recv()
+        .map_err(|e| OtlpError::Runtime(e.to_string()))?
+        .map_err(OtlpError::Runtime)?;
+    *slot = Some(handle.clone());
+    Ok(handle)
 }
 
 fn resource(config: &Config) -> Resource {

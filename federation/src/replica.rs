@@ -13,6 +13,9 @@
 //! takes over starts from at most a few hundred milliseconds behind; a controller that
 //! reconnects sends its whole export set again, which fills in anything newer.
 //!
+//! A standby copies the store into its own folder every [`STANDBY_REFRESH`], so the
+//! operator commands that read the folder's keys work on whichever replica they run.
+//!
 //! Taking over: restore the folder from the store (replacing whatever this replica kept
 //! from an earlier term), then start the federation on it; the last registry is served at
 //! once, each cluster's entries marked stale until its controller reports.
@@ -37,6 +40,9 @@ use crate::{build, root, rotation, Bound, Config};
 
 /// How often the leader looks for changed state files.
 pub const MIRROR_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How often a standby copies the store's state into its folder.
+const STANDBY_REFRESH: Duration = Duration::from_secs(2);
 
 /// How long a leader that found another replica's save in the store waits for the
 /// election to say it lost before it takes over again (a lease's default duration).
@@ -219,12 +225,24 @@ async fn run<S: StateStore>(
         role.send_replace(Role::Standby);
         view.set_leading(false);
         let standby = standby_admin(&config, &view).await;
-        tokio::select! {
-            r = leader.wait_for(|l| *l) => if r.is_err() {
-                tracing::error!("the leader election stopped; this replica stops too");
-                return;
-            },
-            _ = stop.changed() => return,
+        // A standby keeps its folder a copy of the store's, so the operator commands that
+        // read it (join tokens, `root rotate`, `cluster remove`) work on any replica.
+        let mut held: Option<Files> = None;
+        loop {
+            if *leader.borrow_and_update() {
+                break;
+            }
+            if let Err(e) = follow(&config, &store, &mut held).await {
+                tracing::warn!(error = %format!("{e:#}"), "standby: cannot copy the state from the store");
+            }
+            tokio::select! {
+                r = leader.changed() => if r.is_err() {
+                    tracing::error!("the leader election stopped; this replica stops too");
+                    return;
+                },
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(STANDBY_REFRESH) => {}
+            }
         }
         if let Some(admin) = standby {
             admin.abort();
@@ -374,6 +392,38 @@ async fn restore<S: StateStore>(config: &Config, store: &S) -> anyhow::Result<Fi
         tracing::info!(store = %store.describe(), "no state saved yet: starting from the local state folder");
         return Ok(Files::new());
     };
+    write_state(config, store, &files).await?;
+    tracing::info!(store = %store.describe(), files = files.len(), "state folder restored");
+    Ok(files)
+}
+
+/// A standby's copy of the store: written into the folder when it changed since `held`.
+async fn follow<S: StateStore>(
+    config: &Config,
+    store: &S,
+    held: &mut Option<Files>,
+) -> anyhow::Result<()> {
+    let Some(files) = store.load().await? else {
+        return Ok(());
+    };
+    if held.as_ref() != Some(&files) {
+        write_state(config, store, &files).await?;
+        tracing::debug!(
+            files = files.len(),
+            "standby: state folder follows the store"
+        );
+        *held = Some(files);
+    }
+    Ok(())
+}
+
+/// Makes the mirrored files of the state folder what `files` holds (removing those it
+/// lacks); a state without a root is refused.
+async fn write_state<S: StateStore>(
+    config: &Config,
+    store: &S,
+    files: &Files,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
         files.contains_key(root::ROOT_CERT) && files.contains_key(root::ROOT_KEY),
         "{} holds no root CA ({} and {}); refusing to start with a new root that no cluster trusts",
@@ -397,9 +447,7 @@ async fn restore<S: StateStore>(config: &Config, store: &S) -> anyhow::Result<Fi
         }
         Ok(())
     })
-    .await??;
-    tracing::info!(store = %store.describe(), files = files.len(), "state folder restored");
-    Ok(files)
+    .await?
 }
 
 /// Saves the state folder into the store whenever a mirrored file changes.

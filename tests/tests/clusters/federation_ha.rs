@@ -59,6 +59,18 @@ async fn killing_the_leading_federation_replica_fails_no_request_and_loses_no_jo
     assert_eq!(ready.status, 503);
     let dump = config_dump(standby_admin).await?;
     assert_eq!(dump["replica"]["role"], "standby", "{dump}");
+    // The standby keeps a copy of the state, so join tokens can be minted on it too.
+    let key =
+        |n: usize| std::fs::read(mesh.federation_replica_state(n).join("join-token.key")).ok();
+    eventually(
+        "the standby's copy of the state",
+        Duration::from_secs(5),
+        || async {
+            anyhow::ensure!(key(1).is_some() && key(1) == key(0), "not yet");
+            Ok(())
+        },
+    )
+    .await?;
 
     // A fourth cluster joins and exports a service, through the leader.
     mesh.add_cluster("south").await?;
