@@ -22,6 +22,26 @@ fn targets_service(c: &mut Checker<'_>, target: &super::kinds::TargetRefSpec) ->
     false
 }
 
+/// The Service a rate limit's `targetRef` names in `namespace`, if it exists (faulted by
+/// name if not).
+fn limited_service(
+    c: &mut Checker<'_>,
+    set: &ConfigSet,
+    namespace: &str,
+    target: &super::kinds::TargetRefSpec,
+) -> Option<NamespacedName> {
+    let name = NamespacedName::new(namespace, &target.name);
+    if set.services.contains_key(&name) {
+        return Some(name);
+    }
+    c.fail(
+        Code::Reference,
+        "spec.targetRef.name",
+        format!("no Service {name}"),
+    );
+    None
+}
+
 fn rate_limit(c: &mut Checker<'_>, spec: &LocalRateLimitSpec) -> Option<crate::routing::RateLimit> {
     targets_service(c, &spec.target_ref);
     let tokens = u32::try_from(spec.tokens_per_interval)
@@ -95,15 +115,9 @@ pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<Co
             );
             continue;
         };
-        let target = NamespacedName::new(&ns, &spec.target_ref.name);
-        if !set.services.contains_key(&target) {
-            c.fail(
-                Code::Reference,
-                "spec.targetRef.name",
-                format!("no Service {target}"),
-            );
+        let Some(target) = limited_service(&mut c, set, &ns, &spec.target_ref) else {
             continue;
-        }
+        };
         set.routing
             .entry(target)
             .or_default()
@@ -120,15 +134,9 @@ pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<Co
         };
         let ns = doc.namespace();
         let mut c = Checker::new(doc, NamespacedName::new(&ns, &doc.metadata.name), errors);
-        let target = NamespacedName::new(&ns, &spec.target_ref.name);
-        if !set.services.contains_key(&target) {
-            c.fail(
-                Code::Reference,
-                "spec.targetRef.name",
-                format!("no Service {target}"),
-            );
+        let Some(target) = limited_service(&mut c, set, &ns, &spec.target_ref) else {
             continue;
-        }
+        };
         if let Some(limit) = rate_limit(&mut c, spec) {
             set.routing
                 .entry(target)
