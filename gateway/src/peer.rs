@@ -256,7 +256,7 @@ impl PeerLinks {
                     .is_some_and(|n| n.address == p.address && n.identity == p.identity);
                 if !keep {
                     task.abort();
-                    self.down.send_if_modified(|down| down.remove(cluster));
+                    self.mark(cluster, true);
                 }
                 keep
             });

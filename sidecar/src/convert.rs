@@ -71,24 +71,25 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
         name: name.to_owned(),
         source,
     })?;
-    let routing = match msg.routing {
-        None => None,
-        Some(wire) => {
-            let r = isthmus_core::routing::ServiceRouting::try_from(wire).map_err(|e| {
-                ConvertError::Routing {
-                    name: name.to_owned(),
-                    reason: e.to_string(),
-                }
-            })?;
-            let compiled = crate::routing_table::CompiledRouting::compile(r).map_err(|reason| {
-                ConvertError::Routing {
-                    name: name.to_owned(),
-                    reason,
-                }
-            })?;
-            Some(Arc::new(compiled))
-        }
-    };
+    let routing =
+        match msg.routing {
+            None => None,
+            Some(wire) => {
+                let r = isthmus_core::routing::ServiceRouting::try_from(wire).map_err(|e| {
+                    ConvertError::Routing {
+                        name: name.to_owned(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                let service = format!("{}/{}", msg.namespace, msg.name);
+                let compiled = crate::routing_table::CompiledRouting::compile(r, &service)
+                    .map_err(|reason| ConvertError::Routing {
+                        name: name.to_owned(),
+                        reason,
+                    })?;
+                Some(Arc::new(compiled))
+            }
+        };
     let mut endpoints = Vec::new();
     for ep in msg.endpoints.iter().filter(|e| e.healthy) {
         let tunnel_address = field(name, "endpoint.tunnel_address", &ep.tunnel_address)?;

@@ -13,12 +13,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use isthmus_core::routing::GlobalRateLimit;
 use tokio::sync::watch;
 
+use crate::routing_table::GlobalLimit;
 use crate::state::{MeshInfo, MeshState, Service};
 
 /// How often demand is reported.
@@ -27,7 +27,8 @@ pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// Every global limit this sidecar has enforced, by `namespace/service/limit`.
 #[derive(Debug, Default)]
 pub struct GlobalLimits {
-    buckets: Mutex<HashMap<String, Arc<Bucket>>>,
+    /// Read on every request, written only when a limit is first met.
+    buckets: RwLock<HashMap<String, Arc<Bucket>>>,
 }
 
 #[derive(Debug)]
@@ -59,18 +60,15 @@ impl Bucket {
     }
 }
 
-/// The key a limit of `svc` goes by across the mesh.
-pub fn key(svc: &Service, limit: &GlobalRateLimit) -> String {
-    format!("{}/{}/{}", svc.namespace, svc.name, limit.name)
-}
-
 /// This sidecar's rate for `limit` of `svc`, in requests per second.
-pub fn rate(mesh: &MeshInfo, svc: &Service, limit: &GlobalRateLimit) -> f64 {
+pub fn rate(mesh: &MeshInfo, svc: &Service, limit: &GlobalLimit) -> f64 {
     let share = mesh
         .limit_shares
-        .get(&key(svc, limit))
+        .get(&limit.key)
         .copied()
-        .unwrap_or_else(|| f64::from(limit.requests_per_second) / (1 + svc.remote.len()) as f64);
+        .unwrap_or_else(|| {
+            f64::from(limit.spec.requests_per_second) / (1 + svc.remote.len()) as f64
+        });
     share / svc.endpoints.len().max(1) as f64
 }
 
@@ -87,10 +85,15 @@ impl GlobalLimits {
             return Ok(());
         };
         for limit in &routing.global {
-            if limit.route.as_deref().is_some_and(|r| Some(r) != route) {
+            if limit
+                .spec
+                .route
+                .as_deref()
+                .is_some_and(|r| Some(r) != route)
+            {
                 continue;
             }
-            let bucket = self.bucket(&key(svc, limit));
+            let bucket = self.bucket(&limit.key);
             bucket.offered.fetch_add(1, Ordering::Relaxed);
             bucket.take(rate(mesh, svc, limit))?;
         }
@@ -98,16 +101,25 @@ impl GlobalLimits {
     }
 
     fn bucket(&self, key: &str) -> Arc<Bucket> {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(b) = buckets.get(key) {
+        if let Some(b) = self
+            .buckets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+        {
             return b.clone();
         }
-        let b = Arc::new(Bucket {
-            state: Mutex::new((f64::MAX, Instant::now())),
-            offered: AtomicU64::new(0),
-        });
-        buckets.insert(key.to_owned(), b.clone());
-        b
+        self.buckets
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Bucket {
+                    state: Mutex::new((f64::MAX, Instant::now())),
+                    offered: AtomicU64::new(0),
+                })
+            })
+            .clone()
     }
 
     /// Requests per second offered over `elapsed` to each global limit of the services
@@ -119,19 +131,19 @@ impl GlobalLimits {
         workload: &str,
         elapsed: Duration,
     ) -> BTreeMap<String, f64> {
-        let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let buckets = self.buckets.read().unwrap_or_else(|p| p.into_inner());
         let secs = elapsed.as_secs_f64().max(0.001);
         state
             .services
             .values()
             .filter(|s| s.workloads.iter().any(|w| w == workload))
-            .filter_map(|s| s.routing.as_ref().map(|r| (s, r)))
-            .flat_map(|(s, r)| r.global.iter().map(move |l| key(s, l)))
-            .map(|k| {
+            .filter_map(|s| s.routing.as_ref())
+            .flat_map(|r| r.global.iter())
+            .map(|l| {
                 let offered = buckets
-                    .get(&k)
+                    .get(&l.key)
                     .map_or(0, |b| b.offered.swap(0, Ordering::Relaxed));
-                (k, offered as f64 / secs)
+                (l.key.clone(), offered as f64 / secs)
             })
             .collect()
     }

@@ -223,9 +223,17 @@ pub struct CompiledRouting {
     /// Local rate limits this service's own sidecars enforce on inbound requests.
     pub limits: Vec<Limit>,
     /// Global rate limits, enforced likewise (see `global_limit.rs`).
-    pub global: Vec<isthmus_core::routing::GlobalRateLimit>,
+    pub global: Vec<GlobalLimit>,
     /// `tcp[]` routes for CONNECT tunnels.
     pub tcp: Vec<isthmus_core::routing::TcpRoute>,
+}
+
+/// A global rate limit of this service, with the key its bucket, demand and share go by
+/// (`namespace/service/limit`), made once per push rather than per request.
+#[derive(Debug)]
+pub struct GlobalLimit {
+    pub spec: isthmus_core::routing::GlobalRateLimit,
+    pub key: String,
 }
 
 /// A token bucket (GCRA: refilled continuously at tokens per interval), per caller or shared.
@@ -272,7 +280,8 @@ impl Limit {
 }
 
 impl CompiledRouting {
-    pub fn compile(r: ServiceRouting) -> Result<Self, String> {
+    /// Compiles the routing of `service` (`namespace/name`).
+    pub fn compile(r: ServiceRouting, service: &str) -> Result<Self, String> {
         let routes = r
             .http
             .into_iter()
@@ -313,7 +322,14 @@ impl CompiledRouting {
             state: service_state.0,
             port_states: service_state.1,
             limits,
-            global: r.global_rate_limits,
+            global: r
+                .global_rate_limits
+                .into_iter()
+                .map(|spec| GlobalLimit {
+                    key: format!("{service}/{}", spec.name),
+                    spec,
+                })
+                .collect(),
             tcp,
         })
     }
@@ -468,7 +484,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let r = CompiledRouting::compile(routing).expect("compiles");
+        let r = CompiledRouting::compile(routing, "demo/reviews").expect("compiles");
         let mut h = HeaderMap::new();
         assert_eq!(r.select(&view("/x", &h)).expect("some").0.spec.name, "rest");
         let (api, prefix) = r.select(&view("/api/v1", &h)).expect("some");
@@ -490,10 +506,13 @@ mod tests {
             .insert("user".into(), StringMatch::Exact("jason".into()));
         m.without_headers
             .insert("x-canary".into(), StringMatch::Prefix("".into()));
-        let r = CompiledRouting::compile(ServiceRouting {
-            http: vec![route("m", vec![m])],
-            ..Default::default()
-        })
+        let r = CompiledRouting::compile(
+            ServiceRouting {
+                http: vec![route("m", vec![m])],
+                ..Default::default()
+            },
+            "demo/reviews",
+        )
         .expect("compiles");
         let mut h = HeaderMap::new();
         assert!(r.select(&view("/reviews/42", &h)).is_some());

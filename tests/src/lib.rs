@@ -435,6 +435,15 @@ impl Mesh {
         Ok(())
     }
 
+    /// The QUIC address of `cluster`'s running gateway, where peer gateways reach it.
+    pub fn gateway_quic(&self, cluster: &str) -> SocketAddr {
+        self.clusters[cluster]
+            .gateway
+            .as_ref()
+            .expect("gateway running")
+            .quic_address
+    }
+
     pub fn kill_gateway(&mut self, name: &str) {
         if let Some(g) = self.cluster(name).gateway.take() {
             g.abort();

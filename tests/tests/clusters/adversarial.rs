@@ -731,16 +731,10 @@ async fn http2_floods_end_only_the_flooding_connection() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_quic_port_does_not_disturb_cross_cluster_traffic() -> anyhow::Result<()> {
-    let (mut mesh, _, traffic) = Mesh::with_traffic_from_east(&["east", "west"], &["west"]).await?;
+    let (mesh, _, traffic) = Mesh::with_traffic_from_east(&["east", "west"], &["west"]).await?;
     let quic: Vec<SocketAddr> = ["east", "west"]
         .iter()
-        .map(|c| {
-            mesh.cluster(c)
-                .gateway
-                .as_ref()
-                .expect("gateway")
-                .quic_address
-        })
+        .map(|c| mesh.gateway_quic(c))
         .collect();
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     let started = Instant::now();

@@ -16,12 +16,7 @@ async fn mesh_with_traffic_in_west() -> anyhow::Result<(Mesh, isthmus_tests::Tra
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_partition_from_west_fails_over_to_eu_and_heals_back() -> anyhow::Result<()> {
     let (mut mesh, traffic) = mesh_with_traffic_in_west().await?;
-    let west_quic = mesh
-        .cluster("west")
-        .gateway
-        .as_ref()
-        .expect("gateway")
-        .quic_address;
+    let west_quic = mesh.gateway_quic("west");
     let partition = NetFault::drop_udp(west_quic, 100)?;
     settles_in(&traffic, "eu", 30, Duration::from_secs(15)).await?;
 
@@ -61,13 +56,8 @@ async fn a_silent_partition_from_west_fails_over_to_eu_and_heals_back() -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_percent_loss_between_gateways_fails_no_request() -> anyhow::Result<()> {
-    let (mut mesh, traffic) = mesh_with_traffic_in_west().await?;
-    let west_quic = mesh
-        .cluster("west")
-        .gateway
-        .as_ref()
-        .expect("gateway")
-        .quic_address;
+    let (mesh, traffic) = mesh_with_traffic_in_west().await?;
+    let west_quic = mesh.gateway_quic("west");
     let loss = NetFault::drop_udp(west_quic, 10)?;
     let start = std::time::Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -109,12 +99,7 @@ async fn a_silently_partitioned_gateway_loses_its_traffic_within_a_second_everyw
         settles_in(&t, "west", 20, Duration::from_secs(10)).await?;
         flows.push((c, t));
     }
-    let west_quic = mesh
-        .cluster("west")
-        .gateway
-        .as_ref()
-        .expect("gateway")
-        .quic_address;
+    let west_quic = mesh.gateway_quic("west");
 
     let cut = std::time::Instant::now();
     let partition = NetFault::drop_udp(west_quic, 100)?;

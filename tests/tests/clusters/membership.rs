@@ -60,12 +60,7 @@ async fn a_fourth_cluster_joins_serves_and_leaves_with_its_certificates_refused(
             .await?,
     );
     let west_sidecar = SocketAddr::new(mesh.workload("west", "echo-west").ip.into(), 15008);
-    let east_quic = mesh
-        .cluster("east")
-        .gateway
-        .as_ref()
-        .expect("gateway")
-        .quic_address;
+    let east_quic = mesh.gateway_quic("east");
     assert_eq!(
         mtls_request(west_sidecar, &south_workload, get(&format!("{ECHO}:80"))).await?,
         200

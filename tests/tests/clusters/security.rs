@@ -359,12 +359,7 @@ async fn a_gateway_certificate_proves_one_cluster_and_cannot_speak_or_register_f
         .await?;
     // A real, valid gateway certificate, issued by west's CA.
     let west_gateway = mesh.gateway_certificate("west").await?;
-    let east_quic = mesh
-        .cluster("east")
-        .gateway
-        .as_ref()
-        .expect("gateway")
-        .quic_address;
+    let east_quic = mesh.gateway_quic("east");
 
     // East's gateway takes it as west's gateway, and serves streams west speaks for...
     let conn = quic_to_gateway(east_quic, &west_gateway, "east").await?;
