@@ -15,7 +15,7 @@ pub mod otlp;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -32,14 +32,15 @@ pub const APP_PORT: u16 = 8080;
 /// Where the sample app echoes plain TCP, and the service's `tcp-echo` port.
 pub const TCP_ECHO_PORT: u16 = 7000;
 
-static NEXT_BLOCK: AtomicU8 = AtomicU8::new(0);
+static NEXT_BLOCK: AtomicU32 = AtomicU32::new(0);
 
-/// The second octet for one mesh: distinct per mesh in this process, and spread by process
+/// The second octet for one mesh: distinct for the first 240 meshes of this process (the
+/// sum is taken in u32, so no two of them meet by 8-bit wrap-around), and spread by process
 /// id across test binaries running at once.
 fn next_block() -> u8 {
     let n = NEXT_BLOCK.fetch_add(1, Ordering::Relaxed);
-    let base = (std::process::id() % 20) as u8 * 12;
-    10 + base.wrapping_add(n) % 240
+    let base = (std::process::id() % 20) * 12;
+    10 + ((base + n) % 240) as u8
 }
 
 pub fn init_tracing() {
