@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/tunnel.proto",
         "proto/echo.proto",
         "proto/ext_authz.proto",
+        "proto/grpc/health/v1/health.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

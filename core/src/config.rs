@@ -8,6 +8,7 @@
 
 pub mod analyze;
 mod assemble;
+mod health_check;
 mod istio;
 pub mod kinds;
 mod load;
@@ -54,6 +55,7 @@ pub fn spec_schema(
         "ServiceExport" => generator.root_schema_for::<kinds::ServiceExportSpec>(),
         "LocalRateLimit" => generator.root_schema_for::<kinds::LocalRateLimitSpec>(),
         "GlobalRateLimit" => generator.root_schema_for::<kinds::GlobalRateLimitSpec>(),
+        "HealthCheck" => generator.root_schema_for::<kinds::HealthCheckSpec>(),
         _ => return None,
     })
 }

@@ -326,6 +326,48 @@ pub struct GlobalRateLimit {
     pub requests_per_second: u32,
 }
 
+/// An active health check of a service's endpoints: each endpoint's own sidecar probes its
+/// app so and reports to its controller, which takes failing endpoints out for every proxy
+/// (and, through the export, for every cluster).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// The HealthCheck's name.
+    pub name: String,
+    /// The service port whose target port on the app is probed; `None`: the first.
+    pub port: Option<u16>,
+    pub probe: Probe,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Up to this much (uniformly random) is added to each interval.
+    pub jitter_ms: u64,
+    /// Successes in a row that put a failing endpoint back.
+    pub healthy_threshold: u32,
+    /// Failures in a row that take an endpoint out.
+    pub unhealthy_threshold: u32,
+}
+
+/// What a health check asks of the app.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Probe {
+    /// `GET path` with this Host (the service's when `None`); passes on a status in one of
+    /// the inclusive ranges.
+    Http {
+        path: String,
+        host: Option<String>,
+        expected_statuses: Vec<(u16, u16)>,
+    },
+    /// `grpc.health.v1.Health/Check` for this service name; passes on `SERVING`.
+    Grpc { service: String },
+    /// A TCP connection comes up.
+    Tcp,
+}
+
+impl HealthCheck {
+    /// Statuses an HTTP check passes on when none are given, as Kubernetes's `httpGet`.
+    pub const DEFAULT_STATUSES: (u16, u16) = (200, 399);
+}
+
 /// Everything routing-related for one service.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServiceRouting {
@@ -340,6 +382,9 @@ pub struct ServiceRouting {
     /// From GlobalRateLimits targeting this service.
     #[serde(default)]
     pub global_rate_limits: Vec<GlobalRateLimit>,
+    /// From the HealthCheck targeting this service.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
     /// `tcp[]` routes of the VirtualService; first match wins.
     #[serde(default)]
     pub tcp: Vec<TcpRoute>,

@@ -83,8 +83,9 @@ pub struct XdsClient<H> {
     pub node: Node,
     pub types: Vec<&'static str>,
     pub handler: H,
-    /// App health reported by sidecars; `None` for proxies with no app.
-    pub health: Option<watch::Receiver<bool>>,
+    /// App health reported by sidecars (whether it accepts connections, and the verdicts
+    /// of its services' HealthChecks); `None` for proxies with no app.
+    pub health: Option<watch::Receiver<HealthReport>>,
     /// The proxy's credentials, reported at each stream's start and whenever they change
     /// (see `proxy_trust`); `None` reports nothing.
     pub certificate: Option<watch::Receiver<std::sync::Arc<crate::tls::Credentials>>>,
@@ -135,8 +136,7 @@ impl<H: XdsHandler> XdsClient<H> {
             let _ = tx.try_send(req);
         }
         if let Some(h) = &self.health {
-            let healthy = *h.borrow();
-            let _ = tx.try_send(health_request(healthy));
+            let _ = tx.try_send(health_request(&h.borrow()));
         }
         let mut certificate = self.certificate.clone();
         if let Some(c) = &mut certificate {
@@ -185,7 +185,7 @@ impl<H: XdsHandler> XdsClient<H> {
                         return SessionError::Closed;
                     }
                 }
-                Some(req) = next_report(&mut health, |h| health_request(*h)) => {
+                Some(req) = next_report(&mut health, health_request) => {
                     if tx.send(req).await.is_err() {
                         return SessionError::Closed;
                     }
@@ -285,9 +285,9 @@ async fn next_report<T>(
     }
 }
 
-fn health_request(healthy: bool) -> DeltaRequest {
+fn health_request(report: &HealthReport) -> DeltaRequest {
     DeltaRequest {
-        health: Some(HealthReport { healthy }),
+        health: Some(report.clone()),
         ..Default::default()
     }
 }

@@ -83,6 +83,12 @@ pub const MESH_KINDS: &[MeshKind] = &[
         kind: "GlobalRateLimit",
         plural: "globalratelimits",
     },
+    MeshKind {
+        group: "isthmus.io",
+        version: "v1alpha1",
+        kind: "HealthCheck",
+        plural: "healthchecks",
+    },
 ];
 
 const fn istio(kind: &'static str, plural: &'static str) -> MeshKind {

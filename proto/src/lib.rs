@@ -7,6 +7,8 @@
 //! - `tunnel`: the header on each QUIC stream between gateways.
 //! - `echo`: the sample application's gRPC service.
 //! - `ext_authz`: Envoy's external authorization API, which sidecars call providers with.
+//! - `health`: gRPC's standard health checking API (`grpc.health.v1`), which sidecars ask
+//!   of apps a HealthCheck names.
 
 pub mod discovery {
     tonic::include_proto!("isthmus.discovery.v1");
@@ -28,6 +30,9 @@ pub mod echo {
 }
 pub mod ext_authz {
     tonic::include_proto!("envoy.service.auth.v3");
+}
+pub mod health {
+    tonic::include_proto!("grpc.health.v1");
 }
 
 /// Type URLs of the pushed resources.

@@ -9,22 +9,23 @@ use super::kinds::LocalRateLimitSpec;
 use super::validate::{resolve_host, Checker, Document, DocumentBody};
 use super::{Code, ConfigError, ConfigSet, NamespacedName};
 
-/// Whether a rate limit's `targetRef` names a Service (faulted by name if not).
-fn targets_service(c: &mut Checker<'_>, target: &super::kinds::TargetRefSpec) -> bool {
+/// Whether a rate limit's or health check's `targetRef` names a Service (faulted by name
+/// if not).
+pub(super) fn targets_service(c: &mut Checker<'_>, target: &super::kinds::TargetRefSpec) -> bool {
     if target.kind == "Service" {
         return true;
     }
     c.fail(
         Code::InvalidValue,
         "spec.targetRef.kind",
-        format!("`{}` cannot be rate limited; only Service", target.kind),
+        format!("only a Service can be targeted, not a `{}`", target.kind),
     );
     false
 }
 
-/// The Service a rate limit's `targetRef` names in `namespace`, if it exists (faulted by
-/// name if not).
-fn limited_service(
+/// The Service a rate limit's or health check's `targetRef` names in `namespace`, if it
+/// exists (faulted by name if not).
+pub(super) fn limited_service(
     c: &mut Checker<'_>,
     set: &ConfigSet,
     namespace: &str,
@@ -92,6 +93,7 @@ fn rate_limit(c: &mut Checker<'_>, spec: &LocalRateLimitSpec) -> Option<crate::r
 /// Resolves every VirtualService, DestinationRule and LocalRateLimit to the service it
 /// names and attaches it there.
 pub(super) fn attach(docs: &[Document], set: &mut ConfigSet, errors: &mut Vec<ConfigError>) {
+    super::health_check::attach(docs, set, errors);
     for doc in docs {
         let DocumentBody::GlobalRateLimit(spec) = &doc.body else {
             continue;

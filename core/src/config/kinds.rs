@@ -123,6 +123,65 @@ pub struct GlobalRateLimitSpec {
     pub requests_per_second: i64,
 }
 
+/// `isthmus.io/v1alpha1` `HealthCheck`: how the target service's endpoints are checked
+/// actively (Istio has no API for it; Envoy's own is per cluster, which Istio does not
+/// expose). Each endpoint's own sidecar probes its app; the cluster's controller takes an
+/// endpoint that fails out for every proxy and every cluster, so no endpoint is probed by
+/// each of its callers.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HealthCheckSpec {
+    pub target_ref: TargetRefSpec,
+    /// The service port (number or name) whose target port on the app is probed; the
+    /// service's first port when absent.
+    pub port: Option<IntOrString>,
+    /// An HTTP/1.1 `GET`. Exactly one of `http`, `grpc` and `tcp`.
+    pub http: Option<HttpHealthCheckSpec>,
+    /// gRPC's `grpc.health.v1.Health/Check`; passes on `SERVING`.
+    pub grpc: Option<GrpcHealthCheckSpec>,
+    /// A TCP connection that comes up.
+    pub tcp: Option<TcpHealthCheckSpec>,
+    /// Time between probes (default 5s).
+    pub interval: Option<String>,
+    /// Time a probe may take (default 1s; at most the interval).
+    pub timeout: Option<String>,
+    /// Up to this much is added at random to each interval, so that probes spread out
+    /// (default a tenth of the interval).
+    pub interval_jitter: Option<String>,
+    /// Successes in a row that put a failing endpoint back (default 2).
+    pub healthy_threshold: Option<i64>,
+    /// Failures in a row that take an endpoint out (default 3).
+    pub unhealthy_threshold: Option<i64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpHealthCheckSpec {
+    pub path: String,
+    /// The Host header (default: the service's host name).
+    pub host: Option<String>,
+    /// Statuses that pass: codes (`204`) or inclusive ranges (`"200-299"`); default
+    /// 200-399, as Kubernetes's `httpGet` probes.
+    #[serde(default)]
+    pub expected_statuses: Vec<IntOrString>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcHealthCheckSpec {
+    /// The service name asked about (default "": the server as a whole).
+    #[serde(default)]
+    pub service: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TcpHealthCheckSpec {}
+
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

@@ -40,6 +40,7 @@ fn kind_of(api_version: &str, kind: &str) -> Option<&'static str> {
         }
         ("isthmus.io/v1alpha1", "LocalRateLimit") => Some("LocalRateLimit"),
         ("isthmus.io/v1alpha1", "GlobalRateLimit") => Some("GlobalRateLimit"),
+        ("isthmus.io/v1alpha1", "HealthCheck") => Some("HealthCheck"),
         ("telemetry.istio.io/v1" | "telemetry.istio.io/v1alpha1", "Telemetry") => Some("Telemetry"),
         (
             "networking.istio.io/v1"
@@ -157,7 +158,7 @@ fn parse_document(
         return Err(ConfigError {
             code: Code::UnknownKind,
             field: "kind".into(),
-            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, Sidecar, ServiceEntry, security.istio.io/v1 PeerAuthentication, AuthorizationPolicy, RequestAuthentication, telemetry.istio.io/v1 Telemetry, multicluster.x-k8s.io/v1alpha1/ServiceExport, isthmus.io/v1alpha1/LocalRateLimit, GlobalRateLimit"),
+            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, Sidecar, ServiceEntry, security.istio.io/v1 PeerAuthentication, AuthorizationPolicy, RequestAuthentication, telemetry.istio.io/v1 Telemetry, multicluster.x-k8s.io/v1alpha1/ServiceExport, isthmus.io/v1alpha1/LocalRateLimit, GlobalRateLimit, HealthCheck"),
             ..err
         });
     };
@@ -206,6 +207,8 @@ fn parse_document(
         }
         "GlobalRateLimit" => decode::<super::kinds::GlobalRateLimitSpec>(spec, "spec")
             .map(DocumentBody::GlobalRateLimit),
+        "HealthCheck" => decode::<super::kinds::HealthCheckSpec>(spec, "spec")
+            .map(DocumentBody::HealthCheck),
         "DestinationRule" => decode::<DestinationRuleSpec>(spec, "spec")
             .map(|s| DocumentBody::DestinationRule(Box::new(s))),
         "Sidecar" => decode::<super::sidecar::SidecarSpec>(spec, "spec")

@@ -30,6 +30,7 @@ pub enum DocumentBody {
     DestinationRule(Box<DestinationRuleSpec>),
     LocalRateLimit(LocalRateLimitSpec),
     GlobalRateLimit(super::kinds::GlobalRateLimitSpec),
+    HealthCheck(super::kinds::HealthCheckSpec),
     Sidecar(Box<super::sidecar::SidecarSpec>),
     ServiceEntry(Box<super::istio::ServiceEntrySpec>),
     PeerAuthentication(Box<super::security::PeerAuthenticationSpec>),
@@ -69,6 +70,7 @@ impl DocumentBody {
             DocumentBody::DestinationRule(_) => "DestinationRule",
             DocumentBody::LocalRateLimit(_) => "LocalRateLimit",
             DocumentBody::GlobalRateLimit(_) => "GlobalRateLimit",
+            DocumentBody::HealthCheck(_) => "HealthCheck",
             DocumentBody::Sidecar(_) => "Sidecar",
             DocumentBody::ServiceEntry(_) => "ServiceEntry",
             DocumentBody::PeerAuthentication(_) => "PeerAuthentication",
@@ -593,6 +595,7 @@ pub fn build_on(platform: &super::Platform, docs: Vec<Document>) -> Admission {
             | DocumentBody::DestinationRule(_)
             | DocumentBody::LocalRateLimit(_)
             | DocumentBody::GlobalRateLimit(_)
+            | DocumentBody::HealthCheck(_)
             | DocumentBody::ServiceEntry(_) => {}
         }
     }

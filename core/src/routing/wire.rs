@@ -321,8 +321,96 @@ impl From<&ServiceRouting> for pb::ServiceRouting {
                     destinations: destinations_to(&t.destinations),
                 })
                 .collect(),
+            health_check: r.health_check.as_ref().map(Into::into),
         }
     }
+}
+
+impl From<&crate::routing::HealthCheck> for pb::HealthCheck {
+    fn from(h: &crate::routing::HealthCheck) -> Self {
+        use crate::routing::Probe;
+        pb::HealthCheck {
+            name: h.name.clone(),
+            port: h.port.map(u32::from).unwrap_or_default(),
+            probe: Some(match &h.probe {
+                Probe::Http {
+                    path,
+                    host,
+                    expected_statuses,
+                } => pb::health_check::Probe::Http(pb::HttpHealthCheck {
+                    path: path.clone(),
+                    host: host.clone().unwrap_or_default(),
+                    expected_statuses: expected_statuses
+                        .iter()
+                        .map(|(start, end)| pb::StatusRange {
+                            start: u32::from(*start),
+                            end: u32::from(*end),
+                        })
+                        .collect(),
+                }),
+                Probe::Grpc { service } => pb::health_check::Probe::Grpc(pb::GrpcHealthCheck {
+                    service: service.clone(),
+                }),
+                Probe::Tcp => pb::health_check::Probe::Tcp(pb::TcpHealthCheck {}),
+            }),
+            interval_ms: h.interval_ms,
+            timeout_ms: h.timeout_ms,
+            jitter_ms: h.jitter_ms,
+            healthy_threshold: h.healthy_threshold,
+            unhealthy_threshold: h.unhealthy_threshold,
+        }
+    }
+}
+
+/// A pushed health check, checked as every pushed field is: a probe that could not run
+/// (no path, no status range, a zero interval or threshold) is refused, not guessed at.
+fn health_check(h: pb::HealthCheck) -> Result<crate::routing::HealthCheck, WireError> {
+    use crate::routing::Probe;
+    let at = |f: &str| format!("health_check.{f}");
+    let port = match h.port {
+        0 => None,
+        p => Some(port(&at("port"), p)?),
+    };
+    let probe = match h.probe {
+        Some(pb::health_check::Probe::Http(http)) => {
+            if !http.path.starts_with('/') {
+                return Err(err(&at("http.path"), "must start with `/`"));
+            }
+            let field = at("http.expected_statuses");
+            let mut expected_statuses = Vec::new();
+            for r in &http.expected_statuses {
+                let (start, end) = (status(&field, r.start, 100..=599)?, status(&field, r.end, 100..=599)?);
+                if start > end {
+                    return Err(err(&field, format!("{start}-{end} is an empty range")));
+                }
+                expected_statuses.push((start, end));
+            }
+            Probe::Http {
+                path: http.path,
+                host: Some(http.host).filter(|h| !h.is_empty()),
+                expected_statuses,
+            }
+        }
+        Some(pb::health_check::Probe::Grpc(g)) => Probe::Grpc { service: g.service },
+        Some(pb::health_check::Probe::Tcp(_)) => Probe::Tcp,
+        None => return Err(err(&at("probe"), "names no probe (http, grpc or tcp)")),
+    };
+    if h.interval_ms == 0 || h.timeout_ms == 0 {
+        return Err(err(&at("interval_ms"), "interval and timeout must be positive"));
+    }
+    if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 {
+        return Err(err(&at("healthy_threshold"), "thresholds must be positive"));
+    }
+    Ok(crate::routing::HealthCheck {
+        name: h.name,
+        port,
+        probe,
+        interval_ms: h.interval_ms,
+        timeout_ms: h.timeout_ms,
+        jitter_ms: h.jitter_ms,
+        healthy_threshold: h.healthy_threshold,
+        unhealthy_threshold: h.unhealthy_threshold,
+    })
 }
 
 // ---------------------------------------------------------------- wire -> core
@@ -693,6 +781,7 @@ impl TryFrom<pb::ServiceRouting> for ServiceRouting {
                 })
             })
             .collect::<Result<_, WireError>>()?;
+        let health_check = r.health_check.map(health_check).transpose()?;
         Ok(ServiceRouting {
             virtual_service_scope: None,
             destination_rule_scope: None,
@@ -701,6 +790,7 @@ impl TryFrom<pb::ServiceRouting> for ServiceRouting {
             policy: traffic_policy("policy", r.policy, false)?,
             rate_limits,
             global_rate_limits,
+            health_check,
             tcp,
         })
     }

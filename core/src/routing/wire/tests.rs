@@ -155,6 +155,20 @@ fn everything() -> ServiceRouting {
             route: None,
             requests_per_second: 300,
         }],
+        health_check: Some(crate::routing::HealthCheck {
+            name: "hc".into(),
+            port: Some(80),
+            probe: crate::routing::Probe::Http {
+                path: "/healthz".into(),
+                host: None,
+                expected_statuses: vec![(200, 299)],
+            },
+            interval_ms: 1000,
+            timeout_ms: 500,
+            jitter_ms: 100,
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+        }),
         tcp: vec![TcpRoute {
             ports: vec![7000],
             destinations: vec![dest("demo/tcp", None, 100)],
