@@ -5,6 +5,12 @@
 //! a pause, `/flaky` fails every other request with 503, `/fail-if/<workload>` fails with 503
 //! on that workload only, `?set-header=name:value` adds that header to the response, and
 //! `/stall-body` sends its headers and a first chunk, then nothing.
+//!
+//! Health, for HealthChecks: `GET /healthz` answers 200 while the app is serving and 503
+//! while it is not, as gRPC's `grpc.health.v1.Health/Check` answers SERVING or NOT_SERVING
+//! (for the server, "", and for `isthmus.echo.v1.Echo`); `POST /healthz/not-serving` and
+//! `POST /healthz/serving` switch it. Every other path answers as before either way, as an
+//! app that drains would.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,6 +23,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use isthmus_proto::echo::echo_server::{Echo, EchoServer};
 use isthmus_proto::echo::{EchoReply, EchoRequest};
+use isthmus_proto::health::health_check_response::ServingStatus;
+use isthmus_proto::health::health_server::{Health, HealthServer};
+use isthmus_proto::health::{HealthCheckRequest, HealthCheckResponse};
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
 use tower::Service;
 
@@ -61,6 +71,31 @@ pub fn caller_from_xfcc(xfcc: &str) -> String {
 #[derive(Clone)]
 struct EchoGrpc(Arc<Config>);
 
+/// The app's `grpc.health.v1` answers, from its serving switch.
+#[derive(Clone)]
+struct HealthGrpc(Arc<AtomicBool>);
+
+#[tonic::async_trait]
+impl Health for HealthGrpc {
+    async fn check(
+        &self,
+        req: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+        let service = req.into_inner().service;
+        if !service.is_empty() && service != "isthmus.echo.v1.Echo" {
+            return Err(tonic::Status::not_found(format!("no service `{service}`")));
+        }
+        let status = if self.0.load(Ordering::Relaxed) {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        Ok(tonic::Response::new(HealthCheckResponse {
+            status: status.into(),
+        }))
+    }
+}
+
 #[tonic::async_trait]
 impl Echo for EchoGrpc {
     async fn say(
@@ -85,9 +120,16 @@ impl Echo for EchoGrpc {
 pub struct Bound {
     pub address: SocketAddr,
     running: isthmus_core::drain::Running,
+    serving: Arc<AtomicBool>,
 }
 
 impl Bound {
+    /// Switches what the app's health answers (`/healthz`, `grpc.health.v1`) say, as
+    /// `POST /healthz/serving` and `/healthz/not-serving` do.
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.store(serving, Ordering::Relaxed);
+    }
+
     pub async fn wait_termination(&mut self) -> anyhow::Result<()> {
         self.running.wait_any().await;
         Ok(())
@@ -111,7 +153,10 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let address = listener.local_addr()?;
     let config = Arc::new(config);
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let grpc = tonic::service::Routes::new(EchoServer::new(EchoGrpc(config.clone())));
+    let serving = Arc::new(AtomicBool::new(true));
+    let switch = serving.clone();
+    let grpc = tonic::service::Routes::new(EchoServer::new(EchoGrpc(config.clone())))
+        .add_service(HealthServer::new(HealthGrpc(serving.clone())));
     let (mut running, drain) = isthmus_core::drain::Running::new();
     if let Some(addr) = config.tcp_listen {
         let tcp = TcpListener::bind(addr)
@@ -135,12 +180,17 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
-            let (config, grpc, d, counter) =
-                (config.clone(), grpc.clone(), drain.clone(), counter.clone());
+            let (config, grpc, d, counter, serving) = (
+                config.clone(),
+                grpc.clone(),
+                drain.clone(),
+                counter.clone(),
+                serving.clone(),
+            );
             drain.spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let (config, mut grpc, counter) =
-                        (config.clone(), grpc.clone(), counter.clone());
+                    let (config, mut grpc, counter, serving) =
+                        (config.clone(), grpc.clone(), counter.clone(), serving.clone());
                     async move {
                         if req
                             .headers()
@@ -160,6 +210,9 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
                         {
                             return Ok(websocket(req));
                         }
+                        if let Some(resp) = health(&serving, &req) {
+                            return Ok(resp);
+                        }
                         Ok(answer(&config, &counter, req).await)
                     }
                 });
@@ -174,7 +227,34 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             });
         }
     });
-    Ok(Bound { address, running })
+    Ok(Bound {
+        address,
+        running,
+        serving: switch,
+    })
+}
+
+/// The health paths: `GET /healthz`, `POST /healthz/serving`, `POST /healthz/not-serving`.
+fn health(serving: &AtomicBool, req: &Request<Incoming>) -> Option<Response<Body>> {
+    let post = req.method() == http::Method::POST;
+    match req.uri().path() {
+        "/healthz/serving" if post => serving.store(true, Ordering::Relaxed),
+        "/healthz/not-serving" if post => serving.store(false, Ordering::Relaxed),
+        "/healthz" => {}
+        _ => return None,
+    }
+    let (status, text) = if serving.load(Ordering::Relaxed) {
+        (StatusCode::OK, "serving\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not serving\n")
+    };
+    let mut resp = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    Some(resp)
 }
 
 /// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455).

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use isthmus_core::config::NamespacedName;
 use isthmus_core::identity::SpiffeId;
 use isthmus_proto::discovery::discovery_server::Discovery;
+use isthmus_proto::discovery::HealthReport;
 use isthmus_proto::discovery::{DeltaRequest, DeltaResponse, Node, Resource};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -331,7 +332,7 @@ struct ProxyStream {
     /// soon as config shows the workload with the peer's service account.
     pending: Option<(NamespacedName, SpiffeId)>,
     /// The last health the sidecar reported, applied once verified.
-    last_health: Option<bool>,
+    last_health: Option<HealthReport>,
     /// The sidecar's workload (`namespace/name`), for its own Workload resource.
     scope: Option<String>,
     /// This stream's sync state, for `isthmus status`.
@@ -351,7 +352,7 @@ impl ProxyStream {
         if ok {
             let workload = workload.clone();
             self.svc.registry.stream_opened(&workload);
-            if let Some(h) = self.last_health {
+            if let Some(h) = &self.last_health {
                 self.svc.registry.report_health(&workload, h);
             }
             self.guard.workload = Some(workload);
@@ -392,11 +393,13 @@ impl ProxyStream {
         mut req: DeltaRequest,
         snapshot: &Arc<Snapshot>,
     ) -> Result<(), ()> {
-        if let Some(health) = req.health {
-            self.last_health = Some(health.healthy);
+        if let Some(health) = req.health.take() {
             match &self.guard.workload {
-                Some(w) => self.svc.registry.report_health(w, health.healthy),
-                None => self.try_verify(),
+                Some(w) => self.svc.registry.report_health(w, &health),
+                None => {
+                    self.last_health = Some(health);
+                    self.try_verify();
+                }
             }
         }
         if let Some(c) = req.certificate.take() {

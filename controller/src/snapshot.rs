@@ -12,6 +12,7 @@ use isthmus_core::config::watch::LoadStatus;
 use isthmus_core::config::{ConfigSet, Member, NamespacedName, Service, TargetPort, WorkloadEntry};
 use isthmus_core::identity::SpiffeId;
 use isthmus_proto::discovery as xds;
+use isthmus_proto::discovery::HealthReport;
 use isthmus_proto::federation as fed;
 use isthmus_proto::type_url;
 use prost::Message;
@@ -68,20 +69,39 @@ impl ScopedViews {
     }
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct Health {
     /// Discovery streams open for this workload.
     streams: u32,
     healthy: bool,
     /// A sidecar has connected since this controller started.
     seen: bool,
+    /// The verdicts of HealthChecks its sidecar runs: service (`namespace/name`) → passing,
+    /// and what the last probe saw.
+    checks: BTreeMap<String, (bool, String)>,
 }
 
+/// At most this many check verdicts are kept per workload (a sidecar runs one per service
+/// its app serves); a longer report is cut, never trusted to size memory.
+const MAX_CHECKS: usize = 64;
+/// What a verdict's detail is cut to.
+const MAX_DETAIL: usize = 256;
+
 impl Health {
-    /// Unknown workloads count as healthy, so a restarted controller does not withdraw
-    /// endpoints before their sidecars reconnect; the data plane judges health too.
-    fn is_healthy(&self) -> bool {
-        !self.seen || (self.streams > 0 && self.healthy)
+    /// Why the workload is no endpoint of `service` now, if it is not. Unknown workloads
+    /// count as healthy, so a restarted controller does not withdraw endpoints before their
+    /// sidecars reconnect; the data plane judges health too.
+    fn fault(&self, service: &str) -> Option<String> {
+        if self.seen && self.streams == 0 {
+            return Some("its sidecar is not connected".into());
+        }
+        if self.seen && !self.healthy {
+            return Some("its sidecar cannot connect to the app".into());
+        }
+        match self.checks.get(service) {
+            Some((false, detail)) => Some(format!("failing its health check: {detail}")),
+            _ => None,
+        }
     }
 }
 
@@ -345,15 +365,39 @@ impl Registry {
         self.health_changed();
     }
 
-    pub fn report_health(&self, workload: &NamespacedName, healthy: bool) {
+    pub fn report_health(&self, workload: &NamespacedName, report: &HealthReport) {
+        let checks: BTreeMap<String, (bool, String)> = report
+            .checks
+            .iter()
+            .take(MAX_CHECKS)
+            .map(|c| {
+                let mut detail = c.detail.clone();
+                if detail.len() > MAX_DETAIL {
+                    let mut end = MAX_DETAIL;
+                    while !detail.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    detail.truncate(end);
+                }
+                (c.service.clone(), (c.healthy, detail))
+            })
+            .collect();
         let mut health = lock(&self.inner.health);
         let h = health.entry(workload.clone()).or_default();
-        if h.healthy == healthy && h.seen {
+        if h.healthy == report.healthy && h.seen && h.checks == checks {
             return;
         }
-        tracing::info!(%workload, healthy, "workload health changed");
-        h.healthy = healthy;
+        for (service, (healthy, detail)) in &checks {
+            if h.checks.get(service).map(|c| c.0) != Some(*healthy) {
+                tracing::info!(%workload, service, healthy, detail, "health check verdict changed");
+            }
+        }
+        if h.healthy != report.healthy {
+            tracing::info!(%workload, healthy = report.healthy, "workload health changed");
+        }
+        h.healthy = report.healthy;
         h.seen = true;
+        h.checks = checks;
         drop(health);
         self.health_changed();
     }
@@ -477,10 +521,24 @@ impl Registry {
         });
     }
 
-    /// An endpoint as proxies see it: healthy when the platform says it is ready (always,
-    /// outside Kubernetes) and its sidecar reports no fault.
-    fn endpoint(&self, m: Member<'_>, health: &BTreeMap<NamespacedName, Health>) -> xds::Endpoint {
+    /// An endpoint of `service` as proxies see it: healthy when the platform says it is
+    /// ready (always, outside Kubernetes; readiness is authoritative: no check puts back an
+    /// endpoint that is not ready) and its sidecar reports no fault, nor a failing
+    /// HealthCheck of the service.
+    fn endpoint(
+        &self,
+        service: &NamespacedName,
+        m: Member<'_>,
+        health: &BTreeMap<NamespacedName, Health>,
+    ) -> xds::Endpoint {
         let w = m.workload;
+        let fault = if m.ready {
+            health
+                .get(&w.key)
+                .and_then(|h| h.fault(&service.to_string()))
+        } else {
+            Some("not ready".to_owned())
+        };
         xds::Endpoint {
             workload: w.key.to_string(),
             tunnel_address: std::net::SocketAddr::new(w.address, TUNNEL_PORT).to_string(),
@@ -491,9 +549,10 @@ impl Registry {
                 &w.service_account,
             )
             .to_string(),
-            healthy: m.ready && health.get(&w.key).copied().unwrap_or_default().is_healthy(),
+            healthy: fault.is_none(),
             labels: w.labels.clone(),
             hostname: m.hostname.unwrap_or_default().to_owned(),
+            health_detail: fault.unwrap_or_default(),
         }
     }
 
@@ -517,7 +576,7 @@ impl Registry {
                     target_port: target_port(p, selected.first().map(|m| m.workload)),
                 })
                 .collect(),
-            endpoints: selected.iter().map(|m| self.endpoint(*m, health)).collect(),
+            endpoints: selected.iter().map(|m| self.endpoint(&svc.key, *m, health)).collect(),
             remote: Vec::new(),
             routing: config.routing.get(&svc.key).map(Into::into),
             export_to: svc.export_to.clone(),
@@ -901,8 +960,9 @@ impl Registry {
                     .members(svc)
                     .into_iter()
                     .map(|m| {
-                        let ep = self.endpoint(m, &health);
-                        serde_json::json!({"workload": ep.workload, "owner": m.workload.owner, "address": ep.tunnel_address, "healthy": ep.healthy, "identity": ep.identity})
+                        let ep = self.endpoint(&svc.key, m, &health);
+                        let detail = Some(ep.health_detail).filter(|d| !d.is_empty());
+                        serde_json::json!({"workload": ep.workload, "owner": m.workload.owner, "address": ep.tunnel_address, "healthy": ep.healthy, "unhealthy_because": detail, "identity": ep.identity})
                     })
                     .collect();
                 serde_json::json!({"service": svc.key.to_string(), "exported": config.exports.contains(&svc.key), "endpoints": eps})

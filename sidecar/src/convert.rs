@@ -197,6 +197,12 @@ pub fn service(name: &str, body: &[u8], health: &HealthTable) -> Result<Service,
             .collect::<Result<_, _>>()?,
         endpoints,
         workloads: msg.endpoints.iter().map(|e| e.workload.clone()).collect(),
+        unhealthy: msg
+            .endpoints
+            .iter()
+            .filter(|e| !e.healthy)
+            .map(|e| (e.workload.clone(), e.health_detail.clone()))
+            .collect(),
         remote,
         cursor: Default::default(),
         routing,

@@ -486,6 +486,7 @@ mod tests {
             }],
             endpoints: eps,
             workloads: Vec::new(),
+            unhealthy: Vec::new(),
             remote: Vec::new(),
             cursor: Default::default(),
             routing: None,

@@ -484,6 +484,15 @@ pub fn explain(
         v.tier = ranks.iter().position(|r| *r == v.tier).unwrap_or(0) as u32;
     }
     views.sort_by_key(|v| v.tier);
+    // Endpoints the controller took out are never candidates; shown last, with why.
+    let never = ranks.len() as u32;
+    views.extend(svc.unhealthy.iter().map(|(workload, why)| CandidateView {
+        tier: never,
+        kind: "endpoint",
+        name: workload.clone(),
+        locality: String::new(),
+        out: Some(format!("never used: its controller reports it unhealthy ({why})")),
+    }));
     views
 }
 
@@ -617,6 +626,7 @@ mod tests {
                 ep("127.0.0.2:1", "us-east/a"),
             ],
             workloads: vec![],
+            unhealthy: Vec::new(),
             remote: vec![rc("eu", "eu-central/a"), rc("west", "us-west/a")],
             cursor: Default::default(),
             routing: None,

@@ -23,6 +23,7 @@ mod errors;
 mod explain;
 mod ext_authz;
 mod global_limit;
+mod health_check;
 mod inbound;
 pub mod ingress;
 mod lb;
@@ -52,7 +53,7 @@ use isthmus_core::locality::Locality;
 use isthmus_core::readiness::Readiness;
 use isthmus_core::tls::{PeerPolicy, ALPN_H2};
 use isthmus_core::xds::XdsClient;
-use isthmus_proto::discovery::Node;
+use isthmus_proto::discovery::{HealthReport, Node};
 use isthmus_proto::type_url;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -257,7 +258,18 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             ca.clone()
                 .renew_forever(identity.clone(), renew_now.clone()),
         );
-        let app_health = probe_app(&mut tasks, cfg.app_addr);
+        let app_health = cfg.app_addr.map(|app| {
+            let (tx, rx) = watch::channel(HealthReport::default());
+            tasks.spawn(probe_app(app, tx.clone()));
+            tasks.spawn(health_check::run(
+                store.subscribe(),
+                cfg.workload.to_string(),
+                app,
+                metrics.clone(),
+                tx,
+            ));
+            rx
+        });
         let global_limits = Arc::new(global_limit::GlobalLimits::default());
         let (demand_tx, demand_rx) = tokio::sync::watch::channel(Default::default());
         let channel = isthmus_core::grpc::tls_channel(
@@ -348,24 +360,17 @@ fn resource(otlp: &isthmus_core::otlp::Config, config: &Config) -> isthmus_core:
 }
 
 /// Probes the app's port and publishes whether it accepts connections.
-fn probe_app(
-    tasks: &mut tokio::task::JoinSet<()>,
-    app: Option<SocketAddr>,
-) -> Option<watch::Receiver<bool>> {
-    let app = app?;
-    let (tx, rx) = watch::channel(false);
-    tasks.spawn(async move {
-        loop {
-            let up = matches!(
-                tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(app))
-                    .await,
-                Ok(Ok(_))
-            );
-            tx.send_if_modified(|v| std::mem::replace(v, up) != up);
-            tokio::time::sleep(PROBE_INTERVAL).await;
-        }
-    });
-    Some(rx)
+/// Probes the app's port and keeps `report.healthy` to whether it accepts connections.
+async fn probe_app(app: SocketAddr, report: watch::Sender<HealthReport>) {
+    loop {
+        let up = matches!(
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(app))
+                .await,
+            Ok(Ok(_))
+        );
+        report.send_if_modified(|r| std::mem::replace(&mut r.healthy, up) != up);
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
 }
 
 fn dump(
@@ -388,6 +393,7 @@ fn dump(
                 "policy": s.routing.as_ref().map(|r| serde_json::to_value(&r.state.policy).unwrap_or_default()),
                 "ports": s.ports.iter().map(|p| serde_json::json!({"port": p.port, "protocol": &*p.protocol})).collect::<Vec<_>>(),
                 "endpoints": s.endpoints.iter().map(|e| serde_json::json!({"workload": e.workload, "address": e.tunnel_address.to_string(), "locality": e.locality.to_string(), "ejected": e.health.is_ejected()})).collect::<Vec<_>>(),
+                "unhealthy_endpoints": s.unhealthy.iter().map(|(w, why)| serde_json::json!({"workload": w, "because": why})).collect::<Vec<_>>(),
                 "remote": s.remote.iter().map(|r| serde_json::json!({"cluster": &*r.cluster, "locality": r.locality.to_string(), "ejected": r.health.is_ejected(), "stale_since_unix": state.mesh.stale_since(&r.cluster), "unreachable_since_unix": state.mesh.unreachable.get(&*r.cluster)})).collect::<Vec<_>>(),
             })
         })

@@ -25,6 +25,19 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// One HealthCheck's probes: the service (`namespace/name`) and how a probe ended
+/// (`success`, `failure`, `timeout`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabels {
+    pub service: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyLabels {
     /// `namespace/name` of the DENY policy, or `no ALLOW policy matched`.
@@ -468,6 +481,10 @@ pub struct Metrics {
     pub access_log_dropped: Counter,
     /// Requests and connections AuthorizationPolicies denied, by policy.
     denied: Family<PolicyLabels, Counter>,
+    /// Probes of the HealthChecks this sidecar runs on its app.
+    pub health_checks: Family<CheckLabels, Counter>,
+    /// Each HealthCheck's verdict: 1 passing, 0 failing (absent until it has one).
+    pub health_check_passing: Family<ServiceLabels, prometheus_client::metrics::gauge::Gauge>,
 }
 
 impl Default for Metrics {
@@ -490,6 +507,8 @@ impl Default for Metrics {
             ejections: Counter::default(),
             upstream_connections: Counter::default(),
             upstream_failures: Family::default(),
+            health_checks: Family::default(),
+            health_check_passing: Family::default(),
             dns_requests: Family::default(),
             access_log_dropped: Counter::default(),
             denied: Family::default(),
@@ -751,6 +770,16 @@ impl Metrics {
             "upstream_failures",
             "failed attempts by reason",
             self.upstream_failures.clone(),
+        );
+        own.register(
+            "health_checks",
+            "probes of the HealthChecks this sidecar runs on its app, by service and result",
+            self.health_checks.clone(),
+        );
+        own.register(
+            "health_check_passing",
+            "whether each HealthCheck this sidecar runs passes (1) or fails (0)",
+            self.health_check_passing.clone(),
         );
         own.register(
             "authz_denied",

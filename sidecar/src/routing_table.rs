@@ -226,6 +226,9 @@ pub struct CompiledRouting {
     pub global: Vec<GlobalLimit>,
     /// `tcp[]` routes for CONNECT tunnels.
     pub tcp: Vec<isthmus_core::routing::TcpRoute>,
+    /// The HealthCheck this service's own sidecars run on their apps (see
+    /// `health_check.rs`).
+    pub health_check: Option<isthmus_core::routing::HealthCheck>,
 }
 
 /// A global rate limit of this service, with the key its bucket, demand and share go by
@@ -331,6 +334,7 @@ impl CompiledRouting {
                 })
                 .collect(),
             tcp,
+            health_check: r.health_check,
         })
     }
 

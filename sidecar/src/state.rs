@@ -77,6 +77,9 @@ pub struct Service {
     /// a workload's own sidecar checks an opaque tunnel's port against (its own health
     /// has no say in which ports it serves).
     pub workloads: Vec<String>,
+    /// This cluster's endpoints the controller reports unhealthy, with why (not ready,
+    /// failing a HealthCheck, ...): never used, shown in dumps and `isthmus explain`.
+    pub unhealthy: Vec<(String, String)>,
     pub remote: Vec<RemoteCluster>,
     /// Round-robin cursor.
     pub cursor: std::sync::atomic::AtomicUsize,
@@ -138,6 +141,7 @@ impl Service {
                 .collect(),
             endpoints,
             workloads: Vec::new(),
+            unhealthy: Vec::new(),
             remote,
             cursor: Default::default(),
             routing: None,
@@ -282,6 +286,7 @@ impl MeshState {
             }],
             endpoints: Vec::new(),
             workloads: Vec::new(),
+            unhealthy: Vec::new(),
             remote: Vec::new(),
             cursor: Default::default(),
             routing: None,
