@@ -189,8 +189,12 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             );
             drain.spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let (config, mut grpc, counter, serving) =
-                        (config.clone(), grpc.clone(), counter.clone(), serving.clone());
+                    let (config, mut grpc, counter, serving) = (
+                        config.clone(),
+                        grpc.clone(),
+                        counter.clone(),
+                        serving.clone(),
+                    );
                     async move {
                         if req
                             .headers()

@@ -576,7 +576,10 @@ impl Registry {
                     target_port: target_port(p, selected.first().map(|m| m.workload)),
                 })
                 .collect(),
-            endpoints: selected.iter().map(|m| self.endpoint(&svc.key, *m, health)).collect(),
+            endpoints: selected
+                .iter()
+                .map(|m| self.endpoint(&svc.key, *m, health))
+                .collect(),
             remote: Vec::new(),
             routing: config.routing.get(&svc.key).map(Into::into),
             export_to: svc.export_to.clone(),

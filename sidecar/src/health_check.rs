@@ -130,8 +130,7 @@ pub async fn run(
 fn jobs(state: &MeshState, workload: &str, app: SocketAddr) -> BTreeMap<String, Job> {
     let mut jobs = BTreeMap::new();
     for svc in state.services.values() {
-        let Some(check) = svc.routing.as_ref().and_then(|r| r.health_check.as_ref())
-        else {
+        let Some(check) = svc.routing.as_ref().and_then(|r| r.health_check.as_ref()) else {
             continue;
         };
         if !svc.workloads.iter().any(|w| w == workload) {
@@ -306,7 +305,13 @@ async fn grpc_check(target: SocketAddr, service: &str) -> Result<String, String>
             service: service.to_owned(),
         })
         .await
-        .map_err(|s| format!("grpc.health.v1 Check of {asked}: {:?}: {}", s.code(), s.message()))?;
+        .map_err(|s| {
+            format!(
+                "grpc.health.v1 Check of {asked}: {:?}: {}",
+                s.code(),
+                s.message()
+            )
+        })?;
     let status = answer.into_inner().status();
     let seen = format!("grpc.health.v1 says {asked} is {}", status.as_str_name());
     if status == ServingStatus::Serving {
@@ -337,10 +342,22 @@ mod tests {
     fn thresholds_decide_when_a_check_fails_and_passes_again() {
         let c = check(2, 3);
         let mut t = Tally::default();
-        assert_eq!(t.observe(false, &c), None, "pending: one failure is not enough");
+        assert_eq!(
+            t.observe(false, &c),
+            None,
+            "pending: one failure is not enough"
+        );
         assert_eq!(t.observe(false, &c), None);
-        assert_eq!(t.observe(false, &c), Some(Verdict::Failing), "three in a row");
-        assert_eq!(t.observe(true, &c), None, "one success is not enough to come back");
+        assert_eq!(
+            t.observe(false, &c),
+            Some(Verdict::Failing),
+            "three in a row"
+        );
+        assert_eq!(
+            t.observe(true, &c),
+            None,
+            "one success is not enough to come back"
+        );
         assert_eq!(t.observe(false, &c), None, "and a failure starts over");
         assert_eq!(t.observe(true, &c), None);
         assert_eq!(t.observe(true, &c), Some(Verdict::Passing), "two in a row");
@@ -358,23 +375,33 @@ mod tests {
     }
 
     async fn serve_http(status: u16) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { return };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| async move {
-                        let host = req.headers().get("host").cloned();
-                        let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
-                        // Only the expected Host passes: the probe must send it.
-                        *resp.status_mut() = if host.as_ref().is_some_and(|h| h == "echo.demo.svc.cluster.local") {
-                            http::StatusCode::from_u16(status).expect("status")
-                        } else {
-                            http::StatusCode::MISDIRECTED_REQUEST
-                        };
-                        Ok::<_, std::convert::Infallible>(resp)
-                    });
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| async move {
+                            let host = req.headers().get("host").cloned();
+                            let mut resp =
+                                http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+                            // Only the expected Host passes: the probe must send it.
+                            *resp.status_mut() = if host
+                                .as_ref()
+                                .is_some_and(|h| h == "echo.demo.svc.cluster.local")
+                            {
+                                http::StatusCode::from_u16(status).expect("status")
+                            } else {
+                                http::StatusCode::MISDIRECTED_REQUEST
+                            };
+                            Ok::<_, std::convert::Infallible>(resp)
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tcp), svc)
                         .await;
@@ -419,7 +446,25 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             l.local_addr().expect("addr")
         };
-        let refused = probe(&http_job(nothing, vec![])).await.expect_err("refused");
+        let refused = probe(&http_job(nothing, vec![]))
+            .await
+            .expect_err("refused");
         assert!(refused.contains("connect to"), "{refused}");
+    }
+
+    #[tokio::test]
+    async fn tcp_probes_pass_when_a_connection_comes_up() {
+        let tcp_job = |target| Job {
+            check: check(1, 1),
+            target,
+            host: String::new(),
+        };
+        let up = serve_http(200).await;
+        assert!(probe(&tcp_job(up)).await.is_ok());
+        let nothing = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        assert!(probe(&tcp_job(nothing)).await.is_err());
     }
 }

@@ -491,7 +491,9 @@ pub fn explain(
         kind: "endpoint",
         name: workload.clone(),
         locality: String::new(),
-        out: Some(format!("never used: its controller reports it unhealthy ({why})")),
+        out: Some(format!(
+            "never used: its controller reports it unhealthy ({why})"
+        )),
     }));
     views
 }

@@ -364,8 +364,7 @@ fn resource(otlp: &isthmus_core::otlp::Config, config: &Config) -> isthmus_core:
 async fn probe_app(app: SocketAddr, report: watch::Sender<HealthReport>) {
     loop {
         let up = matches!(
-            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(app))
-                .await,
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(app)).await,
             Ok(Ok(_))
         );
         report.send_if_modified(|r| std::mem::replace(&mut r.healthy, up) != up);

@@ -98,7 +98,10 @@ fn health_check(c: &mut Checker<'_>, spec: &HealthCheckSpec, name: &str) -> Opti
                     c.fail(
                         Code::InvalidValue,
                         format!("spec.http.expectedStatuses[{i}]"),
-                        format!("{} is not a status code (100-599) or a range such as \"200-299\"", shown(s)),
+                        format!(
+                            "{} is not a status code (100-599) or a range such as \"200-299\"",
+                            shown(s)
+                        ),
                     );
                     ok = false;
                 }
@@ -140,7 +143,11 @@ fn health_check(c: &mut Checker<'_>, spec: &HealthCheckSpec, name: &str) -> Opti
         1 => probes.pop(),
         n => {
             c.fail(
-                if n == 0 { Code::Missing } else { Code::InvalidValue },
+                if n == 0 {
+                    Code::Missing
+                } else {
+                    Code::InvalidValue
+                },
                 "spec",
                 format!("a HealthCheck names exactly one of `http`, `grpc` and `tcp` ({n} given)"),
             );
@@ -163,7 +170,12 @@ fn health_check(c: &mut Checker<'_>, spec: &HealthCheckSpec, name: &str) -> Opti
             }
         }
     };
-    let interval_ms = duration("interval", &spec.interval, DEFAULT_INTERVAL_MS, MIN_INTERVAL_MS);
+    let interval_ms = duration(
+        "interval",
+        &spec.interval,
+        DEFAULT_INTERVAL_MS,
+        MIN_INTERVAL_MS,
+    );
     let timeout_ms = duration("timeout", &spec.timeout, DEFAULT_TIMEOUT_MS, 1);
     let jitter_ms = duration(
         "intervalJitter",
@@ -195,8 +207,11 @@ fn health_check(c: &mut Checker<'_>, spec: &HealthCheckSpec, name: &str) -> Opti
         }
     };
     let healthy_threshold = threshold("healthyThreshold", spec.healthy_threshold, DEFAULT_HEALTHY);
-    let unhealthy_threshold =
-        threshold("unhealthyThreshold", spec.unhealthy_threshold, DEFAULT_UNHEALTHY);
+    let unhealthy_threshold = threshold(
+        "unhealthyThreshold",
+        spec.unhealthy_threshold,
+        DEFAULT_UNHEALTHY,
+    );
     if !ok {
         return None;
     }
@@ -344,7 +359,9 @@ mod tests {
         let spec = "  tcp: {}\n---\napiVersion: isthmus.io/v1alpha1\nkind: HealthCheck\nmetadata: {name: other, namespace: demo}\nspec:\n  targetRef: {kind: Service, name: reviews}\n  tcp: {}\n";
         let errors = load(spec).expect_err("refused");
         assert!(
-            errors[0].message.contains("HealthCheck hc already checks demo/reviews"),
+            errors[0]
+                .message
+                .contains("HealthCheck hc already checks demo/reviews"),
             "{}",
             errors[0].message
         );
@@ -353,7 +370,9 @@ mod tests {
     #[test]
     fn a_health_check_travels_the_wire_unchanged_and_a_bad_one_is_refused() {
         let routing = crate::routing::ServiceRouting {
-            health_check: Some(check("  port: 80\n  http: {path: /h, expectedStatuses: [204]}\n")),
+            health_check: Some(check(
+                "  port: 80\n  http: {path: /h, expectedStatuses: [204]}\n",
+            )),
             ..Default::default()
         };
         let wire: isthmus_proto::routing::ServiceRouting = (&routing).into();

@@ -207,8 +207,9 @@ fn parse_document(
         }
         "GlobalRateLimit" => decode::<super::kinds::GlobalRateLimitSpec>(spec, "spec")
             .map(DocumentBody::GlobalRateLimit),
-        "HealthCheck" => decode::<super::kinds::HealthCheckSpec>(spec, "spec")
-            .map(DocumentBody::HealthCheck),
+        "HealthCheck" => {
+            decode::<super::kinds::HealthCheckSpec>(spec, "spec").map(DocumentBody::HealthCheck)
+        }
         "DestinationRule" => decode::<DestinationRuleSpec>(spec, "spec")
             .map(|s| DocumentBody::DestinationRule(Box::new(s))),
         "Sidecar" => decode::<super::sidecar::SidecarSpec>(spec, "spec")

@@ -379,7 +379,10 @@ fn health_check(h: pb::HealthCheck) -> Result<crate::routing::HealthCheck, WireE
             let field = at("http.expected_statuses");
             let mut expected_statuses = Vec::new();
             for r in &http.expected_statuses {
-                let (start, end) = (status(&field, r.start, 100..=599)?, status(&field, r.end, 100..=599)?);
+                let (start, end) = (
+                    status(&field, r.start, 100..=599)?,
+                    status(&field, r.end, 100..=599)?,
+                );
                 if start > end {
                     return Err(err(&field, format!("{start}-{end} is an empty range")));
                 }
@@ -396,7 +399,10 @@ fn health_check(h: pb::HealthCheck) -> Result<crate::routing::HealthCheck, WireE
         None => return Err(err(&at("probe"), "names no probe (http, grpc or tcp)")),
     };
     if h.interval_ms == 0 || h.timeout_ms == 0 {
-        return Err(err(&at("interval_ms"), "interval and timeout must be positive"));
+        return Err(err(
+            &at("interval_ms"),
+            "interval and timeout must be positive",
+        ));
     }
     if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 {
         return Err(err(&at("healthy_threshold"), "thresholds must be positive"));

@@ -12,6 +12,7 @@ mod failover;
 mod faults;
 mod federation_ha;
 mod global_rate_limit;
+mod health_check;
 mod kubernetes;
 mod membership;
 mod mesh;
