@@ -682,6 +682,7 @@ fn unlisted_workload(
         allow_any,
         inbound: Some(inbound),
         telemetry: isthmus_core::config::telemetry::policy_for(config, namespace, &none, &[]),
+        wasm_plugins: isthmus_core::config::wasm_plugin::plugins_for(config, namespace, &none, &[]),
         ..Default::default()
     };
     Some((own.to_owned(), crate::snapshot::encode(&msg)))

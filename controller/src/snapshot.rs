@@ -685,6 +685,12 @@ impl Registry {
                         &w.labels,
                         serves,
                     ),
+                    wasm_plugins: isthmus_core::config::wasm_plugin::plugins_for(
+                        &config,
+                        &w.key.namespace,
+                        &w.labels,
+                        serves,
+                    ),
                 };
                 (w.key.to_string(), encode(&msg))
             })

@@ -16,6 +16,7 @@ pub mod mesh;
 pub mod security;
 pub mod sidecar;
 pub mod telemetry;
+pub mod wasm_plugin;
 mod validate;
 pub mod watch;
 
@@ -56,6 +57,7 @@ pub fn spec_schema(
         "LocalRateLimit" => generator.root_schema_for::<kinds::LocalRateLimitSpec>(),
         "GlobalRateLimit" => generator.root_schema_for::<kinds::GlobalRateLimitSpec>(),
         "HealthCheck" => generator.root_schema_for::<kinds::HealthCheckSpec>(),
+        "WasmPlugin" => generator.root_schema_for::<wasm_plugin::WasmPluginSpec>(),
         _ => return None,
     })
 }
@@ -312,6 +314,8 @@ pub struct ConfigSet {
     pub request_authentications: BTreeMap<NamespacedName, security::AuthnScope>,
     /// `Telemetry`s (see `telemetry.rs`).
     pub telemetries: BTreeMap<NamespacedName, telemetry::TelemetryScope>,
+    /// `WasmPlugin`s (see `wasm_plugin.rs`).
+    pub wasm_plugins: BTreeMap<NamespacedName, wasm_plugin::WasmPluginScope>,
     /// The mesh config (ConfigMap `istio` of `istio-system`; see `mesh.rs`).
     pub mesh: mesh::MeshSettings,
     /// References to objects that do not exist (yet): a VirtualService naming an unknown

@@ -89,6 +89,12 @@ pub const MESH_KINDS: &[MeshKind] = &[
         kind: "HealthCheck",
         plural: "healthchecks",
     },
+    MeshKind {
+        group: "extensions.istio.io",
+        version: "v1alpha1",
+        kind: "WasmPlugin",
+        plural: "wasmplugins",
+    },
 ];
 
 const fn istio(kind: &'static str, plural: &'static str) -> MeshKind {

@@ -41,6 +41,7 @@ fn kind_of(api_version: &str, kind: &str) -> Option<&'static str> {
         ("isthmus.io/v1alpha1", "LocalRateLimit") => Some("LocalRateLimit"),
         ("isthmus.io/v1alpha1", "GlobalRateLimit") => Some("GlobalRateLimit"),
         ("isthmus.io/v1alpha1", "HealthCheck") => Some("HealthCheck"),
+        ("extensions.istio.io/v1alpha1", "WasmPlugin") => Some("WasmPlugin"),
         ("telemetry.istio.io/v1" | "telemetry.istio.io/v1alpha1", "Telemetry") => Some("Telemetry"),
         (
             "networking.istio.io/v1"
@@ -158,7 +159,7 @@ fn parse_document(
         return Err(ConfigError {
             code: Code::UnknownKind,
             field: "kind".into(),
-            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, Sidecar, ServiceEntry, security.istio.io/v1 PeerAuthentication, AuthorizationPolicy, RequestAuthentication, telemetry.istio.io/v1 Telemetry, multicluster.x-k8s.io/v1alpha1/ServiceExport, isthmus.io/v1alpha1/LocalRateLimit, GlobalRateLimit, HealthCheck"),
+            message: format!("{kind} ({api_version}) is not a kind Isthmus reads; supported: v1/Service, networking.istio.io/v1 WorkloadEntry, VirtualService, DestinationRule, Sidecar, ServiceEntry, security.istio.io/v1 PeerAuthentication, AuthorizationPolicy, RequestAuthentication, telemetry.istio.io/v1 Telemetry, extensions.istio.io/v1alpha1 WasmPlugin, multicluster.x-k8s.io/v1alpha1/ServiceExport, isthmus.io/v1alpha1/LocalRateLimit, GlobalRateLimit, HealthCheck"),
             ..err
         });
     };
@@ -210,6 +211,8 @@ fn parse_document(
         "HealthCheck" => {
             decode::<super::kinds::HealthCheckSpec>(spec, "spec").map(DocumentBody::HealthCheck)
         }
+        "WasmPlugin" => decode::<super::wasm_plugin::WasmPluginSpec>(spec, "spec")
+            .map(|s| DocumentBody::WasmPlugin(Box::new(s))),
         "DestinationRule" => decode::<DestinationRuleSpec>(spec, "spec")
             .map(|s| DocumentBody::DestinationRule(Box::new(s))),
         "Sidecar" => decode::<super::sidecar::SidecarSpec>(spec, "spec")

@@ -31,6 +31,7 @@ pub enum DocumentBody {
     LocalRateLimit(LocalRateLimitSpec),
     GlobalRateLimit(super::kinds::GlobalRateLimitSpec),
     HealthCheck(super::kinds::HealthCheckSpec),
+    WasmPlugin(Box<super::wasm_plugin::WasmPluginSpec>),
     Sidecar(Box<super::sidecar::SidecarSpec>),
     ServiceEntry(Box<super::istio::ServiceEntrySpec>),
     PeerAuthentication(Box<super::security::PeerAuthenticationSpec>),
@@ -71,6 +72,7 @@ impl DocumentBody {
             DocumentBody::LocalRateLimit(_) => "LocalRateLimit",
             DocumentBody::GlobalRateLimit(_) => "GlobalRateLimit",
             DocumentBody::HealthCheck(_) => "HealthCheck",
+            DocumentBody::WasmPlugin(_) => "WasmPlugin",
             DocumentBody::Sidecar(_) => "Sidecar",
             DocumentBody::ServiceEntry(_) => "ServiceEntry",
             DocumentBody::PeerAuthentication(_) => "PeerAuthentication",
@@ -582,6 +584,13 @@ pub fn build_on(platform: &super::Platform, docs: Vec<Document>) -> Admission {
                 let t = super::telemetry::telemetry(&mut c, &key, spec);
                 if !c.rejected_since(mark) {
                     set.telemetries.insert(key, t);
+                }
+            }
+            DocumentBody::WasmPlugin(spec) => {
+                let mark = c.mark();
+                let p = super::wasm_plugin::wasm_plugin(&mut c, &key, spec);
+                if !c.rejected_since(mark) {
+                    set.wasm_plugins.insert(key, p);
                 }
             }
             DocumentBody::MeshConfig(spec) => {
