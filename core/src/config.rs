@@ -16,8 +16,8 @@ pub mod mesh;
 pub mod security;
 pub mod sidecar;
 pub mod telemetry;
-pub mod wasm_plugin;
 mod validate;
+pub mod wasm_plugin;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -67,6 +67,10 @@ pub enum ProxyError {
     /// takes (without `allowPartialMessage`).
     #[error("the request body is larger than the {0} bytes external authorization takes")]
     PayloadTooLarge(usize),
+    /// A WasmPlugin with `failStrategy: FAIL_CLOSE` could not be loaded or trapped; what
+    /// went wrong is in the sidecar's log and config dump, not told to the caller.
+    #[error("WasmPlugin {0} failed")]
+    PluginFailed(String),
 }
 
 impl ProxyError {
@@ -93,6 +97,7 @@ impl ProxyError {
             ProxyError::Forbidden => "rbac-denied",
             ProxyError::Unauthenticated(_) => "jwt-refused",
             ProxyError::PayloadTooLarge(_) => "payload-too-large",
+            ProxyError::PluginFailed(_) => "wasm-plugin-failed",
         }
     }
 
@@ -137,6 +142,7 @@ impl ProxyError {
             ProxyError::Forbidden => StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::PluginFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

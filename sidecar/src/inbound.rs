@@ -24,6 +24,7 @@ use crate::metrics::{DestinationService, Metrics, Reporter, Series};
 use crate::peer::{Workload, Workloads};
 use crate::pool::ProxyBody;
 use crate::telemetry::{CountedBody, Exchange, Meter, RequestBytes};
+use crate::wasm::Stage;
 use isthmus_core::headers::{PEER_MAX_HEADER_LIST, PEER_MAX_PENDING_RESETS};
 use opentelemetry::trace::SpanKind;
 
@@ -565,12 +566,18 @@ async fn forward(
     // there is nothing to do, and keeps what the app sees independent of the caller.
     let invalid =
         |e: &dyn std::fmt::Display| ProxyError::InvalidRequest(format!("path `{path}`: {e}"));
-    let path_and_query =
+    let mut path_and_query =
         match isthmus_core::path::normalize_target(path, ctx.limits.path_normalization) {
             Ok(None) => received.clone(),
             Ok(Some(normalized)) => PathAndQuery::try_from(normalized).map_err(|e| invalid(&e))?,
             Err(e) => return Err(invalid(&e)),
         };
+    // WasmPlugins, when the workload has any: AUTHN ones now, before the token is checked.
+    let chain = ctx.outbound.plugins.chain();
+    let mut plugins = Plugins::new(&chain, ctx, caller, &parts, &path_and_query, app.port());
+    if let Some(answer) = plugins.stage(Stage::Authn, &mut parts, &mut path_and_query)? {
+        return Ok(answer);
+    }
     // A token is checked first (an invalid one is refused, 401), then the policies judge
     // the path the app will see.
     let auth = if state.inbound.has_jwt() {
@@ -581,6 +588,9 @@ async fn forward(
     } else {
         None
     };
+    if let Some(answer) = plugins.stage(Stage::Authz, &mut parts, &mut path_and_query)? {
+        return Ok(answer);
+    }
     let mut body = crate::body::boxed(CountedBody::new(body, &counted));
     let mut allowed = Vec::new();
     // The path as lax apps read it, for DENY rules: made once for every policy below.
@@ -646,6 +656,9 @@ async fn forward(
             &caller.attributes(app.port(), Some(http), auth.as_ref()),
         )?;
     }
+    if let Some(answer) = plugins.stage(Stage::Last, &mut parts, &mut path_and_query)? {
+        return Ok(answer);
+    }
     parts.uri = crate::outbound::http_uri(app_authority.clone(), path_and_query)
         .map_err(|e| ProxyError::AppUnavailable(e.to_string()))?;
     let sent = if h2 {
@@ -688,8 +701,136 @@ async fn forward(
             rparts.headers.append(name.clone(), value.clone());
         }
     }
+    if let Some(answer) = plugins.response(&mut rparts)? {
+        return Ok(answer);
+    }
     let rbody = crate::body::Watched::new(rbody, ctx.limits.stream_idle_timeout);
     Ok(Response::from_parts(rparts, crate::body::boxed(rbody)))
+}
+
+/// The WasmPlugins one inbound request runs through (nothing at all when the workload has
+/// none): the request's properties are made once, when the first plugin runs.
+struct Plugins<'a> {
+    chain: &'a crate::wasm::Chain,
+    run: crate::wasm::Run,
+    properties: Option<crate::wasm::PropertyMap>,
+    port: u16,
+    make: Option<Box<dyn FnOnce() -> crate::wasm::PropertyMap + Send + 'a>>,
+}
+
+impl<'a> Plugins<'a> {
+    fn new(
+        chain: &'a crate::wasm::Chain,
+        ctx: &'a InboundCtx,
+        caller: &'a Caller,
+        parts: &http::request::Parts,
+        path: &PathAndQuery,
+        port: u16,
+    ) -> Self {
+        let make = (!chain.is_empty()).then(|| {
+            let method = parts.method.to_string();
+            let host = parts
+                .uri
+                .authority()
+                .map(|a| a.as_str().to_owned())
+                .or_else(|| {
+                    parts
+                        .headers
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default();
+            let id = parts
+                .headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let protocol = format!("{:?}", parts.version);
+            let (path, url_path) = (path.as_str().to_owned(), path.path().to_owned());
+            Box::new(move || {
+                let peer = caller
+                    .id
+                    .as_ref()
+                    .map(|i| i.to_string())
+                    .unwrap_or_default();
+                let own = ctx.identity.id().to_string();
+                let mut p = crate::wasm::Properties::new()
+                    .string("request.path", &path)
+                    .string("request.url_path", &url_path)
+                    .string("request.host", &host)
+                    .string("request.method", &method)
+                    .string("request.scheme", "http")
+                    .string("request.protocol", &protocol)
+                    .string("request.id", &id)
+                    .string("source.address", &caller.remote.to_string())
+                    .int("source.port", i64::from(caller.remote.port()))
+                    .string("source.principal", &peer)
+                    .string("connection.uri_san_peer_certificate", &peer)
+                    .bool("connection.mtls", caller.id.is_some())
+                    .string("destination.principal", &own)
+                    .string("connection.uri_san_local_certificate", &own)
+                    .int("listener_direction", 1);
+                if let Some(local) = caller.local {
+                    p = p
+                        .string("destination.address", &local.to_string())
+                        .int("destination.port", i64::from(local.port()));
+                }
+                p.done()
+            }) as Box<dyn FnOnce() -> _ + Send + 'a>
+        });
+        Self {
+            chain,
+            run: crate::wasm::Run::default(),
+            properties: None,
+            port,
+            make,
+        }
+    }
+
+    /// Runs the plugins of `stage` over the request; `Some`: a plugin answered it.
+    fn stage(
+        &mut self,
+        stage: crate::wasm::Stage,
+        parts: &mut http::request::Parts,
+        path: &mut PathAndQuery,
+    ) -> Result<Option<Response<ProxyBody>>, ProxyError> {
+        if self.chain.is_empty() {
+            return Ok(None);
+        }
+        let properties = match (&self.properties, self.make.take()) {
+            (Some(p), _) => p.clone(),
+            (None, Some(make)) => self.properties.insert(make()).clone(),
+            (None, None) => return Ok(None),
+        };
+        // Plugins see (and may change) the path the app will see.
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.path_and_query = Some(path.clone());
+        parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
+        let flow = crate::wasm::Flow {
+            chain: self.chain,
+            side: crate::wasm::Side::Server,
+            port: self.port,
+            properties: &properties,
+        };
+        let answer = crate::wasm::on_request(&flow, stage, parts, false, &mut self.run)?;
+        if let Some(p) = parts.uri.path_and_query() {
+            *path = p.clone();
+        }
+        Ok(answer)
+    }
+
+    /// Runs the response callbacks of the plugins that saw the request.
+    fn response(
+        &mut self,
+        parts: &mut http::response::Parts,
+    ) -> Result<Option<Response<ProxyBody>>, ProxyError> {
+        if self.run.is_empty() {
+            return Ok(None);
+        }
+        crate::wasm::on_response(&mut self.run, parts, false)
+    }
 }
 
 /// Asks the providers of `checks` in turn: what the allowing ones ask to change, and the

@@ -39,6 +39,7 @@ mod store;
 mod telemetry;
 mod telemetry_policy;
 mod upgrade;
+mod wasm;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -164,6 +165,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     isthmus_core::admin::register_build(&mut registry, "proxy");
     let metrics = Arc::new(metrics::Metrics::default());
     metrics.register(&mut registry);
+    let plugins = wasm::Plugins::new(&config.workload, &config.cluster, &mut registry)?;
     let health = Arc::new(lb::HealthTable::default());
     let certificate: Arc<std::sync::OnceLock<isthmus_core::tls::TlsIdentity>> = Arc::default();
     let own = store::Own {
@@ -181,8 +183,17 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         registry: Arc::new(registry),
         readiness: readiness.clone(),
         dump: {
-            let (store, cfg, cert) = (store.clone(), config.clone(), certificate.clone());
-            Arc::new(move || dump(&cfg, &store.current(), cert.get()))
+            let (store, cfg, cert, plugins) = (
+                store.clone(),
+                config.clone(),
+                certificate.clone(),
+                plugins.clone(),
+            );
+            Arc::new(move || {
+                let mut d = dump(&cfg, &store.current(), cert.get());
+                d["wasm_plugins"] = plugins.dump();
+                d
+            })
         },
         logging: config.log_control.clone(),
         explain: Some({
@@ -233,6 +244,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         &metrics.access_log_dropped,
     )?);
     let telemetry = Arc::new(telemetry::Telemetry::new(metrics.clone(), flags.clone()));
+    running.spawn(plugins.clone().follow(store.subscribe()));
     running.spawn(telemetry_policy::follow(
         store.subscribe(),
         telemetry.clone(),
@@ -316,6 +328,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             telemetry: telemetry.clone(),
             drain: drain.clone(),
             limits: cfg.limits.clone(),
+            plugins: plugins.clone(),
         });
         tasks.spawn(outbound::Outbound::new(outbound, out_ctx.clone(), drain.clone()).run());
         let in_ctx = Arc::new(inbound::InboundCtx::new(

@@ -30,6 +30,7 @@ use crate::routing_table::{apply_header_op, pick_weighted, rewrite_path, sampled
 use crate::state::MeshState;
 use crate::telemetry::{Answered, CountedBody, Exchange, Meter, RequestBytes};
 use crate::upgrade::Upgrade;
+use crate::wasm::Stage;
 use opentelemetry::trace::SpanKind;
 
 /// What every outbound request needs.
@@ -43,6 +44,8 @@ pub struct OutboundCtx {
     /// Spawns the splices of upgraded connections.
     pub drain: isthmus_core::drain::Drain,
     pub limits: Limits,
+    /// The workload's WasmPlugins (CLIENT ones run here, SERVER ones inbound).
+    pub plugins: Arc<crate::wasm::Plugins>,
 }
 
 pub struct Outbound {
@@ -568,6 +571,44 @@ async fn route(
     let (mut parts, body) = req.into_parts();
     headers::strip_untrusted(&mut parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
+    // WasmPlugins of the app's own requests (CLIENT), all phases in order: outbound there
+    // is no authentication or authorization to place them around. They see the request
+    // before routing, as Envoy's filters before its router.
+    let chain = ctx.plugins.chain();
+    let mut plugins = crate::wasm::Run::default();
+    if !chain.is_empty() {
+        let named = || svc.named();
+        let properties = crate::wasm::Properties::new()
+            .string(
+                "request.path",
+                parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+            )
+            .string("request.url_path", parts.uri.path())
+            .string("request.host", &host)
+            .string("request.method", parts.method.as_str())
+            .string("request.scheme", "http")
+            .string("request.protocol", &format!("{:?}", parts.version))
+            .string("source.principal", &state.own.principal)
+            .string(
+                "cluster_name",
+                &format!("outbound|{}||{}", port.port, svc.host),
+            )
+            .int("listener_direction", 2)
+            .done();
+        let flow = crate::wasm::Flow {
+            chain: &chain,
+            side: crate::wasm::Side::Client,
+            port: port.port,
+            properties: &properties,
+        };
+        for stage in [Stage::Authn, Stage::Authz, Stage::Last] {
+            let answer = crate::wasm::on_request(&flow, stage, &mut parts, false, &mut plugins)
+                .map_err(|e| (e, named()))?;
+            if let Some(answer) = answer {
+                return Ok((answer, named(), unknown()));
+            }
+        }
+    }
     parts.headers.remove(http::header::HOST);
     // The path as received (already normalized by `admit`); a rewrite makes a new one.
     let original_path = parts
@@ -790,6 +831,15 @@ async fn route(
         None => sent.await,
     };
     let (mut resp, cluster) = result.map_err(|e| (e, service.clone()))?;
+    if !plugins.is_empty() {
+        let (mut rparts, rbody) = resp.into_parts();
+        let answer = crate::wasm::on_response(&mut plugins, &mut rparts, false)
+            .map_err(|e| (e, service.clone()))?;
+        resp = match answer {
+            Some(answer) => answer,
+            None => Response::from_parts(rparts, rbody),
+        };
+    }
     if let Some(op) = &response_headers {
         apply_header_op(resp.headers_mut(), op);
     }

@@ -224,6 +224,9 @@ pub struct MeshState {
     /// What Telemetry resources and the mesh config say of this workload's telemetry;
     /// `None`: the sidecar's flags decide.
     pub telemetry: Option<Arc<isthmus_proto::discovery::TelemetryPolicy>>,
+    /// The WasmPlugins that apply to this workload, in the order they run (loaded by
+    /// `wasm::Plugins`).
+    pub wasm_plugins: Arc<Vec<isthmus_proto::discovery::WasmPlugin>>,
 }
 
 impl MeshState {

@@ -110,6 +110,7 @@ impl XdsHandler for Store {
                         allow_any,
                         inbound,
                         telemetry,
+                        wasm_plugins,
                     } = old;
                     let mut next = MeshState {
                         services,
@@ -123,6 +124,7 @@ impl XdsHandler for Store {
                         allow_any: *allow_any,
                         inbound: inbound.clone(),
                         telemetry: telemetry.clone(),
+                        wasm_plugins: wasm_plugins.clone(),
                     };
                     next.index(&self.own_namespace);
                     next.attach_health(&self.health);
@@ -148,21 +150,24 @@ impl XdsHandler for Store {
                         .map(|w| {
                             let inbound = InboundPolicy::compile(&w.inbound.unwrap_or_default());
                             let telemetry = w.telemetry.map(Arc::new);
-                            (w.labels, w.allow_any, inbound, w.owner, telemetry)
+                            let wasm = Arc::new(w.wasm_plugins);
+                            (w.labels, w.allow_any, inbound, w.owner, telemetry, wasm)
                         })
                         .map_err(|e| format!("cannot decode: {e}"))
                 });
-                let (labels, allow_any, inbound, owner, telemetry) = match workloads.pop() {
-                    Some(own) => own,
-                    None if !removed.is_empty() => (
-                        BTreeMap::new(),
-                        false,
-                        InboundPolicy::default(),
-                        String::new(),
-                        None,
-                    ),
-                    None => return rejected,
-                };
+                let (labels, allow_any, inbound, owner, telemetry, wasm_plugins) =
+                    match workloads.pop() {
+                        Some(own) => own,
+                        None if !removed.is_empty() => (
+                            BTreeMap::new(),
+                            false,
+                            InboundPolicy::default(),
+                            String::new(),
+                            None,
+                            Arc::default(),
+                        ),
+                        None => return rejected,
+                    };
                 let own = self.own.describe(&labels, &owner);
                 self.update(|old| MeshState {
                     own_labels: Arc::new(labels),
@@ -170,6 +175,7 @@ impl XdsHandler for Store {
                     allow_any,
                     inbound: Arc::new(inbound),
                     telemetry,
+                    wasm_plugins,
                     ..old.clone()
                 });
                 rejected

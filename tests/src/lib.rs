@@ -11,6 +11,7 @@ pub mod apiserver;
 mod federation_replicas;
 mod on_kubernetes;
 pub mod otlp;
+pub mod plugins;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

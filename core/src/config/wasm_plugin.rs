@@ -36,7 +36,10 @@ pub struct WasmPluginSpec {
     pub image_pull_secret: Option<String>,
     pub verification_key: Option<String>,
     /// Handed to the plugin as its configuration (JSON).
-    #[cfg_attr(feature = "schema", schemars(with = "Option<BTreeMap<String, serde_json::Value>>"))]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "Option<BTreeMap<String, serde_json::Value>>")
+    )]
     pub plugin_config: Option<serde_json::Value>,
     /// The root id the module's plugin is registered under.
     pub plugin_name: Option<String>,
@@ -132,7 +135,10 @@ pub(super) fn wasm_plugin(
         c.fail(
             Code::InvalidValue,
             "spec.sha256",
-            format!("`{}` is not a SHA-256 in lowercase hex (64 digits)", spec.sha256),
+            format!(
+                "`{}` is not a SHA-256 in lowercase hex (64 digits)",
+                spec.sha256
+            ),
         );
     }
     let pull_always = match spec.image_pull_policy.as_deref() {
@@ -243,12 +249,7 @@ pub(super) fn wasm_plugin(
         });
     }
     let mut env = BTreeMap::new();
-    for (i, e) in spec
-        .vm_config
-        .iter()
-        .flat_map(|v| v.env.iter())
-        .enumerate()
-    {
+    for (i, e) in spec.vm_config.iter().flat_map(|v| v.env.iter()).enumerate() {
         let field = format!("spec.vmConfig.env[{i}]");
         let value = match e.value_from.as_deref() {
             None | Some("INLINE") => Some(e.value.clone()),
@@ -264,7 +265,11 @@ pub(super) fn wasm_plugin(
             }
         };
         if e.name.is_empty() {
-            c.fail(Code::Missing, format!("{field}.name"), "a variable needs a name");
+            c.fail(
+                Code::Missing,
+                format!("{field}.name"),
+                "a variable needs a name",
+            );
         } else if let Some(v) = value {
             env.insert(e.name.clone(), v);
         }
@@ -301,7 +306,8 @@ fn check_url(c: &mut Checker<'_>, url: &str) {
     } else if url.starts_with("oci://") {
         Some(format!("`{url}`: OCI images cannot be fetched by Isthmus; give a file path, file://, http:// or https:// URL of the .wasm module"))
     } else if let Some(path) = url.strip_prefix("file://") {
-        (!path.starts_with('/')).then(|| format!("`{url}`: a file:// URL names an absolute path (file:///...)"))
+        (!path.starts_with('/'))
+            .then(|| format!("`{url}`: a file:// URL names an absolute path (file:///...)"))
     } else if url.starts_with("http://") || url.starts_with("https://") {
         url.parse::<http::Uri>()
             .err()
@@ -396,7 +402,12 @@ mod tests {
         );
         assert_eq!(
             names(plugins_for(&set, "demo", &BTreeMap::new(), &[])),
-            ["istio-system/mesh", "demo/authz-low", "demo/stats", "demo/late"],
+            [
+                "istio-system/mesh",
+                "demo/authz-low",
+                "demo/stats",
+                "demo/late"
+            ],
             "a selector picks by label"
         );
         let mesh = &plugins_for(&set, "shop", &BTreeMap::new(), &[])[0];
@@ -414,7 +425,12 @@ mod tests {
         ))
         .expect("valid");
         let reviews = NamespacedName::new("demo", "reviews");
-        let picked = plugins_for(&set, "demo", &BTreeMap::new(), std::slice::from_ref(&reviews));
+        let picked = plugins_for(
+            &set,
+            "demo",
+            &BTreeMap::new(),
+            std::slice::from_ref(&reviews),
+        );
         assert_eq!(picked.len(), 1);
         assert_eq!(
             picked[0].r#match,
@@ -435,7 +451,10 @@ mod tests {
         assert_eq!(field("  phase: AUTHN\n"), "spec.url");
         assert_eq!(field("  url: /p.wasm\n  sha256: ABC\n"), "spec.sha256");
         assert_eq!(field("  url: /p.wasm\n  phase: LATE\n"), "spec.phase");
-        assert_eq!(field("  url: /p.wasm\n  failStrategy: RETRY\n"), "spec.failStrategy");
+        assert_eq!(
+            field("  url: /p.wasm\n  failStrategy: RETRY\n"),
+            "spec.failStrategy"
+        );
         assert_eq!(field("  url: /p.wasm\n  type: NETWORK\n"), "spec.type");
         assert_eq!(
             field("  url: /p.wasm\n  match: [{mode: INBOUND}]\n"),
@@ -445,8 +464,14 @@ mod tests {
             field("  url: /p.wasm\n  match: [{ports: [{number: 70000}]}]\n"),
             "spec.match[0].ports[0].number"
         );
-        assert_eq!(field("  url: /p.wasm\n  priority: 3000000000\n"), "spec.priority");
-        assert_eq!(field("  url: /p.wasm\n  imagePullPolicy: Never\n"), "spec.imagePullPolicy");
+        assert_eq!(
+            field("  url: /p.wasm\n  priority: 3000000000\n"),
+            "spec.priority"
+        );
+        assert_eq!(
+            field("  url: /p.wasm\n  imagePullPolicy: Never\n"),
+            "spec.imagePullPolicy"
+        );
         assert_eq!(field("  url: /p.wasm\n  urll: x\n"), "spec.urll");
     }
 }

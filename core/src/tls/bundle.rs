@@ -15,7 +15,12 @@ pub const MAX_ROOTS: usize = 8;
 /// The SHA-256 of a certificate's DER, in lowercase hex: how roots and CAs are named in
 /// reports, dumps and the rotation's progress.
 pub fn fingerprint(der: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    sha256_hex(der)
+}
+
+/// The SHA-256 of `bytes`, in lowercase hex (as `sha256sum` prints it).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 

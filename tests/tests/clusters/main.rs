@@ -23,3 +23,4 @@ mod scoping;
 mod security;
 mod service_entry;
 mod telemetry;
+mod wasm;

@@ -1,0 +1,554 @@
+//! WebAssembly plugins: Istio's `WasmPlugin`, run by the sidecar through the proxy-wasm ABI
+//! (the 0.2.x spec Envoy and the SDKs target) on the wasmi interpreter.
+//!
+//! The controller pushes, in the workload's own resource, the plugins that apply to it in
+//! the order they run. The sidecar loads each module (a file, or fetched over HTTP(S),
+//! checked against its `sha256` and kept in memory by URL and digest), validates it and
+//! makes a first instance with the plugin's configuration; a plugin that cannot be loaded
+//! stays in the chain as failed, and its fail strategy decides for every request it would
+//! have seen. A new chain replaces the old one for new requests only: requests in flight
+//! finish with the instances they hold, and no connection is touched. Plugins whose spec did
+//! not change keep their loaded module across pushes.
+//!
+//! On a request, the plugins of its direction (SERVER for requests to the app, CLIENT for
+//! the app's own) and port run in three places around the built-in filters, as Istio
+//! places phases: AUTHN before JWT authentication, AUTHZ before authorization, STATS and
+//! unspecified last, right before the request is sent. Response callbacks run in reverse.
+
+mod abi;
+mod shared;
+mod vm;
+mod wasi;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use isthmus_proto::discovery::WasmPlugin;
+use tokio::sync::watch;
+
+pub use abi::HttpState;
+use shared::PluginShared;
+use vm::{PluginFault, Runtime, Session, Verdict};
+
+use crate::errors::ProxyError;
+use crate::pool::ProxyBody;
+use crate::state::MeshState;
+
+/// Largest module fetched or read.
+const MAX_MODULE: usize = 32 << 20;
+/// Time to fetch a module over HTTP(S).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which way a request goes, as a WasmPlugin's `match.mode` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The app's own requests (outbound).
+    Client,
+    /// Requests to the app (inbound).
+    Server,
+}
+
+/// Where in the filters a plugin runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Before JWT authentication (`AUTHN`).
+    Authn,
+    /// Before authorization (`AUTHZ`).
+    Authz,
+    /// After authorization, right before the request is sent (`STATS`, unspecified).
+    Last,
+}
+
+impl Stage {
+    fn of(phase: &str) -> Self {
+        match phase {
+            "AUTHN" => Stage::Authn,
+            "AUTHZ" => Stage::Authz,
+            _ => Stage::Last,
+        }
+    }
+}
+
+/// One plugin of the chain: its spec, and its module or why it could not be loaded.
+#[derive(Debug)]
+pub struct Plugin {
+    pub spec: WasmPlugin,
+    runtime: Result<Arc<Runtime>, PluginFault>,
+    stage: Stage,
+}
+
+impl Plugin {
+    fn applies(&self, side: Side, port: u16) -> bool {
+        self.spec.r#match.is_empty()
+            || self.spec.r#match.iter().any(|m| {
+                let mode = match side {
+                    Side::Client => m.client,
+                    Side::Server => m.server,
+                };
+                mode && (m.ports.is_empty() || m.ports.contains(&u32::from(port)))
+            })
+    }
+}
+
+/// The plugins that apply to this workload, in the order they run.
+#[derive(Debug, Default)]
+pub struct Chain {
+    plugins: Vec<Arc<Plugin>>,
+}
+
+impl Chain {
+    pub fn is_empty(&self) -> bool {
+        self.plugins.is_empty()
+    }
+}
+
+/// The sidecar's plugins: the chain requests read, kept to what the controller pushes.
+pub struct Plugins {
+    chain: RwLock<Arc<Chain>>,
+    registry: Arc<shared::Registry>,
+    /// Plugin-level properties of this proxy (`node.*`).
+    node: BTreeMap<String, Vec<u8>>,
+    fetcher: isthmus_core::fetch::Getter,
+    /// Fetched modules by URL and digest (`IfNotPresent`).
+    fetched: Mutex<HashMap<(String, String), Bytes>>,
+}
+
+impl std::fmt::Debug for Plugins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugins").finish_non_exhaustive()
+    }
+}
+
+fn string(s: &str) -> Vec<u8> {
+    s.as_bytes().to_vec()
+}
+
+impl Plugins {
+    /// `node` properties describe this proxy; the plugins' metrics go to `registry`.
+    pub fn new(
+        workload: &isthmus_core::config::NamespacedName,
+        cluster: &str,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> anyhow::Result<Arc<Self>> {
+        let plugins_registry = Arc::new(shared::Registry::default());
+        registry.register_collector(Box::new(plugins_registry.clone()));
+        let node = BTreeMap::from([
+            (
+                "node.id".to_owned(),
+                string(&format!("sidecar~{}.{}", workload.name, workload.namespace)),
+            ),
+            ("node.metadata.NAME".to_owned(), string(&workload.name)),
+            (
+                "node.metadata.NAMESPACE".to_owned(),
+                string(&workload.namespace),
+            ),
+            (
+                "node.metadata.WORKLOAD_NAME".to_owned(),
+                string(&workload.name),
+            ),
+            ("node.metadata.CLUSTER_ID".to_owned(), string(cluster)),
+        ]);
+        Ok(Arc::new(Self {
+            chain: RwLock::default(),
+            registry: plugins_registry,
+            node,
+            fetcher: isthmus_core::fetch::Getter::new(None)?,
+            fetched: Mutex::default(),
+        }))
+    }
+
+    /// The chain new requests use.
+    pub fn chain(&self) -> Arc<Chain> {
+        self.chain.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Loads the plugins the pushed config names as it changes.
+    pub async fn follow(self: Arc<Self>, mut state: watch::Receiver<Arc<MeshState>>) {
+        let mut last: Vec<WasmPlugin> = Vec::new();
+        loop {
+            let specs = state.borrow_and_update().wasm_plugins.clone();
+            if *specs != last {
+                self.load(&specs).await;
+                last = specs.to_vec();
+            }
+            if state.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn load(&self, specs: &[WasmPlugin]) {
+        let current = self.chain();
+        let mut plugins = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let kept = current
+                .plugins
+                .iter()
+                .find(|p| p.spec == *spec && p.runtime.is_ok() && !spec.pull_always);
+            if let Some(p) = kept {
+                plugins.push(p.clone());
+                continue;
+            }
+            let runtime = self.runtime(spec).await;
+            match &runtime {
+                Ok(_) => tracing::info!(plugin = %spec.name, url = %spec.url, "WasmPlugin loaded"),
+                Err(e) => {
+                    tracing::warn!(plugin = %spec.name, url = %spec.url, error = %e, fail_open = spec.fail_open, "WasmPlugin cannot be loaded")
+                }
+            }
+            plugins.push(Arc::new(Plugin {
+                stage: Stage::of(&spec.phase),
+                spec: spec.clone(),
+                runtime,
+            }));
+        }
+        *self.chain.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Chain { plugins });
+    }
+
+    async fn runtime(&self, spec: &WasmPlugin) -> Result<Arc<Runtime>, PluginFault> {
+        let bytes = self.module(spec).await?;
+        if !spec.sha256.is_empty() {
+            let digest = isthmus_core::tls::bundle::sha256_hex(&bytes);
+            if digest != spec.sha256 {
+                return Err(PluginFault(format!(
+                    "the module at {} has SHA-256 {digest}, not the {} its WasmPlugin names",
+                    spec.url, spec.sha256
+                )));
+            }
+        }
+        let mut properties = self.node.clone();
+        properties.insert("plugin_name".into(), string(&spec.name));
+        properties.insert("plugin_root_id".into(), string(&spec.plugin_name));
+        properties.insert("plugin_vm_id".into(), Vec::new());
+        let shared = Arc::new(PluginShared {
+            name: spec.name.clone(),
+            config: spec.plugin_config.as_bytes().to_vec(),
+            properties,
+            env: spec.env.clone(),
+            shared: self.registry.of(&spec.name),
+            tick_ms: Default::default(),
+        });
+        tokio::task::spawn_blocking(move || Runtime::load(&bytes, shared))
+            .await
+            .map_err(|e| PluginFault(format!("loading stopped: {e}")))?
+    }
+
+    async fn module(&self, spec: &WasmPlugin) -> Result<Bytes, PluginFault> {
+        let url = spec.url.as_str();
+        if let Some(path) = url
+            .strip_prefix("file://")
+            .or(url.starts_with('/').then_some(url))
+        {
+            let bytes = tokio::fs::read(path)
+                .await
+                .map_err(|e| PluginFault(format!("reading {path}: {e}")))?;
+            if bytes.len() > MAX_MODULE {
+                return Err(PluginFault(format!(
+                    "{path} is larger than {MAX_MODULE} bytes"
+                )));
+            }
+            return Ok(bytes.into());
+        }
+        let key = (spec.url.clone(), spec.sha256.clone());
+        if !spec.pull_always {
+            if let Some(b) = self
+                .fetched
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key)
+            {
+                return Ok(b.clone());
+            }
+        }
+        let bytes = self
+            .fetcher
+            .get(url, FETCH_TIMEOUT, MAX_MODULE)
+            .await
+            .map_err(|e| PluginFault(e.to_string()))?;
+        // Only a module that matches its digest is kept (checked by the caller first).
+        if spec.sha256.is_empty() || isthmus_core::tls::bundle::sha256_hex(&bytes) == spec.sha256 {
+            self.fetched
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, bytes.clone());
+        }
+        Ok(bytes)
+    }
+
+    /// The chain as `/config_dump` shows it.
+    pub fn dump(&self) -> serde_json::Value {
+        let chain = self.chain();
+        serde_json::Value::Array(
+            chain
+                .plugins
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "name": p.spec.name,
+                        "url": p.spec.url,
+                        "phase": if p.spec.phase.is_empty() { "UNSPECIFIED_PHASE" } else { &p.spec.phase },
+                        "priority": p.spec.priority,
+                        "fail_strategy": if p.spec.fail_open { "FAIL_OPEN" } else { "FAIL_CLOSE" },
+                        "loaded": p.runtime.is_ok(),
+                        "error": p.runtime.as_ref().err().map(|e| e.0.clone()),
+                    })
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The plugins one request runs through, and their sessions, for its response.
+#[derive(Default)]
+pub struct Run {
+    sessions: Vec<(Arc<Plugin>, Session)>,
+}
+
+impl Run {
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+}
+
+/// The request as plugins see it: pseudo-headers first, then the headers.
+pub fn request_pairs(parts: &http::request::Parts, scheme: &str) -> abi::Pairs {
+    let mut pairs = vec![
+        (":method".to_owned(), string(parts.method.as_str())),
+        (
+            ":path".to_owned(),
+            string(parts.uri.path_and_query().map_or("/", |p| p.as_str())),
+        ),
+        (
+            ":authority".to_owned(),
+            string(
+                parts
+                    .uri
+                    .authority()
+                    .map(|a| a.as_str())
+                    .or_else(|| {
+                        parts
+                            .headers
+                            .get(http::header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                    })
+                    .unwrap_or(""),
+            ),
+        ),
+        (":scheme".to_owned(), string(scheme)),
+    ];
+    pairs.extend(
+        parts
+            .headers
+            .iter()
+            .filter(|(k, _)| *k != http::header::HOST)
+            .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec())),
+    );
+    pairs
+}
+
+/// Writes what plugins made of the request back: method, path and headers.
+fn apply_request(pairs: &abi::Pairs, parts: &mut http::request::Parts) -> Result<(), ProxyError> {
+    let bad = |what: String| ProxyError::InvalidRequest(format!("a WasmPlugin set {what}"));
+    let mut headers = HeaderMap::new();
+    for (k, v) in pairs {
+        match k.as_str() {
+            ":method" => {
+                parts.method =
+                    http::Method::from_bytes(v).map_err(|_| bad("an invalid :method".into()))?;
+            }
+            ":path" => {
+                let pq = http::uri::PathAndQuery::try_from(v.as_slice())
+                    .map_err(|_| bad("an invalid :path".into()))?;
+                let mut uri = std::mem::take(&mut parts.uri).into_parts();
+                uri.path_and_query = Some(pq);
+                parts.uri =
+                    http::Uri::from_parts(uri).map_err(|_| bad("an invalid :path".into()))?;
+            }
+            k if k.starts_with(':') => {}
+            k => {
+                let name = HeaderName::from_bytes(k.as_bytes())
+                    .map_err(|_| bad(format!("the invalid header name `{k}`")))?;
+                let value = HeaderValue::from_bytes(v)
+                    .map_err(|_| bad(format!("an invalid value of `{k}`")))?;
+                headers.append(name, value);
+            }
+        }
+    }
+    if let Some(host) = parts.headers.get(http::header::HOST).cloned() {
+        headers.insert(http::header::HOST, host);
+    }
+    parts.headers = headers;
+    Ok(())
+}
+
+fn response_pairs(parts: &http::response::Parts) -> abi::Pairs {
+    let mut pairs = vec![(":status".to_owned(), string(parts.status.as_str()))];
+    pairs.extend(
+        parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec())),
+    );
+    pairs
+}
+
+fn apply_response(pairs: &abi::Pairs, parts: &mut http::response::Parts) {
+    let mut headers = HeaderMap::new();
+    for (k, v) in pairs {
+        if k == ":status" {
+            if let Some(s) = std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<u16>().ok())
+            {
+                parts.status = StatusCode::from_u16(s).unwrap_or(parts.status);
+            }
+            continue;
+        }
+        // A header a plugin cannot express is dropped rather than failing the response.
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_bytes(v),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    parts.headers = headers;
+}
+
+fn local_reply(reply: abi::LocalReply) -> Response<ProxyBody> {
+    let mut resp = Response::new(crate::body::boxed(http_body_util::Full::new(Bytes::from(
+        reply.body,
+    ))));
+    *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::FORBIDDEN);
+    for (k, v) in &reply.headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_bytes(v),
+        ) {
+            resp.headers_mut().append(name, value);
+        }
+    }
+    if reply.grpc_status >= 0 {
+        resp.headers_mut()
+            .insert("grpc-status", HeaderValue::from(reply.grpc_status));
+    }
+    resp
+}
+
+/// What a failed plugin means for the request: nothing (FAIL_OPEN), or a 503.
+fn failed(plugin: &Plugin, fault: &PluginFault) -> Result<(), ProxyError> {
+    if plugin.spec.fail_open {
+        tracing::warn!(plugin = %plugin.spec.name, error = %fault, "WasmPlugin failed; the request goes on without it (FAIL_OPEN)");
+        Ok(())
+    } else {
+        tracing::warn!(plugin = %plugin.spec.name, error = %fault, "WasmPlugin failed; the request is refused (FAIL_CLOSE)");
+        Err(ProxyError::PluginFailed(plugin.spec.name.clone()))
+    }
+}
+
+/// Attributes plugins may read, by name (`request.path`), encoded as proxy-wasm returns
+/// them (see [`Properties`]).
+pub type PropertyMap = Arc<BTreeMap<String, Vec<u8>>>;
+
+/// One request as the plugins of a chain meet it.
+pub struct Flow<'a> {
+    pub chain: &'a Chain,
+    pub side: Side,
+    /// The port plugins' `match` is judged on.
+    pub port: u16,
+    pub properties: &'a PropertyMap,
+}
+
+/// Runs the request headers of the flow's plugins of `stage` over `parts`.
+/// `Ok(Some(resp))`: a plugin answered in the upstream's place.
+pub fn on_request(
+    flow: &Flow<'_>,
+    stage: Stage,
+    parts: &mut http::request::Parts,
+    end_of_stream: bool,
+    run: &mut Run,
+) -> Result<Option<Response<ProxyBody>>, ProxyError> {
+    for plugin in flow
+        .chain
+        .plugins
+        .iter()
+        .filter(|p| p.stage == stage && p.applies(flow.side, flow.port))
+    {
+        let runtime = match &plugin.runtime {
+            Ok(r) => r,
+            Err(fault) => {
+                failed(plugin, fault)?;
+                continue;
+            }
+        };
+        let http = HttpState {
+            request_headers: request_pairs(parts, "http"),
+            properties: flow.properties.clone(),
+            ..Default::default()
+        };
+        let mut session = match runtime.session(http) {
+            Ok(s) => s,
+            Err(fault) => {
+                failed(plugin, &fault)?;
+                continue;
+            }
+        };
+        match session.request_headers(end_of_stream) {
+            Ok(Verdict::Continue) => {
+                apply_request(&session.http().request_headers, parts)?;
+                run.sessions.push((plugin.clone(), session));
+            }
+            Ok(Verdict::Reply(reply)) => {
+                tracing::debug!(plugin = %plugin.spec.name, status = reply.status, details = %reply.details, "WasmPlugin answered the request");
+                return Ok(Some(local_reply(reply)));
+            }
+            Err(fault) => failed(plugin, &fault)?,
+        }
+    }
+    Ok(None)
+}
+
+/// Runs the response headers of the plugins that saw the request, last first.
+pub fn on_response(
+    run: &mut Run,
+    parts: &mut http::response::Parts,
+    end_of_stream: bool,
+) -> Result<Option<Response<ProxyBody>>, ProxyError> {
+    while let Some((plugin, mut session)) = run.sessions.pop() {
+        session.http().response_headers = response_pairs(parts);
+        match session.response_headers(end_of_stream) {
+            Ok(Verdict::Continue) => apply_response(&session.http().response_headers, parts),
+            Ok(Verdict::Reply(reply)) => return Ok(Some(local_reply(reply))),
+            Err(fault) => failed(&plugin, &fault)?,
+        }
+    }
+    Ok(None)
+}
+
+/// Encodes properties as proxy-wasm returns them: strings as bytes, integers as 8 bytes
+/// little-endian, booleans as one byte.
+pub struct Properties(BTreeMap<String, Vec<u8>>);
+
+impl Properties {
+    pub fn new() -> Self {
+        Self(BTreeMap::new())
+    }
+    pub fn string(mut self, key: &str, value: &str) -> Self {
+        self.0.insert(key.to_owned(), string(value));
+        self
+    }
+    pub fn int(mut self, key: &str, value: i64) -> Self {
+        self.0.insert(key.to_owned(), value.to_le_bytes().to_vec());
+        self
+    }
+    pub fn bool(mut self, key: &str, value: bool) -> Self {
+        self.0.insert(key.to_owned(), vec![u8::from(value)]);
+        self
+    }
+    pub fn done(self) -> PropertyMap {
+        Arc::new(self.0)
+    }
+}

@@ -1,0 +1,311 @@
+//! A plugin's module and its instances. Each request gets an instance of its own for its
+//! whole life (taken from a pool of idle ones, or made), so a trap, a runaway loop or a
+//! corrupted heap in one request's instance never reaches another request: an instance
+//! that failed is dropped, never pooled. Each instance has its root context (configured
+//! with the plugin's configuration when made) and one HTTP context at a time.
+//!
+//! Instances run on wasmi, an interpreter: no compiler in the sidecar, modules validated
+//! before they run, fuel bounding every callback, and a memory cap per instance.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use wasmi::{Config, Engine, Instance, Linker, Module, Store, StoreLimitsBuilder, TypedFunc};
+
+use super::abi::{self, Host, HttpState};
+use super::shared::PluginShared;
+
+/// Instructions one callback may run (a few milliseconds of interpretation): a plugin that
+/// loops is stopped, and its request is failed by its fail strategy.
+const FUEL_PER_CALLBACK: u64 = 20_000_000;
+/// Linear memory one instance may grow to.
+const MAX_MEMORY: usize = 64 << 20;
+/// Idle instances kept per plugin; more are made under load and dropped after.
+const MAX_IDLE: usize = 64;
+/// The root context's id in every instance; HTTP contexts count up from the next.
+const ROOT_CONTEXT: i32 = 1;
+
+/// What a request-side callback asks of the request.
+#[derive(Debug)]
+pub enum Verdict {
+    Continue,
+    /// Answer with this instead of asking the upstream.
+    Reply(abi::LocalReply),
+}
+
+/// Why a plugin failed a request: it could not be loaded or instantiated, or it trapped.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct PluginFault(pub String);
+
+fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let mut config = Config::default();
+        config.consume_fuel(true);
+        Engine::new(&config)
+    })
+}
+
+/// A loaded module, ready to make instances.
+pub struct Runtime {
+    module: Module,
+    linker: Linker<Host>,
+    shared: Arc<PluginShared>,
+    idle: Mutex<Vec<Vm>>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("plugin", &self.shared.name)
+            .finish()
+    }
+}
+
+struct Calls {
+    context_create: TypedFunc<(i32, i32), ()>,
+    request_headers: TypedFunc<(i32, i32, i32), i32>,
+    response_headers: TypedFunc<(i32, i32, i32), i32>,
+    log: Option<TypedFunc<i32, ()>>,
+    done: Option<TypedFunc<i32, i32>>,
+    delete: Option<TypedFunc<i32, ()>>,
+}
+
+struct Vm {
+    store: Store<Host>,
+    calls: Calls,
+    next_context: i32,
+}
+
+impl Runtime {
+    /// Compiles (validates) `bytes` and makes one instance, so that a module that cannot
+    /// run is refused at load, not at the first request.
+    pub fn load(bytes: &[u8], shared: Arc<PluginShared>) -> Result<Arc<Self>, PluginFault> {
+        let module = Module::new(engine(), bytes)
+            .map_err(|e| PluginFault(format!("not a valid WebAssembly module: {e}")))?;
+        let abi = module.exports().any(|e| {
+            matches!(
+                e.name(),
+                "proxy_abi_version_0_2_0" | "proxy_abi_version_0_2_1"
+            )
+        });
+        if !abi {
+            return Err(PluginFault(
+                "the module speaks no proxy-wasm ABI this sidecar runs (it exports neither proxy_abi_version_0_2_0 nor _0_2_1)".into(),
+            ));
+        }
+        let mut linker = Linker::new(engine());
+        abi::define(&mut linker).map_err(|e| PluginFault(e.to_string()))?;
+        super::wasi::define(&mut linker, &module).map_err(|e| PluginFault(e.to_string()))?;
+        let runtime = Arc::new(Runtime {
+            module,
+            linker,
+            shared,
+            idle: Mutex::default(),
+        });
+        let first = runtime.instantiate()?;
+        runtime.checkin(first);
+        Ok(runtime)
+    }
+
+    fn instantiate(&self) -> Result<Vm, PluginFault> {
+        let fault = |what: &str, e: &dyn std::fmt::Display| PluginFault(format!("{what}: {e}"));
+        let host = Host {
+            shared: self.shared.clone(),
+            http: HttpState::default(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(MAX_MEMORY)
+                .instances(1)
+                .build(),
+            effective_context: 0,
+        };
+        let mut store = Store::new(engine(), host);
+        store.limiter(|h| &mut h.limits);
+        refuel(&mut store);
+        let instance = self
+            .linker
+            .instantiate_and_start(&mut store, &self.module)
+            .map_err(|e| fault("instantiating", &e))?;
+        for init in ["_initialize", "_start"] {
+            if let Ok(f) = instance.get_typed_func::<(), ()>(&store, init) {
+                refuel(&mut store);
+                f.call(&mut store, ())
+                    .map_err(|e| fault(&format!("running {init}"), &e))?;
+                break;
+            }
+        }
+        let calls = calls(&store, &instance).map_err(|e| fault("the module's exports", &e))?;
+        refuel(&mut store);
+        calls
+            .context_create
+            .call(&mut store, (ROOT_CONTEXT, 0))
+            .map_err(|e| fault("creating the root context", &e))?;
+        let started: i32 = typed::<(i32, i32), i32>(&store, &instance, "proxy_on_vm_start")
+            .map_err(|e| fault("proxy_on_vm_start", &e))?
+            .call(&mut store, (ROOT_CONTEXT, 0))
+            .map_err(|e| fault("proxy_on_vm_start", &e))?;
+        if started == 0 {
+            return Err(PluginFault(
+                "the plugin refused to start (proxy_on_vm_start returned false)".into(),
+            ));
+        }
+        refuel(&mut store);
+        let size = self.shared.config.len() as i32;
+        let configured: i32 = typed::<(i32, i32), i32>(&store, &instance, "proxy_on_configure")
+            .map_err(|e| fault("proxy_on_configure", &e))?
+            .call(&mut store, (ROOT_CONTEXT, size))
+            .map_err(|e| fault("proxy_on_configure", &e))?;
+        if configured == 0 {
+            return Err(PluginFault(
+                "the plugin refused its configuration (proxy_on_configure returned false)".into(),
+            ));
+        }
+        Ok(Vm {
+            store,
+            calls,
+            next_context: ROOT_CONTEXT + 1,
+        })
+    }
+
+    fn checkin(&self, vm: Vm) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(vm);
+        }
+    }
+
+    /// An instance for one request, with a new HTTP context on it.
+    pub fn session(self: &Arc<Self>, http: HttpState) -> Result<Session, PluginFault> {
+        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut vm = match pooled {
+            Some(vm) => vm,
+            None => self.instantiate()?,
+        };
+        let context = vm.next_context;
+        vm.next_context = vm.next_context.wrapping_add(1).max(ROOT_CONTEXT + 1);
+        vm.store.data_mut().http = http;
+        refuel(&mut vm.store);
+        vm.calls
+            .context_create
+            .call(&mut vm.store, (context, ROOT_CONTEXT))
+            .map_err(|e| PluginFault(format!("creating an HTTP context: {e}")))?;
+        Ok(Session {
+            runtime: self.clone(),
+            vm: Some(vm),
+            context,
+        })
+    }
+}
+
+fn refuel(store: &mut Store<Host>) {
+    // Fuel is on for every store of this engine, so setting it cannot fail.
+    let _ = store.set_fuel(FUEL_PER_CALLBACK);
+}
+
+fn typed<P: wasmi::WasmParams, R: wasmi::WasmResults>(
+    store: &Store<Host>,
+    instance: &Instance,
+    name: &str,
+) -> Result<TypedFunc<P, R>, wasmi::Error> {
+    instance.get_typed_func::<P, R>(store, name)
+}
+
+fn calls(store: &Store<Host>, instance: &Instance) -> Result<Calls, wasmi::Error> {
+    Ok(Calls {
+        context_create: typed(store, instance, "proxy_on_context_create")?,
+        request_headers: typed(store, instance, "proxy_on_request_headers")?,
+        response_headers: typed(store, instance, "proxy_on_response_headers")?,
+        log: typed(store, instance, "proxy_on_log").ok(),
+        done: typed(store, instance, "proxy_on_done").ok(),
+        delete: typed(store, instance, "proxy_on_delete").ok(),
+    })
+}
+
+/// One request's HTTP context in an instance of its own. Dropping it ends the context
+/// (`proxy_on_log`, `proxy_on_done`, `proxy_on_delete`) and pools the instance, unless a
+/// callback failed.
+pub struct Session {
+    runtime: Arc<Runtime>,
+    vm: Option<Vm>,
+    context: i32,
+}
+
+impl Session {
+    pub fn http(&mut self) -> &mut HttpState {
+        &mut self.vm_mut().store.data_mut().http
+    }
+
+    fn vm_mut(&mut self) -> &mut Vm {
+        self.vm
+            .as_mut()
+            .expect("a session holds its instance until dropped")
+    }
+
+    /// `proxy_on_request_headers`: the request headers are in [`Session::http`].
+    pub fn request_headers(&mut self, end_of_stream: bool) -> Result<Verdict, PluginFault> {
+        self.headers(true, end_of_stream)
+    }
+
+    /// `proxy_on_response_headers`: the response headers are in [`Session::http`].
+    pub fn response_headers(&mut self, end_of_stream: bool) -> Result<Verdict, PluginFault> {
+        self.headers(false, end_of_stream)
+    }
+
+    fn headers(&mut self, request: bool, end_of_stream: bool) -> Result<Verdict, PluginFault> {
+        let context = self.context;
+        let vm = self.vm_mut();
+        let n = if request {
+            vm.store.data().http.request_headers.len()
+        } else {
+            vm.store.data().http.response_headers.len()
+        } as i32;
+        let f = if request {
+            vm.calls.request_headers
+        } else {
+            vm.calls.response_headers
+        };
+        refuel(&mut vm.store);
+        let called = f.call(&mut vm.store, (context, n, i32::from(end_of_stream)));
+        match called {
+            Ok(_action) => match vm.store.data_mut().http.local_reply.take() {
+                Some(reply) => Ok(Verdict::Reply(reply)),
+                // A pause with nothing to wait for (callouts come later) goes on.
+                None => Ok(Verdict::Continue),
+            },
+            Err(e) => {
+                // The instance may be half-way through anything: never reused.
+                self.vm = None;
+                let side = if request { "request" } else { "response" };
+                Err(PluginFault(format!(
+                    "trapped in proxy_on_{side}_headers: {e}"
+                )))
+            }
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let Some(mut vm) = self.vm.take() else {
+            return;
+        };
+        let context = self.context;
+        let mut ok = true;
+        if let Some(f) = vm.calls.log {
+            refuel(&mut vm.store);
+            ok &= f.call(&mut vm.store, context).is_ok();
+        }
+        if let Some(f) = vm.calls.done {
+            refuel(&mut vm.store);
+            ok &= f.call(&mut vm.store, context).is_ok();
+        }
+        if let Some(f) = vm.calls.delete {
+            refuel(&mut vm.store);
+            ok &= f.call(&mut vm.store, context).is_ok();
+        }
+        vm.store.data_mut().http = HttpState::default();
+        if ok {
+            self.runtime.checkin(vm);
+        }
+    }
+}
