@@ -575,7 +575,10 @@ async fn forward(
     // WasmPlugins, when the workload has any: AUTHN ones now, before the token is checked.
     let chain = ctx.outbound.plugins.chain();
     let mut plugins = Plugins::new(&chain, ctx, caller, &parts, &path_and_query, app.port());
-    if let Some(answer) = plugins.stage(Stage::Authn, &mut parts, &mut path_and_query)? {
+    if let Some(answer) = plugins
+        .stage(Stage::Authn, &mut parts, &mut path_and_query)
+        .await?
+    {
         return Ok(answer);
     }
     // A token is checked first (an invalid one is refused, 401), then the policies judge
@@ -588,7 +591,10 @@ async fn forward(
     } else {
         None
     };
-    if let Some(answer) = plugins.stage(Stage::Authz, &mut parts, &mut path_and_query)? {
+    if let Some(answer) = plugins
+        .stage(Stage::Authz, &mut parts, &mut path_and_query)
+        .await?
+    {
         return Ok(answer);
     }
     let mut body = crate::body::boxed(CountedBody::new(body, &counted));
@@ -656,7 +662,10 @@ async fn forward(
             &caller.attributes(app.port(), Some(http), auth.as_ref()),
         )?;
     }
-    if let Some(answer) = plugins.stage(Stage::Last, &mut parts, &mut path_and_query)? {
+    if let Some(answer) = plugins
+        .stage(Stage::Last, &mut parts, &mut path_and_query)
+        .await?
+    {
         return Ok(answer);
     }
     parts.uri = crate::outbound::http_uri(app_authority.clone(), path_and_query)
@@ -701,7 +710,7 @@ async fn forward(
             rparts.headers.append(name.clone(), value.clone());
         }
     }
-    if let Some(answer) = plugins.response(&mut rparts)? {
+    if let Some(answer) = plugins.response(&mut rparts).await? {
         return Ok(answer);
     }
     let rbody = crate::body::Watched::new(rbody, ctx.limits.stream_idle_timeout);
@@ -790,7 +799,7 @@ impl<'a> Plugins<'a> {
     }
 
     /// Runs the plugins of `stage` over the request; `Some`: a plugin answered it.
-    fn stage(
+    async fn stage(
         &mut self,
         stage: crate::wasm::Stage,
         parts: &mut http::request::Parts,
@@ -814,7 +823,7 @@ impl<'a> Plugins<'a> {
             port: self.port,
             properties: &properties,
         };
-        let answer = crate::wasm::on_request(&flow, stage, parts, false, &mut self.run)?;
+        let answer = crate::wasm::on_request(&flow, stage, parts, false, &mut self.run).await?;
         if let Some(p) = parts.uri.path_and_query() {
             *path = p.clone();
         }
@@ -822,14 +831,14 @@ impl<'a> Plugins<'a> {
     }
 
     /// Runs the response callbacks of the plugins that saw the request.
-    fn response(
+    async fn response(
         &mut self,
         parts: &mut http::response::Parts,
     ) -> Result<Option<Response<ProxyBody>>, ProxyError> {
         if self.run.is_empty() {
             return Ok(None);
         }
-        crate::wasm::on_response(&mut self.run, parts, false)
+        crate::wasm::on_response(&mut self.run, parts, false).await
     }
 }
 

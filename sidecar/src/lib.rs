@@ -204,6 +204,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let admin = AdminServer::bind(config.admin_addr, config.metrics_addr, admin)
         .await
         .with_context(|| format!("binding admin listener on {}", config.admin_addr))?;
+    plugins.call_through(outbound.local_addr()?);
     let bound_addrs = (
         outbound.local_addr()?,
         inbound.local_addr()?,

@@ -569,14 +569,16 @@ async fn route(
     };
     let port = svc.port(port).ok_or_else(no_route)?.clone();
     let (mut parts, body) = req.into_parts();
+    let chain = ctx.plugins.chain();
+    // A plugin's own callout (the header is stripped below with every internal one).
+    let callout = !chain.is_empty() && chain.is_callout(&parts.headers);
     headers::strip_untrusted(&mut parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers);
     // WasmPlugins of the app's own requests (CLIENT), all phases in order: outbound there
     // is no authentication or authorization to place them around. They see the request
     // before routing, as Envoy's filters before its router.
-    let chain = ctx.plugins.chain();
     let mut plugins = crate::wasm::Run::default();
-    if !chain.is_empty() {
+    if !chain.is_empty() && !callout {
         let named = || svc.named();
         let properties = crate::wasm::Properties::new()
             .string(
@@ -603,6 +605,7 @@ async fn route(
         };
         for stage in [Stage::Authn, Stage::Authz, Stage::Last] {
             let answer = crate::wasm::on_request(&flow, stage, &mut parts, false, &mut plugins)
+                .await
                 .map_err(|e| (e, named()))?;
             if let Some(answer) = answer {
                 return Ok((answer, named(), unknown()));
@@ -834,6 +837,7 @@ async fn route(
     if !plugins.is_empty() {
         let (mut rparts, rbody) = resp.into_parts();
         let answer = crate::wasm::on_response(&mut plugins, &mut rparts, false)
+            .await
             .map_err(|e| (e, service.clone()))?;
         resp = match answer {
             Some(answer) => answer,

@@ -31,8 +31,11 @@ const REQUEST_HEADERS: i32 = 0;
 const REQUEST_TRAILERS: i32 = 1;
 const RESPONSE_HEADERS: i32 = 2;
 const RESPONSE_TRAILERS: i32 = 3;
+const HTTP_CALL_RESPONSE_HEADERS: i32 = 6;
+const HTTP_CALL_RESPONSE_TRAILERS: i32 = 7;
 
 /// Buffers by proxy-wasm's `BufferType`.
+const HTTP_CALL_RESPONSE_BODY: i32 = 4;
 const VM_CONFIGURATION: i32 = 6;
 const PLUGIN_CONFIGURATION: i32 = 7;
 
@@ -55,6 +58,21 @@ pub struct LocalReply {
     pub grpc_status: i32,
 }
 
+/// Callouts one request may have in flight (`proxy_http_call`).
+const MAX_CALLS: usize = 8;
+
+/// An HTTP request a plugin asked the sidecar to make (`proxy_http_call`), answered by
+/// `proxy_on_http_call_response`.
+#[derive(Debug, Clone)]
+pub struct Callout {
+    pub token: u32,
+    /// Envoy's cluster name (`outbound|80||host`) or a host, with or without its port.
+    pub upstream: String,
+    pub headers: Pairs,
+    pub body: Vec<u8>,
+    pub timeout_ms: u32,
+}
+
 /// The request a callback runs for.
 #[derive(Debug, Default)]
 pub struct HttpState {
@@ -68,6 +86,15 @@ pub struct HttpState {
     /// Properties the module set for this request.
     pub set_properties: BTreeMap<String, Vec<u8>>,
     pub local_reply: Option<LocalReply>,
+    /// Callouts asked for and not yet made.
+    pub calls: Vec<Callout>,
+    pub next_token: u32,
+    /// The answer to the callout being delivered.
+    pub call_response_headers: Pairs,
+    pub call_response_trailers: Pairs,
+    pub call_response_body: Vec<u8>,
+    /// The plugin resumed the stream it paused (`proxy_continue_stream`).
+    pub resumed: bool,
 }
 
 /// What a module's store holds: the plugin it is an instance of, and the request being
@@ -193,6 +220,8 @@ fn map(http: &mut HttpState, map_type: i32) -> Option<&mut Pairs> {
         REQUEST_TRAILERS => Some(&mut http.request_trailers),
         RESPONSE_HEADERS => Some(&mut http.response_headers),
         RESPONSE_TRAILERS => Some(&mut http.response_trailers),
+        HTTP_CALL_RESPONSE_HEADERS => Some(&mut http.call_response_headers),
+        HTTP_CALL_RESPONSE_TRAILERS => Some(&mut http.call_response_trailers),
         _ => None,
     }
 }
@@ -281,6 +310,7 @@ pub fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
          -> Result<i32, Error> {
             let buffer = match kind {
                 PLUGIN_CONFIGURATION => caller.data().shared.config.clone(),
+                HTTP_CALL_RESPONSE_BODY => caller.data().http.call_response_body.clone(),
                 VM_CONFIGURATION => Vec::new(),
                 _ => return Ok(status::NOT_FOUND),
             };
@@ -503,19 +533,71 @@ pub fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
             Ok(status::OK)
         },
     )?;
-    for name in [
-        "proxy_continue_request",
-        "proxy_continue_response",
-        "proxy_clear_route_cache",
-        "proxy_done",
-    ] {
-        linker.func_wrap("env", name, |_: Caller<'_, Host>| -> i32 { status::OK })?;
-    }
-    for name in ["proxy_continue_stream", "proxy_close_stream"] {
-        linker.func_wrap("env", name, |_: Caller<'_, Host>, _: i32| -> i32 {
+    for name in ["proxy_continue_request", "proxy_continue_response"] {
+        linker.func_wrap("env", name, |mut caller: Caller<'_, Host>| -> i32 {
+            caller.data_mut().http.resumed = true;
             status::OK
         })?;
     }
+    linker.func_wrap(
+        "env",
+        "proxy_continue_stream",
+        |mut caller: Caller<'_, Host>, _stream: i32| -> i32 {
+            caller.data_mut().http.resumed = true;
+            status::OK
+        },
+    )?;
+    for name in ["proxy_clear_route_cache", "proxy_done"] {
+        linker.func_wrap("env", name, |_: Caller<'_, Host>| -> i32 { status::OK })?;
+    }
+    linker.func_wrap(
+        "env",
+        "proxy_close_stream",
+        |_: Caller<'_, Host>, _: i32| -> i32 { status::OK },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_http_call",
+        |mut caller: Caller<'_, Host>,
+         uptr: i32,
+         ulen: i32,
+         hptr: i32,
+         hlen: i32,
+         bptr: i32,
+         blen: i32,
+         _tptr: i32,
+         _tlen: i32,
+         timeout_ms: i32,
+         ret: i32|
+         -> Result<i32, Error> {
+            let upstream = try_status!(read_string(&caller, uptr, ulen));
+            let headers = try_status!(read(&caller, hptr, hlen));
+            let Some(headers) = decode_pairs(&headers) else {
+                return Ok(status::PARSE_FAILURE);
+            };
+            let body = try_status!(read(&caller, bptr, blen));
+            let has = |name: &str| headers.iter().any(|(k, _)| k == name);
+            if upstream.is_empty() || !has(":path") || !has(":method") {
+                return Ok(status::BAD_ARGUMENT);
+            }
+            let http = &mut caller.data_mut().http;
+            if http.calls.len() >= MAX_CALLS {
+                return Ok(status::BAD_ARGUMENT);
+            }
+            http.next_token = http.next_token.wrapping_add(1).max(1);
+            let token = http.next_token;
+            http.calls.push(Callout {
+                token,
+                upstream,
+                headers,
+                body,
+                timeout_ms: timeout_ms as u32,
+            });
+            Ok(write_u32(&mut caller, ret, token)
+                .err()
+                .unwrap_or(status::OK))
+        },
+    )?;
     linker.func_wrap(
         "env",
         "proxy_set_effective_context",

@@ -31,7 +31,7 @@ use tokio::sync::watch;
 
 pub use abi::HttpState;
 use shared::PluginShared;
-use vm::{PluginFault, Runtime, Session, Verdict};
+use vm::{CalloutAnswer, PluginFault, Runtime, Session, Verdict};
 
 use crate::errors::ProxyError;
 use crate::pool::ProxyBody;
@@ -97,17 +97,142 @@ impl Plugin {
 #[derive(Debug, Default)]
 pub struct Chain {
     plugins: Vec<Arc<Plugin>>,
+    callouts: Arc<Callouts>,
+}
+
+/// Rounds of callouts one callback may chain (a callout's answer asking for another...).
+const MAX_CALLOUT_ROUNDS: usize = 8;
+/// Largest callout answer body handed to a plugin.
+const MAX_CALLOUT_BODY: usize = 1 << 20;
+
+/// Makes plugins' HTTP callouts (`proxy_http_call`) through this sidecar's own outbound
+/// listener, so that they are routed, balanced, secured with mTLS and sent across
+/// clusters as the app's own requests are, under this workload's identity.
+///
+/// A callout does not run the workload's CLIENT plugins again (a plugin calling out on
+/// every request would otherwise call out for its own callouts): it carries
+/// [`CALLOUT`] with a secret made at start, which only this process knows; the outbound
+/// path strips the header from every request, and skips the plugins only when it matches.
+#[derive(Debug)]
+pub struct Callouts {
+    outbound: std::sync::OnceLock<std::net::SocketAddr>,
+    secret: HeaderValue,
+}
+
+/// The header that marks a plugin's callout on the way through the outbound listener.
+pub const CALLOUT: HeaderName = HeaderName::from_static("x-isthmus-wasm-callout");
+
+impl Default for Callouts {
+    fn default() -> Self {
+        let secret: String = (0..4)
+            .map(|_| format!("{:08x}", rand::random::<u32>()))
+            .collect();
+        Self {
+            outbound: std::sync::OnceLock::new(),
+            secret: HeaderValue::from_str(&secret).unwrap_or(HeaderValue::from_static("-")),
+        }
+    }
+}
+
+impl Callouts {
+    /// Whether a request through the outbound listener is one of this sidecar's callouts.
+    pub fn is_callout(&self, headers: &HeaderMap) -> bool {
+        headers.get(CALLOUT) == Some(&self.secret)
+    }
+
+    /// The mesh host a callout goes to: Envoy's `outbound|<port>|<subset>|<host>` cluster
+    /// names, or a host with or without its port.
+    fn target(upstream: &str) -> String {
+        match upstream
+            .strip_prefix("outbound|")
+            .map(|r| r.splitn(3, '|').collect::<Vec<_>>())
+        {
+            Some(parts) if parts.len() == 3 => format!("{}:{}", parts[2], parts[0]),
+            _ => upstream.to_owned(),
+        }
+    }
+
+    async fn send(&self, call: &abi::Callout) -> Option<CalloutAnswer> {
+        let timeout = Duration::from_millis(u64::from(call.timeout_ms.clamp(1, 60_000)));
+        match tokio::time::timeout(timeout, self.exchange(call)).await {
+            Ok(Ok(answer)) => Some(answer),
+            Ok(Err(e)) => {
+                tracing::debug!(upstream = %call.upstream, error = %e, "WasmPlugin callout failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(upstream = %call.upstream, ms = call.timeout_ms, "WasmPlugin callout timed out");
+                None
+            }
+        }
+    }
+
+    async fn exchange(&self, call: &abi::Callout) -> Result<CalloutAnswer, String> {
+        use http_body_util::BodyExt;
+        let outbound = *self
+            .outbound
+            .get()
+            .ok_or("the outbound listener is not up yet")?;
+        let tcp = tokio::net::TcpStream::connect(outbound)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .map_err(|e| e.to_string())?;
+        let conn = tokio::spawn(conn);
+        let mut req = http::Request::builder();
+        for (k, v) in &call.headers {
+            req = match k.as_str() {
+                ":method" => req.method(v.as_slice()),
+                ":path" => req.uri(v.as_slice()),
+                ":authority" | ":scheme" | "host" => req,
+                k => req.header(k, v.as_slice()),
+            };
+        }
+        let req = req
+            .header(http::header::HOST, Self::target(&call.upstream))
+            .header(CALLOUT, self.secret.clone())
+            .body(http_body_util::Full::new(Bytes::from(call.body.clone())))
+            .map_err(|e| e.to_string())?;
+        let resp = send.send_request(req).await.map_err(|e| e.to_string());
+        let result = async {
+            let resp = resp?;
+            let mut headers = vec![(":status".to_owned(), string(resp.status().as_str()))];
+            headers.extend(
+                resp.headers()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec())),
+            );
+            let body = http_body_util::Limited::new(resp.into_body(), MAX_CALLOUT_BODY)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok((headers, body.to_vec(), Vec::new()))
+        }
+        .await;
+        conn.abort();
+        result
+    }
 }
 
 impl Chain {
     pub fn is_empty(&self) -> bool {
         self.plugins.is_empty()
     }
+
+    /// Whether a request through the outbound listener is one of this sidecar's plugins'
+    /// callouts (which CLIENT plugins do not see again).
+    pub fn is_callout(&self, headers: &HeaderMap) -> bool {
+        self.callouts.is_callout(headers)
+    }
 }
 
 /// The sidecar's plugins: the chain requests read, kept to what the controller pushes.
 pub struct Plugins {
     chain: RwLock<Arc<Chain>>,
+    callouts: Arc<Callouts>,
     registry: Arc<shared::Registry>,
     /// Plugin-level properties of this proxy (`node.*`).
     node: BTreeMap<String, Vec<u8>>,
@@ -153,11 +278,17 @@ impl Plugins {
         ]);
         Ok(Arc::new(Self {
             chain: RwLock::default(),
+            callouts: Arc::default(),
             registry: plugins_registry,
             node,
             fetcher: isthmus_core::fetch::Getter::new(None)?,
             fetched: Mutex::default(),
         }))
+    }
+
+    /// Plugins' callouts go out through the sidecar's outbound listener at `addr`.
+    pub fn call_through(&self, addr: std::net::SocketAddr) {
+        let _ = self.callouts.outbound.set(addr);
     }
 
     /// The chain new requests use.
@@ -205,7 +336,10 @@ impl Plugins {
                 runtime,
             }));
         }
-        *self.chain.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Chain { plugins });
+        *self.chain.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Chain {
+            plugins,
+            callouts: self.callouts.clone(),
+        });
     }
 
     async fn runtime(&self, spec: &WasmPlugin) -> Result<Arc<Runtime>, PluginFault> {
@@ -305,6 +439,40 @@ impl Plugins {
 #[derive(Default)]
 pub struct Run {
     sessions: Vec<(Arc<Plugin>, Session)>,
+    callouts: Arc<Callouts>,
+}
+
+/// Carries a callback's verdict through the callouts it asked for: each made (at once,
+/// concurrently), each answer handed back, until the plugin answers, goes on, or has
+/// chained too many rounds.
+async fn drive(
+    session: &mut Session,
+    first: Result<Verdict, PluginFault>,
+    callouts: &Callouts,
+) -> Result<Verdict, PluginFault> {
+    let mut verdict = first?;
+    for _ in 0..MAX_CALLOUT_ROUNDS {
+        let Verdict::Call(calls) = verdict else {
+            return Ok(verdict);
+        };
+        let answers = futures::future::join_all(calls.iter().map(|c| callouts.send(c))).await;
+        let mut more = Vec::new();
+        for (call, answer) in calls.iter().zip(answers) {
+            match session.call_response(call.token, answer)? {
+                Verdict::Reply(r) => return Ok(Verdict::Reply(r)),
+                Verdict::Call(m) => more.extend(m),
+                Verdict::Continue => {}
+            }
+        }
+        verdict = if more.is_empty() {
+            Verdict::Continue
+        } else {
+            Verdict::Call(more)
+        };
+    }
+    Err(PluginFault(format!(
+        "chained more than {MAX_CALLOUT_ROUNDS} rounds of callouts"
+    )))
 }
 
 impl Run {
@@ -464,7 +632,7 @@ pub struct Flow<'a> {
 
 /// Runs the request headers of the flow's plugins of `stage` over `parts`.
 /// `Ok(Some(resp))`: a plugin answered in the upstream's place.
-pub fn on_request(
+pub async fn on_request(
     flow: &Flow<'_>,
     stage: Stage,
     parts: &mut http::request::Parts,
@@ -496,8 +664,10 @@ pub fn on_request(
                 continue;
             }
         };
-        match session.request_headers(end_of_stream) {
-            Ok(Verdict::Continue) => {
+        run.callouts = flow.chain.callouts.clone();
+        let verdict = session.request_headers(end_of_stream);
+        match drive(&mut session, verdict, &flow.chain.callouts).await {
+            Ok(Verdict::Continue | Verdict::Call(_)) => {
                 apply_request(&session.http().request_headers, parts)?;
                 run.sessions.push((plugin.clone(), session));
             }
@@ -512,15 +682,18 @@ pub fn on_request(
 }
 
 /// Runs the response headers of the plugins that saw the request, last first.
-pub fn on_response(
+pub async fn on_response(
     run: &mut Run,
     parts: &mut http::response::Parts,
     end_of_stream: bool,
 ) -> Result<Option<Response<ProxyBody>>, ProxyError> {
     while let Some((plugin, mut session)) = run.sessions.pop() {
         session.http().response_headers = response_pairs(parts);
-        match session.response_headers(end_of_stream) {
-            Ok(Verdict::Continue) => apply_response(&session.http().response_headers, parts),
+        let verdict = session.response_headers(end_of_stream);
+        match drive(&mut session, verdict, &run.callouts).await {
+            Ok(Verdict::Continue | Verdict::Call(_)) => {
+                apply_response(&session.http().response_headers, parts)
+            }
             Ok(Verdict::Reply(reply)) => return Ok(Some(local_reply(reply))),
             Err(fault) => failed(&plugin, &fault)?,
         }

@@ -30,7 +30,12 @@ pub enum Verdict {
     Continue,
     /// Answer with this instead of asking the upstream.
     Reply(abi::LocalReply),
+    /// Make these callouts and hand their answers over before going on.
+    Call(Vec<abi::Callout>),
 }
+
+/// A callout's answer: its headers (with `:status`), body and trailers.
+pub type CalloutAnswer = (abi::Pairs, Vec<u8>, abi::Pairs);
 
 /// Why a plugin failed a request: it could not be loaded or instantiated, or it trapped.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -64,6 +69,7 @@ impl std::fmt::Debug for Runtime {
 
 struct Calls {
     context_create: TypedFunc<(i32, i32), ()>,
+    call_response: Option<TypedFunc<(i32, i32, i32, i32, i32), ()>>,
     request_headers: TypedFunc<(i32, i32, i32), i32>,
     response_headers: TypedFunc<(i32, i32, i32), i32>,
     log: Option<TypedFunc<i32, ()>>,
@@ -213,6 +219,7 @@ fn typed<P: wasmi::WasmParams, R: wasmi::WasmResults>(
 fn calls(store: &Store<Host>, instance: &Instance) -> Result<Calls, wasmi::Error> {
     Ok(Calls {
         context_create: typed(store, instance, "proxy_on_context_create")?,
+        call_response: typed(store, instance, "proxy_on_http_call_response").ok(),
         request_headers: typed(store, instance, "proxy_on_request_headers")?,
         response_headers: typed(store, instance, "proxy_on_response_headers")?,
         log: typed(store, instance, "proxy_on_log").ok(),
@@ -266,21 +273,64 @@ impl Session {
         };
         refuel(&mut vm.store);
         let called = f.call(&mut vm.store, (context, n, i32::from(end_of_stream)));
-        match called {
-            Ok(_action) => match vm.store.data_mut().http.local_reply.take() {
-                Some(reply) => Ok(Verdict::Reply(reply)),
-                // A pause with nothing to wait for (callouts come later) goes on.
-                None => Ok(Verdict::Continue),
-            },
-            Err(e) => {
-                // The instance may be half-way through anything: never reused.
-                self.vm = None;
-                let side = if request { "request" } else { "response" };
-                Err(PluginFault(format!(
-                    "trapped in proxy_on_{side}_headers: {e}"
-                )))
-            }
+        let side = if request { "request" } else { "response" };
+        self.after(called.map(drop), &format!("proxy_on_{side}_headers"))
+    }
+
+    /// Hands a callout's answer over (`None`: it failed or timed out, which the plugin is
+    /// told as an answer with no headers, as Envoy does).
+    pub fn call_response(
+        &mut self,
+        token: u32,
+        answer: Option<CalloutAnswer>,
+    ) -> Result<Verdict, PluginFault> {
+        let vm = self.vm_mut();
+        let Some(f) = vm.calls.call_response else {
+            return Ok(Verdict::Continue);
+        };
+        let (headers, body, trailers) = answer.unwrap_or_default();
+        let sizes = (
+            headers.len() as i32,
+            body.len() as i32,
+            trailers.len() as i32,
+        );
+        let http = &mut vm.store.data_mut().http;
+        http.call_response_headers = headers;
+        http.call_response_body = body;
+        http.call_response_trailers = trailers;
+        refuel(&mut vm.store);
+        let called = f.call(
+            &mut vm.store,
+            (ROOT_CONTEXT, token as i32, sizes.0, sizes.1, sizes.2),
+        );
+        let http = &mut vm.store.data_mut().http;
+        http.call_response_headers = Vec::new();
+        http.call_response_body = Vec::new();
+        http.call_response_trailers = Vec::new();
+        self.after(called, "proxy_on_http_call_response")
+    }
+
+    /// What a callback left the request with: a reply, callouts to make, or nothing.
+    fn after(
+        &mut self,
+        called: Result<(), wasmi::Error>,
+        what: &str,
+    ) -> Result<Verdict, PluginFault> {
+        if let Err(e) = called {
+            // The instance may be half-way through anything: never reused.
+            self.vm = None;
+            return Err(PluginFault(format!("trapped in {what}: {e}")));
         }
+        let http = self.http();
+        if let Some(reply) = http.local_reply.take() {
+            return Ok(Verdict::Reply(reply));
+        }
+        if !http.calls.is_empty() {
+            return Ok(Verdict::Call(std::mem::take(&mut http.calls)));
+        }
+        // Paused with nothing to wait for, or resumed: the request goes on.
+        http.resumed = false;
+        Ok(Verdict::Continue)
     }
 }
 

@@ -412,3 +412,60 @@ async fn a_client_mode_plugin_runs_on_the_callers_own_requests_only() -> anyhow:
     assert!(!other.answer()?.headers.contains_key("x-wasm-request"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_pauses_a_request_to_ask_a_mesh_service_in_another_cluster() -> anyhow::Result<()>
+{
+    let mut mesh = Mesh::start(&["east", "west"]).await?;
+    mesh.add_workload("east", "echo-east", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("west", "policy-west", Some("policy"), "policy")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    let policy = |path: &str| {
+        plugin_yaml(
+            "ask-policy",
+            "callout",
+            &format!("  phase: AUTHZ\n  pluginConfig: {{upstream: policy.demo.svc.cluster.local, path: \"{path}\"}}\n"),
+        )
+    };
+    mesh.apply("east", "plugins.yaml", &policy("/status/200")?)
+        .await?;
+    let echo_admin = mesh.workload("east", "echo-east").admin();
+    wait_loaded(echo_admin, &["demo/ask-policy"]).await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    let client = AppClient::new();
+    // The callout goes out through echo-east's own sidecar, with its identity, across the
+    // gateways to the only policy endpoint, in west; the request waits for it.
+    let answer = eventually(
+        "the policy in west to answer",
+        Duration::from_secs(10),
+        || async {
+            let r = client.get(outbound, HOST, "/").await?;
+            anyhow::ensure!(r.status == 200, "{} {:?}", r.status, r.body);
+            r.answer()
+        },
+    )
+    .await?;
+    assert_eq!(answer.cluster, "east", "the request itself stays in east");
+    assert_eq!(
+        answer.headers.get("x-policy-cluster").map(String::as_str),
+        Some("west"),
+        "the plugin read the callout's answer from west"
+    );
+    mesh.apply("east", "plugins.yaml", &policy("/status/503")?)
+        .await?;
+    let refused = eventually(
+        "the new policy to apply",
+        Duration::from_secs(10),
+        || async {
+            let r = client.get(outbound, HOST, "/").await?;
+            anyhow::ensure!(r.status == 403, "{}", r.status);
+            Ok(r)
+        },
+    )
+    .await?;
+    assert_eq!(String::from_utf8_lossy(&refused.body), "policy said 503\n");
+    Ok(())
+}
