@@ -67,9 +67,12 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
+/// `proxy_on_http_call_response(context, token, headers, body size, trailers)`.
+type CallResponse = TypedFunc<(i32, i32, i32, i32, i32), ()>;
+
 struct Calls {
     context_create: TypedFunc<(i32, i32), ()>,
-    call_response: Option<TypedFunc<(i32, i32, i32, i32, i32), ()>>,
+    call_response: Option<CallResponse>,
     request_headers: TypedFunc<(i32, i32, i32), i32>,
     response_headers: TypedFunc<(i32, i32, i32), i32>,
     log: Option<TypedFunc<i32, ()>>,
