@@ -58,6 +58,11 @@ pub struct Answer {
     /// Request headers the app received, lower-cased names.
     #[serde(default)]
     pub headers: std::collections::BTreeMap<String, String>,
+    /// The request body the app received (as text, its first 64 KiB), and its length.
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub body_len: usize,
 }
 
 /// The caller's SPIFFE ID from Envoy-style `x-forwarded-client-cert` (`...;URI=<id>`).
@@ -365,8 +370,20 @@ async fn answer(
             .iter()
             .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .collect(),
+        body: String::new(),
+        body_len: 0,
     };
-    let _ = req.into_body().collect().await;
+    let received = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let a = Answer {
+        body: String::from_utf8_lossy(&received[..received.len().min(64 << 10)]).into_owned(),
+        body_len: received.len(),
+        ..a
+    };
     let body = serde_json::to_vec(&a).unwrap_or_default();
     let mut resp = Response::new(
         Full::new(Bytes::from(body))

@@ -670,6 +670,7 @@ async fn forward(
     }
     parts.uri = crate::outbound::http_uri(app_authority.clone(), path_and_query)
         .map_err(|e| ProxyError::AppUnavailable(e.to_string()))?;
+    let body = crate::wasm::request_body(&plugins.run, body);
     let sent = if h2 {
         parts.version = Version::HTTP_2;
         let req = Request::from_parts(parts, body);
@@ -698,7 +699,12 @@ async fn forward(
             .map(|r| r.map(crate::body::boxed))
             .map_err(ProxyError::from)
     };
-    let (mut rparts, rbody) = sent?.into_parts();
+    let sent = match sent {
+        // A plugin answered from the request's body, which cut it short.
+        Err(e) => return crate::wasm::take_reply(&plugins.run).unwrap_or(Err(e)),
+        Ok(sent) => sent,
+    };
+    let (mut rparts, rbody) = sent.into_parts();
     headers::strip_hop_by_hop(&mut rparts.headers);
     // Nothing the app sets may pass for a proxy's signal.
     headers::strip_untrusted(&mut rparts.headers);
@@ -714,7 +720,8 @@ async fn forward(
         return Ok(answer);
     }
     let rbody = crate::body::Watched::new(rbody, ctx.limits.stream_idle_timeout);
-    Ok(Response::from_parts(rparts, crate::body::boxed(rbody)))
+    let rbody = crate::wasm::response_body(&plugins.run, crate::body::boxed(rbody));
+    Ok(Response::from_parts(rparts, rbody))
 }
 
 /// The WasmPlugins one inbound request runs through (nothing at all when the workload has

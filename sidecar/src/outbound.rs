@@ -804,11 +804,13 @@ async fn route(
         return Ok((resp, service, unknown()));
     }
     // The body's bytes count towards the request's size as they are forwarded.
-    let body = ReqBody::new(
-        CountedBody::new(body, &counted),
-        ctx.limits.stream_idle_timeout,
-    )
-    .await
+    let idle = ctx.limits.stream_idle_timeout;
+    let body = if plugins.is_empty() {
+        ReqBody::new(CountedBody::new(body, &counted), idle).await
+    } else {
+        let body = crate::body::boxed(CountedBody::new(body, &counted));
+        ReqBody::new(crate::wasm::request_body(&plugins, body), idle).await
+    }
     .map_err(|e| (e, service.clone()))?;
     if let (Some(m), ReqBody::Replayable(bytes)) = (mirror, &body) {
         spawn_mirror(ctx, state, m, parts.clone(), bytes.clone());
@@ -833,6 +835,15 @@ async fn route(
             })),
         None => sent.await,
     };
+    let result = match result {
+        // A plugin answered from the request's body, which cut it short.
+        Err(e) if !plugins.is_empty() => match crate::wasm::take_reply(&plugins) {
+            Some(Ok(answer)) => return Ok((answer, service, unknown())),
+            Some(Err(failed)) => Err(failed),
+            None => Err(e),
+        },
+        r => r,
+    };
     let (mut resp, cluster) = result.map_err(|e| (e, service.clone()))?;
     if !plugins.is_empty() {
         let (mut rparts, rbody) = resp.into_parts();
@@ -841,7 +852,7 @@ async fn route(
             .map_err(|e| (e, service.clone()))?;
         resp = match answer {
             Some(answer) => answer,
-            None => Response::from_parts(rparts, rbody),
+            None => Response::from_parts(rparts, crate::wasm::response_body(&plugins, rbody)),
         };
     }
     if let Some(op) = &response_headers {

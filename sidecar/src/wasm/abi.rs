@@ -35,6 +35,8 @@ const HTTP_CALL_RESPONSE_HEADERS: i32 = 6;
 const HTTP_CALL_RESPONSE_TRAILERS: i32 = 7;
 
 /// Buffers by proxy-wasm's `BufferType`.
+const REQUEST_BODY: i32 = 0;
+const RESPONSE_BODY: i32 = 1;
 const HTTP_CALL_RESPONSE_BODY: i32 = 4;
 const VM_CONFIGURATION: i32 = 6;
 const PLUGIN_CONFIGURATION: i32 = 7;
@@ -95,6 +97,17 @@ pub struct HttpState {
     pub call_response_body: Vec<u8>,
     /// The plugin resumed the stream it paused (`proxy_continue_stream`).
     pub resumed: bool,
+    /// The body bytes a body callback sees (and may change): what it buffered so far.
+    pub request_body: Vec<u8>,
+    pub response_body: Vec<u8>,
+}
+
+fn body(http: &mut HttpState, kind: i32) -> Option<&mut Vec<u8>> {
+    match kind {
+        REQUEST_BODY => Some(&mut http.request_body),
+        RESPONSE_BODY => Some(&mut http.response_body),
+        _ => None,
+    }
 }
 
 /// What a module's store holds: the plugin it is an instance of, and the request being
@@ -311,6 +324,8 @@ pub fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
             let buffer = match kind {
                 PLUGIN_CONFIGURATION => caller.data().shared.config.clone(),
                 HTTP_CALL_RESPONSE_BODY => caller.data().http.call_response_body.clone(),
+                REQUEST_BODY => caller.data().http.request_body.clone(),
+                RESPONSE_BODY => caller.data().http.response_body.clone(),
                 VM_CONFIGURATION => Vec::new(),
                 _ => return Ok(status::NOT_FOUND),
             };
@@ -330,8 +345,52 @@ pub fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
     linker.func_wrap(
         "env",
         "proxy_set_buffer_bytes",
-        |_: Caller<'_, Host>, _: i32, _: i32, _: i32, _: i32, _: i32| -> i32 {
-            status::UNIMPLEMENTED
+        |mut caller: Caller<'_, Host>,
+         kind: i32,
+         start: i32,
+         size: i32,
+         ptr: i32,
+         len: i32|
+         -> Result<i32, Error> {
+            let data = try_status!(read(&caller, ptr, len));
+            let (Ok(start), Ok(size)) = (usize::try_from(start), usize::try_from(size)) else {
+                return Ok(status::BAD_ARGUMENT);
+            };
+            let Some(buffer) = body(&mut caller.data_mut().http, kind) else {
+                return Ok(status::BAD_ARGUMENT);
+            };
+            // As Envoy: at 0, `size` bytes are replaced (all of them for a size past the
+            // end); at or past the end, the data is appended; anywhere else is refused.
+            if start == 0 {
+                buffer.drain(..size.min(buffer.len()));
+                buffer.splice(0..0, data);
+            } else if start >= buffer.len() {
+                buffer.extend_from_slice(&data);
+            } else {
+                return Ok(status::BAD_ARGUMENT);
+            }
+            Ok(status::OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_buffer_status",
+        |mut caller: Caller<'_, Host>,
+         kind: i32,
+         len_ptr: i32,
+         flags_ptr: i32|
+         -> Result<i32, Error> {
+            let len = match kind {
+                PLUGIN_CONFIGURATION => caller.data().shared.config.len(),
+                HTTP_CALL_RESPONSE_BODY => caller.data().http.call_response_body.len(),
+                _ => match body(&mut caller.data_mut().http, kind) {
+                    Some(b) => b.len(),
+                    None => return Ok(status::NOT_FOUND),
+                },
+            };
+            let r = write_u32(&mut caller, len_ptr, len as u32)
+                .and_then(|()| write_u32(&mut caller, flags_ptr, 0));
+            Ok(r.err().unwrap_or(status::OK))
         },
     )?;
     linker.func_wrap(

@@ -16,6 +16,7 @@
 //! unspecified last, right before the request is sent. Response callbacks run in reverse.
 
 mod abi;
+mod body;
 mod shared;
 mod vm;
 mod wasi;
@@ -78,9 +79,20 @@ pub struct Plugin {
     pub spec: WasmPlugin,
     runtime: Result<Arc<Runtime>, PluginFault>,
     stage: Stage,
+    shared: Arc<shared::Shared>,
 }
 
 impl Plugin {
+    /// Counts a request it failed, by its fail strategy.
+    fn counted_failure(&self) {
+        let n = if self.spec.fail_open {
+            &self.shared.failed_open
+        } else {
+            &self.shared.failed_closed
+        };
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn applies(&self, side: Side, port: u16) -> bool {
         self.spec.r#match.is_empty()
             || self.spec.r#match.iter().any(|m| {
@@ -331,6 +343,7 @@ impl Plugins {
                 }
             }
             plugins.push(Arc::new(Plugin {
+                shared: self.registry.of(&spec.name),
                 stage: Stage::of(&spec.phase),
                 spec: spec.clone(),
                 runtime,
@@ -435,11 +448,64 @@ impl Plugins {
     }
 }
 
-/// The plugins one request runs through, and their sessions, for its response.
+/// The plugins one request runs through, and their sessions: for its body, its response
+/// and the response's body. Each session ends (`proxy_on_log`, `proxy_on_done`) when the
+/// last of these is done with it.
 #[derive(Default)]
 pub struct Run {
-    sessions: Vec<(Arc<Plugin>, Session)>,
+    entries: Arc<Mutex<Entries>>,
     callouts: Arc<Callouts>,
+}
+
+/// The sessions of one request, and what a request body callback did to it: answered it
+/// in the upstream's place, or failed (FAIL_CLOSE), naming the plugin.
+#[derive(Default)]
+pub struct Entries {
+    list: Vec<Entry>,
+    reply: Option<abi::LocalReply>,
+    failed: Option<String>,
+}
+
+struct Entry {
+    plugin: Arc<Plugin>,
+    session: Session,
+    /// Body bytes the plugin holds back.
+    held: Vec<u8>,
+    /// It failed (FAIL_OPEN) and sees no more of the request.
+    off: bool,
+}
+
+fn lock(m: &Mutex<Entries>) -> std::sync::MutexGuard<'_, Entries> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The request body, through the plugins that saw the request's headers.
+pub fn request_body(run: &Run, body: ProxyBody) -> ProxyBody {
+    if run.is_empty() {
+        return body;
+    }
+    crate::body::boxed(body::PluginBody::new(body, run.entries.clone(), true))
+}
+
+/// The response body, through the plugins that saw the request.
+pub fn response_body(run: &Run, body: ProxyBody) -> ProxyBody {
+    if run.is_empty() {
+        return body;
+    }
+    crate::body::boxed(body::PluginBody::new(body, run.entries.clone(), false))
+}
+
+/// When a plugin cut the request's body short, what the caller gets in place of the
+/// upstream's failure: the plugin's answer, or the plugin's failure (FAIL_CLOSE).
+pub fn take_reply(run: &Run) -> Option<Result<Response<ProxyBody>, ProxyError>> {
+    let mut entries = lock(&run.entries);
+    if let Some(reply) = entries.reply.take() {
+        return Some(Ok(local_reply(reply)));
+    }
+    entries
+        .failed
+        .take()
+        .map(|name| Err(ProxyError::PluginFailed(name)))
 }
 
 /// Carries a callback's verdict through the callouts it asked for: each made (at once,
@@ -477,7 +543,7 @@ async fn drive(
 
 impl Run {
     pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
+        lock(&self.entries).list.is_empty()
     }
 }
 
@@ -608,6 +674,7 @@ fn local_reply(reply: abi::LocalReply) -> Response<ProxyBody> {
 
 /// What a failed plugin means for the request: nothing (FAIL_OPEN), or a 503.
 fn failed(plugin: &Plugin, fault: &PluginFault) -> Result<(), ProxyError> {
+    plugin.counted_failure();
     if plugin.spec.fail_open {
         tracing::warn!(plugin = %plugin.spec.name, error = %fault, "WasmPlugin failed; the request goes on without it (FAIL_OPEN)");
         Ok(())
@@ -669,7 +736,12 @@ pub async fn on_request(
         match drive(&mut session, verdict, &flow.chain.callouts).await {
             Ok(Verdict::Continue | Verdict::Call(_)) => {
                 apply_request(&session.http().request_headers, parts)?;
-                run.sessions.push((plugin.clone(), session));
+                lock(&run.entries).list.push(Entry {
+                    plugin: plugin.clone(),
+                    session,
+                    held: Vec::new(),
+                    off: false,
+                });
             }
             Ok(Verdict::Reply(reply)) => {
                 tracing::debug!(plugin = %plugin.spec.name, status = reply.status, details = %reply.details, "WasmPlugin answered the request");
@@ -687,17 +759,24 @@ pub async fn on_response(
     parts: &mut http::response::Parts,
     end_of_stream: bool,
 ) -> Result<Option<Response<ProxyBody>>, ProxyError> {
-    while let Some((plugin, mut session)) = run.sessions.pop() {
-        session.http().response_headers = response_pairs(parts);
-        let verdict = session.response_headers(end_of_stream);
-        match drive(&mut session, verdict, &run.callouts).await {
+    // Taken out while callouts are awaited (no lock is held across them), put back for
+    // the bodies.
+    let mut list = std::mem::take(&mut lock(&run.entries).list);
+    for e in list.iter_mut().rev().filter(|e| !e.off) {
+        e.session.http().response_headers = response_pairs(parts);
+        let verdict = e.session.response_headers(end_of_stream);
+        match drive(&mut e.session, verdict, &run.callouts).await {
             Ok(Verdict::Continue | Verdict::Call(_)) => {
-                apply_response(&session.http().response_headers, parts)
+                apply_response(&e.session.http().response_headers, parts)
             }
             Ok(Verdict::Reply(reply)) => return Ok(Some(local_reply(reply))),
-            Err(fault) => failed(&plugin, &fault)?,
+            Err(fault) => {
+                failed(&e.plugin, &fault)?;
+                e.off = true;
+            }
         }
     }
+    lock(&run.entries).list = list;
     Ok(None)
 }
 

@@ -193,6 +193,10 @@ pub struct Shared {
     pub shared_data: SharedData,
     pub queues: Queues,
     pub metrics: PluginMetrics,
+    /// Requests the plugin failed (it could not be loaded, or trapped), by fail strategy:
+    /// let through (FAIL_OPEN) or refused (FAIL_CLOSE).
+    pub failed_open: std::sync::atomic::AtomicU64,
+    pub failed_closed: std::sync::atomic::AtomicU64,
 }
 
 /// Every plugin's shared state by plugin name, for the life of the process (a plugin
@@ -212,11 +216,43 @@ struct PluginLabel {
     plugin: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct FailureLabels {
+    plugin: String,
+    /// `fail_open` (let through) or `fail_close` (refused).
+    strategy: &'static str,
+}
+
 impl prometheus_client::collector::Collector for Registry {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let plugins: Vec<(String, Arc<Shared>)> = lock(&self.0)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !plugins.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "isthmus_sidecar_wasm_plugin_failures",
+                "requests a WasmPlugin failed (not loaded, or trapped), by what its fail strategy did",
+                None,
+                MetricType::Counter,
+            )?;
+            for (plugin, shared) in &plugins {
+                for (strategy, n) in [
+                    ("fail_open", &shared.failed_open),
+                    ("fail_close", &shared.failed_closed),
+                ] {
+                    let labels = FailureLabels {
+                        plugin: plugin.clone(),
+                        strategy,
+                    };
+                    ConstCounter::new(n.load(Ordering::Relaxed))
+                        .encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
         // One family per name, a series per plugin that defines it.
         let mut by_name: BTreeMap<String, Vec<(String, Arc<Value>)>> = BTreeMap::new();
-        for (plugin, shared) in lock(&self.0).iter() {
+        for (plugin, shared) in &plugins {
             for (name, value) in lock(&shared.metrics.0).iter() {
                 by_name
                     .entry(name.clone())

@@ -14,9 +14,12 @@ use wasmi::{Config, Engine, Instance, Linker, Module, Store, StoreLimitsBuilder,
 use super::abi::{self, Host, HttpState};
 use super::shared::PluginShared;
 
-/// Instructions one callback may run (a few milliseconds of interpretation): a plugin that
-/// loops is stopped, and its request is failed by its fail strategy.
-const FUEL_PER_CALLBACK: u64 = 20_000_000;
+/// Instructions one callback may run (some tens of milliseconds of interpretation), plus
+/// [`FUEL_PER_BYTE`] for each byte of body it is handed: a plugin that loops is stopped, and
+/// its request is failed by its fail strategy, while one that works through a large body
+/// has the time to.
+const FUEL_PER_CALLBACK: u64 = 50_000_000;
+const FUEL_PER_BYTE: u64 = 2_000;
 /// Linear memory one instance may grow to.
 const MAX_MEMORY: usize = 64 << 20;
 /// Idle instances kept per plugin; more are made under load and dropped after.
@@ -32,6 +35,16 @@ pub enum Verdict {
     Reply(abi::LocalReply),
     /// Make these callouts and hand their answers over before going on.
     Call(Vec<abi::Callout>),
+}
+
+/// What a body callback asks of the body.
+#[derive(Debug)]
+pub enum BodyVerdict {
+    /// Pass what it holds (possibly changed) on.
+    Continue,
+    /// Hold the bytes back and hand them over again with the next ones.
+    Buffer,
+    Reply(abi::LocalReply),
 }
 
 /// A callout's answer: its headers (with `:status`), body and trailers.
@@ -70,8 +83,16 @@ impl std::fmt::Debug for Runtime {
 /// `proxy_on_http_call_response(context, token, headers, body size, trailers)`.
 type CallResponse = TypedFunc<(i32, i32, i32, i32, i32), ()>;
 
+/// `proxy_on_*_body(context, size, end_of_stream)` and `proxy_on_*_trailers(context, n)`.
+type BodyCall = TypedFunc<(i32, i32, i32), i32>;
+type TrailersCall = TypedFunc<(i32, i32), i32>;
+
 struct Calls {
     context_create: TypedFunc<(i32, i32), ()>,
+    request_body: Option<BodyCall>,
+    response_body: Option<BodyCall>,
+    request_trailers: Option<TrailersCall>,
+    response_trailers: Option<TrailersCall>,
     call_response: Option<CallResponse>,
     request_headers: TypedFunc<(i32, i32, i32), i32>,
     response_headers: TypedFunc<(i32, i32, i32), i32>,
@@ -202,6 +223,7 @@ impl Runtime {
             runtime: self.clone(),
             vm: Some(vm),
             context,
+            spare: HttpState::default(),
         })
     }
 }
@@ -223,6 +245,10 @@ fn calls(store: &Store<Host>, instance: &Instance) -> Result<Calls, wasmi::Error
     Ok(Calls {
         context_create: typed(store, instance, "proxy_on_context_create")?,
         call_response: typed(store, instance, "proxy_on_http_call_response").ok(),
+        request_body: typed(store, instance, "proxy_on_request_body").ok(),
+        response_body: typed(store, instance, "proxy_on_response_body").ok(),
+        request_trailers: typed(store, instance, "proxy_on_request_trailers").ok(),
+        response_trailers: typed(store, instance, "proxy_on_response_trailers").ok(),
         request_headers: typed(store, instance, "proxy_on_request_headers")?,
         response_headers: typed(store, instance, "proxy_on_response_headers")?,
         log: typed(store, instance, "proxy_on_log").ok(),
@@ -238,17 +264,23 @@ pub struct Session {
     runtime: Arc<Runtime>,
     vm: Option<Vm>,
     context: i32,
+    spare: HttpState,
 }
 
 impl Session {
+    /// The request as the plugin sees it. Once a callback failed, the instance is gone
+    /// and this is an empty stand-in: nothing the failed plugin did is kept.
     pub fn http(&mut self) -> &mut HttpState {
-        &mut self.vm_mut().store.data_mut().http
+        match &mut self.vm {
+            Some(vm) => &mut vm.store.data_mut().http,
+            None => &mut self.spare,
+        }
     }
 
-    fn vm_mut(&mut self) -> &mut Vm {
+    fn vm_mut(&mut self) -> Result<&mut Vm, PluginFault> {
         self.vm
             .as_mut()
-            .expect("a session holds its instance until dropped")
+            .ok_or_else(|| PluginFault("the plugin failed earlier in this request".into()))
     }
 
     /// `proxy_on_request_headers`: the request headers are in [`Session::http`].
@@ -263,7 +295,7 @@ impl Session {
 
     fn headers(&mut self, request: bool, end_of_stream: bool) -> Result<Verdict, PluginFault> {
         let context = self.context;
-        let vm = self.vm_mut();
+        let vm = self.vm_mut()?;
         let n = if request {
             vm.store.data().http.request_headers.len()
         } else {
@@ -280,6 +312,80 @@ impl Session {
         self.after(called.map(drop), &format!("proxy_on_{side}_headers"))
     }
 
+    /// `proxy_on_{request,response}_body` over the body bytes in [`Session::http`]:
+    /// `Ok(true)` to go on, `Ok(false)` to keep buffering (any status but Continue).
+    pub fn body(&mut self, request: bool, end_of_stream: bool) -> Result<BodyVerdict, PluginFault> {
+        let context = self.context;
+        let vm = self.vm_mut()?;
+        let (f, len) = if request {
+            (
+                vm.calls.request_body,
+                vm.store.data().http.request_body.len(),
+            )
+        } else {
+            (
+                vm.calls.response_body,
+                vm.store.data().http.response_body.len(),
+            )
+        };
+        let Some(f) = f else {
+            return Ok(BodyVerdict::Continue);
+        };
+        let _ = vm
+            .store
+            .set_fuel(FUEL_PER_CALLBACK + FUEL_PER_BYTE * len as u64);
+        let called = f.call(
+            &mut vm.store,
+            (context, len as i32, i32::from(end_of_stream)),
+        );
+        let what = if request {
+            "proxy_on_request_body"
+        } else {
+            "proxy_on_response_body"
+        };
+        let status = match &called {
+            Ok(s) => *s,
+            Err(_) => 0,
+        };
+        match self.after(called.map(drop), what)? {
+            Verdict::Reply(r) => Ok(BodyVerdict::Reply(r)),
+            Verdict::Call(calls) => {
+                // A body callback cannot wait: its callouts are answered as failed.
+                for c in calls {
+                    if let Verdict::Reply(r) = self.call_response(c.token, None)? {
+                        return Ok(BodyVerdict::Reply(r));
+                    }
+                }
+                Ok(BodyVerdict::Continue)
+            }
+            Verdict::Continue if status == 0 => Ok(BodyVerdict::Continue),
+            Verdict::Continue => Ok(BodyVerdict::Buffer),
+        }
+    }
+
+    /// `proxy_on_{request,response}_trailers` over the trailers in [`Session::http`].
+    pub fn trailers(&mut self, request: bool) -> Result<Verdict, PluginFault> {
+        let context = self.context;
+        let vm = self.vm_mut()?;
+        let (f, n) = if request {
+            (
+                vm.calls.request_trailers,
+                vm.store.data().http.request_trailers.len(),
+            )
+        } else {
+            (
+                vm.calls.response_trailers,
+                vm.store.data().http.response_trailers.len(),
+            )
+        };
+        let Some(f) = f else {
+            return Ok(Verdict::Continue);
+        };
+        refuel(&mut vm.store);
+        let called = f.call(&mut vm.store, (context, n as i32));
+        self.after(called.map(drop), "proxy_on_trailers")
+    }
+
     /// Hands a callout's answer over (`None`: it failed or timed out, which the plugin is
     /// told as an answer with no headers, as Envoy does).
     pub fn call_response(
@@ -287,7 +393,7 @@ impl Session {
         token: u32,
         answer: Option<CalloutAnswer>,
     ) -> Result<Verdict, PluginFault> {
-        let vm = self.vm_mut();
+        let vm = self.vm_mut()?;
         let Some(f) = vm.calls.call_response else {
             return Ok(Verdict::Continue);
         };

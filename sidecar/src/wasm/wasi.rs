@@ -173,8 +173,16 @@ pub fn define(linker: &mut Linker<Host>, module: &Module) -> Result<(), Error> {
         };
         let (m, name) = (import.module().to_owned(), import.name().to_owned());
         let what = format!("{m}.{name}");
+        // An ABI call not built (gRPC callouts, foreign functions) answers Unimplemented,
+        // which SDKs report as an error status; anything else traps.
+        let status =
+            m == "env" && name.starts_with("proxy_") && ty.results() == [wasmi::ValType::I32];
         // Already defined above or by the ABI: the error says so, and is not one.
-        let _ = linker.func_new(&m, &name, ty.clone(), move |_, _, _| {
+        let _ = linker.func_new(&m, &name, ty.clone(), move |_, _, results| {
+            if status {
+                results[0] = wasmi::Val::I32(super::abi::status::UNIMPLEMENTED);
+                return Ok(());
+            }
             Err(Error::new(format!(
                 "the plugin called {what}, which this sidecar does not provide"
             )))

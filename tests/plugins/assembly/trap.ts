@@ -1,5 +1,5 @@
-// Traps on every request whose path contains "/trap" (an out-of-bounds access a buggy
-// plugin could make); other requests pass.
+// Traps on every request whose path contains "/trap" (as a buggy plugin would), and
+// loops forever on "/loop"; other requests pass.
 export * from "@solo-io/proxy-runtime/proxy";
 import { RootContext, Context, registerRootContext, FilterHeadersStatusValues, stream_context } from "@solo-io/proxy-runtime";
 
@@ -14,8 +14,13 @@ class Trap extends Context {
     super(context_id, root_context);
   }
   onRequestHeaders(a: u32, end_of_stream: bool): FilterHeadersStatusValues {
-    if (stream_context.headers.request.get(":path").includes("/trap")) {
+    const path = stream_context.headers.request.get(":path");
+    if (path.includes("/trap")) {
       unreachable();
+    }
+    let spins: u64 = 0;
+    while (path.includes("/loop")) {
+      spins++;
     }
     return FilterHeadersStatusValues.Continue;
   }

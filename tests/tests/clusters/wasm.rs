@@ -149,6 +149,14 @@ async fn a_trapping_plugin_fails_open_or_closed_for_its_request_alone() -> anyho
     )
     .await?;
     wait_loaded(echo_admin, &["demo/trap"]).await?;
+    let failed = |strategy: &'static str| async move {
+        metric_sum(
+            echo_admin,
+            "isthmus_sidecar_wasm_plugin_failures_total",
+            &[("plugin", "demo/trap"), ("strategy", strategy)],
+        )
+        .await
+    };
     let status = |path: &'static str| {
         let client = client.clone();
         async move { Ok::<_, anyhow::Error>(client.get(outbound, HOST, path).await?.status) }
@@ -175,6 +183,7 @@ async fn a_trapping_plugin_fails_open_or_closed_for_its_request_alone() -> anyho
         Ok(())
     })
     .await?;
+    let closed_before = failed("fail_close").await?;
     // Requests in between, before and after the trap, never meet it: each has an
     // instance of its own, and a trapped one is never reused.
     let mut statuses = Vec::new();
@@ -182,6 +191,14 @@ async fn a_trapping_plugin_fails_open_or_closed_for_its_request_alone() -> anyho
         statuses.push(status(path).await?);
     }
     assert_eq!(statuses, [200, 503, 200, 503, 200]);
+    // A plugin that never returns is stopped (its fuel runs out): the request is failed
+    // in bounded time, and the next one is served.
+    let started = Instant::now();
+    assert_eq!(status("/loop").await?, 503);
+    let stopped_after = started.elapsed();
+    eprintln!("a looping plugin was stopped after {stopped_after:?}");
+    assert!(stopped_after < Duration::from_secs(3), "{stopped_after:?}");
+    assert_eq!(status("/").await?, 200);
     let refused = client.get(outbound, HOST, "/trap").await?;
     assert_eq!(
         String::from_utf8_lossy(&refused.body).trim(),
@@ -189,6 +206,12 @@ async fn a_trapping_plugin_fails_open_or_closed_for_its_request_alone() -> anyho
         "the caller is not told what the plugin did"
     );
     assert!(isthmus_tests::reachable(outbound, HOST).await.is_ok());
+    assert!(failed("fail_open").await? >= 1.0, "the /trap let through");
+    assert_eq!(
+        failed("fail_close").await? - closed_before,
+        4.0,
+        "two /trap, a /loop, one more /trap"
+    );
 
     // A module that cannot be loaded: FAIL_CLOSE refuses every request it would see, and
     // the dump says why.
@@ -467,5 +490,98 @@ async fn a_plugin_pauses_a_request_to_ask_a_mesh_service_in_another_cluster() ->
     )
     .await?;
     assert_eq!(String::from_utf8_lossy(&refused.body), "policy said 503\n");
+    Ok(())
+}
+
+/// `curl` POSTs `body` to the echo service through the sidecar at `outbound`: status and
+/// response body.
+async fn curl_post(outbound: SocketAddr, body: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::AsyncWriteExt;
+    let mut curl = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            &format!("Host: {HOST}"),
+            "--data-binary",
+            "@-",
+            &format!("http://{outbound}/upload"),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdin = curl.stdin.take().expect("piped");
+    stdin.write_all(body.as_bytes()).await?;
+    drop(stdin);
+    let out = curl.wait_with_output().await?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text
+        .rsplit_once('\n')
+        .ok_or_else(|| anyhow::anyhow!("curl printed {text:?}"))?;
+    Ok((code.parse()?, body.to_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_read_change_and_refuse_bodies_and_add_trailers() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east"]).await?;
+    mesh.add_workload("east", "echo-a", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    mesh.apply(
+        "east",
+        "plugins.yaml",
+        &plugin_yaml("bodies", "body", "  pluginConfig: {}\n")?,
+    )
+    .await?;
+    wait_loaded(mesh.workload("east", "echo-a").admin(), &["demo/bodies"]).await?;
+    let outbound = mesh.workload("east", "client").outbound();
+
+    // The plugin held the body to its end, then upper-cased it; the app got that, and the
+    // plugin appended a line to the JSON answer.
+    let (status, body) = curl_post(outbound, "hello wasm").await?;
+    assert_eq!(status, 200, "{body}");
+    let (json, tail) = body
+        .split_once("\n-- seen by wasm")
+        .ok_or_else(|| anyhow::anyhow!("no appended line: {body}"))?;
+    let answer: isthmus::echo::Answer = serde_json::from_str(json)?;
+    assert_eq!(answer.body, "HELLO WASM");
+    assert_eq!(tail, "\n");
+    assert_eq!(answer.method, "POST");
+    // A body of many frames (200 KiB) is held whole and changed whole.
+    let big = "abcdefghij".repeat(20 << 10);
+    let (status, body) = curl_post(outbound, &big).await?;
+    assert_eq!(status, 200);
+    let answer: isthmus::echo::Answer =
+        serde_json::from_str(body.split("\n-- seen by wasm").next().unwrap_or_default())?;
+    assert_eq!(answer.body_len, big.len());
+    assert!(answer.body.starts_with("ABCDEFGHIJABCDEFGHIJ"));
+    // Refused from the body: the caller gets the plugin's answer, not the app's.
+    let (status, body) = curl_post(outbound, "this is forbidden").await?;
+    assert_eq!(
+        (status, body.as_str()),
+        (403, "refused by body: 17 bytes\n")
+    );
+
+    // gRPC passes untouched, and its response gets the plugin's trailer.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{outbound}"))?
+        .origin("http://echo.demo.svc.cluster.local:9090".parse()?)
+        .connect()
+        .await?;
+    let reply = isthmus_proto::echo::echo_client::EchoClient::new(channel)
+        .say(isthmus_proto::echo::EchoRequest {
+            message: "hi".into(),
+        })
+        .await?;
+    assert_eq!(
+        reply.metadata().get("x-wasm-trailer").map(|v| v.as_bytes()),
+        Some(&b"seen"[..]),
+        "{:?}",
+        reply.metadata()
+    );
+    assert_eq!(reply.into_inner().message, "hi");
     Ok(())
 }
