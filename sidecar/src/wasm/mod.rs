@@ -80,6 +80,70 @@ pub struct Plugin {
     runtime: Result<Arc<Runtime>, PluginFault>,
     stage: Stage,
     shared: Arc<shared::Shared>,
+    /// Its resident root context's task (timer, queues); stops with the plugin.
+    _resident: Option<Resident>,
+}
+
+/// Aborts the resident task when the plugin it serves is dropped (swapped out, and the
+/// last request that held it done).
+#[derive(Debug)]
+struct Resident(tokio::task::JoinHandle<()>);
+
+impl Drop for Resident {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The resident root context of a plugin: ticks at the period the plugin sets, tells it of
+/// enqueued shared queues, and carries its callouts. A failed root is made again (after a
+/// second) and logged.
+async fn resident(runtime: Arc<Runtime>, callouts: Arc<Callouts>) {
+    let shared = runtime.shared().clone();
+    loop {
+        let mut root = match runtime.resident() {
+            Ok(root) => root,
+            Err(fault) => {
+                tracing::warn!(plugin = %shared.name, error = %fault, "WasmPlugin's resident root context cannot be made");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let fault = loop {
+            let period = shared.tick_ms.load(std::sync::atomic::Ordering::Relaxed);
+            let wait = if period == 0 {
+                // No timer (yet): look again now and then, in case the plugin sets one.
+                Duration::from_millis(200)
+            } else {
+                Duration::from_millis(u64::from(period))
+            };
+            let outcome = tokio::select! {
+                _ = tokio::time::sleep(wait) => {
+                    if period == 0 {
+                        continue;
+                    }
+                    let verdict = root.tick();
+                    drive(&mut root, verdict, &callouts).await
+                }
+                queues = shared.queues.ready() => {
+                    let mut outcome = Ok(Verdict::Continue);
+                    for q in queues {
+                        let verdict = root.queue_ready(q);
+                        outcome = drive(&mut root, verdict, &callouts).await;
+                        if outcome.is_err() {
+                            break;
+                        }
+                    }
+                    outcome
+                }
+            };
+            if let Err(fault) = outcome {
+                break fault;
+            }
+        };
+        tracing::warn!(plugin = %shared.name, error = %fault, "WasmPlugin's root context failed; made again in a second");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 impl Plugin {
@@ -342,11 +406,17 @@ impl Plugins {
                     tracing::warn!(plugin = %spec.name, url = %spec.url, error = %e, fail_open = spec.fail_open, "WasmPlugin cannot be loaded")
                 }
             }
+            let shared = self.registry.of(&spec.name);
+            let resident_task = runtime
+                .as_ref()
+                .ok()
+                .map(|r| Resident(tokio::spawn(resident(r.clone(), self.callouts.clone()))));
             plugins.push(Arc::new(Plugin {
-                shared: self.registry.of(&spec.name),
+                shared,
                 stage: Stage::of(&spec.phase),
                 spec: spec.clone(),
                 runtime,
+                _resident: resident_task,
             }));
         }
         *self.chain.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Chain {

@@ -49,14 +49,17 @@ impl SharedData {
     }
 }
 
-/// Shared queues by name, each a FIFO of byte strings.
+/// Shared queues by name, each a FIFO of byte strings. An enqueue wakes the plugin's
+/// resident root context (`proxy_on_queue_ready`).
 #[derive(Debug, Default)]
-pub struct Queues(Mutex<QueueTable>);
+pub struct Queues(Mutex<QueueTable>, tokio::sync::Notify);
 
 #[derive(Debug, Default)]
 struct QueueTable {
     ids: BTreeMap<String, u32>,
     queues: HashMap<u32, VecDeque<Vec<u8>>>,
+    /// Queues enqueued to since the resident root was last told.
+    ready: std::collections::BTreeSet<u32>,
 }
 
 impl Queues {
@@ -72,10 +75,26 @@ impl Queues {
         lock(&self.0).ids.get(name).copied()
     }
 
+    /// Waits until something was enqueued; returns the queues it went to.
+    pub async fn ready(&self) -> Vec<u32> {
+        loop {
+            let notified = self.1.notified();
+            let ready = std::mem::take(&mut lock(&self.0).ready);
+            if !ready.is_empty() {
+                return ready.into_iter().collect();
+            }
+            notified.await;
+        }
+    }
+
     pub fn enqueue(&self, id: u32, value: Vec<u8>) -> i32 {
-        match lock(&self.0).queues.get_mut(&id) {
+        let mut table = lock(&self.0);
+        match table.queues.get_mut(&id) {
             Some(q) if q.len() < MAX_QUEUED => {
                 q.push_back(value);
+                table.ready.insert(id);
+                drop(table);
+                self.1.notify_one();
                 status::OK
             }
             Some(_) => status::BAD_ARGUMENT,

@@ -94,6 +94,8 @@ struct Calls {
     request_trailers: Option<TrailersCall>,
     response_trailers: Option<TrailersCall>,
     call_response: Option<CallResponse>,
+    tick: Option<TypedFunc<i32, ()>>,
+    queue_ready: Option<TypedFunc<(i32, i32), ()>>,
     request_headers: TypedFunc<(i32, i32, i32), i32>,
     response_headers: TypedFunc<(i32, i32, i32), i32>,
     log: Option<TypedFunc<i32, ()>>,
@@ -224,7 +226,25 @@ impl Runtime {
             vm: Some(vm),
             context,
             spare: HttpState::default(),
+            resident: false,
         })
+    }
+
+    /// The plugin's resident instance: its root context gets the timer's ticks and the
+    /// shared queues' notifications (`proxy_on_tick`, `proxy_on_queue_ready`), as the one
+    /// root context of an Envoy worker would. Request instances get neither.
+    pub fn resident(self: &Arc<Self>) -> Result<Session, PluginFault> {
+        Ok(Session {
+            runtime: self.clone(),
+            vm: Some(self.instantiate()?),
+            context: ROOT_CONTEXT,
+            spare: HttpState::default(),
+            resident: true,
+        })
+    }
+
+    pub fn shared(&self) -> &Arc<PluginShared> {
+        &self.shared
     }
 }
 
@@ -245,6 +265,8 @@ fn calls(store: &Store<Host>, instance: &Instance) -> Result<Calls, wasmi::Error
     Ok(Calls {
         context_create: typed(store, instance, "proxy_on_context_create")?,
         call_response: typed(store, instance, "proxy_on_http_call_response").ok(),
+        tick: typed(store, instance, "proxy_on_tick").ok(),
+        queue_ready: typed(store, instance, "proxy_on_queue_ready").ok(),
         request_body: typed(store, instance, "proxy_on_request_body").ok(),
         response_body: typed(store, instance, "proxy_on_response_body").ok(),
         request_trailers: typed(store, instance, "proxy_on_request_trailers").ok(),
@@ -265,6 +287,8 @@ pub struct Session {
     vm: Option<Vm>,
     context: i32,
     spare: HttpState,
+    /// The resident root instance (see [`Runtime::resident`]): no HTTP context to end.
+    resident: bool,
 }
 
 impl Session {
@@ -310,6 +334,28 @@ impl Session {
         let called = f.call(&mut vm.store, (context, n, i32::from(end_of_stream)));
         let side = if request { "request" } else { "response" };
         self.after(called.map(drop), &format!("proxy_on_{side}_headers"))
+    }
+
+    /// `proxy_on_tick` on the resident root context.
+    pub fn tick(&mut self) -> Result<Verdict, PluginFault> {
+        let vm = self.vm_mut()?;
+        let Some(f) = vm.calls.tick else {
+            return Ok(Verdict::Continue);
+        };
+        refuel(&mut vm.store);
+        let called = f.call(&mut vm.store, ROOT_CONTEXT);
+        self.after(called, "proxy_on_tick")
+    }
+
+    /// `proxy_on_queue_ready` on the resident root context.
+    pub fn queue_ready(&mut self, queue: u32) -> Result<Verdict, PluginFault> {
+        let vm = self.vm_mut()?;
+        let Some(f) = vm.calls.queue_ready else {
+            return Ok(Verdict::Continue);
+        };
+        refuel(&mut vm.store);
+        let called = f.call(&mut vm.store, (ROOT_CONTEXT, queue as i32));
+        self.after(called, "proxy_on_queue_ready")
     }
 
     /// `proxy_on_{request,response}_body` over the body bytes in [`Session::http`]:
@@ -445,6 +491,9 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        if self.resident {
+            return;
+        }
         let Some(mut vm) = self.vm.take() else {
             return;
         };

@@ -585,3 +585,51 @@ async fn plugins_read_change_and_refuse_bodies_and_add_trailers() -> anyhow::Res
     assert_eq!(reply.into_inner().message, "hi");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_timer_queue_and_shared_data_reach_its_requests() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(&["east"]).await?;
+    mesh.add_workload("east", "echo-a", Some("echo"), "echo")
+        .await?;
+    mesh.add_workload("east", "client", None, "frontend")
+        .await?;
+    mesh.apply(
+        "east",
+        "plugins.yaml",
+        &plugin_yaml("ticker", "ticker", "  pluginConfig: {}\n")?,
+    )
+    .await?;
+    wait_loaded(mesh.workload("east", "echo-a").admin(), &["demo/ticker"]).await?;
+    let outbound = mesh.workload("east", "client").outbound();
+    let client = AppClient::new();
+    let ticks = || async {
+        let a = client.get(outbound, HOST, "/").await?.answer()?;
+        let n: u32 = a
+            .headers
+            .get("x-ticks")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
+        let last = a.headers.get("x-last-queued").cloned().unwrap_or_default();
+        Ok::<_, anyhow::Error>((n, last))
+    };
+    // The root ticks every 50 ms, queues each tick, and keeps the last one it took off
+    // the queue in shared data, which each request's own instance reads.
+    let (first, last) = eventually(
+        "ticks to reach requests",
+        Duration::from_secs(5),
+        || async {
+            let (n, last) = ticks().await?;
+            anyhow::ensure!(n >= 2, "{n} {last}");
+            Ok((n, last))
+        },
+    )
+    .await?;
+    assert_eq!(last, format!("tick {first}"), "the queue carried each tick");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (later, _) = ticks().await?;
+    assert!(
+        later >= first + 5,
+        "about ten ticks in 500 ms: {first} then {later}"
+    );
+    Ok(())
+}
