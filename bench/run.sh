@@ -7,6 +7,9 @@
 #   isthmus     client -> sidecar A --(HTTP/2 over mTLS 1.3, SPIFFE IDs checked)--> sidecar B -> backend
 #   isthmus-xc  client -> sidecar A (cluster east) -> east's gateway --QUIC--> west's gateway
 #               -> sidecar B (cluster west) -> backend; the TLS between the sidecars is end to end
+#   isthmus-wasm  as isthmus, with a WebAssembly plugin on sidecar B (by default one that does
+#               nothing: tests/plugins/assembly/noop.ts; WASM_MODULE=<file> WASM_PLUGIN_NAME=<root
+#               id> for another); not in the default SETUPS
 #
 # Every proxy runs one worker thread. Per setup and run: HTTP/1.1 throughput (wrk, keep-alive),
 # HTTP/2 throughput (h2load, h2c, many streams per connection), latency at a fixed request rate
@@ -257,6 +260,9 @@ is_ready() { # URL of the client sidecar, then every pid that must still run
 IS_CTL=$NET.21 IS_A=$NET.30 IS_B=$NET.31
 setup_isthmus() {
   backend_config bench $IS_B
+  is_pair
+}
+is_pair() { # the pair's control plane and sidecars, on the config written
   is_federation
   is_controller bench $IS_CTL
   is_proxy isthmus-sidecar-b sidecar bench $IS_CTL bench backend --workload bench/backend \
@@ -269,6 +275,35 @@ setup_isthmus() {
   is_ready "http://$IS_A:15001/" $PROXIES
 }
 teardown_isthmus() { local p; for p in $PROXIES $IS_CP; do stop "$p"; done; }
+
+# The same pair with a WebAssembly plugin on sidecar B (SERVER: every request to the
+# backend runs through it): by default one that does nothing (tests/plugins/assembly/
+# noop.ts, no SDK), so the difference to `isthmus` is what the proxy-wasm host costs.
+# WASM_MODULE (and WASM_PLUGIN_NAME) measure another module.
+setup_isthmus-wasm() {
+  local module=${WASM_MODULE:-$ROOT/tests/plugins/build/noop.wasm}
+  [ -f "$module" ] || "$ROOT/tests/plugins/build.sh" || die "cannot build the plugins (node and npm)"
+  backend_config bench $IS_B
+  cat >>"$WORK/isthmus/bench/config/backend.yaml" <<YAML
+---
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {name: measured, namespace: bench}
+spec:
+  selector: {matchLabels: {app: backend}}
+  url: file://$(realpath "$module")
+  pluginName: "${WASM_PLUGIN_NAME:-}"
+  pluginConfig: {}
+YAML
+  is_pair
+  local i
+  for i in $(seq 1 100); do
+    curl -fsS "http://$IS_B:15000/config_dump" | grep -q '"loaded":true' && return 0
+    sleep 0.1
+  done
+  die "sidecar B did not load the plugin (see its log)"
+}
+teardown_isthmus-wasm() { teardown_isthmus; }
 
 # Across clusters: sidecar A in `east` -> east's gateway (mTLS HTTP/2 CONNECT) -> QUIC ->
 # west's gateway -> sidecar B in `west` (the TLS inside the tunnel is end to end, A to B).

@@ -400,6 +400,32 @@ enum BenchCommand {
     /// clients, and the resync time after a controller restart. Each
     /// controller takes a loopback address 127.0.(200+N).1; the federation 127.0.199.1.
     Registry(isthmus::bench::Options),
+    /// What a WebAssembly plugin costs the sidecar (on its wasmi interpreter): the time
+    /// to validate, compile and instantiate the module, the memory each instance adds,
+    /// and the time one request takes through it (a new HTTP context, request and response
+    /// headers). Run it with a plugin that does nothing to see the host's own cost; the
+    /// sidecar-pair benchmark (`bench/run.sh`, setup `isthmus-wasm`) gives CPU per request
+    /// through real sidecars beside the same pair without a plugin.
+    Wasm(WasmBenchArgs),
+}
+
+#[derive(Args)]
+struct WasmBenchArgs {
+    /// The module (a .wasm file speaking the proxy-wasm ABI 0.2.x).
+    #[arg(long)]
+    module: PathBuf,
+    /// The root id the module registers its plugin under (a WasmPlugin's pluginName).
+    #[arg(long, default_value = "")]
+    plugin_name: String,
+    /// The plugin's configuration (a WasmPlugin's pluginConfig, as JSON).
+    #[arg(long, default_value = "{}")]
+    plugin_config: String,
+    /// Instances made to measure the memory of one.
+    #[arg(long, default_value_t = 200)]
+    instances: usize,
+    /// Requests run to measure the time of one.
+    #[arg(long, default_value_t = 20_000)]
+    requests: usize,
 }
 
 #[derive(Args)]
@@ -1307,6 +1333,29 @@ async fn run(
         }
         Command::Bench(BenchCommand::Registry(options)) => {
             isthmus::bench::run(options).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Wasm(a)) => {
+            let bytes = std::fs::read(&a.module)
+                .with_context(|| format!("reading {}", a.module.display()))?;
+            let m = tokio::task::spawn_blocking(move || {
+                isthmus_sidecar::wasm::measure(
+                    &bytes,
+                    &a.plugin_name,
+                    &a.plugin_config,
+                    a.instances,
+                    a.requests,
+                )
+            })
+            .await?
+            .map_err(|e| anyhow::anyhow!("the module cannot run as a plugin: {e}"))?;
+            println!(
+                "load {:.1} ms; {} KiB per instance ({} KiB of it linear memory); {:.1} µs per request",
+                m.load_ms,
+                m.bytes_per_instance / 1024,
+                m.linear_memory_bytes / 1024,
+                m.ns_per_request / 1e3
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(a) => {

@@ -39,7 +39,7 @@ mod store;
 mod telemetry;
 mod telemetry_policy;
 mod upgrade;
-mod wasm;
+pub mod wasm;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -12,8 +12,15 @@ for src in assembly/*.ts; do
   name=$(basename "$src" .ts)
   out="build/$name.wasm"
   if [ ! -f "$out" ] || [ "$src" -nt "$out" ]; then
+    # Plugins on the SDK map AssemblyScript's abort to its proc_exit; those without it
+    # (noop.ts) need no runtime at all.
+    if grep -q '@solo-io/proxy-runtime' "$src"; then
+      flags=(--use abort=abort_proc_exit)
+    else
+      flags=(--runtime stub --use abort=)
+    fi
     # The SDK's own sources draw portability warnings; errors fail the build.
-    if ! npx --no-install asc "$src" -b "$out" --use abort=abort_proc_exit --optimize 2>build/"$name".log; then
+    if ! npx --no-install asc "$src" -b "$out" "${flags[@]}" --optimize 2>build/"$name".log; then
       cat build/"$name".log >&2
       exit 1
     fi

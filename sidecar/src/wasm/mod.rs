@@ -852,11 +852,12 @@ pub async fn on_response(
 
 /// Encodes properties as proxy-wasm returns them: strings as bytes, integers as 8 bytes
 /// little-endian, booleans as one byte.
+#[derive(Default)]
 pub struct Properties(BTreeMap<String, Vec<u8>>);
 
 impl Properties {
     pub fn new() -> Self {
-        Self(BTreeMap::new())
+        Self::default()
     }
     pub fn string(mut self, key: &str, value: &str) -> Self {
         self.0.insert(key.to_owned(), string(value));
@@ -873,4 +874,95 @@ impl Properties {
     pub fn done(self) -> PropertyMap {
         Arc::new(self.0)
     }
+}
+
+/// What `isthmus bench wasm` measures of one module: its cost to load, to keep an
+/// instance, and to run a request through it.
+#[derive(Debug, serde::Serialize)]
+pub struct Measured {
+    /// Validating and compiling the module, and making its first instance.
+    pub load_ms: f64,
+    /// Resident memory each further instance adds (mean over `instances`).
+    pub bytes_per_instance: u64,
+    /// Its linear memory alone, as the module declares it.
+    pub linear_memory_bytes: u64,
+    /// One request through the plugin (a new HTTP context on a pooled instance, request
+    /// and response headers with a few headers each, and its end), mean.
+    pub ns_per_request: f64,
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// Loads `bytes` as a plugin (root id `root_id`, configuration `config`), makes
+/// `instances` instances and runs `requests` requests through it, one at a time.
+pub fn measure(
+    bytes: &[u8],
+    root_id: &str,
+    config: &str,
+    instances: usize,
+    requests: usize,
+) -> Result<Measured, String> {
+    let shared = Arc::new(PluginShared {
+        name: "bench/plugin".into(),
+        config: config.as_bytes().to_vec(),
+        properties: BTreeMap::from([("plugin_root_id".to_owned(), string(root_id))]),
+        env: BTreeMap::new(),
+        shared: Arc::default(),
+        tick_ms: Default::default(),
+    });
+    let started = std::time::Instant::now();
+    let runtime = Runtime::load(bytes, shared).map_err(|e| e.0)?;
+    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+    let linear_memory_bytes = runtime.linear_memory_bytes();
+    let before = rss_bytes();
+    let held: Vec<Session> = (0..instances)
+        .map(|_| runtime.resident())
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.0)?;
+    let bytes_per_instance = rss_bytes().saturating_sub(before) / instances.max(1) as u64;
+    drop(held);
+    let headers = |status: Option<&str>| -> abi::Pairs {
+        let mut p: abi::Pairs = match status {
+            Some(s) => vec![(":status".into(), string(s))],
+            None => vec![
+                (":method".into(), string("GET")),
+                (":path".into(), string("/")),
+                (
+                    ":authority".into(),
+                    string("backend.bench.svc.cluster.local"),
+                ),
+                (":scheme".into(), string("http")),
+            ],
+        };
+        p.push(("user-agent".into(), string("bench")));
+        p.push((
+            "x-request-id".into(),
+            string("0f2c1a5e-5d4e-4b4e-9f1e-3c2b1a0d9e8f"),
+        ));
+        p
+    };
+    let started = std::time::Instant::now();
+    for _ in 0..requests {
+        let mut s = runtime
+            .session(HttpState {
+                request_headers: headers(None),
+                ..Default::default()
+            })
+            .map_err(|e| e.0)?;
+        s.request_headers(true).map_err(|e| e.0)?;
+        s.http().response_headers = headers(Some("200"));
+        s.response_headers(true).map_err(|e| e.0)?;
+    }
+    let ns_per_request = started.elapsed().as_nanos() as f64 / requests.max(1) as f64;
+    Ok(Measured {
+        load_ms,
+        bytes_per_instance,
+        linear_memory_bytes,
+        ns_per_request,
+    })
 }

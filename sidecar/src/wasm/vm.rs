@@ -246,6 +246,17 @@ impl Runtime {
     pub fn shared(&self) -> &Arc<PluginShared> {
         &self.shared
     }
+
+    /// The linear memory an instance starts with, as the module declares it.
+    pub fn linear_memory_bytes(&self) -> u64 {
+        self.module
+            .exports()
+            .find_map(|e| match e.ty() {
+                wasmi::ExternType::Memory(m) => Some(m.minimum() * 65_536),
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
 }
 
 fn refuel(store: &mut Store<Host>) {
