@@ -832,8 +832,12 @@ pub async fn on_response(
     // Taken out while callouts are awaited (no lock is held across them), put back for
     // the bodies.
     let mut list = std::mem::take(&mut lock(&run.entries).list);
+    let code = i64::from(parts.status.as_u16()).to_le_bytes().to_vec();
     for e in list.iter_mut().rev().filter(|e| !e.off) {
-        e.session.http().response_headers = response_pairs(parts);
+        let http = e.session.http();
+        http.response_headers = response_pairs(parts);
+        http.set_properties
+            .insert("response.code".into(), code.clone());
         let verdict = e.session.response_headers(end_of_stream);
         match drive(&mut e.session, verdict, &run.callouts).await {
             Ok(Verdict::Continue | Verdict::Call(_)) => {
@@ -965,4 +969,38 @@ pub fn measure(
         linear_memory_bytes,
         ns_per_request,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_sidecars_secret_marks_a_callout() {
+        let callouts = Callouts::default();
+        let mut headers = HeaderMap::new();
+        assert!(!callouts.is_callout(&headers));
+        headers.insert(CALLOUT, HeaderValue::from_static("guessed"));
+        assert!(
+            !callouts.is_callout(&headers),
+            "an app cannot skip CLIENT plugins"
+        );
+        headers.insert(CALLOUT, callouts.secret.clone());
+        assert!(callouts.is_callout(&headers));
+        assert_ne!(
+            Callouts::default().secret,
+            callouts.secret,
+            "each process makes its own"
+        );
+    }
+
+    #[test]
+    fn callouts_name_mesh_hosts_as_envoy_clusters_or_hosts() {
+        assert_eq!(
+            Callouts::target("outbound|9090||policy.demo.svc.cluster.local"),
+            "policy.demo.svc.cluster.local:9090"
+        );
+        assert_eq!(Callouts::target("policy.demo:80"), "policy.demo:80");
+        assert_eq!(Callouts::target("policy"), "policy");
+    }
 }
