@@ -312,7 +312,8 @@ pub struct Plugins {
     registry: Arc<shared::Registry>,
     /// Plugin-level properties of this proxy (`node.*`).
     node: BTreeMap<String, Vec<u8>>,
-    fetcher: isthmus_core::fetch::Getter,
+    /// Made when a first module is fetched (it reads the system's roots).
+    fetcher: std::sync::OnceLock<isthmus_core::fetch::Getter>,
     /// Fetched modules by URL and digest (`IfNotPresent`).
     fetched: Mutex<HashMap<(String, String), Bytes>>,
 }
@@ -357,7 +358,7 @@ impl Plugins {
             callouts: Arc::default(),
             registry: plugins_registry,
             node,
-            fetcher: isthmus_core::fetch::Getter::new(None)?,
+            fetcher: std::sync::OnceLock::new(),
             fetched: Mutex::default(),
         }))
     }
@@ -480,8 +481,15 @@ impl Plugins {
                 return Ok(b.clone());
             }
         }
-        let bytes = self
-            .fetcher
+        let fetcher = match self.fetcher.get() {
+            Some(f) => f,
+            None => {
+                let made = isthmus_core::fetch::Getter::new(None)
+                    .map_err(|e| PluginFault(format!("HTTPS client: {e}")))?;
+                self.fetcher.get_or_init(|| made)
+            }
+        };
+        let bytes = fetcher
             .get(url, FETCH_TIMEOUT, MAX_MODULE)
             .await
             .map_err(|e| PluginFault(e.to_string()))?;
@@ -521,8 +529,14 @@ impl Plugins {
 /// The plugins one request runs through, and their sessions: for its body, its response
 /// and the response's body. Each session ends (`proxy_on_log`, `proxy_on_done`) when the
 /// last of these is done with it.
+///
+/// Made for every request, so it costs nothing until a plugin runs.
 #[derive(Default)]
 pub struct Run {
+    ran: Option<Ran>,
+}
+
+struct Ran {
     entries: Arc<Mutex<Entries>>,
     callouts: Arc<Callouts>,
 }
@@ -551,24 +565,28 @@ fn lock(m: &Mutex<Entries>) -> std::sync::MutexGuard<'_, Entries> {
 
 /// The request body, through the plugins that saw the request's headers.
 pub fn request_body(run: &Run, body: ProxyBody) -> ProxyBody {
-    if run.is_empty() {
-        return body;
+    match &run.ran {
+        Some(ran) if !run.is_empty() => {
+            crate::body::boxed(body::PluginBody::new(body, ran.entries.clone(), true))
+        }
+        _ => body,
     }
-    crate::body::boxed(body::PluginBody::new(body, run.entries.clone(), true))
 }
 
 /// The response body, through the plugins that saw the request.
 pub fn response_body(run: &Run, body: ProxyBody) -> ProxyBody {
-    if run.is_empty() {
-        return body;
+    match &run.ran {
+        Some(ran) if !run.is_empty() => {
+            crate::body::boxed(body::PluginBody::new(body, ran.entries.clone(), false))
+        }
+        _ => body,
     }
-    crate::body::boxed(body::PluginBody::new(body, run.entries.clone(), false))
 }
 
 /// When a plugin cut the request's body short, what the caller gets in place of the
 /// upstream's failure: the plugin's answer, or the plugin's failure (FAIL_CLOSE).
 pub fn take_reply(run: &Run) -> Option<Result<Response<ProxyBody>, ProxyError>> {
-    let mut entries = lock(&run.entries);
+    let mut entries = lock(&run.ran.as_ref()?.entries);
     if let Some(reply) = entries.reply.take() {
         return Some(Ok(local_reply(reply)));
     }
@@ -613,7 +631,9 @@ async fn drive(
 
 impl Run {
     pub fn is_empty(&self) -> bool {
-        lock(&self.entries).list.is_empty()
+        self.ran
+            .as_ref()
+            .is_none_or(|r| lock(&r.entries).list.is_empty())
     }
 }
 
@@ -801,12 +821,15 @@ pub async fn on_request(
                 continue;
             }
         };
-        run.callouts = flow.chain.callouts.clone();
         let verdict = session.request_headers(end_of_stream);
         match drive(&mut session, verdict, &flow.chain.callouts).await {
             Ok(Verdict::Continue | Verdict::Call(_)) => {
                 apply_request(&session.http().request_headers, parts)?;
-                lock(&run.entries).list.push(Entry {
+                let ran = run.ran.get_or_insert_with(|| Ran {
+                    entries: Arc::default(),
+                    callouts: flow.chain.callouts.clone(),
+                });
+                lock(&ran.entries).list.push(Entry {
                     plugin: plugin.clone(),
                     session,
                     held: Vec::new(),
@@ -831,7 +854,10 @@ pub async fn on_response(
 ) -> Result<Option<Response<ProxyBody>>, ProxyError> {
     // Taken out while callouts are awaited (no lock is held across them), put back for
     // the bodies.
-    let mut list = std::mem::take(&mut lock(&run.entries).list);
+    let Some(ran) = &run.ran else {
+        return Ok(None);
+    };
+    let mut list = std::mem::take(&mut lock(&ran.entries).list);
     let code = i64::from(parts.status.as_u16()).to_le_bytes().to_vec();
     for e in list.iter_mut().rev().filter(|e| !e.off) {
         let http = e.session.http();
@@ -839,7 +865,7 @@ pub async fn on_response(
         http.set_properties
             .insert("response.code".into(), code.clone());
         let verdict = e.session.response_headers(end_of_stream);
-        match drive(&mut e.session, verdict, &run.callouts).await {
+        match drive(&mut e.session, verdict, &ran.callouts).await {
             Ok(Verdict::Continue | Verdict::Call(_)) => {
                 apply_response(&e.session.http().response_headers, parts)
             }
@@ -850,7 +876,7 @@ pub async fn on_response(
             }
         }
     }
-    lock(&run.entries).list = list;
+    lock(&ran.entries).list = list;
     Ok(None)
 }
 
