@@ -529,6 +529,20 @@ fn each<'s, S: 's, T>(
 
 /// The Services `targetRefs` (and the older `targetRef`) name; faults for kinds other
 /// than Service, other namespaces, and a selector given too.
+/// Whom a policy picks: its `selector` labels, and the Services its `targetRefs` name
+/// (checked as [`target_services`] does).
+pub(super) fn picked(
+    c: &mut Checker<'_>,
+    key: &NamespacedName,
+    selector: &Option<SelectorSpec>,
+    target_refs: &[TargetRefSpec],
+    target_ref: &Option<TargetRefSpec>,
+) -> (BTreeMap<String, String>, Vec<NamespacedName>) {
+    let selector = selector_of(selector.as_ref());
+    let services = target_services(c, key, &selector, target_refs, target_ref);
+    (selector, services)
+}
+
 pub(super) fn target_services(
     c: &mut Checker<'_>,
     key: &NamespacedName,
@@ -608,8 +622,7 @@ pub(super) fn authorization_policy(
         ),
         _ => {}
     }
-    let selector = selector_of(spec.selector.as_ref());
-    let services = target_services(c, key, &selector, &spec.target_refs, &spec.target_ref);
+    let (selector, services) = picked(c, key, &spec.selector, &spec.target_refs, &spec.target_ref);
     let mut rules = Vec::new();
     for (i, r) in spec.rules.iter().enumerate() {
         let field = format!("spec.rules[{i}]");
@@ -682,8 +695,7 @@ pub(super) fn request_authentication(
     key: &NamespacedName,
     spec: &RequestAuthenticationSpec,
 ) -> AuthnScope {
-    let selector = selector_of(spec.selector.as_ref());
-    let services = target_services(c, key, &selector, &spec.target_refs, &spec.target_ref);
+    let (selector, services) = picked(c, key, &spec.selector, &spec.target_refs, &spec.target_ref);
     let mut rules = Vec::new();
     for (i, r) in spec.jwt_rules.iter().enumerate() {
         let field = format!("spec.jwtRules[{i}]");

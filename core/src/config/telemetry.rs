@@ -323,13 +323,8 @@ pub(super) fn telemetry(
     key: &NamespacedName,
     spec: &TelemetrySpec,
 ) -> TelemetryScope {
-    let selector = spec
-        .selector
-        .as_ref()
-        .map(|s| s.match_labels.clone())
-        .unwrap_or_default();
-    let services =
-        super::security::target_services(c, key, &selector, &spec.target_refs, &spec.target_ref);
+    let (selector, services) =
+        super::security::picked(c, key, &spec.selector, &spec.target_refs, &spec.target_ref);
     let mut names = Vec::new();
     let mut tracing = Vec::new();
     for (i, t) in spec.tracing.iter().enumerate() {

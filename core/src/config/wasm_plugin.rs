@@ -117,13 +117,8 @@ pub(super) fn wasm_plugin(
     key: &NamespacedName,
     spec: &WasmPluginSpec,
 ) -> WasmPluginScope {
-    let selector = spec
-        .selector
-        .as_ref()
-        .map(|s| s.match_labels.clone())
-        .unwrap_or_default();
-    let services =
-        super::security::target_services(c, key, &selector, &spec.target_refs, &spec.target_ref);
+    let (selector, services) =
+        super::security::picked(c, key, &spec.selector, &spec.target_refs, &spec.target_ref);
     check_url(c, &spec.url);
     if !spec.sha256.is_empty()
         && (spec.sha256.len() != 64

@@ -460,45 +460,33 @@ pub fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
             hand_over(&mut caller, &value, ret_ptr, ret_size)
         },
     )?;
-    linker.func_wrap(
-        "env",
-        "proxy_add_header_map_value",
-        |mut caller: Caller<'_, Host>,
-         kind: i32,
-         kptr: i32,
-         klen: i32,
-         vptr: i32,
-         vlen: i32|
-         -> Result<i32, Error> {
-            let key = try_status!(read_string(&caller, kptr, klen));
-            let value = try_status!(read(&caller, vptr, vlen));
-            let Some(m) = map(&mut caller.data_mut().http, kind) else {
-                return Ok(status::BAD_ARGUMENT);
-            };
-            m.push((key.to_ascii_lowercase(), value));
-            Ok(status::OK)
-        },
-    )?;
-    linker.func_wrap(
-        "env",
-        "proxy_replace_header_map_value",
-        |mut caller: Caller<'_, Host>,
-         kind: i32,
-         kptr: i32,
-         klen: i32,
-         vptr: i32,
-         vlen: i32|
-         -> Result<i32, Error> {
-            let key = try_status!(read_string(&caller, kptr, klen));
-            let value = try_status!(read(&caller, vptr, vlen));
-            let Some(m) = map(&mut caller.data_mut().http, kind) else {
-                return Ok(status::BAD_ARGUMENT);
-            };
-            m.retain(|(k, _)| !same_name(k, &key));
-            m.push((key.to_ascii_lowercase(), value));
-            Ok(status::OK)
-        },
-    )?;
+    for (name, replace) in [
+        ("proxy_add_header_map_value", false),
+        ("proxy_replace_header_map_value", true),
+    ] {
+        linker.func_wrap(
+            "env",
+            name,
+            move |mut caller: Caller<'_, Host>,
+                  kind: i32,
+                  kptr: i32,
+                  klen: i32,
+                  vptr: i32,
+                  vlen: i32|
+                  -> Result<i32, Error> {
+                let key = try_status!(read_string(&caller, kptr, klen));
+                let value = try_status!(read(&caller, vptr, vlen));
+                let Some(m) = map(&mut caller.data_mut().http, kind) else {
+                    return Ok(status::BAD_ARGUMENT);
+                };
+                if replace {
+                    m.retain(|(k, _)| !same_name(k, &key));
+                }
+                m.push((key.to_ascii_lowercase(), value));
+                Ok(status::OK)
+            },
+        )?;
+    }
     linker.func_wrap(
         "env",
         "proxy_remove_header_map_value",
