@@ -150,9 +150,10 @@ async fn an_endpoint_failing_its_http_check_is_out_before_a_request_fails_and_ba
         because.contains("failing its health check: HTTP 503 from GET /healthz"),
         "{because}"
     );
-    // Two failed probes 200-250 ms apart, then a report and a push.
+    // Two failed probes 200-250 ms apart, then a report and a push (about 0.5 s; a loaded
+    // CI machine gets room).
     assert!(
-        out_after < Duration::from_millis(1500),
+        out_after < Duration::from_secs(3),
         "echo-b out after {out_after:?}"
     );
     let failed = metric_sum(
@@ -336,7 +337,7 @@ async fn a_grpc_check_reading_not_serving_takes_an_endpoint_out_in_every_cluster
         "east's traffic in west {:?} after echo-east stopped serving",
         flipped.elapsed()
     );
-    assert!(flipped.elapsed() < Duration::from_secs(2));
+    assert!(flipped.elapsed() < Duration::from_secs(4));
     // `isthmus explain` says why east's own endpoint is not a candidate.
     let req = isthmus::explain::Request {
         host: HOST,
