@@ -298,7 +298,7 @@ YAML
   is_pair
   local i
   for i in $(seq 1 100); do
-    curl -fsS "http://$IS_B:15000/config_dump" | grep -q '"loaded":true' && return 0
+    curl -fsS "http://$IS_B:15000/config_dump" | grep -Eq '"loaded": ?true' && return 0
     sleep 0.1
   done
   die "sidecar B did not load the plugin (see its log)"

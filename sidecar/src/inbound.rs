@@ -575,6 +575,7 @@ async fn forward(
     // WasmPlugins, when the workload has any: AUTHN ones now, before the token is checked.
     let chain = ctx.outbound.plugins.chain();
     let mut plugins = Plugins::new(&chain, ctx, caller, &parts, &path_and_query, app.port());
+    plugins.headers_only = hyper::body::Body::is_end_stream(&body);
     if let Some(answer) = plugins
         .stage(Stage::Authn, &mut parts, &mut path_and_query)
         .await?
@@ -732,6 +733,8 @@ struct Plugins<'a> {
     properties: Option<crate::wasm::PropertyMap>,
     port: u16,
     make: Option<Box<dyn FnOnce() -> crate::wasm::PropertyMap + Send + 'a>>,
+    /// The request has no body: plugins are told its headers end it.
+    headers_only: bool,
 }
 
 impl<'a> Plugins<'a> {
@@ -802,6 +805,7 @@ impl<'a> Plugins<'a> {
             properties: None,
             port,
             make,
+            headers_only: false,
         }
     }
 
@@ -830,7 +834,8 @@ impl<'a> Plugins<'a> {
             port: self.port,
             properties: &properties,
         };
-        let answer = crate::wasm::on_request(&flow, stage, parts, false, &mut self.run).await?;
+        let answer =
+            crate::wasm::on_request(&flow, stage, parts, self.headers_only, &mut self.run).await?;
         if let Some(p) = parts.uri.path_and_query() {
             *path = p.clone();
         }

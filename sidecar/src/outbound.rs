@@ -603,10 +603,12 @@ async fn route(
             port: port.port,
             properties: &properties,
         };
+        let headers_only = hyper::body::Body::is_end_stream(&body);
         for stage in [Stage::Authn, Stage::Authz, Stage::Last] {
-            let answer = crate::wasm::on_request(&flow, stage, &mut parts, false, &mut plugins)
-                .await
-                .map_err(|e| (e, named()))?;
+            let answer =
+                crate::wasm::on_request(&flow, stage, &mut parts, headers_only, &mut plugins)
+                    .await
+                    .map_err(|e| (e, named()))?;
             if let Some(answer) = answer {
                 return Ok((answer, named(), unknown()));
             }

@@ -97,6 +97,9 @@ pub struct HttpState {
     pub call_response_body: Vec<u8>,
     /// The plugin resumed the stream it paused (`proxy_continue_stream`).
     pub resumed: bool,
+    /// The plugin changed the request's (response's) headers since they were last applied.
+    pub request_headers_changed: bool,
+    pub response_headers_changed: bool,
     /// The body bytes a body callback sees (and may change): what it buffered so far.
     pub request_body: Vec<u8>,
     pub response_body: Vec<u8>,
@@ -237,6 +240,17 @@ fn map(http: &mut HttpState, map_type: i32) -> Option<&mut Pairs> {
         HTTP_CALL_RESPONSE_TRAILERS => Some(&mut http.call_response_trailers),
         _ => None,
     }
+}
+
+/// A header map a plugin is about to change: marked, so that an unchanged request or
+/// response is not rebuilt after the callback.
+fn map_mut(http: &mut HttpState, map_type: i32) -> Option<&mut Pairs> {
+    match map_type {
+        REQUEST_HEADERS => http.request_headers_changed = true,
+        RESPONSE_HEADERS => http.response_headers_changed = true,
+        _ => {}
+    }
+    map(http, map_type)
 }
 
 /// Header names are case-insensitive; proxy-wasm hands them over lower-cased.
@@ -416,7 +430,7 @@ pub fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
             let Some(pairs) = decode_pairs(&bytes) else {
                 return Ok(status::PARSE_FAILURE);
             };
-            let Some(m) = map(&mut caller.data_mut().http, kind) else {
+            let Some(m) = map_mut(&mut caller.data_mut().http, kind) else {
                 return Ok(status::BAD_ARGUMENT);
             };
             *m = pairs;
@@ -476,7 +490,7 @@ pub fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
                   -> Result<i32, Error> {
                 let key = try_status!(read_string(&caller, kptr, klen));
                 let value = try_status!(read(&caller, vptr, vlen));
-                let Some(m) = map(&mut caller.data_mut().http, kind) else {
+                let Some(m) = map_mut(&mut caller.data_mut().http, kind) else {
                     return Ok(status::BAD_ARGUMENT);
                 };
                 if replace {
@@ -492,7 +506,7 @@ pub fn define(linker: &mut Linker<Host>) -> Result<(), Error> {
         "proxy_remove_header_map_value",
         |mut caller: Caller<'_, Host>, kind: i32, kptr: i32, klen: i32| -> Result<i32, Error> {
             let key = try_status!(read_string(&caller, kptr, klen));
-            let Some(m) = map(&mut caller.data_mut().http, kind) else {
+            let Some(m) = map_mut(&mut caller.data_mut().http, kind) else {
                 return Ok(status::BAD_ARGUMENT);
             };
             m.retain(|(k, _)| !same_name(k, &key));

@@ -539,6 +539,8 @@ pub struct Run {
 struct Ran {
     entries: Arc<Mutex<Entries>>,
     callouts: Arc<Callouts>,
+    /// The request has no body (its headers ended the stream): no body callbacks.
+    headers_only: bool,
 }
 
 /// The sessions of one request, and what a request body callback did to it: answered it
@@ -566,7 +568,7 @@ fn lock(m: &Mutex<Entries>) -> std::sync::MutexGuard<'_, Entries> {
 /// The request body, through the plugins that saw the request's headers.
 pub fn request_body(run: &Run, body: ProxyBody) -> ProxyBody {
     match &run.ran {
-        Some(ran) if !run.is_empty() => {
+        Some(ran) if !ran.headers_only && !run.is_empty() => {
             crate::body::boxed(body::PluginBody::new(body, ran.entries.clone(), true))
         }
         _ => body,
@@ -824,10 +826,14 @@ pub async fn on_request(
         let verdict = session.request_headers(end_of_stream);
         match drive(&mut session, verdict, &flow.chain.callouts).await {
             Ok(Verdict::Continue | Verdict::Call(_)) => {
-                apply_request(&session.http().request_headers, parts)?;
+                let http = session.http();
+                if std::mem::take(&mut http.request_headers_changed) {
+                    apply_request(&http.request_headers, parts)?;
+                }
                 let ran = run.ran.get_or_insert_with(|| Ran {
                     entries: Arc::default(),
                     callouts: flow.chain.callouts.clone(),
+                    headers_only: end_of_stream,
                 });
                 lock(&ran.entries).list.push(Entry {
                     plugin: plugin.clone(),
@@ -867,7 +873,10 @@ pub async fn on_response(
         let verdict = e.session.response_headers(end_of_stream);
         match drive(&mut e.session, verdict, &ran.callouts).await {
             Ok(Verdict::Continue | Verdict::Call(_)) => {
-                apply_response(&e.session.http().response_headers, parts)
+                let http = e.session.http();
+                if std::mem::take(&mut http.response_headers_changed) {
+                    apply_response(&http.response_headers, parts)
+                }
             }
             Ok(Verdict::Reply(reply)) => return Ok(Some(local_reply(reply))),
             Err(fault) => {
