@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -d node_modules/@solo-io/proxy-runtime ]; then
-  npm install --no-audit --no-fund --silent >/dev/null
+  npm ci --no-audit --no-fund --silent >/dev/null
 fi
 mkdir -p build
 for src in assembly/*.ts; do
