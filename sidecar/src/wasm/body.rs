@@ -107,14 +107,16 @@ impl PluginBody {
                     )));
                 }
                 Err(fault) if e.plugin.spec.fail_open => {
-                    e.plugin.counted_failure();
-                    tracing::warn!(plugin = %e.plugin.spec.name, error = %fault, "WasmPlugin failed on a body; it sees no more of it (FAIL_OPEN)");
+                    e.plugin.counted_failure(
+                        &fault,
+                        "WasmPlugin failed on a body; it sees no more of it (FAIL_OPEN)",
+                    );
                     e.off = true;
                     chunk = seen;
                 }
                 Err(fault) => {
-                    e.plugin.counted_failure();
-                    tracing::warn!(plugin = %e.plugin.spec.name, error = %fault, "WasmPlugin failed on a body (FAIL_CLOSE)");
+                    e.plugin
+                        .counted_failure(&fault, "WasmPlugin failed on a body (FAIL_CLOSE)");
                     *failed = Some(e.plugin.spec.name.clone());
                     return Err(PluginBodyError(format!(
                         "WasmPlugin {} failed",

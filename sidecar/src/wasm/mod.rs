@@ -147,14 +147,20 @@ async fn resident(runtime: Arc<Runtime>, callouts: Arc<Callouts>) {
 }
 
 impl Plugin {
-    /// Counts a request it failed, by its fail strategy.
-    fn counted_failure(&self) {
+    /// Counts a request it failed, by its fail strategy, and logs why: a warning at most
+    /// once a second (see [`shared::Shared::warn_now`]), the rest at debug.
+    fn counted_failure(&self, fault: &dyn std::fmt::Display, what: &str) {
         let n = if self.spec.fail_open {
             &self.shared.failed_open
         } else {
             &self.shared.failed_closed
         };
         n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let plugin = &self.spec.name;
+        match self.shared.warn_now() {
+            Some(unlogged) => tracing::warn!(%plugin, error = %fault, unlogged, "{what}"),
+            None => tracing::debug!(%plugin, error = %fault, "{what}"),
+        }
     }
 
     fn applies(&self, side: Side, port: u16) -> bool {
@@ -766,12 +772,17 @@ fn local_reply(reply: abi::LocalReply) -> Response<ProxyBody> {
 
 /// What a failed plugin means for the request: nothing (FAIL_OPEN), or a 503.
 fn failed(plugin: &Plugin, fault: &PluginFault) -> Result<(), ProxyError> {
-    plugin.counted_failure();
     if plugin.spec.fail_open {
-        tracing::warn!(plugin = %plugin.spec.name, error = %fault, "WasmPlugin failed; the request goes on without it (FAIL_OPEN)");
+        plugin.counted_failure(
+            fault,
+            "WasmPlugin failed; the request goes on without it (FAIL_OPEN)",
+        );
         Ok(())
     } else {
-        tracing::warn!(plugin = %plugin.spec.name, error = %fault, "WasmPlugin failed; the request is refused (FAIL_CLOSE)");
+        plugin.counted_failure(
+            fault,
+            "WasmPlugin failed; the request is refused (FAIL_CLOSE)",
+        );
         Err(ProxyError::PluginFailed(plugin.spec.name.clone()))
     }
 }

@@ -216,6 +216,35 @@ pub struct Shared {
     /// let through (FAIL_OPEN) or refused (FAIL_CLOSE).
     pub failed_open: std::sync::atomic::AtomicU64,
     pub failed_closed: std::sync::atomic::AtomicU64,
+    /// When a failure was last logged as a warning (ms since the process's first), and
+    /// the failures since then that were not: see [`Shared::warn_now`].
+    warned_at_ms: std::sync::atomic::AtomicU64,
+    unwarned: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    /// Whether a failure should be logged as a warning now: at most one a second per
+    /// plugin, so that a client who can make a plugin fail cannot flood the log (the
+    /// failure counters count every one). `Some(n)`: warn, saying `n` went unlogged since.
+    pub fn warn_now(&self) -> Option<u64> {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let now = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as u64
+            + 1_000;
+        let last = self.warned_at_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1_000
+            && self
+                .warned_at_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.unwarned.swap(0, Ordering::Relaxed));
+        }
+        self.unwarned.fetch_add(1, Ordering::Relaxed);
+        None
+    }
 }
 
 /// Every plugin's shared state by plugin name, for the life of the process (a plugin
@@ -340,6 +369,18 @@ impl std::ops::Deref for PluginShared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_warn_once_a_second_and_say_how_many_went_unlogged() {
+        let s = Shared::default();
+        assert_eq!(s.warn_now(), Some(0), "the first one warns");
+        for _ in 0..50 {
+            assert_eq!(s.warn_now(), None);
+        }
+        // A second later the next one warns and owns up to the 50 before it.
+        s.warned_at_ms.fetch_sub(1_000, Ordering::Relaxed);
+        assert_eq!(s.warn_now(), Some(50));
+    }
 
     #[test]
     fn shared_data_sets_only_at_the_version_asked() {
