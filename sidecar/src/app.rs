@@ -227,6 +227,42 @@ impl Drop for AppBody {
     }
 }
 
+/// Aborts a [`send_once`] connection when dropped (after its answer was read).
+pub(crate) struct OnceConn(tokio::task::JoinHandle<Result<(), hyper::Error>>);
+
+impl Drop for OnceConn {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One HTTP/1.1 request on a TCP connection of its own, for exchanges too rare to pool
+/// (health probes of the app, plugins' callouts). The connection lives while the returned
+/// guard does, so the answer's body can still be read.
+pub(crate) async fn send_once<B>(
+    addr: SocketAddr,
+    req: Request<B>,
+) -> Result<(Response<Incoming>, OnceConn), String>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("HTTP to {addr}: {e}"))?;
+    let conn = OnceConn(tokio::spawn(conn));
+    let what = format!("{} {}", req.method(), req.uri().path());
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| format!("{what} on {addr}: {e}"))?;
+    Ok((resp, conn))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

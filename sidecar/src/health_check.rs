@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
 use isthmus_core::routing::{HealthCheck, Probe};
 use isthmus_proto::discovery::{CheckResult, HealthReport};
 use isthmus_proto::health::health_check_response::ServingStatus;
@@ -268,25 +267,14 @@ async fn probe(job: &Job) -> Result<String, String> {
 }
 
 async fn http_get(target: SocketAddr, host: &str, path: &str) -> Result<u16, String> {
-    let tcp = tokio::net::TcpStream::connect(target)
-        .await
-        .map_err(|e| format!("connect to {target}: {e}"))?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| format!("HTTP to {target}: {e}"))?;
-    let conn = tokio::spawn(conn);
     let req = http::Request::get(path)
         .header(http::header::HOST, host)
         .header(http::header::USER_AGENT, "isthmus-health-check")
         .header(http::header::CONNECTION, "close")
         .body(Empty::<bytes::Bytes>::new())
         .map_err(|e| format!("GET {path}: {e}"))?;
-    let resp = send
-        .send_request(req)
-        .await
-        .map_err(|e| format!("GET {path} on {target}: {e}"));
-    conn.abort();
-    Ok(resp?.status().as_u16())
+    let (resp, _conn) = crate::app::send_once(target, req).await?;
+    Ok(resp.status().as_u16())
 }
 
 async fn grpc_check(target: SocketAddr, service: &str) -> Result<String, String> {
@@ -324,6 +312,7 @@ async fn grpc_check(target: SocketAddr, service: &str) -> Result<String, String>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper_util::rt::TokioIo;
 
     fn check(healthy: u32, unhealthy: u32) -> HealthCheck {
         HealthCheck {

@@ -574,7 +574,7 @@ async fn forward(
         };
     // WasmPlugins, when the workload has any: AUTHN ones now, before the token is checked.
     let chain = ctx.outbound.plugins.chain();
-    let mut plugins = Plugins::new(&chain, ctx, caller, &parts, &path_and_query, app.port());
+    let mut plugins = Plugins::new(&chain, ctx, caller, app.port());
     plugins.headers_only = hyper::body::Body::is_end_stream(&body);
     if let Some(answer) = plugins
         .stage(Stage::Authn, &mut parts, &mut path_and_query)
@@ -730,9 +730,11 @@ async fn forward(
 struct Plugins<'a> {
     chain: &'a crate::wasm::Chain,
     run: crate::wasm::Run,
+    ctx: &'a InboundCtx,
+    caller: &'a Caller,
+    /// Made when the first stage runs, from the request as it stood then.
     properties: Option<crate::wasm::PropertyMap>,
     port: u16,
-    make: Option<Box<dyn FnOnce() -> crate::wasm::PropertyMap + Send + 'a>>,
     /// The request has no body: plugins are told its headers end it.
     headers_only: bool,
 }
@@ -742,71 +744,63 @@ impl<'a> Plugins<'a> {
         chain: &'a crate::wasm::Chain,
         ctx: &'a InboundCtx,
         caller: &'a Caller,
-        parts: &http::request::Parts,
-        path: &PathAndQuery,
         port: u16,
     ) -> Self {
-        let make = (!chain.is_empty()).then(|| {
-            let method = parts.method.to_string();
-            let host = parts
-                .uri
-                .authority()
-                .map(|a| a.as_str().to_owned())
-                .or_else(|| {
-                    parts
-                        .headers
-                        .get(http::header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .map(str::to_owned)
-                })
-                .unwrap_or_default();
-            let id = parts
-                .headers
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned();
-            let protocol = format!("{:?}", parts.version);
-            let (path, url_path) = (path.as_str().to_owned(), path.path().to_owned());
-            Box::new(move || {
-                let peer = caller
-                    .id
-                    .as_ref()
-                    .map(|i| i.to_string())
-                    .unwrap_or_default();
-                let own = ctx.identity.id().to_string();
-                let mut p = crate::wasm::Properties::new()
-                    .string("request.path", &path)
-                    .string("request.url_path", &url_path)
-                    .string("request.host", &host)
-                    .string("request.method", &method)
-                    .string("request.scheme", "http")
-                    .string("request.protocol", &protocol)
-                    .string("request.id", &id)
-                    .string("source.address", &caller.remote.to_string())
-                    .int("source.port", i64::from(caller.remote.port()))
-                    .string("source.principal", &peer)
-                    .string("connection.uri_san_peer_certificate", &peer)
-                    .bool("connection.mtls", caller.id.is_some())
-                    .string("destination.principal", &own)
-                    .string("connection.uri_san_local_certificate", &own)
-                    .int("listener_direction", 1);
-                if let Some(local) = caller.local {
-                    p = p
-                        .string("destination.address", &local.to_string())
-                        .int("destination.port", i64::from(local.port()));
-                }
-                p.done()
-            }) as Box<dyn FnOnce() -> _ + Send + 'a>
-        });
         Self {
             chain,
             run: crate::wasm::Run::default(),
+            ctx,
+            caller,
             properties: None,
             port,
-            make,
             headers_only: false,
         }
+    }
+
+    /// What plugins may read of this request and its caller.
+    fn properties(
+        &self,
+        parts: &http::request::Parts,
+        path: &PathAndQuery,
+    ) -> crate::wasm::PropertyMap {
+        let (caller, own) = (self.caller, self.ctx.identity.id().to_string());
+        let host = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or_default();
+        let id = parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let peer = caller
+            .id
+            .as_ref()
+            .map(|i| i.to_string())
+            .unwrap_or_default();
+        let mut p = crate::wasm::Properties::request(parts, path.as_str(), path.path(), host)
+            .string("request.id", id)
+            .string("source.address", &caller.remote.to_string())
+            .int("source.port", i64::from(caller.remote.port()))
+            .string("source.principal", &peer)
+            .string("connection.uri_san_peer_certificate", &peer)
+            .bool("connection.mtls", caller.id.is_some())
+            .string("destination.principal", &own)
+            .string("connection.uri_san_local_certificate", &own)
+            .int("listener_direction", 1);
+        if let Some(local) = caller.local {
+            p = p
+                .string("destination.address", &local.to_string())
+                .int("destination.port", i64::from(local.port()));
+        }
+        p.done()
     }
 
     /// Runs the plugins of `stage` over the request; `Some`: a plugin answered it.
@@ -819,10 +813,12 @@ impl<'a> Plugins<'a> {
         if self.chain.is_empty() {
             return Ok(None);
         }
-        let properties = match (&self.properties, self.make.take()) {
-            (Some(p), _) => p.clone(),
-            (None, Some(make)) => self.properties.insert(make()).clone(),
-            (None, None) => return Ok(None),
+        let properties = match &self.properties {
+            Some(p) => p.clone(),
+            None => {
+                let p = self.properties(parts, path);
+                self.properties.insert(p).clone()
+            }
         };
         // Plugins see (and may change) the path the app will see.
         let mut uri = std::mem::take(&mut parts.uri).into_parts();

@@ -580,16 +580,8 @@ async fn route(
     let mut plugins = crate::wasm::Run::default();
     if !chain.is_empty() && !callout {
         let named = || svc.named();
-        let properties = crate::wasm::Properties::new()
-            .string(
-                "request.path",
-                parts.uri.path_and_query().map_or("/", |p| p.as_str()),
-            )
-            .string("request.url_path", parts.uri.path())
-            .string("request.host", &host)
-            .string("request.method", parts.method.as_str())
-            .string("request.scheme", "http")
-            .string("request.protocol", &format!("{:?}", parts.version))
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let properties = crate::wasm::Properties::request(&parts, path, parts.uri.path(), &host)
             .string("source.principal", &state.own.principal)
             .string(
                 "cluster_name",

@@ -50,6 +50,16 @@ impl PluginBody {
         }
     }
 
+    /// The `j`th of `n` plugins a frame meets: in chain order for a request, the reverse for
+    /// a response.
+    fn nth(&self, j: usize, n: usize) -> usize {
+        if self.request {
+            j
+        } else {
+            n - 1 - j
+        }
+    }
+
     /// Hands `data` (and, at the end, whatever is held) through the plugins; returns what
     /// goes on.
     fn feed(&mut self, data: Bytes, end_of_stream: bool) -> Result<Bytes, PluginBodyError> {
@@ -60,13 +70,9 @@ impl PluginBody {
             failed,
         } = &mut *entries;
         let mut chunk: Vec<u8> = data.to_vec();
-        let order: Vec<usize> = if self.request {
-            (0..list.len()).collect()
-        } else {
-            (0..list.len()).rev().collect()
-        };
-        for i in order {
-            let e = &mut list[i];
+        let n = list.len();
+        for j in 0..n {
+            let e = &mut list[self.nth(j, n)];
             if e.off {
                 continue;
             }
@@ -136,8 +142,7 @@ impl PluginBody {
             .collect();
         let n = entries.list.len();
         for j in 0..n {
-            let i = if self.request { j } else { n - 1 - j };
-            let e = &mut entries.list[i];
+            let e = &mut entries.list[self.nth(j, n)];
             if e.off {
                 continue;
             }

@@ -255,14 +255,6 @@ impl Callouts {
             .outbound
             .get()
             .ok_or("the outbound listener is not up yet")?;
-        let tcp = tokio::net::TcpStream::connect(outbound)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                .await
-                .map_err(|e| e.to_string())?;
-        let conn = tokio::spawn(conn);
         let mut req = http::Request::builder();
         for (k, v) in &call.headers {
             req = match k.as_str() {
@@ -277,25 +269,19 @@ impl Callouts {
             .header(CALLOUT, self.secret.clone())
             .body(http_body_util::Full::new(Bytes::from(call.body.clone())))
             .map_err(|e| e.to_string())?;
-        let resp = send.send_request(req).await.map_err(|e| e.to_string());
-        let result = async {
-            let resp = resp?;
-            let mut headers = vec![(":status".to_owned(), string(resp.status().as_str()))];
-            headers.extend(
-                resp.headers()
-                    .iter()
-                    .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec())),
-            );
-            let body = http_body_util::Limited::new(resp.into_body(), MAX_CALLOUT_BODY)
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            Ok((headers, body.to_vec(), Vec::new()))
-        }
-        .await;
-        conn.abort();
-        result
+        let (resp, _conn) = crate::app::send_once(outbound, req).await?;
+        let mut headers = vec![(":status".to_owned(), string(resp.status().as_str()))];
+        headers.extend(
+            resp.headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec())),
+        );
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_CALLOUT_BODY)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((headers, body.to_vec(), Vec::new()))
     }
 }
 
@@ -908,6 +894,18 @@ pub struct Properties(BTreeMap<String, Vec<u8>>);
 impl Properties {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The request's own attributes, as both directions give them: `path` and `url_path`
+    /// as plugins see them (the app's view inbound), `host` as the request names it.
+    pub fn request(parts: &http::request::Parts, path: &str, url_path: &str, host: &str) -> Self {
+        Self::new()
+            .string("request.path", path)
+            .string("request.url_path", url_path)
+            .string("request.host", host)
+            .string("request.method", parts.method.as_str())
+            .string("request.scheme", "http")
+            .string("request.protocol", &format!("{:?}", parts.version))
     }
     pub fn string(mut self, key: &str, value: &str) -> Self {
         self.0.insert(key.to_owned(), string(value));
